@@ -1,0 +1,122 @@
+#include "engine/activation_store.h"
+
+#include <algorithm>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace blockd {
+namespace {
+
+// Unguessable ids: a handle is a capability, so one client cannot consume another's.
+std::string NewActivationId() {
+  static thread_local std::mt19937_64 rng([] {
+    std::random_device rd;
+    std::seed_seq seq{rd(), rd(), rd(), rd(), rd(), rd(), rd(), rd()};
+    return std::mt19937_64(seq);
+  }());
+  return absl::StrFormat("act-%016x%016x", rng(), rng());
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ActivationStore::Add(std::unique_ptr<ActivationHandle> handle, int64_t max_per_client) {
+  absl::MutexLock lock(&mu_);
+  int64_t held = 0;
+  for (const auto& [id, h] : handles_) held += (h->client == handle->client);
+  if (held >= max_per_client) {
+    return absl::ResourceExhaustedError(absl::StrCat("client ", handle->client, " already holds ", held,
+                                                     " activation handles (limit ", max_per_client,
+                                                     "); call Backward or ReleaseActivations first"));
+  }
+  std::string id;
+  do {
+    id = NewActivationId();
+  } while (handles_.count(id) != 0);
+  handles_.emplace(id, std::move(handle));
+  return id;
+}
+
+absl::StatusOr<ActivationHandle*> ActivationStore::Acquire(absl::string_view id) {
+  absl::MutexLock lock(&mu_);
+  auto it = handles_.find(id);
+  if (it == handles_.end() || it->second->doomed) {
+    return absl::NotFoundError(absl::StrCat("activation ", id,
+                                            " not found (already used by Backward, released, or expired)"));
+  }
+  if (it->second->in_use) {
+    return absl::FailedPreconditionError(absl::StrCat("activation ", id, " is in use by another call"));
+  }
+  it->second->in_use = true;
+  return it->second.get();
+}
+
+void ActivationStore::Return(absl::string_view id) {
+  absl::MutexLock lock(&mu_);
+  auto it = handles_.find(id);
+  if (it == handles_.end()) return;
+  it->second->in_use = false;
+  if (it->second->doomed) handles_.erase(it);
+}
+
+void ActivationStore::Erase(absl::string_view id) {
+  absl::MutexLock lock(&mu_);
+  auto it = handles_.find(id);
+  if (it != handles_.end()) handles_.erase(it);
+}
+
+int64_t ActivationStore::EraseReferencing(uint64_t serial) {
+  absl::MutexLock lock(&mu_);
+  int64_t n = 0;
+  for (auto it = handles_.begin(); it != handles_.end();) {
+    const auto& serials = it->second->block_serials;
+    if (std::find(serials.begin(), serials.end(), serial) == serials.end() || it->second->doomed) {
+      ++it;
+      continue;
+    }
+    ++n;
+    if (it->second->in_use) {
+      it->second->doomed = true;
+      ++it;
+    } else {
+      it = handles_.erase(it);
+    }
+  }
+  return n;
+}
+
+int64_t ActivationStore::Expire(absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  int64_t n = 0;
+  for (auto it = handles_.begin(); it != handles_.end();) {
+    if (it->second->expires > now || it->second->doomed) {
+      ++it;
+      continue;
+    }
+    ++n;
+    if (it->second->in_use) {
+      it->second->doomed = true;
+      ++it;
+    } else {
+      it = handles_.erase(it);
+    }
+  }
+  return n;
+}
+
+int64_t ActivationStore::size() const {
+  absl::MutexLock lock(&mu_);
+  int64_t n = 0;
+  for (const auto& [id, h] : handles_) n += !h->doomed;
+  return n;
+}
+
+int64_t ActivationStore::CountForClient(absl::string_view client) const {
+  absl::MutexLock lock(&mu_);
+  int64_t n = 0;
+  for (const auto& [id, h] : handles_) n += (h->client == client && !h->doomed);
+  return n;
+}
+
+}  // namespace blockd

@@ -1,0 +1,64 @@
+// Activation handles: what a Forward with keep_activations saved, until Backward consumes it,
+// the client releases it, its block is deleted, or its TTL passes.
+//
+// A handle in use by a Backward is never freed under it: expiry and deletion of its blocks only
+// mark it, and it goes when the Backward returns it.
+//
+//   std::string id = store.Add(std::move(handle));          // "act-<32 hex>"
+//   ASSIGN_OR_RETURN(ActivationHandle* h, store.Acquire(id)); // exclusive until Return/Erase
+//   store.Erase(id);                                          // consumed
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "engine/backend.h"
+#include "engine/memory_budget.h"
+
+namespace blockd {
+
+struct ActivationHandle {
+  std::vector<std::string> block_ids;
+  std::vector<uint64_t> block_serials;                   // which incarnation of each id it ran through
+  std::vector<std::unique_ptr<SavedActivations>> saved;  // one per block of the span
+  int64_t batch = 0, seq = 0, width = 0;                 // the output's shape, which grad_output must have
+  int64_t position_offset = 0;
+  int device = 0;  // where the span's last block ran
+  std::string client;
+  std::vector<MemoryReservation> reservations;  // what `saved` holds, per device
+  absl::Time expires;
+  bool in_use = false;
+  bool doomed = false;  // expired or a block deleted while in use: erase when returned
+};
+
+class ActivationStore {
+ public:
+  // Adds a handle; RESOURCE_EXHAUSTED when its client already holds `max_per_client`.
+  absl::StatusOr<std::string> Add(std::unique_ptr<ActivationHandle> handle, int64_t max_per_client);
+  // Exclusive use of a handle: NOT_FOUND when unknown or expired, FAILED_PRECONDITION when another
+  // call is using it.
+  absl::StatusOr<ActivationHandle*> Acquire(absl::string_view id);
+  // Gives an acquired handle back unchanged.
+  void Return(absl::string_view id);
+  // Frees a handle (acquired or not).
+  void Erase(absl::string_view id);
+  // Frees every handle whose span runs through block `serial`; returns how many.
+  int64_t EraseReferencing(uint64_t serial);
+  // Frees handles past their expiry; returns how many.
+  int64_t Expire(absl::Time now);
+  int64_t size() const;
+  int64_t CountForClient(absl::string_view client) const;
+
+ private:
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::unique_ptr<ActivationHandle>, std::less<>> handles_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace blockd

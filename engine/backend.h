@@ -1,0 +1,148 @@
+// The backend interface: what a device (the CPU, a CUDA GPU) must provide to hold and train blocks.
+//
+// A Backend creates Blocks and moves activations between host bytes and its own memory; a Block
+// owns its fp32 master weights, gradients and AdamW moments and runs forward, backward and AdamW.
+// Bookkeeping (names, budgets, step counters, whether gradients exist, activation handles) stays in
+// the Engine, so a backend is only arithmetic and memory. The CPU backend is the oracle for all.
+//
+//   auto block = backend->CreateBlock(spec);
+//   auto x = backend->Upload(0, DType::kBFloat16, bytes, {batch, seq, hidden});
+//   std::unique_ptr<SavedActivations> saved;
+//   auto y = (*block)->Forward(**x, /*position_offset=*/0, &saved);
+//   auto dx = (*block)->Backward(*saved, **dy, /*accumulate=*/false);
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/block_config.h"
+#include "engine/dtype.h"
+
+namespace blockd {
+
+// What CreateBlock asks a backend for.
+struct BlockSpec {
+  std::string id;
+  BlockConfig config;
+  int64_t layer_index = 0;
+  int64_t max_seq_len = 0;
+  int64_t max_batch_size = 0;
+  Precision precision = Precision::kFP32;
+  int device = 0;
+};
+
+enum class TensorKind : uint8_t { kWeights, kGradients, kAdamM, kAdamV };
+absl::string_view TensorKindName(TensorKind k);  // "weights", "gradients", "adam_m", "adam_v"
+
+struct AdamWHyper {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+  bool decay_norm_weights = false;
+};
+
+// One AdamW update: the hyperparameters, the 1-based step number used for bias correction, and
+// the factor that global-norm clipping multiplies every gradient by (1 when not clipping).
+struct AdamWUpdate {
+  AdamWHyper hyper;
+  int64_t step = 1;
+  float grad_scale = 1.f;
+};
+
+struct DeviceInfo {
+  int index = 0;
+  std::string kind;  // "cpu" or "cuda"
+  std::string name;
+  int64_t memory_total_bytes = 0;
+  std::string compute_capability;
+};
+
+// An activation [batch, seq, width] held in a backend's memory.
+class Activation {
+ public:
+  Activation(int device, int64_t batch, int64_t seq, int64_t width)
+      : device_(device), batch_(batch), seq_(seq), width_(width) {}
+  virtual ~Activation() = default;
+  int device() const { return device_; }
+  int64_t batch() const { return batch_; }
+  int64_t seq() const { return seq_; }
+  int64_t width() const { return width_; }
+  int64_t numel() const { return batch_ * seq_ * width_; }
+
+ private:
+  int device_;
+  int64_t batch_, seq_, width_;
+};
+
+// What one block's Forward kept for its Backward.
+class SavedActivations {
+ public:
+  virtual ~SavedActivations() = default;
+  virtual size_t bytes() const = 0;
+};
+
+class Block {
+ public:
+  virtual ~Block() = default;
+
+  // Bytes of backend memory this block holds: weights, gradients, moments, workspaces.
+  virtual size_t memory_bytes() const = 0;
+  // Bytes a Forward that keeps activations holds for this block at [batch, seq].
+  virtual size_t SavedBytes(int64_t batch, int64_t seq) const = 0;
+
+  // Whole tensor `index` of BlockParams(config) of `kind`, as fp32 on the host.
+  virtual absl::Status WriteTensor(TensorKind kind, int index, const float* host) = 0;
+  virtual absl::Status ReadTensor(TensorKind kind, int index, float* host) = 0;
+
+  // y = block(x) for x [batch, seq, hidden]. With `saved`, keeps what Backward needs.
+  virtual absl::StatusOr<std::unique_ptr<Activation>> Forward(const Activation& x, int64_t position_offset,
+                                                              std::unique_ptr<SavedActivations>* saved) = 0;
+  // Returns dL/dx for dL/dy = grad_out. Weight gradients are added to the existing ones when
+  // `accumulate`, else they overwrite them (the Engine knows whether gradients exist).
+  virtual absl::StatusOr<std::unique_ptr<Activation>> Backward(const SavedActivations& saved,
+                                                               const Activation& grad_out, bool accumulate) = 0;
+  // Sum of squares of every gradient element, accumulated in double; not finite if any gradient is not.
+  virtual absl::StatusOr<double> GradSquaredNorm() = 0;
+  // Decoupled AdamW on every parameter from the current gradients (decay on matrices only unless
+  // decay_norm_weights). Leaves the gradients as they are; the Engine marks them consumed.
+  virtual absl::Status AdamWStep(const AdamWUpdate& update) = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual absl::string_view name() const = 0;  // "cpu", "cuda"
+  virtual std::vector<DeviceInfo> devices() const = 0;
+  virtual Precision default_precision() const = 0;
+
+  // OK when this backend can run `spec`; otherwise why not (precision, device, sizes).
+  virtual absl::Status Supports(const BlockSpec& spec) const = 0;
+  // Bytes CreateBlock(spec) will take, for the memory budget.
+  virtual size_t BlockBytes(const BlockSpec& spec) const = 0;
+  virtual absl::StatusOr<std::unique_ptr<Block>> CreateBlock(const BlockSpec& spec) = 0;
+
+  // Host bytes of `dtype`, shape [batch, seq, width], into an activation on `device`.
+  // INVALID_ARGUMENT when an element is NaN or infinite.
+  virtual absl::StatusOr<std::unique_ptr<Activation>> Upload(int device, DType dtype, const void* data,
+                                                             int64_t batch, int64_t seq, int64_t width) = 0;
+  // The activation as host bytes of `dtype`; `dst` holds numel * DTypeSize(dtype) bytes.
+  virtual absl::Status Download(const Activation& a, DType dtype, void* dst) = 0;
+  // The same activation on another device of this backend.
+  virtual absl::StatusOr<std::unique_ptr<Activation>> ToDevice(const Activation& a, int device) = 0;
+
+  // False once the device is broken beyond this process (a sticky CUDA error): health goes NOT_SERVING.
+  virtual bool healthy() const { return true; }
+  // Bytes the device itself reports in use, for gauges (0 when unknown).
+  virtual int64_t DeviceMemoryUsed(int device) const { return 0; }
+};
+
+}  // namespace blockd

@@ -1,0 +1,110 @@
+#include "engine/block_config.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace blockd {
+
+bool BlockConfig::operator==(const BlockConfig& o) const {
+  return hidden_size == o.hidden_size && num_attention_heads == o.num_attention_heads &&
+         num_kv_heads == o.num_kv_heads && head_dim == o.head_dim &&
+         intermediate_size == o.intermediate_size && rms_norm_eps == o.rms_norm_eps &&
+         rope_theta == o.rope_theta && qk_norm == o.qk_norm;
+}
+
+absl::string_view PrecisionName(Precision p) {
+  switch (p) {
+    case Precision::kFP32: return "fp32";
+    case Precision::kTF32: return "tf32";
+    case Precision::kBF16: return "bf16";
+  }
+  return "?";
+}
+
+namespace {
+
+absl::Status CheckRange(absl::string_view field, int64_t v, int64_t lo, int64_t hi) {
+  if (v < lo || v > hi) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.", field, " = ", v, ", expected ", lo, "..", hi));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateBlockConfig(const BlockConfig& c) {
+  if (auto s = CheckRange("hidden_size", c.hidden_size, 1, 65536); !s.ok()) return s;
+  if (auto s = CheckRange("num_attention_heads", c.num_attention_heads, 1, 1024); !s.ok()) return s;
+  if (auto s = CheckRange("num_kv_heads", c.num_kv_heads, 1, 1024); !s.ok()) return s;
+  if (auto s = CheckRange("head_dim", c.head_dim, 2, 512); !s.ok()) return s;
+  if (auto s = CheckRange("intermediate_size", c.intermediate_size, 1, 262144); !s.ok()) return s;
+  if (c.head_dim % 2 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.head_dim = ", c.head_dim, ", expected an even number (RoPE pairs i, i+head_dim/2)"));
+  }
+  if (c.num_attention_heads % c.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.num_attention_heads = ", c.num_attention_heads, " is not a multiple of config.num_kv_heads = ",
+        c.num_kv_heads));
+  }
+  if (c.q_dim() > 65536) {
+    return absl::InvalidArgumentError(absl::StrCat("config.num_attention_heads * config.head_dim = ", c.q_dim(),
+                                                   ", expected at most 65536"));
+  }
+  if (!std::isfinite(c.rms_norm_eps) || c.rms_norm_eps <= 0 || c.rms_norm_eps >= 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.rms_norm_eps = ", c.rms_norm_eps, ", expected a number in (0, 1)"));
+  }
+  if (!std::isfinite(c.rope_theta) || c.rope_theta <= 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.rope_theta = ", c.rope_theta, ", expected a finite number > 1"));
+  }
+  return absl::OkStatus();
+}
+
+int64_t ParamSpec::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::vector<ParamSpec> BlockParams(const BlockConfig& c) {
+  const int64_t d = c.hidden_size, f = c.intermediate_size;
+  std::vector<ParamSpec> p;
+  p.push_back({ParamId::kInputNorm, "input_layernorm.weight", {d}, false});
+  p.push_back({ParamId::kQProj, "self_attn.q_proj.weight", {c.q_dim(), d}, true});
+  p.push_back({ParamId::kKProj, "self_attn.k_proj.weight", {c.kv_dim(), d}, true});
+  p.push_back({ParamId::kVProj, "self_attn.v_proj.weight", {c.kv_dim(), d}, true});
+  p.push_back({ParamId::kOProj, "self_attn.o_proj.weight", {d, c.q_dim()}, true});
+  if (c.qk_norm) {
+    p.push_back({ParamId::kQNorm, "self_attn.q_norm.weight", {c.head_dim}, false});
+    p.push_back({ParamId::kKNorm, "self_attn.k_norm.weight", {c.head_dim}, false});
+  }
+  p.push_back({ParamId::kPostNorm, "post_attention_layernorm.weight", {d}, false});
+  p.push_back({ParamId::kGateProj, "mlp.gate_proj.weight", {f, d}, true});
+  p.push_back({ParamId::kUpProj, "mlp.up_proj.weight", {f, d}, true});
+  p.push_back({ParamId::kDownProj, "mlp.down_proj.weight", {d, f}, true});
+  return p;
+}
+
+int64_t ParameterCount(const BlockConfig& c) {
+  int64_t n = 0;
+  for (const ParamSpec& p : BlockParams(c)) n += p.numel();
+  return n;
+}
+
+int FindParam(const std::vector<ParamSpec>& params, absl::string_view name) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].name == name) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
+}
+
+}  // namespace blockd

@@ -1,0 +1,62 @@
+// A decoder block's hyperparameters, its precision, and the table of its named parameters.
+//
+//   BlockConfig c{.hidden_size = 1024, .num_attention_heads = 16, .num_kv_heads = 8,
+//                 .head_dim = 128, .intermediate_size = 3072, .qk_norm = true};
+//   RETURN_IF_ERROR(ValidateBlockConfig(c));
+//   for (const ParamSpec& p : BlockParams(c)) ...  // HF names, [out, in] shapes
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace blockd {
+
+struct BlockConfig {
+  int64_t hidden_size = 0;
+  int64_t num_attention_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t intermediate_size = 0;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  bool qk_norm = false;
+
+  int64_t q_dim() const { return num_attention_heads * head_dim; }
+  int64_t kv_dim() const { return num_kv_heads * head_dim; }
+  bool operator==(const BlockConfig& o) const;
+};
+
+// Arithmetic of matrix products; master weights and moments are fp32 in every mode.
+enum class Precision : uint8_t { kFP32, kTF32, kBF16 };
+absl::string_view PrecisionName(Precision p);  // "fp32", "tf32", "bf16"
+
+// Checks sizes, divisibility and ranges; the message names the field and the value.
+absl::Status ValidateBlockConfig(const BlockConfig& c);
+
+// The parameters of one block, in a fixed order that every backend, file and message uses.
+enum class ParamId : uint8_t {
+  kInputNorm, kQProj, kKProj, kVProj, kOProj, kQNorm, kKNorm, kPostNorm, kGateProj, kUpProj, kDownProj,
+};
+inline constexpr int kNumParamIds = 11;
+
+struct ParamSpec {
+  ParamId id;
+  std::string name;            // Hugging Face name inside one layer, e.g. "self_attn.q_proj.weight"
+  std::vector<int64_t> shape;  // [out, in] for matrices, [n] for norm weights
+  bool is_matrix = false;      // 2-D: weight decay applies; 1-D norm weights are not decayed by default
+  int64_t numel() const;
+};
+
+// The parameters that `c` has (q_norm/k_norm only with qk_norm), in ParamId order.
+std::vector<ParamSpec> BlockParams(const BlockConfig& c);
+int64_t ParameterCount(const BlockConfig& c);
+// Index into BlockParams(c) of `name`, or -1.
+int FindParam(const std::vector<ParamSpec>& params, absl::string_view name);
+
+std::string ShapeString(const std::vector<int64_t>& shape);  // "[2,7,64]"
+
+}  // namespace blockd

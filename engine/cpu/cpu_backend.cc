@@ -1,0 +1,190 @@
+#include "engine/cpu/cpu_backend.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu/block_math.h"
+#include "engine/cpu/ops.h"
+
+namespace blockd {
+namespace {
+
+class CpuActivation : public Activation {
+ public:
+  CpuActivation(int64_t batch, int64_t seq, int64_t width)
+      : Activation(0, batch, seq, width), data(static_cast<size_t>(batch * seq * width)) {}
+  std::vector<float> data;
+};
+
+class CpuSaved : public SavedActivations {
+ public:
+  size_t bytes() const override { return acts.bytes(); }
+  cpu::BlockActivations<float> acts;
+};
+
+const CpuActivation& AsCpu(const Activation& a) { return static_cast<const CpuActivation&>(a); }
+
+// Floats a forward keeps per token, and per (batch, head, position) for the log-sum-exp.
+size_t SavedFloats(const BlockConfig& c, int64_t batch, int64_t seq) {
+  const int64_t n = batch * seq;
+  int64_t per_token = 4 * c.hidden_size + 2 + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.intermediate_size;
+  if (c.qk_norm) per_token += c.q_dim() + c.kv_dim() + c.num_attention_heads + c.num_kv_heads;
+  return static_cast<size_t>(n * per_token + batch * c.num_attention_heads * seq);
+}
+
+class CpuBlock : public Block {
+ public:
+  explicit CpuBlock(const BlockSpec& spec) : spec_(spec), params_(BlockParams(spec.config)) {
+    int64_t total = 0;
+    for (const ParamSpec& p : params_) {
+      offsets_.push_back(total);
+      total += p.numel();
+    }
+    for (auto* buf : {&weights_, &grads_, &m_, &v_}) buf->assign(static_cast<size_t>(total), 0.f);
+  }
+
+  size_t memory_bytes() const override { return 4 * weights_.size() * sizeof(float); }
+  size_t SavedBytes(int64_t batch, int64_t seq) const override {
+    return SavedFloats(spec_.config, batch, seq) * sizeof(float);
+  }
+
+  absl::Status WriteTensor(TensorKind kind, int index, const float* host) override {
+    std::memcpy(Tensor(kind) + offsets_[index], host, params_[index].numel() * sizeof(float));
+    return absl::OkStatus();
+  }
+  absl::Status ReadTensor(TensorKind kind, int index, float* host) override {
+    std::memcpy(host, Tensor(kind) + offsets_[index], params_[index].numel() * sizeof(float));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::unique_ptr<Activation>> Forward(const Activation& x, int64_t position_offset,
+                                                      std::unique_ptr<SavedActivations>* saved) override {
+    auto out = std::make_unique<CpuActivation>(x.batch(), x.seq(), x.width());
+    auto keep = std::make_unique<CpuSaved>();
+    cpu::BlockForward(spec_.config, Ptrs<const float>(weights_), AsCpu(x).data.data(), x.batch(), x.seq(),
+                      position_offset, out->data.data(), &keep->acts);
+    if (saved != nullptr) *saved = std::move(keep);
+    return std::unique_ptr<Activation>(std::move(out));
+  }
+
+  absl::StatusOr<std::unique_ptr<Activation>> Backward(const SavedActivations& saved, const Activation& grad_out,
+                                                       bool accumulate) override {
+    const auto& acts = static_cast<const CpuSaved&>(saved).acts;
+    if (!accumulate) std::fill(grads_.begin(), grads_.end(), 0.f);
+    auto dx = std::make_unique<CpuActivation>(grad_out.batch(), grad_out.seq(), grad_out.width());
+    cpu::BlockBackward(spec_.config, Ptrs<const float>(weights_), acts, AsCpu(grad_out).data.data(),
+                       dx->data.data(), Ptrs<float>(grads_));
+    return std::unique_ptr<Activation>(std::move(dx));
+  }
+
+  absl::StatusOr<double> GradSquaredNorm() override {
+    double ss = 0;
+    for (float g : grads_) ss += static_cast<double>(g) * g;
+    return ss;
+  }
+
+  absl::Status AdamWStep(const AdamWUpdate& u) override {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const bool decay = params_[i].is_matrix || u.hyper.decay_norm_weights;
+      const int64_t off = offsets_[i];
+      cpu::AdamWUpdate(&weights_[off], &grads_[off], &m_[off], &v_[off], params_[i].numel(), u.hyper.lr,
+                       u.hyper.beta1, u.hyper.beta2, u.hyper.eps, decay ? u.hyper.weight_decay : 0.0, u.step,
+                       u.grad_scale);
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  float* Tensor(TensorKind kind) {
+    switch (kind) {
+      case TensorKind::kWeights: return weights_.data();
+      case TensorKind::kGradients: return grads_.data();
+      case TensorKind::kAdamM: return m_.data();
+      case TensorKind::kAdamV: return v_.data();
+    }
+    return nullptr;
+  }
+
+  template <class T>
+  cpu::BlockParamPtrs<T> Ptrs(std::vector<float>& buf) {
+    cpu::BlockParamPtrs<T> p;
+    for (size_t i = 0; i < params_.size(); ++i) p.p[static_cast<int>(params_[i].id)] = buf.data() + offsets_[i];
+    return p;
+  }
+
+  BlockSpec spec_;
+  std::vector<ParamSpec> params_;
+  std::vector<int64_t> offsets_;
+  std::vector<float> weights_, grads_, m_, v_;
+};
+
+class CpuBackend : public Backend {
+ public:
+  absl::string_view name() const override { return "cpu"; }
+
+  std::vector<DeviceInfo> devices() const override {
+    DeviceInfo d;
+    d.index = 0;
+    d.kind = "cpu";
+    d.name = "host memory";
+    d.memory_total_bytes = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+    return {d};
+  }
+
+  Precision default_precision() const override { return Precision::kFP32; }
+
+  absl::Status Supports(const BlockSpec& spec) const override {
+    if (spec.device != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("device ", spec.device, " does not exist: backend cpu has one device, 0"));
+    }
+    if (spec.precision != Precision::kFP32) {
+      return absl::UnimplementedError(absl::StrCat("backend cpu computes in fp32 only; precision ",
+                                                   PrecisionName(spec.precision), " needs the cuda backend"));
+    }
+    return absl::OkStatus();
+  }
+
+  size_t BlockBytes(const BlockSpec& spec) const override {
+    return 4 * static_cast<size_t>(ParameterCount(spec.config)) * sizeof(float);
+  }
+
+  absl::StatusOr<std::unique_ptr<Block>> CreateBlock(const BlockSpec& spec) override {
+    return std::unique_ptr<Block>(std::make_unique<CpuBlock>(spec));
+  }
+
+  absl::StatusOr<std::unique_ptr<Activation>> Upload(int device, DType dtype, const void* data, int64_t batch,
+                                                     int64_t seq, int64_t width) override {
+    auto a = std::make_unique<CpuActivation>(batch, seq, width);
+    ConvertToFloat32(dtype, data, a->data.size(), a->data.data());
+    if (!AllFinite(a->data.data(), a->data.size())) {
+      const auto bad = std::find_if(a->data.begin(), a->data.end(), [](float v) { return !std::isfinite(v); });
+      return absl::InvalidArgumentError(
+          absl::StrCat("has a non-finite value (", *bad, ") at element ", bad - a->data.begin()));
+    }
+    return std::unique_ptr<Activation>(std::move(a));
+  }
+
+  absl::Status Download(const Activation& a, DType dtype, void* dst) override {
+    const auto& data = AsCpu(a).data;
+    ConvertFromFloat32(data.data(), data.size(), dtype, dst);
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::unique_ptr<Activation>> ToDevice(const Activation& a, int device) override {
+    if (device != 0) return absl::InvalidArgumentError(absl::StrCat("device ", device, " does not exist"));
+    auto copy = std::make_unique<CpuActivation>(a.batch(), a.seq(), a.width());
+    copy->data = AsCpu(a).data;
+    return std::unique_ptr<Activation>(std::move(copy));
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> MakeCpuBackend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace blockd

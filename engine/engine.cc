@@ -1,0 +1,644 @@
+#include "engine/engine.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/init.h"
+#include "engine/status_macros.h"
+
+namespace blockd {
+
+absl::string_view TensorKindName(TensorKind k) {
+  switch (k) {
+    case TensorKind::kWeights: return "weights";
+    case TensorKind::kGradients: return "gradients";
+    case TensorKind::kAdamM: return "adam_m";
+    case TensorKind::kAdamV: return "adam_v";
+  }
+  return "?";
+}
+
+// One named block. `mu` serialises the calls that compute with or change the block; `state_mu`
+// guards the small bookkeeping that GetBlock/ListBlocks read, so they never wait behind a Forward.
+struct Engine::Entry {
+  absl::Mutex mu;
+  BlockSpec spec;
+  uint64_t serial = 0;  // distinguishes a block from a later one with the same id
+  std::vector<ParamSpec> params;
+  std::unique_ptr<Block> block;
+  MemoryReservation reservation;
+
+  mutable absl::Mutex state_mu;
+  std::vector<bool> loaded ABSL_GUARDED_BY(state_mu);
+  bool has_grad ABSL_GUARDED_BY(state_mu) = false;
+  int64_t step ABSL_GUARDED_BY(state_mu) = 0;
+  std::optional<AdamWHyper> last_adamw ABSL_GUARDED_BY(state_mu);
+  bool deleted ABSL_GUARDED_BY(state_mu) = false;
+
+  bool HasGrad() const {
+    absl::MutexLock l(&state_mu);
+    return has_grad;
+  }
+  void SetHasGrad(bool v) {
+    absl::MutexLock l(&state_mu);
+    has_grad = v;
+  }
+  std::vector<std::string> Missing() const {
+    absl::MutexLock l(&state_mu);
+    std::vector<std::string> missing;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!loaded[i]) missing.push_back(params[i].name);
+    }
+    return missing;
+  }
+};
+
+namespace {
+std::atomic<uint64_t> next_serial{1};
+}  // namespace
+
+// Locks the distinct blocks of a span in one global order (by address), so spans that share blocks
+// never deadlock, and checks that none was deleted while waiting.
+class Engine::SpanLock {
+ public:
+  explicit SpanLock(const std::vector<EntryPtr>& entries) {
+    for (const EntryPtr& e : entries) unique_.push_back(e.get());
+    std::sort(unique_.begin(), unique_.end());
+    unique_.erase(std::unique(unique_.begin(), unique_.end()), unique_.end());
+    for (Entry* e : unique_) e->mu.Lock();
+  }
+  ~SpanLock() {
+    for (auto it = unique_.rbegin(); it != unique_.rend(); ++it) (*it)->mu.Unlock();
+  }
+  absl::Status CheckAlive() const {
+    for (Entry* e : unique_) {
+      absl::MutexLock l(&e->state_mu);
+      if (e->deleted) return absl::NotFoundError(absl::StrCat("block ", e->spec.id, " was deleted"));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  std::vector<Entry*> unique_;
+};
+
+absl::Status ValidateBlockId(absl::string_view id) {
+  const bool ok_chars = std::all_of(id.begin(), id.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+           c == ':' || c == '/' || c == '-';
+  });
+  if (id.empty() || id.size() > 128 || !ok_chars) {
+    return absl::InvalidArgumentError(absl::StrCat("block_id \"", id.substr(0, 160),
+                                                   "\" is not valid: expected 1-128 characters of [A-Za-z0-9._:/-]"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateAdamW(const AdamWHyper& h, double max_grad_norm) {
+  auto bad = [](absl::string_view field, double v, absl::string_view expected) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " = ", v, ", expected ", expected));
+  };
+  if (!std::isfinite(h.lr) || h.lr < 0) return bad("adamw.lr", h.lr, "a finite number >= 0");
+  if (!(h.beta1 >= 0 && h.beta1 < 1)) return bad("adamw.beta1", h.beta1, "a number in [0, 1)");
+  if (!(h.beta2 >= 0 && h.beta2 < 1)) return bad("adamw.beta2", h.beta2, "a number in [0, 1)");
+  if (!std::isfinite(h.eps) || h.eps <= 0) return bad("adamw.eps", h.eps, "a finite number > 0");
+  if (!std::isfinite(h.weight_decay) || h.weight_decay < 0) {
+    return bad("adamw.weight_decay", h.weight_decay, "a finite number >= 0");
+  }
+  if (!std::isfinite(max_grad_norm) || max_grad_norm < 0) {
+    return bad("max_grad_norm", max_grad_norm, "a finite number >= 0 (0: no clipping)");
+  }
+  return absl::OkStatus();
+}
+
+Engine::Engine(std::unique_ptr<Backend> backend, EngineOptions options)
+    : backend_(std::move(backend)),
+      options_(options),
+      budget_([&] {
+        std::map<int, int64_t> limits;
+        for (const DeviceInfo& d : backend_->devices()) {
+          limits[d.index] = options.memory_budget_bytes > 0
+                                ? options.memory_budget_bytes
+                                : static_cast<int64_t>(0.9 * static_cast<double>(d.memory_total_bytes));
+        }
+        return limits;
+      }()) {}
+
+Engine::~Engine() = default;
+
+absl::StatusOr<Engine::EntryPtr> Engine::Find(absl::string_view id) {
+  absl::MutexLock lock(&registry_mu_);
+  auto it = blocks_.find(id);
+  if (it == blocks_.end()) return absl::NotFoundError(absl::StrCat("block ", id, " not found"));
+  return it->second;
+}
+
+absl::StatusOr<std::vector<Engine::EntryPtr>> Engine::FindAll(const std::vector<std::string>& ids,
+                                                              bool allow_repeats) {
+  if (ids.empty()) return absl::InvalidArgumentError("block_ids is empty: name at least one block");
+  if (static_cast<int64_t>(ids.size()) > options_.max_span_blocks) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("block_ids names ", ids.size(), " blocks, at most ", options_.max_span_blocks, " allowed"));
+  }
+  std::vector<EntryPtr> out;
+  std::set<absl::string_view> seen;
+  for (const std::string& id : ids) {
+    if (!allow_repeats && !seen.insert(id).second) {
+      return absl::InvalidArgumentError(absl::StrCat("block_ids names block ", id, " twice"));
+    }
+    ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+BlockInfo Engine::InfoLocked(const Entry& e) const {
+  BlockInfo info;
+  info.spec = e.spec;
+  info.parameter_count = ParameterCount(e.spec.config);
+  info.memory_bytes = static_cast<int64_t>(e.block->memory_bytes());
+  info.missing_weights = e.Missing();
+  info.weights_loaded = info.missing_weights.empty();
+  absl::MutexLock l(&e.state_mu);
+  info.has_gradients = e.has_grad;
+  info.step = e.step;
+  return info;
+}
+
+absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
+  BlockSpec spec = params.spec;
+  RETURN_IF_ERROR(ValidateBlockId(spec.id));
+  RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
+  if (spec.layer_index < 0 || spec.layer_index > 1000000) {
+    return absl::InvalidArgumentError(absl::StrCat("layer_index = ", spec.layer_index, ", expected 0..1000000"));
+  }
+  if (spec.max_seq_len == 0) spec.max_seq_len = options_.default_max_seq_len;
+  if (spec.max_batch_size == 0) spec.max_batch_size = options_.default_max_batch_size;
+  if (spec.max_seq_len < 1 || spec.max_seq_len > (1 << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat("max_seq_len = ", spec.max_seq_len, ", expected 1..1048576"));
+  }
+  if (spec.max_batch_size < 1 || spec.max_batch_size > 65536) {
+    return absl::InvalidArgumentError(absl::StrCat("max_batch_size = ", spec.max_batch_size, ", expected 1..65536"));
+  }
+  spec.precision = params.precision.value_or(backend_->default_precision());
+  RETURN_IF_ERROR(backend_->Supports(spec));
+  {
+    absl::MutexLock lock(&registry_mu_);
+    if (blocks_.count(spec.id) != 0) return absl::AlreadyExistsError(absl::StrCat("block ", spec.id, " already exists"));
+    if (static_cast<int64_t>(blocks_.size()) >= options_.max_blocks) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the server already holds ", blocks_.size(), " blocks (limit --max_blocks=", options_.max_blocks, ")"));
+    }
+  }
+
+  auto e = std::make_shared<Entry>();
+  e->spec = spec;
+  e->serial = next_serial.fetch_add(1);
+  e->params = BlockParams(spec.config);
+  ASSIGN_OR_RETURN(e->reservation, budget_.Reserve(spec.device, static_cast<int64_t>(backend_->BlockBytes(spec)),
+                                                   absl::StrCat("block ", spec.id)));
+  ASSIGN_OR_RETURN(e->block, backend_->CreateBlock(spec));
+  {
+    absl::MutexLock l(&e->state_mu);
+    e->loaded.assign(e->params.size(), params.seed.has_value());
+  }
+  if (params.seed.has_value()) {
+    for (size_t i = 0; i < e->params.size(); ++i) {
+      std::vector<float> w(static_cast<size_t>(e->params[i].numel()));
+      InitParam(*params.seed, e->params[i], w.data());
+      RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kWeights, static_cast<int>(i), w.data()));
+    }
+  }
+  absl::MutexLock lock(&registry_mu_);
+  if (!blocks_.emplace(spec.id, e).second) {
+    return absl::AlreadyExistsError(absl::StrCat("block ", spec.id, " already exists"));
+  }
+  return InfoLocked(*e);
+}
+
+absl::StatusOr<BlockInfo> Engine::GetBlock(absl::string_view id) {
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  return InfoLocked(*e);
+}
+
+std::vector<BlockInfo> Engine::ListBlocks() {
+  std::vector<EntryPtr> entries;
+  {
+    absl::MutexLock lock(&registry_mu_);
+    for (const auto& [id, e] : blocks_) entries.push_back(e);
+  }
+  std::vector<BlockInfo> out;
+  for (const EntryPtr& e : entries) out.push_back(InfoLocked(*e));
+  return out;
+}
+
+std::vector<std::string> Engine::BlockIds() {
+  absl::MutexLock lock(&registry_mu_);
+  std::vector<std::string> ids;
+  for (const auto& [id, e] : blocks_) ids.push_back(id);
+  return ids;
+}
+
+absl::StatusOr<int64_t> Engine::DeleteBlock(absl::string_view id) {
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  absl::MutexLock block_lock(&e->mu);  // waits for calls running on the block
+  {
+    absl::MutexLock l(&e->state_mu);
+    if (e->deleted) return absl::NotFoundError(absl::StrCat("block ", id, " not found"));
+    e->deleted = true;
+  }
+  {
+    absl::MutexLock lock(&registry_mu_);
+    blocks_.erase(e->spec.id);
+  }
+  return activations_.EraseReferencing(e->serial);
+}
+
+absl::StatusOr<std::vector<ParamSpec>> Engine::BlockParamsOf(absl::string_view id) {
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  return e->params;
+}
+
+absl::StatusOr<std::vector<std::string>> Engine::LoadWeights(absl::string_view id,
+                                                             std::vector<AssembledTensor> tensors) {
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  // Convert and check everything before touching the block.
+  std::vector<std::vector<float>> values(tensors.size());
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const ParamSpec& p = e->params[tensors[t].index];
+    values[t].resize(static_cast<size_t>(p.numel()));
+    ConvertToFloat32(tensors[t].dtype, tensors[t].bytes.data(), values[t].size(), values[t].data());
+    if (!AllFinite(values[t].data(), values[t].size())) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", p.name, " has non-finite values"));
+    }
+  }
+  SpanLock lock({e});
+  RETURN_IF_ERROR(lock.CheckAlive());
+  std::vector<std::string> names;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kWeights, tensors[t].index, values[t].data()));
+    names.push_back(e->params[tensors[t].index].name);
+  }
+  absl::MutexLock l(&e->state_mu);
+  for (const AssembledTensor& t : tensors) e->loaded[t.index] = true;
+  return names;
+}
+
+absl::Status Engine::CheckTensorArg(const TensorArg& t, absl::string_view what, int64_t hidden,
+                                    const Entry& first) const {
+  if (t.shape.size() != 3 || t.shape[0] < 1 || t.shape[1] < 1 || t.shape[2] != hidden) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " shape ", ShapeString(t.shape), ", block ", first.spec.id,
+                                                   " expects [batch>=1,seq>=1,", hidden, "]"));
+  }
+  const int64_t batch = t.shape[0], seq = t.shape[1];
+  if (batch > first.spec.max_batch_size || seq > first.spec.max_seq_len) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " shape ", ShapeString(t.shape), " exceeds block ",
+                                                   first.spec.id, "'s max_batch_size ", first.spec.max_batch_size,
+                                                   " or max_seq_len ", first.spec.max_seq_len));
+  }
+  const uint64_t expected = static_cast<uint64_t>(batch * seq * hidden) * DTypeSize(t.dtype);
+  if (t.size != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " has ", t.size, " bytes of data, but shape ",
+                                                   ShapeString(t.shape), " of ", DTypeName(t.dtype), " needs ",
+                                                   expected));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
+  ASSIGN_OR_RETURN(std::vector<EntryPtr> span, FindAll(args.block_ids, /*allow_repeats=*/true));
+  const BlockConfig& c0 = span[0]->spec.config;
+  for (const EntryPtr& e : span) {
+    if (e->spec.config.hidden_size != c0.hidden_size) {
+      return absl::InvalidArgumentError(absl::StrCat("block ", e->spec.id, " has hidden_size ",
+                                                     e->spec.config.hidden_size, ", but block ", span[0]->spec.id,
+                                                     " has ", c0.hidden_size, ": a span needs one hidden_size"));
+    }
+    RETURN_IF_ERROR(CheckTensorArg(args.input, "input", c0.hidden_size, *e));
+  }
+  if (args.position_offset < 0 || args.position_offset > (int64_t{1} << 40)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("position_offset = ", args.position_offset, ", expected 0..", int64_t{1} << 40));
+  }
+  const int64_t batch = args.input.shape[0], seq = args.input.shape[1];
+  if (args.keep_activations &&
+      activations_.CountForClient(args.client) >= options_.max_activations_per_client) {
+    return absl::ResourceExhaustedError(absl::StrCat("client ", args.client, " already holds ",
+                                                     options_.max_activations_per_client,
+                                                     " activation handles; call Backward or ReleaseActivations"));
+  }
+
+  SpanLock lock(span);
+  RETURN_IF_ERROR(lock.CheckAlive());
+  for (const EntryPtr& e : span) {
+    std::vector<std::string> missing = e->Missing();
+    if (!missing.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat("block ", e->spec.id, " has weights not loaded: ",
+                                                        absl::StrJoin(missing, ", ")));
+    }
+  }
+  auto handle = std::make_unique<ActivationHandle>();
+  if (args.keep_activations) {
+    std::map<int, int64_t> per_device;
+    for (const EntryPtr& e : span) per_device[e->spec.device] += e->block->SavedBytes(batch, seq);
+    for (const auto& [device, bytes] : per_device) {
+      ASSIGN_OR_RETURN(MemoryReservation r, budget_.Reserve(device, bytes, "the activations of this Forward"));
+      handle->reservations.push_back(std::move(r));
+    }
+  }
+
+  auto x_or = backend_->Upload(span[0]->spec.device, args.input.dtype, args.input.data, batch, seq, c0.hidden_size);
+  if (!x_or.ok()) return absl::Status(x_or.status().code(), absl::StrCat("input ", x_or.status().message()));
+  std::unique_ptr<Activation> x = std::move(x_or).value();
+  for (const EntryPtr& e : span) {
+    if (x->device() != e->spec.device) {
+      ASSIGN_OR_RETURN(x, backend_->ToDevice(*x, e->spec.device));
+    }
+    std::unique_ptr<SavedActivations> saved;
+    ASSIGN_OR_RETURN(x, e->block->Forward(*x, args.position_offset, args.keep_activations ? &saved : nullptr));
+    if (args.keep_activations) handle->saved.push_back(std::move(saved));
+  }
+  out->output.dtype = args.input.dtype;
+  out->output.shape = args.input.shape;
+  out->output.data->resize(static_cast<size_t>(x->numel()) * DTypeSize(args.input.dtype));
+  RETURN_IF_ERROR(backend_->Download(*x, args.input.dtype, out->output.data->data()));
+  out->tokens = batch * seq * static_cast<int64_t>(span.size());
+
+  if (args.keep_activations) {
+    for (const EntryPtr& e : span) {
+      handle->block_ids.push_back(e->spec.id);
+      handle->block_serials.push_back(e->serial);
+    }
+    handle->batch = batch;
+    handle->seq = seq;
+    handle->width = c0.hidden_size;
+    handle->device = x->device();
+    handle->client = args.client;
+    handle->expires = absl::Now() + options_.activation_ttl;
+    ASSIGN_OR_RETURN(out->activation_id, activations_.Add(std::move(handle), options_.max_activations_per_client));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Backward(absl::string_view activation_id, const TensorArg& grad_output, TensorOut* grad_input) {
+  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id));
+  absl::Status s = RunSpanBackward(*handle, grad_output, grad_input);
+  // A bad request leaves the handle usable; success (or a deleted block) consumes it.
+  if (s.ok() || s.code() == absl::StatusCode::kNotFound) {
+    activations_.Erase(activation_id);
+  } else {
+    activations_.Return(activation_id);
+  }
+  return s;
+}
+
+absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_output, TensorOut* grad_input) {
+  const std::vector<int64_t> expected = {h.batch, h.seq, h.width};
+  if (grad_output.shape != expected) {
+    return absl::InvalidArgumentError(absl::StrCat("grad_output shape ", ShapeString(grad_output.shape),
+                                                   ", the forward output was ", ShapeString(expected)));
+  }
+  const uint64_t bytes = static_cast<uint64_t>(h.batch * h.seq * h.width) * DTypeSize(grad_output.dtype);
+  if (grad_output.size != bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("grad_output has ", grad_output.size, " bytes of data, but shape ",
+                                                   ShapeString(expected), " of ", DTypeName(grad_output.dtype),
+                                                   " needs ", bytes));
+  }
+  std::vector<EntryPtr> span;
+  for (size_t i = 0; i < h.block_ids.size(); ++i) {
+    auto e = Find(h.block_ids[i]);
+    if (!e.ok() || (*e)->serial != h.block_serials[i]) {
+      return absl::NotFoundError(absl::StrCat("block ", h.block_ids[i], " was deleted after this Forward"));
+    }
+    span.push_back(*std::move(e));
+  }
+  SpanLock lock(span);
+  RETURN_IF_ERROR(lock.CheckAlive());
+  auto g_or = backend_->Upload(h.device, grad_output.dtype, grad_output.data, h.batch, h.seq, h.width);
+  if (!g_or.ok()) return absl::Status(g_or.status().code(), absl::StrCat("grad_output ", g_or.status().message()));
+  std::unique_ptr<Activation> g = std::move(g_or).value();
+  for (size_t i = span.size(); i-- > 0;) {
+    Entry& e = *span[i];
+    if (g->device() != e.spec.device) {
+      ASSIGN_OR_RETURN(g, backend_->ToDevice(*g, e.spec.device));
+    }
+    ASSIGN_OR_RETURN(g, e.block->Backward(*h.saved[i], *g, /*accumulate=*/e.HasGrad()));
+    e.SetHasGrad(true);
+  }
+  grad_input->dtype = grad_output.dtype;
+  grad_input->shape = expected;
+  grad_input->data->resize(static_cast<size_t>(bytes));
+  return backend_->Download(*g, grad_output.dtype, grad_input->data->data());
+}
+
+absl::Status Engine::ReleaseActivations(absl::string_view activation_id) {
+  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id));
+  (void)handle;
+  activations_.Erase(activation_id);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::ZeroGrad(const std::vector<std::string>& block_ids) {
+  ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(block_ids, /*allow_repeats=*/true));
+  SpanLock lock(entries);
+  RETURN_IF_ERROR(lock.CheckAlive());
+  for (const EntryPtr& e : entries) e->SetHasGrad(false);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepResult> Engine::Step(const std::vector<std::string>& block_ids, const AdamWHyper& hyper,
+                                        double max_grad_norm) {
+  RETURN_IF_ERROR(ValidateAdamW(hyper, max_grad_norm));
+  ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(block_ids, /*allow_repeats=*/false));
+  SpanLock lock(entries);
+  RETURN_IF_ERROR(lock.CheckAlive());
+  for (const EntryPtr& e : entries) {
+    if (!e->HasGrad()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "block ", e->spec.id, " has no gradients: run Backward through it first (Step and ZeroGrad clear them)"));
+    }
+  }
+  double sum_squares = 0;
+  for (const EntryPtr& e : entries) {
+    ASSIGN_OR_RETURN(double ss, e->block->GradSquaredNorm());
+    sum_squares += ss;
+  }
+  StepResult result;
+  result.grad_norm = std::sqrt(sum_squares);
+  if (!std::isfinite(result.grad_norm)) {
+    result.skipped = true;
+    result.clip_coefficient = 0;
+    for (const EntryPtr& e : entries) {
+      absl::MutexLock l(&e->state_mu);
+      result.steps.emplace_back(e->spec.id, e->step);
+    }
+    return result;
+  }
+  // As torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), applied only below 1.
+  if (max_grad_norm > 0) result.clip_coefficient = std::min(1.0, max_grad_norm / (result.grad_norm + 1e-6));
+  for (const EntryPtr& e : entries) {
+    int64_t step;
+    {
+      absl::MutexLock l(&e->state_mu);
+      step = e->step + 1;
+    }
+    RETURN_IF_ERROR(e->block->AdamWStep({hyper, step, static_cast<float>(result.clip_coefficient)}));
+    absl::MutexLock l(&e->state_mu);
+    e->step = step;
+    e->has_grad = false;
+    e->last_adamw = hyper;
+    result.steps.emplace_back(e->spec.id, step);
+  }
+  return result;
+}
+
+absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view id, TensorKind kind, DType dtype,
+                                                             const std::vector<std::string>& names) {
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  std::vector<int> indices;
+  if (names.empty()) {
+    for (size_t i = 0; i < e->params.size(); ++i) indices.push_back(static_cast<int>(i));
+  }
+  for (const std::string& name : names) {
+    const int index = FindParam(e->params, name);
+    if (index < 0) return absl::InvalidArgumentError(absl::StrCat("block ", id, " has no tensor \"", name, "\""));
+    indices.push_back(index);
+  }
+  SpanLock lock({e});
+  RETURN_IF_ERROR(lock.CheckAlive());
+  const bool zeros = kind == TensorKind::kGradients && !e->HasGrad();
+  std::vector<NamedTensor> out;
+  std::vector<float> buf;
+  for (int index : indices) {
+    const ParamSpec& p = e->params[index];
+    buf.assign(static_cast<size_t>(p.numel()), 0.f);
+    if (!zeros) RETURN_IF_ERROR(e->block->ReadTensor(kind, index, buf.data()));
+    NamedTensor t{p.name, p.shape, dtype, std::string(buf.size() * DTypeSize(dtype), '\0')};
+    ConvertFromFloat32(buf.data(), buf.size(), dtype, t.bytes.data());
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+absl::StatusOr<BlockState> Engine::ExportBlock(absl::string_view id) {
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  SpanLock lock({e});
+  RETURN_IF_ERROR(lock.CheckAlive());
+  BlockState state;
+  state.spec = e->spec;
+  {
+    absl::MutexLock l(&e->state_mu);
+    state.step = e->step;
+    state.last_adamw = e->last_adamw;
+  }
+  std::vector<float> buf;
+  for (size_t i = 0; i < e->params.size(); ++i) {
+    const ParamSpec& p = e->params[i];
+    buf.resize(static_cast<size_t>(p.numel()));
+    for (auto [kind, dst] : {std::pair{TensorKind::kWeights, &state.weights}, std::pair{TensorKind::kAdamM, &state.adam_m},
+                             std::pair{TensorKind::kAdamV, &state.adam_v}}) {
+      RETURN_IF_ERROR(e->block->ReadTensor(kind, static_cast<int>(i), buf.data()));
+      NamedTensor t{p.name, p.shape, DType::kFloat32, std::string(buf.size() * 4, '\0')};
+      std::memcpy(t.bytes.data(), buf.data(), t.bytes.size());
+      dst->push_back(std::move(t));
+    }
+  }
+  return state;
+}
+
+absl::Status Engine::ImportBlock(const BlockState& state, bool replace) {
+  const BlockSpec& spec = state.spec;
+  RETURN_IF_ERROR(ValidateBlockId(spec.id));
+  RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
+  RETURN_IF_ERROR(backend_->Supports(spec));
+  auto e = std::make_shared<Entry>();
+  e->spec = spec;
+  e->serial = next_serial.fetch_add(1);
+  e->params = BlockParams(spec.config);
+  // Every tensor of every kind must be present with the right shape.
+  auto check = [&](const std::vector<NamedTensor>& ts, absl::string_view kind) -> absl::Status {
+    if (ts.size() != e->params.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state has ", ts.size(), " ", kind,
+                                                     " tensors, expected ", e->params.size()));
+    }
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const ParamSpec& p = e->params[i];
+      if (ts[i].name != p.name || ts[i].shape != p.shape || ts[i].dtype != DType::kFloat32 ||
+          ts[i].bytes.size() != static_cast<size_t>(p.numel()) * 4) {
+        return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state ", kind, " tensor ", ts[i].name,
+                                                       " ", ShapeString(ts[i].shape), " does not match ", p.name, " ",
+                                                       ShapeString(p.shape), " float32"));
+      }
+    }
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(check(state.weights, "weights"));
+  RETURN_IF_ERROR(check(state.adam_m, "adam_m"));
+  RETURN_IF_ERROR(check(state.adam_v, "adam_v"));
+  if (!replace) {
+    absl::MutexLock lock(&registry_mu_);
+    if (blocks_.count(spec.id) != 0) return absl::AlreadyExistsError(absl::StrCat("block ", spec.id, " already exists"));
+  }
+  ASSIGN_OR_RETURN(e->reservation, budget_.Reserve(spec.device, static_cast<int64_t>(backend_->BlockBytes(spec)),
+                                                   absl::StrCat("block ", spec.id)));
+  ASSIGN_OR_RETURN(e->block, backend_->CreateBlock(spec));
+  for (size_t i = 0; i < e->params.size(); ++i) {
+    const int index = static_cast<int>(i);
+    RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kWeights, index,
+                                          reinterpret_cast<const float*>(state.weights[i].bytes.data())));
+    RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kAdamM, index,
+                                          reinterpret_cast<const float*>(state.adam_m[i].bytes.data())));
+    RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kAdamV, index,
+                                          reinterpret_cast<const float*>(state.adam_v[i].bytes.data())));
+  }
+  {
+    absl::MutexLock l(&e->state_mu);
+    e->loaded.assign(e->params.size(), true);
+    e->step = state.step;
+    e->last_adamw = state.last_adamw;
+  }
+  EntryPtr old;
+  {
+    absl::MutexLock lock(&registry_mu_);
+    auto it = blocks_.find(spec.id);
+    if (it != blocks_.end()) {
+      if (!replace) return absl::AlreadyExistsError(absl::StrCat("block ", spec.id, " already exists"));
+      old = it->second;
+      it->second = e;
+    } else {
+      blocks_.emplace(spec.id, e);
+    }
+  }
+  if (old) {
+    absl::MutexLock block_lock(&old->mu);
+    {
+      absl::MutexLock l(&old->state_mu);
+      old->deleted = true;
+    }
+    activations_.EraseReferencing(old->serial);
+  }
+  return absl::OkStatus();
+}
+
+int64_t Engine::ExpireActivations() { return activations_.Expire(absl::Now()); }
+
+EngineStats Engine::Stats() {
+  EngineStats s;
+  {
+    absl::MutexLock lock(&registry_mu_);
+    s.blocks = static_cast<int64_t>(blocks_.size());
+  }
+  s.activations_held = activations_.size();
+  for (const DeviceInfo& d : backend_->devices()) {
+    s.memory_used[d.index] = budget_.used(d.index);
+    s.memory_budget[d.index] = budget_.limit(d.index);
+  }
+  return s;
+}
+
+}  // namespace blockd

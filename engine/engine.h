@@ -1,0 +1,184 @@
+// The block engine: named blocks on one backend, spans, activation handles, AdamW steps.
+//
+// The Engine is what the gRPC service calls. It owns the bookkeeping every backend shares: block
+// ids and their locks, the memory budget, activation handles and their TTL, whether gradients
+// exist, per-block step counters, and the validation that makes every call either succeed or leave
+// the state exactly as it was. Calls on different blocks run in parallel; calls on one block are
+// serialised by that block's lock.
+//
+//   Engine engine(MakeCpuBackend(), EngineOptions{});
+//   ASSIGN_OR_RETURN(BlockInfo info, engine.CreateBlock({.spec = spec, .seed = 7}));
+//   ForwardOutput out;
+//   RETURN_IF_ERROR(engine.Forward({.block_ids = {"b0"}, .input = x, .keep_activations = true}, &out));
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "engine/activation_store.h"
+#include "engine/backend.h"
+#include "engine/memory_budget.h"
+#include "engine/tensor_assembler.h"
+
+namespace blockd {
+
+struct EngineOptions {
+  int64_t memory_budget_bytes = 0;  // per device; 0: 90% of the device's memory
+  absl::Duration activation_ttl = absl::Minutes(10);
+  int64_t max_blocks = 4096;
+  int64_t max_activations_per_client = 256;
+  int64_t default_max_seq_len = 4096;
+  int64_t default_max_batch_size = 8;
+  int64_t max_span_blocks = 1024;
+};
+
+struct CreateBlockParams {
+  BlockSpec spec;  // precision: std::nullopt below means the backend's default
+  std::optional<Precision> precision;
+  std::optional<uint64_t> seed;  // set: deterministic init; unset: weights must be loaded
+};
+
+struct BlockInfo {
+  BlockSpec spec;
+  int64_t parameter_count = 0;
+  int64_t memory_bytes = 0;
+  bool weights_loaded = false;
+  std::vector<std::string> missing_weights;
+  bool has_gradients = false;
+  int64_t step = 0;
+};
+
+// Host bytes of a tensor in a request: a view, not owned.
+struct TensorArg {
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  size_t size = 0;  // bytes
+};
+
+struct ForwardArgs {
+  std::vector<std::string> block_ids;
+  TensorArg input;
+  bool keep_activations = false;
+  int64_t position_offset = 0;
+  std::string client;  // who asks, for the per-client handle limit
+};
+
+// Output bytes go straight into `data` (e.g. a reply's bytes field): no extra copy.
+struct TensorOut {
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> shape;
+  std::string* data = nullptr;
+};
+
+struct ForwardOutput {
+  TensorOut output;
+  std::string activation_id;
+  int64_t tokens = 0;
+};
+
+struct StepResult {
+  double grad_norm = 0;
+  bool skipped = false;
+  double clip_coefficient = 1;
+  std::vector<std::pair<std::string, int64_t>> steps;  // block id, its step counter after
+};
+
+struct NamedTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  DType dtype = DType::kFloat32;
+  std::string bytes;
+};
+
+// Everything needed to recreate one block elsewhere (checkpoints).
+struct BlockState {
+  BlockSpec spec;
+  std::optional<AdamWHyper> last_adamw;
+  int64_t step = 0;
+  std::vector<NamedTensor> weights, adam_m, adam_v;  // float32
+};
+
+struct EngineStats {
+  int64_t blocks = 0;
+  int64_t activations_held = 0;
+  std::map<int, int64_t> memory_used;    // device -> bytes reserved
+  std::map<int, int64_t> memory_budget;  // device -> bytes
+};
+
+class Engine {
+ public:
+  Engine(std::unique_ptr<Backend> backend, EngineOptions options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  Backend& backend() { return *backend_; }
+  const EngineOptions& options() const { return options_; }
+
+  absl::StatusOr<BlockInfo> CreateBlock(const CreateBlockParams& params);
+  absl::StatusOr<BlockInfo> GetBlock(absl::string_view id);
+  std::vector<BlockInfo> ListBlocks();
+  // Deletes the block and every activation handle that runs through it; returns how many.
+  absl::StatusOr<int64_t> DeleteBlock(absl::string_view id);
+
+  // The parameter table of block `id`, to validate a LoadWeights stream against.
+  absl::StatusOr<std::vector<ParamSpec>> BlockParamsOf(absl::string_view id);
+  // Writes whole tensors (from a TensorAssembler) atomically; returns their names.
+  absl::StatusOr<std::vector<std::string>> LoadWeights(absl::string_view id, std::vector<AssembledTensor> tensors);
+
+  absl::Status Forward(const ForwardArgs& args, ForwardOutput* out);
+  // Consumes the handle on success; on a bad request the handle stays usable.
+  absl::Status Backward(absl::string_view activation_id, const TensorArg& grad_output, TensorOut* grad_input);
+  absl::Status ReleaseActivations(absl::string_view activation_id);
+  absl::Status ZeroGrad(const std::vector<std::string>& block_ids);
+  absl::StatusOr<StepResult> Step(const std::vector<std::string>& block_ids, const AdamWHyper& hyper,
+                                  double max_grad_norm);
+  // A consistent copy of the named tensors (all when `names` is empty) of `kind` in `dtype`.
+  absl::StatusOr<std::vector<NamedTensor>> ReadTensors(absl::string_view id, TensorKind kind, DType dtype,
+                                                       const std::vector<std::string>& names);
+
+  absl::StatusOr<BlockState> ExportBlock(absl::string_view id);
+  // Creates (or, with `replace`, recreates) a block from `state`; atomic.
+  absl::Status ImportBlock(const BlockState& state, bool replace);
+  std::vector<std::string> BlockIds();
+
+  // Drops handles whose TTL has passed; returns how many.
+  int64_t ExpireActivations();
+  EngineStats Stats();
+
+ private:
+  struct Entry;
+  using EntryPtr = std::shared_ptr<Entry>;
+  class SpanLock;
+
+  absl::StatusOr<EntryPtr> Find(absl::string_view id);
+  absl::StatusOr<std::vector<EntryPtr>> FindAll(const std::vector<std::string>& ids, bool allow_repeats);
+  BlockInfo InfoLocked(const Entry& e) const;
+  absl::Status CheckTensorArg(const TensorArg& t, absl::string_view what, int64_t hidden, const Entry& first) const;
+  absl::Status RunSpanBackward(ActivationHandle& handle, const TensorArg& grad_output, TensorOut* grad_input);
+
+  std::unique_ptr<Backend> backend_;
+  EngineOptions options_;
+  MemoryBudget budget_;
+  ActivationStore activations_;
+
+  absl::Mutex registry_mu_;
+  std::map<std::string, EntryPtr, std::less<>> blocks_ ABSL_GUARDED_BY(registry_mu_);
+};
+
+// Validates a block id: 1..128 characters of [A-Za-z0-9._:/-].
+absl::Status ValidateBlockId(absl::string_view id);
+// Validates AdamW hyperparameters and max_grad_norm, naming the bad field.
+absl::Status ValidateAdamW(const AdamWHyper& h, double max_grad_norm);
+
+}  // namespace blockd

@@ -1,0 +1,16 @@
+// Deterministic parameter initialisation from a seed: norm weights 1, matrices uniform in
+// [-1/sqrt(in), 1/sqrt(in)] (the range of nn.Linear's default). Counter-based, so every backend
+// and every machine gets the same bits for the same (seed, parameter, element).
+//   std::vector<float> w(p.numel());
+//   InitParam(seed, p, w.data());
+#pragma once
+
+#include <cstdint>
+
+#include "engine/block_config.h"
+
+namespace blockd {
+
+void InitParam(uint64_t seed, const ParamSpec& param, float* out);
+
+}  // namespace blockd
