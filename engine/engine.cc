@@ -525,33 +525,38 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
   return out;
 }
 
-absl::StatusOr<BlockState> Engine::ExportBlock(absl::string_view id) {
-  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
-  SpanLock lock({e});
+absl::StatusOr<std::vector<BlockState>> Engine::ExportBlocks(const std::vector<std::string>& ids) {
+  ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(ids, /*allow_repeats=*/false));
+  SpanLock lock(entries);
   RETURN_IF_ERROR(lock.CheckAlive());
-  BlockState state;
-  state.spec = e->spec;
-  {
-    absl::MutexLock l(&e->state_mu);
-    state.step = e->step;
-    state.last_adamw = e->last_adamw;
-  }
+  std::vector<BlockState> states;
   std::vector<float> buf;
-  for (size_t i = 0; i < e->params.size(); ++i) {
-    const ParamSpec& p = e->params[i];
-    buf.resize(static_cast<size_t>(p.numel()));
-    for (auto [kind, dst] : {std::pair{TensorKind::kWeights, &state.weights}, std::pair{TensorKind::kAdamM, &state.adam_m},
-                             std::pair{TensorKind::kAdamV, &state.adam_v}}) {
-      RETURN_IF_ERROR(e->block->ReadTensor(kind, static_cast<int>(i), buf.data()));
-      NamedTensor t{p.name, p.shape, DType::kFloat32, std::string(buf.size() * 4, '\0')};
-      std::memcpy(t.bytes.data(), buf.data(), t.bytes.size());
-      dst->push_back(std::move(t));
+  for (const EntryPtr& e : entries) {
+    BlockState state;
+    state.spec = e->spec;
+    {
+      absl::MutexLock l(&e->state_mu);
+      state.step = e->step;
+      state.last_adamw = e->last_adamw;
     }
+    for (size_t i = 0; i < e->params.size(); ++i) {
+      const ParamSpec& p = e->params[i];
+      buf.resize(static_cast<size_t>(p.numel()));
+      for (auto [kind, dst] : {std::pair{TensorKind::kWeights, &state.weights},
+                               std::pair{TensorKind::kAdamM, &state.adam_m},
+                               std::pair{TensorKind::kAdamV, &state.adam_v}}) {
+        RETURN_IF_ERROR(e->block->ReadTensor(kind, static_cast<int>(i), buf.data()));
+        NamedTensor t{p.name, p.shape, DType::kFloat32, std::string(buf.size() * 4, '\0')};
+        std::memcpy(t.bytes.data(), buf.data(), t.bytes.size());
+        dst->push_back(std::move(t));
+      }
+    }
+    states.push_back(std::move(state));
   }
-  return state;
+  return states;
 }
 
-absl::Status Engine::ImportBlock(const BlockState& state, bool replace) {
+absl::StatusOr<Engine::EntryPtr> Engine::NewEntryFromState(const BlockState& state) {
   const BlockSpec& spec = state.spec;
   RETURN_IF_ERROR(ValidateBlockId(spec.id));
   RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
@@ -580,47 +585,77 @@ absl::Status Engine::ImportBlock(const BlockState& state, bool replace) {
   RETURN_IF_ERROR(check(state.weights, "weights"));
   RETURN_IF_ERROR(check(state.adam_m, "adam_m"));
   RETURN_IF_ERROR(check(state.adam_v, "adam_v"));
-  if (!replace) {
-    absl::MutexLock lock(&registry_mu_);
-    if (blocks_.count(spec.id) != 0) return absl::AlreadyExistsError(absl::StrCat("block ", spec.id, " already exists"));
-  }
+  if (state.step < 0) return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state has step ", state.step));
   ASSIGN_OR_RETURN(e->reservation, budget_.Reserve(spec.device, static_cast<int64_t>(backend_->BlockBytes(spec)),
                                                    absl::StrCat("block ", spec.id)));
   ASSIGN_OR_RETURN(e->block, backend_->CreateBlock(spec));
+  std::vector<float> buf;
   for (size_t i = 0; i < e->params.size(); ++i) {
-    const int index = static_cast<int>(i);
-    RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kWeights, index,
-                                          reinterpret_cast<const float*>(state.weights[i].bytes.data())));
-    RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kAdamM, index,
-                                          reinterpret_cast<const float*>(state.adam_m[i].bytes.data())));
-    RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kAdamV, index,
-                                          reinterpret_cast<const float*>(state.adam_v[i].bytes.data())));
+    buf.resize(static_cast<size_t>(e->params[i].numel()));
+    for (auto [kind, src] : {std::pair{TensorKind::kWeights, &state.weights}, std::pair{TensorKind::kAdamM, &state.adam_m},
+                             std::pair{TensorKind::kAdamV, &state.adam_v}}) {
+      std::memcpy(buf.data(), (*src)[i].bytes.data(), buf.size() * 4);  // the bytes may be unaligned
+      RETURN_IF_ERROR(e->block->WriteTensor(kind, static_cast<int>(i), buf.data()));
+    }
   }
-  {
-    absl::MutexLock l(&e->state_mu);
-    e->loaded.assign(e->params.size(), true);
-    e->step = state.step;
-    e->last_adamw = state.last_adamw;
+  absl::MutexLock l(&e->state_mu);
+  e->loaded.assign(e->params.size(), true);
+  e->step = state.step;
+  e->last_adamw = state.last_adamw;
+  return e;
+}
+
+absl::Status Engine::ImportBlocks(const std::vector<BlockState>& states, bool replace) {
+  std::set<std::string> ids;
+  for (const BlockState& st : states) {
+    if (!ids.insert(st.spec.id).second) {
+      return absl::InvalidArgumentError(absl::StrCat("block ", st.spec.id, " appears twice"));
+    }
   }
-  EntryPtr old;
+  if (!replace) {
+    absl::MutexLock lock(&registry_mu_);
+    for (const std::string& id : ids) {
+      if (blocks_.count(id) != 0) return absl::AlreadyExistsError(absl::StrCat("block ", id, " already exists"));
+    }
+  }
+  std::vector<EntryPtr> fresh;
+  for (const BlockState& st : states) {
+    ASSIGN_OR_RETURN(EntryPtr e, NewEntryFromState(st));
+    fresh.push_back(std::move(e));
+  }
+  std::vector<EntryPtr> old;
   {
     absl::MutexLock lock(&registry_mu_);
-    auto it = blocks_.find(spec.id);
-    if (it != blocks_.end()) {
-      if (!replace) return absl::AlreadyExistsError(absl::StrCat("block ", spec.id, " already exists"));
-      old = it->second;
-      it->second = e;
-    } else {
-      blocks_.emplace(spec.id, e);
+    if (!replace) {
+      for (const EntryPtr& e : fresh) {
+        if (blocks_.count(e->spec.id) != 0) {
+          return absl::AlreadyExistsError(absl::StrCat("block ", e->spec.id, " already exists"));
+        }
+      }
+    }
+    int64_t added = 0;
+    for (const EntryPtr& e : fresh) added += blocks_.count(e->spec.id) == 0;
+    if (static_cast<int64_t>(blocks_.size()) + added > options_.max_blocks) {
+      return absl::ResourceExhaustedError(absl::StrCat("restoring would hold ", blocks_.size() + added,
+                                                       " blocks (limit --max_blocks=", options_.max_blocks, ")"));
+    }
+    for (const EntryPtr& e : fresh) {
+      auto it = blocks_.find(e->spec.id);
+      if (it != blocks_.end()) {
+        old.push_back(it->second);
+        it->second = e;
+      } else {
+        blocks_.emplace(e->spec.id, e);
+      }
     }
   }
-  if (old) {
-    absl::MutexLock block_lock(&old->mu);
+  for (const EntryPtr& o : old) {
+    absl::MutexLock block_lock(&o->mu);
     {
-      absl::MutexLock l(&old->state_mu);
-      old->deleted = true;
+      absl::MutexLock l(&o->state_mu);
+      o->deleted = true;
     }
-    activations_.EraseReferencing(old->serial);
+    activations_.EraseReferencing(o->serial);
   }
   return absl::OkStatus();
 }

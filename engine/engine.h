@@ -147,9 +147,10 @@ class Engine {
   absl::StatusOr<std::vector<NamedTensor>> ReadTensors(absl::string_view id, TensorKind kind, DType dtype,
                                                        const std::vector<std::string>& names);
 
-  absl::StatusOr<BlockState> ExportBlock(absl::string_view id);
-  // Creates (or, with `replace`, recreates) a block from `state`; atomic.
-  absl::Status ImportBlock(const BlockState& state, bool replace);
+  // A consistent copy of the blocks (all locked at once): weights, moments, steps, specs.
+  absl::StatusOr<std::vector<BlockState>> ExportBlocks(const std::vector<std::string>& ids);
+  // Creates (or, with `replace`, recreates) the blocks of `states`; all or nothing.
+  absl::Status ImportBlocks(const std::vector<BlockState>& states, bool replace);
   std::vector<std::string> BlockIds();
 
   // Drops handles whose TTL has passed; returns how many.
@@ -165,6 +166,7 @@ class Engine {
   absl::StatusOr<std::vector<EntryPtr>> FindAll(const std::vector<std::string>& ids, bool allow_repeats);
   BlockInfo InfoLocked(const Entry& e) const;
   absl::Status CheckTensorArg(const TensorArg& t, absl::string_view what, int64_t hidden, const Entry& first) const;
+  absl::StatusOr<EntryPtr> NewEntryFromState(const BlockState& state);
   absl::Status RunSpanBackward(ActivationHandle& handle, const TensorArg& grad_output, TensorOut* grad_input);
 
   std::unique_ptr<Backend> backend_;

@@ -23,4 +23,4 @@
   lhs = std::move(tmp).value()
 
 #define ASSIGN_OR_RETURN(lhs, expr) \
-  BLOCKD_ASSIGN_OR_RETURN_IMPL_(BLOCKD_CONCAT_(blockd_statusor_, __LINE__), lhs, expr)
+  BLOCKD_ASSIGN_OR_RETURN_IMPL_(BLOCKD_CONCAT_(blockd_statusor_, __COUNTER__), lhs, expr)

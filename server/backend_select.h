@@ -1,0 +1,22 @@
+// Picks the backend for --backend=auto|cpu|cuda and says why, for the log and GetServerInfo.
+//   ASSIGN_OR_RETURN(BackendChoice choice, SelectBackend("auto"));
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+
+namespace blockd {
+
+struct BackendChoice {
+  std::unique_ptr<Backend> backend;
+  std::string reason;
+};
+
+// "cuda" fails when the CUDA backend is not built in or no GPU works; "auto" then falls back to
+// the CPU backend, and `reason` says so.
+absl::StatusOr<BackendChoice> SelectBackend(const std::string& which);
+
+}  // namespace blockd

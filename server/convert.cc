@@ -1,0 +1,133 @@
+#include "server/convert.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace blockd {
+
+grpc::Status ToGrpcStatus(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  // absl::StatusCode and grpc::StatusCode share their numbering (both follow google.rpc.Code).
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+BlockConfig FromProto(const v1::BlockConfig& c) {
+  BlockConfig out;
+  out.hidden_size = c.hidden_size();
+  out.num_attention_heads = c.num_attention_heads();
+  out.num_kv_heads = c.num_kv_heads();
+  out.head_dim = c.head_dim();
+  out.intermediate_size = c.intermediate_size();
+  out.rms_norm_eps = c.rms_norm_eps();
+  out.rope_theta = c.rope_theta();
+  out.qk_norm = c.qk_norm();
+  return out;
+}
+
+void ToProto(const BlockConfig& c, v1::BlockConfig* out) {
+  out->set_hidden_size(c.hidden_size);
+  out->set_num_attention_heads(c.num_attention_heads);
+  out->set_num_kv_heads(c.num_kv_heads);
+  out->set_head_dim(c.head_dim);
+  out->set_intermediate_size(c.intermediate_size);
+  out->set_rms_norm_eps(c.rms_norm_eps);
+  out->set_rope_theta(c.rope_theta);
+  out->set_qk_norm(c.qk_norm);
+}
+
+void ToProto(const BlockInfo& info, absl::string_view backend, v1::BlockInfo* out) {
+  out->set_block_id(info.spec.id);
+  ToProto(info.spec.config, out->mutable_config());
+  out->set_layer_index(info.spec.layer_index);
+  out->set_precision(ToProto(info.spec.precision));
+  out->set_device(info.spec.device);
+  out->set_parameter_count(info.parameter_count);
+  out->set_memory_bytes(info.memory_bytes);
+  out->set_weights_loaded(info.weights_loaded);
+  out->set_step(info.step);
+  out->set_max_seq_len(info.spec.max_seq_len);
+  out->set_max_batch_size(info.spec.max_batch_size);
+  for (const std::string& m : info.missing_weights) out->add_missing_weights(m);
+  out->set_has_gradients(info.has_gradients);
+  out->set_backend(std::string(backend));
+}
+
+absl::StatusOr<DType> FromProto(v1::DType t, absl::string_view what) {
+  switch (t) {
+    case v1::DTYPE_FLOAT32: return DType::kFloat32;
+    case v1::DTYPE_BFLOAT16: return DType::kBFloat16;
+    case v1::DTYPE_FLOAT16: return DType::kFloat16;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(what, " is ", v1::DType_Name(t).empty() ? std::to_string(t) : v1::DType_Name(t),
+                                                     ", expected DTYPE_FLOAT32, DTYPE_BFLOAT16 or DTYPE_FLOAT16"));
+  }
+}
+
+v1::DType ToProto(DType t) {
+  switch (t) {
+    case DType::kFloat32: return v1::DTYPE_FLOAT32;
+    case DType::kBFloat16: return v1::DTYPE_BFLOAT16;
+    case DType::kFloat16: return v1::DTYPE_FLOAT16;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+absl::StatusOr<std::optional<Precision>> FromProto(v1::Precision p) {
+  switch (p) {
+    case v1::PRECISION_UNSPECIFIED: return std::optional<Precision>();
+    case v1::PRECISION_FP32: return std::optional<Precision>(Precision::kFP32);
+    case v1::PRECISION_TF32: return std::optional<Precision>(Precision::kTF32);
+    case v1::PRECISION_BF16: return std::optional<Precision>(Precision::kBF16);
+    default: return absl::InvalidArgumentError(absl::StrCat("precision = ", static_cast<int>(p), " is not a Precision"));
+  }
+}
+
+v1::Precision ToProto(Precision p) {
+  switch (p) {
+    case Precision::kFP32: return v1::PRECISION_FP32;
+    case Precision::kTF32: return v1::PRECISION_TF32;
+    case Precision::kBF16: return v1::PRECISION_BF16;
+  }
+  return v1::PRECISION_UNSPECIFIED;
+}
+
+absl::StatusOr<TensorKind> FromProto(v1::TensorKind k) {
+  switch (k) {
+    case v1::TENSOR_KIND_WEIGHTS: return TensorKind::kWeights;
+    case v1::TENSOR_KIND_GRADIENTS: return TensorKind::kGradients;
+    case v1::TENSOR_KIND_ADAM_M: return TensorKind::kAdamM;
+    case v1::TENSOR_KIND_ADAM_V: return TensorKind::kAdamV;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kind = ", static_cast<int>(k),
+          ", expected TENSOR_KIND_WEIGHTS, TENSOR_KIND_GRADIENTS, TENSOR_KIND_ADAM_M or TENSOR_KIND_ADAM_V"));
+  }
+}
+
+absl::StatusOr<TensorArg> TensorArgOf(const v1::Tensor& t, absl::string_view what) {
+  TensorArg arg;
+  auto dtype = FromProto(t.dtype(), absl::StrCat(what, ".dtype"));
+  if (!dtype.ok()) return dtype.status();
+  arg.dtype = *dtype;
+  for (int64_t d : t.shape()) {
+    if (d < 0 || d > (int64_t{1} << 40)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ".shape has dimension ", d, ", expected 0..2^40"));
+    }
+    arg.shape.push_back(d);
+  }
+  arg.data = t.data().data();
+  arg.size = t.data().size();
+  return arg;
+}
+
+AdamWHyper FromProto(const v1::AdamW& a) {
+  AdamWHyper h;
+  if (a.has_lr()) h.lr = a.lr();
+  if (a.has_beta1()) h.beta1 = a.beta1();
+  if (a.has_beta2()) h.beta2 = a.beta2();
+  if (a.has_eps()) h.eps = a.eps();
+  if (a.has_weight_decay()) h.weight_decay = a.weight_decay();
+  h.decay_norm_weights = a.decay_norm_weights();
+  return h;
+}
+
+}  // namespace blockd

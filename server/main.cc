@@ -1,0 +1,125 @@
+// blockd: serves transformer decoder blocks over gRPC. See README.md for the flags.
+//   blockd --listen=0.0.0.0:50051 --metrics_listen=0.0.0.0:9464 --backend=auto
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "engine/log.h"
+#include "server/backend_select.h"
+#include "server/server.h"
+
+ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address ADDR:PORT");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464", "Prometheus metrics address ADDR:PORT (empty: off)");
+ABSL_FLAG(std::string, backend, "auto", "auto (CUDA when a GPU works, else CPU), cpu or cuda");
+ABSL_FLAG(int64_t, max_message_bytes, 256ll << 20, "largest gRPC message accepted or sent");
+ABSL_FLAG(int64_t, memory_budget_bytes, 0, "per-device memory budget for blocks and activations (0: 90% of the device)");
+ABSL_FLAG(absl::Duration, activation_ttl, absl::Minutes(10), "activation handles not used by Backward within this are freed");
+ABSL_FLAG(int64_t, max_blocks, 4096, "most blocks held at once");
+ABSL_FLAG(int64_t, max_activations_per_client, 256, "most activation handles one client may hold");
+ABSL_FLAG(int64_t, max_concurrent_rpcs, 256, "calls served at once; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, default_max_seq_len, 4096, "max_seq_len of a block created with 0");
+ABSL_FLAG(int64_t, default_max_batch_size, 8, "max_batch_size of a block created with 0");
+ABSL_FLAG(int, worker_threads, 0, "threads running engine work (0: max(4, cores))");
+ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
+ABSL_FLAG(absl::Duration, drain_grace, absl::ZeroDuration(), "on SIGTERM, report NOT_SERVING this long before closing the listener");
+ABSL_FLAG(absl::Duration, shutdown_timeout, absl::Seconds(30), "on SIGTERM, how long in-flight calls may take to finish");
+ABSL_FLAG(std::string, checkpoint_dir, "", "directory for SaveCheckpoint/RestoreCheckpoint (empty: checkpoints off)");
+ABSL_FLAG(int64_t, checkpoint_every_steps, 0, "save every block after every N successful Steps (0: never)");
+ABSL_FLAG(bool, restore_on_start, false, "restore the latest checkpoint of --checkpoint_dir at start");
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain: serve TLS");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "", "PEM CA: require client certificates it signed (mutual TLS)");
+ABSL_FLAG(std::string, auth_token_file, "", "bearer tokens, one per line: calls need one");
+ABSL_FLAG(std::string, admin_token_file, "", "admin bearer tokens: CreateBlock, LoadWeights, DeleteBlock and checkpoints need one");
+
+namespace {
+
+constexpr char kVersion[] = "0.1.0";
+
+// SIGTERM/SIGINT may land on any thread (libraries start threads before main), so the handler
+// only writes the signal number to a pipe that one thread reads.
+int signal_pipe[2] = {-1, -1};
+
+void OnSignal(int sig) {
+  const unsigned char b = static_cast<unsigned char>(sig);
+  [[maybe_unused]] ssize_t n = write(signal_pipe[1], &b, 1);
+}
+
+int Run() {
+  blockd::LogLevel level;
+  if (!blockd::ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
+    std::fprintf(stderr, "--log_level=%s: expected debug, info, warning or error\n",
+                 absl::GetFlag(FLAGS_log_level).c_str());
+    return 2;
+  }
+  blockd::SetLogLevel(level);
+
+  if (pipe(signal_pipe) != 0) return 1;
+  struct sigaction sa = {};
+  sa.sa_handler = OnSignal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto choice = blockd::SelectBackend(absl::GetFlag(FLAGS_backend));
+  if (!choice.ok()) {
+    BLOCKD_LOG(kError, choice.status().message());
+    return 1;
+  }
+  BLOCKD_LOG(kInfo, "backend ", choice->backend->name(), ": ", choice->reason);
+
+  blockd::ServerOptions o;
+  o.listen = absl::GetFlag(FLAGS_listen);
+  o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
+  o.drain_grace = absl::GetFlag(FLAGS_drain_grace);
+  o.shutdown_timeout = absl::GetFlag(FLAGS_shutdown_timeout);
+  o.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
+  o.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
+  o.restore_on_start = absl::GetFlag(FLAGS_restore_on_start);
+  o.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_client_ca)};
+  o.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
+  o.admin_token_file = absl::GetFlag(FLAGS_admin_token_file);
+  o.service.version = kVersion;
+  o.service.backend_reason = choice->reason;
+  o.service.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  o.service.max_concurrent_rpcs = absl::GetFlag(FLAGS_max_concurrent_rpcs);
+  o.engine.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
+  o.engine.activation_ttl = absl::GetFlag(FLAGS_activation_ttl);
+  o.engine.max_blocks = absl::GetFlag(FLAGS_max_blocks);
+  o.engine.max_activations_per_client = absl::GetFlag(FLAGS_max_activations_per_client);
+  o.engine.default_max_seq_len = absl::GetFlag(FLAGS_default_max_seq_len);
+  o.engine.default_max_batch_size = absl::GetFlag(FLAGS_default_max_batch_size);
+
+  auto server = blockd::Server::Start(o, std::move(choice->backend));
+  if (!server.ok()) {
+    BLOCKD_LOG(kError, "cannot start: ", server.status().message());
+    return 1;
+  }
+  std::thread signal_thread([&] {
+    unsigned char sig = 0;
+    while (read(signal_pipe[0], &sig, 1) != 1) {
+    }
+    BLOCKD_LOG(kInfo, "received ", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    (*server)->Drain();
+  });
+  (*server)->Wait();
+  signal_thread.join();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("blockd: transformer decoder blocks resident on a GPU, trained over gRPC");
+  absl::ParseCommandLine(argc, argv);
+  return Run();
+}
