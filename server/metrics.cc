@@ -50,6 +50,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
   m->bytes_received = &prometheus::BuildCounter().Name("blockd_bytes_received_total").Help("Request bytes received").Register(reg).Add({});
   m->bytes_sent = &prometheus::BuildCounter().Name("blockd_bytes_sent_total").Help("Reply bytes sent").Register(reg).Add({});
   m->healthy_ = &prometheus::BuildGauge().Name("blockd_backend_healthy").Help("1 while the backend's device works, 0 after a sticky device error").Register(reg).Add({});
+  if (listen.empty()) return m;  // counters still count; nobody scrapes and no port is opened
   try {
     m->exposer_ = std::make_unique<prometheus::Exposer>(listen);
   } catch (const std::exception& e) {

@@ -25,7 +25,7 @@ namespace blockd {
 
 class Metrics {
  public:
-  // Starts the HTTP exposer on `listen` ("host:port"; port 0 picks one).
+  // Starts the HTTP exposer on `listen` ("host:port"; port 0 picks one); empty: no exposer, port 0.
   static absl::StatusOr<std::unique_ptr<Metrics>> Start(const std::string& listen);
 
   int port() const { return port_; }

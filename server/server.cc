@@ -51,11 +51,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
   std::unique_ptr<Server> s(new Server());
   s->options_ = options;
   s->engine_ = std::make_unique<Engine>(std::move(backend), options.engine);
-  if (!options.metrics_listen.empty()) {
-    ASSIGN_OR_RETURN(s->metrics_, Metrics::Start(options.metrics_listen));
-  } else {
-    ASSIGN_OR_RETURN(s->metrics_, Metrics::Start("127.0.0.1:0"));  // counters still count; nobody scrapes
-  }
+  ASSIGN_OR_RETURN(s->metrics_, Metrics::Start(options.metrics_listen));  // empty: counters only, no port
   ASSIGN_OR_RETURN(s->auth_, Authenticator::FromFiles(options.auth_token_file, options.admin_token_file));
   if (!options.checkpoint_dir.empty()) {
     ASSIGN_OR_RETURN(s->checkpointer_,
@@ -115,6 +111,7 @@ void Server::Housekeeping() {
 }
 
 void Server::Drain() {
+  if (grpc_server_ == nullptr) return;  // Start failed before serving: nothing to drain
   {
     absl::MutexLock lock(&drain_mu_);
     if (drained_) return;

@@ -5,7 +5,8 @@
         ...  d.metrics_url ...
 
 The daemon runs on the CPU backend unless `backend=` says otherwise; its log goes to a temporary
-file that is printed if it fails to start.
+file that is printed if it fails to start. BLOCKD_LD_LIBRARY_PATH, when set, becomes the daemon's
+LD_LIBRARY_PATH (the GPU host's bundled libraries), leaving this process's own untouched.
 """
 import os
 import socket
@@ -39,7 +40,11 @@ class Daemon:
         self.log = tempfile.NamedTemporaryFile(prefix="blockd-", suffix=".log", delete=False)
         args = [self.binary, f"--listen=127.0.0.1:{self.port}",
                 f"--metrics_listen=127.0.0.1:{self.metrics_port}", f"--backend={self.backend}"] + self.extra_args
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        env = self.env
+        if env is None and os.environ.get("BLOCKD_LD_LIBRARY_PATH"):
+            # Libraries bundled for the GPU host reach blockd only, never this Python process.
+            env = dict(os.environ, LD_LIBRARY_PATH=os.environ["BLOCKD_LD_LIBRARY_PATH"])
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -1,0 +1,186 @@
+// In-process engine benchmark on the CUDA backend: forward, backward and AdamW step times of one
+// block (and a span of 8), tokens/s, achieved TFLOP/s with the model FLOP count of issue 4, MFU
+// against 790 TFLOP/s bf16, and peak device memory.
+//
+//   bench_engine [--shapes=qwen,llama,span8] [--precisions=bf16,fp32] [--iters=20] [--json=out.json]
+//
+// FLOPs per sequence: fwd = 2 S d (H + 2 Hkv) dh + 2 S H dh d + 6 S d f + 2 S^2 H dh, bwd = 2 fwd.
+// Timing: warm-up first, then per-iteration wall time around a device synchronize (the median of
+// `iters`), inputs rotated among 3 random sets so caches do not flatter the result.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_split.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/init.h"
+
+namespace blockd {
+namespace {
+
+constexpr double kPeakBf16 = 790e12;
+
+struct Shape {
+  std::string name;
+  BlockConfig config;
+  int64_t batch, seq;
+  int span;
+};
+
+BlockConfig Config(int64_t d, int64_t h, int64_t kv, int64_t dh, int64_t f, bool qk) {
+  BlockConfig c;
+  c.hidden_size = d;
+  c.num_attention_heads = h;
+  c.num_kv_heads = kv;
+  c.head_dim = dh;
+  c.intermediate_size = f;
+  c.rms_norm_eps = 1e-6;
+  c.rope_theta = 1e6;
+  c.qk_norm = qk;
+  return c;
+}
+
+double FwdFlops(const BlockConfig& c, int64_t batch, int64_t seq) {
+  const double S = seq, d = c.hidden_size, H = c.num_attention_heads, Hkv = c.num_kv_heads, dh = c.head_dim,
+               f = c.intermediate_size;
+  return batch * (2 * S * d * (H + 2 * Hkv) * dh + 2 * S * H * dh * d + 6 * S * d * f + 2 * S * S * H * dh);
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+bool Check(const absl::Status& s, const char* what) {
+  if (!s.ok()) std::fprintf(stderr, "%s: %s\n", what, std::string(s.message()).c_str());
+  return s.ok();
+}
+
+int Run(const std::vector<std::string>& shape_names, const std::vector<std::string>& precisions, int iters) {
+  auto backend_or = MakeCudaBackend();
+  if (!backend_or.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(backend_or.status().message()).c_str());
+    return 1;
+  }
+  auto backend = std::move(backend_or).value();
+  std::vector<Shape> shapes;
+  for (const std::string& n : shape_names) {
+    if (n == "qwen") shapes.push_back({"qwen3-0.6b-like 8x2048", Config(1024, 16, 8, 128, 3072, true), 8, 2048, 1});
+    if (n == "llama") shapes.push_back({"llama3-8b-like 1x4096", Config(4096, 32, 8, 128, 14336, false), 1, 4096, 1});
+    if (n == "span8") shapes.push_back({"span of 8 x qwen 8x2048", Config(1024, 16, 8, 128, 3072, true), 8, 2048, 8});
+  }
+  std::printf("%-26s %-5s %9s %9s %9s %10s %8s %6s %9s\n", "shape", "prec", "fwd ms", "bwd ms", "step ms",
+              "tok/s", "TFLOP/s", "MFU", "peak GiB");
+  for (const Shape& sh : shapes) {
+    for (const std::string& pn : precisions) {
+      const Precision p = pn == "fp32" ? Precision::kFP32 : pn == "tf32" ? Precision::kTF32 : Precision::kBF16;
+      cudaMemPool_t pool;
+      cudaDeviceGetDefaultMemPool(&pool, 0);
+      uint64_t zero = 0;
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &zero);
+      std::vector<std::unique_ptr<Block>> blocks;
+      for (int b = 0; b < sh.span; ++b) {
+        BlockSpec spec;
+        spec.id = "bench" + std::to_string(b);
+        spec.config = sh.config;
+        spec.max_seq_len = sh.seq;
+        spec.max_batch_size = sh.batch;
+        spec.precision = p;
+        auto block = backend->CreateBlock(spec);
+        if (!Check(block.status(), "create")) return 1;
+        const auto params = BlockParams(sh.config);
+        for (size_t i = 0; i < params.size(); ++i) {
+          std::vector<float> w(params[i].numel());
+          InitParam(1234 + b, params[i], w.data());
+          if (!Check((*block)->WriteTensor(TensorKind::kWeights, int(i), w.data()), "write")) return 1;
+        }
+        blocks.push_back(std::move(block).value());
+      }
+      const int64_t d = sh.config.hidden_size, n = sh.batch * sh.seq * d;
+      std::vector<std::unique_ptr<Activation>> inputs, grads;
+      std::mt19937_64 rng(7);
+      std::normal_distribution<float> dist;
+      for (int set = 0; set < 3; ++set) {
+        std::vector<float> x(n);
+        for (float& v : x) v = dist(rng);
+        auto a = backend->Upload(0, DType::kFloat32, x.data(), sh.batch, sh.seq, d);
+        auto g = backend->Upload(0, DType::kFloat32, x.data(), sh.batch, sh.seq, d);
+        if (!a.ok() || !g.ok()) return 1;
+        inputs.push_back(std::move(a).value());
+        grads.push_back(std::move(g).value());
+      }
+      std::vector<double> fwd, bwd, step;
+      for (int it = 0; it < iters + 3; ++it) {
+        std::vector<std::unique_ptr<SavedActivations>> saved(sh.span);
+        const Activation* x = inputs[it % 3].get();
+        std::unique_ptr<Activation> y;
+        cudaDeviceSynchronize();
+        double t0 = Now();
+        for (int b = 0; b < sh.span; ++b) {
+          auto out = blocks[b]->Forward(*x, 0, &saved[b]);
+          if (!Check(out.status(), "forward")) return 1;
+          y = std::move(out).value();
+          x = y.get();
+        }
+        cudaDeviceSynchronize();
+        double t1 = Now();
+        std::unique_ptr<Activation> gx;
+        const Activation* g = grads[it % 3].get();
+        for (int b = sh.span - 1; b >= 0; --b) {
+          auto dx = blocks[b]->Backward(*saved[b], *g, it > 0);
+          if (!Check(dx.status(), "backward")) return 1;
+          gx = std::move(dx).value();
+          g = gx.get();
+        }
+        cudaDeviceSynchronize();
+        double t2 = Now();
+        for (auto& blk : blocks) {
+          if (!Check(blk->AdamWStep({AdamWHyper{}, it + 1, 1.f}), "step")) return 1;
+        }
+        cudaDeviceSynchronize();
+        double t3 = Now();
+        if (it >= 3) {
+          fwd.push_back(t1 - t0);
+          bwd.push_back(t2 - t1);
+          step.push_back(t3 - t2);
+        }
+      }
+      uint64_t peak = 0;
+      cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &peak);
+      const double f = Median(fwd), b = Median(bwd), s = Median(step);
+      const double flops = 3 * FwdFlops(sh.config, sh.batch, sh.seq) * sh.span;
+      const double tflops = flops / (f + b) / 1e12;
+      std::printf("%-26s %-5s %9.3f %9.3f %9.3f %10.0f %8.1f %5.1f%% %9.2f\n", sh.name.c_str(), pn.c_str(), f * 1e3,
+                  b * 1e3, s * 1e3, sh.batch * sh.seq / (f + b), tflops, 100 * tflops * 1e12 / kPeakBf16,
+                  peak / double(1 << 30));
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace blockd
+
+int main(int argc, char** argv) {
+  std::vector<std::string> shapes = {"qwen", "llama", "span8"}, precisions = {"bf16", "fp32"};
+  int iters = 20;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--shapes=", 0) == 0) shapes = absl::StrSplit(a.substr(9), ',');
+    if (a.rfind("--precisions=", 0) == 0) precisions = absl::StrSplit(a.substr(13), ',');
+    if (a.rfind("--iters=", 0) == 0) iters = std::stoi(a.substr(8));
+  }
+  return blockd::Run(shapes, precisions, iters);
+}

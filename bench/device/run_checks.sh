@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
+# compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
+# benchmarks; logs under $OUT, a table last.
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench]   (default: all)
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+OUT=${OUT:-/tmp/blockd-out}
+mkdir -p "$OUT"
+dev=/tmp/blockd-device
+rm -rf "$dev" && mkdir -p "$dev" && tar -C "$dev" -xJf "$root/.device/bundle.tar.xz"
+stages=${*:-tests sanitize parity bench}
+export LIBS="$dev/lib:/usr/local/cuda/lib64"
+run() { LD_LIBRARY_PATH="$LIBS" "$@"; }  # only our binaries see the bundled libraries
+declare -a table
+row() { table+=("$(printf '%-34s %-6s %s' "$1" "$2" "$3")"); }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+card=$(head -1 "$OUT/gpu.txt" | cut -d, -f1)
+
+gtest() {  # name binary [filter]
+  local name=$1 bin=$2 filter=${3:-*}
+  local log="$OUT/$name.log"
+  timeout 400 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/$bin" --gtest_filter="$filter" >"$log" 2>&1
+  local rc=$?
+  local summary
+  summary=$(grep -E '^\[  (PASSED|FAILED)  \]|tests ran' "$log" | tr '\n' ' ' | cut -c1-120)
+  row "$name" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$summary"
+  grep -E '^\[  FAILED  \]' "$log" | head -20
+}
+
+if [[ " $stages " == *" tests "* ]]; then
+  gtest gpu.ops cuda_ops_test
+  gtest gpu.blocks cuda_block_test
+  gtest gpu.sticky sticky_error_test
+  grep -hE 'norm rel' "$OUT"/gpu.ops.log "$OUT"/gpu.blocks.log | sort -t'l' -k1 > "$OUT/errors.txt" || true
+fi
+
+if [[ " $stages " == *" sanitize "* ]]; then
+  for tool in memcheck racecheck; do
+    log="$OUT/sanitize.$tool.log"
+    timeout 300 env LD_LIBRARY_PATH="$LIBS" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      "$dev/bin/cuda_ops_test" --gtest_filter='-*Gemm*' >"$log" 2>&1
+    rc1=$?
+    timeout 300 env LD_LIBRARY_PATH="$LIBS" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      "$dev/bin/cuda_block_test" --gtest_filter='Configs/BlockParityTest.tiny*:Configs/BlockParityTest.odd*:CudaEngineTest.Span*' >>"$log" 2>&1
+    rc2=$?
+    errs=$(grep -E 'ERROR SUMMARY' "$log" | tr '\n' ' ')
+    row "sanitizer.$tool" "$([ $rc1 -eq 0 ] && [ $rc2 -eq 0 ] && echo PASS || echo FAIL)" "$errs"
+  done
+fi
+
+if [[ " $stages " == *" parity "* ]] && [ -f "$dev/python/test_parity.py" ]; then
+  for precision in fp32 bf16; do
+    log="$OUT/parity.$precision.log"
+    (cd "$dev/python" && BLOCKD_BINARY="$dev/bin/blockd" BLOCKD_LD_LIBRARY_PATH="$LIBS" BLOCKD_BACKEND=cuda \
+      BLOCKD_PRECISION=$precision PYTHONPATH="$dev/python" timeout 300 python3 -m unittest -v test_parity) >"$log" 2>&1
+    rc=$?
+    row "parity.cuda.$precision" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
+  done
+fi
+
+if [[ " $stages " == *" bench "* ]] && [ -x "$dev/bin/bench_engine" ]; then
+  run "$dev/bin/bench_engine" >"$OUT/bench_engine.log" 2>&1
+  row "bench.engine" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see bench_engine.log"
+fi
+
+echo
+echo "== blockd device checks on $card, $(date -u +%Y-%m-%dT%H:%MZ) =="
+printf '%s\n' "${table[@]}" | tee "$OUT/table.txt"

@@ -1,0 +1,286 @@
+"""Client: typed Python calls for every BlockService RPC.
+
+    with blockd.Client("localhost:50051", token="s3cret", timeout=30) as c:
+        c.create_block("layer0", BlockConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128),
+                       seed=1)
+        out, act = c.forward(["layer0"], x, keep_activations=True)   # x: np.ndarray or torch.Tensor
+        dx = c.backward(act, dy)
+        c.step(["layer0"], lr=1e-3)
+        weights = c.download_tensors("layer0")                       # {name: np.ndarray}
+
+Tensors go in as numpy arrays or torch tensors and come back as the same kind; float32 by
+default on the wire, bfloat16 with dtype="bf16". Failed calls raise a `BlockdError` subclass that
+carries the gRPC code and the server's message. `timeout` (seconds) is every call's deadline unless
+a call passes its own.
+"""
+import collections
+import queue
+import threading
+import weakref
+
+import grpc
+
+from blockd import tensors as T
+from blockd.config import BlockConfig, kind_value, precision_value
+from blockd.errors import BlockdError, UnavailableError, from_rpc_error
+from blockd.v1 import block_service_pb2 as pb
+from blockd.v1 import block_service_pb2_grpc as pb_grpc
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # the server accepts chunks up to ServerLimits.max_chunk_bytes (4 MiB)
+
+ForwardResult = collections.namedtuple("ForwardResult", ["output", "activation_id"])
+StepResult = collections.namedtuple("StepResult", ["grad_norm", "skipped", "clip_coefficient", "steps"])
+
+
+def _read_pem(v):
+    if v is None or isinstance(v, bytes):
+        return v
+    with open(v, "rb") as f:
+        return f.read()
+
+
+def _release_loop(q, stub, metadata):
+    """Frees activation handles that were dropped without a backward (see Client.release_later)."""
+    while True:
+        item = q.get()
+        if item is None:
+            return
+        if isinstance(item, threading.Event):
+            item.set()
+            continue
+        try:
+            stub.ReleaseActivations(pb.ReleaseActivationsRequest(activation_id=item), timeout=10,
+                                    metadata=metadata)
+        except grpc.RpcError:
+            pass  # already consumed, expired, or the server is gone: nothing left to free
+
+
+class Client:
+    def __init__(self, target, token=None, tls=False, root_certificates=None, certificate_chain=None,
+                 private_key=None, timeout=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
+                 max_message_bytes=256 << 20, client_name=None, channel_options=()):
+        """target "host:port"; token: bearer token (--auth_token_file); tls: True, or a
+        grpc.ChannelCredentials; root_certificates / certificate_chain / private_key: PEM bytes or
+        file paths (mutual TLS); timeout: default deadline in seconds (None: none);
+        client_name: how the server accounts this client's activation handles."""
+        self.target = target
+        self.timeout = timeout
+        self.chunk_bytes = int(chunk_bytes)
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)] + list(channel_options)
+        if isinstance(tls, grpc.ChannelCredentials):
+            self._channel = grpc.secure_channel(target, tls, options=options)
+        elif tls or root_certificates or certificate_chain:
+            creds = grpc.ssl_channel_credentials(_read_pem(root_certificates), _read_pem(private_key),
+                                                 _read_pem(certificate_chain))
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.BlockServiceStub(self._channel)
+        md = []
+        if token:
+            md.append(("authorization", f"Bearer {token}"))
+        if client_name:
+            md.append(("blockd-client", client_name))
+        self._metadata = tuple(md)
+        self._releases = queue.SimpleQueue()
+        self._release_thread = threading.Thread(target=_release_loop, args=(self._releases, self._stub, self._metadata),
+                                                name="blockd-release", daemon=True)
+        self._release_thread.start()
+        self._finalizer = weakref.finalize(self, self._releases.put, None)
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self):
+        """Frees dropped activation handles, then closes the channel."""
+        if self._closed:
+            return
+        self._closed = True
+        self._releases.put(None)
+        self._release_thread.join(timeout=30)
+        self._finalizer.detach()
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def wait_ready(self, timeout=10.0):
+        """Blocks until the channel is connected (or raises UnavailableError)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                   f"{self.target} was not ready within {timeout} s", "wait_ready") from None
+        return self
+
+    def release_later(self, activation_id):
+        """Queues an activation handle to be freed by a background thread. Safe from __del__ and
+        garbage-collector callbacks (it only enqueues)."""
+        if not self._closed:
+            self._releases.put(activation_id)
+
+    def flush_releases(self, timeout=30.0):
+        """Waits until every handle queued by release_later was freed."""
+        if self._closed:
+            return
+        done = threading.Event()
+        self._releases.put(done)
+        done.wait(timeout)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _deadline(self, timeout):
+        return self.timeout if timeout is None else timeout
+
+    def _unary(self, method, request, timeout):
+        try:
+            return getattr(self._stub, method)(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, method) from None
+
+    # -- RPCs --------------------------------------------------------------------------------
+    def server_info(self, timeout=None):
+        """GetServerInfoResponse: version, backend, devices, limits, blocks, activations_held."""
+        return self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
+
+    def create_block(self, block_id, config, layer_index=0, seed=None, precision=None, device=0,
+                     max_seq_len=0, max_batch_size=0, timeout=None):
+        """Creates a block; with `seed` its weights are a deterministic random init, without it
+        they must be loaded (load_weights) before Forward. Returns its BlockInfo."""
+        req = pb.CreateBlockRequest(block_id=block_id, config=BlockConfig.coerce(config).to_proto(),
+                                    layer_index=layer_index, precision=precision_value(precision),
+                                    device=device, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if seed is not None:
+            req.seed = int(seed)
+        return self._unary("CreateBlock", req, timeout)
+
+    def get_block(self, block_id, timeout=None):
+        return self._unary("GetBlock", pb.GetBlockRequest(block_id=block_id), timeout)
+
+    def list_blocks(self, timeout=None):
+        return list(self._unary("ListBlocks", pb.ListBlocksRequest(), timeout).blocks)
+
+    def delete_block(self, block_id, timeout=None):
+        """Deletes a block; returns how many activation handles that referenced it were freed."""
+        return self._unary("DeleteBlock", pb.DeleteBlockRequest(block_id=block_id), timeout).activations_released
+
+    def load_weights(self, block_id, tensors, dtype=None, chunk_bytes=None, timeout=None, on_chunk=None):
+        """Streams named tensors ({name: array}, or [(name, array)] / [(name, array, dtype)]) into
+        one block, each cut into chunks of at most `chunk_bytes`. `dtype` is the wire dtype (default: float32, or the
+        array's own float16 / torch bfloat16; a uint16 array with dtype="bf16" is bfloat16 bits).
+        The block changes only if the whole stream is good. on_chunk(nbytes) is called as each
+        chunk is sent (progress bars). Returns the names loaded."""
+        chunk = int(chunk_bytes or self.chunk_bytes)
+        if chunk <= 0:
+            raise ValueError(f"chunk_bytes = {chunk}, expected > 0")
+        items = tensors.items() if isinstance(tensors, dict) else tensors
+        encoded = []  # encode everything first: fail here, not mid-stream
+        for item in items:
+            name, x, item_dtype = (tuple(item) + (None,))[:3]
+            encoded.append((name,) + T.encode(x, item_dtype or dtype))
+        if not encoded:
+            raise ValueError(f"load_weights({block_id!r}): no tensors given")
+
+        def chunks():
+            for name, d, shape, data in encoded:
+                view = memoryview(data)
+                for off in range(0, max(len(data), 1), chunk):
+                    piece = bytes(view[off:off + chunk])
+                    yield pb.TensorChunk(block_id=block_id, name=name, dtype=d, shape=shape, offset=off, data=piece)
+                    if on_chunk is not None:
+                        on_chunk(len(piece))
+
+        try:
+            resp = self._stub.LoadWeights(chunks(), timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, "LoadWeights") from None
+        return list(resp.loaded)
+
+    def forward(self, block_ids, x, keep_activations=False, position_offset=0, dtype=None, timeout=None):
+        """Runs x [batch, seq, hidden] through the blocks in order. Returns (output, activation_id);
+        the id is "" unless keep_activations. `dtype` is the wire dtype ("fp32" / "bf16"); the
+        output has x's kind and dtype."""
+        ids = [block_ids] if isinstance(block_ids, str) else list(block_ids)
+        req = pb.ForwardRequest(block_ids=ids, input=T.to_proto(x, dtype), keep_activations=keep_activations,
+                                position_offset=position_offset)
+        resp = self._unary("Forward", req, timeout)
+        return ForwardResult(T.from_proto(resp.output, like=x), resp.activation_id)
+
+    def backward(self, activation_id, grad_output, dtype=None, timeout=None):
+        """Backward through the span of a Forward(keep_activations=True); accumulates the weight
+        gradients and frees the handle. Returns grad_input with grad_output's kind and dtype."""
+        req = pb.BackwardRequest(activation_id=activation_id, grad_output=T.to_proto(grad_output, dtype))
+        resp = self._unary("Backward", req, timeout)
+        return T.from_proto(resp.grad_input, like=grad_output)
+
+    def release_activations(self, activation_id, timeout=None):
+        """Frees an activation handle without a backward."""
+        self._unary("ReleaseActivations", pb.ReleaseActivationsRequest(activation_id=activation_id), timeout)
+
+    def zero_grad(self, block_ids, timeout=None):
+        ids = [block_ids] if isinstance(block_ids, str) else list(block_ids)
+        self._unary("ZeroGrad", pb.ZeroGradRequest(block_ids=ids), timeout)
+
+    def step(self, block_ids, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+             decay_norm_weights=False, max_grad_norm=0.0, timeout=None):
+        """One AdamW step of the named blocks (torch.optim.AdamW semantics; weight decay on the
+        matrices only unless decay_norm_weights). max_grad_norm > 0 clips by the global norm over
+        all of them. Returns StepResult(grad_norm before clipping, skipped, clip_coefficient,
+        steps {block_id: step})."""
+        ids = [block_ids] if isinstance(block_ids, str) else list(block_ids)
+        adamw = pb.AdamW(lr=float(lr), beta1=float(betas[0]), beta2=float(betas[1]), eps=float(eps),
+                         weight_decay=float(weight_decay), decay_norm_weights=bool(decay_norm_weights))
+        resp = self._unary("Step", pb.StepRequest(block_ids=ids, adamw=adamw, max_grad_norm=float(max_grad_norm)),
+                           timeout)
+        return StepResult(resp.grad_norm, resp.skipped, resp.clip_coefficient,
+                          collections.OrderedDict((s.block_id, s.step) for s in resp.steps))
+
+    def download_tensors(self, block_id, kind="weights", dtype="float32", names=(), chunk_bytes=0,
+                         as_torch=False, timeout=None):
+        """{name: tensor} of one block's weights / gradients / adam_m / adam_v, reassembled from
+        the streamed chunks. numpy float32 arrays by default (bfloat16 decoded exactly); with
+        as_torch, torch tensors in the wire dtype (torch.bfloat16 for dtype="bf16")."""
+        wire = T.wire_dtype(dtype)
+        req = pb.DownloadTensorsRequest(block_id=block_id, kind=kind_value(kind), dtype=wire, names=list(names),
+                                        chunk_bytes=chunk_bytes)
+        parts = collections.OrderedDict()  # name -> [dtype, shape, bytearray, bytes received]
+        try:
+            for c in self._stub.DownloadTensors(req, timeout=self._deadline(timeout), metadata=self._metadata):
+                p = parts.get(c.name)
+                if p is None:
+                    n = 1
+                    for s in c.shape:
+                        n *= s
+                    p = parts[c.name] = [c.dtype, tuple(c.shape), bytearray(n * T.itemsize(c.dtype)), 0]
+                end = c.offset + len(c.data)
+                if c.dtype != p[0] or tuple(c.shape) != p[1] or c.offset < 0 or end > len(p[2]):
+                    raise BlockdError(grpc.StatusCode.DATA_LOSS,
+                                      f"chunk [{c.offset}, {end}) of tensor {c.name} does not fit its "
+                                      f"{list(p[1])} {T.dtype_name(p[0])} tensor", "DownloadTensors")
+                p[2][c.offset:end] = c.data
+                p[3] += len(c.data)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, "DownloadTensors") from None
+        out = collections.OrderedDict()
+        like = None
+        if as_torch:
+            import torch
+            like = torch.empty(0, dtype={T.FLOAT32: torch.float32, T.BFLOAT16: torch.bfloat16,
+                                         T.FLOAT16: torch.float16}[wire])
+        for name, (d, shape, buf, got) in parts.items():
+            if got != len(buf):
+                raise BlockdError(grpc.StatusCode.DATA_LOSS,
+                                  f"tensor {name} arrived incomplete: {got} of {len(buf)} bytes", "DownloadTensors")
+            out[name] = T.decode(d, shape, buf, like=like)
+        return out
+
+    def save_checkpoint(self, name="", block_ids=(), timeout=None):
+        """SaveCheckpointResponse(path, block_ids, bytes); needs blockd --checkpoint_dir."""
+        return self._unary("SaveCheckpoint", pb.SaveCheckpointRequest(name=name, block_ids=list(block_ids)), timeout)
+
+    def restore_checkpoint(self, name="", block_ids=(), timeout=None):
+        """RestoreCheckpointResponse(path, block_ids); name "" restores the latest checkpoint."""
+        return self._unary("RestoreCheckpoint", pb.RestoreCheckpointRequest(name=name, block_ids=list(block_ids)),
+                           timeout)

@@ -1,0 +1,455 @@
+#include "engine/cuda/cuda_block.h"
+
+#include <cuda_bf16.h>
+
+#include <array>
+#include <cmath>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cuda/cuda_status.h"
+#include "engine/status_macros.h"
+#include "kernels/adamw.cuh"
+#include "kernels/attention.cuh"
+#include "kernels/convert.cuh"
+#include "kernels/gemm.h"
+#include "kernels/rmsnorm.cuh"
+#include "kernels/rope.cuh"
+#include "kernels/swiglu.cuh"
+
+namespace blockd::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using kernels::GemmType;
+
+// Matrices first, so that the fused q|k|v and gate|up products find their rows adjacent and
+// AdamW decays exactly the prefix [0, decay_end); the 1-D norm weights follow.
+constexpr ParamId kStorageOrder[] = {ParamId::kQProj,    ParamId::kKProj,     ParamId::kVProj,    ParamId::kOProj,
+                                     ParamId::kGateProj, ParamId::kUpProj,    ParamId::kDownProj, ParamId::kInputNorm,
+                                     ParamId::kQNorm,    ParamId::kKNorm,     ParamId::kPostNorm};
+
+struct Layout {
+  std::vector<ParamSpec> params;               // BlockParams order
+  std::array<int64_t, kNumParamIds> offset{};  // by ParamId; -1 when absent
+  std::vector<int64_t> index_offset;           // by BlockParams index
+  int64_t total = 0;
+  int64_t decay_end = 0;
+};
+
+Layout MakeLayout(const BlockConfig& c) {
+  Layout l;
+  l.params = BlockParams(c);
+  l.offset.fill(-1);
+  for (ParamId id : kStorageOrder) {
+    for (const ParamSpec& p : l.params) {
+      if (p.id != id) continue;
+      l.offset[static_cast<int>(id)] = l.total;
+      l.total += p.numel();
+      if (p.is_matrix) l.decay_end = l.total;
+    }
+  }
+  for (const ParamSpec& p : l.params) l.index_offset.push_back(l.offset[static_cast<int>(p.id)]);
+  return l;
+}
+
+// Sizes of one forward/backward.
+struct Dims {
+  int64_t batch, seq, n, d, qd, kvd, qkv, f;
+  int heads, kv_heads, dh;
+};
+
+Dims DimsOf(const BlockConfig& c, int64_t batch, int64_t seq) {
+  return {batch,
+          seq,
+          batch * seq,
+          c.hidden_size,
+          c.q_dim(),
+          c.kv_dim(),
+          c.q_dim() + 2 * c.kv_dim(),
+          c.intermediate_size,
+          static_cast<int>(c.num_attention_heads),
+          static_cast<int>(c.num_kv_heads),
+          static_cast<int>(c.head_dim)};
+}
+
+size_t ActSize(Precision p) { return p == Precision::kBF16 ? 2 : 4; }
+
+size_t SavedBytesFor(const BlockConfig& c, Precision p, int64_t batch, int64_t seq) {
+  const Dims m = DimsOf(c, batch, seq);
+  const size_t t = ActSize(p);
+  size_t bytes = 0;
+  bytes += m.n * m.d * 4 + m.n * m.d * t + m.n * 4;        // x, n1, rstd1
+  bytes += m.n * m.qkv * t;                                // qkv
+  if (c.qk_norm) bytes += m.n * (m.heads + m.kv_heads) * 4; // rstd_q, rstd_k
+  bytes += m.n * (m.qd + m.kvd) * t;                       // q, k after norm and rope
+  bytes += m.seq * (m.dh / 2) * 8;                         // rope table
+  bytes += m.n * m.qd * t + m.batch * m.heads * m.seq * 4; // o, lse
+  bytes += m.n * m.d * 4 + m.n * 4 + m.n * m.d * t;        // r1, rstd2, n2
+  bytes += m.n * 2 * m.f * t;                              // gate|up
+  return bytes;
+}
+
+size_t RmsWorkspaceFloats(const BlockConfig& c) {
+  return static_cast<size_t>(kernels::rmsnorm_bwd_workspace_floats(static_cast<int>(c.hidden_size)));
+}
+size_t QkWorkspaceFloats(const BlockConfig& c) {
+  return static_cast<size_t>(kernels::qknorm_rope_bwd_workspace_floats(static_cast<int>(c.head_dim)));
+}
+
+class CudaSaved : public SavedActivations {
+ public:
+  size_t bytes() const override { return bytes_; }
+  int64_t batch = 0, seq = 0, offset = 0;
+  DeviceBuffer x, n1, rstd1, qkv, rstd_q, rstd_k, q, k, table, o, lse, r1, rstd2, n2, gu;
+  size_t bytes_ = 0;
+};
+
+template <class T>
+constexpr GemmType TypeOf() {
+  return std::is_same<T, float>::value ? GemmType::kF32 : GemmType::kBF16;
+}
+
+class CudaBlock : public Block {
+ public:
+  CudaBlock(const BlockSpec& spec, DeviceContext* dev) : spec_(spec), dev_(dev), layout_(MakeLayout(spec.config)) {}
+
+  absl::Status Init() {
+    DeviceGuard guard(dev_->index);
+    const size_t p = static_cast<size_t>(layout_.total);
+    for (DeviceBuffer* b : {&weights_, &grads_, &m_, &v_}) {
+      ASSIGN_OR_RETURN(*b, DeviceBuffer::Allocate(dev_, p * 4));
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b->get(), 0, p * 4, dev_->stream));
+    }
+    if (spec_.precision == Precision::kBF16) {
+      ASSIGN_OR_RETURN(weights_bf16_, DeviceBuffer::Allocate(dev_, p * 2));
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(weights_bf16_.get(), 0, p * 2, dev_->stream));
+    }
+    ASSIGN_OR_RETURN(adamw_params_, DeviceBuffer::Allocate(dev_, sizeof(kernels::AdamWDeviceParams)));
+    ASSIGN_OR_RETURN(sum_ws_, DeviceBuffer::Allocate(dev_, kernels::sum_squares_workspace_doubles() * 8 + 8));
+    ASSIGN_OR_RETURN(rms_ws_, DeviceBuffer::Allocate(dev_, RmsWorkspaceFloats(spec_.config) * 4));
+    ASSIGN_OR_RETURN(qk_ws_, DeviceBuffer::Allocate(dev_, QkWorkspaceFloats(spec_.config) * 4));
+    return dev_->Sync();
+  }
+
+  size_t memory_bytes() const override { return CudaBlockBytes(spec_); }
+  size_t SavedBytes(int64_t batch, int64_t seq) const override {
+    return SavedBytesFor(spec_.config, spec_.precision, batch, seq);
+  }
+
+  absl::Status WriteTensor(TensorKind kind, int index, const float* host) override {
+    DeviceGuard guard(dev_->index);
+    const int64_t off = layout_.index_offset[index], n = layout_.params[index].numel();
+    float* dst = Tensor(kind) + off;
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, host, n * 4, cudaMemcpyHostToDevice, dev_->stream));
+    if (kind == TensorKind::kWeights && spec_.precision == Precision::kBF16) {
+      CUDA_RETURN_IF_ERROR(kernels::launch_float_to_bf16(dst, weights_bf16_.as<bf16>() + off, n, dev_->stream));
+    }
+    return dev_->Sync();
+  }
+
+  absl::Status ReadTensor(TensorKind kind, int index, float* host) override {
+    DeviceGuard guard(dev_->index);
+    const int64_t off = layout_.index_offset[index], n = layout_.params[index].numel();
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host, Tensor(kind) + off, n * 4, cudaMemcpyDeviceToHost, dev_->stream));
+    return dev_->Sync();
+  }
+
+  absl::StatusOr<std::unique_ptr<Activation>> Forward(const Activation& x, int64_t position_offset,
+                                                      std::unique_ptr<SavedActivations>* saved) override {
+    DeviceGuard guard(dev_->index);
+    if (spec_.precision == Precision::kBF16) return ForwardT<bf16>(x, position_offset, saved);
+    return ForwardT<float>(x, position_offset, saved);
+  }
+
+  absl::StatusOr<std::unique_ptr<Activation>> Backward(const SavedActivations& saved, const Activation& grad_out,
+                                                       bool accumulate) override {
+    DeviceGuard guard(dev_->index);
+    if (spec_.precision == Precision::kBF16) return BackwardT<bf16>(saved, grad_out, accumulate);
+    return BackwardT<float>(saved, grad_out, accumulate);
+  }
+
+  absl::StatusOr<double> GradSquaredNorm() override {
+    DeviceGuard guard(dev_->index);
+    double* out = reinterpret_cast<double*>(sum_ws_.as<char>() + kernels::sum_squares_workspace_doubles() * 8);
+    CUDA_RETURN_IF_ERROR(kernels::launch_sum_squares(grads_.as<float>(), layout_.total, sum_ws_.as<double>(), out,
+                                                     dev_->stream));
+    double result = 0;
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&result, out, sizeof(double), cudaMemcpyDeviceToHost, dev_->stream));
+    RETURN_IF_ERROR(dev_->Sync());
+    return result;
+  }
+
+  absl::Status AdamWStep(const AdamWUpdate& u) override {
+    DeviceGuard guard(dev_->index);
+    const AdamWHyper& h = u.hyper;
+    const kernels::AdamWDeviceParams hp = kernels::MakeAdamWParams(
+        h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, u.step, u.grad_scale,
+        h.decay_norm_weights ? layout_.total : layout_.decay_end);
+    // From pageable memory the copy is staged before cudaMemcpyAsync returns, so `hp` may go.
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(adamw_params_.get(), &hp, sizeof(hp), cudaMemcpyHostToDevice, dev_->stream));
+    CUDA_RETURN_IF_ERROR(kernels::launch_adamw(weights_.as<float>(), grads_.as<float>(), m_.as<float>(),
+                                               v_.as<float>(),
+                                               spec_.precision == Precision::kBF16 ? weights_bf16_.as<bf16>() : nullptr,
+                                               layout_.total, adamw_params_.as<kernels::AdamWDeviceParams>(),
+                                               dev_->stream));
+    return dev_->Sync();
+  }
+
+ private:
+  float* Tensor(TensorKind kind) const {
+    switch (kind) {
+      case TensorKind::kWeights: return weights_.as<float>();
+      case TensorKind::kGradients: return grads_.as<float>();
+      case TensorKind::kAdamM: return m_.as<float>();
+      case TensorKind::kAdamV: return v_.as<float>();
+    }
+    return nullptr;
+  }
+
+  int64_t Off(ParamId id) const { return layout_.offset[static_cast<int>(id)]; }
+  const float* W32(ParamId id) const { return Off(id) < 0 ? nullptr : weights_.as<float>() + Off(id); }
+  float* G32(ParamId id) const { return Off(id) < 0 ? nullptr : grads_.as<float>() + Off(id); }
+  // The weights the matrix products read: the fp32 masters, or their bf16 copy.
+  template <class T>
+  const T* W(ParamId id) const {
+    if constexpr (std::is_same<T, float>::value) {
+      return weights_.as<float>() + Off(id);
+    } else {
+      return weights_bf16_.as<bf16>() + Off(id);
+    }
+  }
+
+  kernels::GemmMode Mode() const {
+    switch (spec_.precision) {
+      case Precision::kFP32: return kernels::GemmMode::kFP32;
+      case Precision::kTF32: return kernels::GemmMode::kTF32;
+      case Precision::kBF16: return kernels::GemmMode::kBF16;
+    }
+    return kernels::GemmMode::kFP32;
+  }
+
+  // Row-major D[m, n] = op(A) op(B) (+ beta * C, C defaulting to D).
+  absl::Status Mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b,
+                  int64_t ldb, void* d, int64_t ldd, GemmType d_type, float beta = 0.f, const void* c = nullptr,
+                  GemmType c_type = GemmType::kF32) {
+    kernels::GemmArgs g;
+    g.mode = Mode();
+    g.trans_a = ta;
+    g.trans_b = tb;
+    g.m = m;
+    g.n = n;
+    g.k = k;
+    g.a = a;
+    g.lda = lda;
+    g.b = b;
+    g.ldb = ldb;
+    g.beta = beta;
+    g.c = c;
+    g.ldc = ldd;
+    g.c_type = c_type;
+    g.d = d;
+    g.ldd = ldd;
+    g.d_type = d_type;
+    CUDA_RETURN_IF_ERROR(dev_->gemm.Run(g, dev_->stream));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<DeviceBuffer> Alloc(size_t bytes) { return DeviceBuffer::Allocate(dev_, bytes); }
+
+  template <class T>
+  absl::StatusOr<std::unique_ptr<Activation>> ForwardT(const Activation& x_in, int64_t offset,
+                                                       std::unique_ptr<SavedActivations>* saved_out) {
+    const auto& x_act = static_cast<const CudaActivation&>(x_in);
+    const BlockConfig& c = spec_.config;
+    const Dims m = DimsOf(c, x_in.batch(), x_in.seq());
+    const size_t t = sizeof(T);
+    const GemmType tt = TypeOf<T>();
+    cudaStream_t st = dev_->stream;
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    auto s = std::make_unique<CudaSaved>();
+    s->batch = m.batch;
+    s->seq = m.seq;
+    s->offset = offset;
+    s->bytes_ = SavedBytesFor(c, spec_.precision, m.batch, m.seq);
+
+    const float* x = x_act.data();
+    if (saved_out != nullptr) {  // the input is the caller's: keep a copy for backward
+      ASSIGN_OR_RETURN(s->x, Alloc(m.n * m.d * 4));
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s->x.get(), x, m.n * m.d * 4, cudaMemcpyDeviceToDevice, st));
+      x = s->x.as<float>();
+    }
+    ASSIGN_OR_RETURN(s->n1, Alloc(m.n * m.d * t));
+    ASSIGN_OR_RETURN(s->rstd1, Alloc(m.n * 4));
+    ASSIGN_OR_RETURN(s->qkv, Alloc(m.n * m.qkv * t));
+    if (c.qk_norm) {
+      ASSIGN_OR_RETURN(s->rstd_q, Alloc(m.n * m.heads * 4));
+      ASSIGN_OR_RETURN(s->rstd_k, Alloc(m.n * m.kv_heads * 4));
+    }
+    ASSIGN_OR_RETURN(s->q, Alloc(m.n * m.qd * t));
+    ASSIGN_OR_RETURN(s->k, Alloc(m.n * m.kvd * t));
+    ASSIGN_OR_RETURN(s->table, Alloc(m.seq * (m.dh / 2) * 8));
+    ASSIGN_OR_RETURN(s->o, Alloc(m.n * m.qd * t));
+    ASSIGN_OR_RETURN(s->lse, Alloc(m.batch * m.heads * m.seq * 4));
+    ASSIGN_OR_RETURN(s->r1, Alloc(m.n * m.d * 4));
+    ASSIGN_OR_RETURN(s->rstd2, Alloc(m.n * 4));
+    ASSIGN_OR_RETURN(s->n2, Alloc(m.n * m.d * t));
+    ASSIGN_OR_RETURN(s->gu, Alloc(m.n * 2 * m.f * t));
+    ASSIGN_OR_RETURN(DeviceBuffer h, Alloc(m.n * m.f * t));
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> out, NewActivation(dev_, m.batch, m.seq, m.d));
+
+    T* n1 = s->n1.as<T>();
+    T* qkv = s->qkv.as<T>();
+    // n1 = rmsnorm(x) * w_in;  q|k|v = n1 [Wq|Wk|Wv]^T
+    CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(x, W32(ParamId::kInputNorm), n1, s->rstd1.as<float>(), m.n,
+                                                        static_cast<int>(m.d), eps, st));
+    RETURN_IF_ERROR(Mm(false, true, m.n, m.qkv, m.d, n1, m.d, W<T>(ParamId::kQProj), m.d, qkv, m.qkv, tt));
+    // QK-norm and RoPE on q and k; v stays in place inside q|k|v.
+    auto* table = s->table.as<float2>();
+    CUDA_RETURN_IF_ERROR(kernels::launch_rope_table(table, static_cast<int>(m.seq), m.dh, offset, c.rope_theta, st));
+    CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(qkv, m.qkv, s->q.as<T>(), s->rstd_q.as<float>(),
+                                                            W32(ParamId::kQNorm), table, m.n, static_cast<int>(m.seq),
+                                                            m.heads, m.dh, eps, st));
+    CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(qkv + m.qd, m.qkv, s->k.as<T>(), s->rstd_k.as<float>(),
+                                                            W32(ParamId::kKNorm), table, m.n, static_cast<int>(m.seq),
+                                                            m.kv_heads, m.dh, eps, st));
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.dh)));
+    CUDA_RETURN_IF_ERROR(kernels::launch_attention_fwd<T>(
+        s->q.as<T>(), m.qd, s->k.as<T>(), m.kvd, qkv + m.qd + m.kvd, m.qkv, s->o.as<T>(), m.qd, s->lse.as<float>(),
+        static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads, m.kv_heads, m.dh, scale, st));
+    // r1 = x + o Wo^T (the residual enters as C)
+    RETURN_IF_ERROR(Mm(false, true, m.n, m.d, m.qd, s->o.get(), m.qd, W<T>(ParamId::kOProj), m.qd, s->r1.get(), m.d,
+                       GemmType::kF32, 1.f, x, GemmType::kF32));
+    CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(s->r1.as<float>(), W32(ParamId::kPostNorm), s->n2.as<T>(),
+                                                        s->rstd2.as<float>(), m.n, static_cast<int>(m.d), eps, st));
+    RETURN_IF_ERROR(Mm(false, true, m.n, 2 * m.f, m.d, s->n2.get(), m.d, W<T>(ParamId::kGateProj), m.d, s->gu.get(),
+                       2 * m.f, tt));
+    CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(s->gu.as<T>(), h.as<T>(), m.n, m.f, st));
+    // out = r1 + h Wdown^T
+    RETURN_IF_ERROR(Mm(false, true, m.n, m.d, m.f, h.get(), m.f, W<T>(ParamId::kDownProj), m.f, out->data(), m.d,
+                       GemmType::kF32, 1.f, s->r1.get(), GemmType::kF32));
+    if (saved_out != nullptr) {
+      *saved_out = std::move(s);
+    } else {
+      // The buffers go back to the pool in stream order; nothing waits here.
+    }
+    return std::unique_ptr<Activation>(std::move(out));
+  }
+
+  template <class T>
+  absl::StatusOr<std::unique_ptr<Activation>> BackwardT(const SavedActivations& saved_in, const Activation& grad_out,
+                                                        bool accumulate) {
+    const auto& s = static_cast<const CudaSaved&>(saved_in);
+    const auto& dy_act = static_cast<const CudaActivation&>(grad_out);
+    const BlockConfig& c = spec_.config;
+    const Dims m = DimsOf(c, s.batch, s.seq);
+    const size_t t = sizeof(T);
+    const GemmType tt = TypeOf<T>();
+    const float beta = accumulate ? 1.f : 0.f;
+    cudaStream_t st = dev_->stream;
+    const float* dy = dy_act.data();
+
+    // The matrix products read the output gradient as T.
+    DeviceBuffer dy_t_buf;
+    const void* dy_t = dy;
+    if constexpr (!std::is_same<T, float>::value) {
+      ASSIGN_OR_RETURN(dy_t_buf, Alloc(m.n * m.d * t));
+      CUDA_RETURN_IF_ERROR(kernels::launch_float_to_bf16(dy, dy_t_buf.as<bf16>(), m.n * m.d, st));
+      dy_t = dy_t_buf.get();
+    }
+    ASSIGN_OR_RETURN(DeviceBuffer h, Alloc(m.n * m.f * t));
+    ASSIGN_OR_RETURN(DeviceBuffer dh, Alloc(m.n * m.f * t));
+    ASSIGN_OR_RETURN(DeviceBuffer dgu, Alloc(m.n * 2 * m.f * t));
+    ASSIGN_OR_RETURN(DeviceBuffer dn, Alloc(m.n * m.d * 4));  // dn2, later dn1
+    ASSIGN_OR_RETURN(DeviceBuffer dr1, Alloc(m.n * m.d * 4));
+    ASSIGN_OR_RETURN(DeviceBuffer d_o, Alloc(m.n * m.qd * t));
+    ASSIGN_OR_RETURN(DeviceBuffer dq, Alloc(m.n * m.qd * 4));
+    ASSIGN_OR_RETURN(DeviceBuffer dk, Alloc(m.n * m.kvd * 4));
+    ASSIGN_OR_RETURN(DeviceBuffer delta, Alloc(m.batch * m.heads * m.seq * 4));
+    ASSIGN_OR_RETURN(DeviceBuffer dqkv, Alloc(m.n * m.qkv * t));
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> dx, NewActivation(dev_, m.batch, m.seq, m.d));
+
+    // MLP: out = r1 + h Wd^T, h = silu(gate) * up.
+    CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(s.gu.as<T>(), h.as<T>(), m.n, m.f, st));
+    RETURN_IF_ERROR(Mm(true, false, m.d, m.f, m.n, dy_t, m.d, h.get(), m.f, G32(ParamId::kDownProj), m.f,
+                       GemmType::kF32, beta));
+    RETURN_IF_ERROR(Mm(false, false, m.n, m.f, m.d, dy_t, m.d, W<T>(ParamId::kDownProj), m.f, dh.get(), m.f, tt));
+    CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_bwd<T>(dh.as<T>(), s.gu.as<T>(), dgu.as<T>(), m.n, m.f, st));
+    RETURN_IF_ERROR(Mm(true, false, 2 * m.f, m.d, m.n, dgu.get(), 2 * m.f, s.n2.get(), m.d, G32(ParamId::kGateProj),
+                       m.d, GemmType::kF32, beta));
+    RETURN_IF_ERROR(Mm(false, false, m.n, m.d, 2 * m.f, dgu.get(), 2 * m.f, W<T>(ParamId::kGateProj), m.d, dn.get(),
+                       m.d, GemmType::kF32));
+    // dr1 = dy + the post-attention norm's backward.
+    CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_bwd(dn.as<float>(), s.r1.as<float>(), W32(ParamId::kPostNorm),
+                                                     s.rstd2.as<float>(), dy, dr1.as<float>(), G32(ParamId::kPostNorm),
+                                                     accumulate, rms_ws_.as<float>(), m.n, static_cast<int>(m.d), st));
+    DeviceBuffer dr1_t_buf;
+    const void* dr1_t = dr1.get();
+    if constexpr (!std::is_same<T, float>::value) {
+      ASSIGN_OR_RETURN(dr1_t_buf, Alloc(m.n * m.d * t));
+      CUDA_RETURN_IF_ERROR(kernels::launch_float_to_bf16(dr1.as<float>(), dr1_t_buf.as<bf16>(), m.n * m.d, st));
+      dr1_t = dr1_t_buf.get();
+    }
+    // Attention output projection.
+    RETURN_IF_ERROR(Mm(true, false, m.d, m.qd, m.n, dr1_t, m.d, s.o.get(), m.qd, G32(ParamId::kOProj), m.qd,
+                       GemmType::kF32, beta));
+    RETURN_IF_ERROR(Mm(false, false, m.n, m.qd, m.d, dr1_t, m.d, W<T>(ParamId::kOProj), m.qd, d_o.get(), m.qd, tt));
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.dh)));
+    T* dqkv_t = dqkv.as<T>();
+    CUDA_RETURN_IF_ERROR(kernels::launch_attention_bwd<T>(
+        s.q.as<T>(), m.qd, s.k.as<T>(), m.kvd, s.qkv.as<T>() + m.qd + m.kvd, m.qkv, s.o.as<T>(), m.qd,
+        s.lse.as<float>(), d_o.as<T>(), m.qd, dq.as<float>(), dk.as<float>(), dqkv_t + m.qd + m.kvd, m.qkv,
+        delta.as<float>(), static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads, m.kv_heads, m.dh, scale, st));
+    // RoPE and QK-norm backward into the q and k parts of dqkv.
+    const auto* table = s.table.as<float2>();
+    CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_bwd<T>(
+        dq.as<float>(), s.qkv.as<T>(), m.qkv, s.rstd_q.as<float>(), W32(ParamId::kQNorm), table, dqkv_t,
+        G32(ParamId::kQNorm), accumulate, qk_ws_.as<float>(), m.n, static_cast<int>(m.seq), m.heads, m.dh, st));
+    CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_bwd<T>(
+        dk.as<float>(), s.qkv.as<T>() + m.qd, m.qkv, s.rstd_k.as<float>(), W32(ParamId::kKNorm), table,
+        dqkv_t + m.qd, G32(ParamId::kKNorm), accumulate, qk_ws_.as<float>(), m.n, static_cast<int>(m.seq),
+        m.kv_heads, m.dh, st));
+    // q|k|v = n1 W^T
+    RETURN_IF_ERROR(Mm(true, false, m.qkv, m.d, m.n, dqkv.get(), m.qkv, s.n1.get(), m.d, G32(ParamId::kQProj), m.d,
+                       GemmType::kF32, beta));
+    RETURN_IF_ERROR(Mm(false, false, m.n, m.d, m.qkv, dqkv.get(), m.qkv, W<T>(ParamId::kQProj), m.d, dn.get(), m.d,
+                       GemmType::kF32));
+    // dx = dr1 + the input norm's backward.
+    CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_bwd(dn.as<float>(), s.x.as<float>(), W32(ParamId::kInputNorm),
+                                                     s.rstd1.as<float>(), dr1.as<float>(), dx->data(),
+                                                     G32(ParamId::kInputNorm), accumulate, rms_ws_.as<float>(), m.n,
+                                                     static_cast<int>(m.d), st));
+    return std::unique_ptr<Activation>(std::move(dx));
+  }
+
+  BlockSpec spec_;
+  DeviceContext* dev_;
+  Layout layout_;
+  DeviceBuffer weights_, grads_, m_, v_, weights_bf16_;
+  DeviceBuffer adamw_params_, sum_ws_, rms_ws_, qk_ws_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudaActivation>> NewActivation(DeviceContext* dev, int64_t batch, int64_t seq,
+                                                               int64_t width) {
+  ASSIGN_OR_RETURN(DeviceBuffer buf, DeviceBuffer::Allocate(dev, static_cast<size_t>(batch * seq * width) * 4));
+  return std::make_unique<CudaActivation>(dev->index, batch, seq, width, std::move(buf));
+}
+
+size_t CudaBlockBytes(const BlockSpec& spec) {
+  const size_t p = static_cast<size_t>(ParameterCount(spec.config));
+  size_t bytes = 16 * p;  // weights, gradients, m, v
+  if (spec.precision == Precision::kBF16) bytes += 2 * p;
+  bytes += sizeof(kernels::AdamWDeviceParams) + kernels::sum_squares_workspace_doubles() * 8 + 8;
+  bytes += (RmsWorkspaceFloats(spec.config) + QkWorkspaceFloats(spec.config)) * 4;
+  return bytes;
+}
+
+absl::StatusOr<std::unique_ptr<Block>> CreateCudaBlock(const BlockSpec& spec, DeviceContext* dev) {
+  auto block = std::make_unique<CudaBlock>(spec, dev);
+  RETURN_IF_ERROR(block->Init());
+  return std::unique_ptr<Block>(std::move(block));
+}
+
+}  // namespace blockd::cuda

@@ -1,0 +1,70 @@
+// One GPU as the CUDA backend uses it: its stream, its stream-ordered memory pool, its cuBLASLt
+// context, and device buffers allocated from that pool.
+//
+// Every block on a device runs on the device's one stream, so the pool, the GEMM workspace and
+// all buffers are used in stream order however many threads issue work; a call waits on an event
+// it recorded, never on the whole stream. The pool keeps freed memory (release threshold: max), so
+// once warmed a forward, backward or step allocates nothing from the driver.
+//   ASSIGN_OR_RETURN(DeviceBuffer buf, DeviceBuffer::Allocate(dev, bytes));
+//   float* p = buf.as<float>();
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "kernels/gemm.h"
+
+namespace blockd::cuda {
+
+struct DeviceContext {
+  int index = 0;
+  cudaDeviceProp props{};
+  cudaStream_t stream = nullptr;
+  void* gemm_workspace = nullptr;
+  size_t gemm_workspace_bytes = 0;
+  kernels::GemmContext gemm;
+
+  static absl::StatusOr<std::unique_ptr<DeviceContext>> Create(int index);
+  ~DeviceContext();
+  // Waits until the work issued so far on the stream is done (an event, not the whole stream later).
+  absl::Status Sync();
+};
+
+// Makes `device` current for the scope and restores the previous one.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+
+ private:
+  int previous_ = -1;
+};
+
+// Device memory from the device's pool, freed in stream order. Movable, not copyable.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  static absl::StatusOr<DeviceBuffer> Allocate(DeviceContext* dev, size_t bytes);
+  DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  ~DeviceBuffer() { Reset(); }
+
+  void* get() const { return ptr_; }
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+  void Reset();
+
+ private:
+  DeviceContext* dev_ = nullptr;
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+}  // namespace blockd::cuda

@@ -1,0 +1,207 @@
+#include <cmath>
+
+#include "kernels/common.cuh"
+#include "kernels/rope.cuh"
+
+namespace blockd::kernels {
+namespace {
+
+constexpr int kMaxPairsPerLane = 8;  // head_dim <= 512
+constexpr int kWarps = 8;
+constexpr int kBwdBlocks = 264;
+
+__global__ void rope_table_kernel(float2* table, int seq, int half, int64_t offset, double theta, int head_dim) {
+  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (idx >= int64_t(seq) * half) return;
+  const int s = static_cast<int>(idx / half), i = static_cast<int>(idx % half);
+  const double inv_freq = pow(theta, -double(2 * i) / double(head_dim));
+  double angle = double(offset + s) * inv_freq;
+  // Reduce in double so that large positions keep their precision, then sincos in float.
+  constexpr double kTwoPi = 6.283185307179586476925286766559;
+  angle -= kTwoPi * rint(angle / kTwoPi);
+  double c, sn;
+  sincos(angle, &sn, &c);
+  table[idx] = make_float2(static_cast<float>(c), static_cast<float>(sn));
+}
+
+template <class T>
+__global__ void qknorm_rope_fwd_kernel(const T* __restrict__ in, int64_t in_stride, T* __restrict__ out,
+                                       float* __restrict__ rstd, const float* __restrict__ w,
+                                       const float2* __restrict__ table, int64_t tokens, int seq, int heads, int dh,
+                                       float eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t task = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  if (task >= tokens * heads) return;
+  const int64_t token = task / heads;
+  const int h = static_cast<int>(task % heads);
+  const int half = dh / 2;
+  const int pos = static_cast<int>(token % seq);
+  const T* x = in + token * in_stride + int64_t(h) * dh;
+  float a[kMaxPairsPerLane], b[kMaxPairsPerLane];
+  float ss = 0.f;
+#pragma unroll
+  for (int t = 0; t < kMaxPairsPerLane; ++t) {
+    const int i = lane + 32 * t;
+    a[t] = i < half ? to_float(x[i]) : 0.f;
+    b[t] = i < half ? to_float(x[i + half]) : 0.f;
+    ss += a[t] * a[t] + b[t] * b[t];
+  }
+  if (w != nullptr) {
+    const float rs = rsqrtf(warp_sum(ss) / dh + eps);
+    if (lane == 0) rstd[task] = rs;
+#pragma unroll
+    for (int t = 0; t < kMaxPairsPerLane; ++t) {
+      const int i = lane + 32 * t;
+      if (i < half) {
+        a[t] = (a[t] * rs) * w[i];
+        b[t] = (b[t] * rs) * w[i + half];
+      }
+    }
+  }
+  T* y = out + task * dh;
+#pragma unroll
+  for (int t = 0; t < kMaxPairsPerLane; ++t) {
+    const int i = lane + 32 * t;
+    if (i < half) {
+      const float2 cs = table[int64_t(pos) * half + i];
+      y[i] = from_float<T>(a[t] * cs.x - b[t] * cs.y);
+      y[i + half] = from_float<T>(b[t] * cs.x + a[t] * cs.y);
+    }
+  }
+}
+
+// Grid-strided over (token, head) tasks with a fixed grid, so each warp's dw partial is a
+// deterministic sum; partials land in workspace[warp][dh] and are reduced afterwards.
+template <class T>
+__global__ void qknorm_rope_bwd_kernel(const float* __restrict__ dout, const T* __restrict__ in, int64_t in_stride,
+                                       const float* __restrict__ rstd, const float* __restrict__ w,
+                                       const float2* __restrict__ table, T* __restrict__ din,
+                                       float* __restrict__ partial, int64_t tokens, int seq, int heads, int dh) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp_id = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  const int64_t num_warps = int64_t(gridDim.x) * kWarps;
+  const int half = dh / 2;
+  float dwa[kMaxPairsPerLane] = {}, dwb[kMaxPairsPerLane] = {};
+  for (int64_t task = warp_id; task < tokens * heads; task += num_warps) {
+    const int64_t token = task / heads;
+    const int h = static_cast<int>(task % heads);
+    const int pos = static_cast<int>(token % seq);
+    const float* g = dout + task * dh;
+    float ga[kMaxPairsPerLane], gb[kMaxPairsPerLane];
+    // The transpose of the rotation: rotate the gradient back by -angle.
+#pragma unroll
+    for (int t = 0; t < kMaxPairsPerLane; ++t) {
+      const int i = lane + 32 * t;
+      ga[t] = gb[t] = 0.f;
+      if (i < half) {
+        const float2 cs = table[int64_t(pos) * half + i];
+        const float u = g[i], v = g[i + half];
+        ga[t] = u * cs.x + v * cs.y;
+        gb[t] = v * cs.x - u * cs.y;
+      }
+    }
+    const T* x = in + token * in_stride + int64_t(h) * dh;
+    T* dx = din + token * in_stride + int64_t(h) * dh;
+    if (w == nullptr) {
+#pragma unroll
+      for (int t = 0; t < kMaxPairsPerLane; ++t) {
+        const int i = lane + 32 * t;
+        if (i < half) {
+          dx[i] = from_float<T>(ga[t]);
+          dx[i + half] = from_float<T>(gb[t]);
+        }
+      }
+      continue;
+    }
+    const float rs = rstd[task];
+    float xa[kMaxPairsPerLane], xb[kMaxPairsPerLane];
+    float dot = 0.f;
+#pragma unroll
+    for (int t = 0; t < kMaxPairsPerLane; ++t) {
+      const int i = lane + 32 * t;
+      xa[t] = i < half ? to_float(x[i]) * rs : 0.f;  // xhat
+      xb[t] = i < half ? to_float(x[i + half]) * rs : 0.f;
+      if (i < half) dot += ga[t] * w[i] * xa[t] + gb[t] * w[i + half] * xb[t];
+    }
+    const float mean = warp_sum(dot) / dh;
+#pragma unroll
+    for (int t = 0; t < kMaxPairsPerLane; ++t) {
+      const int i = lane + 32 * t;
+      if (i < half) {
+        dx[i] = from_float<T>(rs * (ga[t] * w[i] - xa[t] * mean));
+        dx[i + half] = from_float<T>(rs * (gb[t] * w[i + half] - xb[t] * mean));
+        dwa[t] += ga[t] * xa[t];
+        dwb[t] += gb[t] * xb[t];
+      }
+    }
+  }
+  if (w == nullptr) return;
+  float* p = partial + warp_id * dh;
+#pragma unroll
+  for (int t = 0; t < kMaxPairsPerLane; ++t) {
+    const int i = lane + 32 * t;
+    if (i < half) {
+      p[i] = dwa[t];
+      p[i + half] = dwb[t];
+    }
+  }
+}
+
+__global__ void reduce_rows_kernel(const float* __restrict__ partial, int64_t rows, int d, float* __restrict__ dw,
+                                   bool accumulate) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= d) return;
+  float s = 0.f;
+  for (int64_t r = 0; r < rows; ++r) s += partial[r * d + i];
+  dw[i] = accumulate ? dw[i] + s : s;
+}
+
+}  // namespace
+
+cudaError_t launch_rope_table(float2* table, int seq, int head_dim, int64_t offset, double theta,
+                              cudaStream_t stream) {
+  const int64_t n = int64_t(seq) * (head_dim / 2);
+  if (n == 0) return cudaSuccess;
+  rope_table_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(table, seq, head_dim / 2, offset, theta, head_dim);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_qknorm_rope_fwd(const T* in, int64_t in_stride, T* out, float* rstd, const float* norm_w,
+                                   const float2* table, int64_t tokens, int seq, int heads, int head_dim, float eps,
+                                   cudaStream_t stream) {
+  const int64_t tasks = tokens * heads;
+  if (tasks == 0) return cudaSuccess;
+  qknorm_rope_fwd_kernel<T><<<ceil_div(tasks, kWarps), 32 * kWarps, 0, stream>>>(
+      in, in_stride, out, rstd, norm_w, table, tokens, seq, heads, head_dim, eps);
+  return cudaGetLastError();
+}
+
+int64_t qknorm_rope_bwd_workspace_floats(int head_dim) { return int64_t(kBwdBlocks) * kWarps * head_dim; }
+
+template <class T>
+cudaError_t launch_qknorm_rope_bwd(const float* dout, const T* in, int64_t in_stride, const float* rstd,
+                                   const float* norm_w, const float2* table, T* din, float* dw, bool accumulate,
+                                   float* workspace, int64_t tokens, int seq, int heads, int head_dim,
+                                   cudaStream_t stream) {
+  const int64_t tasks = tokens * heads;
+  if (tasks == 0) return cudaSuccess;
+  qknorm_rope_bwd_kernel<T><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w, table, din,
+                                                                    workspace, tokens, seq, heads, head_dim);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || norm_w == nullptr) return e;
+  reduce_rows_kernel<<<ceil_div(head_dim, 128), 128, 0, stream>>>(workspace, int64_t(kBwdBlocks) * kWarps, head_dim,
+                                                                  dw, accumulate);
+  return cudaGetLastError();
+}
+
+#define BLOCKD_INSTANTIATE_ROPE(T)                                                                                 \
+  template cudaError_t launch_qknorm_rope_fwd<T>(const T*, int64_t, T*, float*, const float*, const float2*,       \
+                                                 int64_t, int, int, int, float, cudaStream_t);                    \
+  template cudaError_t launch_qknorm_rope_bwd<T>(const float*, const T*, int64_t, const float*, const float*,      \
+                                                 const float2*, T*, float*, bool, float*, int64_t, int, int, int, \
+                                                 cudaStream_t);
+BLOCKD_INSTANTIATE_ROPE(float)
+BLOCKD_INSTANTIATE_ROPE(__nv_bfloat16)
+
+}  // namespace blockd::kernels

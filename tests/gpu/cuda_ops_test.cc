@@ -1,0 +1,406 @@
+// Every CUDA kernel against the CPU ops run in float64 (engine/cpu/ops.h), on fresh random data.
+// Tolerances: fp32 paths elementwise rtol 1e-5 (atol = rtol * rms); bf16 paths norm-wise, bounds
+// derived from bf16's unit roundoff u = 2^-8 = 3.9e-3 and stated at each test.
+#include <cuda_bf16.h>
+
+#include <cstring>
+
+#include "engine/cpu/ops.h"
+#include "engine/dtype.h"
+#include "kernels/adamw.cuh"
+#include "kernels/attention.cuh"
+#include "kernels/convert.cuh"
+#include "kernels/gemm.h"
+#include "kernels/rmsnorm.cuh"
+#include "kernels/rope.cuh"
+#include "kernels/swiglu.cuh"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace blockd::testing {
+namespace {
+
+using bf16 = __nv_bfloat16;
+constexpr double kFp32Rtol = 1e-5;
+
+std::vector<bf16> ToBf16(const std::vector<float>& v) {
+  std::vector<bf16> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    const uint16_t h = Float32ToBFloat16(v[i]);
+    std::memcpy(static_cast<void*>(&out[i]), &h, 2);
+  }
+  return out;
+}
+
+std::vector<float> FromBf16(const std::vector<bf16>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    uint16_t h;
+    std::memcpy(&h, static_cast<const void*>(&v[i]), 2);
+    out[i] = BFloat16ToFloat32(h);
+  }
+  return out;
+}
+
+// Rounds through bf16, as the kernels see bf16 inputs.
+std::vector<float> RoundBf16(const std::vector<float>& v) { return FromBf16(ToBf16(v)); }
+
+class RmsNormTest : public ::testing::TestWithParam<std::tuple<int, int>> {};
+
+TEST_P(RmsNormTest, ForwardAndBackwardMatchFloat64) {
+  SKIP_WITHOUT_GPU();
+  const auto [rows, d] = GetParam();
+  const double eps = 1e-6;
+  auto x = RandomNormal(size_t(rows) * d, 1, 1.5f, 0.3f);
+  auto w = RandomNormal(d, 2, 0.2f, 1.f);
+  auto dy = RandomNormal(size_t(rows) * d, 3);
+  auto res = RandomNormal(size_t(rows) * d, 4);
+  auto dw0 = RandomNormal(d, 5);
+  // float64 reference
+  std::vector<double> xd(x.begin(), x.end()), wd(w.begin(), w.end()), dyd(dy.begin(), dy.end());
+  std::vector<double> y_ref(x.size()), rstd_ref(rows), dx_ref(res.begin(), res.end()), dw_ref(dw0.begin(), dw0.end());
+  cpu::RmsNormForward(xd.data(), wd.data(), rows, d, eps, y_ref.data(), rstd_ref.data());
+  cpu::RmsNormBackward(dyd.data(), xd.data(), wd.data(), rstd_ref.data(), rows, d, dx_ref.data(), dw_ref.data());
+
+  DeviceArray<float> dx_(x), dw_(w), drstd(rows), dy_(dy), dres(res), ddx(x.size()), ddw(dw0);
+  DeviceArray<float> dws(kernels::rmsnorm_bwd_workspace_floats(d));
+  DeviceArray<float> y32(x.size());
+  DeviceArray<bf16> y16(x.size());
+  y32.Poison();
+  ddx.Poison();
+  CUDA_ASSERT(kernels::launch_rmsnorm_fwd<float>(dx_.get(), dw_.get(), y32.get(), drstd.get(), rows, d, eps, 0));
+  CUDA_ASSERT(kernels::launch_rmsnorm_fwd<bf16>(dx_.get(), dw_.get(), y16.get(), drstd.get(), rows, d, eps, 0));
+  CUDA_ASSERT(kernels::launch_rmsnorm_bwd(dy_.get(), dx_.get(), dw_.get(), drstd.get(), dres.get(), ddx.get(), ddw.get(),
+                                          /*accumulate_dw=*/true, dws.get(), rows, d, 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  ExpectClose("rmsnorm y fp32", y32.Download(), y_ref, kFp32Rtol);
+  ExpectClose("rmsnorm rstd", drstd.Download(), rstd_ref, kFp32Rtol);
+  // One rounding to bf16 of each output: norm-wise <= u.
+  ExpectNormClose("rmsnorm y bf16", FromBf16(y16.Download()), y_ref, 3.9e-3);
+  ExpectClose("rmsnorm dx (+ residual)", ddx.Download(), dx_ref, kFp32Rtol);
+  ExpectClose("rmsnorm dw (accumulated)", ddw.Download(), dw_ref, kFp32Rtol);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, RmsNormTest,
+                         ::testing::Values(std::make_tuple(1, 64), std::make_tuple(37, 1000),
+                                           std::make_tuple(300, 4096), std::make_tuple(1000, 24)));
+
+class RopeTest : public ::testing::TestWithParam<std::tuple<int, bool, int64_t>> {};
+
+TEST_P(RopeTest, QkNormRopeForwardAndBackwardMatchFloat64) {
+  SKIP_WITHOUT_GPU();
+  const auto [dh, qk_norm, offset] = GetParam();
+  const int batch = 2, seq = 19, heads = 3;
+  const int64_t tokens = int64_t(batch) * seq, stride = heads * dh + 40;  // a part inside a wider row
+  const double eps = 1e-6, theta = 1e6;
+  auto in = RandomNormal(tokens * stride, 11, 2.f);
+  auto w = RandomNormal(dh, 12, 0.3f, 1.f);
+  auto dout = RandomNormal(tokens * heads * dh, 13);
+  auto dw0 = RandomNormal(dh, 14);
+  // Reference: gather the part, norm per head, rotate (float64).
+  std::vector<double> x(tokens * heads * dh);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int i = 0; i < heads * dh; ++i) x[t * heads * dh + i] = in[t * stride + i];
+  }
+  std::vector<double> wd(w.begin(), w.end()), y(x.size()), rstd(tokens * heads);
+  if (qk_norm) {
+    cpu::RmsNormForward(x.data(), wd.data(), tokens * heads, dh, eps, y.data(), rstd.data());
+  } else {
+    y = x;
+  }
+  cpu::RopeForward(y.data(), batch, seq, heads, dh, offset, theta);
+  std::vector<double> g(dout.begin(), dout.end());
+  cpu::RopeBackward(g.data(), batch, seq, heads, dh, offset, theta);
+  std::vector<double> dx_ref(x.size(), 0.0), dw_ref(dw0.begin(), dw0.end());
+  if (qk_norm) {
+    cpu::RmsNormBackward(g.data(), x.data(), wd.data(), rstd.data(), tokens * heads, dh, dx_ref.data(), dw_ref.data());
+  } else {
+    dx_ref = g;
+  }
+
+  DeviceArray<float> din(in), dwv(w), ddout(dout), ddw(dw0), dout_y(tokens * heads * dh), drstd(tokens * heads);
+  DeviceArray<float2> table(seq * dh / 2);
+  DeviceArray<float> ddin(tokens * stride), ws(kernels::qknorm_rope_bwd_workspace_floats(dh));
+  dout_y.Poison();
+  ddin.Poison();
+  CUDA_ASSERT(kernels::launch_rope_table(table.get(), seq, dh, offset, theta, 0));
+  CUDA_ASSERT(kernels::launch_qknorm_rope_fwd<float>(din.get(), stride, dout_y.get(), drstd.get(),
+                                                     qk_norm ? dwv.get() : nullptr, table.get(), tokens, seq, heads, dh,
+                                                     eps, 0));
+  CUDA_ASSERT(kernels::launch_qknorm_rope_bwd<float>(ddout.get(), din.get(), stride, drstd.get(),
+                                                     qk_norm ? dwv.get() : nullptr, table.get(), ddin.get(), ddw.get(),
+                                                     /*accumulate=*/true, ws.get(), tokens, seq, heads, dh, 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  ExpectClose("rope y", dout_y.Download(), y, kFp32Rtol);
+  const auto dfull = ddin.Download();
+  std::vector<float> dx(x.size());
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int i = 0; i < heads * dh; ++i) dx[t * heads * dh + i] = dfull[t * stride + i];
+  }
+  ExpectClose("rope dx", dx, dx_ref, kFp32Rtol);
+  if (qk_norm) ExpectClose("qk-norm dw (accumulated)", ddw.Download(), dw_ref, kFp32Rtol);
+}
+
+INSTANTIATE_TEST_SUITE_P(Configs, RopeTest,
+                         ::testing::Values(std::make_tuple(64, true, int64_t{0}), std::make_tuple(128, true, int64_t{5000}),
+                                           std::make_tuple(128, false, int64_t{3}), std::make_tuple(32, true, int64_t{1}),
+                                           std::make_tuple(256, false, int64_t{100000})));
+
+TEST(SwiGluTest, ForwardAndBackwardMatchFloat64) {
+  SKIP_WITHOUT_GPU();
+  const int64_t tokens = 33, f = 517;
+  auto gu = RandomNormal(tokens * 2 * f, 21, 2.f);
+  auto dh = RandomNormal(tokens * f, 22);
+  std::vector<double> g(tokens * f), u(tokens * f), dhd(dh.begin(), dh.end());
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t c = 0; c < f; ++c) {
+      g[t * f + c] = gu[t * 2 * f + c];
+      u[t * f + c] = gu[t * 2 * f + f + c];
+    }
+  }
+  std::vector<double> h_ref(tokens * f), dg_ref(tokens * f), du_ref(tokens * f);
+  cpu::SwiGluForward(g.data(), u.data(), tokens * f, h_ref.data());
+  cpu::SwiGluBackward(dhd.data(), g.data(), u.data(), tokens * f, dg_ref.data(), du_ref.data());
+  std::vector<double> dgu_ref(tokens * 2 * f);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t c = 0; c < f; ++c) {
+      dgu_ref[t * 2 * f + c] = dg_ref[t * f + c];
+      dgu_ref[t * 2 * f + f + c] = du_ref[t * f + c];
+    }
+  }
+  DeviceArray<float> dgu(gu), ddh(dh), h(tokens * f), dgu_out(tokens * 2 * f);
+  h.Poison();
+  dgu_out.Poison();
+  CUDA_ASSERT(kernels::launch_swiglu_fwd<float>(dgu.get(), h.get(), tokens, f, 0));
+  CUDA_ASSERT(kernels::launch_swiglu_bwd<float>(ddh.get(), dgu.get(), dgu_out.get(), tokens, f, 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  ExpectClose("swiglu h", h.Download(), h_ref, kFp32Rtol);
+  ExpectClose("swiglu dgate|dup", dgu_out.Download(), dgu_ref, kFp32Rtol);
+  // bf16 storage: inputs rounded to bf16, each output rounded once: norm-wise <= 2u.
+  const auto gu16 = RoundBf16(gu);
+  DeviceArray<bf16> bgu(ToBf16(gu16)), bh(tokens * f);
+  CUDA_ASSERT(kernels::launch_swiglu_fwd<bf16>(bgu.get(), bh.get(), tokens, f, 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  std::vector<double> g16(tokens * f), u16(tokens * f), h16(tokens * f);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t c = 0; c < f; ++c) {
+      g16[t * f + c] = gu16[t * 2 * f + c];
+      u16[t * f + c] = gu16[t * 2 * f + f + c];
+    }
+  }
+  cpu::SwiGluForward(g16.data(), u16.data(), tokens * f, h16.data());
+  ExpectNormClose("swiglu h bf16", FromBf16(bh.Download()), h16, 2 * 3.9e-3);
+}
+
+struct AttentionCase {
+  int batch, seq, heads, kv_heads, dh;
+};
+
+class AttentionTest : public ::testing::TestWithParam<AttentionCase> {};
+
+TEST_P(AttentionTest, ForwardAndBackwardMatchFloat64) {
+  SKIP_WITHOUT_GPU();
+  const AttentionCase c = GetParam();
+  const int64_t tokens = int64_t(c.batch) * c.seq, qd = int64_t(c.heads) * c.dh, kvd = int64_t(c.kv_heads) * c.dh;
+  const double scale = 1.0 / std::sqrt(double(c.dh));
+  auto q = RandomNormal(tokens * qd, 31, 1.5f);
+  auto k = RandomNormal(tokens * kvd, 32, 1.5f);
+  auto v_wide = RandomNormal(tokens * (kvd + 16), 33);  // v sits inside wider rows
+  auto d_o = RandomNormal(tokens * qd, 34);
+  std::vector<double> qd_(q.begin(), q.end()), kd(k.begin(), k.end()), vd(tokens * kvd), dod(d_o.begin(), d_o.end());
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t i = 0; i < kvd; ++i) vd[t * kvd + i] = v_wide[t * (kvd + 16) + i];
+  }
+  std::vector<double> o_ref(tokens * qd), lse_ref(int64_t(c.batch) * c.heads * c.seq);
+  cpu::AttentionForward(qd_.data(), kd.data(), vd.data(), c.batch, c.seq, c.heads, c.kv_heads, c.dh, scale,
+                        o_ref.data(), lse_ref.data());
+  std::vector<double> dq_ref(tokens * qd), dk_ref(tokens * kvd), dv_ref(tokens * kvd);
+  cpu::AttentionBackward(qd_.data(), kd.data(), vd.data(), o_ref.data(), lse_ref.data(), dod.data(), c.batch, c.seq,
+                         c.heads, c.kv_heads, c.dh, scale, dq_ref.data(), dk_ref.data(), dv_ref.data());
+
+  DeviceArray<float> dq_in(q), dk_in(k), dv_in(v_wide), ddo(d_o), o(tokens * qd), lse(lse_ref.size());
+  DeviceArray<float> dq(tokens * qd), dk(tokens * kvd), dv(tokens * (kvd + 16)), delta(lse_ref.size());
+  o.Poison();
+  dq.Poison();
+  dk.Poison();
+  dv.Poison();
+  CUDA_ASSERT(kernels::launch_attention_fwd<float>(dq_in.get(), qd, dk_in.get(), kvd, dv_in.get(), kvd + 16, o.get(),
+                                                   qd, lse.get(), c.batch, c.seq, c.heads, c.kv_heads, c.dh, scale, 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  // Backward reads the reference o so that its inputs are exactly the CPU's.
+  std::vector<float> o_ref_f(o_ref.begin(), o_ref.end());
+  DeviceArray<float> do_ref(o_ref_f);
+  CUDA_ASSERT(kernels::launch_attention_bwd<float>(dq_in.get(), qd, dk_in.get(), kvd, dv_in.get(), kvd + 16,
+                                                   do_ref.get(), qd, lse.get(), ddo.get(), qd, dq.get(), dk.get(),
+                                                   dv.get(), kvd + 16, delta.get(), c.batch, c.seq, c.heads, c.kv_heads,
+                                                   c.dh, scale, 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  ExpectClose("attention o", o.Download(), o_ref, kFp32Rtol);
+  ExpectClose("attention lse", lse.Download(), lse_ref, kFp32Rtol);
+  ExpectClose("attention dq", dq.Download(), dq_ref, kFp32Rtol);
+  ExpectClose("attention dk", dk.Download(), dk_ref, kFp32Rtol);
+  const auto dv_wide = dv.Download();
+  std::vector<float> dv_got(tokens * kvd);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t i = 0; i < kvd; ++i) dv_got[t * kvd + i] = dv_wide[t * (kvd + 16) + i];
+  }
+  ExpectClose("attention dv", dv_got, dv_ref, kFp32Rtol);
+
+  // bf16 storage: inputs rounded first, so the reference sees what the kernel sees; o is
+  // rounded once on output (<= u); fp32 softmax and accumulation inside.
+  const auto q16 = RoundBf16(q), k16 = RoundBf16(k), v16 = RoundBf16(v_wide);
+  std::vector<double> q16d(q16.begin(), q16.end()), k16d(k16.begin(), k16.end()), v16d(tokens * kvd);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t i = 0; i < kvd; ++i) v16d[t * kvd + i] = v16[t * (kvd + 16) + i];
+  }
+  std::vector<double> o16_ref(tokens * qd), lse16(lse_ref.size());
+  cpu::AttentionForward(q16d.data(), k16d.data(), v16d.data(), c.batch, c.seq, c.heads, c.kv_heads, c.dh, scale,
+                        o16_ref.data(), lse16.data());
+  DeviceArray<bf16> bq(ToBf16(q16)), bk(ToBf16(k16)), bv(ToBf16(v16)), bo(tokens * qd);
+  CUDA_ASSERT(kernels::launch_attention_fwd<bf16>(bq.get(), qd, bk.get(), kvd, bv.get(), kvd + 16, bo.get(), qd,
+                                                  lse.get(), c.batch, c.seq, c.heads, c.kv_heads, c.dh, scale, 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  ExpectNormClose("attention o bf16", FromBf16(bo.Download()), o16_ref, 3.9e-3);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
+                         ::testing::Values(AttentionCase{2, 37, 4, 2, 64}, AttentionCase{1, 128, 8, 2, 128},
+                                           AttentionCase{3, 5, 2, 2, 32}, AttentionCase{1, 300, 4, 1, 256},
+                                           AttentionCase{2, 64, 16, 8, 128}, AttentionCase{1, 1, 4, 4, 64}));
+
+TEST(AdamWTest, MatchesCpuUpdateAndSumSquares) {
+  SKIP_WITHOUT_GPU();
+  const int64_t n = 100003, decay_end = 70001;
+  auto p = RandomNormal(n, 41), g = RandomNormal(n, 42, 0.01f), m = RandomNormal(n, 43, 0.001f);
+  auto v = RandomNormal(n, 44, 1e-5f);
+  for (float& x : v) x = std::fabs(x);
+  std::vector<float> cp = p, cm = m, cv = v;
+  const double lr = 3e-4, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1;
+  const int64_t step = 7;
+  const float scale = 0.37f;
+  cpu::AdamWUpdate(cp.data(), g.data(), cm.data(), cv.data(), decay_end, lr, b1, b2, eps, wd, step, scale);
+  cpu::AdamWUpdate(cp.data() + decay_end, g.data() + decay_end, cm.data() + decay_end, cv.data() + decay_end,
+                   n - decay_end, lr, b1, b2, eps, 0.0, step, scale);
+  DeviceArray<float> dp(p), dg(g), dm(m), dv(v);
+  DeviceArray<bf16> dp16(n);
+  const kernels::AdamWDeviceParams hp = kernels::MakeAdamWParams(lr, b1, b2, eps, wd, step, scale, decay_end);
+  DeviceArray<kernels::AdamWDeviceParams> dhp(std::vector<kernels::AdamWDeviceParams>{hp});
+  CUDA_ASSERT(kernels::launch_adamw(dp.get(), dg.get(), dm.get(), dv.get(), dp16.get(), n, dhp.get(), 0));
+  DeviceArray<double> ws(kernels::sum_squares_workspace_doubles()), ss(1);
+  CUDA_ASSERT(kernels::launch_sum_squares(dg.get(), n, ws.get(), ss.get(), 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  // Same fp32 operations as the CPU; only fused multiply-adds may round differently (~1 ulp).
+  ExpectClose("adamw p", dp.Download(), ToDouble(cp), 1e-6);
+  ExpectClose("adamw m", dm.Download(), ToDouble(cm), 1e-6);
+  ExpectClose("adamw v", dv.Download(), ToDouble(cv), 1e-6);
+  ExpectNormClose("adamw bf16 copy", FromBf16(dp16.Download()), ToDouble(cp), 3.9e-3);
+  double ref = 0;
+  for (float x : g) ref += double(x) * x;
+  EXPECT_NEAR(ss.Download()[0], ref, 1e-12 * ref);
+}
+
+TEST(ConvertTest, WireConversionsRoundToNearestEvenAndCountNonFinite) {
+  SKIP_WITHOUT_GPU();
+  auto x = RandomNormal(4099, 51, 100.f);
+  x[0] = 1.00390625f;               // exactly halfway between two bf16 values: ties to even
+  x[1] = 1.01171875f;               // the other tie
+  x[2] = -0.f;
+  x[3] = 3.0e38f;
+  const size_t n = x.size();
+  DeviceArray<float> dx(x), back(n);
+  DeviceArray<uint16_t> wire(n);
+  CUDA_ASSERT(kernels::launch_from_float(dx.get(), kernels::kWireBFloat16, wire.get(), n, 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  const auto bits = wire.Download();
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits[i], Float32ToBFloat16(x[i])) << "element " << i << " = " << x[i];
+  DeviceArray<unsigned> bad(std::vector<unsigned>{0});
+  std::vector<uint16_t> with_nan = bits;
+  with_nan[5] = 0x7fc0;  // NaN
+  with_nan[9] = 0xff80;  // -inf
+  wire.Upload(with_nan);
+  CUDA_ASSERT(kernels::launch_to_float(kernels::kWireBFloat16, wire.get(), back.get(), n, bad.get(), 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  EXPECT_EQ(bad.Download()[0], 2u);
+  const auto f = back.Download();
+  for (size_t i = 10; i < n; ++i) ASSERT_EQ(f[i], BFloat16ToFloat32(bits[i])) << "element " << i;
+}
+
+// Row-major GEMM through cuBLASLt in each mode, all transposes, the residual as C != D.
+class GemmTest : public ::testing::TestWithParam<std::tuple<bool, bool>> {};
+
+TEST_P(GemmTest, ModesMatchFloat64AndFp32HasNoTf32) {
+  SKIP_WITHOUT_GPU();
+  const auto [ta, tb] = GetParam();
+  const int64_t m = 37, n = 53, k = 4096;
+  auto a = RandomNormal(m * k, 61), b = RandomNormal(k * n, 62), c = RandomNormal(m * n, 63);
+  // Reference in double: D = op(A) op(B) + C.
+  std::vector<double> ref(m * n);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double s = c[i * n + j];
+      for (int64_t l = 0; l < k; ++l) {
+        const double av = ta ? a[l * m + i] : a[i * k + l];
+        const double bv = tb ? b[j * k + l] : b[l * n + j];
+        s += av * bv;
+      }
+      ref[i * n + j] = s;
+    }
+  }
+  void* ws = nullptr;
+  CUDA_ASSERT(cudaMalloc(&ws, 32 << 20));
+  kernels::GemmContext ctx;
+  ASSERT_EQ(CUBLAS_STATUS_SUCCESS, ctx.Init(ws, 32 << 20));
+  DeviceArray<float> da(a), db(b), dc(c), dd(m * n);
+  const auto a16 = RoundBf16(a), b16 = RoundBf16(b);
+  DeviceArray<bf16> da16(ToBf16(a16)), db16(ToBf16(b16));
+  auto run = [&](kernels::GemmMode mode) {
+    kernels::GemmArgs g;
+    g.mode = mode;
+    g.trans_a = ta;
+    g.trans_b = tb;
+    g.m = m;
+    g.n = n;
+    g.k = k;
+    const bool half = mode == kernels::GemmMode::kBF16;
+    g.a = half ? static_cast<const void*>(da16.get()) : da.get();
+    g.lda = ta ? m : k;
+    g.b = half ? static_cast<const void*>(db16.get()) : db.get();
+    g.ldb = tb ? k : n;
+    g.beta = 1.f;
+    g.c = dc.get();
+    g.ldc = n;
+    g.d = dd.get();
+    g.ldd = n;
+    dd.Poison();
+    EXPECT_EQ(CUBLAS_STATUS_SUCCESS, ctx.Run(g, 0));
+    EXPECT_EQ(cudaSuccess, cudaDeviceSynchronize());
+    return dd.Download();
+  };
+  const auto fp32 = run(kernels::GemmMode::kFP32);
+  const auto tf32 = run(kernels::GemmMode::kTF32);
+  const auto bf = run(kernels::GemmMode::kBF16);
+  // fp32 over k = 4096: error ~ sqrt(k) * 2^-24 * |terms| ~ 4e-6 of the rms; tf32 (u = 2^-11)
+  // would be ~100x larger, so this bound also proves TF32 is off.
+  ExpectClose("gemm fp32", fp32, ref, kFp32Rtol);
+  const Comparison c32 = Compare(fp32, ref, 1.0), ctf = Compare(tf32, ref, 1.0);
+  EXPECT_GT(ctf.norm_rel, 10 * c32.norm_rel) << "TF32 mode should be visibly less precise than FP32";
+  ExpectNormClose("gemm tf32", tf32, ref, 2e-3);  // inputs rounded to tf32: u = 4.9e-4 each
+  std::vector<double> ref16(m * n);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double s = c[i * n + j];
+      for (int64_t l = 0; l < k; ++l) {
+        s += double(ta ? a16[l * m + i] : a16[i * k + l]) * double(tb ? b16[j * k + l] : b16[l * n + j]);
+      }
+      ref16[i * n + j] = s;
+    }
+  }
+  ExpectClose("gemm bf16 (of bf16-rounded inputs)", bf, ref16, kFp32Rtol);
+  cudaFree(ws);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transposes, GemmTest,
+                         ::testing::Values(std::make_tuple(false, false), std::make_tuple(false, true),
+                                           std::make_tuple(true, false), std::make_tuple(true, true)));
+
+}  // namespace
+}  // namespace blockd::testing

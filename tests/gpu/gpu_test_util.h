@@ -1,0 +1,121 @@
+// Helpers for the gpu tests: skipping without a GPU, device buffers, random data, and the
+// comparison every test uses (elementwise atol + rtol*|ref| with atol = rtol * rms(ref), plus the
+// norm-wise relative error), reporting the tensor, the worst element and both errors.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+
+namespace blockd::testing {
+
+#define SKIP_WITHOUT_GPU()                                                   \
+  do {                                                                       \
+    int n_ = 0;                                                              \
+    if (cudaGetDeviceCount(&n_) != cudaSuccess || n_ == 0) {                 \
+      cudaGetLastError();                                                    \
+      GTEST_SKIP() << "no CUDA device";                                      \
+    }                                                                        \
+  } while (0)
+
+#define CUDA_ASSERT(expr) ASSERT_EQ(cudaSuccess, (expr)) << #expr << ": " << cudaGetErrorString(cudaGetLastError())
+
+inline std::vector<float> RandomNormal(size_t n, uint64_t seed, float scale = 1.f, float mean = 0.f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(mean, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+struct Comparison {
+  double norm_rel = 0;      // ||got - ref|| / ||ref||
+  double worst_ratio = 0;   // max_i |got_i - ref_i| / (atol + rtol |ref_i|)
+  size_t worst_index = 0;
+  double worst_got = 0, worst_ref = 0;
+};
+
+inline Comparison Compare(const std::vector<float>& got, const std::vector<double>& ref, double rtol) {
+  Comparison c;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    num += (got[i] - ref[i]) * (got[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  c.norm_rel = std::sqrt(num / std::max(den, 1e-300));
+  const double atol = rtol * std::sqrt(den / std::max<size_t>(ref.size(), 1));
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double bound = atol + rtol * std::fabs(ref[i]);
+    const double ratio = std::isfinite(got[i]) ? std::fabs(got[i] - ref[i]) / bound : INFINITY;
+    if (ratio > c.worst_ratio || !std::isfinite(ratio)) {
+      c.worst_ratio = ratio;
+      c.worst_index = i;
+      c.worst_got = got[i];
+      c.worst_ref = ref[i];
+    }
+  }
+  return c;
+}
+
+inline std::string Describe(const std::string& what, const Comparison& c) {
+  return absl::StrFormat("%s: norm-wise rel err %.3g, worst element [%d] got %.9g ref %.9g (%.3g x its bound)",
+                         what, c.norm_rel, c.worst_index, c.worst_got, c.worst_ref, c.worst_ratio);
+}
+
+// Elementwise: |got - ref| <= rtol * (rms(ref) + |ref|) everywhere. Records the errors as test properties.
+inline void ExpectClose(const std::string& what, const std::vector<float>& got, const std::vector<double>& ref,
+                        double rtol) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  const Comparison c = Compare(got, ref, rtol);
+  ::testing::Test::RecordProperty(what, absl::StrFormat("%.3g", c.norm_rel));
+  std::printf("  %-48s norm rel %.3g  worst/bound %.3g\n", what.c_str(), c.norm_rel, c.worst_ratio);
+  EXPECT_LE(c.worst_ratio, 1.0) << Describe(what, c) << " (rtol " << rtol << ")";
+}
+
+// Norm-wise only: ||got - ref|| / ||ref|| <= bound (for reduced precisions).
+inline void ExpectNormClose(const std::string& what, const std::vector<float>& got, const std::vector<double>& ref,
+                            double bound) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  const Comparison c = Compare(got, ref, 1.0);
+  ::testing::Test::RecordProperty(what, absl::StrFormat("%.3g", c.norm_rel));
+  std::printf("  %-48s norm rel %.3g (bound %.3g)\n", what.c_str(), c.norm_rel, bound);
+  bool finite = true;
+  for (float g : got) finite = finite && std::isfinite(g);
+  EXPECT_TRUE(finite) << what << " has non-finite values";
+  EXPECT_LE(c.norm_rel, bound) << Describe(what, c);
+}
+
+inline std::vector<double> ToDouble(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+// A device buffer for tests.
+template <class T>
+class DeviceArray {
+ public:
+  explicit DeviceArray(size_t n) : n_(n) {
+    if (cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T)) != cudaSuccess) p_ = nullptr;
+  }
+  DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) { Upload(host); }
+  ~DeviceArray() { cudaFree(p_); }
+  DeviceArray(const DeviceArray&) = delete;
+  T* get() const { return p_; }
+  void Upload(const std::vector<T>& host) { cudaMemcpy(p_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice); }
+  std::vector<T> Download() const {
+    std::vector<T> h(n_);
+    cudaMemcpy(h.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost);
+    return h;
+  }
+  // Poison: every element a NaN pattern, so unwritten outputs show.
+  void Poison() { cudaMemset(p_, 0xff, n_ * sizeof(T)); }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_;
+};
+
+}  // namespace blockd::testing
