@@ -1,6 +1,7 @@
 // Whole blocks on the CUDA backend against the CPU backend (the oracle): forward, backward (the
 // input gradient and every weight gradient, written then accumulated) and three AdamW steps, for
-// small random configs and the Qwen3-0.6B layer at seq 2048; spans through the Engine; device
+// small random configs and the Qwen3-0.6B layer at seq 2048 (AdamW given identical gradients, see
+// below); spans through the Engine; device
 // memory flat over 1000 cycles; allocation failures as RESOURCE_EXHAUSTED; sticky errors.
 //
 // Bounds: FP32 elementwise rtol 1e-5 (atol = rtol * rms). TF32 norm-wise 8 u_tf32 = 4e-3 and
@@ -22,15 +23,15 @@ namespace blockd::testing {
 namespace {
 
 struct Bounds {
-  double out, grad, step;  // norm-wise, or elementwise rtol for FP32
+  double out, grad;  // norm-wise, or elementwise rtol for FP32
   bool elementwise;
 };
 
 Bounds BoundsFor(Precision p) {
   switch (p) {
-    case Precision::kFP32: return {1e-5, 1e-5, 1e-5, true};
-    case Precision::kTF32: return {4e-3, 8e-3, 8e-3, false};
-    case Precision::kBF16: return {3.1e-2, 6e-2, 6e-2, false};
+    case Precision::kFP32: return {1e-5, 1e-5, true};
+    case Precision::kTF32: return {4e-3, 8e-3, false};
+    case Precision::kBF16: return {3.1e-2, 6e-2, false};
   }
   return {};
 }
@@ -161,6 +162,14 @@ TEST_P(BlockParityTest, ForwardBackwardAndStepsMatchCpu) {
   ASSERT_TRUE(nc.ok() && ng.ok());
   EXPECT_NEAR(std::sqrt(*ng), std::sqrt(*nc), (bounds.elementwise ? 1e-5 : bounds.grad) * std::sqrt(*nc));
 
+  // AdamW runs in fp32 in every precision. Adam divides by sqrt(v) ~ |g|, so an element whose
+  // gradient is within rounding of zero gets an update of either sign; comparing updates made from
+  // the two backends' own gradients would measure that, not the optimizer. So the GPU block gets
+  // the CPU block's gradients, and three steps must then agree to fp32 rounding in every mode.
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto grad = ReadAll(c, TensorKind::kGradients, params[i], int(i));
+    ASSERT_TRUE(g.WriteTensor(TensorKind::kGradients, int(i), grad.data()).ok());
+  }
   AdamWHyper h;
   h.lr = 1e-3;
   h.weight_decay = 0.1;
@@ -169,21 +178,18 @@ TEST_P(BlockParityTest, ForwardBackwardAndStepsMatchCpu) {
     ASSERT_TRUE(g.AdamWStep({h, step, 0.5f}).ok());
   }
   for (size_t i = 0; i < params.size(); ++i) {
-    // Compare what the steps changed, not the weights (which barely move).
+    // What the steps changed (weights barely move, so comparing them would prove little).
     std::vector<float> dw_c = ReadAll(c, TensorKind::kWeights, params[i], int(i));
     std::vector<float> dw_g = ReadAll(g, TensorKind::kWeights, params[i], int(i));
     for (size_t e = 0; e < dw_c.size(); ++e) {
       dw_c[e] -= weights[i][e];
       dw_g[e] -= weights[i][e];
     }
-    // The update is lr * m / sqrt(v): with fp32 gradients it matches to the gradients' precision,
-    // but where v is tiny the ratio amplifies rounding, so fp32 is compared norm-wise at 1e-5.
-    ExpectNormClose("3-step update " + params[i].name, dw_g, ToDouble(dw_c),
-                    bounds.elementwise ? 1e-5 : bounds.step);
-    Check("adam_m " + params[i].name, ReadAll(g, TensorKind::kAdamM, params[i], int(i)),
-          ReadAll(c, TensorKind::kAdamM, params[i], int(i)), bounds.grad, bounds.elementwise);
-    Check("adam_v " + params[i].name, ReadAll(g, TensorKind::kAdamV, params[i], int(i)),
-          ReadAll(c, TensorKind::kAdamV, params[i], int(i)), 2 * bounds.grad, bounds.elementwise);
+    ExpectClose("3-step update " + params[i].name, dw_g, ToDouble(dw_c), 1e-5);
+    ExpectClose("adam_m " + params[i].name, ReadAll(g, TensorKind::kAdamM, params[i], int(i)),
+                ToDouble(ReadAll(c, TensorKind::kAdamM, params[i], int(i))), 1e-5);
+    ExpectClose("adam_v " + params[i].name, ReadAll(g, TensorKind::kAdamV, params[i], int(i)),
+                ToDouble(ReadAll(c, TensorKind::kAdamV, params[i], int(i))), 1e-5);
   }
 }
 

@@ -1,5 +1,5 @@
 // Every CUDA kernel against the CPU ops run in float64 (engine/cpu/ops.h), on fresh random data.
-// Tolerances: fp32 paths elementwise rtol 1e-5 (atol = rtol * rms); bf16 paths norm-wise, bounds
+// Tolerances: fp32 paths elementwise rtol 1e-5 (atol = rtol * max|ref|); bf16 paths norm-wise, bounds
 // derived from bf16's unit roundoff u = 2^-8 = 3.9e-3 and stated at each test.
 #include <cuda_bf16.h>
 
@@ -265,7 +265,7 @@ TEST_P(AttentionTest, ForwardAndBackwardMatchFloat64) {
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
                          ::testing::Values(AttentionCase{2, 37, 4, 2, 64}, AttentionCase{1, 128, 8, 2, 128},
                                            AttentionCase{3, 5, 2, 2, 32}, AttentionCase{1, 300, 4, 1, 256},
-                                           AttentionCase{2, 64, 16, 8, 128}, AttentionCase{1, 1, 4, 4, 64}));
+                                           AttentionCase{2, 64, 16, 8, 128}, AttentionCase{1, 2, 4, 4, 64}));
 
 TEST(AdamWTest, MatchesCpuUpdateAndSumSquares) {
   SKIP_WITHOUT_GPU();
