@@ -1,6 +1,9 @@
 #include <cmath>
 
+#include <type_traits>
+
 #include "kernels/attention.cuh"
+#include "kernels/attention_mma.cuh"
 #include "kernels/common.cuh"
 
 namespace blockd::kernels {
@@ -272,9 +275,9 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(
 }  // namespace
 
 template <class T>
-cudaError_t launch_attention_fwd(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
-                                 int64_t v_stride, T* o, int64_t o_stride, float* lse, int batch, int seq, int heads,
-                                 int kv_heads, int head_dim, float scale, cudaStream_t stream) {
+cudaError_t launch_attention_fwd_simt(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
+                                      int64_t v_stride, T* o, int64_t o_stride, float* lse, int batch, int seq,
+                                      int heads, int kv_heads, int head_dim, float scale, cudaStream_t stream) {
   if (head_dim > kAttentionMaxHeadDim || heads % kv_heads != 0) return cudaErrorInvalidValue;
   if (batch == 0 || seq == 0) return cudaSuccess;
   const size_t smem = sizeof(float) * (kTile * head_dim + kChunk * (head_dim + 1) + kChunk * head_dim);
@@ -288,11 +291,11 @@ cudaError_t launch_attention_fwd(const T* q, int64_t q_stride, const T* k, int64
 }
 
 template <class T>
-cudaError_t launch_attention_bwd(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
-                                 int64_t v_stride, const T* o, int64_t o_stride, const float* lse, const T* d_o,
-                                 int64_t do_stride, float* dq, float* dk, T* dv, int64_t dv_stride, float* delta,
-                                 int batch, int seq, int heads, int kv_heads, int head_dim, float scale,
-                                 cudaStream_t stream) {
+cudaError_t launch_attention_bwd_simt(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
+                                      int64_t v_stride, const T* o, int64_t o_stride, const float* lse, const T* d_o,
+                                      int64_t do_stride, float* dq, float* dk, T* dv, int64_t dv_stride, float* delta,
+                                      int batch, int seq, int heads, int kv_heads, int head_dim, float scale,
+                                      cudaStream_t stream) {
   if (head_dim > kAttentionMaxHeadDim || heads % kv_heads != 0) return cudaErrorInvalidValue;
   if (batch == 0 || seq == 0) return cudaSuccess;
   const int64_t tokens = int64_t(batch) * seq;
@@ -320,7 +323,50 @@ cudaError_t launch_attention_bwd(const T* q, int64_t q_stride, const T* k, int64
   return cudaGetLastError();
 }
 
+template <class T>
+cudaError_t launch_attention_fwd(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
+                                 int64_t v_stride, T* o, int64_t o_stride, float* lse, int batch, int seq, int heads,
+                                 int kv_heads, int head_dim, float scale, cudaStream_t stream) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    if (attention_mma_supports(head_dim) && heads % kv_heads == 0) {
+      if (batch == 0 || seq == 0) return cudaSuccess;
+      return launch_attention_fwd_mma(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, batch, seq, heads,
+                                      kv_heads, head_dim, scale, stream);
+    }
+  }
+  return launch_attention_fwd_simt(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, batch, seq, heads,
+                                   kv_heads, head_dim, scale, stream);
+}
+
+template <class T>
+cudaError_t launch_attention_bwd(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
+                                 int64_t v_stride, const T* o, int64_t o_stride, const float* lse, const T* d_o,
+                                 int64_t do_stride, float* dq, float* dk, T* dv, int64_t dv_stride, float* delta,
+                                 int batch, int seq, int heads, int kv_heads, int head_dim, float scale,
+                                 cudaStream_t stream) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    if (attention_mma_supports(head_dim) && heads % kv_heads == 0) {
+      if (batch == 0 || seq == 0) return cudaSuccess;
+      const int64_t tokens = int64_t(batch) * seq;
+      attention_delta_kernel<T><<<ceil_div(tokens * heads, 8), 256, 0, stream>>>(o, o_stride, d_o, do_stride, delta,
+                                                                                  tokens, seq, heads, head_dim);
+      cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+      return launch_attention_bwd_mma(q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv,
+                                      dv_stride, batch, seq, heads, kv_heads, head_dim, scale, stream);
+    }
+  }
+  return launch_attention_bwd_simt(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, d_o, do_stride, dq, dk,
+                                   dv, dv_stride, delta, batch, seq, heads, kv_heads, head_dim, scale, stream);
+}
+
 #define BLOCKD_INSTANTIATE_ATTENTION(T)                                                                          \
+  template cudaError_t launch_attention_fwd_simt<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t, T*, \
+                                                    int64_t, float*, int, int, int, int, int, float, cudaStream_t); \
+  template cudaError_t launch_attention_bwd_simt<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t,     \
+                                                    const T*, int64_t, const float*, const T*, int64_t, float*,  \
+                                                    float*, T*, int64_t, float*, int, int, int, int, int, float, \
+                                                    cudaStream_t);                                              \
   template cudaError_t launch_attention_fwd<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t, T*,      \
                                                int64_t, float*, int, int, int, int, int, float, cudaStream_t);   \
   template cudaError_t launch_attention_bwd<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t,          \

@@ -1,5 +1,7 @@
 // Causal grouped-query attention, forward and backward, flash-style: the [seq, seq] scores of a
-// head are never stored; forward keeps the log-sum-exp per row and backward recomputes the
+// head are never stored. bf16 activations with head_dim 64 or 128 run on tensor cores
+// (attention_mma.cu); the rest on the SIMT kernels here. In both,
+// forward keeps the log-sum-exp per row and backward recomputes the
 // probabilities from it. Query head h reads kv head h / (heads / kv_heads). fp32 arithmetic,
 // activations stored as T (float or bf16). Rows are tokens of [batch, seq]; a tensor's heads sit
 // side by side in a row, `*_stride` elements apart from one token to the next.
@@ -30,5 +32,18 @@ cudaError_t launch_attention_bwd(const T* q, int64_t q_stride, const T* k, int64
                                  int64_t do_stride, float* dq, float* dk, T* dv, int64_t dv_stride, float* delta,
                                  int batch, int seq, int heads, int kv_heads, int head_dim, float scale,
                                  cudaStream_t stream);
+
+// The SIMT kernels behind the two launchers above, for any head_dim up to 256 (the launchers use
+// them for fp32 activations and for head dims the tensor-core kernels do not cover).
+template <class T>
+cudaError_t launch_attention_fwd_simt(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
+                                      int64_t v_stride, T* o, int64_t o_stride, float* lse, int batch, int seq,
+                                      int heads, int kv_heads, int head_dim, float scale, cudaStream_t stream);
+template <class T>
+cudaError_t launch_attention_bwd_simt(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
+                                      int64_t v_stride, const T* o, int64_t o_stride, const float* lse, const T* d_o,
+                                      int64_t do_stride, float* dq, float* dk, T* dv, int64_t dv_stride, float* delta,
+                                      int batch, int seq, int heads, int kv_heads, int head_dim, float scale,
+                                      cudaStream_t stream);
 
 }  // namespace blockd::kernels

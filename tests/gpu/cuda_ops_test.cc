@@ -9,6 +9,7 @@
 #include "engine/dtype.h"
 #include "kernels/adamw.cuh"
 #include "kernels/attention.cuh"
+#include "kernels/attention_mma.cuh"
 #include "kernels/convert.cuh"
 #include "kernels/gemm.h"
 #include "kernels/rmsnorm.cuh"
@@ -245,27 +246,60 @@ TEST_P(AttentionTest, ForwardAndBackwardMatchFloat64) {
   }
   ExpectClose("attention dv", dv_got, dv_ref, kFp32Rtol);
 
-  // bf16 storage: inputs rounded first, so the reference sees what the kernel sees; o is
-  // rounded once on output (<= u); fp32 softmax and accumulation inside.
-  const auto q16 = RoundBf16(q), k16 = RoundBf16(k), v16 = RoundBf16(v_wide);
+  // bf16 activations (tensor cores for head_dim 64 and 128, SIMT otherwise): inputs rounded to
+  // bf16 first, so that the float64 reference sees exactly what the kernels see. Forward: the
+  // probabilities enter P V rounded to bf16 (<= u each, u = 2^-8) and o is rounded once on output:
+  // norm-wise <= 2u. Backward: P and dS enter the products rounded (u each), dO and the saved o are
+  // bf16, and dv is rounded on output: <= 4u. lse is fp32 arithmetic throughout: 1e-5.
+  constexpr double u = 1.0 / 256;
+  const auto q16 = RoundBf16(q), k16 = RoundBf16(k), v16 = RoundBf16(v_wide), do16 = RoundBf16(d_o);
   std::vector<double> q16d(q16.begin(), q16.end()), k16d(k16.begin(), k16.end()), v16d(tokens * kvd);
+  std::vector<double> do16d(do16.begin(), do16.end());
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t i = 0; i < kvd; ++i) v16d[t * kvd + i] = v16[t * (kvd + 16) + i];
   }
   std::vector<double> o16_ref(tokens * qd), lse16(lse_ref.size());
   cpu::AttentionForward(q16d.data(), k16d.data(), v16d.data(), c.batch, c.seq, c.heads, c.kv_heads, c.dh, scale,
                         o16_ref.data(), lse16.data());
-  DeviceArray<bf16> bq(ToBf16(q16)), bk(ToBf16(k16)), bv(ToBf16(v16)), bo(tokens * qd);
+  // The backward reference reads o as the kernel will: rounded to bf16.
+  std::vector<float> o16f(o16_ref.begin(), o16_ref.end());
+  o16f = RoundBf16(o16f);
+  std::vector<double> o16d(o16f.begin(), o16f.end());
+  std::vector<double> dq16(tokens * qd), dk16(tokens * kvd), dv16(tokens * kvd);
+  cpu::AttentionBackward(q16d.data(), k16d.data(), v16d.data(), o16d.data(), lse16.data(), do16d.data(), c.batch,
+                         c.seq, c.heads, c.kv_heads, c.dh, scale, dq16.data(), dk16.data(), dv16.data());
+  DeviceArray<bf16> bq(ToBf16(q16)), bk(ToBf16(k16)), bv(ToBf16(v16)), bo(tokens * qd), bdo(ToBf16(do16));
+  DeviceArray<bf16> bo_ref(ToBf16(o16f)), bdv(tokens * (kvd + 16));
+  bo.Poison();
+  bdv.Poison();
+  dq.Poison();
+  dk.Poison();
   CUDA_ASSERT(kernels::launch_attention_fwd<bf16>(bq.get(), qd, bk.get(), kvd, bv.get(), kvd + 16, bo.get(), qd,
                                                   lse.get(), c.batch, c.seq, c.heads, c.kv_heads, c.dh, scale, 0));
   CUDA_ASSERT(cudaDeviceSynchronize());
-  ExpectNormClose("attention o bf16", FromBf16(bo.Download()), o16_ref, 3.9e-3);
+  const std::string path = kernels::attention_mma_supports(c.dh) ? " bf16 (tensor cores)" : " bf16 (simt)";
+  ExpectNormClose("attention o" + path, FromBf16(bo.Download()), o16_ref, 2 * u);
+  ExpectNormClose("attention lse" + path, lse.Download(), lse16, 1e-5);
+  CUDA_ASSERT(kernels::launch_attention_bwd<bf16>(bq.get(), qd, bk.get(), kvd, bv.get(), kvd + 16, bo_ref.get(), qd,
+                                                  lse.get(), bdo.get(), qd, dq.get(), dk.get(), bdv.get(), kvd + 16,
+                                                  delta.get(), c.batch, c.seq, c.heads, c.kv_heads, c.dh, scale, 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  ExpectNormClose("attention dq" + path, dq.Download(), dq16, 4 * u);
+  ExpectNormClose("attention dk" + path, dk.Download(), dk16, 4 * u);
+  const auto bdv_wide = FromBf16(bdv.Download());
+  std::vector<float> dv16_got(tokens * kvd);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t i = 0; i < kvd; ++i) dv16_got[t * kvd + i] = bdv_wide[t * (kvd + 16) + i];
+  }
+  ExpectNormClose("attention dv" + path, dv16_got, dv16, 4 * u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
                          ::testing::Values(AttentionCase{2, 37, 4, 2, 64}, AttentionCase{1, 128, 8, 2, 128},
                                            AttentionCase{3, 5, 2, 2, 32}, AttentionCase{1, 300, 4, 1, 256},
-                                           AttentionCase{2, 64, 16, 8, 128}, AttentionCase{1, 2, 4, 4, 64}));
+                                           AttentionCase{2, 64, 16, 8, 128}, AttentionCase{1, 2, 4, 4, 64},
+                                           AttentionCase{1, 1000, 4, 2, 128}, AttentionCase{3, 129, 6, 3, 64},
+                                           AttentionCase{1, 333, 2, 1, 32}));
 
 TEST(AdamWTest, MatchesCpuUpdateAndSumSquares) {
   SKIP_WITHOUT_GPU();

@@ -1,0 +1,524 @@
+// Tensor-core causal GQA attention for bf16 activations and head_dim 64 or 128, FlashAttention-2
+// style: mma.sync m16n8k16 (bf16 in, fp32 accumulate), ldmatrix from padded shared memory tiles,
+// cp.async loads, exp2-domain online softmax. launch_attention_fwd/bwd (attention.cu) dispatch here
+// for those shapes; everything else runs the SIMT kernels.
+//
+// Forward: a CTA of 4 warps takes 64 query rows (16 per warp) and streams 64-key blocks of K and
+// V (the next block's K loads while this block's P V runs). Backward: a CTA takes 64 keys of one
+// kv head and walks every query block (32 or 64 rows) of every query head that reads it, accumulating dK and dV
+// in registers; dQ contributions go to the fp32 dq buffer with atomic adds.
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "kernels/attention.cuh"
+#include "kernels/attention_mma.cuh"
+#include "kernels/common.cuh"
+
+namespace blockd::kernels {
+namespace {
+
+using bf16 = __nv_bfloat16;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c += a b for a 16x16 (row) by 16x8 (col) bf16 tile pair, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes global -> shared; zero-filled when !valid (src must still be a mapped address).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Copies rows [row0, row0 + R) of a [seq, D] bf16 matrix (rows `stride` apart) into shared memory
+// with rows LD = D + 8 elements apart (the 16-byte pad makes ldmatrix conflict-free). Rows past
+// `seq` are zero-filled.
+template <int R, int D, int NT>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* base, int64_t stride, int row0, int seq) {
+  constexpr int kChunks = D / 8, LD = D + 8;
+  for (int c = threadIdx.x; c < R * kChunks; c += NT) {
+    const int r = c / kChunks, cc = c % kChunks;
+    const int row = row0 + r;
+    const bool valid = row < seq;
+    cp_async16(smem_u32(dst + r * LD + cc * 8), base + int64_t(valid ? row : 0) * stride + cc * 8, valid);
+  }
+}
+
+// A operand (16 x 16, row-major in smem) at (row0, col0): a0..a3 as mma expects.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* s, int ld, int row0, int col0) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4(a, smem_u32(s + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + col0 + (lane >> 4) * 8));
+}
+// B operands for two adjacent n-tiles from a matrix stored [n][k] (rows = n): {b0, b1} of n-tile
+// n0 and of n0 + 8, for k in [k0, k0 + 16).
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const bf16* s, int ld, int n0, int k0) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4(b, smem_u32(s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8));
+}
+// The same from a matrix stored [k][n] (rows = k), through ldmatrix.trans.
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const bf16* s, int ld, int k0, int n0) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4_trans(b, smem_u32(s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8));
+}
+// A operand (16 x 16) of the transpose of a matrix stored [k][m] (rows = k): A[m][k] at (m0, k0).
+__device__ __forceinline__ void load_a_t(uint32_t (&a)[4], const bf16* s, int ld, int m0, int k0) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4_trans(a, smem_u32(s + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8));
+}
+
+constexpr int kFwdRows = 64, kFwdKeys = 64, kFwdThreads = 128;
+
+template <int D>
+__global__ void __launch_bounds__(kFwdThreads) attention_fwd_mma_kernel(
+    const bf16* __restrict__ q, int64_t q_stride, const bf16* __restrict__ k, int64_t k_stride,
+    const bf16* __restrict__ v, int64_t v_stride, bf16* __restrict__ o, int64_t o_stride, float* __restrict__ lse,
+    int seq, int heads, int kv_heads, float scale_log2) {
+  constexpr int BR = kFwdRows, BC = kFwdKeys, LD = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* qs = reinterpret_cast<bf16*>(smem_raw);
+  bf16* ks = qs + BR * LD;
+  bf16* vs = ks + BC * LD;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+  const int qb = gridDim.x - 1 - blockIdx.x;  // the longest (last) query blocks start first
+  const int b = blockIdx.y / heads, h = blockIdx.y % heads, kvh = h / (heads / kv_heads);
+  const int64_t tok0 = int64_t(b) * seq;
+  const bf16* kbase = k + tok0 * k_stride + int64_t(kvh) * D;
+  const bf16* vbase = v + tok0 * v_stride + int64_t(kvh) * D;
+  const int q0 = qb * BR;
+  const int last_key = min(q0 + BR, seq) - 1;
+  const int nblocks = last_key / BC + 1;
+
+  load_tile<BR, D, kFwdThreads>(qs, q + tok0 * q_stride + int64_t(h) * D, q_stride, q0, seq);
+  load_tile<BC, D, kFwdThreads>(ks, kbase, k_stride, 0, seq);
+  cp_async_commit();
+  load_tile<BC, D, kFwdThreads>(vs, vbase, v_stride, 0, seq);
+  cp_async_commit();
+
+  uint32_t qf[D / 16][4];
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float oacc[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) oacc[dt][0] = oacc[dt][1] = oacc[dt][2] = oacc[dt][3] = 0.f;
+  const int row_a = q0 + warp * 16 + g;  // this thread's two query rows: row_a and row_a + 8
+
+  for (int jb = 0; jb < nblocks; ++jb) {
+    const int k0 = jb * BC;
+    cp_async_wait<1>();  // Q and K(jb) have landed; V(jb) may still be in flight
+    __syncthreads();
+    if (jb == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], qs, LD, warp * 16, kk * 16);
+    }
+    float s[BC / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int nt = 0; nt < BC / 8; nt += 2) {
+        uint32_t bf[4];
+        load_b_nk(bf, ks, LD, nt * 8, kk * 16);
+        mma_bf16(s[nt], qf[kk], bf[0], bf[1]);
+        mma_bf16(s[nt + 1], qf[kk], bf[2], bf[3]);
+      }
+    }
+    // Scale into the exp2 domain, mask, and update the running max and sum of each row.
+    const bool mask = k0 + BC - 1 > q0 || k0 + BC > seq;
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float val = s[nt][e] * scale_log2;
+        if (mask) {
+          const int key = k0 + nt * 8 + 2 * tig + (e & 1);
+          const int row = row_a + (e >> 1) * 8;
+          if (key > row || key >= seq) val = -INFINITY;
+        }
+        s[nt][e] = val;
+        mx[e >> 1] = fmaxf(mx[e >> 1], val);
+      }
+    }
+    float m_use[2], corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m_run[r], mx[r]);
+      m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with no valid key yet stays at zero
+      corr[r] = fast_exp2(m_run[r] - m_use[r]);
+      m_run[r] = m_new;
+    }
+    uint32_t pf[BC / 16][4];
+    float rowsum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) {
+      const float p0 = fast_exp2(s[nt][0] - m_use[0]), p1 = fast_exp2(s[nt][1] - m_use[0]);
+      const float p2 = fast_exp2(s[nt][2] - m_use[1]), p3 = fast_exp2(s[nt][3] - m_use[1]);
+      rowsum[0] += p0 + p1;
+      rowsum[1] += p2 + p3;
+      pf[nt / 2][(nt & 1) * 2 + 0] = pack_bf16(p0, p1);
+      pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * corr[r] + rowsum[r];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      oacc[dt][0] *= corr[0];
+      oacc[dt][1] *= corr[0];
+      oacc[dt][2] *= corr[1];
+      oacc[dt][3] *= corr[1];
+    }
+    cp_async_wait<0>();  // V(jb) has landed
+    __syncthreads();     // ... and every warp is done reading K(jb)
+    if (jb + 1 < nblocks) {
+      load_tile<BC, D, kFwdThreads>(ks, kbase, k_stride, k0 + BC, seq);
+      cp_async_commit();
+    }
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+#pragma unroll
+      for (int dt = 0; dt < D / 8; dt += 2) {
+        uint32_t bf[4];
+        load_b_kn(bf, vs, LD, kk * 16, dt * 8);
+        mma_bf16(oacc[dt], pf[kk], bf[0], bf[1]);
+        mma_bf16(oacc[dt + 1], pf[kk], bf[2], bf[3]);
+      }
+    }
+    __syncthreads();  // every warp is done reading V(jb)
+    if (jb + 1 < nblocks) {
+      load_tile<BC, D, kFwdThreads>(vs, vbase, v_stride, k0 + BC, seq);
+      cp_async_commit();
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_a + r * 8;
+    if (row >= seq) continue;
+    const float inv = 1.f / l_run[r];
+    bf16* orow = o + (tok0 + row) * o_stride + int64_t(h) * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<__nv_bfloat162*>(orow + dt * 8 + 2 * tig) =
+          __floats2bfloat162_rn(oacc[dt][2 * r] * inv, oacc[dt][2 * r + 1] * inv);
+    }
+    if (tig == 0) lse[(int64_t(b) * heads + h) * seq + row] = (m_run[r] + log2f(l_run[r])) * kLn2;
+  }
+}
+
+constexpr int kBwdKeys = 64, kBwdThreads = 128;
+// Query rows per inner step: 32 at head_dim 128 keeps dK, dV, S^T and dP^T within 255 registers.
+template <int D>
+__host__ __device__ constexpr int BwdRows() {
+  return D >= 128 ? 32 : 64;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kBwdThreads, 1) attention_bwd_mma_kernel(
+    const bf16* __restrict__ q, int64_t q_stride, const bf16* __restrict__ k, int64_t k_stride,
+    const bf16* __restrict__ v, int64_t v_stride, const float* __restrict__ lse, const bf16* __restrict__ d_o,
+    int64_t do_stride, const float* __restrict__ delta, float* __restrict__ dq, float* __restrict__ dk,
+    bf16* __restrict__ dv, int64_t dv_stride, int seq, int heads, int kv_heads, float scale) {
+  constexpr int BC = kBwdKeys, BR = BwdRows<D>(), LD = D + 8, LDS = BR + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* ks = reinterpret_cast<bf16*>(smem_raw);
+  bf16* vs = ks + BC * LD;
+  bf16* qs = vs + BC * LD;
+  bf16* dos = qs + BR * LD;
+  bf16* dss = dos + BR * LD;                               // dS^T [keys][queries]
+  float* lse_s = reinterpret_cast<float*>(dss + BC * LDS);  // log2-domain lse of the query block
+  float* delta_s = lse_s + BR;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+  const int kb = gridDim.x - 1 - blockIdx.x;
+  const int b = blockIdx.y / kv_heads, kvh = blockIdx.y % kv_heads, group = heads / kv_heads;
+  const int64_t tok0 = int64_t(b) * seq;
+  const int key0 = kb * BC;
+  const float scale_log2 = scale * kLog2e;
+  const int dq_stride = heads * D;
+
+  load_tile<BC, D, kBwdThreads>(ks, k + tok0 * k_stride + int64_t(kvh) * D, k_stride, key0, seq);
+  load_tile<BC, D, kBwdThreads>(vs, v + tok0 * v_stride + int64_t(kvh) * D, v_stride, key0, seq);
+  cp_async_commit();
+
+  float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[dt][e] = dv_acc[dt][e] = 0.f;
+  }
+  const int key_a = key0 + warp * 16 + g;  // this thread's two keys: key_a and key_a + 8
+  const int nqb = (seq + BR - 1) / BR;
+
+  for (int gi = 0; gi < group; ++gi) {
+    const int h = kvh * group + gi;
+    const bf16* qbase = q + tok0 * q_stride + int64_t(h) * D;
+    const bf16* dobase = d_o + tok0 * do_stride + int64_t(h) * D;
+    const int64_t stat0 = (int64_t(b) * heads + h) * seq;
+    for (int qb = key0 / BR; qb < nqb; ++qb) {
+      const int q0 = qb * BR;
+      __syncthreads();  // the previous block's tiles are no longer read
+      load_tile<BR, D, kBwdThreads>(qs, qbase, q_stride, q0, seq);
+      load_tile<BR, D, kBwdThreads>(dos, dobase, do_stride, q0, seq);
+      cp_async_commit();
+      if (threadIdx.x < BR) {
+        const int qi = q0 + threadIdx.x;
+        lse_s[threadIdx.x] = qi < seq ? lse[stat0 + qi] * kLog2e : 0.f;
+        delta_s[threadIdx.x] = qi < seq ? delta[stat0 + qi] : 0.f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+
+      // S^T = K Q^T for this warp's 16 keys and the 64 queries, then P^T = exp(S^T scale - lse)
+      // with the causal mask. The steps below are ordered so that few fragments live at once.
+      const bool mask = q0 < key0 + BC - 1 || q0 + BR > seq || key0 + BC > seq;
+      float st[BR / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < BR / 8; ++nt) st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t ka[4];
+        load_a(ka, ks, LD, warp * 16, kk * 16);
+#pragma unroll
+        for (int nt = 0; nt < BR / 8; nt += 2) {
+          uint32_t bq[4];
+          load_b_nk(bq, qs, LD, nt * 8, kk * 16);
+          mma_bf16(st[nt], ka, bq[0], bq[1]);
+          mma_bf16(st[nt + 1], ka, bq[2], bq[3]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < BR / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qc = nt * 8 + 2 * tig + (e & 1);
+          float p = fast_exp2(st[nt][e] * scale_log2 - lse_s[qc]);
+          if (mask) {
+            const int key = key_a + (e >> 1) * 8, query = q0 + qc;
+            if (query < key || query >= seq || key >= seq) p = 0.f;
+          }
+          st[nt][e] = p;
+        }
+      }
+      // dV += P^T dO (k runs over the 64 queries).
+#pragma unroll
+      for (int kk = 0; kk < BR / 16; ++kk) {
+        const uint32_t pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                                pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                                pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt += 2) {
+          uint32_t bdo[4];
+          load_b_kn(bdo, dos, LD, kk * 16, dt * 8);
+          mma_bf16(dv_acc[dt], pa, bdo[0], bdo[1]);
+          mma_bf16(dv_acc[dt + 1], pa, bdo[2], bdo[3]);
+        }
+      }
+      // dP^T = V dO^T, then dS^T = P^T (dP^T - delta), kept in st.
+      {
+        float dpt[BR / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BR / 8; ++nt) dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t va[4];
+          load_a(va, vs, LD, warp * 16, kk * 16);
+#pragma unroll
+          for (int nt = 0; nt < BR / 8; nt += 2) {
+            uint32_t bdo[4];
+            load_b_nk(bdo, dos, LD, nt * 8, kk * 16);
+            mma_bf16(dpt[nt], va, bdo[0], bdo[1]);
+            mma_bf16(dpt[nt + 1], va, bdo[2], bdo[3]);
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < BR / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) st[nt][e] *= dpt[nt][e] - delta_s[nt * 8 + 2 * tig + (e & 1)];
+        }
+      }
+      // dK += dS^T Q, and dS^T to shared memory for dQ = dS K below.
+#pragma unroll
+      for (int kk = 0; kk < BR / 16; ++kk) {
+        const uint32_t da[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                                pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                                pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+        const int col = kk * 16 + 2 * tig;
+        *reinterpret_cast<uint32_t*>(dss + (warp * 16 + g) * LDS + col) = da[0];
+        *reinterpret_cast<uint32_t*>(dss + (warp * 16 + g + 8) * LDS + col) = da[1];
+        *reinterpret_cast<uint32_t*>(dss + (warp * 16 + g) * LDS + col + 8) = da[2];
+        *reinterpret_cast<uint32_t*>(dss + (warp * 16 + g + 8) * LDS + col + 8) = da[3];
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt += 2) {
+          uint32_t bq[4];
+          load_b_kn(bq, qs, LD, kk * 16, dt * 8);
+          mma_bf16(dk_acc[dt], da, bq[0], bq[1]);
+          mma_bf16(dk_acc[dt + 1], da, bq[2], bq[3]);
+        }
+      }
+      __syncthreads();  // all of dS^T is in shared memory
+      // dQ += scale * dS K: items of 16 queries x 16 head dims, spread over the warps.
+      for (int item = warp; item < (BR / 16) * (D / 16); item += kBwdThreads / 32) {
+        const int qg = item % (BR / 16), dt = (item / (BR / 16)) * 2;
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+          uint32_t a[4], bk[4];
+          load_a_t(a, dss, LDS, qg * 16, kk * 16);
+          load_b_kn(bk, ks, LD, kk * 16, dt * 8);
+          mma_bf16(acc[0], a, bk[0], bk[1]);
+          mma_bf16(acc[1], a, bk[2], bk[3]);
+        }
+        const int qrow = q0 + qg * 16 + g;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int col = (dt + j) * 8 + 2 * tig;
+          if (qrow < seq) {
+            float* dst = dq + (tok0 + qrow) * dq_stride + int64_t(h) * D + col;
+            atomicAdd(dst, acc[j][0] * scale);
+            atomicAdd(dst + 1, acc[j][1] * scale);
+          }
+          if (qrow + 8 < seq) {
+            float* dst = dq + (tok0 + qrow + 8) * dq_stride + int64_t(h) * D + col;
+            atomicAdd(dst, acc[j][2] * scale);
+            atomicAdd(dst + 1, acc[j][3] * scale);
+          }
+        }
+      }
+    }
+  }
+  // dK = scale * sum dS^T Q (fp32), dV = sum P^T dO (bf16, into the strided q|k|v gradient).
+  const int dk_stride = kv_heads * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key_a + r * 8;
+    if (key >= seq) continue;
+    float* dkrow = dk + (tok0 + key) * dk_stride + int64_t(kvh) * D;
+    bf16* dvrow = dv + (tok0 + key) * dv_stride + int64_t(kvh) * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int col = dt * 8 + 2 * tig;
+      *reinterpret_cast<float2*>(dkrow + col) = make_float2(dk_acc[dt][2 * r] * scale, dk_acc[dt][2 * r + 1] * scale);
+      *reinterpret_cast<__nv_bfloat162*>(dvrow + col) = __floats2bfloat162_rn(dv_acc[dt][2 * r], dv_acc[dt][2 * r + 1]);
+    }
+  }
+}
+
+template <int D>
+size_t FwdSmem() {
+  return sizeof(bf16) * (kFwdRows + 2 * kFwdKeys) * (D + 8);
+}
+template <int D>
+size_t BwdSmem() {
+  constexpr int BR = BwdRows<D>();
+  return sizeof(bf16) * ((2 * kBwdKeys + 2 * BR) * (D + 8) + kBwdKeys * (BR + 8)) + sizeof(float) * 2 * BR;
+}
+
+}  // namespace
+
+bool attention_mma_supports(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+template <int D>
+cudaError_t LaunchFwd(const bf16* q, int64_t q_stride, const bf16* k, int64_t k_stride, const bf16* v,
+                      int64_t v_stride, bf16* o, int64_t o_stride, float* lse, int batch, int seq, int heads,
+                      int kv_heads, float scale, cudaStream_t stream) {
+  auto kernel = attention_fwd_mma_kernel<D>;
+  const size_t smem = FwdSmem<D>();
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  kernel<<<dim3(ceil_div(seq, kFwdRows), batch * heads), kFwdThreads, smem, stream>>>(
+      q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, seq, heads, kv_heads, scale * kLog2e);
+  return cudaGetLastError();
+}
+
+template <int D>
+cudaError_t LaunchBwd(const bf16* q, int64_t q_stride, const bf16* k, int64_t k_stride, const bf16* v,
+                      int64_t v_stride, const float* lse, const bf16* d_o, int64_t do_stride, const float* delta,
+                      float* dq, float* dk, bf16* dv, int64_t dv_stride, int batch, int seq, int heads, int kv_heads,
+                      float scale, cudaStream_t stream) {
+  cudaError_t e = cudaMemsetAsync(dq, 0, sizeof(float) * int64_t(batch) * seq * heads * D, stream);
+  if (e != cudaSuccess) return e;
+  auto kernel = attention_bwd_mma_kernel<D>;
+  const size_t smem = BwdSmem<D>();
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  kernel<<<dim3(ceil_div(seq, kBwdKeys), batch * kv_heads), kBwdThreads, smem, stream>>>(
+      q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride, seq, heads, kv_heads,
+      scale);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_attention_fwd_mma(const bf16* q, int64_t q_stride, const bf16* k, int64_t k_stride, const bf16* v,
+                                     int64_t v_stride, bf16* o, int64_t o_stride, float* lse, int batch, int seq,
+                                     int heads, int kv_heads, int head_dim, float scale, cudaStream_t stream) {
+  if (head_dim == 64) {
+    return LaunchFwd<64>(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, batch, seq, heads, kv_heads, scale,
+                         stream);
+  }
+  if (head_dim == 128) {
+    return LaunchFwd<128>(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, batch, seq, heads, kv_heads, scale,
+                          stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_attention_bwd_mma(const bf16* q, int64_t q_stride, const bf16* k, int64_t k_stride, const bf16* v,
+                                     int64_t v_stride, const float* lse, const bf16* d_o, int64_t do_stride,
+                                     const float* delta, float* dq, float* dk, bf16* dv, int64_t dv_stride, int batch,
+                                     int seq, int heads, int kv_heads, int head_dim, float scale,
+                                     cudaStream_t stream) {
+  if (head_dim == 64) {
+    return LaunchBwd<64>(q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride,
+                         batch, seq, heads, kv_heads, scale, stream);
+  }
+  if (head_dim == 128) {
+    return LaunchBwd<128>(q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride,
+                          batch, seq, heads, kv_heads, scale, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace blockd::kernels
