@@ -59,10 +59,11 @@ absl::StatusOr<std::string> Authenticator::Check(absl::string_view authorization
   if (!absl::ConsumePrefix(&token, "Bearer ") && !absl::ConsumePrefix(&token, "bearer ")) {
     return absl::UnauthenticatedError("missing bearer token: send metadata 'authorization: Bearer <token>'");
   }
-  // Compare against every token so the time does not tell which one matched.
+  // Compare against every token so the time does not tell which one matched. A token listed in
+  // both files is an admin token.
   const Token* match = nullptr;
   for (const Token& t : users_) {
-    if (ConstantTimeEquals(token, t.value) && match == nullptr) match = &t;
+    if (ConstantTimeEquals(token, t.value) && (match == nullptr || (t.admin && !match->admin))) match = &t;
   }
   if (match == nullptr) return absl::UnauthenticatedError("unknown bearer token");
   if (admin && admin_required_ && !match->admin) {

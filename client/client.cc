@@ -1,0 +1,427 @@
+#include "client/client.h"
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include <grpcpp/channel.h>
+#include <grpcpp/client_context.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/support/channel_arguments.h>
+
+#include "absl/strings/str_cat.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace blockd {
+namespace {
+
+absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", what, " ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::chrono::system_clock::time_point DeadlineAfter(absl::Duration d) {
+  return std::chrono::system_clock::now() + std::chrono::microseconds(absl::ToInt64Microseconds(d));
+}
+
+// One unary call on a prepared context; the reply, or the server's code and message.
+template <class Req, class Resp>
+absl::StatusOr<Resp> Invoke(v1::BlockService::Stub* stub,
+                            grpc::Status (v1::BlockService::Stub::*method)(grpc::ClientContext*, const Req&, Resp*),
+                            grpc::ClientContext* ctx, const Req& request) {
+  Resp response;
+  grpc::Status s = (stub->*method)(ctx, request, &response);
+  if (!s.ok()) return FromGrpcStatus(s);
+  return response;
+}
+
+// Validates one chunk of a DownloadTensors stream against the tensor it belongs to and places it.
+class ChunkAssembler {
+ public:
+  explicit ChunkAssembler(std::string block_id) : block_id_(std::move(block_id)) {}
+
+  absl::Status Add(const v1::TensorChunk& chunk) {
+    if (!block_id_.empty() && chunk.block_id() != block_id_) {
+      return Bad(absl::StrCat("a chunk of block \"", chunk.block_id(), "\" in the download of block ", block_id_));
+    }
+    if (chunk.name().empty()) return Bad("a chunk has no tensor name");
+    const std::vector<int64_t> shape(chunk.shape().begin(), chunk.shape().end());
+    auto [it, fresh] = index_.try_emplace(chunk.name(), tensors_.size());
+    if (fresh) {
+      const int64_t elem = wire::DTypeBytes(chunk.dtype());
+      const int64_t n = wire::NumElements(shape);
+      if (elem == 0) return Bad(absl::StrCat("tensor ", chunk.name(), " has dtype ", wire::DTypeName(chunk.dtype())));
+      if (n < 0 || n > (int64_t{1} << 40)) {
+        return Bad(absl::StrCat("tensor ", chunk.name(), " has shape ", wire::ShapeString(shape)));
+      }
+      TensorBytes t{chunk.name(), chunk.dtype(), shape, std::string()};
+      t.data.resize(static_cast<size_t>(n * elem));
+      tensors_.push_back(std::move(t));
+      covered_.emplace_back();
+    }
+    TensorBytes& t = tensors_[it->second];
+    std::map<int64_t, int64_t>& covered = covered_[it->second];
+    if (chunk.dtype() != t.dtype || shape != t.shape) {
+      return Bad(absl::StrCat("tensor ", t.name, " chunk says ", wire::DTypeName(chunk.dtype()), " ",
+                              wire::ShapeString(shape), ", its first chunk said ", wire::DTypeName(t.dtype), " ",
+                              wire::ShapeString(t.shape)));
+    }
+    const int64_t total = static_cast<int64_t>(t.data.size());
+    const int64_t offset = chunk.offset();
+    const int64_t len = static_cast<int64_t>(chunk.data().size());
+    if (offset < 0 || len > total || offset > total - len) {
+      return Bad(absl::StrCat("tensor ", t.name, " chunk covers bytes [", offset, ", ", offset + len,
+                              "), outside its ", total, " bytes"));
+    }
+    const int64_t end = offset + len;
+    auto next = covered.lower_bound(offset);
+    const bool overlaps_next = next != covered.end() && next->first < end;
+    const bool overlaps_prev = next != covered.begin() && std::prev(next)->second > offset;
+    if (len > 0 && (overlaps_next || overlaps_prev)) {
+      return Bad(absl::StrCat("tensor ", t.name, " chunk [", offset, ", ", end, ") overlaps an earlier chunk"));
+    }
+    if (len > 0) covered.emplace(offset, end);
+    std::copy(chunk.data().begin(), chunk.data().end(), t.data.begin() + offset);
+    received_ += len;
+    return absl::OkStatus();
+  }
+
+  int64_t received() const { return received_; }
+
+  absl::StatusOr<std::vector<TensorBytes>> Finish(const std::vector<std::string>& wanted) {
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      int64_t got = 0;
+      for (const auto& [start, end] : covered_[i]) got += end - start;
+      if (got != static_cast<int64_t>(tensors_[i].data.size())) {
+        return Bad(absl::StrCat("tensor ", tensors_[i].name, " is incomplete: ", got, " of ",
+                                tensors_[i].data.size(), " bytes arrived"));
+      }
+    }
+    for (const std::string& name : wanted) {
+      if (index_.count(name) == 0) return Bad(absl::StrCat("tensor ", name, " was asked for but did not arrive"));
+    }
+    return std::move(tensors_);
+  }
+
+ private:
+  static absl::Status Bad(absl::string_view what) {
+    return absl::DataLossError(absl::StrCat("DownloadTensors: ", what));
+  }
+
+  std::string block_id_;
+  std::map<std::string, size_t> index_;
+  std::vector<TensorBytes> tensors_;
+  std::vector<std::map<int64_t, int64_t>> covered_;  // per tensor: start -> end of byte ranges
+  int64_t received_ = 0;
+};
+
+}  // namespace
+
+struct Client::HealthStub {
+  std::unique_ptr<grpc::health::v1::Health::Stub> stub;
+};
+
+absl::string_view HealthStatusName(HealthStatus s) {
+  switch (s) {
+    case HealthStatus::kServing: return "SERVING";
+    case HealthStatus::kNotServing: return "NOT_SERVING";
+    case HealthStatus::kServiceUnknown: return "SERVICE_UNKNOWN";
+    case HealthStatus::kUnknown: break;
+  }
+  return "UNKNOWN";
+}
+
+absl::Status FromGrpcStatus(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  // grpc::StatusCode and absl::StatusCode share their numbering (google.rpc.Code).
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
+  if (options.target.empty()) return absl::InvalidArgumentError("the client's target is empty");
+  if (options.chunk_bytes < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk_bytes = ", options.chunk_bytes, ", expected > 0"));
+  }
+  if (options.max_message_bytes < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_message_bytes = ", options.max_message_bytes, ", expected > 0"));
+  }
+  if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("a TLS client certificate needs both its certificate and its key file");
+  }
+  const bool tls = options.tls || !options.tls_ca_file.empty() || !options.tls_cert_file.empty() ||
+                   !options.tls_server_name.empty();
+  std::shared_ptr<grpc::ChannelCredentials> creds;
+  if (tls) {
+    grpc::SslCredentialsOptions ssl;
+    if (!options.tls_ca_file.empty()) {
+      auto pem = ReadPem(options.tls_ca_file, "TLS CA file");
+      if (!pem.ok()) return pem.status();
+      ssl.pem_root_certs = *std::move(pem);
+    }
+    if (!options.tls_cert_file.empty()) {
+      auto cert = ReadPem(options.tls_cert_file, "TLS client certificate");
+      if (!cert.ok()) return cert.status();
+      auto key = ReadPem(options.tls_key_file, "TLS client key");
+      if (!key.ok()) return key.status();
+      ssl.pem_cert_chain = *std::move(cert);
+      ssl.pem_private_key = *std::move(key);
+    }
+    creds = grpc::SslCredentials(ssl);
+  } else {
+    creds = grpc::InsecureChannelCredentials();
+  }
+  grpc::ChannelArguments args;
+  const int max_message = static_cast<int>(std::min<int64_t>(options.max_message_bytes, INT32_MAX));
+  args.SetMaxReceiveMessageSize(max_message);
+  args.SetMaxSendMessageSize(max_message);
+  if (!options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
+
+  std::unique_ptr<Client> c(new Client());
+  c->options_ = std::move(options);
+  c->channel_ = grpc::CreateCustomChannel(c->options_.target, creds, args);
+  c->stub_ = v1::BlockService::NewStub(c->channel_);
+  c->health_ = std::make_unique<HealthStub>();
+  c->health_->stub = grpc::health::v1::Health::NewStub(c->channel_);
+  return c;
+}
+
+Client::~Client() = default;
+
+void Client::Prepare(grpc::ClientContext* ctx, const CallOptions& call) const {
+  const absl::Duration timeout = call.timeout.value_or(options_.timeout);
+  if (timeout != absl::InfiniteDuration()) ctx->set_deadline(DeadlineAfter(timeout));
+  if (!options_.token.empty()) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
+  if (!options_.client_id.empty()) ctx->AddMetadata("blockd-client", options_.client_id);
+}
+
+absl::Status Client::WaitForConnected(absl::Duration timeout) {
+  if (channel_->WaitForConnected(DeadlineAfter(timeout))) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat("cannot connect to ", options_.target, " within ", absl::FormatDuration(timeout)));
+}
+
+absl::StatusOr<v1::GetServerInfoResponse> Client::GetServerInfo(const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(stub_.get(), &v1::BlockService::Stub::GetServerInfo, &ctx, v1::GetServerInfoRequest());
+}
+
+absl::StatusOr<v1::BlockInfo> Client::CreateBlock(const v1::CreateBlockRequest& request, const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(stub_.get(), &v1::BlockService::Stub::CreateBlock, &ctx, request);
+}
+
+absl::StatusOr<std::vector<v1::BlockInfo>> Client::ListBlocks(const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  auto r = Invoke(stub_.get(), &v1::BlockService::Stub::ListBlocks, &ctx, v1::ListBlocksRequest());
+  if (!r.ok()) return r.status();
+  return std::vector<v1::BlockInfo>(r->blocks().begin(), r->blocks().end());
+}
+
+absl::StatusOr<v1::BlockInfo> Client::GetBlock(absl::string_view block_id, const CallOptions& call) {
+  v1::GetBlockRequest request;
+  request.set_block_id(std::string(block_id));
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(stub_.get(), &v1::BlockService::Stub::GetBlock, &ctx, request);
+}
+
+absl::StatusOr<v1::DeleteBlockResponse> Client::DeleteBlock(absl::string_view block_id, const CallOptions& call) {
+  v1::DeleteBlockRequest request;
+  request.set_block_id(std::string(block_id));
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(stub_.get(), &v1::BlockService::Stub::DeleteBlock, &ctx, request);
+}
+
+absl::StatusOr<v1::ForwardResponse> Client::Forward(const v1::ForwardRequest& request, const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(stub_.get(), &v1::BlockService::Stub::Forward, &ctx, request);
+}
+
+absl::StatusOr<v1::ForwardResponse> Client::Forward(const std::vector<std::string>& block_ids, v1::Tensor input,
+                                                    bool keep_activations, int64_t position_offset,
+                                                    const CallOptions& call) {
+  v1::ForwardRequest request;
+  for (const std::string& id : block_ids) request.add_block_ids(id);
+  *request.mutable_input() = std::move(input);
+  request.set_keep_activations(keep_activations);
+  request.set_position_offset(position_offset);
+  return Forward(request, call);
+}
+
+absl::StatusOr<v1::BackwardResponse> Client::Backward(absl::string_view activation_id, v1::Tensor grad_output,
+                                                      const CallOptions& call) {
+  v1::BackwardRequest request;
+  request.set_activation_id(std::string(activation_id));
+  *request.mutable_grad_output() = std::move(grad_output);
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(stub_.get(), &v1::BlockService::Stub::Backward, &ctx, request);
+}
+
+absl::Status Client::ReleaseActivations(absl::string_view activation_id, const CallOptions& call) {
+  v1::ReleaseActivationsRequest request;
+  request.set_activation_id(std::string(activation_id));
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(stub_.get(), &v1::BlockService::Stub::ReleaseActivations, &ctx, request).status();
+}
+
+absl::Status Client::ZeroGrad(const std::vector<std::string>& block_ids, const CallOptions& call) {
+  v1::ZeroGradRequest request;
+  for (const std::string& id : block_ids) request.add_block_ids(id);
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(stub_.get(), &v1::BlockService::Stub::ZeroGrad, &ctx, request).status();
+}
+
+absl::StatusOr<v1::StepResponse> Client::Step(const v1::StepRequest& request, const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(stub_.get(), &v1::BlockService::Stub::Step, &ctx, request);
+}
+
+absl::StatusOr<v1::SaveCheckpointResponse> Client::SaveCheckpoint(const v1::SaveCheckpointRequest& request,
+                                                                  const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(stub_.get(), &v1::BlockService::Stub::SaveCheckpoint, &ctx, request);
+}
+
+absl::StatusOr<v1::RestoreCheckpointResponse> Client::RestoreCheckpoint(const v1::RestoreCheckpointRequest& request,
+                                                                        const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(stub_.get(), &v1::BlockService::Stub::RestoreCheckpoint, &ctx, request);
+}
+
+absl::StatusOr<v1::LoadWeightsResponse> Client::LoadWeightsChunks(const std::vector<v1::TensorChunk>& chunks,
+                                                                  const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  v1::LoadWeightsResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::TensorChunk>> writer = stub_->LoadWeights(&ctx, &response);
+  for (const v1::TensorChunk& chunk : chunks) {
+    if (!writer->Write(chunk)) break;  // the server ended the stream: Finish says why
+  }
+  writer->WritesDone();
+  grpc::Status s = writer->Finish();
+  if (!s.ok()) return FromGrpcStatus(s);
+  return response;
+}
+
+absl::StatusOr<v1::LoadWeightsResponse> Client::LoadWeights(absl::string_view block_id,
+                                                            const std::vector<TensorBytes>& tensors,
+                                                            const ProgressFn& progress, const CallOptions& call) {
+  int64_t total = 0;
+  for (const TensorBytes& t : tensors) {
+    const int64_t elem = wire::DTypeBytes(t.dtype);
+    const int64_t n = wire::NumElements(t.shape);
+    if (t.name.empty()) return absl::InvalidArgumentError("LoadWeights: a tensor has no name");
+    if (elem == 0 || n < 0 || static_cast<int64_t>(t.data.size()) != n * elem) {
+      return absl::InvalidArgumentError(absl::StrCat("LoadWeights: tensor ", t.name, " has ", t.data.size(),
+                                                     " bytes, but shape ", wire::ShapeString(t.shape), " of ",
+                                                     wire::DTypeName(t.dtype), " needs ", n * elem));
+    }
+    total += static_cast<int64_t>(t.data.size());
+  }
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  v1::LoadWeightsResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::TensorChunk>> writer = stub_->LoadWeights(&ctx, &response);
+  int64_t sent = 0;
+  if (progress) progress(0, total);
+  v1::TensorChunk chunk;
+  bool open = true;
+  for (const TensorBytes& t : tensors) {
+    const int64_t size = static_cast<int64_t>(t.data.size());
+    // An empty tensor still goes as one (empty) chunk, so the server sees its name.
+    for (int64_t offset = 0; open && (offset < size || (size == 0 && offset == 0));) {
+      const int64_t n = std::min(options_.chunk_bytes, size - offset);
+      chunk.Clear();
+      chunk.set_block_id(std::string(block_id));
+      chunk.set_name(t.name);
+      chunk.set_dtype(t.dtype);
+      for (int64_t d : t.shape) chunk.add_shape(d);
+      chunk.set_offset(offset);
+      chunk.set_data(t.data.data() + offset, static_cast<size_t>(n));
+      open = writer->Write(chunk);
+      sent += n;
+      if (open && progress) progress(sent, total);
+      if (n == 0) break;
+      offset += n;
+    }
+    if (!open) break;  // the server ended the stream: Finish says why
+  }
+  writer->WritesDone();
+  grpc::Status s = writer->Finish();
+  if (!s.ok()) return FromGrpcStatus(s);
+  return response;
+}
+
+absl::StatusOr<std::vector<TensorBytes>> Client::DownloadTensors(const v1::DownloadTensorsRequest& request,
+                                                                 const ProgressFn& progress, const CallOptions& call) {
+  int64_t total = -1;
+  if (progress && request.names().empty()) {
+    // The total is known from the block's parameter count; without it the bar just counts.
+    auto info = GetBlock(request.block_id(), call);
+    const int64_t elem = wire::DTypeBytes(request.dtype() == v1::DTYPE_UNSPECIFIED ? v1::DTYPE_FLOAT32 : request.dtype());
+    if (info.ok() && elem > 0) total = info->parameter_count() * elem;
+  }
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  std::unique_ptr<grpc::ClientReader<v1::TensorChunk>> reader = stub_->DownloadTensors(&ctx, request);
+  ChunkAssembler assembler(request.block_id());
+  v1::TensorChunk chunk;
+  absl::Status bad;
+  if (progress) progress(0, total);
+  while (reader->Read(&chunk)) {
+    bad = assembler.Add(chunk);
+    if (!bad.ok()) {
+      ctx.TryCancel();
+      break;
+    }
+    if (progress) progress(assembler.received(), total);
+  }
+  grpc::Status s = reader->Finish();
+  if (!bad.ok()) return bad;
+  if (!s.ok()) return FromGrpcStatus(s);
+  return assembler.Finish(std::vector<std::string>(request.names().begin(), request.names().end()));
+}
+
+absl::StatusOr<std::vector<TensorBytes>> Client::DownloadTensors(absl::string_view block_id, v1::TensorKind kind,
+                                                                 v1::DType dtype, const CallOptions& call) {
+  v1::DownloadTensorsRequest request;
+  request.set_block_id(std::string(block_id));
+  request.set_kind(kind);
+  request.set_dtype(dtype);
+  return DownloadTensors(request, nullptr, call);
+}
+
+absl::StatusOr<HealthStatus> Client::Health(absl::string_view service, const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(std::string(service));
+  grpc::health::v1::HealthCheckResponse response;
+  grpc::Status s = health_->stub->Check(&ctx, request, &response);
+  if (!s.ok()) return FromGrpcStatus(s);
+  switch (response.status()) {
+    case grpc::health::v1::HealthCheckResponse::SERVING: return HealthStatus::kServing;
+    case grpc::health::v1::HealthCheckResponse::NOT_SERVING: return HealthStatus::kNotServing;
+    case grpc::health::v1::HealthCheckResponse::SERVICE_UNKNOWN: return HealthStatus::kServiceUnknown;
+    default: return HealthStatus::kUnknown;
+  }
+}
+
+}  // namespace blockd

@@ -1,0 +1,146 @@
+// blockd::Client: a typed C++ client for blockd.v1.BlockService (and grpc.health.v1).
+//
+// Every RPC of the wire contract is one method returning absl::Status / absl::StatusOr; a failed
+// call carries the server's gRPC code and message unchanged (codes share google.rpc.Code
+// numbering). The options cover what a deployment needs: a deadline for every call (overridable
+// per call), the largest message, a bearer token, TLS with an optional client certificate (mTLS),
+// and a `blockd-client` id that the server uses for per-client limits. LoadWeights takes whole
+// tensors and cuts them into chunks on the stream; DownloadTensors puts the chunks back together
+// into whole tensors and checks that every byte came exactly once. The client does not depend on
+// the engine or the server.
+//
+//   ClientOptions o;
+//   o.target = "localhost:50051";
+//   o.token = "s3cret-token-of-16+chars";
+//   ASSIGN_OR_RETURN(std::unique_ptr<Client> c, Client::Connect(o));
+//   v1::CreateBlockRequest create;
+//   create.set_block_id("b0");
+//   *create.mutable_config() = config;
+//   create.set_seed(7);
+//   ASSIGN_OR_RETURN(v1::BlockInfo info, c->CreateBlock(create));
+//   ASSIGN_OR_RETURN(v1::ForwardResponse y, c->Forward({"b0"}, wire::MakeTensor(v1::DTYPE_FLOAT32, {1, 8, 64}, x),
+//                                                      /*keep_activations=*/true));
+//   ASSIGN_OR_RETURN(v1::BackwardResponse dx, c->Backward(y.activation_id(), grad));
+//   ASSIGN_OR_RETURN(std::vector<TensorBytes> w, c->DownloadTensors("b0", v1::TENSOR_KIND_WEIGHTS));
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "blockd/v1/block_service.grpc.pb.h"
+#include "client/tensor_bytes.h"
+
+namespace grpc {
+class Channel;
+class ClientContext;
+class Status;
+}  // namespace grpc
+
+namespace blockd {
+
+struct ClientOptions {
+  std::string target = "localhost:50051";
+  // Deadline of every call, counted from its start; absl::InfiniteDuration() for none.
+  absl::Duration timeout = absl::Seconds(60);
+  // Largest message sent or received (the server has its own limit).
+  int64_t max_message_bytes = 256 << 20;
+  // Sent as `authorization: Bearer <token>` when not empty.
+  std::string token = {};
+  // Sent as `blockd-client` metadata when not empty: the server's per-client accounting uses it.
+  std::string client_id = {};
+  // TLS: on when `tls` is set or any of the files below is given.
+  bool tls = false;
+  std::string tls_ca_file = {};    // PEM roots to verify the server with; empty: the system's roots
+  std::string tls_cert_file = {};  // PEM client certificate chain (mutual TLS), with tls_key_file
+  std::string tls_key_file = {};
+  std::string tls_server_name = {};  // check the server's certificate against this name, not the target's host
+  // LoadWeights chunk size in bytes (the server refuses chunks above its max_chunk_bytes, 4 MiB by default).
+  int64_t chunk_bytes = 1 << 20;
+};
+
+// Per-call overrides.
+struct CallOptions {
+  std::optional<absl::Duration> timeout = {};  // unset: ClientOptions::timeout
+};
+
+// Called as bytes move on a stream: bytes done so far and the total (-1 when not known).
+using ProgressFn = std::function<void(int64_t done_bytes, int64_t total_bytes)>;
+
+enum class HealthStatus { kUnknown, kServing, kNotServing, kServiceUnknown };
+absl::string_view HealthStatusName(HealthStatus s);  // "SERVING", "NOT_SERVING", ...
+
+// grpc::Status -> absl::Status with the same code and message.
+absl::Status FromGrpcStatus(const grpc::Status& s);
+
+class Client {
+ public:
+  // Builds the channel (it connects lazily, on the first call). Fails only on bad options, such
+  // as TLS files that cannot be read.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(ClientOptions options);
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  const ClientOptions& options() const { return options_; }
+  // Waits until the channel is connected or `timeout` passes (UNAVAILABLE then).
+  absl::Status WaitForConnected(absl::Duration timeout);
+
+  absl::StatusOr<v1::GetServerInfoResponse> GetServerInfo(const CallOptions& call = {});
+  absl::StatusOr<v1::BlockInfo> CreateBlock(const v1::CreateBlockRequest& request, const CallOptions& call = {});
+  // Sends `tensors` (whole, of block `block_id`) in chunks of options().chunk_bytes on one stream.
+  // INVALID_ARGUMENT before sending anything when a tensor's bytes do not match its dtype and shape.
+  absl::StatusOr<v1::LoadWeightsResponse> LoadWeights(absl::string_view block_id,
+                                                      const std::vector<TensorBytes>& tensors,
+                                                      const ProgressFn& progress = nullptr,
+                                                      const CallOptions& call = {});
+  // Sends these chunks exactly as they are, in order (tools and tests that shape the stream).
+  absl::StatusOr<v1::LoadWeightsResponse> LoadWeightsChunks(const std::vector<v1::TensorChunk>& chunks,
+                                                            const CallOptions& call = {});
+  absl::StatusOr<std::vector<v1::BlockInfo>> ListBlocks(const CallOptions& call = {});
+  absl::StatusOr<v1::BlockInfo> GetBlock(absl::string_view block_id, const CallOptions& call = {});
+  absl::StatusOr<v1::DeleteBlockResponse> DeleteBlock(absl::string_view block_id, const CallOptions& call = {});
+  absl::StatusOr<v1::ForwardResponse> Forward(const v1::ForwardRequest& request, const CallOptions& call = {});
+  absl::StatusOr<v1::ForwardResponse> Forward(const std::vector<std::string>& block_ids, v1::Tensor input,
+                                              bool keep_activations, int64_t position_offset = 0,
+                                              const CallOptions& call = {});
+  absl::StatusOr<v1::BackwardResponse> Backward(absl::string_view activation_id, v1::Tensor grad_output,
+                                                const CallOptions& call = {});
+  absl::Status ReleaseActivations(absl::string_view activation_id, const CallOptions& call = {});
+  absl::Status ZeroGrad(const std::vector<std::string>& block_ids, const CallOptions& call = {});
+  absl::StatusOr<v1::StepResponse> Step(const v1::StepRequest& request, const CallOptions& call = {});
+  // Whole tensors, in the order the server sent them. DATA_LOSS when the chunks disagree with
+  // each other, leave a hole, overlap, or miss a requested name.
+  absl::StatusOr<std::vector<TensorBytes>> DownloadTensors(const v1::DownloadTensorsRequest& request,
+                                                           const ProgressFn& progress = nullptr,
+                                                           const CallOptions& call = {});
+  absl::StatusOr<std::vector<TensorBytes>> DownloadTensors(absl::string_view block_id, v1::TensorKind kind,
+                                                           v1::DType dtype = v1::DTYPE_FLOAT32,
+                                                           const CallOptions& call = {});
+  absl::StatusOr<v1::SaveCheckpointResponse> SaveCheckpoint(const v1::SaveCheckpointRequest& request,
+                                                            const CallOptions& call = {});
+  absl::StatusOr<v1::RestoreCheckpointResponse> RestoreCheckpoint(const v1::RestoreCheckpointRequest& request,
+                                                                  const CallOptions& call = {});
+  // grpc.health.v1.Health/Check of `service` ("" is the whole server, "blockd.v1.BlockService" the service).
+  absl::StatusOr<HealthStatus> Health(absl::string_view service = "", const CallOptions& call = {});
+
+ private:
+  Client() = default;
+  // Deadline and metadata of one call.
+  void Prepare(grpc::ClientContext* ctx, const CallOptions& call) const;
+
+  ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::BlockService::Stub> stub_;
+  struct HealthStub;
+  std::unique_ptr<HealthStub> health_;
+};
+
+}  // namespace blockd
