@@ -3,8 +3,8 @@
 // cp.async loads, exp2-domain online softmax. launch_attention_fwd/bwd (attention.cu) dispatch here
 // for those shapes; everything else runs the SIMT kernels.
 //
-// Forward: a CTA of 4 warps takes 64 query rows (16 per warp) and streams 64-key blocks of K and
-// V (the next block's K loads while this block's P V runs). Backward: a CTA takes 64 keys of one
+// Forward: a CTA of 4 warps takes 128 query rows (32 per warp) and streams double-buffered
+// 32- or 64-key blocks of K and V. Backward: a CTA takes 64 keys of one
 // kv head and walks every query block (32 or 64 rows) of every query head that reads it, accumulating dK and dV
 // in registers; dQ contributions go to the fp32 dq buffer with atomic adds.
 #include <cuda_bf16.h>
@@ -105,18 +105,25 @@ __device__ __forceinline__ void load_a_t(uint32_t (&a)[4], const bf16* s, int ld
   ldmatrix_x4_trans(a, smem_u32(s + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8));
 }
 
-constexpr int kFwdRows = 64, kFwdKeys = 64, kFwdThreads = 128;
+// Forward: 4 warps x 32 query rows (two 16-row m-tiles each, so every K and V fragment read from
+// shared memory feeds two products), key blocks double-buffered: block jb+1 loads while jb runs.
+constexpr int kFwdRows = 128, kFwdThreads = 128, kFwdMTiles = 2;
+// Keys per block: 32 at head_dim 128 keeps the 2 x 64 output accumulators and the scores in registers.
+template <int D>
+__host__ __device__ constexpr int FwdKeys() {
+  return D >= 128 ? 32 : 64;
+}
 
 template <int D>
 __global__ void __launch_bounds__(kFwdThreads) attention_fwd_mma_kernel(
     const bf16* __restrict__ q, int64_t q_stride, const bf16* __restrict__ k, int64_t k_stride,
     const bf16* __restrict__ v, int64_t v_stride, bf16* __restrict__ o, int64_t o_stride, float* __restrict__ lse,
     int seq, int heads, int kv_heads, float scale_log2) {
-  constexpr int BR = kFwdRows, BC = kFwdKeys, LD = D + 8;
+  constexpr int BR = kFwdRows, BC = FwdKeys<D>(), LD = D + 8, MT = kFwdMTiles;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* ks = qs + BR * LD;
-  bf16* vs = ks + BC * LD;
+  bf16* ks = qs + BR * LD;      // [2][BC][LD]
+  bf16* vs = ks + 2 * BC * LD;  // [2][BC][LD]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
   const int qb = gridDim.x - 1 - blockIdx.x;  // the longest (last) query blocks start first
   const int b = blockIdx.y / heads, h = blockIdx.y % heads, kvh = h / (heads / kv_heads);
@@ -126,127 +133,146 @@ __global__ void __launch_bounds__(kFwdThreads) attention_fwd_mma_kernel(
   const int q0 = qb * BR;
   const int last_key = min(q0 + BR, seq) - 1;
   const int nblocks = last_key / BC + 1;
+  const int row0 = q0 + warp * 16 * MT;  // this warp's rows: row0 + 16 mt + g (+ 8)
 
   load_tile<BR, D, kFwdThreads>(qs, q + tok0 * q_stride + int64_t(h) * D, q_stride, q0, seq);
   load_tile<BC, D, kFwdThreads>(ks, kbase, k_stride, 0, seq);
-  cp_async_commit();
   load_tile<BC, D, kFwdThreads>(vs, vbase, v_stride, 0, seq);
   cp_async_commit();
 
-  uint32_t qf[D / 16][4];
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  float oacc[D / 8][4];
+  float m_run[MT][2], l_run[MT][2];
+  float oacc[MT][D / 8][4];
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) oacc[dt][0] = oacc[dt][1] = oacc[dt][2] = oacc[dt][3] = 0.f;
-  const int row_a = q0 + warp * 16 + g;  // this thread's two query rows: row_a and row_a + 8
+  for (int mt = 0; mt < MT; ++mt) {
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) oacc[mt][dt][0] = oacc[mt][dt][1] = oacc[mt][dt][2] = oacc[mt][dt][3] = 0.f;
+  }
 
   for (int jb = 0; jb < nblocks; ++jb) {
-    const int k0 = jb * BC;
-    cp_async_wait<1>();  // Q and K(jb) have landed; V(jb) may still be in flight
-    __syncthreads();
-    if (jb == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], qs, LD, warp * 16, kk * 16);
+    const int k0 = jb * BC, stage = jb & 1;
+    if (jb + 1 < nblocks) {  // the other stage was released by the last barrier of iteration jb - 1
+      load_tile<BC, D, kFwdThreads>(ks + (stage ^ 1) * BC * LD, kbase, k_stride, k0 + BC, seq);
+      load_tile<BC, D, kFwdThreads>(vs + (stage ^ 1) * BC * LD, vbase, v_stride, k0 + BC, seq);
+      cp_async_commit();
+      cp_async_wait<1>();  // block jb has landed; jb + 1 may still be in flight
+    } else {
+      cp_async_wait<0>();
     }
-    float s[BC / 8][4];
+    __syncthreads();
+    const bf16* kst = ks + stage * BC * LD;
+    const bf16* vst = vs + stage * BC * LD;
+
+    float s[MT][BC / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
+      for (int nt = 0; nt < BC / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+    }
+#pragma unroll 2
     for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) load_a(qa[mt], qs, LD, warp * 16 * MT + mt * 16, kk * 16);
 #pragma unroll
       for (int nt = 0; nt < BC / 8; nt += 2) {
         uint32_t bf[4];
-        load_b_nk(bf, ks, LD, nt * 8, kk * 16);
-        mma_bf16(s[nt], qf[kk], bf[0], bf[1]);
-        mma_bf16(s[nt + 1], qf[kk], bf[2], bf[3]);
+        load_b_nk(bf, kst, LD, nt * 8, kk * 16);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_bf16(s[mt][nt], qa[mt], bf[0], bf[1]);
+          mma_bf16(s[mt][nt + 1], qa[mt], bf[2], bf[3]);
+        }
       }
     }
     // Scale into the exp2 domain, mask, and update the running max and sum of each row.
-    const bool mask = k0 + BC - 1 > q0 || k0 + BC > seq;
-    float mx[2] = {-INFINITY, -INFINITY};
+    const bool mask = k0 + BC - 1 > row0 || k0 + BC > seq;
 #pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt) {
+    for (int mt = 0; mt < MT; ++mt) {
+      const int row_a = row0 + mt * 16 + g;
+      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float val = s[nt][e] * scale_log2;
-        if (mask) {
-          const int key = k0 + nt * 8 + 2 * tig + (e & 1);
-          const int row = row_a + (e >> 1) * 8;
-          if (key > row || key >= seq) val = -INFINITY;
+      for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float val = s[mt][nt][e] * scale_log2;
+          if (mask) {
+            const int key = k0 + nt * 8 + 2 * tig + (e & 1);
+            if (key > row_a + (e >> 1) * 8 || key >= seq) val = -INFINITY;
+          }
+          s[mt][nt][e] = val;
+          mx[e >> 1] = fmaxf(mx[e >> 1], val);
         }
-        s[nt][e] = val;
-        mx[e >> 1] = fmaxf(mx[e >> 1], val);
+      }
+      float m_use[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float m_new = fmaxf(m_run[mt][r], mx[r]);
+        m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with no valid key yet stays at zero
+        const float corr = fast_exp2(m_run[mt][r] - m_use[r]);
+        m_run[mt][r] = m_new;
+        l_run[mt][r] *= corr;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          oacc[mt][dt][2 * r] *= corr;
+          oacc[mt][dt][2 * r + 1] *= corr;
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < BC / 8; ++nt) {
+        s[mt][nt][0] = fast_exp2(s[mt][nt][0] - m_use[0]);
+        s[mt][nt][1] = fast_exp2(s[mt][nt][1] - m_use[0]);
+        s[mt][nt][2] = fast_exp2(s[mt][nt][2] - m_use[1]);
+        s[mt][nt][3] = fast_exp2(s[mt][nt][3] - m_use[1]);
+        l_run[mt][0] += s[mt][nt][0] + s[mt][nt][1];
+        l_run[mt][1] += s[mt][nt][2] + s[mt][nt][3];
       }
     }
-    float m_use[2], corr[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m_run[r], mx[r]);
-      m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with no valid key yet stays at zero
-      corr[r] = fast_exp2(m_run[r] - m_use[r]);
-      m_run[r] = m_new;
-    }
-    uint32_t pf[BC / 16][4];
-    float rowsum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt) {
-      const float p0 = fast_exp2(s[nt][0] - m_use[0]), p1 = fast_exp2(s[nt][1] - m_use[0]);
-      const float p2 = fast_exp2(s[nt][2] - m_use[1]), p3 = fast_exp2(s[nt][3] - m_use[1]);
-      rowsum[0] += p0 + p1;
-      rowsum[1] += p2 + p3;
-      pf[nt / 2][(nt & 1) * 2 + 0] = pack_bf16(p0, p1);
-      pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * corr[r] + rowsum[r];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      oacc[dt][0] *= corr[0];
-      oacc[dt][1] *= corr[0];
-      oacc[dt][2] *= corr[1];
-      oacc[dt][3] *= corr[1];
-    }
-    cp_async_wait<0>();  // V(jb) has landed
-    __syncthreads();     // ... and every warp is done reading K(jb)
-    if (jb + 1 < nblocks) {
-      load_tile<BC, D, kFwdThreads>(ks, kbase, k_stride, k0 + BC, seq);
-      cp_async_commit();
-    }
+    // O += P V, P packed to bf16 one 16-key slice at a time.
 #pragma unroll
     for (int kk = 0; kk < BC / 16; ++kk) {
+      uint32_t pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pa[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dt = 0; dt < D / 8; dt += 2) {
         uint32_t bf[4];
-        load_b_kn(bf, vs, LD, kk * 16, dt * 8);
-        mma_bf16(oacc[dt], pf[kk], bf[0], bf[1]);
-        mma_bf16(oacc[dt + 1], pf[kk], bf[2], bf[3]);
+        load_b_kn(bf, vst, LD, kk * 16, dt * 8);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_bf16(oacc[mt][dt], pa[mt], bf[0], bf[1]);
+          mma_bf16(oacc[mt][dt + 1], pa[mt], bf[2], bf[3]);
+        }
       }
     }
-    __syncthreads();  // every warp is done reading V(jb)
-    if (jb + 1 < nblocks) {
-      load_tile<BC, D, kFwdThreads>(vs, vbase, v_stride, k0 + BC, seq);
-      cp_async_commit();
-    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
-    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
-  }
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row_a + r * 8;
-    if (row >= seq) continue;
-    const float inv = 1.f / l_run[r];
-    bf16* orow = o + (tok0 + row) * o_stride + int64_t(h) * D;
+    for (int r = 0; r < 2; ++r) {
+      float l = l_run[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int row = row0 + mt * 16 + g + r * 8;
+      if (row >= seq) continue;
+      const float inv = 1.f / l;
+      bf16* orow = o + (tok0 + row) * o_stride + int64_t(h) * D;
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<__nv_bfloat162*>(orow + dt * 8 + 2 * tig) =
-          __floats2bfloat162_rn(oacc[dt][2 * r] * inv, oacc[dt][2 * r + 1] * inv);
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<__nv_bfloat162*>(orow + dt * 8 + 2 * tig) =
+            __floats2bfloat162_rn(oacc[mt][dt][2 * r] * inv, oacc[mt][dt][2 * r + 1] * inv);
+      }
+      if (tig == 0) lse[(int64_t(b) * heads + h) * seq + row] = (m_run[mt][r] + log2f(l)) * kLn2;
     }
-    if (tig == 0) lse[(int64_t(b) * heads + h) * seq + row] = (m_run[r] + log2f(l_run[r])) * kLn2;
   }
 }
 
@@ -416,15 +442,14 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_bwd_mma_kernel(
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int col = (dt + j) * 8 + 2 * tig;
+          // Vector atomics (sm_90): one 8-byte add per pair of columns.
           if (qrow < seq) {
-            float* dst = dq + (tok0 + qrow) * dq_stride + int64_t(h) * D + col;
-            atomicAdd(dst, acc[j][0] * scale);
-            atomicAdd(dst + 1, acc[j][1] * scale);
+            atomicAdd(reinterpret_cast<float2*>(dq + (tok0 + qrow) * dq_stride + int64_t(h) * D + col),
+                      make_float2(acc[j][0] * scale, acc[j][1] * scale));
           }
           if (qrow + 8 < seq) {
-            float* dst = dq + (tok0 + qrow + 8) * dq_stride + int64_t(h) * D + col;
-            atomicAdd(dst, acc[j][2] * scale);
-            atomicAdd(dst + 1, acc[j][3] * scale);
+            atomicAdd(reinterpret_cast<float2*>(dq + (tok0 + qrow + 8) * dq_stride + int64_t(h) * D + col),
+                      make_float2(acc[j][2] * scale, acc[j][3] * scale));
           }
         }
       }
@@ -449,7 +474,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_bwd_mma_kernel(
 
 template <int D>
 size_t FwdSmem() {
-  return sizeof(bf16) * (kFwdRows + 2 * kFwdKeys) * (D + 8);
+  return sizeof(bf16) * (kFwdRows + 4 * FwdKeys<D>()) * (D + 8);
 }
 template <int D>
 size_t BwdSmem() {

@@ -8,7 +8,7 @@ namespace {
 
 constexpr int kMaxPairsPerLane = 8;  // head_dim <= 512
 constexpr int kWarps = 8;
-constexpr int kBwdBlocks = 264;
+constexpr int kBwdBlocks = 1056;  // 8 blocks of 8 warps per SM: enough loads in flight
 
 __global__ void rope_table_kernel(float2* table, int seq, int half, int64_t offset, double theta, int head_dim) {
   const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
@@ -71,7 +71,7 @@ __global__ void qknorm_rope_fwd_kernel(const T* __restrict__ in, int64_t in_stri
 }
 
 // Grid-strided over (token, head) tasks with a fixed grid, so each warp's dw partial is a
-// deterministic sum; partials land in workspace[warp][dh] and are reduced afterwards.
+// deterministic sum; partials land in workspace[block][dh] and are reduced afterwards.
 template <class T>
 __global__ void qknorm_rope_bwd_kernel(const float* __restrict__ dout, const T* __restrict__ in, int64_t in_stride,
                                        const float* __restrict__ rstd, const float* __restrict__ w,
@@ -136,14 +136,22 @@ __global__ void qknorm_rope_bwd_kernel(const float* __restrict__ dout, const T* 
     }
   }
   if (w == nullptr) return;
-  float* p = partial + warp_id * dh;
+  // Combine the block's warps in a fixed order (deterministic), one partial row per block.
+  __shared__ float warp_dw[kWarps][2 * 32 * kMaxPairsPerLane];
+  const int warp = threadIdx.x >> 5;
 #pragma unroll
   for (int t = 0; t < kMaxPairsPerLane; ++t) {
     const int i = lane + 32 * t;
     if (i < half) {
-      p[i] = dwa[t];
-      p[i + half] = dwb[t];
+      warp_dw[warp][i] = dwa[t];
+      warp_dw[warp][i + half] = dwb[t];
     }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < dh; i += blockDim.x) {
+    float s = 0.f;
+    for (int k = 0; k < kWarps; ++k) s += warp_dw[k][i];
+    partial[int64_t(blockIdx.x) * dh + i] = s;
   }
 }
 
@@ -177,7 +185,7 @@ cudaError_t launch_qknorm_rope_fwd(const T* in, int64_t in_stride, T* out, float
   return cudaGetLastError();
 }
 
-int64_t qknorm_rope_bwd_workspace_floats(int head_dim) { return int64_t(kBwdBlocks) * kWarps * head_dim; }
+int64_t qknorm_rope_bwd_workspace_floats(int head_dim) { return int64_t(kBwdBlocks) * head_dim; }
 
 template <class T>
 cudaError_t launch_qknorm_rope_bwd(const float* dout, const T* in, int64_t in_stride, const float* rstd,
@@ -190,8 +198,7 @@ cudaError_t launch_qknorm_rope_bwd(const float* dout, const T* in, int64_t in_st
                                                                     workspace, tokens, seq, heads, head_dim);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || norm_w == nullptr) return e;
-  reduce_rows_kernel<<<ceil_div(head_dim, 128), 128, 0, stream>>>(workspace, int64_t(kBwdBlocks) * kWarps, head_dim,
-                                                                  dw, accumulate);
+  reduce_rows_kernel<<<ceil_div(head_dim, 128), 128, 0, stream>>>(workspace, kBwdBlocks, head_dim, dw, accumulate);
   return cudaGetLastError();
 }
 

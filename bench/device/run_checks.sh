@@ -60,6 +60,36 @@ if [[ " $stages " == *" parity "* ]] && [ -f "$dev/python/test_parity.py" ]; the
   done
 fi
 
+if [[ " $stages " == *" kernels "* ]]; then
+  for shape in qwen llama; do
+    timeout 120 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_kernels" --shape=$shape >"$OUT/bench_kernels.$shape.log" 2>&1
+    row "bench.kernels.$shape" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see bench_kernels.$shape.log"
+    cat "$OUT/bench_kernels.$shape.log"
+  done
+fi
+
+if [[ " $stages " == *" ncu "* ]]; then
+  timeout 240 env LD_LIBRARY_PATH="$LIBS" ncu --clock-control none -k regex:"attention_(fwd|bwd)_mma" -c 2 \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis "$dev/bin/bench_kernels" --shape=qwen --iters=1 >"$OUT/ncu.log" 2>&1
+  row "ncu.attention" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see ncu.log"
+fi
+
+if [[ " $stages " == *" torch "* ]]; then
+  port=50999
+  LD_LIBRARY_PATH="$LIBS" timeout 900 "$dev/bin/blockd" --backend=cuda --listen=127.0.0.1:$port \
+    --metrics_listen= >"$OUT/blockd.torch.log" 2>&1 &
+  daemon=$!
+  sleep 3
+  (cd "$root" && PYTHONPATH="$dev/python" timeout ${TORCH_TIMEOUT:-400} python3 bench/torch_baseline.py \
+     --check-target 127.0.0.1:$port --shapes ${TORCH_SHAPES:-qwen,llama,span8} --modes ${TORCH_MODES:-eager-bf16,compile-bf16,eager-fp32} \
+     --json "$OUT/torch_baseline.json") >"$OUT/torch_baseline.log" 2>&1
+  rc=$?
+  kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+  row "bench.torch" "$([ $rc -eq 0 ] && echo DONE || echo FAIL)" "see torch_baseline.log"
+  cat "$OUT/torch_baseline.log"
+fi
+
 if [[ " $stages " == *" bench "* ]] && [ -x "$dev/bin/bench_engine" ]; then
   timeout 150 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --iters=${BENCH_ITERS:-10} >"$OUT/bench_engine.log" 2>&1
   row "bench.engine" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see bench_engine.log"

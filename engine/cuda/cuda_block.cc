@@ -87,6 +87,7 @@ size_t SavedBytesFor(const BlockConfig& c, Precision p, int64_t batch, int64_t s
   bytes += m.n * m.qd * t + m.batch * m.heads * m.seq * 4; // o, lse
   bytes += m.n * m.d * 4 + m.n * 4 + m.n * m.d * t;        // r1, rstd2, n2
   bytes += m.n * 2 * m.f * t;                              // gate|up
+  bytes += m.n * m.f * t;                                  // h = silu(gate) * up (kept: saves a pass)
   return bytes;
 }
 
@@ -101,7 +102,7 @@ class CudaSaved : public SavedActivations {
  public:
   size_t bytes() const override { return bytes_; }
   int64_t batch = 0, seq = 0, offset = 0;
-  DeviceBuffer x, n1, rstd1, qkv, rstd_q, rstd_k, q, k, table, o, lse, r1, rstd2, n2, gu;
+  DeviceBuffer x, n1, rstd1, qkv, rstd_q, rstd_k, q, k, table, o, lse, r1, rstd2, n2, gu, h;
   size_t bytes_ = 0;
 };
 
@@ -295,7 +296,7 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(s->rstd2, Alloc(m.n * 4));
     ASSIGN_OR_RETURN(s->n2, Alloc(m.n * m.d * t));
     ASSIGN_OR_RETURN(s->gu, Alloc(m.n * 2 * m.f * t));
-    ASSIGN_OR_RETURN(DeviceBuffer h, Alloc(m.n * m.f * t));
+    ASSIGN_OR_RETURN(s->h, Alloc(m.n * m.f * t));
     ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> out, NewActivation(dev_, m.batch, m.seq, m.d));
 
     T* n1 = s->n1.as<T>();
@@ -324,9 +325,9 @@ class CudaBlock : public Block {
                                                         s->rstd2.as<float>(), m.n, static_cast<int>(m.d), eps, st));
     RETURN_IF_ERROR(Mm(false, true, m.n, 2 * m.f, m.d, s->n2.get(), m.d, W<T>(ParamId::kGateProj), m.d, s->gu.get(),
                        2 * m.f, tt));
-    CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(s->gu.as<T>(), h.as<T>(), m.n, m.f, st));
+    CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(s->gu.as<T>(), s->h.as<T>(), m.n, m.f, st));
     // out = r1 + h Wdown^T
-    RETURN_IF_ERROR(Mm(false, true, m.n, m.d, m.f, h.get(), m.f, W<T>(ParamId::kDownProj), m.f, out->data(), m.d,
+    RETURN_IF_ERROR(Mm(false, true, m.n, m.d, m.f, s->h.get(), m.f, W<T>(ParamId::kDownProj), m.f, out->data(), m.d,
                        GemmType::kF32, 1.f, s->r1.get(), GemmType::kF32));
     if (saved_out != nullptr) {
       *saved_out = std::move(s);
@@ -357,7 +358,6 @@ class CudaBlock : public Block {
       CUDA_RETURN_IF_ERROR(kernels::launch_float_to_bf16(dy, dy_t_buf.as<bf16>(), m.n * m.d, st));
       dy_t = dy_t_buf.get();
     }
-    ASSIGN_OR_RETURN(DeviceBuffer h, Alloc(m.n * m.f * t));
     ASSIGN_OR_RETURN(DeviceBuffer dh, Alloc(m.n * m.f * t));
     ASSIGN_OR_RETURN(DeviceBuffer dgu, Alloc(m.n * 2 * m.f * t));
     ASSIGN_OR_RETURN(DeviceBuffer dn, Alloc(m.n * m.d * 4));  // dn2, later dn1
@@ -369,9 +369,8 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(DeviceBuffer dqkv, Alloc(m.n * m.qkv * t));
     ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> dx, NewActivation(dev_, m.batch, m.seq, m.d));
 
-    // MLP: out = r1 + h Wd^T, h = silu(gate) * up.
-    CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(s.gu.as<T>(), h.as<T>(), m.n, m.f, st));
-    RETURN_IF_ERROR(Mm(true, false, m.d, m.f, m.n, dy_t, m.d, h.get(), m.f, G32(ParamId::kDownProj), m.f,
+    // MLP: out = r1 + h Wd^T, h = silu(gate) * up (kept by the forward).
+    RETURN_IF_ERROR(Mm(true, false, m.d, m.f, m.n, dy_t, m.d, s.h.get(), m.f, G32(ParamId::kDownProj), m.f,
                        GemmType::kF32, beta));
     RETURN_IF_ERROR(Mm(false, false, m.n, m.f, m.d, dy_t, m.d, W<T>(ParamId::kDownProj), m.f, dh.get(), m.f, tt));
     CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_bwd<T>(dh.as<T>(), s.gu.as<T>(), dgu.as<T>(), m.n, m.f, st));
@@ -379,17 +378,17 @@ class CudaBlock : public Block {
                        m.d, GemmType::kF32, beta));
     RETURN_IF_ERROR(Mm(false, false, m.n, m.d, 2 * m.f, dgu.get(), 2 * m.f, W<T>(ParamId::kGateProj), m.d, dn.get(),
                        m.d, GemmType::kF32));
-    // dr1 = dy + the post-attention norm's backward.
-    CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_bwd(dn.as<float>(), s.r1.as<float>(), W32(ParamId::kPostNorm),
-                                                     s.rstd2.as<float>(), dy, dr1.as<float>(), G32(ParamId::kPostNorm),
-                                                     accumulate, rms_ws_.as<float>(), m.n, static_cast<int>(m.d), st));
+    // dr1 = dy + the post-attention norm's backward (and its bf16 copy for the products below).
     DeviceBuffer dr1_t_buf;
     const void* dr1_t = dr1.get();
     if constexpr (!std::is_same<T, float>::value) {
       ASSIGN_OR_RETURN(dr1_t_buf, Alloc(m.n * m.d * t));
-      CUDA_RETURN_IF_ERROR(kernels::launch_float_to_bf16(dr1.as<float>(), dr1_t_buf.as<bf16>(), m.n * m.d, st));
       dr1_t = dr1_t_buf.get();
     }
+    CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_bwd(
+        dn.as<float>(), s.r1.as<float>(), W32(ParamId::kPostNorm), s.rstd2.as<float>(), dy, dr1.as<float>(),
+        std::is_same<T, float>::value ? nullptr : dr1_t_buf.as<bf16>(), G32(ParamId::kPostNorm), accumulate,
+        rms_ws_.as<float>(), m.n, static_cast<int>(m.d), st));
     // Attention output projection.
     RETURN_IF_ERROR(Mm(true, false, m.d, m.qd, m.n, dr1_t, m.d, s.o.get(), m.qd, G32(ParamId::kOProj), m.qd,
                        GemmType::kF32, beta));
@@ -416,7 +415,7 @@ class CudaBlock : public Block {
                        GemmType::kF32));
     // dx = dr1 + the input norm's backward.
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_bwd(dn.as<float>(), s.x.as<float>(), W32(ParamId::kInputNorm),
-                                                     s.rstd1.as<float>(), dr1.as<float>(), dx->data(),
+                                                     s.rstd1.as<float>(), dr1.as<float>(), dx->data(), nullptr,
                                                      G32(ParamId::kInputNorm), accumulate, rms_ws_.as<float>(), m.n,
                                                      static_cast<int>(m.d), st));
     return std::unique_ptr<Activation>(std::move(dx));

@@ -70,8 +70,9 @@ TEST_P(RmsNormTest, ForwardAndBackwardMatchFloat64) {
   ddx.Poison();
   CUDA_ASSERT(kernels::launch_rmsnorm_fwd<float>(dx_.get(), dw_.get(), y32.get(), drstd.get(), rows, d, eps, 0));
   CUDA_ASSERT(kernels::launch_rmsnorm_fwd<bf16>(dx_.get(), dw_.get(), y16.get(), drstd.get(), rows, d, eps, 0));
-  CUDA_ASSERT(kernels::launch_rmsnorm_bwd(dy_.get(), dx_.get(), dw_.get(), drstd.get(), dres.get(), ddx.get(), ddw.get(),
-                                          /*accumulate_dw=*/true, dws.get(), rows, d, 0));
+  DeviceArray<bf16> ddx16(x.size());
+  CUDA_ASSERT(kernels::launch_rmsnorm_bwd(dy_.get(), dx_.get(), dw_.get(), drstd.get(), dres.get(), ddx.get(),
+                                          ddx16.get(), ddw.get(), /*accumulate_dw=*/true, dws.get(), rows, d, 0));
   CUDA_ASSERT(cudaDeviceSynchronize());
   ExpectClose("rmsnorm y fp32", y32.Download(), y_ref, kFp32Rtol);
   ExpectClose("rmsnorm rstd", drstd.Download(), rstd_ref, kFp32Rtol);
@@ -79,6 +80,7 @@ TEST_P(RmsNormTest, ForwardAndBackwardMatchFloat64) {
   ExpectNormClose("rmsnorm y bf16", FromBf16(y16.Download()), y_ref, 3.9e-3);
   ExpectClose("rmsnorm dx (+ residual)", ddx.Download(), dx_ref, kFp32Rtol);
   ExpectClose("rmsnorm dw (accumulated)", ddw.Download(), dw_ref, kFp32Rtol);
+  ExpectNormClose("rmsnorm dx bf16 copy", FromBf16(ddx16.Download()), dx_ref, 3.9e-3);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, RmsNormTest,
@@ -146,9 +148,11 @@ INSTANTIATE_TEST_SUITE_P(Configs, RopeTest,
                                            std::make_tuple(128, false, int64_t{3}), std::make_tuple(32, true, int64_t{1}),
                                            std::make_tuple(256, false, int64_t{100000})));
 
-TEST(SwiGluTest, ForwardAndBackwardMatchFloat64) {
+class SwiGluTest : public ::testing::TestWithParam<int64_t> {};
+
+TEST_P(SwiGluTest, ForwardAndBackwardMatchFloat64) {
   SKIP_WITHOUT_GPU();
-  const int64_t tokens = 33, f = 517;
+  const int64_t tokens = 33, f = GetParam();  // 517: the scalar kernels; 1024: the 16-byte vector ones
   auto gu = RandomNormal(tokens * 2 * f, 21, 2.f);
   auto dh = RandomNormal(tokens * f, 22);
   std::vector<double> g(tokens * f), u(tokens * f), dhd(dh.begin(), dh.end());
@@ -191,6 +195,8 @@ TEST(SwiGluTest, ForwardAndBackwardMatchFloat64) {
   cpu::SwiGluForward(g16.data(), u16.data(), tokens * f, h16.data());
   ExpectNormClose("swiglu h bf16", FromBf16(bh.Download()), h16, 2 * 3.9e-3);
 }
+
+INSTANTIATE_TEST_SUITE_P(Widths, SwiGluTest, ::testing::Values(int64_t{517}, int64_t{1024}));
 
 struct AttentionCase {
   int batch, seq, heads, kv_heads, dh;
