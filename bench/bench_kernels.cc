@@ -183,7 +183,7 @@ int main(int argc, char** argv) {
   bf16* k = Random<bf16>(N * kvd);
   bf16* o = Random<bf16>(N * qd);
   float* lse = Random<float>(B * H * S);
-  float* delta = Random<float>(B * H * S);
+  float* delta = Random<float>(blockd::kernels::attention_bwd_workspace_floats(B, S, H, Hkv, dh));
   bf16* wo = Random<bf16>(d * qd, 0.03f);
   float* r1 = Random<float>(N * d);
   bf16* wgu = Random<bf16>(2 * f * d, 0.03f);

@@ -181,6 +181,10 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
   const int max_message = static_cast<int>(std::min<int64_t>(options.max_message_bytes, INT32_MAX));
   args.SetMaxReceiveMessageSize(max_message);
   args.SetMaxSendMessageSize(max_message);
+  // Activations are tens of MB: large HTTP/2 frames and a deep per-stream window keep a large
+  // message flowing instead of stopping for window updates every 64 KiB.
+  args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, (1 << 24) - 1);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
   if (!options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
 
   std::unique_ptr<Client> c(new Client());

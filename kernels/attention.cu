@@ -352,12 +352,18 @@ cudaError_t launch_attention_bwd(const T* q, int64_t q_stride, const T* k, int64
                                                                                   tokens, seq, heads, head_dim);
       cudaError_t e = cudaGetLastError();
       if (e != cudaSuccess) return e;
+      float* dv_accum = delta + int64_t(batch) * heads * seq;  // see attention_bwd_workspace_floats
       return launch_attention_bwd_mma(q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv,
-                                      dv_stride, batch, seq, heads, kv_heads, head_dim, scale, stream);
+                                      dv_stride, dv_accum, batch, seq, heads, kv_heads, head_dim, scale, stream);
     }
   }
   return launch_attention_bwd_simt(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, d_o, do_stride, dq, dk,
                                    dv, dv_stride, delta, batch, seq, heads, kv_heads, head_dim, scale, stream);
+}
+
+int64_t attention_bwd_workspace_floats(int batch, int seq, int heads, int kv_heads, int head_dim) {
+  // delta [batch, heads, seq], then the tensor-core path's fp32 dV accumulator [tokens, kv_heads * head_dim].
+  return int64_t(batch) * heads * seq + int64_t(batch) * seq * kv_heads * head_dim;
 }
 
 #define BLOCKD_INSTANTIATE_ATTENTION(T)                                                                          \

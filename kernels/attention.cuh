@@ -25,13 +25,15 @@ cudaError_t launch_attention_fwd(const T* q, int64_t q_stride, const T* k, int64
                                  int kv_heads, int head_dim, float scale, cudaStream_t stream);
 
 // Writes dq [tokens, heads*dh] fp32, dk [tokens, kv_heads*dh] fp32 and dv (stride dv_stride, as T).
-// `delta` is a [batch, heads, seq] fp32 workspace.
+// `delta` is an fp32 workspace of attention_bwd_workspace_floats(...) floats.
 template <class T>
 cudaError_t launch_attention_bwd(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
                                  int64_t v_stride, const T* o, int64_t o_stride, const float* lse, const T* d_o,
                                  int64_t do_stride, float* dq, float* dk, T* dv, int64_t dv_stride, float* delta,
                                  int batch, int seq, int heads, int kv_heads, int head_dim, float scale,
                                  cudaStream_t stream);
+
+int64_t attention_bwd_workspace_floats(int batch, int seq, int heads, int kv_heads, int head_dim);
 
 // The SIMT kernels behind the two launchers above, for any head_dim up to 256 (the launchers use
 // them for fp32 activations and for head dims the tensor-core kernels do not cover).

@@ -1,14 +1,11 @@
 // Tensor-core causal GQA attention for bf16 activations and head_dim 64 or 128, FlashAttention-2
 // style: mma.sync m16n8k16 (bf16 in, fp32 accumulate), ldmatrix from padded shared memory tiles,
 // cp.async loads, exp2-domain online softmax. launch_attention_fwd/bwd (attention.cu) dispatch here
-// for those shapes; everything else runs the SIMT kernels.
-//
-// Forward: a CTA of 4 warps takes 128 query rows (32 per warp) and streams double-buffered
-// 32- or 64-key blocks of K and V. Backward: a CTA takes 64 keys of one
-// kv head and walks every query block (32 or 64 rows) of every query head that reads it, accumulating dK and dV
-// in registers; dQ contributions go to the fp32 dq buffer with atomic adds.
+// for those shapes; everything else runs the SIMT kernels. The kernels' own comments give their
+// tilings.
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/attention.cuh"
@@ -276,51 +273,67 @@ __global__ void __launch_bounds__(kFwdThreads) attention_fwd_mma_kernel(
   }
 }
 
-constexpr int kBwdKeys = 64, kBwdThreads = 128;
-// Query rows per inner step: 32 at head_dim 128 keeps dK, dV, S^T and dP^T within 255 registers.
-template <int D>
-__host__ __device__ constexpr int BwdRows() {
-  return D >= 128 ? 32 : 64;
-}
+// Backward: a CTA of 8 warps takes 128 keys of one kv head and walks the 64-query blocks of every
+// query head that reads it. Each product is tiled over the warps in two dimensions, so that a
+// fragment read from shared memory feeds several products:
+//   S^T = K Q^T, dP^T = V dO^T   [128 keys x 64 queries]  warps 4 (keys) x 2 (queries), 32 x 32 each
+//   dV += P^T dO, dK += dS^T Q   [128 keys x D]           warps 4 (keys) x 2 (head dim), 32 x D/2
+//   dQ += dS K                   [64 queries x D]         warps 2 (queries) x 4 (head dim), 32 x D/4
+// P^T and dS^T go through shared memory between the first and the other products; dK and dV stay
+// in registers for the whole walk; dQ is added to the fp32 dq buffer with float2 atomics.
+// With kSplit (grouped-query attention), a CTA takes one query head instead of the whole group, for
+// more CTAs; the group's CTAs then add their dK and dV with atomics (dk and dv_accum, zeroed first).
+constexpr int kBwdKeys = 128, kBwdRows = 64, kBwdThreads = 256;
 
-template <int D>
+template <int D, bool kSplit>
 __global__ void __launch_bounds__(kBwdThreads, 1) attention_bwd_mma_kernel(
     const bf16* __restrict__ q, int64_t q_stride, const bf16* __restrict__ k, int64_t k_stride,
     const bf16* __restrict__ v, int64_t v_stride, const float* __restrict__ lse, const bf16* __restrict__ d_o,
     int64_t do_stride, const float* __restrict__ delta, float* __restrict__ dq, float* __restrict__ dk,
-    bf16* __restrict__ dv, int64_t dv_stride, int seq, int heads, int kv_heads, float scale) {
-  constexpr int BC = kBwdKeys, BR = BwdRows<D>(), LD = D + 8, LDS = BR + 8;
+    bf16* __restrict__ dv, int64_t dv_stride, float* __restrict__ dv_accum, int seq, int heads, int kv_heads,
+    float scale) {
+  constexpr int BC = kBwdKeys, BR = kBwdRows, LD = D + 8, LDP = BR + 8;
+  constexpr int DH2 = D / 2, DH4 = D / 4;  // head-dim slice of a warp in dK/dV and in dQ
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* ks = reinterpret_cast<bf16*>(smem_raw);
   bf16* vs = ks + BC * LD;
   bf16* qs = vs + BC * LD;
   bf16* dos = qs + BR * LD;
-  bf16* dss = dos + BR * LD;                               // dS^T [keys][queries]
-  float* lse_s = reinterpret_cast<float*>(dss + BC * LDS);  // log2-domain lse of the query block
+  bf16* pts = dos + BR * LD;  // P^T  [keys][queries]
+  bf16* dss = pts + BC * LDP;  // dS^T [keys][queries]
+  float* lse_s = reinterpret_cast<float*>(dss + BC * LDP);  // log2-domain lse of the query block
   float* delta_s = lse_s + BR;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
   const int kb = gridDim.x - 1 - blockIdx.x;
-  const int b = blockIdx.y / kv_heads, kvh = blockIdx.y % kv_heads, group = heads / kv_heads;
+  const int group = heads / kv_heads;
+  const int b = kSplit ? blockIdx.y / heads : blockIdx.y / kv_heads;
+  const int kvh = kSplit ? (blockIdx.y % heads) / group : blockIdx.y % kv_heads;
+  const int h_first = kSplit ? blockIdx.y % heads : kvh * group, h_count = kSplit ? 1 : group;
   const int64_t tok0 = int64_t(b) * seq;
   const int key0 = kb * BC;
   const float scale_log2 = scale * kLog2e;
   const int dq_stride = heads * D;
+  // Warp tiles: S/dP rows (keys) and columns (queries); dK/dV rows and head-dim columns; dQ.
+  const int s_key = (warp & 3) * 32, s_qry = (warp >> 2) * 32;
+  const int kv_key = (warp & 3) * 32, kv_col = (warp >> 2) * DH2;
+  const int q_row = (warp & 1) * 32, q_col = (warp >> 1) * DH4;
 
   load_tile<BC, D, kBwdThreads>(ks, k + tok0 * k_stride + int64_t(kvh) * D, k_stride, key0, seq);
   load_tile<BC, D, kBwdThreads>(vs, v + tok0 * v_stride + int64_t(kvh) * D, v_stride, key0, seq);
   cp_async_commit();
 
-  float dk_acc[D / 8][4], dv_acc[D / 8][4];
+  float dk_acc[2][DH2 / 8][4], dv_acc[2][DH2 / 8][4];
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
+  for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk_acc[dt][e] = dv_acc[dt][e] = 0.f;
+    for (int nt = 0; nt < DH2 / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk_acc[mt][nt][e] = dv_acc[mt][nt][e] = 0.f;
+    }
   }
-  const int key_a = key0 + warp * 16 + g;  // this thread's two keys: key_a and key_a + 8
   const int nqb = (seq + BR - 1) / BR;
 
-  for (int gi = 0; gi < group; ++gi) {
-    const int h = kvh * group + gi;
+  for (int h = h_first; h < h_first + h_count; ++h) {
     const bf16* qbase = q + tok0 * q_stride + int64_t(h) * D;
     const bf16* dobase = d_o + tok0 * do_stride + int64_t(h) * D;
     const int64_t stat0 = (int64_t(b) * heads + h) * seq;
@@ -338,118 +351,139 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_bwd_mma_kernel(
       cp_async_wait<0>();
       __syncthreads();
 
-      // S^T = K Q^T for this warp's 16 keys and the 64 queries, then P^T = exp(S^T scale - lse)
-      // with the causal mask. The steps below are ordered so that few fragments live at once.
-      const bool mask = q0 < key0 + BC - 1 || q0 + BR > seq || key0 + BC > seq;
-      float st[BR / 8][4];
-#pragma unroll
-      for (int nt = 0; nt < BR / 8; ++nt) st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t ka[4];
-        load_a(ka, ks, LD, warp * 16, kk * 16);
-#pragma unroll
-        for (int nt = 0; nt < BR / 8; nt += 2) {
-          uint32_t bq[4];
-          load_b_nk(bq, qs, LD, nt * 8, kk * 16);
-          mma_bf16(st[nt], ka, bq[0], bq[1]);
-          mma_bf16(st[nt + 1], ka, bq[2], bq[3]);
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < BR / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qc = nt * 8 + 2 * tig + (e & 1);
-          float p = fast_exp2(st[nt][e] * scale_log2 - lse_s[qc]);
-          if (mask) {
-            const int key = key_a + (e >> 1) * 8, query = q0 + qc;
-            if (query < key || query >= seq || key >= seq) p = 0.f;
-          }
-          st[nt][e] = p;
-        }
-      }
-      // dV += P^T dO (k runs over the 64 queries).
-#pragma unroll
-      for (int kk = 0; kk < BR / 16; ++kk) {
-        const uint32_t pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
-                                pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-#pragma unroll
-        for (int dt = 0; dt < D / 8; dt += 2) {
-          uint32_t bdo[4];
-          load_b_kn(bdo, dos, LD, kk * 16, dt * 8);
-          mma_bf16(dv_acc[dt], pa, bdo[0], bdo[1]);
-          mma_bf16(dv_acc[dt + 1], pa, bdo[2], bdo[3]);
-        }
-      }
-      // dP^T = V dO^T, then dS^T = P^T (dP^T - delta), kept in st.
+      // S^T and dP^T for this warp's 32 keys x 32 queries.
       {
-        float dpt[BR / 8][4];
+        float st[2][4][4], dpt[2][4][4];
 #pragma unroll
-        for (int nt = 0; nt < BR / 8; ++nt) dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
+        for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          uint32_t va[4];
-          load_a(va, vs, LD, warp * 16, kk * 16);
+          for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
-          for (int nt = 0; nt < BR / 8; nt += 2) {
-            uint32_t bdo[4];
-            load_b_nk(bdo, dos, LD, nt * 8, kk * 16);
-            mma_bf16(dpt[nt], va, bdo[0], bdo[1]);
-            mma_bf16(dpt[nt + 1], va, bdo[2], bdo[3]);
+            for (int e = 0; e < 4; ++e) st[mt][nt][e] = dpt[mt][nt][e] = 0.f;
           }
         }
+#pragma unroll 2
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t ka[2][4];
 #pragma unroll
-        for (int nt = 0; nt < BR / 8; ++nt) {
+          for (int mt = 0; mt < 2; ++mt) load_a(ka[mt], ks, LD, s_key + mt * 16, kk * 16);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) st[nt][e] *= dpt[nt][e] - delta_s[nt * 8 + 2 * tig + (e & 1)];
+          for (int nt = 0; nt < 4; nt += 2) {
+            uint32_t bq[4];
+            load_b_nk(bq, qs, LD, s_qry + nt * 8, kk * 16);
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+              mma_bf16(st[mt][nt], ka[mt], bq[0], bq[1]);
+              mma_bf16(st[mt][nt + 1], ka[mt], bq[2], bq[3]);
+            }
+          }
+        }
+#pragma unroll 2
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t va[2][4];
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) load_a(va[mt], vs, LD, s_key + mt * 16, kk * 16);
+#pragma unroll
+          for (int nt = 0; nt < 4; nt += 2) {
+            uint32_t bdo[4];
+            load_b_nk(bdo, dos, LD, s_qry + nt * 8, kk * 16);
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+              mma_bf16(dpt[mt][nt], va[mt], bdo[0], bdo[1]);
+              mma_bf16(dpt[mt][nt + 1], va[mt], bdo[2], bdo[3]);
+            }
+          }
+        }
+        // P^T = exp(S^T scale - lse) with the causal mask; dS^T = P^T (dP^T - delta). Both to
+        // shared memory as bf16.
+        const bool mask = q0 < key0 + BC - 1 || q0 + BR > seq || key0 + BC > seq;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+            float p[4], ds[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int qc = s_qry + nt * 8 + 2 * tig + (e & 1);
+              p[e] = fast_exp2(st[mt][nt][e] * scale_log2 - lse_s[qc]);
+              if (mask) {
+                const int key = key0 + s_key + mt * 16 + g + (e >> 1) * 8, query = q0 + qc;
+                if (query < key || query >= seq || key >= seq) p[e] = 0.f;
+              }
+              ds[e] = p[e] * (dpt[mt][nt][e] - delta_s[qc]);
+            }
+            const int row = s_key + mt * 16 + g, col = s_qry + nt * 8 + 2 * tig;
+            *reinterpret_cast<uint32_t*>(pts + row * LDP + col) = pack_bf16(p[0], p[1]);
+            *reinterpret_cast<uint32_t*>(pts + (row + 8) * LDP + col) = pack_bf16(p[2], p[3]);
+            *reinterpret_cast<uint32_t*>(dss + row * LDP + col) = pack_bf16(ds[0], ds[1]);
+            *reinterpret_cast<uint32_t*>(dss + (row + 8) * LDP + col) = pack_bf16(ds[2], ds[3]);
+          }
         }
       }
-      // dK += dS^T Q, and dS^T to shared memory for dQ = dS K below.
+      __syncthreads();  // P^T and dS^T are complete
+
+      // dV += P^T dO and dK += dS^T Q for this warp's 32 keys x D/2 head dims (k: the 64 queries).
 #pragma unroll
       for (int kk = 0; kk < BR / 16; ++kk) {
-        const uint32_t da[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
-                                pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-        const int col = kk * 16 + 2 * tig;
-        *reinterpret_cast<uint32_t*>(dss + (warp * 16 + g) * LDS + col) = da[0];
-        *reinterpret_cast<uint32_t*>(dss + (warp * 16 + g + 8) * LDS + col) = da[1];
-        *reinterpret_cast<uint32_t*>(dss + (warp * 16 + g) * LDS + col + 8) = da[2];
-        *reinterpret_cast<uint32_t*>(dss + (warp * 16 + g + 8) * LDS + col + 8) = da[3];
+        uint32_t pa[2][4], da[2][4];
 #pragma unroll
-        for (int dt = 0; dt < D / 8; dt += 2) {
-          uint32_t bq[4];
-          load_b_kn(bq, qs, LD, kk * 16, dt * 8);
-          mma_bf16(dk_acc[dt], da, bq[0], bq[1]);
-          mma_bf16(dk_acc[dt + 1], da, bq[2], bq[3]);
+        for (int mt = 0; mt < 2; ++mt) {
+          load_a(pa[mt], pts, LDP, kv_key + mt * 16, kk * 16);
+          load_a(da[mt], dss, LDP, kv_key + mt * 16, kk * 16);
+        }
+#pragma unroll
+        for (int nt = 0; nt < DH2 / 8; nt += 2) {
+          uint32_t bdo[4], bq[4];
+          load_b_kn(bdo, dos, LD, kk * 16, kv_col + nt * 8);
+          load_b_kn(bq, qs, LD, kk * 16, kv_col + nt * 8);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma_bf16(dv_acc[mt][nt], pa[mt], bdo[0], bdo[1]);
+            mma_bf16(dv_acc[mt][nt + 1], pa[mt], bdo[2], bdo[3]);
+            mma_bf16(dk_acc[mt][nt], da[mt], bq[0], bq[1]);
+            mma_bf16(dk_acc[mt][nt + 1], da[mt], bq[2], bq[3]);
+          }
         }
       }
-      __syncthreads();  // all of dS^T is in shared memory
-      // dQ += scale * dS K: items of 16 queries x 16 head dims, spread over the warps.
-      for (int item = warp; item < (BR / 16) * (D / 16); item += kBwdThreads / 32) {
-        const int qg = item % (BR / 16), dt = (item / (BR / 16)) * 2;
-        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+
+      // dQ += scale * dS K for this warp's 32 queries x D/4 head dims (k: the 128 keys).
+      {
+        float dq_acc[2][DH4 / 8][4];
 #pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-          uint32_t a[4], bk[4];
-          load_a_t(a, dss, LDS, qg * 16, kk * 16);
-          load_b_kn(bk, ks, LD, kk * 16, dt * 8);
-          mma_bf16(acc[0], a, bk[0], bk[1]);
-          mma_bf16(acc[1], a, bk[2], bk[3]);
+        for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+          for (int nt = 0; nt < DH4 / 8; ++nt) dq_acc[mt][nt][0] = dq_acc[mt][nt][1] = dq_acc[mt][nt][2] = dq_acc[mt][nt][3] = 0.f;
         }
-        const int qrow = q0 + qg * 16 + g;
+#pragma unroll 2
+        for (int kk = 0; kk < BC / 16; ++kk) {
+          uint32_t a[2][4];
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int col = (dt + j) * 8 + 2 * tig;
-          // Vector atomics (sm_90): one 8-byte add per pair of columns.
-          if (qrow < seq) {
-            atomicAdd(reinterpret_cast<float2*>(dq + (tok0 + qrow) * dq_stride + int64_t(h) * D + col),
-                      make_float2(acc[j][0] * scale, acc[j][1] * scale));
+          for (int mt = 0; mt < 2; ++mt) load_a_t(a[mt], dss, LDP, q_row + mt * 16, kk * 16);
+#pragma unroll
+          for (int nt = 0; nt < DH4 / 8; nt += 2) {
+            uint32_t bk[4];
+            load_b_kn(bk, ks, LD, kk * 16, q_col + nt * 8);
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+              mma_bf16(dq_acc[mt][nt], a[mt], bk[0], bk[1]);
+              mma_bf16(dq_acc[mt][nt + 1], a[mt], bk[2], bk[3]);
+            }
           }
-          if (qrow + 8 < seq) {
-            atomicAdd(reinterpret_cast<float2*>(dq + (tok0 + qrow + 8) * dq_stride + int64_t(h) * D + col),
-                      make_float2(acc[j][2] * scale, acc[j][3] * scale));
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          const int qrow = q0 + q_row + mt * 16 + g;
+#pragma unroll
+          for (int nt = 0; nt < DH4 / 8; ++nt) {
+            const int col = q_col + nt * 8 + 2 * tig;
+            if (qrow < seq) {
+              atomicAdd(reinterpret_cast<float2*>(dq + (tok0 + qrow) * dq_stride + int64_t(h) * D + col),
+                        make_float2(dq_acc[mt][nt][0] * scale, dq_acc[mt][nt][1] * scale));
+            }
+            if (qrow + 8 < seq) {
+              atomicAdd(reinterpret_cast<float2*>(dq + (tok0 + qrow + 8) * dq_stride + int64_t(h) * D + col),
+                        make_float2(dq_acc[mt][nt][2] * scale, dq_acc[mt][nt][3] * scale));
+            }
           }
         }
       }
@@ -458,17 +492,39 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_bwd_mma_kernel(
   // dK = scale * sum dS^T Q (fp32), dV = sum P^T dO (bf16, into the strided q|k|v gradient).
   const int dk_stride = kv_heads * D;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key_a + r * 8;
-    if (key >= seq) continue;
-    float* dkrow = dk + (tok0 + key) * dk_stride + int64_t(kvh) * D;
-    bf16* dvrow = dv + (tok0 + key) * dv_stride + int64_t(kvh) * D;
+  for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      const int col = dt * 8 + 2 * tig;
-      *reinterpret_cast<float2*>(dkrow + col) = make_float2(dk_acc[dt][2 * r] * scale, dk_acc[dt][2 * r + 1] * scale);
-      *reinterpret_cast<__nv_bfloat162*>(dvrow + col) = __floats2bfloat162_rn(dv_acc[dt][2 * r], dv_acc[dt][2 * r + 1]);
+    for (int r = 0; r < 2; ++r) {
+      const int key = key0 + kv_key + mt * 16 + g + r * 8;
+      if (key >= seq) continue;
+      float* dkrow = dk + (tok0 + key) * dk_stride + int64_t(kvh) * D;
+      bf16* dvrow = dv + (tok0 + key) * dv_stride + int64_t(kvh) * D;
+#pragma unroll
+      for (int nt = 0; nt < DH2 / 8; ++nt) {
+        const int col = kv_col + nt * 8 + 2 * tig;
+        const float2 dkv = make_float2(dk_acc[mt][nt][2 * r] * scale, dk_acc[mt][nt][2 * r + 1] * scale);
+        if constexpr (kSplit) {
+          atomicAdd(reinterpret_cast<float2*>(dkrow + col), dkv);
+          atomicAdd(reinterpret_cast<float2*>(dv_accum + (tok0 + key) * dk_stride + int64_t(kvh) * D + col),
+                    make_float2(dv_acc[mt][nt][2 * r], dv_acc[mt][nt][2 * r + 1]));
+        } else {
+          *reinterpret_cast<float2*>(dkrow + col) = dkv;
+          *reinterpret_cast<__nv_bfloat162*>(dvrow + col) =
+              __floats2bfloat162_rn(dv_acc[mt][nt][2 * r], dv_acc[mt][nt][2 * r + 1]);
+        }
+      }
     }
+  }
+}
+
+// dv (bf16, rows dv_stride apart) = dv_accum (fp32, [tokens, kv_dim]).
+__global__ void dv_from_accum_kernel(const float* __restrict__ acc, bf16* __restrict__ dv, int64_t dv_stride,
+                                     int64_t tokens, int kv_dim) {
+  const int64_t n = tokens * kv_dim / 2;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = (2 * i) / kv_dim, c = (2 * i) % kv_dim;
+    const float2 a = *reinterpret_cast<const float2*>(acc + 2 * i);
+    *reinterpret_cast<__nv_bfloat162*>(dv + t * dv_stride + c) = __floats2bfloat162_rn(a.x, a.y);
   }
 }
 
@@ -478,8 +534,8 @@ size_t FwdSmem() {
 }
 template <int D>
 size_t BwdSmem() {
-  constexpr int BR = BwdRows<D>();
-  return sizeof(bf16) * ((2 * kBwdKeys + 2 * BR) * (D + 8) + kBwdKeys * (BR + 8)) + sizeof(float) * 2 * BR;
+  return sizeof(bf16) * ((2 * kBwdKeys + 2 * kBwdRows) * (D + 8) + 2 * kBwdKeys * (kBwdRows + 8)) +
+         sizeof(float) * 2 * kBwdRows;
 }
 
 }  // namespace
@@ -502,17 +558,37 @@ cudaError_t LaunchFwd(const bf16* q, int64_t q_stride, const bf16* k, int64_t k_
 template <int D>
 cudaError_t LaunchBwd(const bf16* q, int64_t q_stride, const bf16* k, int64_t k_stride, const bf16* v,
                       int64_t v_stride, const float* lse, const bf16* d_o, int64_t do_stride, const float* delta,
-                      float* dq, float* dk, bf16* dv, int64_t dv_stride, int batch, int seq, int heads, int kv_heads,
-                      float scale, cudaStream_t stream) {
-  cudaError_t e = cudaMemsetAsync(dq, 0, sizeof(float) * int64_t(batch) * seq * heads * D, stream);
+                      float* dq, float* dk, bf16* dv, int64_t dv_stride, float* dv_accum, int batch, int seq,
+                      int heads, int kv_heads, float scale, cudaStream_t stream) {
+  const int64_t tokens = int64_t(batch) * seq;
+  cudaError_t e = cudaMemsetAsync(dq, 0, sizeof(float) * tokens * heads * D, stream);
   if (e != cudaSuccess) return e;
-  auto kernel = attention_bwd_mma_kernel<D>;
   const size_t smem = BwdSmem<D>();
+  const dim3 grid_keys(ceil_div(seq, kBwdKeys));
+  if (heads == kv_heads) {
+    auto kernel = attention_bwd_mma_kernel<D, false>;
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+    kernel<<<dim3(grid_keys.x, batch * kv_heads), kBwdThreads, smem, stream>>>(
+        q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride, nullptr, seq, heads,
+        kv_heads, scale);
+    return cudaGetLastError();
+  }
+  const int64_t kv_dim = int64_t(kv_heads) * D;
+  e = cudaMemsetAsync(dk, 0, sizeof(float) * tokens * kv_dim, stream);
+  if (e == cudaSuccess) e = cudaMemsetAsync(dv_accum, 0, sizeof(float) * tokens * kv_dim, stream);
+  if (e != cudaSuccess) return e;
+  auto kernel = attention_bwd_mma_kernel<D, true>;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  kernel<<<dim3(ceil_div(seq, kBwdKeys), batch * kv_heads), kBwdThreads, smem, stream>>>(
-      q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride, seq, heads, kv_heads,
-      scale);
+  kernel<<<dim3(grid_keys.x, batch * heads), kBwdThreads, smem, stream>>>(
+      q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride, dv_accum, seq, heads,
+      kv_heads, scale);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  const int64_t pairs = tokens * kv_dim / 2;
+  dv_from_accum_kernel<<<static_cast<int>(std::min<int64_t>((pairs + 255) / 256, 4096)), 256, 0, stream>>>(
+      dv_accum, dv, dv_stride, tokens, static_cast<int>(kv_dim));
   return cudaGetLastError();
 }
 
@@ -532,16 +608,16 @@ cudaError_t launch_attention_fwd_mma(const bf16* q, int64_t q_stride, const bf16
 
 cudaError_t launch_attention_bwd_mma(const bf16* q, int64_t q_stride, const bf16* k, int64_t k_stride, const bf16* v,
                                      int64_t v_stride, const float* lse, const bf16* d_o, int64_t do_stride,
-                                     const float* delta, float* dq, float* dk, bf16* dv, int64_t dv_stride, int batch,
-                                     int seq, int heads, int kv_heads, int head_dim, float scale,
-                                     cudaStream_t stream) {
+                                     const float* delta, float* dq, float* dk, bf16* dv, int64_t dv_stride,
+                                     float* dv_accum, int batch, int seq, int heads, int kv_heads, int head_dim,
+                                     float scale, cudaStream_t stream) {
   if (head_dim == 64) {
     return LaunchBwd<64>(q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride,
-                         batch, seq, heads, kv_heads, scale, stream);
+                         dv_accum, batch, seq, heads, kv_heads, scale, stream);
   }
   if (head_dim == 128) {
     return LaunchBwd<128>(q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride,
-                          batch, seq, heads, kv_heads, scale, stream);
+                          dv_accum, batch, seq, heads, kv_heads, scale, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -17,11 +17,12 @@ cudaError_t launch_attention_fwd_mma(const __nv_bfloat16* q, int64_t q_stride, c
                                      int head_dim, float scale, cudaStream_t stream);
 
 // `delta` (rowsum(dO * O), [batch, heads, seq]) must be computed already; dq is zeroed here and
-// accumulated with atomic adds.
+// accumulated with atomic adds. With grouped-query attention (heads > kv_heads) dk and `dv_accum`
+// (fp32 [tokens, kv_heads * head_dim]) are accumulated the same way and dv is converted at the end.
 cudaError_t launch_attention_bwd_mma(const __nv_bfloat16* q, int64_t q_stride, const __nv_bfloat16* k,
                                      int64_t k_stride, const __nv_bfloat16* v, int64_t v_stride, const float* lse,
                                      const __nv_bfloat16* d_o, int64_t do_stride, const float* delta, float* dq,
-                                     float* dk, __nv_bfloat16* dv, int64_t dv_stride, int batch, int seq, int heads,
-                                     int kv_heads, int head_dim, float scale, cudaStream_t stream);
+                                     float* dk, __nv_bfloat16* dv, int64_t dv_stride, float* dv_accum, int batch,
+                                     int seq, int heads, int kv_heads, int head_dim, float scale, cudaStream_t stream);
 
 }  // namespace blockd::kernels

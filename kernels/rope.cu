@@ -1,4 +1,5 @@
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/common.cuh"
 #include "kernels/rope.cuh"
@@ -155,6 +156,174 @@ __global__ void qknorm_rope_bwd_kernel(const float* __restrict__ dout, const T* 
   }
 }
 
+// Token-per-warp variants for head_dim = 64 P (P = 1, 2, 4): a lane owns the P adjacent pairs
+// (i, i + dh/2) for i in [P lane, P lane + P), so loads are P-wide vectors, and cos/sin and the
+// norm weights are read once per token (per warp) instead of once per head.
+template <class T, int P>
+struct Vec {
+  T v[P];
+};
+
+template <class T, int P>
+__device__ __forceinline__ void load_vec(float (&dst)[P], const T* src) {
+  if constexpr (P == 1) {
+    dst[0] = to_float(src[0]);
+  } else if constexpr (std::is_same<T, float>::value) {
+    if constexpr (P == 2) {
+      const float2 v = *reinterpret_cast<const float2*>(src);
+      dst[0] = v.x, dst[1] = v.y;
+    } else {
+      const float4 v = *reinterpret_cast<const float4*>(src);
+      dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int p = 0; p < P; p += 2) {
+      const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(src + p);
+      dst[p] = __low2float(v), dst[p + 1] = __high2float(v);
+    }
+  }
+}
+
+template <class T, int P>
+__device__ __forceinline__ void store_vec(T* dst, const float (&src)[P]) {
+  if constexpr (P == 1) {
+    dst[0] = from_float<T>(src[0]);
+  } else if constexpr (std::is_same<T, float>::value) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) dst[p] = src[p];
+  } else {
+#pragma unroll
+    for (int p = 0; p < P; p += 2) {
+      *reinterpret_cast<__nv_bfloat162*>(dst + p) = __floats2bfloat162_rn(src[p], src[p + 1]);
+    }
+  }
+}
+
+template <class T, int P>
+__global__ void qknorm_rope_fwd_tok_kernel(const T* __restrict__ in, int64_t in_stride, T* __restrict__ out,
+                                           float* __restrict__ rstd, const float* __restrict__ w,
+                                           const float2* __restrict__ table, int64_t tokens, int seq, int heads,
+                                           float eps) {
+  constexpr int HALF = 32 * P, DH = 2 * HALF;
+  const int lane = threadIdx.x & 31, i0 = lane * P;
+  const int64_t token = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  if (token >= tokens) return;
+  float wa[P], wb[P], c[P], sn[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    wa[p] = w != nullptr ? w[i0 + p] : 1.f;
+    wb[p] = w != nullptr ? w[HALF + i0 + p] : 1.f;
+    const float2 cs = table[int64_t(token % seq) * HALF + i0 + p];
+    c[p] = cs.x, sn[p] = cs.y;
+  }
+  for (int h = 0; h < heads; ++h) {
+    const T* x = in + token * in_stride + int64_t(h) * DH;
+    float a[P], b[P];
+    load_vec<T, P>(a, x + i0);
+    load_vec<T, P>(b, x + HALF + i0);
+    if (w != nullptr) {
+      float ss = 0.f;
+#pragma unroll
+      for (int p = 0; p < P; ++p) ss += a[p] * a[p] + b[p] * b[p];
+      const float rs = rsqrtf(warp_sum(ss) / DH + eps);
+      if (lane == 0) rstd[token * heads + h] = rs;
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        a[p] = (a[p] * rs) * wa[p];
+        b[p] = (b[p] * rs) * wb[p];
+      }
+    }
+    float ya[P], yb[P];
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      ya[p] = a[p] * c[p] - b[p] * sn[p];
+      yb[p] = b[p] * c[p] + a[p] * sn[p];
+    }
+    T* y = out + (token * heads + h) * DH;
+    store_vec<T, P>(y + i0, ya);
+    store_vec<T, P>(y + HALF + i0, yb);
+  }
+}
+
+template <class T, int P>
+__global__ void qknorm_rope_bwd_tok_kernel(const float* __restrict__ dout, const T* __restrict__ in,
+                                           int64_t in_stride, const float* __restrict__ rstd,
+                                           const float* __restrict__ w, const float2* __restrict__ table,
+                                           T* __restrict__ din, float* __restrict__ partial, int64_t tokens, int seq,
+                                           int heads) {
+  constexpr int HALF = 32 * P, DH = 2 * HALF;
+  const int lane = threadIdx.x & 31, i0 = lane * P, warp = threadIdx.x >> 5;
+  float wa[P], wb[P], dwa[P], dwb[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    wa[p] = w != nullptr ? w[i0 + p] : 1.f;
+    wb[p] = w != nullptr ? w[HALF + i0 + p] : 1.f;
+    dwa[p] = dwb[p] = 0.f;
+  }
+  for (int64_t token = blockIdx.x * int64_t(kWarps) + warp; token < tokens; token += int64_t(gridDim.x) * kWarps) {
+    float c[P], sn[P];
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const float2 cs = table[int64_t(token % seq) * HALF + i0 + p];
+      c[p] = cs.x, sn[p] = cs.y;
+    }
+    for (int h = 0; h < heads; ++h) {
+      const float* g = dout + (token * heads + h) * DH;
+      float u[P], v[P], ga[P], gb[P];
+      load_vec<float, P>(u, g + i0);
+      load_vec<float, P>(v, g + HALF + i0);
+#pragma unroll
+      for (int p = 0; p < P; ++p) {  // the transpose of the rotation
+        ga[p] = u[p] * c[p] + v[p] * sn[p];
+        gb[p] = v[p] * c[p] - u[p] * sn[p];
+      }
+      T* dx = din + token * in_stride + int64_t(h) * DH;
+      if (w == nullptr) {
+        store_vec<T, P>(dx + i0, ga);
+        store_vec<T, P>(dx + HALF + i0, gb);
+        continue;
+      }
+      const T* x = in + token * in_stride + int64_t(h) * DH;
+      const float rs = rstd[token * heads + h];
+      float xa[P], xb[P];
+      load_vec<T, P>(xa, x + i0);
+      load_vec<T, P>(xb, x + HALF + i0);
+      float dot = 0.f;
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        xa[p] *= rs;  // xhat
+        xb[p] *= rs;
+        dot += ga[p] * wa[p] * xa[p] + gb[p] * wb[p] * xb[p];
+      }
+      const float mean = warp_sum(dot) / DH;
+      float da[P], db[P];
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        da[p] = rs * (ga[p] * wa[p] - xa[p] * mean);
+        db[p] = rs * (gb[p] * wb[p] - xb[p] * mean);
+        dwa[p] += ga[p] * xa[p];
+        dwb[p] += gb[p] * xb[p];
+      }
+      store_vec<T, P>(dx + i0, da);
+      store_vec<T, P>(dx + HALF + i0, db);
+    }
+  }
+  if (w == nullptr) return;
+  __shared__ float warp_dw[kWarps][DH];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    warp_dw[warp][i0 + p] = dwa[p];
+    warp_dw[warp][HALF + i0 + p] = dwb[p];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < DH; i += blockDim.x) {
+    float s = 0.f;
+    for (int k = 0; k < kWarps; ++k) s += warp_dw[k][i];
+    partial[int64_t(blockIdx.x) * DH + i] = s;
+  }
+}
+
 __global__ void reduce_rows_kernel(const float* __restrict__ partial, int64_t rows, int d, float* __restrict__ dw,
                                    bool accumulate) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -180,6 +349,21 @@ cudaError_t launch_qknorm_rope_fwd(const T* in, int64_t in_stride, T* out, float
                                    cudaStream_t stream) {
   const int64_t tasks = tokens * heads;
   if (tasks == 0) return cudaSuccess;
+  const bool vec_ok = (in_stride % 8) == 0 && (reinterpret_cast<uintptr_t>(in) % 16) == 0;
+  if (vec_ok && (head_dim == 64 || head_dim == 128 || head_dim == 256)) {
+    const int blocks = ceil_div(tokens, kWarps);
+    if (head_dim == 64) {
+      qknorm_rope_fwd_tok_kernel<T, 1><<<blocks, 32 * kWarps, 0, stream>>>(in, in_stride, out, rstd, norm_w, table,
+                                                                          tokens, seq, heads, eps);
+    } else if (head_dim == 128) {
+      qknorm_rope_fwd_tok_kernel<T, 2><<<blocks, 32 * kWarps, 0, stream>>>(in, in_stride, out, rstd, norm_w, table,
+                                                                          tokens, seq, heads, eps);
+    } else {
+      qknorm_rope_fwd_tok_kernel<T, 4><<<blocks, 32 * kWarps, 0, stream>>>(in, in_stride, out, rstd, norm_w, table,
+                                                                          tokens, seq, heads, eps);
+    }
+    return cudaGetLastError();
+  }
   qknorm_rope_fwd_kernel<T><<<ceil_div(tasks, kWarps), 32 * kWarps, 0, stream>>>(
       in, in_stride, out, rstd, norm_w, table, tokens, seq, heads, head_dim, eps);
   return cudaGetLastError();
@@ -194,8 +378,22 @@ cudaError_t launch_qknorm_rope_bwd(const float* dout, const T* in, int64_t in_st
                                    cudaStream_t stream) {
   const int64_t tasks = tokens * heads;
   if (tasks == 0) return cudaSuccess;
-  qknorm_rope_bwd_kernel<T><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w, table, din,
-                                                                    workspace, tokens, seq, heads, head_dim);
+  const bool vec_ok = (in_stride % 8) == 0 && ((reinterpret_cast<uintptr_t>(in) | reinterpret_cast<uintptr_t>(din)) % 16) == 0;
+  if (vec_ok && (head_dim == 64 || head_dim == 128 || head_dim == 256)) {
+    if (head_dim == 64) {
+      qknorm_rope_bwd_tok_kernel<T, 1><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w,
+                                                                              table, din, workspace, tokens, seq, heads);
+    } else if (head_dim == 128) {
+      qknorm_rope_bwd_tok_kernel<T, 2><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w,
+                                                                              table, din, workspace, tokens, seq, heads);
+    } else {
+      qknorm_rope_bwd_tok_kernel<T, 4><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w,
+                                                                              table, din, workspace, tokens, seq, heads);
+    }
+  } else {
+    qknorm_rope_bwd_kernel<T><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w, table, din,
+                                                                      workspace, tokens, seq, heads, head_dim);
+  }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || norm_w == nullptr) return e;
   reduce_rows_kernel<<<ceil_div(head_dim, 128), 128, 0, stream>>>(workspace, kBwdBlocks, head_dim, dw, accumulate);

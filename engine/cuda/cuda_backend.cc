@@ -2,7 +2,10 @@
 
 #include <cuda_runtime.h>
 
+#include <cstring>
 #include <vector>
+
+#include "absl/synchronization/mutex.h"
 
 #include "absl/strings/str_cat.h"
 #include "engine/cuda/cuda_block.h"
@@ -29,9 +32,39 @@ kernels::WireType WireOf(DType t) {
   return kernels::kWireFloat32;
 }
 
+// Host-to-device copies from pageable memory (a request's bytes) go through the driver's own
+// staging and ran at ~1.3 GB/s on the GPU host; a pinned buffer that the bytes are first copied into
+// moves them at memcpy speed plus a full-rate DMA. One per device, grown on demand, used under a lock.
+class PinnedStaging {
+ public:
+  ~PinnedStaging() {
+    if (ptr_ != nullptr) cudaFreeHost(ptr_);
+  }
+  // Copies `bytes` of `src` to `dst` on `dev`'s stream and waits for the copy.
+  absl::Status CopyToDevice(DeviceContext* dev, void* dst, const void* src, size_t bytes) {
+    absl::MutexLock lock(&mu_);
+    if (bytes > capacity_) {
+      if (ptr_ != nullptr) cudaFreeHost(ptr_);
+      ptr_ = nullptr;
+      capacity_ = 0;
+      CUDA_RETURN_IF_ERROR(cudaHostAlloc(&ptr_, bytes, cudaHostAllocPortable));
+      capacity_ = bytes;
+    }
+    std::memcpy(ptr_, src, bytes);
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, ptr_, bytes, cudaMemcpyHostToDevice, dev->stream));
+    return dev->Sync();  // the buffer is reused by the next caller
+  }
+
+ private:
+  absl::Mutex mu_;
+  void* ptr_ ABSL_GUARDED_BY(mu_) = nullptr;
+  size_t capacity_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
 class CudaBackend : public Backend {
  public:
-  explicit CudaBackend(std::vector<std::unique_ptr<DeviceContext>> devices) : devices_(std::move(devices)) {}
+  explicit CudaBackend(std::vector<std::unique_ptr<DeviceContext>> devices)
+      : devices_(std::move(devices)), staging_(devices_.size()) {}
 
   absl::string_view name() const override { return "cuda"; }
 
@@ -83,8 +116,7 @@ class CudaBackend : public Backend {
     ASSIGN_OR_RETURN(DeviceBuffer staging, DeviceBuffer::Allocate(dev, flag_at + sizeof(unsigned)));
     auto* nonfinite = reinterpret_cast<unsigned*>(staging.as<char>() + flag_at);
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), dev->stream));
-    CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(staging.get(), data, n * DTypeSize(dtype), cudaMemcpyHostToDevice, dev->stream));
+    RETURN_IF_ERROR(staging_[device].CopyToDevice(dev, staging.get(), data, n * DTypeSize(dtype)));
     CUDA_RETURN_IF_ERROR(kernels::launch_to_float(WireOf(dtype), staging.get(), a->data(), n, nonfinite, dev->stream));
     unsigned bad = 0;
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&bad, nonfinite, sizeof(bad), cudaMemcpyDeviceToHost, dev->stream));
@@ -135,6 +167,7 @@ class CudaBackend : public Backend {
 
  private:
   std::vector<std::unique_ptr<DeviceContext>> devices_;
+  std::vector<PinnedStaging> staging_;
 };
 
 }  // namespace

@@ -365,7 +365,9 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(DeviceBuffer d_o, Alloc(m.n * m.qd * t));
     ASSIGN_OR_RETURN(DeviceBuffer dq, Alloc(m.n * m.qd * 4));
     ASSIGN_OR_RETURN(DeviceBuffer dk, Alloc(m.n * m.kvd * 4));
-    ASSIGN_OR_RETURN(DeviceBuffer delta, Alloc(m.batch * m.heads * m.seq * 4));
+    ASSIGN_OR_RETURN(DeviceBuffer delta, Alloc(kernels::attention_bwd_workspace_floats(
+                                              static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads,
+                                              m.kv_heads, m.dh) * 4));
     ASSIGN_OR_RETURN(DeviceBuffer dqkv, Alloc(m.n * m.qkv * t));
     ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> dx, NewActivation(dev_, m.batch, m.seq, m.d));
 

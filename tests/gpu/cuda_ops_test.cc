@@ -225,7 +225,8 @@ TEST_P(AttentionTest, ForwardAndBackwardMatchFloat64) {
                          c.heads, c.kv_heads, c.dh, scale, dq_ref.data(), dk_ref.data(), dv_ref.data());
 
   DeviceArray<float> dq_in(q), dk_in(k), dv_in(v_wide), ddo(d_o), o(tokens * qd), lse(lse_ref.size());
-  DeviceArray<float> dq(tokens * qd), dk(tokens * kvd), dv(tokens * (kvd + 16)), delta(lse_ref.size());
+  DeviceArray<float> dq(tokens * qd), dk(tokens * kvd), dv(tokens * (kvd + 16));
+  DeviceArray<float> delta(kernels::attention_bwd_workspace_floats(c.batch, c.seq, c.heads, c.kv_heads, c.dh));
   o.Poison();
   dq.Poison();
   dk.Poison();

@@ -66,8 +66,11 @@ class Client:
         self.target = target
         self.timeout = timeout
         self.chunk_bytes = int(chunk_bytes)
+        # Activations are tens of MB: large HTTP/2 frames and a deep per-stream window.
         options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)] + list(channel_options)
+                   ("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.http2.max_frame_size", (1 << 24) - 1),
+                   ("grpc.http2.lookahead_bytes", 64 << 20)] + list(channel_options)
         if isinstance(tls, grpc.ChannelCredentials):
             self._channel = grpc.secure_channel(target, tls, options=options)
         elif tls or root_certificates or certificate_chain:
