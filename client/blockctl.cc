@@ -4,6 +4,7 @@
 //   blockctl --target=gpu-0:50051 info
 //   blockctl create b3 --config=config.json --layer_index=3
 //   blockctl load b3 model.safetensors.index.json --layer=3
+//   blockctl import-hf /models/Qwen3-0.6B --layers=0:4          # prints Qwen3-0.6B/layer0 ... layer3
 //   blockctl forward b3 --batch=2 --seq=128
 //   blockctl download b3 --kind=adam_m -o b3-adam_m.safetensors
 #include "client/blockctl.h"
@@ -101,6 +102,57 @@ int ParseCommandLine(FlagSet* flags, GlobalFlags* g, const std::vector<std::stri
   return -1;
 }
 
+absl::StatusOr<v1::Precision> PrecisionFlag(const std::string& text) {
+  const std::string p = absl::AsciiStrToLower(text);
+  if (p.empty() || p == "default") return v1::PRECISION_UNSPECIFIED;
+  if (p == "fp32") return v1::PRECISION_FP32;
+  if (p == "tf32") return v1::PRECISION_TF32;
+  if (p == "bf16") return v1::PRECISION_BF16;
+  return absl::InvalidArgumentError(absl::StrCat("--precision=", text, ": expected fp32, tf32 or bf16"));
+}
+
+absl::StatusOr<nlohmann::json> ReadHfConfig(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  nlohmann::json j;
+  try {
+    in >> j;
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(path, " is not JSON: ", e.what()));
+  }
+  if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, " is not a JSON object"));
+  if (j.contains("text_config") && j["text_config"].is_object()) return nlohmann::json(j["text_config"]);
+  return j;
+}
+
+absl::StatusOr<v1::BlockConfig> BlockConfigFromHf(const nlohmann::json& j, const std::string& path) {
+  // A field that is absent, null (or 0, where 0 means "unset") takes its default.
+  auto given = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+  v1::BlockConfig c;
+  try {
+    c.set_hidden_size(j.at("hidden_size").get<int64_t>());
+    c.set_num_attention_heads(j.at("num_attention_heads").get<int64_t>());
+    const int64_t kv = given("num_key_value_heads") ? j["num_key_value_heads"].get<int64_t>() : 0;
+    c.set_num_kv_heads(kv != 0 ? kv : c.num_attention_heads());
+    const int64_t head_dim = given("head_dim") ? j["head_dim"].get<int64_t>() : 0;
+    c.set_head_dim(head_dim != 0 ? head_dim : c.hidden_size() / std::max<int64_t>(1, c.num_attention_heads()));
+    c.set_intermediate_size(j.at("intermediate_size").get<int64_t>());
+    c.set_rms_norm_eps(given("rms_norm_eps") ? j["rms_norm_eps"].get<double>() : 1e-6);
+    double theta = 10000.0;
+    if (given("rope_theta")) {
+      theta = j["rope_theta"].get<double>();
+    } else if (given("rope_parameters") && j["rope_parameters"].is_object() &&
+               j["rope_parameters"].contains("rope_theta") && !j["rope_parameters"]["rope_theta"].is_null()) {
+      theta = j["rope_parameters"]["rope_theta"].get<double>();  // transformers >= 5
+    }
+    c.set_rope_theta(theta);
+    c.set_qk_norm(absl::StartsWith(j.value("model_type", ""), "qwen3"));
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", e.what()));
+  }
+  return c;
+}
+
 namespace {
 
 std::string Json(const google::protobuf::Message& m) {
@@ -190,32 +242,6 @@ int CmdHealth(const std::vector<std::string>& args) {
   return *status == HealthStatus::kServing ? kExitOk : kExitFailed;
 }
 
-// Hugging Face config.json -> BlockConfig (Llama, Qwen2, Qwen3 field names).
-absl::Status ConfigFromJson(const std::string& path, v1::BlockConfig* c) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read --config ", path));
-  nlohmann::json j;
-  try {
-    in >> j;
-    if (j.contains("text_config") && j["text_config"].is_object()) j = j["text_config"];
-    c->set_hidden_size(j.at("hidden_size").get<int64_t>());
-    c->set_num_attention_heads(j.at("num_attention_heads").get<int64_t>());
-    c->set_num_kv_heads(j.value("num_key_value_heads", c->num_attention_heads()));
-    const int64_t head_dim = j.contains("head_dim") && !j["head_dim"].is_null()
-                                 ? j["head_dim"].get<int64_t>()
-                                 : c->hidden_size() / std::max<int64_t>(1, c->num_attention_heads());
-    c->set_head_dim(head_dim);
-    c->set_intermediate_size(j.at("intermediate_size").get<int64_t>());
-    c->set_rms_norm_eps(j.value("rms_norm_eps", 1e-6));
-    c->set_rope_theta(j.value("rope_theta", 10000.0));
-    const std::string model_type = j.value("model_type", "");
-    c->set_qk_norm(absl::StartsWith(model_type, "qwen3"));
-  } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat("--config ", path, ": ", e.what()));
-  }
-  return absl::OkStatus();
-}
-
 int CmdCreate(const std::vector<std::string>& args) {
   GlobalFlags g;
   v1::BlockConfig c;
@@ -247,7 +273,11 @@ int CmdCreate(const std::vector<std::string>& args) {
   if (int rc = ParseCommandLine(&flags, &g, args, &pos, "create"); rc >= 0) return rc;
   if (pos.size() != 1) return UsageError("create", "create takes one BLOCK id");
   if (!config_file.empty()) {
-    if (absl::Status s = ConfigFromJson(config_file, &c); !s.ok()) return Fail(s);
+    auto j = ReadHfConfig(config_file);
+    if (!j.ok()) return Fail(j.status());
+    auto from_file = BlockConfigFromHf(*j, config_file);
+    if (!from_file.ok()) return Fail(from_file.status());
+    c = *from_file;
   } else {
     c.set_rms_norm_eps(eps);
     c.set_rope_theta(theta);
@@ -274,18 +304,9 @@ int CmdCreate(const std::vector<std::string>& args) {
   req.set_max_batch_size(max_batch_size);
   req.set_device(static_cast<int32_t>(device));
   if (flags.IsSet("seed")) req.set_seed(static_cast<uint64_t>(seed));
-  const std::string p = absl::AsciiStrToLower(precision);
-  if (p.empty() || p == "default") {
-    req.set_precision(v1::PRECISION_UNSPECIFIED);
-  } else if (p == "fp32") {
-    req.set_precision(v1::PRECISION_FP32);
-  } else if (p == "tf32") {
-    req.set_precision(v1::PRECISION_TF32);
-  } else if (p == "bf16") {
-    req.set_precision(v1::PRECISION_BF16);
-  } else {
-    return UsageError("create", absl::StrCat("--precision=", precision, ": expected fp32, tf32 or bf16"));
-  }
+  auto p = PrecisionFlag(precision);
+  if (!p.ok()) return UsageError("create", std::string(p.status().message()));
+  req.set_precision(*p);
   auto client = ConnectWith(g);
   if (!client.ok()) return Fail(client.status());
   auto info = (*client)->CreateBlock(req);
@@ -433,6 +454,7 @@ const std::vector<Command>& Commands() {
       {"health", "grpc.health.v1 check (exit 0 when SERVING)", CmdHealth},
       {"create", "create a block (config flags or a config.json; --seed for random init)", CmdCreate},
       {"load", "load a block's weights from safetensors (--layer N takes model.layers.N.*)", CmdLoad},
+      {"import-hf", "import a Hugging Face Llama/Qwen2/Qwen3 checkpoint dir: one block per layer", CmdImportHf},
       {"list", "list blocks", CmdList},
       {"get", "show one block", CmdGet},
       {"delete", "delete blocks", CmdDelete},

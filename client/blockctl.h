@@ -1,6 +1,7 @@
 // blockctl's shared pieces: the global flags every subcommand takes, how a subcommand reports a
 // failure (exit 1 with the server's code and message, exit 2 for usage errors), and the
-// subcommands that move tensors (load, forward, download), which live in blockctl_tensors.cc.
+// subcommands that move tensors (load, forward, download), which live in blockctl_tensors.cc, and
+// import-hf (a whole Hugging Face checkpoint, one block per layer) in blockctl_hf.cc.
 //
 //   GlobalFlags g;
 //   FlagSet flags("blockctl load BLOCK FILE", "...");
@@ -18,6 +19,7 @@
 #include "absl/time/time.h"
 #include "client/cli_flags.h"
 #include "client/client.h"
+#include "nlohmann/json_fwd.hpp"
 
 namespace blockd {
 
@@ -50,8 +52,20 @@ int UsageError(const std::string& command, const std::string& message);
 int ParseCommandLine(FlagSet* flags, GlobalFlags* g, const std::vector<std::string>& args,
                      std::vector<std::string>* positional, const std::string& command);
 
+// "fp32", "tf32", "bf16"; "" or "default" for PRECISION_UNSPECIFIED (the backend's). Any case.
+absl::StatusOr<v1::Precision> PrecisionFlag(const std::string& text);
+
+// A Hugging Face config.json: the object itself, or its "text_config" when it has one.
+absl::StatusOr<nlohmann::json> ReadHfConfig(const std::string& path);
+// The BlockConfig of one decoder layer of such a config (Llama/Qwen2/Qwen3 field names): head_dim
+// defaults to hidden_size / num_attention_heads, num_key_value_heads to num_attention_heads,
+// rms_norm_eps to 1e-6, rope_theta to rope_parameters.rope_theta or 10000; qk_norm for qwen3*.
+// `path` names the file in messages.
+absl::StatusOr<v1::BlockConfig> BlockConfigFromHf(const nlohmann::json& config, const std::string& path);
+
 int CmdLoad(const std::vector<std::string>& args);
 int CmdForward(const std::vector<std::string>& args);
 int CmdDownload(const std::vector<std::string>& args);
+int CmdImportHf(const std::vector<std::string>& args);  // blockctl_hf.cc
 
 }  // namespace blockd

@@ -58,7 +58,8 @@ int CmdLoad(const std::vector<std::string>& args) {
   int64_t layer = -1, chunk_bytes = 1 << 20;
   std::string prefix, dtype_text;
   FlagSet flags("blockctl load BLOCK FILE [--layer=N]",
-                "LoadWeights from a safetensors FILE, or a sharded checkpoint's *.safetensors.index.json.\n"
+                "LoadWeights from a safetensors FILE, a sharded checkpoint's *.safetensors.index.json, or a\n"
+                "Hugging Face checkpoint directory (its index, else its *.safetensors files).\n"
                 "The tensors must carry the names of one decoder layer (input_layernorm.weight,\n"
                 "self_attn.q_proj.weight, ...); --layer N takes model.layers.N.* from a whole model and strips\n"
                 "the prefix. Tensors go in their file dtype unless --dtype says otherwise.");
@@ -77,12 +78,19 @@ int CmdLoad(const std::vector<std::string>& args) {
     if (!d.ok()) return UsageError("load", std::string(d.status().message()));
     dtype = *d;
   }
-  auto tensors = ReadCheckpointTensors(pos[1], prefix);
-  if (!tensors.ok()) return Fail(tensors.status());
-  if (prefix.empty() && absl::StartsWith(tensors->front().name, "model.layers.")) {
-    return UsageError("load", absl::StrCat(pos[1], " holds a whole model (", tensors->front().name,
-                                           "): pick one layer with --layer=N"));
+  auto ckpt = SafetensorsCheckpoint::Open(pos[1]);
+  if (!ckpt.ok()) return Fail(ckpt.status());
+  if (prefix.empty()) {
+    const auto layer_tensor = std::find_if(ckpt->names().begin(), ckpt->names().end(), [](const std::string& name) {
+      return absl::StartsWith(name, "model.layers.");
+    });
+    if (layer_tensor != ckpt->names().end()) {
+      return UsageError("load", absl::StrCat(pos[1], " holds a whole model (", *layer_tensor,
+                                             "): pick one layer with --layer=N"));
+    }
   }
+  auto tensors = ckpt->ReadPrefix(prefix);
+  if (!tensors.ok()) return Fail(tensors.status());
   // Older Llama checkpoints carry the RoPE frequency table as a buffer; the block computes it.
   const size_t before = tensors->size();
   tensors->erase(std::remove_if(tensors->begin(), tensors->end(),

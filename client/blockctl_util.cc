@@ -5,6 +5,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -52,8 +53,13 @@ TensorBytes FromEntry(const SafetensorsFile& f, const SafetensorsEntry& e, std::
 
 }  // namespace
 
-ProgressBar::ProgressBar(std::string label)
-    : label_(std::move(label)), enabled_(isatty(STDERR_FILENO) == 1), start_(absl::Now()), last_(absl::InfinitePast()) {}
+ProgressBar::ProgressBar(std::string label, std::optional<bool> enabled)
+    : label_(std::move(label)),
+      enabled_(enabled.value_or(isatty(STDERR_FILENO) == 1)),
+      start_(absl::Now()),
+      last_(absl::InfinitePast()) {}
+
+void ProgressBar::SetSuffix(std::string suffix) { suffix_ = std::move(suffix); }
 
 ProgressBar::~ProgressBar() { Done(); }
 
@@ -81,6 +87,7 @@ void ProgressBar::Draw(int64_t done, int64_t total) {
   } else {
     line = absl::StrFormat("\r%s  %s  %s", label_, HumanBytesString(done), rate);
   }
+  if (!suffix_.empty()) absl::StrAppend(&line, "  ", suffix_);
   std::fprintf(stderr, "%s\x1b[K", line.c_str());
   std::fflush(stderr);
   drawn_ = true;
@@ -137,47 +144,141 @@ std::string HumanBytesString(int64_t bytes) {
   return absl::StrFormat("%.2f GiB", b / (1 << 30));
 }
 
-absl::StatusOr<std::vector<TensorBytes>> ReadCheckpointTensors(const std::string& path, const std::string& prefix) {
-  std::vector<std::string> files;
-  if (absl::EndsWith(path, ".json")) {
-    // A sharded checkpoint: read the shards that hold the wanted tensors, each once, in order.
-    std::ifstream in(path);
-    if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-    nlohmann::json index;
-    try {
-      in >> index;
-    } catch (const std::exception& e) {
-      return absl::InvalidArgumentError(absl::StrCat(path, " is not JSON: ", e.what()));
+absl::StatusOr<SafetensorsCheckpoint> SafetensorsCheckpoint::Open(const std::string& path) {
+  namespace fs = std::filesystem;
+  SafetensorsCheckpoint c;
+  c.path_ = path;
+  std::error_code ec;
+  std::string index;
+  if (fs::is_directory(path, ec)) {
+    c.dir_ = path;
+    const fs::path index_path = fs::path(path) / "model.safetensors.index.json";
+    if (fs::is_regular_file(index_path, ec)) {
+      index = index_path.string();
+    } else {
+      // No index: every *.safetensors here, in name order; a tensor may live in one of them only.
+      std::vector<std::string> shards;
+      for (fs::directory_iterator it(path, ec), end; !ec && it != end; it.increment(ec)) {
+        std::error_code type_ec;  // a dangling link is skipped, not an error
+        if (it->path().extension() == ".safetensors" && it->is_regular_file(type_ec)) {
+          shards.push_back(it->path().filename().string());
+        }
+      }
+      if (ec) return absl::NotFoundError(absl::StrCat("cannot list ", path, ": ", ec.message()));
+      if (shards.empty()) return absl::NotFoundError(absl::StrCat(path, ": no *.safetensors files"));
+      std::sort(shards.begin(), shards.end());
+      for (const std::string& shard : shards) {
+        auto f = SafetensorsFile::Open((fs::path(path) / shard).string());
+        if (!f.ok()) return f.status();
+        for (const SafetensorsEntry& e : f->tensors()) {
+          if (auto [it, fresh] = c.where_.emplace(e.name, shard); !fresh) {
+            return absl::InvalidArgumentError(
+                absl::StrCat(path, ": tensor ", e.name, " is in both ", it->second, " and ", shard));
+          }
+          c.names_.push_back(e.name);
+        }
+        c.files_.emplace(shard, *std::move(f));
+      }
+      return c;
     }
-    if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(path, " has no \"weight_map\" object (a safetensors index json)"));
-    }
-    const std::filesystem::path dir = std::filesystem::path(path).parent_path();
-    std::set<std::string> seen;
-    for (const auto& [name, file] : index["weight_map"].items()) {
-      if (!file.is_string()) return absl::InvalidArgumentError(absl::StrCat(path, ": weight_map[", name, "] is not a string"));
-      if (!prefix.empty() && !absl::StartsWith(name, prefix)) continue;
-      const std::string shard = (dir / file.get<std::string>()).string();
-      if (seen.insert(shard).second) files.push_back(shard);
-    }
-    if (files.empty()) return absl::NotFoundError(absl::StrCat(path, " names no tensor ", prefix, "*"));
+  } else if (absl::EndsWith(path, ".json")) {
+    index = path;
+    c.dir_ = fs::path(path).parent_path().string();
   } else {
-    files.push_back(path);
-  }
-  std::vector<TensorBytes> out;
-  for (const std::string& file : files) {
-    auto f = SafetensorsFile::Open(file);
+    auto f = SafetensorsFile::Open(path);
     if (!f.ok()) return f.status();
     for (const SafetensorsEntry& e : f->tensors()) {
-      if (!absl::StartsWith(e.name, prefix)) continue;
-      out.push_back(FromEntry(*f, e, e.name.substr(prefix.size())));
+      c.where_.emplace(e.name, path);
+      c.names_.push_back(e.name);
     }
+    c.files_.emplace(path, *std::move(f));
+    return c;
+  }
+
+  // A sharded checkpoint's index: {"metadata": {...}, "weight_map": {tensor: shard file}}.
+  std::ifstream in(index);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", index));
+  nlohmann::ordered_json j;
+  try {
+    in >> j;
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(index, " is not JSON: ", e.what()));
+  }
+  if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object() || j["weight_map"].empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(index, " has no \"weight_map\" object (a safetensors index json)"));
+  }
+  std::set<std::string> checked;
+  for (const auto& [name, file] : j["weight_map"].items()) {
+    if (!file.is_string()) return absl::InvalidArgumentError(absl::StrCat(index, ": weight_map[", name, "] is not a string"));
+    const std::string shard = file.get<std::string>();
+    if (checked.insert(shard).second) {
+      // Shards lie beside the index: a plain file name, never a path elsewhere.
+      if (shard.empty() || shard == "." || shard == ".." || shard.find_first_of("/\\") != std::string::npos) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(index, ": tensor ", name, " is in \"", shard, "\", which is not a file name beside the index"));
+      }
+      if (!fs::is_regular_file(fs::path(c.dir_) / shard, ec)) {
+        return absl::NotFoundError(absl::StrCat(index, ": tensor ", name, " is in \"", shard, "\", which is not a file here"));
+      }
+    }
+    c.where_.emplace(name, shard);
+    c.names_.push_back(name);
+  }
+  return c;
+}
+
+absl::StatusOr<const SafetensorsEntry*> SafetensorsCheckpoint::Find(const std::string& name,
+                                                                    const SafetensorsFile** file) {
+  const auto where = where_.find(name);
+  if (where == where_.end()) return absl::NotFoundError(absl::StrCat(path_, ": no tensor ", name));
+  auto f = files_.find(where->second);
+  if (f == files_.end()) {
+    auto opened = SafetensorsFile::Open((std::filesystem::path(dir_) / where->second).string());
+    if (!opened.ok()) return opened.status();
+    f = files_.emplace(where->second, *std::move(opened)).first;
+  }
+  const SafetensorsEntry* e = f->second.Find(name);
+  if (e == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path_, ": the index puts ", name, " in ", where->second, ", which lacks it"));
+  }
+  *file = &f->second;
+  return e;
+}
+
+absl::StatusOr<TensorBytes> SafetensorsCheckpoint::Describe(const std::string& name) {
+  const SafetensorsFile* f = nullptr;
+  auto e = Find(name, &f);
+  if (!e.ok()) return e.status();
+  return TensorBytes{name, WireDType((*e)->dtype), (*e)->shape, ""};
+}
+
+absl::StatusOr<TensorBytes> SafetensorsCheckpoint::Read(const std::string& name, std::string as) {
+  const SafetensorsFile* f = nullptr;
+  auto e = Find(name, &f);
+  if (!e.ok()) return e.status();
+  return FromEntry(*f, **e, std::move(as));
+}
+
+absl::StatusOr<std::vector<TensorBytes>> SafetensorsCheckpoint::ReadPrefix(const std::string& prefix) {
+  std::vector<TensorBytes> out;
+  for (const std::string& name : names_) {
+    if (!absl::StartsWith(name, prefix)) continue;
+    auto t = Read(name, name.substr(prefix.size()));
+    if (!t.ok()) return t.status();
+    out.push_back(*std::move(t));
   }
   if (out.empty()) {
-    return absl::NotFoundError(prefix.empty() ? absl::StrCat(path, " holds no tensors")
-                                              : absl::StrCat(path, " holds no tensor named ", prefix, "*"));
+    return absl::NotFoundError(prefix.empty() ? absl::StrCat(path_, " holds no tensors")
+                                              : absl::StrCat(path_, " holds no tensor named ", prefix, "*"));
   }
   return out;
+}
+
+absl::StatusOr<std::vector<TensorBytes>> ReadCheckpointTensors(const std::string& path, const std::string& prefix) {
+  auto ckpt = SafetensorsCheckpoint::Open(path);
+  if (!ckpt.ok()) return ckpt.status();
+  return ckpt->ReadPrefix(prefix);
 }
 
 absl::StatusOr<TensorBytes> ReadSafetensor(const std::string& path, const std::string& name) {

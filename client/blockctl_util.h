@@ -11,22 +11,26 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "client/client.h"
+#include "engine/safetensors.h"
 
 namespace blockd {
 
-// A one-line progress bar on stderr, drawn only when stderr is a terminal (isatty), at most ten
-// times a second. Done() finishes the line.
+// A one-line progress bar on stderr, drawn only when stderr is a terminal (isatty) unless
+// `enabled` says otherwise, at most ten times a second. Done() finishes the line.
 class ProgressBar {
  public:
-  explicit ProgressBar(std::string label);
+  explicit ProgressBar(std::string label, std::optional<bool> enabled = std::nullopt);
   ~ProgressBar();
   void Update(int64_t done, int64_t total);
+  // Text drawn after the numbers (what is moving now, e.g. a block id).
+  void SetSuffix(std::string suffix);
   void Done();
   ProgressFn Callback() {
     return [this](int64_t done, int64_t total) { Update(done, total); };
@@ -34,7 +38,7 @@ class ProgressBar {
 
  private:
   void Draw(int64_t done, int64_t total);
-  std::string label_;
+  std::string label_, suffix_;
   bool enabled_;
   bool drawn_ = false;
   absl::Time start_, last_;
@@ -52,9 +56,44 @@ std::string SummaryString(const ValueSummary& s);
 
 std::string HumanBytesString(int64_t bytes);  // "1.50 MiB"
 
-// Tensors of a safetensors checkpoint: `path` is a .safetensors file or a sharded checkpoint's
-// index json (`weight_map` name -> shard file). With a non-empty `prefix` only tensors named
-// prefix* are taken and the prefix is stripped. NOT_FOUND when nothing matches.
+// A safetensors checkpoint opened for reading: one .safetensors file, a sharded checkpoint's index
+// json (its "weight_map" names each tensor's shard, a file beside the index), or a Hugging Face
+// checkpoint directory (its model.safetensors.index.json, else every *.safetensors in it, in name
+// order). Opening checks the index (every shard a plain file name that exists) or, without one,
+// that no tensor is in two files; shards are memory-mapped when first needed, and Read copies one
+// tensor out, so a whole model is never in memory at once.
+//
+//   ASSIGN_OR_RETURN(SafetensorsCheckpoint ckpt, SafetensorsCheckpoint::Open("/models/Qwen3-0.6B"));
+//   ASSIGN_OR_RETURN(TensorBytes w, ckpt.Read("model.layers.3.mlp.up_proj.weight", "mlp.up_proj.weight"));
+class SafetensorsCheckpoint {
+ public:
+  static absl::StatusOr<SafetensorsCheckpoint> Open(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  // Every tensor name: the index's, in its order, or each file's in turn.
+  const std::vector<std::string>& names() const { return names_; }
+  bool Contains(const std::string& name) const { return where_.count(name) > 0; }
+  // A tensor's name, dtype and shape with `data` left empty (this maps its shard). NOT_FOUND for
+  // a name the checkpoint lacks; INVALID_ARGUMENT when the index puts it in a shard that lacks it.
+  absl::StatusOr<TensorBytes> Describe(const std::string& name);
+  // The whole tensor (bytes copied out of the mapping), named `as`.
+  absl::StatusOr<TensorBytes> Read(const std::string& name, std::string as);
+  // Every tensor named prefix* (all with an empty prefix), the prefix stripped. NOT_FOUND when none.
+  absl::StatusOr<std::vector<TensorBytes>> ReadPrefix(const std::string& prefix);
+
+ private:
+  absl::StatusOr<const SafetensorsEntry*> Find(const std::string& name, const SafetensorsFile** file);
+
+  std::string path_;
+  std::string dir_;                                // shard file names are relative to it
+  std::vector<std::string> names_;
+  std::map<std::string, std::string> where_;       // tensor name -> shard file name
+  std::map<std::string, SafetensorsFile> files_;  // shard file name -> the mapped file, once opened
+};
+
+// Tensors of a safetensors checkpoint (a file, an index json or a directory, as
+// SafetensorsCheckpoint::Open takes). With a non-empty `prefix` only tensors named prefix* are
+// taken and the prefix is stripped. NOT_FOUND when nothing matches.
 absl::StatusOr<std::vector<TensorBytes>> ReadCheckpointTensors(const std::string& path, const std::string& prefix);
 // One tensor of a safetensors file: `name`, or the only tensor when `name` is empty.
 absl::StatusOr<TensorBytes> ReadSafetensor(const std::string& path, const std::string& name);

@@ -45,13 +45,20 @@ const FlagSet::Flag* FlagSet::Find(const std::string& name) const {
   return nullptr;
 }
 
+std::string FlagSet::CanonicalName(std::string name) {
+  for (char& c : name) {
+    if (c == '-') c = '_';
+  }
+  return name;
+}
+
 bool FlagSet::IsSet(const std::string& name) const {
-  const Flag* f = Find(name);
+  const Flag* f = Find(CanonicalName(name));
   return f != nullptr && f->set;
 }
 
 bool FlagSet::TakesValue(const std::string& name) const {
-  const Flag* f = Find(name);
+  const Flag* f = Find(CanonicalName(name));
   return f != nullptr && f->type != Type::kBool;
 }
 
@@ -118,9 +125,12 @@ absl::Status FlagSet::Parse(const std::vector<std::string>& args, std::vector<st
       name = body.substr(0, eq);
       value = body.substr(eq + 1);
     }
+    name = CanonicalName(name);
     Flag* f = Find(name);
     if (f == nullptr && !has_value && name.rfind("no", 0) == 0) {
+      // --noflag, and --no-flag (--no_flag once canonical)
       Flag* negated = Find(name.substr(2));
+      if (negated == nullptr && name.rfind("no_", 0) == 0) negated = Find(name.substr(3));
       if (negated != nullptr && negated->type == Type::kBool) {
         *static_cast<bool*>(negated->value) = false;
         negated->set = true;

@@ -3,7 +3,8 @@
 //
 // Each subcommand has its own flag set (plus the global ones), so `blockctl <cmd> --help` lists
 // exactly what that command takes. Accepted forms: --name=value, --name value, -name value,
-// --flag / --noflag / --flag=false for booleans, and `--` to end the flags.
+// --flag / --noflag / --flag=false for booleans, and `--` to end the flags. Dashes and underscores
+// in names are the same (--max-seq-len is --max_seq_len, --no-progress is --noprogress).
 //
 //   FlagSet flags("blockctl get BLOCK", "Show one block.");
 //   bool json = false;
@@ -57,6 +58,7 @@ class FlagSet {
     bool set = false;
   };
   void Add(const char* name, Type type, void* value, const char* help, std::string default_text);
+  static std::string CanonicalName(std::string name);  // '-' -> '_
   Flag* Find(const std::string& name);
   const Flag* Find(const std::string& name) const;
   absl::Status Assign(Flag& f, const std::string& text);

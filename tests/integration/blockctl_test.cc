@@ -1,16 +1,23 @@
 // blockctl against a real server: each subcommand's output and exit status (0 ok, 1 refused with
-// the server's code and message, 2 usage), and safetensors in and out (one layer of a whole
-// model, a sharded checkpoint with its index json).
+// the server's code and message, 2 usage), safetensors in and out (one layer of a whole model, a
+// sharded checkpoint with its index json), and import-hf of synthetic Hugging Face checkpoints
+// (config.json, bf16 shards, model.safetensors.index.json) that the tests write themselves.
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <set>
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "engine/safetensors.h"
+#include "nlohmann/json.hpp"
 #include "tests/integration/harness.h"
 
 #ifndef BLOCKCTL_PATH
@@ -81,13 +88,18 @@ class Blockctl : public ::testing::Test {
 TEST(BlockctlUsage, HelpAndUsageErrors) {
   Ran r = RunBlockctl("--help");
   EXPECT_RUN(r, 0, "commands:");
-  for (const char* cmd : {"info", "health", "create", "load", "list", "get", "delete", "forward", "download", "metrics"}) {
+  for (const char* cmd :
+       {"info", "health", "create", "load", "import-hf", "list", "get", "delete", "forward", "download", "metrics"}) {
     EXPECT_NE(r.output.find(absl::StrCat("  ", cmd, " ")), std::string::npos) << cmd << " missing from --help";
   }
   EXPECT_RUN(RunBlockctl("create --help"), 0, "--hidden_size=N");
   EXPECT_RUN(RunBlockctl("load --help"), 0, "--layer=N");
   EXPECT_RUN(RunBlockctl("download --help"), 0, "--kind=STR");
   EXPECT_RUN(RunBlockctl("help forward"), 0, "--backward");
+  EXPECT_RUN(RunBlockctl("import-hf --help"), 0, "--layers=STR");
+  EXPECT_RUN(RunBlockctl("import-hf"), 2, "import-hf takes one checkpoint DIR");
+  EXPECT_RUN(RunBlockctl("import-hf /nonexistent --precision=fp64"), 2, "--precision=fp64: expected fp32, tf32 or bf16");
+  EXPECT_RUN(RunBlockctl("import-hf /nonexistent"), 1, "NOT_FOUND: /nonexistent: not a directory");
   EXPECT_RUN(RunBlockctl(""), 2, "usage: blockctl");
   EXPECT_RUN(RunBlockctl("frobnicate"), 2, "unknown command \"frobnicate\"");
   EXPECT_RUN(RunBlockctl("list --frob=1"), 2, "unknown flag --frob");
@@ -190,6 +202,289 @@ TEST_F(Blockctl, DownloadThenLoadRoundTripsAndLayerSelection) {
   WriteWeights(dir_ + "/wrong.safetensors", wrong, "");
   EXPECT_RUN(Ctl(absl::StrCat("load dst ", dir_, "/wrong.safetensors")), 1,
              "INVALID_ARGUMENT: tensor input_layernorm.weight shape [64], block dst expects [32]");
+}
+
+// ---- import-hf -------------------------------------------------------------------------------
+
+// A small Qwen3: head_dim 24 is set explicitly (not hidden / heads = 16), 2 kv heads, and a
+// sliding_window that is off (use_sliding_window false), as real Qwen3 configs have.
+nlohmann::json Qwen3Config() {
+  return {{"architectures", {"Qwen3ForCausalLM"}}, {"model_type", "qwen3"}, {"hidden_size", 64},
+          {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"head_dim", 24}, {"intermediate_size", 96},
+          {"num_hidden_layers", 3}, {"rms_norm_eps", 1e-5}, {"rope_theta", 1000000.0}, {"vocab_size", 50},
+          {"hidden_act", "silu"}, {"tie_word_embeddings", false}, {"torch_dtype", "bfloat16"},
+          {"rope_scaling", nullptr}, {"attention_bias", false}, {"use_sliding_window", false},
+          {"sliding_window", 4096}, {"max_position_embeddings", 4096}};
+}
+
+// The BlockConfig config.json implies (computed here, independently of blockctl).
+v1::BlockConfig BlockConfigOf(const nlohmann::json& c) {
+  v1::BlockConfig b;
+  b.set_hidden_size(c["hidden_size"].get<int64_t>());
+  b.set_num_attention_heads(c["num_attention_heads"].get<int64_t>());
+  b.set_num_kv_heads(c["num_key_value_heads"].get<int64_t>());
+  b.set_head_dim(c.contains("head_dim") ? c["head_dim"].get<int64_t>() : b.hidden_size() / b.num_attention_heads());
+  b.set_intermediate_size(c["intermediate_size"].get<int64_t>());
+  b.set_rms_norm_eps(c["rms_norm_eps"].get<double>());
+  b.set_rope_theta(c.value("rope_theta", 10000.0));
+  b.set_qk_norm(c["model_type"] == "qwen3");
+  return b;
+}
+
+class BlockctlImportHf : public Blockctl {
+ protected:
+  // Writes a whole model in the Hugging Face layout under dir_/name: config.json, random bf16
+  // weights for the embedding, every layer (model.layers.N.*, the block's names and shapes),
+  // the final norm and the LM head, less the names in `drop`, then `extra`; split in order into
+  // `shards` files (so layers straddle shards) with model.safetensors.index.json, or one
+  // model.safetensors. Returns the directory; tensors_ holds every tensor written by full name.
+  std::string WriteCheckpoint(const std::string& name, const nlohmann::json& config, int shards, uint64_t seed,
+                              std::vector<TensorBytes> extra = {}, const std::set<std::string>& drop = {}) {
+    const std::string dir = dir_ + "/" + name;
+    std::filesystem::create_directories(dir);
+    std::ofstream(dir + "/config.json") << config.dump(2);
+    const v1::BlockConfig block = BlockConfigOf(config);
+    const int64_t hidden = block.hidden_size(), vocab = config["vocab_size"].get<int64_t>();
+    auto whole = [](const std::string& n, const v1::Tensor& t) {
+      return TensorBytes{n, t.dtype(), wire::ShapeOf(t), t.data()};
+    };
+    std::vector<TensorBytes> all = {whole("model.embed_tokens.weight", RandomTensor({vocab, hidden}, seed, v1::DTYPE_BFLOAT16))};
+    for (int64_t i = 0; i < config["num_hidden_layers"].get<int64_t>(); ++i) {
+      for (TensorBytes t : RandomWeights(block, seed * 10 + static_cast<uint64_t>(i) + 1, v1::DTYPE_BFLOAT16)) {
+        t.name = absl::StrCat("model.layers.", i, ".", t.name);
+        all.push_back(std::move(t));
+      }
+    }
+    all.push_back(whole("model.norm.weight", RandomTensor({hidden}, seed + 7, v1::DTYPE_BFLOAT16)));
+    all.push_back(whole("lm_head.weight", RandomTensor({vocab, hidden}, seed + 8, v1::DTYPE_BFLOAT16)));
+    all.erase(std::remove_if(all.begin(), all.end(), [&](const TensorBytes& t) { return drop.count(t.name) > 0; }),
+              all.end());
+    for (TensorBytes& t : extra) all.push_back(std::move(t));
+    tensors_.clear();
+    for (const TensorBytes& t : all) tensors_[t.name] = t;
+    if (shards == 1) {
+      WriteWeights(dir + "/model.safetensors", all, "");
+      return dir;
+    }
+    nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
+    const size_t per = (all.size() + static_cast<size_t>(shards) - 1) / static_cast<size_t>(shards);
+    int64_t total = 0;
+    for (int s = 0; s < shards; ++s) {
+      const std::string file = absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, shards);
+      std::vector<TensorBytes> part(all.begin() + static_cast<long>(std::min(all.size(), s * per)),
+                                    all.begin() + static_cast<long>(std::min(all.size(), (s + 1) * per)));
+      WriteWeights(dir + "/" + file, part, "");
+      for (const TensorBytes& t : part) {
+        weight_map[t.name] = file;
+        total += static_cast<int64_t>(t.data.size());
+      }
+    }
+    nlohmann::ordered_json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+    std::ofstream(dir + "/model.safetensors.index.json") << index.dump(2);
+    return dir;
+  }
+
+  std::vector<std::string> BlockIds() {
+    std::vector<std::string> ids;
+    auto blocks = client_->ListBlocks();
+    EXPECT_TRUE(blocks.ok()) << blocks.status();
+    if (blocks.ok()) {
+      for (const v1::BlockInfo& b : *blocks) ids.push_back(b.block_id());
+    }
+    std::sort(ids.begin(), ids.end());
+    return ids;
+  }
+
+  // The block holds layer `layer` of the checkpoint last written: its config, and weights equal to
+  // the checkpoint's bf16 values exactly (as fp32, and bit for bit as bf16).
+  void ExpectBlockHoldsLayer(const std::string& id, const nlohmann::json& config, int64_t layer) {
+    SCOPED_TRACE(id);
+    auto info = client_->GetBlock(id);
+    ASSERT_OK(info.status());
+    EXPECT_EQ(info->layer_index(), layer);
+    EXPECT_TRUE(info->weights_loaded());
+    const v1::BlockConfig want = BlockConfigOf(config);
+    const v1::BlockConfig& got = info->config();
+    EXPECT_EQ(got.hidden_size(), want.hidden_size());
+    EXPECT_EQ(got.num_attention_heads(), want.num_attention_heads());
+    EXPECT_EQ(got.num_kv_heads(), want.num_kv_heads());
+    EXPECT_EQ(got.head_dim(), want.head_dim());
+    EXPECT_EQ(got.intermediate_size(), want.intermediate_size());
+    EXPECT_EQ(got.rms_norm_eps(), want.rms_norm_eps());
+    EXPECT_EQ(got.rope_theta(), want.rope_theta());
+    EXPECT_EQ(got.qk_norm(), want.qk_norm());
+    EXPECT_EQ(info->parameter_count(), ExpectedParameterCount(want));
+
+    const Snapshot fp32 = Download(*client_, id, v1::TENSOR_KIND_WEIGHTS);
+    const Snapshot bf16 = Download(*client_, id, v1::TENSOR_KIND_WEIGHTS, v1::DTYPE_BFLOAT16);
+    std::set<std::string> names;
+    for (const ParamShape& p : ExpectedParams(want)) {
+      names.insert(p.name);
+      const TensorBytes& stored = tensors_.at(absl::StrCat("model.layers.", layer, ".", p.name));
+      ASSERT_EQ(stored.dtype, v1::DTYPE_BFLOAT16);
+      auto expected = wire::DecodeToFloat32(v1::DTYPE_BFLOAT16, stored.data);
+      ASSERT_OK(expected.status());
+      ASSERT_EQ(fp32.count(p.name), 1u) << p.name << " not downloaded";
+      EXPECT_EQ(Floats(fp32.at(p.name)), *expected) << p.name << " (fp32) is not the checkpoint's bf16 values";
+      EXPECT_EQ(bf16.at(p.name), stored.data) << p.name << " (bf16) is not the checkpoint's bits";
+    }
+    std::set<std::string> downloaded;
+    for (const auto& [name, bytes] : fp32) downloaded.insert(name);
+    EXPECT_EQ(downloaded, names);
+  }
+
+  std::map<std::string, TensorBytes> tensors_;
+};
+
+TEST_F(BlockctlImportHf, ShardedBf16Qwen3CheckpointOneBlockPerLayer) {
+  const nlohmann::json config = Qwen3Config();
+  const std::string dir = WriteCheckpoint("Qwen3-tiny", config, 4, 11);
+  // The layers straddle the shards: layer 1's tensors are in more than one file.
+  std::set<std::string> layer1_shards;
+  {
+    std::ifstream in(dir + "/model.safetensors.index.json");
+    nlohmann::json index;
+    in >> index;
+    for (const auto& [name, file] : index["weight_map"].items()) {
+      if (absl::StartsWith(name, "model.layers.1.")) layer1_shards.insert(file.get<std::string>());
+    }
+  }
+  ASSERT_GT(layer1_shards.size(), 1u);
+
+  Ran r = Ctl(absl::StrCat("import-hf ", dir, " --prefix=q3/layer --max-seq-len=64"));
+  EXPECT_RUN(r, 0, "q3/layer0\nq3/layer1\nq3/layer2\n");
+  EXPECT_NE(r.output.find("imported 3 layers"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find('\r'), std::string::npos) << "no progress bar when stderr is not a terminal:\n" << r.output;
+  EXPECT_EQ(BlockIds(), (std::vector<std::string>{"q3/layer0", "q3/layer1", "q3/layer2"}));
+  for (int64_t i = 0; i < 3; ++i) ExpectBlockHoldsLayer(absl::StrCat("q3/layer", i), config, i);
+  auto info = client_->GetBlock("q3/layer2");
+  ASSERT_OK(info.status());
+  EXPECT_EQ(info->max_seq_len(), 64) << "--max-seq-len (Python's spelling of --max_seq_len)";
+  // The imported span runs.
+  ASSERT_OK(client_->Forward({"q3/layer0", "q3/layer1", "q3/layer2"}, RandomTensor({1, 5, 64}, 3), false).status());
+
+  // Default ids "<dir name>/layer<N>", a layer range.
+  r = Ctl(absl::StrCat("import-hf ", dir, "/ --layers=1:3"));
+  EXPECT_RUN(r, 0, "Qwen3-tiny/layer1\nQwen3-tiny/layer2\n");
+  EXPECT_EQ(r.output.find("Qwen3-tiny/layer0"), std::string::npos) << r.output;
+  ExpectBlockHoldsLayer("Qwen3-tiny/layer1", config, 1);
+  ExpectBlockHoldsLayer("Qwen3-tiny/layer2", config, 2);
+
+  // Again: the ids are taken; nothing changes, and the message points at --replace.
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", dir, " --layers=1:3")), 1,
+             "ALREADY_EXISTS: block Qwen3-tiny/layer1 already exists (import with --replace to overwrite it)");
+  EXPECT_EQ(BlockIds().size(), 5u);
+  // --replace, and a progress bar forced on.
+  r = Ctl(absl::StrCat("import-hf ", dir, " --layers=1:3 --replace --progress"));
+  EXPECT_RUN(r, 0, "100%");
+  EXPECT_NE(r.output.find("import Qwen3-tiny"), std::string::npos) << r.output;
+  EXPECT_EQ(BlockIds().size(), 5u);
+  ExpectBlockHoldsLayer("Qwen3-tiny/layer2", config, 2);
+
+  // A comma list.
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", dir, " --layers=2,0 --prefix=pick-")), 0, "pick-2\npick-0\n");
+  ExpectBlockHoldsLayer("pick-0", config, 0);
+  ExpectBlockHoldsLayer("pick-2", config, 2);
+  EXPECT_EQ(BlockIds().size(), 7u);
+
+  // Bad selections create nothing.
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", dir, " --layers=2:5 --prefix=x")), 1,
+             "OUT_OF_RANGE: layer 3: the checkpoint has layers 0..2");
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", dir, " --layers=a:b --prefix=x")), 2, "--layers=a:b: expected A:B");
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", dir, " --layers=1,1 --prefix=x")), 2, "names layer 1 twice");
+  EXPECT_EQ(BlockIds().size(), 7u);
+
+  // `load` takes the directory too (one layer of it).
+  ASSERT_OK(client_->CreateBlock(CreateRequest("one", BlockConfigOf(config), std::nullopt)).status());
+  EXPECT_RUN(Ctl(absl::StrCat("load one ", dir, " --layer=1")), 0, "loaded 11 tensors");
+  EXPECT_RUN(Ctl(absl::StrCat("load one ", dir)), 2, "pick one layer with --layer=N");
+  EXPECT_EQ(DiffSnapshots(Download(*client_, "one", v1::TENSOR_KIND_WEIGHTS),
+                          Download(*client_, "q3/layer1", v1::TENSOR_KIND_WEIGHTS)),
+            "");
+}
+
+TEST_F(BlockctlImportHf, RefusalsCreateNothing) {
+  struct Case {
+    std::string name;
+    nlohmann::json config;
+    std::vector<TensorBytes> extra;
+    std::set<std::string> drop;
+    std::string message;
+  };
+  nlohmann::json qwen2 = Qwen3Config();
+  qwen2["model_type"] = "qwen2";
+  qwen2.erase("head_dim");
+  qwen2.erase("attention_bias");  // Qwen2 configs do not say; the bias tensors do
+  const int64_t q_dim = 4 * 16;
+  const std::vector<float> zeros(static_cast<size_t>(q_dim), 0.f);
+  const TensorBytes bias{"model.layers.2.self_attn.q_proj.bias", v1::DTYPE_BFLOAT16, {q_dim},
+                         wire::EncodeFloat32(zeros.data(), zeros.size(), v1::DTYPE_BFLOAT16)};
+  nlohmann::json scaled = Qwen3Config();
+  scaled["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}};
+  nlohmann::json gelu = Qwen3Config();
+  gelu["hidden_act"] = "gelu";
+  nlohmann::json moe = Qwen3Config();
+  moe["model_type"] = "qwen3_moe";
+  nlohmann::json biased = Qwen3Config();
+  biased["attention_bias"] = true;
+  nlohmann::json sliding = Qwen3Config();
+  sliding["use_sliding_window"] = true;
+  const std::vector<Case> cases = {
+      {"qwen2-bias", qwen2, {bias}, {},
+       "INVALID_ARGUMENT: layer 2 has tensors a blockd block cannot hold: self_attn.q_proj.bias (Qwen2 attention "
+       "biases are not supported)"},
+      {"rope-scaling", scaled, {}, {}, "INVALID_ARGUMENT: rope_scaling {"},
+      {"gelu", gelu, {}, {}, "INVALID_ARGUMENT: hidden_act \"gelu\": blockd blocks compute a SiLU-gated MLP"},
+      {"moe", moe, {}, {}, "INVALID_ARGUMENT: model_type 'qwen3_moe': blockd imports llama, qwen2, qwen3"},
+      {"attention-bias", biased, {}, {}, "INVALID_ARGUMENT: attention_bias is true"},
+      {"sliding", sliding, {}, {}, "INVALID_ARGUMENT: use_sliding_window is true"},
+      {"missing", Qwen3Config(), {}, {"model.layers.2.mlp.up_proj.weight"},
+       "INVALID_ARGUMENT: layer 2 lacks model.layers.2.mlp.up_proj.weight"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const std::string dir = WriteCheckpoint(c.name, c.config, 2, 21, c.extra, c.drop);
+    EXPECT_RUN(Ctl(absl::StrCat("import-hf ", dir)), 1, c.message);
+    EXPECT_EQ(BlockIds(), std::vector<std::string>{});
+  }
+
+  // The same Qwen2 checkpoint without the bias imports (no qk_norm, head_dim = hidden / heads).
+  const std::string plain = WriteCheckpoint("qwen2-plain", qwen2, 2, 22);
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", plain)), 0, "qwen2-plain/layer2\n");
+  ExpectBlockHoldsLayer("qwen2-plain/layer0", qwen2, 0);
+  for (int i = 0; i < 3; ++i) ASSERT_OK(client_->DeleteBlock(absl::StrCat("qwen2-plain/layer", i)).status());
+
+  // A tensor whose shape disagrees with config.json.
+  nlohmann::json wide = Qwen3Config();
+  const std::vector<float> ones(100, 1.f);
+  const std::string bad_shape = WriteCheckpoint(
+      "bad-shape", wide, 1, 23,
+      {TensorBytes{"model.layers.1.self_attn.k_norm.weight", v1::DTYPE_BFLOAT16, {100},
+                   wire::EncodeFloat32(ones.data(), ones.size(), v1::DTYPE_BFLOAT16)}},
+      {"model.layers.1.self_attn.k_norm.weight"});
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", bad_shape)), 1,
+             "model.layers.1.self_attn.k_norm.weight has shape [100], config.json implies [24]");
+
+  // An index naming a shard that is not there; a directory without config.json.
+  const std::string broken = WriteCheckpoint("broken-index", Qwen3Config(), 2, 24);
+  std::filesystem::remove(broken + "/model-00002-of-00002.safetensors");
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", broken)), 1, "model-00002-of-00002.safetensors\", which is not a file here");
+  std::filesystem::remove(broken + "/config.json");
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", broken)), 1, "no config.json");
+  EXPECT_EQ(BlockIds(), std::vector<std::string>{});
+
+  // A refusal by the server midway (layer 2's id is taken by another block): the blocks the
+  // import created for layers 0 and 1 are deleted again, and the other block is untouched.
+  const std::string dir = WriteCheckpoint("Qwen3-mid", Qwen3Config(), 3, 25);
+  ASSERT_OK(client_->CreateBlock(CreateRequest("mid/layer2", TinyConfig(), 5)).status());
+  const Snapshot before = Download(*client_, "mid/layer2", v1::TENSOR_KIND_WEIGHTS);
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", dir, " --prefix=mid/layer")), 1,
+             "ALREADY_EXISTS: block mid/layer2 already exists (import with --replace to overwrite it)");
+  EXPECT_EQ(BlockIds(), std::vector<std::string>{"mid/layer2"});
+  auto info = client_->GetBlock("mid/layer2");
+  ASSERT_OK(info.status());
+  EXPECT_EQ(info->config().hidden_size(), 32);
+  EXPECT_EQ(DiffSnapshots(before, Download(*client_, "mid/layer2", v1::TENSOR_KIND_WEIGHTS)), "");
 }
 
 class BlockctlWithMetrics : public Blockctl {

@@ -1,0 +1,393 @@
+// blockctl import-hf DIR: a Hugging Face Llama / Qwen2 / Qwen3 checkpoint directory into blockd,
+// one block per decoder layer. client/python/blockd/hf.py (`python3 -m blockd import-hf`) is the
+// same in Python, and the two behave alike: same checks, messages, block ids and flags.
+//
+// Everything is checked before the first block is created: config.json describes a model a blockd
+// block computes (model_type llama/qwen2/qwen3, SiLU MLP, plain RoPE, no bias terms, full causal
+// attention), and every chosen layer holds exactly the block's tensors in the shapes the config
+// implies. Then, layer by layer: CreateBlock, and one LoadWeights stream with the tensors in their
+// stored dtype (bf16 / fp16 / fp32; the server converts them exactly to its fp32 master weights).
+// If anything fails after that, the blocks this run created are deleted again. The block ids go to
+// stdout, one a line, in layer order.
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <set>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "client/blockctl.h"
+#include "client/blockctl_util.h"
+#include "nlohmann/json.hpp"
+
+namespace blockd {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+constexpr const char* kSupportedModelTypes[] = {"llama", "qwen2", "qwen3"};
+// Buffers some older conversions saved that blocks recompute (RoPE inverse frequencies).
+constexpr const char* kRecomputed = "self_attn.rotary_emb.inv_freq";
+
+// Python's truthiness of a JSON value (the reference reads config.json with json.load).
+bool Truthy(const json& v) {
+  if (v.is_null()) return false;
+  if (v.is_boolean()) return v.get<bool>();
+  if (v.is_number_integer()) return v.get<int64_t>() != 0;
+  if (v.is_number()) return v.get<double>() != 0;
+  if (v.is_string() || v.is_array() || v.is_object()) return !v.empty();
+  return true;
+}
+
+bool TruthyField(const json& c, const char* key) { return c.contains(key) && Truthy(c[key]); }
+
+// A RoPE variant other than plain rope_theta (rope_scaling, or transformers 5's rope_parameters).
+bool ScaledRope(const json& r) {
+  if (!Truthy(r)) return false;
+  if (!r.is_object()) return true;
+  for (const char* key : {"rope_type", "type"}) {
+    if (r.contains(key) && Truthy(r[key])) return !(r[key].is_string() && r[key].get<std::string>() == "default");
+  }
+  return false;
+}
+
+// Refuses what a blockd block cannot compute (the checks of hf.py's HFCheckpoint.block_config).
+absl::Status CheckSupported(const json& c) {
+  const std::string model_type = c.contains("model_type") && c["model_type"].is_string() ? c["model_type"].get<std::string>() : "";
+  if (std::find(std::begin(kSupportedModelTypes), std::end(kSupportedModelTypes), model_type) ==
+      std::end(kSupportedModelTypes)) {
+    return absl::InvalidArgumentError(absl::StrCat("model_type '", model_type, "': blockd imports ",
+                                                   absl::StrJoin(kSupportedModelTypes, ", ")));
+  }
+  const json act = c.contains("hidden_act") ? c["hidden_act"] : c.value("hidden_activation", json("silu"));
+  if (!act.is_string() || act.get<std::string>() != "silu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("hidden_act ", act.dump(), ": blockd blocks compute a SiLU-gated MLP"));
+  }
+  for (const char* key : {"rope_scaling", "rope_parameters"}) {
+    if (c.contains(key) && ScaledRope(c[key])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(key, " ", c[key].dump(), ": blockd blocks compute plain RoPE (rope_theta only)"));
+    }
+  }
+  for (const char* flag : {"attention_bias", "mlp_bias"}) {
+    if (TruthyField(c, flag)) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, " is true: blockd blocks have no bias terms"));
+    }
+  }
+  if (TruthyField(c, "use_sliding_window") && TruthyField(c, "sliding_window")) {
+    return absl::InvalidArgumentError("use_sliding_window is true: blockd blocks compute full causal attention");
+  }
+  return absl::OkStatus();
+}
+
+// {name, shape} of one block's tensors, in the server's order.
+std::vector<std::pair<std::string, std::vector<int64_t>>> ParamShapes(const v1::BlockConfig& c) {
+  const int64_t d = c.hidden_size(), f = c.intermediate_size();
+  const int64_t q = c.num_attention_heads() * c.head_dim(), kv = c.num_kv_heads() * c.head_dim();
+  std::vector<std::pair<std::string, std::vector<int64_t>>> p = {{"input_layernorm.weight", {d}},
+                                                                 {"self_attn.q_proj.weight", {q, d}},
+                                                                 {"self_attn.k_proj.weight", {kv, d}},
+                                                                 {"self_attn.v_proj.weight", {kv, d}},
+                                                                 {"self_attn.o_proj.weight", {d, q}}};
+  if (c.qk_norm()) {
+    p.push_back({"self_attn.q_norm.weight", {c.head_dim()}});
+    p.push_back({"self_attn.k_norm.weight", {c.head_dim()}});
+  }
+  p.push_back({"post_attention_layernorm.weight", {d}});
+  p.push_back({"mlp.gate_proj.weight", {f, d}});
+  p.push_back({"mlp.up_proj.weight", {f, d}});
+  p.push_back({"mlp.down_proj.weight", {d, f}});
+  return p;
+}
+
+// The checkpoint directory's own name ("Qwen3-0.6B" for "/models/Qwen3-0.6B/").
+std::string DirName(const std::string& dir) {
+  std::error_code ec;
+  fs::path p = fs::absolute(dir, ec).lexically_normal();
+  if (!p.has_filename()) p = p.parent_path();  // ".../Qwen3/" -> ".../Qwen3"
+  return p.filename().string();
+}
+
+// The checkpoint directory's name, made a valid block id prefix: "<name>/layer".
+std::string DefaultPrefix(const std::string& dir) {
+  std::string base = DirName(dir);
+  for (char& ch : base) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(ch)) && ch != '.' && ch != '_' && ch != '-') ch = '_';
+  }
+  if (base.empty()) base = "model";
+  return absl::StrCat(base.substr(0, 100), "/layer");
+}
+
+// --layers: "A:B" (half-open, either end may be left out) or "I,J,...". INVALID_ARGUMENT for a
+// malformed text (a usage error), OUT_OF_RANGE for layers the checkpoint does not have.
+absl::StatusOr<std::vector<int64_t>> ParseLayers(const std::string& text, int64_t n) {
+  std::vector<int64_t> out;
+  const absl::string_view t = absl::StripAsciiWhitespace(text);
+  if (t.empty()) {
+    for (int64_t i = 0; i < n; ++i) out.push_back(i);
+    return out;
+  }
+  auto number = [&](absl::string_view s, int64_t* v) {
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(s), v)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--layers=", text, ": expected A:B (half-open) or a comma list such as 0,3,5"));
+    }
+    return absl::OkStatus();
+  };
+  auto check = [&](int64_t i) {
+    if (i < 0 || i >= n) {
+      return absl::OutOfRangeError(absl::StrCat("layer ", i, ": the checkpoint has layers 0..", n - 1));
+    }
+    return absl::OkStatus();
+  };
+  if (const size_t colon = t.find(':'); colon != absl::string_view::npos) {
+    int64_t a = 0, b = n;
+    const absl::string_view lo = absl::StripAsciiWhitespace(t.substr(0, colon));
+    const absl::string_view hi = absl::StripAsciiWhitespace(t.substr(colon + 1));
+    if (!lo.empty()) {
+      if (absl::Status s = number(lo, &a); !s.ok()) return s;
+    }
+    if (!hi.empty()) {
+      if (absl::Status s = number(hi, &b); !s.ok()) return s;
+    }
+    if (a >= b) return absl::InvalidArgumentError(absl::StrCat("--layers=", text, " selects no layers"));
+    if (absl::Status s = check(a); !s.ok()) return s;
+    if (absl::Status s = check(std::min(b - 1, std::max(a, n))); !s.ok()) return s;  // the first one past the end
+    for (int64_t i = a; i < b; ++i) out.push_back(i);
+    return out;
+  }
+  std::set<int64_t> seen;
+  for (absl::string_view part : absl::StrSplit(t, ',')) {
+    int64_t i = 0;
+    if (absl::Status s = number(part, &i); !s.ok()) return s;
+    if (!seen.insert(i).second) {
+      return absl::InvalidArgumentError(absl::StrCat("--layers=", text, " names layer ", i, " twice"));
+    }
+    out.push_back(i);
+  }
+  for (int64_t i : out) {
+    if (absl::Status s = check(i); !s.ok()) return s;
+  }
+  return out;
+}
+
+struct LayerPlan {
+  int64_t layer = 0;
+  std::string block_id;
+  std::vector<std::string> names;  // block tensor names; the checkpoint's are "model.layers.N." + name
+  int64_t bytes = 0;
+};
+
+// Checks one layer's tensors against the config (the checks of hf.py's layer_tensors): exactly
+// the block's names, the shapes config.json implies. Maps the shards it needs.
+absl::StatusOr<LayerPlan> PlanLayer(SafetensorsCheckpoint& ckpt, const std::set<std::string>& present, int64_t layer,
+                                    const v1::BlockConfig& config) {
+  const std::string prefix = absl::StrCat("model.layers.", layer, ".");
+  const auto expected = ParamShapes(config);
+  std::set<std::string> expected_names;
+  for (const auto& [name, shape] : expected) expected_names.insert(name);
+  std::vector<std::string> extra;
+  for (const std::string& name : present) {
+    if (name != kRecomputed && expected_names.count(name) == 0) extra.push_back(name);
+  }
+  if (!extra.empty()) {
+    const bool biases = std::any_of(extra.begin(), extra.end(), [](const std::string& e) {
+      return absl::StrContains(e, "bias");
+    });
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " has tensors a blockd block cannot hold: ",
+                                                   absl::StrJoin(extra, ", "),
+                                                   biases ? " (Qwen2 attention biases are not supported)" : ""));
+  }
+  std::vector<std::string> missing;
+  for (const auto& [name, shape] : expected) {
+    if (present.count(name) == 0) missing.push_back(prefix + name);
+  }
+  if (!missing.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " lacks ", absl::StrJoin(missing, ", ")));
+  }
+  LayerPlan plan;
+  plan.layer = layer;
+  for (const auto& [name, shape] : expected) {
+    auto t = ckpt.Describe(prefix + name);
+    if (!t.ok()) return t.status();
+    if (t->shape != shape) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix, name, " has shape ", wire::ShapeString(t->shape),
+                                                     ", config.json implies ", wire::ShapeString(shape)));
+    }
+    plan.names.push_back(name);
+    plan.bytes += wire::NumElements(t->shape) * wire::DTypeBytes(t->dtype);
+  }
+  return plan;
+}
+
+}  // namespace
+
+int CmdImportHf(const std::vector<std::string>& args) {
+  GlobalFlags g;
+  std::string prefix, layers_text, precision_text;
+  int64_t device = 0, max_seq_len = 0, max_batch_size = 0, seed = 0, chunk_bytes = 1 << 20;
+  bool replace = false, progress = false;
+  FlagSet flags(
+      "blockctl import-hf DIR [--layers=A:B|I,J,...] [--prefix=ID] [--replace] [--precision=P]",
+      "Import a Hugging Face Llama / Qwen2 / Qwen3 checkpoint directory (config.json, *.safetensors shards\n"
+      "and model.safetensors.index.json): one block per decoder layer, with the layer's config (qk_norm for\n"
+      "qwen3, rms_norm_eps, rope_theta, head_dim) and its weights, sent in their stored dtype (bf16/fp16/fp32).\n"
+      "Prints the block ids, PREFIX<layer>, one a line. Every layer is checked before any block is created;\n"
+      "what blockd cannot compute (biases as in Qwen2, rope_scaling, a non-SiLU MLP, sliding-window\n"
+      "attention) is refused. If a later step fails, the blocks this run created are deleted. Embedding,\n"
+      "final norm and LM head stay with the client. `python3 -m blockd import-hf` does the same.");
+  flags.String("layers", &layers_text, "layers to import: A:B (half-open) or a comma list (default: all)");
+  flags.String("prefix", &prefix, "block ids are PREFIX<layer> (default: \"<DIR name>/layer\")");
+  flags.Bool("replace", &replace, "delete blocks that already hold the ids (else an existing id fails the import)");
+  flags.String("precision", &precision_text, "fp32, tf32 or bf16 (default: the backend's)");
+  flags.Int("device", &device, "device index on the server");
+  flags.Int("max_seq_len", &max_seq_len, "longest sequence (0: the server's default)");
+  flags.Int("max_batch_size", &max_batch_size, "largest batch (0: the server's default)");
+  flags.Int("seed", &seed, "CreateBlock seed (the loaded weights replace the random ones)");
+  flags.Bool("progress", &progress, "progress bar on stderr (default: when stderr is a terminal)");
+  flags.Int("chunk_bytes", &chunk_bytes, "bytes per LoadWeights chunk (the server allows up to its max_chunk_bytes)");
+  std::vector<std::string> pos;
+  if (int rc = ParseCommandLine(&flags, &g, args, &pos, "import-hf"); rc >= 0) return rc;
+  if (pos.size() != 1) return UsageError("import-hf", "import-hf takes one checkpoint DIR");
+  auto precision = PrecisionFlag(precision_text);
+  if (!precision.ok()) return UsageError("import-hf", std::string(precision.status().message()));
+  if (chunk_bytes < 1) return UsageError("import-hf", "--chunk_bytes must be > 0");
+  const std::string& dir = pos[0];
+
+  // 1. Check everything before touching the server.
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    return Fail(absl::NotFoundError(absl::StrCat(dir, ": not a directory (expected a Hugging Face checkpoint directory)")));
+  }
+  const std::string config_path = (fs::path(dir) / "config.json").string();
+  if (!fs::is_regular_file(config_path, ec)) {
+    return Fail(absl::NotFoundError(absl::StrCat(dir, ": no config.json (expected a Hugging Face checkpoint directory)")));
+  }
+  auto ckpt = SafetensorsCheckpoint::Open(dir);
+  if (!ckpt.ok()) return Fail(ckpt.status());
+  auto hf = ReadHfConfig(config_path);
+  if (!hf.ok()) return Fail(hf.status());
+  if (absl::Status s = CheckSupported(*hf); !s.ok()) return Fail(s);
+  auto config = BlockConfigFromHf(*hf, config_path);
+  if (!config.ok()) return Fail(config.status());
+  int64_t num_layers = 0;
+  try {
+    num_layers = hf->at("num_hidden_layers").get<int64_t>();
+  } catch (const std::exception& e) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(config_path, ": ", e.what())));
+  }
+  auto layers = ParseLayers(layers_text, num_layers);
+  if (!layers.ok()) {
+    if (layers.status().code() == absl::StatusCode::kInvalidArgument) {
+      return UsageError("import-hf", std::string(layers.status().message()));
+    }
+    return Fail(layers.status());
+  }
+  if (!flags.IsSet("prefix")) prefix = DefaultPrefix(dir);
+
+  std::map<int64_t, std::set<std::string>> present;  // layer -> its tensor names, "model.layers.N." stripped
+  for (const std::string& name : ckpt->names()) {
+    absl::string_view rest = name;
+    int64_t layer = 0;
+    if (!absl::ConsumePrefix(&rest, "model.layers.")) continue;
+    const size_t dot = rest.find('.');
+    if (dot == absl::string_view::npos || !absl::SimpleAtoi(rest.substr(0, dot), &layer)) continue;
+    present[layer].insert(std::string(rest.substr(dot + 1)));
+  }
+  std::vector<LayerPlan> plan;
+  int64_t total_bytes = 0;
+  for (int64_t layer : *layers) {
+    auto p = PlanLayer(*ckpt, present[layer], layer, *config);
+    if (!p.ok()) return Fail(p.status());
+    p->block_id = absl::StrCat(prefix, layer);
+    total_bytes += p->bytes;
+    plan.push_back(*std::move(p));
+  }
+
+  // 2. Create and load, one block at a time; undo on failure.
+  auto client = ConnectWith(g, chunk_bytes);
+  if (!client.ok()) return Fail(client.status());
+  const absl::Time start = absl::Now();
+  std::vector<std::string> created;
+  absl::Status failure;
+  {
+    ProgressBar bar(absl::StrCat("import ", DirName(dir)),
+                    flags.IsSet("progress") ? std::optional<bool>(progress) : std::nullopt);
+    int64_t done_before = 0;
+    if (!plan.empty()) bar.SetSuffix(plan.front().block_id);
+    bar.Update(0, total_bytes);
+    for (const LayerPlan& p : plan) {
+      bar.SetSuffix(p.block_id);
+      if (replace) {
+        auto deleted = (*client)->DeleteBlock(p.block_id);
+        if (!deleted.ok() && deleted.status().code() != absl::StatusCode::kNotFound) {
+          failure = deleted.status();
+          break;
+        }
+      }
+      v1::CreateBlockRequest req;
+      req.set_block_id(p.block_id);
+      *req.mutable_config() = *config;
+      req.set_layer_index(p.layer);
+      req.set_precision(*precision);
+      req.set_device(static_cast<int32_t>(device));
+      req.set_max_seq_len(max_seq_len);
+      req.set_max_batch_size(max_batch_size);
+      if (flags.IsSet("seed")) req.set_seed(static_cast<uint64_t>(seed));
+      auto info = (*client)->CreateBlock(req);
+      if (!info.ok()) {
+        failure = info.status();
+        if (failure.code() == absl::StatusCode::kAlreadyExists) {
+          failure = absl::AlreadyExistsError(absl::StrCat(failure.message(), " (import with --replace to overwrite it)"));
+        }
+        break;
+      }
+      created.push_back(p.block_id);
+      // One stream per block (the block changes only when the whole stream was good), each tensor
+      // in its stored dtype. Only this layer's tensors are in memory.
+      std::vector<TensorBytes> tensors;
+      const std::string layer_prefix = absl::StrCat("model.layers.", p.layer, ".");
+      for (const std::string& name : p.names) {
+        auto t = ckpt->Read(layer_prefix + name, name);
+        if (!t.ok()) {
+          failure = t.status();
+          break;
+        }
+        tensors.push_back(*std::move(t));
+      }
+      if (!failure.ok()) break;
+      auto loaded = (*client)->LoadWeights(p.block_id, tensors, [&](int64_t done, int64_t) {
+        bar.Update(done_before + done, total_bytes);
+      });
+      if (!loaded.ok()) {
+        failure = loaded.status();
+        break;
+      }
+      done_before += p.bytes;
+      bar.Update(done_before, total_bytes);
+    }
+  }
+  if (!failure.ok()) {
+    for (const std::string& id : created) (void)(*client)->DeleteBlock(id);
+    return Fail(failure);
+  }
+  for (const LayerPlan& p : plan) std::cout << p.block_id << "\n";
+  std::cout.flush();
+  std::fprintf(stderr, "imported %zu layers (%s) of %s in %.3f s\n", plan.size(), HumanBytesString(total_bytes).c_str(),
+               dir.c_str(), absl::ToDoubleSeconds(absl::Now() - start));
+  return kExitOk;
+}
+
+}  // namespace blockd
