@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/init.h"
+#include "engine/log.h"
 #include "engine/status_macros.h"
 
 namespace blockd {
@@ -99,6 +100,19 @@ absl::Status ValidateBlockId(absl::string_view id) {
   return absl::OkStatus();
 }
 
+absl::Status ValidateSpecRanges(const BlockSpec& spec) {
+  if (spec.layer_index < 0 || spec.layer_index > 1000000) {
+    return absl::InvalidArgumentError(absl::StrCat("layer_index = ", spec.layer_index, ", expected 0..1000000"));
+  }
+  if (spec.max_seq_len < 1 || spec.max_seq_len > (1 << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat("max_seq_len = ", spec.max_seq_len, ", expected 1..1048576"));
+  }
+  if (spec.max_batch_size < 1 || spec.max_batch_size > 65536) {
+    return absl::InvalidArgumentError(absl::StrCat("max_batch_size = ", spec.max_batch_size, ", expected 1..65536"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateAdamW(const AdamWHyper& h, double max_grad_norm) {
   auto bad = [](absl::string_view field, double v, absl::string_view expected) {
     return absl::InvalidArgumentError(absl::StrCat(field, " = ", v, ", expected ", expected));
@@ -174,17 +188,9 @@ absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
   BlockSpec spec = params.spec;
   RETURN_IF_ERROR(ValidateBlockId(spec.id));
   RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
-  if (spec.layer_index < 0 || spec.layer_index > 1000000) {
-    return absl::InvalidArgumentError(absl::StrCat("layer_index = ", spec.layer_index, ", expected 0..1000000"));
-  }
   if (spec.max_seq_len == 0) spec.max_seq_len = options_.default_max_seq_len;
   if (spec.max_batch_size == 0) spec.max_batch_size = options_.default_max_batch_size;
-  if (spec.max_seq_len < 1 || spec.max_seq_len > (1 << 20)) {
-    return absl::InvalidArgumentError(absl::StrCat("max_seq_len = ", spec.max_seq_len, ", expected 1..1048576"));
-  }
-  if (spec.max_batch_size < 1 || spec.max_batch_size > 65536) {
-    return absl::InvalidArgumentError(absl::StrCat("max_batch_size = ", spec.max_batch_size, ", expected 1..65536"));
-  }
+  RETURN_IF_ERROR(ValidateSpecRanges(spec));
   spec.precision = params.precision.value_or(backend_->default_precision());
   RETURN_IF_ERROR(backend_->Supports(spec));
   {
@@ -267,10 +273,19 @@ absl::StatusOr<std::vector<ParamSpec>> Engine::BlockParamsOf(absl::string_view i
 absl::StatusOr<std::vector<std::string>> Engine::LoadWeights(absl::string_view id,
                                                              std::vector<AssembledTensor> tensors) {
   ASSIGN_OR_RETURN(EntryPtr e, Find(id));
-  // Convert and check everything before touching the block.
+  // Convert and check everything before touching the block. The tensors were staged against the
+  // block's parameter table when the stream began; if the block was deleted and created again
+  // with another config meanwhile, they no longer fit it.
   std::vector<std::vector<float>> values(tensors.size());
   for (size_t t = 0; t < tensors.size(); ++t) {
-    const ParamSpec& p = e->params[tensors[t].index];
+    const int index = tensors[t].index;
+    if (index < 0 || index >= static_cast<int>(e->params.size()) ||
+        tensors[t].bytes.size() != static_cast<size_t>(e->params[index].numel()) * DTypeSize(tensors[t].dtype)) {
+      return absl::AbortedError(absl::StrCat("block ", id,
+                                             " was deleted and created again while its weights were streaming; "
+                                             "send them again"));
+    }
+    const ParamSpec& p = e->params[index];
     values[t].resize(static_cast<size_t>(p.numel()));
     ConvertToFloat32(tensors[t].dtype, tensors[t].bytes.data(), values[t].size(), values[t].data());
     if (!AllFinite(values[t].data(), values[t].size())) {
@@ -342,16 +357,28 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
                                                         absl::StrJoin(missing, ", ")));
     }
   }
+  // A block's forward builds its saved activations whether or not they are kept (then frees them
+  // before the next block runs), so a Forward that keeps nothing still needs the largest of them
+  // for the duration of the call. Reserving it first turns an input too large for the budget into
+  // RESOURCE_EXHAUSTED instead of an allocation failure.
   auto handle = std::make_unique<ActivationHandle>();
-  if (args.keep_activations) {
+  {
     std::map<int, int64_t> per_device;
-    for (const EntryPtr& e : span) per_device[e->spec.device] += e->block->SavedBytes(batch, seq);
+    for (const EntryPtr& e : span) {
+      const int64_t bytes = static_cast<int64_t>(e->block->SavedBytes(batch, seq));
+      int64_t& total = per_device[e->spec.device];
+      total = args.keep_activations ? total + bytes : std::max(total, bytes);
+    }
     for (const auto& [device, bytes] : per_device) {
-      ASSIGN_OR_RETURN(MemoryReservation r, budget_.Reserve(device, bytes, "the activations of this Forward"));
+      ASSIGN_OR_RETURN(MemoryReservation r,
+                       budget_.Reserve(device, bytes,
+                                       args.keep_activations ? "the activations of this Forward"
+                                                             : "the working memory of this Forward"));
       handle->reservations.push_back(std::move(r));
     }
   }
 
+  const absl::Time t_start = absl::Now();
   auto x_or = backend_->Upload(span[0]->spec.device, args.input.dtype, args.input.data, batch, seq, c0.hidden_size);
   if (!x_or.ok()) return absl::Status(x_or.status().code(), absl::StrCat("input ", x_or.status().message()));
   std::unique_ptr<Activation> x = std::move(x_or).value();
@@ -366,8 +393,12 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
   out->output.dtype = args.input.dtype;
   out->output.shape = args.input.shape;
   out->output.data->resize(static_cast<size_t>(x->numel()) * DTypeSize(args.input.dtype));
+  const absl::Time t_computed = absl::Now();
   RETURN_IF_ERROR(backend_->Download(*x, args.input.dtype, out->output.data->data()));
   out->tokens = batch * seq * static_cast<int64_t>(span.size());
+  BLOCKD_LOG(kDebug, "Forward of ", span.size(), " blocks [", batch, ",", seq, "]: upload + launch ",
+             absl::ToDoubleMilliseconds(t_computed - t_start), " ms, compute + download ",
+             absl::ToDoubleMilliseconds(absl::Now() - t_computed), " ms");
 
   if (args.keep_activations) {
     for (const EntryPtr& e : span) {
@@ -387,7 +418,15 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
 
 absl::Status Engine::Backward(absl::string_view activation_id, const TensorArg& grad_output, TensorOut* grad_input) {
   ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id));
-  absl::Status s = RunSpanBackward(*handle, grad_output, grad_input);
+  absl::Status s;
+  try {
+    s = RunSpanBackward(*handle, grad_output, grad_input);
+  } catch (...) {
+    // A backend allocation failed (the service turns it into RESOURCE_EXHAUSTED): give the handle
+    // back rather than leave it marked in use for ever.
+    activations_.Return(activation_id);
+    throw;
+  }
   // A bad request leaves the handle usable; success (or a deleted block) consumes it.
   if (s.ok() || s.code() == absl::StatusCode::kNotFound) {
     activations_.Erase(activation_id);
@@ -539,6 +578,7 @@ absl::StatusOr<std::vector<BlockState>> Engine::ExportBlocks(const std::vector<s
       state.step = e->step;
       state.last_adamw = e->last_adamw;
     }
+    state.missing_weights = e->Missing();
     for (size_t i = 0; i < e->params.size(); ++i) {
       const ParamSpec& p = e->params[i];
       buf.resize(static_cast<size_t>(p.numel()));
@@ -560,11 +600,18 @@ absl::StatusOr<Engine::EntryPtr> Engine::NewEntryFromState(const BlockState& sta
   const BlockSpec& spec = state.spec;
   RETURN_IF_ERROR(ValidateBlockId(spec.id));
   RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
+  RETURN_IF_ERROR(ValidateSpecRanges(spec));
   RETURN_IF_ERROR(backend_->Supports(spec));
   auto e = std::make_shared<Entry>();
   e->spec = spec;
   e->serial = next_serial.fetch_add(1);
   e->params = BlockParams(spec.config);
+  for (const std::string& name : state.missing_weights) {
+    if (FindParam(e->params, name) < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state names an unknown missing weight \"",
+                                                     name, "\""));
+    }
+  }
   // Every tensor of every kind must be present with the right shape.
   auto check = [&](const std::vector<NamedTensor>& ts, absl::string_view kind) -> absl::Status {
     if (ts.size() != e->params.size()) {
@@ -600,6 +647,7 @@ absl::StatusOr<Engine::EntryPtr> Engine::NewEntryFromState(const BlockState& sta
   }
   absl::MutexLock l(&e->state_mu);
   e->loaded.assign(e->params.size(), true);
+  for (const std::string& name : state.missing_weights) e->loaded[FindParam(e->params, name)] = false;
   e->step = state.step;
   e->last_adamw = state.last_adamw;
   return e;

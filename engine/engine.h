@@ -106,6 +106,7 @@ struct BlockState {
   std::optional<AdamWHyper> last_adamw;
   int64_t step = 0;
   std::vector<NamedTensor> weights, adam_m, adam_v;  // float32
+  std::vector<std::string> missing_weights;  // never loaded (their values are zeros)
 };
 
 struct EngineStats {
@@ -180,6 +181,8 @@ class Engine {
 
 // Validates a block id: 1..128 characters of [A-Za-z0-9._:/-].
 absl::Status ValidateBlockId(absl::string_view id);
+// Validates a spec's layer_index, max_seq_len and max_batch_size ranges, naming the bad field.
+absl::Status ValidateSpecRanges(const BlockSpec& spec);
 // Validates AdamW hyperparameters and max_grad_norm, naming the bad field.
 absl::Status ValidateAdamW(const AdamWHyper& h, double max_grad_norm);
 

@@ -1,5 +1,6 @@
 #include "engine/tensor_assembler.h"
 
+#include <cstdint>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -38,8 +39,10 @@ absl::Status TensorAssembler::Add(absl::string_view name, DType dtype, const std
   }
   const int64_t len = static_cast<int64_t>(size);
   if (offset < 0 || len > total || offset > total - len) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor ", name, " chunk covers bytes [", offset, ", ",
-                                                   offset + len, "), outside the tensor's ", total, " bytes (",
+    // offset + len overflows int64 for offsets near 2^63 (signed overflow is UB): say so instead.
+    const std::string end = offset <= INT64_MAX - len ? absl::StrCat(offset + len) : "beyond 2^63";
+    return absl::InvalidArgumentError(absl::StrCat("tensor ", name, " chunk covers bytes [", offset, ", ", end,
+                                                   "), outside the tensor's ", total, " bytes (",
                                                    ShapeString(spec.shape), " ", DTypeName(dtype), ")"));
   }
   if (len == 0) return absl::OkStatus();

@@ -178,6 +178,26 @@ template <class Loss>
   return AllClose(absl::StrCat(what, " (analytic vs central differences)"), analytic, numeric, atol, rtol);
 }
 
+// float32 -> bfloat16 bits, rounded to nearest with ties to even, decided in double between the two
+// bfloat16 neighbours of f (written independently of engine/dtype.h; NaN gives a quiet NaN).
+inline uint16_t RefBFloat16Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return static_cast<uint16_t>((u >> 16) | 0x40);
+  if (std::isinf(f)) return static_cast<uint16_t>(u >> 16);
+  const uint32_t lo = u & 0xffff0000u, hi = lo + 0x10000u;  // toward zero, away from zero
+  auto magnitude = [](uint32_t bits) {
+    if ((bits & 0x7f800000u) == 0x7f800000u) return std::ldexp(1.0, 128);  // the "next" value after max
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return std::fabs(static_cast<double>(v));
+  };
+  const double a = std::fabs(static_cast<double>(f)), d_lo = a - magnitude(lo), d_hi = magnitude(hi) - a;
+  if (d_lo < d_hi) return static_cast<uint16_t>(lo >> 16);
+  if (d_hi < d_lo) return static_cast<uint16_t>(hi >> 16);
+  return static_cast<uint16_t>(((lo >> 16) & 1) == 0 ? lo >> 16 : hi >> 16);
+}
+
 // sum_i r[i] * y[i], the random linear functional whose gradient w.r.t. y is r.
 template <class T>
 double Dot(const std::vector<double>& r, const T* y) {
