@@ -42,6 +42,7 @@ COPY server/ server/
 COPY client/ client/
 COPY tests/ tests/
 COPY bench/ bench/
+COPY fuzz/ fuzz/
 
 # 90: H100/H200. Add 100 for B200, 120 for RTX Blackwell (each adds build time and image size).
 ARG CUDA_ARCHITECTURES=90

@@ -41,6 +41,11 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 constexpr char kFormat[] = "blockd-checkpoint-v1";
+constexpr char kManifestSumKey[] = "manifest_sha256";
+
+// SHA-256 of the manifest without its own checksum field, in nlohmann's canonical compact form
+// (object keys sorted), so it can be recomputed from the parsed file.
+std::string ManifestSum(const json& manifest_without_sum) { return Sha256Hex(manifest_without_sum.dump()); }
 
 absl::Status Errno(absl::string_view what, const std::string& path) {
   return absl::InternalError(absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
@@ -126,6 +131,7 @@ json SpecJson(const BlockState& st) {
               {"rms_norm_eps", c.rms_norm_eps},
               {"rope_theta", c.rope_theta},
               {"qk_norm", c.qk_norm}}}};
+  j["missing_weights"] = st.missing_weights;
   if (st.last_adamw) {
     const AdamWHyper& a = *st.last_adamw;
     j["adamw"] = {{"lr", a.lr},         {"beta1", a.beta1},
@@ -156,6 +162,7 @@ absl::Status SpecFromJson(const json& j, BlockState* st) {
     st->spec.config.rms_norm_eps = c.at("rms_norm_eps").get<double>();
     st->spec.config.rope_theta = c.at("rope_theta").get<double>();
     st->spec.config.qk_norm = c.at("qk_norm").get<bool>();
+    if (j.contains("missing_weights")) st->missing_weights = j.at("missing_weights").get<std::vector<std::string>>();
     const json& a = j.at("adamw");
     if (!a.is_null()) {
       AdamWHyper h;
@@ -203,10 +210,18 @@ class FileCheckpointer : public Checkpointer {
   absl::StatusOr<CheckpointResult> Restore(const std::string& name, const std::vector<std::string>& block_ids) override {
     absl::MutexLock lock(&mu_);
     std::string chosen = name;
+    bool from_latest = false;
     if (chosen.empty()) {
       auto latest = ReadWholeFile(dir_ + "/LATEST");
       if (latest.ok()) {
         chosen = std::string(absl::StripAsciiWhitespace(*latest));
+        from_latest = true;
+        // LATEST is only ever written after its checkpoint is complete, so a LATEST that names
+        // nothing usable is damage, never "no checkpoint yet" (which would start training afresh).
+        if (!ValidateName(chosen).ok()) {
+          return absl::DataLossError(absl::StrCat(dir_, "/LATEST is corrupt: it holds \"", chosen.substr(0, 160),
+                                                  "\", not a checkpoint name"));
+        }
       } else {
         auto committed = Committed();
         if (committed.empty()) return absl::NotFoundError(absl::StrCat("no checkpoint in ", dir_));
@@ -215,6 +230,13 @@ class FileCheckpointer : public Checkpointer {
     }
     RETURN_IF_ERROR(ValidateName(chosen));
     const std::string path = dir_ + "/" + chosen;
+    if (!fs::is_directory(path)) {
+      if (from_latest) {
+        return absl::DataLossError(absl::StrCat(dir_, "/LATEST names checkpoint ", chosen, ", but ", path,
+                                                " does not exist"));
+      }
+      return absl::NotFoundError(absl::StrCat("no checkpoint ", chosen, " in ", dir_));
+    }
     ASSIGN_OR_RETURN(std::vector<BlockState> states, Load(path, block_ids));
     RETURN_IF_ERROR(engine_->ImportBlocks(states, /*replace=*/true));
     CheckpointResult r;
@@ -281,6 +303,7 @@ class FileCheckpointer : public Checkpointer {
       manifest["blocks"].push_back(entry);
       total += static_cast<int64_t>(bytes->size());
     }
+    manifest[kManifestSumKey] = ManifestSum(manifest);
     absl::Status s = WriteFileSynced(tmp + "/manifest.json", manifest.dump(2));
     if (s.ok()) s = SyncDir(tmp);
     if (s.ok() && rename(tmp.c_str(), final_path.c_str()) != 0) s = Errno("cannot rename into", final_path);
@@ -332,11 +355,24 @@ class FileCheckpointer : public Checkpointer {
 
   absl::StatusOr<std::vector<BlockState>> Load(const std::string& path, const std::vector<std::string>& wanted) {
     auto text = ReadWholeFile(path + "/manifest.json");
-    if (!text.ok()) return absl::NotFoundError(absl::StrCat("checkpoint ", path, " has no manifest.json"));
+    if (!text.ok()) {
+      return absl::DataLossError(absl::StrCat("checkpoint ", path, " is incomplete: it has no manifest.json"));
+    }
     json m = json::parse(*text, nullptr, /*allow_exceptions=*/false);
     if (m.is_discarded() || !m.is_object() || m.value("format", "") != kFormat || !m.contains("blocks") ||
         !m["blocks"].is_array()) {
       return absl::DataLossError(absl::StrCat("checkpoint ", path, ": manifest.json is not a ", kFormat, " manifest"));
+    }
+    // The manifest carries the checksums of the block files; its own protects the specs, steps and
+    // AdamW settings, which a flipped digit would otherwise change silently.
+    if (!m.contains(kManifestSumKey) || !m[kManifestSumKey].is_string()) {
+      return absl::DataLossError(absl::StrCat("checkpoint ", path, ": manifest.json has no ", kManifestSumKey));
+    }
+    const std::string recorded = m[kManifestSumKey].get<std::string>();
+    m.erase(kManifestSumKey);
+    if (ManifestSum(m) != recorded) {
+      return absl::DataLossError(
+          absl::StrCat("checkpoint ", path, ": manifest.json does not match its ", kManifestSumKey, " (corrupt)"));
     }
     std::vector<BlockState> states;
     std::vector<bool> found(wanted.size(), false);

@@ -2,13 +2,16 @@
 // atomically to a directory and verified when read back.
 //
 // On disk, under `dir`:
-//   dir/<name>/manifest.json          format, sequence, blocks (spec, step, AdamW, file, sha256, bytes)
+//   dir/<name>/manifest.json          format, sequence, blocks (spec, step, AdamW, file, sha256, bytes),
+//                                     manifest_sha256 (of the rest of the manifest, canonical JSON)
 //   dir/<name>/<block>.safetensors    "weights/<param>", "adam_m/<param>", "adam_v/<param>" (float32)
 //   dir/LATEST                        the name of the newest complete checkpoint
 // A checkpoint is written into dir/.tmp-<name>-<nonce>, every file and the directory fsynced, then
 // renamed into place, and LATEST replaced by rename: a crash at any instant leaves the previous
 // checkpoint intact and LATEST naming a complete one. Restore verifies every checksum and refuses
-// a corrupt or partial checkpoint with DATA_LOSS / NOT_FOUND naming what is wrong.
+// a corrupt or partial checkpoint (a flipped byte, a truncated or missing file, no manifest, a
+// LATEST naming nothing) with DATA_LOSS naming what is wrong; NOT_FOUND only when there is no
+// checkpoint at all, or none of the name asked for.
 //
 //   ASSIGN_OR_RETURN(auto ckpt, MakeFileCheckpointer(&engine, "/var/lib/blockd", /*every_steps=*/100));
 //   ASSIGN_OR_RETURN(CheckpointResult saved, ckpt->Save({}, ""));     // all blocks, a fresh name

@@ -9,6 +9,7 @@ packages=(
   libopenblas-dev nlohmann-json3-dev
   python3-grpcio python3-protobuf python3-numpy python3-torch
   prometheus yamllint shellcheck
+  clang-14 libclang-rt-14-dev
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -2,6 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <exception>
+#include <functional>
+#include <new>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -37,6 +41,45 @@ class BlockServiceImpl::Call {
   absl::Time start_;
   bool done_ = false;
 };
+
+// A unary reactor that can take back what a call handed out when its reply never reached the
+// client: OnDone runs after everything else, and IsCancelled() then says whether the RPC failed
+// before its status got back (client cancel, deadline, broken connection). Without this, a Forward
+// whose client cancelled just after the engine finished would leave its activation handle until
+// the TTL.
+class BlockServiceImpl::UnaryReactor : public grpc::ServerUnaryReactor {
+ public:
+  explicit UnaryReactor(grpc::CallbackServerContext* ctx) : ctx_(ctx) {}
+  // Set before Finish (on the thread that calls Finish).
+  void UndoIfCancelled(std::function<void()> undo) { undo_ = std::move(undo); }
+  void OnCancel() override {}
+  void OnDone() override {
+    if (undo_ && ctx_->IsCancelled()) undo_();
+    delete this;
+  }
+
+ private:
+  grpc::CallbackServerContext* ctx_;
+  std::function<void()> undo_;
+};
+
+namespace {
+
+// The engine reports what it can foresee as a Status; an allocation that fails anyway (a backend's
+// scratch memory the budget does not model) must not take the daemon down with every other
+// client's blocks: it becomes RESOURCE_EXHAUSTED for this call only.
+template <class Fn>
+absl::Status Guarded(Fn& fn) {
+  try {
+    return fn();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("the server ran out of host memory serving this call; try a smaller input");
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("unexpected exception: ", e.what()));
+  }
+}
+
+}  // namespace
 
 BlockServiceImpl::BlockServiceImpl(Engine* engine, Metrics* metrics, ThreadPool* pool, const Authenticator* auth,
                                    Checkpointer* checkpointer, ServiceOptions options)
@@ -88,7 +131,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Unary(grpc::CallbackServerContext* c
                                                   const google::protobuf::Message& req,
                                                   const google::protobuf::Message* resp, Work work, bool admin,
                                                   Fn fn) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  auto* reactor = new UnaryReactor(ctx);
   auto call = std::make_shared<Call>(this, method);
   metrics_->bytes_received->Increment(static_cast<double>(req.ByteSizeLong()));
   absl::Status admitted = Admit(ctx, admin);
@@ -97,7 +140,15 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Unary(grpc::CallbackServerContext* c
     return reactor;
   }
   auto run = [this, ctx, reactor, call, resp, fn = std::move(fn)]() mutable {
-    absl::Status s = ctx->IsCancelled() ? absl::CancelledError("the client cancelled the call") : fn();
+    absl::Status s;
+    if (ctx->IsCancelled()) {
+      s = absl::CancelledError("the client cancelled the call (or its deadline passed) before it ran");
+    } else if constexpr (std::is_invocable_v<Fn&, UnaryReactor*>) {
+      auto with_reactor = [&] { return fn(reactor); };
+      s = Guarded(with_reactor);
+    } else {
+      s = Guarded(fn);
+    }
     if (s.ok()) metrics_->bytes_sent->Increment(static_cast<double>(resp->ByteSizeLong()));
     reactor->Finish(call->Finish(ToGrpcStatus(s)));
   };
@@ -190,7 +241,8 @@ grpc::ServerUnaryReactor* BlockServiceImpl::DeleteBlock(grpc::CallbackServerCont
 
 grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext* ctx, const v1::ForwardRequest* req,
                                                     v1::ForwardResponse* resp) {
-  return Unary(ctx, "Forward", *req, resp, Work::kPool, false, [this, ctx, req, resp]() -> absl::Status {
+  return Unary(ctx, "Forward", *req, resp, Work::kPool, false,
+               [this, ctx, req, resp](UnaryReactor* reactor) -> absl::Status {
     ForwardArgs args;
     args.block_ids.assign(req->block_ids().begin(), req->block_ids().end());
     ASSIGN_OR_RETURN(args.input, TensorArgOf(req->input(), "input"));
@@ -207,6 +259,12 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
       // Nobody will ever see this id: free what it holds now rather than at its TTL.
       engine_->ReleaseActivations(out.activation_id).IgnoreError();
       return absl::CancelledError("the client cancelled the call");
+    }
+    if (!out.activation_id.empty()) {
+      // ... and the same when the cancel comes after this point, before the reply arrives.
+      reactor->UndoIfCancelled([engine = engine_, id = out.activation_id] {
+        engine->ReleaseActivations(id).IgnoreError();
+      });
     }
     resp->set_activation_id(out.activation_id);
     return absl::OkStatus();
@@ -313,16 +371,33 @@ class BlockServiceImpl::LoadWeightsReactor : public grpc::ServerReadReactor<v1::
         Finish(call_.Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the stream")));
         return;
       }
-      service_->pool_->Submit([this] { Finish(call_.Finish(ToGrpcStatus(Commit()))); });
+      // ok=false is also how a read ends when gRPC itself failed the stream, e.g. for a message
+      // over the size limit, and IsCancelled() may not say so yet: committing then would apply
+      // the chunks before the bad one while the client hears RESOURCE_EXHAUSTED. gRPC cancels the
+      // call before it completes the read, so an operation started now fails on a failed stream
+      // and succeeds only on a clean end of the stream: send the initial metadata as that probe.
+      StartSendInitialMetadata();
       return;
     }
     service_->metrics_->bytes_received->Increment(static_cast<double>(chunk_.ByteSizeLong()));
-    absl::Status s = Take();
+    auto take = [this] { return Take(); };
+    absl::Status s = Guarded(take);
     if (!s.ok()) {
       Finish(call_.Finish(ToGrpcStatus(s)));
       return;
     }
     StartRead(&chunk_);
+  }
+
+  void OnSendInitialMetadataDone(bool ok) override {
+    if (!ok) {
+      Finish(call_.Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the stream failed before it ended cleanly")));
+      return;
+    }
+    service_->pool_->Submit([this] {
+      auto commit = [this] { return Commit(); };
+      Finish(call_.Finish(ToGrpcStatus(Guarded(commit))));
+    });
   }
 
   void OnDone() override { delete this; }
@@ -384,7 +459,8 @@ class BlockServiceImpl::DownloadReactor : public grpc::ServerWriteReactor<v1::Te
       return;
     }
     service_->pool_->Submit([this, req] {
-      absl::Status s = Snapshot(*req);
+      auto snapshot = [this, req] { return Snapshot(*req); };
+      absl::Status s = Guarded(snapshot);
       if (!s.ok()) {
         Finish(call_.Finish(ToGrpcStatus(s)));
         return;

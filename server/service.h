@@ -73,15 +73,18 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
 
  private:
   class Call;
+  class UnaryReactor;
   class LoadWeightsReactor;
   class DownloadReactor;
   friend class Call;
+  friend class UnaryReactor;
   friend class LoadWeightsReactor;
   friend class DownloadReactor;
 
   enum class Work { kInline, kPool };
   // Admits the call (or finishes it with the reason), runs `fn` inline or on the pool, and
   // finishes the reactor with fn's status. `admin` RPCs need the admin token when one is set.
+  // `fn` may take the UnaryReactor* to register what to undo if the reply never arrives.
   template <class Fn>
   grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const char* method,
                                   const google::protobuf::Message& req, const google::protobuf::Message* resp,

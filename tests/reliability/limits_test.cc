@@ -1,0 +1,246 @@
+// Deadlines and cancellation: a call whose deadline passes while it waits for a worker is never
+// run (a Step does not step, a Forward keeps no handle), the client hears DEADLINE_EXCEEDED when
+// its deadline passes rather than when the server gets to it, a Forward with keep_activations
+// cancelled before its reply leaves never leaves a handle (one whose cancel crosses the reply is
+// freed by the TTL), a stream cut by an oversized message applies nothing, and the concurrent-call
+// limit frees the slots of cancelled streams. (Each limit's RESOURCE_EXHAUSTED is also in the
+// hostile-input battery; the message-size, memory, block and handle limits are there.)
+#include <grpcpp/channel.h>
+#include <grpcpp/client_context.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+
+#include <atomic>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "tests/integration/harness.h"
+
+namespace blockd::testing {
+namespace {
+
+using absl::StatusCode;
+
+class Limits : public ::testing::Test {
+ protected:
+  void Start(ServerOptions o) {
+    server_ = StartServer(std::move(o));
+    ASSERT_NE(server_, nullptr);
+    client_ = ConnectTo(*server_);
+    ASSERT_NE(client_, nullptr);
+    stub_ = v1::BlockService::NewStub(grpc::CreateChannel(TargetOf(*server_), grpc::InsecureChannelCredentials()));
+  }
+  int64_t Handles() {
+    auto info = client_->GetServerInfo();
+    EXPECT_TRUE(info.ok()) << info.status();
+    return info.ok() ? info->activations_held() : -1;
+  }
+  int64_t MemoryUsed() {
+    auto info = client_->GetServerInfo();
+    EXPECT_TRUE(info.ok()) << info.status();
+    return info.ok() ? info->devices(0).memory_used_bytes() : -1;
+  }
+  // Waits (bounded: 5 s) for the handle count to reach `n`; returns the last count seen.
+  int64_t SettleHandles(int64_t n) {
+    int64_t got = Handles();
+    for (int i = 0; i < 500 && got != n; ++i) {
+      absl::SleepFor(absl::Milliseconds(10));
+      got = Handles();
+    }
+    return got;
+  }
+  // The same for the memory in use: a cancelled call may still be computing.
+  int64_t SettleMemory(int64_t bytes) {
+    int64_t got = MemoryUsed();
+    for (int i = 0; i < 500 && got != bytes; ++i) {
+      absl::SleepFor(absl::Milliseconds(10));
+      got = MemoryUsed();
+    }
+    return got;
+  }
+
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<Client> client_;
+  std::unique_ptr<v1::BlockService::Stub> stub_;
+};
+
+TEST_F(Limits, CallsWhoseDeadlinePassesWhileQueuedAreNeverRun) {
+  ServerOptions o = LoopbackOptions();
+  o.worker_threads = 1;  // one worker: a slow Forward makes everything after it wait
+  Start(o);
+  ASSERT_OK(client_->CreateBlock(CreateRequest("slow", TinyConfig(), 1, 8, 4096)).status());
+  ASSERT_OK(client_->CreateBlock(CreateRequest("g", TinyConfig(), 2)).status());
+  TrainStep(*client_, {"g"}, RandomTensor({1, 4, 32}, 3), 4);
+  const BlockState g_before = StateOf(*client_, "g");
+  ASSERT_TRUE(g_before.has_gradients);
+
+  // How long the slow Forward takes on this machine, measured, so the deadlines below are a small
+  // fraction of it whatever the build (sanitizers make it several times slower).
+  const v1::Tensor big = RandomTensor({4, 2048, 32}, 5);
+  absl::Time t0 = absl::Now();
+  ASSERT_OK(client_->Forward({"slow"}, big, false).status());
+  const absl::Duration slow = absl::Now() - t0;
+  ASSERT_GT(slow, absl::Milliseconds(100)) << "the slow Forward is too fast to hold the worker";
+  const absl::Duration deadline = slow / 5;
+
+  std::thread holder([&] { EXPECT_TRUE(client_->Forward({"slow"}, big, false).ok()); });
+  absl::SleepFor(slow / 10);  // the holder is running now
+  t0 = absl::Now();
+  auto forward = client_->Forward({"g"}, RandomTensor({1, 4, 32}, 6), true, 0, {.timeout = deadline});
+  const absl::Duration forward_waited = absl::Now() - t0;
+  v1::StepRequest step;
+  step.add_block_ids("g");
+  auto stepped = client_->Step(step, {.timeout = deadline});
+  holder.join();
+  EXPECT_STATUS(forward.status(), StatusCode::kDeadlineExceeded);
+  EXPECT_STATUS(stepped.status(), StatusCode::kDeadlineExceeded);
+  EXPECT_LT(forward_waited, deadline + slow / 4) << "the client waited past its deadline (slow call "
+                                                   << absl::FormatDuration(slow) << ")";
+  // One more call through the single worker: everything queued before it has been dealt with.
+  ASSERT_OK(client_->Forward({"g"}, RandomTensor({1, 4, 32}, 7), false).status());
+  EXPECT_EQ(Handles(), 0) << "a Forward whose deadline passed in the queue kept a handle";
+  EXPECT_EQ(DiffStates(g_before, StateOf(*client_, "g")), "") << "a Step whose deadline passed in the queue ran";
+}
+
+// One Forward(keep_activations) on `ids`, cancelled by the client `cancel_after` after it starts.
+grpc::Status CancelledForward(v1::BlockService::Stub& stub, const std::vector<std::string>& ids, const v1::Tensor& x,
+                              absl::Duration cancel_after, v1::ForwardResponse* resp) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  v1::ForwardRequest r;
+  for (const std::string& id : ids) r.add_block_ids(id);
+  *r.mutable_input() = x;
+  r.set_keep_activations(true);
+  std::thread canceller([&] {
+    absl::SleepFor(cancel_after);
+    ctx.TryCancel();
+  });
+  const grpc::Status s = stub.Forward(&ctx, r, resp);
+  canceller.join();
+  return s;
+}
+
+TEST_F(Limits, ForwardsCancelledWhileRunningNeverLeaveAHandle) {
+  Start(LoopbackOptions());
+  ASSERT_OK(client_->CreateBlock(CreateRequest("c", TinyConfig(), 1, 1, 4096)).status());
+  ASSERT_OK(client_->CreateBlock(CreateRequest("d", TinyConfig(), 2, 1, 4096)).status());
+  const v1::Tensor x = RandomTensor({1, 1536, 32}, 3);
+  const absl::Time t0 = absl::Now();
+  ASSERT_OK(client_->Forward({"c", "d"}, x, false).status());
+  const absl::Duration run = absl::Now() - t0;
+  ASSERT_GT(run, absl::Milliseconds(40)) << "the Forward is too fast to cancel while it runs";
+  std::mt19937_64 rng(std::random_device{}());
+  for (int i = 0; i < 20; ++i) {
+    // Anywhere in the first 60% of the call: before it reaches a worker, or while it computes.
+    const absl::Duration after =
+        absl::Microseconds(std::uniform_int_distribution<int64_t>(0, absl::ToInt64Microseconds(run) * 6 / 10)(rng));
+    v1::ForwardResponse resp;
+    const grpc::Status s = CancelledForward(*stub_, {"c", "d"}, x, after, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED) << "cancelled after " << after << " of " << run;
+    EXPECT_EQ(SettleHandles(0), 0) << "a Forward cancelled after " << absl::FormatDuration(after) << " (of "
+                                   << absl::FormatDuration(run) << ") left its activation handle";
+  }
+  EXPECT_EQ(SettleMemory(2 * 4 * 4 * ExpectedParameterCount(TinyConfig())), 2 * 4 * 4 * ExpectedParameterCount(TinyConfig()))
+      << "memory beyond the two blocks is still reserved";
+}
+
+// A cancel can cross the reply in flight: the server has sent the handle, the client reports
+// CANCELLED and never sees it. The server cannot tell that case from a delivered reply (its status
+// went out); the activation TTL frees such handles. With cancels at every instant, everything a
+// cancelled call held is gone within the TTL.
+TEST_F(Limits, ForwardsCancelledAtAnyInstantHoldNothingPastTheTtl) {
+  ServerOptions o = LoopbackOptions();
+  o.engine.activation_ttl = absl::Seconds(2);
+  Start(o);
+  ASSERT_OK(client_->CreateBlock(CreateRequest("c", TinyConfig(), 1)).status());
+  ASSERT_OK(client_->CreateBlock(CreateRequest("d", TinyConfig(), 2)).status());
+  const v1::Tensor x = RandomTensor({2, 64, 32}, 3);
+  absl::Time t0 = absl::Now();
+  for (int i = 0; i < 5; ++i) ASSERT_OK(client_->Forward({"c", "d"}, x, false).status());
+  const int64_t span_us = std::max<int64_t>(200, absl::ToInt64Microseconds(absl::Now() - t0) / 5 * 3 / 2);
+  std::mt19937_64 rng(std::random_device{}());
+  int completed = 0, cancelled = 0;
+  const int kCalls = 300;
+  for (int i = 0; i < kCalls; ++i) {
+    const int64_t cancel_after = std::uniform_int_distribution<int64_t>(0, span_us)(rng);
+    v1::ForwardResponse resp;
+    const grpc::Status s = CancelledForward(*stub_, {"c", "d"}, x, absl::Microseconds(cancel_after), &resp);
+    if (s.ok()) {
+      ++completed;
+      ASSERT_FALSE(resp.activation_id().empty());
+      ASSERT_OK(client_->ReleaseActivations(resp.activation_id())) << "call " << i;
+    } else {
+      ASSERT_EQ(s.error_code(), grpc::StatusCode::CANCELLED) << s.error_message();
+      ++cancelled;
+    }
+  }
+  const int64_t crossed = Handles();
+  std::cout << "[ limits ] " << kCalls << " Forwards(keep_activations) cancelled within " << span_us << " us: "
+            << completed << " completed first, " << cancelled << " cancelled, of which " << crossed
+            << " crossed their reply in flight (held until the TTL)\n";
+  EXPECT_GT(cancelled, 0);
+  EXPECT_EQ(SettleHandles(0), 0) << "handles outlived the 2 s TTL";  // SettleHandles waits up to 5 s
+  EXPECT_EQ(SettleMemory(2 * 4 * 4 * ExpectedParameterCount(TinyConfig())), 2 * 4 * 4 * ExpectedParameterCount(TinyConfig()))
+      << "memory beyond the two blocks is still reserved";
+}
+
+TEST_F(Limits, ConcurrentCallLimitRefusesThenFreesSlotsOfCancelledStreams) {
+  ServerOptions o = LoopbackOptions();
+  o.service.max_concurrent_rpcs = 4;
+  Start(o);
+  ASSERT_OK(client_->CreateBlock(CreateRequest("b", TinyConfig(), 1)).status());
+  for (int round = 0; round < 3; ++round) {
+    std::vector<std::unique_ptr<grpc::ClientContext>> ctx;
+    std::vector<std::unique_ptr<grpc::ClientWriter<v1::TensorChunk>>> streams;
+    std::vector<v1::LoadWeightsResponse> resp(4);
+    for (int i = 0; i < 4; ++i) {
+      ctx.push_back(std::make_unique<grpc::ClientContext>());
+      streams.push_back(stub_->LoadWeights(ctx.back().get(), &resp[i]));
+    }
+    absl::Status refused;
+    for (int i = 0; i < 300 && refused.ok(); ++i, absl::SleepFor(absl::Milliseconds(10))) {
+      refused = client_->GetBlock("b").status();
+    }
+    EXPECT_STATUS(refused, StatusCode::kResourceExhausted, "blockd is serving 4 calls already (--max_concurrent_rpcs)");
+    for (auto& c : ctx) c->TryCancel();
+    for (auto& w : streams) EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    absl::Status admitted = absl::UnknownError("not tried");
+    for (int i = 0; i < 300 && !admitted.ok(); ++i, absl::SleepFor(absl::Milliseconds(10))) {
+      admitted = client_->GetBlock("b").status();
+    }
+    EXPECT_TRUE(admitted.ok()) << "round " << round << ": cancelled streams kept their slots: " << admitted;
+  }
+}
+
+// gRPC ends a stream it failed itself (a message over the size limit) with the same ok=false read
+// as a clean end of the stream; the chunks before the bad one must not be applied.
+TEST_F(Limits, AStreamCutByAnOversizedMessageAppliesNothing) {
+  ServerOptions o = LoopbackOptions();
+  o.service.max_message_bytes = 256 << 10;
+  Start(o);
+  ASSERT_OK(client_->CreateBlock(CreateRequest("w", TinyConfig(), 1)).status());
+  const Snapshot before = Download(*client_, "w", v1::TENSOR_KIND_WEIGHTS);
+  const std::vector<TensorBytes> w = RandomWeights(TinyConfig(), 2);
+  for (int i = 0; i < 100; ++i) {
+    std::vector<v1::TensorChunk> chunks;
+    for (const TensorBytes& t : {w[0], w[7]}) {
+      v1::TensorChunk c;
+      c.set_block_id("w");
+      c.set_name(t.name);
+      c.set_dtype(t.dtype);
+      for (int64_t d : t.shape) c.add_shape(d);
+      c.set_data(t.data);
+      chunks.push_back(c);
+    }
+    chunks.back().mutable_data()->resize(300 << 10);  // over the server's 256 KiB
+    EXPECT_STATUS(client_->LoadWeightsChunks(chunks).status(), StatusCode::kResourceExhausted, "larger than max");
+    ASSERT_EQ(DiffSnapshots(before, Download(*client_, "w", v1::TENSOR_KIND_WEIGHTS)), "") << "attempt " << i;
+  }
+}
+
+}  // namespace
+}  // namespace blockd::testing
