@@ -49,17 +49,6 @@ class Errors : public ::testing::Test {
   std::unique_ptr<Client> client_;
 };
 
-v1::TensorChunk Chunk(const std::string& block, const TensorBytes& t, int64_t offset, int64_t size) {
-  v1::TensorChunk c;
-  c.set_block_id(block);
-  c.set_name(t.name);
-  c.set_dtype(t.dtype);
-  for (int64_t d : t.shape) c.add_shape(d);
-  c.set_offset(offset);
-  c.set_data(t.data.substr(static_cast<size_t>(offset), static_cast<size_t>(size)));
-  return c;
-}
-
 std::vector<v1::TensorChunk> Whole(const std::string& block, const TensorBytes& t) {
   return {Chunk(block, t, 0, static_cast<int64_t>(t.data.size()))};
 }

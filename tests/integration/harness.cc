@@ -110,6 +110,17 @@ v1::Tensor RandomTensor(std::vector<int64_t> shape, uint64_t seed, v1::DType dty
   return wire::MakeTensor(dtype, shape, RandomNormal(static_cast<size_t>(wire::NumElements(shape)), seed));
 }
 
+v1::TensorChunk Chunk(const std::string& block, const TensorBytes& t, int64_t offset, int64_t size) {
+  v1::TensorChunk c;
+  c.set_block_id(block);
+  c.set_name(t.name);
+  c.set_dtype(t.dtype);
+  for (int64_t d : t.shape) c.add_shape(d);
+  c.set_offset(offset);
+  c.set_data(t.data.substr(static_cast<size_t>(offset), static_cast<size_t>(size)));
+  return c;
+}
+
 std::vector<TensorBytes> RandomWeights(const v1::BlockConfig& c, uint64_t seed, v1::DType dtype) {
   std::vector<TensorBytes> out;
   uint64_t k = 0;

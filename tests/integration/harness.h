@@ -52,6 +52,8 @@ std::vector<float> RandomNormal(size_t n, uint64_t seed, float scale = 1.f);
 v1::Tensor RandomTensor(std::vector<int64_t> shape, uint64_t seed, v1::DType dtype = v1::DTYPE_FLOAT32);
 // Whole random tensors for every parameter of `c` (norm weights near 1), in `dtype`.
 std::vector<TensorBytes> RandomWeights(const v1::BlockConfig& c, uint64_t seed, v1::DType dtype = v1::DTYPE_FLOAT32);
+// The chunk of `t` for `block` covering bytes [offset, offset + size), as LoadWeights streams it.
+v1::TensorChunk Chunk(const std::string& block, const TensorBytes& t, int64_t offset, int64_t size);
 
 // name -> bytes of every tensor of `kind` (float32), or fails the test.
 using Snapshot = std::map<std::string, std::string>;

@@ -180,17 +180,6 @@ class HostileInput : public ::testing::Test {
   std::unique_ptr<v1::BlockService::Stub> stub_;
 };
 
-v1::TensorChunk Chunk(const std::string& block, const TensorBytes& t, int64_t offset, int64_t size) {
-  v1::TensorChunk c;
-  c.set_block_id(block);
-  c.set_name(t.name);
-  c.set_dtype(t.dtype);
-  for (int64_t d : t.shape) c.add_shape(d);
-  c.set_offset(offset);
-  c.set_data(t.data.substr(static_cast<size_t>(offset), static_cast<size_t>(size)));
-  return c;
-}
-
 v1::Tensor WithValue(v1::Tensor t, size_t index, float value) {
   std::vector<float> v = Floats(t);
   v[index] = value;
