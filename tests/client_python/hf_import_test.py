@@ -211,6 +211,8 @@ class HFImportTest(unittest.TestCase):
             "qwen2-bias": (dict(QWEN3, model_type="qwen2"), {"model.layers.0.self_attn.q_proj.bias": torch.zeros(96)},
                            "q_proj.bias"),
             "rope-scaling": (dict(QWEN3, rope_scaling={"rope_type": "llama3", "factor": 8.0}), {}, "rope_scaling"),
+            "rope-parameters": (dict(QWEN3, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), {},
+                                "rope_parameters"),
             "gelu": (dict(QWEN3, hidden_act="gelu"), {}, "hidden_act"),
             "moe": (dict(QWEN3, model_type="qwen3_moe"), {}, "model_type"),
         }

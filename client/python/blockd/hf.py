@@ -30,6 +30,16 @@ class CheckpointError(ValueError):
     """The checkpoint is malformed, or holds a model a blockd block cannot compute."""
 
 
+def _scaled_rope(r):
+    """Whether a rope_scaling / rope_parameters value asks for a RoPE other than plain rope_theta."""
+    if not r:
+        return False
+    if not isinstance(r, dict):
+        return True
+    kind = r.get("rope_type") or r.get("type")
+    return kind not in (None, "default")
+
+
 class HFCheckpoint:
     """The config and tensors of a Hugging Face checkpoint directory."""
 
@@ -129,9 +139,9 @@ class HFCheckpoint:
         act = c.get("hidden_act", c.get("hidden_activation", "silu"))
         if act != "silu":
             raise CheckpointError(f"hidden_act {act!r}: blockd blocks compute a SiLU-gated MLP")
-        scaling = c.get("rope_scaling")
-        if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-            raise CheckpointError(f"rope_scaling {scaling}: blockd blocks compute plain RoPE (rope_theta only)")
+        for key in ("rope_scaling", "rope_parameters"):  # transformers >= 5 names it rope_parameters
+            if _scaled_rope(c.get(key)):
+                raise CheckpointError(f"{key} {c[key]}: blockd blocks compute plain RoPE (rope_theta only)")
         for flag in ("attention_bias", "mlp_bias"):
             if c.get(flag):
                 raise CheckpointError(f"{flag} is true: blockd blocks have no bias terms")
