@@ -19,6 +19,7 @@
 #include "absl/strings/str_split.h"
 #include "client/client.h"
 #include "client/tensor_bytes.h"
+#include "engine/malloc_tuning.h"
 
 namespace {
 
@@ -45,6 +46,8 @@ void Check(const absl::Status& s, const char* what) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The client moves the same large messages as the daemon (BLOCKD_MALLOC_TUNING=0: glibc's defaults).
+  const bool malloc_tuned = blockd::TuneMallocForLargeBuffers();
   std::string target = "127.0.0.1:50051", shape = "qwen";
   int blocks = 8, iters = 10;
   std::vector<int> depths = {1, 2};
@@ -91,7 +94,8 @@ int main(int argc, char** argv) {
     }
     std::sort(t.begin(), t.end());
     const double mb = B * S * d * 2 / 1e6;
-    std::printf("transport probe: %.0f MB request in %.2f ms (%.2f GB/s)\n", mb, t[t.size() / 2] * 1e3,
+    std::printf("transport probe (client malloc %s): %.0f MB request in %.2f ms (%.2f GB/s)\n",
+                malloc_tuned ? "tuned" : "defaults", mb, t[t.size() / 2] * 1e3,
                 mb / 1e3 / t[t.size() / 2]);
     return 0;
   }
@@ -134,6 +138,7 @@ int main(int argc, char** argv) {
   step.mutable_adamw()->set_lr(1e-4);
   step.set_max_grad_norm(1.0);
 
+  std::printf("client malloc: %s\n", malloc_tuned ? "tuned for large buffers" : "glibc defaults");
   std::printf("%-28s %6s %10s %10s %12s %10s\n", "span over gRPC (bf16 wire)", "depth", "step ms", "fwd+bwd ms",
               "tokens/s", "MB/step");
   for (int depth : depths) {

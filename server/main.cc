@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "engine/log.h"
+#include "engine/malloc_tuning.h"
 #include "server/backend_select.h"
 #include "server/server.h"
 
@@ -52,7 +53,7 @@ void OnSignal(int sig) {
   [[maybe_unused]] ssize_t n = write(signal_pipe[1], &b, 1);
 }
 
-int Run() {
+int Run(bool malloc_tuned) {
   blockd::LogLevel level;
   if (!blockd::ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
     std::fprintf(stderr, "--log_level=%s: expected debug, info, warning or error\n",
@@ -60,6 +61,7 @@ int Run() {
     return 2;
   }
   blockd::SetLogLevel(level);
+  BLOCKD_LOG(kDebug, malloc_tuned ? "malloc tuned for large buffers" : "malloc left at glibc's defaults");
 
   if (pipe(signal_pipe) != 0) return 1;
   struct sigaction sa = {};
@@ -119,7 +121,8 @@ int Run() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const bool malloc_tuned = blockd::TuneMallocForLargeBuffers();
   absl::SetProgramUsageMessage("blockd: transformer decoder blocks resident on a GPU, trained over gRPC");
   absl::ParseCommandLine(argc, argv);
-  return Run();
+  return Run(malloc_tuned);
 }

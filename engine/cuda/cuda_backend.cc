@@ -32,30 +32,44 @@ kernels::WireType WireOf(DType t) {
   return kernels::kWireFloat32;
 }
 
-// Host-to-device copies from pageable memory (a request's bytes) go through the driver's own
-// staging and ran at ~1.3 GB/s on the GPU host; a pinned buffer that the bytes are first copied into
-// moves them at memcpy speed plus a full-rate DMA. One per device, grown on demand, used under a lock.
+// Copies between the device and pageable memory (a request's or a reply's bytes) go through the
+// driver's own staging and ran at ~1.3 GB/s on the GPU host; a pinned buffer that the bytes pass
+// through moves them at memcpy speed plus a full-rate DMA. One per device, grown on demand, used
+// under a lock.
 class PinnedStaging {
  public:
   ~PinnedStaging() {
     if (ptr_ != nullptr) cudaFreeHost(ptr_);
   }
-  // Copies `bytes` of `src` to `dst` on `dev`'s stream and waits for the copy.
+  // Copies `bytes` of host `src` to device `dst` on `dev`'s stream and waits for the copy.
   absl::Status CopyToDevice(DeviceContext* dev, void* dst, const void* src, size_t bytes) {
     absl::MutexLock lock(&mu_);
-    if (bytes > capacity_) {
-      if (ptr_ != nullptr) cudaFreeHost(ptr_);
-      ptr_ = nullptr;
-      capacity_ = 0;
-      CUDA_RETURN_IF_ERROR(cudaHostAlloc(&ptr_, bytes, cudaHostAllocPortable));
-      capacity_ = bytes;
-    }
+    RETURN_IF_ERROR(Reserve(bytes));
     std::memcpy(ptr_, src, bytes);
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, ptr_, bytes, cudaMemcpyHostToDevice, dev->stream));
     return dev->Sync();  // the buffer is reused by the next caller
   }
+  // Copies `bytes` of device `src` to host `dst` once `dev`'s stream has produced them.
+  absl::Status CopyToHost(DeviceContext* dev, void* dst, const void* src, size_t bytes) {
+    absl::MutexLock lock(&mu_);
+    RETURN_IF_ERROR(Reserve(bytes));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ptr_, src, bytes, cudaMemcpyDeviceToHost, dev->stream));
+    RETURN_IF_ERROR(dev->Sync());
+    std::memcpy(dst, ptr_, bytes);
+    return absl::OkStatus();
+  }
 
  private:
+  absl::Status Reserve(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (bytes <= capacity_) return absl::OkStatus();
+    if (ptr_ != nullptr) cudaFreeHost(ptr_);
+    ptr_ = nullptr;
+    capacity_ = 0;
+    CUDA_RETURN_IF_ERROR(cudaHostAlloc(&ptr_, bytes, cudaHostAllocPortable));
+    capacity_ = bytes;
+    return absl::OkStatus();
+  }
+
   absl::Mutex mu_;
   void* ptr_ ABSL_GUARDED_BY(mu_) = nullptr;
   size_t capacity_ ABSL_GUARDED_BY(mu_) = 0;
@@ -130,14 +144,10 @@ class CudaBackend : public Backend {
     DeviceContext* dev = devices_[a.device()].get();
     DeviceGuard guard(dev->index);
     const int64_t n = a.numel();
-    if (dtype == DType::kFloat32) {
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, ca.data(), n * 4, cudaMemcpyDeviceToHost, dev->stream));
-      return dev->Sync();
-    }
+    if (dtype == DType::kFloat32) return staging_[a.device()].CopyToHost(dev, dst, ca.data(), n * 4);
     ASSIGN_OR_RETURN(DeviceBuffer staging, DeviceBuffer::Allocate(dev, n * DTypeSize(dtype)));
     CUDA_RETURN_IF_ERROR(kernels::launch_from_float(ca.data(), WireOf(dtype), staging.get(), n, dev->stream));
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, staging.get(), n * DTypeSize(dtype), cudaMemcpyDeviceToHost, dev->stream));
-    return dev->Sync();
+    return staging_[a.device()].CopyToHost(dev, dst, staging.get(), n * DTypeSize(dtype));
   }
 
   absl::StatusOr<std::unique_ptr<Activation>> ToDevice(const Activation& a, int device) override {
