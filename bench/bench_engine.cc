@@ -89,6 +89,7 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
       cudaDeviceGetDefaultMemPool(&pool, 0);
       uint64_t zero = 0;
       cudaMemPoolSetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &zero);
+      CudaTransferPoolPeakBytes(*backend, 0, /*reset=*/true);
       std::vector<std::unique_ptr<Block>> blocks;
       for (int b = 0; b < sh.span; ++b) {
         BlockSpec spec;
@@ -158,6 +159,8 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
       }
       uint64_t peak = 0;
       cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &peak);
+      // The inputs' device memory comes from the transfer pool.
+      peak += static_cast<uint64_t>(std::max<int64_t>(0, CudaTransferPoolPeakBytes(*backend, 0, false)));
       const double f = Median(fwd), b = Median(bwd), s = Median(step);
       const double flops = 3 * FwdFlops(sh.config, sh.batch, sh.seq) * sh.span;
       const double tflops = flops / (f + b) / 1e12;

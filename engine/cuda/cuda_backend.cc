@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -34,45 +35,84 @@ kernels::WireType WireOf(DType t) {
 
 // Copies between the device and pageable memory (a request's or a reply's bytes) go through the
 // driver's own staging and ran at ~1.3 GB/s on the GPU host; a pinned buffer that the bytes pass
-// through moves them at memcpy speed plus a full-rate DMA. One per device, grown on demand, used
-// under a lock.
+// through moves them at memcpy speed plus a full-rate DMA. Each copy takes a buffer of its own from
+// a small free list (so concurrent calls' transfers do not queue behind one another), grown on
+// demand; at most kKeep buffers are kept (an upload and a download for each of several calls in
+// flight: allocating and freeing pinned memory costs milliseconds).
 class PinnedStaging {
  public:
   ~PinnedStaging() {
-    if (ptr_ != nullptr) cudaFreeHost(ptr_);
+    for (const Buffer& b : free_) cudaFreeHost(b.ptr);
   }
-  // Copies `bytes` of host `src` to device `dst` on `dev`'s stream and waits for the copy.
+  // Copies `bytes` of host `src` to device `dst` on `dev`'s copy stream and waits for the copy.
   absl::Status CopyToDevice(DeviceContext* dev, void* dst, const void* src, size_t bytes) {
-    absl::MutexLock lock(&mu_);
-    RETURN_IF_ERROR(Reserve(bytes));
-    std::memcpy(ptr_, src, bytes);
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, ptr_, bytes, cudaMemcpyHostToDevice, dev->stream));
-    return dev->Sync();  // the buffer is reused by the next caller
+    ASSIGN_OR_RETURN(Buffer b, Take(bytes));
+    std::memcpy(b.ptr, src, bytes);
+    absl::Status s = CudaStatus(cudaMemcpyAsync(dst, b.ptr, bytes, cudaMemcpyHostToDevice, dev->copy_stream));
+    if (s.ok()) s = dev->SyncCopy();  // before the buffer goes back to the list
+    Give(b, s.ok());
+    return s;
   }
-  // Copies `bytes` of device `src` to host `dst` once `dev`'s stream has produced them.
+  // Copies `bytes` of device `src` to host `dst` on `dev`'s copy stream (after what it already
+  // waits for) and waits for the copy.
   absl::Status CopyToHost(DeviceContext* dev, void* dst, const void* src, size_t bytes) {
-    absl::MutexLock lock(&mu_);
-    RETURN_IF_ERROR(Reserve(bytes));
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ptr_, src, bytes, cudaMemcpyDeviceToHost, dev->stream));
-    RETURN_IF_ERROR(dev->Sync());
-    std::memcpy(dst, ptr_, bytes);
-    return absl::OkStatus();
+    ASSIGN_OR_RETURN(Buffer b, Take(bytes));
+    absl::Status s = CudaStatus(cudaMemcpyAsync(b.ptr, src, bytes, cudaMemcpyDeviceToHost, dev->copy_stream));
+    if (s.ok()) s = dev->SyncCopy();
+    if (s.ok()) std::memcpy(dst, b.ptr, bytes);
+    Give(b, s.ok());
+    return s;
   }
 
  private:
-  absl::Status Reserve(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (bytes <= capacity_) return absl::OkStatus();
-    if (ptr_ != nullptr) cudaFreeHost(ptr_);
-    ptr_ = nullptr;
-    capacity_ = 0;
-    CUDA_RETURN_IF_ERROR(cudaHostAlloc(&ptr_, bytes, cudaHostAllocPortable));
-    capacity_ = bytes;
+  static constexpr size_t kKeep = 8;
+  struct Buffer {
+    void* ptr = nullptr;
+    size_t capacity = 0;
+  };
+
+  static absl::Status CudaStatus(cudaError_t e) {
+    CUDA_RETURN_IF_ERROR(e);
     return absl::OkStatus();
   }
 
+  // The smallest free buffer that holds `bytes`, or a new one.
+  absl::StatusOr<Buffer> Take(size_t bytes) {
+    {
+      absl::MutexLock lock(&mu_);
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->capacity >= bytes && (best == free_.end() || it->capacity < best->capacity)) best = it;
+      }
+      if (best != free_.end()) {
+        Buffer b = *best;
+        free_.erase(best);
+        return b;
+      }
+    }
+    Buffer b;
+    CUDA_RETURN_IF_ERROR(cudaHostAlloc(&b.ptr, bytes, cudaHostAllocPortable));
+    b.capacity = bytes;
+    return b;
+  }
+
+  // Back to the list (the smallest goes when it is full); freed after a failed copy, whose DMA
+  // may not have finished.
+  void Give(Buffer b, bool reusable) {
+    if (reusable) {
+      absl::MutexLock lock(&mu_);
+      free_.push_back(b);
+      if (free_.size() <= kKeep) return;
+      auto smallest = std::min_element(free_.begin(), free_.end(),
+                                       [](const Buffer& x, const Buffer& y) { return x.capacity < y.capacity; });
+      b = *smallest;
+      free_.erase(smallest);
+    }
+    cudaFreeHost(b.ptr);
+  }
+
   absl::Mutex mu_;
-  void* ptr_ ABSL_GUARDED_BY(mu_) = nullptr;
-  size_t capacity_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<Buffer> free_ ABSL_GUARDED_BY(mu_);
 };
 
 class CudaBackend : public Backend {
@@ -120,23 +160,28 @@ class CudaBackend : public Backend {
     return cuda::CreateCudaBlock(spec, devices_[spec.device].get());
   }
 
+  // Upload and Download run on the device's copy stream (device.h): a transfer neither queues
+  // behind other calls' compute nor holds it up.
   absl::StatusOr<std::unique_ptr<Activation>> Upload(int device, DType dtype, const void* data, int64_t batch,
                                                      int64_t seq, int64_t width) override {
     DeviceContext* dev = devices_[device].get();
     DeviceGuard guard(dev->index);
     const int64_t n = batch * seq * width;
-    ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> a, cuda::NewActivation(dev, batch, seq, width));
+    // The values are read next by the compute stream (after this returns), which frees them.
+    ASSIGN_OR_RETURN(DeviceBuffer values, DeviceBuffer::AllocateForCopy(dev, n * sizeof(float), dev->stream));
     const size_t flag_at = (n * DTypeSize(dtype) + 15) / 16 * 16;  // the counter needs 4-byte alignment
-    ASSIGN_OR_RETURN(DeviceBuffer staging, DeviceBuffer::Allocate(dev, flag_at + sizeof(unsigned)));
+    ASSIGN_OR_RETURN(DeviceBuffer staging,
+                     DeviceBuffer::AllocateForCopy(dev, flag_at + sizeof(unsigned), dev->copy_stream));
     auto* nonfinite = reinterpret_cast<unsigned*>(staging.as<char>() + flag_at);
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), dev->stream));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), dev->copy_stream));
     RETURN_IF_ERROR(staging_[device].CopyToDevice(dev, staging.get(), data, n * DTypeSize(dtype)));
-    CUDA_RETURN_IF_ERROR(kernels::launch_to_float(WireOf(dtype), staging.get(), a->data(), n, nonfinite, dev->stream));
+    CUDA_RETURN_IF_ERROR(
+        kernels::launch_to_float(WireOf(dtype), staging.get(), values.as<float>(), n, nonfinite, dev->copy_stream));
     unsigned bad = 0;
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&bad, nonfinite, sizeof(bad), cudaMemcpyDeviceToHost, dev->stream));
-    RETURN_IF_ERROR(dev->Sync());
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&bad, nonfinite, sizeof(bad), cudaMemcpyDeviceToHost, dev->copy_stream));
+    RETURN_IF_ERROR(dev->SyncCopy());
     if (bad != 0) return absl::InvalidArgumentError(absl::StrCat("has ", bad, " non-finite values (NaN or inf)"));
-    return std::unique_ptr<Activation>(std::move(a));
+    return std::unique_ptr<Activation>(std::make_unique<CudaActivation>(device, batch, seq, width, std::move(values)));
   }
 
   absl::Status Download(const Activation& a, DType dtype, void* dst) override {
@@ -144,9 +189,24 @@ class CudaBackend : public Backend {
     DeviceContext* dev = devices_[a.device()].get();
     DeviceGuard guard(dev->index);
     const int64_t n = a.numel();
+    // Wait for the kernels that produced `a`; without their mark, for all the compute queued so far.
+    cudaEvent_t produced = ca.ready();
+    cudaEvent_t now = nullptr;
+    if (produced == nullptr) {
+      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&now, cudaEventDisableTiming));
+      produced = now;
+      if (cudaError_t e = cudaEventRecord(now, dev->stream); e != cudaSuccess) {
+        cudaEventDestroy(now);
+        CUDA_RETURN_IF_ERROR(e);
+      }
+    }
+    const cudaError_t waited = cudaStreamWaitEvent(dev->copy_stream, produced, 0);
+    if (now != nullptr) cudaEventDestroy(now);  // released once the wait has used it
+    CUDA_RETURN_IF_ERROR(waited);
     if (dtype == DType::kFloat32) return staging_[a.device()].CopyToHost(dev, dst, ca.data(), n * 4);
-    ASSIGN_OR_RETURN(DeviceBuffer staging, DeviceBuffer::Allocate(dev, n * DTypeSize(dtype)));
-    CUDA_RETURN_IF_ERROR(kernels::launch_from_float(ca.data(), WireOf(dtype), staging.get(), n, dev->stream));
+    ASSIGN_OR_RETURN(DeviceBuffer staging,
+                     DeviceBuffer::AllocateForCopy(dev, n * DTypeSize(dtype), dev->copy_stream));
+    CUDA_RETURN_IF_ERROR(kernels::launch_from_float(ca.data(), WireOf(dtype), staging.get(), n, dev->copy_stream));
     return staging_[a.device()].CopyToHost(dev, dst, staging.get(), n * DTypeSize(dtype));
   }
 
@@ -168,6 +228,18 @@ class CudaBackend : public Backend {
 
   bool healthy() const override { return !cuda::CudaBroken(); }
 
+  int64_t TransferPoolPeakBytes(int device, bool reset) const {
+    if (device < 0 || device >= static_cast<int>(devices_.size())) return -1;
+    cudaMemPool_t pool = devices_[device]->copy_pool;
+    uint64_t peak = 0;
+    if (cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &peak) != cudaSuccess) return -1;
+    if (reset) {
+      uint64_t zero = 0;
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &zero);
+    }
+    return static_cast<int64_t>(peak);
+  }
+
   int64_t DeviceMemoryUsed(int device) const override {
     DeviceGuard guard(device);
     size_t free_bytes = 0, total = 0;
@@ -181,6 +253,11 @@ class CudaBackend : public Backend {
 };
 
 }  // namespace
+
+int64_t CudaTransferPoolPeakBytes(const Backend& backend, int device, bool reset) {
+  const auto* cuda = dynamic_cast<const CudaBackend*>(&backend);
+  return cuda != nullptr ? cuda->TransferPoolPeakBytes(device, reset) : -1;
+}
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend() {
   int count = 0;

@@ -4,6 +4,7 @@
 //   ASSIGN_OR_RETURN(std::unique_ptr<Backend> cuda, MakeCudaBackend());  // FAILED_PRECONDITION: no GPU
 #pragma once
 
+#include <cstdint>
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -12,5 +13,9 @@
 namespace blockd {
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend();
+
+// For benchmarks: the high-water mark, in bytes, of device memory in use by a CUDA backend's
+// transfers (its copy pool, device.h) on `device` since the last reset; -1 for another backend.
+int64_t CudaTransferPoolPeakBytes(const Backend& backend, int device, bool reset);
 
 }  // namespace blockd

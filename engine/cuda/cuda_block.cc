@@ -334,6 +334,7 @@ class CudaBlock : public Block {
     } else {
       // The buffers go back to the pool in stream order; nothing waits here.
     }
+    RETURN_IF_ERROR(out->MarkReady(st));
     return std::unique_ptr<Activation>(std::move(out));
   }
 
@@ -420,6 +421,7 @@ class CudaBlock : public Block {
                                                      s.rstd1.as<float>(), dr1.as<float>(), dx->data(), nullptr,
                                                      G32(ParamId::kInputNorm), accumulate, rms_ws_.as<float>(), m.n,
                                                      static_cast<int>(m.d), st));
+    RETURN_IF_ERROR(dx->MarkReady(st));
     return std::unique_ptr<Activation>(std::move(dx));
   }
 
@@ -431,6 +433,12 @@ class CudaBlock : public Block {
 };
 
 }  // namespace
+
+absl::Status CudaActivation::MarkReady(cudaStream_t stream) {
+  if (ready_ == nullptr) CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_, stream));
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<CudaActivation>> NewActivation(DeviceContext* dev, int64_t batch, int64_t seq,
                                                                int64_t width) {

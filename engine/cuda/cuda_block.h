@@ -14,10 +14,20 @@ class CudaActivation : public Activation {
  public:
   CudaActivation(int device, int64_t batch, int64_t seq, int64_t width, DeviceBuffer data)
       : Activation(device, batch, seq, width), data_(std::move(data)) {}
+  ~CudaActivation() override {
+    if (ready_ != nullptr) cudaEventDestroy(ready_);
+  }
+  CudaActivation(const CudaActivation&) = delete;
+  CudaActivation& operator=(const CudaActivation&) = delete;
   float* data() const { return data_.as<float>(); }
+  // Records, on `stream`, the point after the kernels that produce the values; a download waits for
+  // that point only, not for what other calls queue on the stream afterwards.
+  absl::Status MarkReady(cudaStream_t stream);
+  cudaEvent_t ready() const { return ready_; }
 
  private:
   DeviceBuffer data_;
+  cudaEvent_t ready_ = nullptr;
 };
 
 absl::StatusOr<std::unique_ptr<CudaActivation>> NewActivation(DeviceContext* dev, int64_t batch, int64_t seq,

@@ -14,10 +14,24 @@ absl::StatusOr<std::unique_ptr<DeviceContext>> DeviceContext::Create(int index) 
   DeviceGuard guard(index);
   CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&dev->props, index));
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->stream, cudaStreamNonBlocking));
+  // The copy stream's few small kernels (wire conversions) are scheduled ahead of the compute
+  // stream's pending blocks, so a transfer does not wait for a large GEMM to drain.
+  int least = 0, greatest = 0;
+  CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&dev->copy_stream, cudaStreamNonBlocking, greatest));
   cudaMemPool_t pool;
   CUDA_RETURN_IF_ERROR(cudaDeviceGetDefaultMemPool(&pool, index));
   uint64_t threshold = UINT64_MAX;
   CUDA_RETURN_IF_ERROR(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  cudaMemPoolProps props = {};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.location.type = cudaMemLocationTypeDevice;
+  props.location.id = index;
+  CUDA_RETURN_IF_ERROR(cudaMemPoolCreate(&dev->copy_pool, &props));
+  CUDA_RETURN_IF_ERROR(cudaMemPoolSetAttribute(dev->copy_pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  // Never make the copy stream wait for the stream that freed a buffer (the compute stream).
+  int no = 0;
+  CUDA_RETURN_IF_ERROR(cudaMemPoolSetAttribute(dev->copy_pool, cudaMemPoolReuseAllowInternalDependencies, &no));
   CUDA_RETURN_IF_ERROR(cudaMalloc(&dev->gemm_workspace, kGemmWorkspaceBytes));
   dev->gemm_workspace_bytes = kGemmWorkspaceBytes;
   CUDA_RETURN_IF_ERROR(dev->gemm.Init(dev->gemm_workspace, dev->gemm_workspace_bytes));
@@ -27,12 +41,17 @@ absl::StatusOr<std::unique_ptr<DeviceContext>> DeviceContext::Create(int index) 
 DeviceContext::~DeviceContext() {
   DeviceGuard guard(index);
   if (stream != nullptr) cudaStreamSynchronize(stream);
+  if (copy_stream != nullptr) cudaStreamSynchronize(copy_stream);
   if (gemm_workspace != nullptr) cudaFree(gemm_workspace);
+  if (copy_pool != nullptr) cudaMemPoolDestroy(copy_pool);  // released once nothing is outstanding
+  if (copy_stream != nullptr) cudaStreamDestroy(copy_stream);
   if (stream != nullptr) cudaStreamDestroy(stream);
 }
 
-absl::Status DeviceContext::Sync() {
-  DeviceGuard guard(index);
+namespace {
+
+absl::Status SyncStream(int device, cudaStream_t stream) {
+  DeviceGuard guard(device);
   cudaEvent_t done;
   CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
   absl::Status s = CallStatus(cudaEventRecord(done, stream), "cudaEventRecord(done, stream)", __FILE__, __LINE__);
@@ -40,6 +59,12 @@ absl::Status DeviceContext::Sync() {
   cudaEventDestroy(done);
   return s;
 }
+
+}  // namespace
+
+absl::Status DeviceContext::Sync() { return SyncStream(index, stream); }
+
+absl::Status DeviceContext::SyncCopy() { return SyncStream(index, copy_stream); }
 
 DeviceGuard::DeviceGuard(int device) {
   cudaGetDevice(&previous_);
@@ -62,10 +87,22 @@ absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(DeviceContext* dev, size_t b
   return b;
 }
 
+absl::StatusOr<DeviceBuffer> DeviceBuffer::AllocateForCopy(DeviceContext* dev, size_t bytes, cudaStream_t free_stream) {
+  DeviceBuffer b;
+  b.dev_ = dev;
+  b.free_stream_ = free_stream;
+  b.bytes_ = bytes;
+  if (bytes == 0) return b;
+  DeviceGuard guard(dev->index);
+  CUDA_RETURN_IF_ERROR(cudaMallocFromPoolAsync(&b.ptr_, bytes, dev->copy_pool, dev->copy_stream));
+  return b;
+}
+
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
   if (this != &o) {
     Reset();
     dev_ = o.dev_;
+    free_stream_ = o.free_stream_;
     ptr_ = o.ptr_;
     bytes_ = o.bytes_;
     o.ptr_ = nullptr;
@@ -77,7 +114,7 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
 void DeviceBuffer::Reset() {
   if (ptr_ != nullptr) {
     DeviceGuard guard(dev_->index);
-    cudaFreeAsync(ptr_, dev_->stream);
+    cudaFreeAsync(ptr_, free_stream_ != nullptr ? free_stream_ : dev_->stream);
   }
   ptr_ = nullptr;
   bytes_ = 0;
