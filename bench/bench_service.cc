@@ -2,10 +2,12 @@
 // activations on the wire, to set against the in-process engine (the share lost to transport).
 //
 //   bench_service --target=127.0.0.1:50051 [--blocks=8] [--shape=qwen] [--iters=10] [--depth=1,2]
+//                 [--connections=1]
 //
 // A step is Forward(keep_activations) -> Backward -> Step over the span; with --depth=N the client
 // keeps N micro-batches in flight at once (N threads, one Step after all N), so that one
-// micro-batch's transfers overlap another's compute. Timing: warm-up steps first, then the median
+// micro-batch's transfers overlap another's compute; --connections=N spreads the calls over N HTTP/2
+// connections (ClientOptions::connections). Timing: warm-up steps first, then the median
 // step time over --iters, inputs rotated among 3 random sets built before timing.
 #include <algorithm>
 #include <chrono>
@@ -49,7 +51,7 @@ int main(int argc, char** argv) {
   // The client moves the same large messages as the daemon (BLOCKD_MALLOC_TUNING=0: glibc's defaults).
   const bool malloc_tuned = blockd::TuneMallocForLargeBuffers();
   std::string target = "127.0.0.1:50051", shape = "qwen";
-  int blocks = 8, iters = 10;
+  int blocks = 8, iters = 10, connections = 1;
   std::vector<int> depths = {1, 2};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -57,6 +59,7 @@ int main(int argc, char** argv) {
     if (a.rfind("--shape=", 0) == 0) shape = a.substr(8);
     if (a.rfind("--blocks=", 0) == 0) blocks = std::stoi(a.substr(9));
     if (a.rfind("--iters=", 0) == 0) iters = std::stoi(a.substr(8));
+    if (a.rfind("--connections=", 0) == 0) connections = std::stoi(a.substr(14));
     if (a.rfind("--depth=", 0) == 0) {
       depths.clear();
       for (absl::string_view d : absl::StrSplit(a.substr(8), ',')) depths.push_back(std::stoi(std::string(d)));
@@ -73,6 +76,7 @@ int main(int argc, char** argv) {
   blockd::ClientOptions o;
   o.target = target;
   o.timeout = absl::Seconds(300);
+  o.connections = connections;
   auto client = Check(blockd::Client::Connect(o), "connect");
   Check(client->WaitForConnected(absl::Seconds(30)), "wait for the server");
   if (probe) {
@@ -138,7 +142,8 @@ int main(int argc, char** argv) {
   step.mutable_adamw()->set_lr(1e-4);
   step.set_max_grad_norm(1.0);
 
-  std::printf("client malloc: %s\n", malloc_tuned ? "tuned for large buffers" : "glibc defaults");
+  std::printf("client malloc: %s; %d connection%s\n", malloc_tuned ? "tuned for large buffers" : "glibc defaults",
+              connections, connections == 1 ? "" : "s");
   std::printf("%-28s %6s %10s %10s %12s %10s\n", "span over gRPC (bf16 wire)", "depth", "step ms", "fwd+bwd ms",
               "tokens/s", "MB/step");
   for (int depth : depths) {

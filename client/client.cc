@@ -187,12 +187,20 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
   args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
   if (!options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
 
+  if (options.connections < 1 || options.connections > 64) {
+    return absl::InvalidArgumentError(absl::StrCat("connections = ", options.connections, ", expected 1..64"));
+  }
   std::unique_ptr<Client> c(new Client());
   c->options_ = std::move(options);
-  c->channel_ = grpc::CreateCustomChannel(c->options_.target, creds, args);
-  c->stub_ = v1::BlockService::NewStub(c->channel_);
+  for (int i = 0; i < c->options_.connections; ++i) {
+    // Channels with equal arguments share one connection; a local subchannel pool gives each its own.
+    grpc::ChannelArguments own = args;
+    if (c->options_.connections > 1) own.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    c->channels_.push_back(grpc::CreateCustomChannel(c->options_.target, creds, own));
+    c->stubs_.push_back(v1::BlockService::NewStub(c->channels_.back()));
+  }
   c->health_ = std::make_unique<HealthStub>();
-  c->health_->stub = grpc::health::v1::Health::NewStub(c->channel_);
+  c->health_->stub = grpc::health::v1::Health::NewStub(c->channels_[0]);
   return c;
 }
 
@@ -205,27 +213,37 @@ void Client::Prepare(grpc::ClientContext* ctx, const CallOptions& call) const {
   if (!options_.client_id.empty()) ctx->AddMetadata("blockd-client", options_.client_id);
 }
 
+v1::BlockService::Stub* Client::NextStub() {
+  return stubs_[next_stub_.fetch_add(1, std::memory_order_relaxed) % stubs_.size()].get();
+}
+
 absl::Status Client::WaitForConnected(absl::Duration timeout) {
-  if (channel_->WaitForConnected(DeadlineAfter(timeout))) return absl::OkStatus();
-  return absl::UnavailableError(absl::StrCat("cannot connect to ", options_.target, " within ", absl::FormatDuration(timeout)));
+  const auto deadline = DeadlineAfter(timeout);
+  for (const auto& channel : channels_) {
+    if (!channel->WaitForConnected(deadline)) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot connect to ", options_.target, " within ", absl::FormatDuration(timeout)));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<v1::GetServerInfoResponse> Client::GetServerInfo(const CallOptions& call) {
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(stub_.get(), &v1::BlockService::Stub::GetServerInfo, &ctx, v1::GetServerInfoRequest());
+  return Invoke(NextStub(), &v1::BlockService::Stub::GetServerInfo, &ctx, v1::GetServerInfoRequest());
 }
 
 absl::StatusOr<v1::BlockInfo> Client::CreateBlock(const v1::CreateBlockRequest& request, const CallOptions& call) {
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(stub_.get(), &v1::BlockService::Stub::CreateBlock, &ctx, request);
+  return Invoke(NextStub(), &v1::BlockService::Stub::CreateBlock, &ctx, request);
 }
 
 absl::StatusOr<std::vector<v1::BlockInfo>> Client::ListBlocks(const CallOptions& call) {
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  auto r = Invoke(stub_.get(), &v1::BlockService::Stub::ListBlocks, &ctx, v1::ListBlocksRequest());
+  auto r = Invoke(NextStub(), &v1::BlockService::Stub::ListBlocks, &ctx, v1::ListBlocksRequest());
   if (!r.ok()) return r.status();
   return std::vector<v1::BlockInfo>(r->blocks().begin(), r->blocks().end());
 }
@@ -235,7 +253,7 @@ absl::StatusOr<v1::BlockInfo> Client::GetBlock(absl::string_view block_id, const
   request.set_block_id(std::string(block_id));
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(stub_.get(), &v1::BlockService::Stub::GetBlock, &ctx, request);
+  return Invoke(NextStub(), &v1::BlockService::Stub::GetBlock, &ctx, request);
 }
 
 absl::StatusOr<v1::DeleteBlockResponse> Client::DeleteBlock(absl::string_view block_id, const CallOptions& call) {
@@ -243,13 +261,13 @@ absl::StatusOr<v1::DeleteBlockResponse> Client::DeleteBlock(absl::string_view bl
   request.set_block_id(std::string(block_id));
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(stub_.get(), &v1::BlockService::Stub::DeleteBlock, &ctx, request);
+  return Invoke(NextStub(), &v1::BlockService::Stub::DeleteBlock, &ctx, request);
 }
 
 absl::StatusOr<v1::ForwardResponse> Client::Forward(const v1::ForwardRequest& request, const CallOptions& call) {
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(stub_.get(), &v1::BlockService::Stub::Forward, &ctx, request);
+  return Invoke(NextStub(), &v1::BlockService::Stub::Forward, &ctx, request);
 }
 
 absl::StatusOr<v1::ForwardResponse> Client::Forward(const std::vector<std::string>& block_ids, v1::Tensor input,
@@ -270,7 +288,7 @@ absl::StatusOr<v1::BackwardResponse> Client::Backward(absl::string_view activati
   *request.mutable_grad_output() = std::move(grad_output);
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(stub_.get(), &v1::BlockService::Stub::Backward, &ctx, request);
+  return Invoke(NextStub(), &v1::BlockService::Stub::Backward, &ctx, request);
 }
 
 absl::Status Client::ReleaseActivations(absl::string_view activation_id, const CallOptions& call) {
@@ -278,7 +296,7 @@ absl::Status Client::ReleaseActivations(absl::string_view activation_id, const C
   request.set_activation_id(std::string(activation_id));
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(stub_.get(), &v1::BlockService::Stub::ReleaseActivations, &ctx, request).status();
+  return Invoke(NextStub(), &v1::BlockService::Stub::ReleaseActivations, &ctx, request).status();
 }
 
 absl::Status Client::ZeroGrad(const std::vector<std::string>& block_ids, const CallOptions& call) {
@@ -286,27 +304,27 @@ absl::Status Client::ZeroGrad(const std::vector<std::string>& block_ids, const C
   for (const std::string& id : block_ids) request.add_block_ids(id);
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(stub_.get(), &v1::BlockService::Stub::ZeroGrad, &ctx, request).status();
+  return Invoke(NextStub(), &v1::BlockService::Stub::ZeroGrad, &ctx, request).status();
 }
 
 absl::StatusOr<v1::StepResponse> Client::Step(const v1::StepRequest& request, const CallOptions& call) {
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(stub_.get(), &v1::BlockService::Stub::Step, &ctx, request);
+  return Invoke(NextStub(), &v1::BlockService::Stub::Step, &ctx, request);
 }
 
 absl::StatusOr<v1::SaveCheckpointResponse> Client::SaveCheckpoint(const v1::SaveCheckpointRequest& request,
                                                                   const CallOptions& call) {
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(stub_.get(), &v1::BlockService::Stub::SaveCheckpoint, &ctx, request);
+  return Invoke(NextStub(), &v1::BlockService::Stub::SaveCheckpoint, &ctx, request);
 }
 
 absl::StatusOr<v1::RestoreCheckpointResponse> Client::RestoreCheckpoint(const v1::RestoreCheckpointRequest& request,
                                                                         const CallOptions& call) {
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(stub_.get(), &v1::BlockService::Stub::RestoreCheckpoint, &ctx, request);
+  return Invoke(NextStub(), &v1::BlockService::Stub::RestoreCheckpoint, &ctx, request);
 }
 
 absl::StatusOr<v1::LoadWeightsResponse> Client::LoadWeightsChunks(const std::vector<v1::TensorChunk>& chunks,
@@ -314,7 +332,7 @@ absl::StatusOr<v1::LoadWeightsResponse> Client::LoadWeightsChunks(const std::vec
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
   v1::LoadWeightsResponse response;
-  std::unique_ptr<grpc::ClientWriter<v1::TensorChunk>> writer = stub_->LoadWeights(&ctx, &response);
+  std::unique_ptr<grpc::ClientWriter<v1::TensorChunk>> writer = NextStub()->LoadWeights(&ctx, &response);
   for (const v1::TensorChunk& chunk : chunks) {
     if (!writer->Write(chunk)) break;  // the server ended the stream: Finish says why
   }
@@ -342,7 +360,7 @@ absl::StatusOr<v1::LoadWeightsResponse> Client::LoadWeights(absl::string_view bl
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
   v1::LoadWeightsResponse response;
-  std::unique_ptr<grpc::ClientWriter<v1::TensorChunk>> writer = stub_->LoadWeights(&ctx, &response);
+  std::unique_ptr<grpc::ClientWriter<v1::TensorChunk>> writer = NextStub()->LoadWeights(&ctx, &response);
   int64_t sent = 0;
   if (progress) progress(0, total);
   v1::TensorChunk chunk;
@@ -384,7 +402,7 @@ absl::StatusOr<std::vector<TensorBytes>> Client::DownloadTensors(const v1::Downl
   }
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  std::unique_ptr<grpc::ClientReader<v1::TensorChunk>> reader = stub_->DownloadTensors(&ctx, request);
+  std::unique_ptr<grpc::ClientReader<v1::TensorChunk>> reader = NextStub()->DownloadTensors(&ctx, request);
   ChunkAssembler assembler(request.block_id());
   v1::TensorChunk chunk;
   absl::Status bad;

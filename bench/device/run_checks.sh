@@ -77,25 +77,27 @@ fi
 
 if [[ " $stages " == *" service "* ]]; then
   # The same span through gRPC over loopback TCP (first with glibc's malloc defaults in daemon and
-  # client, BLOCKD_MALLOC_TUNING=0, then tuned) and over a Unix socket; the daemon logs each
-  # Forward's upload and compute+download times (--log_level=debug).
-  for run in 127.0.0.1:50997,0 127.0.0.1:50998,1 unix:/tmp/blockd-bench.sock,1; do
-    target=${run%,*} tuning=${run##*,}
+  # client, BLOCKD_MALLOC_TUNING=0, and one connection; then tuned; then over 3 connections) and
+  # over a Unix socket; the daemon logs each Forward's upload, launch and compute+download times
+  # (--log_level=debug).
+  for run in 127.0.0.1:50996,0,1 127.0.0.1:50997,1,1 127.0.0.1:50998,1,3 unix:/tmp/blockd-bench.sock,1,3; do
+    IFS=, read -r target tuning conns <<<"$run"
     BLOCKD_MALLOC_TUNING=$tuning LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda \
       --listen=$target --log_level=debug --metrics_listen= >>"$OUT/blockd.service.log" 2>&1 &
     daemon=$!
     sleep 2
-    echo "== $target (BLOCKD_MALLOC_TUNING=$tuning)" >>"$OUT/bench_service.log"
+    echo "== $target (BLOCKD_MALLOC_TUNING=$tuning, $conns connections)" >>"$OUT/bench_service.log"
     timeout 200 env BLOCKD_MALLOC_TUNING=$tuning LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target \
-      --blocks=8 --depth=${SERVICE_DEPTH:-1,3} --iters=${SERVICE_ITERS:-6} >>"$OUT/bench_service.log" 2>&1
+      --blocks=8 --depth=${SERVICE_DEPTH:-1,3} --iters=${SERVICE_ITERS:-6} --connections=$conns \
+      >>"$OUT/bench_service.log" 2>&1
     rc=$?
     timeout 60 env BLOCKD_MALLOC_TUNING=$tuning LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target \
       --transport_probe --iters=6 >>"$OUT/bench_service.log" 2>&1
     kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
-    row "bench.service $target tuning=$tuning" "$([ $rc -eq 0 ] && echo DONE || echo FAIL)" "see bench_service.log"
+    row "bench.service $target t=$tuning c=$conns" "$([ $rc -eq 0 ] && echo DONE || echo FAIL)" "see bench_service.log"
   done
   cat "$OUT/bench_service.log"
-  grep "Forward of 8" "$OUT/blockd.service.log" | tail -6
+  grep "Forward of 8" "$OUT/blockd.service.log" | tail -4
 fi
 
 if [[ " $stages " == *" torch "* ]]; then

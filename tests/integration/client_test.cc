@@ -236,6 +236,8 @@ TEST(ClientOptionsCheck, BadOptionsAreRefusedAtConnect) {
   EXPECT_STATUS(Client::Connect({.chunk_bytes = 0}).status(), StatusCode::kInvalidArgument, "chunk_bytes = 0");
   EXPECT_STATUS(Client::Connect({.max_message_bytes = 0}).status(), StatusCode::kInvalidArgument,
                 "max_message_bytes = 0");
+  EXPECT_STATUS(Client::Connect({.connections = 0}).status(), StatusCode::kInvalidArgument, "connections = 0");
+  EXPECT_STATUS(Client::Connect({.connections = 65}).status(), StatusCode::kInvalidArgument, "connections = 65");
 }
 
 // The client's conversions are its own code; the engine's are independent. They must agree.
