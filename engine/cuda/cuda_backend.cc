@@ -44,21 +44,21 @@ class PinnedStaging {
   ~PinnedStaging() {
     for (const Buffer& b : free_) cudaFreeHost(b.ptr);
   }
-  // Copies `bytes` of host `src` to device `dst` on `dev`'s copy stream and waits for the copy.
+  // Copies `bytes` of host `src` to device `dst` on `dev`'s upload stream and waits for the copy.
   absl::Status CopyToDevice(DeviceContext* dev, void* dst, const void* src, size_t bytes) {
     ASSIGN_OR_RETURN(Buffer b, Take(bytes));
     std::memcpy(b.ptr, src, bytes);
-    absl::Status s = CudaStatus(cudaMemcpyAsync(dst, b.ptr, bytes, cudaMemcpyHostToDevice, dev->copy_stream));
-    if (s.ok()) s = dev->SyncCopy();  // before the buffer goes back to the list
+    absl::Status s = CudaStatus(cudaMemcpyAsync(dst, b.ptr, bytes, cudaMemcpyHostToDevice, dev->upload_stream));
+    if (s.ok()) s = dev->Sync(dev->upload_stream);  // before the buffer goes back to the list
     Give(b, s.ok());
     return s;
   }
-  // Copies `bytes` of device `src` to host `dst` on `dev`'s copy stream (after what it already
+  // Copies `bytes` of device `src` to host `dst` on `dev`'s download stream (after what it already
   // waits for) and waits for the copy.
   absl::Status CopyToHost(DeviceContext* dev, void* dst, const void* src, size_t bytes) {
     ASSIGN_OR_RETURN(Buffer b, Take(bytes));
-    absl::Status s = CudaStatus(cudaMemcpyAsync(b.ptr, src, bytes, cudaMemcpyDeviceToHost, dev->copy_stream));
-    if (s.ok()) s = dev->SyncCopy();
+    absl::Status s = CudaStatus(cudaMemcpyAsync(b.ptr, src, bytes, cudaMemcpyDeviceToHost, dev->download_stream));
+    if (s.ok()) s = dev->Sync(dev->download_stream);
     if (s.ok()) std::memcpy(dst, b.ptr, bytes);
     Give(b, s.ok());
     return s;
@@ -160,7 +160,7 @@ class CudaBackend : public Backend {
     return cuda::CreateCudaBlock(spec, devices_[spec.device].get());
   }
 
-  // Upload and Download run on the device's copy stream (device.h): a transfer neither queues
+  // Upload and Download run on the device's copy streams (device.h): a transfer neither queues
   // behind other calls' compute nor holds it up.
   absl::StatusOr<std::unique_ptr<Activation>> Upload(int device, DType dtype, const void* data, int64_t batch,
                                                      int64_t seq, int64_t width) override {
@@ -168,18 +168,19 @@ class CudaBackend : public Backend {
     DeviceGuard guard(dev->index);
     const int64_t n = batch * seq * width;
     // The values are read next by the compute stream (after this returns), which frees them.
-    ASSIGN_OR_RETURN(DeviceBuffer values, DeviceBuffer::AllocateForCopy(dev, n * sizeof(float), dev->stream));
+    cudaStream_t up = dev->upload_stream;
+    ASSIGN_OR_RETURN(DeviceBuffer values, DeviceBuffer::AllocateForCopy(dev, n * sizeof(float), up, dev->stream));
     const size_t flag_at = (n * DTypeSize(dtype) + 15) / 16 * 16;  // the counter needs 4-byte alignment
     ASSIGN_OR_RETURN(DeviceBuffer staging,
-                     DeviceBuffer::AllocateForCopy(dev, flag_at + sizeof(unsigned), dev->copy_stream));
+                     DeviceBuffer::AllocateForCopy(dev, flag_at + sizeof(unsigned), up, up));
     auto* nonfinite = reinterpret_cast<unsigned*>(staging.as<char>() + flag_at);
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), dev->copy_stream));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), up));
     RETURN_IF_ERROR(staging_[device].CopyToDevice(dev, staging.get(), data, n * DTypeSize(dtype)));
     CUDA_RETURN_IF_ERROR(
-        kernels::launch_to_float(WireOf(dtype), staging.get(), values.as<float>(), n, nonfinite, dev->copy_stream));
+        kernels::launch_to_float(WireOf(dtype), staging.get(), values.as<float>(), n, nonfinite, up));
     unsigned bad = 0;
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&bad, nonfinite, sizeof(bad), cudaMemcpyDeviceToHost, dev->copy_stream));
-    RETURN_IF_ERROR(dev->SyncCopy());
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&bad, nonfinite, sizeof(bad), cudaMemcpyDeviceToHost, up));
+    RETURN_IF_ERROR(dev->Sync(up));
     if (bad != 0) return absl::InvalidArgumentError(absl::StrCat("has ", bad, " non-finite values (NaN or inf)"));
     return std::unique_ptr<Activation>(std::make_unique<CudaActivation>(device, batch, seq, width, std::move(values)));
   }
@@ -200,13 +201,14 @@ class CudaBackend : public Backend {
         CUDA_RETURN_IF_ERROR(e);
       }
     }
-    const cudaError_t waited = cudaStreamWaitEvent(dev->copy_stream, produced, 0);
+    cudaStream_t down = dev->download_stream;
+    const cudaError_t waited = cudaStreamWaitEvent(down, produced, 0);
     if (now != nullptr) cudaEventDestroy(now);  // released once the wait has used it
     CUDA_RETURN_IF_ERROR(waited);
     if (dtype == DType::kFloat32) return staging_[a.device()].CopyToHost(dev, dst, ca.data(), n * 4);
     ASSIGN_OR_RETURN(DeviceBuffer staging,
-                     DeviceBuffer::AllocateForCopy(dev, n * DTypeSize(dtype), dev->copy_stream));
-    CUDA_RETURN_IF_ERROR(kernels::launch_from_float(ca.data(), WireOf(dtype), staging.get(), n, dev->copy_stream));
+                     DeviceBuffer::AllocateForCopy(dev, n * DTypeSize(dtype), down, down));
+    CUDA_RETURN_IF_ERROR(kernels::launch_from_float(ca.data(), WireOf(dtype), staging.get(), n, down));
     return staging_[a.device()].CopyToHost(dev, dst, staging.get(), n * DTypeSize(dtype));
   }
 

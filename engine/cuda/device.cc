@@ -14,11 +14,12 @@ absl::StatusOr<std::unique_ptr<DeviceContext>> DeviceContext::Create(int index) 
   DeviceGuard guard(index);
   CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&dev->props, index));
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->stream, cudaStreamNonBlocking));
-  // The copy stream's few small kernels (wire conversions) are scheduled ahead of the compute
+  // The copy streams' few small kernels (wire conversions) are scheduled ahead of the compute
   // stream's pending blocks, so a transfer does not wait for a large GEMM to drain.
   int least = 0, greatest = 0;
   CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&dev->copy_stream, cudaStreamNonBlocking, greatest));
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&dev->upload_stream, cudaStreamNonBlocking, greatest));
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&dev->download_stream, cudaStreamNonBlocking, greatest));
   cudaMemPool_t pool;
   CUDA_RETURN_IF_ERROR(cudaDeviceGetDefaultMemPool(&pool, index));
   uint64_t threshold = UINT64_MAX;
@@ -41,10 +42,14 @@ absl::StatusOr<std::unique_ptr<DeviceContext>> DeviceContext::Create(int index) 
 DeviceContext::~DeviceContext() {
   DeviceGuard guard(index);
   if (stream != nullptr) cudaStreamSynchronize(stream);
-  if (copy_stream != nullptr) cudaStreamSynchronize(copy_stream);
+  for (cudaStream_t s : {upload_stream, download_stream}) {
+    if (s != nullptr) cudaStreamSynchronize(s);
+  }
   if (gemm_workspace != nullptr) cudaFree(gemm_workspace);
   if (copy_pool != nullptr) cudaMemPoolDestroy(copy_pool);  // released once nothing is outstanding
-  if (copy_stream != nullptr) cudaStreamDestroy(copy_stream);
+  for (cudaStream_t s : {upload_stream, download_stream}) {
+    if (s != nullptr) cudaStreamDestroy(s);
+  }
   if (stream != nullptr) cudaStreamDestroy(stream);
 }
 
@@ -64,7 +69,7 @@ absl::Status SyncStream(int device, cudaStream_t stream) {
 
 absl::Status DeviceContext::Sync() { return SyncStream(index, stream); }
 
-absl::Status DeviceContext::SyncCopy() { return SyncStream(index, copy_stream); }
+absl::Status DeviceContext::Sync(cudaStream_t other) { return SyncStream(index, other); }
 
 DeviceGuard::DeviceGuard(int device) {
   cudaGetDevice(&previous_);
@@ -87,14 +92,15 @@ absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(DeviceContext* dev, size_t b
   return b;
 }
 
-absl::StatusOr<DeviceBuffer> DeviceBuffer::AllocateForCopy(DeviceContext* dev, size_t bytes, cudaStream_t free_stream) {
+absl::StatusOr<DeviceBuffer> DeviceBuffer::AllocateForCopy(DeviceContext* dev, size_t bytes, cudaStream_t stream,
+                                                         cudaStream_t free_stream) {
   DeviceBuffer b;
   b.dev_ = dev;
   b.free_stream_ = free_stream;
   b.bytes_ = bytes;
   if (bytes == 0) return b;
   DeviceGuard guard(dev->index);
-  CUDA_RETURN_IF_ERROR(cudaMallocFromPoolAsync(&b.ptr_, bytes, dev->copy_pool, dev->copy_stream));
+  CUDA_RETURN_IF_ERROR(cudaMallocFromPoolAsync(&b.ptr_, bytes, dev->copy_pool, stream));
   return b;
 }
 

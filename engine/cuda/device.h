@@ -6,10 +6,11 @@
 // it recorded, never on the whole stream. The pool keeps freed memory (release threshold: max), so
 // once warmed a forward, backward or step allocates nothing from the driver.
 //
-// Activations cross PCIe on a copy stream of their own, with memory from a pool of their own that
-// never waits on the compute stream (a freed buffer is reused once its free has completed, else the
-// pool grows): a call's upload does not queue behind other calls' compute, and its download waits
-// only for the kernels that produced it.
+// Activations cross PCIe on two copy streams, one per direction, with memory from a pool of their
+// own that never waits on the compute stream (a freed buffer is reused once its free has completed,
+// else the pool grows): a call's upload queues behind neither other calls' compute nor their
+// downloads (which wait for their kernels), and its download waits only for the kernels that
+// produced it.
 //   ASSIGN_OR_RETURN(DeviceBuffer buf, DeviceBuffer::Allocate(dev, bytes));
 //   float* p = buf.as<float>();
 #pragma once
@@ -29,8 +30,9 @@ struct DeviceContext {
   int index = 0;
   cudaDeviceProp props{};
   cudaStream_t stream = nullptr;
-  cudaStream_t copy_stream = nullptr;  // host<->device transfers of activations
-  cudaMemPool_t copy_pool = nullptr;   // their device memory
+  cudaStream_t upload_stream = nullptr;    // host-to-device transfers of activations
+  cudaStream_t download_stream = nullptr;  // device-to-host
+  cudaMemPool_t copy_pool = nullptr;       // their device memory
   void* gemm_workspace = nullptr;
   size_t gemm_workspace_bytes = 0;
   kernels::GemmContext gemm;
@@ -39,8 +41,8 @@ struct DeviceContext {
   ~DeviceContext();
   // Waits until the work issued so far on the stream is done (an event, not the whole stream later).
   absl::Status Sync();
-  // The same for the copy stream.
-  absl::Status SyncCopy();
+  // The same for another stream of the device (a copy stream).
+  absl::Status Sync(cudaStream_t other);
 };
 
 // Makes `device` current for the scope and restores the previous one.
@@ -58,9 +60,11 @@ class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   static absl::StatusOr<DeviceBuffer> Allocate(DeviceContext* dev, size_t bytes);
-  // From the copy pool, in copy-stream order, freed in `free_stream`'s order: the compute stream's
-  // for an activation the compute stream reads next, the copy stream's for a copy's own scratch.
-  static absl::StatusOr<DeviceBuffer> AllocateForCopy(DeviceContext* dev, size_t bytes, cudaStream_t free_stream);
+  // From the copy pool, in `stream`'s order (a copy stream), freed in `free_stream`'s order: the
+  // compute stream's for an activation the compute stream reads next, the copy stream's for a
+  // copy's own scratch.
+  static absl::StatusOr<DeviceBuffer> AllocateForCopy(DeviceContext* dev, size_t bytes, cudaStream_t stream,
+                                                      cudaStream_t free_stream);
   DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
   ~DeviceBuffer() { Reset(); }
