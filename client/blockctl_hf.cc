@@ -28,6 +28,7 @@
 #include "absl/time/clock.h"
 #include "client/blockctl.h"
 #include "client/blockctl_util.h"
+#include "engine/block_config.h"
 #include "nlohmann/json.hpp"
 
 namespace blockd {
@@ -92,23 +93,17 @@ absl::Status CheckSupported(const json& c) {
   return absl::OkStatus();
 }
 
-// {name, shape} of one block's tensors, in the server's order.
+// {name, shape} of one block's tensors, in the server's order: the engine's own table.
 std::vector<std::pair<std::string, std::vector<int64_t>>> ParamShapes(const v1::BlockConfig& c) {
-  const int64_t d = c.hidden_size(), f = c.intermediate_size();
-  const int64_t q = c.num_attention_heads() * c.head_dim(), kv = c.num_kv_heads() * c.head_dim();
-  std::vector<std::pair<std::string, std::vector<int64_t>>> p = {{"input_layernorm.weight", {d}},
-                                                                 {"self_attn.q_proj.weight", {q, d}},
-                                                                 {"self_attn.k_proj.weight", {kv, d}},
-                                                                 {"self_attn.v_proj.weight", {kv, d}},
-                                                                 {"self_attn.o_proj.weight", {d, q}}};
-  if (c.qk_norm()) {
-    p.push_back({"self_attn.q_norm.weight", {c.head_dim()}});
-    p.push_back({"self_attn.k_norm.weight", {c.head_dim()}});
-  }
-  p.push_back({"post_attention_layernorm.weight", {d}});
-  p.push_back({"mlp.gate_proj.weight", {f, d}});
-  p.push_back({"mlp.up_proj.weight", {f, d}});
-  p.push_back({"mlp.down_proj.weight", {d, f}});
+  BlockConfig config;
+  config.hidden_size = c.hidden_size();
+  config.num_attention_heads = c.num_attention_heads();
+  config.num_kv_heads = c.num_kv_heads();
+  config.head_dim = c.head_dim();
+  config.intermediate_size = c.intermediate_size();
+  config.qk_norm = c.qk_norm();
+  std::vector<std::pair<std::string, std::vector<int64_t>>> p;
+  for (const ParamSpec& spec : BlockParams(config)) p.emplace_back(spec.name, spec.shape);
   return p;
 }
 
