@@ -21,7 +21,7 @@
 #include "absl/strings/str_split.h"
 #include "client/client.h"
 #include "client/tensor_bytes.h"
-#include "engine/malloc_tuning.h"
+#include "base/malloc_tuning.h"
 
 namespace {
 

@@ -28,7 +28,7 @@
 #include "absl/time/clock.h"
 #include "client/blockctl.h"
 #include "client/blockctl_util.h"
-#include "engine/block_config.h"
+#include "base/block_config.h"
 #include "nlohmann/json.hpp"
 
 namespace blockd {
@@ -218,8 +218,8 @@ absl::StatusOr<LayerPlan> PlanLayer(SafetensorsCheckpoint& ckpt, const std::set<
     auto t = ckpt.Describe(prefix + name);
     if (!t.ok()) return t.status();
     if (t->shape != shape) {
-      return absl::InvalidArgumentError(absl::StrCat(prefix, name, " has shape ", wire::ShapeString(t->shape),
-                                                     ", config.json implies ", wire::ShapeString(shape)));
+      return absl::InvalidArgumentError(absl::StrCat(prefix, name, " has shape ", ShapeString(t->shape),
+                                                     ", config.json implies ", ShapeString(shape)));
     }
     plan.names.push_back(name);
     plan.bytes += wire::NumElements(t->shape) * wire::DTypeBytes(t->dtype);

@@ -48,7 +48,7 @@ absl::Status ConvertTensor(TensorBytes* t, v1::DType dtype) {
 }
 
 std::string Describe(const std::vector<int64_t>& shape, v1::DType dtype, const std::vector<float>& values) {
-  return absl::StrCat(wire::ShapeString(shape), " ", wire::DTypeName(dtype), " ", SummaryString(Summarize(values)));
+  return absl::StrCat(ShapeString(shape), " ", wire::DTypeName(dtype), " ", SummaryString(Summarize(values)));
 }
 
 }  // namespace

@@ -22,7 +22,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
-#include "engine/safetensors.h"
+#include "base/safetensors.h"
 #include "nlohmann/json.hpp"
 
 namespace blockd {

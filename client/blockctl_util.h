@@ -18,7 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "client/client.h"
-#include "engine/safetensors.h"
+#include "base/safetensors.h"
 
 namespace blockd {
 

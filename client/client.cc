@@ -58,7 +58,7 @@ class ChunkAssembler {
       const int64_t n = wire::NumElements(shape);
       if (elem == 0) return Bad(absl::StrCat("tensor ", chunk.name(), " has dtype ", wire::DTypeName(chunk.dtype())));
       if (n < 0 || n > (int64_t{1} << 40)) {
-        return Bad(absl::StrCat("tensor ", chunk.name(), " has shape ", wire::ShapeString(shape)));
+        return Bad(absl::StrCat("tensor ", chunk.name(), " has shape ", ShapeString(shape)));
       }
       TensorBytes t{chunk.name(), chunk.dtype(), shape, std::string()};
       t.data.resize(static_cast<size_t>(n * elem));
@@ -69,8 +69,8 @@ class ChunkAssembler {
     std::map<int64_t, int64_t>& covered = covered_[it->second];
     if (chunk.dtype() != t.dtype || shape != t.shape) {
       return Bad(absl::StrCat("tensor ", t.name, " chunk says ", wire::DTypeName(chunk.dtype()), " ",
-                              wire::ShapeString(shape), ", its first chunk said ", wire::DTypeName(t.dtype), " ",
-                              wire::ShapeString(t.shape)));
+                              ShapeString(shape), ", its first chunk said ", wire::DTypeName(t.dtype), " ",
+                              ShapeString(t.shape)));
     }
     const int64_t total = static_cast<int64_t>(t.data.size());
     const int64_t offset = chunk.offset();
@@ -352,7 +352,7 @@ absl::StatusOr<v1::LoadWeightsResponse> Client::LoadWeights(absl::string_view bl
     if (t.name.empty()) return absl::InvalidArgumentError("LoadWeights: a tensor has no name");
     if (elem == 0 || n < 0 || static_cast<int64_t>(t.data.size()) != n * elem) {
       return absl::InvalidArgumentError(absl::StrCat("LoadWeights: tensor ", t.name, " has ", t.data.size(),
-                                                     " bytes, but shape ", wire::ShapeString(t.shape), " of ",
+                                                     " bytes, but shape ", ShapeString(t.shape), " of ",
                                                      wire::DTypeName(t.dtype), " needs ", n * elem));
     }
     total += static_cast<int64_t>(t.data.size());

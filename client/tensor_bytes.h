@@ -1,8 +1,6 @@
 // Whole tensors as the client library hands them around, and the wire dtype helpers a client needs:
-// element sizes, names, and host conversions between float32 and bfloat16 / float16.
-//
-// The client does not depend on the engine, so these are its own (small) conversions; both round
-// to nearest, ties to even, as the server does.
+// element sizes, names, and host conversions between float32 and bfloat16 / float16 (base/dtype.h's
+// codecs, the same ones the server uses: round to nearest, ties to even).
 //
 //   v1::Tensor x = wire::MakeTensor(v1::DTYPE_BFLOAT16, {2, 8, 64}, values);   // floats -> bf16 bytes
 //   ASSIGN_OR_RETURN(std::vector<float> y, wire::TensorToFloat32(reply.output()));
@@ -38,13 +36,6 @@ bool ParseDType(absl::string_view text, v1::DType* out);
 
 // Product of the dimensions (1 for a scalar); -1 when a dimension is negative or it overflows.
 int64_t NumElements(const std::vector<int64_t>& shape);
-std::string ShapeString(const std::vector<int64_t>& shape);  // "[2,7,64]"
-
-uint16_t Float32ToBFloat16(float f);
-float BFloat16ToFloat32(uint16_t h);
-uint16_t Float32ToFloat16(float f);
-float Float16ToFloat32(uint16_t h);
-
 // `n` floats as `dtype` bytes. `dtype` must have a size.
 std::string EncodeFloat32(const float* values, size_t n, v1::DType dtype);
 // Bytes of `dtype` to floats; INVALID_ARGUMENT for an unknown dtype or a size that is not a

@@ -21,8 +21,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/block_config.h"
-#include "engine/dtype.h"
+#include "base/block_config.h"
+#include "base/dtype.h"
 
 namespace blockd {
 

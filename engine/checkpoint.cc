@@ -19,9 +19,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
-#include "engine/log.h"
-#include "engine/safetensors.h"
-#include "engine/status_macros.h"
+#include "base/log.h"
+#include "base/safetensors.h"
+#include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace blockd {

@@ -9,8 +9,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/init.h"
-#include "engine/log.h"
-#include "engine/status_macros.h"
+#include "base/log.h"
+#include "base/status_macros.h"
 
 namespace blockd {
 

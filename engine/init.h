@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "engine/block_config.h"
+#include "base/block_config.h"
 
 namespace blockd {
 

@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "engine/block_config.h"
-#include "engine/dtype.h"
+#include "base/block_config.h"
+#include "base/dtype.h"
 
 namespace blockd {
 

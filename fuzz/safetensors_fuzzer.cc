@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/safetensors.h"
+#include "base/safetensors.h"
 
 namespace {
 

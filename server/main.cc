@@ -11,8 +11,8 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
-#include "engine/log.h"
-#include "engine/malloc_tuning.h"
+#include "base/log.h"
+#include "base/malloc_tuning.h"
 #include "server/backend_select.h"
 #include "server/server.h"
 

@@ -9,8 +9,8 @@
 #include <grpcpp/server_builder.h>
 
 #include "absl/strings/str_cat.h"
-#include "engine/log.h"
-#include "engine/status_macros.h"
+#include "base/log.h"
+#include "base/status_macros.h"
 #include "engine/checkpoint.h"
 
 namespace blockd {

@@ -9,7 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "engine/status_macros.h"
+#include "base/status_macros.h"
 #include "engine/checkpoint.h"
 #include "server/convert.h"
 

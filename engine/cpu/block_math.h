@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "engine/block_config.h"
+#include "base/block_config.h"
 
 namespace blockd::cpu {
 

@@ -12,7 +12,7 @@
 #include "engine/cuda/cuda_block.h"
 #include "engine/cuda/cuda_status.h"
 #include "engine/cuda/device.h"
-#include "engine/status_macros.h"
+#include "base/status_macros.h"
 #include "kernels/attention.cuh"
 #include "kernels/convert.cuh"
 

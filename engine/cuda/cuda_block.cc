@@ -8,7 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cuda/cuda_status.h"
-#include "engine/status_macros.h"
+#include "base/status_macros.h"
 #include "kernels/adamw.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/convert.cuh"

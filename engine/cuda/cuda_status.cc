@@ -3,7 +3,7 @@
 #include <atomic>
 
 #include "absl/strings/str_cat.h"
-#include "engine/log.h"
+#include "base/log.h"
 
 namespace blockd::cuda {
 namespace {

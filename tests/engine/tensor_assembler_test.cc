@@ -1,4 +1,4 @@
-// engine/tensor_assembler.h, and the parameter table it validates against (engine/block_config.h):
+// engine/tensor_assembler.h, and the parameter table it validates against (base/block_config.h):
 // chunks in any order and size assemble to the exact bytes; every bad chunk is refused with a
 // message naming the tensor, and leaves the assembler as it was.
 #include "engine/tensor_assembler.h"
@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/block_config.h"
+#include "base/block_config.h"
 #include "gtest/gtest.h"
 #include "tests/engine/test_util.h"
 

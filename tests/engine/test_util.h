@@ -179,7 +179,7 @@ template <class Loss>
 }
 
 // float32 -> bfloat16 bits, rounded to nearest with ties to even, decided in double between the two
-// bfloat16 neighbours of f (written independently of engine/dtype.h; NaN gives a quiet NaN).
+// bfloat16 neighbours of f (written independently of base/dtype.h; NaN gives a quiet NaN).
 inline uint16_t RefBFloat16Bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);

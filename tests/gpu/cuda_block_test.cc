@@ -16,7 +16,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/engine.h"
-#include "engine/status_macros.h"
+#include "base/status_macros.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace blockd::testing {

@@ -6,7 +6,7 @@
 #include <cstring>
 
 #include "engine/cpu/ops.h"
-#include "engine/dtype.h"
+#include "base/dtype.h"
 #include "kernels/adamw.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/attention_mma.cuh"

@@ -16,7 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "engine/safetensors.h"
+#include "base/safetensors.h"
 #include "nlohmann/json.hpp"
 #include "tests/integration/harness.h"
 

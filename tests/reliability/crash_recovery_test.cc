@@ -24,7 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
-#include "engine/status_macros.h"
+#include "base/status_macros.h"
 #include "tests/integration/harness.h"
 #include "tests/reliability/daemon_process.h"
 

@@ -1,7 +1,7 @@
-// engine/safetensors.h: write -> read round trips (F32, BF16, F16, metadata, 0-d and empty
+// base/safetensors.h: write -> read round trips (F32, BF16, F16, metadata, 0-d and empty
 // tensors; in memory and through a file), and the strict reader's rejections, each checked for a
 // message that names the problem.
-#include "engine/safetensors.h"
+#include "base/safetensors.h"
 
 #include <unistd.h>
 

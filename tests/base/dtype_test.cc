@@ -1,9 +1,9 @@
-// engine/dtype.h against references computed in float64 from the formats' definitions: every
+// base/dtype.h against references computed in float64 from the formats' definitions: every
 // bfloat16 and float16 code decoded, and float32 rounded to each format by searching the table of
 // its representable values for the nearest one (ties to the even code), over every tie point, its
 // neighbours, edge values and a million random floats. Plus NaN/inf handling, the bulk converters
 // and AllFinite.
-#include "engine/dtype.h"
+#include "base/dtype.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "engine/block_config.h"
+#include "base/block_config.h"
 
 #include <cmath>
 

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "engine/dtype.h"
+#include "base/dtype.h"
 
 namespace blockd {
 

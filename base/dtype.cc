@@ -1,4 +1,4 @@
-#include "engine/dtype.h"
+#include "base/dtype.h"
 
 #include <cmath>
 
