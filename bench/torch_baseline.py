@@ -3,7 +3,7 @@
     python3 bench/torch_baseline.py [--shapes qwen,llama,span8] [--modes eager-bf16,compile-bf16,eager-fp32]
                                     [--iters 20] [--check-target HOST:PORT] [--json out.json]
 
-The block is Hugging Face's Llama/Qwen3 decoder layer as DESIGN.md writes it: RMSNorm with fp32
+The block is Hugging Face's Llama/Qwen3 decoder layer as ARCHITECTURE.md writes it: RMSNorm with fp32
 statistics, per-head QK-norm, rotate_half RoPE, F.scaled_dot_product_attention (causal, GQA),
 SwiGLU, both residuals. Modes: eager-bf16 (fp32 master weights under bf16 autocast),
 compile-bf16 (the same through torch.compile), eager-fp32 (fp32 without TF32). The optimizer is

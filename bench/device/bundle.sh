@@ -2,7 +2,8 @@
 # Builds blockd with the CUDA backend for Hopper here, and bundles what the GPU host needs into
 # the git-ignored .device/bundle.tar.xz (name .device in the device tool's `carry`): binaries in bin/, the
 # shared libraries they resolve outside glibc, libstdc++ and CUDA in lib/, the Python package with
-# its generated stubs and the Python tests in python/. run_checks.sh unpacks it. See ../shared/GPU.md.
+# its generated stubs and the Python tests in python/. run_checks.sh unpacks it. See
+# ARCHITECTURE.md, "Running on the GPU host".
 #   bash bench/device/bundle.sh            # then: device run ... carry=[".device"]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)

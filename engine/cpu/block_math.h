@@ -1,6 +1,6 @@
-// One decoder block's forward and backward on the CPU, composed from ops.h exactly as DESIGN.md
-// writes the math. Templated on the scalar: the CPU backend runs it in float, the tests in double
-// for finite-difference checks of every gradient.
+// One decoder block's forward and backward on the CPU, composed from ops.h exactly as
+// ARCHITECTURE.md ("The block") writes the math. Templated on the scalar: the CPU backend runs it
+// in float, the tests in double for finite-difference checks of every gradient.
 //
 //   BlockParamPtrs<const float> w = ...;           // by ParamId; q_norm/k_norm null without qk_norm
 //   BlockActivations<float> saved;

@@ -1,6 +1,6 @@
 // The block's ops on the CPU, forward and backward side by side, in plain loops a reader can check
-// against DESIGN.md; matrix products go through BLAS (gemm.h). Templated on the scalar so that the
-// float backend and the tests' float64 finite-difference checks run the same code.
+// against ARCHITECTURE.md ("The block"); matrix products go through BLAS (gemm.h). Templated on the
+// scalar so that the float backend and the tests' float64 finite-difference checks run the same code.
 //
 // Layouts are row-major and batch-first: activations [tokens, width] with tokens = batch * seq;
 // per-head tensors [batch, seq, heads, head_dim]. Backward functions *add* into their input and

@@ -1,5 +1,5 @@
-"""An independent PyTorch decoder block with Hugging Face Qwen3/Llama semantics (DESIGN.md, "The
-block"), for checking blockd against. It shares no code with blockd or its Python client.
+"""An independent PyTorch decoder block with Hugging Face Qwen3/Llama semantics (ARCHITECTURE.md,
+"The block"), for checking blockd against. It shares no code with blockd or its Python client.
 
     block = ReferenceBlock(hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=384,
                            eps=1e-6, theta=1e4, qk_norm=True)

@@ -141,7 +141,7 @@ TEST_P(BlockMathTest, FloatMatchesDouble) {
   std::vector<float> outf(x_.size()), dxf(x_.size());
   BlockActivations<float> savedf;
   BlockForward(config_, Ptrs<const float>(wf), xf.data(), kBatch, kSeq, kOffset, outf.data(), &savedf);
-  // The design's bar for the fp32 forward: within 1e-5 of the output's scale.
+  // The fp32 bar of ARCHITECTURE.md ("Testing"): within 1e-5 of the output's scale.
   EXPECT_TRUE(AllClose("block<float> out", outf, out_, 1e-5 * MaxAbs(out_), 1e-5));
 
   BlockBackward(config_, Ptrs<const float>(wf), savedf, rf.data(), dxf.data(), Ptrs<float>(gf));

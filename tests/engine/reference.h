@@ -1,4 +1,4 @@
-// Independent float64 references for the block's math, written naively from DESIGN.md and the
+// Independent float64 references for the block's math, written naively from ARCHITECTURE.md and the
 // Hugging Face Llama/Qwen3 code (plain loops, no BLAS, nothing shared with engine/cpu), and the
 // torch.optim.AdamW update. The engine's float and double code are checked against these.
 //
@@ -123,7 +123,8 @@ using BlockWeights = std::array<std::vector<double>, kNumParamIds>;
 
 inline const std::vector<double>& W(const BlockWeights& w, ParamId id) { return w[static_cast<int>(id)]; }
 
-// The decoder layer of DESIGN.md on x [batch, seq, hidden], returning out [batch, seq, hidden].
+// The decoder layer of ARCHITECTURE.md ("The block") on x [batch, seq, hidden], returning out
+// [batch, seq, hidden].
 inline std::vector<double> Block(const BlockConfig& c, const BlockWeights& w, const std::vector<double>& x,
                                  int64_t batch, int64_t seq, int64_t offset) {
   const int64_t n = batch * seq, d = c.hidden_size, H = c.num_attention_heads, Hkv = c.num_kv_heads,

@@ -1,6 +1,6 @@
-// DESIGN.md's error model, code by code, against a real server: each failing call returns the
-// documented gRPC code with a message that says what was expected and what came, and leaves the
-// server's state exactly as it was (weights, gradients, moments, steps, handles, memory).
+// ARCHITECTURE.md's error model ("Errors"), code by code, against a real server: each failing call
+// returns the documented gRPC code with a message that says what was expected and what came, and
+// leaves the server's state exactly as it was (weights, gradients, moments, steps, handles, memory).
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"

@@ -1,11 +1,11 @@
 """blockd's CPU backend against an independent PyTorch implementation of the decoder block.
 
-The reference below is written from DESIGN.md and Hugging Face's Llama/Qwen3 decoder layer, not
-from blockd's code: RMSNorm with its statistics in (at least) float32, per-head QK-norm over
-head_dim before RoPE, rotate_half RoPE at positions offset..offset+seq-1, causal softmax, GQA by
-repeat_interleave of the kv heads, SwiGLU MLP, both residuals. It runs in float64 on exactly the
-fp32 inputs and weights that blockd sees; autograd gives the gradients and torch.optim.AdamW (with
-torch.nn.utils.clip_grad_norm_) the optimizer steps.
+The reference below is written from ARCHITECTURE.md ("The block") and Hugging Face's Llama/Qwen3
+decoder layer, not from blockd's code: RMSNorm with its statistics in (at least) float32, per-head
+QK-norm over head_dim before RoPE, rotate_half RoPE at positions offset..offset+seq-1, causal
+softmax, GQA by repeat_interleave of the kv heads, SwiGLU MLP, both residuals. It runs in float64 on
+exactly the fp32 inputs and weights that blockd sees; autograd gives the gradients and
+torch.optim.AdamW (with torch.nn.utils.clip_grad_norm_) the optimizer steps.
 
 Every tensor that blockd returns is compared as ||got - ref|| / ||ref|| <= 1e-5 (FP32). The same
 reference run in float32 is reported beside it, to show what fp32 arithmetic alone costs.
@@ -289,7 +289,7 @@ class ParityTest(unittest.TestCase):
         if weights is not None:  # fp32 round trip: bit-exact
             for n, w in weights.items():
                 np.testing.assert_array_equal(got[n], w, err_msg=n)
-        if seed is not None:  # DESIGN.md: norm weights 1, matrices scaled by 1/sqrt(in)
+        if seed is not None:  # ARCHITECTURE.md: norm weights 1, matrices in +-1/sqrt(in)
             for n, w in got.items():
                 if w.ndim == 1:
                     np.testing.assert_array_equal(w, np.ones_like(w), err_msg=n)

@@ -1,12 +1,12 @@
 // A battery of hostile and broken requests, across every RPC of blockd.v1.BlockService, against
 // one server that keeps running through all of them.
 //
-// Each case says which RPC it attacks, what is wrong with the request, the status code DESIGN.md
-// documents for it and words the message must contain (what was expected, what came). Around each
-// case the test snapshots every block's weights, gradients and AdamW moments (DownloadTensors),
-// step counters, has_gradients, the number of activation handles, the memory in use and the block
-// list, and requires them bitwise unchanged; after each case the server must still answer. The
-// cases and their outcomes are printed as a table.
+// Each case says which RPC it attacks, what is wrong with the request, the status code
+// ARCHITECTURE.md ("Errors") documents for it and words the message must contain (what was
+// expected, what came). Around each case the test snapshots every block's weights, gradients and
+// AdamW moments (DownloadTensors), step counters, has_gradients, the number of activation handles,
+// the memory in use and the block list, and requires them bitwise unchanged; after each case the
+// server must still answer. The cases and their outcomes are printed as a table.
 #include <grpcpp/channel.h>
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>

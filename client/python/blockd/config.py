@@ -48,7 +48,7 @@ def kind_value(k):
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-    """Hugging Face Llama / Qwen2 / Qwen3 decoder-layer hyperparameters (DESIGN.md, "The block")."""
+    """Hugging Face Llama / Qwen2 / Qwen3 decoder-layer hyperparameters (ARCHITECTURE.md, "The block")."""
     hidden_size: int
     num_attention_heads: int
     intermediate_size: int
