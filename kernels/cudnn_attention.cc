@@ -41,6 +41,16 @@ CudnnStatus Validate(const CudnnAttentionProblem& p, CudnnAttentionPass pass) {
   return CudnnStatus::Ok();
 }
 
+// A handle and its plans belong to the device they were made on.
+CudnnStatus CheckDevice(int device) {
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess || current != device) {
+    return CudnnStatus::Error(Code::kInvalidArgument, "cuDNN attention: made on device " + std::to_string(device) +
+                                                          ", called on device " + std::to_string(current));
+  }
+  return CudnnStatus::Ok();
+}
+
 CudnnStatus CheckAligned(const char* name, const void* ptr) {
   if (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
     return CudnnStatus::Error(Code::kInvalidArgument,
@@ -166,6 +176,7 @@ CudnnStatus CudnnAttention::GetPlan(const CudnnAttentionProblem& p, CudnnAttenti
 }
 
 CudnnStatus CudnnAttention::Prepare(const CudnnAttentionProblem& p, CudnnAttentionPass pass, CudnnPlanInfo* info) {
+  if (CudnnStatus s = CheckDevice(device_); !s.ok()) return s;
   std::lock_guard<std::mutex> lock(mu_);
   Plan* plan = nullptr;
   if (CudnnStatus s = GetPlan(p, pass, &plan); !s.ok()) return s;
@@ -207,6 +218,7 @@ CudnnStatus Execute(const cudnn::Api* api, cudnnHandle_t handle, const cudnn::Ex
 
 CudnnStatus CudnnAttention::Forward(const CudnnAttentionProblem& p, const CudnnAttentionFwdArgs& a, float scale,
                                     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (CudnnStatus s = CheckDevice(device_); !s.ok()) return s;
   for (auto [name, ptr] : {std::pair<const char*, const void*>{"q", a.q}, {"k", a.k}, {"v", a.v}, {"o", a.o},
                            {"lse", a.lse}}) {
     if (CudnnStatus s = CheckAligned(name, ptr); !s.ok()) return s;
@@ -235,6 +247,7 @@ CudnnStatus CudnnAttention::Forward(const CudnnAttentionProblem& p, const CudnnA
 
 CudnnStatus CudnnAttention::Backward(const CudnnAttentionProblem& p, const CudnnAttentionBwdArgs& a, float scale,
                                      void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (CudnnStatus s = CheckDevice(device_); !s.ok()) return s;
   for (auto [name, ptr] : {std::pair<const char*, const void*>{"q", a.q}, {"k", a.k}, {"v", a.v}, {"o", a.o},
                            {"lse", a.lse}, {"d_o", a.d_o}, {"dq", a.dq}, {"dk", a.dk}, {"dv", a.dv}}) {
     if (CudnnStatus s = CheckAligned(name, ptr); !s.ok()) return s;
