@@ -33,6 +33,10 @@ if [[ " $stages " == *" tests "* ]]; then
   gtest gpu.ops cuda_ops_test '*' 90
   gtest gpu.blocks cuda_block_test '*' 240
   gtest gpu.sticky sticky_error_test '*' 30
+  # cuDNN 9.19 (PyTorch's copy on the GPU host) when present, else the system's.
+  cudnn=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib/libcudnn_graph.so.9
+  [ -f "$cudnn" ] && export BLOCKD_CUDNN_PATH=$cudnn
+  gtest gpu.cudnn cudnn_attention_test '*' 120
   grep -hE 'norm rel' "$OUT"/gpu.ops.log "$OUT"/gpu.blocks.log | sort -t'l' -k1 > "$OUT/errors.txt" || true
 fi
 
@@ -66,6 +70,12 @@ if [[ " $stages " == *" kernels "* ]]; then
     row "bench.kernels.$shape" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see bench_kernels.$shape.log"
     cat "$OUT/bench_kernels.$shape.log"
   done
+fi
+
+if [[ " $stages " == *" cudnn "* ]]; then
+  timeout 120 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_cudnn_attention" --iters=50 >"$OUT/bench_cudnn_attention.log" 2>&1
+  row "bench.cudnn_attention" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see bench_cudnn_attention.log"
+  cat "$OUT/bench_cudnn_attention.log"
 fi
 
 if [[ " $stages " == *" ncu "* ]]; then
