@@ -8,7 +8,7 @@
 //   auto block = backend->CreateBlock(spec);
 //   auto x = backend->Upload(0, DType::kBFloat16, bytes, {batch, seq, hidden});
 //   std::unique_ptr<SavedActivations> saved;
-//   auto y = (*block)->Forward(**x, /*position_offset=*/0, &saved);
+//   auto y = (*block)->Forward(*std::move(x), /*position_offset=*/0, &saved);
 //   auto dx = (*block)->Backward(*saved, **dy, /*accumulate=*/false);
 #pragma once
 
@@ -102,8 +102,9 @@ class Block {
   virtual absl::Status WriteTensor(TensorKind kind, int index, const float* host) = 0;
   virtual absl::Status ReadTensor(TensorKind kind, int index, float* host) = 0;
 
-  // y = block(x) for x [batch, seq, hidden]. With `saved`, keeps what Backward needs.
-  virtual absl::StatusOr<std::unique_ptr<Activation>> Forward(const Activation& x, int64_t position_offset,
+  // y = block(x) for x [batch, seq, hidden]. With `saved`, keeps what Backward needs. Takes x, so
+  // that a block keeping it for Backward holds its memory rather than a copy.
+  virtual absl::StatusOr<std::unique_ptr<Activation>> Forward(std::unique_ptr<Activation> x, int64_t position_offset,
                                                               std::unique_ptr<SavedActivations>* saved) = 0;
   // Returns dL/dx for dL/dy = grad_out. Weight gradients are added to the existing ones when
   // `accumulate`, else they overwrite them (the Engine knows whether gradients exist).

@@ -394,7 +394,8 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
       ASSIGN_OR_RETURN(x, backend_->ToDevice(*x, e->spec.device));
     }
     std::unique_ptr<SavedActivations> saved;
-    ASSIGN_OR_RETURN(x, e->block->Forward(*x, args.position_offset, args.keep_activations ? &saved : nullptr));
+    ASSIGN_OR_RETURN(x, e->block->Forward(std::move(x), args.position_offset,
+                                          args.keep_activations ? &saved : nullptr));
     if (args.keep_activations) handle->saved.push_back(std::move(saved));
   }
   lock.Unlock();  // x is this call's own; work queued on the device runs in order

@@ -61,11 +61,11 @@ class CpuBlock : public Block {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<std::unique_ptr<Activation>> Forward(const Activation& x, int64_t position_offset,
+  absl::StatusOr<std::unique_ptr<Activation>> Forward(std::unique_ptr<Activation> x, int64_t position_offset,
                                                       std::unique_ptr<SavedActivations>* saved) override {
-    auto out = std::make_unique<CpuActivation>(x.batch(), x.seq(), x.width());
+    auto out = std::make_unique<CpuActivation>(x->batch(), x->seq(), x->width());
     auto keep = std::make_unique<CpuSaved>();
-    cpu::BlockForward(spec_.config, Ptrs<const float>(weights_), AsCpu(x).data.data(), x.batch(), x.seq(),
+    cpu::BlockForward(spec_.config, Ptrs<const float>(weights_), AsCpu(*x).data.data(), x->batch(), x->seq(),
                       position_offset, out->data.data(), &keep->acts);
     if (saved != nullptr) *saved = std::move(keep);
     return std::unique_ptr<Activation>(std::move(out));

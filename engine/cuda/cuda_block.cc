@@ -155,11 +155,11 @@ class CudaBlock : public Block {
     return dev_->Sync();
   }
 
-  absl::StatusOr<std::unique_ptr<Activation>> Forward(const Activation& x, int64_t position_offset,
+  absl::StatusOr<std::unique_ptr<Activation>> Forward(std::unique_ptr<Activation> x, int64_t position_offset,
                                                       std::unique_ptr<SavedActivations>* saved) override {
     DeviceGuard guard(dev_->index);
-    if (spec_.precision == Precision::kBF16) return ForwardT<bf16>(x, position_offset, saved);
-    return ForwardT<float>(x, position_offset, saved);
+    if (spec_.precision == Precision::kBF16) return ForwardT<bf16>(std::move(x), position_offset, saved);
+    return ForwardT<float>(std::move(x), position_offset, saved);
   }
 
   absl::StatusOr<std::unique_ptr<Activation>> Backward(const SavedActivations& saved, const Activation& grad_out,
@@ -258,11 +258,11 @@ class CudaBlock : public Block {
   absl::StatusOr<DeviceBuffer> Alloc(size_t bytes) { return DeviceBuffer::Allocate(dev_, bytes); }
 
   template <class T>
-  absl::StatusOr<std::unique_ptr<Activation>> ForwardT(const Activation& x_in, int64_t offset,
+  absl::StatusOr<std::unique_ptr<Activation>> ForwardT(std::unique_ptr<Activation> x_in, int64_t offset,
                                                        std::unique_ptr<SavedActivations>* saved_out) {
-    const auto& x_act = static_cast<const CudaActivation&>(x_in);
+    auto& x_act = static_cast<CudaActivation&>(*x_in);
     const BlockConfig& c = spec_.config;
-    const Dims m = DimsOf(c, x_in.batch(), x_in.seq());
+    const Dims m = DimsOf(c, x_act.batch(), x_act.seq());
     const size_t t = sizeof(T);
     const GemmType tt = TypeOf<T>();
     cudaStream_t st = dev_->stream;
@@ -273,12 +273,10 @@ class CudaBlock : public Block {
     s->offset = offset;
     s->bytes_ = SavedBytesFor(c, spec_.precision, m.batch, m.seq);
 
+    // Backward reads the input again: when keeping activations, the input's memory becomes the
+    // saved x. Otherwise x_in frees it, in stream order, when this returns.
     const float* x = x_act.data();
-    if (saved_out != nullptr) {  // the input is the caller's: keep a copy for backward
-      ASSIGN_OR_RETURN(s->x, Alloc(m.n * m.d * 4));
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s->x.get(), x, m.n * m.d * 4, cudaMemcpyDeviceToDevice, st));
-      x = s->x.as<float>();
-    }
+    if (saved_out != nullptr) s->x = x_act.ReleaseData();
     ASSIGN_OR_RETURN(s->n1, Alloc(m.n * m.d * t));
     ASSIGN_OR_RETURN(s->rstd1, Alloc(m.n * 4));
     ASSIGN_OR_RETURN(s->qkv, Alloc(m.n * m.qkv * t));
