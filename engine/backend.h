@@ -135,8 +135,9 @@ class Backend {
   // INVALID_ARGUMENT when an element is NaN or infinite.
   virtual absl::StatusOr<std::unique_ptr<Activation>> Upload(int device, DType dtype, const void* data,
                                                              int64_t batch, int64_t seq, int64_t width) = 0;
-  // The activation as host bytes of `dtype`; `dst` holds numel * DTypeSize(dtype) bytes.
-  virtual absl::Status Download(const Activation& a, DType dtype, void* dst) = 0;
+  // Replaces *dst with the activation as host bytes of `dtype` (numel * DTypeSize(dtype) of them),
+  // written once: a reply's bytes field is not zero-filled first.
+  virtual absl::Status Download(const Activation& a, DType dtype, std::string* dst) = 0;
   // The same activation on another device of this backend.
   virtual absl::StatusOr<std::unique_ptr<Activation>> ToDevice(const Activation& a, int device) = 0;
 

@@ -93,8 +93,11 @@ std::vector<float> ReadAll(Block& b, TensorKind kind, const ParamSpec& p, int in
 }
 
 std::vector<float> DownloadF32(Backend& be, const Activation& a) {
-  std::vector<float> v(a.numel());
-  EXPECT_TRUE(be.Download(a, DType::kFloat32, v.data()).ok());
+  std::string bytes;
+  EXPECT_TRUE(be.Download(a, DType::kFloat32, &bytes).ok());
+  EXPECT_EQ(bytes.size(), a.numel() * sizeof(float));
+  std::vector<float> v(bytes.size() / sizeof(float));
+  std::memcpy(v.data(), bytes.data(), v.size() * sizeof(float));
   return v;
 }
 
