@@ -224,7 +224,6 @@ int main(int argc, char** argv) {
   Row("swiglu fwd", TimeMs([&] { blockd::kernels::launch_swiglu_fwd<bf16>(gu, h, N, f, 0); }), 0, N * f * 6.0);
   Row("gemm out = r1 + h Wd^T", TimeMs([&] { gemm(Bf16(N, f, d).Forward(h, wd, out, GemmType::kF32).PlusC(r1)); }),
       2.0 * N * d * f, 0);
-  Row("copy x (saved input)", TimeMs([&] { cudaMemcpyAsync(out, x, N * d * 4, cudaMemcpyDeviceToDevice, 0); }), 0, N * d * 8.0);
 
   std::printf("-- backward --\n");
   Row("convert dy fp32 -> bf16", TimeMs([&] { blockd::kernels::launch_float_to_bf16(x, n1, N * d, 0); }), 0, N * d * 6.0);
