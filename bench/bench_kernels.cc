@@ -275,7 +275,8 @@ int main(int argc, char** argv) {
     float* wf = Random<float>(2 * f * d, 0.03f);
     float* guf;
     CHECK(cudaMalloc(&guf, N * 2 * f * 4));
-    Row("gemm gu fp32 (SGEMM)", TimeMs([&] { gemm(LinearGemm{GemmMode::kFP32, N, d, 2 * f}.Forward(x, wf, guf, GemmType::kF32)); }),
+    const LinearGemm gate_up_fp32{GemmMode::kFP32, N, d, 2 * f};
+    Row("gemm gu fp32 (SGEMM)", TimeMs([&] { gemm(gate_up_fp32.Forward(x, wf, guf, GemmType::kF32)); }),
         2.0 * N * 2 * f * d, 0);
   }
 

@@ -6,9 +6,8 @@
 #include <cstring>
 #include <vector>
 
-#include "absl/synchronization/mutex.h"
-
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "engine/cuda/cuda_block.h"
 #include "engine/cuda/cuda_status.h"
 #include "engine/cuda/device.h"

@@ -3,9 +3,9 @@
 #include <cuda_bf16.h>
 
 #include <array>
+#include <type_traits>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "engine/cuda/cuda_status.h"
 #include "base/status_macros.h"
 #include "kernels/adamw.cuh"
@@ -100,7 +100,7 @@ size_t QkWorkspaceFloats(const BlockConfig& c) {
 class CudaSaved : public SavedActivations {
  public:
   size_t bytes() const override { return bytes_; }
-  int64_t batch = 0, seq = 0, offset = 0;
+  int64_t batch = 0, seq = 0;
   DeviceBuffer x, n1, rstd1, qkv, rstd_q, rstd_k, q, k, table, o, lse, r1, rstd2, n2, gu, h;
   size_t bytes_ = 0;
 };
@@ -270,7 +270,6 @@ class CudaBlock : public Block {
     auto s = std::make_unique<CudaSaved>();
     s->batch = m.batch;
     s->seq = m.seq;
-    s->offset = offset;
     s->bytes_ = SavedBytesFor(c, spec_.precision, m.batch, m.seq);
 
     // Backward reads the input again: when keeping activations, the input's memory becomes the
@@ -313,20 +312,18 @@ class CudaBlock : public Block {
                                                             m.kv_heads, m.dh, eps, st));
     CUDA_RETURN_IF_ERROR(kernels::launch_attention_fwd(Attention<T>(*s, m, st)));
     // r1 = x + o Wo^T (the residual enters as C)
-    RETURN_IF_ERROR(Gemm(Linear(m.n, m.qd, m.d).Forward(s->o.get(), W<T>(ParamId::kOProj), s->r1.get(), GemmType::kF32)
-                             .PlusC(x)));
+    const kernels::LinearGemm o_proj = Linear(m.n, m.qd, m.d);
+    RETURN_IF_ERROR(Gemm(o_proj.Forward(s->o.get(), W<T>(ParamId::kOProj), s->r1.get(), GemmType::kF32).PlusC(x)));
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(s->r1.as<float>(), W32(ParamId::kPostNorm), s->n2.as<T>(),
                                                         s->rstd2.as<float>(), m.n, static_cast<int>(m.d), eps, st));
     RETURN_IF_ERROR(Gemm(Linear(m.n, m.d, 2 * m.f).Forward(s->n2.get(), W<T>(ParamId::kGateProj), s->gu.get(), tt)));
     CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(s->gu.as<T>(), s->h.as<T>(), m.n, m.f, st));
     // out = r1 + h Wdown^T
-    RETURN_IF_ERROR(Gemm(Linear(m.n, m.f, m.d).Forward(s->h.get(), W<T>(ParamId::kDownProj), out->data(), GemmType::kF32)
-                             .PlusC(s->r1.get())));
-    if (saved_out != nullptr) {
-      *saved_out = std::move(s);
-    } else {
-      // The buffers go back to the pool in stream order; nothing waits here.
-    }
+    const kernels::LinearGemm down = Linear(m.n, m.f, m.d);
+    RETURN_IF_ERROR(
+        Gemm(down.Forward(s->h.get(), W<T>(ParamId::kDownProj), out->data(), GemmType::kF32).PlusC(s->r1.get())));
+    // Unless kept, the buffers go back to the pool in stream order when `s` goes; nothing waits here.
+    if (saved_out != nullptr) *saved_out = std::move(s);
     RETURN_IF_ERROR(out->MarkReady(st));
     return std::unique_ptr<Activation>(std::move(out));
   }

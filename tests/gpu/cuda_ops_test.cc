@@ -479,7 +479,8 @@ TEST(LinearGemmTest, ForwardAndBackwardProductsMatchFloat64) {
   y.Poison();
   dx.Poison();
   const kernels::LinearGemm linear{kernels::GemmMode::kFP32, rows, in, out};
-  EXPECT_EQ(CUBLAS_STATUS_SUCCESS, ctx.Run(linear.Forward(dx_in.get(), dw_in.get(), y.get(), kernels::GemmType::kF32), 0));
+  EXPECT_EQ(CUBLAS_STATUS_SUCCESS,
+            ctx.Run(linear.Forward(dx_in.get(), dw_in.get(), y.get(), kernels::GemmType::kF32), 0));
   EXPECT_EQ(CUBLAS_STATUS_SUCCESS,
             ctx.Run(linear.BackwardInput(ddy.get(), dw_in.get(), dx.get(), kernels::GemmType::kF32), 0));
   EXPECT_EQ(CUBLAS_STATUS_SUCCESS, ctx.Run(linear.BackwardWeight(ddy.get(), dx_in.get(), dw.get(), false), 0));
