@@ -15,6 +15,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/adamw.cuh"
@@ -28,10 +29,11 @@
 namespace {
 
 using bf16 = __nv_bfloat16;
-using blockd::kernels::GemmArgs;
+using blockd::kernels::AttentionArgs;
 using blockd::kernels::GemmContext;
 using blockd::kernels::GemmMode;
 using blockd::kernels::GemmType;
+using blockd::kernels::LinearGemm;
 
 #define CHECK(expr)                                                                              \
   do {                                                                                           \
@@ -93,30 +95,8 @@ T* Random(size_t n, float scale = 1.f) {
   return p;
 }
 
-struct Gemm {
-  GemmContext* ctx;
-  void Run(GemmMode mode, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b,
-           int64_t ldb, void* d, int64_t ldd, GemmType dt, float beta = 0.f, const void* c = nullptr) {
-    GemmArgs g;
-    g.mode = mode;
-    g.trans_a = ta;
-    g.trans_b = tb;
-    g.m = m;
-    g.n = n;
-    g.k = k;
-    g.a = a;
-    g.lda = lda;
-    g.b = b;
-    g.ldb = ldb;
-    g.beta = beta;
-    g.c = c;
-    g.ldc = ldd;
-    g.d = d;
-    g.ldd = ldd;
-    g.d_type = dt;
-    CHECK(ctx->Run(g, 0));
-  }
-};
+// The products of one linear layer [out, in] over `rows` tokens, bf16 (as PRECISION_BF16 runs them).
+LinearGemm Bf16(int64_t rows, int64_t in, int64_t out) { return {GemmMode::kBF16, rows, in, out}; }
 
 }  // namespace
 
@@ -137,7 +117,7 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&ws, 32 << 20));
   GemmContext ctx;
   CHECK(ctx.Init(ws, 32 << 20));
-  Gemm gemm{&ctx};
+  auto gemm = [&](const blockd::kernels::GemmArgs& g) { CHECK(ctx.Run(g, 0)); };
 
   // Ceilings: device copy, bf16 8192^3, fp32 SGEMM 4096^3.
   {
@@ -155,7 +135,7 @@ int main(int argc, char** argv) {
     bf16* c;
     CHECK(cudaMalloc(&c, 8192ull * 8192 * 2));
     Row("ceiling: bf16 GEMM 8192^3",
-        TimeMs([&] { gemm.Run(GemmMode::kBF16, false, true, 8192, 8192, 8192, a, 8192, b, 8192, c, 8192, GemmType::kBF16); }),
+        TimeMs([&] { gemm(Bf16(8192, 8192, 8192).Forward(a, b, c, GemmType::kBF16)); }),
         2.0 * 8192 * 8192 * 8192, 0);
     cudaFree(a);
     cudaFree(b);
@@ -165,7 +145,7 @@ int main(int argc, char** argv) {
     float* fc;
     CHECK(cudaMalloc(&fc, 4096ull * 4096 * 4));
     Row("ceiling: fp32 SGEMM 4096^3",
-        TimeMs([&] { gemm.Run(GemmMode::kFP32, false, true, 4096, 4096, 4096, fa, 4096, fb, 4096, fc, 4096, GemmType::kF32); }),
+        TimeMs([&] { gemm(LinearGemm{GemmMode::kFP32, 4096, 4096, 4096}.Forward(fa, fb, fc, GemmType::kF32)); }),
         2.0 * 4096 * 4096 * 4096, 0);
     cudaFree(fa);
     cudaFree(fb);
@@ -199,13 +179,34 @@ int main(int argc, char** argv) {
   float2* table;
   CHECK(cudaMalloc(&table, S * dh / 2 * sizeof(float2)));
   CHECK(blockd::kernels::launch_rope_table(table, S, dh, 0, 1e6, 0));
-  const float scale = 1.f / std::sqrt(float(dh));
+  // q and k dense, v (and dv) inside wider rows such as q|k|v, o and d_o dense.
+  auto attention = [&](auto* q_in, auto* k_in, auto* v_in, int64_t v_stride, auto* o_out) {
+    using T = std::remove_pointer_t<decltype(o_out)>;
+    auto a = AttentionArgs<T>::Causal(B, S, H, Hkv, dh, /*stream=*/0);
+    a.q = q_in;
+    a.q_stride = qd;
+    a.k = k_in;
+    a.k_stride = kvd;
+    a.v = v_in;
+    a.v_stride = v_stride;
+    a.o = o_out;
+    a.o_stride = qd;
+    a.lse = lse;
+    a.d_o = o_out;
+    a.do_stride = qd;
+    a.dq = dq;
+    a.dk = dk;
+    a.dv = v_in;
+    a.dv_stride = v_stride;
+    a.workspace = delta;
+    return a;
+  };
   const double attn_flops = 2.0 * B * S * S * H * dh;  // causal QK^T and PV
 
   std::printf("-- forward --\n");
   Row("rmsnorm fwd (fp32 -> bf16)", TimeMs([&] { blockd::kernels::launch_rmsnorm_fwd<bf16>(x, w_norm, n1, rstd, N, d, 1e-6f, 0); }),
       0, N * d * 6.0);
-  Row("gemm qkv = n1 Wqkv^T", TimeMs([&] { gemm.Run(GemmMode::kBF16, false, true, N, qkv, d, n1, d, wqkv, d, qkvb, qkv, GemmType::kBF16); }),
+  Row("gemm qkv = n1 Wqkv^T", TimeMs([&] { gemm(Bf16(N, d, qkv).Forward(n1, wqkv, qkvb, GemmType::kBF16)); }),
       2.0 * N * qkv * d, 0);
   Row("qk-norm + rope fwd (q and k)", TimeMs([&] {
         blockd::kernels::launch_qknorm_rope_fwd<bf16>(qkvb, qkv, q, rstd, w_norm, table, N, S, H, dh, 1e-6f, 0);
@@ -213,40 +214,38 @@ int main(int argc, char** argv) {
       }),
       0, N * (qd + kvd) * 4.0);
   Row("attention fwd (tensor cores)", TimeMs([&] {
-        blockd::kernels::launch_attention_fwd<bf16>(q, qd, k, kvd, qkvb + qd + kvd, qkv, o, qd, lse, B, S, H, Hkv, dh, scale, 0);
+        blockd::kernels::launch_attention_fwd(attention(q, k, qkvb + qd + kvd, qkv, o));
       }),
       attn_flops, 0);
-  Row("gemm r1 = x + o Wo^T", TimeMs([&] { gemm.Run(GemmMode::kBF16, false, true, N, d, qd, o, qd, wo, qd, r1, d, GemmType::kF32, 1.f, x); }),
+  Row("gemm r1 = x + o Wo^T", TimeMs([&] { gemm(Bf16(N, qd, d).Forward(o, wo, r1, GemmType::kF32).PlusC(x)); }),
       2.0 * N * d * qd, 0);
-  Row("gemm gu = n2 Wgu^T", TimeMs([&] { gemm.Run(GemmMode::kBF16, false, true, N, 2 * f, d, n1, d, wgu, d, gu, 2 * f, GemmType::kBF16); }),
+  Row("gemm gu = n2 Wgu^T", TimeMs([&] { gemm(Bf16(N, d, 2 * f).Forward(n1, wgu, gu, GemmType::kBF16)); }),
       2.0 * N * 2 * f * d, 0);
   Row("swiglu fwd", TimeMs([&] { blockd::kernels::launch_swiglu_fwd<bf16>(gu, h, N, f, 0); }), 0, N * f * 6.0);
-  Row("gemm out = r1 + h Wd^T", TimeMs([&] { gemm.Run(GemmMode::kBF16, false, true, N, d, f, h, f, wd, f, out, d, GemmType::kF32, 1.f, r1); }),
+  Row("gemm out = r1 + h Wd^T", TimeMs([&] { gemm(Bf16(N, f, d).Forward(h, wd, out, GemmType::kF32).PlusC(r1)); }),
       2.0 * N * d * f, 0);
-  Row("copy x (saved input)", TimeMs([&] { cudaMemcpyAsync(out, x, N * d * 4, cudaMemcpyDeviceToDevice, 0); }), 0, N * d * 8.0);
 
   std::printf("-- backward --\n");
   Row("convert dy fp32 -> bf16", TimeMs([&] { blockd::kernels::launch_float_to_bf16(x, n1, N * d, 0); }), 0, N * d * 6.0);
-  Row("gemm dWd += dy^T h", TimeMs([&] { gemm.Run(GemmMode::kBF16, true, false, d, f, N, n1, d, h, f, dwf, f, GemmType::kF32, 1.f); }),
+  Row("gemm dWd += dy^T h", TimeMs([&] { gemm(Bf16(N, f, d).BackwardWeight(n1, h, dwf, true)); }),
       2.0 * N * d * f, 0);
-  Row("gemm dh = dy Wd", TimeMs([&] { gemm.Run(GemmMode::kBF16, false, false, N, f, d, n1, d, wd, f, h, f, GemmType::kBF16); }),
+  Row("gemm dh = dy Wd", TimeMs([&] { gemm(Bf16(N, f, d).BackwardInput(n1, wd, h, GemmType::kBF16)); }),
       2.0 * N * d * f, 0);
   Row("swiglu bwd", TimeMs([&] { blockd::kernels::launch_swiglu_bwd<bf16>(h, gu, gu, N, f, 0); }), 0, N * f * 10.0);
-  Row("gemm dWgu += dgu^T n2", TimeMs([&] { gemm.Run(GemmMode::kBF16, true, false, 2 * f, d, N, gu, 2 * f, n1, d, dwf, d, GemmType::kF32, 1.f); }),
+  Row("gemm dWgu += dgu^T n2", TimeMs([&] { gemm(Bf16(N, d, 2 * f).BackwardWeight(gu, n1, dwf, true)); }),
       2.0 * N * 2 * f * d, 0);
-  Row("gemm dn2 = dgu Wgu", TimeMs([&] { gemm.Run(GemmMode::kBF16, false, false, N, d, 2 * f, gu, 2 * f, wgu, d, out, d, GemmType::kF32); }),
+  Row("gemm dn2 = dgu Wgu", TimeMs([&] { gemm(Bf16(N, d, 2 * f).BackwardInput(gu, wgu, out, GemmType::kF32)); }),
       2.0 * N * 2 * f * d, 0);
   Row("rmsnorm bwd (+ residual, + bf16 copy)", TimeMs([&] {
         blockd::kernels::launch_rmsnorm_bwd(out, x, w_norm, rstd, r1, r1, n1, w_norm, true, rms_ws, N, d, 0);
       }),
       0, N * d * 16.0);
-  Row("gemm dWo += dr1^T o", TimeMs([&] { gemm.Run(GemmMode::kBF16, true, false, d, qd, N, n1, d, o, qd, dwf, qd, GemmType::kF32, 1.f); }),
+  Row("gemm dWo += dr1^T o", TimeMs([&] { gemm(Bf16(N, qd, d).BackwardWeight(n1, o, dwf, true)); }),
       2.0 * N * d * qd, 0);
-  Row("gemm do = dr1 Wo", TimeMs([&] { gemm.Run(GemmMode::kBF16, false, false, N, qd, d, n1, d, wo, qd, o, qd, GemmType::kBF16); }),
+  Row("gemm do = dr1 Wo", TimeMs([&] { gemm(Bf16(N, qd, d).BackwardInput(n1, wo, o, GemmType::kBF16)); }),
       2.0 * N * d * qd, 0);
   Row("attention bwd (delta + tensor cores)", TimeMs([&] {
-        blockd::kernels::launch_attention_bwd<bf16>(q, qd, k, kvd, qkvb + qd + kvd, qkv, o, qd, lse, o, qd, dq, dk,
-                                                    qkvb + qd + kvd, qkv, delta, B, S, H, Hkv, dh, scale, 0);
+        blockd::kernels::launch_attention_bwd(attention(q, k, qkvb + qd + kvd, qkv, o));
       }),
       2.5 * attn_flops, 0);
   Row("qk-norm + rope bwd (q and k)", TimeMs([&] {
@@ -254,9 +253,9 @@ int main(int argc, char** argv) {
         blockd::kernels::launch_qknorm_rope_bwd<bf16>(dk, qkvb + qd, qkv, rstd, w_norm, table, qkvb + qd, w_norm, true, qk_ws, N, S, Hkv, dh, 0);
       }),
       0, N * (qd + kvd) * 8.0);
-  Row("gemm dWqkv += dqkv^T n1", TimeMs([&] { gemm.Run(GemmMode::kBF16, true, false, qkv, d, N, qkvb, qkv, n1, d, dwf, d, GemmType::kF32, 1.f); }),
+  Row("gemm dWqkv += dqkv^T n1", TimeMs([&] { gemm(Bf16(N, d, qkv).BackwardWeight(qkvb, n1, dwf, true)); }),
       2.0 * N * qkv * d, 0);
-  Row("gemm dn1 = dqkv Wqkv", TimeMs([&] { gemm.Run(GemmMode::kBF16, false, false, N, d, qkv, qkvb, qkv, wqkv, d, out, d, GemmType::kF32); }),
+  Row("gemm dn1 = dqkv Wqkv", TimeMs([&] { gemm(Bf16(N, d, qkv).BackwardInput(qkvb, wqkv, out, GemmType::kF32)); }),
       2.0 * N * qkv * d, 0);
 
   std::printf("-- fp32 path (PRECISION_FP32) --\n");
@@ -266,18 +265,18 @@ int main(int argc, char** argv) {
     float* vf = Random<float>(N * kvd);
     float* of = Random<float>(N * qd);
     Row("attention fwd fp32 (simt)", TimeMs([&] {
-          blockd::kernels::launch_attention_fwd<float>(qf, qd, kf, kvd, vf, kvd, of, qd, lse, B, S, H, Hkv, dh, scale, 0);
+          blockd::kernels::launch_attention_fwd(attention(qf, kf, vf, kvd, of));
         }),
         attn_flops, 0);
     Row("attention bwd fp32 (simt)", TimeMs([&] {
-          blockd::kernels::launch_attention_bwd<float>(qf, qd, kf, kvd, vf, kvd, of, qd, lse, of, qd, dq, dk, vf, kvd,
-                                                       delta, B, S, H, Hkv, dh, scale, 0);
+          blockd::kernels::launch_attention_bwd(attention(qf, kf, vf, kvd, of));
         }),
         2.5 * attn_flops, 0);
     float* wf = Random<float>(2 * f * d, 0.03f);
     float* guf;
     CHECK(cudaMalloc(&guf, N * 2 * f * 4));
-    Row("gemm gu fp32 (SGEMM)", TimeMs([&] { gemm.Run(GemmMode::kFP32, false, true, N, 2 * f, d, x, d, wf, d, guf, 2 * f, GemmType::kF32); }),
+    const LinearGemm gate_up_fp32{GemmMode::kFP32, N, d, 2 * f};
+    Row("gemm gu fp32 (SGEMM)", TimeMs([&] { gemm(gate_up_fp32.Forward(x, wf, guf, GemmType::kF32)); }),
         2.0 * N * 2 * f * d, 0);
   }
 

@@ -8,7 +8,7 @@
 //   auto block = backend->CreateBlock(spec);
 //   auto x = backend->Upload(0, DType::kBFloat16, bytes, {batch, seq, hidden});
 //   std::unique_ptr<SavedActivations> saved;
-//   auto y = (*block)->Forward(**x, /*position_offset=*/0, &saved);
+//   auto y = (*block)->Forward(*std::move(x), /*position_offset=*/0, &saved);
 //   auto dx = (*block)->Backward(*saved, **dy, /*accumulate=*/false);
 #pragma once
 
@@ -102,8 +102,9 @@ class Block {
   virtual absl::Status WriteTensor(TensorKind kind, int index, const float* host) = 0;
   virtual absl::Status ReadTensor(TensorKind kind, int index, float* host) = 0;
 
-  // y = block(x) for x [batch, seq, hidden]. With `saved`, keeps what Backward needs.
-  virtual absl::StatusOr<std::unique_ptr<Activation>> Forward(const Activation& x, int64_t position_offset,
+  // y = block(x) for x [batch, seq, hidden]. With `saved`, keeps what Backward needs. Takes x, so
+  // that a block keeping it for Backward holds its memory rather than a copy.
+  virtual absl::StatusOr<std::unique_ptr<Activation>> Forward(std::unique_ptr<Activation> x, int64_t position_offset,
                                                               std::unique_ptr<SavedActivations>* saved) = 0;
   // Returns dL/dx for dL/dy = grad_out. Weight gradients are added to the existing ones when
   // `accumulate`, else they overwrite them (the Engine knows whether gradients exist).
@@ -134,8 +135,9 @@ class Backend {
   // INVALID_ARGUMENT when an element is NaN or infinite.
   virtual absl::StatusOr<std::unique_ptr<Activation>> Upload(int device, DType dtype, const void* data,
                                                              int64_t batch, int64_t seq, int64_t width) = 0;
-  // The activation as host bytes of `dtype`; `dst` holds numel * DTypeSize(dtype) bytes.
-  virtual absl::Status Download(const Activation& a, DType dtype, void* dst) = 0;
+  // Replaces *dst with the activation as host bytes of `dtype` (numel * DTypeSize(dtype) of them),
+  // written once: a reply's bytes field is not zero-filled first.
+  virtual absl::Status Download(const Activation& a, DType dtype, std::string* dst) = 0;
   // The same activation on another device of this backend.
   virtual absl::StatusOr<std::unique_ptr<Activation>> ToDevice(const Activation& a, int device) = 0;
 

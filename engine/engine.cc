@@ -394,15 +394,15 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
       ASSIGN_OR_RETURN(x, backend_->ToDevice(*x, e->spec.device));
     }
     std::unique_ptr<SavedActivations> saved;
-    ASSIGN_OR_RETURN(x, e->block->Forward(*x, args.position_offset, args.keep_activations ? &saved : nullptr));
+    ASSIGN_OR_RETURN(x, e->block->Forward(std::move(x), args.position_offset,
+                                          args.keep_activations ? &saved : nullptr));
     if (args.keep_activations) handle->saved.push_back(std::move(saved));
   }
   lock.Unlock();  // x is this call's own; work queued on the device runs in order
   const absl::Time t_launched = absl::Now();
   out->output.dtype = args.input.dtype;
   out->output.shape = args.input.shape;
-  out->output.data->resize(static_cast<size_t>(x->numel()) * DTypeSize(args.input.dtype));
-  RETURN_IF_ERROR(backend_->Download(*x, args.input.dtype, out->output.data->data()));
+  RETURN_IF_ERROR(backend_->Download(*x, args.input.dtype, out->output.data));
   out->tokens = batch * seq * static_cast<int64_t>(span.size());
   BLOCKD_LOG(kDebug, "Forward of ", span.size(), " blocks [", batch, ",", seq, "]: upload ",
              absl::ToDoubleMilliseconds(t_uploaded - t_start), " ms, launch (blocks locked) ",
@@ -482,8 +482,7 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
   lock.Unlock();
   grad_input->dtype = grad_output.dtype;
   grad_input->shape = expected;
-  grad_input->data->resize(static_cast<size_t>(bytes));
-  return backend_->Download(*g, grad_output.dtype, grad_input->data->data());
+  return backend_->Download(*g, grad_output.dtype, grad_input->data);
 }
 
 absl::Status Engine::ReleaseActivations(absl::string_view activation_id) {
@@ -597,9 +596,8 @@ absl::StatusOr<std::vector<BlockState>> Engine::ExportBlocks(const std::vector<s
                                std::pair{TensorKind::kAdamM, &state.adam_m},
                                std::pair{TensorKind::kAdamV, &state.adam_v}}) {
         RETURN_IF_ERROR(e->block->ReadTensor(kind, static_cast<int>(i), buf.data()));
-        NamedTensor t{p.name, p.shape, DType::kFloat32, std::string(buf.size() * 4, '\0')};
-        std::memcpy(t.bytes.data(), buf.data(), t.bytes.size());
-        dst->push_back(std::move(t));
+        dst->push_back({p.name, p.shape, DType::kFloat32,
+                        std::string(reinterpret_cast<const char*>(buf.data()), buf.size() * 4)});
       }
     }
     states.push_back(std::move(state));

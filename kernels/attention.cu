@@ -272,93 +272,74 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(
   }
 }
 
-}  // namespace
-
 template <class T>
-cudaError_t launch_attention_fwd_simt(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
-                                      int64_t v_stride, T* o, int64_t o_stride, float* lse, int batch, int seq,
-                                      int heads, int kv_heads, int head_dim, float scale, cudaStream_t stream) {
-  if (head_dim > kAttentionMaxHeadDim || heads % kv_heads != 0) return cudaErrorInvalidValue;
-  if (batch == 0 || seq == 0) return cudaSuccess;
-  const size_t smem = sizeof(float) * (kTile * head_dim + kChunk * (head_dim + 1) + kChunk * head_dim);
+cudaError_t launch_attention_fwd_simt(const AttentionArgs<T>& a) {
+  const size_t smem = sizeof(float) * (kTile * a.head_dim + kChunk * (a.head_dim + 1) + kChunk * a.head_dim);
   auto kernel = attention_fwd_kernel<T>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  dim3 grid(ceil_div(seq, kTile), batch * heads);
-  kernel<<<grid, 32 * kWarps, smem, stream>>>(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, seq, heads,
-                                              kv_heads, head_dim, scale);
+  dim3 grid(ceil_div(a.seq, kTile), a.batch * a.heads);
+  kernel<<<grid, 32 * kWarps, smem, a.stream>>>(a.q, a.q_stride, a.k, a.k_stride, a.v, a.v_stride, a.o, a.o_stride,
+                                                a.lse, a.seq, a.heads, a.kv_heads, a.head_dim, a.scale);
   return cudaGetLastError();
 }
 
+// Expects delta in the workspace (launch_attention_bwd computes it for both paths).
 template <class T>
-cudaError_t launch_attention_bwd_simt(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
-                                      int64_t v_stride, const T* o, int64_t o_stride, const float* lse, const T* d_o,
-                                      int64_t do_stride, float* dq, float* dk, T* dv, int64_t dv_stride, float* delta,
-                                      int batch, int seq, int heads, int kv_heads, int head_dim, float scale,
-                                      cudaStream_t stream) {
-  if (head_dim > kAttentionMaxHeadDim || heads % kv_heads != 0) return cudaErrorInvalidValue;
-  if (batch == 0 || seq == 0) return cudaSuccess;
-  const int64_t tokens = int64_t(batch) * seq;
-  attention_delta_kernel<T><<<ceil_div(tokens * heads, 8), 256, 0, stream>>>(o, o_stride, d_o, do_stride, delta,
-                                                                              tokens, seq, heads, head_dim);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-
-  const size_t dq_smem = sizeof(float) * (2 * kTile * head_dim + 2 * kChunk * (head_dim + 1));
+cudaError_t launch_attention_bwd_simt(const AttentionArgs<T>& a) {
+  const float* delta = a.workspace;
+  const size_t dq_smem = sizeof(float) * (2 * kTile * a.head_dim + 2 * kChunk * (a.head_dim + 1));
   auto dq_kernel = attention_bwd_dq_kernel<T>;
-  e = cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dq_smem));
+  cudaError_t e =
+      cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dq_smem));
   if (e != cudaSuccess) return e;
-  dq_kernel<<<dim3(ceil_div(seq, kTile), batch * heads), 32 * kWarps, dq_smem, stream>>>(
-      q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, seq, heads, kv_heads, head_dim, scale);
+  dq_kernel<<<dim3(ceil_div(a.seq, kTile), a.batch * a.heads), 32 * kWarps, dq_smem, a.stream>>>(
+      a.q, a.q_stride, a.k, a.k_stride, a.v, a.v_stride, a.lse, a.d_o, a.do_stride, delta, a.dq, a.seq, a.heads,
+      a.kv_heads, a.head_dim, a.scale);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
 
-  const size_t kv_smem = sizeof(float) * (2 * kTile * head_dim + 2 * kChunk * (head_dim + 1) + 2 * kChunk);
+  const size_t kv_smem = sizeof(float) * (2 * kTile * a.head_dim + 2 * kChunk * (a.head_dim + 1) + 2 * kChunk);
   auto kv_kernel = attention_bwd_dkdv_kernel<T>;
   e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kv_smem));
   if (e != cudaSuccess) return e;
-  kv_kernel<<<dim3(ceil_div(seq, kTile), batch * kv_heads), 32 * kWarps, kv_smem, stream>>>(
-      q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dk, dv, dv_stride, seq, heads, kv_heads,
-      head_dim, scale);
+  kv_kernel<<<dim3(ceil_div(a.seq, kTile), a.batch * a.kv_heads), 32 * kWarps, kv_smem, a.stream>>>(
+      a.q, a.q_stride, a.k, a.k_stride, a.v, a.v_stride, a.lse, a.d_o, a.do_stride, delta, a.dk, a.dv, a.dv_stride,
+      a.seq, a.heads, a.kv_heads, a.head_dim, a.scale);
   return cudaGetLastError();
 }
 
+// Sizes every kernel handles: the SIMT kernels keep head_dim / 32 elements per lane.
 template <class T>
-cudaError_t launch_attention_fwd(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
-                                 int64_t v_stride, T* o, int64_t o_stride, float* lse, int batch, int seq, int heads,
-                                 int kv_heads, int head_dim, float scale, cudaStream_t stream) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    if (attention_mma_supports(head_dim) && heads % kv_heads == 0) {
-      if (batch == 0 || seq == 0) return cudaSuccess;
-      return launch_attention_fwd_mma(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, batch, seq, heads,
-                                      kv_heads, head_dim, scale, stream);
-    }
+bool Valid(const AttentionArgs<T>& a) {
+  return a.head_dim > 0 && a.head_dim <= kAttentionMaxHeadDim && a.kv_heads > 0 && a.heads % a.kv_heads == 0;
+}
+
+}  // namespace
+
+template <class T>
+cudaError_t launch_attention_fwd(const AttentionArgs<T>& args) {
+  if (!Valid(args)) return cudaErrorInvalidValue;
+  if (args.batch == 0 || args.seq == 0) return cudaSuccess;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {  // tensor cores where they cover the head dim
+    if (attention_mma_supports(args.head_dim)) return launch_attention_fwd_mma(args);
   }
-  return launch_attention_fwd_simt(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, batch, seq, heads,
-                                   kv_heads, head_dim, scale, stream);
+  return launch_attention_fwd_simt(args);
 }
 
 template <class T>
-cudaError_t launch_attention_bwd(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
-                                 int64_t v_stride, const T* o, int64_t o_stride, const float* lse, const T* d_o,
-                                 int64_t do_stride, float* dq, float* dk, T* dv, int64_t dv_stride, float* delta,
-                                 int batch, int seq, int heads, int kv_heads, int head_dim, float scale,
-                                 cudaStream_t stream) {
+cudaError_t launch_attention_bwd(const AttentionArgs<T>& args) {
+  if (!Valid(args)) return cudaErrorInvalidValue;
+  if (args.batch == 0 || args.seq == 0) return cudaSuccess;
+  const int64_t tokens = int64_t(args.batch) * args.seq;
+  attention_delta_kernel<T><<<ceil_div(tokens * args.heads, 8), 256, 0, args.stream>>>(
+      args.o, args.o_stride, args.d_o, args.do_stride, args.workspace, tokens, args.seq, args.heads, args.head_dim);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    if (attention_mma_supports(head_dim) && heads % kv_heads == 0) {
-      if (batch == 0 || seq == 0) return cudaSuccess;
-      const int64_t tokens = int64_t(batch) * seq;
-      attention_delta_kernel<T><<<ceil_div(tokens * heads, 8), 256, 0, stream>>>(o, o_stride, d_o, do_stride, delta,
-                                                                                  tokens, seq, heads, head_dim);
-      cudaError_t e = cudaGetLastError();
-      if (e != cudaSuccess) return e;
-      float* dv_accum = delta + int64_t(batch) * heads * seq;  // see attention_bwd_workspace_floats
-      return launch_attention_bwd_mma(q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv,
-                                      dv_stride, dv_accum, batch, seq, heads, kv_heads, head_dim, scale, stream);
-    }
+    if (attention_mma_supports(args.head_dim)) return launch_attention_bwd_mma(args);
   }
-  return launch_attention_bwd_simt(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, d_o, do_stride, dq, dk,
-                                   dv, dv_stride, delta, batch, seq, heads, kv_heads, head_dim, scale, stream);
+  return launch_attention_bwd_simt(args);
 }
 
 int64_t attention_bwd_workspace_floats(int batch, int seq, int heads, int kv_heads, int head_dim) {
@@ -366,20 +347,9 @@ int64_t attention_bwd_workspace_floats(int batch, int seq, int heads, int kv_hea
   return int64_t(batch) * heads * seq + int64_t(batch) * seq * kv_heads * head_dim;
 }
 
-#define BLOCKD_INSTANTIATE_ATTENTION(T)                                                                          \
-  template cudaError_t launch_attention_fwd_simt<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t, T*, \
-                                                    int64_t, float*, int, int, int, int, int, float, cudaStream_t); \
-  template cudaError_t launch_attention_bwd_simt<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t,     \
-                                                    const T*, int64_t, const float*, const T*, int64_t, float*,  \
-                                                    float*, T*, int64_t, float*, int, int, int, int, int, float, \
-                                                    cudaStream_t);                                              \
-  template cudaError_t launch_attention_fwd<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t, T*,      \
-                                               int64_t, float*, int, int, int, int, int, float, cudaStream_t);   \
-  template cudaError_t launch_attention_bwd<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t,          \
-                                               const T*, int64_t, const float*, const T*, int64_t, float*,       \
-                                               float*, T*, int64_t, float*, int, int, int, int, int, float,      \
-                                               cudaStream_t);
-BLOCKD_INSTANTIATE_ATTENTION(float)
-BLOCKD_INSTANTIATE_ATTENTION(__nv_bfloat16)
+template cudaError_t launch_attention_fwd<float>(const AttentionArgs<float>&);
+template cudaError_t launch_attention_fwd<__nv_bfloat16>(const AttentionArgs<__nv_bfloat16>&);
+template cudaError_t launch_attention_bwd<float>(const AttentionArgs<float>&);
+template cudaError_t launch_attention_bwd<__nv_bfloat16>(const AttentionArgs<__nv_bfloat16>&);
 
 }  // namespace blockd::kernels

@@ -538,87 +538,67 @@ size_t BwdSmem() {
          sizeof(float) * 2 * kBwdRows;
 }
 
-}  // namespace
-
-bool attention_mma_supports(int head_dim) { return head_dim == 64 || head_dim == 128; }
-
 template <int D>
-cudaError_t LaunchFwd(const bf16* q, int64_t q_stride, const bf16* k, int64_t k_stride, const bf16* v,
-                      int64_t v_stride, bf16* o, int64_t o_stride, float* lse, int batch, int seq, int heads,
-                      int kv_heads, float scale, cudaStream_t stream) {
+cudaError_t LaunchFwd(const AttentionArgs<bf16>& a) {
   auto kernel = attention_fwd_mma_kernel<D>;
   const size_t smem = FwdSmem<D>();
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  kernel<<<dim3(ceil_div(seq, kFwdRows), batch * heads), kFwdThreads, smem, stream>>>(
-      q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, seq, heads, kv_heads, scale * kLog2e);
+  kernel<<<dim3(ceil_div(a.seq, kFwdRows), a.batch * a.heads), kFwdThreads, smem, a.stream>>>(
+      a.q, a.q_stride, a.k, a.k_stride, a.v, a.v_stride, a.o, a.o_stride, a.lse, a.seq, a.heads, a.kv_heads,
+      a.scale * kLog2e);
   return cudaGetLastError();
 }
 
 template <int D>
-cudaError_t LaunchBwd(const bf16* q, int64_t q_stride, const bf16* k, int64_t k_stride, const bf16* v,
-                      int64_t v_stride, const float* lse, const bf16* d_o, int64_t do_stride, const float* delta,
-                      float* dq, float* dk, bf16* dv, int64_t dv_stride, float* dv_accum, int batch, int seq,
-                      int heads, int kv_heads, float scale, cudaStream_t stream) {
-  const int64_t tokens = int64_t(batch) * seq;
-  cudaError_t e = cudaMemsetAsync(dq, 0, sizeof(float) * tokens * heads * D, stream);
+cudaError_t LaunchBwd(const AttentionArgs<bf16>& a) {
+  const int64_t tokens = int64_t(a.batch) * a.seq;
+  const float* delta = a.workspace;
+  float* dv_accum = a.workspace + int64_t(a.batch) * a.heads * a.seq;  // see attention_bwd_workspace_floats
+  cudaError_t e = cudaMemsetAsync(a.dq, 0, sizeof(float) * tokens * a.heads * D, a.stream);
   if (e != cudaSuccess) return e;
   const size_t smem = BwdSmem<D>();
-  const dim3 grid_keys(ceil_div(seq, kBwdKeys));
-  if (heads == kv_heads) {
+  const dim3 grid_keys(ceil_div(a.seq, kBwdKeys));
+  if (a.heads == a.kv_heads) {
     auto kernel = attention_bwd_mma_kernel<D, false>;
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
-    kernel<<<dim3(grid_keys.x, batch * kv_heads), kBwdThreads, smem, stream>>>(
-        q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride, nullptr, seq, heads,
-        kv_heads, scale);
+    kernel<<<dim3(grid_keys.x, a.batch * a.kv_heads), kBwdThreads, smem, a.stream>>>(
+        a.q, a.q_stride, a.k, a.k_stride, a.v, a.v_stride, a.lse, a.d_o, a.do_stride, delta, a.dq, a.dk, a.dv,
+        a.dv_stride, nullptr, a.seq, a.heads, a.kv_heads, a.scale);
     return cudaGetLastError();
   }
-  const int64_t kv_dim = int64_t(kv_heads) * D;
-  e = cudaMemsetAsync(dk, 0, sizeof(float) * tokens * kv_dim, stream);
-  if (e == cudaSuccess) e = cudaMemsetAsync(dv_accum, 0, sizeof(float) * tokens * kv_dim, stream);
+  const int64_t kv_dim = int64_t(a.kv_heads) * D;
+  e = cudaMemsetAsync(a.dk, 0, sizeof(float) * tokens * kv_dim, a.stream);
+  if (e == cudaSuccess) e = cudaMemsetAsync(dv_accum, 0, sizeof(float) * tokens * kv_dim, a.stream);
   if (e != cudaSuccess) return e;
   auto kernel = attention_bwd_mma_kernel<D, true>;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  kernel<<<dim3(grid_keys.x, batch * heads), kBwdThreads, smem, stream>>>(
-      q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride, dv_accum, seq, heads,
-      kv_heads, scale);
+  kernel<<<dim3(grid_keys.x, a.batch * a.heads), kBwdThreads, smem, a.stream>>>(
+      a.q, a.q_stride, a.k, a.k_stride, a.v, a.v_stride, a.lse, a.d_o, a.do_stride, delta, a.dq, a.dk, a.dv,
+      a.dv_stride, dv_accum, a.seq, a.heads, a.kv_heads, a.scale);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   const int64_t pairs = tokens * kv_dim / 2;
-  dv_from_accum_kernel<<<static_cast<int>(std::min<int64_t>((pairs + 255) / 256, 4096)), 256, 0, stream>>>(
-      dv_accum, dv, dv_stride, tokens, static_cast<int>(kv_dim));
+  dv_from_accum_kernel<<<static_cast<int>(std::min<int64_t>((pairs + 255) / 256, 4096)), 256, 0, a.stream>>>(
+      dv_accum, a.dv, a.dv_stride, tokens, static_cast<int>(kv_dim));
   return cudaGetLastError();
 }
 
-cudaError_t launch_attention_fwd_mma(const bf16* q, int64_t q_stride, const bf16* k, int64_t k_stride, const bf16* v,
-                                     int64_t v_stride, bf16* o, int64_t o_stride, float* lse, int batch, int seq,
-                                     int heads, int kv_heads, int head_dim, float scale, cudaStream_t stream) {
-  if (head_dim == 64) {
-    return LaunchFwd<64>(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, batch, seq, heads, kv_heads, scale,
-                         stream);
-  }
-  if (head_dim == 128) {
-    return LaunchFwd<128>(q, q_stride, k, k_stride, v, v_stride, o, o_stride, lse, batch, seq, heads, kv_heads, scale,
-                          stream);
-  }
+}  // namespace
+
+bool attention_mma_supports(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+cudaError_t launch_attention_fwd_mma(const AttentionArgs<bf16>& args) {
+  if (args.head_dim == 64) return LaunchFwd<64>(args);
+  if (args.head_dim == 128) return LaunchFwd<128>(args);
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_attention_bwd_mma(const bf16* q, int64_t q_stride, const bf16* k, int64_t k_stride, const bf16* v,
-                                     int64_t v_stride, const float* lse, const bf16* d_o, int64_t do_stride,
-                                     const float* delta, float* dq, float* dk, bf16* dv, int64_t dv_stride,
-                                     float* dv_accum, int batch, int seq, int heads, int kv_heads, int head_dim,
-                                     float scale, cudaStream_t stream) {
-  if (head_dim == 64) {
-    return LaunchBwd<64>(q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride,
-                         dv_accum, batch, seq, heads, kv_heads, scale, stream);
-  }
-  if (head_dim == 128) {
-    return LaunchBwd<128>(q, q_stride, k, k_stride, v, v_stride, lse, d_o, do_stride, delta, dq, dk, dv, dv_stride,
-                          dv_accum, batch, seq, heads, kv_heads, scale, stream);
-  }
+cudaError_t launch_attention_bwd_mma(const AttentionArgs<bf16>& args) {
+  if (args.head_dim == 64) return LaunchBwd<64>(args);
+  if (args.head_dim == 128) return LaunchBwd<128>(args);
   return cudaErrorInvalidValue;
 }
 

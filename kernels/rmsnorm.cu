@@ -1,6 +1,7 @@
 #include <algorithm>
 
 #include "kernels/common.cuh"
+#include "kernels/reduce_rows.cuh"
 #include "kernels/rmsnorm.cuh"
 
 namespace blockd::kernels {
@@ -106,15 +107,6 @@ __global__ void rmsnorm_dw_partial_kernel(const float* __restrict__ dy, const fl
   partial[int64_t(blockIdx.y) * d + c] = s;
 }
 
-__global__ void reduce_columns_kernel(const float* __restrict__ partial, int blocks, int d, float* __restrict__ dw,
-                                      bool accumulate) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= d) return;
-  float s = 0.f;
-  for (int b = 0; b < blocks; ++b) s += partial[int64_t(b) * d + i];
-  dw[i] = accumulate ? dw[i] + s : s;
-}
-
 }  // namespace
 
 template <class T>
@@ -150,7 +142,7 @@ cudaError_t launch_rmsnorm_bwd(const float* dy, const float* x, const float* w, 
   rmsnorm_dw_partial_kernel<<<dim3(ceil_div(d, 256), chunks), 256, 0, stream>>>(dy, x, rstd, workspace, rows, d);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  reduce_columns_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(workspace, chunks, d, dw, accumulate_dw);
+  reduce_rows_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(workspace, chunks, d, dw, accumulate_dw);
   return cudaGetLastError();
 }
 

@@ -2,6 +2,7 @@
 #include <type_traits>
 
 #include "kernels/common.cuh"
+#include "kernels/reduce_rows.cuh"
 #include "kernels/rope.cuh"
 
 namespace blockd::kernels {
@@ -322,15 +323,6 @@ __global__ void qknorm_rope_bwd_tok_kernel(const float* __restrict__ dout, const
     for (int k = 0; k < kWarps; ++k) s += warp_dw[k][i];
     partial[int64_t(blockIdx.x) * DH + i] = s;
   }
-}
-
-__global__ void reduce_rows_kernel(const float* __restrict__ partial, int64_t rows, int d, float* __restrict__ dw,
-                                   bool accumulate) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= d) return;
-  float s = 0.f;
-  for (int64_t r = 0; r < rows; ++r) s += partial[r * d + i];
-  dw[i] = accumulate ? dw[i] + s : s;
 }
 
 }  // namespace

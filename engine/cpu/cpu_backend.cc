@@ -61,11 +61,11 @@ class CpuBlock : public Block {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<std::unique_ptr<Activation>> Forward(const Activation& x, int64_t position_offset,
+  absl::StatusOr<std::unique_ptr<Activation>> Forward(std::unique_ptr<Activation> x, int64_t position_offset,
                                                       std::unique_ptr<SavedActivations>* saved) override {
-    auto out = std::make_unique<CpuActivation>(x.batch(), x.seq(), x.width());
+    auto out = std::make_unique<CpuActivation>(x->batch(), x->seq(), x->width());
     auto keep = std::make_unique<CpuSaved>();
-    cpu::BlockForward(spec_.config, Ptrs<const float>(weights_), AsCpu(x).data.data(), x.batch(), x.seq(),
+    cpu::BlockForward(spec_.config, Ptrs<const float>(weights_), AsCpu(*x).data.data(), x->batch(), x->seq(),
                       position_offset, out->data.data(), &keep->acts);
     if (saved != nullptr) *saved = std::move(keep);
     return std::unique_ptr<Activation>(std::move(out));
@@ -169,9 +169,22 @@ class CpuBackend : public Backend {
     return std::unique_ptr<Activation>(std::move(a));
   }
 
-  absl::Status Download(const Activation& a, DType dtype, void* dst) override {
+  absl::Status Download(const Activation& a, DType dtype, std::string* dst) override {
     const auto& data = AsCpu(a).data;
-    ConvertFromFloat32(data.data(), data.size(), dtype, dst);
+    if (dtype == DType::kFloat32) {
+      dst->assign(reinterpret_cast<const char*>(data.data()), data.size() * sizeof(float));
+      return absl::OkStatus();
+    }
+    // Converted a slice at a time and appended, so the reply is written once, not zeroed first.
+    dst->clear();
+    dst->reserve(data.size() * DTypeSize(dtype));
+    alignas(16) char slice[16384];
+    const size_t per_slice = sizeof(slice) / DTypeSize(dtype);
+    for (size_t i = 0; i < data.size(); i += per_slice) {
+      const size_t n = std::min(per_slice, data.size() - i);
+      ConvertFromFloat32(data.data() + i, n, dtype, slice);
+      dst->append(slice, n * DTypeSize(dtype));
+    }
     return absl::OkStatus();
   }
 

@@ -6,9 +6,8 @@
 #include <cstring>
 #include <vector>
 
-#include "absl/synchronization/mutex.h"
-
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "engine/cuda/cuda_block.h"
 #include "engine/cuda/cuda_status.h"
 #include "engine/cuda/device.h"
@@ -53,13 +52,13 @@ class PinnedStaging {
     Give(b, s.ok());
     return s;
   }
-  // Copies `bytes` of device `src` to host `dst` on `dev`'s download stream (after what it already
-  // waits for) and waits for the copy.
-  absl::Status CopyToHost(DeviceContext* dev, void* dst, const void* src, size_t bytes) {
+  // Replaces *dst with `bytes` of device `src`, copied on `dev`'s download stream (after what it
+  // already waits for); assigned from the pinned buffer, so *dst is written once, not zeroed first.
+  absl::Status CopyToHost(DeviceContext* dev, std::string* dst, const void* src, size_t bytes) {
     ASSIGN_OR_RETURN(Buffer b, Take(bytes));
     absl::Status s = CudaStatus(cudaMemcpyAsync(b.ptr, src, bytes, cudaMemcpyDeviceToHost, dev->download_stream));
     if (s.ok()) s = dev->Sync(dev->download_stream);
-    if (s.ok()) std::memcpy(dst, b.ptr, bytes);
+    if (s.ok()) dst->assign(static_cast<const char*>(b.ptr), bytes);
     Give(b, s.ok());
     return s;
   }
@@ -185,7 +184,7 @@ class CudaBackend : public Backend {
     return std::unique_ptr<Activation>(std::make_unique<CudaActivation>(device, batch, seq, width, std::move(values)));
   }
 
-  absl::Status Download(const Activation& a, DType dtype, void* dst) override {
+  absl::Status Download(const Activation& a, DType dtype, std::string* dst) override {
     const auto& ca = static_cast<const CudaActivation&>(a);
     DeviceContext* dev = devices_[a.device()].get();
     DeviceGuard guard(dev->index);

@@ -3,10 +3,9 @@
 #include <cuda_bf16.h>
 
 #include <array>
-#include <cmath>
+#include <type_traits>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "engine/cuda/cuda_status.h"
 #include "base/status_macros.h"
 #include "kernels/adamw.cuh"
@@ -101,7 +100,7 @@ size_t QkWorkspaceFloats(const BlockConfig& c) {
 class CudaSaved : public SavedActivations {
  public:
   size_t bytes() const override { return bytes_; }
-  int64_t batch = 0, seq = 0, offset = 0;
+  int64_t batch = 0, seq = 0;
   DeviceBuffer x, n1, rstd1, qkv, rstd_q, rstd_k, q, k, table, o, lse, r1, rstd2, n2, gu, h;
   size_t bytes_ = 0;
 };
@@ -156,11 +155,11 @@ class CudaBlock : public Block {
     return dev_->Sync();
   }
 
-  absl::StatusOr<std::unique_ptr<Activation>> Forward(const Activation& x, int64_t position_offset,
+  absl::StatusOr<std::unique_ptr<Activation>> Forward(std::unique_ptr<Activation> x, int64_t position_offset,
                                                       std::unique_ptr<SavedActivations>* saved) override {
     DeviceGuard guard(dev_->index);
-    if (spec_.precision == Precision::kBF16) return ForwardT<bf16>(x, position_offset, saved);
-    return ForwardT<float>(x, position_offset, saved);
+    if (spec_.precision == Precision::kBF16) return ForwardT<bf16>(std::move(x), position_offset, saved);
+    return ForwardT<float>(std::move(x), position_offset, saved);
   }
 
   absl::StatusOr<std::unique_ptr<Activation>> Backward(const SavedActivations& saved, const Activation& grad_out,
@@ -230,40 +229,40 @@ class CudaBlock : public Block {
     return kernels::GemmMode::kFP32;
   }
 
-  // Row-major D[m, n] = op(A) op(B) (+ beta * C, C defaulting to D).
-  absl::Status Mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b,
-                  int64_t ldb, void* d, int64_t ldd, GemmType d_type, float beta = 0.f, const void* c = nullptr,
-                  GemmType c_type = GemmType::kF32) {
-    kernels::GemmArgs g;
-    g.mode = Mode();
-    g.trans_a = ta;
-    g.trans_b = tb;
-    g.m = m;
-    g.n = n;
-    g.k = k;
-    g.a = a;
-    g.lda = lda;
-    g.b = b;
-    g.ldb = ldb;
-    g.beta = beta;
-    g.c = c;
-    g.ldc = ldd;
-    g.c_type = c_type;
-    g.d = d;
-    g.ldd = ldd;
-    g.d_type = d_type;
+  // The products of a linear layer with weight [out, in] over `rows` tokens, in this block's mode.
+  kernels::LinearGemm Linear(int64_t rows, int64_t in, int64_t out) const { return {Mode(), rows, in, out}; }
+
+  absl::Status Gemm(const kernels::GemmArgs& g) {
     CUDA_RETURN_IF_ERROR(dev_->gemm.Run(g, dev_->stream));
     return absl::OkStatus();
+  }
+
+  // The attention of a forward's saved q, k (after norm and rope), v (inside q|k|v), o and lse:
+  // what the forward writes and the backward reads again.
+  template <class T>
+  static kernels::AttentionArgs<T> Attention(const CudaSaved& s, const Dims& m, cudaStream_t stream) {
+    auto a = kernels::AttentionArgs<T>::Causal(static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads,
+                                               m.kv_heads, m.dh, stream);
+    a.q = s.q.as<T>();
+    a.q_stride = m.qd;
+    a.k = s.k.as<T>();
+    a.k_stride = m.kvd;
+    a.v = s.qkv.as<T>() + m.qd + m.kvd;
+    a.v_stride = m.qkv;
+    a.o = s.o.as<T>();
+    a.o_stride = m.qd;
+    a.lse = s.lse.as<float>();
+    return a;
   }
 
   absl::StatusOr<DeviceBuffer> Alloc(size_t bytes) { return DeviceBuffer::Allocate(dev_, bytes); }
 
   template <class T>
-  absl::StatusOr<std::unique_ptr<Activation>> ForwardT(const Activation& x_in, int64_t offset,
+  absl::StatusOr<std::unique_ptr<Activation>> ForwardT(std::unique_ptr<Activation> x_in, int64_t offset,
                                                        std::unique_ptr<SavedActivations>* saved_out) {
-    const auto& x_act = static_cast<const CudaActivation&>(x_in);
+    auto& x_act = static_cast<CudaActivation&>(*x_in);
     const BlockConfig& c = spec_.config;
-    const Dims m = DimsOf(c, x_in.batch(), x_in.seq());
+    const Dims m = DimsOf(c, x_act.batch(), x_act.seq());
     const size_t t = sizeof(T);
     const GemmType tt = TypeOf<T>();
     cudaStream_t st = dev_->stream;
@@ -271,15 +270,12 @@ class CudaBlock : public Block {
     auto s = std::make_unique<CudaSaved>();
     s->batch = m.batch;
     s->seq = m.seq;
-    s->offset = offset;
     s->bytes_ = SavedBytesFor(c, spec_.precision, m.batch, m.seq);
 
+    // Backward reads the input again: when keeping activations, the input's memory becomes the
+    // saved x. Otherwise x_in frees it, in stream order, when this returns.
     const float* x = x_act.data();
-    if (saved_out != nullptr) {  // the input is the caller's: keep a copy for backward
-      ASSIGN_OR_RETURN(s->x, Alloc(m.n * m.d * 4));
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s->x.get(), x, m.n * m.d * 4, cudaMemcpyDeviceToDevice, st));
-      x = s->x.as<float>();
-    }
+    if (saved_out != nullptr) s->x = x_act.ReleaseData();
     ASSIGN_OR_RETURN(s->n1, Alloc(m.n * m.d * t));
     ASSIGN_OR_RETURN(s->rstd1, Alloc(m.n * 4));
     ASSIGN_OR_RETURN(s->qkv, Alloc(m.n * m.qkv * t));
@@ -304,7 +300,7 @@ class CudaBlock : public Block {
     // n1 = rmsnorm(x) * w_in;  q|k|v = n1 [Wq|Wk|Wv]^T
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(x, W32(ParamId::kInputNorm), n1, s->rstd1.as<float>(), m.n,
                                                         static_cast<int>(m.d), eps, st));
-    RETURN_IF_ERROR(Mm(false, true, m.n, m.qkv, m.d, n1, m.d, W<T>(ParamId::kQProj), m.d, qkv, m.qkv, tt));
+    RETURN_IF_ERROR(Gemm(Linear(m.n, m.d, m.qkv).Forward(n1, W<T>(ParamId::kQProj), qkv, tt)));
     // QK-norm and RoPE on q and k; v stays in place inside q|k|v.
     auto* table = s->table.as<float2>();
     CUDA_RETURN_IF_ERROR(kernels::launch_rope_table(table, static_cast<int>(m.seq), m.dh, offset, c.rope_theta, st));
@@ -314,26 +310,20 @@ class CudaBlock : public Block {
     CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(qkv + m.qd, m.qkv, s->k.as<T>(), s->rstd_k.as<float>(),
                                                             W32(ParamId::kKNorm), table, m.n, static_cast<int>(m.seq),
                                                             m.kv_heads, m.dh, eps, st));
-    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.dh)));
-    CUDA_RETURN_IF_ERROR(kernels::launch_attention_fwd<T>(
-        s->q.as<T>(), m.qd, s->k.as<T>(), m.kvd, qkv + m.qd + m.kvd, m.qkv, s->o.as<T>(), m.qd, s->lse.as<float>(),
-        static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads, m.kv_heads, m.dh, scale, st));
+    CUDA_RETURN_IF_ERROR(kernels::launch_attention_fwd(Attention<T>(*s, m, st)));
     // r1 = x + o Wo^T (the residual enters as C)
-    RETURN_IF_ERROR(Mm(false, true, m.n, m.d, m.qd, s->o.get(), m.qd, W<T>(ParamId::kOProj), m.qd, s->r1.get(), m.d,
-                       GemmType::kF32, 1.f, x, GemmType::kF32));
+    const kernels::LinearGemm o_proj = Linear(m.n, m.qd, m.d);
+    RETURN_IF_ERROR(Gemm(o_proj.Forward(s->o.get(), W<T>(ParamId::kOProj), s->r1.get(), GemmType::kF32).PlusC(x)));
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(s->r1.as<float>(), W32(ParamId::kPostNorm), s->n2.as<T>(),
                                                         s->rstd2.as<float>(), m.n, static_cast<int>(m.d), eps, st));
-    RETURN_IF_ERROR(Mm(false, true, m.n, 2 * m.f, m.d, s->n2.get(), m.d, W<T>(ParamId::kGateProj), m.d, s->gu.get(),
-                       2 * m.f, tt));
+    RETURN_IF_ERROR(Gemm(Linear(m.n, m.d, 2 * m.f).Forward(s->n2.get(), W<T>(ParamId::kGateProj), s->gu.get(), tt)));
     CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(s->gu.as<T>(), s->h.as<T>(), m.n, m.f, st));
     // out = r1 + h Wdown^T
-    RETURN_IF_ERROR(Mm(false, true, m.n, m.d, m.f, s->h.get(), m.f, W<T>(ParamId::kDownProj), m.f, out->data(), m.d,
-                       GemmType::kF32, 1.f, s->r1.get(), GemmType::kF32));
-    if (saved_out != nullptr) {
-      *saved_out = std::move(s);
-    } else {
-      // The buffers go back to the pool in stream order; nothing waits here.
-    }
+    const kernels::LinearGemm down = Linear(m.n, m.f, m.d);
+    RETURN_IF_ERROR(
+        Gemm(down.Forward(s->h.get(), W<T>(ParamId::kDownProj), out->data(), GemmType::kF32).PlusC(s->r1.get())));
+    // Unless kept, the buffers go back to the pool in stream order when `s` goes; nothing waits here.
+    if (saved_out != nullptr) *saved_out = std::move(s);
     RETURN_IF_ERROR(out->MarkReady(st));
     return std::unique_ptr<Activation>(std::move(out));
   }
@@ -347,7 +337,6 @@ class CudaBlock : public Block {
     const Dims m = DimsOf(c, s.batch, s.seq);
     const size_t t = sizeof(T);
     const GemmType tt = TypeOf<T>();
-    const float beta = accumulate ? 1.f : 0.f;
     cudaStream_t st = dev_->stream;
     const float* dy = dy_act.data();
 
@@ -366,21 +355,20 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(DeviceBuffer d_o, Alloc(m.n * m.qd * t));
     ASSIGN_OR_RETURN(DeviceBuffer dq, Alloc(m.n * m.qd * 4));
     ASSIGN_OR_RETURN(DeviceBuffer dk, Alloc(m.n * m.kvd * 4));
-    ASSIGN_OR_RETURN(DeviceBuffer delta, Alloc(kernels::attention_bwd_workspace_floats(
-                                              static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads,
-                                              m.kv_heads, m.dh) * 4));
+    ASSIGN_OR_RETURN(DeviceBuffer attn_ws, Alloc(kernels::attention_bwd_workspace_floats(
+                                                static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads,
+                                                m.kv_heads, m.dh) * 4));
     ASSIGN_OR_RETURN(DeviceBuffer dqkv, Alloc(m.n * m.qkv * t));
     ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> dx, NewActivation(dev_, m.batch, m.seq, m.d));
 
     // MLP: out = r1 + h Wd^T, h = silu(gate) * up (kept by the forward).
-    RETURN_IF_ERROR(Mm(true, false, m.d, m.f, m.n, dy_t, m.d, s.h.get(), m.f, G32(ParamId::kDownProj), m.f,
-                       GemmType::kF32, beta));
-    RETURN_IF_ERROR(Mm(false, false, m.n, m.f, m.d, dy_t, m.d, W<T>(ParamId::kDownProj), m.f, dh.get(), m.f, tt));
+    const kernels::LinearGemm down = Linear(m.n, m.f, m.d);
+    RETURN_IF_ERROR(Gemm(down.BackwardWeight(dy_t, s.h.get(), G32(ParamId::kDownProj), accumulate)));
+    RETURN_IF_ERROR(Gemm(down.BackwardInput(dy_t, W<T>(ParamId::kDownProj), dh.get(), tt)));
     CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_bwd<T>(dh.as<T>(), s.gu.as<T>(), dgu.as<T>(), m.n, m.f, st));
-    RETURN_IF_ERROR(Mm(true, false, 2 * m.f, m.d, m.n, dgu.get(), 2 * m.f, s.n2.get(), m.d, G32(ParamId::kGateProj),
-                       m.d, GemmType::kF32, beta));
-    RETURN_IF_ERROR(Mm(false, false, m.n, m.d, 2 * m.f, dgu.get(), 2 * m.f, W<T>(ParamId::kGateProj), m.d, dn.get(),
-                       m.d, GemmType::kF32));
+    const kernels::LinearGemm gate_up = Linear(m.n, m.d, 2 * m.f);
+    RETURN_IF_ERROR(Gemm(gate_up.BackwardWeight(dgu.get(), s.n2.get(), G32(ParamId::kGateProj), accumulate)));
+    RETURN_IF_ERROR(Gemm(gate_up.BackwardInput(dgu.get(), W<T>(ParamId::kGateProj), dn.get(), GemmType::kF32)));
     // dr1 = dy + the post-attention norm's backward (and its bf16 copy for the products below).
     DeviceBuffer dr1_t_buf;
     const void* dr1_t = dr1.get();
@@ -393,15 +381,19 @@ class CudaBlock : public Block {
         std::is_same<T, float>::value ? nullptr : dr1_t_buf.as<bf16>(), G32(ParamId::kPostNorm), accumulate,
         rms_ws_.as<float>(), m.n, static_cast<int>(m.d), st));
     // Attention output projection.
-    RETURN_IF_ERROR(Mm(true, false, m.d, m.qd, m.n, dr1_t, m.d, s.o.get(), m.qd, G32(ParamId::kOProj), m.qd,
-                       GemmType::kF32, beta));
-    RETURN_IF_ERROR(Mm(false, false, m.n, m.qd, m.d, dr1_t, m.d, W<T>(ParamId::kOProj), m.qd, d_o.get(), m.qd, tt));
-    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.dh)));
+    const kernels::LinearGemm o_proj = Linear(m.n, m.qd, m.d);
+    RETURN_IF_ERROR(Gemm(o_proj.BackwardWeight(dr1_t, s.o.get(), G32(ParamId::kOProj), accumulate)));
+    RETURN_IF_ERROR(Gemm(o_proj.BackwardInput(dr1_t, W<T>(ParamId::kOProj), d_o.get(), tt)));
     T* dqkv_t = dqkv.as<T>();
-    CUDA_RETURN_IF_ERROR(kernels::launch_attention_bwd<T>(
-        s.q.as<T>(), m.qd, s.k.as<T>(), m.kvd, s.qkv.as<T>() + m.qd + m.kvd, m.qkv, s.o.as<T>(), m.qd,
-        s.lse.as<float>(), d_o.as<T>(), m.qd, dq.as<float>(), dk.as<float>(), dqkv_t + m.qd + m.kvd, m.qkv,
-        delta.as<float>(), static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads, m.kv_heads, m.dh, scale, st));
+    kernels::AttentionArgs<T> attn = Attention<T>(s, m, st);
+    attn.d_o = d_o.as<T>();
+    attn.do_stride = m.qd;
+    attn.dq = dq.as<float>();
+    attn.dk = dk.as<float>();
+    attn.dv = dqkv_t + m.qd + m.kvd;  // dv goes straight into its part of dq|dk|dv
+    attn.dv_stride = m.qkv;
+    attn.workspace = attn_ws.as<float>();
+    CUDA_RETURN_IF_ERROR(kernels::launch_attention_bwd(attn));
     // RoPE and QK-norm backward into the q and k parts of dqkv.
     const auto* table = s.table.as<float2>();
     CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_bwd<T>(
@@ -412,10 +404,9 @@ class CudaBlock : public Block {
         dqkv_t + m.qd, G32(ParamId::kKNorm), accumulate, qk_ws_.as<float>(), m.n, static_cast<int>(m.seq),
         m.kv_heads, m.dh, st));
     // q|k|v = n1 W^T
-    RETURN_IF_ERROR(Mm(true, false, m.qkv, m.d, m.n, dqkv.get(), m.qkv, s.n1.get(), m.d, G32(ParamId::kQProj), m.d,
-                       GemmType::kF32, beta));
-    RETURN_IF_ERROR(Mm(false, false, m.n, m.d, m.qkv, dqkv.get(), m.qkv, W<T>(ParamId::kQProj), m.d, dn.get(), m.d,
-                       GemmType::kF32));
+    const kernels::LinearGemm qkv_proj = Linear(m.n, m.d, m.qkv);
+    RETURN_IF_ERROR(Gemm(qkv_proj.BackwardWeight(dqkv.get(), s.n1.get(), G32(ParamId::kQProj), accumulate)));
+    RETURN_IF_ERROR(Gemm(qkv_proj.BackwardInput(dqkv.get(), W<T>(ParamId::kQProj), dn.get(), GemmType::kF32)));
     // dx = dr1 + the input norm's backward.
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_bwd(dn.as<float>(), s.x.as<float>(), W32(ParamId::kInputNorm),
                                                      s.rstd1.as<float>(), dr1.as<float>(), dx->data(), nullptr,

@@ -20,6 +20,8 @@ class CudaActivation : public Activation {
   CudaActivation(const CudaActivation&) = delete;
   CudaActivation& operator=(const CudaActivation&) = delete;
   float* data() const { return data_.as<float>(); }
+  // Hands the values' memory to a block that keeps them for its backward; data() is null after.
+  DeviceBuffer ReleaseData() { return std::move(data_); }
   // Records, on `stream`, the point after the kernels that produce the values; a download waits for
   // that point only, not for what other calls queue on the stream afterwards.
   absl::Status MarkReady(cudaStream_t stream);

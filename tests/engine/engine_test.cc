@@ -631,6 +631,26 @@ TEST_F(EngineTest, BFloat16ActivationsRoundTrip) {
   for (const auto& [name, v] : ga) EXPECT_TRUE(BitwiseEqual("gradient " + name + " (bf16 vs f32 wire)", v, gb.at(name)));
 }
 
+// The CPU backend writes a bfloat16 reply a slice at a time (so that the reply's bytes are written
+// once, not zero-filled first): an activation of several slices, the last one partial, must come
+// back as every element rounded, in order; and float32 as the values themselves.
+TEST(CpuBackendDownloadTest, BFloat16SpanningSeveralSlicesIsEveryElementRounded) {
+  std::unique_ptr<Backend> cpu = MakeCpuBackend();
+  const int64_t batch = 3, seq = 7, width = 1001;  // 21021 elements: 2 full slices of 8192 and a partial one
+  std::vector<float> x(static_cast<size_t>(batch * seq * width));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37 * static_cast<double>(i)) * (1.0 + i % 13);
+  auto a = cpu->Upload(0, DType::kFloat32, x.data(), batch, seq, width);
+  ASSERT_OK(a.status());
+  std::string bytes = "stale bytes from an earlier reply";
+  ASSERT_OK(cpu->Download(**a, DType::kBFloat16, &bytes));
+  std::vector<uint16_t> want;
+  for (float v : x) want.push_back(RefBFloat16Bits(v));
+  EXPECT_TRUE(BitwiseEqual("bfloat16 download vs each element rounded", ToBits(bytes), want));
+  ASSERT_OK(cpu->Download(**a, DType::kFloat32, &bytes));
+  ASSERT_EQ(bytes.size(), x.size() * sizeof(float));
+  EXPECT_EQ(std::memcmp(bytes.data(), x.data(), bytes.size()), 0) << "float32 download differs from the values";
+}
+
 TEST_F(EngineTest, ReadTensorsInBFloat16IsTheRoundedFloat32) {
   const BlockConfig c = Config(true);
   ASSERT_OK(Create("b0", c, std::nullopt));

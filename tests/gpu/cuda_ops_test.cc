@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "engine/cpu/ops.h"
 #include "base/dtype.h"
@@ -231,16 +232,36 @@ TEST_P(AttentionTest, ForwardAndBackwardMatchFloat64) {
   dq.Poison();
   dk.Poison();
   dv.Poison();
-  CUDA_ASSERT(kernels::launch_attention_fwd<float>(dq_in.get(), qd, dk_in.get(), kvd, dv_in.get(), kvd + 16, o.get(),
-                                                   qd, lse.get(), c.batch, c.seq, c.heads, c.kv_heads, c.dh, scale, 0));
+  // q, k, dq, dk dense; v and dv inside rows 16 elements wider, as v sits inside q|k|v in a block.
+  auto args = [&](auto* q_, auto* k_, auto* v_, auto* o_, auto* do_, auto* dv_) {
+    using T = std::remove_pointer_t<decltype(o_)>;
+    auto a = kernels::AttentionArgs<T>::Causal(c.batch, c.seq, c.heads, c.kv_heads, c.dh, /*stream=*/0);
+    EXPECT_EQ(a.scale, static_cast<float>(scale));
+    a.q = q_;
+    a.q_stride = qd;
+    a.k = k_;
+    a.k_stride = kvd;
+    a.v = v_;
+    a.v_stride = kvd + 16;
+    a.o = o_;
+    a.o_stride = qd;
+    a.lse = lse.get();
+    a.d_o = do_;
+    a.do_stride = qd;
+    a.dq = dq.get();
+    a.dk = dk.get();
+    a.dv = dv_;
+    a.dv_stride = kvd + 16;
+    a.workspace = delta.get();
+    return a;
+  };
+  CUDA_ASSERT(kernels::launch_attention_fwd(args(dq_in.get(), dk_in.get(), dv_in.get(), o.get(), ddo.get(), dv.get())));
   CUDA_ASSERT(cudaDeviceSynchronize());
   // Backward reads the reference o so that its inputs are exactly the CPU's.
   std::vector<float> o_ref_f(o_ref.begin(), o_ref.end());
   DeviceArray<float> do_ref(o_ref_f);
-  CUDA_ASSERT(kernels::launch_attention_bwd<float>(dq_in.get(), qd, dk_in.get(), kvd, dv_in.get(), kvd + 16,
-                                                   do_ref.get(), qd, lse.get(), ddo.get(), qd, dq.get(), dk.get(),
-                                                   dv.get(), kvd + 16, delta.get(), c.batch, c.seq, c.heads, c.kv_heads,
-                                                   c.dh, scale, 0));
+  CUDA_ASSERT(
+      kernels::launch_attention_bwd(args(dq_in.get(), dk_in.get(), dv_in.get(), do_ref.get(), ddo.get(), dv.get())));
   CUDA_ASSERT(cudaDeviceSynchronize());
   ExpectClose("attention o", o.Download(), o_ref, kFp32Rtol);
   ExpectClose("attention lse", lse.Download(), lse_ref, kFp32Rtol);
@@ -281,15 +302,12 @@ TEST_P(AttentionTest, ForwardAndBackwardMatchFloat64) {
   bdv.Poison();
   dq.Poison();
   dk.Poison();
-  CUDA_ASSERT(kernels::launch_attention_fwd<bf16>(bq.get(), qd, bk.get(), kvd, bv.get(), kvd + 16, bo.get(), qd,
-                                                  lse.get(), c.batch, c.seq, c.heads, c.kv_heads, c.dh, scale, 0));
+  CUDA_ASSERT(kernels::launch_attention_fwd(args(bq.get(), bk.get(), bv.get(), bo.get(), bdo.get(), bdv.get())));
   CUDA_ASSERT(cudaDeviceSynchronize());
   const std::string path = kernels::attention_mma_supports(c.dh) ? " bf16 (tensor cores)" : " bf16 (simt)";
   ExpectNormClose("attention o" + path, FromBf16(bo.Download()), o16_ref, 2 * u);
   ExpectNormClose("attention lse" + path, lse.Download(), lse16, 1e-5);
-  CUDA_ASSERT(kernels::launch_attention_bwd<bf16>(bq.get(), qd, bk.get(), kvd, bv.get(), kvd + 16, bo_ref.get(), qd,
-                                                  lse.get(), bdo.get(), qd, dq.get(), dk.get(), bdv.get(), kvd + 16,
-                                                  delta.get(), c.batch, c.seq, c.heads, c.kv_heads, c.dh, scale, 0));
+  CUDA_ASSERT(kernels::launch_attention_bwd(args(bq.get(), bk.get(), bv.get(), bo_ref.get(), bdo.get(), bdv.get())));
   CUDA_ASSERT(cudaDeviceSynchronize());
   ExpectNormClose("attention dq" + path, dq.Download(), dq16, 4 * u);
   ExpectNormClose("attention dk" + path, dk.Download(), dk16, 4 * u);
@@ -394,23 +412,12 @@ TEST_P(GemmTest, ModesMatchFloat64AndFp32HasNoTf32) {
   const auto a16 = RoundBf16(a), b16 = RoundBf16(b);
   DeviceArray<bf16> da16(ToBf16(a16)), db16(ToBf16(b16));
   auto run = [&](kernels::GemmMode mode) {
-    kernels::GemmArgs g;
-    g.mode = mode;
-    g.trans_a = ta;
-    g.trans_b = tb;
-    g.m = m;
-    g.n = n;
-    g.k = k;
     const bool half = mode == kernels::GemmMode::kBF16;
-    g.a = half ? static_cast<const void*>(da16.get()) : da.get();
-    g.lda = ta ? m : k;
-    g.b = half ? static_cast<const void*>(db16.get()) : db.get();
-    g.ldb = tb ? k : n;
-    g.beta = 1.f;
-    g.c = dc.get();
-    g.ldc = n;
-    g.d = dd.get();
-    g.ldd = n;
+    const void* a_in = half ? static_cast<const void*>(da16.get()) : da.get();
+    const void* b_in = half ? static_cast<const void*>(db16.get()) : db.get();
+    const kernels::GemmArgs g = kernels::GemmArgs::Product(mode, ta, tb, m, n, k, a_in, ta ? m : k, b_in,
+                                                           tb ? k : n, dd.get(), n, kernels::GemmType::kF32)
+                                    .PlusC(dc.get());
     dd.Poison();
     EXPECT_EQ(CUBLAS_STATUS_SUCCESS, ctx.Run(g, 0));
     EXPECT_EQ(cudaSuccess, cudaDeviceSynchronize());
@@ -442,6 +449,49 @@ TEST_P(GemmTest, ModesMatchFloat64AndFp32HasNoTf32) {
 INSTANTIATE_TEST_SUITE_P(Transposes, GemmTest,
                          ::testing::Values(std::make_tuple(false, false), std::make_tuple(false, true),
                                            std::make_tuple(true, false), std::make_tuple(true, true)));
+
+// The three products of an nn.Linear layer as the blocks build them (kernels::LinearGemm), against
+// float64, at sizes where any swapped dimension or leading dimension shows: y = x W^T, dx = dy W,
+// and dW = dy^T x both overwriting and accumulating.
+TEST(LinearGemmTest, ForwardAndBackwardProductsMatchFloat64) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 29, in = 70, out = 45;
+  auto x = RandomNormal(rows * in, 71), w = RandomNormal(out * in, 72), dy = RandomNormal(rows * out, 73);
+  auto dw0 = RandomNormal(out * in, 74);
+  std::vector<double> y_ref(rows * out, 0.0), dx_ref(rows * in, 0.0), dw_ref(out * in, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t o = 0; o < out; ++o) {
+      for (int64_t i = 0; i < in; ++i) {
+        y_ref[r * out + o] += double(x[r * in + i]) * w[o * in + i];
+        dx_ref[r * in + i] += double(dy[r * out + o]) * w[o * in + i];
+        dw_ref[o * in + i] += double(dy[r * out + o]) * x[r * in + i];
+      }
+    }
+  }
+  std::vector<double> dw_acc_ref(dw_ref);
+  for (size_t i = 0; i < dw_acc_ref.size(); ++i) dw_acc_ref[i] += dw0[i];
+
+  void* ws = nullptr;
+  CUDA_ASSERT(cudaMalloc(&ws, 32 << 20));
+  kernels::GemmContext ctx;
+  ASSERT_EQ(CUBLAS_STATUS_SUCCESS, ctx.Init(ws, 32 << 20));
+  DeviceArray<float> dx_in(x), dw_in(w), ddy(dy), y(rows * out), dx(rows * in), dw(dw0), dw_acc(dw0);
+  y.Poison();
+  dx.Poison();
+  const kernels::LinearGemm linear{kernels::GemmMode::kFP32, rows, in, out};
+  EXPECT_EQ(CUBLAS_STATUS_SUCCESS,
+            ctx.Run(linear.Forward(dx_in.get(), dw_in.get(), y.get(), kernels::GemmType::kF32), 0));
+  EXPECT_EQ(CUBLAS_STATUS_SUCCESS,
+            ctx.Run(linear.BackwardInput(ddy.get(), dw_in.get(), dx.get(), kernels::GemmType::kF32), 0));
+  EXPECT_EQ(CUBLAS_STATUS_SUCCESS, ctx.Run(linear.BackwardWeight(ddy.get(), dx_in.get(), dw.get(), false), 0));
+  EXPECT_EQ(CUBLAS_STATUS_SUCCESS, ctx.Run(linear.BackwardWeight(ddy.get(), dx_in.get(), dw_acc.get(), true), 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  ExpectClose("linear y = x W^T", y.Download(), y_ref, kFp32Rtol);
+  ExpectClose("linear dx = dy W", dx.Download(), dx_ref, kFp32Rtol);
+  ExpectClose("linear dW = dy^T x (overwriting)", dw.Download(), dw_ref, kFp32Rtol);
+  ExpectClose("linear dW += dy^T x (accumulating)", dw_acc.Download(), dw_acc_ref, kFp32Rtol);
+  cudaFree(ws);
+}
 
 }  // namespace
 }  // namespace blockd::testing
