@@ -131,21 +131,32 @@ void Bench(CudnnAttention& attn, const char* name, int B, int S, int H, int Hkv,
         CHECK_CUDNN(attn.Forward(p, {q.get(), k.get(), v, o.get(), lse.get()}, scale, ws, fi.workspace_bytes, 0));
       }),
       fwd_flops);
-  Row("native forward (mma.sync)", TimeMs([&] {
-        CHECK_CUDA(blockd::kernels::launch_attention_fwd<bf16>(q.get(), qd, k.get(), kvd, v, qkv, o.get(), qd,
-                                                               lse_native.get(), B, S, H, Hkv, dh, scale, 0));
-      }),
+  auto native = blockd::kernels::AttentionArgs<bf16>::Causal(B, S, H, Hkv, dh, 0);
+  native.scale = scale;
+  native.q = q.get();
+  native.q_stride = qd;
+  native.k = k.get();
+  native.k_stride = kvd;
+  native.v = v;
+  native.v_stride = qkv;
+  native.o = o.get();
+  native.o_stride = qd;
+  native.lse = lse_native.get();
+  native.d_o = d_o.get();
+  native.do_stride = qd;
+  native.dq = dq.get();
+  native.dk = dk.get();
+  native.dv = dv;
+  native.dv_stride = qkv;
+  native.workspace = delta.get();
+  Row("native forward (mma.sync)", TimeMs([&] { CHECK_CUDA(blockd::kernels::launch_attention_fwd(native)); }),
       fwd_flops);
   Row("cuDNN backward", TimeMs([&] {
         CHECK_CUDNN(attn.Backward(p, {q.get(), k.get(), v, o.get(), lse.get(), d_o.get(), dq16.get(), dk16.get(), dv},
                                   scale, ws, bi.workspace_bytes, 0));
       }),
       2.5 * fwd_flops);
-  Row("native backward (delta + mma.sync)", TimeMs([&] {
-        CHECK_CUDA(blockd::kernels::launch_attention_bwd<bf16>(q.get(), qd, k.get(), kvd, v, qkv, o.get(), qd,
-                                                               lse_native.get(), d_o.get(), qd, dq.get(), dk.get(), dv,
-                                                               qkv, delta.get(), B, S, H, Hkv, dh, scale, 0));
-      }),
+  Row("native backward (delta + mma.sync)", TimeMs([&] { CHECK_CUDA(blockd::kernels::launch_attention_bwd(native)); }),
       2.5 * fwd_flops);
   CHECK_CUDA(cudaDeviceSynchronize());
   cudaFree(ws);

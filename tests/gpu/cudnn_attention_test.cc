@@ -194,8 +194,19 @@ TEST_P(CudnnAttentionTest, MatchesFloat64AndNativeKernels) {
   o_n.Poison();
   ASSERT_CUDNN_OK(attn->Forward(p, {bq.get(), bk.get(), bv, o_c.get(), lse_c.get()}, scale, ws.get(),
                                 fwd_info.workspace_bytes, 0));
-  CUDA_ASSERT(kernels::launch_attention_fwd<bf16>(bq.get(), qd, bk.get(), kvd, bv, qkv, o_n.get(), qd, lse_n.get(),
-                                                  c.batch, c.seq, c.heads, c.kv_heads, c.dh, scale, 0));
+  // The native kernels over the same tensors: q [tokens, qd], k [tokens, kvd], v inside qkv rows.
+  auto native = kernels::AttentionArgs<bf16>::Causal(c.batch, c.seq, c.heads, c.kv_heads, c.dh, 0);
+  native.scale = scale;
+  native.q = bq.get();
+  native.q_stride = qd;
+  native.k = bk.get();
+  native.k_stride = kvd;
+  native.v = bv;
+  native.v_stride = qkv;
+  native.o = o_n.get();
+  native.o_stride = qd;
+  native.lse = lse_n.get();
+  CUDA_ASSERT(kernels::launch_attention_fwd(native));
   CUDA_ASSERT(cudaDeviceSynchronize());
   Report("o", FromBf16(o_c.Download()), FromBf16(o_n.Download()), o_ref, 2 * u);
   Report("lse", lse_c.Download(), lse_n.Download(), lse_ref, 1e-5);
@@ -210,10 +221,15 @@ TEST_P(CudnnAttentionTest, MatchesFloat64AndNativeKernels) {
                                  {bq.get(), bk.get(), bv, bo16.get(), lse_c.get(), bdo.get(), dq_c.get(),
                                   dk_c.get(), dqkv_c.get() + v_off},
                                  scale, ws.get(), bwd_info.workspace_bytes, 0));
-  CUDA_ASSERT(kernels::launch_attention_bwd<bf16>(bq.get(), qd, bk.get(), kvd, bv, qkv, bo16.get(), qd,
-                                                  lse_n.get(), bdo.get(), qd, dq_n.get(), dk_n.get(),
-                                                  dqkv_n.get() + v_off, qkv, delta.get(), c.batch, c.seq, c.heads,
-                                                  c.kv_heads, c.dh, scale, 0));
+  native.o = bo16.get();
+  native.d_o = bdo.get();
+  native.do_stride = qd;
+  native.dq = dq_n.get();
+  native.dk = dk_n.get();
+  native.dv = dqkv_n.get() + v_off;
+  native.dv_stride = qkv;
+  native.workspace = delta.get();
+  CUDA_ASSERT(kernels::launch_attention_bwd(native));
   CUDA_ASSERT(cudaDeviceSynchronize());
   const auto dv_c = Columns(FromBf16(dqkv_c.Download()), tokens, qkv, v_off, kvd);
   const auto dv_n = Columns(FromBf16(dqkv_n.Download()), tokens, qkv, v_off, kvd);
@@ -229,10 +245,10 @@ TEST_P(CudnnAttentionTest, MatchesFloat64AndNativeKernels) {
   EXPECT_EQ(written_outside, 0u) << "cuDNN's dV wrote outside its columns of the qkv-wide rows";
 
   // The statistics are interchangeable: the native backward from cuDNN's lse meets the same bounds.
-  CUDA_ASSERT(kernels::launch_attention_bwd<bf16>(bq.get(), qd, bk.get(), kvd, bv, qkv, bo16.get(), qd,
-                                                  lse_c.get(), bdo.get(), qd, dq_x.get(), dk_x.get(),
-                                                  dqkv_n.get() + v_off, qkv, delta.get(), c.batch, c.seq, c.heads,
-                                                  c.kv_heads, c.dh, scale, 0));
+  native.lse = lse_c.get();
+  native.dq = dq_x.get();
+  native.dk = dk_x.get();
+  CUDA_ASSERT(kernels::launch_attention_bwd(native));
   CUDA_ASSERT(cudaDeviceSynchronize());
   const Errors xq = Measure(dq_x.Download(), dq_ref), xk = Measure(dk_x.Download(), dk_ref);
   std::printf("  native backward from cuDNN's lse: dq norm rel %.3g, dk norm rel %.3g\n", xq.norm_rel, xk.norm_rel);
