@@ -137,6 +137,31 @@ class ErrorMappingTest(ClientTestBase):
         with self.assertRaises(ValueError):
             T.encode(np.ones(3, np.int32))
 
+    def test_a_request_over_the_message_limit_says_which_limit_and_what_to_do(self):
+        self.client.create_block("m0", CFG, seed=1)
+        x = np.random.default_rng(2).standard_normal((8, 128, CFG.hidden_size)).astype(np.float32)  # 128 KiB
+        with blockd.Client(self.daemon.target, timeout=60, max_message_bytes=64 << 10) as small:
+            e = self.assertRaisesCode(blockd.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      lambda: small.forward(["m0"], x))
+            self.assertEqual(e.details, "Forward input [8,128,32] float32 is 128.0 KiB, over the 64 KiB message limit "
+                                        "(--max_message_bytes on the server / Client(max_message_bytes=...)): split "
+                                        "the batch")
+            self.assertRaisesCode(blockd.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  lambda: small.backward("no-such-handle", x),
+                                  "Backward grad_output [8,128,32] float32 is 128.0 KiB, over the 64 KiB")
+            self.assertEqual(small.forward(["m0"], x[:1, :16]).output.shape, (1, 16, CFG.hidden_size))
+
+    def test_the_servers_smaller_message_limit_gets_the_same_advice(self):
+        x = np.random.default_rng(3).standard_normal((8, 128, CFG.hidden_size)).astype(np.float32)
+        with Daemon(extra_args=["--max_message_bytes=65536"]) as d, blockd.Client(d.target, timeout=60) as c:
+            c.create_block("m1", CFG, seed=1)
+            e = self.assertRaisesCode(blockd.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      lambda: c.forward(["m1"], x),
+                                      "Forward input [8,128,32] float32 is 128.0 KiB, over the server's message "
+                                      "limit (Received message larger than max")
+            self.assertTrue(e.details.endswith("split the batch, or raise --max_message_bytes on the server"),
+                            e.details)
+
     def test_unreachable_server_is_unavailable(self):
         with blockd.Client("127.0.0.1:1", timeout=5) as c:
             with self.assertRaises(blockd.UnavailableError) as cm:
