@@ -14,6 +14,7 @@ carries the gRPC code and the server's message. `timeout` (seconds) is every cal
 a call passes its own.
 """
 import collections
+import math
 import queue
 import threading
 import weakref
@@ -184,21 +185,38 @@ class Client:
         return self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
 
     def create_block(self, block_id, config, layer_index=0, seed=None, precision=None, device=0,
-                     max_seq_len=0, max_batch_size=0, timeout=None):
+                     max_seq_len=0, max_batch_size=0, ttl=None, timeout=None):
         """Creates a block; with `seed` its weights are a deterministic random init, without it
-        they must be loaded (load_weights) before Forward. Returns its BlockInfo."""
+        they must be loaded (load_weights) before Forward. `ttl` (seconds, >= 1) gives it a lease:
+        the server deletes it once no call has named it for that long, so a client that dies leaves
+        nothing behind. Returns its BlockInfo."""
         req = pb.CreateBlockRequest(block_id=block_id, config=BlockConfig.coerce(config).to_proto(),
                                     layer_index=layer_index, precision=precision_value(precision),
                                     device=device, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if seed is not None:
             req.seed = int(seed)
+        if ttl is not None:
+            if not ttl >= 1 or math.isinf(ttl):
+                raise ValueError(f"ttl = {ttl!r}: expected a number of seconds >= 1 (None: no lease)")
+            req.ttl_seconds = math.ceil(ttl)  # never rounds a short lease down to "no lease"
         return self._unary("CreateBlock", req, timeout)
 
     def get_block(self, block_id, timeout=None):
         return self._unary("GetBlock", pb.GetBlockRequest(block_id=block_id), timeout)
 
-    def list_blocks(self, timeout=None):
-        return list(self._unary("ListBlocks", pb.ListBlocksRequest(), timeout).blocks)
+    def list_blocks(self, min_idle=None, timeout=None):
+        """BlockInfos of the server's blocks; with `min_idle` (seconds) only those no call has named
+        for at least that long (BlockInfo.idle_seconds). The server filters when it keeps idle
+        times; the client filters too, so a server that does not (idle_seconds 0) lists none."""
+        req = pb.ListBlocksRequest()
+        if min_idle is not None:
+            if not min_idle > 0 or math.isinf(min_idle):
+                raise ValueError(f"min_idle = {min_idle!r}: expected a number of seconds > 0")
+            req.min_idle_seconds = float(min_idle)
+        blocks = list(self._unary("ListBlocks", req, timeout).blocks)
+        if min_idle is not None:
+            blocks = [b for b in blocks if b.idle_seconds >= min_idle]
+        return blocks
 
     def delete_block(self, block_id, timeout=None):
         """Deletes a block; returns how many activation handles that referenced it were freed."""
