@@ -2,7 +2,7 @@
 // blockd block cannot compute. Every C++ path from a config.json (blockctl create --config,
 // blockctl import-hf) goes through BlockConfigFromHf, and client/python/blockd/config.py
 // (BlockConfig.from_hf) says the same things in the same words, so a config one path refuses is
-// refused by all of them. tests/data/hf_configs.json holds the cases both languages are held to.
+// refused by all of them. tests/proto/hf_configs.json holds the cases both languages are held to.
 //
 //   ASSIGN_OR_RETURN(nlohmann::json hf, ReadHfConfig("/models/Qwen3-0.6B/config.json"));
 //   ASSIGN_OR_RETURN(BlockConfig c, BlockConfigFromHf(hf));   // refuses gelu, llama3 RoPE, biases...

@@ -15,11 +15,12 @@ import re
 
 import numpy as np
 
-from blockd.config import BlockConfig, UnsupportedConfigError, hf_num_layers
+from blockd.config import HF_MODEL_TYPES, BlockConfig, UnsupportedConfigError, hf_num_layers
 from blockd.errors import AlreadyExistsError, BlockdError, NotFoundError
 from blockd.progress import Progress
 from blockd.safetensors import SafetensorsFile
 
+SUPPORTED_MODEL_TYPES = HF_MODEL_TYPES  # the name this module gave them before config.py owned them
 _WIRE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 # Buffers some older conversions saved that blocks recompute (RoPE inverse frequencies).
 _RECOMPUTED = {"self_attn.rotary_emb.inv_freq"}
