@@ -401,7 +401,9 @@ TEST_F(Errors, MessagesOverTheSizeLimitAreResourceExhausted) {
   const BlockState before = StateOf(*client_, "big");
   // [1,600,32] float32 is 76,800 bytes of data: over 64 KiB.
   auto r = client_->Forward({"big"}, RandomTensor({1, 600, 32}, 1), true);
-  EXPECT_STATUS(r.status(), StatusCode::kResourceExhausted, "larger than max");
+  // The client names the tensor, its size and what to do; gRPC's own words stay in parentheses.
+  EXPECT_STATUS(r.status(), StatusCode::kResourceExhausted,
+                "over the server's message limit (Received message larger than max");
   EXPECT_EQ(ActivationsHeld(), 0);
   EXPECT_EQ(DiffStates(before, StateOf(*client_, "big")), "");
   // Under the limit it works; the client's own limit is enforced the same way.
@@ -409,7 +411,7 @@ TEST_F(Errors, MessagesOverTheSizeLimitAreResourceExhausted) {
   auto small = ConnectTo(*server_, {.max_message_bytes = 16 << 10});
   // [1,200,32] float32 is 25,600 bytes: over the client's 16 KiB.
   EXPECT_STATUS(small->Forward({"big"}, RandomTensor({1, 200, 32}, 1), false).status(), StatusCode::kResourceExhausted,
-                "larger than max");
+                "over the 16 KiB message limit");
 }
 
 // ---- UNIMPLEMENTED ----
