@@ -14,6 +14,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "base/block_config.h"
 #include "client/blockctl.h"
 #include "client/blockctl_util.h"
 

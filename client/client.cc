@@ -1,4 +1,5 @@
 #include "client/client.h"
+#include "base/block_config.h"
 
 #include <algorithm>
 #include <chrono>
