@@ -71,7 +71,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
                           ? options.worker_threads
                           : std::max(4, static_cast<int>(std::thread::hardware_concurrency()));
   s->pool_ = std::make_unique<ThreadPool>(threads);
-  options.service.checkpoint_dir = options.checkpoint_dir;
   s->service_ = std::make_unique<BlockServiceImpl>(s->engine_.get(), s->metrics_.get(), s->pool_.get(),
                                                     s->auth_.get(), s->checkpointer_.get(), options.service);
 
