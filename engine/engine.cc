@@ -480,6 +480,7 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
     e.SetHasGrad(true);
   }
   lock.Unlock();
+  grad_input->tokens = h.batch * h.seq * static_cast<int64_t>(span.size());
   grad_input->dtype = grad_output.dtype;
   grad_input->shape = expected;
   grad_input->data->resize(static_cast<size_t>(bytes));

@@ -78,6 +78,8 @@ struct TensorOut {
   DType dtype = DType::kFloat32;
   std::vector<int64_t> shape;
   std::string* data = nullptr;
+  // Set by Backward: tokens run back through blocks (batch * seq * blocks), as ForwardOutput's.
+  int64_t tokens = 0;
 };
 
 struct ForwardOutput {

@@ -280,7 +280,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Backward(grpc::CallbackServerContext
     RETURN_IF_ERROR(engine_->Backward(req->activation_id(), grad, &out));
     resp->mutable_grad_input()->set_dtype(req->grad_output().dtype());
     for (int64_t d : out.shape) resp->mutable_grad_input()->add_shape(d);
-    metrics_->tokens_backward->Increment(static_cast<double>(out.shape[0] * out.shape[1]));
+    metrics_->tokens_backward->Increment(static_cast<double>(out.tokens));
     return absl::OkStatus();
   });
 }

@@ -552,5 +552,22 @@ TEST(Rpc, MetricsEndpointCountsRequests) {
   EXPECT_NE(body.find("blockd_request_duration_seconds_bucket"), std::string::npos);
 }
 
+// blockd_tokens_total counts batch * seq per block, as its HELP text says, in both passes: a
+// two-block span on a [2,5,hidden] input adds 20 forward and 20 backward tokens.
+TEST(Rpc, TokensMetricCountsEveryBlockOfASpanInBothPasses) {
+  auto server = StartServer(LoopbackOptions(/*with_metrics=*/true));
+  ASSERT_NE(server, nullptr);
+  auto client = ConnectTo(*server);
+  ASSERT_NE(client, nullptr);
+  ASSERT_OK(client->CreateBlock(CreateRequest("t0", TinyConfig(), 1)).status());
+  ASSERT_OK(client->CreateBlock(CreateRequest("t1", TinyConfig(), 2)).status());
+  TrainStep(*client, {"t0", "t1"}, RandomTensor({2, 5, 32}, 91), 92);
+
+  const std::string body = HttpGetBody(server->metrics_port(), "/metrics");
+  ASSERT_FALSE(body.empty()) << "no 200 reply from the metrics port " << server->metrics_port();
+  EXPECT_EQ(MetricValue(body, "blockd_tokens_total", {"pass=\"forward\""}), 20) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_tokens_total", {"pass=\"backward\""}), 20) << body;
+}
+
 }  // namespace
 }  // namespace blockd::testing
