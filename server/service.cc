@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <exception>
 #include <functional>
 #include <new>
@@ -205,6 +206,11 @@ grpc::ServerUnaryReactor* BlockServiceImpl::CreateBlock(grpc::CallbackServerCont
     p.spec.device = req->device();
     ASSIGN_OR_RETURN(p.precision, FromProto(req->precision()));
     if (req->has_seed()) p.seed = req->seed();
+    if (req->ttl_seconds() < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ttl_seconds = ", req->ttl_seconds(), ", expected >= 0 (0: no lease)"));
+    }
+    p.ttl = absl::Seconds(req->ttl_seconds());
     ASSIGN_OR_RETURN(BlockInfo info, engine_->CreateBlock(p));
     ToProto(info, engine_->backend().name(), resp);
     return absl::OkStatus();
@@ -214,8 +220,16 @@ grpc::ServerUnaryReactor* BlockServiceImpl::CreateBlock(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* BlockServiceImpl::ListBlocks(grpc::CallbackServerContext* ctx,
                                                        const v1::ListBlocksRequest* req,
                                                        v1::ListBlocksResponse* resp) {
-  return Unary(ctx, "ListBlocks", *req, resp, Work::kInline, Access::kUser, [this, resp] {
-    for (const BlockInfo& info : engine_->ListBlocks()) ToProto(info, engine_->backend().name(), resp->add_blocks());
+  return Unary(ctx, "ListBlocks", *req, resp, Work::kInline, Access::kUser, [this, req, resp]() -> absl::Status {
+    const double min_idle = req->min_idle_seconds();
+    if (!(std::isfinite(min_idle) && min_idle >= 0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("min_idle_seconds = ", min_idle, ", expected a finite number >= 0 (0: every block)"));
+    }
+    for (const BlockInfo& info : engine_->ListBlocks()) {
+      if (absl::ToDoubleSeconds(info.idle) < min_idle) continue;
+      ToProto(info, engine_->backend().name(), resp->add_blocks());
+    }
     return absl::OkStatus();
   });
 }
