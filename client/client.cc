@@ -284,10 +284,12 @@ absl::StatusOr<v1::BlockInfo> Client::CreateBlock(const v1::CreateBlockRequest& 
   return Invoke(NextStub(), &v1::BlockService::Stub::CreateBlock, &ctx, request);
 }
 
-absl::StatusOr<std::vector<v1::BlockInfo>> Client::ListBlocks(const CallOptions& call) {
+absl::StatusOr<std::vector<v1::BlockInfo>> Client::ListBlocks(absl::Duration min_idle, const CallOptions& call) {
+  v1::ListBlocksRequest request;
+  request.set_min_idle_seconds(absl::ToDoubleSeconds(min_idle));
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  auto r = Invoke(NextStub(), &v1::BlockService::Stub::ListBlocks, &ctx, v1::ListBlocksRequest());
+  auto r = Invoke(NextStub(), &v1::BlockService::Stub::ListBlocks, &ctx, request);
   if (!r.ok()) return r.status();
   return std::vector<v1::BlockInfo>(r->blocks().begin(), r->blocks().end());
 }

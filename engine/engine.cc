@@ -27,8 +27,11 @@ absl::string_view TensorKindName(TensorKind k) {
 // One named block. `mu` serialises the calls that compute with or change the block; `state_mu`
 // guards the small bookkeeping that GetBlock/ListBlocks read, so they never wait behind a Forward.
 struct Engine::Entry {
+  Entry(absl::Duration ttl, absl::Time now) : lease(ttl, now) {}
+
   absl::Mutex mu;
   BlockSpec spec;
+  BlockLease lease;
   uint64_t serial = 0;  // distinguishes a block from a later one with the same id
   std::vector<ParamSpec> params;
   std::unique_ptr<Block> block;
@@ -148,15 +151,20 @@ Engine::Engine(std::unique_ptr<Backend> backend, EngineOptions options)
 
 Engine::~Engine() = default;
 
-absl::StatusOr<Engine::EntryPtr> Engine::Find(absl::string_view id) {
-  absl::MutexLock lock(&registry_mu_);
-  auto it = blocks_.find(id);
-  if (it == blocks_.end()) return absl::NotFoundError(absl::StrCat("block ", id, " not found"));
-  return it->second;
+absl::StatusOr<Engine::EntryPtr> Engine::Find(absl::string_view id, bool renew_lease) {
+  EntryPtr e;
+  {
+    absl::MutexLock lock(&registry_mu_);
+    auto it = blocks_.find(id);
+    if (it == blocks_.end()) return absl::NotFoundError(absl::StrCat("block ", id, " not found"));
+    e = it->second;
+  }
+  if (renew_lease) e->lease.Renew(options_.lease_clock());
+  return e;
 }
 
 absl::StatusOr<std::vector<Engine::EntryPtr>> Engine::FindAll(const std::vector<std::string>& ids,
-                                                              bool allow_repeats) {
+                                                              bool allow_repeats, bool renew_lease) {
   if (ids.empty()) return absl::InvalidArgumentError("block_ids is empty: name at least one block");
   if (static_cast<int64_t>(ids.size()) > options_.max_span_blocks) {
     return absl::InvalidArgumentError(
@@ -168,7 +176,7 @@ absl::StatusOr<std::vector<Engine::EntryPtr>> Engine::FindAll(const std::vector<
     if (!allow_repeats && !seen.insert(id).second) {
       return absl::InvalidArgumentError(absl::StrCat("block_ids names block ", id, " twice"));
     }
-    ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+    ASSIGN_OR_RETURN(EntryPtr e, Find(id, renew_lease));
     out.push_back(std::move(e));
   }
   return out;
@@ -181,6 +189,8 @@ BlockInfo Engine::InfoLocked(const Entry& e) const {
   info.memory_bytes = static_cast<int64_t>(e.block->memory_bytes());
   info.missing_weights = e.Missing();
   info.weights_loaded = info.missing_weights.empty();
+  info.ttl = e.lease.ttl();
+  info.idle = e.lease.Idle(options_.lease_clock());
   absl::MutexLock l(&e.state_mu);
   info.has_gradients = e.has_grad;
   info.step = e.step;
@@ -196,6 +206,10 @@ absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
   RETURN_IF_ERROR(ValidateSpecRanges(spec));
   spec.precision = params.precision.value_or(backend_->default_precision());
   RETURN_IF_ERROR(backend_->Supports(spec));
+  if (params.ttl < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ttl = ", absl::FormatDuration(params.ttl), ", expected >= 0 (0: no lease)"));
+  }
   {
     absl::MutexLock lock(&registry_mu_);
     if (blocks_.count(spec.id) != 0) return absl::AlreadyExistsError(absl::StrCat("block ", spec.id, " already exists"));
@@ -205,7 +219,7 @@ absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
     }
   }
 
-  auto e = std::make_shared<Entry>();
+  auto e = std::make_shared<Entry>(params.ttl, options_.lease_clock());
   e->spec = spec;
   e->serial = next_serial.fetch_add(1);
   e->params = BlockParams(spec.config);
@@ -261,11 +275,47 @@ absl::StatusOr<int64_t> Engine::DeleteBlock(absl::string_view id) {
     if (e->deleted) return absl::NotFoundError(absl::StrCat("block ", id, " not found"));
     e->deleted = true;
   }
+  return RemoveDeleted(*e);
+}
+
+int64_t Engine::RemoveDeleted(const Entry& e) {
   {
     absl::MutexLock lock(&registry_mu_);
-    blocks_.erase(e->spec.id);
+    // ImportBlocks may already have put a new block under this id: leave that one.
+    auto it = blocks_.find(e.spec.id);
+    if (it != blocks_.end() && it->second.get() == &e) blocks_.erase(it);
   }
-  return activations_.EraseReferencing(e->serial);
+  return activations_.EraseReferencing(e.serial);
+}
+
+std::vector<std::string> Engine::ExpireBlocks() {
+  std::vector<EntryPtr> candidates;
+  {
+    const absl::Time now = options_.lease_clock();
+    absl::MutexLock lock(&registry_mu_);
+    for (const auto& [id, e] : blocks_) {
+      if (e->lease.Expired(now)) candidates.push_back(e);
+    }
+  }
+  std::vector<std::string> expired;
+  for (const EntryPtr& e : candidates) {
+    // A call holding the block is using it even if it started longer than the TTL ago; waiting for
+    // it would also stall the sweep behind a long Forward. The next sweep looks again.
+    if (!e->mu.TryLock()) continue;
+    bool remove;
+    {
+      absl::MutexLock l(&e->state_mu);
+      // A call may have renewed the lease since the scan.
+      remove = !e->deleted && e->lease.Expired(options_.lease_clock());
+      if (remove) e->deleted = true;
+    }
+    if (remove) {
+      RemoveDeleted(*e);
+      expired.push_back(e->spec.id);
+    }
+    e->mu.Unlock();
+  }
+  return expired;
 }
 
 absl::StatusOr<std::vector<ParamSpec>> Engine::BlockParamsOf(absl::string_view id) {
@@ -480,6 +530,7 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
     e.SetHasGrad(true);
   }
   lock.Unlock();
+  grad_input->tokens = h.batch * h.seq * static_cast<int64_t>(span.size());
   grad_input->dtype = grad_output.dtype;
   grad_input->shape = expected;
   return backend_->Download(*g, grad_output.dtype, grad_input->data);
@@ -575,7 +626,7 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
 }
 
 absl::StatusOr<std::vector<BlockState>> Engine::ExportBlocks(const std::vector<std::string>& ids) {
-  ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(ids, /*allow_repeats=*/false));
+  ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(ids, /*allow_repeats=*/false, /*renew_lease=*/false));
   SpanLock lock(entries);
   RETURN_IF_ERROR(lock.CheckAlive());
   std::vector<BlockState> states;
@@ -611,7 +662,8 @@ absl::StatusOr<Engine::EntryPtr> Engine::NewEntryFromState(const BlockState& sta
   RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
   RETURN_IF_ERROR(ValidateSpecRanges(spec));
   RETURN_IF_ERROR(backend_->Supports(spec));
-  auto e = std::make_shared<Entry>();
+  // Checkpoints do not carry leases: a restored block has none.
+  auto e = std::make_shared<Entry>(absl::ZeroDuration(), options_.lease_clock());
   e->spec = spec;
   e->serial = next_serial.fetch_add(1);
   e->params = BlockParams(spec.config);

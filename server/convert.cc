@@ -25,6 +25,9 @@ void ToProto(const BlockInfo& info, absl::string_view backend, v1::BlockInfo* ou
   for (const std::string& m : info.missing_weights) out->add_missing_weights(m);
   out->set_has_gradients(info.has_gradients);
   out->set_backend(std::string(backend));
+  // Rounded up: a lease of a fraction of a second (engine API) must not read as 0, "no lease".
+  out->set_ttl_seconds(absl::ToInt64Seconds(absl::Ceil(info.ttl, absl::Seconds(1))));
+  out->set_idle_seconds(absl::ToDoubleSeconds(info.idle));
 }
 
 absl::StatusOr<DType> FromProto(v1::DType t, absl::string_view what) {

@@ -427,6 +427,33 @@ TEST_F(EngineTest, BackwardMatchesBlockMathThroughASpan) {
   }
 }
 
+// The tokens metric counts batch * seq per block a pass runs through, Backward as Forward, a block
+// named twice in a span twice.
+TEST_F(EngineTest, ForwardAndBackwardCountTokensPerBlock) {
+  ASSERT_OK(Create("b0", Config(true), 1));
+  ASSERT_OK(Create("b1", Config(true), 2));
+  const std::vector<float> x = RandomActivation(16), dy = RandomActivation(16);
+  for (const std::vector<std::string>& span : {std::vector<std::string>{"b0", "b1"},
+                                               std::vector<std::string>{"b0", "b1", "b0"}}) {
+    const int64_t expected = kBatch * kSeq * static_cast<int64_t>(span.size());
+    ForwardArgs args;
+    args.block_ids = span;
+    args.input = TensorArg{DType::kFloat32, {kBatch, kSeq, 16}, x.data(), x.size() * 4};
+    args.keep_activations = true;
+    std::string y, dx;
+    ForwardOutput fwd;
+    fwd.output.data = &y;
+    ASSERT_OK(engine_->Forward(args, &fwd));
+    EXPECT_EQ(fwd.tokens, expected) << "Forward through " << span.size() << " blocks";
+    TensorOut bwd;
+    bwd.data = &dx;
+    ASSERT_OK(engine_->Backward(fwd.activation_id, TensorArg{DType::kFloat32, {kBatch, kSeq, 16}, dy.data(),
+                                                             dy.size() * 4},
+                                &bwd));
+    EXPECT_EQ(bwd.tokens, expected) << "Backward through " << span.size() << " blocks";
+  }
+}
+
 TEST_F(EngineTest, BackwardConsumesTheHandleButNotOnABadRequest) {
   ASSERT_OK(Create("b0", Config(true), 5));
   const std::vector<float> x = RandomActivation(16), dy = RandomActivation(16);

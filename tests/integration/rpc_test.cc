@@ -71,6 +71,10 @@ TEST(Rpc, EveryRpcSucceeds) {
   EXPECT_EQ((*listed)[0].block_id(), "b0");
   auto got = client->GetBlock("b0");
   ASSERT_OK(got.status());
+  EXPECT_EQ(got->ttl_seconds(), 0) << "no lease was asked for";
+  // Everything else is as created; idle_seconds is the time since the last call, so it moves.
+  got->clear_idle_seconds();
+  created->clear_idle_seconds();
   EXPECT_EQ(got->SerializeAsString(), created->SerializeAsString());
 
   const v1::Tensor x = RandomTensor({2, 8, 32}, 1);
@@ -550,6 +554,23 @@ TEST(Rpc, MetricsEndpointCountsRequests) {
   EXPECT_EQ(MetricValue(body, "blockd_requests_total", {"method=\"GetBlock\"", "code=\"NOT_FOUND\""}), 1) << body;
   EXPECT_EQ(MetricValue(body, "blockd_tokens_total", {"pass=\"forward\""}), 6) << body;
   EXPECT_NE(body.find("blockd_request_duration_seconds_bucket"), std::string::npos);
+}
+
+// blockd_tokens_total counts batch * seq per block, as its HELP text says, in both passes: a
+// two-block span on a [2,5,hidden] input adds 20 forward and 20 backward tokens.
+TEST(Rpc, TokensMetricCountsEveryBlockOfASpanInBothPasses) {
+  auto server = StartServer(LoopbackOptions(/*with_metrics=*/true));
+  ASSERT_NE(server, nullptr);
+  auto client = ConnectTo(*server);
+  ASSERT_NE(client, nullptr);
+  ASSERT_OK(client->CreateBlock(CreateRequest("t0", TinyConfig(), 1)).status());
+  ASSERT_OK(client->CreateBlock(CreateRequest("t1", TinyConfig(), 2)).status());
+  TrainStep(*client, {"t0", "t1"}, RandomTensor({2, 5, 32}, 91), 92);
+
+  const std::string body = HttpGetBody(server->metrics_port(), "/metrics");
+  ASSERT_FALSE(body.empty()) << "no 200 reply from the metrics port " << server->metrics_port();
+  EXPECT_EQ(MetricValue(body, "blockd_tokens_total", {"pass=\"forward\""}), 20) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_tokens_total", {"pass=\"backward\""}), 20) << body;
 }
 
 }  // namespace
