@@ -166,12 +166,11 @@ class CreateCommand : public Command {
   absl::Duration ttl_ = absl::ZeroDuration();
 };
 
-// The blocks idle at least `idle` (every block when nullopt). The server filters too once it has
-// leases (ListBlocksRequest.min_idle_seconds); blockctl filters on BlockInfo.idle_seconds itself,
-// so the answer is right against any server, and a server that does not track idle time (it
-// reports 0) never has a block collected.
+// The blocks idle at least `idle` (every block when nullopt). The server filters
+// (ListBlocksRequest.min_idle_seconds); blockctl filters on BlockInfo.idle_seconds again, so an
+// older server that ignores the field (and reports 0 idle) never has a block collected.
 absl::StatusOr<std::vector<v1::BlockInfo>> BlocksIdleFor(Client* client, std::optional<absl::Duration> idle) {
-  ASSIGN_OR_RETURN(std::vector<v1::BlockInfo> blocks, client->ListBlocks());
+  ASSIGN_OR_RETURN(std::vector<v1::BlockInfo> blocks, client->ListBlocks(idle.value_or(absl::ZeroDuration())));
   if (!idle.has_value()) return blocks;
   const double min_idle = absl::ToDoubleSeconds(*idle);
   blocks.erase(std::remove_if(blocks.begin(), blocks.end(),
