@@ -336,6 +336,34 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
                                            AttentionCase{1, 77, 6, 3, 128}, AttentionCase{2, 200, 8, 2, 64},
                                            AttentionCase{1, 300, 2, 2, 64}, AttentionCase{1, 450, 4, 2, 64}));
 
+// Which fp32 shapes the register-tiled kernels take (the rest fall back to SIMT, which the shapes
+// above cover): head_dim 64 or 128, and every row 16-byte aligned for float4 and cp.async.
+TEST(AttentionFp32Test, TakesHeadDim64And128WithAlignedRowsOnly) {
+  alignas(16) static float buf[64];
+  auto args = [&](int dh) {
+    auto a = kernels::AttentionArgs<float>::Causal(1, 8, 4, 2, dh, /*stream=*/0);
+    a.q = a.k = a.v = a.d_o = buf;
+    a.o = a.dq = a.dk = a.dv = buf;
+    a.q_stride = a.o_stride = a.do_stride = 4 * dh;
+    a.k_stride = a.v_stride = a.dv_stride = 2 * dh;
+    return a;
+  };
+  EXPECT_TRUE(kernels::attention_fp32_supports(args(64)));
+  EXPECT_TRUE(kernels::attention_fp32_supports(args(128)));
+  EXPECT_FALSE(kernels::attention_fp32_supports(args(32)));
+  EXPECT_FALSE(kernels::attention_fp32_supports(args(256)));
+  auto odd_stride = args(128);
+  odd_stride.v_stride = 2 * 128 + 2;  // v inside rows whose length is not a multiple of 4 floats
+  EXPECT_FALSE(kernels::attention_fp32_supports(odd_stride));
+  auto odd_base = args(64);
+  odd_base.v = buf + 1;  // v starting 4 bytes into a 16-byte word
+  EXPECT_FALSE(kernels::attention_fp32_supports(odd_base));
+  auto forward_only = args(64);
+  forward_only.d_o = nullptr;  // the forward leaves the backward's pointers unset
+  forward_only.dq = forward_only.dk = forward_only.dv = nullptr;
+  EXPECT_TRUE(kernels::attention_fp32_supports(forward_only));
+}
+
 TEST(AdamWTest, MatchesCpuUpdateAndSumSquares) {
   SKIP_WITHOUT_GPU();
   const int64_t n = 100003, decay_end = 70001;
