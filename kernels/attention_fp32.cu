@@ -2,10 +2,11 @@
 // score costs head_dim FFMAs, so the kernels live or die by the FFMA share of issued instructions
 // and by shared-memory wavefronts per FFMA. Every product reads its two operands as float4 along
 // whichever dimension is contiguous in shared memory (q.k^T and dO.v^T along head_dim, P^T dO and
-// dS^T q along keys and head_dim, dS k along keys and head_dim), so no tile is ever transposed;
-// each thread then does 16 FFMAs per pair of float4 it reads from a 4x4 block, 8x4 in the forward's
-// scores. Rows of q/k/v/dO tiles are padded by 4 floats (one float4), which moves consecutive rows
-// 4 banks apart: the 4 to 16 distinct rows a warp reads at once hit distinct banks.
+// dS^T q along keys and head_dim, dS k along keys and head_dim), so no tile is ever transposed.
+// Per 4 steps of head_dim, the forward's 8x4 scores per thread cost 12 float4 reads for 128 FFMAs,
+// the backward's 4x4 S plus 4x4 dP 16 reads for 128. Rows of q/k/v/dO tiles are padded by 4
+// floats (one float4), which moves consecutive rows 4 banks apart: the 4 to 16 distinct rows a
+// warp reads at once hit distinct banks.
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>

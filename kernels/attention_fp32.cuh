@@ -2,7 +2,7 @@
 // in FlashAttention-2's structure but on plain IEEE fp32 FFMA: no TF32, no tensor cores, so results
 // differ from the float64 reference by fp32 rounding only. Each thread keeps a small tile of scores
 // and outputs in registers and reads its operands as float4 from padded shared-memory tiles that
-// cp.async fills; the SIMT kernels in attention.cu, one row per warp lane, ran ~10x slower.
+// cp.async fills (H200, Qwen shape: 37 / 34 TFLOP/s fwd / bwd, ~8x the SIMT kernels of attention.cu).
 // launch_attention_fwd/bwd<float> (attention.cu) dispatch here when attention_fp32_supports(args).
 //
 //   if (attention_fp32_supports(a)) launch_attention_fwd_fp32(a);
