@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "base/echo.h"
 #include "base/log.h"
 #include "base/safetensors.h"
 #include "base/status_macros.h"
@@ -97,7 +98,7 @@ absl::Status ValidateName(const std::string& name) {
                     return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-';
                   });
   if (!ok) {
-    return absl::InvalidArgumentError(absl::StrCat("checkpoint name \"", name.substr(0, 160),
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint name \"", Echo(name),
                                                    "\" is not valid: expected 1-128 characters of [A-Za-z0-9._-], "
                                                    "not starting with '.'"));
   }
@@ -409,7 +410,7 @@ class FileCheckpointer : public Checkpointer {
       states.push_back(std::move(st));
     }
     for (size_t i = 0; i < wanted.size(); ++i) {
-      if (!found[i]) return absl::NotFoundError(absl::StrCat("checkpoint ", path, " has no block ", wanted[i]));
+      if (!found[i]) return absl::NotFoundError(absl::StrCat("checkpoint ", path, " has no block ", Echo(wanted[i])));
     }
     return states;
   }

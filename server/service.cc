@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "base/echo.h"
 #include "base/status_macros.h"
 #include "engine/checkpoint.h"
 #include "server/convert.h"
@@ -405,21 +406,21 @@ class BlockServiceImpl::LoadWeightsReactor : public grpc::ServerReadReactor<v1::
  private:
   absl::Status Take() {
     if (chunk_.block_id().empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("chunk of tensor \"", chunk_.name(), "\" has no block_id"));
+      return absl::InvalidArgumentError(absl::StrCat("chunk of tensor \"", Echo(chunk_.name()), "\" has no block_id"));
     }
     if (assembler_ == nullptr) {
       ASSIGN_OR_RETURN(std::vector<ParamSpec> params, service_->engine_->BlockParamsOf(chunk_.block_id()));
       block_id_ = chunk_.block_id();
       assembler_ = std::make_unique<TensorAssembler>(block_id_, std::move(params));
     } else if (chunk_.block_id() != block_id_) {
-      return absl::InvalidArgumentError(absl::StrCat("chunk for block ", chunk_.block_id(), " in a LoadWeights stream for block ",
+      return absl::InvalidArgumentError(absl::StrCat("chunk for block ", Echo(chunk_.block_id()), " in a LoadWeights stream for block ",
                                                      block_id_, ": one stream loads one block"));
     }
     if (static_cast<int64_t>(chunk_.data().size()) > service_->options_.max_chunk_bytes) {
       return absl::InvalidArgumentError(absl::StrCat("chunk of ", chunk_.data().size(), " bytes exceeds the ",
                                                      service_->options_.max_chunk_bytes, "-byte chunk limit"));
     }
-    ASSIGN_OR_RETURN(DType dtype, FromProto(chunk_.dtype(), absl::StrCat("tensor ", chunk_.name(), " dtype")));
+    ASSIGN_OR_RETURN(DType dtype, FromProto(chunk_.dtype(), absl::StrCat("tensor ", Echo(chunk_.name()), " dtype")));
     const std::vector<int64_t> shape(chunk_.shape().begin(), chunk_.shape().end());
     return assembler_->Add(chunk_.name(), dtype, shape, chunk_.offset(), chunk_.data().data(), chunk_.data().size());
   }
