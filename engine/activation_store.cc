@@ -23,8 +23,7 @@ std::string NewActivationId() {
 
 absl::StatusOr<std::string> ActivationStore::Add(std::unique_ptr<ActivationHandle> handle, int64_t max_per_client) {
   absl::MutexLock lock(&mu_);
-  int64_t held = 0;
-  for (const auto& [id, h] : handles_) held += (h->client == handle->client);
+  const int64_t held = CountLocked(handle->client);
   if (held >= max_per_client) {
     return absl::ResourceExhaustedError(absl::StrCat("client ", handle->client, " already holds ", held,
                                                      " activation handles (limit ", max_per_client,
@@ -66,18 +65,19 @@ void ActivationStore::Erase(absl::string_view id) {
   if (it != handles_.end()) handles_.erase(it);
 }
 
-int64_t ActivationStore::EraseReferencing(uint64_t serial) {
+template <class Pred>
+int64_t ActivationStore::EraseIf(Pred pred) {
   absl::MutexLock lock(&mu_);
   int64_t n = 0;
   for (auto it = handles_.begin(); it != handles_.end();) {
-    const auto& serials = it->second->block_serials;
-    if (std::find(serials.begin(), serials.end(), serial) == serials.end() || it->second->doomed) {
+    ActivationHandle& h = *it->second;
+    if (h.doomed || !pred(h)) {
       ++it;
       continue;
     }
     ++n;
-    if (it->second->in_use) {
-      it->second->doomed = true;
+    if (h.in_use) {  // the Backward using it frees it when it returns it
+      h.doomed = true;
       ++it;
     } else {
       it = handles_.erase(it);
@@ -86,23 +86,14 @@ int64_t ActivationStore::EraseReferencing(uint64_t serial) {
   return n;
 }
 
+int64_t ActivationStore::EraseReferencing(uint64_t serial) {
+  return EraseIf([serial](const ActivationHandle& h) {
+    return std::find(h.block_serials.begin(), h.block_serials.end(), serial) != h.block_serials.end();
+  });
+}
+
 int64_t ActivationStore::Expire(absl::Time now) {
-  absl::MutexLock lock(&mu_);
-  int64_t n = 0;
-  for (auto it = handles_.begin(); it != handles_.end();) {
-    if (it->second->expires > now || it->second->doomed) {
-      ++it;
-      continue;
-    }
-    ++n;
-    if (it->second->in_use) {
-      it->second->doomed = true;
-      ++it;
-    } else {
-      it = handles_.erase(it);
-    }
-  }
-  return n;
+  return EraseIf([now](const ActivationHandle& h) { return h.expires <= now; });
 }
 
 int64_t ActivationStore::size() const {
@@ -112,11 +103,15 @@ int64_t ActivationStore::size() const {
   return n;
 }
 
-int64_t ActivationStore::CountForClient(absl::string_view client) const {
-  absl::MutexLock lock(&mu_);
+int64_t ActivationStore::CountLocked(absl::string_view client) const {
   int64_t n = 0;
   for (const auto& [id, h] : handles_) n += (h->client == client && !h->doomed);
   return n;
+}
+
+int64_t ActivationStore::CountForClient(absl::string_view client) const {
+  absl::MutexLock lock(&mu_);
+  return CountLocked(client);
 }
 
 }  // namespace blockd

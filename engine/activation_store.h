@@ -29,7 +29,6 @@ struct ActivationHandle {
   std::vector<uint64_t> block_serials;                   // which incarnation of each id it ran through
   std::vector<std::unique_ptr<SavedActivations>> saved;  // one per block of the span
   int64_t batch = 0, seq = 0, width = 0;                 // the output's shape, which grad_output must have
-  int64_t position_offset = 0;
   int device = 0;  // where the span's last block ran
   std::string client;
   std::vector<MemoryReservation> reservations;  // what `saved` holds, per device
@@ -57,8 +56,15 @@ class ActivationStore {
   int64_t CountForClient(absl::string_view client) const;
 
  private:
+  using Map = std::map<std::string, std::unique_ptr<ActivationHandle>, std::less<>>;
+  // The one removal path for handles nobody asked for by id (expiry, deleted blocks): frees those
+  // matching `pred` now, or dooms them when a call is using them; returns how many.
+  template <class Pred>
+  int64_t EraseIf(Pred pred);
+  int64_t CountLocked(absl::string_view client) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   mutable absl::Mutex mu_;
-  std::map<std::string, std::unique_ptr<ActivationHandle>, std::less<>> handles_ ABSL_GUARDED_BY(mu_);
+  Map handles_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace blockd
