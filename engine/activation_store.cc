@@ -1,51 +1,40 @@
 #include "engine/activation_store.h"
 
 #include <algorithm>
-#include <random>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
+#include "base/echo.h"
+#include "base/status_macros.h"
 
 namespace blockd {
-namespace {
-
-// Unguessable ids: a handle is a capability, so one client cannot consume another's.
-std::string NewActivationId() {
-  static thread_local std::mt19937_64 rng([] {
-    std::random_device rd;
-    std::seed_seq seq{rd(), rd(), rd(), rd(), rd(), rd(), rd(), rd()};
-    return std::mt19937_64(seq);
-  }());
-  return absl::StrFormat("act-%016x%016x", rng(), rng());
-}
-
-}  // namespace
 
 absl::StatusOr<std::string> ActivationStore::Add(std::unique_ptr<ActivationHandle> handle, int64_t max_per_client) {
   absl::MutexLock lock(&mu_);
-  const int64_t held = CountLocked(handle->client);
+  const int64_t held = CountLocked(handle->owner);
   if (held >= max_per_client) {
-    return absl::ResourceExhaustedError(absl::StrCat("client ", handle->client, " already holds ", held,
+    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(handle->owner), " already holds ", held,
                                                      " activation handles (limit ", max_per_client,
                                                      "); call Backward or ReleaseActivations first"));
   }
+  // Ids are capabilities: 128 random bits (engine/owned.h). A repeat is astronomically unlikely,
+  // but costs one lookup to rule out.
   std::string id;
   do {
-    id = NewActivationId();
+    ASSIGN_OR_RETURN(id, NewResourceId("act-"));
   } while (handles_.count(id) != 0);
   handles_.emplace(id, std::move(handle));
   return id;
 }
 
-absl::StatusOr<ActivationHandle*> ActivationStore::Acquire(absl::string_view id) {
+absl::StatusOr<ActivationHandle*> ActivationStore::Acquire(absl::string_view id, absl::string_view caller) {
   absl::MutexLock lock(&mu_);
-  auto it = handles_.find(id);
+  auto it = FindOwned(handles_, id, caller);
   if (it == handles_.end() || it->second->doomed) {
-    return absl::NotFoundError(absl::StrCat("activation ", id,
+    return absl::NotFoundError(absl::StrCat("activation ", Echo(id),
                                             " not found (already used by Backward, released, or expired)"));
   }
   if (it->second->in_use) {
-    return absl::FailedPreconditionError(absl::StrCat("activation ", id, " is in use by another call"));
+    return absl::FailedPreconditionError(absl::StrCat("activation ", Echo(id), " is in use by another call"));
   }
   it->second->in_use = true;
   return it->second.get();
@@ -105,7 +94,7 @@ int64_t ActivationStore::size() const {
 
 int64_t ActivationStore::CountLocked(absl::string_view client) const {
   int64_t n = 0;
-  for (const auto& [id, h] : handles_) n += (h->client == client && !h->doomed);
+  for (const auto& [id, h] : handles_) n += (h->owner == client && !h->doomed);
   return n;
 }
 

@@ -421,15 +421,16 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
     handle->seq = seq;
     handle->width = c0.hidden_size;
     handle->device = x->device();
-    handle->client = args.client;
+    handle->owner = args.client;
     handle->expires = absl::Now() + options_.activation_ttl;
     ASSIGN_OR_RETURN(out->activation_id, activations_.Add(std::move(handle), options_.max_activations_per_client));
   }
   return absl::OkStatus();
 }
 
-absl::Status Engine::Backward(absl::string_view activation_id, const TensorArg& grad_output, TensorOut* grad_input) {
-  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id));
+absl::Status Engine::Backward(absl::string_view activation_id, absl::string_view caller, const TensorArg& grad_output,
+                              TensorOut* grad_input) {
+  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id, caller));
   absl::Status s;
   try {
     s = RunSpanBackward(*handle, grad_output, grad_input);
@@ -489,8 +490,8 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
   return backend_->Download(*g, grad_output.dtype, grad_input->data->data());
 }
 
-absl::Status Engine::ReleaseActivations(absl::string_view activation_id) {
-  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id));
+absl::Status Engine::ReleaseActivations(absl::string_view activation_id, absl::string_view caller) {
+  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id, caller));
   (void)handle;
   activations_.Erase(activation_id);
   return absl::OkStatus();

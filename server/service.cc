@@ -258,13 +258,13 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
     metrics_->tokens_forward->Increment(static_cast<double>(out.tokens));
     if (!out.activation_id.empty() && ctx->IsCancelled()) {
       // Nobody will ever see this id: free what it holds now rather than at its TTL.
-      engine_->ReleaseActivations(out.activation_id).IgnoreError();
+      engine_->ReleaseActivations(out.activation_id, args.client).IgnoreError();
       return absl::CancelledError("the client cancelled the call");
     }
     if (!out.activation_id.empty()) {
       // ... and the same when the cancel comes after this point, before the reply arrives.
-      reactor->UndoIfCancelled([engine = engine_, id = out.activation_id] {
-        engine->ReleaseActivations(id).IgnoreError();
+      reactor->UndoIfCancelled([engine = engine_, id = out.activation_id, owner = args.client] {
+        engine->ReleaseActivations(id, owner).IgnoreError();
       });
     }
     resp->set_activation_id(out.activation_id);
@@ -274,11 +274,12 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
 
 grpc::ServerUnaryReactor* BlockServiceImpl::Backward(grpc::CallbackServerContext* ctx,
                                                      const v1::BackwardRequest* req, v1::BackwardResponse* resp) {
-  return Unary(ctx, "Backward", *req, resp, Work::kPool, false, [this, req, resp]() -> absl::Status {
+  return Unary(ctx, "Backward", *req, resp, Work::kPool, false, [this, ctx, req, resp]() -> absl::Status {
     ASSIGN_OR_RETURN(TensorArg grad, TensorArgOf(req->grad_output(), "grad_output"));
     TensorOut out;
     out.data = resp->mutable_grad_input()->mutable_data();
-    RETURN_IF_ERROR(engine_->Backward(req->activation_id(), grad, &out));
+    // Handles belong to the identity that ran the Forward (engine/owned.h).
+    RETURN_IF_ERROR(engine_->Backward(req->activation_id(), ClientOf(ctx), grad, &out));
     resp->mutable_grad_input()->set_dtype(req->grad_output().dtype());
     for (int64_t d : out.shape) resp->mutable_grad_input()->add_shape(d);
     metrics_->tokens_backward->Increment(static_cast<double>(out.shape[0] * out.shape[1]));
@@ -290,7 +291,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::ReleaseActivations(grpc::CallbackSer
                                                                const v1::ReleaseActivationsRequest* req,
                                                                v1::ReleaseActivationsResponse* resp) {
   return Unary(ctx, "ReleaseActivations", *req, resp, Work::kPool, false,
-               [this, req] { return engine_->ReleaseActivations(req->activation_id()); });
+               [this, ctx, req] { return engine_->ReleaseActivations(req->activation_id(), ClientOf(ctx)); });
 }
 
 grpc::ServerUnaryReactor* BlockServiceImpl::ZeroGrad(grpc::CallbackServerContext* ctx, const v1::ZeroGradRequest* req,

@@ -445,7 +445,7 @@ TEST_F(EngineTest, BackwardConsumesTheHandleButNotOnABadRequest) {
     std::string bytes;
     TensorOut out;
     out.data = &bytes;
-    EXPECT_TRUE(HasError(engine_->Backward(f->activation_id, g, &out), StatusCode::kInvalidArgument, "bytes"));
+    EXPECT_TRUE(HasError(engine_->Backward(f->activation_id, "", g, &out), StatusCode::kInvalidArgument, "bytes"));
   }
   std::vector<float> bad = dy;
   bad[13] = std::numeric_limits<float>::infinity();
@@ -464,9 +464,9 @@ TEST_F(EngineTest, BackwardConsumesTheHandleButNotOnABadRequest) {
   auto g = Forward({"b0"}, x, kBatch, kSeq, true);
   ASSERT_TRUE(g.ok());
   EXPECT_NE(g->activation_id, f->activation_id);
-  EXPECT_OK(engine_->ReleaseActivations(g->activation_id));
+  EXPECT_OK(engine_->ReleaseActivations(g->activation_id, ""));
   EXPECT_TRUE(HasError(Backward(g->activation_id, dy, kBatch, kSeq).status(), StatusCode::kNotFound, "not found"));
-  EXPECT_TRUE(HasError(engine_->ReleaseActivations(g->activation_id), StatusCode::kNotFound, "not found"));
+  EXPECT_TRUE(HasError(engine_->ReleaseActivations(g->activation_id, ""), StatusCode::kNotFound, "not found"));
   EXPECT_EQ(engine_->Stats().activations_held, 0);
   EXPECT_EQ(engine_->Stats().memory_used[0], engine_->GetBlock("b0")->memory_bytes);
 }
@@ -571,8 +571,31 @@ TEST_F(EngineTest, PerClientHandleLimit) {
   EXPECT_OK(Forward({"b0"}, x, kBatch, kSeq, true, 0, "bob").status());
   EXPECT_OK(Forward({"b0"}, x, kBatch, kSeq, false, 0, "alice").status());  // the limit is on kept handles only
   EXPECT_EQ(engine_->Stats().activations_held, 3);
-  ASSERT_OK(Backward(a1->activation_id, dy, kBatch, kSeq).status());
+  ASSERT_OK(Backward(a1->activation_id, dy, kBatch, kSeq, "alice").status());
   EXPECT_OK(Forward({"b0"}, x, kBatch, kSeq, true, 0, "alice").status());
+}
+
+// A handle belongs to the identity that ran its Forward: to anyone else it is NOT_FOUND, exactly as
+// an id that never existed, and their attempts leave it (and the block's gradients) untouched.
+TEST_F(EngineTest, HandlesBelongToTheirClient) {
+  ASSERT_OK(Create("b0", Config(true), 1));
+  const std::vector<float> x = RandomActivation(16), dy = RandomActivation(16);
+  auto a = Forward({"b0"}, x, kBatch, kSeq, true, 0, "alice");
+  ASSERT_TRUE(a.ok()) << a.status();
+  const std::string unknown = "act-" + std::string(32, '0');
+  auto bob = Backward(a->activation_id, dy, kBatch, kSeq, "bob");
+  EXPECT_TRUE(HasError(bob.status(), StatusCode::kNotFound, "not found"));
+  auto never = Backward(unknown, dy, kBatch, kSeq, "bob");
+  std::string shown(bob.status().message()), shown_unknown(never.status().message());
+  shown.replace(shown.find(a->activation_id), a->activation_id.size(), "<id>");
+  shown_unknown.replace(shown_unknown.find(unknown), unknown.size(), "<id>");
+  EXPECT_EQ(shown, shown_unknown) << "another client's handle reads differently from an unknown one";
+  EXPECT_TRUE(HasError(engine_->ReleaseActivations(a->activation_id, "bob"), StatusCode::kNotFound, "not found"));
+  EXPECT_FALSE(engine_->GetBlock("b0")->has_gradients) << "bob's Backward computed gradients";
+  EXPECT_EQ(engine_->Stats().activations_held, 1);
+  EXPECT_OK(Backward(a->activation_id, dy, kBatch, kSeq, "alice").status());
+  EXPECT_TRUE(engine_->GetBlock("b0")->has_gradients);
+  EXPECT_EQ(engine_->Stats().activations_held, 0);
 }
 
 // ------------------------------------------------------------------------------------ dtypes
@@ -619,7 +642,7 @@ TEST_F(EngineTest, BFloat16ActivationsRoundTrip) {
   std::string dx_bytes;
   TensorOut dx;
   dx.data = &dx_bytes;
-  ASSERT_OK(engine_->Backward(out.activation_id, g, &dx));
+  ASSERT_OK(engine_->Backward(out.activation_id, "", g, &dx));
   EXPECT_EQ(dx.dtype, DType::kBFloat16);
   EXPECT_EQ(dx.shape, (std::vector<int64_t>{kBatch, kSeq, 16}));
   auto dx32 = Backward(f32->activation_id, dy32, kBatch, kSeq);
