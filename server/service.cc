@@ -256,12 +256,17 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
     resp->mutable_output()->set_dtype(req->input().dtype());
     for (int64_t d : out.output.shape) resp->mutable_output()->add_shape(d);
     metrics_->tokens_forward->Increment(static_cast<double>(out.tokens));
-    if (!out.activation_id.empty() && ctx->IsCancelled()) {
-      // Nobody will ever see this id: free what it holds now rather than at its TTL.
-      engine_->ReleaseActivations(out.activation_id, args.client).IgnoreError();
-      return absl::CancelledError("the client cancelled the call");
-    }
     if (!out.activation_id.empty()) {
+      // Nobody will ever see this id when the call was cancelled or its deadline passed while it
+      // ran: free what it holds now rather than at its TTL. The deadline is checked here too
+      // because gRPC's own deadline timer may not have cancelled the call yet, and a reply sent
+      // after the client's deadline is dropped by the client.
+      const bool cancelled = ctx->IsCancelled();
+      if (cancelled || ctx->deadline() <= std::chrono::system_clock::now()) {
+        engine_->ReleaseActivations(out.activation_id, args.client).IgnoreError();
+        return cancelled ? absl::CancelledError("the client cancelled the call")
+                         : absl::DeadlineExceededError("the call's deadline passed before its reply was sent");
+      }
       // ... and the same when the cancel comes after this point, before the reply arrives.
       reactor->UndoIfCancelled([engine = engine_, id = out.activation_id, owner = args.client] {
         engine->ReleaseActivations(id, owner).IgnoreError();
