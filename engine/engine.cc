@@ -191,6 +191,7 @@ BlockInfo Engine::InfoLocked(const Entry& e) const {
 absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
   BlockSpec spec = params.spec;
   RETURN_IF_ERROR(ValidateBlockId(spec.id));
+  FillUnsetConfigDefaults(&spec.config);
   RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
   if (spec.max_seq_len == 0) spec.max_seq_len = options_.default_max_seq_len;
   if (spec.max_batch_size == 0) spec.max_batch_size = options_.default_max_batch_size;

@@ -9,6 +9,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/time/clock.h"
@@ -91,7 +92,8 @@ TEST_F(EngineTest, CreateRejectsBadIdsConfigsAndPrecisionsNamingTheField) {
       {"odd head_dim", [](auto* p) { p->spec.config.head_dim = 5; }, StatusCode::kInvalidArgument, "head_dim"},
       {"intermediate 0", [](auto* p) { p->spec.config.intermediate_size = 0; }, StatusCode::kInvalidArgument,
        "intermediate_size"},
-      {"eps 0", [](auto* p) { p->spec.config.rms_norm_eps = 0; }, StatusCode::kInvalidArgument, "rms_norm_eps"},
+      {"eps negative", [](auto* p) { p->spec.config.rms_norm_eps = -1e-6; }, StatusCode::kInvalidArgument,
+       "rms_norm_eps"},
       {"eps NaN", [](auto* p) { p->spec.config.rms_norm_eps = std::nan(""); }, StatusCode::kInvalidArgument,
        "rms_norm_eps"},
       {"theta 1", [](auto* p) { p->spec.config.rope_theta = 1; }, StatusCode::kInvalidArgument, "rope_theta"},
@@ -596,6 +598,29 @@ TEST_F(EngineTest, HandlesBelongToTheirClient) {
   EXPECT_OK(Backward(a->activation_id, dy, kBatch, kSeq, "alice").status());
   EXPECT_TRUE(engine_->GetBlock("b0")->has_gradients);
   EXPECT_EQ(engine_->Stats().activations_held, 0);
+}
+
+// 0 is what an omitted proto3 field reads as: CreateBlock takes it as Hugging Face's default and
+// reports the value in force; a negative value is still refused.
+TEST_F(EngineTest, CreateTakesZeroEpsAndThetaAsHuggingFaceDefaults) {
+  BlockConfig c = Config(false);
+  c.rms_norm_eps = 0;
+  c.rope_theta = 0;
+  CreateBlockParams p;
+  p.spec = Spec("z0", c);
+  p.seed = 1;
+  auto info = engine_->CreateBlock(p);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->spec.config.rms_norm_eps, 1e-6);
+  EXPECT_EQ(info->spec.config.rope_theta, 10000.0);
+  EXPECT_EQ(engine_->GetBlock("z0")->spec.config.rms_norm_eps, 1e-6);
+  for (auto [eps, theta, field] : {std::tuple{-1e-6, 0.0, "rms_norm_eps"}, std::tuple{0.0, -10000.0, "rope_theta"}}) {
+    c.rms_norm_eps = eps;
+    c.rope_theta = theta;
+    p.spec = Spec("z1", c);
+    EXPECT_TRUE(HasError(engine_->CreateBlock(p).status(), StatusCode::kInvalidArgument, field));
+  }
+  EXPECT_EQ(engine_->ListBlocks().size(), 1u);
 }
 
 // ------------------------------------------------------------------------------------ dtypes

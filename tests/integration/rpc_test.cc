@@ -556,6 +556,36 @@ TEST(Rpc, NamedCheckpointsSurviveAutomaticRotation) {
   EXPECT_EQ(DiffStates(good, StateOf(*client, "k0")), "") << "k0 restored from good";
 }
 
+// rms_norm_eps and rope_theta left out of a CreateBlock (proto3 reads them as 0, as grpcurl sends
+// them) mean Hugging Face's 1e-6 and 10000: BlockInfo reports them, and the block computes exactly
+// as one created with them spelled out.
+TEST(Rpc, CreateBlockTakesUnsetEpsAndThetaAsHuggingFaceDefaults) {
+  auto server = StartServer(LoopbackOptions());
+  ASSERT_NE(server, nullptr);
+  auto client = ConnectTo(*server);
+  ASSERT_NE(client, nullptr);
+  v1::BlockConfig unset = TinyConfig();
+  unset.clear_rms_norm_eps();
+  unset.clear_rope_theta();
+  v1::BlockConfig spelled = TinyConfig();
+  spelled.set_rms_norm_eps(1e-6);
+  spelled.set_rope_theta(10000);
+  auto created = client->CreateBlock(CreateRequest("d0", unset, 5));
+  ASSERT_OK(created.status());
+  EXPECT_EQ(created->config().rms_norm_eps(), 1e-6);
+  EXPECT_EQ(created->config().rope_theta(), 10000.0);
+  auto got = client->GetBlock("d0");
+  ASSERT_OK(got.status());
+  EXPECT_EQ(got->config().rms_norm_eps(), 1e-6);
+  EXPECT_EQ(got->config().rope_theta(), 10000.0);
+  ASSERT_OK(client->CreateBlock(CreateRequest("d1", spelled, 5)).status());
+  const v1::Tensor x = RandomTensor({2, 7, 32}, 9);
+  auto y0 = client->Forward({"d0"}, x, false), y1 = client->Forward({"d1"}, x, false);
+  ASSERT_OK(y0.status());
+  ASSERT_OK(y1.status());
+  EXPECT_EQ(y0->output().data(), y1->output().data()) << "the defaulted block computes differently";
+}
+
 // The value of the first sample of `family` whose labels contain every one of `labels`.
 double MetricValue(const std::string& body, const std::string& family, const std::vector<std::string>& labels) {
   for (absl::string_view line : absl::StrSplit(body, '\n')) {
