@@ -623,6 +623,27 @@ TEST_F(EngineTest, CreateTakesZeroEpsAndThetaAsHuggingFaceDefaults) {
   EXPECT_EQ(engine_->ListBlocks().size(), 1u);
 }
 
+// A client's 200 KB id must not come back whole in the error (it would outgrow gRPC's metadata).
+TEST_F(EngineTest, LongIdsAndNamesAreEchoedShort) {
+  ASSERT_OK(Create("b0", Config(false), 1));
+  const std::string huge(200000, 'x');
+  const std::vector<float> x = RandomActivation(16);
+  for (const absl::Status& s :
+       {engine_->GetBlock(huge).status(), engine_->DeleteBlock(huge).status(),
+        Forward({"b0", huge}, x, kBatch, kSeq, false).status(),
+        engine_->ReadTensors("b0", TensorKind::kWeights, DType::kFloat32, {huge}).status(),
+        engine_->ReleaseActivations(huge, "")}) {
+    EXPECT_TRUE(s.code() == StatusCode::kNotFound || s.code() == StatusCode::kInvalidArgument) << s.code();
+    EXPECT_NE(s.message().find("(200000 bytes)"), std::string::npos) << s.message().substr(0, 300);
+    EXPECT_LT(s.message().size(), 400u) << s.message().substr(0, 400);
+  }
+  CreateBlockParams p;
+  p.spec = Spec(huge, Config(false));
+  const absl::Status bad_id = engine_->CreateBlock(p).status();
+  EXPECT_TRUE(HasError(bad_id, StatusCode::kInvalidArgument, "(200000 bytes)"));
+  EXPECT_LT(bad_id.message().size(), 400u);
+}
+
 // ------------------------------------------------------------------------------------ dtypes
 
 std::vector<uint16_t> ToBits(const std::string& bytes) {
