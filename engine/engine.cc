@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/init.h"
+#include "base/echo.h"
 #include "base/log.h"
 #include "base/status_macros.h"
 
@@ -100,7 +101,7 @@ absl::Status ValidateBlockId(absl::string_view id) {
            c == ':' || c == '/' || c == '-';
   });
   if (id.empty() || id.size() > 128 || !ok_chars) {
-    return absl::InvalidArgumentError(absl::StrCat("block_id \"", id.substr(0, 160),
+    return absl::InvalidArgumentError(absl::StrCat("block_id \"", Echo(id),
                                                    "\" is not valid: expected 1-128 characters of [A-Za-z0-9._:/-]"));
   }
   return absl::OkStatus();
@@ -156,7 +157,7 @@ absl::StatusOr<Engine::EntryPtr> Engine::Find(absl::string_view id, bool renew_l
   {
     absl::MutexLock lock(&registry_mu_);
     auto it = blocks_.find(id);
-    if (it == blocks_.end()) return absl::NotFoundError(absl::StrCat("block ", id, " not found"));
+    if (it == blocks_.end()) return absl::NotFoundError(absl::StrCat("block ", Echo(id), " not found"));
     e = it->second;
   }
   if (renew_lease) e->lease.Renew(options_.lease_clock());
@@ -174,7 +175,7 @@ absl::StatusOr<std::vector<Engine::EntryPtr>> Engine::FindAll(const std::vector<
   std::set<absl::string_view> seen;
   for (const std::string& id : ids) {
     if (!allow_repeats && !seen.insert(id).second) {
-      return absl::InvalidArgumentError(absl::StrCat("block_ids names block ", id, " twice"));
+      return absl::InvalidArgumentError(absl::StrCat("block_ids names block ", Echo(id), " twice"));
     }
     ASSIGN_OR_RETURN(EntryPtr e, Find(id, renew_lease));
     out.push_back(std::move(e));
@@ -200,6 +201,7 @@ BlockInfo Engine::InfoLocked(const Entry& e) const {
 absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
   BlockSpec spec = params.spec;
   RETURN_IF_ERROR(ValidateBlockId(spec.id));
+  FillUnsetConfigDefaults(&spec.config);
   RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
   if (spec.max_seq_len == 0) spec.max_seq_len = options_.default_max_seq_len;
   if (spec.max_batch_size == 0) spec.max_batch_size = options_.default_max_batch_size;
@@ -212,7 +214,9 @@ absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
   }
   {
     absl::MutexLock lock(&registry_mu_);
-    if (blocks_.count(spec.id) != 0) return absl::AlreadyExistsError(absl::StrCat("block ", spec.id, " already exists"));
+    if (blocks_.count(spec.id) != 0) {
+      return absl::AlreadyExistsError(absl::StrCat("block ", Echo(spec.id), " already exists"));
+    }
     if (static_cast<int64_t>(blocks_.size()) >= options_.max_blocks) {
       return absl::ResourceExhaustedError(
           absl::StrCat("the server already holds ", blocks_.size(), " blocks (limit --max_blocks=", options_.max_blocks, ")"));
@@ -239,7 +243,7 @@ absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
   }
   absl::MutexLock lock(&registry_mu_);
   if (!blocks_.emplace(spec.id, e).second) {
-    return absl::AlreadyExistsError(absl::StrCat("block ", spec.id, " already exists"));
+    return absl::AlreadyExistsError(absl::StrCat("block ", Echo(spec.id), " already exists"));
   }
   return InfoLocked(*e);
 }
@@ -272,7 +276,7 @@ absl::StatusOr<int64_t> Engine::DeleteBlock(absl::string_view id) {
   absl::MutexLock block_lock(&e->mu);  // waits for calls running on the block
   {
     absl::MutexLock l(&e->state_mu);
-    if (e->deleted) return absl::NotFoundError(absl::StrCat("block ", id, " not found"));
+    if (e->deleted) return absl::NotFoundError(absl::StrCat("block ", Echo(id), " not found"));
     e->deleted = true;
   }
   return RemoveDeleted(*e);
@@ -334,7 +338,7 @@ absl::StatusOr<std::vector<std::string>> Engine::LoadWeights(absl::string_view i
     const int index = tensors[t].index;
     if (index < 0 || index >= static_cast<int>(e->params.size()) ||
         tensors[t].bytes.size() != static_cast<size_t>(e->params[index].numel()) * DTypeSize(tensors[t].dtype)) {
-      return absl::AbortedError(absl::StrCat("block ", id,
+      return absl::AbortedError(absl::StrCat("block ", Echo(id),
                                              " was deleted and created again while its weights were streaming; "
                                              "send them again"));
     }
@@ -396,7 +400,7 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
   const int64_t batch = args.input.shape[0], seq = args.input.shape[1];
   if (args.keep_activations &&
       activations_.CountForClient(args.client) >= options_.max_activations_per_client) {
-    return absl::ResourceExhaustedError(absl::StrCat("client ", args.client, " already holds ",
+    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(args.client), " already holds ",
                                                      options_.max_activations_per_client,
                                                      " activation handles; call Backward or ReleaseActivations"));
   }
@@ -468,15 +472,16 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
     handle->seq = seq;
     handle->width = c0.hidden_size;
     handle->device = x->device();
-    handle->client = args.client;
+    handle->owner = args.client;
     handle->expires = absl::Now() + options_.activation_ttl;
     ASSIGN_OR_RETURN(out->activation_id, activations_.Add(std::move(handle), options_.max_activations_per_client));
   }
   return absl::OkStatus();
 }
 
-absl::Status Engine::Backward(absl::string_view activation_id, const TensorArg& grad_output, TensorOut* grad_input) {
-  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id));
+absl::Status Engine::Backward(absl::string_view activation_id, absl::string_view caller, const TensorArg& grad_output,
+                              TensorOut* grad_input) {
+  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id, caller));
   absl::Status s;
   try {
     s = RunSpanBackward(*handle, grad_output, grad_input);
@@ -536,8 +541,8 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
   return backend_->Download(*g, grad_output.dtype, grad_input->data);
 }
 
-absl::Status Engine::ReleaseActivations(absl::string_view activation_id) {
-  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id));
+absl::Status Engine::ReleaseActivations(absl::string_view activation_id, absl::string_view caller) {
+  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id, caller));
   (void)handle;
   activations_.Erase(activation_id);
   return absl::OkStatus();
@@ -606,7 +611,9 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
   }
   for (const std::string& name : names) {
     const int index = FindParam(e->params, name);
-    if (index < 0) return absl::InvalidArgumentError(absl::StrCat("block ", id, " has no tensor \"", name, "\""));
+    if (index < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("block ", Echo(id), " has no tensor \"", Echo(name), "\""));
+    }
     indices.push_back(index);
   }
   SpanLock lock({e});
@@ -669,8 +676,8 @@ absl::StatusOr<Engine::EntryPtr> Engine::NewEntryFromState(const BlockState& sta
   e->params = BlockParams(spec.config);
   for (const std::string& name : state.missing_weights) {
     if (FindParam(e->params, name) < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state names an unknown missing weight \"",
-                                                     name, "\""));
+      return absl::InvalidArgumentError(absl::StrCat("block ", Echo(spec.id),
+                                                     " state names an unknown missing weight \"", Echo(name), "\""));
     }
   }
   // Every tensor of every kind must be present with the right shape.
@@ -683,7 +690,7 @@ absl::StatusOr<Engine::EntryPtr> Engine::NewEntryFromState(const BlockState& sta
       const ParamSpec& p = e->params[i];
       if (ts[i].name != p.name || ts[i].shape != p.shape || ts[i].dtype != DType::kFloat32 ||
           ts[i].bytes.size() != static_cast<size_t>(p.numel()) * 4) {
-        return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state ", kind, " tensor ", ts[i].name,
+        return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state ", kind, " tensor ", Echo(ts[i].name),
                                                        " ", ShapeString(ts[i].shape), " does not match ", p.name, " ",
                                                        ShapeString(p.shape), " float32"));
       }
@@ -718,13 +725,13 @@ absl::Status Engine::ImportBlocks(const std::vector<BlockState>& states, bool re
   std::set<std::string> ids;
   for (const BlockState& st : states) {
     if (!ids.insert(st.spec.id).second) {
-      return absl::InvalidArgumentError(absl::StrCat("block ", st.spec.id, " appears twice"));
+      return absl::InvalidArgumentError(absl::StrCat("block ", Echo(st.spec.id), " appears twice"));
     }
   }
   if (!replace) {
     absl::MutexLock lock(&registry_mu_);
     for (const std::string& id : ids) {
-      if (blocks_.count(id) != 0) return absl::AlreadyExistsError(absl::StrCat("block ", id, " already exists"));
+      if (blocks_.count(id) != 0) return absl::AlreadyExistsError(absl::StrCat("block ", Echo(id), " already exists"));
     }
   }
   std::vector<EntryPtr> fresh;
@@ -738,7 +745,7 @@ absl::Status Engine::ImportBlocks(const std::vector<BlockState>& states, bool re
     if (!replace) {
       for (const EntryPtr& e : fresh) {
         if (blocks_.count(e->spec.id) != 0) {
-          return absl::AlreadyExistsError(absl::StrCat("block ", e->spec.id, " already exists"));
+          return absl::AlreadyExistsError(absl::StrCat("block ", Echo(e->spec.id), " already exists"));
         }
       }
     }

@@ -79,7 +79,9 @@ struct ForwardArgs {
   TensorArg input;
   bool keep_activations = false;
   int64_t position_offset = 0;
-  std::string client;  // who asks, for the per-client handle limit
+  // Who asks: the kept handle belongs to this identity (only it may Backward or release it) and
+  // counts against its per-client handle limit.
+  std::string client;
 };
 
 // Output bytes go straight into `data` (e.g. a reply's bytes field): no extra copy.
@@ -152,9 +154,13 @@ class Engine {
   absl::StatusOr<std::vector<std::string>> LoadWeights(absl::string_view id, std::vector<AssembledTensor> tensors);
 
   absl::Status Forward(const ForwardArgs& args, ForwardOutput* out);
-  // Consumes the handle on success; on a bad request the handle stays usable.
-  absl::Status Backward(absl::string_view activation_id, const TensorArg& grad_output, TensorOut* grad_input);
-  absl::Status ReleaseActivations(absl::string_view activation_id);
+  // Consumes the handle on success; on a bad request the handle stays usable. `caller` must be the
+  // identity that ran the Forward (ForwardArgs::client): for anyone else the handle is NOT_FOUND,
+  // as if it did not exist, and stays untouched.
+  absl::Status Backward(absl::string_view activation_id, absl::string_view caller, const TensorArg& grad_output,
+                        TensorOut* grad_input);
+  // Frees `caller`'s handle; NOT_FOUND as for Backward.
+  absl::Status ReleaseActivations(absl::string_view activation_id, absl::string_view caller);
   absl::Status ZeroGrad(const std::vector<std::string>& block_ids);
   absl::StatusOr<StepResult> Step(const std::vector<std::string>& block_ids, const AdamWHyper& hyper,
                                   double max_grad_norm);

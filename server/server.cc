@@ -56,7 +56,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
   ASSIGN_OR_RETURN(s->auth_, Authenticator::FromFiles(options.auth_token_file, options.admin_token_file));
   if (!options.checkpoint_dir.empty()) {
     ASSIGN_OR_RETURN(s->checkpointer_,
-                     MakeFileCheckpointer(s->engine_.get(), options.checkpoint_dir, options.checkpoint_every_steps));
+                     MakeFileCheckpointer(s->engine_.get(), options.checkpoint_dir, options.checkpoint_every_steps,
+                                          options.checkpoint_keep));
     if (options.restore_on_start) {
       auto restored = s->checkpointer_->Restore("", {});
       if (restored.ok()) {

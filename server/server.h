@@ -41,6 +41,7 @@ struct ServerOptions {
   TlsOptions tls;
   std::string checkpoint_dir;
   int64_t checkpoint_every_steps = 0;
+  int checkpoint_keep = 3;  // automatic checkpoints kept; named ones are never rotated away
   bool restore_on_start = false;
   ServiceOptions service;
   EngineOptions engine;

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "base/echo.h"
 #include "base/status_macros.h"
 #include "engine/checkpoint.h"
 #include "server/convert.h"
@@ -269,15 +270,20 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
     resp->mutable_output()->set_dtype(req->input().dtype());
     for (int64_t d : out.output.shape) resp->mutable_output()->add_shape(d);
     metrics_->tokens_forward->Increment(static_cast<double>(out.tokens));
-    if (!out.activation_id.empty() && ctx->IsCancelled()) {
-      // Nobody will ever see this id: free what it holds now rather than at its TTL.
-      engine_->ReleaseActivations(out.activation_id).IgnoreError();
-      return absl::CancelledError("the client cancelled the call");
-    }
     if (!out.activation_id.empty()) {
+      // Nobody will ever see this id when the call was cancelled or its deadline passed while it
+      // ran: free what it holds now rather than at its TTL. The deadline is checked here too
+      // because gRPC's own deadline timer may not have cancelled the call yet, and a reply sent
+      // after the client's deadline is dropped by the client.
+      const bool cancelled = ctx->IsCancelled();
+      if (cancelled || ctx->deadline() <= std::chrono::system_clock::now()) {
+        engine_->ReleaseActivations(out.activation_id, args.client).IgnoreError();
+        return cancelled ? absl::CancelledError("the client cancelled the call")
+                         : absl::DeadlineExceededError("the call's deadline passed before its reply was sent");
+      }
       // ... and the same when the cancel comes after this point, before the reply arrives.
-      reactor->UndoIfCancelled([engine = engine_, id = out.activation_id] {
-        engine->ReleaseActivations(id).IgnoreError();
+      reactor->UndoIfCancelled([engine = engine_, id = out.activation_id, owner = args.client] {
+        engine->ReleaseActivations(id, owner).IgnoreError();
       });
     }
     resp->set_activation_id(out.activation_id);
@@ -287,11 +293,12 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
 
 grpc::ServerUnaryReactor* BlockServiceImpl::Backward(grpc::CallbackServerContext* ctx,
                                                      const v1::BackwardRequest* req, v1::BackwardResponse* resp) {
-  return Unary(ctx, "Backward", *req, resp, Work::kPool, Access::kUser, [this, req, resp]() -> absl::Status {
+  return Unary(ctx, "Backward", *req, resp, Work::kPool, Access::kUser, [this, ctx, req, resp]() -> absl::Status {
     ASSIGN_OR_RETURN(TensorArg grad, TensorArgOf(req->grad_output(), "grad_output"));
     TensorOut out;
     out.data = resp->mutable_grad_input()->mutable_data();
-    RETURN_IF_ERROR(engine_->Backward(req->activation_id(), grad, &out));
+    // Handles belong to the identity that ran the Forward (engine/owned.h).
+    RETURN_IF_ERROR(engine_->Backward(req->activation_id(), ClientOf(ctx), grad, &out));
     resp->mutable_grad_input()->set_dtype(req->grad_output().dtype());
     for (int64_t d : out.shape) resp->mutable_grad_input()->add_shape(d);
     metrics_->tokens_backward->Increment(static_cast<double>(out.tokens));
@@ -303,7 +310,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::ReleaseActivations(grpc::CallbackSer
                                                                const v1::ReleaseActivationsRequest* req,
                                                                v1::ReleaseActivationsResponse* resp) {
   return Unary(ctx, "ReleaseActivations", *req, resp, Work::kPool, Access::kUser,
-               [this, req] { return engine_->ReleaseActivations(req->activation_id()); });
+               [this, ctx, req] { return engine_->ReleaseActivations(req->activation_id(), ClientOf(ctx)); });
 }
 
 grpc::ServerUnaryReactor* BlockServiceImpl::ZeroGrad(grpc::CallbackServerContext* ctx, const v1::ZeroGradRequest* req,
@@ -419,21 +426,21 @@ class BlockServiceImpl::LoadWeightsReactor : public grpc::ServerReadReactor<v1::
  private:
   absl::Status Take() {
     if (chunk_.block_id().empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("chunk of tensor \"", chunk_.name(), "\" has no block_id"));
+      return absl::InvalidArgumentError(absl::StrCat("chunk of tensor \"", Echo(chunk_.name()), "\" has no block_id"));
     }
     if (assembler_ == nullptr) {
       ASSIGN_OR_RETURN(std::vector<ParamSpec> params, service_->engine_->BlockParamsOf(chunk_.block_id()));
       block_id_ = chunk_.block_id();
       assembler_ = std::make_unique<TensorAssembler>(block_id_, std::move(params));
     } else if (chunk_.block_id() != block_id_) {
-      return absl::InvalidArgumentError(absl::StrCat("chunk for block ", chunk_.block_id(), " in a LoadWeights stream for block ",
+      return absl::InvalidArgumentError(absl::StrCat("chunk for block ", Echo(chunk_.block_id()), " in a LoadWeights stream for block ",
                                                      block_id_, ": one stream loads one block"));
     }
     if (static_cast<int64_t>(chunk_.data().size()) > service_->options_.max_chunk_bytes) {
       return absl::InvalidArgumentError(absl::StrCat("chunk of ", chunk_.data().size(), " bytes exceeds the ",
                                                      service_->options_.max_chunk_bytes, "-byte chunk limit"));
     }
-    ASSIGN_OR_RETURN(DType dtype, FromProto(chunk_.dtype(), absl::StrCat("tensor ", chunk_.name(), " dtype")));
+    ASSIGN_OR_RETURN(DType dtype, FromProto(chunk_.dtype(), absl::StrCat("tensor ", Echo(chunk_.name()), " dtype")));
     const std::vector<int64_t> shape(chunk_.shape().begin(), chunk_.shape().end());
     return assembler_->Add(chunk_.name(), dtype, shape, chunk_.offset(), chunk_.data().data(), chunk_.data().size());
   }

@@ -120,9 +120,9 @@ TEST_F(Errors, CreateWithBadConfigOrIdIsInvalidArgumentAndCreatesNothing) {
   EXPECT_STATUS(client_->CreateBlock(CreateRequest("x", c, 1)).status(), StatusCode::kInvalidArgument,
                 "config.hidden_size = 0, expected 1..65536");
   c = TinyConfig();
-  c.set_rms_norm_eps(0);
+  c.set_rms_norm_eps(-1e-6);  // 0 is not an error: it means the default, 1e-6
   EXPECT_STATUS(client_->CreateBlock(CreateRequest("x", c, 1)).status(), StatusCode::kInvalidArgument,
-                "config.rms_norm_eps = 0, expected a number in (0, 1)");
+                "config.rms_norm_eps = -1e-06, expected a number in (0, 1)");
   EXPECT_STATUS(client_->CreateBlock(CreateRequest("bad id!", TinyConfig(), 1)).status(),
                 StatusCode::kInvalidArgument, "block_id \"bad id!\" is not valid",
                 "expected 1-128 characters of [A-Za-z0-9._:/-]");
