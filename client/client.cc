@@ -13,6 +13,7 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include "absl/strings/str_cat.h"
+#include "base/block_config.h"  // ShapeString
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace blockd {
