@@ -1,8 +1,14 @@
 #include "server/metrics.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <exception>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_cat.h"
+#include "server/credentials.h"
 
 namespace blockd {
 namespace {
@@ -31,7 +37,12 @@ const char* CodeName(grpc::StatusCode code) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen) {
+Metrics::~Metrics() {
+  exposer_.reset();
+  if (tls_pem_fd_ >= 0) close(tls_pem_fd_);
+}
+
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen, const MetricsTls& tls) {
   std::unique_ptr<Metrics> m(new Metrics());
   m->registry_ = std::make_shared<prometheus::Registry>();
   auto& reg = *m->registry_;
@@ -49,17 +60,50 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
   m->activations_ = &prometheus::BuildGauge().Name("blockd_activations_held").Help("Activation handles held for Backward").Register(reg).Add({});
   m->bytes_received = &prometheus::BuildCounter().Name("blockd_bytes_received_total").Help("Request bytes received").Register(reg).Add({});
   m->bytes_sent = &prometheus::BuildCounter().Name("blockd_bytes_sent_total").Help("Reply bytes sent").Register(reg).Add({});
+  auto& auth = prometheus::BuildCounter().Name("blockd_auth_failures_total").Help("Calls refused on their headers, by reason").Register(reg);
+  m->auth_missing_ = &auth.Add({{"reason", "missing_token"}});
+  m->auth_unknown_ = &auth.Add({{"reason", "unknown_token"}});
+  m->streams_expired = &prometheus::BuildCounter().Name("blockd_streams_expired_total").Help("Streams ended for stalling or running too long").Register(reg).Add({});
   m->healthy_ = &prometheus::BuildGauge().Name("blockd_backend_healthy").Help("1 while the backend's device works, 0 after a sticky device error").Register(reg).Add({});
-  if (listen.empty()) return m;  // counters still count; nobody scrapes and no port is opened
+  if (listen.empty()) {  // counters still count; nobody scrapes and no port is opened
+    if (!tls.cert_file.empty()) return absl::InvalidArgumentError("--metrics_tls_cert needs --metrics_listen");
+    return m;
+  }
+  std::vector<std::string> options = {"listening_ports", listen, "num_threads", "2"};
+  if (!tls.cert_file.empty()) {
+    // civetweb reads the key and the chain from one PEM file; join them in an anonymous in-memory
+    // file so nothing secret is written to disk (and a read-only root filesystem works).
+    const std::string key_file = tls.key_file.empty() ? tls.cert_file : tls.key_file;
+    auto cert = ReadWholeFile(tls.cert_file, "metrics TLS certificate");
+    if (!cert.ok()) return cert.status();
+    auto key = ReadWholeFile(key_file, "metrics TLS key");
+    if (!key.ok()) return key.status();
+    absl::Status match = CheckKeyMatchesCertificate(*cert, *key, tls.cert_file, key_file);
+    if (!match.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("metrics: ", absl::StrReplaceAll(match.message(), {{"--tls_", "--metrics_tls_"}})));
+    }
+    const std::string pem = key_file == tls.cert_file ? *cert : absl::StrCat(*key, "\n", *cert);
+    m->tls_pem_fd_ = memfd_create("blockd-metrics-tls", MFD_CLOEXEC);
+    if (m->tls_pem_fd_ < 0 || write(m->tls_pem_fd_, pem.data(), pem.size()) != static_cast<ssize_t>(pem.size())) {
+      return absl::InternalError("cannot hold the metrics TLS key in memory (memfd_create failed)");
+    }
+    options[1] = absl::StrCat(listen, "s");  // civetweb: a trailing s makes the port HTTPS
+    options.insert(options.end(), {"ssl_certificate", absl::StrCat("/proc/self/fd/", m->tls_pem_fd_)});
+  }
   try {
-    m->exposer_ = std::make_unique<prometheus::Exposer>(listen);
+    m->exposer_ = std::make_unique<prometheus::Exposer>(options);
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen, ": ", e.what()));
+    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen,
+                                               tls.cert_file.empty() ? "" : " with TLS", ": ", e.what()));
   }
   m->exposer_->RegisterCollectable(m->registry_);
   const auto ports = m->exposer_->GetListeningPorts();
   m->port_ = ports.empty() ? 0 : ports[0];
   return m;
+}
+
+void Metrics::AuthFailed(absl::string_view reason) {
+  (absl::StartsWith(reason, "missing") ? auth_missing_ : auth_unknown_)->Increment();
 }
 
 void Metrics::RequestStarted() { inflight_->Increment(); }
