@@ -19,8 +19,6 @@
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address ADDR:PORT");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464",
           "Prometheus metrics address ADDR:PORT (empty: off; 127.0.0.1:9464 keeps it on the host)");
-ABSL_FLAG(std::string, metrics_tls_cert, "", "PEM certificate chain (or chain and key in one file): /metrics over HTTPS");
-ABSL_FLAG(std::string, metrics_tls_key, "", "PEM private key for --metrics_tls_cert (empty: in the cert file)");
 ABSL_FLAG(std::string, backend, "auto", "auto (CUDA when a GPU works, else CPU), cpu or cuda");
 ABSL_FLAG(int64_t, max_message_bytes, 256ll << 20, "largest gRPC message accepted or sent");
 ABSL_FLAG(int64_t, memory_budget_bytes, 0, "per-device memory budget for blocks and activations (0: 90% of the device)");
@@ -35,7 +33,7 @@ ABSL_FLAG(absl::Duration, stream_idle_timeout, absl::Seconds(60),
 ABSL_FLAG(absl::Duration, stream_max_duration, absl::Minutes(30),
           "LoadWeights/DownloadTensors streams end with DEADLINE_EXCEEDED after this long (0: never)");
 ABSL_FLAG(int64_t, grpc_memory_bytes, 0,
-          "memory gRPC may hold for calls not yet admitted (0: max(1 GiB, 4 x max_message_bytes))");
+          "memory gRPC may hold for calls not yet admitted (0: max(2 GiB, 8 x max_message_bytes))");
 ABSL_FLAG(int64_t, default_max_seq_len, 4096, "max_seq_len of a block created with 0");
 ABSL_FLAG(int64_t, default_max_batch_size, 8, "max_batch_size of a block created with 0");
 ABSL_FLAG(int, worker_threads, 0, "threads running engine work (0: max(4, cores))");
@@ -94,7 +92,6 @@ int Run(bool malloc_tuned) {
   blockd::ServerOptions o;
   o.listen = absl::GetFlag(FLAGS_listen);
   o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
-  o.metrics_tls = {absl::GetFlag(FLAGS_metrics_tls_cert), absl::GetFlag(FLAGS_metrics_tls_key)};
   o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   o.drain_grace = absl::GetFlag(FLAGS_drain_grace);
   o.shutdown_timeout = absl::GetFlag(FLAGS_shutdown_timeout);

@@ -1,14 +1,9 @@
 #include "server/metrics.h"
 
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include <exception>
 
 #include "absl/strings/match.h"
-#include "absl/strings/str_replace.h"
 #include "absl/strings/str_cat.h"
-#include "server/credentials.h"
 
 namespace blockd {
 namespace {
@@ -37,12 +32,9 @@ const char* CodeName(grpc::StatusCode code) {
 
 }  // namespace
 
-Metrics::~Metrics() {
-  exposer_.reset();
-  if (tls_pem_fd_ >= 0) close(tls_pem_fd_);
-}
+Metrics::~Metrics() = default;
 
-absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen, const MetricsTls& tls) {
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen) {
   std::unique_ptr<Metrics> m(new Metrics());
   m->registry_ = std::make_shared<prometheus::Registry>();
   auto& reg = *m->registry_;
@@ -65,36 +57,11 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
   m->auth_unknown_ = &auth.Add({{"reason", "unknown_token"}});
   m->streams_expired = &prometheus::BuildCounter().Name("blockd_streams_expired_total").Help("Streams ended for stalling or running too long").Register(reg).Add({});
   m->healthy_ = &prometheus::BuildGauge().Name("blockd_backend_healthy").Help("1 while the backend's device works, 0 after a sticky device error").Register(reg).Add({});
-  if (listen.empty()) {  // counters still count; nobody scrapes and no port is opened
-    if (!tls.cert_file.empty()) return absl::InvalidArgumentError("--metrics_tls_cert needs --metrics_listen");
-    return m;
-  }
-  std::vector<std::string> options = {"listening_ports", listen, "num_threads", "2"};
-  if (!tls.cert_file.empty()) {
-    // civetweb reads the key and the chain from one PEM file; join them in an anonymous in-memory
-    // file so nothing secret is written to disk (and a read-only root filesystem works).
-    const std::string key_file = tls.key_file.empty() ? tls.cert_file : tls.key_file;
-    auto cert = ReadWholeFile(tls.cert_file, "metrics TLS certificate");
-    if (!cert.ok()) return cert.status();
-    auto key = ReadWholeFile(key_file, "metrics TLS key");
-    if (!key.ok()) return key.status();
-    absl::Status match = CheckKeyMatchesCertificate(*cert, *key, tls.cert_file, key_file);
-    if (!match.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("metrics: ", absl::StrReplaceAll(match.message(), {{"--tls_", "--metrics_tls_"}})));
-    }
-    const std::string pem = key_file == tls.cert_file ? *cert : absl::StrCat(*key, "\n", *cert);
-    m->tls_pem_fd_ = memfd_create("blockd-metrics-tls", MFD_CLOEXEC);
-    if (m->tls_pem_fd_ < 0 || write(m->tls_pem_fd_, pem.data(), pem.size()) != static_cast<ssize_t>(pem.size())) {
-      return absl::InternalError("cannot hold the metrics TLS key in memory (memfd_create failed)");
-    }
-    options[1] = absl::StrCat(listen, "s");  // civetweb: a trailing s makes the port HTTPS
-    options.insert(options.end(), {"ssl_certificate", absl::StrCat("/proc/self/fd/", m->tls_pem_fd_)});
-  }
+  if (listen.empty()) return m;  // counters still count; nobody scrapes and no port is opened
   try {
-    m->exposer_ = std::make_unique<prometheus::Exposer>(options);
+    m->exposer_ = std::make_unique<prometheus::Exposer>(listen);
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen,
-                                               tls.cert_file.empty() ? "" : " with TLS", ": ", e.what()));
+    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen, ": ", e.what()));
   }
   m->exposer_->RegisterCollectable(m->registry_);
   const auto ports = m->exposer_->GetListeningPorts();

@@ -23,16 +23,12 @@
 
 namespace blockd {
 
-// /metrics over HTTPS: a PEM certificate chain and its key (both may be one file holding both).
-struct MetricsTls {
-  std::string cert_file, key_file;
-};
-
 class Metrics {
  public:
   // Starts the HTTP exposer on `listen` ("host:port"; port 0 picks one); empty: no exposer, port 0.
-  // With `tls.cert_file`, it serves HTTPS only.
-  static absl::StatusOr<std::unique_ptr<Metrics>> Start(const std::string& listen, const MetricsTls& tls = {});
+  // No TLS: Debian's civetweb 1.15 dlopens libssl expecting OpenSSL 1.1 and calls a null function
+  // on OpenSSL 3 at the first HTTPS request (a crash any scraper could cause). Bind it privately.
+  static absl::StatusOr<std::unique_ptr<Metrics>> Start(const std::string& listen);
 
   ~Metrics();
   int port() const { return port_; }
@@ -67,7 +63,6 @@ class Metrics {
   prometheus::Gauge* healthy_ = nullptr;
   prometheus::Counter* auth_missing_ = nullptr;
   prometheus::Counter* auth_unknown_ = nullptr;
-  int tls_pem_fd_ = -1;  // the key and certificate joined for civetweb, in memory
 
   absl::Mutex mu_;
   std::map<std::string, prometheus::Histogram*> histograms_ ABSL_GUARDED_BY(mu_);

@@ -29,7 +29,6 @@ namespace blockd {
 struct ServerOptions {
   std::string listen = "0.0.0.0:50051";
   std::string metrics_listen = "0.0.0.0:9464";  // empty: no metrics endpoint
-  MetricsTls metrics_tls;                       // set: /metrics over HTTPS
   int worker_threads = 0;                       // 0: max(4, hardware threads)
   absl::Duration housekeeping_period = absl::Seconds(1);
   absl::Duration drain_grace = absl::ZeroDuration();         // NOT_SERVING before the listener stops
@@ -39,7 +38,8 @@ struct ServerOptions {
   TlsOptions tls;
   // Bytes gRPC may hold for calls (read buffers, messages not yet handed to a handler) across all
   // connections; past it gRPC shrinks flow-control windows and reclaims idle connections.
-  // 0: max(1 GiB, 4 x --max_message_bytes).
+  // 0: max(2 GiB, 8 x --max_message_bytes): well above what admitted calls of a busy GPU daemon
+  // hold, since past the quota gRPC also cancels streams ("Buffers full").
   int64_t grpc_memory_bytes = 0;
   std::string checkpoint_dir;
   int64_t checkpoint_every_steps = 0;
