@@ -83,16 +83,10 @@ absl::StatusOr<Principal> BlockServiceImpl::Identify(grpc::CallbackServerContext
 
 absl::Status BlockServiceImpl::TakeSlot(const Principal& who) {
   absl::MutexLock lock(&slots_mu_);
-  int64_t& mine = per_client_[who.name];
-  if (mine >= per_client_limit_) {
-    if (mine == 0) per_client_.erase(who.name);
-    return absl::ResourceExhaustedError(absl::StrCat("client ", who.name, " already has ", per_client_limit_,
-                                                     " calls in flight (--max_concurrent_rpcs_per_client=",
-                                                     per_client_limit_, "); retry later"));
-  }
+  // The server-wide limit first: when both are full, it is the one that will not free up by
+  // this client waiting for its own calls.
   const int64_t limit = options_.max_concurrent_rpcs - (who.role == Role::kAdmin ? 0 : admin_reserve_);
   if (admitted_ >= limit) {
-    if (mine == 0) per_client_.erase(who.name);
     return absl::ResourceExhaustedError(absl::StrCat(
         "blockd is serving ", admitted_, " calls already (--max_concurrent_rpcs)",
         admin_reserve_ > 0 && who.role != Role::kAdmin
@@ -100,7 +94,13 @@ absl::Status BlockServiceImpl::TakeSlot(const Principal& who) {
             : std::string(),
         "; retry later"));
   }
-  ++mine;
+  auto it = per_client_.find(who.name);
+  if (it != per_client_.end() && it->second >= per_client_limit_) {
+    return absl::ResourceExhaustedError(absl::StrCat("client ", who.name, " already has ", per_client_limit_,
+                                                     " calls in flight (--max_concurrent_rpcs_per_client=",
+                                                     per_client_limit_, "); retry later"));
+  }
+  ++per_client_[who.name];
   ++admitted_;
   return absl::OkStatus();
 }
