@@ -191,6 +191,8 @@ TEST_F(Limits, ForwardsCancelledAtAnyInstantHoldNothingPastTheTtl) {
 TEST_F(Limits, ConcurrentCallLimitRefusesThenFreesSlotsOfCancelledStreams) {
   ServerOptions o = LoopbackOptions();
   o.service.max_concurrent_rpcs = 4;
+  // One client fills the whole server here; the per-client share is tested in security_test.
+  o.service.max_concurrent_rpcs_per_client = 4;
   Start(o);
   ASSERT_OK(client_->CreateBlock(CreateRequest("b", TinyConfig(), 1)).status());
   for (int round = 0; round < 3; ++round) {
