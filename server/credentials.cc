@@ -95,14 +95,15 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path, absl::string_
 }
 
 absl::Status CheckKeyMatchesCertificate(const std::string& cert_pem, const std::string& key_pem,
-                                        const std::string& cert_file, const std::string& key_file) {
+                                        const std::string& cert_file, const std::string& key_file,
+                                        absl::string_view flags) {
   ERR_clear_error();
   BIO* cert_bio = BIO_new_mem_buf(cert_pem.data(), static_cast<int>(cert_pem.size()));
   X509* cert = PEM_read_bio_X509(cert_bio, nullptr, nullptr, nullptr);
   BIO_free(cert_bio);
   if (cert == nullptr) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--tls_cert ", cert_file, " holds no PEM certificate (", OpenSslError(), ")"));
+        absl::StrCat(flags, "cert ", cert_file, " holds no PEM certificate (", OpenSslError(), ")"));
   }
   BIO* key_bio = BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size()));
   // An empty passphrase callback: an encrypted key fails here instead of prompting on a terminal.
@@ -110,15 +111,14 @@ absl::Status CheckKeyMatchesCertificate(const std::string& cert_pem, const std::
   BIO_free(key_bio);
   absl::Status s;
   if (key == nullptr) {
-    s = absl::InvalidArgumentError(absl::StrCat("--tls_key ", key_file,
-                                                " holds no unencrypted PEM private key (", OpenSslError(), ")"));
+    s = absl::InvalidArgumentError(absl::StrCat(flags, "key ", key_file, " holds no unencrypted PEM private key (", OpenSslError(), ")"));
   } else if (X509_check_private_key(cert, key) != 1) {
     ERR_clear_error();
-    s = absl::InvalidArgumentError(absl::StrCat("the private key in --tls_key ", key_file,
-                                                " does not belong to the certificate in --tls_cert ", cert_file,
+    s = absl::InvalidArgumentError(absl::StrCat("the private key in ", flags, "key ", key_file,
+                                                " does not belong to the certificate in ", flags, "cert ", cert_file,
                                                 ": their public keys differ (a key from another certificate?)"));
   } else if (X509_cmp_current_time(X509_get0_notAfter(cert)) < 0) {
-    s = absl::InvalidArgumentError(absl::StrCat("the certificate in --tls_cert ", cert_file, " has expired"));
+    s = absl::InvalidArgumentError(absl::StrCat("the certificate in ", flags, "cert ", cert_file, " has expired"));
   }
   EVP_PKEY_free(key);
   X509_free(cert);

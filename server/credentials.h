@@ -51,8 +51,10 @@ absl::StatusOr<std::optional<Principal>> PrincipalOf(const grpc::ServerContextBa
 
 // INVALID_ARGUMENT saying what is wrong when the PEM key is not the certificate's key (or either
 // does not parse), so "cannot listen" never stands for a key/certificate mix-up.
+// `flags` names the flags in the message: "--tls_" for --tls_cert/--tls_key.
 absl::Status CheckKeyMatchesCertificate(const std::string& cert_pem, const std::string& key_pem,
-                                        const std::string& cert_file, const std::string& key_file);
+                                        const std::string& cert_file, const std::string& key_file,
+                                        absl::string_view flags = "--tls_");
 
 absl::StatusOr<std::string> ReadWholeFile(const std::string& path, absl::string_view what);
 

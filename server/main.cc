@@ -19,6 +19,8 @@
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address ADDR:PORT");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464",
           "Prometheus metrics address ADDR:PORT (empty: off; 127.0.0.1:9464 keeps it on the host)");
+ABSL_FLAG(std::string, metrics_tls_cert, "", "PEM certificate chain (and key, unless --metrics_tls_key): /metrics over HTTPS only");
+ABSL_FLAG(std::string, metrics_tls_key, "", "PEM private key for --metrics_tls_cert");
 ABSL_FLAG(std::string, backend, "auto", "auto (CUDA when a GPU works, else CPU), cpu or cuda");
 ABSL_FLAG(int64_t, max_message_bytes, 256ll << 20, "largest gRPC message accepted or sent");
 ABSL_FLAG(int64_t, memory_budget_bytes, 0, "per-device memory budget for blocks and activations (0: 90% of the device)");
@@ -92,6 +94,7 @@ int Run(bool malloc_tuned) {
   blockd::ServerOptions o;
   o.listen = absl::GetFlag(FLAGS_listen);
   o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  o.metrics_tls = {absl::GetFlag(FLAGS_metrics_tls_cert), absl::GetFlag(FLAGS_metrics_tls_key)};
   o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   o.drain_grace = absl::GetFlag(FLAGS_drain_grace);
   o.shutdown_timeout = absl::GetFlag(FLAGS_shutdown_timeout);

@@ -34,7 +34,7 @@ const char* CodeName(grpc::StatusCode code) {
 
 Metrics::~Metrics() = default;
 
-absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen) {
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen, const MetricsTls& tls) {
   std::unique_ptr<Metrics> m(new Metrics());
   m->registry_ = std::make_shared<prometheus::Registry>();
   auto& reg = *m->registry_;
@@ -57,7 +57,18 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
   m->auth_unknown_ = &auth.Add({{"reason", "unknown_token"}});
   m->streams_expired = &prometheus::BuildCounter().Name("blockd_streams_expired_total").Help("Streams ended for stalling or running too long").Register(reg).Add({});
   m->healthy_ = &prometheus::BuildGauge().Name("blockd_backend_healthy").Help("1 while the backend's device works, 0 after a sticky device error").Register(reg).Add({});
-  if (listen.empty()) return m;  // counters still count; nobody scrapes and no port is opened
+  if (listen.empty()) {  // counters still count; nobody scrapes and no port is opened
+    if (!tls.cert_file.empty()) return absl::InvalidArgumentError("--metrics_tls_cert needs --metrics_listen");
+    return m;
+  }
+  if (!tls.cert_file.empty()) {
+    auto https = TlsMetricsServer::Start(listen, tls.cert_file, tls.key_file.empty() ? tls.cert_file : tls.key_file,
+                                         m->registry_);
+    if (!https.ok()) return https.status();
+    m->https_ = std::move(*https);
+    m->port_ = m->https_->port();
+    return m;
+  }
   try {
     m->exposer_ = std::make_unique<prometheus::Exposer>(listen);
   } catch (const std::exception& e) {

@@ -20,15 +20,21 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "engine/engine.h"
+#include "server/metrics_tls.h"
 
 namespace blockd {
+
+// /metrics over HTTPS: a PEM certificate chain and its key (empty key_file: the key is in cert_file).
+struct MetricsTls {
+  std::string cert_file, key_file;
+};
 
 class Metrics {
  public:
   // Starts the HTTP exposer on `listen` ("host:port"; port 0 picks one); empty: no exposer, port 0.
-  // No TLS: Debian's civetweb 1.15 dlopens libssl expecting OpenSSL 1.1 and calls a null function
-  // on OpenSSL 3 at the first HTTPS request (a crash any scraper could cause). Bind it privately.
-  static absl::StatusOr<std::unique_ptr<Metrics>> Start(const std::string& listen);
+  // With `tls.cert_file`, /metrics is served over HTTPS only, by TlsMetricsServer (civetweb's TLS
+  // crashes on Debian 12's OpenSSL 3; see metrics_tls.h).
+  static absl::StatusOr<std::unique_ptr<Metrics>> Start(const std::string& listen, const MetricsTls& tls = {});
 
   ~Metrics();
   int port() const { return port_; }
@@ -51,6 +57,7 @@ class Metrics {
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<TlsMetricsServer> https_;
   int port_ = 0;
   prometheus::Family<prometheus::Counter>* requests_ = nullptr;
   prometheus::Family<prometheus::Histogram>* duration_ = nullptr;

@@ -27,7 +27,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
   std::unique_ptr<Server> s(new Server());
   s->options_ = options;
   s->engine_ = std::make_unique<Engine>(std::move(backend), options.engine);
-  ASSIGN_OR_RETURN(s->metrics_, Metrics::Start(options.metrics_listen));  // empty: no port
+  ASSIGN_OR_RETURN(s->metrics_, Metrics::Start(options.metrics_listen, options.metrics_tls));  // empty: no port
   ASSIGN_OR_RETURN(std::unique_ptr<Authenticator> auth, Authenticator::FromFiles({options.token_file, options.auth_token_file, options.admin_token_file}));
   s->auth_ = std::move(auth);
   s->auth_log_ = std::make_unique<RateLimitedLog>(/*per_minute=*/20);
