@@ -3,6 +3,11 @@
 // `blockd-client` header, when tokens are on), per-identity concurrency shares with slots kept for
 // admins, the drain (UNAVAILABLE during the grace period), TLS and mutual TLS with certificates
 // made on the fly by the openssl command.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cstdlib>
 #include <fstream>
 #include <thread>
@@ -279,6 +284,11 @@ TEST(Identity, OneIdentityHoldsAShareOfTheSlotsAndAdminsKeepSome) {
       h.admitted = h.reader->Read(&chunk);
       held.push_back(std::move(h));
     }
+    if (i == 0) {  // user0 holds its share while the server has room
+      EXPECT_STATUS(ConnectTo(*server, {.token = "user0-token-0123456789abcdef"})->ListBlocks().status(),
+                    StatusCode::kResourceExhausted,
+                    "client user0 already has 2 calls in flight (--max_concurrent_rpcs_per_client=2)");
+    }
   }
   int admitted = 0;
   for (const Held& h : held) admitted += h.admitted;
@@ -290,8 +300,6 @@ TEST(Identity, OneIdentityHoldsAShareOfTheSlotsAndAdminsKeepSome) {
   }
   ASSERT_OK(admin->GetServerInfo().status()) << "the users locked the admin out";
   auto user0 = ConnectTo(*server, {.token = "user0-token-0123456789abcdef"});
-  EXPECT_STATUS(user0->ListBlocks().status(), StatusCode::kResourceExhausted,
-                "client user0 already has 2 calls in flight (--max_concurrent_rpcs_per_client=2)");
   for (Held& h : held) h.ctx->TryCancel();
   for (Held& h : held) {
     if (h.admitted) h.reader->Finish();
@@ -427,6 +435,38 @@ TEST(Tls, AKeyThatIsNotTheCertificatesIsNamedAsSuch) {
   o.tls.cert_file = pki.server_key;
   EXPECT_STATUS(Server::Start(o, MakeCpuBackend()).status(), StatusCode::kInvalidArgument,
                 absl::StrCat("--tls_cert ", pki.server_key, " holds no PEM certificate"));
+}
+
+TEST(Tls, MetricsAreServedOverHttpsOnlyWithMetricsTlsCert) {
+  const Pki pki = MakePki();
+  ASSERT_FALSE(pki.ca.empty());
+  ServerOptions o = LoopbackOptions(/*with_metrics=*/true);
+  o.metrics_tls = {pki.server_cert, pki.client_key};
+  EXPECT_STATUS(Server::Start(o, MakeCpuBackend()).status(), StatusCode::kInvalidArgument,
+                absl::StrCat("the private key in --metrics_tls_key ", pki.client_key, " does not belong"));
+  o.metrics_tls = {pki.server_cert, pki.server_key};
+  auto server = StartServer(o);
+  ASSERT_NE(server, nullptr);
+  ASSERT_GT(server->metrics_port(), 0);
+  auto client = ConnectTo(*server);
+  ASSERT_OK(client->GetServerInfo().status());
+  EXPECT_EQ(HttpGetBody(server->metrics_port(), "/metrics"), "") << "plain HTTP was answered";
+  const std::string out = pki.dir + "/metrics.txt";
+  ASSERT_TRUE(blockd::testing::Run(absl::StrCat("curl -sf -m 10 --cacert ", pki.ca, " -o ", out, " https://127.0.0.1:",
+                               server->metrics_port(), "/metrics")));
+  std::ifstream in(out);
+  const std::string body((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(body.find("blockd_requests_total{code=\"OK\",method=\"GetServerInfo\"} 1"), std::string::npos) << body;
+  // A client that connects and says nothing holds the endpoint for at most its 5 s I/O timeout.
+  const int silent = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr = {};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(server->metrics_port()));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(connect(silent, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  EXPECT_TRUE(blockd::testing::Run(absl::StrCat("curl -sf -m 10 --cacert ", pki.ca, " -o /dev/null https://127.0.0.1:",
+                               server->metrics_port(), "/metrics")));
+  close(silent);
 }
 
 TEST(Tls, MutualTlsNeedsAClientCertificateFromTheClientCa) {
