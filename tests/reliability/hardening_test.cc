@@ -2,7 +2,8 @@
 // token are refused before their bodies arrive (the daemon's RSS barely moves under 4 concurrent
 // 200 MB Forwards), stalled DownloadTensors streams of one token neither lock out other tokens or
 // the admin nor hold copies of the block, stalled streams are ended with DEADLINE_EXCEEDED and
-// free their slots, and refused authentications are logged without flooding the log.
+// free their slots, refused authentications are logged without flooding the log, and without
+// tokens gRPC's resource quota bounds what arriving calls hold.
 #include <grpcpp/channel.h>
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>
@@ -88,49 +89,84 @@ class Hardening : public ::testing::Test {
   std::unique_ptr<Client> root_;
 };
 
-TEST_F(Hardening, TokenlessForwardsAreRefusedBeforeTheirBodiesArrive) {
-  StartDaemon({"--max_message_bytes=268435456"});
-  ASSERT_OK(root_->CreateBlock(CreateRequest("b", TinyConfig(), 1)).status());
-  const std::string body = ForwardRequestBytes(200 * kMiB);
-  // One slice over the test's own copy: the 4 calls send the same bytes without copying them.
-  grpc::Slice slice(body.data(), body.size(), grpc::Slice::STATIC_SLICE);
-  const int64_t before = daemon_->RssBytes();
-  ASSERT_GT(before, 0);
+struct ForwardsResult {
+  std::vector<grpc::Status> status;
+  int64_t rss_before = 0, rss_peak = 0;
+};
 
-  constexpr int kCalls = 4;
-  std::vector<grpc::Status> status(kCalls);
+// `calls` concurrent Forwards of one `bytes`-byte body, each on its own connection (as separate
+// clients would), without a token; the daemon's RSS is sampled until all have answered.
+ForwardsResult ConcurrentForwards(DaemonProcess& daemon, int calls, size_t bytes) {
+  const std::string body = ForwardRequestBytes(bytes);
+  // One slice over the test's own copy: the calls send the same bytes without copying them.
+  grpc::Slice slice(body.data(), body.size(), grpc::Slice::STATIC_SLICE);
+  ForwardsResult r;
+  r.status.resize(calls);
   std::atomic<int> finished{0};
   std::vector<std::unique_ptr<grpc::ClientContext>> ctx;
-  std::vector<grpc::ByteBuffer> requests(kCalls), replies(kCalls);
+  std::vector<grpc::ByteBuffer> requests(calls), replies(calls);
   std::vector<std::unique_ptr<grpc::GenericStub>> stubs;
-  for (int i = 0; i < kCalls; ++i) {
+  for (int i = 0; i < calls; ++i) {
     grpc::ChannelArguments args;
     args.SetMaxSendMessageSize(256 * kMiB);
-    args.SetInt("grpc.channel_id", i);  // one connection each, as 4 separate clients would
+    args.SetInt("grpc.channel_id", i);
     stubs.push_back(std::make_unique<grpc::GenericStub>(
-        grpc::CreateCustomChannel(daemon_->target(), grpc::InsecureChannelCredentials(), args)));
+        grpc::CreateCustomChannel(daemon.target(), grpc::InsecureChannelCredentials(), args)));
     ctx.push_back(std::make_unique<grpc::ClientContext>());
     ctx.back()->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
     requests[i] = grpc::ByteBuffer(&slice, 1);
   }
-  for (int i = 0; i < kCalls; ++i) {
+  r.rss_before = daemon.RssBytes();
+  for (int i = 0; i < calls; ++i) {
     stubs[i]->UnaryCall(ctx[i].get(), "/blockd.v1.BlockService/Forward", grpc::StubOptions(), &requests[i],
                         &replies[i], [&, i](grpc::Status s) {
-                          status[i] = std::move(s);
+                          r.status[i] = std::move(s);
                           ++finished;
                         });
   }
-  const int64_t peak = PeakRssUntil([&] { return finished == kCalls; });
-  const int64_t grown = peak - before;
-  std::cout << "[hardening] 4 concurrent tokenless 200 MB Forwards: daemon RSS " << before / kMiB << " MiB -> peak "
-            << peak / kMiB << " MiB (+" << grown / kMiB << " MiB)\n";
-  for (int i = 0; i < kCalls; ++i) {
-    EXPECT_EQ(status[i].error_code(), grpc::StatusCode::UNAUTHENTICATED) << i << ": " << status[i].error_message();
-    EXPECT_TRUE(absl::StrContains(status[i].error_message(), "missing bearer token")) << status[i].error_message();
+  r.rss_peak = r.rss_before;
+  while (finished < calls) {
+    r.rss_peak = std::max(r.rss_peak, daemon.RssBytes());
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  r.rss_peak = std::max(r.rss_peak, daemon.RssBytes());
+  return r;
+}
+
+TEST_F(Hardening, TokenlessForwardsAreRefusedBeforeTheirBodiesArrive) {
+  StartDaemon({"--max_message_bytes=268435456"});
+  ASSERT_OK(root_->CreateBlock(CreateRequest("b", TinyConfig(), 1)).status());
+  const ForwardsResult r = ConcurrentForwards(*daemon_, 4, 200 * kMiB);
+  const int64_t grown = r.rss_peak - r.rss_before;
+  std::cout << "[hardening] 4 concurrent tokenless 200 MB Forwards: daemon RSS " << r.rss_before / kMiB
+            << " MiB -> peak " << r.rss_peak / kMiB << " MiB (+" << grown / kMiB << " MiB)\n";
+  for (const grpc::Status& s : r.status) {
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+    EXPECT_TRUE(absl::StrContains(s.error_message(), "missing bearer token")) << s.error_message();
   }
   // Buffering the bodies cost ~1.5 GB before; gRPC's receive window is all that may arrive now.
   EXPECT_LT(grown, 100 * kMiB) << "the daemon buffered the bodies of calls it refused";
   ASSERT_OK(root_->GetServerInfo().status()) << "the daemon stopped serving";
+}
+
+// Without tokens every call is admitted to the transport; the resource quota is what bounds the
+// bytes gRPC holds for calls still arriving (4 x 200 MB: +1.6 GB under the default 2 GiB quota).
+TEST(HardeningQuota, TheGrpcMemoryQuotaBoundsWhatCallsStillArrivingHold) {
+  const std::string dir = MakeTempDir("quota");
+  auto d = DaemonProcess::Start(BLOCKD_PATH, {"--max_message_bytes=268435456", "--grpc_memory_bytes=67108864"},
+                                dir + "/blockd.log");
+  ASSERT_TRUE(d.ok()) << d.status();
+  const ForwardsResult r = ConcurrentForwards(**d, 4, 200 * kMiB);
+  const int64_t grown = r.rss_peak - r.rss_before;
+  std::cout << "[hardening] 4 concurrent 200 MB Forwards, no auth, --grpc_memory_bytes=64MiB: daemon RSS "
+            << r.rss_before / kMiB << " MiB -> peak " << r.rss_peak / kMiB << " MiB (+" << grown / kMiB << " MiB)\n";
+  for (const grpc::Status& s : r.status) {
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  }
+  EXPECT_LT(grown, 256 * kMiB) << "the quota did not bound the bytes held for arriving calls";
+  auto client = Client::Connect({.target = (*d)->target()});
+  ASSERT_TRUE(client.ok());
+  ASSERT_OK((*client)->GetServerInfo().status()) << "the daemon stopped serving";
 }
 
 // A client that reads one chunk of each stream and then stops reading: a receive window far
