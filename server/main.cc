@@ -17,7 +17,10 @@
 #include "server/server.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address ADDR:PORT");
-ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464", "Prometheus metrics address ADDR:PORT (empty: off)");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464",
+          "Prometheus metrics address ADDR:PORT (empty: off; 127.0.0.1:9464 keeps it on the host)");
+ABSL_FLAG(std::string, metrics_tls_cert, "", "PEM certificate chain (and key, unless --metrics_tls_key): /metrics over HTTPS only");
+ABSL_FLAG(std::string, metrics_tls_key, "", "PEM private key for --metrics_tls_cert");
 ABSL_FLAG(std::string, backend, "auto", "auto (CUDA when a GPU works, else CPU), cpu or cuda");
 ABSL_FLAG(int64_t, max_message_bytes, 256ll << 20, "largest gRPC message accepted or sent");
 ABSL_FLAG(int64_t, memory_budget_bytes, 0, "per-device memory budget for blocks and activations (0: 90% of the device)");
@@ -25,6 +28,14 @@ ABSL_FLAG(absl::Duration, activation_ttl, absl::Minutes(10), "activation handles
 ABSL_FLAG(int64_t, max_blocks, 4096, "most blocks held at once");
 ABSL_FLAG(int64_t, max_activations_per_client, 256, "most activation handles one client may hold");
 ABSL_FLAG(int64_t, max_concurrent_rpcs, 256, "calls served at once; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, max_concurrent_rpcs_per_client, 0,
+          "calls one client identity may have in flight (0: max(1, max_concurrent_rpcs / 4))");
+ABSL_FLAG(absl::Duration, stream_idle_timeout, absl::Seconds(60),
+          "LoadWeights/DownloadTensors streams idle this long end with DEADLINE_EXCEEDED (0: never)");
+ABSL_FLAG(absl::Duration, stream_max_duration, absl::Minutes(30),
+          "LoadWeights/DownloadTensors streams end with DEADLINE_EXCEEDED after this long (0: never)");
+ABSL_FLAG(int64_t, grpc_memory_bytes, 0,
+          "memory gRPC may hold for calls not yet admitted (0: max(2 GiB, 8 x max_message_bytes))");
 ABSL_FLAG(int64_t, default_max_seq_len, 4096, "max_seq_len of a block created with 0");
 ABSL_FLAG(int64_t, default_max_batch_size, 8, "max_batch_size of a block created with 0");
 ABSL_FLAG(int, worker_threads, 0, "threads running engine work (0: max(4, cores))");
@@ -38,8 +49,10 @@ ABSL_FLAG(bool, restore_on_start, false, "restore the latest checkpoint of --che
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain: serve TLS");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert");
 ABSL_FLAG(std::string, tls_client_ca, "", "PEM CA: require client certificates it signed (mutual TLS)");
-ABSL_FLAG(std::string, auth_token_file, "", "bearer tokens, one per line: calls need one");
-ABSL_FLAG(std::string, admin_token_file, "", "admin bearer tokens: CreateBlock, LoadWeights, DeleteBlock and checkpoints need one");
+ABSL_FLAG(std::string, token_file, "", "bearer tokens with roles, lines `NAME ROLE TOKEN` (role: read, train, admin)");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "bearer tokens, one per line: role train (admin when no admin token exists)");
+ABSL_FLAG(std::string, admin_token_file, "", "bearer tokens, one per line: role admin");
 
 namespace {
 
@@ -82,6 +95,7 @@ int Run(bool malloc_tuned) {
   blockd::ServerOptions o;
   o.listen = absl::GetFlag(FLAGS_listen);
   o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  o.metrics_tls = {absl::GetFlag(FLAGS_metrics_tls_cert), absl::GetFlag(FLAGS_metrics_tls_key)};
   o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   o.drain_grace = absl::GetFlag(FLAGS_drain_grace);
   o.shutdown_timeout = absl::GetFlag(FLAGS_shutdown_timeout);
@@ -90,12 +104,17 @@ int Run(bool malloc_tuned) {
   o.checkpoint_keep = absl::GetFlag(FLAGS_checkpoint_keep);
   o.restore_on_start = absl::GetFlag(FLAGS_restore_on_start);
   o.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_client_ca)};
+  o.token_file = absl::GetFlag(FLAGS_token_file);
   o.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   o.admin_token_file = absl::GetFlag(FLAGS_admin_token_file);
+  o.grpc_memory_bytes = absl::GetFlag(FLAGS_grpc_memory_bytes);
   o.service.version = kVersion;
   o.service.backend_reason = choice->reason;
   o.service.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   o.service.max_concurrent_rpcs = absl::GetFlag(FLAGS_max_concurrent_rpcs);
+  o.service.max_concurrent_rpcs_per_client = absl::GetFlag(FLAGS_max_concurrent_rpcs_per_client);
+  o.service.stream_idle_timeout = absl::GetFlag(FLAGS_stream_idle_timeout);
+  o.service.stream_max_duration = absl::GetFlag(FLAGS_stream_max_duration);
   o.engine.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
   o.engine.activation_ttl = absl::GetFlag(FLAGS_activation_ttl);
   o.engine.max_blocks = absl::GetFlag(FLAGS_max_blocks);

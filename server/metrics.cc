@@ -2,6 +2,7 @@
 
 #include <exception>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace blockd {
@@ -31,7 +32,9 @@ const char* CodeName(grpc::StatusCode code) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen) {
+Metrics::~Metrics() = default;
+
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen, const MetricsTls& tls) {
   std::unique_ptr<Metrics> m(new Metrics());
   m->registry_ = std::make_shared<prometheus::Registry>();
   auto& reg = *m->registry_;
@@ -49,8 +52,23 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
   m->activations_ = &prometheus::BuildGauge().Name("blockd_activations_held").Help("Activation handles held for Backward").Register(reg).Add({});
   m->bytes_received = &prometheus::BuildCounter().Name("blockd_bytes_received_total").Help("Request bytes received").Register(reg).Add({});
   m->bytes_sent = &prometheus::BuildCounter().Name("blockd_bytes_sent_total").Help("Reply bytes sent").Register(reg).Add({});
+  auto& auth = prometheus::BuildCounter().Name("blockd_auth_failures_total").Help("Calls refused on their headers, by reason").Register(reg);
+  m->auth_missing_ = &auth.Add({{"reason", "missing_token"}});
+  m->auth_unknown_ = &auth.Add({{"reason", "unknown_token"}});
+  m->streams_expired = &prometheus::BuildCounter().Name("blockd_streams_expired_total").Help("Streams ended for stalling or running too long").Register(reg).Add({});
   m->healthy_ = &prometheus::BuildGauge().Name("blockd_backend_healthy").Help("1 while the backend's device works, 0 after a sticky device error").Register(reg).Add({});
-  if (listen.empty()) return m;  // counters still count; nobody scrapes and no port is opened
+  if (listen.empty()) {  // counters still count; nobody scrapes and no port is opened
+    if (!tls.cert_file.empty()) return absl::InvalidArgumentError("--metrics_tls_cert needs --metrics_listen");
+    return m;
+  }
+  if (!tls.cert_file.empty()) {
+    auto https = TlsMetricsServer::Start(listen, tls.cert_file, tls.key_file.empty() ? tls.cert_file : tls.key_file,
+                                         m->registry_);
+    if (!https.ok()) return https.status();
+    m->https_ = std::move(*https);
+    m->port_ = m->https_->port();
+    return m;
+  }
   try {
     m->exposer_ = std::make_unique<prometheus::Exposer>(listen);
   } catch (const std::exception& e) {
@@ -60,6 +78,10 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
   const auto ports = m->exposer_->GetListeningPorts();
   m->port_ = ports.empty() ? 0 : ports[0];
   return m;
+}
+
+void Metrics::AuthFailed(absl::string_view reason) {
+  (absl::StartsWith(reason, "missing") ? auth_missing_ : auth_unknown_)->Increment();
 }
 
 void Metrics::RequestStarted() { inflight_->Increment(); }

@@ -20,31 +20,44 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "engine/engine.h"
+#include "server/metrics_tls.h"
 
 namespace blockd {
+
+// /metrics over HTTPS: a PEM certificate chain and its key (empty key_file: the key is in cert_file).
+struct MetricsTls {
+  std::string cert_file, key_file;
+};
 
 class Metrics {
  public:
   // Starts the HTTP exposer on `listen` ("host:port"; port 0 picks one); empty: no exposer, port 0.
-  static absl::StatusOr<std::unique_ptr<Metrics>> Start(const std::string& listen);
+  // With `tls.cert_file`, /metrics is served over HTTPS only, by TlsMetricsServer (civetweb's TLS
+  // crashes on Debian 12's OpenSSL 3; see metrics_tls.h).
+  static absl::StatusOr<std::unique_ptr<Metrics>> Start(const std::string& listen, const MetricsTls& tls = {});
 
+  ~Metrics();
   int port() const { return port_; }
   void RequestStarted();
   void RequestDone(const std::string& method, grpc::StatusCode code, double seconds);
   // Gauges that describe the engine's state; polled off the request path.
   void UpdateEngineGauges(const EngineStats& stats, Backend& backend);
+  // A call refused on its headers (no token, an unknown token), by the reason's first words.
+  void AuthFailed(absl::string_view reason);
 
   prometheus::Counter* tokens_forward = nullptr;
   prometheus::Counter* tokens_backward = nullptr;
   prometheus::Counter* optimizer_steps = nullptr;
   prometheus::Counter* bytes_received = nullptr;
   prometheus::Counter* bytes_sent = nullptr;
+  prometheus::Counter* streams_expired = nullptr;  // ended by the stream watchdog
 
  private:
   Metrics() = default;
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<TlsMetricsServer> https_;
   int port_ = 0;
   prometheus::Family<prometheus::Counter>* requests_ = nullptr;
   prometheus::Family<prometheus::Histogram>* duration_ = nullptr;
@@ -55,6 +68,8 @@ class Metrics {
   prometheus::Gauge* blocks_ = nullptr;
   prometheus::Gauge* activations_ = nullptr;
   prometheus::Gauge* healthy_ = nullptr;
+  prometheus::Counter* auth_missing_ = nullptr;
+  prometheus::Counter* auth_unknown_ = nullptr;
 
   absl::Mutex mu_;
   std::map<std::string, prometheus::Histogram*> histograms_ ABSL_GUARDED_BY(mu_);

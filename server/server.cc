@@ -5,6 +5,7 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 
@@ -13,38 +14,13 @@
 #include "base/log.h"
 #include "base/status_macros.h"
 #include "engine/checkpoint.h"
+#include "server/reflection_v1.h"
 
 namespace blockd {
 namespace {
 
 constexpr char kServiceName[] = "blockd.v1.BlockService";
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const TlsOptions& tls) {
-  if (tls.cert_file.empty() && tls.key_file.empty()) {
-    if (!tls.client_ca_file.empty()) return absl::InvalidArgumentError("--tls_client_ca needs --tls_cert and --tls_key");
-    return grpc::InsecureServerCredentials();
-  }
-  if (tls.cert_file.empty() || tls.key_file.empty()) {
-    return absl::InvalidArgumentError("TLS needs both --tls_cert and --tls_key");
-  }
-  grpc::SslServerCredentialsOptions ssl;
-  ASSIGN_OR_RETURN(std::string cert, ReadFile(tls.cert_file));
-  ASSIGN_OR_RETURN(std::string key, ReadFile(tls.key_file));
-  ssl.pem_key_cert_pairs.push_back({key, cert});
-  if (!tls.client_ca_file.empty()) {
-    ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFile(tls.client_ca_file));
-    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
-  }
-  return grpc::SslServerCredentials(ssl);
-}
+constexpr char kGuardedPrefix[] = "/blockd.v1.BlockService/";
 
 }  // namespace
 
@@ -52,8 +28,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
   std::unique_ptr<Server> s(new Server());
   s->options_ = options;
   s->engine_ = std::make_unique<Engine>(std::move(backend), options.engine);
-  ASSIGN_OR_RETURN(s->metrics_, Metrics::Start(options.metrics_listen));  // empty: counters only, no port
-  ASSIGN_OR_RETURN(s->auth_, Authenticator::FromFiles(options.auth_token_file, options.admin_token_file));
+  ASSIGN_OR_RETURN(s->metrics_, Metrics::Start(options.metrics_listen, options.metrics_tls));  // empty: no port
+  ASSIGN_OR_RETURN(std::unique_ptr<Authenticator> auth, Authenticator::FromFiles({options.token_file, options.auth_token_file, options.admin_token_file}));
+  s->auth_ = std::move(auth);
+  s->auth_log_ = std::make_unique<RateLimitedLog>(/*per_minute=*/20);
   if (!options.checkpoint_dir.empty()) {
     ASSIGN_OR_RETURN(s->checkpointer_,
                      MakeFileCheckpointer(s->engine_.get(), options.checkpoint_dir, options.checkpoint_every_steps,
@@ -73,14 +51,30 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
                           ? options.worker_threads
                           : std::max(4, static_cast<int>(std::thread::hardware_concurrency()));
   s->pool_ = std::make_unique<ThreadPool>(threads);
+  options.service.identity_from_credentials = s->auth_->enabled() || !options.tls.client_ca_file.empty();
   s->service_ = std::make_unique<BlockServiceImpl>(s->engine_.get(), s->metrics_.get(), s->pool_.get(),
                                                     s->auth_.get(), s->checkpointer_.get(), options.service);
 
-  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, Credentials(options.tls));
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds,
+                   MakeServerCredentials(options.tls, s->auth_, kGuardedPrefix,
+                                         [srv = s.get()](absl::string_view method, const absl::Status& why) {
+                                           srv->OnAuthFailure(method, why);
+                                         }));
   grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();  // grpc.reflection.v1alpha
+  s->reflection_v1_ = MakeReflectionV1Service();                // grpc.reflection.v1, the same answers
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen, creds, &s->port_);
+  // Bounds what gRPC holds for calls before any handler admits them (read buffers, requests
+  // still arriving), whoever sends them: under pressure it shrinks windows and drops idle
+  // connections instead of growing without limit.
+  const int64_t grpc_memory = options.grpc_memory_bytes > 0
+                                  ? options.grpc_memory_bytes
+                                  : std::max<int64_t>(int64_t{2} << 30, 8 * options.service.max_message_bytes);
+  grpc::ResourceQuota quota("blockd");
+  quota.Resize(static_cast<size_t>(grpc_memory));
+  builder.SetResourceQuota(quota);
+  builder.RegisterService(s->reflection_v1_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<int64_t>(options.service.max_message_bytes, INT32_MAX)));
   builder.SetMaxSendMessageSize(static_cast<int>(std::min<int64_t>(options.service.max_message_bytes, INT32_MAX)));
   // Activations are tens of MB: large HTTP/2 frames and a deep per-stream window (as the clients set).
@@ -98,6 +92,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
   BLOCKD_LOG(kInfo, "serving blockd.v1.BlockService on ", options.listen, " (port ", s->port_, "), metrics on port ",
              s->metrics_port(), ", backend ", s->engine_->backend().name());
   return s;
+}
+
+void Server::OnAuthFailure(absl::string_view method, const absl::Status& why) {
+  metrics_->AuthFailed(why.message());
+  auth_log_->Warn(absl::StrCat("refused a call to ", method, ": ", why.message()));
 }
 
 void Server::Housekeeping() {

@@ -19,26 +19,29 @@
 #include "absl/time/time.h"
 #include "engine/engine.h"
 #include "server/auth.h"
+#include "server/credentials.h"
 #include "server/metrics.h"
 #include "server/service.h"
 #include "server/thread_pool.h"
 
 namespace blockd {
 
-struct TlsOptions {
-  std::string cert_file, key_file;  // both set: serve TLS
-  std::string client_ca_file;       // set: require client certificates signed by this CA (mTLS)
-};
-
 struct ServerOptions {
   std::string listen = "0.0.0.0:50051";
   std::string metrics_listen = "0.0.0.0:9464";  // empty: no metrics endpoint
+  MetricsTls metrics_tls;                       // set: /metrics over HTTPS only
   int worker_threads = 0;                       // 0: max(4, hardware threads)
   absl::Duration housekeeping_period = absl::Seconds(1);
   absl::Duration drain_grace = absl::ZeroDuration();         // NOT_SERVING before the listener stops
   absl::Duration shutdown_timeout = absl::Seconds(30);       // for in-flight calls to finish
-  std::string auth_token_file, admin_token_file;
+  std::string token_file;                        // NAME ROLE TOKEN lines (server/auth.h)
+  std::string auth_token_file, admin_token_file;  // one token per line: train and admin
   TlsOptions tls;
+  // Bytes gRPC may hold for calls (read buffers, messages not yet handed to a handler) across all
+  // connections; past it gRPC shrinks flow-control windows and reclaims idle connections.
+  // 0: max(2 GiB, 8 x --max_message_bytes): well above what admitted calls of a busy GPU daemon
+  // hold, since past the quota gRPC also cancels streams ("Buffers full").
+  int64_t grpc_memory_bytes = 0;
   std::string checkpoint_dir;
   int64_t checkpoint_every_steps = 0;
   int checkpoint_keep = 3;  // automatic checkpoints kept; named ones are never rotated away
@@ -65,11 +68,14 @@ class Server {
  private:
   Server() = default;
   void Housekeeping();
+  void OnAuthFailure(absl::string_view method, const absl::Status& why);
 
   ServerOptions options_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<Metrics> metrics_;
-  std::unique_ptr<Authenticator> auth_;
+  std::shared_ptr<const Authenticator> auth_;
+  std::unique_ptr<RateLimitedLog> auth_log_;
+  std::unique_ptr<grpc::Service> reflection_v1_;
   std::unique_ptr<Checkpointer> checkpointer_;
   std::unique_ptr<ThreadPool> pool_;
   std::unique_ptr<BlockServiceImpl> service_;

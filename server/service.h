@@ -1,7 +1,8 @@
 // blockd.v1.BlockService on gRPC's callback API: each RPC is a short function that validates the
 // request, runs the engine call on the worker pool, and finishes with the converted status.
-// Admission (draining, the concurrent-RPC limit, expired deadlines, auth) is decided in one place,
-// Admit(), for every RPC, against the Access the RPC declares; Call records every RPC's metrics.
+// Admission (draining, expired deadlines, who the caller is and whether its role allows the RPC,
+// the concurrency limits) and metrics are applied in one place, Call::Admit, for every RPC.
+// Authentication itself happened earlier, on the request headers (server/credentials.h).
 //
 //   BlockServiceImpl service(&engine, metrics.get(), &pool, options);
 //   builder.RegisterService(&service);
@@ -11,10 +12,15 @@
 #include <memory>
 #include <string>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+
 #include "blockd/v1/block_service.grpc.pb.h"
 #include "engine/engine.h"
 #include "server/auth.h"
 #include "server/metrics.h"
+#include "server/stream_watchdog.h"
 #include "server/thread_pool.h"
 
 namespace blockd {
@@ -24,16 +30,19 @@ struct ServiceOptions {
   std::string backend_reason;
   int64_t max_message_bytes = 256 << 20;
   int64_t max_concurrent_rpcs = 256;
+  // Calls one identity may have in flight; 0: max(1, max_concurrent_rpcs / 4), so a client that
+  // stalls its calls cannot take every slot. The last max(1, max_concurrent_rpcs / 8) slots are
+  // kept for admin callers when roles are in force.
+  int64_t max_concurrent_rpcs_per_client = 0;
+  // LoadWeights/DownloadTensors streams that make no progress for this long, or run longer than
+  // the second, are ended with DEADLINE_EXCEEDED (zero: off).
+  absl::Duration stream_idle_timeout = absl::Seconds(60);
+  absl::Duration stream_max_duration = absl::Minutes(30);
+  // Callers are identified by their credential (a token's principal, a client certificate's CN).
+  // False: by the peer's address and the advisory `blockd-client` metadata.
+  bool identity_from_credentials = false;
   int64_t default_chunk_bytes = 1 << 20;
   int64_t max_chunk_bytes = 4 << 20;
-};
-
-// What an RPC asks of its caller's credentials. Each RPC names one value where it is defined
-// (service.cc), and Admit() alone maps it onto the Authenticator: finer roles (read/train/admin)
-// become new values here and a new branch there, without touching the RPCs.
-enum class Access {
-  kUser,   // any valid token: compute on blocks, read them
-  kAdmin,  // an admin token when an admin token file is set: create, load, delete, checkpoints
 };
 
 class Checkpointer;
@@ -90,16 +99,19 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
 
   enum class Work { kInline, kPool };
   // Admits the call (or finishes it with the reason), runs `fn` inline or on the pool, and
-  // finishes the reactor with fn's status. `fn` may take the UnaryReactor* to register what to
-  // undo if the reply never arrives.
+  // finishes the reactor with fn's status. The caller's role must include `needed`.
+  // `fn` may take the UnaryReactor* to register what to undo if the reply never arrives, and to
+  // learn who the caller is.
   template <class Fn>
   grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const char* method,
                                   const google::protobuf::Message& req, const google::protobuf::Message* resp,
-                                  Work work, Access access, Fn fn);
-  // The admission decision shared by unary and streaming RPCs.
-  absl::Status Admit(grpc::CallbackServerContext* ctx, Access access);
-  // Who asks: the auth identity, else the `blockd-client` metadata, else the peer's address.
-  std::string ClientOf(grpc::CallbackServerContext* ctx) const;
+                                  Work work, Role needed, Fn fn);
+  // Who asks: the credential's principal when there is one; else the peer's address, with the
+  // advisory `blockd-client` name after it ("ipv4:10.0.0.7/alice"), and every role.
+  absl::StatusOr<Principal> Identify(grpc::CallbackServerContext* ctx) const;
+  // Takes a concurrency slot for `who`, or says which limit is full.
+  absl::Status TakeSlot(const Principal& who);
+  void ReleaseSlot(const std::string& client);
 
   Engine* engine_;
   Metrics* metrics_;
@@ -107,8 +119,14 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
   const Authenticator* auth_;
   Checkpointer* checkpointer_;
   ServiceOptions options_;
+  int64_t per_client_limit_ = 0;
+  int64_t admin_reserve_ = 0;
+  std::unique_ptr<StreamWatchdog> watchdog_;
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> inflight_{0};
+  absl::Mutex slots_mu_;
+  int64_t admitted_ ABSL_GUARDED_BY(slots_mu_) = 0;
+  absl::flat_hash_map<std::string, int64_t> per_client_ ABSL_GUARDED_BY(slots_mu_);
 };
 
 }  // namespace blockd

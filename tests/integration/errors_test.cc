@@ -389,7 +389,7 @@ TEST_F(Errors, ActivationHandlesPerClientAreResourceExhausted) {
   ASSERT_OK(a->Forward({"h0"}, x, true).status());
   ASSERT_OK(a->Forward({"h0"}, x, true).status());
   EXPECT_STATUS(a->Forward({"h0"}, x, true).status(), StatusCode::kResourceExhausted,
-                "client trainer-a already holds 2 activation handles");
+                "client ipv4:127.0.0.1/trainer-a already holds 2 activation handles");
   EXPECT_EQ(ActivationsHeld(), 2);
   ASSERT_OK(b->Forward({"h0"}, x, true).status()) << "another client id has its own allowance";
   ASSERT_OK(a->Forward({"h0"}, x, false).status()) << "a Forward that keeps nothing is not limited";

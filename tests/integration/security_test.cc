@@ -1,15 +1,28 @@
-// Who may call and when: bearer tokens (UNAUTHENTICATED, PERMISSION_DENIED for admin RPCs),
-// activation handles private to the identity that made them (another token or client name gets
-// NOT_FOUND, as for an unknown id), the drain (UNAVAILABLE during the grace period), TLS and mutual TLS with certificates made on the
-// fly by the openssl command.
+// Who may call and when: bearer tokens (UNAUTHENTICATED, PERMISSION_DENIED for admin RPCs), roles
+// (read, train, admin), the identity quotas are keyed by (the token's principal, never the
+// `blockd-client` header, when tokens are on), activation handles private to the identity that
+// made them (another token or client name gets NOT_FOUND, as for an unknown id), per-identity
+// concurrency shares with slots kept for admins, the drain (UNAVAILABLE during the grace period),
+// TLS and mutual TLS with certificates made on the fly by the openssl command.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cstdlib>
 #include <fstream>
 #include <thread>
 
+#include <grpcpp/channel.h>
+#include <grpcpp/client_context.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/support/channel_arguments.h>
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "engine/cpu/cpu_backend.h"
 #include "tests/integration/harness.h"
 
 namespace blockd::testing {
@@ -70,12 +83,12 @@ TEST_F(Auth, UserTokensCannotCallAdminRpcs) {
   ASSERT_OK(admin_->CreateBlock(CreateRequest("t0", TinyConfig(), 1)).status());
   const BlockState before = StateOf(*admin_, "t0");
   EXPECT_STATUS(user_->CreateBlock(CreateRequest("t1", TinyConfig(), 1)).status(), StatusCode::kPermissionDenied,
-                "this RPC needs an admin token");
+                "needs the admin role; token-1 has the train role");
   EXPECT_STATUS(user_->LoadWeights("t0", RandomWeights(TinyConfig(), 2)).status(), StatusCode::kPermissionDenied,
-                "this RPC needs an admin token");
-  EXPECT_STATUS(user_->DeleteBlock("t0").status(), StatusCode::kPermissionDenied, "this RPC needs an admin token");
-  EXPECT_STATUS(user_->SaveCheckpoint({}).status(), StatusCode::kPermissionDenied, "this RPC needs an admin token");
-  EXPECT_STATUS(user_->RestoreCheckpoint({}).status(), StatusCode::kPermissionDenied, "this RPC needs an admin token");
+                "needs the admin role; token-1 has the train role");
+  EXPECT_STATUS(user_->DeleteBlock("t0").status(), StatusCode::kPermissionDenied, "needs the admin role; token-1 has the train role");
+  EXPECT_STATUS(user_->SaveCheckpoint({}).status(), StatusCode::kPermissionDenied, "needs the admin role; token-1 has the train role");
+  EXPECT_STATUS(user_->RestoreCheckpoint({}).status(), StatusCode::kPermissionDenied, "needs the admin role; token-1 has the train role");
   EXPECT_EQ(DiffStates(before, StateOf(*admin_, "t0")), "") << "a denied call changed t0";
   auto blocks = user_->ListBlocks();
   ASSERT_OK(blocks.status());
@@ -153,6 +166,211 @@ TEST(HandleOwnership, AnotherClientNamesBackwardAndReleaseAreNotFoundWithoutAuth
   ASSERT_OK(a->CreateBlock(CreateRequest("o0", TinyConfig(), 1)).status());
   ExpectHandleIsPrivate(*a, *b, *a, "o0");
   ExpectHandleIsPrivate(*b, *a, *a, "o0");
+}
+
+// ---- Roles ----
+
+constexpr char kReader[] = "reader-token-0123456789abcdef";
+constexpr char kTrainer[] = "trainer-token-0123456789abcdef";
+constexpr char kRoot[] = "root-token-0123456789abcdef";
+
+class Roles : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string dir = MakeTempDir("roles");
+    ServerOptions o = LoopbackOptions();
+    o.token_file = WriteFile(dir, "tokens",
+                             absl::StrCat("# NAME ROLE TOKEN\nreader read ", kReader, "\ntrainer train ", kTrainer,
+                                          "\n\troot   admin  ", kRoot, "\n"));
+    o.checkpoint_dir = dir + "/checkpoints";
+    o.engine.max_activations_per_client = 2;
+    server_ = StartServer(o);
+    ASSERT_NE(server_, nullptr);
+    reader_ = ConnectTo(*server_, {.token = kReader});
+    trainer_ = ConnectTo(*server_, {.token = kTrainer});
+    admin_ = ConnectTo(*server_, {.token = kRoot});
+  }
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<Client> reader_, trainer_, admin_;
+};
+
+TEST_F(Roles, EachRoleCallsWhatItsRoleAllowsAndIsDeniedTheRestWithoutAChange) {
+  ASSERT_OK(admin_->CreateBlock(CreateRequest("r0", TinyConfig(), 1)).status());
+  TrainStep(*admin_, {"r0"}, RandomTensor({1, 4, 32}, 2), 3);
+  const v1::Tensor x = RandomTensor({1, 4, 32}, 4);
+  const BlockState before = StateOf(*admin_, "r0");
+  auto denied = [](const absl::Status& s, const char* role, const char* who) {
+    EXPECT_STATUS(s, StatusCode::kPermissionDenied, absl::StrCat("needs the ", role, " role; ", who));
+  };
+  v1::StepRequest step;
+  step.add_block_ids("r0");
+
+  // read: look, run inference, download weights.
+  ASSERT_OK(reader_->GetServerInfo().status());
+  ASSERT_OK(reader_->ListBlocks().status());
+  ASSERT_OK(reader_->GetBlock("r0").status());
+  ASSERT_OK(reader_->Forward({"r0"}, x, false).status());
+  ASSERT_OK(reader_->DownloadTensors("r0", v1::TENSOR_KIND_WEIGHTS).status());
+  denied(reader_->Forward({"r0"}, x, true).status(), "train", "reader has the read role");
+  denied(reader_->Backward("act-1", x).status(), "train", "reader has the read role");
+  denied(reader_->ReleaseActivations("act-1"), "train", "reader has the read role");
+  denied(reader_->ZeroGrad({"r0"}), "train", "reader has the read role");
+  denied(reader_->Step(step).status(), "train", "reader has the read role");
+  for (v1::TensorKind kind : {v1::TENSOR_KIND_GRADIENTS, v1::TENSOR_KIND_ADAM_M, v1::TENSOR_KIND_ADAM_V}) {
+    denied(reader_->DownloadTensors("r0", kind).status(), "train", "reader has the read role");
+  }
+  for (Client* c : {reader_.get(), trainer_.get()}) {
+    const char* who = c == reader_.get() ? "reader has the read role" : "trainer has the train role";
+    denied(c->CreateBlock(CreateRequest("r1", TinyConfig(), 1)).status(), "admin", who);
+    denied(c->LoadWeights("r0", RandomWeights(TinyConfig(), 5)).status(), "admin", who);
+    denied(c->DeleteBlock("r0").status(), "admin", who);
+    denied(c->SaveCheckpoint({}).status(), "admin", who);
+    denied(c->RestoreCheckpoint({}).status(), "admin", who);
+  }
+  EXPECT_EQ(DiffStates(before, StateOf(*admin_, "r0")), "") << "a denied call changed r0";
+  auto blocks = admin_->ListBlocks();
+  ASSERT_OK(blocks.status());
+  EXPECT_EQ(blocks->size(), 1u) << "a denied CreateBlock or DeleteBlock took effect";
+
+  // train: the training loop and its state.
+  TrainStep(*trainer_, {"r0"}, x, 6);
+  ASSERT_OK(trainer_->Step(step).status());
+  ASSERT_OK(trainer_->DownloadTensors("r0", v1::TENSOR_KIND_ADAM_V).status());
+  ASSERT_OK(trainer_->ZeroGrad({"r0"}));
+  // admin: everything.
+  ASSERT_OK(admin_->LoadWeights("r0", RandomWeights(TinyConfig(), 7)).status());
+  ASSERT_OK(admin_->SaveCheckpoint({}).status());
+  ASSERT_OK(admin_->DeleteBlock("r0").status());
+}
+
+TEST(TokenFile, MistakesAreNamedWithTheirLine) {
+  const std::string dir = MakeTempDir("tokenfile");
+  auto start = [&](const std::string& text) {
+    ServerOptions o = LoopbackOptions();
+    o.token_file = WriteFile(dir, "tokens", text);
+    return Server::Start(o, MakeCpuBackend()).status();
+  };
+  EXPECT_STATUS(start("alice superuser 0123456789abcdef0\n"), StatusCode::kInvalidArgument,
+                "line 1: role \"superuser\" is not read, train or admin");
+  EXPECT_STATUS(start("# x\nalice train short\n"), StatusCode::kInvalidArgument, "line 2", "at least 16 characters");
+  EXPECT_STATUS(start("alice train 0123456789abcdef0 extra\n"), StatusCode::kInvalidArgument,
+                "expected `NAME ROLE TOKEN`, got 4 fields");
+  EXPECT_STATUS(start("alice train 0123456789abcdef0\nbob read 0123456789abcdef0\n"), StatusCode::kInvalidArgument,
+                "the token of bob is also the token of alice");
+  EXPECT_STATUS(start("alice train 0123456789abcdef0\nalice read 0123456789abcdef1\n"),
+                StatusCode::kInvalidArgument, "principal alice is named twice");
+}
+
+// ---- Identity and concurrency shares ----
+
+constexpr char kAlice[] = "alice-token-0123456789abcdef";
+constexpr char kBob[] = "bob-token-0123456789abcdef";
+
+TEST(Identity, WithTokensTheQuotaKeyIsTheTokensPrincipalNeverTheHeader) {
+  const std::string dir = MakeTempDir("identity");
+  ServerOptions o = LoopbackOptions();
+  o.token_file = WriteFile(dir, "tokens", absl::StrCat("alice train ", kAlice, "\nbob train ", kBob, "\nroot admin ",
+                                                       kRoot, "\n"));
+  o.engine.max_activations_per_client = 2;
+  auto server = StartServer(o);
+  ASSERT_NE(server, nullptr);
+  auto admin = ConnectTo(*server, {.token = kRoot});
+  ASSERT_OK(admin->CreateBlock(CreateRequest("q", TinyConfig(), 1)).status());
+  const v1::Tensor x = RandomTensor({1, 4, 32}, 1);
+  // Alice changes her `blockd-client` name on every call, and finally names bob.
+  for (const char* name : {"a1", "a2"}) {
+    ASSERT_OK(ConnectTo(*server, {.token = kAlice, .client_id = name})->Forward({"q"}, x, true).status());
+  }
+  for (const char* name : {"a3", "bob"}) {
+    EXPECT_STATUS(ConnectTo(*server, {.token = kAlice, .client_id = name})->Forward({"q"}, x, true).status(),
+                  StatusCode::kResourceExhausted, "client alice already holds 2 activation handles");
+  }
+  // Bob's quota is his own: alice naming him took none of it.
+  auto bob = ConnectTo(*server, {.token = kBob, .client_id = "alice"});
+  ASSERT_OK(bob->Forward({"q"}, x, true).status());
+  ASSERT_OK(bob->Forward({"q"}, x, true).status());
+  EXPECT_STATUS(bob->Forward({"q"}, x, true).status(), StatusCode::kResourceExhausted, "client bob already holds 2");
+}
+
+TEST(Identity, WithoutTokensTheHeaderOnlyNamesAClientBehindThePeersAddress) {
+  ServerOptions o = LoopbackOptions();
+  o.engine.max_activations_per_client = 1;
+  auto server = StartServer(o);
+  ASSERT_NE(server, nullptr);
+  auto c = ConnectTo(*server, {.client_id = "worker-3"});
+  ASSERT_OK(c->CreateBlock(CreateRequest("q", TinyConfig(), 1)).status());
+  ASSERT_OK(c->Forward({"q"}, RandomTensor({1, 4, 32}, 1), true).status());
+  EXPECT_STATUS(c->Forward({"q"}, RandomTensor({1, 4, 32}, 2), true).status(), StatusCode::kResourceExhausted,
+                "client ipv4:127.0.0.1/worker-3 already holds 1");
+}
+
+// With max 8: a quarter (2) per identity, and 1 kept for admins. Four identities that each hold
+// their share fill the 7 open slots; the 8th call is refused and the admin still gets in.
+TEST(Identity, OneIdentityHoldsAShareOfTheSlotsAndAdminsKeepSome) {
+  const std::string dir = MakeTempDir("shares");
+  std::string tokens = absl::StrCat("root admin ", kRoot, "\n");
+  for (int i = 0; i < 4; ++i) absl::StrAppend(&tokens, "user", i, " train user", i, "-token-0123456789abcdef\n");
+  ServerOptions o = LoopbackOptions();
+  o.token_file = WriteFile(dir, "tokens", tokens);
+  o.service.max_concurrent_rpcs = 8;
+  auto server = StartServer(o);
+  ASSERT_NE(server, nullptr);
+  auto admin = ConnectTo(*server, {.token = kRoot});
+  // A block of ~4 MB of weights, far more than the stalled readers' 64 KiB windows.
+  v1::BlockConfig c = TinyConfig(false, 256);
+  c.set_num_attention_heads(4);
+  c.set_num_kv_heads(4);
+  c.set_head_dim(64);
+  c.set_intermediate_size(1024);
+  ASSERT_OK(admin->CreateBlock(CreateRequest("s", c, 1)).status());
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 10);
+  auto stub = v1::BlockService::NewStub(
+      grpc::CreateCustomChannel(TargetOf(*server), grpc::InsecureChannelCredentials(), args));
+  // Downloads that read one chunk and stop: each holds its slot.
+  struct Held {
+    std::unique_ptr<grpc::ClientContext> ctx;
+    std::unique_ptr<grpc::ClientReader<v1::TensorChunk>> reader;
+    bool admitted = false;
+  };
+  std::vector<Held> held;
+  for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      Held h;
+      h.ctx = std::make_unique<grpc::ClientContext>();
+      h.ctx->AddMetadata("authorization", absl::StrCat("Bearer user", i, "-token-0123456789abcdef"));
+      v1::DownloadTensorsRequest r;
+      r.set_block_id("s");
+      r.set_kind(v1::TENSOR_KIND_WEIGHTS);
+      h.reader = stub->DownloadTensors(h.ctx.get(), r);
+      v1::TensorChunk chunk;
+      h.admitted = h.reader->Read(&chunk);
+      held.push_back(std::move(h));
+    }
+    if (i == 0) {  // user0 holds its share while the server has room
+      EXPECT_STATUS(ConnectTo(*server, {.token = "user0-token-0123456789abcdef"})->ListBlocks().status(),
+                    StatusCode::kResourceExhausted,
+                    "client user0 already has 2 calls in flight (--max_concurrent_rpcs_per_client=2)");
+    }
+  }
+  int admitted = 0;
+  for (const Held& h : held) admitted += h.admitted;
+  EXPECT_EQ(admitted, 7) << "4 identities x 2 calls, with 1 of 8 slots kept for admins";
+  EXPECT_FALSE(held.back().admitted);
+  if (!held.back().admitted) {
+    EXPECT_STATUS(FromGrpcStatus(held.back().reader->Finish()), StatusCode::kResourceExhausted,
+                  "blockd is serving 7 calls already (--max_concurrent_rpcs) and keeps 1 of its 8 for admin calls");
+  }
+  ASSERT_OK(admin->GetServerInfo().status()) << "the users locked the admin out";
+  auto user0 = ConnectTo(*server, {.token = "user0-token-0123456789abcdef"});
+  for (Held& h : held) h.ctx->TryCancel();
+  for (Held& h : held) {
+    if (h.admitted) h.reader->Finish();
+  }
+  absl::Status again = absl::UnknownError("not tried");
+  for (int i = 0; i < 300 && !again.ok(); ++i, absl::SleepFor(absl::Milliseconds(10))) again = user0->ListBlocks().status();
+  EXPECT_TRUE(again.ok()) << "cancelled streams kept their slots: " << again;
 }
 
 TEST(Drain, NewCallsAreUnavailableDuringTheGracePeriod) {
@@ -265,6 +483,56 @@ TEST(Tls, ServerCertificateIsVerifiedAgainstTheCa) {
                 "cannot read TLS CA file");
 }
 
+TEST(Tls, AKeyThatIsNotTheCertificatesIsNamedAsSuch) {
+  const Pki pki = MakePki();
+  ASSERT_FALSE(pki.ca.empty());
+  ServerOptions o = LoopbackOptions();
+  o.tls.cert_file = pki.server_cert;
+  o.tls.key_file = pki.client_key;  // a valid key, of another certificate
+  EXPECT_STATUS(Server::Start(o, MakeCpuBackend()).status(), StatusCode::kInvalidArgument,
+                absl::StrCat("the private key in --tls_key ", pki.client_key,
+                             " does not belong to the certificate in --tls_cert ", pki.server_cert));
+  o.tls.key_file = pki.server_cert;  // not a key at all
+  EXPECT_STATUS(Server::Start(o, MakeCpuBackend()).status(), StatusCode::kInvalidArgument,
+                absl::StrCat("--tls_key ", pki.server_cert, " holds no unencrypted PEM private key"));
+  o.tls.key_file = pki.server_key;
+  o.tls.cert_file = pki.server_key;
+  EXPECT_STATUS(Server::Start(o, MakeCpuBackend()).status(), StatusCode::kInvalidArgument,
+                absl::StrCat("--tls_cert ", pki.server_key, " holds no PEM certificate"));
+}
+
+TEST(Tls, MetricsAreServedOverHttpsOnlyWithMetricsTlsCert) {
+  const Pki pki = MakePki();
+  ASSERT_FALSE(pki.ca.empty());
+  ServerOptions o = LoopbackOptions(/*with_metrics=*/true);
+  o.metrics_tls = {pki.server_cert, pki.client_key};
+  EXPECT_STATUS(Server::Start(o, MakeCpuBackend()).status(), StatusCode::kInvalidArgument,
+                absl::StrCat("the private key in --metrics_tls_key ", pki.client_key, " does not belong"));
+  o.metrics_tls = {pki.server_cert, pki.server_key};
+  auto server = StartServer(o);
+  ASSERT_NE(server, nullptr);
+  ASSERT_GT(server->metrics_port(), 0);
+  auto client = ConnectTo(*server);
+  ASSERT_OK(client->GetServerInfo().status());
+  EXPECT_EQ(HttpGetBody(server->metrics_port(), "/metrics"), "") << "plain HTTP was answered";
+  const std::string out = pki.dir + "/metrics.txt";
+  ASSERT_TRUE(blockd::testing::Run(absl::StrCat("curl -sf -m 10 --cacert ", pki.ca, " -o ", out, " https://127.0.0.1:",
+                               server->metrics_port(), "/metrics")));
+  std::ifstream in(out);
+  const std::string body((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(body.find("blockd_requests_total{code=\"OK\",method=\"GetServerInfo\"} 1"), std::string::npos) << body;
+  // A client that connects and says nothing holds the endpoint for at most its 5 s I/O timeout.
+  const int silent = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr = {};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(server->metrics_port()));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(connect(silent, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  EXPECT_TRUE(blockd::testing::Run(absl::StrCat("curl -sf -m 10 --cacert ", pki.ca, " -o /dev/null https://127.0.0.1:",
+                               server->metrics_port(), "/metrics")));
+  close(silent);
+}
+
 TEST(Tls, MutualTlsNeedsAClientCertificateFromTheClientCa) {
   const Pki pki = MakePki();
   ASSERT_FALSE(pki.ca.empty());
@@ -272,6 +540,7 @@ TEST(Tls, MutualTlsNeedsAClientCertificateFromTheClientCa) {
   o.tls.cert_file = pki.server_cert;
   o.tls.key_file = pki.server_key;
   o.tls.client_ca_file = pki.ca;
+  o.engine.max_activations_per_client = 1;
   auto server = StartServer(o);
   ASSERT_NE(server, nullptr);
 
@@ -279,6 +548,12 @@ TEST(Tls, MutualTlsNeedsAClientCertificateFromTheClientCa) {
   ASSERT_OK(good->GetServerInfo().status());
   ASSERT_OK(good->CreateBlock(CreateRequest("m0", TinyConfig(), 1)).status());
   ASSERT_OK(good->DownloadTensors("m0", v1::TENSOR_KIND_WEIGHTS).status());
+  // The certificate's CN is the caller's identity; the blockd-client header does not change it.
+  auto renamed = ConnectTo(*server, {.client_id = "someone-else", .tls_ca_file = pki.ca,
+                                     .tls_cert_file = pki.client_cert, .tls_key_file = pki.client_key});
+  ASSERT_OK(good->Forward({"m0"}, RandomTensor({1, 4, 32}, 1), true).status());
+  EXPECT_STATUS(renamed->Forward({"m0"}, RandomTensor({1, 4, 32}, 2), true).status(), StatusCode::kResourceExhausted,
+                "client blockd-test-client already holds 1 activation handles");
 
   const CallOptions quick{absl::Seconds(5)};
   auto no_cert = ConnectTo(*server, {.tls_ca_file = pki.ca});

@@ -2,13 +2,15 @@
 // run (a Step does not step, a Forward keeps no handle), the client hears DEADLINE_EXCEEDED when
 // its deadline passes rather than when the server gets to it, a Forward with keep_activations
 // cancelled before its reply leaves never leaves a handle (one whose cancel crosses the reply is
-// freed by the TTL), a stream cut by an oversized message applies nothing, and the concurrent-call
-// limit frees the slots of cancelled streams. (Each limit's RESOURCE_EXHAUSTED is also in the
+// freed by the TTL), a stream cut by an oversized message applies nothing, the concurrent-call
+// limit frees the slots of cancelled streams, and a download that a Step overtakes (it reads one
+// tensor at a time) ends with ABORTED rather than mixing two steps. (Each limit's RESOURCE_EXHAUSTED is also in the
 // hostile-input battery; the message-size, memory, block and handle limits are there.)
 #include <grpcpp/channel.h>
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
+#include <grpcpp/support/channel_arguments.h>
 
 #include <atomic>
 #include <random>
@@ -219,6 +221,8 @@ TEST_F(Limits, ForwardsCancelledAtAnyInstantHoldNothingPastTheTtl) {
 TEST_F(Limits, ConcurrentCallLimitRefusesThenFreesSlotsOfCancelledStreams) {
   ServerOptions o = LoopbackOptions();
   o.service.max_concurrent_rpcs = 4;
+  // One client fills the whole server here; the per-client share is tested in security_test.
+  o.service.max_concurrent_rpcs_per_client = 4;
   Start(o);
   ASSERT_OK(client_->CreateBlock(CreateRequest("b", TinyConfig(), 1)).status());
   for (int round = 0; round < 3; ++round) {
@@ -242,6 +246,40 @@ TEST_F(Limits, ConcurrentCallLimitRefusesThenFreesSlotsOfCancelledStreams) {
     }
     EXPECT_TRUE(admitted.ok()) << "round " << round << ": cancelled streams kept their slots: " << admitted;
   }
+}
+
+TEST_F(Limits, ADownloadOvertakenByAStepEndsAbortedInsteadOfMixingSteps) {
+  Start(LoopbackOptions());
+  // ~4 MB of weights: far more than the reader's 64 KiB window, so the stream waits mid-block.
+  v1::BlockConfig c = TinyConfig(false, 256);
+  c.set_num_attention_heads(4);
+  c.set_num_kv_heads(4);
+  c.set_head_dim(64);
+  c.set_intermediate_size(1024);
+  ASSERT_OK(client_->CreateBlock(CreateRequest("s", c, 1)).status());
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 10);
+  auto slow = v1::BlockService::NewStub(
+      grpc::CreateCustomChannel(TargetOf(*server_), grpc::InsecureChannelCredentials(), args));
+  grpc::ClientContext ctx;
+  v1::DownloadTensorsRequest r;
+  r.set_block_id("s");
+  r.set_kind(v1::TENSOR_KIND_WEIGHTS);
+  auto reader = slow->DownloadTensors(&ctx, r);
+  v1::TensorChunk chunk;
+  ASSERT_TRUE(reader->Read(&chunk));
+  // While the download waits, the block takes a step.
+  TrainStep(*client_, {"s"}, RandomTensor({1, 4, 256}, 2), 3);
+  v1::StepRequest step;
+  step.add_block_ids("s");
+  ASSERT_OK(client_->Step(step).status());
+  while (reader->Read(&chunk)) {
+  }
+  EXPECT_STATUS(FromGrpcStatus(reader->Finish()), StatusCode::kAborted,
+                "block s took an optimizer step (0 -> 1) while it was downloaded");
+  // Downloaded again, it is whole and of one step.
+  ASSERT_OK(client_->DownloadTensors("s", v1::TENSOR_KIND_WEIGHTS).status());
 }
 
 // gRPC ends a stream it failed itself (a message over the size limit) with the same ok=false read
