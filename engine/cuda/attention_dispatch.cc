@@ -125,6 +125,9 @@ absl::StatusOr<AttentionPlan> PlanAttention(AttentionMode mode, const BlockSpec&
   absl::Status refused;
   if (dev->cudnn == nullptr) {
     refused = absl::FailedPreconditionError(dev->cudnn_unavailable);
+  } else if (spec.config.head_dim % 8 != 0) {
+    // cuDNN reads 16-byte aligned rows; v's offset in q|k|v is (heads + kv_heads) * head_dim.
+    refused = absl::UnimplementedError(absl::StrCat("head_dim ", spec.config.head_dim, " is not a multiple of 8"));
   } else {
     DeviceGuard guard(dev->index);
     auto ws = PrepareBoth(dev->cudnn.get(), BlockProblem(spec.config, spec.max_batch_size, spec.max_seq_len));
