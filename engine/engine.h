@@ -55,6 +55,7 @@ struct BlockInfo {
   std::vector<std::string> missing_weights;
   bool has_gradients = false;
   int64_t step = 0;
+  AttentionInfo attention;  // the block's attention kernels and why
 };
 
 // Host bytes of a tensor in a request: a view, not owned.

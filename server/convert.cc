@@ -49,6 +49,8 @@ void ToProto(const BlockInfo& info, absl::string_view backend, v1::BlockInfo* ou
   for (const std::string& m : info.missing_weights) out->add_missing_weights(m);
   out->set_has_gradients(info.has_gradients);
   out->set_backend(std::string(backend));
+  out->set_attention_backend(info.attention.backend);
+  out->set_attention_reason(info.attention.reason);
 }
 
 absl::StatusOr<DType> FromProto(v1::DType t, absl::string_view what) {

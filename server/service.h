@@ -22,6 +22,7 @@ namespace blockd {
 struct ServiceOptions {
   std::string version;
   std::string backend_reason;
+  std::string attention_backend, attention_reason;  // GetServerInfo's, from SelectBackend
   int64_t max_message_bytes = 256 << 20;
   int64_t max_concurrent_rpcs = 256;
   int64_t default_chunk_bytes = 1 << 20;
