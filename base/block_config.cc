@@ -35,6 +35,11 @@ absl::Status CheckRange(absl::string_view field, int64_t v, int64_t lo, int64_t 
 
 }  // namespace
 
+void FillUnsetConfigDefaults(BlockConfig* c) {
+  if (c->rms_norm_eps == 0) c->rms_norm_eps = kDefaultRmsNormEps;
+  if (c->rope_theta == 0) c->rope_theta = kDefaultRopeTheta;
+}
+
 absl::Status ValidateBlockConfig(const BlockConfig& c) {
   if (auto s = CheckRange("hidden_size", c.hidden_size, 1, 65536); !s.ok()) return s;
   if (auto s = CheckRange("num_attention_heads", c.num_attention_heads, 1, 1024); !s.ok()) return s;

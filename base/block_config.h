@@ -15,14 +15,18 @@
 
 namespace blockd {
 
+// Hugging Face's defaults (LlamaConfig, Qwen2Config) for the two float hyperparameters.
+inline constexpr double kDefaultRmsNormEps = 1e-6;
+inline constexpr double kDefaultRopeTheta = 10000.0;
+
 struct BlockConfig {
   int64_t hidden_size = 0;
   int64_t num_attention_heads = 0;
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
   int64_t intermediate_size = 0;
-  double rms_norm_eps = 1e-6;
-  double rope_theta = 10000.0;
+  double rms_norm_eps = kDefaultRmsNormEps;
+  double rope_theta = kDefaultRopeTheta;
   bool qk_norm = false;
 
   int64_t q_dim() const { return num_attention_heads * head_dim; }
@@ -36,6 +40,11 @@ absl::string_view PrecisionName(Precision p);  // "fp32", "tf32", "bf16"
 
 // Checks sizes, divisibility and ranges; the message names the field and the value.
 absl::Status ValidateBlockConfig(const BlockConfig& c);
+
+// Sets rms_norm_eps and rope_theta left 0 to Hugging Face's defaults. 0 is what a proto3 field
+// omitted from a request reads as, so grpcurl users need not spell them. Negative or non-finite
+// values are left for ValidateBlockConfig to refuse.
+void FillUnsetConfigDefaults(BlockConfig* c);
 
 // The parameters of one block, in a fixed order that every backend, file and message uses.
 enum class ParamId : uint8_t {

@@ -20,6 +20,7 @@
 
 #include "kernels/adamw.cuh"
 #include "kernels/attention.cuh"
+#include "kernels/attention_fp32.cuh"
 #include "kernels/convert.cuh"
 #include "kernels/gemm.h"
 #include "kernels/rmsnorm.cuh"
@@ -264,11 +265,23 @@ int main(int argc, char** argv) {
     float* kf = Random<float>(N * kvd);
     float* vf = Random<float>(N * kvd);
     float* of = Random<float>(N * qd);
+    // The SIMT kernels run every head_dim; launch_attention_* picks the register-tiled ones for
+    // fp32 at head_dim 64/128.
+    const std::string fp32_path =
+        blockd::kernels::attention_fp32_supports(attention(qf, kf, vf, kvd, of)) ? "register-tiled" : "simt";
     Row("attention fwd fp32 (simt)", TimeMs([&] {
+          blockd::kernels::launch_attention_fwd_simt(attention(qf, kf, vf, kvd, of));
+        }),
+        attn_flops, 0);
+    Row("attention fwd fp32 (" + fp32_path + ")", TimeMs([&] {
           blockd::kernels::launch_attention_fwd(attention(qf, kf, vf, kvd, of));
         }),
         attn_flops, 0);
-    Row("attention bwd fp32 (simt)", TimeMs([&] {
+    Row("attention bwd fp32 (delta + simt)", TimeMs([&] {
+          blockd::kernels::launch_attention_bwd_simt(attention(qf, kf, vf, kvd, of));
+        }),
+        2.5 * attn_flops, 0);
+    Row("attention bwd fp32 (delta + " + fp32_path + ")", TimeMs([&] {
           blockd::kernels::launch_attention_bwd(attention(qf, kf, vf, kvd, of));
         }),
         2.5 * attn_flops, 0);

@@ -3,8 +3,9 @@
 // same in Python, and the two behave alike: same checks, messages, block ids and flags.
 //
 // Everything is checked before the first block is created: config.json describes a model a blockd
-// block computes (model_type llama/qwen2/qwen3, SiLU MLP, plain RoPE, no bias terms, full causal
-// attention), and every chosen layer holds exactly the block's tensors in the shapes the config
+// block computes (proto/hf_config.h's BlockConfigFromHf, which `blockctl create --config` and
+// Python's BlockConfig.from_hf share: model_type llama/qwen2/qwen3, SiLU MLP, plain RoPE, no bias
+// terms, full causal attention), and every chosen layer holds exactly the block's tensors in the shapes the config
 // implies. Then, layer by layer: CreateBlock, and one LoadWeights stream with the tensors in their
 // stored dtype (bf16 / fp16 / fp32; the server converts them exactly to its fp32 master weights).
 // If anything fails after that, the blocks this run created are deleted again. The block ids go to
@@ -26,82 +27,22 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "base/status_macros.h"
 #include "client/blockctl.h"
 #include "client/blockctl_util.h"
 #include "base/block_config.h"
-#include "nlohmann/json.hpp"
+#include "proto/config_convert.h"
+#include "proto/hf_config.h"
 
 namespace blockd {
 namespace {
 
 namespace fs = std::filesystem;
-using nlohmann::json;
-
-constexpr const char* kSupportedModelTypes[] = {"llama", "qwen2", "qwen3"};
 // Buffers some older conversions saved that blocks recompute (RoPE inverse frequencies).
 constexpr const char* kRecomputed = "self_attn.rotary_emb.inv_freq";
 
-// Python's truthiness of a JSON value (the reference reads config.json with json.load).
-bool Truthy(const json& v) {
-  if (v.is_null()) return false;
-  if (v.is_boolean()) return v.get<bool>();
-  if (v.is_number_integer()) return v.get<int64_t>() != 0;
-  if (v.is_number()) return v.get<double>() != 0;
-  if (v.is_string() || v.is_array() || v.is_object()) return !v.empty();
-  return true;
-}
-
-bool TruthyField(const json& c, const char* key) { return c.contains(key) && Truthy(c[key]); }
-
-// A RoPE variant other than plain rope_theta (rope_scaling, or transformers 5's rope_parameters).
-bool ScaledRope(const json& r) {
-  if (!Truthy(r)) return false;
-  if (!r.is_object()) return true;
-  for (const char* key : {"rope_type", "type"}) {
-    if (r.contains(key) && Truthy(r[key])) return !(r[key].is_string() && r[key].get<std::string>() == "default");
-  }
-  return false;
-}
-
-// Refuses what a blockd block cannot compute (the checks of hf.py's HFCheckpoint.block_config).
-absl::Status CheckSupported(const json& c) {
-  const std::string model_type = c.contains("model_type") && c["model_type"].is_string() ? c["model_type"].get<std::string>() : "";
-  if (std::find(std::begin(kSupportedModelTypes), std::end(kSupportedModelTypes), model_type) ==
-      std::end(kSupportedModelTypes)) {
-    return absl::InvalidArgumentError(absl::StrCat("model_type '", model_type, "': blockd imports ",
-                                                   absl::StrJoin(kSupportedModelTypes, ", ")));
-  }
-  const json act = c.contains("hidden_act") ? c["hidden_act"] : c.value("hidden_activation", json("silu"));
-  if (!act.is_string() || act.get<std::string>() != "silu") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("hidden_act ", act.dump(), ": blockd blocks compute a SiLU-gated MLP"));
-  }
-  for (const char* key : {"rope_scaling", "rope_parameters"}) {
-    if (c.contains(key) && ScaledRope(c[key])) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(key, " ", c[key].dump(), ": blockd blocks compute plain RoPE (rope_theta only)"));
-    }
-  }
-  for (const char* flag : {"attention_bias", "mlp_bias"}) {
-    if (TruthyField(c, flag)) {
-      return absl::InvalidArgumentError(absl::StrCat(flag, " is true: blockd blocks have no bias terms"));
-    }
-  }
-  if (TruthyField(c, "use_sliding_window") && TruthyField(c, "sliding_window")) {
-    return absl::InvalidArgumentError("use_sliding_window is true: blockd blocks compute full causal attention");
-  }
-  return absl::OkStatus();
-}
-
 // {name, shape} of one block's tensors, in the server's order: the engine's own table.
-std::vector<std::pair<std::string, std::vector<int64_t>>> ParamShapes(const v1::BlockConfig& c) {
-  BlockConfig config;
-  config.hidden_size = c.hidden_size();
-  config.num_attention_heads = c.num_attention_heads();
-  config.num_kv_heads = c.num_kv_heads();
-  config.head_dim = c.head_dim();
-  config.intermediate_size = c.intermediate_size();
-  config.qk_norm = c.qk_norm();
+std::vector<std::pair<std::string, std::vector<int64_t>>> ParamShapes(const BlockConfig& config) {
   std::vector<std::pair<std::string, std::vector<int64_t>>> p;
   for (const ParamSpec& spec : BlockParams(config)) p.emplace_back(spec.name, spec.shape);
   return p;
@@ -188,7 +129,7 @@ struct LayerPlan {
 // Checks one layer's tensors against the config (the checks of hf.py's layer_tensors): exactly
 // the block's names, the shapes config.json implies. Maps the shards it needs.
 absl::StatusOr<LayerPlan> PlanLayer(SafetensorsCheckpoint& ckpt, const std::set<std::string>& present, int64_t layer,
-                                    const v1::BlockConfig& config) {
+                                    const BlockConfig& config) {
   const std::string prefix = absl::StrCat("model.layers.", layer, ".");
   const auto expected = ParamShapes(config);
   std::set<std::string> expected_names;
@@ -227,73 +168,56 @@ absl::StatusOr<LayerPlan> PlanLayer(SafetensorsCheckpoint& ckpt, const std::set<
   return plan;
 }
 
-}  // namespace
+class ImportHf : public Command {
+ public:
+  void AddFlags(FlagSet* f) override {
+    f->String("layers", &layers_text_, "layers to import: A:B (half-open) or a comma list (default: all)");
+    f->String("prefix", &prefix_, "block ids are PREFIX<layer> (default: \"<DIR name>/layer\")");
+    f->Bool("replace", &replace_, "delete blocks that already hold the ids (else an existing id fails the import)");
+    f->String("precision", &precision_text_, "fp32, tf32 or bf16 (default: the backend's)");
+    f->Int("device", &device_, "device index on the server");
+    f->Int("max_seq_len", &max_seq_len_, "longest sequence (0: the server's default)");
+    f->Int("max_batch_size", &max_batch_size_, "largest batch (0: the server's default)");
+    f->Int("seed", &seed_, "CreateBlock seed (the loaded weights replace the random ones)");
+    f->Bool("progress", &progress_, "progress bar on stderr (default: when stderr is a terminal)");
+    f->Int("chunk_bytes", &chunk_bytes_, "bytes per LoadWeights chunk (the server allows up to its max_chunk_bytes)");
+  }
+  absl::Status Run(Invocation& in) override;
 
-int CmdImportHf(const std::vector<std::string>& args) {
-  GlobalFlags g;
-  std::string prefix, layers_text, precision_text;
-  int64_t device = 0, max_seq_len = 0, max_batch_size = 0, seed = 0, chunk_bytes = 1 << 20;
-  bool replace = false, progress = false;
-  FlagSet flags(
-      "blockctl import-hf DIR [--layers=A:B|I,J,...] [--prefix=ID] [--replace] [--precision=P]",
-      "Import a Hugging Face Llama / Qwen2 / Qwen3 checkpoint directory (config.json, *.safetensors shards\n"
-      "and model.safetensors.index.json): one block per decoder layer, with the layer's config (qk_norm for\n"
-      "qwen3, rms_norm_eps, rope_theta, head_dim) and its weights, sent in their stored dtype (bf16/fp16/fp32).\n"
-      "Prints the block ids, PREFIX<layer>, one a line. Every layer is checked before any block is created;\n"
-      "what blockd cannot compute (biases as in Qwen2, rope_scaling, a non-SiLU MLP, sliding-window\n"
-      "attention) is refused. If a later step fails, the blocks this run created are deleted. Embedding,\n"
-      "final norm and LM head stay with the client. `python3 -m blockd import-hf` does the same.");
-  flags.String("layers", &layers_text, "layers to import: A:B (half-open) or a comma list (default: all)");
-  flags.String("prefix", &prefix, "block ids are PREFIX<layer> (default: \"<DIR name>/layer\")");
-  flags.Bool("replace", &replace, "delete blocks that already hold the ids (else an existing id fails the import)");
-  flags.String("precision", &precision_text, "fp32, tf32 or bf16 (default: the backend's)");
-  flags.Int("device", &device, "device index on the server");
-  flags.Int("max_seq_len", &max_seq_len, "longest sequence (0: the server's default)");
-  flags.Int("max_batch_size", &max_batch_size, "largest batch (0: the server's default)");
-  flags.Int("seed", &seed, "CreateBlock seed (the loaded weights replace the random ones)");
-  flags.Bool("progress", &progress, "progress bar on stderr (default: when stderr is a terminal)");
-  flags.Int("chunk_bytes", &chunk_bytes, "bytes per LoadWeights chunk (the server allows up to its max_chunk_bytes)");
-  std::vector<std::string> pos;
-  if (int rc = ParseCommandLine(&flags, &g, args, &pos, "import-hf"); rc >= 0) return rc;
-  if (pos.size() != 1) return UsageError("import-hf", "import-hf takes one checkpoint DIR");
-  auto precision = PrecisionFlag(precision_text);
-  if (!precision.ok()) return UsageError("import-hf", std::string(precision.status().message()));
-  if (chunk_bytes < 1) return UsageError("import-hf", "--chunk_bytes must be > 0");
-  const std::string& dir = pos[0];
+ private:
+  std::string prefix_, layers_text_, precision_text_;
+  int64_t device_ = 0, max_seq_len_ = 0, max_batch_size_ = 0, seed_ = 0, chunk_bytes_ = 1 << 20;
+  bool replace_ = false, progress_ = false;
+};
+
+absl::Status ImportHf::Run(Invocation& in) {
+  auto precision = ParsePrecisionName(precision_text_);
+  if (!precision.ok()) return Usage(std::string(precision.status().message()));
+  if (chunk_bytes_ < 1) return Usage("--chunk_bytes must be > 0");
+  const std::string& dir = in.arg(0);
 
   // 1. Check everything before touching the server.
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) {
-    return Fail(absl::NotFoundError(absl::StrCat(dir, ": not a directory (expected a Hugging Face checkpoint directory)")));
+    return absl::NotFoundError(absl::StrCat(dir, ": not a directory (expected a Hugging Face checkpoint directory)"));
   }
   const std::string config_path = (fs::path(dir) / "config.json").string();
   if (!fs::is_regular_file(config_path, ec)) {
-    return Fail(absl::NotFoundError(absl::StrCat(dir, ": no config.json (expected a Hugging Face checkpoint directory)")));
+    return absl::NotFoundError(absl::StrCat(dir, ": no config.json (expected a Hugging Face checkpoint directory)"));
   }
-  auto ckpt = SafetensorsCheckpoint::Open(dir);
-  if (!ckpt.ok()) return Fail(ckpt.status());
-  auto hf = ReadHfConfig(config_path);
-  if (!hf.ok()) return Fail(hf.status());
-  if (absl::Status s = CheckSupported(*hf); !s.ok()) return Fail(s);
-  auto config = BlockConfigFromHf(*hf, config_path);
-  if (!config.ok()) return Fail(config.status());
-  int64_t num_layers = 0;
-  try {
-    num_layers = hf->at("num_hidden_layers").get<int64_t>();
-  } catch (const std::exception& e) {
-    return Fail(absl::InvalidArgumentError(absl::StrCat(config_path, ": ", e.what())));
-  }
-  auto layers = ParseLayers(layers_text, num_layers);
+  ASSIGN_OR_RETURN(SafetensorsCheckpoint ckpt, SafetensorsCheckpoint::Open(dir));
+  ASSIGN_OR_RETURN(nlohmann::json hf, ReadHfConfig(config_path));
+  ASSIGN_OR_RETURN(const BlockConfig config, BlockConfigFromHf(hf));
+  ASSIGN_OR_RETURN(const int64_t num_layers, HfNumLayers(hf));
+  auto layers = ParseLayers(layers_text_, num_layers);
   if (!layers.ok()) {
-    if (layers.status().code() == absl::StatusCode::kInvalidArgument) {
-      return UsageError("import-hf", std::string(layers.status().message()));
-    }
-    return Fail(layers.status());
+    if (layers.status().code() == absl::StatusCode::kInvalidArgument) return Usage(std::string(layers.status().message()));
+    return layers.status();
   }
-  if (!flags.IsSet("prefix")) prefix = DefaultPrefix(dir);
+  const std::string prefix = in.IsSet("prefix") ? prefix_ : DefaultPrefix(dir);
 
   std::map<int64_t, std::set<std::string>> present;  // layer -> its tensor names, "model.layers.N." stripped
-  for (const std::string& name : ckpt->names()) {
+  for (const std::string& name : ckpt.names()) {
     absl::string_view rest = name;
     int64_t layer = 0;
     if (!absl::ConsumePrefix(&rest, "model.layers.")) continue;
@@ -304,29 +228,27 @@ int CmdImportHf(const std::vector<std::string>& args) {
   std::vector<LayerPlan> plan;
   int64_t total_bytes = 0;
   for (int64_t layer : *layers) {
-    auto p = PlanLayer(*ckpt, present[layer], layer, *config);
-    if (!p.ok()) return Fail(p.status());
-    p->block_id = absl::StrCat(prefix, layer);
-    total_bytes += p->bytes;
-    plan.push_back(*std::move(p));
+    ASSIGN_OR_RETURN(LayerPlan p, PlanLayer(ckpt, present[layer], layer, config));
+    p.block_id = absl::StrCat(prefix, layer);
+    total_bytes += p.bytes;
+    plan.push_back(std::move(p));
   }
 
   // 2. Create and load, one block at a time; undo on failure.
-  auto client = ConnectWith(g, chunk_bytes);
-  if (!client.ok()) return Fail(client.status());
+  ASSIGN_OR_RETURN(Client * client, in.Connect(chunk_bytes_));
   const absl::Time start = absl::Now();
   std::vector<std::string> created;
   absl::Status failure;
   {
     ProgressBar bar(absl::StrCat("import ", DirName(dir)),
-                    flags.IsSet("progress") ? std::optional<bool>(progress) : std::nullopt);
+                    in.IsSet("progress") ? std::optional<bool>(progress_) : std::nullopt);
     int64_t done_before = 0;
     if (!plan.empty()) bar.SetSuffix(plan.front().block_id);
     bar.Update(0, total_bytes);
     for (const LayerPlan& p : plan) {
       bar.SetSuffix(p.block_id);
-      if (replace) {
-        auto deleted = (*client)->DeleteBlock(p.block_id);
+      if (replace_) {
+        auto deleted = client->DeleteBlock(p.block_id);
         if (!deleted.ok() && deleted.status().code() != absl::StatusCode::kNotFound) {
           failure = deleted.status();
           break;
@@ -334,14 +256,14 @@ int CmdImportHf(const std::vector<std::string>& args) {
       }
       v1::CreateBlockRequest req;
       req.set_block_id(p.block_id);
-      *req.mutable_config() = *config;
+      *req.mutable_config() = ToProto(config);
       req.set_layer_index(p.layer);
       req.set_precision(*precision);
-      req.set_device(static_cast<int32_t>(device));
-      req.set_max_seq_len(max_seq_len);
-      req.set_max_batch_size(max_batch_size);
-      if (flags.IsSet("seed")) req.set_seed(static_cast<uint64_t>(seed));
-      auto info = (*client)->CreateBlock(req);
+      req.set_device(static_cast<int32_t>(device_));
+      req.set_max_seq_len(max_seq_len_);
+      req.set_max_batch_size(max_batch_size_);
+      if (in.IsSet("seed")) req.set_seed(static_cast<uint64_t>(seed_));
+      auto info = client->CreateBlock(req);
       if (!info.ok()) {
         failure = info.status();
         if (failure.code() == absl::StatusCode::kAlreadyExists) {
@@ -355,7 +277,7 @@ int CmdImportHf(const std::vector<std::string>& args) {
       std::vector<TensorBytes> tensors;
       const std::string layer_prefix = absl::StrCat("model.layers.", p.layer, ".");
       for (const std::string& name : p.names) {
-        auto t = ckpt->Read(layer_prefix + name, name);
+        auto t = ckpt.Read(layer_prefix + name, name);
         if (!t.ok()) {
           failure = t.status();
           break;
@@ -363,7 +285,7 @@ int CmdImportHf(const std::vector<std::string>& args) {
         tensors.push_back(*std::move(t));
       }
       if (!failure.ok()) break;
-      auto loaded = (*client)->LoadWeights(p.block_id, tensors, [&](int64_t done, int64_t) {
+      auto loaded = client->LoadWeights(p.block_id, tensors, [&](int64_t done, int64_t) {
         bar.Update(done_before + done, total_bytes);
       });
       if (!loaded.ok()) {
@@ -375,14 +297,29 @@ int CmdImportHf(const std::vector<std::string>& args) {
     }
   }
   if (!failure.ok()) {
-    for (const std::string& id : created) (void)(*client)->DeleteBlock(id);
-    return Fail(failure);
+    for (const std::string& id : created) (void)client->DeleteBlock(id);
+    return failure;
   }
   for (const LayerPlan& p : plan) std::cout << p.block_id << "\n";
   std::cout.flush();
   std::fprintf(stderr, "imported %zu layers (%s) of %s in %.3f s\n", plan.size(), HumanBytesString(total_bytes).c_str(),
                dir.c_str(), absl::ToDoubleSeconds(absl::Now() - start));
-  return kExitOk;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+CommandSpec ImportHfCommand() {
+  return {"import-hf", "import a Hugging Face Llama/Qwen2/Qwen3 checkpoint dir: one block per layer",
+          "blockctl import-hf DIR [--layers=A:B|I,J,...] [--prefix=ID] [--replace] [--precision=P]",
+          "Import a Hugging Face Llama / Qwen2 / Qwen3 checkpoint directory (config.json, *.safetensors shards\n"
+          "and model.safetensors.index.json): one block per decoder layer, with the layer's config (qk_norm for\n"
+          "qwen3, rms_norm_eps, rope_theta, head_dim) and its weights, sent in their stored dtype (bf16/fp16/fp32).\n"
+          "Prints the block ids, PREFIX<layer>, one a line. Every layer is checked before any block is created;\n"
+          "what blockd cannot compute (biases as in Qwen2, rope_scaling, a non-SiLU MLP, sliding-window\n"
+          "attention) is refused. If a later step fails, the blocks this run created are deleted. Embedding,\n"
+          "final norm and LM head stay with the client. `python3 -m blockd import-hf` does the same.",
+          {1, 1, "import-hf takes one checkpoint DIR"}, [] { return std::make_unique<ImportHf>(); }};
 }
 
 }  // namespace blockd

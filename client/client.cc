@@ -13,7 +13,10 @@
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/support/channel_arguments.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/block_config.h"  // ShapeString
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace blockd {
@@ -40,6 +43,46 @@ absl::StatusOr<Resp> Invoke(v1::BlockService::Stub* stub,
   grpc::Status s = (stub->*method)(ctx, request, &response);
   if (!s.ok()) return FromGrpcStatus(s);
   return response;
+}
+
+// "300.0 MiB", "256 MiB", "96.5 KiB": whole units print without a fraction (limits usually are).
+std::string SizeText(int64_t bytes) {
+  static constexpr const char* kUnits[] = {"bytes", "KiB", "MiB", "GiB"};
+  int unit = 0;
+  int64_t scale = 1;
+  while (unit < 3 && bytes >= scale * 1024) {
+    scale *= 1024;
+    ++unit;
+  }
+  if (bytes % scale == 0) return absl::StrCat(bytes / scale, " ", kUnits[unit]);
+  return absl::StrCat(absl::StrFormat("%.1f", static_cast<double>(bytes) / static_cast<double>(scale)), " ",
+                      kUnits[unit]);
+}
+
+// gRPC refuses a message over a channel's limit with a bare "Sent message larger than max" (or,
+// from the server, "Received message larger than max"), which says neither which limit nor what
+// to do. A request over the client's own limit fails here before it is sent; one the server
+// refuses for its size gets the same advice. The limit is ClientOptions.max_message_bytes, which
+// should match the server's --max_message_bytes (both 256 MiB by default).
+absl::Status CheckMessageSize(absl::string_view rpc, absl::string_view what, const v1::Tensor& t,
+                              size_t request_bytes, int64_t limit) {
+  if (static_cast<int64_t>(request_bytes) <= limit) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      rpc, " ", what, " ", ShapeString(wire::ShapeOf(t)), " ", wire::DTypeName(t.dtype()), " is ",
+      SizeText(static_cast<int64_t>(request_bytes)), ", over the ", SizeText(limit),
+      " message limit (--max_message_bytes on the server / ClientOptions.max_message_bytes): split the batch"));
+}
+
+absl::Status ExplainServerSizeRefusal(absl::Status s, absl::string_view rpc, absl::string_view what,
+                                      const v1::Tensor& t, size_t request_bytes) {
+  if (s.code() != absl::StatusCode::kResourceExhausted ||
+      !absl::StartsWith(s.message(), "Received message larger than max")) {
+    return s;
+  }
+  return absl::ResourceExhaustedError(absl::StrCat(
+      rpc, " ", what, " ", ShapeString(wire::ShapeOf(t)), " ", wire::DTypeName(t.dtype()), " is ",
+      SizeText(static_cast<int64_t>(request_bytes)), ", over the server's message limit (", s.message(),
+      "): split the batch, or raise --max_message_bytes on the server"));
 }
 
 // Validates one chunk of a DownloadTensors stream against the tensor it belongs to and places it.
@@ -241,10 +284,12 @@ absl::StatusOr<v1::BlockInfo> Client::CreateBlock(const v1::CreateBlockRequest& 
   return Invoke(NextStub(), &v1::BlockService::Stub::CreateBlock, &ctx, request);
 }
 
-absl::StatusOr<std::vector<v1::BlockInfo>> Client::ListBlocks(const CallOptions& call) {
+absl::StatusOr<std::vector<v1::BlockInfo>> Client::ListBlocks(absl::Duration min_idle, const CallOptions& call) {
+  v1::ListBlocksRequest request;
+  request.set_min_idle_seconds(absl::ToDoubleSeconds(min_idle));
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  auto r = Invoke(NextStub(), &v1::BlockService::Stub::ListBlocks, &ctx, v1::ListBlocksRequest());
+  auto r = Invoke(NextStub(), &v1::BlockService::Stub::ListBlocks, &ctx, request);
   if (!r.ok()) return r.status();
   return std::vector<v1::BlockInfo>(r->blocks().begin(), r->blocks().end());
 }
@@ -266,9 +311,15 @@ absl::StatusOr<v1::DeleteBlockResponse> Client::DeleteBlock(absl::string_view bl
 }
 
 absl::StatusOr<v1::ForwardResponse> Client::Forward(const v1::ForwardRequest& request, const CallOptions& call) {
+  const size_t bytes = request.ByteSizeLong();
+  if (absl::Status s = CheckMessageSize("Forward", "input", request.input(), bytes, options_.max_message_bytes); !s.ok()) {
+    return s;
+  }
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(NextStub(), &v1::BlockService::Stub::Forward, &ctx, request);
+  auto r = Invoke(NextStub(), &v1::BlockService::Stub::Forward, &ctx, request);
+  if (!r.ok()) return ExplainServerSizeRefusal(r.status(), "Forward", "input", request.input(), bytes);
+  return r;
 }
 
 absl::StatusOr<v1::ForwardResponse> Client::Forward(const std::vector<std::string>& block_ids, v1::Tensor input,
@@ -287,9 +338,16 @@ absl::StatusOr<v1::BackwardResponse> Client::Backward(absl::string_view activati
   v1::BackwardRequest request;
   request.set_activation_id(std::string(activation_id));
   *request.mutable_grad_output() = std::move(grad_output);
+  const size_t bytes = request.ByteSizeLong();
+  const v1::Tensor& t = request.grad_output();
+  if (absl::Status s = CheckMessageSize("Backward", "grad_output", t, bytes, options_.max_message_bytes); !s.ok()) {
+    return s;
+  }
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  return Invoke(NextStub(), &v1::BlockService::Stub::Backward, &ctx, request);
+  auto r = Invoke(NextStub(), &v1::BlockService::Stub::Backward, &ctx, request);
+  if (!r.ok()) return ExplainServerSizeRefusal(r.status(), "Backward", "grad_output", t, bytes);
+  return r;
 }
 
 absl::Status Client::ReleaseActivations(absl::string_view activation_id, const CallOptions& call) {

@@ -100,6 +100,8 @@ class Client {
   absl::Status WaitForConnected(absl::Duration timeout);
 
   absl::StatusOr<v1::GetServerInfoResponse> GetServerInfo(const CallOptions& call = {});
+  // `request.ttl_seconds` > 0 gives the block a lease: the server deletes it once no call has named
+  // it for that long (any call naming it renews the lease; GetBlock is the cheapest keep-alive).
   absl::StatusOr<v1::BlockInfo> CreateBlock(const v1::CreateBlockRequest& request, const CallOptions& call = {});
   // Sends `tensors` (whole, of block `block_id`) in chunks of options().chunk_bytes on one stream.
   // INVALID_ARGUMENT before sending anything when a tensor's bytes do not match its dtype and shape.
@@ -110,7 +112,11 @@ class Client {
   // Sends these chunks exactly as they are, in order (tools and tests that shape the stream).
   absl::StatusOr<v1::LoadWeightsResponse> LoadWeightsChunks(const std::vector<v1::TensorChunk>& chunks,
                                                             const CallOptions& call = {});
-  absl::StatusOr<std::vector<v1::BlockInfo>> ListBlocks(const CallOptions& call = {});
+  // Every block, or with `min_idle` > 0 only those no call has named for at least that long
+  // (BlockInfo.idle_seconds); a negative `min_idle` is the server's INVALID_ARGUMENT. Listing does
+  // not renew any lease.
+  absl::StatusOr<std::vector<v1::BlockInfo>> ListBlocks(absl::Duration min_idle = absl::ZeroDuration(),
+                                                        const CallOptions& call = {});
   absl::StatusOr<v1::BlockInfo> GetBlock(absl::string_view block_id, const CallOptions& call = {});
   absl::StatusOr<v1::DeleteBlockResponse> DeleteBlock(absl::string_view block_id, const CallOptions& call = {});
   absl::StatusOr<v1::ForwardResponse> Forward(const v1::ForwardRequest& request, const CallOptions& call = {});

@@ -1,52 +1,40 @@
 #include "engine/activation_store.h"
 
 #include <algorithm>
-#include <random>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
+#include "base/echo.h"
+#include "base/status_macros.h"
 
 namespace blockd {
-namespace {
-
-// Unguessable ids: a handle is a capability, so one client cannot consume another's.
-std::string NewActivationId() {
-  static thread_local std::mt19937_64 rng([] {
-    std::random_device rd;
-    std::seed_seq seq{rd(), rd(), rd(), rd(), rd(), rd(), rd(), rd()};
-    return std::mt19937_64(seq);
-  }());
-  return absl::StrFormat("act-%016x%016x", rng(), rng());
-}
-
-}  // namespace
 
 absl::StatusOr<std::string> ActivationStore::Add(std::unique_ptr<ActivationHandle> handle, int64_t max_per_client) {
   absl::MutexLock lock(&mu_);
-  int64_t held = 0;
-  for (const auto& [id, h] : handles_) held += (h->client == handle->client);
+  const int64_t held = CountLocked(handle->owner);
   if (held >= max_per_client) {
-    return absl::ResourceExhaustedError(absl::StrCat("client ", handle->client, " already holds ", held,
+    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(handle->owner), " already holds ", held,
                                                      " activation handles (limit ", max_per_client,
                                                      "); call Backward or ReleaseActivations first"));
   }
+  // Ids are capabilities: 128 random bits (engine/owned.h). A repeat is astronomically unlikely,
+  // but costs one lookup to rule out.
   std::string id;
   do {
-    id = NewActivationId();
+    ASSIGN_OR_RETURN(id, NewResourceId("act-"));
   } while (handles_.count(id) != 0);
   handles_.emplace(id, std::move(handle));
   return id;
 }
 
-absl::StatusOr<ActivationHandle*> ActivationStore::Acquire(absl::string_view id) {
+absl::StatusOr<ActivationHandle*> ActivationStore::Acquire(absl::string_view id, absl::string_view caller) {
   absl::MutexLock lock(&mu_);
-  auto it = handles_.find(id);
+  auto it = FindOwned(handles_, id, caller);
   if (it == handles_.end() || it->second->doomed) {
-    return absl::NotFoundError(absl::StrCat("activation ", id,
+    return absl::NotFoundError(absl::StrCat("activation ", Echo(id),
                                             " not found (already used by Backward, released, or expired)"));
   }
   if (it->second->in_use) {
-    return absl::FailedPreconditionError(absl::StrCat("activation ", id, " is in use by another call"));
+    return absl::FailedPreconditionError(absl::StrCat("activation ", Echo(id), " is in use by another call"));
   }
   it->second->in_use = true;
   return it->second.get();
@@ -66,18 +54,19 @@ void ActivationStore::Erase(absl::string_view id) {
   if (it != handles_.end()) handles_.erase(it);
 }
 
-int64_t ActivationStore::EraseReferencing(uint64_t serial) {
+template <class Pred>
+int64_t ActivationStore::EraseIf(Pred pred) {
   absl::MutexLock lock(&mu_);
   int64_t n = 0;
   for (auto it = handles_.begin(); it != handles_.end();) {
-    const auto& serials = it->second->block_serials;
-    if (std::find(serials.begin(), serials.end(), serial) == serials.end() || it->second->doomed) {
+    ActivationHandle& h = *it->second;
+    if (h.doomed || !pred(h)) {
       ++it;
       continue;
     }
     ++n;
-    if (it->second->in_use) {
-      it->second->doomed = true;
+    if (h.in_use) {  // the Backward using it frees it when it returns it
+      h.doomed = true;
       ++it;
     } else {
       it = handles_.erase(it);
@@ -86,23 +75,14 @@ int64_t ActivationStore::EraseReferencing(uint64_t serial) {
   return n;
 }
 
+int64_t ActivationStore::EraseReferencing(uint64_t serial) {
+  return EraseIf([serial](const ActivationHandle& h) {
+    return std::find(h.block_serials.begin(), h.block_serials.end(), serial) != h.block_serials.end();
+  });
+}
+
 int64_t ActivationStore::Expire(absl::Time now) {
-  absl::MutexLock lock(&mu_);
-  int64_t n = 0;
-  for (auto it = handles_.begin(); it != handles_.end();) {
-    if (it->second->expires > now || it->second->doomed) {
-      ++it;
-      continue;
-    }
-    ++n;
-    if (it->second->in_use) {
-      it->second->doomed = true;
-      ++it;
-    } else {
-      it = handles_.erase(it);
-    }
-  }
-  return n;
+  return EraseIf([now](const ActivationHandle& h) { return h.expires <= now; });
 }
 
 int64_t ActivationStore::size() const {
@@ -112,11 +92,15 @@ int64_t ActivationStore::size() const {
   return n;
 }
 
+int64_t ActivationStore::CountLocked(absl::string_view client) const {
+  int64_t n = 0;
+  for (const auto& [id, h] : handles_) n += (h->owner == client && !h->doomed);
+  return n;
+}
+
 int64_t ActivationStore::CountForClient(absl::string_view client) const {
   absl::MutexLock lock(&mu_);
-  int64_t n = 0;
-  for (const auto& [id, h] : handles_) n += (h->client == client && !h->doomed);
-  return n;
+  return CountLocked(client);
 }
 
 }  // namespace blockd

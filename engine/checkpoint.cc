@@ -12,6 +12,7 @@
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <tuple>
 
 #include <openssl/evp.h>
 
@@ -19,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "base/echo.h"
 #include "base/log.h"
 #include "base/safetensors.h"
 #include "base/status_macros.h"
@@ -42,6 +44,16 @@ using json = nlohmann::json;
 
 constexpr char kFormat[] = "blockd-checkpoint-v1";
 constexpr char kManifestSumKey[] = "manifest_sha256";
+// true for a checkpoint saved without a name (every_steps, or SaveCheckpoint with no name): only
+// those rotate. Manifests from before the field: automatic iff the name is a generated one.
+constexpr char kAutomaticKey[] = "automatic";
+
+std::string AutomaticName(int64_t sequence) { return absl::StrFormat("ckpt-%08d", sequence); }
+
+bool LooksAutomatic(const std::string& name) {
+  return name.size() == 13 && name.rfind("ckpt-", 0) == 0 &&
+         std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
 
 // SHA-256 of the manifest without its own checksum field, in nlohmann's canonical compact form
 // (object keys sorted), so it can be recomputed from the parsed file.
@@ -97,7 +109,7 @@ absl::Status ValidateName(const std::string& name) {
                     return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-';
                   });
   if (!ok) {
-    return absl::InvalidArgumentError(absl::StrCat("checkpoint name \"", name.substr(0, 160),
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint name \"", Echo(name),
                                                    "\" is not valid: expected 1-128 characters of [A-Za-z0-9._-], "
                                                    "not starting with '.'"));
   }
@@ -183,7 +195,7 @@ absl::Status SpecFromJson(const json& j, BlockState* st) {
 class FileCheckpointer : public Checkpointer {
  public:
   FileCheckpointer(Engine* engine, std::string dir, int64_t every_steps, int keep)
-      : engine_(engine), dir_(std::move(dir)), every_steps_(every_steps), keep_(std::max(1, keep)) {}
+      : engine_(engine), dir_(std::move(dir)), every_steps_(every_steps), keep_(keep) {}
 
   absl::Status Init() {
     std::error_code ec;
@@ -198,7 +210,7 @@ class FileCheckpointer : public Checkpointer {
       }
     }
     absl::MutexLock lock(&mu_);
-    for (const auto& [seq, name] : Committed()) next_sequence_ = std::max(next_sequence_, seq + 1);
+    for (const CommittedCheckpoint& c : Committed()) next_sequence_ = std::max(next_sequence_, c.sequence + 1);
     return absl::OkStatus();
   }
 
@@ -219,13 +231,13 @@ class FileCheckpointer : public Checkpointer {
         // LATEST is only ever written after its checkpoint is complete, so a LATEST that names
         // nothing usable is damage, never "no checkpoint yet" (which would start training afresh).
         if (!ValidateName(chosen).ok()) {
-          return absl::DataLossError(absl::StrCat(dir_, "/LATEST is corrupt: it holds \"", chosen.substr(0, 160),
+          return absl::DataLossError(absl::StrCat(dir_, "/LATEST is corrupt: it holds \"", Echo(chosen),
                                                   "\", not a checkpoint name"));
         }
       } else {
         auto committed = Committed();
         if (committed.empty()) return absl::NotFoundError(absl::StrCat("no checkpoint in ", dir_));
-        chosen = committed.back().second;
+        chosen = committed.back().name;
       }
     }
     RETURN_IF_ERROR(ValidateName(chosen));
@@ -263,8 +275,13 @@ class FileCheckpointer : public Checkpointer {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const std::vector<std::string> ids = requested.empty() ? engine_->BlockIds() : requested;
     if (ids.empty()) return absl::FailedPreconditionError("there are no blocks to checkpoint");
+    const bool automatic = given.empty();
+    if (automatic) {
+      // A user may have taken a generated name for a checkpoint of their own: pass over it.
+      while (fs::exists(dir_ + "/" + AutomaticName(next_sequence_))) ++next_sequence_;
+    }
     const int64_t sequence = next_sequence_;
-    const std::string name = given.empty() ? absl::StrFormat("ckpt-%08d", sequence) : given;
+    const std::string name = automatic ? AutomaticName(sequence) : given;
     RETURN_IF_ERROR(ValidateName(name));
     const std::string final_path = dir_ + "/" + name;
     if (fs::exists(final_path)) return absl::AlreadyExistsError(absl::StrCat("checkpoint ", final_path, " exists"));
@@ -276,7 +293,7 @@ class FileCheckpointer : public Checkpointer {
       std::error_code ec;
       fs::remove_all(tmp, ec);
     };
-    json manifest = {{"format", kFormat}, {"sequence", sequence}, {"blocks", json::array()}};
+    json manifest = {{"format", kFormat}, {"sequence", sequence}, {kAutomaticKey, automatic}, {"blocks", json::array()}};
     int64_t total = 0;
     for (size_t i = 0; i < states.size(); ++i) {
       const BlockState& st = states[i];
@@ -318,7 +335,7 @@ class FileCheckpointer : public Checkpointer {
     RETURN_IF_ERROR(WriteFileSynced(latest_tmp, name + "\n"));
     if (rename(latest_tmp.c_str(), (dir_ + "/LATEST").c_str()) != 0) return Errno("cannot rename into", dir_ + "/LATEST");
     RETURN_IF_ERROR(SyncDir(dir_));
-    Prune(name);
+    if (automatic) Prune(name);
     CheckpointResult r;
     r.path = final_path;
     r.block_ids = ids;
@@ -326,9 +343,18 @@ class FileCheckpointer : public Checkpointer {
     return r;
   }
 
-  // Committed checkpoints (a directory with a manifest), oldest first, as (sequence, name).
-  std::vector<std::pair<int64_t, std::string>> Committed() const {
-    std::vector<std::pair<int64_t, std::string>> out;
+  struct CommittedCheckpoint {
+    int64_t sequence;
+    std::string name;
+    bool automatic;
+    bool operator<(const CommittedCheckpoint& o) const {
+      return std::tie(sequence, name) < std::tie(o.sequence, o.name);
+    }
+  };
+
+  // Committed checkpoints (a directory with a manifest), oldest first.
+  std::vector<CommittedCheckpoint> Committed() const {
+    std::vector<CommittedCheckpoint> out;
     std::error_code ec;
     for (const auto& entry : fs::directory_iterator(dir_, ec)) {
       const std::string base = entry.path().filename().string();
@@ -337,19 +363,27 @@ class FileCheckpointer : public Checkpointer {
       if (!text.ok()) continue;
       json m = json::parse(*text, nullptr, /*allow_exceptions=*/false);
       if (m.is_discarded() || !m.is_object() || !m.contains("sequence") || !m["sequence"].is_number_integer()) continue;
-      out.emplace_back(m["sequence"].get<int64_t>(), base);
+      const bool automatic = m.contains(kAutomaticKey) && m[kAutomaticKey].is_boolean()
+                                 ? m[kAutomaticKey].get<bool>()
+                                 : LooksAutomatic(base);
+      out.push_back({m["sequence"].get<int64_t>(), base, automatic});
     }
     std::sort(out.begin(), out.end());
     return out;
   }
 
+  // Keeps the newest keep_ automatic checkpoints (the one just saved among them). Checkpoints the
+  // user named are theirs to delete: a `good` one must outlive any number of later saves.
   void Prune(const std::string& newest) {
-    auto committed = Committed();
-    const int64_t excess = static_cast<int64_t>(committed.size()) - keep_;
+    std::vector<std::string> automatic;
+    for (const CommittedCheckpoint& c : Committed()) {
+      if (c.automatic) automatic.push_back(c.name);
+    }
+    const int64_t excess = static_cast<int64_t>(automatic.size()) - keep_;
     for (int64_t i = 0; i < excess; ++i) {
-      if (committed[i].second == newest) continue;
+      if (automatic[i] == newest) continue;
       std::error_code ec;
-      fs::remove_all(dir_ + "/" + committed[i].second, ec);
+      fs::remove_all(dir_ + "/" + automatic[i], ec);
     }
   }
 
@@ -409,7 +443,7 @@ class FileCheckpointer : public Checkpointer {
       states.push_back(std::move(st));
     }
     for (size_t i = 0; i < wanted.size(); ++i) {
-      if (!found[i]) return absl::NotFoundError(absl::StrCat("checkpoint ", path, " has no block ", wanted[i]));
+      if (!found[i]) return absl::NotFoundError(absl::StrCat("checkpoint ", path, " has no block ", Echo(wanted[i])));
     }
     return states;
   }
@@ -428,6 +462,10 @@ class FileCheckpointer : public Checkpointer {
 absl::StatusOr<std::unique_ptr<Checkpointer>> MakeFileCheckpointer(Engine* engine, const std::string& dir,
                                                                    int64_t every_steps, int keep) {
   if (dir.empty()) return absl::InvalidArgumentError("--checkpoint_dir is empty");
+  if (keep < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--checkpoint_keep = ", keep,
+                                                   ", expected >= 1 (the newest automatic checkpoint is always kept)"));
+  }
   auto c = std::make_unique<FileCheckpointer>(engine, dir, every_steps, keep);
   RETURN_IF_ERROR(c->Init());
   return std::unique_ptr<Checkpointer>(std::move(c));

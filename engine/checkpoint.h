@@ -2,7 +2,8 @@
 // atomically to a directory and verified when read back.
 //
 // On disk, under `dir`:
-//   dir/<name>/manifest.json          format, sequence, blocks (spec, step, AdamW, file, sha256, bytes),
+//   dir/<name>/manifest.json          format, sequence, automatic (no name given: rotates),
+//                                     blocks (spec, step, AdamW, file, sha256, bytes),
 //                                     manifest_sha256 (of the rest of the manifest, canonical JSON)
 //   dir/<name>/<block>.safetensors    "weights/<param>", "adam_m/<param>", "adam_v/<param>" (float32)
 //   dir/LATEST                        the name of the newest complete checkpoint
@@ -37,7 +38,8 @@ struct CheckpointResult {
 class Checkpointer {
  public:
   virtual ~Checkpointer() = default;
-  // Saves `block_ids` (all blocks when empty) as checkpoint `name` (ckpt-<sequence> when empty).
+  // Saves `block_ids` (all blocks when empty) as checkpoint `name`; when empty, as an automatic
+  // checkpoint ckpt-<sequence>, subject to rotation.
   virtual absl::StatusOr<CheckpointResult> Save(const std::vector<std::string>& block_ids, const std::string& name) = 0;
   // Restores `block_ids` (all in the checkpoint when empty) from `name` (LATEST when empty),
   // replacing blocks of the same ids. NOT_FOUND when there is no checkpoint.
@@ -46,8 +48,10 @@ class Checkpointer {
   virtual void AfterStep(const std::vector<std::string>& block_ids) = 0;
 };
 
-// `keep`: after a save, all but the newest `keep` checkpoints are deleted. `every_steps` > 0:
-// every block is saved after each every_steps-th successful Step.
+// `keep` (>= 1): after an automatic save (no name given: every_steps, or Save with an empty name),
+// all but the newest `keep` automatic checkpoints are deleted. A checkpoint saved under a name
+// the caller gave is never deleted by rotation. `every_steps` > 0: every block is saved after each
+// every_steps-th successful Step.
 absl::StatusOr<std::unique_ptr<Checkpointer>> MakeFileCheckpointer(Engine* engine, const std::string& dir,
                                                                    int64_t every_steps, int keep = 3);
 

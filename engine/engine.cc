@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/init.h"
+#include "base/echo.h"
 #include "base/log.h"
 #include "base/status_macros.h"
 
@@ -27,8 +28,11 @@ absl::string_view TensorKindName(TensorKind k) {
 // One named block. `mu` serialises the calls that compute with or change the block; `state_mu`
 // guards the small bookkeeping that GetBlock/ListBlocks read, so they never wait behind a Forward.
 struct Engine::Entry {
+  Entry(absl::Duration ttl, absl::Time now) : lease(ttl, now) {}
+
   absl::Mutex mu;
   BlockSpec spec;
+  BlockLease lease;
   uint64_t serial = 0;  // distinguishes a block from a later one with the same id
   std::vector<ParamSpec> params;
   std::unique_ptr<Block> block;
@@ -97,7 +101,7 @@ absl::Status ValidateBlockId(absl::string_view id) {
            c == ':' || c == '/' || c == '-';
   });
   if (id.empty() || id.size() > 128 || !ok_chars) {
-    return absl::InvalidArgumentError(absl::StrCat("block_id \"", id.substr(0, 160),
+    return absl::InvalidArgumentError(absl::StrCat("block_id \"", Echo(id),
                                                    "\" is not valid: expected 1-128 characters of [A-Za-z0-9._:/-]"));
   }
   return absl::OkStatus();
@@ -148,15 +152,20 @@ Engine::Engine(std::unique_ptr<Backend> backend, EngineOptions options)
 
 Engine::~Engine() = default;
 
-absl::StatusOr<Engine::EntryPtr> Engine::Find(absl::string_view id) {
-  absl::MutexLock lock(&registry_mu_);
-  auto it = blocks_.find(id);
-  if (it == blocks_.end()) return absl::NotFoundError(absl::StrCat("block ", id, " not found"));
-  return it->second;
+absl::StatusOr<Engine::EntryPtr> Engine::Find(absl::string_view id, bool renew_lease) {
+  EntryPtr e;
+  {
+    absl::MutexLock lock(&registry_mu_);
+    auto it = blocks_.find(id);
+    if (it == blocks_.end()) return absl::NotFoundError(absl::StrCat("block ", Echo(id), " not found"));
+    e = it->second;
+  }
+  if (renew_lease) e->lease.Renew(options_.lease_clock());
+  return e;
 }
 
 absl::StatusOr<std::vector<Engine::EntryPtr>> Engine::FindAll(const std::vector<std::string>& ids,
-                                                              bool allow_repeats) {
+                                                              bool allow_repeats, bool renew_lease) {
   if (ids.empty()) return absl::InvalidArgumentError("block_ids is empty: name at least one block");
   if (static_cast<int64_t>(ids.size()) > options_.max_span_blocks) {
     return absl::InvalidArgumentError(
@@ -166,9 +175,9 @@ absl::StatusOr<std::vector<Engine::EntryPtr>> Engine::FindAll(const std::vector<
   std::set<absl::string_view> seen;
   for (const std::string& id : ids) {
     if (!allow_repeats && !seen.insert(id).second) {
-      return absl::InvalidArgumentError(absl::StrCat("block_ids names block ", id, " twice"));
+      return absl::InvalidArgumentError(absl::StrCat("block_ids names block ", Echo(id), " twice"));
     }
-    ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+    ASSIGN_OR_RETURN(EntryPtr e, Find(id, renew_lease));
     out.push_back(std::move(e));
   }
   return out;
@@ -182,6 +191,8 @@ BlockInfo Engine::InfoLocked(const Entry& e) const {
   info.attention = e.block->attention();
   info.missing_weights = e.Missing();
   info.weights_loaded = info.missing_weights.empty();
+  info.ttl = e.lease.ttl();
+  info.idle = e.lease.Idle(options_.lease_clock());
   absl::MutexLock l(&e.state_mu);
   info.has_gradients = e.has_grad;
   info.step = e.step;
@@ -191,22 +202,29 @@ BlockInfo Engine::InfoLocked(const Entry& e) const {
 absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
   BlockSpec spec = params.spec;
   RETURN_IF_ERROR(ValidateBlockId(spec.id));
+  FillUnsetConfigDefaults(&spec.config);
   RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
   if (spec.max_seq_len == 0) spec.max_seq_len = options_.default_max_seq_len;
   if (spec.max_batch_size == 0) spec.max_batch_size = options_.default_max_batch_size;
   RETURN_IF_ERROR(ValidateSpecRanges(spec));
   spec.precision = params.precision.value_or(backend_->default_precision());
   RETURN_IF_ERROR(backend_->Supports(spec));
+  if (params.ttl < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ttl = ", absl::FormatDuration(params.ttl), ", expected >= 0 (0: no lease)"));
+  }
   {
     absl::MutexLock lock(&registry_mu_);
-    if (blocks_.count(spec.id) != 0) return absl::AlreadyExistsError(absl::StrCat("block ", spec.id, " already exists"));
+    if (blocks_.count(spec.id) != 0) {
+      return absl::AlreadyExistsError(absl::StrCat("block ", Echo(spec.id), " already exists"));
+    }
     if (static_cast<int64_t>(blocks_.size()) >= options_.max_blocks) {
       return absl::ResourceExhaustedError(
           absl::StrCat("the server already holds ", blocks_.size(), " blocks (limit --max_blocks=", options_.max_blocks, ")"));
     }
   }
 
-  auto e = std::make_shared<Entry>();
+  auto e = std::make_shared<Entry>(params.ttl, options_.lease_clock());
   e->spec = spec;
   e->serial = next_serial.fetch_add(1);
   e->params = BlockParams(spec.config);
@@ -226,7 +244,7 @@ absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
   }
   absl::MutexLock lock(&registry_mu_);
   if (!blocks_.emplace(spec.id, e).second) {
-    return absl::AlreadyExistsError(absl::StrCat("block ", spec.id, " already exists"));
+    return absl::AlreadyExistsError(absl::StrCat("block ", Echo(spec.id), " already exists"));
   }
   return InfoLocked(*e);
 }
@@ -259,14 +277,50 @@ absl::StatusOr<int64_t> Engine::DeleteBlock(absl::string_view id) {
   absl::MutexLock block_lock(&e->mu);  // waits for calls running on the block
   {
     absl::MutexLock l(&e->state_mu);
-    if (e->deleted) return absl::NotFoundError(absl::StrCat("block ", id, " not found"));
+    if (e->deleted) return absl::NotFoundError(absl::StrCat("block ", Echo(id), " not found"));
     e->deleted = true;
   }
+  return RemoveDeleted(*e);
+}
+
+int64_t Engine::RemoveDeleted(const Entry& e) {
   {
     absl::MutexLock lock(&registry_mu_);
-    blocks_.erase(e->spec.id);
+    // ImportBlocks may already have put a new block under this id: leave that one.
+    auto it = blocks_.find(e.spec.id);
+    if (it != blocks_.end() && it->second.get() == &e) blocks_.erase(it);
   }
-  return activations_.EraseReferencing(e->serial);
+  return activations_.EraseReferencing(e.serial);
+}
+
+std::vector<std::string> Engine::ExpireBlocks() {
+  std::vector<EntryPtr> candidates;
+  {
+    const absl::Time now = options_.lease_clock();
+    absl::MutexLock lock(&registry_mu_);
+    for (const auto& [id, e] : blocks_) {
+      if (e->lease.Expired(now)) candidates.push_back(e);
+    }
+  }
+  std::vector<std::string> expired;
+  for (const EntryPtr& e : candidates) {
+    // A call holding the block is using it even if it started longer than the TTL ago; waiting for
+    // it would also stall the sweep behind a long Forward. The next sweep looks again.
+    if (!e->mu.TryLock()) continue;
+    bool remove;
+    {
+      absl::MutexLock l(&e->state_mu);
+      // A call may have renewed the lease since the scan.
+      remove = !e->deleted && e->lease.Expired(options_.lease_clock());
+      if (remove) e->deleted = true;
+    }
+    if (remove) {
+      RemoveDeleted(*e);
+      expired.push_back(e->spec.id);
+    }
+    e->mu.Unlock();
+  }
+  return expired;
 }
 
 absl::StatusOr<std::vector<ParamSpec>> Engine::BlockParamsOf(absl::string_view id) {
@@ -285,7 +339,7 @@ absl::StatusOr<std::vector<std::string>> Engine::LoadWeights(absl::string_view i
     const int index = tensors[t].index;
     if (index < 0 || index >= static_cast<int>(e->params.size()) ||
         tensors[t].bytes.size() != static_cast<size_t>(e->params[index].numel()) * DTypeSize(tensors[t].dtype)) {
-      return absl::AbortedError(absl::StrCat("block ", id,
+      return absl::AbortedError(absl::StrCat("block ", Echo(id),
                                              " was deleted and created again while its weights were streaming; "
                                              "send them again"));
     }
@@ -347,7 +401,7 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
   const int64_t batch = args.input.shape[0], seq = args.input.shape[1];
   if (args.keep_activations &&
       activations_.CountForClient(args.client) >= options_.max_activations_per_client) {
-    return absl::ResourceExhaustedError(absl::StrCat("client ", args.client, " already holds ",
+    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(args.client), " already holds ",
                                                      options_.max_activations_per_client,
                                                      " activation handles; call Backward or ReleaseActivations"));
   }
@@ -419,15 +473,16 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
     handle->seq = seq;
     handle->width = c0.hidden_size;
     handle->device = x->device();
-    handle->client = args.client;
+    handle->owner = args.client;
     handle->expires = absl::Now() + options_.activation_ttl;
     ASSIGN_OR_RETURN(out->activation_id, activations_.Add(std::move(handle), options_.max_activations_per_client));
   }
   return absl::OkStatus();
 }
 
-absl::Status Engine::Backward(absl::string_view activation_id, const TensorArg& grad_output, TensorOut* grad_input) {
-  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id));
+absl::Status Engine::Backward(absl::string_view activation_id, absl::string_view caller, const TensorArg& grad_output,
+                              TensorOut* grad_input) {
+  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id, caller));
   absl::Status s;
   try {
     s = RunSpanBackward(*handle, grad_output, grad_input);
@@ -481,13 +536,14 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
     e.SetHasGrad(true);
   }
   lock.Unlock();
+  grad_input->tokens = h.batch * h.seq * static_cast<int64_t>(span.size());
   grad_input->dtype = grad_output.dtype;
   grad_input->shape = expected;
   return backend_->Download(*g, grad_output.dtype, grad_input->data);
 }
 
-absl::Status Engine::ReleaseActivations(absl::string_view activation_id) {
-  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id));
+absl::Status Engine::ReleaseActivations(absl::string_view activation_id, absl::string_view caller) {
+  ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id, caller));
   (void)handle;
   activations_.Erase(activation_id);
   return absl::OkStatus();
@@ -556,7 +612,9 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
   }
   for (const std::string& name : names) {
     const int index = FindParam(e->params, name);
-    if (index < 0) return absl::InvalidArgumentError(absl::StrCat("block ", id, " has no tensor \"", name, "\""));
+    if (index < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("block ", Echo(id), " has no tensor \"", Echo(name), "\""));
+    }
     indices.push_back(index);
   }
   SpanLock lock({e});
@@ -576,7 +634,7 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
 }
 
 absl::StatusOr<std::vector<BlockState>> Engine::ExportBlocks(const std::vector<std::string>& ids) {
-  ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(ids, /*allow_repeats=*/false));
+  ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(ids, /*allow_repeats=*/false, /*renew_lease=*/false));
   SpanLock lock(entries);
   RETURN_IF_ERROR(lock.CheckAlive());
   std::vector<BlockState> states;
@@ -612,14 +670,15 @@ absl::StatusOr<Engine::EntryPtr> Engine::NewEntryFromState(const BlockState& sta
   RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
   RETURN_IF_ERROR(ValidateSpecRanges(spec));
   RETURN_IF_ERROR(backend_->Supports(spec));
-  auto e = std::make_shared<Entry>();
+  // Checkpoints do not carry leases: a restored block has none.
+  auto e = std::make_shared<Entry>(absl::ZeroDuration(), options_.lease_clock());
   e->spec = spec;
   e->serial = next_serial.fetch_add(1);
   e->params = BlockParams(spec.config);
   for (const std::string& name : state.missing_weights) {
     if (FindParam(e->params, name) < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state names an unknown missing weight \"",
-                                                     name, "\""));
+      return absl::InvalidArgumentError(absl::StrCat("block ", Echo(spec.id),
+                                                     " state names an unknown missing weight \"", Echo(name), "\""));
     }
   }
   // Every tensor of every kind must be present with the right shape.
@@ -632,7 +691,7 @@ absl::StatusOr<Engine::EntryPtr> Engine::NewEntryFromState(const BlockState& sta
       const ParamSpec& p = e->params[i];
       if (ts[i].name != p.name || ts[i].shape != p.shape || ts[i].dtype != DType::kFloat32 ||
           ts[i].bytes.size() != static_cast<size_t>(p.numel()) * 4) {
-        return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state ", kind, " tensor ", ts[i].name,
+        return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state ", kind, " tensor ", Echo(ts[i].name),
                                                        " ", ShapeString(ts[i].shape), " does not match ", p.name, " ",
                                                        ShapeString(p.shape), " float32"));
       }
@@ -667,13 +726,13 @@ absl::Status Engine::ImportBlocks(const std::vector<BlockState>& states, bool re
   std::set<std::string> ids;
   for (const BlockState& st : states) {
     if (!ids.insert(st.spec.id).second) {
-      return absl::InvalidArgumentError(absl::StrCat("block ", st.spec.id, " appears twice"));
+      return absl::InvalidArgumentError(absl::StrCat("block ", Echo(st.spec.id), " appears twice"));
     }
   }
   if (!replace) {
     absl::MutexLock lock(&registry_mu_);
     for (const std::string& id : ids) {
-      if (blocks_.count(id) != 0) return absl::AlreadyExistsError(absl::StrCat("block ", id, " already exists"));
+      if (blocks_.count(id) != 0) return absl::AlreadyExistsError(absl::StrCat("block ", Echo(id), " already exists"));
     }
   }
   std::vector<EntryPtr> fresh;
@@ -687,7 +746,7 @@ absl::Status Engine::ImportBlocks(const std::vector<BlockState>& states, bool re
     if (!replace) {
       for (const EntryPtr& e : fresh) {
         if (blocks_.count(e->spec.id) != 0) {
-          return absl::AlreadyExistsError(absl::StrCat("block ", e->spec.id, " already exists"));
+          return absl::AlreadyExistsError(absl::StrCat("block ", Echo(e->spec.id), " already exists"));
         }
       }
     }

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -26,6 +27,7 @@
 #include "absl/time/time.h"
 #include "engine/activation_store.h"
 #include "engine/backend.h"
+#include "engine/block_lease.h"
 #include "engine/memory_budget.h"
 #include "engine/tensor_assembler.h"
 
@@ -39,12 +41,17 @@ struct EngineOptions {
   int64_t default_max_seq_len = 4096;
   int64_t default_max_batch_size = 8;
   int64_t max_span_blocks = 1024;
+  // Time source of block leases; tests inject a fake clock to step past a TTL without sleeping.
+  // (Activation handle TTLs still read absl::Now().)
+  std::function<absl::Time()> lease_clock = absl::Now;
 };
 
 struct CreateBlockParams {
   BlockSpec spec;  // precision: std::nullopt below means the backend's default
   std::optional<Precision> precision;
   std::optional<uint64_t> seed;  // set: deterministic init; unset: weights must be loaded
+  // > 0: ExpireBlocks() deletes the block once no call has named it for this long. 0: no lease.
+  absl::Duration ttl = absl::ZeroDuration();
 };
 
 struct BlockInfo {
@@ -55,6 +62,8 @@ struct BlockInfo {
   std::vector<std::string> missing_weights;
   bool has_gradients = false;
   int64_t step = 0;
+  absl::Duration ttl = absl::ZeroDuration();   // the lease (0: none)
+  absl::Duration idle = absl::ZeroDuration();  // since the last call that named the block
   AttentionInfo attention;  // the block's attention kernels and why
 };
 
@@ -71,7 +80,9 @@ struct ForwardArgs {
   TensorArg input;
   bool keep_activations = false;
   int64_t position_offset = 0;
-  std::string client;  // who asks, for the per-client handle limit
+  // Who asks: the kept handle belongs to this identity (only it may Backward or release it) and
+  // counts against its per-client handle limit.
+  std::string client;
 };
 
 // Output bytes go straight into `data` (e.g. a reply's bytes field): no extra copy.
@@ -79,6 +90,8 @@ struct TensorOut {
   DType dtype = DType::kFloat32;
   std::vector<int64_t> shape;
   std::string* data = nullptr;
+  // Set by Backward: tokens run back through blocks (batch * seq * blocks), as ForwardOutput's.
+  int64_t tokens = 0;
 };
 
 struct ForwardOutput {
@@ -127,6 +140,9 @@ class Engine {
   Backend& backend() { return *backend_; }
   const EngineOptions& options() const { return options_; }
 
+  // Every call below that names a block, successful or not, renews its lease (CreateBlockParams::ttl);
+  // ListBlocks and ExportBlocks only look, so an operator's listing or a periodic checkpoint never
+  // keeps an abandoned block alive.
   absl::StatusOr<BlockInfo> CreateBlock(const CreateBlockParams& params);
   absl::StatusOr<BlockInfo> GetBlock(absl::string_view id);
   std::vector<BlockInfo> ListBlocks();
@@ -139,9 +155,13 @@ class Engine {
   absl::StatusOr<std::vector<std::string>> LoadWeights(absl::string_view id, std::vector<AssembledTensor> tensors);
 
   absl::Status Forward(const ForwardArgs& args, ForwardOutput* out);
-  // Consumes the handle on success; on a bad request the handle stays usable.
-  absl::Status Backward(absl::string_view activation_id, const TensorArg& grad_output, TensorOut* grad_input);
-  absl::Status ReleaseActivations(absl::string_view activation_id);
+  // Consumes the handle on success; on a bad request the handle stays usable. `caller` must be the
+  // identity that ran the Forward (ForwardArgs::client): for anyone else the handle is NOT_FOUND,
+  // as if it did not exist, and stays untouched.
+  absl::Status Backward(absl::string_view activation_id, absl::string_view caller, const TensorArg& grad_output,
+                        TensorOut* grad_input);
+  // Frees `caller`'s handle; NOT_FOUND as for Backward.
+  absl::Status ReleaseActivations(absl::string_view activation_id, absl::string_view caller);
   absl::Status ZeroGrad(const std::vector<std::string>& block_ids);
   absl::StatusOr<StepResult> Step(const std::vector<std::string>& block_ids, const AdamWHyper& hyper,
                                   double max_grad_norm);
@@ -157,6 +177,9 @@ class Engine {
 
   // Drops handles whose TTL has passed; returns how many.
   int64_t ExpireActivations();
+  // Deletes the blocks whose lease has run out, as DeleteBlock does (their handles go too); returns
+  // their ids. A block that a call is computing with right now is left for the next sweep.
+  std::vector<std::string> ExpireBlocks();
   EngineStats Stats();
 
  private:
@@ -164,8 +187,13 @@ class Engine {
   using EntryPtr = std::shared_ptr<Entry>;
   class SpanLock;
 
-  absl::StatusOr<EntryPtr> Find(absl::string_view id);
-  absl::StatusOr<std::vector<EntryPtr>> FindAll(const std::vector<std::string>& ids, bool allow_repeats);
+  // Both renew the lease of what they find unless `renew_lease` is false.
+  absl::StatusOr<EntryPtr> Find(absl::string_view id, bool renew_lease = true);
+  absl::StatusOr<std::vector<EntryPtr>> FindAll(const std::vector<std::string>& ids, bool allow_repeats,
+                                                bool renew_lease = true);
+  // With e->mu held and e marked deleted: takes it out of the registry and frees the activation
+  // handles through it; returns how many.
+  int64_t RemoveDeleted(const Entry& e);
   BlockInfo InfoLocked(const Entry& e) const;
   absl::Status CheckTensorArg(const TensorArg& t, absl::string_view what, int64_t hidden, const Entry& first) const;
   absl::StatusOr<EntryPtr> NewEntryFromState(const BlockState& state);

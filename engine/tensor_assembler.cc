@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/echo.h"
 
 namespace blockd {
 
@@ -17,7 +18,7 @@ absl::Status TensorAssembler::Add(absl::string_view name, DType dtype, const std
   if (index < 0) {
     std::vector<std::string> names;
     for (const ParamSpec& p : params_) names.push_back(p.name);
-    return absl::InvalidArgumentError(absl::StrCat("block ", block_id_, " has no tensor \"", name,
+    return absl::InvalidArgumentError(absl::StrCat("block ", block_id_, " has no tensor \"", Echo(name),
                                                    "\"; expected one of: ", absl::StrJoin(names, ", ")));
   }
   const ParamSpec& spec = params_[index];

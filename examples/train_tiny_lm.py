@@ -126,34 +126,62 @@ def smooth(values, half_width=5):
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", default=os.environ.get("BLOCKD_TARGET", "localhost:50051"), help="blockd HOST:PORT")
-    p.add_argument("--token", default=os.environ.get("BLOCKD_TOKEN"), help="bearer token, if blockd wants one")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=64)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--target", default=os.environ.get("BLOCKD_TARGET", "localhost:50051"),
+                   help="blockd HOST:PORT ($BLOCKD_TARGET)")
+    p.add_argument("--token", default=os.environ.get("BLOCKD_TOKEN"),
+                   help="bearer token, if blockd wants one ($BLOCKD_TOKEN)")
+    p.add_argument("--steps", type=int, default=300, help="training steps")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--seq", type=int, default=64, help="bytes per sequence")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
-                   help="the blocks' arithmetic (default: the backend's; the cpu backend has fp32 only)")
+                   help="the blocks' arithmetic (None: the backend's; the cpu backend has fp32 only)")
     p.add_argument("--wire", choices=["fp32", "bf16"], default=None,
-                   help="activation dtype on the wire (default: bf16 with --precision bf16, else fp32)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=os.path.join(HERE, "data", "coriolanus.txt"))
+                   help="activation dtype on the wire (None: bf16 with --precision bf16, else fp32)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, remote and local")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices")
+    p.add_argument("--warmup", type=int, default=30, help="linear warmup steps before the cosine decay")
+    p.add_argument("--seed", type=int, default=0, help="seed of the blocks, the local modules and the batches")
+    p.add_argument("--data", default=os.path.join(HERE, "data", "coriolanus.txt"), help="text to train on")
     p.add_argument("--plot", default="tiny_lm_loss.png", help="where to save the loss curve (PNG)")
     p.add_argument("--sample", type=int, default=300, help="bytes to generate at the end")
-    p.add_argument("--prompt", default="MENENIUS:\n")
-    p.add_argument("--eval-every", type=int, default=50)
-    args = p.parse_args(argv)
+    p.add_argument("--prompt", default="MENENIUS:\n", help="start of the generated text")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between validation losses")
+    return p.parse_args(argv)
+
+
+def connect(target, token):
+    """(client, GetServerInfo) or, when blockd cannot be reached or refuses us, None after saying
+    what to do: a first run without a daemon should not end in a gRPC traceback."""
+    client = blockd.Client(target, token=token, timeout=120)
+    try:
+        return client, client.server_info(timeout=15)
+    except blockd.UnavailableError as e:
+        print(f"train_tiny_lm: cannot reach blockd ({e.details})\n"
+              f"is blockd running at {target}? Start one with `blockd --listen={target}` (or bash scripts/run.sh),\n"
+              f"or point --target / $BLOCKD_TARGET at it.", file=sys.stderr)
+    except blockd.DeadlineExceededError:
+        print(f"train_tiny_lm: no answer from {target} within 15 s\nis blockd running at {target}?", file=sys.stderr)
+    except blockd.UnauthenticatedError as e:
+        print(f"train_tiny_lm: blockd at {target} wants a bearer token ({e.details}): pass --token or set "
+              f"$BLOCKD_TOKEN", file=sys.stderr)
+    client.close()
+    return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    connected = connect(args.target, args.token)
+    if connected is None:
+        return 1
+    client, info = connected
 
     data = load_bytes(args.data)
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
     torch.manual_seed(args.seed)
-    client = blockd.Client(args.target, token=args.token, timeout=120)
-    info = client.server_info()
     print(f"blockd {info.version} at {args.target}, backend {info.backend}; {len(data)} bytes of text")
 
     prefix = f"tiny-lm-{os.getpid()}/layer"
@@ -201,7 +229,8 @@ def main(argv=None):
     finally:
         span.delete()
         client.close()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

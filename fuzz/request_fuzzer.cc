@@ -118,7 +118,7 @@ class Script {
         case 4: name = "Backward"; s = Backward(); break;
         case 5: name = "Step"; s = Step(); break;
         case 6: name = "ZeroGrad"; s = engine_->ZeroGrad(Ids()); break;
-        case 7: name = "ReleaseActivations"; s = engine_->ReleaseActivations(ActivationId()); break;
+        case 7: name = "ReleaseActivations"; s = engine_->ReleaseActivations(ActivationId(), Caller()); break;
         case 8: name = "ReadTensors"; s = Read(); break;
         case 9: name = "CreateBlock"; s = Create(); break;
         case 10: name = "ExportImport"; s = ExportImport(); break;
@@ -146,6 +146,8 @@ class Script {
     if (!handles_.empty() && in_.ConsumeBool()) return handles_[in_.ConsumeIntegralInRange<size_t>(0, handles_.size() - 1)];
     return in_.ConsumeRandomLengthString(40);
   }
+  // Two identities, so handles are also used by the one that does not own them.
+  std::string Caller() { return in_.ConsumeBool() ? "a" : "b"; }
   DType AnyDType() { return static_cast<DType>(in_.ConsumeIntegralInRange(0, 2)); }
   int64_t Dim(int64_t usual_max) {
     return in_.ConsumeIntegralInRange(0, 9) == 0 ? in_.ConsumeIntegral<int64_t>() : in_.ConsumeIntegralInRange<int64_t>(0, usual_max);
@@ -223,7 +225,7 @@ class Script {
     args.input = Arg(&storage, 8);
     args.keep_activations = in_.ConsumeBool();
     args.position_offset = in_.ConsumeBool() ? in_.ConsumeIntegral<int64_t>() : in_.ConsumeIntegralInRange<int64_t>(0, 64);
-    args.client = in_.ConsumeBool() ? "a" : "b";
+    args.client = Caller();
     std::string output;
     ForwardOutput out;
     out.output.data = &output;
@@ -245,7 +247,7 @@ class Script {
     TensorOut out;
     out.data = &grad;
     const std::string id = ActivationId();
-    absl::Status s = engine_->Backward(id, g, &out);
+    absl::Status s = engine_->Backward(id, Caller(), g, &out);
     if (s.ok() && grad.size() != g.size) Fail("grad_input of another size than grad_output");
     return s;
   }

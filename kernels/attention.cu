@@ -3,6 +3,7 @@
 #include <type_traits>
 
 #include "kernels/attention.cuh"
+#include "kernels/attention_fp32.cuh"
 #include "kernels/attention_mma.cuh"
 #include "kernels/common.cuh"
 
@@ -273,7 +274,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(
 }
 
 template <class T>
-cudaError_t launch_attention_fwd_simt(const AttentionArgs<T>& a) {
+cudaError_t LaunchFwdSimt(const AttentionArgs<T>& a) {
   const size_t smem = sizeof(float) * (kTile * a.head_dim + kChunk * (a.head_dim + 1) + kChunk * a.head_dim);
   auto kernel = attention_fwd_kernel<T>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -284,9 +285,9 @@ cudaError_t launch_attention_fwd_simt(const AttentionArgs<T>& a) {
   return cudaGetLastError();
 }
 
-// Expects delta in the workspace (launch_attention_bwd computes it for both paths).
+// Expects delta in the workspace (LaunchDelta, which every backward path runs first).
 template <class T>
-cudaError_t launch_attention_bwd_simt(const AttentionArgs<T>& a) {
+cudaError_t LaunchBwdSimt(const AttentionArgs<T>& a) {
   const float* delta = a.workspace;
   const size_t dq_smem = sizeof(float) * (2 * kTile * a.head_dim + 2 * kChunk * (a.head_dim + 1));
   auto dq_kernel = attention_bwd_dq_kernel<T>;
@@ -315,6 +316,15 @@ bool Valid(const AttentionArgs<T>& a) {
   return a.head_dim > 0 && a.head_dim <= kAttentionMaxHeadDim && a.kv_heads > 0 && a.heads % a.kv_heads == 0;
 }
 
+// delta = rowsum(dO * O) into the workspace: the first step of every backward path.
+template <class T>
+cudaError_t LaunchDelta(const AttentionArgs<T>& a) {
+  const int64_t tokens = int64_t(a.batch) * a.seq;
+  attention_delta_kernel<T><<<ceil_div(tokens * a.heads, 8), 256, 0, a.stream>>>(
+      a.o, a.o_stride, a.d_o, a.do_stride, a.workspace, tokens, a.seq, a.heads, a.head_dim);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 template <class T>
@@ -323,23 +333,40 @@ cudaError_t launch_attention_fwd(const AttentionArgs<T>& args) {
   if (args.batch == 0 || args.seq == 0) return cudaSuccess;
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {  // tensor cores where they cover the head dim
     if (attention_mma_supports(args.head_dim)) return launch_attention_fwd_mma(args);
+  } else {  // fp32: register-tiled FFMA kernels where they cover the head dim and alignment
+    if (attention_fp32_supports(args)) return launch_attention_fwd_fp32(args);
   }
-  return launch_attention_fwd_simt(args);
+  return LaunchFwdSimt(args);
 }
 
 template <class T>
 cudaError_t launch_attention_bwd(const AttentionArgs<T>& args) {
   if (!Valid(args)) return cudaErrorInvalidValue;
   if (args.batch == 0 || args.seq == 0) return cudaSuccess;
-  const int64_t tokens = int64_t(args.batch) * args.seq;
-  attention_delta_kernel<T><<<ceil_div(tokens * args.heads, 8), 256, 0, args.stream>>>(
-      args.o, args.o_stride, args.d_o, args.do_stride, args.workspace, tokens, args.seq, args.heads, args.head_dim);
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e = LaunchDelta(args);
   if (e != cudaSuccess) return e;
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     if (attention_mma_supports(args.head_dim)) return launch_attention_bwd_mma(args);
+  } else {
+    if (attention_fp32_supports(args)) return launch_attention_bwd_fp32(args);
   }
-  return launch_attention_bwd_simt(args);
+  return LaunchBwdSimt(args);
+}
+
+template <class T>
+cudaError_t launch_attention_fwd_simt(const AttentionArgs<T>& args) {
+  if (!Valid(args)) return cudaErrorInvalidValue;
+  if (args.batch == 0 || args.seq == 0) return cudaSuccess;
+  return LaunchFwdSimt(args);
+}
+
+template <class T>
+cudaError_t launch_attention_bwd_simt(const AttentionArgs<T>& args) {
+  if (!Valid(args)) return cudaErrorInvalidValue;
+  if (args.batch == 0 || args.seq == 0) return cudaSuccess;
+  const cudaError_t e = LaunchDelta(args);
+  if (e != cudaSuccess) return e;
+  return LaunchBwdSimt(args);
 }
 
 int64_t attention_bwd_workspace_floats(int batch, int seq, int heads, int kv_heads, int head_dim) {
@@ -351,5 +378,9 @@ template cudaError_t launch_attention_fwd<float>(const AttentionArgs<float>&);
 template cudaError_t launch_attention_fwd<__nv_bfloat16>(const AttentionArgs<__nv_bfloat16>&);
 template cudaError_t launch_attention_bwd<float>(const AttentionArgs<float>&);
 template cudaError_t launch_attention_bwd<__nv_bfloat16>(const AttentionArgs<__nv_bfloat16>&);
+template cudaError_t launch_attention_fwd_simt<float>(const AttentionArgs<float>&);
+template cudaError_t launch_attention_fwd_simt<__nv_bfloat16>(const AttentionArgs<__nv_bfloat16>&);
+template cudaError_t launch_attention_bwd_simt<float>(const AttentionArgs<float>&);
+template cudaError_t launch_attention_bwd_simt<__nv_bfloat16>(const AttentionArgs<__nv_bfloat16>&);
 
 }  // namespace blockd::kernels

@@ -1,10 +1,11 @@
 // Causal grouped-query attention, forward and backward, flash-style: the [seq, seq] scores of a
 // head are never stored. bf16 activations with head_dim 64 or 128 run on tensor cores
-// (attention_mma.cu); the rest on the SIMT kernels in attention.cu. In both, forward keeps the
-// log-sum-exp per row and backward recomputes the probabilities from it. Query head h reads kv
-// head h / (heads / kv_heads). fp32 arithmetic, activations stored as T (float or bf16). Rows are
-// tokens of [batch, seq]; a tensor's heads sit side by side in a row, `*_stride` elements apart
-// from one token to the next (so v may be the last part of a fused q|k|v row).
+// (attention_mma.cu), fp32 ones with head_dim 64 or 128 on register-tiled FFMA kernels
+// (attention_fp32.cu: IEEE fp32, no TF32); the rest on the SIMT kernels in attention.cu. In all,
+// forward keeps the log-sum-exp per row and backward recomputes the probabilities from it. Query
+// head h reads kv head h / (heads / kv_heads). fp32 arithmetic, activations stored as T (float or
+// bf16). Rows are tokens of [batch, seq]; a tensor's heads sit side by side in a row, `*_stride`
+// elements apart from one token to the next (so v may be the last part of a fused q|k|v row).
 //
 //   AttentionArgs<bf16> a = AttentionArgs<bf16>::Causal(B, S, H, Hkv, dh, stream);
 //   a.q = q;  a.q_stride = H * dh;    a.k = k;  a.k_stride = Hkv * dh;
@@ -76,6 +77,13 @@ cudaError_t launch_attention_fwd(const AttentionArgs<T>& args);
 // Overwrites dq, dk and dv (no accumulation).
 template <class T>
 cudaError_t launch_attention_bwd(const AttentionArgs<T>& args);
+
+// The SIMT kernels whatever the shape, bypassing the faster paths above: for benchmarks and tests
+// that set the paths side by side. Same contract as launch_attention_fwd/bwd.
+template <class T>
+cudaError_t launch_attention_fwd_simt(const AttentionArgs<T>& args);
+template <class T>
+cudaError_t launch_attention_bwd_simt(const AttentionArgs<T>& args);
 
 int64_t attention_bwd_workspace_floats(int batch, int seq, int heads, int kv_heads, int head_dim);
 

@@ -10,30 +10,6 @@ grpc::Status ToGrpcStatus(const absl::Status& s) {
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
 }
 
-BlockConfig FromProto(const v1::BlockConfig& c) {
-  BlockConfig out;
-  out.hidden_size = c.hidden_size();
-  out.num_attention_heads = c.num_attention_heads();
-  out.num_kv_heads = c.num_kv_heads();
-  out.head_dim = c.head_dim();
-  out.intermediate_size = c.intermediate_size();
-  out.rms_norm_eps = c.rms_norm_eps();
-  out.rope_theta = c.rope_theta();
-  out.qk_norm = c.qk_norm();
-  return out;
-}
-
-void ToProto(const BlockConfig& c, v1::BlockConfig* out) {
-  out->set_hidden_size(c.hidden_size);
-  out->set_num_attention_heads(c.num_attention_heads);
-  out->set_num_kv_heads(c.num_kv_heads);
-  out->set_head_dim(c.head_dim);
-  out->set_intermediate_size(c.intermediate_size);
-  out->set_rms_norm_eps(c.rms_norm_eps);
-  out->set_rope_theta(c.rope_theta);
-  out->set_qk_norm(c.qk_norm);
-}
-
 void ToProto(const BlockInfo& info, absl::string_view backend, v1::BlockInfo* out) {
   out->set_block_id(info.spec.id);
   ToProto(info.spec.config, out->mutable_config());
@@ -49,6 +25,9 @@ void ToProto(const BlockInfo& info, absl::string_view backend, v1::BlockInfo* ou
   for (const std::string& m : info.missing_weights) out->add_missing_weights(m);
   out->set_has_gradients(info.has_gradients);
   out->set_backend(std::string(backend));
+  // Rounded up: a lease of a fraction of a second (engine API) must not read as 0, "no lease".
+  out->set_ttl_seconds(absl::ToInt64Seconds(absl::Ceil(info.ttl, absl::Seconds(1))));
+  out->set_idle_seconds(absl::ToDoubleSeconds(info.idle));
   out->set_attention_backend(info.attention.backend);
   out->set_attention_reason(info.attention.reason);
 }
@@ -71,25 +50,6 @@ v1::DType ToProto(DType t) {
     case DType::kFloat16: return v1::DTYPE_FLOAT16;
   }
   return v1::DTYPE_UNSPECIFIED;
-}
-
-absl::StatusOr<std::optional<Precision>> FromProto(v1::Precision p) {
-  switch (p) {
-    case v1::PRECISION_UNSPECIFIED: return std::optional<Precision>();
-    case v1::PRECISION_FP32: return std::optional<Precision>(Precision::kFP32);
-    case v1::PRECISION_TF32: return std::optional<Precision>(Precision::kTF32);
-    case v1::PRECISION_BF16: return std::optional<Precision>(Precision::kBF16);
-    default: return absl::InvalidArgumentError(absl::StrCat("precision = ", static_cast<int>(p), " is not a Precision"));
-  }
-}
-
-v1::Precision ToProto(Precision p) {
-  switch (p) {
-    case Precision::kFP32: return v1::PRECISION_FP32;
-    case Precision::kTF32: return v1::PRECISION_TF32;
-    case Precision::kBF16: return v1::PRECISION_BF16;
-  }
-  return v1::PRECISION_UNSPECIFIED;
 }
 
 absl::StatusOr<TensorKind> FromProto(v1::TensorKind k) {

@@ -9,20 +9,17 @@
 #include "absl/status/statusor.h"
 #include "blockd/v1/block_service.pb.h"
 #include "engine/engine.h"
+#include "proto/config_convert.h"  // BlockConfig and Precision <-> proto, shared with blockctl
 
 namespace blockd {
 
 grpc::Status ToGrpcStatus(const absl::Status& s);
 
-BlockConfig FromProto(const v1::BlockConfig& c);
-void ToProto(const BlockConfig& c, v1::BlockConfig* out);
 void ToProto(const BlockInfo& info, absl::string_view backend, v1::BlockInfo* out);
 
 // `what` names the field in the error ("input.dtype").
 absl::StatusOr<DType> FromProto(v1::DType t, absl::string_view what);
 v1::DType ToProto(DType t);
-absl::StatusOr<std::optional<Precision>> FromProto(v1::Precision p);
-v1::Precision ToProto(Precision p);
 absl::StatusOr<TensorKind> FromProto(v1::TensorKind k);
 
 // A view of a request tensor's bytes; INVALID_ARGUMENT for an unspecified dtype.

@@ -36,6 +36,7 @@ ABSL_FLAG(absl::Duration, drain_grace, absl::ZeroDuration(), "on SIGTERM, report
 ABSL_FLAG(absl::Duration, shutdown_timeout, absl::Seconds(30), "on SIGTERM, how long in-flight calls may take to finish");
 ABSL_FLAG(std::string, checkpoint_dir, "", "directory for SaveCheckpoint/RestoreCheckpoint (empty: checkpoints off)");
 ABSL_FLAG(int64_t, checkpoint_every_steps, 0, "save every block after every N successful Steps (0: never)");
+ABSL_FLAG(int, checkpoint_keep, 3, "automatic checkpoints kept (the newest N); checkpoints saved under a name are never deleted");
 ABSL_FLAG(bool, restore_on_start, false, "restore the latest checkpoint of --checkpoint_dir at start");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain: serve TLS");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert");
@@ -90,6 +91,7 @@ int Run(bool malloc_tuned) {
   o.shutdown_timeout = absl::GetFlag(FLAGS_shutdown_timeout);
   o.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   o.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
+  o.checkpoint_keep = absl::GetFlag(FLAGS_checkpoint_keep);
   o.restore_on_start = absl::GetFlag(FLAGS_restore_on_start);
   o.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_client_ca)};
   o.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);

@@ -2,7 +2,7 @@
 //
 //   ASSIGN_OR_RETURN(auto metrics, Metrics::Start("0.0.0.0:9464"));
 //   metrics->RequestDone("Forward", grpc::StatusCode::OK, seconds);
-//   metrics->tokens_forward->Increment(batch * seq);
+//   metrics->tokens_forward->Increment(batch * seq * blocks);
 #pragma once
 
 #include <map>

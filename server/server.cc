@@ -9,6 +9,7 @@
 #include <grpcpp/server_builder.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "base/log.h"
 #include "base/status_macros.h"
 #include "engine/checkpoint.h"
@@ -55,7 +56,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
   ASSIGN_OR_RETURN(s->auth_, Authenticator::FromFiles(options.auth_token_file, options.admin_token_file));
   if (!options.checkpoint_dir.empty()) {
     ASSIGN_OR_RETURN(s->checkpointer_,
-                     MakeFileCheckpointer(s->engine_.get(), options.checkpoint_dir, options.checkpoint_every_steps));
+                     MakeFileCheckpointer(s->engine_.get(), options.checkpoint_dir, options.checkpoint_every_steps,
+                                          options.checkpoint_keep));
     if (options.restore_on_start) {
       auto restored = s->checkpointer_->Restore("", {});
       if (restored.ok()) {
@@ -71,7 +73,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
                           ? options.worker_threads
                           : std::max(4, static_cast<int>(std::thread::hardware_concurrency()));
   s->pool_ = std::make_unique<ThreadPool>(threads);
-  options.service.checkpoint_dir = options.checkpoint_dir;
   s->service_ = std::make_unique<BlockServiceImpl>(s->engine_.get(), s->metrics_.get(), s->pool_.get(),
                                                     s->auth_.get(), s->checkpointer_.get(), options.service);
 
@@ -104,6 +105,10 @@ void Server::Housekeeping() {
   do {
     const int64_t expired = engine_->ExpireActivations();
     if (expired > 0) BLOCKD_LOG(kInfo, "expired ", expired, " activation handles past their TTL");
+    const std::vector<std::string> leased_out = engine_->ExpireBlocks();
+    if (!leased_out.empty()) {
+      BLOCKD_LOG(kInfo, "deleted blocks idle past their lease: ", absl::StrJoin(leased_out, ", "));
+    }
     metrics_->UpdateEngineGauges(engine_->Stats(), engine_->backend());
     if (serving && !engine_->backend().healthy()) {
       serving = false;

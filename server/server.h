@@ -1,5 +1,5 @@
 // The blockd server: BlockService, grpc.health.v1, server reflection and the metrics exposer
-// around one Engine, with a housekeeping thread (activation TTLs, gauges, health) and a drain.
+// around one Engine, with a housekeeping thread (activation TTLs, block leases, gauges, health) and a drain.
 // main() and the integration tests both start it through Server::Start.
 //
 //   ServerOptions o;  o.listen = "127.0.0.1:0";  o.metrics_listen = "127.0.0.1:0";
@@ -41,6 +41,7 @@ struct ServerOptions {
   TlsOptions tls;
   std::string checkpoint_dir;
   int64_t checkpoint_every_steps = 0;
+  int checkpoint_keep = 3;  // automatic checkpoints kept; named ones are never rotated away
   bool restore_on_start = false;
   ServiceOptions service;
   EngineOptions engine;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <exception>
 #include <functional>
 #include <new>
@@ -9,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "base/echo.h"
 #include "base/status_macros.h"
 #include "engine/checkpoint.h"
 #include "server/convert.h"
@@ -90,7 +92,7 @@ BlockServiceImpl::BlockServiceImpl(Engine* engine, Metrics* metrics, ThreadPool*
       checkpointer_(checkpointer),
       options_(std::move(options)) {}
 
-absl::Status BlockServiceImpl::Admit(grpc::CallbackServerContext* ctx, bool admin) {
+absl::Status BlockServiceImpl::Admit(grpc::CallbackServerContext* ctx, Access access) {
   if (draining_) return absl::UnavailableError("blockd is draining: it finishes the calls in flight and stops");
   if (inflight_ > options_.max_concurrent_rpcs) {
     return absl::ResourceExhaustedError(absl::StrCat("blockd is serving ", options_.max_concurrent_rpcs,
@@ -103,7 +105,7 @@ absl::Status BlockServiceImpl::Admit(grpc::CallbackServerContext* ctx, bool admi
     std::string authorization;
     auto it = ctx->client_metadata().find("authorization");
     if (it != ctx->client_metadata().end()) authorization.assign(it->second.data(), it->second.size());
-    auto who = auth_->Check(authorization, admin);
+    auto who = auth_->Check(authorization, /*admin=*/access == Access::kAdmin);
     if (!who.ok()) return who.status();
   }
   return absl::OkStatus();
@@ -129,12 +131,12 @@ std::string BlockServiceImpl::ClientOf(grpc::CallbackServerContext* ctx) const {
 template <class Fn>
 grpc::ServerUnaryReactor* BlockServiceImpl::Unary(grpc::CallbackServerContext* ctx, const char* method,
                                                   const google::protobuf::Message& req,
-                                                  const google::protobuf::Message* resp, Work work, bool admin,
-                                                  Fn fn) {
+                                                  const google::protobuf::Message* resp, Work work,
+                                                  Access access, Fn fn) {
   auto* reactor = new UnaryReactor(ctx);
   auto call = std::make_shared<Call>(this, method);
   metrics_->bytes_received->Increment(static_cast<double>(req.ByteSizeLong()));
-  absl::Status admitted = Admit(ctx, admin);
+  absl::Status admitted = Admit(ctx, access);
   if (!admitted.ok()) {
     reactor->Finish(call->Finish(ToGrpcStatus(admitted)));
     return reactor;
@@ -163,7 +165,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Unary(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* BlockServiceImpl::GetServerInfo(grpc::CallbackServerContext* ctx,
                                                           const v1::GetServerInfoRequest* req,
                                                           v1::GetServerInfoResponse* resp) {
-  return Unary(ctx, "GetServerInfo", *req, resp, Work::kInline, false, [this, resp] {
+  return Unary(ctx, "GetServerInfo", *req, resp, Work::kInline, Access::kUser, [this, resp] {
     Backend& backend = engine_->backend();
     const EngineStats stats = engine_->Stats();
     resp->set_version(options_.version);
@@ -197,7 +199,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::GetServerInfo(grpc::CallbackServerCo
 
 grpc::ServerUnaryReactor* BlockServiceImpl::CreateBlock(grpc::CallbackServerContext* ctx,
                                                         const v1::CreateBlockRequest* req, v1::BlockInfo* resp) {
-  return Unary(ctx, "CreateBlock", *req, resp, Work::kPool, true, [this, req, resp]() -> absl::Status {
+  return Unary(ctx, "CreateBlock", *req, resp, Work::kPool, Access::kAdmin, [this, req, resp]() -> absl::Status {
     CreateBlockParams p;
     p.spec.id = req->block_id();
     p.spec.config = FromProto(req->config());
@@ -207,6 +209,11 @@ grpc::ServerUnaryReactor* BlockServiceImpl::CreateBlock(grpc::CallbackServerCont
     p.spec.device = req->device();
     ASSIGN_OR_RETURN(p.precision, FromProto(req->precision()));
     if (req->has_seed()) p.seed = req->seed();
+    if (req->ttl_seconds() < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ttl_seconds = ", req->ttl_seconds(), ", expected >= 0 (0: no lease)"));
+    }
+    p.ttl = absl::Seconds(req->ttl_seconds());
     ASSIGN_OR_RETURN(BlockInfo info, engine_->CreateBlock(p));
     ToProto(info, engine_->backend().name(), resp);
     return absl::OkStatus();
@@ -216,15 +223,23 @@ grpc::ServerUnaryReactor* BlockServiceImpl::CreateBlock(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* BlockServiceImpl::ListBlocks(grpc::CallbackServerContext* ctx,
                                                        const v1::ListBlocksRequest* req,
                                                        v1::ListBlocksResponse* resp) {
-  return Unary(ctx, "ListBlocks", *req, resp, Work::kInline, false, [this, resp] {
-    for (const BlockInfo& info : engine_->ListBlocks()) ToProto(info, engine_->backend().name(), resp->add_blocks());
+  return Unary(ctx, "ListBlocks", *req, resp, Work::kInline, Access::kUser, [this, req, resp]() -> absl::Status {
+    const double min_idle = req->min_idle_seconds();
+    if (!(std::isfinite(min_idle) && min_idle >= 0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("min_idle_seconds = ", min_idle, ", expected a finite number >= 0 (0: every block)"));
+    }
+    for (const BlockInfo& info : engine_->ListBlocks()) {
+      if (absl::ToDoubleSeconds(info.idle) < min_idle) continue;
+      ToProto(info, engine_->backend().name(), resp->add_blocks());
+    }
     return absl::OkStatus();
   });
 }
 
 grpc::ServerUnaryReactor* BlockServiceImpl::GetBlock(grpc::CallbackServerContext* ctx, const v1::GetBlockRequest* req,
                                                      v1::BlockInfo* resp) {
-  return Unary(ctx, "GetBlock", *req, resp, Work::kInline, false, [this, req, resp]() -> absl::Status {
+  return Unary(ctx, "GetBlock", *req, resp, Work::kInline, Access::kUser, [this, req, resp]() -> absl::Status {
     ASSIGN_OR_RETURN(BlockInfo info, engine_->GetBlock(req->block_id()));
     ToProto(info, engine_->backend().name(), resp);
     return absl::OkStatus();
@@ -234,7 +249,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::GetBlock(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* BlockServiceImpl::DeleteBlock(grpc::CallbackServerContext* ctx,
                                                         const v1::DeleteBlockRequest* req,
                                                         v1::DeleteBlockResponse* resp) {
-  return Unary(ctx, "DeleteBlock", *req, resp, Work::kPool, true, [this, req, resp]() -> absl::Status {
+  return Unary(ctx, "DeleteBlock", *req, resp, Work::kPool, Access::kAdmin, [this, req, resp]() -> absl::Status {
     ASSIGN_OR_RETURN(int64_t released, engine_->DeleteBlock(req->block_id()));
     resp->set_activations_released(released);
     return absl::OkStatus();
@@ -243,7 +258,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::DeleteBlock(grpc::CallbackServerCont
 
 grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext* ctx, const v1::ForwardRequest* req,
                                                     v1::ForwardResponse* resp) {
-  return Unary(ctx, "Forward", *req, resp, Work::kPool, false,
+  return Unary(ctx, "Forward", *req, resp, Work::kPool, Access::kUser,
                [this, ctx, req, resp](UnaryReactor* reactor) -> absl::Status {
     ForwardArgs args;
     args.block_ids.assign(req->block_ids().begin(), req->block_ids().end());
@@ -257,15 +272,20 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
     resp->mutable_output()->set_dtype(req->input().dtype());
     for (int64_t d : out.output.shape) resp->mutable_output()->add_shape(d);
     metrics_->tokens_forward->Increment(static_cast<double>(out.tokens));
-    if (!out.activation_id.empty() && ctx->IsCancelled()) {
-      // Nobody will ever see this id: free what it holds now rather than at its TTL.
-      engine_->ReleaseActivations(out.activation_id).IgnoreError();
-      return absl::CancelledError("the client cancelled the call");
-    }
     if (!out.activation_id.empty()) {
+      // Nobody will ever see this id when the call was cancelled or its deadline passed while it
+      // ran: free what it holds now rather than at its TTL. The deadline is checked here too
+      // because gRPC's own deadline timer may not have cancelled the call yet, and a reply sent
+      // after the client's deadline is dropped by the client.
+      const bool cancelled = ctx->IsCancelled();
+      if (cancelled || ctx->deadline() <= std::chrono::system_clock::now()) {
+        engine_->ReleaseActivations(out.activation_id, args.client).IgnoreError();
+        return cancelled ? absl::CancelledError("the client cancelled the call")
+                         : absl::DeadlineExceededError("the call's deadline passed before its reply was sent");
+      }
       // ... and the same when the cancel comes after this point, before the reply arrives.
-      reactor->UndoIfCancelled([engine = engine_, id = out.activation_id] {
-        engine->ReleaseActivations(id).IgnoreError();
+      reactor->UndoIfCancelled([engine = engine_, id = out.activation_id, owner = args.client] {
+        engine->ReleaseActivations(id, owner).IgnoreError();
       });
     }
     resp->set_activation_id(out.activation_id);
@@ -275,14 +295,15 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
 
 grpc::ServerUnaryReactor* BlockServiceImpl::Backward(grpc::CallbackServerContext* ctx,
                                                      const v1::BackwardRequest* req, v1::BackwardResponse* resp) {
-  return Unary(ctx, "Backward", *req, resp, Work::kPool, false, [this, req, resp]() -> absl::Status {
+  return Unary(ctx, "Backward", *req, resp, Work::kPool, Access::kUser, [this, ctx, req, resp]() -> absl::Status {
     ASSIGN_OR_RETURN(TensorArg grad, TensorArgOf(req->grad_output(), "grad_output"));
     TensorOut out;
     out.data = resp->mutable_grad_input()->mutable_data();
-    RETURN_IF_ERROR(engine_->Backward(req->activation_id(), grad, &out));
+    // Handles belong to the identity that ran the Forward (engine/owned.h).
+    RETURN_IF_ERROR(engine_->Backward(req->activation_id(), ClientOf(ctx), grad, &out));
     resp->mutable_grad_input()->set_dtype(req->grad_output().dtype());
     for (int64_t d : out.shape) resp->mutable_grad_input()->add_shape(d);
-    metrics_->tokens_backward->Increment(static_cast<double>(out.shape[0] * out.shape[1]));
+    metrics_->tokens_backward->Increment(static_cast<double>(out.tokens));
     return absl::OkStatus();
   });
 }
@@ -290,20 +311,20 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Backward(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* BlockServiceImpl::ReleaseActivations(grpc::CallbackServerContext* ctx,
                                                                const v1::ReleaseActivationsRequest* req,
                                                                v1::ReleaseActivationsResponse* resp) {
-  return Unary(ctx, "ReleaseActivations", *req, resp, Work::kPool, false,
-               [this, req] { return engine_->ReleaseActivations(req->activation_id()); });
+  return Unary(ctx, "ReleaseActivations", *req, resp, Work::kPool, Access::kUser,
+               [this, ctx, req] { return engine_->ReleaseActivations(req->activation_id(), ClientOf(ctx)); });
 }
 
 grpc::ServerUnaryReactor* BlockServiceImpl::ZeroGrad(grpc::CallbackServerContext* ctx, const v1::ZeroGradRequest* req,
                                                      v1::ZeroGradResponse* resp) {
-  return Unary(ctx, "ZeroGrad", *req, resp, Work::kPool, false, [this, req] {
+  return Unary(ctx, "ZeroGrad", *req, resp, Work::kPool, Access::kUser, [this, req] {
     return engine_->ZeroGrad(std::vector<std::string>(req->block_ids().begin(), req->block_ids().end()));
   });
 }
 
 grpc::ServerUnaryReactor* BlockServiceImpl::Step(grpc::CallbackServerContext* ctx, const v1::StepRequest* req,
                                                  v1::StepResponse* resp) {
-  return Unary(ctx, "Step", *req, resp, Work::kPool, false, [this, req, resp]() -> absl::Status {
+  return Unary(ctx, "Step", *req, resp, Work::kPool, Access::kUser, [this, req, resp]() -> absl::Status {
     const std::vector<std::string> ids(req->block_ids().begin(), req->block_ids().end());
     ASSIGN_OR_RETURN(StepResult r, engine_->Step(ids, FromProto(req->adamw()), req->max_grad_norm()));
     resp->set_grad_norm(r.grad_norm);
@@ -323,7 +344,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Step(grpc::CallbackServerContext* ct
 grpc::ServerUnaryReactor* BlockServiceImpl::SaveCheckpoint(grpc::CallbackServerContext* ctx,
                                                            const v1::SaveCheckpointRequest* req,
                                                            v1::SaveCheckpointResponse* resp) {
-  return Unary(ctx, "SaveCheckpoint", *req, resp, Work::kPool, true, [this, req, resp]() -> absl::Status {
+  return Unary(ctx, "SaveCheckpoint", *req, resp, Work::kPool, Access::kAdmin, [this, req, resp]() -> absl::Status {
     if (checkpointer_ == nullptr) {
       return absl::FailedPreconditionError("checkpoints are disabled: start blockd with --checkpoint_dir=DIR");
     }
@@ -340,7 +361,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::SaveCheckpoint(grpc::CallbackServerC
 grpc::ServerUnaryReactor* BlockServiceImpl::RestoreCheckpoint(grpc::CallbackServerContext* ctx,
                                                               const v1::RestoreCheckpointRequest* req,
                                                               v1::RestoreCheckpointResponse* resp) {
-  return Unary(ctx, "RestoreCheckpoint", *req, resp, Work::kPool, true, [this, req, resp]() -> absl::Status {
+  return Unary(ctx, "RestoreCheckpoint", *req, resp, Work::kPool, Access::kAdmin, [this, req, resp]() -> absl::Status {
     if (checkpointer_ == nullptr) {
       return absl::FailedPreconditionError("checkpoints are disabled: start blockd with --checkpoint_dir=DIR");
     }
@@ -359,7 +380,7 @@ class BlockServiceImpl::LoadWeightsReactor : public grpc::ServerReadReactor<v1::
  public:
   LoadWeightsReactor(BlockServiceImpl* service, grpc::CallbackServerContext* ctx, v1::LoadWeightsResponse* resp)
       : service_(service), ctx_(ctx), resp_(resp), call_(service, "LoadWeights") {
-    absl::Status admitted = service_->Admit(ctx, /*admin=*/true);
+    absl::Status admitted = service_->Admit(ctx, Access::kAdmin);
     if (!admitted.ok()) {
       Finish(call_.Finish(ToGrpcStatus(admitted)));
       return;
@@ -407,21 +428,21 @@ class BlockServiceImpl::LoadWeightsReactor : public grpc::ServerReadReactor<v1::
  private:
   absl::Status Take() {
     if (chunk_.block_id().empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("chunk of tensor \"", chunk_.name(), "\" has no block_id"));
+      return absl::InvalidArgumentError(absl::StrCat("chunk of tensor \"", Echo(chunk_.name()), "\" has no block_id"));
     }
     if (assembler_ == nullptr) {
       ASSIGN_OR_RETURN(std::vector<ParamSpec> params, service_->engine_->BlockParamsOf(chunk_.block_id()));
       block_id_ = chunk_.block_id();
       assembler_ = std::make_unique<TensorAssembler>(block_id_, std::move(params));
     } else if (chunk_.block_id() != block_id_) {
-      return absl::InvalidArgumentError(absl::StrCat("chunk for block ", chunk_.block_id(), " in a LoadWeights stream for block ",
+      return absl::InvalidArgumentError(absl::StrCat("chunk for block ", Echo(chunk_.block_id()), " in a LoadWeights stream for block ",
                                                      block_id_, ": one stream loads one block"));
     }
     if (static_cast<int64_t>(chunk_.data().size()) > service_->options_.max_chunk_bytes) {
       return absl::InvalidArgumentError(absl::StrCat("chunk of ", chunk_.data().size(), " bytes exceeds the ",
                                                      service_->options_.max_chunk_bytes, "-byte chunk limit"));
     }
-    ASSIGN_OR_RETURN(DType dtype, FromProto(chunk_.dtype(), absl::StrCat("tensor ", chunk_.name(), " dtype")));
+    ASSIGN_OR_RETURN(DType dtype, FromProto(chunk_.dtype(), absl::StrCat("tensor ", Echo(chunk_.name()), " dtype")));
     const std::vector<int64_t> shape(chunk_.shape().begin(), chunk_.shape().end());
     return assembler_->Add(chunk_.name(), dtype, shape, chunk_.offset(), chunk_.data().data(), chunk_.data().size());
   }
@@ -455,7 +476,7 @@ class BlockServiceImpl::DownloadReactor : public grpc::ServerWriteReactor<v1::Te
   DownloadReactor(BlockServiceImpl* service, grpc::CallbackServerContext* ctx, const v1::DownloadTensorsRequest* req)
       : service_(service), call_(service, "DownloadTensors") {
     service_->metrics_->bytes_received->Increment(static_cast<double>(req->ByteSizeLong()));
-    absl::Status admitted = service_->Admit(ctx, /*admin=*/false);
+    absl::Status admitted = service_->Admit(ctx, Access::kUser);
     if (!admitted.ok()) {
       Finish(call_.Finish(ToGrpcStatus(admitted)));
       return;

@@ -1,7 +1,7 @@
 // blockd.v1.BlockService on gRPC's callback API: each RPC is a short function that validates the
 // request, runs the engine call on the worker pool, and finishes with the converted status.
-// Admission (draining, the concurrent-RPC limit, expired deadlines, auth) and metrics are applied
-// in one place, Begin(), for every RPC.
+// Admission (draining, the concurrent-RPC limit, expired deadlines, auth) is decided in one place,
+// Admit(), for every RPC, against the Access the RPC declares; Call records every RPC's metrics.
 //
 //   BlockServiceImpl service(&engine, metrics.get(), &pool, options);
 //   builder.RegisterService(&service);
@@ -27,7 +27,14 @@ struct ServiceOptions {
   int64_t max_concurrent_rpcs = 256;
   int64_t default_chunk_bytes = 1 << 20;
   int64_t max_chunk_bytes = 4 << 20;
-  std::string checkpoint_dir;  // empty: checkpoints disabled
+};
+
+// What an RPC asks of its caller's credentials. Each RPC names one value where it is defined
+// (service.cc), and Admit() alone maps it onto the Authenticator: finer roles (read/train/admin)
+// become new values here and a new branch there, without touching the RPCs.
+enum class Access {
+  kUser,   // any valid token: compute on blocks, read them
+  kAdmin,  // an admin token when an admin token file is set: create, load, delete, checkpoints
 };
 
 class Checkpointer;
@@ -84,14 +91,14 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
 
   enum class Work { kInline, kPool };
   // Admits the call (or finishes it with the reason), runs `fn` inline or on the pool, and
-  // finishes the reactor with fn's status. `admin` RPCs need the admin token when one is set.
-  // `fn` may take the UnaryReactor* to register what to undo if the reply never arrives.
+  // finishes the reactor with fn's status. `fn` may take the UnaryReactor* to register what to
+  // undo if the reply never arrives.
   template <class Fn>
   grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const char* method,
                                   const google::protobuf::Message& req, const google::protobuf::Message* resp,
-                                  Work work, bool admin, Fn fn);
+                                  Work work, Access access, Fn fn);
   // The admission decision shared by unary and streaming RPCs.
-  absl::Status Admit(grpc::CallbackServerContext* ctx, bool admin);
+  absl::Status Admit(grpc::CallbackServerContext* ctx, Access access);
   // Who asks: the auth identity, else the `blockd-client` metadata, else the peer's address.
   std::string ClientOf(grpc::CallbackServerContext* ctx) const;
 

@@ -10,6 +10,7 @@ import tempfile
 import time
 import unittest
 import zlib
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 
 import blockd
 from blockd import tensors as T
+from blockd.v1 import block_service_pb2 as pb
+from blockd.v1 import block_service_pb2_grpc as pb_grpc
 from blockd_testing import Daemon
 from torch_reference import ReferenceBlock, ReferenceSpan
 
@@ -137,11 +140,79 @@ class ErrorMappingTest(ClientTestBase):
         with self.assertRaises(ValueError):
             T.encode(np.ones(3, np.int32))
 
+    def test_a_request_over_the_message_limit_says_which_limit_and_what_to_do(self):
+        self.client.create_block("m0", CFG, seed=1)
+        x = np.random.default_rng(2).standard_normal((8, 128, CFG.hidden_size)).astype(np.float32)  # 128 KiB
+        with blockd.Client(self.daemon.target, timeout=60, max_message_bytes=64 << 10) as small:
+            e = self.assertRaisesCode(blockd.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      lambda: small.forward(["m0"], x))
+            self.assertEqual(e.details, "Forward input [8,128,32] float32 is 128.0 KiB, over the 64 KiB message limit "
+                                        "(--max_message_bytes on the server / Client(max_message_bytes=...)): split "
+                                        "the batch")
+            self.assertRaisesCode(blockd.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  lambda: small.backward("no-such-handle", x),
+                                  "Backward grad_output [8,128,32] float32 is 128.0 KiB, over the 64 KiB")
+            self.assertEqual(small.forward(["m0"], x[:1, :16]).output.shape, (1, 16, CFG.hidden_size))
+
+    def test_the_servers_smaller_message_limit_gets_the_same_advice(self):
+        x = np.random.default_rng(3).standard_normal((8, 128, CFG.hidden_size)).astype(np.float32)
+        with Daemon(extra_args=["--max_message_bytes=65536"]) as d, blockd.Client(d.target, timeout=60) as c:
+            c.create_block("m1", CFG, seed=1)
+            e = self.assertRaisesCode(blockd.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      lambda: c.forward(["m1"], x),
+                                      "Forward input [8,128,32] float32 is 128.0 KiB, over the server's message "
+                                      "limit (Received message larger than max")
+            self.assertTrue(e.details.endswith("split the batch, or raise --max_message_bytes on the server"),
+                            e.details)
+
     def test_unreachable_server_is_unavailable(self):
         with blockd.Client("127.0.0.1:1", timeout=5) as c:
             with self.assertRaises(blockd.UnavailableError) as cm:
                 c.server_info()
             self.assertEqual(cm.exception.code, grpc.StatusCode.UNAVAILABLE)
+
+
+class FakeLeaseServicer(pb_grpc.BlockServiceServicer):
+    """Records CreateBlock and ListBlocks requests and answers with blocks of chosen idle times (the
+    server on this branch keeps no leases; the lease itself is tested where the server has it)."""
+
+    def __init__(self):
+        self.creates, self.lists = [], []
+
+    def CreateBlock(self, request, context):
+        self.creates.append(request)
+        return pb.BlockInfo(block_id=request.block_id, ttl_seconds=request.ttl_seconds)
+
+    def ListBlocks(self, request, context):
+        self.lists.append(request)
+        return pb.ListBlocksResponse(blocks=[pb.BlockInfo(block_id="fresh", idle_seconds=5),
+                                             pb.BlockInfo(block_id="stale", idle_seconds=7200)])
+
+
+class LeaseRequestTest(unittest.TestCase):
+    def test_ttl_and_min_idle_reach_the_request(self):
+        fake = FakeLeaseServicer()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb_grpc.add_BlockServiceServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        try:
+            with blockd.Client(f"127.0.0.1:{port}", timeout=30) as c:
+                self.assertEqual(c.create_block("b", CFG, ttl=1.5).ttl_seconds, 2)  # rounds up, never to 0
+                self.assertEqual(fake.creates[-1].ttl_seconds, 2)
+                c.create_block("c", CFG)
+                self.assertEqual(fake.creates[-1].ttl_seconds, 0)
+                for bad in (0.5, 0, float("inf")):
+                    with self.assertRaisesRegex(ValueError, "expected a number of seconds >= 1"):
+                        c.create_block("d", CFG, ttl=bad)
+                self.assertEqual([b.block_id for b in c.list_blocks(min_idle=3600)], ["stale"])
+                self.assertEqual(fake.lists[-1].min_idle_seconds, 3600)
+                self.assertEqual([b.block_id for b in c.list_blocks()], ["fresh", "stale"])
+                self.assertEqual(fake.lists[-1].min_idle_seconds, 0)
+                with self.assertRaisesRegex(ValueError, "min_idle = 0"):
+                    c.list_blocks(min_idle=0)
+        finally:
+            server.stop(None)
 
 
 class AuthTest(unittest.TestCase):

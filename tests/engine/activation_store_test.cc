@@ -1,9 +1,11 @@
-// engine/activation_store.h and engine/memory_budget.h: handle ids, exclusive use, per-client
-// limits, erasure by block and by expiry (deferred while a handle is in use), and budgets whose
-// reservations give their bytes back exactly once.
+// engine/activation_store.h and engine/memory_budget.h: handle ids (unpredictable, 128 random
+// bits), ownership (another identity's handle is indistinguishable from an unknown one), exclusive
+// use, per-client limits, erasure by block and by expiry (deferred while a handle is in use), and
+// budgets whose reservations give their bytes back exactly once.
 #include "engine/activation_store.h"
 
 #include <map>
+#include <random>
 #include <set>
 #include <string>
 
@@ -17,7 +19,7 @@ namespace {
 std::unique_ptr<ActivationHandle> Handle(const std::string& client, std::vector<uint64_t> serials,
                                          absl::Time expires = absl::InfiniteFuture()) {
   auto h = std::make_unique<ActivationHandle>();
-  h->client = client;
+  h->owner = client;
   h->block_serials = std::move(serials);
   for (size_t i = 0; i < h->block_serials.size(); ++i) h->block_ids.push_back("b" + std::to_string(i));
   h->expires = expires;
@@ -32,34 +34,160 @@ std::unique_ptr<ActivationHandle> Handle(const std::string& client, std::vector<
                                        << " containing \"" << needle << "\"";
 }
 
-TEST(ActivationStoreTest, IdsAreUniqueAndUnguessableLooking) {
+// The attack from the hardening issue: ids drawn from a per-thread mt19937_64 give its whole state
+// away after 156 ids (312 outputs), and every later id follows. This runs that attack (untemper
+// the outputs, run the generator's recurrence forward) on the store's own ids; with ids from the
+// kernel's CSPRNG it must predict nothing.
+uint64_t Untemper(uint64_t y) {
+  // Inverts mt19937_64's tempering, step by step from the last; iterating a step's xor-shift 7
+  // times recovers all 64 bits for any shift >= 10.
+  auto undo_right = [](uint64_t v, int shift, uint64_t mask) {
+    uint64_t x = v;
+    for (int i = 0; i < 7; ++i) x = v ^ ((x >> shift) & mask);
+    return x;
+  };
+  auto undo_left = [](uint64_t v, int shift, uint64_t mask) {
+    uint64_t x = v;
+    for (int i = 0; i < 7; ++i) x = v ^ ((x << shift) & mask);
+    return x;
+  };
+  y = undo_right(y, 43, ~uint64_t{0});
+  y = undo_left(y, 37, 0xFFF7EEE000000000ULL);
+  y = undo_left(y, 17, 0x71D67FFFEDA60000ULL);
+  y = undo_right(y, 29, 0x5555555555555555ULL);
+  return y;
+}
+
+uint64_t Temper(uint64_t y) {
+  y ^= (y >> 29) & 0x5555555555555555ULL;
+  y ^= (y << 17) & 0x71D67FFFEDA60000ULL;
+  y ^= (y << 37) & 0xFFF7EEE000000000ULL;
+  return y ^ (y >> 43);
+}
+
+// Given mt19937_64's untempered outputs x[0..n), the next `count` outputs (tempered).
+std::vector<uint64_t> PredictMt64(std::vector<uint64_t> x, int count) {
+  constexpr size_t kN = 312, kM = 156;
+  constexpr uint64_t kUpper = ~uint64_t{0} << 31, kLower = (uint64_t{1} << 31) - 1;
+  std::vector<uint64_t> out;
+  for (int i = 0; i < count; ++i) {
+    const size_t j = x.size() - kN;
+    const uint64_t y = (x[j] & kUpper) | (x[j + 1] & kLower);
+    const uint64_t next = x[j + kM] ^ (y >> 1) ^ ((y & 1) ? 0xB5026F5AA96619E9ULL : 0);
+    x.push_back(next);
+    out.push_back(Temper(next));
+  }
+  return out;
+}
+
+TEST(ActivationStoreTest, NextIdsCannotBePredictedFromEarlierOnes) {
+  {  // The attack itself works: it predicts a real mt19937_64 exactly.
+    std::mt19937_64 rng(12345);
+    std::vector<uint64_t> seen;
+    for (int i = 0; i < 312; ++i) seen.push_back(Untemper(rng()));
+    const std::vector<uint64_t> predicted = PredictMt64(seen, 4);
+    for (uint64_t p : predicted) ASSERT_EQ(p, rng()) << "the reference attack is broken";
+  }
   ActivationStore store;
+  std::vector<std::pair<uint64_t, uint64_t>> words;  // each id's two 64-bit halves
+  auto halves = [](const std::string& id) {
+    return std::pair{std::stoull(id.substr(4, 16), nullptr, 16), std::stoull(id.substr(20, 16), nullptr, 16)};
+  };
+  for (int i = 0; i < 156 + 4; ++i) {
+    auto id = store.Add(Handle("attacker", {1}), 1000);
+    ASSERT_TRUE(id.ok()) << id.status();
+    words.push_back(halves(*id));
+  }
+  // Which half the generator drew first depends on the compiler's argument order: try both.
+  for (const bool high_first : {true, false}) {
+    std::vector<uint64_t> seen;
+    for (int i = 0; i < 156; ++i) {
+      seen.push_back(Untemper(high_first ? words[i].first : words[i].second));
+      seen.push_back(Untemper(high_first ? words[i].second : words[i].first));
+    }
+    const std::vector<uint64_t> predicted = PredictMt64(seen, 8);
+    for (int k = 0; k < 4; ++k) {
+      const auto [hi, lo] = words[156 + k];
+      const std::pair<uint64_t, uint64_t> guess = high_first ? std::pair{predicted[2 * k], predicted[2 * k + 1]}
+                                                             : std::pair{predicted[2 * k + 1], predicted[2 * k]};
+      EXPECT_FALSE(guess.first == hi && guess.second == lo)
+          << "id " << 156 + k << " was predicted from the 156 before it (halves drawn "
+          << (high_first ? "high" : "low") << " first)";
+    }
+  }
+}
+
+TEST(ActivationStoreTest, IdsCarry128RandomBits) {
+  ActivationStore store;
+  constexpr int kIds = 2000;
+  std::vector<int> ones(128, 0);
   std::set<std::string> ids;
-  for (int i = 0; i < 100; ++i) {
-    auto id = store.Add(Handle("c", {1}), 1000);
+  for (int i = 0; i < kIds; ++i) {
+    auto id = store.Add(Handle("c", {1}), kIds);
     ASSERT_TRUE(id.ok()) << id.status();
     ASSERT_EQ(id->size(), 4u + 32u) << *id;
-    EXPECT_EQ(id->substr(0, 4), "act-");
-    EXPECT_EQ(id->find_first_not_of("0123456789abcdef", 4), std::string::npos) << *id;
+    ASSERT_EQ(id->find_first_not_of("0123456789abcdef", 4), std::string::npos) << *id;
     ids.insert(*id);
+    for (int d = 0; d < 32; ++d) {
+      const int nibble = std::stoi(id->substr(4 + d, 1), nullptr, 16);
+      for (int b = 0; b < 4; ++b) ones[4 * d + b] += (nibble >> b) & 1;
+    }
   }
-  EXPECT_EQ(ids.size(), 100u);
-  EXPECT_EQ(store.size(), 100);
+  EXPECT_EQ(ids.size(), static_cast<size_t>(kIds));
+  // Every one of the 128 bits varies as a fair coin would: 2000 draws put each count within
+  // 1000 +- 200 (more than 8 standard deviations), so a constant, counter or short field fails.
+  for (int b = 0; b < 128; ++b) {
+    EXPECT_GT(ones[b], 800) << "bit " << b << " of the id is set in only " << ones[b] << " of " << kIds << " ids";
+    EXPECT_LT(ones[b], 1200) << "bit " << b << " of the id is set in " << ones[b] << " of " << kIds << " ids";
+  }
+}
+
+TEST(ActivationStoreTest, AnotherIdentitySeesAHandleAsUnknownAndCannotTouchIt) {
+  ActivationStore store;
+  const std::string id = *store.Add(Handle("alice", {1}), 10);
+  const std::string unknown = "act-" + std::string(32, '0');
+  auto message_for = [&](const absl::Status& s, const std::string& shown) {
+    std::string m(s.message());
+    const size_t at = m.find(shown);
+    if (at != std::string::npos) m.replace(at, shown.size(), "<id>");
+    return m;
+  };
+  const absl::Status foreign = store.Acquire(id, "bob").status();
+  const absl::Status missing = store.Acquire(unknown, "bob").status();
+  EXPECT_TRUE(Code(foreign, absl::StatusCode::kNotFound, "not found"));
+  EXPECT_EQ(message_for(foreign, id), message_for(missing, unknown)) << "the answer tells the two apart";
+  // Even while the owner is using it, the other identity hears NOT_FOUND, not "in use".
+  ASSERT_TRUE(store.Acquire(id, "alice").ok());
+  EXPECT_TRUE(Code(store.Acquire(id, "bob").status(), absl::StatusCode::kNotFound, "not found"));
+  store.Return(id);
+  EXPECT_EQ(store.CountForClient("alice"), 1);
+  EXPECT_EQ(store.CountForClient("bob"), 0);
+  auto h = store.Acquire(id, "alice");
+  ASSERT_TRUE(h.ok()) << "the other identity's attempts touched the handle: " << h.status();
+  EXPECT_EQ((*h)->owner, "alice");
+}
+
+TEST(ActivationStoreTest, LongIdsAreEchoedShort) {
+  ActivationStore store;
+  const std::string huge = "act-" + std::string(200000, 'f');
+  const absl::Status s = store.Acquire(huge, "c").status();
+  EXPECT_TRUE(Code(s, absl::StatusCode::kNotFound, "(200004 bytes)"));
+  EXPECT_LT(s.message().size(), 400u) << s.message().substr(0, 400);
 }
 
 TEST(ActivationStoreTest, AcquireIsExclusiveUntilReturnOrErase) {
   ActivationStore store;
   const std::string id = *store.Add(Handle("c", {1}), 10);
-  auto h = store.Acquire(id);
+  auto h = store.Acquire(id, "c");
   ASSERT_TRUE(h.ok());
-  EXPECT_EQ((*h)->client, "c");
-  EXPECT_TRUE(Code(store.Acquire(id).status(), absl::StatusCode::kFailedPrecondition, "in use"));
+  EXPECT_EQ((*h)->owner, "c");
+  EXPECT_TRUE(Code(store.Acquire(id, "c").status(), absl::StatusCode::kFailedPrecondition, "in use"));
   store.Return(id);
-  auto again = store.Acquire(id);
+  auto again = store.Acquire(id, "c");
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(*again, *h) << "Return gives the same handle back";
   store.Erase(id);
-  EXPECT_TRUE(Code(store.Acquire(id).status(), absl::StatusCode::kNotFound, id));
+  EXPECT_TRUE(Code(store.Acquire(id, "c").status(), absl::StatusCode::kNotFound, id));
   EXPECT_EQ(store.size(), 0);
   store.Return(id);  // harmless on an unknown id
   store.Erase(id);
@@ -81,15 +209,15 @@ TEST(ActivationStoreTest, EraseReferencingDefersHandlesInUse) {
   const std::string a = *store.Add(Handle("c", {7, 8}), 10);
   const std::string b = *store.Add(Handle("c", {8}), 10);
   const std::string c = *store.Add(Handle("c", {9}), 10);
-  ASSERT_TRUE(store.Acquire(b).ok());
+  ASSERT_TRUE(store.Acquire(b, "c").ok());
   EXPECT_EQ(store.EraseReferencing(8), 2);
-  EXPECT_TRUE(Code(store.Acquire(a).status(), absl::StatusCode::kNotFound, a));
+  EXPECT_TRUE(Code(store.Acquire(a, "c").status(), absl::StatusCode::kNotFound, a));
   EXPECT_EQ(store.size(), 1) << "the doomed handle in use no longer counts";
   EXPECT_EQ(store.CountForClient("c"), 1);
   EXPECT_EQ(store.EraseReferencing(8), 0) << "a doomed handle is not counted twice";
   store.Return(b);  // the in-use handle goes when returned
-  EXPECT_TRUE(Code(store.Acquire(b).status(), absl::StatusCode::kNotFound, b));
-  EXPECT_TRUE(store.Acquire(c).ok());
+  EXPECT_TRUE(Code(store.Acquire(b, "c").status(), absl::StatusCode::kNotFound, b));
+  EXPECT_TRUE(store.Acquire(c, "c").ok());
 }
 
 TEST(ActivationStoreTest, ExpireDropsHandlesPastTheirTime) {
@@ -98,14 +226,14 @@ TEST(ActivationStoreTest, ExpireDropsHandlesPastTheirTime) {
   const std::string old1 = *store.Add(Handle("c", {1}, now - absl::Seconds(1)), 10);
   const std::string old2 = *store.Add(Handle("c", {1}, now - absl::Seconds(2)), 10);
   const std::string fresh = *store.Add(Handle("c", {1}, now + absl::Hours(1)), 10);
-  ASSERT_TRUE(store.Acquire(old2).ok());
+  ASSERT_TRUE(store.Acquire(old2, "c").ok());
   EXPECT_EQ(store.Expire(now), 2);
   EXPECT_EQ(store.Expire(now), 0) << "a doomed handle is not counted twice";
   EXPECT_EQ(store.size(), 1);
-  EXPECT_TRUE(Code(store.Acquire(old1).status(), absl::StatusCode::kNotFound, "expired"));
+  EXPECT_TRUE(Code(store.Acquire(old1, "c").status(), absl::StatusCode::kNotFound, "expired"));
   store.Return(old2);
-  EXPECT_TRUE(Code(store.Acquire(old2).status(), absl::StatusCode::kNotFound, old2));
-  EXPECT_TRUE(store.Acquire(fresh).ok());
+  EXPECT_TRUE(Code(store.Acquire(old2, "c").status(), absl::StatusCode::kNotFound, old2));
+  EXPECT_TRUE(store.Acquire(fresh, "c").ok());
   EXPECT_EQ(store.Expire(now), 0);
 }
 

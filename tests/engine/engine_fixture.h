@@ -172,13 +172,13 @@ class EngineFixture : public ::testing::Test {
   }
 
   absl::StatusOr<std::vector<float>> Backward(const std::string& activation_id, const std::vector<float>& dy,
-                                              int64_t batch, int64_t seq) {
+                                              int64_t batch, int64_t seq, const std::string& caller = "") {
     TensorArg g{DType::kFloat32, {batch, seq, static_cast<int64_t>(dy.size()) / (batch * seq)}, dy.data(),
                 dy.size() * 4};
     std::string bytes;
     TensorOut out;
     out.data = &bytes;
-    absl::Status s = engine_->Backward(activation_id, g, &out);
+    absl::Status s = engine_->Backward(activation_id, caller, g, &out);
     if (!s.ok()) return s;
     EXPECT_EQ(out.dtype, DType::kFloat32);
     EXPECT_EQ(out.shape, g.shape);

@@ -9,6 +9,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/time/clock.h"
@@ -91,7 +92,8 @@ TEST_F(EngineTest, CreateRejectsBadIdsConfigsAndPrecisionsNamingTheField) {
       {"odd head_dim", [](auto* p) { p->spec.config.head_dim = 5; }, StatusCode::kInvalidArgument, "head_dim"},
       {"intermediate 0", [](auto* p) { p->spec.config.intermediate_size = 0; }, StatusCode::kInvalidArgument,
        "intermediate_size"},
-      {"eps 0", [](auto* p) { p->spec.config.rms_norm_eps = 0; }, StatusCode::kInvalidArgument, "rms_norm_eps"},
+      {"eps negative", [](auto* p) { p->spec.config.rms_norm_eps = -1e-6; }, StatusCode::kInvalidArgument,
+       "rms_norm_eps"},
       {"eps NaN", [](auto* p) { p->spec.config.rms_norm_eps = std::nan(""); }, StatusCode::kInvalidArgument,
        "rms_norm_eps"},
       {"theta 1", [](auto* p) { p->spec.config.rope_theta = 1; }, StatusCode::kInvalidArgument, "rope_theta"},
@@ -427,6 +429,33 @@ TEST_F(EngineTest, BackwardMatchesBlockMathThroughASpan) {
   }
 }
 
+// The tokens metric counts batch * seq per block a pass runs through, Backward as Forward, a block
+// named twice in a span twice.
+TEST_F(EngineTest, ForwardAndBackwardCountTokensPerBlock) {
+  ASSERT_OK(Create("b0", Config(true), 1));
+  ASSERT_OK(Create("b1", Config(true), 2));
+  const std::vector<float> x = RandomActivation(16), dy = RandomActivation(16);
+  for (const std::vector<std::string>& span : {std::vector<std::string>{"b0", "b1"},
+                                               std::vector<std::string>{"b0", "b1", "b0"}}) {
+    const int64_t expected = kBatch * kSeq * static_cast<int64_t>(span.size());
+    ForwardArgs args;
+    args.block_ids = span;
+    args.input = TensorArg{DType::kFloat32, {kBatch, kSeq, 16}, x.data(), x.size() * 4};
+    args.keep_activations = true;
+    std::string y, dx;
+    ForwardOutput fwd;
+    fwd.output.data = &y;
+    ASSERT_OK(engine_->Forward(args, &fwd));
+    EXPECT_EQ(fwd.tokens, expected) << "Forward through " << span.size() << " blocks";
+    TensorOut bwd;
+    bwd.data = &dx;
+    ASSERT_OK(engine_->Backward(fwd.activation_id, "", TensorArg{DType::kFloat32, {kBatch, kSeq, 16}, dy.data(),
+                                                             dy.size() * 4},
+                                &bwd));
+    EXPECT_EQ(bwd.tokens, expected) << "Backward through " << span.size() << " blocks";
+  }
+}
+
 TEST_F(EngineTest, BackwardConsumesTheHandleButNotOnABadRequest) {
   ASSERT_OK(Create("b0", Config(true), 5));
   const std::vector<float> x = RandomActivation(16), dy = RandomActivation(16);
@@ -445,7 +474,7 @@ TEST_F(EngineTest, BackwardConsumesTheHandleButNotOnABadRequest) {
     std::string bytes;
     TensorOut out;
     out.data = &bytes;
-    EXPECT_TRUE(HasError(engine_->Backward(f->activation_id, g, &out), StatusCode::kInvalidArgument, "bytes"));
+    EXPECT_TRUE(HasError(engine_->Backward(f->activation_id, "", g, &out), StatusCode::kInvalidArgument, "bytes"));
   }
   std::vector<float> bad = dy;
   bad[13] = std::numeric_limits<float>::infinity();
@@ -464,9 +493,9 @@ TEST_F(EngineTest, BackwardConsumesTheHandleButNotOnABadRequest) {
   auto g = Forward({"b0"}, x, kBatch, kSeq, true);
   ASSERT_TRUE(g.ok());
   EXPECT_NE(g->activation_id, f->activation_id);
-  EXPECT_OK(engine_->ReleaseActivations(g->activation_id));
+  EXPECT_OK(engine_->ReleaseActivations(g->activation_id, ""));
   EXPECT_TRUE(HasError(Backward(g->activation_id, dy, kBatch, kSeq).status(), StatusCode::kNotFound, "not found"));
-  EXPECT_TRUE(HasError(engine_->ReleaseActivations(g->activation_id), StatusCode::kNotFound, "not found"));
+  EXPECT_TRUE(HasError(engine_->ReleaseActivations(g->activation_id, ""), StatusCode::kNotFound, "not found"));
   EXPECT_EQ(engine_->Stats().activations_held, 0);
   EXPECT_EQ(engine_->Stats().memory_used[0], engine_->GetBlock("b0")->memory_bytes);
 }
@@ -571,8 +600,75 @@ TEST_F(EngineTest, PerClientHandleLimit) {
   EXPECT_OK(Forward({"b0"}, x, kBatch, kSeq, true, 0, "bob").status());
   EXPECT_OK(Forward({"b0"}, x, kBatch, kSeq, false, 0, "alice").status());  // the limit is on kept handles only
   EXPECT_EQ(engine_->Stats().activations_held, 3);
-  ASSERT_OK(Backward(a1->activation_id, dy, kBatch, kSeq).status());
+  ASSERT_OK(Backward(a1->activation_id, dy, kBatch, kSeq, "alice").status());
   EXPECT_OK(Forward({"b0"}, x, kBatch, kSeq, true, 0, "alice").status());
+}
+
+// A handle belongs to the identity that ran its Forward: to anyone else it is NOT_FOUND, exactly as
+// an id that never existed, and their attempts leave it (and the block's gradients) untouched.
+TEST_F(EngineTest, HandlesBelongToTheirClient) {
+  ASSERT_OK(Create("b0", Config(true), 1));
+  const std::vector<float> x = RandomActivation(16), dy = RandomActivation(16);
+  auto a = Forward({"b0"}, x, kBatch, kSeq, true, 0, "alice");
+  ASSERT_TRUE(a.ok()) << a.status();
+  const std::string unknown = "act-" + std::string(32, '0');
+  auto bob = Backward(a->activation_id, dy, kBatch, kSeq, "bob");
+  EXPECT_TRUE(HasError(bob.status(), StatusCode::kNotFound, "not found"));
+  auto never = Backward(unknown, dy, kBatch, kSeq, "bob");
+  std::string shown(bob.status().message()), shown_unknown(never.status().message());
+  shown.replace(shown.find(a->activation_id), a->activation_id.size(), "<id>");
+  shown_unknown.replace(shown_unknown.find(unknown), unknown.size(), "<id>");
+  EXPECT_EQ(shown, shown_unknown) << "another client's handle reads differently from an unknown one";
+  EXPECT_TRUE(HasError(engine_->ReleaseActivations(a->activation_id, "bob"), StatusCode::kNotFound, "not found"));
+  EXPECT_FALSE(engine_->GetBlock("b0")->has_gradients) << "bob's Backward computed gradients";
+  EXPECT_EQ(engine_->Stats().activations_held, 1);
+  EXPECT_OK(Backward(a->activation_id, dy, kBatch, kSeq, "alice").status());
+  EXPECT_TRUE(engine_->GetBlock("b0")->has_gradients);
+  EXPECT_EQ(engine_->Stats().activations_held, 0);
+}
+
+// 0 is what an omitted proto3 field reads as: CreateBlock takes it as Hugging Face's default and
+// reports the value in force; a negative value is still refused.
+TEST_F(EngineTest, CreateTakesZeroEpsAndThetaAsHuggingFaceDefaults) {
+  BlockConfig c = Config(false);
+  c.rms_norm_eps = 0;
+  c.rope_theta = 0;
+  CreateBlockParams p;
+  p.spec = Spec("z0", c);
+  p.seed = 1;
+  auto info = engine_->CreateBlock(p);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->spec.config.rms_norm_eps, 1e-6);
+  EXPECT_EQ(info->spec.config.rope_theta, 10000.0);
+  EXPECT_EQ(engine_->GetBlock("z0")->spec.config.rms_norm_eps, 1e-6);
+  for (auto [eps, theta, field] : {std::tuple{-1e-6, 0.0, "rms_norm_eps"}, std::tuple{0.0, -10000.0, "rope_theta"}}) {
+    c.rms_norm_eps = eps;
+    c.rope_theta = theta;
+    p.spec = Spec("z1", c);
+    EXPECT_TRUE(HasError(engine_->CreateBlock(p).status(), StatusCode::kInvalidArgument, field));
+  }
+  EXPECT_EQ(engine_->ListBlocks().size(), 1u);
+}
+
+// A client's 200 KB id must not come back whole in the error (it would outgrow gRPC's metadata).
+TEST_F(EngineTest, LongIdsAndNamesAreEchoedShort) {
+  ASSERT_OK(Create("b0", Config(false), 1));
+  const std::string huge(200000, 'x');
+  const std::vector<float> x = RandomActivation(16);
+  for (const absl::Status& s :
+       {engine_->GetBlock(huge).status(), engine_->DeleteBlock(huge).status(),
+        Forward({"b0", huge}, x, kBatch, kSeq, false).status(),
+        engine_->ReadTensors("b0", TensorKind::kWeights, DType::kFloat32, {huge}).status(),
+        engine_->ReleaseActivations(huge, "")}) {
+    EXPECT_TRUE(s.code() == StatusCode::kNotFound || s.code() == StatusCode::kInvalidArgument) << s.code();
+    EXPECT_NE(s.message().find("(200000 bytes)"), std::string::npos) << s.message().substr(0, 300);
+    EXPECT_LT(s.message().size(), 400u) << s.message().substr(0, 400);
+  }
+  CreateBlockParams p;
+  p.spec = Spec(huge, Config(false));
+  const absl::Status bad_id = engine_->CreateBlock(p).status();
+  EXPECT_TRUE(HasError(bad_id, StatusCode::kInvalidArgument, "(200000 bytes)"));
+  EXPECT_LT(bad_id.message().size(), 400u);
 }
 
 // ------------------------------------------------------------------------------------ dtypes
@@ -619,7 +715,7 @@ TEST_F(EngineTest, BFloat16ActivationsRoundTrip) {
   std::string dx_bytes;
   TensorOut dx;
   dx.data = &dx_bytes;
-  ASSERT_OK(engine_->Backward(out.activation_id, g, &dx));
+  ASSERT_OK(engine_->Backward(out.activation_id, "", g, &dx));
   EXPECT_EQ(dx.dtype, DType::kBFloat16);
   EXPECT_EQ(dx.shape, (std::vector<int64_t>{kBatch, kSeq, 16}));
   auto dx32 = Backward(f32->activation_id, dy32, kBatch, kSeq);

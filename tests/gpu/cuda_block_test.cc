@@ -272,7 +272,7 @@ TEST(CudaEngineTest, SpanMatchesCpuEngine) {
     ASSERT_TRUE(e->Forward(args, &fo).ok());
     TensorOut gi;
     gi.data = &gx;
-    ASSERT_TRUE(e->Backward(fo.activation_id, {DType::kFloat32, {batch, seq, cfg.hidden_size}, dy.data(), dy.size() * 4},
+    ASSERT_TRUE(e->Backward(fo.activation_id, "", {DType::kFloat32, {batch, seq, cfg.hidden_size}, dy.data(), dy.size() * 4},
                             &gi)
                     .ok());
     out[which].resize(x.size());
@@ -333,7 +333,7 @@ TEST(CudaEngineTest, ThousandCyclesLeaveDeviceMemoryFlat) {
     ASSERT_TRUE(e.Forward(args, &fo).ok());
     TensorOut gi;
     gi.data = &gx;
-    ASSERT_TRUE(e.Backward(fo.activation_id, {DType::kFloat32, {batch, seq, d}, x.data(), x.size() * 4}, &gi).ok());
+    ASSERT_TRUE(e.Backward(fo.activation_id, "", {DType::kFloat32, {batch, seq, d}, x.data(), x.size() * 4}, &gi).ok());
     auto st = e.Step({"m"}, AdamWHyper{}, 1.0);
     ASSERT_TRUE(st.ok());
   };
@@ -439,7 +439,7 @@ TEST(CudaEngineTest, SpanAcrossTwoGpusMatchesCpu) {
     TensorOut gi;
     gi.data = &gx;
     ASSERT_TRUE(
-        e->Backward(fo.activation_id, {DType::kFloat32, {batch, seq, cfg.hidden_size}, dy.data(), dy.size() * 4}, &gi)
+        e->Backward(fo.activation_id, "", {DType::kFloat32, {batch, seq, cfg.hidden_size}, dy.data(), dy.size() * 4}, &gi)
             .ok());
     out[which].resize(x.size());
     dx[which].resize(x.size());

@@ -10,6 +10,7 @@
 #include "base/dtype.h"
 #include "kernels/adamw.cuh"
 #include "kernels/attention.cuh"
+#include "kernels/attention_fp32.cuh"
 #include "kernels/attention_mma.cuh"
 #include "kernels/convert.cuh"
 #include "kernels/gemm.h"
@@ -295,6 +296,10 @@ TEST_P(AttentionTest, ForwardAndBackwardMatchFloat64) {
     a.workspace = delta.get();
     return a;
   };
+  const std::string path32 =
+      kernels::attention_fp32_supports(args(dq_in.get(), dk_in.get(), dv_in.get(), o.get(), ddo.get(), dv.get()))
+          ? " fp32 (register-tiled)"
+          : " fp32 (simt)";
   CUDA_ASSERT(kernels::launch_attention_fwd(args(dq_in.get(), dk_in.get(), dv_in.get(), o.get(), ddo.get(), dv.get())));
   CUDA_ASSERT(cudaDeviceSynchronize());
   // Backward reads the reference o so that its inputs are exactly the CPU's.
@@ -303,16 +308,16 @@ TEST_P(AttentionTest, ForwardAndBackwardMatchFloat64) {
   CUDA_ASSERT(
       kernels::launch_attention_bwd(args(dq_in.get(), dk_in.get(), dv_in.get(), do_ref.get(), ddo.get(), dv.get())));
   CUDA_ASSERT(cudaDeviceSynchronize());
-  ExpectClose("attention o", o.Download(), o_ref, kFp32Rtol);
-  ExpectClose("attention lse", lse.Download(), lse_ref, kFp32Rtol);
-  ExpectClose("attention dq", dq.Download(), dq_ref, kFp32Rtol);
-  ExpectClose("attention dk", dk.Download(), dk_ref, kFp32Rtol);
+  ExpectClose("attention o" + path32, o.Download(), o_ref, kFp32Rtol);
+  ExpectClose("attention lse" + path32, lse.Download(), lse_ref, kFp32Rtol);
+  ExpectClose("attention dq" + path32, dq.Download(), dq_ref, kFp32Rtol);
+  ExpectClose("attention dk" + path32, dk.Download(), dk_ref, kFp32Rtol);
   const auto dv_wide = dv.Download();
   std::vector<float> dv_got(tokens * kvd);
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t i = 0; i < kvd; ++i) dv_got[t * kvd + i] = dv_wide[t * (kvd + 16) + i];
   }
-  ExpectClose("attention dv", dv_got, dv_ref, kFp32Rtol);
+  ExpectClose("attention dv" + path32, dv_got, dv_ref, kFp32Rtol);
 
   // bf16 activations (tensor cores for head_dim 64 and 128, SIMT otherwise): inputs rounded to
   // bf16 first, so that the float64 reference sees exactly what the kernels see. Forward: the
@@ -364,7 +369,40 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
                                            AttentionCase{3, 5, 2, 2, 32}, AttentionCase{1, 300, 4, 1, 256},
                                            AttentionCase{2, 64, 16, 8, 128}, AttentionCase{1, 2, 4, 4, 64},
                                            AttentionCase{1, 1000, 4, 2, 128}, AttentionCase{3, 129, 6, 3, 64},
-                                           AttentionCase{1, 333, 2, 1, 32}));
+                                           AttentionCase{1, 333, 2, 1, 32},
+                                           // The register-tiled fp32 kernels (head_dim 64/128): seq
+                                           // off their 64/128-row blocks, GQA ratios 1, 2 and 4.
+                                           AttentionCase{1, 515, 4, 4, 128}, AttentionCase{2, 190, 8, 2, 128},
+                                           AttentionCase{1, 77, 6, 3, 128}, AttentionCase{2, 200, 8, 2, 64},
+                                           AttentionCase{1, 300, 2, 2, 64}, AttentionCase{1, 450, 4, 2, 64}));
+
+// Which fp32 shapes the register-tiled kernels take (the rest fall back to SIMT, which the shapes
+// above cover): head_dim 64 or 128, and every row 16-byte aligned for float4 and cp.async.
+TEST(AttentionFp32Test, TakesHeadDim64And128WithAlignedRowsOnly) {
+  alignas(16) static float buf[64];
+  auto args = [&](int dh) {
+    auto a = kernels::AttentionArgs<float>::Causal(1, 8, 4, 2, dh, /*stream=*/0);
+    a.q = a.k = a.v = a.d_o = buf;
+    a.o = a.dq = a.dk = a.dv = buf;
+    a.q_stride = a.o_stride = a.do_stride = 4 * dh;
+    a.k_stride = a.v_stride = a.dv_stride = 2 * dh;
+    return a;
+  };
+  EXPECT_TRUE(kernels::attention_fp32_supports(args(64)));
+  EXPECT_TRUE(kernels::attention_fp32_supports(args(128)));
+  EXPECT_FALSE(kernels::attention_fp32_supports(args(32)));
+  EXPECT_FALSE(kernels::attention_fp32_supports(args(256)));
+  auto odd_stride = args(128);
+  odd_stride.v_stride = 2 * 128 + 2;  // v inside rows whose length is not a multiple of 4 floats
+  EXPECT_FALSE(kernels::attention_fp32_supports(odd_stride));
+  auto odd_base = args(64);
+  odd_base.v = buf + 1;  // v starting 4 bytes into a 16-byte word
+  EXPECT_FALSE(kernels::attention_fp32_supports(odd_base));
+  auto forward_only = args(64);
+  forward_only.d_o = nullptr;  // the forward leaves the backward's pointers unset
+  forward_only.dq = forward_only.dk = forward_only.dv = nullptr;
+  EXPECT_TRUE(kernels::attention_fp32_supports(forward_only));
+}
 
 TEST(AdamWTest, MatchesCpuUpdateAndSumSquares) {
   SKIP_WITHOUT_GPU();

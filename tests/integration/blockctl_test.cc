@@ -2,8 +2,6 @@
 // the server's code and message, 2 usage), safetensors in and out (one layer of a whole model, a
 // sharded checkpoint with its index json), and import-hf of synthetic Hugging Face checkpoints
 // (config.json, bf16 shards, model.safetensors.index.json) that the tests write themselves.
-#include <sys/wait.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
@@ -18,72 +16,10 @@
 #include "absl/strings/str_join.h"
 #include "base/safetensors.h"
 #include "nlohmann/json.hpp"
-#include "tests/integration/harness.h"
-
-#ifndef BLOCKCTL_PATH
-#error "BLOCKCTL_PATH must name the blockctl executable"
-#endif
+#include "tests/integration/blockctl_harness.h"
 
 namespace blockd::testing {
 namespace {
-
-struct Ran {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr together
-};
-
-Ran RunBlockctl(const std::string& args) {
-  Ran r;
-  const std::string cmd = absl::StrCat(BLOCKCTL_PATH, " ", args, " 2>&1");
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) {
-    ADD_FAILURE() << "popen(" << cmd << ") failed";
-    return r;
-  }
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int status = pclose(p);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
-#define EXPECT_RUN(ran, code, text)                                                                   \
-  do {                                                                                                \
-    const Ran& r_ = (ran);                                                                            \
-    EXPECT_EQ(r_.exit_code, code) << r_.output;                                                       \
-    EXPECT_NE(r_.output.find(text), std::string::npos) << "output lacks \"" << (text) << "\":\n" << r_.output; \
-  } while (0)
-
-class Blockctl : public ::testing::Test {
- protected:
-  void SetUp() override {
-    server_ = StartServer(LoopbackOptions(WithMetrics()));
-    ASSERT_NE(server_, nullptr);
-    client_ = ConnectTo(*server_);
-    ASSERT_NE(client_, nullptr);
-    dir_ = MakeTempDir("blockctl");
-  }
-  virtual bool WithMetrics() const { return false; }
-  // blockctl with --target (and --metrics) of this server.
-  Ran Ctl(const std::string& args) {
-    return RunBlockctl(absl::StrCat("--target=", TargetOf(*server_), " --metrics=127.0.0.1:", server_->metrics_port(),
-                                    " ", args));
-  }
-  // `prefix + name` for every parameter of TinyConfig(), random values.
-  void WriteWeights(const std::string& path, const std::vector<TensorBytes>& tensors, const std::string& prefix) {
-    std::vector<SafetensorsTensorRef> refs;
-    for (const TensorBytes& t : tensors) {
-      refs.push_back({prefix + t.name, t.dtype == v1::DTYPE_BFLOAT16 ? DType::kBFloat16 : DType::kFloat32, t.shape,
-                      absl::string_view(t.data)});
-    }
-    ASSERT_OK(WriteSafetensorsFile(path, refs, {}));
-  }
-
-  std::unique_ptr<Server> server_;
-  std::unique_ptr<Client> client_;
-  std::string dir_;
-};
 
 TEST(BlockctlUsage, HelpAndUsageErrors) {
   Ran r = RunBlockctl("--help");
@@ -421,6 +357,9 @@ TEST_F(BlockctlImportHf, RefusalsCreateNothing) {
                          wire::EncodeFloat32(zeros.data(), zeros.size(), v1::DTYPE_BFLOAT16)};
   nlohmann::json scaled = Qwen3Config();
   scaled["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}};
+  nlohmann::json yarn = Qwen3Config();  // transformers 5 spells rope_scaling rope_parameters
+  yarn.erase("rope_theta");
+  yarn["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 1000000.0}, {"factor", 4.0}};
   nlohmann::json gelu = Qwen3Config();
   gelu["hidden_act"] = "gelu";
   nlohmann::json moe = Qwen3Config();
@@ -435,7 +374,10 @@ TEST_F(BlockctlImportHf, RefusalsCreateNothing) {
        "biases are not supported)"},
       {"rope-scaling", scaled, {}, {}, "INVALID_ARGUMENT: rope_scaling {"},
       {"gelu", gelu, {}, {}, "INVALID_ARGUMENT: hidden_act \"gelu\": blockd blocks compute a SiLU-gated MLP"},
-      {"moe", moe, {}, {}, "INVALID_ARGUMENT: model_type 'qwen3_moe': blockd imports llama, qwen2, qwen3"},
+      {"moe", moe, {}, {}, "INVALID_ARGUMENT: model_type \"qwen3_moe\": blockd blocks are llama, qwen2 or qwen3"},
+      {"rope-parameters", yarn, {}, {},
+       "INVALID_ARGUMENT: rope_parameters {\"factor\":4.0,\"rope_theta\":1000000.0,\"rope_type\":\"yarn\"}: blockd "
+       "blocks compute plain RoPE (rope_theta only)"},
       {"attention-bias", biased, {}, {}, "INVALID_ARGUMENT: attention_bias is true"},
       {"sliding", sliding, {}, {}, "INVALID_ARGUMENT: use_sliding_window is true"},
       {"missing", Qwen3Config(), {}, {"model.layers.2.mlp.up_proj.weight"},

@@ -2,6 +2,8 @@
 // blockd::Client: the whole lifecycle, chunked LoadWeights and DownloadTensors round trips,
 // bf16 on the wire, spans, Step's clipping reply, checkpoints, concurrency and the metrics port.
 #include <cmath>
+#include <filesystem>
+#include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -78,6 +80,10 @@ TEST(Rpc, EveryRpcSucceeds) {
   EXPECT_EQ((*listed)[0].block_id(), "b0");
   auto got = client->GetBlock("b0");
   ASSERT_OK(got.status());
+  EXPECT_EQ(got->ttl_seconds(), 0) << "no lease was asked for";
+  // Everything else is as created; idle_seconds is the time since the last call, so it moves.
+  got->clear_idle_seconds();
+  created->clear_idle_seconds();
   EXPECT_EQ(got->SerializeAsString(), created->SerializeAsString());
 
   const v1::Tensor x = RandomTensor({2, 8, 32}, 1);
@@ -525,6 +531,72 @@ TEST(Rpc, CheckpointSaveAndRestoreRoundTrip) {
   EXPECT_EQ(DiffStates(k0_changed, StateOf(*client, "k0")), "") << "restoring k1 touched k0";
 }
 
+// --checkpoint_keep rotates automatic checkpoints only: one the user named survives any number of
+// later automatic saves and restores as saved.
+TEST(Rpc, NamedCheckpointsSurviveAutomaticRotation) {
+  ServerOptions o = LoopbackOptions();
+  o.checkpoint_dir = MakeTempDir("ckpt-keep");
+  o.checkpoint_every_steps = 1;
+  o.checkpoint_keep = 2;
+  auto server = StartServer(o);
+  ASSERT_NE(server, nullptr);
+  auto client = ConnectTo(*server);
+  ASSERT_NE(client, nullptr);
+  ASSERT_OK(client->CreateBlock(CreateRequest("k0", TinyConfig(), 17)).status());
+  v1::StepRequest step;
+  step.add_block_ids("k0");
+  TrainStep(*client, {"k0"}, RandomTensor({1, 6, 32}, 81), 82);
+  ASSERT_OK(client->Step(step).status());  // automatic checkpoint 1
+  const BlockState good = StateOf(*client, "k0");
+  v1::SaveCheckpointRequest save;
+  save.set_name("good");
+  ASSERT_OK(client->SaveCheckpoint(save).status());
+  for (int i = 0; i < 5; ++i) {  // five automatic checkpoints after it
+    TrainStep(*client, {"k0"}, RandomTensor({1, 6, 32}, 83 + i), 90 + i);
+    ASSERT_OK(client->Step(step).status());
+  }
+  std::set<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(o.checkpoint_dir)) {
+    if (e.is_directory() && e.path().filename().string()[0] != '.') names.insert(e.path().filename().string());
+  }
+  EXPECT_EQ(names, (std::set<std::string>{"good", "ckpt-00000006", "ckpt-00000007"}))
+      << "expected the named checkpoint and the newest 2 automatic ones";
+  v1::RestoreCheckpointRequest restore;
+  restore.set_name("good");
+  ASSERT_OK(client->RestoreCheckpoint(restore).status()) << "the named checkpoint was rotated away";
+  EXPECT_EQ(DiffStates(good, StateOf(*client, "k0")), "") << "k0 restored from good";
+}
+
+// rms_norm_eps and rope_theta left out of a CreateBlock (proto3 reads them as 0, as grpcurl sends
+// them) mean Hugging Face's 1e-6 and 10000: BlockInfo reports them, and the block computes exactly
+// as one created with them spelled out.
+TEST(Rpc, CreateBlockTakesUnsetEpsAndThetaAsHuggingFaceDefaults) {
+  auto server = StartServer(LoopbackOptions());
+  ASSERT_NE(server, nullptr);
+  auto client = ConnectTo(*server);
+  ASSERT_NE(client, nullptr);
+  v1::BlockConfig unset = TinyConfig();
+  unset.clear_rms_norm_eps();
+  unset.clear_rope_theta();
+  v1::BlockConfig spelled = TinyConfig();
+  spelled.set_rms_norm_eps(1e-6);
+  spelled.set_rope_theta(10000);
+  auto created = client->CreateBlock(CreateRequest("d0", unset, 5));
+  ASSERT_OK(created.status());
+  EXPECT_EQ(created->config().rms_norm_eps(), 1e-6);
+  EXPECT_EQ(created->config().rope_theta(), 10000.0);
+  auto got = client->GetBlock("d0");
+  ASSERT_OK(got.status());
+  EXPECT_EQ(got->config().rms_norm_eps(), 1e-6);
+  EXPECT_EQ(got->config().rope_theta(), 10000.0);
+  ASSERT_OK(client->CreateBlock(CreateRequest("d1", spelled, 5)).status());
+  const v1::Tensor x = RandomTensor({2, 7, 32}, 9);
+  auto y0 = client->Forward({"d0"}, x, false), y1 = client->Forward({"d1"}, x, false);
+  ASSERT_OK(y0.status());
+  ASSERT_OK(y1.status());
+  EXPECT_EQ(y0->output().data(), y1->output().data()) << "the defaulted block computes differently";
+}
+
 // The value of the first sample of `family` whose labels contain every one of `labels`.
 double MetricValue(const std::string& body, const std::string& family, const std::vector<std::string>& labels) {
   for (absl::string_view line : absl::StrSplit(body, '\n')) {
@@ -557,6 +629,23 @@ TEST(Rpc, MetricsEndpointCountsRequests) {
   EXPECT_EQ(MetricValue(body, "blockd_requests_total", {"method=\"GetBlock\"", "code=\"NOT_FOUND\""}), 1) << body;
   EXPECT_EQ(MetricValue(body, "blockd_tokens_total", {"pass=\"forward\""}), 6) << body;
   EXPECT_NE(body.find("blockd_request_duration_seconds_bucket"), std::string::npos);
+}
+
+// blockd_tokens_total counts batch * seq per block, as its HELP text says, in both passes: a
+// two-block span on a [2,5,hidden] input adds 20 forward and 20 backward tokens.
+TEST(Rpc, TokensMetricCountsEveryBlockOfASpanInBothPasses) {
+  auto server = StartServer(LoopbackOptions(/*with_metrics=*/true));
+  ASSERT_NE(server, nullptr);
+  auto client = ConnectTo(*server);
+  ASSERT_NE(client, nullptr);
+  ASSERT_OK(client->CreateBlock(CreateRequest("t0", TinyConfig(), 1)).status());
+  ASSERT_OK(client->CreateBlock(CreateRequest("t1", TinyConfig(), 2)).status());
+  TrainStep(*client, {"t0", "t1"}, RandomTensor({2, 5, 32}, 91), 92);
+
+  const std::string body = HttpGetBody(server->metrics_port(), "/metrics");
+  ASSERT_FALSE(body.empty()) << "no 200 reply from the metrics port " << server->metrics_port();
+  EXPECT_EQ(MetricValue(body, "blockd_tokens_total", {"pass=\"forward\""}), 20) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_tokens_total", {"pass=\"backward\""}), 20) << body;
 }
 
 // --attention: the CPU backend has only its own attention, so "cudnn" is refused at start there

@@ -1,5 +1,6 @@
-// Who may call and when: bearer tokens (UNAUTHENTICATED, PERMISSION_DENIED for admin RPCs), the
-// drain (UNAVAILABLE during the grace period), TLS and mutual TLS with certificates made on the
+// Who may call and when: bearer tokens (UNAUTHENTICATED, PERMISSION_DENIED for admin RPCs),
+// activation handles private to the identity that made them (another token or client name gets
+// NOT_FOUND, as for an unknown id), the drain (UNAVAILABLE during the grace period), TLS and mutual TLS with certificates made on the
 // fly by the openssl command.
 #include <cstdlib>
 #include <fstream>
@@ -89,6 +90,69 @@ TEST_F(Auth, UserTokensCannotCallAdminRpcs) {
   // The admin token works for everything.
   ASSERT_OK(admin_->LoadWeights("t0", RandomWeights(TinyConfig(), 2)).status());
   ASSERT_OK(admin_->DeleteBlock("t0").status());
+}
+
+// ---- Activation handles belong to their caller ----
+
+// `owner` keeps a handle; `other` (another identity) can neither Backward nor release it, and hears
+// the same NOT_FOUND as for an id that never existed; the owner's Backward still works after.
+void ExpectHandleIsPrivate(Client& owner, Client& other, Client& observer, const std::string& block) {
+  const v1::Tensor x = RandomTensor({1, 4, 32}, 11), dy = RandomTensor({1, 4, 32}, 12);
+  auto kept = owner.Forward({block}, x, true);
+  ASSERT_OK(kept.status());
+  const std::string id = kept->activation_id();
+  const std::string unknown = "act-" + std::string(32, '0');
+  const BlockState before = StateOf(observer, block);
+
+  const absl::Status stolen = other.Backward(id, dy).status();
+  const absl::Status never = other.Backward(unknown, dy).status();
+  EXPECT_STATUS(stolen, StatusCode::kNotFound, "not found");
+  std::string shown(stolen.message()), shown_unknown(never.message());
+  if (shown.find(id) != std::string::npos) shown.replace(shown.find(id), id.size(), "<id>");
+  if (shown_unknown.find(unknown) != std::string::npos) {
+    shown_unknown.replace(shown_unknown.find(unknown), unknown.size(), "<id>");
+  }
+  EXPECT_EQ(shown, shown_unknown) << "another identity's handle reads differently from an unknown id";
+  EXPECT_STATUS(other.ReleaseActivations(id), StatusCode::kNotFound, "not found");
+  EXPECT_EQ(DiffStates(before, StateOf(observer, block)), "") << "another identity's Backward changed " << block;
+  auto info = observer.GetServerInfo();
+  ASSERT_OK(info.status());
+  EXPECT_EQ(info->activations_held(), 1) << "another identity's calls freed the handle";
+
+  ASSERT_OK(owner.Backward(id, dy).status()) << "the owner's Backward after the other identity's attempts";
+  info = observer.GetServerInfo();
+  ASSERT_OK(info.status());
+  EXPECT_EQ(info->activations_held(), 0);
+}
+
+TEST(HandleOwnership, AnotherTokensBackwardAndReleaseAreNotFound) {
+  const std::string dir = MakeTempDir("owners");
+  ServerOptions o = LoopbackOptions();
+  o.auth_token_file = WriteFile(dir, "tokens", absl::StrCat(kUserToken, "\n", kUserToken, "-two\n"));
+  o.admin_token_file = WriteFile(dir, "admin", absl::StrCat(kAdminToken, "\n"));
+  auto server = StartServer(o);
+  ASSERT_NE(server, nullptr);
+  auto admin = ConnectTo(*server, {.token = kAdminToken});
+  auto one = ConnectTo(*server, {.token = kUserToken});
+  auto two = ConnectTo(*server, {.token = absl::StrCat(kUserToken, "-two")});
+  ASSERT_OK(admin->CreateBlock(CreateRequest("o0", TinyConfig(), 1)).status());
+  ExpectHandleIsPrivate(*one, *two, *admin, "o0");
+  ExpectHandleIsPrivate(*two, *one, *admin, "o0");
+  ExpectHandleIsPrivate(*one, *admin, *admin, "o0");  // an admin token is another identity too
+  // A client name sent beside a token does not change whose the handle is.
+  auto one_named = ConnectTo(*server, {.token = kUserToken, .client_id = "renamed"});
+  auto two_as_one = ConnectTo(*server, {.token = absl::StrCat(kUserToken, "-two"), .client_id = "token-1"});
+  ExpectHandleIsPrivate(*one_named, *two_as_one, *admin, "o0");
+}
+
+TEST(HandleOwnership, AnotherClientNamesBackwardAndReleaseAreNotFoundWithoutAuth) {
+  auto server = StartServer(LoopbackOptions());
+  ASSERT_NE(server, nullptr);
+  auto a = ConnectTo(*server, {.client_id = "trainer-a"});
+  auto b = ConnectTo(*server, {.client_id = "trainer-b"});
+  ASSERT_OK(a->CreateBlock(CreateRequest("o0", TinyConfig(), 1)).status());
+  ExpectHandleIsPrivate(*a, *b, *a, "o0");
+  ExpectHandleIsPrivate(*b, *a, *a, "o0");
 }
 
 TEST(Drain, NewCallsAreUnavailableDuringTheGracePeriod) {

@@ -248,6 +248,10 @@ TEST_F(HostileInput, EveryBadRequestGetsItsCodeAndChangesNothing) {
        [&] { return create("x", Mutated([](auto& c) { c.set_intermediate_size(INT64_MAX); })); }},
       {"CreateBlock", "NaN rope_theta", kInvalid, {"config.rope_theta = nan, expected a finite number > 1"},
        [&] { return create("x", Mutated([](auto& c) { c.set_rope_theta(NAN); })); }},
+      {"CreateBlock", "negative rms_norm_eps (0 means the default)", kInvalid, {"config.rms_norm_eps = -1e-06"},
+       [&] { return create("x", Mutated([](auto& c) { c.set_rms_norm_eps(-1e-6); })); }},
+      {"CreateBlock", "negative rope_theta (0 means the default)", kInvalid, {"config.rope_theta = -10000"},
+       [&] { return create("x", Mutated([](auto& c) { c.set_rope_theta(-10000); })); }},
       {"CreateBlock", "infinite rms_norm_eps", kInvalid, {"config.rms_norm_eps = inf"},
        [&] { return create("x", Mutated([](auto& c) { c.set_rms_norm_eps(INFINITY); })); }},
       {"CreateBlock", "block id with a space", kInvalid, {"block_id \"a b\" is not valid"},
@@ -458,7 +462,37 @@ TEST_F(HostileInput, EveryBadRequestGetsItsCodeAndChangesNothing) {
          return wrong->Forward({"A"}, x, true).status();
        }},
 
+      // ---- Client strings too long to echo whole: the error keeps its code and stays short ----
+      // (echoed whole, a 200 KiB id outgrows the client's metadata limit: RESOURCE_EXHAUSTED)
+      {"GetBlock", "block id of 200 KiB", kNotFound, {"not found", "... (204800 bytes)"},
+       [&] { return admin_->GetBlock(std::string(200 << 10, 'g')).status(); }},
+      {"CreateBlock", "block id of 200 KiB", kInvalid, {"is not valid", "... (204800 bytes)"},
+       [&] { return create(std::string(200 << 10, 'c'), tiny); }},
+      {"Forward", "block id of 200 KiB in the span", kNotFound, {"not found", "... (204800 bytes)"},
+       [&] { return forward({"A", std::string(200 << 10, 'f')}, x); }},
+      {"Backward", "activation id of 200 KiB", kNotFound, {"not found", "... (204800 bytes)"},
+       [&] { return admin_->Backward(std::string(200 << 10, 'a'), x).status(); }},
+      {"LoadWeights", "tensor name of 200 KiB", kInvalid, {"has no tensor", "... (204800 bytes)"},
+       [&] { return load({with(up, [](auto& c) { c.set_name(std::string(200 << 10, 'n')); })}); }},
+      {"LoadWeights", "block id of 200 KiB", kNotFound, {"not found", "... (204800 bytes)"},
+       [&] {
+         return admin_->LoadWeightsChunks({with(up, [](auto& c) { c.set_block_id(std::string(200 << 10, 'l')); })})
+             .status();
+       }},
+      {"DownloadTensors", "tensor name of 200 KiB", kInvalid, {"has no tensor", "... (204800 bytes)"},
+       [&] { return download([](auto& r) { r.add_names(std::string(200 << 10, 'd')); }); }},
+      {"RestoreCheckpoint", "checkpoint name of 200 KiB", kInvalid, {"is not valid", "... (204800 bytes)"},
+       [&] {
+         v1::RestoreCheckpointRequest r;
+         r.set_name(std::string(200 << 10, 'r'));
+         return admin_->RestoreCheckpoint(r).status();
+       }},
+
       // ---- Backward ----
+      {"Backward", "another identity's handle", kNotFound, {"not found (already used by Backward"},
+       [&] { return user_->Backward(handle, x).status(); },
+       [&] { handle = ForwardKeep(*admin_, "A", 39); }, false, nullptr,
+       [&] { ASSERT_OK(admin_->ReleaseActivations(handle)) << "the other identity's Backward took the handle"; }},
       {"Backward", "unknown activation id", kNotFound, {"activation act-0123 not found"},
        [&] { return admin_->Backward("act-0123", x).status(); }},
       {"Backward", "empty activation id", kNotFound, {"not found"}, [&] { return admin_->Backward("", x).status(); }},
@@ -507,6 +541,11 @@ TEST_F(HostileInput, EveryBadRequestGetsItsCodeAndChangesNothing) {
          handle = ForwardKeep(*admin_, "A", 38);
          ASSERT_OK(admin_->ReleaseActivations(handle));
        }},
+
+      {"ReleaseActivations", "another identity's handle", kNotFound, {"not found"},
+       [&] { return user_->ReleaseActivations(handle); },
+       [&] { handle = ForwardKeep(*admin_, "A", 40); }, false, nullptr,
+       [&] { ASSERT_OK(admin_->ReleaseActivations(handle)) << "the other identity's release took the handle"; }},
 
       // ---- ZeroGrad ----
       {"ZeroGrad", "no block ids", kInvalid, {"block_ids is empty"}, [&] { return admin_->ZeroGrad({}); }},

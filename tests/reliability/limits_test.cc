@@ -148,6 +148,34 @@ TEST_F(Limits, ForwardsCancelledWhileRunningNeverLeaveAHandle) {
       << "memory beyond the two blocks is still reserved";
 }
 
+// A Forward(keep_activations) whose deadline passes while it runs can never deliver its handle (the
+// client stops waiting at its deadline): the server frees it as soon as the Forward ends, not at the
+// 10-minute TTL.
+TEST_F(Limits, ForwardsWhoseDeadlinePassesWhileRunningFreeTheirHandleAtOnce) {
+  Start(LoopbackOptions());
+  ASSERT_EQ(server_->engine().options().activation_ttl, absl::Minutes(10));
+  ASSERT_OK(client_->CreateBlock(CreateRequest("c", TinyConfig(), 1, 1, 4096)).status());
+  ASSERT_OK(client_->CreateBlock(CreateRequest("d", TinyConfig(), 2, 1, 4096)).status());
+  const v1::Tensor x = RandomTensor({1, 1536, 32}, 3);
+  const absl::Time t0 = absl::Now();
+  ASSERT_OK(client_->Forward({"c", "d"}, x, false).status());
+  const absl::Duration run = absl::Now() - t0;
+  ASSERT_GT(run, absl::Milliseconds(40)) << "the Forward is too fast for a deadline to pass while it runs";
+  for (int i = 0; i < 10; ++i) {
+    // Deadlines from 20% to 74% of the run: the call starts, and its deadline passes mid-way.
+    const absl::Duration deadline = run * (0.2 + 0.06 * i);
+    auto y = client_->Forward({"c", "d"}, x, true, 0, {.timeout = deadline});
+    EXPECT_STATUS(y.status(), StatusCode::kDeadlineExceeded);
+    // The Forward may still be computing when the client gives up; it must end without a handle.
+    const absl::Time waited_from = absl::Now();
+    EXPECT_EQ(SettleHandles(0), 0) << "a Forward whose deadline (" << absl::FormatDuration(deadline) << " of "
+                                   << absl::FormatDuration(run) << ") passed kept its handle";
+    EXPECT_LT(absl::Now() - waited_from, run + absl::Seconds(1)) << "the handle went late";
+  }
+  EXPECT_EQ(SettleMemory(2 * 4 * 4 * ExpectedParameterCount(TinyConfig())), 2 * 4 * 4 * ExpectedParameterCount(TinyConfig()))
+      << "memory beyond the two blocks is still reserved";
+}
+
 // A cancel can cross the reply in flight: the server has sent the handle, the client reports
 // CANCELLED and never sees it. The server cannot tell that case from a delivered reply (its status
 // went out); the activation TTL frees such handles. With cancels at every instant, everything a

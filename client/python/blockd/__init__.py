@@ -12,14 +12,15 @@ trains them over gRPC.
 first used.
 """
 from blockd.client import Client, ForwardResult, StepResult
-from blockd.config import BlockConfig
+from blockd.config import BlockConfig, UnsupportedConfigError
 from blockd.errors import (AlreadyExistsError, BlockdError, CancelledError, DeadlineExceededError,
                            FailedPreconditionError, InternalError, InvalidArgumentError, NotFoundError,
                            PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError, UnavailableError,
                            UnimplementedError)
 
 __version__ = "0.1.0"
-__all__ = ["Client", "ForwardResult", "StepResult", "BlockConfig", "RemoteSpan", "RemoteAdamW", "RMSNorm",
+__all__ = ["Client", "ForwardResult", "StepResult", "BlockConfig", "UnsupportedConfigError", "RemoteSpan",
+           "RemoteAdamW", "RMSNorm",
            "BlockdError", "AlreadyExistsError", "CancelledError", "DeadlineExceededError", "FailedPreconditionError",
            "InternalError", "InvalidArgumentError", "NotFoundError", "PermissionDeniedError", "ResourceExhaustedError",
            "UnauthenticatedError", "UnavailableError", "UnimplementedError"]

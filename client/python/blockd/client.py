@@ -14,6 +14,7 @@ carries the gRPC code and the server's message. `timeout` (seconds) is every cal
 a call passes its own.
 """
 import collections
+import math
 import queue
 import threading
 import weakref
@@ -22,7 +23,7 @@ import grpc
 
 from blockd import tensors as T
 from blockd.config import BlockConfig, kind_value, precision_value
-from blockd.errors import BlockdError, UnavailableError, from_rpc_error
+from blockd.errors import BlockdError, ResourceExhaustedError, UnavailableError, from_rpc_error
 from blockd.v1 import block_service_pb2 as pb
 from blockd.v1 import block_service_pb2_grpc as pb_grpc
 
@@ -37,6 +38,19 @@ def _read_pem(v):
         return v
     with open(v, "rb") as f:
         return f.read()
+
+
+def _size_text(n):
+    """"300.0 MiB", "256 MiB": whole units print without a fraction, as the C++ client writes them."""
+    units, unit, scale = ("bytes", "KiB", "MiB", "GiB"), 0, 1
+    while unit < 3 and n >= scale * 1024:
+        scale *= 1024
+        unit += 1
+    return f"{n // scale} {units[unit]}" if n % scale == 0 else f"{n / scale:.1f} {units[unit]}"
+
+
+def _tensor_text(t):
+    return f"[{','.join(str(d) for d in t.shape)}] {T.dtype_name(t.dtype)}"
 
 
 def _release_loop(q, stub, metadata):
@@ -66,6 +80,7 @@ class Client:
         self.target = target
         self.timeout = timeout
         self.chunk_bytes = int(chunk_bytes)
+        self.max_message_bytes = int(max_message_bytes)
         # Activations are tens of MB: large HTTP/2 frames and a deep per-stream window.
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes),
@@ -143,27 +158,65 @@ class Client:
         except grpc.RpcError as e:
             raise from_rpc_error(e, method) from None
 
+    def _sized_unary(self, method, request, what, tensor, timeout):
+        """_unary for a request that carries an activation tensor. gRPC refuses a message over a
+        channel's limit with a bare "Sent message larger than max" (or, from the server, "Received
+        message larger than max"); this says which limit, how large, and what to do, in the C++
+        client's words."""
+        size = request.ByteSize()
+        head = f"{method} {what} {_tensor_text(tensor)} is {_size_text(size)}"
+        if size > self.max_message_bytes:
+            raise ResourceExhaustedError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{head}, over the {_size_text(self.max_message_bytes)} message limit (--max_message_bytes on the "
+                f"server / Client(max_message_bytes=...)): split the batch", method)
+        try:
+            return self._unary(method, request, timeout)
+        except ResourceExhaustedError as e:
+            if not e.details.startswith("Received message larger than max"):
+                raise
+            raise ResourceExhaustedError(e.code, f"{head}, over the server's message limit ({e.details}): split "
+                                                 f"the batch, or raise --max_message_bytes on the server",
+                                         method) from None
+
     # -- RPCs --------------------------------------------------------------------------------
     def server_info(self, timeout=None):
         """GetServerInfoResponse: version, backend, devices, limits, blocks, activations_held."""
         return self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
 
     def create_block(self, block_id, config, layer_index=0, seed=None, precision=None, device=0,
-                     max_seq_len=0, max_batch_size=0, timeout=None):
+                     max_seq_len=0, max_batch_size=0, ttl=None, timeout=None):
         """Creates a block; with `seed` its weights are a deterministic random init, without it
-        they must be loaded (load_weights) before Forward. Returns its BlockInfo."""
+        they must be loaded (load_weights) before Forward. `ttl` (seconds, >= 1) gives it a lease:
+        the server deletes it once no call has named it for that long, so a client that dies leaves
+        nothing behind. Returns its BlockInfo."""
         req = pb.CreateBlockRequest(block_id=block_id, config=BlockConfig.coerce(config).to_proto(),
                                     layer_index=layer_index, precision=precision_value(precision),
                                     device=device, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if seed is not None:
             req.seed = int(seed)
+        if ttl is not None:
+            if not ttl >= 1 or math.isinf(ttl):
+                raise ValueError(f"ttl = {ttl!r}: expected a number of seconds >= 1 (None: no lease)")
+            req.ttl_seconds = math.ceil(ttl)  # never rounds a short lease down to "no lease"
         return self._unary("CreateBlock", req, timeout)
 
     def get_block(self, block_id, timeout=None):
         return self._unary("GetBlock", pb.GetBlockRequest(block_id=block_id), timeout)
 
-    def list_blocks(self, timeout=None):
-        return list(self._unary("ListBlocks", pb.ListBlocksRequest(), timeout).blocks)
+    def list_blocks(self, min_idle=None, timeout=None):
+        """BlockInfos of the server's blocks; with `min_idle` (seconds) only those no call has named
+        for at least that long (BlockInfo.idle_seconds). The server filters when it keeps idle
+        times; the client filters too, so a server that does not (idle_seconds 0) lists none."""
+        req = pb.ListBlocksRequest()
+        if min_idle is not None:
+            if not min_idle > 0 or math.isinf(min_idle):
+                raise ValueError(f"min_idle = {min_idle!r}: expected a number of seconds > 0")
+            req.min_idle_seconds = float(min_idle)
+        blocks = list(self._unary("ListBlocks", req, timeout).blocks)
+        if min_idle is not None:
+            blocks = [b for b in blocks if b.idle_seconds >= min_idle]
+        return blocks
 
     def delete_block(self, block_id, timeout=None):
         """Deletes a block; returns how many activation handles that referenced it were freed."""
@@ -208,14 +261,14 @@ class Client:
         ids = [block_ids] if isinstance(block_ids, str) else list(block_ids)
         req = pb.ForwardRequest(block_ids=ids, input=T.to_proto(x, dtype), keep_activations=keep_activations,
                                 position_offset=position_offset)
-        resp = self._unary("Forward", req, timeout)
+        resp = self._sized_unary("Forward", req, "input", req.input, timeout)
         return ForwardResult(T.from_proto(resp.output, like=x), resp.activation_id)
 
     def backward(self, activation_id, grad_output, dtype=None, timeout=None):
         """Backward through the span of a Forward(keep_activations=True); accumulates the weight
         gradients and frees the handle. Returns grad_input with grad_output's kind and dtype."""
         req = pb.BackwardRequest(activation_id=activation_id, grad_output=T.to_proto(grad_output, dtype))
-        resp = self._unary("Backward", req, timeout)
+        resp = self._sized_unary("Backward", req, "grad_output", req.grad_output, timeout)
         return T.from_proto(resp.grad_input, like=grad_output)
 
     def release_activations(self, activation_id, timeout=None):

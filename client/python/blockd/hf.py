@@ -15,29 +15,20 @@ import re
 
 import numpy as np
 
-from blockd.config import BlockConfig
+from blockd.config import HF_MODEL_TYPES, BlockConfig, UnsupportedConfigError, hf_num_layers
 from blockd.errors import AlreadyExistsError, BlockdError, NotFoundError
 from blockd.progress import Progress
 from blockd.safetensors import SafetensorsFile
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = HF_MODEL_TYPES  # the name this module gave them before config.py owned them
 _WIRE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 # Buffers some older conversions saved that blocks recompute (RoPE inverse frequencies).
 _RECOMPUTED = {"self_attn.rotary_emb.inv_freq"}
 
 
-class CheckpointError(ValueError):
-    """The checkpoint is malformed, or holds a model a blockd block cannot compute."""
-
-
-def _scaled_rope(r):
-    """Whether a rope_scaling / rope_parameters value asks for a RoPE other than plain rope_theta."""
-    if not r:
-        return False
-    if not isinstance(r, dict):
-        return True
-    kind = r.get("rope_type") or r.get("type")
-    return kind not in (None, "default")
+class CheckpointError(UnsupportedConfigError):
+    """The checkpoint is malformed, or holds a model a blockd block cannot compute (its config.json
+    refusals are BlockConfig.from_hf's, shared with blockctl)."""
 
 
 class HFCheckpoint:
@@ -49,7 +40,9 @@ class HFCheckpoint:
         if not os.path.isfile(config_path):
             raise CheckpointError(f"{self.path}: no config.json (expected a Hugging Face checkpoint directory)")
         with open(config_path) as f:
-            self.config = json.load(f)
+            config = json.load(f)
+        # Multimodal wrappers keep the language model's fields in text_config, as blockctl reads them.
+        self.config = config["text_config"] if isinstance(config.get("text_config"), dict) else config
         self._files = {}
         self._where = {}  # tensor name -> shard file name
         try:
@@ -129,25 +122,17 @@ class HFCheckpoint:
 
     @property
     def num_layers(self):
-        return int(self.config["num_hidden_layers"])
+        try:
+            return hf_num_layers(self.config)
+        except UnsupportedConfigError as e:
+            raise CheckpointError(str(e)) from None
 
     def block_config(self):
         """The BlockConfig of every layer; refuses what a blockd block cannot compute."""
-        c = self.config
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(f"model_type {self.model_type!r}: blockd imports {', '.join(SUPPORTED_MODEL_TYPES)}")
-        act = c.get("hidden_act", c.get("hidden_activation", "silu"))
-        if act != "silu":
-            raise CheckpointError(f"hidden_act {act!r}: blockd blocks compute a SiLU-gated MLP")
-        for key in ("rope_scaling", "rope_parameters"):  # transformers >= 5 names it rope_parameters
-            if _scaled_rope(c.get(key)):
-                raise CheckpointError(f"{key} {c[key]}: blockd blocks compute plain RoPE (rope_theta only)")
-        for flag in ("attention_bias", "mlp_bias"):
-            if c.get(flag):
-                raise CheckpointError(f"{flag} is true: blockd blocks have no bias terms")
-        if c.get("use_sliding_window") and c.get("sliding_window"):
-            raise CheckpointError("use_sliding_window is true: blockd blocks compute full causal attention")
-        return BlockConfig.from_hf(c)
+        try:
+            return BlockConfig.from_hf(self.config)
+        except UnsupportedConfigError as e:
+            raise CheckpointError(str(e)) from None
 
     def layer_tensors(self, layer, config=None):
         """{block tensor name: (stored array, wire dtype)} of one layer, checked against the config."""

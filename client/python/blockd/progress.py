@@ -7,13 +7,28 @@ import sys
 import time
 
 
+def _rounded(x):
+    """A rate with as many digits as it is worth: 1234 -> "1234", 12.34 -> "12.3", 0.1234 -> "0.12"
+    (format `g` wrote 12.3457 and 1.23457e+06)."""
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
 def _human(n, unit):
     if unit != "B":
-        return f"{n:g}"
+        return str(int(n)) if float(n).is_integer() else _rounded(n)
     for u in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or u == "GiB":
             return f"{n:.0f} {u}" if u == "B" else f"{n:.1f} {u}"
         n /= 1024.0
+
+
+def _rate(n, unit):
+    """"12.3 it/s" (rounded sensibly), or bytes per second in binary units ("1.5 MiB/s")."""
+    return f"{_human(n, unit)}/s" if unit == "B" else f"{_rounded(n)} {unit}/s"
 
 
 class Progress:
@@ -59,7 +74,7 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         line = (f"\r{self.desc} |{'#' * fill}{'.' * (self.width - fill)}| {100 * frac:3.0f}% "
                 f"{_human(self.done, self.unit)}/{_human(self.total, self.unit)} "
-                f"[{elapsed:.0f}s, {_human(rate, self.unit)}/s] {self.postfix}")
+                f"[{elapsed:.0f}s, {_rate(rate, self.unit)}] {self.postfix}")
         self.stream.write(line + "\x1b[K")
         self.stream.flush()
 

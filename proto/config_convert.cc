@@ -1,0 +1,72 @@
+#include "proto/config_convert.h"
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+
+namespace blockd {
+
+BlockConfig FromProto(const v1::BlockConfig& c) {
+  BlockConfig out;
+  out.hidden_size = c.hidden_size();
+  out.num_attention_heads = c.num_attention_heads();
+  out.num_kv_heads = c.num_kv_heads();
+  out.head_dim = c.head_dim();
+  out.intermediate_size = c.intermediate_size();
+  out.rms_norm_eps = c.rms_norm_eps();
+  out.rope_theta = c.rope_theta();
+  out.qk_norm = c.qk_norm();
+  return out;
+}
+
+void ToProto(const BlockConfig& c, v1::BlockConfig* out) {
+  out->set_hidden_size(c.hidden_size);
+  out->set_num_attention_heads(c.num_attention_heads);
+  out->set_num_kv_heads(c.num_kv_heads);
+  out->set_head_dim(c.head_dim);
+  out->set_intermediate_size(c.intermediate_size);
+  out->set_rms_norm_eps(c.rms_norm_eps);
+  out->set_rope_theta(c.rope_theta);
+  out->set_qk_norm(c.qk_norm);
+}
+
+v1::BlockConfig ToProto(const BlockConfig& c) {
+  v1::BlockConfig out;
+  ToProto(c, &out);
+  return out;
+}
+
+absl::StatusOr<std::optional<Precision>> FromProto(v1::Precision p) {
+  switch (p) {
+    case v1::PRECISION_UNSPECIFIED: return std::optional<Precision>();
+    case v1::PRECISION_FP32: return std::optional<Precision>(Precision::kFP32);
+    case v1::PRECISION_TF32: return std::optional<Precision>(Precision::kTF32);
+    case v1::PRECISION_BF16: return std::optional<Precision>(Precision::kBF16);
+    default: return absl::InvalidArgumentError(absl::StrCat("precision = ", static_cast<int>(p), " is not a Precision"));
+  }
+}
+
+v1::Precision ToProto(Precision p) {
+  switch (p) {
+    case Precision::kFP32: return v1::PRECISION_FP32;
+    case Precision::kTF32: return v1::PRECISION_TF32;
+    case Precision::kBF16: return v1::PRECISION_BF16;
+  }
+  return v1::PRECISION_UNSPECIFIED;
+}
+
+absl::StatusOr<v1::Precision> ParsePrecisionName(absl::string_view text) {
+  const std::string p = absl::AsciiStrToLower(text);
+  if (p.empty() || p == "default") return v1::PRECISION_UNSPECIFIED;
+  if (p == "fp32" || p == "float32") return v1::PRECISION_FP32;
+  if (p == "tf32") return v1::PRECISION_TF32;
+  if (p == "bf16" || p == "bfloat16") return v1::PRECISION_BF16;
+  return absl::InvalidArgumentError(absl::StrCat("--precision=", text, ": expected fp32, tf32 or bf16"));
+}
+
+std::string PrecisionName(v1::Precision p) {
+  auto engine = FromProto(p);
+  if (!engine.ok() || !engine->has_value()) return "default";
+  return std::string(PrecisionName(**engine));
+}
+
+}  // namespace blockd

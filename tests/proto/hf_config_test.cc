@@ -1,0 +1,112 @@
+// BlockConfigFromHf against the shared cases of hf_configs.json (Python's BlockConfig.from_hf is
+// held to the same file, word for word), and the proto <-> config mapping both ways.
+#include <fstream>
+
+#include <gtest/gtest.h>
+
+#include "proto/config_convert.h"
+#include "proto/hf_config.h"
+
+#ifndef HF_CONFIGS_JSON
+#error "HF_CONFIGS_JSON must name tests/proto/hf_configs.json"
+#endif
+
+namespace blockd {
+namespace {
+
+using nlohmann::json;
+
+json Cases() {
+  std::ifstream in(HF_CONFIGS_JSON);
+  json j;
+  in >> j;
+  return j;
+}
+
+// `base` with the case's `set` applied (null deletes), wrapped in text_config when the case says so.
+json ConfigOf(const json& all, const json& c) {
+  json config = all["base"];
+  for (const auto& [key, value] : c["set"].items()) {
+    if (value.is_null()) {
+      config.erase(key);
+    } else {
+      config[key] = value;
+    }
+  }
+  if (c.value("wrap_in_text_config", false)) return json{{"model_type", "llava"}, {"text_config", config}};
+  return config;
+}
+
+TEST(HfConfig, SharedCases) {
+  const json all = Cases();
+  ASSERT_GE(all["cases"].size(), 10u) << HF_CONFIGS_JSON;
+  for (const json& c : all["cases"]) {
+    const std::string name = c["name"];
+    SCOPED_TRACE(name);
+    auto got = BlockConfigFromHf(ConfigOf(all, c));
+    if (c.contains("error")) {
+      ASSERT_FALSE(got.ok()) << name << " should be refused with: " << c["error"].get<std::string>();
+      EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_EQ(std::string(got.status().message()), c["error"].get<std::string>());
+      continue;
+    }
+    ASSERT_TRUE(got.ok()) << got.status();
+    const json& want = c["config"];
+    EXPECT_EQ(got->hidden_size, want["hidden_size"].get<int64_t>());
+    EXPECT_EQ(got->num_attention_heads, want["num_attention_heads"].get<int64_t>());
+    EXPECT_EQ(got->num_kv_heads, want["num_kv_heads"].get<int64_t>());
+    EXPECT_EQ(got->head_dim, want["head_dim"].get<int64_t>());
+    EXPECT_EQ(got->intermediate_size, want["intermediate_size"].get<int64_t>());
+    EXPECT_EQ(got->rms_norm_eps, want["rms_norm_eps"].get<double>());
+    EXPECT_EQ(got->rope_theta, want["rope_theta"].get<double>());
+    EXPECT_EQ(got->qk_norm, want["qk_norm"].get<bool>());
+  }
+}
+
+TEST(HfConfig, NumLayersAndFiles) {
+  const json all = Cases();
+  auto n = HfNumLayers(all["base"]);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(*n, 3);
+  json none = all["base"];
+  none.erase("num_hidden_layers");
+  EXPECT_EQ(HfNumLayers(none).status().message(), "config.json has no num_hidden_layers");
+  EXPECT_EQ(ReadHfConfig("/nonexistent/config.json").status().code(), absl::StatusCode::kNotFound);
+  const std::string path = ::testing::TempDir() + "/hf_config_test_list.json";
+  std::ofstream(path) << "[1, 2]";
+  EXPECT_EQ(ReadHfConfig(path).status().message(), path + " is not a JSON object");
+}
+
+TEST(ConfigConvert, RoundTripAndPrecisionNames) {
+  BlockConfig c;
+  c.hidden_size = 96;
+  c.num_attention_heads = 6;
+  c.num_kv_heads = 3;
+  c.head_dim = 20;
+  c.intermediate_size = 200;
+  c.rms_norm_eps = 3e-6;
+  c.rope_theta = 123456.5;
+  c.qk_norm = true;
+  const v1::BlockConfig wire = ToProto(c);
+  EXPECT_EQ(wire.head_dim(), 20);
+  EXPECT_EQ(wire.rope_theta(), 123456.5);
+  EXPECT_TRUE(FromProto(wire) == c) << wire.DebugString();
+
+  for (Precision p : {Precision::kFP32, Precision::kTF32, Precision::kBF16}) {
+    auto back = FromProto(ToProto(p));
+    ASSERT_TRUE(back.ok());
+    EXPECT_EQ(**back, p);
+    auto parsed = ParsePrecisionName(PrecisionName(ToProto(p)));
+    ASSERT_TRUE(parsed.ok());
+    EXPECT_EQ(*parsed, ToProto(p)) << PrecisionName(p);
+  }
+  EXPECT_FALSE(FromProto(v1::PRECISION_UNSPECIFIED)->has_value());
+  EXPECT_EQ(FromProto(static_cast<v1::Precision>(9)).status().message(), "precision = 9 is not a Precision");
+  EXPECT_EQ(PrecisionName(v1::PRECISION_UNSPECIFIED), "default");
+  EXPECT_EQ(*ParsePrecisionName("BF16"), v1::PRECISION_BF16);
+  EXPECT_EQ(*ParsePrecisionName(""), v1::PRECISION_UNSPECIFIED);
+  EXPECT_EQ(ParsePrecisionName("fp64").status().message(), "--precision=fp64: expected fp32, tf32 or bf16");
+}
+
+}  // namespace
+}  // namespace blockd

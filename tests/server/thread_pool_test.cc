@@ -1,0 +1,99 @@
+// server/thread_pool: every submitted task runs exactly once, on up to `threads` threads at once,
+// in submission order on one thread; Submit() never waits for a worker; destruction runs what is
+// still queued before it joins. (The pool has no queue limit or per-task deadline: admission —
+// the concurrent-RPC limit and expired deadlines — is BlockServiceImpl::Admit()'s job.)
+#include "server/thread_pool.h"
+
+#include <atomic>
+#include <memory>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+
+namespace blockd {
+namespace {
+
+TEST(ThreadPool, RunsEveryTaskExactlyOnceFromManySubmitters) {
+  constexpr int kSubmitters = 4, kPerSubmitter = 500;
+  std::vector<std::atomic<int>> runs(kSubmitters * kPerSubmitter);
+  {
+    ThreadPool pool(3);
+    std::vector<std::thread> submitters;
+    for (int s = 0; s < kSubmitters; ++s) {
+      submitters.emplace_back([&, s] {
+        for (int i = 0; i < kPerSubmitter; ++i) pool.Submit([&runs, k = s * kPerSubmitter + i] { ++runs[k]; });
+      });
+    }
+    for (std::thread& t : submitters) t.join();
+  }  // the destructor drains the queue
+  for (size_t k = 0; k < runs.size(); ++k) ASSERT_EQ(runs[k].load(), 1) << "task " << k;
+}
+
+// Four tasks that each wait for all four to have started can only finish on four threads at once.
+TEST(ThreadPool, RunsUpToItsThreadCountAtOnce) {
+  constexpr int kThreads = 4;
+  absl::Mutex mu;
+  int started = 0, saw_all = 0, done = 0;
+  std::set<std::thread::id> threads;
+  ThreadPool pool(kThreads);  // declared last: joined before what its tasks touch goes away
+  for (int i = 0; i < kThreads; ++i) {
+    pool.Submit([&] {
+      absl::MutexLock lock(&mu);
+      ++started;
+      threads.insert(std::this_thread::get_id());
+      if (mu.AwaitWithTimeout(absl::Condition(+[](int* n) { return *n == kThreads; }, &started), absl::Seconds(30))) {
+        ++saw_all;
+      }
+      ++done;
+    });
+  }
+  absl::MutexLock lock(&mu);
+  ASSERT_TRUE(mu.AwaitWithTimeout(absl::Condition(+[](int* n) { return *n == kThreads; }, &done), absl::Seconds(60)));
+  EXPECT_EQ(saw_all, kThreads) << "the tasks did not all run at the same time";
+  EXPECT_EQ(threads.size(), static_cast<size_t>(kThreads));
+}
+
+TEST(ThreadPool, OneThreadRunsTasksInSubmissionOrder) {
+  std::vector<int> order;  // only the pool's one thread writes it, and the destructor joins it
+  {
+    ThreadPool pool(1);
+    for (int i = 0; i < 200; ++i) pool.Submit([&order, i] { order.push_back(i); });
+  }
+  ASSERT_EQ(order.size(), 200u);
+  for (int i = 0; i < 200; ++i) ASSERT_EQ(order[i], i);
+}
+
+// gRPC's callback threads hand work to the pool; Submit() must return while every worker is busy.
+TEST(ThreadPool, SubmitDoesNotWaitForABusyPool) {
+  absl::Notification release;
+  std::atomic<int> ran{0};
+  ThreadPool pool(1);
+  pool.Submit([&] { release.WaitForNotification(); });
+  for (int i = 0; i < 10000; ++i) pool.Submit([&] { ++ran; });
+  EXPECT_EQ(ran.load(), 0) << "tasks ran while the only worker was blocked";
+  release.Notify();
+}
+
+TEST(ThreadPool, DestructionRunsWhatIsQueuedThenJoins) {
+  absl::Notification release;
+  std::atomic<int> ran{0};
+  auto pool = std::make_unique<ThreadPool>(2);
+  for (int i = 0; i < 2; ++i) pool->Submit([&] { release.WaitForNotification(); ++ran; });
+  for (int i = 0; i < 1000; ++i) pool->Submit([&] { ++ran; });
+  std::thread destroyer([&] { pool.reset(); });
+  absl::SleepFor(absl::Milliseconds(50));  // let the destructor start while both workers are blocked
+  EXPECT_EQ(ran.load(), 0);
+  release.Notify();
+  destroyer.join();
+  EXPECT_EQ(ran.load(), 1002) << "tasks queued before destruction were dropped";
+}
+
+}  // namespace
+}  // namespace blockd
