@@ -2,7 +2,10 @@
 // block (and a span of 8), tokens/s, achieved TFLOP/s with the model FLOP count of issue 4, MFU
 // against 790 TFLOP/s bf16, and peak device memory.
 //
-//   bench_engine [--shapes=qwen,llama,span8] [--precisions=bf16,fp32] [--iters=20]
+//   bench_engine [--shapes=qwen,llama,span8] [--precisions=bf16,fp32] [--iters=20] [--attention=native,cudnn]
+//
+// --attention: the attention kernels of bf16 blocks, one backend per entry (auto, cudnn, native;
+// engine/cuda/attention_dispatch.h), so one run measures cuDNN's fused attention beside blockd's.
 //
 // FLOPs per sequence: fwd = 2 S d (H + 2 Hkv) dh + 2 S H dh d + 6 S d f + 2 S^2 H dh, bwd = 2 fwd.
 // Timing: warm-up first, then per-iteration wall time around a device synchronize (the median of
@@ -67,20 +70,27 @@ bool Check(const absl::Status& s, const char* what) {
   return s.ok();
 }
 
-int Run(const std::vector<std::string>& shape_names, const std::vector<std::string>& precisions, int iters) {
-  auto backend_or = MakeCudaBackend();
+int Run(const std::vector<std::string>& shape_names, const std::vector<std::string>& precisions, int iters,
+        const std::string& attention) {
+  CudaBackendOptions options;
+  auto mode = ParseAttentionMode(attention);
+  if (!Check(mode.status(), "attention")) return 1;
+  options.attention = *mode;
+  auto backend_or = MakeCudaBackend(options);
   if (!backend_or.ok()) {
     std::fprintf(stderr, "%s\n", std::string(backend_or.status().message()).c_str());
     return 1;
   }
   auto backend = std::move(backend_or).value();
+  const AttentionInfo summary = CudaAttentionSummary(*backend);
+  std::printf("--attention=%s: %s (%s)\n", attention.c_str(), summary.backend.c_str(), summary.reason.c_str());
   std::vector<Shape> shapes;
   for (const std::string& n : shape_names) {
     if (n == "qwen") shapes.push_back({"qwen3-0.6b-like 8x2048", Config(1024, 16, 8, 128, 3072, true), 8, 2048, 1});
     if (n == "llama") shapes.push_back({"llama3-8b-like 1x4096", Config(4096, 32, 8, 128, 14336, false), 1, 4096, 1});
     if (n == "span8") shapes.push_back({"span of 8 x qwen 8x2048", Config(1024, 16, 8, 128, 3072, true), 8, 2048, 8});
   }
-  std::printf("%-26s %-5s %9s %9s %9s %10s %8s %6s %9s\n", "shape", "prec", "fwd ms", "bwd ms", "step ms",
+  std::printf("%-26s %-5s %-6s %9s %9s %9s %10s %8s %6s %9s\n", "shape", "prec", "attn", "fwd ms", "bwd ms", "step ms",
               "tok/s", "TFLOP/s", "MFU", "peak GiB");
   for (const Shape& sh : shapes) {
     for (const std::string& pn : precisions) {
@@ -166,7 +176,9 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
       const double f = Median(fwd), b = Median(bwd), s = Median(step);
       const double flops = 3 * FwdFlops(sh.config, sh.batch, sh.seq) * sh.span;
       const double tflops = flops / (f + b) / 1e12;
-      std::printf("%-26s %-5s %9.3f %9.3f %9.3f %10.0f %8.1f %5.1f%% %9.2f\n", sh.name.c_str(), pn.c_str(), f * 1e3,
+      const std::string attn = blocks.front()->attention().backend;
+      std::printf("%-26s %-5s %-6s %9.3f %9.3f %9.3f %10.0f %8.1f %5.1f%% %9.2f\n", sh.name.c_str(), pn.c_str(),
+                  attn.c_str(), f * 1e3,
                   b * 1e3, s * 1e3, sh.batch * sh.seq / (f + b), tflops, 100 * tflops * 1e12 / kPeakBf16,
                   peak / double(1 << 30));
       std::fflush(stdout);
@@ -179,13 +191,18 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
 }  // namespace blockd
 
 int main(int argc, char** argv) {
-  std::vector<std::string> shapes = {"qwen", "llama", "span8"}, precisions = {"bf16", "fp32"};
+  std::vector<std::string> shapes = {"qwen", "llama", "span8"}, precisions = {"bf16", "fp32"},
+                           attention = {"native"};
   int iters = 20;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--shapes=", 0) == 0) shapes = absl::StrSplit(a.substr(9), ',');
     if (a.rfind("--precisions=", 0) == 0) precisions = absl::StrSplit(a.substr(13), ',');
     if (a.rfind("--iters=", 0) == 0) iters = std::stoi(a.substr(8));
+    if (a.rfind("--attention=", 0) == 0) attention = absl::StrSplit(a.substr(12), ',');
   }
-  return blockd::Run(shapes, precisions, iters);
+  for (const std::string& mode : attention) {
+    if (int rc = blockd::Run(shapes, precisions, iters, mode); rc != 0) return rc;
+  }
+  return 0;
 }

@@ -82,6 +82,13 @@ class Activation {
   int64_t batch_, seq_, width_;
 };
 
+// Which attention kernels a block runs ("native": the backend's own; "cudnn": cuDNN's fused
+// attention) and why, for BlockInfo and the log.
+struct AttentionInfo {
+  std::string backend;
+  std::string reason;
+};
+
 // What one block's Forward kept for its Backward.
 class SavedActivations {
  public:
@@ -97,6 +104,7 @@ class Block {
   virtual size_t memory_bytes() const = 0;
   // Bytes a Forward that keeps activations holds for this block at [batch, seq].
   virtual size_t SavedBytes(int64_t batch, int64_t seq) const = 0;
+  virtual AttentionInfo attention() const { return {"native", "the backend's own attention"}; }
 
   // Whole tensor `index` of BlockParams(config) of `kind`, as fp32 on the host.
   virtual absl::Status WriteTensor(TensorKind kind, int index, const float* host) = 0;

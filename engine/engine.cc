@@ -188,6 +188,7 @@ BlockInfo Engine::InfoLocked(const Entry& e) const {
   info.spec = e.spec;
   info.parameter_count = ParameterCount(e.spec.config);
   info.memory_bytes = static_cast<int64_t>(e.block->memory_bytes());
+  info.attention = e.block->attention();
   info.missing_weights = e.Missing();
   info.weights_loaded = info.missing_weights.empty();
   info.ttl = e.lease.ttl();

@@ -64,6 +64,7 @@ struct BlockInfo {
   int64_t step = 0;
   absl::Duration ttl = absl::ZeroDuration();   // the lease (0: none)
   absl::Duration idle = absl::ZeroDuration();  // since the last call that named the block
+  AttentionInfo attention;  // the block's attention kernels and why
 };
 
 // Host bytes of a tensor in a request: a view, not owned.

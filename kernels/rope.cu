@@ -74,8 +74,8 @@ __global__ void qknorm_rope_fwd_kernel(const T* __restrict__ in, int64_t in_stri
 
 // Grid-strided over (token, head) tasks with a fixed grid, so each warp's dw partial is a
 // deterministic sum; partials land in workspace[block][dh] and are reduced afterwards.
-template <class T>
-__global__ void qknorm_rope_bwd_kernel(const float* __restrict__ dout, const T* __restrict__ in, int64_t in_stride,
+template <class T, class G>
+__global__ void qknorm_rope_bwd_kernel(const G* __restrict__ dout, const T* __restrict__ in, int64_t in_stride,
                                        const float* __restrict__ rstd, const float* __restrict__ w,
                                        const float2* __restrict__ table, T* __restrict__ din,
                                        float* __restrict__ partial, int64_t tokens, int seq, int heads, int dh) {
@@ -88,7 +88,7 @@ __global__ void qknorm_rope_bwd_kernel(const float* __restrict__ dout, const T* 
     const int64_t token = task / heads;
     const int h = static_cast<int>(task % heads);
     const int pos = static_cast<int>(token % seq);
-    const float* g = dout + task * dh;
+    const G* g = dout + task * dh;
     float ga[kMaxPairsPerLane], gb[kMaxPairsPerLane];
     // The transpose of the rotation: rotate the gradient back by -angle.
 #pragma unroll
@@ -97,7 +97,7 @@ __global__ void qknorm_rope_bwd_kernel(const float* __restrict__ dout, const T* 
       ga[t] = gb[t] = 0.f;
       if (i < half) {
         const float2 cs = table[int64_t(pos) * half + i];
-        const float u = g[i], v = g[i + half];
+        const float u = to_float(g[i]), v = to_float(g[i + half]);
         ga[t] = u * cs.x + v * cs.y;
         gb[t] = v * cs.x - u * cs.y;
       }
@@ -247,8 +247,8 @@ __global__ void qknorm_rope_fwd_tok_kernel(const T* __restrict__ in, int64_t in_
   }
 }
 
-template <class T, int P>
-__global__ void qknorm_rope_bwd_tok_kernel(const float* __restrict__ dout, const T* __restrict__ in,
+template <class T, class G, int P>
+__global__ void qknorm_rope_bwd_tok_kernel(const G* __restrict__ dout, const T* __restrict__ in,
                                            int64_t in_stride, const float* __restrict__ rstd,
                                            const float* __restrict__ w, const float2* __restrict__ table,
                                            T* __restrict__ din, float* __restrict__ partial, int64_t tokens, int seq,
@@ -270,10 +270,10 @@ __global__ void qknorm_rope_bwd_tok_kernel(const float* __restrict__ dout, const
       c[p] = cs.x, sn[p] = cs.y;
     }
     for (int h = 0; h < heads; ++h) {
-      const float* g = dout + (token * heads + h) * DH;
+      const G* g = dout + (token * heads + h) * DH;
       float u[P], v[P], ga[P], gb[P];
-      load_vec<float, P>(u, g + i0);
-      load_vec<float, P>(v, g + HALF + i0);
+      load_vec<G, P>(u, g + i0);
+      load_vec<G, P>(v, g + HALF + i0);
 #pragma unroll
       for (int p = 0; p < P; ++p) {  // the transpose of the rotation
         ga[p] = u[p] * c[p] + v[p] * sn[p];
@@ -363,27 +363,28 @@ cudaError_t launch_qknorm_rope_fwd(const T* in, int64_t in_stride, T* out, float
 
 int64_t qknorm_rope_bwd_workspace_floats(int head_dim) { return int64_t(kBwdBlocks) * head_dim; }
 
-template <class T>
-cudaError_t launch_qknorm_rope_bwd(const float* dout, const T* in, int64_t in_stride, const float* rstd,
+template <class T, class G>
+cudaError_t launch_qknorm_rope_bwd(const G* dout, const T* in, int64_t in_stride, const float* rstd,
                                    const float* norm_w, const float2* table, T* din, float* dw, bool accumulate,
                                    float* workspace, int64_t tokens, int seq, int heads, int head_dim,
                                    cudaStream_t stream) {
   const int64_t tasks = tokens * heads;
   if (tasks == 0) return cudaSuccess;
-  const bool vec_ok = (in_stride % 8) == 0 && ((reinterpret_cast<uintptr_t>(in) | reinterpret_cast<uintptr_t>(din)) % 16) == 0;
+  const bool vec_ok = (in_stride % 8) == 0 && ((reinterpret_cast<uintptr_t>(in) | reinterpret_cast<uintptr_t>(din) |
+                                                reinterpret_cast<uintptr_t>(dout)) % 16) == 0;
   if (vec_ok && (head_dim == 64 || head_dim == 128 || head_dim == 256)) {
     if (head_dim == 64) {
-      qknorm_rope_bwd_tok_kernel<T, 1><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w,
+      qknorm_rope_bwd_tok_kernel<T, G, 1><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w,
                                                                               table, din, workspace, tokens, seq, heads);
     } else if (head_dim == 128) {
-      qknorm_rope_bwd_tok_kernel<T, 2><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w,
+      qknorm_rope_bwd_tok_kernel<T, G, 2><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w,
                                                                               table, din, workspace, tokens, seq, heads);
     } else {
-      qknorm_rope_bwd_tok_kernel<T, 4><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w,
+      qknorm_rope_bwd_tok_kernel<T, G, 4><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w,
                                                                               table, din, workspace, tokens, seq, heads);
     }
   } else {
-    qknorm_rope_bwd_kernel<T><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w, table, din,
+    qknorm_rope_bwd_kernel<T, G><<<kBwdBlocks, 32 * kWarps, 0, stream>>>(dout, in, in_stride, rstd, norm_w, table, din,
                                                                       workspace, tokens, seq, heads, head_dim);
   }
   cudaError_t e = cudaGetLastError();
@@ -395,10 +396,14 @@ cudaError_t launch_qknorm_rope_bwd(const float* dout, const T* in, int64_t in_st
 #define BLOCKD_INSTANTIATE_ROPE(T)                                                                                 \
   template cudaError_t launch_qknorm_rope_fwd<T>(const T*, int64_t, T*, float*, const float*, const float2*,       \
                                                  int64_t, int, int, int, float, cudaStream_t);                    \
-  template cudaError_t launch_qknorm_rope_bwd<T>(const float*, const T*, int64_t, const float*, const float*,      \
-                                                 const float2*, T*, float*, bool, float*, int64_t, int, int, int, \
-                                                 cudaStream_t);
+  template cudaError_t launch_qknorm_rope_bwd<T, float>(const float*, const T*, int64_t, const float*,             \
+                                                        const float*, const float2*, T*, float*, bool, float*,     \
+                                                        int64_t, int, int, int, cudaStream_t);
 BLOCKD_INSTANTIATE_ROPE(float)
 BLOCKD_INSTANTIATE_ROPE(__nv_bfloat16)
+// bf16 gradients in: what cuDNN's attention backward writes for dq and dk.
+template cudaError_t launch_qknorm_rope_bwd<__nv_bfloat16, __nv_bfloat16>(
+    const __nv_bfloat16*, const __nv_bfloat16*, int64_t, const float*, const float*, const float2*, __nv_bfloat16*,
+    float*, bool, float*, int64_t, int, int, int, cudaStream_t);
 
 }  // namespace blockd::kernels

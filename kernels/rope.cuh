@@ -25,10 +25,11 @@ cudaError_t launch_qknorm_rope_fwd(const T* in, int64_t in_stride, T* out, float
 
 int64_t qknorm_rope_bwd_workspace_floats(int head_dim);
 
-// dout: [tokens, heads, dh] fp32 gradient of `out`; din (stride in_stride) receives the gradient of
-// `in`. With norm_w, dw is overwritten or (accumulate) added to.
-template <class T>
-cudaError_t launch_qknorm_rope_bwd(const float* dout, const T* in, int64_t in_stride, const float* rstd,
+// dout: [tokens, heads, dh] gradient of `out`, fp32 (G = float) or, for T = bf16, bf16 as cuDNN's
+// attention backward writes it; din (stride in_stride) receives the gradient of `in`. With norm_w,
+// dw is overwritten or (accumulate) added to. The arithmetic is fp32 either way.
+template <class T, class G>
+cudaError_t launch_qknorm_rope_bwd(const G* dout, const T* in, int64_t in_stride, const float* rstd,
                                    const float* norm_w, const float2* table, T* din, float* dw, bool accumulate,
                                    float* workspace, int64_t tokens, int seq, int heads, int head_dim,
                                    cudaStream_t stream);

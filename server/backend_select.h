@@ -13,10 +13,12 @@ namespace blockd {
 struct BackendChoice {
   std::unique_ptr<Backend> backend;
   std::string reason;
+  AttentionInfo attention;  // what bf16 blocks' attention runs (--attention) and why
 };
 
 // "cuda" fails when the CUDA backend is not built in or no GPU works; "auto" then falls back to
-// the CPU backend, and `reason` says so.
-absl::StatusOr<BackendChoice> SelectBackend(const std::string& which);
+// the CPU backend, and `reason` says so. `attention` (--attention=auto|cudnn|native) picks the CUDA
+// backend's attention kernels; "cudnn" fails when cuDNN cannot run there, or on the CPU backend.
+absl::StatusOr<BackendChoice> SelectBackend(const std::string& which, const std::string& attention = "auto");
 
 }  // namespace blockd

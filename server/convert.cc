@@ -28,6 +28,8 @@ void ToProto(const BlockInfo& info, absl::string_view backend, v1::BlockInfo* ou
   // Rounded up: a lease of a fraction of a second (engine API) must not read as 0, "no lease".
   out->set_ttl_seconds(absl::ToInt64Seconds(absl::Ceil(info.ttl, absl::Seconds(1))));
   out->set_idle_seconds(absl::ToDoubleSeconds(info.idle));
+  out->set_attention_backend(info.attention.backend);
+  out->set_attention_reason(info.attention.reason);
 }
 
 absl::StatusOr<DType> FromProto(v1::DType t, absl::string_view what) {

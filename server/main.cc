@@ -22,6 +22,9 @@ ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464",
 ABSL_FLAG(std::string, metrics_tls_cert, "", "PEM certificate chain (and key, unless --metrics_tls_key): /metrics over HTTPS only");
 ABSL_FLAG(std::string, metrics_tls_key, "", "PEM private key for --metrics_tls_cert");
 ABSL_FLAG(std::string, backend, "auto", "auto (CUDA when a GPU works, else CPU), cpu or cuda");
+ABSL_FLAG(std::string, attention, "auto",
+          "attention kernels of bf16 CUDA blocks: auto (cuDNN's fused attention when it loads and accepts the "
+          "block, else blockd's own), cudnn (required: refuse to start or to create a block without it) or native");
 ABSL_FLAG(int64_t, max_message_bytes, 256ll << 20, "largest gRPC message accepted or sent");
 ABSL_FLAG(int64_t, memory_budget_bytes, 0, "per-device memory budget for blocks and activations (0: 90% of the device)");
 ABSL_FLAG(absl::Duration, activation_ttl, absl::Minutes(10), "activation handles not used by Backward within this are freed");
@@ -85,12 +88,13 @@ int Run(bool malloc_tuned) {
   sigaction(SIGINT, &sa, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
-  auto choice = blockd::SelectBackend(absl::GetFlag(FLAGS_backend));
+  auto choice = blockd::SelectBackend(absl::GetFlag(FLAGS_backend), absl::GetFlag(FLAGS_attention));
   if (!choice.ok()) {
     BLOCKD_LOG(kError, choice.status().message());
     return 1;
   }
   BLOCKD_LOG(kInfo, "backend ", choice->backend->name(), ": ", choice->reason);
+  BLOCKD_LOG(kInfo, "attention ", choice->attention.backend, ": ", choice->attention.reason);
 
   blockd::ServerOptions o;
   o.listen = absl::GetFlag(FLAGS_listen);
@@ -110,6 +114,8 @@ int Run(bool malloc_tuned) {
   o.grpc_memory_bytes = absl::GetFlag(FLAGS_grpc_memory_bytes);
   o.service.version = kVersion;
   o.service.backend_reason = choice->reason;
+  o.service.attention_backend = choice->attention.backend;
+  o.service.attention_reason = choice->attention.reason;
   o.service.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   o.service.max_concurrent_rpcs = absl::GetFlag(FLAGS_max_concurrent_rpcs);
   o.service.max_concurrent_rpcs_per_client = absl::GetFlag(FLAGS_max_concurrent_rpcs_per_client);

@@ -158,6 +158,8 @@ grpc::ServerUnaryReactor* BlockServiceImpl::GetServerInfo(grpc::CallbackServerCo
     resp->set_version(options_.version);
     resp->set_backend(std::string(backend.name()));
     resp->set_backend_reason(options_.backend_reason);
+    resp->set_attention_backend(options_.attention_backend);
+    resp->set_attention_reason(options_.attention_reason);
     for (const DeviceInfo& d : backend.devices()) {
       v1::DeviceInfo* out = resp->add_devices();
       out->set_index(d.index);

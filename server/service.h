@@ -28,6 +28,7 @@ namespace blockd {
 struct ServiceOptions {
   std::string version;
   std::string backend_reason;
+  std::string attention_backend, attention_reason;  // GetServerInfo's, from SelectBackend
   int64_t max_message_bytes = 256 << 20;
   int64_t max_concurrent_rpcs = 256;
   // Calls one identity may have in flight; 0: max(1, max_concurrent_rpcs / 4), so a client that

@@ -11,6 +11,10 @@ dev=/tmp/blockd-device
 rm -rf "$dev" && mkdir -p "$dev" && tar -C "$dev" -xJf "$root/.device/bundle.tar.xz"
 stages=${*:-tests sanitize parity bench}
 export LIBS="$dev/lib:/usr/local/cuda/lib64"
+# cuDNN 9.19 (PyTorch's copy on the GPU host) when present, else the system's: for the cuDNN
+# attention test and the blocks' --attention=cudnn variants and benchmarks.
+cudnn=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib/libcudnn_graph.so.9
+[ -f "$cudnn" ] && export BLOCKD_CUDNN_PATH=$cudnn
 run() { LD_LIBRARY_PATH="$LIBS" "$@"; }  # only our binaries see the bundled libraries
 declare -a table
 row() { table+=("$(printf '%-34s %-6s %s' "$1" "$2" "$3")"); }
@@ -33,9 +37,6 @@ if [[ " $stages " == *" tests "* ]]; then
   gtest gpu.ops cuda_ops_test '*' 90
   gtest gpu.blocks cuda_block_test '*' 240
   gtest gpu.sticky sticky_error_test '*' 30
-  # cuDNN 9.19 (PyTorch's copy on the GPU host) when present, else the system's.
-  cudnn=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib/libcudnn_graph.so.9
-  [ -f "$cudnn" ] && export BLOCKD_CUDNN_PATH=$cudnn
   gtest gpu.cudnn cudnn_attention_test '*' 120
   grep -hE 'norm rel' "$OUT"/gpu.ops.log "$OUT"/gpu.blocks.log | sort -t'l' -k1 > "$OUT/errors.txt" || true
 fi
@@ -126,7 +127,8 @@ if [[ " $stages " == *" torch "* ]]; then
 fi
 
 if [[ " $stages " == *" bench "* ]] && [ -x "$dev/bin/bench_engine" ]; then
-  timeout 150 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --iters=${BENCH_ITERS:-10} >"$OUT/bench_engine.log" 2>&1
+  timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --iters=${BENCH_ITERS:-10} \
+    --attention=${BENCH_ATTENTION:-native,cudnn} >"$OUT/bench_engine.log" 2>&1
   row "bench.engine" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see bench_engine.log"
   cat "$OUT/bench_engine.log"
 fi

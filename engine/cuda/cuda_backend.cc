@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "engine/cuda/attention_dispatch.h"
 #include "engine/cuda/cuda_block.h"
 #include "engine/cuda/cuda_status.h"
 #include "engine/cuda/device.h"
@@ -116,8 +117,8 @@ class PinnedStaging {
 
 class CudaBackend : public Backend {
  public:
-  explicit CudaBackend(std::vector<std::unique_ptr<DeviceContext>> devices)
-      : devices_(std::move(devices)), staging_(devices_.size()) {}
+  CudaBackend(std::vector<std::unique_ptr<DeviceContext>> devices, const CudaBackendOptions& options)
+      : devices_(std::move(devices)), staging_(devices_.size()), options_(options) {}
 
   absl::string_view name() const override { return "cuda"; }
 
@@ -153,11 +154,19 @@ class CudaBackend : public Backend {
     return absl::OkStatus();
   }
 
-  size_t BlockBytes(const BlockSpec& spec) const override { return cuda::CudaBlockBytes(spec); }
+  // With the cuDNN workspace the block will allocate; a block cuDNN refuses under --attention=cudnn
+  // is counted without it, and CreateBlock then says why it cannot be made.
+  size_t BlockBytes(const BlockSpec& spec) const override {
+    auto plan = cuda::PlanAttention(options_.attention, spec, devices_[spec.device].get());
+    return cuda::CudaBlockBytes(spec) + (plan.ok() ? plan->workspace_bytes : 0);
+  }
 
   absl::StatusOr<std::unique_ptr<Block>> CreateBlock(const BlockSpec& spec) override {
-    return cuda::CreateCudaBlock(spec, devices_[spec.device].get());
+    return cuda::CreateCudaBlock(spec, devices_[spec.device].get(), options_.attention);
   }
+
+  // The first device speaks for all: each one loaded the same cuDNN or failed the same way.
+  AttentionInfo Attention() const { return cuda::DescribeAttention(options_.attention, *devices_.front()); }
 
   // Upload and Download run on the device's copy streams (device.h): a transfer neither queues
   // behind other calls' compute nor holds it up.
@@ -251,6 +260,7 @@ class CudaBackend : public Backend {
  private:
   std::vector<std::unique_ptr<DeviceContext>> devices_;
   std::vector<PinnedStaging> staging_;
+  CudaBackendOptions options_;
 };
 
 }  // namespace
@@ -260,7 +270,28 @@ int64_t CudaTransferPoolPeakBytes(const Backend& backend, int device, bool reset
   return cuda != nullptr ? cuda->TransferPoolPeakBytes(device, reset) : -1;
 }
 
-absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend() {
+absl::StatusOr<AttentionMode> ParseAttentionMode(absl::string_view name) {
+  if (name == "auto") return AttentionMode::kAuto;
+  if (name == "cudnn") return AttentionMode::kCudnn;
+  if (name == "native") return AttentionMode::kNative;
+  return absl::InvalidArgumentError(absl::StrCat("--attention=", name, ", expected auto, cudnn or native"));
+}
+
+absl::string_view AttentionModeName(AttentionMode mode) {
+  switch (mode) {
+    case AttentionMode::kAuto: return "auto";
+    case AttentionMode::kCudnn: return "cudnn";
+    case AttentionMode::kNative: return "native";
+  }
+  return "auto";
+}
+
+AttentionInfo CudaAttentionSummary(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const CudaBackend*>(&backend);
+  return cuda != nullptr ? cuda->Attention() : AttentionInfo{};
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions& options) {
   int count = 0;
   const cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
@@ -271,9 +302,10 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend() {
   std::vector<std::unique_ptr<DeviceContext>> devices;
   for (int i = 0; i < count; ++i) {
     ASSIGN_OR_RETURN(std::unique_ptr<DeviceContext> dev, DeviceContext::Create(i));
+    RETURN_IF_ERROR(cuda::InitAttention(options.attention, dev.get()));
     devices.push_back(std::move(dev));
   }
-  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(std::move(devices)));
+  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(std::move(devices), options));
 }
 
 }  // namespace blockd

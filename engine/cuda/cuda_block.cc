@@ -6,6 +6,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "engine/cuda/attention_dispatch.h"
 #include "engine/cuda/cuda_status.h"
 #include "base/status_macros.h"
 #include "kernels/adamw.cuh"
@@ -114,8 +115,9 @@ class CudaBlock : public Block {
  public:
   CudaBlock(const BlockSpec& spec, DeviceContext* dev) : spec_(spec), dev_(dev), layout_(MakeLayout(spec.config)) {}
 
-  absl::Status Init() {
+  absl::Status Init(AttentionMode attention) {
     DeviceGuard guard(dev_->index);
+    ASSIGN_OR_RETURN(attention_, AttentionRunner::Create(attention, spec_, dev_));
     const size_t p = static_cast<size_t>(layout_.total);
     for (DeviceBuffer* b : {&weights_, &grads_, &m_, &v_}) {
       ASSIGN_OR_RETURN(*b, DeviceBuffer::Allocate(dev_, p * 4));
@@ -132,7 +134,8 @@ class CudaBlock : public Block {
     return dev_->Sync();
   }
 
-  size_t memory_bytes() const override { return CudaBlockBytes(spec_); }
+  size_t memory_bytes() const override { return CudaBlockBytes(spec_) + attention_.plan().workspace_bytes; }
+  AttentionInfo attention() const override { return attention_.info(); }
   size_t SavedBytes(int64_t batch, int64_t seq) const override {
     return SavedBytesFor(spec_.config, spec_.precision, batch, seq);
   }
@@ -310,7 +313,7 @@ class CudaBlock : public Block {
     CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(qkv + m.qd, m.qkv, s->k.as<T>(), s->rstd_k.as<float>(),
                                                             W32(ParamId::kKNorm), table, m.n, static_cast<int>(m.seq),
                                                             m.kv_heads, m.dh, eps, st));
-    CUDA_RETURN_IF_ERROR(kernels::launch_attention_fwd(Attention<T>(*s, m, st)));
+    RETURN_IF_ERROR(attention_.Forward(Attention<T>(*s, m, st)));
     // r1 = x + o Wo^T (the residual enters as C)
     const kernels::LinearGemm o_proj = Linear(m.n, m.qd, m.d);
     RETURN_IF_ERROR(Gemm(o_proj.Forward(s->o.get(), W<T>(ParamId::kOProj), s->r1.get(), GemmType::kF32).PlusC(x)));
@@ -353,13 +356,7 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(DeviceBuffer dn, Alloc(m.n * m.d * 4));  // dn2, later dn1
     ASSIGN_OR_RETURN(DeviceBuffer dr1, Alloc(m.n * m.d * 4));
     ASSIGN_OR_RETURN(DeviceBuffer d_o, Alloc(m.n * m.qd * t));
-    ASSIGN_OR_RETURN(DeviceBuffer dq, Alloc(m.n * m.qd * 4));
-    ASSIGN_OR_RETURN(DeviceBuffer dk, Alloc(m.n * m.kvd * 4));
-    ASSIGN_OR_RETURN(DeviceBuffer attn_ws, Alloc(kernels::attention_bwd_workspace_floats(
-                                                static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads,
-                                                m.kv_heads, m.dh) * 4));
     ASSIGN_OR_RETURN(DeviceBuffer dqkv, Alloc(m.n * m.qkv * t));
-    ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> dx, NewActivation(dev_, m.batch, m.seq, m.d));
 
     // MLP: out = r1 + h Wd^T, h = silu(gate) * up (kept by the forward).
     const kernels::LinearGemm down = Linear(m.n, m.f, m.d);
@@ -388,21 +385,34 @@ class CudaBlock : public Block {
     kernels::AttentionArgs<T> attn = Attention<T>(s, m, st);
     attn.d_o = d_o.as<T>();
     attn.do_stride = m.qd;
-    attn.dq = dq.as<float>();
-    attn.dk = dk.as<float>();
     attn.dv = dqkv_t + m.qd + m.kvd;  // dv goes straight into its part of dq|dk|dv
     attn.dv_stride = m.qkv;
-    attn.workspace = attn_ws.as<float>();
-    CUDA_RETURN_IF_ERROR(kernels::launch_attention_bwd(attn));
-    // RoPE and QK-norm backward into the q and k parts of dqkv.
+    ASSIGN_OR_RETURN(QkGrads dqk, attention_.Backward(attn));
+    // RoPE and QK-norm backward into the q and k parts of dqkv, from fp32 or (cuDNN) bf16 dq, dk.
+    if constexpr (!std::is_same<T, float>::value) {
+      if (dqk.bf16) return QkBackwardAndInput<T>(s, m, dqk.dq.as<bf16>(), dqk.dk.as<bf16>(), dqkv, dn, dr1, accumulate);
+    }
+    return QkBackwardAndInput<T>(s, m, dqk.dq.as<float>(), dqk.dk.as<float>(), dqkv, dn, dr1, accumulate);
+  }
+
+  // The rest of BackwardT from the attention's dq and dk (G: their dtype) on: QK-norm and RoPE
+  // backward, the q|k|v projection's gradients and the input norm's backward into dx.
+  template <class T, class G>
+  absl::StatusOr<std::unique_ptr<Activation>> QkBackwardAndInput(const CudaSaved& s, const Dims& m, const G* dq,
+                                                                 const G* dk, const DeviceBuffer& dqkv,
+                                                                 const DeviceBuffer& dn, const DeviceBuffer& dr1,
+                                                                 bool accumulate) {
+    cudaStream_t st = dev_->stream;
+    T* dqkv_t = dqkv.as<T>();
     const auto* table = s.table.as<float2>();
     CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_bwd<T>(
-        dq.as<float>(), s.qkv.as<T>(), m.qkv, s.rstd_q.as<float>(), W32(ParamId::kQNorm), table, dqkv_t,
+        dq, s.qkv.as<T>(), m.qkv, s.rstd_q.as<float>(), W32(ParamId::kQNorm), table, dqkv_t,
         G32(ParamId::kQNorm), accumulate, qk_ws_.as<float>(), m.n, static_cast<int>(m.seq), m.heads, m.dh, st));
     CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_bwd<T>(
-        dk.as<float>(), s.qkv.as<T>() + m.qd, m.qkv, s.rstd_k.as<float>(), W32(ParamId::kKNorm), table,
+        dk, s.qkv.as<T>() + m.qd, m.qkv, s.rstd_k.as<float>(), W32(ParamId::kKNorm), table,
         dqkv_t + m.qd, G32(ParamId::kKNorm), accumulate, qk_ws_.as<float>(), m.n, static_cast<int>(m.seq),
         m.kv_heads, m.dh, st));
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> dx, NewActivation(dev_, m.batch, m.seq, m.d));
     // q|k|v = n1 W^T
     const kernels::LinearGemm qkv_proj = Linear(m.n, m.d, m.qkv);
     RETURN_IF_ERROR(Gemm(qkv_proj.BackwardWeight(dqkv.get(), s.n1.get(), G32(ParamId::kQProj), accumulate)));
@@ -421,6 +431,7 @@ class CudaBlock : public Block {
   Layout layout_;
   DeviceBuffer weights_, grads_, m_, v_, weights_bf16_;
   DeviceBuffer adamw_params_, sum_ws_, rms_ws_, qk_ws_;
+  AttentionRunner attention_;
 };
 
 }  // namespace
@@ -446,9 +457,10 @@ size_t CudaBlockBytes(const BlockSpec& spec) {
   return bytes;
 }
 
-absl::StatusOr<std::unique_ptr<Block>> CreateCudaBlock(const BlockSpec& spec, DeviceContext* dev) {
+absl::StatusOr<std::unique_ptr<Block>> CreateCudaBlock(const BlockSpec& spec, DeviceContext* dev,
+                                                       AttentionMode attention) {
   auto block = std::make_unique<CudaBlock>(spec, dev);
-  RETURN_IF_ERROR(block->Init());
+  RETURN_IF_ERROR(block->Init(attention));
   return std::unique_ptr<Block>(std::move(block));
 }
 

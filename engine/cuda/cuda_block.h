@@ -5,6 +5,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
+#include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/device.h"
 
 namespace blockd::cuda {
@@ -35,7 +36,10 @@ class CudaActivation : public Activation {
 absl::StatusOr<std::unique_ptr<CudaActivation>> NewActivation(DeviceContext* dev, int64_t batch, int64_t seq,
                                                                int64_t width);
 
+// Bytes of a block's weights, gradients, moments and its own workspaces; the attention's cuDNN
+// workspace comes on top (AttentionPlan::workspace_bytes, attention_dispatch.h).
 size_t CudaBlockBytes(const BlockSpec& spec);
-absl::StatusOr<std::unique_ptr<Block>> CreateCudaBlock(const BlockSpec& spec, DeviceContext* dev);
+absl::StatusOr<std::unique_ptr<Block>> CreateCudaBlock(const BlockSpec& spec, DeviceContext* dev,
+                                                       AttentionMode attention);
 
 }  // namespace blockd::cuda

@@ -45,6 +45,7 @@ DeviceContext::~DeviceContext() {
   for (cudaStream_t s : {upload_stream, download_stream}) {
     if (s != nullptr) cudaStreamSynchronize(s);
   }
+  cudnn.reset();  // on its device, after the work that uses its plans
   if (gemm_workspace != nullptr) cudaFree(gemm_workspace);
   if (copy_pool != nullptr) cudaMemPoolDestroy(copy_pool);  // released once nothing is outstanding
   for (cudaStream_t s : {upload_stream, download_stream}) {

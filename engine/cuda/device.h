@@ -24,6 +24,10 @@
 #include "absl/status/statusor.h"
 #include "kernels/gemm.h"
 
+namespace blockd::kernels {
+class CudnnAttention;  // kernels/cudnn_attention.h, built only where cuDNN's headers are
+}
+
 namespace blockd::cuda {
 
 struct DeviceContext {
@@ -36,6 +40,11 @@ struct DeviceContext {
   void* gemm_workspace = nullptr;
   size_t gemm_workspace_bytes = 0;
   kernels::GemmContext gemm;
+  // cuDNN's handle and plan cache for the device's blocks (attention_dispatch.h); null when cuDNN
+  // is not used here, and then cudnn_unavailable says why. Its plans run on `stream` like the rest.
+  std::shared_ptr<kernels::CudnnAttention> cudnn;
+  std::string cudnn_library;  // file and version, when cudnn is set
+  std::string cudnn_unavailable;
 
   static absl::StatusOr<std::unique_ptr<DeviceContext>> Create(int index);
   ~DeviceContext();

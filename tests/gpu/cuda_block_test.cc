@@ -3,6 +3,9 @@
 // small random configs and the Qwen3-0.6B layer at seq 2048 (AdamW given identical gradients, see
 // below); spans through the Engine; device
 // memory flat over 1000 cycles; allocation failures as RESOURCE_EXHAUSTED; sticky errors.
+// Every bf16 case runs twice: with blockd's attention kernels and with cuDNN's fused attention
+// (--attention=native / cudnn; the cuDNN variants skip, saying why, where cuDNN cannot load), under
+// the same bounds: cuDNN's bf16 dq and dk stay well inside them (attention_dispatch.cc says why).
 //
 // Bounds: FP32 elementwise rtol 1e-5 (atol = rtol * rms). TF32 norm-wise 8 u_tf32 = 4e-3 and
 // BF16 norm-wise 8 u_bf16 = 3.1e-2 for outputs and 6e-2 for gradients: each bf16 product rounds
@@ -50,6 +53,7 @@ struct BlockCase {
   BlockConfig config;
   int64_t batch, seq, offset;
   Precision precision;
+  AttentionMode attention = AttentionMode::kNative;
 };
 
 std::ostream& operator<<(std::ostream& os, const BlockCase& c) { return os << c.name; }
@@ -108,7 +112,12 @@ TEST_P(BlockParityTest, ForwardBackwardAndStepsMatchCpu) {
   const BlockCase& bc = GetParam();
   const Bounds bounds = BoundsFor(bc.precision);
   auto cpu = MakeCpuBackend();
-  auto gpu_or = MakeCudaBackend();
+  CudaBackendOptions options;
+  options.attention = bc.attention;
+  auto gpu_or = MakeCudaBackend(options);
+  if (bc.attention == AttentionMode::kCudnn && absl::IsFailedPrecondition(gpu_or.status())) {
+    GTEST_SKIP() << "cuDNN cannot be used here (set BLOCKD_CUDNN_PATH to libcudnn_graph.so.9): " << gpu_or.status();
+  }
   ASSERT_TRUE(gpu_or.ok()) << gpu_or.status();
   auto gpu = std::move(gpu_or).value();
   BlockSpec spec;
@@ -124,6 +133,9 @@ TEST_P(BlockParityTest, ForwardBackwardAndStepsMatchCpu) {
   ASSERT_TRUE(cb.ok() && gb.ok()) << gb.status();
   Block& c = **cb;
   Block& g = **gb;
+  // The variant must test what it names: --attention=cudnn fails CreateBlock rather than fall back.
+  const bool cudnn = bc.attention == AttentionMode::kCudnn && bc.precision == Precision::kBF16;
+  EXPECT_EQ(g.attention().backend, cudnn ? "cudnn" : "native") << g.attention().reason;
   const auto params = BlockParams(bc.config);
   const auto weights = RandomWeights(bc.config, 7);
   for (size_t i = 0; i < params.size(); ++i) {
@@ -208,6 +220,15 @@ std::vector<BlockCase> Cases() {
   }
   cases.push_back({"qwen3_0p6b_seq2048_fp32", Config(1024, 16, 8, 128, 3072, true), 1, 2048, 0, Precision::kFP32});
   cases.push_back({"qwen3_0p6b_seq2048_bf16", Config(1024, 16, 8, 128, 3072, true), 1, 2048, 0, Precision::kBF16});
+  // The bf16 cases again on cuDNN's fused attention.
+  const size_t n = cases.size();
+  for (size_t i = 0; i < n; ++i) {
+    if (cases[i].precision != Precision::kBF16) continue;
+    BlockCase c = cases[i];
+    c.name += "_cudnn";
+    c.attention = AttentionMode::kCudnn;
+    cases.push_back(c);
+  }
   return cases;
 }
 

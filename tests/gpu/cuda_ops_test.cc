@@ -150,6 +150,46 @@ INSTANTIATE_TEST_SUITE_P(Configs, RopeTest,
                                            std::make_tuple(128, false, int64_t{3}), std::make_tuple(32, true, int64_t{1}),
                                            std::make_tuple(256, false, int64_t{100000})));
 
+// cuDNN's attention backward writes dq and dk in bf16 (engine/cuda/attention_dispatch.cc): the
+// backward reading bf16 gradients must compute exactly what it computes from the same values in
+// fp32 (the arithmetic is fp32 either way), on the vector paths (dh 64, 128) and the generic one.
+TEST(RopeBf16GradTest, Bf16GradientsGiveTheSameBitsAsTheirFp32Values) {
+  SKIP_WITHOUT_GPU();
+  for (int dh : {64, 128, 24}) {
+    const int batch = 2, seq = 21, heads = 3;
+    const int64_t tokens = int64_t(batch) * seq, stride = heads * dh + 40;
+    const auto in = ToBf16(RandomNormal(tokens * stride, 31, 2.f));
+    const auto w = RandomNormal(dh, 32, 0.3f, 1.f);
+    const auto dout16 = ToBf16(RandomNormal(tokens * heads * dh, 33));
+    DeviceArray<bf16> din(in), dout_b(dout16), y(tokens * heads * dh), dx_f(tokens * stride), dx_b(tokens * stride);
+    DeviceArray<float> dout_f(FromBf16(dout16)), dw(w), rstd(tokens * heads), dw_f(dh), dw_b(dh);
+    DeviceArray<float> ws(kernels::qknorm_rope_bwd_workspace_floats(dh));
+    DeviceArray<float2> table(seq * dh / 2);
+    dx_f.Poison();
+    dx_b.Poison();
+    CUDA_ASSERT(kernels::launch_rope_table(table.get(), seq, dh, 0, 1e6, 0));
+    CUDA_ASSERT(kernels::launch_qknorm_rope_fwd<bf16>(din.get(), stride, y.get(), rstd.get(), dw.get(), table.get(),
+                                                      tokens, seq, heads, dh, 1e-6f, 0));
+    CUDA_ASSERT(kernels::launch_qknorm_rope_bwd<bf16>(dout_f.get(), din.get(), stride, rstd.get(), dw.get(),
+                                                      table.get(), dx_f.get(), dw_f.get(), false, ws.get(), tokens,
+                                                      seq, heads, dh, 0));
+    CUDA_ASSERT(kernels::launch_qknorm_rope_bwd<bf16>(dout_b.get(), din.get(), stride, rstd.get(), dw.get(),
+                                                      table.get(), dx_b.get(), dw_b.get(), false, ws.get(), tokens,
+                                                      seq, heads, dh, 0));
+    CUDA_ASSERT(cudaDeviceSynchronize());
+    const auto a = FromBf16(dx_f.Download()), b = FromBf16(dx_b.Download());
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int i = 0; i < heads * dh; ++i) {
+        ASSERT_EQ(std::memcmp(&a[t * stride + i], &b[t * stride + i], 4), 0)
+            << "dh " << dh << ": din[" << t << "][" << i << "] from fp32 " << a[t * stride + i] << ", from bf16 "
+            << b[t * stride + i];
+      }
+    }
+    const auto wa = dw_f.Download(), wb = dw_b.Download();
+    ASSERT_EQ(std::memcmp(wa.data(), wb.data(), wa.size() * 4), 0) << "dh " << dh << ": qk-norm dw differs";
+  }
+}
+
 class SwiGluTest : public ::testing::TestWithParam<int64_t> {};
 
 TEST_P(SwiGluTest, ForwardAndBackwardMatchFloat64) {

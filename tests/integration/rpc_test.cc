@@ -11,6 +11,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "server/backend_select.h"
 #include "tests/integration/harness.h"
 
 namespace blockd::testing {
@@ -21,6 +22,8 @@ constexpr char kService[] = "blockd.v1.BlockService";
 TEST(Rpc, EveryRpcSucceeds) {
   ServerOptions o = LoopbackOptions();
   o.checkpoint_dir = MakeTempDir("rpc-ckpt");
+  o.service.attention_backend = "native";
+  o.service.attention_reason = "backend cpu: its own attention";
   auto server = StartServer(o);
   ASSERT_NE(server, nullptr);
   auto client = ConnectTo(*server, {.client_id = "lifecycle"});
@@ -39,6 +42,8 @@ TEST(Rpc, EveryRpcSucceeds) {
   EXPECT_EQ(info->version(), "integration-test");
   EXPECT_EQ(info->backend(), "cpu");
   EXPECT_EQ(info->backend_reason(), o.service.backend_reason);
+  EXPECT_EQ(info->attention_backend(), "native");
+  EXPECT_EQ(info->attention_reason(), o.service.attention_reason);
   EXPECT_EQ(server->metrics_port(), 0) << "no metrics_listen, yet a metrics port is open";
   ASSERT_EQ(info->devices_size(), 1);
   EXPECT_EQ(info->devices(0).kind(), "cpu");
@@ -59,6 +64,8 @@ TEST(Rpc, EveryRpcSucceeds) {
   EXPECT_EQ(created->device(), 0);
   EXPECT_EQ(created->parameter_count(), ExpectedParameterCount(config));
   EXPECT_GT(created->memory_bytes(), 0);
+  EXPECT_EQ(created->attention_backend(), "native");  // the CPU block's own attention
+  EXPECT_FALSE(created->attention_reason().empty());
   EXPECT_TRUE(created->weights_loaded());
   EXPECT_EQ(created->missing_weights_size(), 0);
   EXPECT_EQ(created->step(), 0);
@@ -639,6 +646,19 @@ TEST(Rpc, TokensMetricCountsEveryBlockOfASpanInBothPasses) {
   ASSERT_FALSE(body.empty()) << "no 200 reply from the metrics port " << server->metrics_port();
   EXPECT_EQ(MetricValue(body, "blockd_tokens_total", {"pass=\"forward\""}), 20) << body;
   EXPECT_EQ(MetricValue(body, "blockd_tokens_total", {"pass=\"backward\""}), 20) << body;
+}
+
+// --attention: the CPU backend has only its own attention, so "cudnn" is refused at start there
+// (on a CUDA build without a GPU too), "native" and "auto" are reported, a bad value is refused.
+TEST(SelectBackendAttention, CpuBackendRefusesCudnnAndReportsNative) {
+  auto native = SelectBackend("cpu", "native");
+  ASSERT_OK(native.status());
+  EXPECT_EQ(native->attention.backend, "native");
+  EXPECT_FALSE(native->attention.reason.empty());
+  auto cudnn = SelectBackend("cpu", "cudnn");
+  EXPECT_EQ(cudnn.status().code(), absl::StatusCode::kFailedPrecondition) << cudnn.status();
+  EXPECT_NE(std::string(cudnn.status().message()).find("--attention=cudnn"), std::string::npos) << cudnn.status();
+  EXPECT_EQ(SelectBackend("cpu", "fast").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
