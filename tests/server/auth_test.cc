@@ -76,7 +76,10 @@ std::string Bearer(const std::string& token) { return "Bearer " + token; }
 }
 
 AuthFiles Legacy(const std::string& users, const std::string& admins) {
-  return {.auth_token_file = users, .admin_token_file = admins};
+  AuthFiles files;
+  files.auth_token_file = users;
+  files.admin_token_file = admins;
+  return files;
 }
 
 TEST_F(AuthTest, NoTokensLetsEveryoneInAnonymously) {
@@ -175,8 +178,9 @@ TEST_F(AuthTest, ATokenInBothFilesIsAnAdmin) {
 }
 
 TEST_F(AuthTest, RolesNest) {
-  auto auth = Authenticator::FromFiles({.token_file = WriteTemp(absl::StrCat(
-                                            "reader read ", kUser1, "\ntrainer train ", kUser2, "\n"))});
+  AuthFiles files;
+  files.token_file = WriteTemp(absl::StrCat("reader read ", kUser1, "\ntrainer train ", kUser2, "\n"));
+  auto auth = Authenticator::FromFiles(files);
   ASSERT_TRUE(auth.ok()) << auth.status();
   const Authenticator& a = **auth;
   EXPECT_EQ(Who(Admit(a, Bearer(kUser1), Role::kRead)), "reader/read");
