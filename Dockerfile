@@ -5,15 +5,18 @@
 #   docker build --build-arg CUDA_ARCHITECTURES="90;100" -t ... .      # H100/H200 and B200
 #   docker run --rm --gpus all -p 50051:50051 -p 9464:9464 registry.example.com/blockd:0.1.0
 #
-# Stage `build` compiles blockd on NVIDIA's CUDA 13 devel image with the same Debian/Ubuntu packages
-# that the CMake build uses everywhere (CMakeLists.txt's find_package calls), and records which
-# packages own the shared libraries the binary links. Stage `runtime` starts from the matching CUDA
-# runtime image (cuBLAS included) and installs exactly those packages: no compiler, no headers.
+# Stage `build` compiles blockd on NVIDIA's CUDA 13 devel image with cuDNN's headers, with the
+# same Debian/Ubuntu packages that the CMake build uses everywhere (CMakeLists.txt's find_package
+# calls), and records which packages own the shared libraries the binary links. Stage `runtime`
+# starts from the matching CUDA runtime image with cuDNN (cuBLAS and cuDNN included, so
+# --attention=auto picks cuDNN's fused attention; blockd loads libcudnn at run time, so an image
+# without it still runs on the native kernels) and installs exactly those packages: no compiler,
+# no headers.
 # Tags are pinned to one CUDA release (13.0.2, the toolkit the GPU tests use); pin digests too
-# (nvidia/cuda:13.0.2-runtime-ubuntu24.04@sha256:...) where a registry mirror resolves them.
+# (nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04@sha256:...) where a registry mirror resolves them.
 # deploy/ci.sh lints this file offline (deploy/tools/lint-dockerfile.mjs).
 
-FROM nvidia/cuda:13.0.2-devel-ubuntu24.04 AS build
+FROM nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04 AS build
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive
@@ -36,6 +39,7 @@ WORKDIR /src
 COPY CMakeLists.txt ./
 COPY cmake/ cmake/
 COPY proto/ proto/
+COPY base/ base/
 COPY engine/ engine/
 COPY kernels/ kernels/
 COPY server/ server/
@@ -66,7 +70,7 @@ RUN ldd /out/usr/local/bin/blockd \
  && cat /out/runtime-packages.txt
 
 
-FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04 AS runtime
+FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS runtime
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive

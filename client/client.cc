@@ -1,5 +1,4 @@
 #include "client/client.h"
-#include "base/block_config.h"
 
 #include <algorithm>
 #include <chrono>

@@ -9,6 +9,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "base/echo.h"
 #include "base/log.h"
 
 namespace blockd {
@@ -75,7 +76,7 @@ bool ParseRole(absl::string_view name, Role* role) {
 
 absl::Status Authorize(const Principal& who, Role needed, absl::string_view rpc) {
   if (static_cast<int>(who.role) >= static_cast<int>(needed)) return absl::OkStatus();
-  return absl::PermissionDeniedError(absl::StrCat(rpc, " needs the ", RoleName(needed), " role; ", who.name,
+  return absl::PermissionDeniedError(absl::StrCat(rpc, " needs the ", RoleName(needed), " role; ", Echo(who.name),
                                                   " has the ", RoleName(who.role), " role"));
 }
 

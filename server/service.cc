@@ -98,7 +98,7 @@ absl::Status BlockServiceImpl::TakeSlot(const Principal& who) {
   }
   auto it = per_client_.find(who.name);
   if (it != per_client_.end() && it->second >= per_client_limit_) {
-    return absl::ResourceExhaustedError(absl::StrCat("client ", who.name, " already has ", per_client_limit_,
+    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(who.name), " already has ", per_client_limit_,
                                                      " calls in flight (--max_concurrent_rpcs_per_client=",
                                                      per_client_limit_, "); retry later"));
   }

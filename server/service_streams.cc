@@ -199,7 +199,7 @@ class BlockServiceImpl::DownloadReactor : public grpc::ServerWriteReactor<v1::Te
     }
     for (const std::string& name : req_->names()) {
       const bool known = std::any_of(params.begin(), params.end(), [&](const ParamSpec& p) { return p.name == name; });
-      if (!known) return absl::InvalidArgumentError(absl::StrCat("block ", block_id_, " has no tensor \"", name, "\""));
+      if (!known) return absl::InvalidArgumentError(absl::StrCat("block ", Echo(block_id_), " has no tensor \"", Echo(name), "\""));
       names_.push_back(name);
     }
     return absl::OkStatus();

@@ -2,7 +2,7 @@
 // optional rule raised to an error, then blockd's image policy.
 //   node deploy/tools/lint-dockerfile.mjs [Dockerfile] [--cmake=CMakeLists.txt]
 // Policy:
-// - multi-stage: builds on nvidia/cuda:<13.x>-devel-ubuntu24.04, runs on the same release's
+// - multi-stage: builds on nvidia/cuda:<13.x>-[cudnn-]devel-ubuntu24.04, runs on the same release's
 //   -runtime-ubuntu24.04; every base image has a pinned tag (not latest) or a digest;
 // - the build stage installs the apt package of every find_package() in CMakeLists.txt and copies
 //   every folder it adds with add_subdirectory()/include(); the final
@@ -81,17 +81,18 @@ for (const f of froms) {
   const digest = f.getImageDigest();
   if (!tag && !digest) problems.push(`${at(f.getRange())}: FROM ${image} has no pinned tag or digest`);
   if (tag === "latest") problems.push(`${at(f.getRange())}: FROM ${image} uses :latest`);
-  const m = /^(\d+)\.(\d+)\.(\d+)-(devel|runtime)-ubuntu24\.04$/.exec(tag ?? "");
+  // The cuDNN flavours (13.x.y-cudnn-devel / -cudnn-runtime) carry the cuDNN that --attention=auto loads.
+  const m = /^(\d+)\.(\d+)\.(\d+)-(?:cudnn-)?(devel|runtime)-ubuntu24\.04$/.exec(tag ?? "");
   if (f.getImageName() === "nvidia/cuda" && m) cuda.push({ from: f, version: `${m[1]}.${m[2]}.${m[3]}`, major: m[1], flavour: m[4] });
 }
 const first = froms[0];
 const last = froms[froms.length - 1];
 const cudaOf = (f) => cuda.find((c) => c.from === f);
 if (!cudaOf(first) || cudaOf(first).flavour !== "devel" || cudaOf(first).major !== "13") {
-  problems.push(`${at(first.getRange())}: the build stage must be FROM nvidia/cuda:13.x.y-devel-ubuntu24.04`);
+  problems.push(`${at(first.getRange())}: the build stage must be FROM nvidia/cuda:13.x.y-[cudnn-]devel-ubuntu24.04`);
 }
 if (!cudaOf(last) || cudaOf(last).flavour !== "runtime" || cudaOf(last).major !== "13") {
-  problems.push(`${at(last.getRange())}: the final stage must be FROM nvidia/cuda:13.x.y-runtime-ubuntu24.04`);
+  problems.push(`${at(last.getRange())}: the final stage must be FROM nvidia/cuda:13.x.y-[cudnn-]runtime-ubuntu24.04`);
 } else if (cudaOf(first) && cudaOf(first).version !== cudaOf(last).version) {
   problems.push(`${at(last.getRange())}: runtime CUDA ${cudaOf(last).version} differs from build CUDA ${cudaOf(first).version}`);
 }

@@ -1,7 +1,7 @@
 // blockctl's subcommands beyond moving tensors, against a real server and, for the block lease
-// (create --ttl, list --idle, gc), against a recording fake: the server on this branch neither
-// keeps leases nor fills BlockInfo.idle_seconds, so the fake answers ListBlocks with chosen idle
-// times and records what blockctl sent (the lease itself is tested with the server that keeps it).
+// (create --ttl, list --idle, gc), also against a recording fake that answers ListBlocks with
+// chosen idle times (hours, which a real server cannot show in a test) and records what blockctl
+// sent. The lease itself is tested in lease_test.cc.
 // Also: create --config refuses what import-hf refuses, word for word (tests/proto/hf_configs.json),
 // and requests over the message limit fail with which limit and what to do.
 #include <filesystem>
@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
 #include "tests/integration/blockctl_harness.h"
 
@@ -81,6 +82,21 @@ TEST_F(Blockctl, CreateFromConfigRefusesWhatImportHfRefuses) {
   auto info = client_->GetBlock("over");
   ASSERT_OK(info.status());
   EXPECT_EQ(info->layer_index(), 7) << "--layer sets layer_index";
+}
+
+// gc against a real server: a block nobody names goes, one in use stays.
+TEST_F(Blockctl, GcDeletesWhatTheServerSaysIsIdle) {
+  for (const char* id : {"idle", "busy"}) ASSERT_OK(client_->CreateBlock(CreateRequest(id, TinyConfig(), 4)).status());
+  for (int i = 0; i < 8; ++i) {  // 1.6 s, naming only "busy" (GetBlock renews its idle time)
+    absl::SleepFor(absl::Milliseconds(200));
+    ASSERT_OK(client_->GetBlock("busy").status());
+  }
+  Ran r = Ctl("list --idle=1s");
+  EXPECT_RUN(r, 0, "idle");
+  EXPECT_EQ(r.output.find("busy"), std::string::npos) << "a block named every 200 ms listed as idle:\n" << r.output;
+  EXPECT_RUN(Ctl("gc --idle=1s --yes"), 0, "deleted idle");
+  EXPECT_EQ(client_->GetBlock("idle").status().code(), absl::StatusCode::kNotFound) << "gc left the idle block";
+  EXPECT_TRUE(client_->GetBlock("busy").ok()) << "gc deleted a block in use";
 }
 
 // ---- step, zero-grad, release, forward --keep --------------------------------------------------
