@@ -23,32 +23,15 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "base/safetensors.h"
+#include "proto/config_convert.h"
 #include "nlohmann/json.hpp"
 
 namespace blockd {
 namespace {
 
-v1::DType WireDType(DType t) {
-  switch (t) {
-    case DType::kFloat32: return v1::DTYPE_FLOAT32;
-    case DType::kBFloat16: return v1::DTYPE_BFLOAT16;
-    case DType::kFloat16: return v1::DTYPE_FLOAT16;
-  }
-  return v1::DTYPE_UNSPECIFIED;
-}
-
-absl::StatusOr<DType> FileDType(v1::DType t) {
-  switch (t) {
-    case v1::DTYPE_FLOAT32: return DType::kFloat32;
-    case v1::DTYPE_BFLOAT16: return DType::kBFloat16;
-    case v1::DTYPE_FLOAT16: return DType::kFloat16;
-    default: return absl::InvalidArgumentError(absl::StrCat("cannot write ", wire::DTypeName(t), " to safetensors"));
-  }
-}
-
 TensorBytes FromEntry(const SafetensorsFile& f, const SafetensorsEntry& e, std::string name) {
   const absl::string_view bytes = f.data(e);
-  return TensorBytes{std::move(name), WireDType(e.dtype), e.shape, std::string(bytes.data(), bytes.size())};
+  return TensorBytes{std::move(name), ToProto(e.dtype), e.shape, std::string(bytes.data(), bytes.size())};
 }
 
 }  // namespace
@@ -250,7 +233,7 @@ absl::StatusOr<TensorBytes> SafetensorsCheckpoint::Describe(const std::string& n
   const SafetensorsFile* f = nullptr;
   auto e = Find(name, &f);
   if (!e.ok()) return e.status();
-  return TensorBytes{name, WireDType((*e)->dtype), (*e)->shape, ""};
+  return TensorBytes{name, ToProto((*e)->dtype), (*e)->shape, ""};
 }
 
 absl::StatusOr<TensorBytes> SafetensorsCheckpoint::Read(const std::string& name, std::string as) {
@@ -300,7 +283,7 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorB
                               const std::string& prefix, const std::map<std::string, std::string>& metadata) {
   std::vector<SafetensorsTensorRef> refs;
   for (const TensorBytes& t : tensors) {
-    auto dtype = FileDType(t.dtype);
+    auto dtype = FromProto(t.dtype, absl::StrCat("tensor ", t.name, " dtype"));
     if (!dtype.ok()) return dtype.status();
     refs.push_back({prefix + t.name, *dtype, t.shape, absl::string_view(t.data)});
   }

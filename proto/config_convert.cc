@@ -69,4 +69,24 @@ std::string PrecisionName(v1::Precision p) {
   return std::string(PrecisionName(**engine));
 }
 
+absl::StatusOr<DType> FromProto(v1::DType t, absl::string_view what) {
+  switch (t) {
+    case v1::DTYPE_FLOAT32: return DType::kFloat32;
+    case v1::DTYPE_BFLOAT16: return DType::kBFloat16;
+    case v1::DTYPE_FLOAT16: return DType::kFloat16;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(what, " is ", v1::DType_Name(t).empty() ? std::to_string(t) : v1::DType_Name(t),
+                                                     ", expected DTYPE_FLOAT32, DTYPE_BFLOAT16 or DTYPE_FLOAT16"));
+  }
+}
+
+v1::DType ToProto(DType t) {
+  switch (t) {
+    case DType::kFloat32: return v1::DTYPE_FLOAT32;
+    case DType::kBFloat16: return v1::DTYPE_BFLOAT16;
+    case DType::kFloat16: return v1::DTYPE_FLOAT16;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
 }  // namespace blockd

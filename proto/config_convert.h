@@ -1,6 +1,6 @@
-// The one mapping between a block's wire config (blockd.v1.BlockConfig, Precision) and base's
-// BlockConfig / Precision, and the precision names on command lines. The server (server/convert.cc)
-// and blockctl both use it, so a field added to the config is mapped in one place.
+// The one mapping between the wire's types (blockd.v1.BlockConfig, Precision, DType) and base's
+// BlockConfig / Precision / DType, and the precision names on command lines. The server
+// (server/convert.cc) and blockctl both use it, so a field added to the config is mapped in one place.
 //
 //   BlockConfig c = FromProto(request.config());
 //   ASSIGN_OR_RETURN(std::optional<Precision> p, FromProto(request.precision()));
@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "base/block_config.h"
+#include "base/dtype.h"
 #include "blockd/v1/block_service.pb.h"
 
 namespace blockd {
@@ -31,5 +32,9 @@ v1::Precision ToProto(Precision p);
 absl::StatusOr<v1::Precision> ParsePrecisionName(absl::string_view text);
 // "fp32", "tf32", "bf16", or "default" for PRECISION_UNSPECIFIED.
 std::string PrecisionName(v1::Precision p);
+
+// DTYPE_FLOAT32/BFLOAT16/FLOAT16; anything else is INVALID_ARGUMENT naming `what` and the value.
+absl::StatusOr<DType> FromProto(v1::DType t, absl::string_view what);
+v1::DType ToProto(DType t);
 
 }  // namespace blockd

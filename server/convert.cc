@@ -32,26 +32,6 @@ void ToProto(const BlockInfo& info, absl::string_view backend, v1::BlockInfo* ou
   out->set_attention_reason(info.attention.reason);
 }
 
-absl::StatusOr<DType> FromProto(v1::DType t, absl::string_view what) {
-  switch (t) {
-    case v1::DTYPE_FLOAT32: return DType::kFloat32;
-    case v1::DTYPE_BFLOAT16: return DType::kBFloat16;
-    case v1::DTYPE_FLOAT16: return DType::kFloat16;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat(what, " is ", v1::DType_Name(t).empty() ? std::to_string(t) : v1::DType_Name(t),
-                                                     ", expected DTYPE_FLOAT32, DTYPE_BFLOAT16 or DTYPE_FLOAT16"));
-  }
-}
-
-v1::DType ToProto(DType t) {
-  switch (t) {
-    case DType::kFloat32: return v1::DTYPE_FLOAT32;
-    case DType::kBFloat16: return v1::DTYPE_BFLOAT16;
-    case DType::kFloat16: return v1::DTYPE_FLOAT16;
-  }
-  return v1::DTYPE_UNSPECIFIED;
-}
-
 absl::StatusOr<TensorKind> FromProto(v1::TensorKind k) {
   switch (k) {
     case v1::TENSOR_KIND_WEIGHTS: return TensorKind::kWeights;

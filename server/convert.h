@@ -18,8 +18,6 @@ grpc::Status ToGrpcStatus(const absl::Status& s);
 void ToProto(const BlockInfo& info, absl::string_view backend, v1::BlockInfo* out);
 
 // `what` names the field in the error ("input.dtype").
-absl::StatusOr<DType> FromProto(v1::DType t, absl::string_view what);
-v1::DType ToProto(DType t);
 absl::StatusOr<TensorKind> FromProto(v1::TensorKind k);
 
 // A view of a request tensor's bytes; INVALID_ARGUMENT for an unspecified dtype.
