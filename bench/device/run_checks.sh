@@ -48,7 +48,7 @@ if [[ " $stages " == *" sanitize "* ]]; then
       "$dev/bin/cuda_ops_test" --gtest_filter='*RmsNorm*:*Rope*:*SwiGlu*:*AdamW*:*Convert*:*AttentionTest*/0:*AttentionTest*/1:*AttentionTest*/2:*AttentionTest*/5:*AttentionTest*/7' >"$log" 2>&1
     rc1=$?
     timeout 120 env LD_LIBRARY_PATH="$LIBS" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      "$dev/bin/cuda_block_test" --gtest_filter='*tiny_qknorm_gqa2_bf16:*tiny_qknorm_gqa2_fp32:*Span*' >>"$log" 2>&1
+      "$dev/bin/cuda_block_test" --gtest_filter='*tiny_qknorm_gqa2_bf16:*tiny_qknorm_gqa2_bf16_cudnn:*tiny_qknorm_gqa2_fp32:*Span*' >>"$log" 2>&1
     rc2=$?
     errs=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tr '\n' ' ')
     row "sanitizer.$tool" "$([ $rc1 -eq 0 ] && [ $rc2 -eq 0 ] && echo PASS || echo FAIL)" "$errs"
@@ -56,12 +56,14 @@ if [[ " $stages " == *" sanitize "* ]]; then
 fi
 
 if [[ " $stages " == *" parity "* ]] && [ -f "$dev/python/test_parity.py" ]; then
-  for precision in fp32 bf16; do
-    log="$OUT/parity.$precision.log"
+  for run in fp32,native bf16,native bf16,cudnn; do
+    IFS=, read -r precision attention <<<"$run"
+    log="$OUT/parity.$precision.$attention.log"
     (cd "$dev/python" && BLOCKD_BINARY="$dev/bin/blockd" BLOCKD_LD_LIBRARY_PATH="$LIBS" BLOCKD_BACKEND=cuda \
-      BLOCKD_PRECISION=$precision PYTHONPATH="$dev/python" timeout 120 python3 -m unittest -v test_parity) >"$log" 2>&1
+      BLOCKD_PRECISION=$precision BLOCKD_ATTENTION=$attention PYTHONPATH="$dev/python" \
+      timeout 120 python3 -m unittest -v test_parity) >"$log" 2>&1
     rc=$?
-    row "parity.cuda.$precision" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
+    row "parity.cuda.$precision.$attention" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
   done
 fi
 

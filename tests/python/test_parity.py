@@ -215,7 +215,13 @@ def setUpModule():
     print(f"\n[parity] random seed {SEED} (BLOCKD_TEST_SEED={SEED} repeats this run)", file=sys.stderr)
     print(f"[parity] backend {BACKEND}, precision {PRECISION}, torch {torch.__version__}"
           f"{' with CUDA' if TORCH_CUDA else ''}", file=sys.stderr)
-    _daemon = Daemon(backend=BACKEND, extra_args=["--worker_threads=2"]).start()
+    # BLOCKD_ATTENTION=cudnn|native pins the CUDA daemon's attention (cudnn: it refuses to start
+    # without cuDNN, so a pass is a pass of cuDNN's attention).
+    extra = ["--worker_threads=2"]
+    if os.environ.get("BLOCKD_ATTENTION"):
+        extra.append(f"--attention={os.environ['BLOCKD_ATTENTION']}")
+        print(f"[parity] --attention={os.environ['BLOCKD_ATTENTION']}", file=sys.stderr)
+    _daemon = Daemon(backend=BACKEND, extra_args=extra).start()
 
 
 def tearDownModule():
