@@ -205,7 +205,7 @@ PLANTED=(
   'dockerfile|Dockerfile|s/      libgrpc\+\+-dev protobuf-compiler-grpc \\\n//|build stage lacks a find_package dependency'
   'dockerfile|Dockerfile|s/^EXPOSE 50051 9464$/EXPOSE 50051\/tcpx 9464/m|invalid EXPOSE protocol'
   'dockerfile|Dockerfile|s/^COPY server\/ server\/\n//m|build stage does not copy a CMake folder'
-  'dockerfile|Dockerfile|s/^FROM nvidia\/cuda:13.0.2-runtime-ubuntu24.04/FROM nvidia\/cuda:latest/m|unpinned runtime image'
+  'dockerfile|Dockerfile|s/^FROM nvidia\/cuda:13.0.2-cudnn-runtime-ubuntu24.04/FROM nvidia\/cuda:latest/m|unpinned runtime image'
   'scripts|deploy/smoke.sh|s/^exec "\$PYTHON"/exec "\$PYTHON" (/m|smoke.sh syntax error'
   'scripts|deploy/smoke.sh|s/exec "\$PYTHON" "\$\(dirname "\$0"\)\/smoke.py" "\$@"/exec \$PYTHON \$(dirname \$0)\/smoke.py \$@/|unquoted expansions (shellcheck)'
 )
