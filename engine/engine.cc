@@ -723,6 +723,7 @@ EngineStats Engine::Stats() {
     s.blocks = static_cast<int64_t>(blocks_.size());
   }
   s.activations_held = activations_.size();
+  s.sessions_open = sessions_.size();
   for (const DeviceInfo& d : backend_->devices()) {
     s.memory_used[d.index] = budget_.used(d.index);
     s.memory_budget[d.index] = budget_.limit(d.index);

@@ -154,6 +154,7 @@ struct BlockState {
 struct EngineStats {
   int64_t blocks = 0;
   int64_t activations_held = 0;
+  int64_t sessions_open = 0;
   std::map<int, int64_t> memory_used;    // device -> bytes reserved
   std::map<int, int64_t> memory_budget;  // device -> bytes
 };
