@@ -134,6 +134,12 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
                                                    hidden, "]"));
   }
   const int64_t batch = t.shape[0], fresh = t.shape[1];
+  // Before the byte count: bounds new_tokens, so batch * fresh * hidden cannot overflow.
+  if (fresh > s->max_length - s->length) {
+    return absl::OutOfRangeError(absl::StrCat("session ", Echo(s->id), " holds ", s->length, " tokens per row; ",
+                                              fresh, " more would pass its max_length ", s->max_length,
+                                              " (trim it or open a longer one)"));
+  }
   const uint64_t expected = static_cast<uint64_t>(batch * fresh * hidden) * DTypeSize(t.dtype);
   if (t.size != expected) {
     return absl::InvalidArgumentError(absl::StrCat("hidden_states has ", t.size, " bytes of data, but shape ",
@@ -151,11 +157,6 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
                                                        ", expected a row index 0..", batch - 1));
       }
     }
-  }
-  if (s->length + fresh > s->max_length) {
-    return absl::OutOfRangeError(absl::StrCat("session ", Echo(s->id), " holds ", s->length, " tokens per row; ",
-                                              fresh, " more would pass its max_length ", s->max_length,
-                                              " (trim it or open a longer one)"));
   }
   for (size_t b = 0; b < span.size(); ++b) {
     if (span[b]->serial != s->block_serials[b]) return SessionNotFound(args.session_id);
