@@ -218,8 +218,7 @@ TEST_F(SessionTest, HypoIdsMoveRowsAsIfEachRowHadItsOwnHistory) {
   EXPECT_EQ(y->length, prefix + 2);
   for (int64_t i = 0; i < batch; ++i) {
     // Row i, run alone: the prompt of row hypo[i], then row i's new tokens.
-    std::vector<float> seq = Slice(prompt, 1, prefix, d, 0, prefix);
-    seq.assign(prompt.begin() + hypo[i] * prefix * d, prompt.begin() + (hypo[i] + 1) * prefix * d);
+    std::vector<float> seq(prompt.begin() + hypo[i] * prefix * d, prompt.begin() + (hypo[i] + 1) * prefix * d);
     seq.insert(seq.end(), next.begin() + i * 2 * d, next.begin() + (i + 1) * 2 * d);
     auto ref = Forward({"b0", "b1"}, seq, 1, prefix + 2, false);
     ASSERT_TRUE(ref.ok());
