@@ -504,4 +504,98 @@ absl::StatusOr<HealthStatus> Client::Health(absl::string_view service, const Cal
   }
 }
 
+absl::StatusOr<v1::SessionInfo> Client::OpenSession(const v1::OpenSessionRequest& request, const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(NextStub(), &v1::BlockService::Stub::OpenSession, &ctx, request);
+}
+
+absl::StatusOr<v1::InferStepResponse> Client::InferStep(const v1::InferStepRequest& request,
+                                                        const CallOptions& call) {
+  const size_t bytes = request.ByteSizeLong();
+  const v1::Tensor& t = request.hidden_states();
+  if (absl::Status s = CheckMessageSize("InferStep", "hidden_states", t, bytes, options_.max_message_bytes); !s.ok()) {
+    return s;
+  }
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  auto r = Invoke(NextStub(), &v1::BlockService::Stub::InferStep, &ctx, request);
+  if (!r.ok()) return ExplainServerSizeRefusal(r.status(), "InferStep", "hidden_states", t, bytes);
+  return r;
+}
+
+absl::StatusOr<v1::SessionInfo> Client::TrimSession(absl::string_view session_id, int32_t length,
+                                                    const CallOptions& call) {
+  v1::TrimSessionRequest request;
+  request.set_session_id(std::string(session_id));
+  request.set_length(length);
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(NextStub(), &v1::BlockService::Stub::TrimSession, &ctx, request);
+}
+
+absl::StatusOr<v1::SessionInfo> Client::ForkSession(absl::string_view session_id, absl::string_view new_session_id,
+                                                    const CallOptions& call) {
+  v1::ForkSessionRequest request;
+  request.set_session_id(std::string(session_id));
+  request.set_new_session_id(std::string(new_session_id));
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(NextStub(), &v1::BlockService::Stub::ForkSession, &ctx, request);
+}
+
+absl::Status Client::CloseSession(absl::string_view session_id, const CallOptions& call) {
+  v1::CloseSessionRequest request;
+  request.set_session_id(std::string(session_id));
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(NextStub(), &v1::BlockService::Stub::CloseSession, &ctx, request).status();
+}
+
+absl::StatusOr<std::vector<v1::SessionInfo>> Client::ListSessions(const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  auto r = Invoke(NextStub(), &v1::BlockService::Stub::ListSessions, &ctx, v1::ListSessionsRequest());
+  if (!r.ok()) return r.status();
+  return std::vector<v1::SessionInfo>(r->sessions().begin(), r->sessions().end());
+}
+
+absl::StatusOr<std::unique_ptr<Client::InferStream>> Client::OpenInferStream(const CallOptions& call) {
+  std::unique_ptr<InferStream> s(new InferStream());
+  s->ctx_ = std::make_unique<grpc::ClientContext>();
+  Prepare(s->ctx_.get(), call);
+  s->stream_ = NextStub()->Infer(s->ctx_.get());
+  if (s->stream_ == nullptr) return absl::UnavailableError("could not start an Infer stream");
+  return s;
+}
+
+Client::InferStream::~InferStream() {
+  if (!done_) Close().IgnoreError();
+}
+
+absl::StatusOr<v1::InferStepResponse> Client::InferStream::Step(const v1::InferStepRequest& request) {
+  if (done_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("this Infer stream has ended (", final_.ToString(), "); open a new one"));
+  }
+  v1::InferStepResponse response;
+  // A failed write or read means the server ended the stream: its status says why.
+  if (!stream_->Write(request) || !stream_->Read(&response)) {
+    absl::Status s = Close();
+    return s.ok() ? absl::UnavailableError("the server ended the Infer stream without answering the step") : s;
+  }
+  return response;
+}
+
+absl::Status Client::InferStream::Close() {
+  if (done_) return final_;
+  done_ = true;
+  stream_->WritesDone();
+  v1::InferStepResponse extra;
+  while (stream_->Read(&extra)) {
+  }
+  final_ = FromGrpcStatus(stream_->Finish());
+  return final_;
+}
+
 }  // namespace blockd

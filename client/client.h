@@ -140,6 +140,34 @@ class Client {
                                                             const CallOptions& call = {});
   absl::StatusOr<v1::RestoreCheckpointResponse> RestoreCheckpoint(const v1::RestoreCheckpointRequest& request,
                                                                   const CallOptions& call = {});
+  // Inference sessions: owned by this client's identity; ARCHITECTURE.md, "Inference sessions".
+  absl::StatusOr<v1::SessionInfo> OpenSession(const v1::OpenSessionRequest& request, const CallOptions& call = {});
+  absl::StatusOr<v1::InferStepResponse> InferStep(const v1::InferStepRequest& request, const CallOptions& call = {});
+  absl::StatusOr<v1::SessionInfo> TrimSession(absl::string_view session_id, int32_t length,
+                                              const CallOptions& call = {});
+  absl::StatusOr<v1::SessionInfo> ForkSession(absl::string_view session_id, absl::string_view new_session_id,
+                                              const CallOptions& call = {});
+  absl::Status CloseSession(absl::string_view session_id, const CallOptions& call = {});
+  absl::StatusOr<std::vector<v1::SessionInfo>> ListSessions(const CallOptions& call = {});
+  // The Infer stream: one step per Step() call, in order, on one HTTP/2 stream (no per-token call
+  // setup). `call.timeout` bounds the whole stream. The first failed step ends the stream.
+  class InferStream {
+   public:
+    ~InferStream();
+    absl::StatusOr<v1::InferStepResponse> Step(const v1::InferStepRequest& request);
+    // Ends the stream; its final status (OK, or why the server ended it).
+    absl::Status Close();
+
+   private:
+    friend class Client;
+    InferStream() = default;
+    std::unique_ptr<grpc::ClientContext> ctx_;
+    std::unique_ptr<grpc::ClientReaderWriter<v1::InferStepRequest, v1::InferStepResponse>> stream_;
+    bool done_ = false;
+    absl::Status final_;
+  };
+  absl::StatusOr<std::unique_ptr<InferStream>> OpenInferStream(const CallOptions& call = {});
+
   // grpc.health.v1.Health/Check of `service` ("" is the whole server, "blockd.v1.BlockService" the service).
   absl::StatusOr<HealthStatus> Health(absl::string_view service = "", const CallOptions& call = {});
 

@@ -96,6 +96,18 @@ class SavedActivations {
   virtual size_t bytes() const = 0;
 };
 
+// One block's part of an inference session's KV cache: K and V (after QK-norm and RoPE) per row
+// and position, kv_dim floats each, paged (engine/kv_cache.h). The Mutable* accessors give a page
+// of this row alone, copying a page shared with another row or session first (copy-on-write).
+class KvBlockView {
+ public:
+  virtual ~KvBlockView() = default;
+  virtual const float* Key(int64_t row, int64_t pos) const = 0;
+  virtual const float* Value(int64_t row, int64_t pos) const = 0;
+  virtual float* MutableKey(int64_t row, int64_t pos) = 0;
+  virtual float* MutableValue(int64_t row, int64_t pos) = 0;
+};
+
 class Block {
  public:
   virtual ~Block() = default;
@@ -118,6 +130,12 @@ class Block {
   // `accumulate`, else they overwrite them (the Engine knows whether gradients exist).
   virtual absl::StatusOr<std::unique_ptr<Activation>> Backward(const SavedActivations& saved,
                                                                const Activation& grad_out, bool accumulate) = 0;
+  // One inference step: x [batch, new, hidden] holds tokens at positions start[r]..start[r]+new-1 of
+  // row r; writes their K/V into `kv` and attends to the row's cached positions 0..start[r]-1 plus,
+  // causally, to each other. No saved activations, no gradients.
+  virtual absl::StatusOr<std::unique_ptr<Activation>> InferStep(const Activation& x,
+                                                                const std::vector<int64_t>& start,
+                                                                KvBlockView& kv) = 0;
   // Sum of squares of every gradient element, accumulated in double; not finite if any gradient is not.
   virtual absl::StatusOr<double> GradSquaredNorm() = 0;
   // Decoupled AdamW on every parameter from the current gradients (decay on matrices only unless

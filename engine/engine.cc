@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/engine_internal.h"
 #include "engine/init.h"
 #include "base/echo.h"
 #include "base/log.h"
@@ -25,75 +26,9 @@ absl::string_view TensorKindName(TensorKind k) {
   return "?";
 }
 
-// One named block. `mu` serialises the calls that compute with or change the block; `state_mu`
-// guards the small bookkeeping that GetBlock/ListBlocks read, so they never wait behind a Forward.
-struct Engine::Entry {
-  Entry(absl::Duration ttl, absl::Time now) : lease(ttl, now) {}
-
-  absl::Mutex mu;
-  BlockSpec spec;
-  BlockLease lease;
-  uint64_t serial = 0;  // distinguishes a block from a later one with the same id
-  std::vector<ParamSpec> params;
-  std::unique_ptr<Block> block;
-  MemoryReservation reservation;
-
-  mutable absl::Mutex state_mu;
-  std::vector<bool> loaded ABSL_GUARDED_BY(state_mu);
-  bool has_grad ABSL_GUARDED_BY(state_mu) = false;
-  int64_t step ABSL_GUARDED_BY(state_mu) = 0;
-  std::optional<AdamWHyper> last_adamw ABSL_GUARDED_BY(state_mu);
-  bool deleted ABSL_GUARDED_BY(state_mu) = false;
-
-  bool HasGrad() const {
-    absl::MutexLock l(&state_mu);
-    return has_grad;
-  }
-  void SetHasGrad(bool v) {
-    absl::MutexLock l(&state_mu);
-    has_grad = v;
-  }
-  std::vector<std::string> Missing() const {
-    absl::MutexLock l(&state_mu);
-    std::vector<std::string> missing;
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (!loaded[i]) missing.push_back(params[i].name);
-    }
-    return missing;
-  }
-};
-
 namespace {
 std::atomic<uint64_t> next_serial{1};
 }  // namespace
-
-// Locks the distinct blocks of a span in one global order (by address), so spans that share blocks
-// never deadlock, and checks that none was deleted while waiting.
-class Engine::SpanLock {
- public:
-  explicit SpanLock(const std::vector<EntryPtr>& entries) {
-    for (const EntryPtr& e : entries) unique_.push_back(e.get());
-    std::sort(unique_.begin(), unique_.end());
-    unique_.erase(std::unique(unique_.begin(), unique_.end()), unique_.end());
-    for (Entry* e : unique_) e->mu.Lock();
-  }
-  ~SpanLock() { Unlock(); }
-  // Releases the blocks early (then the destructor does nothing).
-  void Unlock() {
-    for (auto it = unique_.rbegin(); it != unique_.rend(); ++it) (*it)->mu.Unlock();
-    unique_.clear();
-  }
-  absl::Status CheckAlive() const {
-    for (Entry* e : unique_) {
-      absl::MutexLock l(&e->state_mu);
-      if (e->deleted) return absl::NotFoundError(absl::StrCat("block ", e->spec.id, " was deleted"));
-    }
-    return absl::OkStatus();
-  }
-
- private:
-  std::vector<Entry*> unique_;
-};
 
 absl::Status ValidateBlockId(absl::string_view id) {
   const bool ok_chars = std::all_of(id.begin(), id.end(), [](char c) {
@@ -290,6 +225,7 @@ int64_t Engine::RemoveDeleted(const Entry& e) {
     auto it = blocks_.find(e.spec.id);
     if (it != blocks_.end() && it->second.get() == &e) blocks_.erase(it);
   }
+  sessions_.CloseReferencing(e.serial);  // their K/V came from this block's weights
   return activations_.EraseReferencing(e.serial);
 }
 
@@ -773,6 +709,7 @@ absl::Status Engine::ImportBlocks(const std::vector<BlockState>& states, bool re
       o->deleted = true;
     }
     activations_.EraseReferencing(o->serial);
+    sessions_.CloseReferencing(o->serial);
   }
   return absl::OkStatus();
 }
@@ -786,6 +723,7 @@ EngineStats Engine::Stats() {
     s.blocks = static_cast<int64_t>(blocks_.size());
   }
   s.activations_held = activations_.size();
+  s.sessions_open = sessions_.size();
   for (const DeviceInfo& d : backend_->devices()) {
     s.memory_used[d.index] = budget_.used(d.index);
     s.memory_budget[d.index] = budget_.limit(d.index);

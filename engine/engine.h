@@ -29,6 +29,7 @@
 #include "engine/backend.h"
 #include "engine/block_lease.h"
 #include "engine/memory_budget.h"
+#include "engine/session.h"
 #include "engine/tensor_assembler.h"
 
 namespace blockd {
@@ -44,6 +45,8 @@ struct EngineOptions {
   // Time source of block leases; tests inject a fake clock to step past a TTL without sleeping.
   // (Activation handle TTLs still read absl::Now().)
   std::function<absl::Time()> lease_clock = absl::Now;
+  absl::Duration default_session_ttl = absl::Minutes(10);  // OpenSession with ttl 0
+  int64_t max_sessions_per_client = 64;
 };
 
 struct CreateBlockParams {
@@ -94,6 +97,31 @@ struct TensorOut {
   int64_t tokens = 0;
 };
 
+struct OpenSessionArgs {
+  std::string session_id;  // "": the engine picks a random one
+  std::vector<std::string> block_ids;
+  int64_t batch_size = 0;
+  int64_t max_length = 0;
+  absl::Duration ttl = absl::ZeroDuration();  // 0: EngineOptions::default_session_ttl
+  std::string client;                          // the owner
+};
+
+struct InferStepArgs {
+  std::string session_id;
+  std::string client;
+  TensorArg hidden_states;       // [batch_size, new_tokens, hidden]
+  std::vector<int32_t> hypo_ids;  // empty, or batch_size row indices
+  int64_t step_id = 0;           // 0: none; else repeating the last one replays its output
+};
+
+struct InferStepOutput {
+  TensorOut output;
+  int64_t length = 0;  // tokens per row after the step
+  int64_t step_id = 0;
+  bool replayed = false;  // a retry answered from the last step's output
+  int64_t new_tokens = 0;  // tokens appended (batch * new), 0 when replayed
+};
+
 struct ForwardOutput {
   TensorOut output;
   std::string activation_id;
@@ -126,6 +154,7 @@ struct BlockState {
 struct EngineStats {
   int64_t blocks = 0;
   int64_t activations_held = 0;
+  int64_t sessions_open = 0;
   std::map<int, int64_t> memory_used;    // device -> bytes reserved
   std::map<int, int64_t> memory_budget;  // device -> bytes
 };
@@ -182,6 +211,19 @@ class Engine {
   std::vector<std::string> ExpireBlocks();
   EngineStats Stats();
 
+  // Inference sessions (engine_sessions.cc; the store in session.h). Every call names `caller`:
+  // another identity's session reads as unknown (NOT_FOUND), as activation handles do.
+  absl::StatusOr<SessionInfo> OpenSession(const OpenSessionArgs& args);
+  absl::Status InferStep(const InferStepArgs& args, InferStepOutput* out);
+  absl::StatusOr<SessionInfo> TrimSession(absl::string_view id, absl::string_view caller, int64_t length);
+  absl::StatusOr<SessionInfo> ForkSession(absl::string_view id, absl::string_view caller,
+                                          absl::string_view new_id);
+  absl::Status CloseSession(absl::string_view id, absl::string_view caller);
+  std::vector<SessionInfo> ListSessions(absl::string_view caller);
+  // Closes the sessions whose TTL has passed; returns how many.
+  int64_t ExpireSessions();
+  int64_t SessionCount() { return sessions_.size(); }
+
  private:
   struct Entry;
   using EntryPtr = std::shared_ptr<Entry>;
@@ -203,6 +245,7 @@ class Engine {
   EngineOptions options_;
   MemoryBudget budget_;
   ActivationStore activations_;
+  SessionStore sessions_;
 
   absl::Mutex registry_mu_;
   std::map<std::string, EntryPtr, std::less<>> blocks_ ABSL_GUARDED_BY(registry_mu_);

@@ -28,6 +28,7 @@ class MemoryReservation {
   MemoryReservation& operator=(MemoryReservation&& o) noexcept;
   ~MemoryReservation() { Release(); }
   int64_t bytes() const { return bytes_; }
+  int device() const { return device_; }
   void Release();
 
  private:

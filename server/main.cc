@@ -30,6 +30,8 @@ ABSL_FLAG(int64_t, memory_budget_bytes, 0, "per-device memory budget for blocks 
 ABSL_FLAG(absl::Duration, activation_ttl, absl::Minutes(10), "activation handles not used by Backward within this are freed");
 ABSL_FLAG(int64_t, max_blocks, 4096, "most blocks held at once");
 ABSL_FLAG(int64_t, max_activations_per_client, 256, "most activation handles one client may hold");
+ABSL_FLAG(absl::Duration, session_ttl, absl::Minutes(10), "inference sessions opened with ttl_seconds 0 close after this long without a call");
+ABSL_FLAG(int64_t, max_sessions_per_client, 64, "most inference sessions one client may hold open");
 ABSL_FLAG(int64_t, max_concurrent_rpcs, 256, "calls served at once; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, max_concurrent_rpcs_per_client, 0,
           "calls one client identity may have in flight (0: max(1, max_concurrent_rpcs / 4))");
@@ -125,6 +127,8 @@ int Run(bool malloc_tuned) {
   o.engine.activation_ttl = absl::GetFlag(FLAGS_activation_ttl);
   o.engine.max_blocks = absl::GetFlag(FLAGS_max_blocks);
   o.engine.max_activations_per_client = absl::GetFlag(FLAGS_max_activations_per_client);
+  o.engine.default_session_ttl = absl::GetFlag(FLAGS_session_ttl);
+  o.engine.max_sessions_per_client = absl::GetFlag(FLAGS_max_sessions_per_client);
   o.engine.default_max_seq_len = absl::GetFlag(FLAGS_default_max_seq_len);
   o.engine.default_max_batch_size = absl::GetFlag(FLAGS_default_max_batch_size);
 

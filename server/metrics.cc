@@ -44,6 +44,8 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
   auto& tokens = prometheus::BuildCounter().Name("blockd_tokens_total").Help("Tokens through blocks (batch * seq * blocks), by pass").Register(reg);
   m->tokens_forward = &tokens.Add({{"pass", "forward"}});
   m->tokens_backward = &tokens.Add({{"pass", "backward"}});
+  m->tokens_generated = &prometheus::BuildCounter().Name("blockd_session_tokens_total").Help("Tokens appended to inference sessions (batch * new tokens)").Register(reg).Add({});
+  m->sessions_ = &prometheus::BuildGauge().Name("blockd_sessions_open").Help("Inference sessions open").Register(reg).Add({});
   m->optimizer_steps = &prometheus::BuildCounter().Name("blockd_optimizer_steps_total").Help("Block AdamW steps applied").Register(reg).Add({});
   m->blocks_ = &prometheus::BuildGauge().Name("blockd_blocks").Help("Blocks resident").Register(reg).Add({});
   m->memory_used_ = &prometheus::BuildGauge().Name("blockd_memory_used_bytes").Help("Bytes reserved by blocks and activations, by device").Register(reg);
@@ -106,6 +108,7 @@ void Metrics::RequestDone(const std::string& method, grpc::StatusCode code, doub
 void Metrics::UpdateEngineGauges(const EngineStats& stats, Backend& backend) {
   blocks_->Set(static_cast<double>(stats.blocks));
   activations_->Set(static_cast<double>(stats.activations_held));
+  sessions_->Set(static_cast<double>(stats.sessions_open));
   const std::string kind(backend.name());
   for (const auto& [device, bytes] : stats.memory_used) {
     const std::string label = absl::StrCat(kind, ":", device);

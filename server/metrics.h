@@ -51,6 +51,7 @@ class Metrics {
   prometheus::Counter* bytes_received = nullptr;
   prometheus::Counter* bytes_sent = nullptr;
   prometheus::Counter* streams_expired = nullptr;  // ended by the stream watchdog
+  prometheus::Counter* tokens_generated = nullptr;  // tokens appended by inference steps (batch * new)
 
  private:
   Metrics() = default;
@@ -67,6 +68,7 @@ class Metrics {
   prometheus::Gauge* inflight_ = nullptr;
   prometheus::Gauge* blocks_ = nullptr;
   prometheus::Gauge* activations_ = nullptr;
+  prometheus::Gauge* sessions_ = nullptr;
   prometheus::Gauge* healthy_ = nullptr;
   prometheus::Counter* auth_missing_ = nullptr;
   prometheus::Counter* auth_unknown_ = nullptr;

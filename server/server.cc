@@ -104,6 +104,8 @@ void Server::Housekeeping() {
   do {
     const int64_t expired = engine_->ExpireActivations();
     if (expired > 0) BLOCKD_LOG(kInfo, "expired ", expired, " activation handles past their TTL");
+    const int64_t sessions_expired = engine_->ExpireSessions();
+    if (sessions_expired > 0) BLOCKD_LOG(kInfo, "closed ", sessions_expired, " inference sessions past their TTL");
     const std::vector<std::string> leased_out = engine_->ExpireBlocks();
     if (!leased_out.empty()) {
       BLOCKD_LOG(kInfo, "deleted blocks idle past their lease: ", absl::StrJoin(leased_out, ", "));

@@ -19,32 +19,6 @@
 
 namespace blockd {
 
-// A unary reactor that can take back what a call handed out when its reply never reached the
-// client: OnDone runs after everything else, and IsCancelled() then says whether the RPC failed
-// before its status got back (client cancel, deadline, broken connection). Without this, a Forward
-// whose client cancelled just after the engine finished would leave its activation handle until
-// the TTL.
-class BlockServiceImpl::UnaryReactor : public grpc::ServerUnaryReactor {
- public:
-  explicit UnaryReactor(grpc::CallbackServerContext* ctx) : ctx_(ctx) {}
-  // Set before Finish (on the thread that calls Finish).
-  void UndoIfCancelled(std::function<void()> undo) { undo_ = std::move(undo); }
-  // The admitted caller's identity: the key of its quotas and of what it owns.
-  const std::string& client() const { return client_; }
-  void set_client(std::string client) { client_ = std::move(client); }
-  void OnCancel() override {}
-  void OnDone() override {
-    if (undo_ && ctx_->IsCancelled()) undo_();
-    delete this;
-  }
-
- private:
-  grpc::CallbackServerContext* ctx_;
-  std::function<void()> undo_;
-  std::string client_;
-};
-
-
 BlockServiceImpl::BlockServiceImpl(Engine* engine, Metrics* metrics, ThreadPool* pool, const Authenticator* auth,
                                    Checkpointer* checkpointer, ServiceOptions options)
     : engine_(engine),
@@ -112,41 +86,6 @@ void BlockServiceImpl::ReleaseSlot(const std::string& client) {
   --admitted_;
   auto it = per_client_.find(client);
   if (it != per_client_.end() && --it->second <= 0) per_client_.erase(it);
-}
-
-template <class Fn>
-grpc::ServerUnaryReactor* BlockServiceImpl::Unary(grpc::CallbackServerContext* ctx, const char* method,
-                                                  const google::protobuf::Message& req,
-                                                  const google::protobuf::Message* resp, Work work, Role needed,
-                                                  Fn fn) {
-  auto* reactor = new UnaryReactor(ctx);
-  auto call = std::make_shared<Call>(this, method);
-  metrics_->bytes_received->Increment(static_cast<double>(req.ByteSizeLong()));
-  absl::Status admitted = call->Admit(ctx, needed);
-  if (!admitted.ok()) {
-    reactor->Finish(call->Finish(ToGrpcStatus(admitted)));
-    return reactor;
-  }
-  reactor->set_client(call->client());
-  auto run = [this, ctx, reactor, call, resp, fn = std::move(fn)]() mutable {
-    absl::Status s;
-    if (ctx->IsCancelled()) {
-      s = absl::CancelledError("the client cancelled the call (or its deadline passed) before it ran");
-    } else if constexpr (std::is_invocable_v<Fn&, UnaryReactor*>) {
-      auto with_reactor = [&] { return fn(reactor); };
-      s = Guarded(with_reactor);
-    } else {
-      s = Guarded(fn);
-    }
-    if (s.ok()) metrics_->bytes_sent->Increment(static_cast<double>(resp->ByteSizeLong()));
-    reactor->Finish(call->Finish(ToGrpcStatus(s)));
-  };
-  if (work == Work::kPool) {
-    pool_->Submit(std::move(run));
-  } else {
-    run();
-  }
-  return reactor;
 }
 
 grpc::ServerUnaryReactor* BlockServiceImpl::GetServerInfo(grpc::CallbackServerContext* ctx,

@@ -87,16 +87,35 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
   grpc::ServerUnaryReactor* RestoreCheckpoint(grpc::CallbackServerContext* ctx,
                                               const v1::RestoreCheckpointRequest* req,
                                               v1::RestoreCheckpointResponse* resp) override;
+  // Inference sessions (service_sessions.cc).
+  grpc::ServerUnaryReactor* OpenSession(grpc::CallbackServerContext* ctx, const v1::OpenSessionRequest* req,
+                                        v1::SessionInfo* resp) override;
+  grpc::ServerUnaryReactor* InferStep(grpc::CallbackServerContext* ctx, const v1::InferStepRequest* req,
+                                      v1::InferStepResponse* resp) override;
+  grpc::ServerBidiReactor<v1::InferStepRequest, v1::InferStepResponse>* Infer(
+      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* TrimSession(grpc::CallbackServerContext* ctx, const v1::TrimSessionRequest* req,
+                                        v1::SessionInfo* resp) override;
+  grpc::ServerUnaryReactor* ForkSession(grpc::CallbackServerContext* ctx, const v1::ForkSessionRequest* req,
+                                        v1::SessionInfo* resp) override;
+  grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* ctx, const v1::CloseSessionRequest* req,
+                                         v1::CloseSessionResponse* resp) override;
+  grpc::ServerUnaryReactor* ListSessions(grpc::CallbackServerContext* ctx, const v1::ListSessionsRequest* req,
+                                         v1::ListSessionsResponse* resp) override;
 
  private:
   class Call;
   class UnaryReactor;
   class LoadWeightsReactor;
   class DownloadReactor;
+  class InferReactor;
   friend class Call;
   friend class UnaryReactor;
   friend class LoadWeightsReactor;
   friend class DownloadReactor;
+  friend class InferReactor;
+  // One inference step from a request, shared by InferStep and the Infer stream.
+  absl::Status RunInferStep(const v1::InferStepRequest& req, const std::string& client, v1::InferStepResponse* resp);
 
   enum class Work { kInline, kPool };
   // Admits the call (or finishes it with the reason), runs `fn` inline or on the pool, and

@@ -1,15 +1,20 @@
-// What service.cc and service_streams.cc share: one RPC's admission and accounting (Call) and the
-// guard that turns an allocation failure into this call's RESOURCE_EXHAUSTED.
+// What service.cc, service_streams.cc and service_sessions.cc share: one RPC's admission and
+// accounting (Call), the guard that turns an allocation failure into this call's
+// RESOURCE_EXHAUSTED, and the unary reactor with the Unary helper every unary RPC goes through.
 #pragma once
 
 #include <chrono>
 #include <exception>
+#include <functional>
+#include <memory>
+#include <type_traits>
 #include <new>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "base/status_macros.h"
+#include "server/convert.h"
 #include "server/service.h"
 
 namespace blockd {
@@ -75,6 +80,67 @@ absl::Status Guarded(Fn& fn) {
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("unexpected exception: ", e.what()));
   }
+}
+
+// A unary reactor that can take back what a call handed out when its reply never reached the
+// client: OnDone runs after everything else, and IsCancelled() then says whether the RPC failed
+// before its status got back (client cancel, deadline, broken connection). Without this, a Forward
+// whose client cancelled just after the engine finished would leave its activation handle until
+// the TTL.
+class BlockServiceImpl::UnaryReactor : public grpc::ServerUnaryReactor {
+ public:
+  explicit UnaryReactor(grpc::CallbackServerContext* ctx) : ctx_(ctx) {}
+  // Set before Finish (on the thread that calls Finish).
+  void UndoIfCancelled(std::function<void()> undo) { undo_ = std::move(undo); }
+  // The admitted caller's identity: the key of its quotas and of what it owns.
+  const std::string& client() const { return client_; }
+  void set_client(std::string client) { client_ = std::move(client); }
+  void OnCancel() override {}
+  void OnDone() override {
+    if (undo_ && ctx_->IsCancelled()) undo_();
+    delete this;
+  }
+
+ private:
+  grpc::CallbackServerContext* ctx_;
+  std::function<void()> undo_;
+  std::string client_;
+};
+
+
+template <class Fn>
+grpc::ServerUnaryReactor* BlockServiceImpl::Unary(grpc::CallbackServerContext* ctx, const char* method,
+                                                  const google::protobuf::Message& req,
+                                                  const google::protobuf::Message* resp, Work work, Role needed,
+                                                  Fn fn) {
+  auto* reactor = new UnaryReactor(ctx);
+  auto call = std::make_shared<Call>(this, method);
+  metrics_->bytes_received->Increment(static_cast<double>(req.ByteSizeLong()));
+  absl::Status admitted = call->Admit(ctx, needed);
+  if (!admitted.ok()) {
+    reactor->Finish(call->Finish(ToGrpcStatus(admitted)));
+    return reactor;
+  }
+  reactor->set_client(call->client());
+  auto run = [this, ctx, reactor, call, resp, fn = std::move(fn)]() mutable {
+    absl::Status s;
+    if (ctx->IsCancelled()) {
+      s = absl::CancelledError("the client cancelled the call (or its deadline passed) before it ran");
+    } else if constexpr (std::is_invocable_v<Fn&, UnaryReactor*>) {
+      auto with_reactor = [&] { return fn(reactor); };
+      s = Guarded(with_reactor);
+    } else {
+      s = Guarded(fn);
+    }
+    if (s.ok()) metrics_->bytes_sent->Increment(static_cast<double>(resp->ByteSizeLong()));
+    reactor->Finish(call->Finish(ToGrpcStatus(s)));
+  };
+  if (work == Work::kPool) {
+    pool_->Submit(std::move(run));
+  } else {
+    run();
+  }
+  return reactor;
 }
 
 }  // namespace blockd

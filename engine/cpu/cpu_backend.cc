@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cpu/block_infer.h"
 #include "engine/cpu/block_math.h"
 #include "engine/cpu/ops.h"
 
@@ -79,6 +80,14 @@ class CpuBlock : public Block {
     cpu::BlockBackward(spec_.config, Ptrs<const float>(weights_), acts, AsCpu(grad_out).data.data(),
                        dx->data.data(), Ptrs<float>(grads_));
     return std::unique_ptr<Activation>(std::move(dx));
+  }
+
+  absl::StatusOr<std::unique_ptr<Activation>> InferStep(const Activation& x, const std::vector<int64_t>& start,
+                                                        KvBlockView& kv) override {
+    auto out = std::make_unique<CpuActivation>(x.batch(), x.seq(), x.width());
+    cpu::BlockInferStep(spec_.config, Ptrs<const float>(weights_), AsCpu(x).data.data(), x.batch(), x.seq(),
+                        start.data(), kv, out->data.data());
+    return std::unique_ptr<Activation>(std::move(out));
   }
 
   absl::StatusOr<double> GradSquaredNorm() override {

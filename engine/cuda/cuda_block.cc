@@ -172,6 +172,11 @@ class CudaBlock : public Block {
     return BackwardT<float>(saved, grad_out, accumulate);
   }
 
+  absl::StatusOr<std::unique_ptr<Activation>> InferStep(const Activation&, const std::vector<int64_t>&,
+                                                        KvBlockView&) override {
+    return absl::UnimplementedError("inference sessions are not on the CUDA backend yet");
+  }
+
   absl::StatusOr<double> GradSquaredNorm() override {
     DeviceGuard guard(dev_->index);
     double* out = reinterpret_cast<double*>(sum_ws_.as<char>() + kernels::sum_squares_workspace_doubles() * 8);

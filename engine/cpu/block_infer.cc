@@ -1,0 +1,95 @@
+#include "engine/cpu/block_infer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "engine/cpu/gemm.h"
+#include "engine/cpu/ops.h"
+
+namespace blockd::cpu {
+namespace {
+
+// o [n, H, dh] for row r: softmax over the row's positions 0..start+i of q·k * scale, times v,
+// reading every key and value from the cache (the new ones were written there first). Scores and
+// sums in double, as AttentionForward's softmax, so a step matches Forward to fp32 rounding.
+void CachedAttention(const BlockConfig& c, const float* q, int64_t row, int64_t n, int64_t start,
+                     const KvBlockView& kv, float* o) {
+  const int64_t H = c.num_attention_heads, Hkv = c.num_kv_heads, dh = c.head_dim, group = H / Hkv;
+  const double scale = 1.0 / std::sqrt(double(dh));
+  std::vector<double> p(static_cast<size_t>(start + n)), acc(static_cast<size_t>(dh));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t last = start + i;  // causal: up to and including the token itself
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qh = q + (i * H + h) * dh;
+      const int64_t kv_off = (h / group) * dh;
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int64_t t = 0; t <= last; ++t) {
+        const float* kt = kv.Key(row, t) + kv_off;
+        // Rounded to float like the Gemm that computes Forward's scores.
+        float dot = 0.f;
+        for (int64_t e = 0; e < dh; ++e) dot += qh[e] * kt[e];
+        p[t] = static_cast<double>(static_cast<float>(scale) * dot);
+        mx = std::max(mx, p[t]);
+      }
+      double sum = 0;
+      for (int64_t t = 0; t <= last; ++t) sum += std::exp(p[t] - mx);
+      const double l = mx + std::log(sum);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t t = 0; t <= last; ++t) {
+        const double pt = static_cast<float>(std::exp(p[t] - l));
+        const float* vt = kv.Value(row, t) + kv_off;
+        for (int64_t e = 0; e < dh; ++e) acc[e] += pt * vt[e];
+      }
+      float* oh = o + (i * H + h) * dh;
+      for (int64_t e = 0; e < dh; ++e) oh[e] = static_cast<float>(acc[e]);
+    }
+  }
+}
+
+}  // namespace
+
+void BlockInferStep(const BlockConfig& c, const BlockParamPtrs<const float>& w, const float* x, int64_t batch,
+                    int64_t n, const int64_t* start, KvBlockView& kv, float* out) {
+  const int64_t tokens = batch * n, d = c.hidden_size, f = c.intermediate_size;
+  const int64_t qd = c.q_dim(), kvd = c.kv_dim(), H = c.num_attention_heads, Hkv = c.num_kv_heads, dh = c.head_dim;
+  std::vector<float> rstd(tokens), n1(tokens * d);
+  RmsNormForward(x, w[ParamId::kInputNorm], tokens, d, c.rms_norm_eps, n1.data(), rstd.data());
+
+  std::vector<float> q(tokens * qd), k(tokens * kvd), v(tokens * kvd);
+  Gemm(false, true, tokens, qd, d, 1.f, n1.data(), d, w[ParamId::kQProj], d, 0.f, q.data(), qd);
+  Gemm(false, true, tokens, kvd, d, 1.f, n1.data(), d, w[ParamId::kKProj], d, 0.f, k.data(), kvd);
+  Gemm(false, true, tokens, kvd, d, 1.f, n1.data(), d, w[ParamId::kVProj], d, 0.f, v.data(), kvd);
+  if (c.qk_norm) {
+    std::vector<float> raw_q = q, raw_k = k, rq(tokens * H), rk(tokens * Hkv);
+    RmsNormForward(raw_q.data(), w[ParamId::kQNorm], tokens * H, dh, c.rms_norm_eps, q.data(), rq.data());
+    RmsNormForward(raw_k.data(), w[ParamId::kKNorm], tokens * Hkv, dh, c.rms_norm_eps, k.data(), rk.data());
+  }
+  std::vector<float> attn(tokens * qd);
+  for (int64_t r = 0; r < batch; ++r) {
+    // Each row at its own positions: rows of a beam may have been trimmed or forked apart.
+    RopeForward(q.data() + r * n * qd, 1, n, H, dh, start[r], c.rope_theta);
+    RopeForward(k.data() + r * n * kvd, 1, n, Hkv, dh, start[r], c.rope_theta);
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(kv.MutableKey(r, start[r] + i), k.data() + (r * n + i) * kvd, kvd * sizeof(float));
+      std::memcpy(kv.MutableValue(r, start[r] + i), v.data() + (r * n + i) * kvd, kvd * sizeof(float));
+    }
+    CachedAttention(c, q.data() + r * n * qd, r, n, start[r], kv, attn.data() + r * n * qd);
+  }
+
+  // r1 = x + attn Wo^T, then the MLP exactly as BlockForward.
+  std::vector<float> r1(x, x + tokens * d);
+  Gemm(false, true, tokens, d, qd, 1.f, attn.data(), qd, w[ParamId::kOProj], qd, 1.f, r1.data(), d);
+  std::vector<float> n2(tokens * d);
+  RmsNormForward(r1.data(), w[ParamId::kPostNorm], tokens, d, c.rms_norm_eps, n2.data(), rstd.data());
+  std::vector<float> gate(tokens * f), up(tokens * f), h(tokens * f);
+  Gemm(false, true, tokens, f, d, 1.f, n2.data(), d, w[ParamId::kGateProj], d, 0.f, gate.data(), f);
+  Gemm(false, true, tokens, f, d, 1.f, n2.data(), d, w[ParamId::kUpProj], d, 0.f, up.data(), f);
+  SwiGluForward(gate.data(), up.data(), tokens * f, h.data());
+  std::copy(r1.begin(), r1.end(), out);
+  Gemm(false, true, tokens, d, f, 1.f, h.data(), f, w[ParamId::kDownProj], f, 1.f, out, d);
+}
+
+}  // namespace blockd::cpu

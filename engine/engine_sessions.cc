@@ -1,0 +1,279 @@
+// The Engine's inference sessions: open, step, trim, fork, close, list, expire. Kept apart from
+// engine.cc (training and the block registry); the store itself is session.h, the cache kv_cache.h.
+#include <algorithm>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "base/echo.h"
+#include "base/status_macros.h"
+#include "engine/engine.h"
+#include "engine/engine_internal.h"
+
+namespace blockd {
+namespace {
+
+// One message for every miss, so a caller cannot tell another identity's session from none.
+absl::Status SessionNotFound(absl::string_view id) {
+  return absl::NotFoundError(absl::StrCat("session ", Echo(id), " not found (unknown, closed or expired)"));
+}
+
+absl::Status ValidateSessionId(absl::string_view id, absl::string_view field) {
+  const bool ok_chars = std::all_of(id.begin(), id.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+           c == ':' || c == '/' || c == '-';
+  });
+  if (id.size() > 128 || !ok_chars) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " \"", Echo(id),
+                                                   "\" is not valid: expected 1-128 characters of [A-Za-z0-9._:/-] "
+                                                   "(or empty: the server picks one)"));
+  }
+  return absl::OkStatus();
+}
+
+SessionInfo SessionInfoOf(const Session& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  SessionInfo info;
+  info.session_id = s.id;
+  info.block_ids = s.block_ids;
+  info.batch_size = s.batch_size;
+  info.max_length = s.max_length;
+  info.length = s.length;
+  info.kv_bytes = s.kv_bytes;
+  info.ttl = s.ttl;
+  info.expires = s.expires();
+  return info;
+}
+
+}  // namespace
+
+absl::StatusOr<SessionInfo> Engine::OpenSession(const OpenSessionArgs& args) {
+  if (args.batch_size < 1 || args.batch_size > 65536) {
+    return absl::InvalidArgumentError(absl::StrCat("batch_size = ", args.batch_size, ", expected 1..65536"));
+  }
+  if (args.max_length < 1 || args.max_length > (1 << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat("max_length = ", args.max_length, ", expected 1..1048576"));
+  }
+  if (args.ttl < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ttl = ", absl::FormatDuration(args.ttl), ", expected >= 0 (0: the server's default)"));
+  }
+  RETURN_IF_ERROR(ValidateSessionId(args.session_id, "session_id"));
+  ASSIGN_OR_RETURN(std::vector<EntryPtr> span, FindAll(args.block_ids, /*allow_repeats=*/true));
+  const BlockSpec& s0 = span[0]->spec;
+  std::vector<int64_t> kv_dims;
+  std::map<int, std::vector<int64_t>> kv_dims_per_device;
+  for (const EntryPtr& e : span) {
+    const BlockSpec& s = e->spec;
+    if (s.config.hidden_size != s0.config.hidden_size) {
+      return absl::InvalidArgumentError(absl::StrCat("block ", s.id, " has hidden_size ", s.config.hidden_size,
+                                                     ", but block ", s0.id, " has ", s0.config.hidden_size,
+                                                     ": a span needs one hidden_size"));
+    }
+    if (args.batch_size > s.max_batch_size || args.max_length > s.max_seq_len) {
+      return absl::InvalidArgumentError(absl::StrCat("batch_size ", args.batch_size, " and max_length ",
+                                                     args.max_length, " exceed block ", s.id, "'s max_batch_size ",
+                                                     s.max_batch_size, " or max_seq_len ", s.max_seq_len));
+    }
+    std::vector<std::string> missing = e->Missing();
+    if (!missing.empty()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("block ", s.id, " has weights not loaded: ", absl::StrJoin(missing, ", ")));
+    }
+    kv_dims.push_back(s.config.kv_dim());
+    kv_dims_per_device[s.device].push_back(s.config.kv_dim());
+  }
+  std::string id = args.session_id;
+  if (id.empty()) {
+    ASSIGN_OR_RETURN(id, NewResourceId("sess-"));
+  }
+
+  auto s = std::make_shared<Session>(KvCache(kv_dims, args.batch_size));
+  s->owner = args.client;
+  s->id = id;
+  s->block_ids = args.block_ids;
+  for (const EntryPtr& e : span) s->block_serials.push_back(e->serial);
+  s->batch_size = args.batch_size;
+  s->max_length = args.max_length;
+  s->ttl = args.ttl > absl::ZeroDuration() ? args.ttl : options_.default_session_ttl;
+  // The whole cache up front, so that a generation never runs out of memory half way.
+  for (const auto& [device, dims] : kv_dims_per_device) {
+    const int64_t bytes = KvCache::ReservedBytes(dims, args.batch_size, args.max_length);
+    ASSIGN_OR_RETURN(MemoryReservation r,
+                     budget_.Reserve(device, bytes, absl::StrCat("the KV cache of session ", Echo(id))));
+    s->reservations.push_back(std::move(r));
+    s->kv_bytes += bytes;
+  }
+  s->Renew(absl::Now());
+  SessionInfo info = SessionInfoOf(*s);
+  RETURN_IF_ERROR(sessions_.Add(std::move(s), options_.max_sessions_per_client));
+  return info;
+}
+
+absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) {
+  std::shared_ptr<Session> s = sessions_.Find(args.session_id, args.client, absl::Now());
+  if (s == nullptr) return SessionNotFound(args.session_id);
+  absl::MutexLock session_lock(&s->mu);
+  if (s->closed) return SessionNotFound(args.session_id);
+  s->Renew(absl::Now());
+  if (args.step_id != 0 && args.step_id == s->last_step_id) {
+    out->output.dtype = s->last_dtype;
+    out->output.shape = s->last_shape;
+    *out->output.data = s->last_output;
+    out->length = s->length;
+    out->step_id = s->last_step_id;
+    out->replayed = true;
+    return absl::OkStatus();
+  }
+
+  const TensorArg& t = args.hidden_states;
+  ASSIGN_OR_RETURN(std::vector<EntryPtr> span, FindAll(s->block_ids, /*allow_repeats=*/true));
+  const int64_t hidden = span[0]->spec.config.hidden_size;
+  if (t.shape.size() != 3 || t.shape[0] != s->batch_size || t.shape[1] < 1 || t.shape[2] != hidden) {
+    return absl::InvalidArgumentError(absl::StrCat("hidden_states shape ", ShapeString(t.shape), ", session ",
+                                                   Echo(s->id), " expects [", s->batch_size, ",new_tokens>=1,",
+                                                   hidden, "]"));
+  }
+  const int64_t batch = t.shape[0], fresh = t.shape[1];
+  // Before the byte count: bounds new_tokens, so batch * fresh * hidden cannot overflow.
+  if (fresh > s->max_length - s->length) {
+    return absl::OutOfRangeError(absl::StrCat("session ", Echo(s->id), " holds ", s->length, " tokens per row; ",
+                                              fresh, " more would pass its max_length ", s->max_length,
+                                              " (trim it or open a longer one)"));
+  }
+  const uint64_t expected = static_cast<uint64_t>(batch * fresh * hidden) * DTypeSize(t.dtype);
+  if (t.size != expected) {
+    return absl::InvalidArgumentError(absl::StrCat("hidden_states has ", t.size, " bytes of data, but shape ",
+                                                   ShapeString(t.shape), " of ", DTypeName(t.dtype), " needs ",
+                                                   expected));
+  }
+  if (!args.hypo_ids.empty()) {
+    if (static_cast<int64_t>(args.hypo_ids.size()) != batch) {
+      return absl::InvalidArgumentError(absl::StrCat("hypo_ids has ", args.hypo_ids.size(),
+                                                     " entries, expected batch_size = ", batch, " (or none)"));
+    }
+    for (size_t i = 0; i < args.hypo_ids.size(); ++i) {
+      if (args.hypo_ids[i] < 0 || args.hypo_ids[i] >= batch) {
+        return absl::InvalidArgumentError(absl::StrCat("hypo_ids[", i, "] = ", args.hypo_ids[i],
+                                                       ", expected a row index 0..", batch - 1));
+      }
+    }
+  }
+  for (size_t b = 0; b < span.size(); ++b) {
+    if (span[b]->serial != s->block_serials[b]) return SessionNotFound(args.session_id);
+  }
+
+  auto x_or = backend_->Upload(span[0]->spec.device, t.dtype, t.data, batch, fresh, hidden);
+  if (!x_or.ok()) return absl::Status(x_or.status().code(), absl::StrCat("hidden_states ", x_or.status().message()));
+  std::unique_ptr<Activation> x = std::move(x_or).value();
+
+  // The step writes into a copy of the page tables: a failure leaves the session's cache as it
+  // was, and a successful one replaces it (only pages the step wrote are copies).
+  KvCache scratch = s->cache;
+  if (!args.hypo_ids.empty()) scratch.Reorder(args.hypo_ids);
+  const std::vector<int64_t> start(static_cast<size_t>(batch), s->length);
+  SpanLock lock(span);
+  RETURN_IF_ERROR(lock.CheckAlive());
+  for (size_t b = 0; b < span.size(); ++b) {
+    if (x->device() != span[b]->spec.device) {
+      ASSIGN_OR_RETURN(x, backend_->ToDevice(*x, span[b]->spec.device));
+    }
+    std::unique_ptr<KvBlockView> view = scratch.View(static_cast<int64_t>(b));
+    ASSIGN_OR_RETURN(x, span[b]->block->InferStep(*x, start, *view));
+  }
+  lock.Unlock();
+  out->output.dtype = t.dtype;
+  out->output.shape = t.shape;
+  RETURN_IF_ERROR(backend_->Download(*x, t.dtype, out->output.data));
+
+  s->cache = std::move(scratch);
+  s->length += fresh;
+  s->last_step_id = args.step_id;
+  if (args.step_id != 0) {
+    s->last_output = *out->output.data;
+    s->last_dtype = t.dtype;
+    s->last_shape = t.shape;
+  } else {
+    s->last_output.clear();
+  }
+  s->Renew(absl::Now());
+  out->length = s->length;
+  out->step_id = args.step_id;
+  out->new_tokens = batch * fresh;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SessionInfo> Engine::TrimSession(absl::string_view id, absl::string_view caller, int64_t length) {
+  std::shared_ptr<Session> s = sessions_.Find(id, caller, absl::Now());
+  if (s == nullptr) return SessionNotFound(id);
+  absl::MutexLock session_lock(&s->mu);
+  if (s->closed) return SessionNotFound(id);
+  s->Renew(absl::Now());
+  if (length < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("length = ", length, ", expected 0..", s->length));
+  }
+  if (length > s->length) {
+    return absl::OutOfRangeError(absl::StrCat("length = ", length, ", but session ", Echo(id), " holds only ",
+                                              s->length, " tokens per row; trim can only shorten"));
+  }
+  s->cache.Trim(length);
+  s->length = length;
+  // The last step's output no longer describes the cache: a repeat of its id runs as a new step.
+  s->last_step_id = 0;
+  s->last_output.clear();
+  return SessionInfoOf(*s);
+}
+
+absl::StatusOr<SessionInfo> Engine::ForkSession(absl::string_view id, absl::string_view caller,
+                                                absl::string_view new_id) {
+  RETURN_IF_ERROR(ValidateSessionId(new_id, "new_session_id"));
+  std::shared_ptr<Session> s = sessions_.Find(id, caller, absl::Now());
+  if (s == nullptr) return SessionNotFound(id);
+  absl::MutexLock session_lock(&s->mu);
+  if (s->closed) return SessionNotFound(id);
+  s->Renew(absl::Now());
+  std::string fork_id(new_id);
+  if (fork_id.empty()) {
+    ASSIGN_OR_RETURN(fork_id, NewResourceId("sess-"));
+  }
+  auto f = std::make_shared<Session>(s->cache);  // shares every page until one side writes it
+  f->owner = s->owner;
+  f->id = fork_id;
+  f->block_ids = s->block_ids;
+  f->block_serials = s->block_serials;
+  f->batch_size = s->batch_size;
+  f->max_length = s->max_length;
+  f->ttl = s->ttl;
+  // A full reservation again: after the fork either side may write every page of its own.
+  for (const MemoryReservation& r : s->reservations) {
+    ASSIGN_OR_RETURN(MemoryReservation mine,
+                     budget_.Reserve(r.device(), r.bytes(), absl::StrCat("the KV cache of session ", Echo(fork_id))));
+    f->reservations.push_back(std::move(mine));
+  }
+  f->kv_bytes = s->kv_bytes;
+  {
+    absl::MutexLock fork_lock(&f->mu);
+    f->length = s->length;
+  }
+  f->Renew(absl::Now());
+  SessionInfo info = SessionInfoOf(*f);
+  RETURN_IF_ERROR(sessions_.Add(std::move(f), options_.max_sessions_per_client));
+  return info;
+}
+
+absl::Status Engine::CloseSession(absl::string_view id, absl::string_view caller) {
+  if (!sessions_.Remove(id, caller)) return SessionNotFound(id);
+  return absl::OkStatus();
+}
+
+std::vector<SessionInfo> Engine::ListSessions(absl::string_view caller) {
+  std::vector<SessionInfo> out;
+  for (const std::shared_ptr<Session>& s : sessions_.OwnedBy(caller)) {
+    absl::MutexLock l(&s->mu);
+    out.push_back(SessionInfoOf(*s));
+  }
+  return out;
+}
+
+int64_t Engine::ExpireSessions() { return sessions_.Expire(absl::Now()); }
+
+}  // namespace blockd

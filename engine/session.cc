@@ -1,0 +1,87 @@
+#include "engine/session.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "base/echo.h"
+
+namespace blockd {
+
+absl::Status SessionStore::Add(std::shared_ptr<Session> s, int64_t max_per_client) {
+  absl::MutexLock lock(&mu_);
+  if (sessions_.count(s->id) != 0) {
+    return absl::AlreadyExistsError(absl::StrCat("session ", Echo(s->id), " already exists"));
+  }
+  int64_t held = 0;
+  for (const auto& [id, other] : sessions_) held += other->owner == s->owner;
+  if (held >= max_per_client) {
+    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(s->owner), " already holds ", held,
+                                                     " inference sessions (limit --max_sessions_per_client=",
+                                                     max_per_client, "); close one first"));
+  }
+  sessions_.emplace(s->id, std::move(s));
+  return absl::OkStatus();
+}
+
+std::shared_ptr<Session> SessionStore::Find(absl::string_view id, absl::string_view caller, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  auto it = FindOwned(sessions_, id, caller);
+  if (it == sessions_.end() || it->second->closed || it->second->expires() <= now) return nullptr;
+  return it->second;
+}
+
+bool SessionStore::Remove(absl::string_view id, absl::string_view caller) {
+  absl::MutexLock lock(&mu_);
+  auto it = FindOwned(sessions_, id, caller);
+  if (it == sessions_.end()) return false;
+  it->second->closed = true;
+  sessions_.erase(it);
+  return true;
+}
+
+int64_t SessionStore::CloseReferencing(uint64_t serial) {
+  absl::MutexLock lock(&mu_);
+  int64_t n = 0;
+  for (auto it = sessions_.begin(); it != sessions_.end();) {
+    const auto& serials = it->second->block_serials;
+    if (std::find(serials.begin(), serials.end(), serial) != serials.end()) {
+      it->second->closed = true;
+      it = sessions_.erase(it);
+      ++n;
+    } else {
+      ++it;
+    }
+  }
+  return n;
+}
+
+int64_t SessionStore::Expire(absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  int64_t n = 0;
+  for (auto it = sessions_.begin(); it != sessions_.end();) {
+    if (it->second->expires() <= now) {
+      it->second->closed = true;
+      it = sessions_.erase(it);
+      ++n;
+    } else {
+      ++it;
+    }
+  }
+  return n;
+}
+
+std::vector<std::shared_ptr<Session>> SessionStore::OwnedBy(absl::string_view caller) {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::shared_ptr<Session>> out;
+  for (const auto& [id, s] : sessions_) {
+    if (s->owner == caller) out.push_back(s);
+  }
+  return out;
+}
+
+int64_t SessionStore::size() {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int64_t>(sessions_.size());
+}
+
+}  // namespace blockd

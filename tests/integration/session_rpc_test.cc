@@ -1,0 +1,214 @@
+// Inference sessions over gRPC on a real server: prefill by InferStep and decode on the Infer
+// stream equal Forward of the whole sequence; step_id retries; sessions private to the identity
+// that opened them (two client names); trim, fork, close, list; DeleteBlock closing sessions; the
+// codes NOT_FOUND, OUT_OF_RANGE and INVALID_ARGUMENT, on unary calls and on the stream.
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "tests/integration/harness.h"
+
+namespace blockd::testing {
+namespace {
+
+constexpr int64_t kHidden = 32, kBatch = 2, kSeq = 20, kMaxLen = 32;
+
+// Tokens [t0, t1) of a float32 tensor [batch, seq, hidden].
+v1::Tensor Slice(const v1::Tensor& x, int64_t t0, int64_t t1) {
+  const std::vector<float> v = Floats(x);
+  const int64_t seq = x.shape(1);
+  std::string bytes;
+  for (int64_t b = 0; b < x.shape(0); ++b) {
+    bytes.append(reinterpret_cast<const char*>(v.data() + (b * seq + t0) * kHidden), (t1 - t0) * kHidden * 4);
+  }
+  v1::Tensor out;
+  out.set_dtype(v1::DTYPE_FLOAT32);
+  out.add_shape(x.shape(0));
+  out.add_shape(t1 - t0);
+  out.add_shape(kHidden);
+  out.set_data(std::move(bytes));
+  return out;
+}
+
+v1::InferStepRequest StepRequest(const std::string& id, v1::Tensor x, int64_t step_id = 0) {
+  v1::InferStepRequest r;
+  r.set_session_id(id);
+  *r.mutable_hidden_states() = std::move(x);
+  r.set_step_id(step_id);
+  return r;
+}
+
+// fp32: within 1e-5 of the output's scale, elementwise; names the worst element.
+::testing::AssertionResult Close(const std::string& what, const std::vector<float>& got,
+                                 const std::vector<float>& ref) {
+  if (got.size() != ref.size()) return ::testing::AssertionFailure() << what << ": " << got.size() << " vs " << ref.size();
+  float scale = 0;
+  for (float v : ref) scale = std::max(scale, std::fabs(v));
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double tol = 1e-5 * scale + 1e-5 * std::fabs(ref[i]);
+    if (!(std::fabs(got[i] - ref[i]) <= tol)) {
+      return ::testing::AssertionFailure() << what << ": element " << i << " is " << got[i] << ", Forward gave "
+                                           << ref[i] << " (tolerance " << tol << ")";
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+class SessionRpc : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    server_ = StartServer(LoopbackOptions());
+    ASSERT_NE(server_, nullptr);
+    alice_ = ConnectTo(*server_, {.client_id = "alice"});
+    bob_ = ConnectTo(*server_, {.client_id = "bob"});
+    ASSERT_TRUE(alice_ && bob_);
+    for (int i = 0; i < 2; ++i) {
+      ASSERT_OK(alice_->CreateBlock(CreateRequest(absl::StrCat("b", i), TinyConfig(/*qk_norm=*/true), 7 + i,
+                                                  /*max_batch_size=*/4, /*max_seq_len=*/kMaxLen))
+                    .status());
+    }
+  }
+
+  absl::StatusOr<v1::SessionInfo> Open(Client& c, const std::string& id = "") {
+    v1::OpenSessionRequest r;
+    r.set_session_id(id);
+    r.add_block_ids("b0");
+    r.add_block_ids("b1");
+    r.set_batch_size(kBatch);
+    r.set_max_length(kMaxLen);
+    return c.OpenSession(r);
+  }
+
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<Client> alice_, bob_;
+};
+
+TEST_F(SessionRpc, PrefillThenTheInferStreamEqualsForward) {
+  const v1::Tensor x = RandomTensor({kBatch, kSeq, kHidden}, 31);
+  auto ref = alice_->Forward({"b0", "b1"}, x, /*keep_activations=*/false);
+  ASSERT_OK(ref.status());
+  const std::vector<float> want = Floats(ref->output());
+
+  auto info = Open(*alice_);
+  ASSERT_OK(info.status());
+  EXPECT_EQ(info->batch_size(), kBatch);
+  EXPECT_EQ(info->max_length(), kMaxLen);
+  EXPECT_EQ(info->length(), 0);
+  EXPECT_GT(info->kv_bytes(), 0);
+  EXPECT_EQ(info->block_ids_size(), 2);
+  const std::string id = info->session_id();
+
+  auto prefill = alice_->InferStep(StepRequest(id, Slice(x, 0, 12), /*step_id=*/1));
+  ASSERT_OK(prefill.status());
+  EXPECT_EQ(prefill->length(), 12);
+  EXPECT_EQ(prefill->step_id(), 1);
+  EXPECT_TRUE(Close("prefill", Floats(prefill->hidden_states()), Floats(Slice(ref->output(), 0, 12))));
+  // A retry of step 1 answers the same bytes and appends nothing.
+  auto retry = alice_->InferStep(StepRequest(id, Slice(x, 0, 12), 1));
+  ASSERT_OK(retry.status());
+  EXPECT_EQ(retry->length(), 12);
+  EXPECT_EQ(retry->hidden_states().data(), prefill->hidden_states().data());
+
+  auto stream = alice_->OpenInferStream();
+  ASSERT_OK(stream.status());
+  for (int64_t t = 12; t < kSeq; ++t) {
+    auto y = (*stream)->Step(StepRequest(id, Slice(x, t, t + 1), t + 1));
+    ASSERT_OK(y.status()) << "token " << t;
+    EXPECT_EQ(y->length(), t + 1);
+    EXPECT_EQ(y->hidden_states().shape(1), 1);
+    EXPECT_TRUE(Close(absl::StrCat("token ", t, " on the stream"), Floats(y->hidden_states()),
+                      Floats(Slice(ref->output(), t, t + 1))));
+  }
+  // A step past max_length ends the stream with OUT_OF_RANGE and leaves the session as it was.
+  auto past = (*stream)->Step(StepRequest(id, RandomTensor({kBatch, kMaxLen, kHidden}, 5)));
+  EXPECT_STATUS(past.status(), absl::StatusCode::kOutOfRange, "max_length 32");
+  EXPECT_STATUS((*stream)->Close(), absl::StatusCode::kOutOfRange, "max_length 32");
+
+  auto list = alice_->ListSessions();
+  ASSERT_OK(list.status());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].length(), kSeq);
+  ASSERT_OK(alice_->CloseSession(id));
+  EXPECT_STATUS(alice_->InferStep(StepRequest(id, Slice(x, 0, 1))).status(), absl::StatusCode::kNotFound,
+                "not found");
+}
+
+TEST_F(SessionRpc, SessionsArePrivateToTheIdentityThatOpenedThem) {
+  auto info = Open(*alice_, "alices");
+  ASSERT_OK(info.status());
+  const v1::Tensor x = RandomTensor({kBatch, 3, kHidden}, 8);
+  ASSERT_OK(alice_->InferStep(StepRequest("alices", x)).status());
+  // Bob gets exactly what an unknown id gets, for every call.
+  EXPECT_STATUS(bob_->InferStep(StepRequest("alices", x)).status(), absl::StatusCode::kNotFound,
+                "session alices not found");
+  EXPECT_STATUS(bob_->TrimSession("alices", 0).status(), absl::StatusCode::kNotFound, "session alices not found");
+  EXPECT_STATUS(bob_->ForkSession("alices", "mine").status(), absl::StatusCode::kNotFound, "not found");
+  EXPECT_STATUS(bob_->CloseSession("alices"), absl::StatusCode::kNotFound, "not found");
+  auto stream = bob_->OpenInferStream();
+  ASSERT_OK(stream.status());
+  EXPECT_STATUS((*stream)->Step(StepRequest("alices", x)).status(), absl::StatusCode::kNotFound, "not found");
+  auto bobs = bob_->ListSessions();
+  ASSERT_OK(bobs.status());
+  EXPECT_TRUE(bobs->empty());
+  // Alice's session went on untouched.
+  auto list = alice_->ListSessions();
+  ASSERT_OK(list.status());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].length(), 3);
+}
+
+TEST_F(SessionRpc, TrimForkAndTheErrorCodes) {
+  auto info = Open(*alice_);
+  ASSERT_OK(info.status());
+  const std::string id = info->session_id();
+  const v1::Tensor x = RandomTensor({kBatch, 10, kHidden}, 9);
+  ASSERT_OK(alice_->InferStep(StepRequest(id, x)).status());
+
+  EXPECT_STATUS(alice_->InferStep(StepRequest("nope", x)).status(), absl::StatusCode::kNotFound,
+                "session nope not found");
+  EXPECT_STATUS(alice_->InferStep(StepRequest(id, RandomTensor({kBatch, 23, kHidden}, 1))).status(),
+                absl::StatusCode::kOutOfRange, "holds 10 tokens");
+  EXPECT_STATUS(alice_->InferStep(StepRequest(id, RandomTensor({1, 1, kHidden}, 1))).status(),
+                absl::StatusCode::kInvalidArgument, "expects [2,new_tokens>=1,32]");
+  v1::InferStepRequest bad_hypo = StepRequest(id, RandomTensor({kBatch, 1, kHidden}, 2));
+  bad_hypo.add_hypo_ids(0);
+  bad_hypo.add_hypo_ids(5);
+  EXPECT_STATUS(alice_->InferStep(bad_hypo).status(), absl::StatusCode::kInvalidArgument, "hypo_ids[1] = 5");
+  v1::OpenSessionRequest neg;
+  neg.add_block_ids("b0");
+  neg.set_batch_size(1);
+  neg.set_max_length(4);
+  neg.set_ttl_seconds(-3);
+  EXPECT_STATUS(alice_->OpenSession(neg).status(), absl::StatusCode::kInvalidArgument, "ttl_seconds = -3");
+
+  auto trimmed = alice_->TrimSession(id, 4);
+  ASSERT_OK(trimmed.status());
+  EXPECT_EQ(trimmed->length(), 4);
+  EXPECT_STATUS(alice_->TrimSession(id, 5).status(), absl::StatusCode::kOutOfRange, "only 4");
+  auto fork = alice_->ForkSession(id, "");
+  ASSERT_OK(fork.status());
+  EXPECT_NE(fork->session_id(), id);
+  EXPECT_EQ(fork->length(), 4);
+  // Both go on from position 4 with the same token: the same output.
+  const v1::Tensor next = RandomTensor({kBatch, 1, kHidden}, 10);
+  auto a = alice_->InferStep(StepRequest(id, next));
+  auto b = alice_->InferStep(StepRequest(fork->session_id(), next));
+  ASSERT_OK(a.status());
+  ASSERT_OK(b.status());
+  EXPECT_EQ(a->hidden_states().data(), b->hidden_states().data());
+  EXPECT_EQ(b->length(), 5);
+
+  // Deleting a block of the span closes both.
+  ASSERT_OK(alice_->DeleteBlock("b1").status());
+  EXPECT_STATUS(alice_->InferStep(StepRequest(id, next)).status(), absl::StatusCode::kNotFound, "not found");
+  auto list = alice_->ListSessions();
+  ASSERT_OK(list.status());
+  EXPECT_TRUE(list->empty());
+}
+
+}  // namespace
+}  // namespace blockd::testing
