@@ -7,6 +7,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "engine/init.h"
 #include "base/echo.h"
@@ -34,6 +35,7 @@ struct Engine::Entry {
   BlockSpec spec;
   BlockLease lease;
   uint64_t serial = 0;  // distinguishes a block from a later one with the same id
+  TensorGenerations generations;  // bumped, with `mu` held, before every change to the tensors
   std::vector<ParamSpec> params;
   std::unique_ptr<Block> block;
   MemoryReservation reservation;
@@ -208,8 +210,11 @@ absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
 }
 
 absl::StatusOr<BlockInfo> Engine::GetBlock(absl::string_view id) {
-  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
-  return InfoLocked(*e);
+  // The idle time as it was before this call renewed the lease (after, it would always read 0).
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id, /*renew_lease=*/false));
+  BlockInfo info = InfoLocked(*e);
+  e->lease.Renew(options_.lease_clock());
+  return info;
 }
 
 std::vector<BlockInfo> Engine::ListBlocks() {
@@ -230,16 +235,26 @@ std::vector<std::string> Engine::BlockIds() {
   return ids;
 }
 
-absl::StatusOr<int64_t> Engine::DeleteBlock(absl::string_view id) {
-  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+absl::StatusOr<int64_t> Engine::DeleteBlock(absl::string_view id, absl::Duration only_if_idle) {
+  const bool conditional = only_if_idle > absl::ZeroDuration();
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id, /*renew_lease=*/!conditional));  // not the lease it judges
   absl::MutexLock block_lock(&e->mu);  // waits for calls running on the block
   {
     absl::MutexLock l(&e->state_mu);
     if (e->deleted) return absl::NotFoundError(absl::StrCat("block ", Echo(id), " not found"));
+    // Judged with the block locked: a call that names it from now on finds it deleted.
+    const absl::Duration idle = e->lease.Idle(options_.lease_clock());
+    if (conditional && idle < only_if_idle) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "block %s was named by a call %.1f s ago, less than the %.1f s it must be idle: not deleted", Echo(id),
+          absl::ToDoubleSeconds(idle), absl::ToDoubleSeconds(only_if_idle)));
+    }
     e->deleted = true;
   }
   return RemoveDeleted(*e);
 }
+
+absl::Status Engine::RenewLease(absl::string_view id) { return Find(id).status(); }
 
 int64_t Engine::RemoveDeleted(const Entry& e) {
   {
@@ -310,6 +325,7 @@ absl::StatusOr<std::vector<std::string>> Engine::LoadWeights(absl::string_view i
   }
   SpanLock lock({e});
   RETURN_IF_ERROR(lock.CheckAlive());
+  e->generations.Bump(TensorChange::kLoadWeights);
   std::vector<std::string> names;
   for (size_t t = 0; t < tensors.size(); ++t) {
     RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kWeights, tensors[t].index, values[t].data()));
@@ -490,6 +506,7 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
     if (g->device() != e.spec.device) {
       ASSIGN_OR_RETURN(g, backend_->ToDevice(*g, e.spec.device));
     }
+    e.generations.Bump(TensorChange::kBackward);
     ASSIGN_OR_RETURN(g, e.block->Backward(*h.saved[i], *g, /*accumulate=*/e.HasGrad()));
     e.SetHasGrad(true);
   }
@@ -511,7 +528,10 @@ absl::Status Engine::ZeroGrad(const std::vector<std::string>& block_ids) {
   ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(block_ids, /*allow_repeats=*/true));
   SpanLock lock(entries);
   RETURN_IF_ERROR(lock.CheckAlive());
-  for (const EntryPtr& e : entries) e->SetHasGrad(false);
+  for (const EntryPtr& e : entries) {
+    if (e->HasGrad()) e->generations.Bump(TensorChange::kZeroGrad);
+    e->SetHasGrad(false);
+  }
   return absl::OkStatus();
 }
 
@@ -551,6 +571,7 @@ absl::StatusOr<StepResult> Engine::Step(const std::vector<std::string>& block_id
       absl::MutexLock l(&e->state_mu);
       step = e->step + 1;
     }
+    e->generations.Bump(TensorChange::kStep);
     RETURN_IF_ERROR(e->block->AdamWStep({hyper, step, static_cast<float>(result.clip_coefficient)}));
     absl::MutexLock l(&e->state_mu);
     e->step = step;
@@ -562,7 +583,8 @@ absl::StatusOr<StepResult> Engine::Step(const std::vector<std::string>& block_id
 }
 
 absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view id, TensorKind kind, DType dtype,
-                                                             const std::vector<std::string>& names) {
+                                                             const std::vector<std::string>& names,
+                                                             const TensorsVersion* unchanged_since) {
   ASSIGN_OR_RETURN(EntryPtr e, Find(id));
   std::vector<int> indices;
   if (names.empty()) {
@@ -577,6 +599,9 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
   }
   SpanLock lock({e});
   RETURN_IF_ERROR(lock.CheckAlive());
+  if (unchanged_since != nullptr) {
+    RETURN_IF_ERROR(CheckUnchanged(e->spec.id, e->serial, e->generations, kind, *unchanged_since));
+  }
   const bool zeros = kind == TensorKind::kGradients && !e->HasGrad();
   std::vector<NamedTensor> out;
   std::vector<float> buf;
@@ -589,6 +614,16 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
     out.push_back(std::move(t));
   }
   return out;
+}
+
+absl::StatusOr<TensorsVersion> Engine::TensorsVersionOf(absl::string_view id, TensorKind kind) {
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  return TensorsVersion{e->serial, e->generations.Of(kind)};
+}
+
+absl::Status Engine::CheckTensorsVersion(absl::string_view id, TensorKind kind, const TensorsVersion& version) {
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  return CheckUnchanged(e->spec.id, e->serial, e->generations, kind, version);
 }
 
 absl::StatusOr<std::vector<BlockState>> Engine::ExportBlocks(const std::vector<std::string>& ids) {
