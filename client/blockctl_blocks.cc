@@ -248,18 +248,24 @@ class GcCommand : public Command {
                 << " or longer; run again with --yes to delete them\n";
       return absl::OkStatus();
     }
-    // A block may have been used (or its lease may have run out) since the list; the server's
-    // answer for each delete is the truth, and one failure does not stop the others.
+    // A block may have been used (or its lease may have run out) since the list: each delete asks
+    // the server to check, atomically, that the block is still idle (only_if_idle_seconds), and the
+    // server's answer is the truth. One failure does not stop the others.
     absl::Status first_failure;
     int deleted = 0;
     for (const v1::BlockInfo& b : blocks) {
-      auto r = client->DeleteBlock(b.block_id());
+      v1::DeleteBlockRequest request;
+      request.set_block_id(b.block_id());
+      request.set_only_if_idle_seconds(absl::ToDoubleSeconds(idle_));
+      auto r = client->DeleteBlock(request);
       if (r.ok()) {
         ++deleted;
         std::cout << "deleted " << b.block_id() << " (idle " << ShortDuration(b.idle_seconds()) << ", "
                   << r->activations_released() << " activation handles released)\n";
       } else if (r.status().code() == absl::StatusCode::kNotFound) {
         std::cout << b.block_id() << " is already gone\n";
+      } else if (r.status().code() == absl::StatusCode::kFailedPrecondition) {
+        std::cout << "kept " << b.block_id() << ": used since it was listed (" << r.status().message() << ")\n";
       } else {
         std::cerr << "blockctl: " << b.block_id() << ": " << absl::StatusCodeToString(r.status().code()) << ": "
                   << r.status().message() << "\n";

@@ -304,6 +304,11 @@ absl::StatusOr<v1::BlockInfo> Client::GetBlock(absl::string_view block_id, const
 absl::StatusOr<v1::DeleteBlockResponse> Client::DeleteBlock(absl::string_view block_id, const CallOptions& call) {
   v1::DeleteBlockRequest request;
   request.set_block_id(std::string(block_id));
+  return DeleteBlock(request, call);
+}
+
+absl::StatusOr<v1::DeleteBlockResponse> Client::DeleteBlock(const v1::DeleteBlockRequest& request,
+                                                            const CallOptions& call) {
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
   return Invoke(NextStub(), &v1::BlockService::Stub::DeleteBlock, &ctx, request);

@@ -119,6 +119,10 @@ class Client {
                                                         const CallOptions& call = {});
   absl::StatusOr<v1::BlockInfo> GetBlock(absl::string_view block_id, const CallOptions& call = {});
   absl::StatusOr<v1::DeleteBlockResponse> DeleteBlock(absl::string_view block_id, const CallOptions& call = {});
+  // With `request.only_if_idle_seconds` > 0 the server deletes the block only if no call has named
+  // it for that long, judged atomically with the delete (FAILED_PRECONDITION otherwise).
+  absl::StatusOr<v1::DeleteBlockResponse> DeleteBlock(const v1::DeleteBlockRequest& request,
+                                                      const CallOptions& call = {});
   absl::StatusOr<v1::ForwardResponse> Forward(const v1::ForwardRequest& request, const CallOptions& call = {});
   absl::StatusOr<v1::ForwardResponse> Forward(const std::vector<std::string>& block_ids, v1::Tensor input,
                                               bool keep_activations, int64_t position_offset = 0,

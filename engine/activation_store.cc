@@ -9,21 +9,23 @@
 namespace blockd {
 
 absl::StatusOr<std::string> ActivationStore::Add(std::unique_ptr<ActivationHandle> handle, int64_t max_per_client) {
-  absl::MutexLock lock(&mu_);
-  const int64_t held = CountLocked(handle->owner);
-  if (held >= max_per_client) {
-    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(handle->owner), " already holds ", held,
-                                                     " activation handles (limit ", max_per_client,
-                                                     "); call Backward or ReleaseActivations first"));
+  for (;;) {
+    // Ids are capabilities: 128 random bits (engine/owned.h), drawn outside the lock because the
+    // kernel may make us wait and every Backward needs the lock. A repeat is astronomically
+    // unlikely, but costs one lookup to rule out.
+    ASSIGN_OR_RETURN(std::string id, new_id_());
+    absl::MutexLock lock(&mu_);
+    const int64_t held = CountLocked(handle->owner);
+    if (held >= max_per_client) {
+      return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(handle->owner), " already holds ", held,
+                                                       " activation handles (limit ", max_per_client,
+                                                       "); call Backward or ReleaseActivations first"));
+    }
+    if (handles_.count(id) == 0) {
+      handles_.emplace(id, std::move(handle));
+      return id;
+    }
   }
-  // Ids are capabilities: 128 random bits (engine/owned.h). A repeat is astronomically unlikely,
-  // but costs one lookup to rule out.
-  std::string id;
-  do {
-    ASSIGN_OR_RETURN(id, NewResourceId("act-"));
-  } while (handles_.count(id) != 0);
-  handles_.emplace(id, std::move(handle));
-  return id;
 }
 
 absl::StatusOr<ActivationHandle*> ActivationStore::Acquire(absl::string_view id, absl::string_view caller) {

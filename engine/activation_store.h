@@ -12,9 +12,11 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -42,8 +44,12 @@ struct ActivationHandle : Owned {
 
 class ActivationStore {
  public:
-  // Adds a handle under a fresh random id; RESOURCE_EXHAUSTED when its owner already holds
-  // `max_per_client`.
+  using IdSource = std::function<absl::StatusOr<std::string>()>;
+  // `new_id` names new handles (tests inject their own; the daemon's are "act-" and 128 random bits).
+  explicit ActivationStore(IdSource new_id = [] { return NewResourceId("act-"); }) : new_id_(std::move(new_id)) {}
+
+  // Adds a handle under a fresh id from the id source, drawn before the store's lock is taken (it
+  // may wait on the kernel); RESOURCE_EXHAUSTED when its owner already holds `max_per_client`.
   absl::StatusOr<std::string> Add(std::unique_ptr<ActivationHandle> handle, int64_t max_per_client);
   // Exclusive use of `caller`'s handle `id`: NOT_FOUND when unknown, expired or another identity's
   // (one message for all three), FAILED_PRECONDITION when another call of the owner is using it.
@@ -67,6 +73,7 @@ class ActivationStore {
   int64_t EraseIf(Pred pred);
   int64_t CountLocked(absl::string_view client) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  const IdSource new_id_;
   mutable absl::Mutex mu_;
   Map handles_ ABSL_GUARDED_BY(mu_);
 };

@@ -7,6 +7,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "engine/engine_internal.h"
 #include "engine/init.h"
@@ -30,47 +31,6 @@ namespace {
 std::atomic<uint64_t> next_serial{1};
 }  // namespace
 
-absl::Status ValidateBlockId(absl::string_view id) {
-  const bool ok_chars = std::all_of(id.begin(), id.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
-           c == ':' || c == '/' || c == '-';
-  });
-  if (id.empty() || id.size() > 128 || !ok_chars) {
-    return absl::InvalidArgumentError(absl::StrCat("block_id \"", Echo(id),
-                                                   "\" is not valid: expected 1-128 characters of [A-Za-z0-9._:/-]"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ValidateSpecRanges(const BlockSpec& spec) {
-  if (spec.layer_index < 0 || spec.layer_index > 1000000) {
-    return absl::InvalidArgumentError(absl::StrCat("layer_index = ", spec.layer_index, ", expected 0..1000000"));
-  }
-  if (spec.max_seq_len < 1 || spec.max_seq_len > (1 << 20)) {
-    return absl::InvalidArgumentError(absl::StrCat("max_seq_len = ", spec.max_seq_len, ", expected 1..1048576"));
-  }
-  if (spec.max_batch_size < 1 || spec.max_batch_size > 65536) {
-    return absl::InvalidArgumentError(absl::StrCat("max_batch_size = ", spec.max_batch_size, ", expected 1..65536"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ValidateAdamW(const AdamWHyper& h, double max_grad_norm) {
-  auto bad = [](absl::string_view field, double v, absl::string_view expected) {
-    return absl::InvalidArgumentError(absl::StrCat(field, " = ", v, ", expected ", expected));
-  };
-  if (!std::isfinite(h.lr) || h.lr < 0) return bad("adamw.lr", h.lr, "a finite number >= 0");
-  if (!(h.beta1 >= 0 && h.beta1 < 1)) return bad("adamw.beta1", h.beta1, "a number in [0, 1)");
-  if (!(h.beta2 >= 0 && h.beta2 < 1)) return bad("adamw.beta2", h.beta2, "a number in [0, 1)");
-  if (!std::isfinite(h.eps) || h.eps <= 0) return bad("adamw.eps", h.eps, "a finite number > 0");
-  if (!std::isfinite(h.weight_decay) || h.weight_decay < 0) {
-    return bad("adamw.weight_decay", h.weight_decay, "a finite number >= 0");
-  }
-  if (!std::isfinite(max_grad_norm) || max_grad_norm < 0) {
-    return bad("max_grad_norm", max_grad_norm, "a finite number >= 0 (0: no clipping)");
-  }
-  return absl::OkStatus();
-}
 
 Engine::Engine(std::unique_ptr<Backend> backend, EngineOptions options)
     : backend_(std::move(backend)),
@@ -185,8 +145,11 @@ absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
 }
 
 absl::StatusOr<BlockInfo> Engine::GetBlock(absl::string_view id) {
-  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
-  return InfoLocked(*e);
+  // The idle time as it was before this call renewed the lease (after, it would always read 0).
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id, /*renew_lease=*/false));
+  BlockInfo info = InfoLocked(*e);
+  e->lease.Renew(options_.lease_clock());
+  return info;
 }
 
 std::vector<BlockInfo> Engine::ListBlocks() {
@@ -207,16 +170,26 @@ std::vector<std::string> Engine::BlockIds() {
   return ids;
 }
 
-absl::StatusOr<int64_t> Engine::DeleteBlock(absl::string_view id) {
-  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+absl::StatusOr<int64_t> Engine::DeleteBlock(absl::string_view id, absl::Duration only_if_idle) {
+  const bool conditional = only_if_idle > absl::ZeroDuration();
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id, /*renew_lease=*/!conditional));  // not the lease it judges
   absl::MutexLock block_lock(&e->mu);  // waits for calls running on the block
   {
     absl::MutexLock l(&e->state_mu);
     if (e->deleted) return absl::NotFoundError(absl::StrCat("block ", Echo(id), " not found"));
+    // Judged with the block locked: a call that names it from now on finds it deleted.
+    const absl::Duration idle = e->lease.Idle(options_.lease_clock());
+    if (conditional && idle < only_if_idle) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "block %s was named by a call %.1f s ago, less than the %.1f s it must be idle: not deleted", Echo(id),
+          absl::ToDoubleSeconds(idle), absl::ToDoubleSeconds(only_if_idle)));
+    }
     e->deleted = true;
   }
   return RemoveDeleted(*e);
 }
+
+absl::Status Engine::RenewLease(absl::string_view id) { return Find(id).status(); }
 
 int64_t Engine::RemoveDeleted(const Entry& e) {
   {
@@ -288,6 +261,7 @@ absl::StatusOr<std::vector<std::string>> Engine::LoadWeights(absl::string_view i
   }
   SpanLock lock({e});
   RETURN_IF_ERROR(lock.CheckAlive());
+  e->generations.Bump(TensorChange::kLoadWeights);
   std::vector<std::string> names;
   for (size_t t = 0; t < tensors.size(); ++t) {
     RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kWeights, tensors[t].index, values[t].data()));
@@ -468,6 +442,7 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
     if (g->device() != e.spec.device) {
       ASSIGN_OR_RETURN(g, backend_->ToDevice(*g, e.spec.device));
     }
+    e.generations.Bump(TensorChange::kBackward);
     ASSIGN_OR_RETURN(g, e.block->Backward(*h.saved[i], *g, /*accumulate=*/e.HasGrad()));
     e.SetHasGrad(true);
   }
@@ -489,7 +464,10 @@ absl::Status Engine::ZeroGrad(const std::vector<std::string>& block_ids) {
   ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(block_ids, /*allow_repeats=*/true));
   SpanLock lock(entries);
   RETURN_IF_ERROR(lock.CheckAlive());
-  for (const EntryPtr& e : entries) e->SetHasGrad(false);
+  for (const EntryPtr& e : entries) {
+    if (e->HasGrad()) e->generations.Bump(TensorChange::kZeroGrad);
+    e->SetHasGrad(false);
+  }
   return absl::OkStatus();
 }
 
@@ -529,6 +507,7 @@ absl::StatusOr<StepResult> Engine::Step(const std::vector<std::string>& block_id
       absl::MutexLock l(&e->state_mu);
       step = e->step + 1;
     }
+    e->generations.Bump(TensorChange::kStep);
     RETURN_IF_ERROR(e->block->AdamWStep({hyper, step, static_cast<float>(result.clip_coefficient)}));
     absl::MutexLock l(&e->state_mu);
     e->step = step;
@@ -540,7 +519,8 @@ absl::StatusOr<StepResult> Engine::Step(const std::vector<std::string>& block_id
 }
 
 absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view id, TensorKind kind, DType dtype,
-                                                             const std::vector<std::string>& names) {
+                                                             const std::vector<std::string>& names,
+                                                             const TensorsVersion* unchanged_since) {
   ASSIGN_OR_RETURN(EntryPtr e, Find(id));
   std::vector<int> indices;
   if (names.empty()) {
@@ -555,6 +535,9 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
   }
   SpanLock lock({e});
   RETURN_IF_ERROR(lock.CheckAlive());
+  if (unchanged_since != nullptr) {
+    RETURN_IF_ERROR(CheckUnchanged(e->spec.id, e->serial, e->generations, kind, *unchanged_since));
+  }
   const bool zeros = kind == TensorKind::kGradients && !e->HasGrad();
   std::vector<NamedTensor> out;
   std::vector<float> buf;
@@ -567,6 +550,16 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
     out.push_back(std::move(t));
   }
   return out;
+}
+
+absl::StatusOr<TensorsVersion> Engine::TensorsVersionOf(absl::string_view id, TensorKind kind) {
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  return TensorsVersion{e->serial, e->generations.Of(kind)};
+}
+
+absl::Status Engine::CheckTensorsVersion(absl::string_view id, TensorKind kind, const TensorsVersion& version) {
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  return CheckUnchanged(e->spec.id, e->serial, e->generations, kind, version);
 }
 
 absl::StatusOr<std::vector<BlockState>> Engine::ExportBlocks(const std::vector<std::string>& ids) {

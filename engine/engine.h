@@ -31,6 +31,7 @@
 #include "engine/memory_budget.h"
 #include "engine/session.h"
 #include "engine/tensor_assembler.h"
+#include "engine/tensors_version.h"
 
 namespace blockd {
 
@@ -170,13 +171,20 @@ class Engine {
   const EngineOptions& options() const { return options_; }
 
   // Every call below that names a block, successful or not, renews its lease (CreateBlockParams::ttl);
-  // ListBlocks and ExportBlocks only look, so an operator's listing or a periodic checkpoint never
-  // keeps an abandoned block alive.
+  // ListBlocks, ExportBlocks and a DeleteBlock with `only_if_idle` only look, so an operator's
+  // listing or a periodic checkpoint never keeps an abandoned block alive.
   absl::StatusOr<BlockInfo> CreateBlock(const CreateBlockParams& params);
+  // BlockInfo::idle is the idle time as it was before this call renewed the lease.
   absl::StatusOr<BlockInfo> GetBlock(absl::string_view id);
   std::vector<BlockInfo> ListBlocks();
-  // Deletes the block and every activation handle that runs through it; returns how many.
-  absl::StatusOr<int64_t> DeleteBlock(absl::string_view id);
+  // Deletes the block and every activation handle that runs through it; returns how many. With
+  // `only_if_idle` > 0, only if no call has named the block for that long, judged with the block
+  // locked (FAILED_PRECONDITION otherwise, and the lease is not renewed): what a garbage collector
+  // that listed idle blocks a moment ago needs, as one of them may have been used since.
+  absl::StatusOr<int64_t> DeleteBlock(absl::string_view id, absl::Duration only_if_idle = absl::ZeroDuration());
+  // Renews the block's lease, for a call that uses it for long (a LoadWeights stream as its chunks
+  // arrive); NOT_FOUND when there is no such block.
+  absl::Status RenewLease(absl::string_view id);
 
   // The parameter table of block `id`, to validate a LoadWeights stream against.
   absl::StatusOr<std::vector<ParamSpec>> BlockParamsOf(absl::string_view id);
@@ -194,9 +202,18 @@ class Engine {
   absl::Status ZeroGrad(const std::vector<std::string>& block_ids);
   absl::StatusOr<StepResult> Step(const std::vector<std::string>& block_ids, const AdamWHyper& hyper,
                                   double max_grad_norm);
-  // A consistent copy of the named tensors (all when `names` is empty) of `kind` in `dtype`.
+  // A consistent copy of the named tensors (all when `names` is empty) of `kind` in `dtype`. With
+  // `unchanged_since`, ABORTED (naming what changed: see CheckTensorsVersion) when the tensors are no
+  // longer at that version, checked under the block's lock, so a reader that reads one tensor per
+  // call never gets a mix.
   absl::StatusOr<std::vector<NamedTensor>> ReadTensors(absl::string_view id, TensorKind kind, DType dtype,
-                                                       const std::vector<std::string>& names);
+                                                       const std::vector<std::string>& names,
+                                                       const TensorsVersion* unchanged_since = nullptr);
+  // The version block `id`'s tensors of `kind` are at (engine/tensors_version.h).
+  absl::StatusOr<TensorsVersion> TensorsVersionOf(absl::string_view id, TensorKind kind);
+  // OK when block `id`'s tensors of `kind` are still at `version`; else ABORTED saying what changed
+  // (the block deleted and created again, or which call changed them) and to read again.
+  absl::Status CheckTensorsVersion(absl::string_view id, TensorKind kind, const TensorsVersion& version);
 
   // A consistent copy of the blocks (all locked at once): weights, moments, steps, specs.
   absl::StatusOr<std::vector<BlockState>> ExportBlocks(const std::vector<std::string>& ids);

@@ -23,6 +23,7 @@ struct Engine::Entry {
   BlockSpec spec;
   BlockLease lease;
   uint64_t serial = 0;  // distinguishes a block from a later one with the same id
+  TensorGenerations generations;  // bumped, with `mu` held, before every change to the tensors
   std::vector<ParamSpec> params;
   std::unique_ptr<Block> block;
   MemoryReservation reservation;

@@ -11,24 +11,32 @@
 #include "absl/strings/str_format.h"
 
 namespace blockd {
+namespace internal {
+
+bool FillRandom(unsigned char* buf, size_t n, RandomSource source) {
+  size_t done = 0;
+  while (done < n) {
+    const ssize_t r = source(buf + done, n - done, 0);
+    if (r > 0) {
+      done += static_cast<size_t>(r);
+    } else if (r == 0 || errno != EINTR) {
+      return false;  // 0 bytes would repeat for ever: give up, as for an error
+    }
+  }
+  return true;
+}
+
+}  // namespace internal
+
 namespace {
 
 // Fills `buf` from the kernel's CSPRNG. getrandom(2) blocks only until the pool is first seeded
 // (early boot); /dev/urandom covers kernels or sandboxes without the syscall.
 bool KernelRandomBytes(unsigned char* buf, size_t n) {
-  size_t done = 0;
-  while (done < n) {
-    const ssize_t r = getrandom(buf + done, n - done, 0);
-    if (r > 0) {
-      done += static_cast<size_t>(r);
-    } else if (r < 0 && errno != EINTR) {
-      break;
-    }
-  }
-  if (done == n) return true;
+  if (internal::FillRandom(buf, n, getrandom)) return true;
   const int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
   if (fd < 0) return false;
-  done = 0;
+  size_t done = 0;
   while (done < n) {
     const ssize_t r = read(fd, buf + done, n - done);
     if (r > 0) {

@@ -15,6 +15,9 @@
 //   if (it == sessions.end()) return absl::NotFoundError(...);
 #pragma once
 
+#include <sys/types.h>
+
+#include <cstddef>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -29,6 +32,15 @@ struct Owned {
 // `prefix` followed by 32 lowercase hex digits (128 bits from getrandom(2), else /dev/urandom).
 // INTERNAL only if the kernel gives no random bytes at all.
 absl::StatusOr<std::string> NewResourceId(absl::string_view prefix);
+
+namespace internal {
+// The read loop behind NewResourceId over `source`, a function with getrandom(2)'s contract
+// (getrandom itself in the daemon; tests feed short reads, EINTR and 0). True when `n` bytes came;
+// false on an error other than EINTR, or when `source` gives 0 bytes, which getrandom never should
+// and which would otherwise loop for ever.
+using RandomSource = ssize_t (*)(void* buf, size_t n, unsigned int flags);
+bool FillRandom(unsigned char* buf, size_t n, RandomSource source);
+}  // namespace internal
 
 // The entry of `table` (a map from id to a pointer to an Owned type) for `id` if `caller` owns it,
 // else table.end(): the same answer for an id that does not exist and for one that belongs to

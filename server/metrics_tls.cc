@@ -7,7 +7,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 
 #include <openssl/err.h>
@@ -17,6 +19,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "base/log.h"
 #include "base/status_macros.h"
 #include "server/credentials.h"
@@ -24,7 +27,6 @@
 namespace blockd {
 namespace {
 
-constexpr int kIoTimeoutSeconds = 5;
 constexpr size_t kMaxRequestBytes = 8192;
 
 std::string SslError() {
@@ -41,7 +43,8 @@ std::string SslError() {
 absl::StatusOr<std::unique_ptr<TlsMetricsServer>> TlsMetricsServer::Start(const std::string& listen,
                                                                          const std::string& cert_file,
                                                                          const std::string& key_file,
-                                                                         std::shared_ptr<prometheus::Registry> registry) {
+                                                                         std::shared_ptr<prometheus::Registry> registry,
+                                                                         absl::Duration connection_deadline) {
   auto cert = ReadWholeFile(cert_file, "metrics TLS certificate");
   if (!cert.ok()) return cert.status();
   auto key = ReadWholeFile(key_file, "metrics TLS key");
@@ -50,6 +53,7 @@ absl::StatusOr<std::unique_ptr<TlsMetricsServer>> TlsMetricsServer::Start(const 
 
   std::unique_ptr<TlsMetricsServer> s(new TlsMetricsServer());
   s->registry_ = std::move(registry);
+  s->connection_deadline_ = connection_deadline;
   s->ctx_ = SSL_CTX_new(TLS_server_method());
   if (s->ctx_ == nullptr) return absl::InternalError(absl::StrCat("metrics TLS: ", SslError()));
   SSL_CTX_set_min_proto_version(s->ctx_, TLS1_2_VERSION);
@@ -102,40 +106,66 @@ void TlsMetricsServer::Run() {
   while (!stop_) {
     pollfd p = {listen_fd_, POLLIN, 0};
     if (poll(&p, 1, 200) <= 0) continue;  // wakes up to see stop_
-    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    // Non-blocking, so that every wait is a poll bounded by the connection's deadline: a socket
+    // timeout bounds one read only, and a client dripping a byte at a time never trips it.
+    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) continue;
-    const timeval timeout = {kIoTimeoutSeconds, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
     Serve(fd);
     close(fd);
   }
 }
 
+bool TlsMetricsServer::WaitFor(int fd, int ssl_error, absl::Time deadline) const {
+  if (ssl_error != SSL_ERROR_WANT_READ && ssl_error != SSL_ERROR_WANT_WRITE) return false;
+  pollfd p = {fd, static_cast<short>(ssl_error == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT), 0};
+  while (!stop_) {
+    const absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) return false;
+    // At most 200 ms at a time, to see stop_.
+    const int r = poll(&p, 1, static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(left) + 1, 200)));
+    if (r > 0) return true;
+    if (r < 0 && errno != EINTR) return false;
+  }
+  return false;
+}
+
 void TlsMetricsServer::Serve(int fd) {
+  const absl::Time deadline = absl::Now() + connection_deadline_;
   SSL* ssl = SSL_new(ctx_);
   if (ssl == nullptr) return;
   SSL_set_fd(ssl, fd);
-  if (SSL_accept(ssl) == 1) {
+  // Runs one OpenSSL operation until it succeeds (> 0), fails, or the deadline passes (<= 0).
+  auto run = [&](auto op) {
+    for (;;) {
+      const int n = op();
+      if (n > 0 || !WaitFor(fd, SSL_get_error(ssl, n), deadline)) return n;
+    }
+  };
+  if (run([&] { return SSL_accept(ssl); }) == 1) {
     std::string request;
     char buf[1024];
-    while (request.size() < kMaxRequestBytes && !absl::StrContains(request, "\r\n\r\n")) {
-      const int n = SSL_read(ssl, buf, sizeof(buf));
+    auto complete = [&] { return request.size() >= kMaxRequestBytes || absl::StrContains(request, "\r\n\r\n"); };
+    while (!complete()) {
+      const int n = run([&] { return SSL_read(ssl, buf, sizeof(buf)); });
       if (n <= 0) break;
       request.append(buf, static_cast<size_t>(n));
     }
     std::string status = "404 Not Found", body = "only GET /metrics is served here\n";
-    if (absl::StartsWith(request, "GET /metrics ") || absl::StartsWith(request, "GET /metrics?")) {
+    if (!complete() && absl::Now() >= deadline) {
+      status = "408 Request Timeout";
+      body = "the request did not arrive in time\n";
+    } else if (absl::StartsWith(request, "GET /metrics ") || absl::StartsWith(request, "GET /metrics?")) {
       status = "200 OK";
       body = prometheus::TextSerializer().Serialize(registry_->Collect());
     }
     const std::string reply = absl::StrCat("HTTP/1.1 ", status, "\r\nContent-Type: text/plain; version=0.0.4\r\n",
                                            "Content-Length: ", body.size(), "\r\nConnection: close\r\n\r\n", body);
-    SSL_write(ssl, reply.data(), static_cast<int>(reply.size()));
-    SSL_shutdown(ssl);
-  } else {
-    ERR_clear_error();  // a plaintext client or a failed handshake: nothing to answer
+    // A reply that cannot go out by the deadline is dropped (the 408 usually fits the socket's
+    // buffer, so it goes even though the deadline has passed).
+    run([&] { return SSL_write(ssl, reply.data(), static_cast<int>(reply.size())); });
+    SSL_shutdown(ssl);  // one try: a client that does not answer the close_notify is not waited for
   }
+  ERR_clear_error();  // a plaintext client, a failed handshake, a timeout: nothing more to say
   SSL_free(ssl);
 }
 

@@ -176,7 +176,12 @@ grpc::ServerUnaryReactor* BlockServiceImpl::DeleteBlock(grpc::CallbackServerCont
                                                         const v1::DeleteBlockRequest* req,
                                                         v1::DeleteBlockResponse* resp) {
   return Unary(ctx, "DeleteBlock", *req, resp, Work::kPool, Role::kAdmin, [this, req, resp]() -> absl::Status {
-    ASSIGN_OR_RETURN(int64_t released, engine_->DeleteBlock(req->block_id()));
+    const double only_if_idle = req->only_if_idle_seconds();
+    if (!(std::isfinite(only_if_idle) && only_if_idle >= 0)) {
+      return absl::InvalidArgumentError(absl::StrCat("only_if_idle_seconds = ", only_if_idle,
+                                                     ", expected a finite number >= 0 (0: delete whether idle or not)"));
+    }
+    ASSIGN_OR_RETURN(int64_t released, engine_->DeleteBlock(req->block_id(), absl::Seconds(only_if_idle)));
     resp->set_activations_released(released);
     return absl::OkStatus();
   });

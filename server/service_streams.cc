@@ -4,6 +4,8 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "base/echo.h"
 #include "server/convert.h"
 #include "server/service_internal.h"
@@ -83,10 +85,19 @@ class BlockServiceImpl::LoadWeightsReactor : public grpc::ServerReadReactor<v1::
     if (assembler_ == nullptr) {
       ASSIGN_OR_RETURN(std::vector<ParamSpec> params, service_->engine_->BlockParamsOf(chunk_.block_id()));
       block_id_ = chunk_.block_id();
+      last_renewal_ = absl::Now();  // BlockParamsOf renewed the lease
       assembler_ = std::make_unique<TensorAssembler>(block_id_, std::move(params));
     } else if (chunk_.block_id() != block_id_) {
       return absl::InvalidArgumentError(absl::StrCat("chunk for block ", Echo(chunk_.block_id()), " in a LoadWeights stream for block ",
                                                      block_id_, ": one stream loads one block"));
+    }
+    // A stream may outlast the block's lease: renew it as chunks arrive, at most once a second
+    // (a lookup per chunk would take the registry lock for nothing). A block gone meanwhile ends
+    // the stream now rather than at the commit.
+    const absl::Time now = absl::Now();
+    if (now - last_renewal_ >= absl::Seconds(1)) {
+      RETURN_IF_ERROR(service_->engine_->RenewLease(block_id_));
+      last_renewal_ = now;
     }
     if (static_cast<int64_t>(chunk_.data().size()) > service_->options_.max_chunk_bytes) {
       return absl::InvalidArgumentError(absl::StrCat("chunk of ", chunk_.data().size(), " bytes exceeds the ",
@@ -113,6 +124,7 @@ class BlockServiceImpl::LoadWeightsReactor : public grpc::ServerReadReactor<v1::
   uint64_t watch_ = 0;
   v1::TensorChunk chunk_;
   std::string block_id_;
+  absl::Time last_renewal_;
   std::unique_ptr<TensorAssembler> assembler_;
 };
 
@@ -124,8 +136,11 @@ grpc::ServerReadReactor<v1::TensorChunk>* BlockServiceImpl::LoadWeights(grpc::Ca
 // DownloadTensors: one tensor at a time is read from the block (on the pool) and written chunk by
 // chunk, so a stream holds one tensor, never a copy of the whole block: a client that reads one
 // chunk and stalls holds at most its largest tensor until the watchdog ends the stream. Each tensor
-// is read under the block's lock; a Step between two of them would mix two versions of the block,
-// so the stream ends with ABORTED when the block's step counter moved meanwhile.
+// is read under the block's lock; a change between two of them (LoadWeights, Backward, ZeroGrad,
+// Step, the block deleted and created again or restored) would mix two versions, so every read
+// first checks, under that lock, that the tensors of the requested kind are still at the version
+// seen at the start (engine/tensors_version.h), and the stream checks once more at its end: a
+// change ends it with ABORTED, saying what changed, before another tensor is sent.
 class BlockServiceImpl::DownloadReactor : public grpc::ServerWriteReactor<v1::TensorChunk> {
  public:
   DownloadReactor(BlockServiceImpl* service, grpc::CallbackServerContext* ctx, const v1::DownloadTensorsRequest* req)
@@ -191,8 +206,7 @@ class BlockServiceImpl::DownloadReactor : public grpc::ServerWriteReactor<v1::Te
                                                      service_->options_.max_chunk_bytes, " (0: the default)"));
     }
     block_id_ = req_->block_id();
-    ASSIGN_OR_RETURN(BlockInfo info, service_->engine_->GetBlock(block_id_));
-    step_at_start_ = info.step;
+    ASSIGN_OR_RETURN(version_, service_->engine_->TensorsVersionOf(block_id_, kind_));
     ASSIGN_OR_RETURN(std::vector<ParamSpec> params, service_->engine_->BlockParamsOf(block_id_));
     if (req_->names().empty()) {
       for (const ParamSpec& p : params) names_.push_back(p.name);
@@ -210,19 +224,13 @@ class BlockServiceImpl::DownloadReactor : public grpc::ServerWriteReactor<v1::Te
     auto read = [this]() -> absl::Status {
       if (next_ < names_.size()) {
         ASSIGN_OR_RETURN(std::vector<NamedTensor> t,
-                         service_->engine_->ReadTensors(block_id_, kind_, dtype_, {names_[next_]}));
+                         service_->engine_->ReadTensors(block_id_, kind_, dtype_, {names_[next_]}, &version_));
         tensor_ = std::move(t.at(0));
         offset_ = 0;
         ++next_;
         return absl::OkStatus();
       }
-      ASSIGN_OR_RETURN(BlockInfo info, service_->engine_->GetBlock(block_id_));
-      if (info.step != step_at_start_) {
-        return absl::AbortedError(absl::StrCat("block ", block_id_, " took an optimizer step (", step_at_start_, " -> ",
-                                               info.step, ") while it was downloaded, so the tensors mix two "
-                                               "steps: download again"));
-      }
-      return absl::OkStatus();
+      return service_->engine_->CheckTensorsVersion(block_id_, kind_, version_);
     };
     const bool last = next_ >= names_.size();
     absl::Status s = Guarded(read);
@@ -256,7 +264,7 @@ class BlockServiceImpl::DownloadReactor : public grpc::ServerWriteReactor<v1::Te
   DType dtype_ = DType::kFloat32;
   int64_t chunk_bytes_ = 0;
   std::string block_id_;
-  int64_t step_at_start_ = 0;
+  TensorsVersion version_;  // what the first read saw; every later read must see the same
   std::vector<std::string> names_;
   size_t next_ = 0;
   NamedTensor tensor_;  // the one being written

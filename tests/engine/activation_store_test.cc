@@ -4,13 +4,20 @@
 // budgets whose reservations give their bytes back exactly once.
 #include "engine/activation_store.h"
 
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <future>
 #include <map>
 #include <random>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/time/clock.h"
 #include "engine/memory_budget.h"
+#include "engine/owned.h"
 #include "gtest/gtest.h"
 
 namespace blockd {
@@ -140,6 +147,73 @@ TEST(ActivationStoreTest, IdsCarry128RandomBits) {
     EXPECT_GT(ones[b], 800) << "bit " << b << " of the id is set in only " << ones[b] << " of " << kIds << " ids";
     EXPECT_LT(ones[b], 1200) << "bit " << b << " of the id is set in " << ones[b] << " of " << kIds << " ids";
   }
+}
+
+// NewResourceId's read loop (internal::FillRandom) over scripted sources with getrandom's contract.
+struct ScriptedSource {
+  static inline std::vector<ssize_t> answers;  // per call: bytes to give (> 0), 0, or -errno
+  static inline size_t calls = 0;
+  static ssize_t Read(void* buf, size_t n, unsigned int) {
+    // Past the script: an error, so that a loop which never gives up still ends and the test fails.
+    const ssize_t a = calls < answers.size() ? answers[calls] : -EIO;
+    ++calls;
+    if (a < 0) {
+      errno = static_cast<int>(-a);
+      return -1;
+    }
+    const size_t give = std::min(n, static_cast<size_t>(a));
+    std::memset(buf, 0xA5, give);
+    return static_cast<ssize_t>(give);
+  }
+  static void Script(std::vector<ssize_t> a) {
+    answers = std::move(a);
+    calls = 0;
+  }
+};
+
+TEST(ResourceIdTest, ReadLoopTakesShortReadsAndEintrAndGivesUpOnZeroBytesOrAnError) {
+  unsigned char buf[16];
+  ScriptedSource::Script({-EINTR, 5, 5, -EINTR, 6});
+  std::memset(buf, 0, sizeof(buf));
+  EXPECT_TRUE(internal::FillRandom(buf, sizeof(buf), ScriptedSource::Read));
+  EXPECT_EQ(ScriptedSource::calls, 5u);
+  for (size_t i = 0; i < sizeof(buf); ++i) ASSERT_EQ(buf[i], 0xA5) << "byte " << i << " not filled";
+
+  // getrandom should never give 0 bytes for a non-empty buffer; if it does, asking again would
+  // ask for ever. The loop must give up at once (NewResourceId then tries /dev/urandom).
+  ScriptedSource::Script(std::vector<ssize_t>(1000, 0));
+  EXPECT_FALSE(internal::FillRandom(buf, sizeof(buf), ScriptedSource::Read));
+  EXPECT_EQ(ScriptedSource::calls, 1u) << "the loop asked again after a read of 0 bytes";
+
+  ScriptedSource::Script({4, -ENOSYS, 16});
+  EXPECT_FALSE(internal::FillRandom(buf, sizeof(buf), ScriptedSource::Read));
+  EXPECT_EQ(ScriptedSource::calls, 2u) << "the loop went on after an error other than EINTR";
+}
+
+// An id is drawn before the store's lock is taken: getrandom may wait, and Backward, expiry and
+// every handle count need that lock. A repeated id is drawn again, and the handle is not lost.
+TEST(ActivationStoreTest, IdsAreDrawnOutsideTheStoreLockAndARepeatIsDrawnAgain) {
+  std::vector<std::future<int64_t>> lookers;  // outlive the store's Add, which may hold the lock
+  std::vector<std::string> script = {"act-1", "act-1", "act-2"};
+  size_t draws = 0;
+  ActivationStore* store_ptr = nullptr;
+  ActivationStore store([&]() -> absl::StatusOr<std::string> {
+    lookers.push_back(std::async(std::launch::async, [store_ptr] { return store_ptr->size(); }));
+    EXPECT_EQ(lookers.back().wait_for(std::chrono::seconds(5)), std::future_status::ready)
+        << "draw " << draws << " ran under the store's lock: another thread could not count handles";
+    return script.at(draws++);
+  });
+  store_ptr = &store;
+  auto a = store.Add(Handle("c", {1}), 10);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(*a, "act-1");
+  auto b = store.Add(Handle("c", {1}), 10);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(*b, "act-2") << "a repeated id was not drawn again";
+  EXPECT_EQ(draws, 3u);
+  EXPECT_EQ(store.size(), 2);
+  EXPECT_TRUE(store.Acquire("act-2", "c").ok()) << "the handle added after the repeat was lost";
+  for (auto& f : lookers) f.wait();
 }
 
 TEST(ActivationStoreTest, AnotherIdentitySeesAHandleAsUnknownAndCannotTouchIt) {

@@ -61,13 +61,16 @@ TEST_F(BlockLeaseTest, InfoReportsTtlAndIdleTime) {
   ASSERT_OK(CreateLeased("leased", kTtl));
   ASSERT_OK(Create("plain", Config(true), 2));
   now_ += absl::Seconds(3);
-  auto leased = engine_->GetBlock("leased");  // renews: idle restarts from this call
+  // GetBlock answers with the idle time before it renewed the lease (after, it would always read
+  // 0), and renews: idle restarts from this call.
+  auto leased = engine_->GetBlock("leased");
   ASSERT_TRUE(leased.ok()) << leased.status();
   EXPECT_EQ(leased->ttl, kTtl);
-  EXPECT_EQ(leased->idle, absl::ZeroDuration());
+  EXPECT_EQ(leased->idle, absl::Seconds(3)) << "GetBlock reported the idle time after its own renewal";
   EXPECT_EQ(IdleOf("plain"), absl::Seconds(3));
+  EXPECT_EQ(IdleOf("leased"), absl::ZeroDuration()) << "GetBlock did not renew the lease";
   now_ += absl::Milliseconds(2500);
-  EXPECT_EQ(IdleOf("leased"), absl::Milliseconds(2500));
+  EXPECT_EQ(engine_->GetBlock("leased")->idle, absl::Milliseconds(2500));
   EXPECT_EQ(IdleOf("plain"), absl::Milliseconds(5500));
   EXPECT_EQ(engine_->GetBlock("plain")->ttl, absl::ZeroDuration());
 }
@@ -127,8 +130,17 @@ TEST_F(BlockLeaseTest, EveryCallNamingTheBlockRenewsIt) {
       {"Backward", [&] { EXPECT_OK(Backward(pending_handle, dy, kBatch, kSeq).status()); }},
       {"Step", [&] { EXPECT_OK(engine_->Step({"b0"}, AdamWHyper{}, 0).status()); }},
       {"ZeroGrad", [&] { EXPECT_OK(engine_->ZeroGrad({"b0"})); }},
+      {"RenewLease (a LoadWeights stream as its chunks arrive)", [&] { EXPECT_OK(engine_->RenewLease("b0")); }},
+      {"TensorsVersionOf (a DownloadTensors starts)",
+       [&] { EXPECT_OK(engine_->TensorsVersionOf("b0", TensorKind::kWeights).status()); }},
       {"ReadTensors (DownloadTensors)",
        [&] { EXPECT_OK(engine_->ReadTensors("b0", TensorKind::kWeights, DType::kFloat32, {}).status()); }},
+      {"CheckTensorsVersion (a DownloadTensors ends)", [&] {
+         auto v = engine_->TensorsVersionOf("b0", TensorKind::kGradients);
+         ASSERT_TRUE(v.ok()) << v.status();
+         now_ += kTtl - absl::Seconds(1);
+         EXPECT_OK(engine_->CheckTensorsVersion("b0", TensorKind::kGradients, *v));
+       }},
       {"a Forward with a bad input", [&] {
          EXPECT_TRUE(HasError(Forward({"b0"}, x, kBatch * kSeq, 1, false).status(), StatusCode::kInvalidArgument,
                               "input shape"));
@@ -158,6 +170,33 @@ TEST_F(BlockLeaseTest, ListingAndCheckpointExportDoNotRenew) {
   now_ += absl::Seconds(1);
   EXPECT_EQ(engine_->ExpireBlocks(), std::vector<std::string>{"b0"});
   EXPECT_EQ(engine_->Stats().blocks, 0);
+  EXPECT_EQ(MemoryUsed(), 0);
+}
+
+// What `blockctl gc --yes` relies on: a delete with only_if_idle judges the idle time with the block
+// locked, refuses (and keeps the block) when a call named it since, and does not renew the lease
+// it judges; without a lease the idle time counts the same.
+TEST_F(BlockLeaseTest, DeleteOnlyIfIdleRefusesABlockUsedSinceAndDoesNotRenewIt) {
+  ASSERT_OK(CreateLeased("b0", kTtl));
+  ASSERT_OK(Create("b1", Config(true), 2));
+  now_ += absl::Seconds(6);
+  EXPECT_EQ(IdleOf("b0"), absl::Seconds(6));  // a garbage collector lists it as idle 5 s or more ...
+  now_ += absl::Seconds(1);
+  ASSERT_OK(engine_->GetBlock("b0").status());  // ... and then a client uses it
+  now_ += absl::Seconds(2);
+  EXPECT_TRUE(HasError(engine_->DeleteBlock("b0", absl::Seconds(5)).status(), StatusCode::kFailedPrecondition,
+                       "block b0 was named by a call 2.0 s ago, less than the 5.0 s it must be idle: not deleted"));
+  EXPECT_TRUE(Exists("b0"));
+  EXPECT_EQ(IdleOf("b0"), absl::Seconds(2)) << "a refused conditional delete renewed the lease";
+  now_ += absl::Seconds(3);
+  auto released = engine_->DeleteBlock("b0", absl::Seconds(5));
+  ASSERT_TRUE(released.ok()) << released.status();
+  EXPECT_FALSE(Exists("b0"));
+  EXPECT_TRUE(HasError(engine_->DeleteBlock("b0", absl::Seconds(5)).status(), StatusCode::kNotFound,
+                       "block b0 not found"));
+  EXPECT_TRUE(HasError(engine_->DeleteBlock("b1", absl::Seconds(13)).status(), StatusCode::kFailedPrecondition,
+                       "block b1 was named by a call 12.0 s ago, less than the 13.0 s"));
+  EXPECT_TRUE(engine_->DeleteBlock("b1", absl::Seconds(12)).ok()) << "a block without a lease idle 12 s";
   EXPECT_EQ(MemoryUsed(), 0);
 }
 

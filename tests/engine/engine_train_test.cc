@@ -1,10 +1,12 @@
 // Training through the Engine over the CPU backend: gradient accumulation and ZeroGrad, Step as
 // torch.optim.AdamW on the downloaded state, global-norm clipping as clip_grad_norm_, skipped steps
 // on non-finite gradients, per-block step counters, and Export/ImportBlock.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -196,6 +198,8 @@ TEST_F(EngineTrainTest, NonFiniteGradientsSkipTheStepAndChangeNothing) {
   TrainPass({"b"}, x_, overflow);
   const State a = Snapshot("a"), b = Snapshot("b");
   ASSERT_FALSE(std::isfinite(SumSquares(b.g))) << "the setup should have produced non-finite gradients";
+  auto version = engine_->TensorsVersionOf("b", TensorKind::kAdamM);
+  ASSERT_TRUE(version.ok()) << version.status();
   auto r = engine_->Step({"a", "b"}, Hyper(), 1.0);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(r->skipped);
@@ -203,12 +207,91 @@ TEST_F(EngineTrainTest, NonFiniteGradientsSkipTheStepAndChangeNothing) {
   EXPECT_EQ(r->steps, (std::vector<std::pair<std::string, int64_t>>{{"a", 1}, {"b", 1}}));
   ExpectSame("block a after a skipped step", a, Snapshot("a"));
   ExpectSame("block b after a skipped step", b, Snapshot("b"));
+  const absl::Status unchanged = engine_->CheckTensorsVersion("b", TensorKind::kAdamM, *version);
+  EXPECT_TRUE(unchanged.ok()) << "a skipped step moved the moments' version: " << unchanged;
   EXPECT_TRUE(engine_->GetBlock("a")->has_gradients);
   // Block a alone has finite gradients and steps normally.
   auto alone = engine_->Step({"a"}, Hyper(), 0);
   ASSERT_TRUE(alone.ok());
   EXPECT_FALSE(alone->skipped);
   ExpectAdamW("a", c, a, Snapshot("a"), Hyper(), 2, 1.0);
+}
+
+// DownloadTensors reads one tensor per call and checks the version it saw at its start before each
+// read. Every change to what it can read moves the version of that kind of tensor, and only of that
+// kind; calls that change nothing (Forward, listing, export, ZeroGrad without gradients, a refused
+// or skipped Step) leave it; another block under the same id, re-created or restored, is another
+// version whatever its counts.
+TEST_F(EngineTrainTest, EveryChangeToWhatADownloadReadsMovesThatKindsVersion) {
+  const BlockConfig c = Config(true);
+  ASSERT_OK(Create("b", c, 1));
+  constexpr TensorKind kKinds[] = {TensorKind::kWeights, TensorKind::kGradients, TensorKind::kAdamM,
+                                   TensorKind::kAdamV};
+  std::map<TensorKind, TensorsVersion> seen;
+  auto take = [&] {
+    for (TensorKind k : kKinds) {
+      auto v = engine_->TensorsVersionOf("b", k);
+      ASSERT_TRUE(v.ok()) << v.status();
+      seen[k] = *v;
+    }
+  };
+  // After `what`: the kinds in `changed` are ABORTED naming `why` (checked by CheckTensorsVersion
+  // and by ReadTensors, which then reads nothing), the others read as before.
+  auto expect = [&](const std::string& what, std::vector<TensorKind> changed, const std::string& why) {
+    for (TensorKind k : kKinds) {
+      const bool moved = std::find(changed.begin(), changed.end(), k) != changed.end();
+      const absl::Status check = engine_->CheckTensorsVersion("b", k, seen[k]);
+      const absl::Status read = engine_->ReadTensors("b", k, DType::kFloat32, {}, &seen[k]).status();
+      if (moved) {
+        EXPECT_TRUE(HasError(check, StatusCode::kAborted, why)) << what << ", " << TensorKindName(k);
+        EXPECT_TRUE(HasError(read, StatusCode::kAborted, "download again")) << what << ", " << TensorKindName(k);
+      } else {
+        EXPECT_OK(check);
+        EXPECT_OK(read);
+      }
+    }
+    take();
+  };
+  take();
+  const std::vector<float> x = RandomActivation(16), dy = RandomActivation(16);
+  ASSERT_TRUE(Forward({"b"}, x, kBatch, kSeq, /*keep=*/false).ok());
+  ASSERT_TRUE(engine_->GetBlock("b").ok());
+  engine_->ListBlocks();
+  ASSERT_TRUE(engine_->ExportBlocks({"b"}).ok());
+  ASSERT_OK(engine_->ZeroGrad({"b"}));  // no gradients to clear
+  EXPECT_TRUE(HasError(engine_->Step({"b"}, Hyper(), 0).status(), StatusCode::kFailedPrecondition, "no gradients"));
+  expect("calls that change nothing", {}, "");
+
+  TrainPass({"b"}, x, dy);
+  expect("a Backward", {TensorKind::kGradients},
+         "block b's gradients changed while they were downloaded (1 change, the last: a Backward wrote gradients)");
+  TrainPass({"b"}, x, dy);
+  ASSERT_OK(engine_->ZeroGrad({"b"}));
+  expect("a Backward and a ZeroGrad", {TensorKind::kGradients},
+         "(2 changes, the last: a ZeroGrad cleared the gradients), so the tensors sent mix two versions");
+  ASSERT_OK(Load("b", RandomWeights(c)));
+  expect("a LoadWeights", {TensorKind::kWeights}, "block b's weights changed while they were downloaded "
+                                                  "(1 change, the last: a LoadWeights wrote weights)");
+  TrainPass({"b"}, x, dy);
+  take();
+  ASSERT_TRUE(engine_->Step({"b"}, Hyper(), 0).ok());
+  expect("a Step", {kKinds[0], kKinds[1], kKinds[2], kKinds[3]}, "an optimizer Step updated the block");
+
+  auto state = engine_->ExportBlocks({"b"});
+  ASSERT_TRUE(state.ok()) << state.status();
+  ASSERT_OK(engine_->ImportBlocks(*state, /*replace=*/true));
+  expect("a restore", {kKinds[0], kKinds[1], kKinds[2], kKinds[3]},
+         "block b was deleted and created again (or restored) while its");
+  ASSERT_TRUE(engine_->DeleteBlock("b").ok());
+  ASSERT_OK(Create("b", c, 1));  // the same seed: the same bytes and counts, but another block
+  EXPECT_TRUE(HasError(engine_->CheckTensorsVersion("b", TensorKind::kWeights, seen[TensorKind::kWeights]),
+                       StatusCode::kAborted,
+                       "block b was deleted and created again (or restored) while its weights were downloaded, so "
+                       "the tensors sent belong to two blocks: download again"));
+  expect("a delete and create", {kKinds[0], kKinds[1], kKinds[2], kKinds[3]}, "was deleted and created again");
+  ASSERT_TRUE(engine_->DeleteBlock("b").ok());
+  EXPECT_TRUE(HasError(engine_->CheckTensorsVersion("b", TensorKind::kWeights, seen[TensorKind::kWeights]),
+                       StatusCode::kNotFound, "block b not found"));
 }
 
 TEST_F(EngineTrainTest, StepRejectsBadRequestsAndChangesNothing) {

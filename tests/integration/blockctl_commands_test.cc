@@ -207,8 +207,8 @@ TEST(BlockctlMessageSize, TheServersSmallerLimitGetsTheSameAdvice) {
 
 // ---- the lease: create --ttl, list --idle, gc ----------------------------------------------------
 
-// Answers CreateBlock, GetBlock, ListBlocks and DeleteBlock from a table of blocks with chosen idle
-// times, and records the requests.
+// Answers CreateBlock, ListBlocks and DeleteBlock from a table of blocks with chosen idle times,
+// and records the requests.
 class FakeLeaseService final : public v1::BlockService::Service {
  public:
   void Add(const std::string& id, double idle_seconds, int64_t ttl_seconds) {
@@ -233,14 +233,32 @@ class FakeLeaseService final : public v1::BlockService::Service {
   grpc::Status ListBlocks(grpc::ServerContext*, const v1::ListBlocksRequest*, v1::ListBlocksResponse* out) override {
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [id, b] : blocks_) *out->add_blocks() = b;
+    for (const std::string& id : used_after_listing_) blocks_.at(id).set_idle_seconds(0);
+    used_after_listing_.clear();
     return grpc::Status::OK;
   }
+  // As the server: only_if_idle_seconds > 0 deletes only a block idle at least that long.
   grpc::Status DeleteBlock(grpc::ServerContext*, const v1::DeleteBlockRequest* req, v1::DeleteBlockResponse*) override {
     std::lock_guard<std::mutex> lock(mu_);
     deleted_.push_back(req->block_id());
+    only_if_idle_.push_back(req->only_if_idle_seconds());
     if (vanished_.count(req->block_id()) > 0) return grpc::Status(grpc::StatusCode::NOT_FOUND, "gone");
-    if (blocks_.erase(req->block_id()) == 0) return grpc::Status(grpc::StatusCode::NOT_FOUND, "block not found");
+    auto it = blocks_.find(req->block_id());
+    if (it == blocks_.end()) return grpc::Status(grpc::StatusCode::NOT_FOUND, "block not found");
+    if (req->only_if_idle_seconds() > it->second.idle_seconds()) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "block was named by a call 0.0 s ago");
+    }
+    blocks_.erase(it);
     return grpc::Status::OK;
+  }
+  // A call names the block right after the next listing (between blockctl's list and its delete).
+  void UseAfterListing(const std::string& id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    used_after_listing_.insert(id);
+  }
+  std::vector<double> only_if_idle() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return only_if_idle_;
   }
   // The lease runs out between blockctl's list and its delete.
   void Vanish(const std::string& id) {
@@ -259,9 +277,10 @@ class FakeLeaseService final : public v1::BlockService::Service {
  private:
   std::mutex mu_;
   std::map<std::string, v1::BlockInfo> blocks_;
-  std::set<std::string> vanished_;
+  std::set<std::string> vanished_, used_after_listing_;
   v1::CreateBlockRequest last_create_;
   std::vector<std::string> deleted_;
+  std::vector<double> only_if_idle_;
 };
 
 class BlockctlLease : public ::testing::Test {
@@ -325,14 +344,23 @@ TEST_F(BlockctlLease, ListIdleAndGc) {
   EXPECT_TRUE(service_.deleted().empty()) << "gc without --yes deleted something";
   EXPECT_RUN(Ctl("gc"), 2, "gc needs --idle=DURATION");
 
-  // With --yes: the idle ones go; one whose lease ran out meanwhile is not an error.
+  // With --yes: the idle ones go; one whose lease ran out meanwhile is not an error, and one that
+  // a call named between the listing and the delete stays: each delete asks the server to check
+  // that the block is still idle (only_if_idle_seconds), atomically with the delete.
   service_.Vanish("stale-b");
+  service_.Add("stale-c", 3 * 3600, 0);
+  service_.UseAfterListing("stale-c");
   r = Ctl("gc --idle=1h --yes");
   EXPECT_RUN(r, 0, "deleted stale-a (idle 2h05m");
   EXPECT_NE(r.output.find("stale-b is already gone"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("deleted 1 of 2 idle block(s)"), std::string::npos) << r.output;
-  EXPECT_EQ(service_.deleted(), (std::vector<std::string>{"stale-a", "stale-b"}));
+  EXPECT_NE(r.output.find("kept stale-c: used since it was listed (block was named by a call 0.0 s ago)"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("deleted 1 of 3 idle block(s)"), std::string::npos) << r.output;
+  EXPECT_EQ(service_.deleted(), (std::vector<std::string>{"stale-a", "stale-b", "stale-c"}));
+  EXPECT_EQ(service_.only_if_idle(), (std::vector<double>{3600, 3600, 3600}));
   EXPECT_RUN(Ctl("list"), 0, "fresh");
+  EXPECT_NE(Ctl("list").output.find("stale-c"), std::string::npos) << "gc deleted a block used since its listing";
 }
 
 TEST(BlockctlUsage, NewSubcommandsInHelp) {

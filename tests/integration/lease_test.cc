@@ -1,12 +1,19 @@
 // Block leases through the service: CreateBlockRequest.ttl_seconds, BlockInfo.ttl_seconds and
-// idle_seconds, ListBlocks' min_idle_seconds filter, the server's housekeeping deleting an idle
-// block with its activation handles, calls keeping a block alive, and refusals of bad values.
+// idle_seconds (GetBlock's as it was before the call), ListBlocks' min_idle_seconds filter, the
+// server's housekeeping deleting an idle block with its activation handles, calls keeping a block
+// alive (a LoadWeights stream longer than the lease too), DeleteBlock's only_if_idle_seconds, and
+// refusals of bad values.
 // The engine's own tests (tests/engine/block_lease_test.cc) step a fake clock through every renewing
 // call; here real seconds pass, so TTLs are short and waits are polls with generous limits.
+#include <limits>
 #include <set>
 #include <string>
 #include <vector>
 
+#include <grpcpp/channel.h>
+#include <grpcpp/client_context.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
 #include <gtest/gtest.h>
 
 #include "absl/time/clock.h"
@@ -57,10 +64,14 @@ TEST_F(LeaseTest, InfoCarriesTheLeaseAndListFiltersByIdleTime) {
   ASSERT_OK(client_->CreateBlock(Leased("plain", 0, 2)).status());
 
   absl::SleepFor(absl::Milliseconds(1500));
-  auto renewed = client_->GetBlock("leased");  // GetBlock names the block: its idle time restarts
+  // GetBlock names the block, so its idle time restarts; it reports the idle time it ended.
+  auto renewed = client_->GetBlock("leased");
   ASSERT_OK(renewed.status());
   EXPECT_EQ(renewed->ttl_seconds(), 600);
-  EXPECT_LT(renewed->idle_seconds(), 0.5);
+  EXPECT_GE(renewed->idle_seconds(), 1.5) << "GetBlock reported the idle time after its own renewal";
+  auto again_now = client_->GetBlock("leased");
+  ASSERT_OK(again_now.status());
+  EXPECT_LT(again_now->idle_seconds(), 0.5) << "GetBlock did not renew the lease";
 
   auto idle = client_->ListBlocks(absl::Seconds(1));
   ASSERT_OK(idle.status());
@@ -116,6 +127,51 @@ TEST_F(LeaseTest, ServerDeletesTheIdleBlockWithItsHandlesAndKeepsTheUsedOne) {
   ASSERT_OK(info.status());
   ASSERT_EQ(info->devices_size(), 1);
   EXPECT_EQ(info->devices(0).memory_used_bytes(), blocks_bytes);
+}
+
+// A LoadWeights stream that lasts longer than the block's lease keeps the block: the lease is
+// renewed as chunks arrive, not only at the first chunk and the commit.
+TEST_F(LeaseTest, ALoadWeightsStreamLongerThanTheLeaseKeepsItsBlock) {
+  ASSERT_OK(client_->CreateBlock(Leased("slow", 2, 1)).status());
+  const TensorBytes t = RandomWeights(TinyConfig(), 2)[1];  // self_attn.q_proj.weight, 4 KiB
+  const int64_t size = static_cast<int64_t>(t.data.size()), pieces = 16;
+  ASSERT_EQ(size % (4 * pieces), 0);
+  auto stub = v1::BlockService::NewStub(grpc::CreateChannel(TargetOf(*server_), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  v1::LoadWeightsResponse resp;
+  auto writer = stub->LoadWeights(&ctx, &resp);
+  const absl::Time start = absl::Now();
+  for (int64_t i = 0; i < pieces; ++i) {  // 16 chunks 300 ms apart: 4.5 s, over twice the lease
+    ASSERT_TRUE(writer->Write(Chunk("slow", t, i * size / pieces, size / pieces))) << "chunk " << i;
+    absl::SleepFor(absl::Milliseconds(300));
+  }
+  ASSERT_TRUE(writer->WritesDone());
+  ASSERT_OK(FromGrpcStatus(writer->Finish())) << "after " << absl::Now() - start;
+  EXPECT_EQ(resp.loaded_size(), 1);
+  auto info = client_->GetBlock("slow");
+  ASSERT_OK(info.status());
+  EXPECT_LT(info->idle_seconds(), 1.5) << "the commit did not renew the lease";
+}
+
+// DeleteBlock with only_if_idle_seconds (what `blockctl gc --yes` sends): a block a call named
+// since is kept, and told so; an idle one goes; bad values are refused and delete nothing.
+TEST_F(LeaseTest, DeleteOnlyIfIdleKeepsABlockInUse) {
+  ASSERT_OK(client_->CreateBlock(Leased("b0", 0, 1)).status());
+  v1::DeleteBlockRequest r;
+  r.set_block_id("b0");
+  r.set_only_if_idle_seconds(1);
+  EXPECT_STATUS(client_->DeleteBlock(r).status(), StatusCode::kFailedPrecondition,
+                "block b0 was named by a call", "less than the 1.0 s it must be idle: not deleted");
+  for (double bad : {-1.0, std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
+    r.set_only_if_idle_seconds(bad);
+    EXPECT_STATUS(client_->DeleteBlock(r).status(), StatusCode::kInvalidArgument, "only_if_idle_seconds = ",
+                  "expected a finite number >= 0");
+  }
+  EXPECT_EQ(ServerBlocks(), 1);
+  absl::SleepFor(absl::Milliseconds(1200));
+  r.set_only_if_idle_seconds(1);
+  ASSERT_OK(client_->DeleteBlock(r).status());
+  EXPECT_EQ(ServerBlocks(), 0);
 }
 
 TEST_F(LeaseTest, BadLeaseValuesAreRefusedAndChangeNothing) {

@@ -6,9 +6,11 @@
 // TLS and mutual TLS with certificates made on the fly by the openssl command.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <fstream>
 #include <thread>
@@ -19,10 +21,12 @@
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/support/channel_arguments.h>
 #include <gtest/gtest.h>
+#include <prometheus/registry.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "engine/cpu/cpu_backend.h"
+#include "server/metrics_tls.h"
 #include "tests/integration/harness.h"
 
 namespace blockd::testing {
@@ -521,7 +525,7 @@ TEST(Tls, MetricsAreServedOverHttpsOnlyWithMetricsTlsCert) {
   std::ifstream in(out);
   const std::string body((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_NE(body.find("blockd_requests_total{code=\"OK\",method=\"GetServerInfo\"} 1"), std::string::npos) << body;
-  // A client that connects and says nothing holds the endpoint for at most its 5 s I/O timeout.
+  // A client that connects and says nothing holds the endpoint for at most its 5 s deadline.
   const int silent = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr = {};
   addr.sin_family = AF_INET;
@@ -531,6 +535,61 @@ TEST(Tls, MetricsAreServedOverHttpsOnlyWithMetricsTlsCert) {
   EXPECT_TRUE(blockd::testing::Run(absl::StrCat("curl -sf -m 10 --cacert ", pki.ca, " -o /dev/null https://127.0.0.1:",
                                server->metrics_port(), "/metrics")));
   close(silent);
+}
+
+// The HTTPS endpoint serves one connection at a time, so each has one overall deadline: a client
+// that drips a byte every 200 ms (never idle long enough for a per-read timeout) is cut off at the
+// deadline, and a scrape queued behind it is answered right after.
+TEST(Tls, ASlowDripClientHoldsHttpsMetricsForAtMostTheConnectionDeadline) {
+  const Pki pki = MakePki();
+  ASSERT_FALSE(pki.ca.empty());
+  constexpr absl::Duration kDeadline = absl::Seconds(1);
+  auto https = TlsMetricsServer::Start("127.0.0.1:0", pki.server_cert, pki.server_key,
+                                       std::make_shared<prometheus::Registry>(), kDeadline);
+  ASSERT_TRUE(https.ok()) << https.status();
+  const int port = (*https)->port();
+
+  const int drip = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr = {};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(connect(drip, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  const absl::Time connected = absl::Now();
+  // A TLS handshake record announcing 16 KiB, then its body a byte at a time, for up to 8 s.
+  const unsigned char header[] = {0x16, 0x03, 0x01, 0x40, 0x00};
+  ASSERT_EQ(send(drip, header, sizeof(header), MSG_NOSIGNAL), static_cast<ssize_t>(sizeof(header)));
+  std::atomic<int64_t> cut_after_ms{-1};
+  std::thread dripper([&] {
+    while (absl::Now() - connected < absl::Seconds(8)) {
+      pollfd p = {drip, POLLIN, 0};
+      if (poll(&p, 1, 200) > 0) {  // the server closed it (end of file, or a reset)
+        char c;
+        if (recv(drip, &c, 1, 0) <= 0) {
+          cut_after_ms = absl::ToInt64Milliseconds(absl::Now() - connected);
+          return;
+        }
+      }
+      const char zero = 0;
+      if (send(drip, &zero, 1, MSG_NOSIGNAL) != 1) {
+        cut_after_ms = absl::ToInt64Milliseconds(absl::Now() - connected);
+        return;
+      }
+    }
+  });
+  absl::SleepFor(absl::Milliseconds(300));
+  const absl::Time scrape_start = absl::Now();
+  const std::string out = pki.dir + "/drip-metrics.txt";
+  EXPECT_TRUE(blockd::testing::Run(absl::StrCat("curl -sf -m 10 --cacert ", pki.ca, " -o ", out, " https://127.0.0.1:",
+                                                port, "/metrics")));
+  const absl::Duration scrape_took = absl::Now() - scrape_start;
+  dripper.join();
+  close(drip);
+  EXPECT_LT(scrape_took, kDeadline + absl::Seconds(2)) << "a scrape waited " << scrape_took
+                                                        << " behind a client dripping its handshake";
+  EXPECT_GE(cut_after_ms.load(), 0) << "the dripping client was never cut off";
+  EXPECT_LT(cut_after_ms.load(), absl::ToInt64Milliseconds(kDeadline + absl::Seconds(1)))
+      << "the dripping client held the endpoint past its deadline";
 }
 
 TEST(Tls, MutualTlsNeedsAClientCertificateFromTheClientCa) {

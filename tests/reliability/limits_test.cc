@@ -3,9 +3,11 @@
 // its deadline passes rather than when the server gets to it, a Forward with keep_activations
 // cancelled before its reply leaves never leaves a handle (one whose cancel crosses the reply is
 // freed by the TTL), a stream cut by an oversized message applies nothing, the concurrent-call
-// limit frees the slots of cancelled streams, and a download that a Step overtakes (it reads one
-// tensor at a time) ends with ABORTED rather than mixing two steps. (Each limit's RESOURCE_EXHAUSTED is also in the
-// hostile-input battery; the message-size, memory, block and handle limits are there.)
+// limit frees the slots of cancelled streams, and a download that a change to its tensors
+// overtakes (it reads one tensor at a time: a Step, LoadWeights, Backward, ZeroGrad, restore, or the
+// block re-created) ends with ABORTED rather than mixing two versions. (Each limit's
+// RESOURCE_EXHAUSTED is also in the hostile-input battery; the message-size, memory, block and
+// handle limits are there.)
 #include <grpcpp/channel.h>
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>
@@ -13,7 +15,9 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include <atomic>
+#include <functional>
 #include <random>
+#include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -248,38 +252,127 @@ TEST_F(Limits, ConcurrentCallLimitRefusesThenFreesSlotsOfCancelledStreams) {
   }
 }
 
-TEST_F(Limits, ADownloadOvertakenByAStepEndsAbortedInsteadOfMixingSteps) {
-  Start(LoopbackOptions());
-  // ~4 MB of weights: far more than the reader's 64 KiB window, so the stream waits mid-block.
+// A DownloadTensors stream through a channel whose reader window is 64 KiB, so that on a block of
+// ~4 MB (ten tensors) the server waits mid-block while the test changes the block.
+class SlowDownload {
+ public:
+  SlowDownload(const Server& server, const std::string& block_id, v1::TensorKind kind) {
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 10);
+    stub_ = v1::BlockService::NewStub(
+        grpc::CreateCustomChannel(TargetOf(server), grpc::InsecureChannelCredentials(), args));
+    v1::DownloadTensorsRequest r;
+    r.set_block_id(block_id);
+    r.set_kind(kind);
+    reader_ = stub_->DownloadTensors(&ctx_, r);
+  }
+  bool ReadOne() {
+    v1::TensorChunk chunk;
+    if (!reader_->Read(&chunk)) return false;
+    names_.insert(chunk.name());
+    return true;
+  }
+  // Reads what is left; the stream's status.
+  absl::Status Finish() {
+    while (ReadOne()) {
+    }
+    return FromGrpcStatus(reader_->Finish());
+  }
+  size_t tensors_seen() const { return names_.size(); }
+
+ private:
+  std::unique_ptr<v1::BlockService::Stub> stub_;
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReader<v1::TensorChunk>> reader_;
+  std::set<std::string> names_;
+};
+
+// ~4 MB of weights in ten tensors: far more than the slow reader's window.
+v1::BlockConfig LargeConfig() {
   v1::BlockConfig c = TinyConfig(false, 256);
   c.set_num_attention_heads(4);
   c.set_num_kv_heads(4);
   c.set_head_dim(64);
   c.set_intermediate_size(1024);
-  ASSERT_OK(client_->CreateBlock(CreateRequest("s", c, 1)).status());
-  grpc::ChannelArguments args;
-  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 10);
-  auto slow = v1::BlockService::NewStub(
-      grpc::CreateCustomChannel(TargetOf(*server_), grpc::InsecureChannelCredentials(), args));
-  grpc::ClientContext ctx;
-  v1::DownloadTensorsRequest r;
-  r.set_block_id("s");
-  r.set_kind(v1::TENSOR_KIND_WEIGHTS);
-  auto reader = slow->DownloadTensors(&ctx, r);
-  v1::TensorChunk chunk;
-  ASSERT_TRUE(reader->Read(&chunk));
+  return c;
+}
+
+TEST_F(Limits, ADownloadOvertakenByAStepEndsAbortedInsteadOfMixingSteps) {
+  Start(LoopbackOptions());
+  ASSERT_OK(client_->CreateBlock(CreateRequest("s", LargeConfig(), 1)).status());
+  SlowDownload download(*server_, "s", v1::TENSOR_KIND_WEIGHTS);
+  ASSERT_TRUE(download.ReadOne());
   // While the download waits, the block takes a step.
   TrainStep(*client_, {"s"}, RandomTensor({1, 4, 256}, 2), 3);
   v1::StepRequest step;
   step.add_block_ids("s");
   ASSERT_OK(client_->Step(step).status());
-  while (reader->Read(&chunk)) {
-  }
-  EXPECT_STATUS(FromGrpcStatus(reader->Finish()), StatusCode::kAborted,
-                "block s took an optimizer step (0 -> 1) while it was downloaded");
+  EXPECT_STATUS(download.Finish(), StatusCode::kAborted,
+                "block s's weights changed while they were downloaded (1 change, the last: an optimizer Step "
+                "updated the block), so the tensors sent mix two versions: download again");
   // Downloaded again, it is whole and of one step.
   ASSERT_OK(client_->DownloadTensors("s", v1::TENSOR_KIND_WEIGHTS).status());
+}
+
+// Not only a Step: any change to the kind of tensor being downloaded between two tensors ends the
+// stream with ABORTED, before the next tensor is sent, saying what changed. A change to another
+// kind (a Backward during a weights download) is no reason to stop.
+TEST_F(Limits, ADownloadOvertakenByAnyChangeToItsTensorsEndsAbortedBeforeTheNextTensor) {
+  ServerOptions o = LoopbackOptions();
+  o.checkpoint_dir = MakeTempDir("limits-ckpt");
+  Start(o);
+  const v1::BlockConfig c = LargeConfig();
+  const size_t tensors = ExpectedParams(c).size();
+  ASSERT_OK(client_->CreateBlock(CreateRequest("s", c, 1)).status());
+  v1::SaveCheckpointRequest save;
+  save.set_name("before");
+  ASSERT_OK(client_->SaveCheckpoint(save).status());
+  const std::vector<TensorBytes> weights = RandomWeights(c, 5);
+  const v1::Tensor x = RandomTensor({1, 4, 256}, 6);
+  struct Case {
+    std::string what;
+    v1::TensorKind kind;
+    std::function<void()> change;
+    std::string message;  // empty: the download succeeds
+  };
+  const std::vector<Case> cases = {
+      {"LoadWeights", v1::TENSOR_KIND_WEIGHTS, [&] { ASSERT_OK(client_->LoadWeights("s", weights).status()); },
+       "block s's weights changed while they were downloaded (1 change, the last: a LoadWeights wrote weights)"},
+      {"Backward", v1::TENSOR_KIND_GRADIENTS, [&] { TrainStep(*client_, {"s"}, x, 7); },
+       "block s's gradients changed while they were downloaded (1 change, the last: a Backward wrote gradients)"},
+      {"ZeroGrad", v1::TENSOR_KIND_GRADIENTS, [&] { ASSERT_OK(client_->ZeroGrad({"s"})); },
+       "block s's gradients changed while they were downloaded (1 change, the last: a ZeroGrad cleared the "
+       "gradients)"},
+      {"DeleteBlock and CreateBlock", v1::TENSOR_KIND_WEIGHTS, [&] {
+         ASSERT_OK(client_->DeleteBlock("s").status());
+         ASSERT_OK(client_->CreateBlock(CreateRequest("s", c, 1)).status());  // the same bytes, another block
+       },
+       "block s was deleted and created again (or restored) while its weights were downloaded, so the tensors "
+       "sent belong to two blocks: download again"},
+      {"RestoreCheckpoint", v1::TENSOR_KIND_ADAM_M, [&] {
+         v1::RestoreCheckpointRequest restore;
+         restore.set_name("before");
+         ASSERT_OK(client_->RestoreCheckpoint(restore).status());
+       },
+       "block s was deleted and created again (or restored) while its adam_m were downloaded"},
+      {"Backward during a weights download", v1::TENSOR_KIND_WEIGHTS, [&] { TrainStep(*client_, {"s"}, x, 8); }, ""},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.what);
+    if (k.kind == v1::TENSOR_KIND_GRADIENTS) TrainStep(*client_, {"s"}, x, 9);  // gradients to download
+    SlowDownload download(*server_, "s", k.kind);
+    ASSERT_TRUE(download.ReadOne());
+    k.change();
+    const absl::Status s = download.Finish();
+    if (k.message.empty()) {
+      EXPECT_TRUE(s.ok()) << s;
+      EXPECT_EQ(download.tensors_seen(), tensors);
+      continue;
+    }
+    EXPECT_STATUS(s, StatusCode::kAborted, k.message, "download again");
+    EXPECT_LT(download.tensors_seen(), tensors) << "every tensor was sent before the stream noticed the change";
+  }
 }
 
 // gRPC ends a stream it failed itself (a message over the size limit) with the same ok=false read
