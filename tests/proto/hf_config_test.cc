@@ -102,7 +102,15 @@ TEST(ConfigConvert, RoundTripAndPrecisionNames) {
   const v1::BlockConfig wire = ToProto(c);
   EXPECT_EQ(wire.head_dim(), 20);
   EXPECT_EQ(wire.rope_theta(), 123456.5);
+  EXPECT_FALSE(wire.has_rope_scaling()) << "plain RoPE leaves the message unset";
   EXPECT_TRUE(FromProto(wire) == c) << wire.DebugString();
+  c.attention_bias = true;
+  c.rope_scaling = {"yarn", 4.0, 0.5, 2.5, 32768, 1.25, 16, 2};
+  const v1::BlockConfig scaled = ToProto(c);
+  EXPECT_TRUE(scaled.attention_bias());
+  EXPECT_EQ(scaled.rope_scaling().original_max_position_embeddings(), 32768);
+  EXPECT_EQ(scaled.rope_scaling().beta_slow(), 2);
+  EXPECT_TRUE(FromProto(scaled) == c) << scaled.DebugString();
 
   for (Precision p : {Precision::kFP32, Precision::kTF32, Precision::kBF16}) {
     auto back = FromProto(ToProto(p));

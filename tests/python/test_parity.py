@@ -615,7 +615,7 @@ class ParityTest(unittest.TestCase):
                  rope=self.YARN_ROPE)
         c2 = Cfg(hidden=64, heads=4, kv_heads=4, head_dim=16, inter=64, eps=1e-6, theta=1e4,
                  rope=dict(rope_type="linear", factor=2.5))
-        self.run_scenario("yarn+linear", [c1, c2], batch=2, seq=7, offset=3, init="load", adamw=self.ADAM,
+        self.run_scenario("yarn-linear", [c1, c2], batch=2, seq=7, offset=3, init="load", adamw=self.ADAM,
                           clip="active")
 
     def test_qwen2_biases_loaded_and_seeded(self):
@@ -624,8 +624,11 @@ class ParityTest(unittest.TestCase):
                           clip="active", resync=True)
         c2 = Cfg(hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96, eps=1e-6, theta=1e6, bias=True,
                  rope=dict(self.YARN_ROPE, attention_factor=1.2, beta_fast=16.0, beta_slow=2.0))
+        # Seeded biases start at zero, so after a Step their norm is ~lr and the trajectory comparison
+        # (relative to ||w||) is ill-conditioned; the k bias gradient is also small (RoPE is all that
+        # keeps q.bk from being constant per row, which softmax would ignore). Checked step by step.
         self.run_scenario("qwen2-bias-yarn-seeded", [c2], batch=2, seq=6, offset=0, init="seed", adamw=self.ADAM,
-                          clip="none")
+                          clip="none", resync=True)
 
     def test_bf16_on_the_wire(self):
         """BFLOAT16 in -> BFLOAT16 out, for Forward and for Backward.
