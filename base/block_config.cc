@@ -4,14 +4,24 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/echo.h"
+#include "base/status_macros.h"
 
 namespace blockd {
+
+bool RopeScaling::operator==(const RopeScaling& o) const {
+  return rope_type == o.rope_type && factor == o.factor && low_freq_factor == o.low_freq_factor &&
+         high_freq_factor == o.high_freq_factor &&
+         original_max_position_embeddings == o.original_max_position_embeddings &&
+         attention_factor == o.attention_factor && beta_fast == o.beta_fast && beta_slow == o.beta_slow;
+}
 
 bool BlockConfig::operator==(const BlockConfig& o) const {
   return hidden_size == o.hidden_size && num_attention_heads == o.num_attention_heads &&
          num_kv_heads == o.num_kv_heads && head_dim == o.head_dim &&
          intermediate_size == o.intermediate_size && rms_norm_eps == o.rms_norm_eps &&
-         rope_theta == o.rope_theta && qk_norm == o.qk_norm;
+         rope_theta == o.rope_theta && qk_norm == o.qk_norm && rope_scaling == o.rope_scaling &&
+         attention_bias == o.attention_bias;
 }
 
 absl::string_view PrecisionName(Precision p) {
@@ -67,6 +77,43 @@ absl::Status ValidateBlockConfig(const BlockConfig& c) {
     return absl::InvalidArgumentError(
         absl::StrCat("config.rope_theta = ", c.rope_theta, ", expected a finite number > 1"));
   }
+  return ValidateRopeScaling(c.rope_scaling);
+}
+
+absl::Status ValidateRopeScaling(const RopeScaling& r) {
+  if (r.is_default()) return absl::OkStatus();
+  const std::string& t = r.rope_type;
+  if (t != "linear" && t != "llama3" && t != "yarn") {
+    return absl::InvalidArgumentError(absl::StrCat("config.rope_scaling.rope_type = \"", Echo(t),
+                                                   "\", expected default, linear, llama3 or yarn"));
+  }
+  auto positive = [&](absl::string_view field, double v) -> absl::Status {
+    if (std::isfinite(v) && v > 0) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat("config.rope_scaling.", field, " = ", v, ", expected a finite number > 0 for rope_type ", t));
+  };
+  RETURN_IF_ERROR(positive("factor", r.factor));
+  if (t == "llama3" || t == "yarn") {
+    if (r.original_max_position_embeddings <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("config.rope_scaling.original_max_position_embeddings = ",
+                                                     r.original_max_position_embeddings, ", expected > 0 for rope_type ", t));
+    }
+  }
+  if (t == "llama3") {
+    RETURN_IF_ERROR(positive("low_freq_factor", r.low_freq_factor));
+    RETURN_IF_ERROR(positive("high_freq_factor", r.high_freq_factor));
+    // HF's smooth factor divides by high - low; Llama 3.1's 1 and 4 keep it positive.
+    if (r.high_freq_factor <= r.low_freq_factor) {
+      return absl::InvalidArgumentError(absl::StrCat("config.rope_scaling.high_freq_factor = ", r.high_freq_factor,
+                                                     " must exceed low_freq_factor = ", r.low_freq_factor));
+    }
+  }
+  if (t == "yarn") {
+    // 0 means unset (HF's defaults); anything else must be a usable number.
+    for (auto [field, v] : {std::pair<absl::string_view, double>{"attention_factor", r.attention_factor},
+                            {"beta_fast", r.beta_fast}, {"beta_slow", r.beta_slow}}) {
+      if (v != 0) RETURN_IF_ERROR(positive(field, v));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -81,8 +128,11 @@ std::vector<ParamSpec> BlockParams(const BlockConfig& c) {
   std::vector<ParamSpec> p;
   p.push_back({ParamId::kInputNorm, "input_layernorm.weight", {d}, false});
   p.push_back({ParamId::kQProj, "self_attn.q_proj.weight", {c.q_dim(), d}, true});
+  if (c.attention_bias) p.push_back({ParamId::kQBias, "self_attn.q_proj.bias", {c.q_dim()}, false});
   p.push_back({ParamId::kKProj, "self_attn.k_proj.weight", {c.kv_dim(), d}, true});
+  if (c.attention_bias) p.push_back({ParamId::kKBias, "self_attn.k_proj.bias", {c.kv_dim()}, false});
   p.push_back({ParamId::kVProj, "self_attn.v_proj.weight", {c.kv_dim(), d}, true});
+  if (c.attention_bias) p.push_back({ParamId::kVBias, "self_attn.v_proj.bias", {c.kv_dim()}, false});
   p.push_back({ParamId::kOProj, "self_attn.o_proj.weight", {d, c.q_dim()}, true});
   if (c.qk_norm) {
     p.push_back({ParamId::kQNorm, "self_attn.q_norm.weight", {c.head_dim}, false});

@@ -19,6 +19,23 @@ namespace blockd {
 inline constexpr double kDefaultRmsNormEps = 1e-6;
 inline constexpr double kDefaultRopeTheta = 10000.0;
 
+// Hugging Face's rope_scaling / rope_parameters (modeling_rope_utils.py). rope_type "" or "default"
+// is plain RoPE and every other field is ignored. Fields a type does not use are left 0; 0 in
+// attention_factor, beta_fast and beta_slow means "unset" and takes HF's default (get_mscale(factor),
+// 32, 1) in RopeInvFreq / RopeAttentionScaling (base/rope.h).
+struct RopeScaling {
+  std::string rope_type;                     // "" | "default" | "linear" | "llama3" | "yarn"
+  double factor = 0;                         // linear, llama3, yarn: > 0
+  double low_freq_factor = 0;                // llama3
+  double high_freq_factor = 0;               // llama3: > low_freq_factor
+  int64_t original_max_position_embeddings = 0;  // llama3, yarn: > 0
+  double attention_factor = 0;               // yarn: cos/sin scale; 0 -> 0.1 ln(factor) + 1
+  double beta_fast = 0;                      // yarn: 0 -> 32
+  double beta_slow = 0;                      // yarn: 0 -> 1
+  bool is_default() const { return rope_type.empty() || rope_type == "default"; }
+  bool operator==(const RopeScaling& o) const;
+};
+
 struct BlockConfig {
   int64_t hidden_size = 0;
   int64_t num_attention_heads = 0;
@@ -28,6 +45,8 @@ struct BlockConfig {
   double rms_norm_eps = kDefaultRmsNormEps;
   double rope_theta = kDefaultRopeTheta;
   bool qk_norm = false;
+  RopeScaling rope_scaling;     // plain RoPE unless rope_type says otherwise
+  bool attention_bias = false;  // Qwen2: self_attn.{q,k,v}_proj.bias
 
   int64_t q_dim() const { return num_attention_heads * head_dim; }
   int64_t kv_dim() const { return num_kv_heads * head_dim; }
@@ -39,7 +58,12 @@ enum class Precision : uint8_t { kFP32, kTF32, kBF16 };
 absl::string_view PrecisionName(Precision p);  // "fp32", "tf32", "bf16"
 
 // Checks sizes, divisibility and ranges; the message names the field and the value.
+// Includes ValidateRopeScaling(c.rope_scaling).
 absl::Status ValidateBlockConfig(const BlockConfig& c);
+// A known rope_type with the fields it needs: factor > 0; llama3 also low/high_freq_factor > 0 with
+// high > low and original_max_position_embeddings > 0; yarn original_max_position_embeddings > 0
+// and attention_factor, beta_fast, beta_slow either 0 (HF's default) or > 0.
+absl::Status ValidateRopeScaling(const RopeScaling& r);
 
 // Sets rms_norm_eps and rope_theta left 0 to Hugging Face's defaults. 0 is what a proto3 field
 // omitted from a request reads as, so grpcurl users need not spell them. Negative or non-finite
@@ -49,18 +73,20 @@ void FillUnsetConfigDefaults(BlockConfig* c);
 // The parameters of one block, in a fixed order that every backend, file and message uses.
 enum class ParamId : uint8_t {
   kInputNorm, kQProj, kKProj, kVProj, kOProj, kQNorm, kKNorm, kPostNorm, kGateProj, kUpProj, kDownProj,
+  kQBias, kKBias, kVBias,  // only with attention_bias; appended so the ids of older blocks keep their values
 };
-inline constexpr int kNumParamIds = 11;
+inline constexpr int kNumParamIds = 14;
 
 struct ParamSpec {
   ParamId id;
   std::string name;            // Hugging Face name inside one layer, e.g. "self_attn.q_proj.weight"
   std::vector<int64_t> shape;  // [out, in] for matrices, [n] for norm weights
-  bool is_matrix = false;      // 2-D: weight decay applies; 1-D norm weights are not decayed by default
+  bool is_matrix = false;      // 2-D: weight decay applies; 1-D norm weights and biases are not decayed by default
   int64_t numel() const;
 };
 
-// The parameters that `c` has (q_norm/k_norm only with qk_norm), in ParamId order.
+// The parameters that `c` has, in the table's order (ARCHITECTURE.md): the q/k/v biases follow
+// their weights, q_norm/k_norm follow o_proj (each only when the config has them).
 std::vector<ParamSpec> BlockParams(const BlockConfig& c);
 int64_t ParameterCount(const BlockConfig& c);
 // Index into BlockParams(c) of `name`, or -1.

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "base/rope.h"
 #include "kernels/adamw.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/attention_fp32.cuh"
@@ -179,7 +180,16 @@ int main(int argc, char** argv) {
   float* qk_ws = Random<float>(blockd::kernels::qknorm_rope_bwd_workspace_floats(dh));
   float2* table;
   CHECK(cudaMalloc(&table, S * dh / 2 * sizeof(float2)));
-  CHECK(blockd::kernels::launch_rope_table(table, S, dh, 0, 1e6, 0));
+  double* inv_freq;  // plain RoPE, theta 1e6: the table kernel costs the same for every rope_type
+  {
+    blockd::BlockConfig rc;
+    rc.head_dim = dh;
+    rc.rope_theta = 1e6;
+    const std::vector<double> f = blockd::RopeInvFreq(rc);
+    CHECK(cudaMalloc(&inv_freq, f.size() * sizeof(double)));
+    CHECK(cudaMemcpy(inv_freq, f.data(), f.size() * sizeof(double), cudaMemcpyHostToDevice));
+  }
+  CHECK(blockd::kernels::launch_rope_table(table, S, dh, 0, inv_freq, 1.0, 0));
   // q and k dense, v (and dv) inside wider rows such as q|k|v, o and d_o dense.
   auto attention = [&](auto* q_in, auto* k_in, auto* v_in, int64_t v_stride, auto* o_out) {
     using T = std::remove_pointer_t<decltype(o_out)>;

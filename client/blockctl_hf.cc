@@ -4,8 +4,8 @@
 //
 // Everything is checked before the first block is created: config.json describes a model a blockd
 // block computes (proto/hf_config.h's BlockConfigFromHf, which `blockctl create --config` and
-// Python's BlockConfig.from_hf share: model_type llama/qwen2/qwen3, SiLU MLP, plain RoPE, no bias
-// terms, full causal attention), and every chosen layer holds exactly the block's tensors in the shapes the config
+// Python's BlockConfig.from_hf share: model_type llama/qwen2/qwen3, SiLU MLP, default/linear/
+// llama3/yarn RoPE, q/k/v biases only as Qwen2 has them, full causal attention), and every chosen layer holds exactly the block's tensors in the shapes the config
 // implies. Then, layer by layer: CreateBlock, and one LoadWeights stream with the tensors in their
 // stored dtype (bf16 / fp16 / fp32; the server converts them exactly to its fp32 master weights).
 // If anything fails after that, the blocks this run created are deleted again. The block ids go to
@@ -139,12 +139,8 @@ absl::StatusOr<LayerPlan> PlanLayer(SafetensorsCheckpoint& ckpt, const std::set<
     if (name != kRecomputed && expected_names.count(name) == 0) extra.push_back(name);
   }
   if (!extra.empty()) {
-    const bool biases = std::any_of(extra.begin(), extra.end(), [](const std::string& e) {
-      return absl::StrContains(e, "bias");
-    });
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " has tensors a blockd block cannot hold: ",
-                                                   absl::StrJoin(extra, ", "),
-                                                   biases ? " (Qwen2 attention biases are not supported)" : ""));
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " has tensors a blockd block cannot hold: ", absl::StrJoin(extra, ", ")));
   }
   std::vector<std::string> missing;
   for (const auto& [name, shape] : expected) {
@@ -314,10 +310,11 @@ CommandSpec ImportHfCommand() {
           "blockctl import-hf DIR [--layers=A:B|I,J,...] [--prefix=ID] [--replace] [--precision=P]",
           "Import a Hugging Face Llama / Qwen2 / Qwen3 checkpoint directory (config.json, *.safetensors shards\n"
           "and model.safetensors.index.json): one block per decoder layer, with the layer's config (qk_norm for\n"
-          "qwen3, rms_norm_eps, rope_theta, head_dim) and its weights, sent in their stored dtype (bf16/fp16/fp32).\n"
+          "qwen3, q/k/v biases for qwen2, rms_norm_eps, rope_theta and rope_scaling, head_dim) and its weights,\n"
+          "sent in their stored dtype (bf16/fp16/fp32).\n"
           "Prints the block ids, PREFIX<layer>, one a line. Every layer is checked before any block is created;\n"
-          "what blockd cannot compute (biases as in Qwen2, rope_scaling, a non-SiLU MLP, sliding-window\n"
-          "attention) is refused. If a later step fails, the blocks this run created are deleted. Embedding,\n"
+          "what blockd cannot compute (dynamic/longrope RoPE, MLP or o_proj biases, a non-SiLU MLP,\n"
+          "sliding-window attention) is refused. If a later step fails, the blocks this run created are deleted. Embedding,\n"
           "final norm and LM head stay with the client. `python3 -m blockd import-hf` does the same.",
           {1, 1, "import-hf takes one checkpoint DIR"}, [] { return std::make_unique<ImportHf>(); }};
 }

@@ -143,6 +143,19 @@ json SpecJson(const BlockState& st) {
               {"rms_norm_eps", c.rms_norm_eps},
               {"rope_theta", c.rope_theta},
               {"qk_norm", c.qk_norm}}}};
+  // Written only when set, so manifests of plain blocks stay as before and older ones still read.
+  if (c.attention_bias) j["config"]["attention_bias"] = true;
+  if (!c.rope_scaling.is_default()) {
+    const RopeScaling& r = c.rope_scaling;
+    j["config"]["rope_scaling"] = {{"rope_type", r.rope_type},
+                                   {"factor", r.factor},
+                                   {"low_freq_factor", r.low_freq_factor},
+                                   {"high_freq_factor", r.high_freq_factor},
+                                   {"original_max_position_embeddings", r.original_max_position_embeddings},
+                                   {"attention_factor", r.attention_factor},
+                                   {"beta_fast", r.beta_fast},
+                                   {"beta_slow", r.beta_slow}};
+  }
   j["missing_weights"] = st.missing_weights;
   if (st.last_adamw) {
     const AdamWHyper& a = *st.last_adamw;
@@ -174,6 +187,19 @@ absl::Status SpecFromJson(const json& j, BlockState* st) {
     st->spec.config.rms_norm_eps = c.at("rms_norm_eps").get<double>();
     st->spec.config.rope_theta = c.at("rope_theta").get<double>();
     st->spec.config.qk_norm = c.at("qk_norm").get<bool>();
+    st->spec.config.attention_bias = c.value("attention_bias", false);
+    if (c.contains("rope_scaling")) {
+      const json& r = c.at("rope_scaling");
+      RopeScaling& rs = st->spec.config.rope_scaling;
+      rs.rope_type = r.at("rope_type").get<std::string>();
+      rs.factor = r.at("factor").get<double>();
+      rs.low_freq_factor = r.at("low_freq_factor").get<double>();
+      rs.high_freq_factor = r.at("high_freq_factor").get<double>();
+      rs.original_max_position_embeddings = r.at("original_max_position_embeddings").get<int64_t>();
+      rs.attention_factor = r.at("attention_factor").get<double>();
+      rs.beta_fast = r.at("beta_fast").get<double>();
+      rs.beta_slow = r.at("beta_slow").get<double>();
+    }
     if (j.contains("missing_weights")) st->missing_weights = j.at("missing_weights").get<std::vector<std::string>>();
     const json& a = j.at("adamw");
     if (!a.is_null()) {

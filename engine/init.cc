@@ -16,6 +16,11 @@ uint64_t SplitMix64(uint64_t x) {
 
 void InitParam(uint64_t seed, const ParamSpec& param, float* out) {
   const int64_t n = param.numel();
+  if (param.id == ParamId::kQBias || param.id == ParamId::kKBias || param.id == ParamId::kVBias) {
+    // Zeros, as Hugging Face's _init_weights (Llama/Qwen2PreTrainedModel) sets every Linear bias.
+    for (int64_t i = 0; i < n; ++i) out[i] = 0.f;
+    return;
+  }
   if (!param.is_matrix) {
     for (int64_t i = 0; i < n; ++i) out[i] = 1.f;
     return;

@@ -12,18 +12,20 @@ constexpr int kMaxPairsPerLane = 8;  // head_dim <= 512
 constexpr int kWarps = 8;
 constexpr int kBwdBlocks = 1056;  // 8 blocks of 8 warps per SM: enough loads in flight
 
-__global__ void rope_table_kernel(float2* table, int seq, int half, int64_t offset, double theta, int head_dim) {
+__global__ void rope_table_kernel(float2* table, int seq, int half, int64_t offset,
+                                  const double* __restrict__ inv_freq, double scale) {
   const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (idx >= int64_t(seq) * half) return;
   const int s = static_cast<int>(idx / half), i = static_cast<int>(idx % half);
-  const double inv_freq = pow(theta, -double(2 * i) / double(head_dim));
-  double angle = double(offset + s) * inv_freq;
+  double angle = double(offset + s) * inv_freq[i];
   // Reduce in double so that large positions keep their precision, then sincos in float.
   constexpr double kTwoPi = 6.283185307179586476925286766559;
   angle -= kTwoPi * rint(angle / kTwoPi);
   double c, sn;
   sincos(angle, &sn, &c);
-  table[idx] = make_float2(static_cast<float>(c), static_cast<float>(sn));
+  // Yarn's attention factor multiplies cos and sin alike (HF's cos * attention_scaling); backward's
+  // transpose rotation reads the same scaled entries, which is its exact derivative.
+  table[idx] = make_float2(static_cast<float>(scale * c), static_cast<float>(scale * sn));
 }
 
 template <class T>
@@ -327,11 +329,11 @@ __global__ void qknorm_rope_bwd_tok_kernel(const G* __restrict__ dout, const T* 
 
 }  // namespace
 
-cudaError_t launch_rope_table(float2* table, int seq, int head_dim, int64_t offset, double theta,
-                              cudaStream_t stream) {
+cudaError_t launch_rope_table(float2* table, int seq, int head_dim, int64_t offset, const double* inv_freq,
+                              double scale, cudaStream_t stream) {
   const int64_t n = int64_t(seq) * (head_dim / 2);
   if (n == 0) return cudaSuccess;
-  rope_table_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(table, seq, head_dim / 2, offset, theta, head_dim);
+  rope_table_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(table, seq, head_dim / 2, offset, inv_freq, scale);
   return cudaGetLastError();
 }
 

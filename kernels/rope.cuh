@@ -1,9 +1,11 @@
 // Rotary position embedding with the optional per-head QK-norm before it (Qwen3), forward and
 // backward, for one part (q or k) of the fused q|k|v projection output.
-//   table[s][i] = (cos, sin)((offset + s) * theta^(-2i/dh))     angles reduced in double
-//   out[h] = rope(qk_norm ? rmsnorm_dh(in[h]) * w : in[h])       HF rotate_half pairs (i, i + dh/2)
+//   table[s][i] = scale * (cos, sin)((offset + s) * inv_freq[i])  angles reduced in double
+//   out[h] = rope(qk_norm ? rmsnorm_dh(in[h]) * w : in[h])          HF rotate_half pairs (i, i + dh/2)
+// inv_freq (dh/2 doubles in device memory) and scale come from base/rope.h (RopeInvFreq,
+// RopeAttentionScaling), so every rope_type is one table; backward reads the same table.
 //
-//   launch_rope_table(table, seq, dh, offset, theta, stream);
+//   launch_rope_table(table, seq, dh, offset, inv_freq, scale, stream);
 //   launch_qknorm_rope_fwd(qkv, qkv_stride, q, rstd_q, q_norm_w, table, tokens, seq, H, dh, eps, stream);
 #pragma once
 
@@ -13,8 +15,8 @@
 
 namespace blockd::kernels {
 
-cudaError_t launch_rope_table(float2* table, int seq, int head_dim, int64_t offset, double theta,
-                              cudaStream_t stream);
+cudaError_t launch_rope_table(float2* table, int seq, int head_dim, int64_t offset, const double* inv_freq,
+                              double scale, cudaStream_t stream);
 
 // in: [tokens, in_stride] with the part's heads at the row start; out: [tokens, heads, dh]
 // contiguous; rstd: [tokens, heads] (written only when norm_w is not null).

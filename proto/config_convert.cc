@@ -15,6 +15,16 @@ BlockConfig FromProto(const v1::BlockConfig& c) {
   out.rms_norm_eps = c.rms_norm_eps();
   out.rope_theta = c.rope_theta();
   out.qk_norm = c.qk_norm();
+  out.attention_bias = c.attention_bias();
+  const v1::RopeScaling& r = c.rope_scaling();
+  out.rope_scaling.rope_type = r.rope_type();
+  out.rope_scaling.factor = r.factor();
+  out.rope_scaling.low_freq_factor = r.low_freq_factor();
+  out.rope_scaling.high_freq_factor = r.high_freq_factor();
+  out.rope_scaling.original_max_position_embeddings = r.original_max_position_embeddings();
+  out.rope_scaling.attention_factor = r.attention_factor();
+  out.rope_scaling.beta_fast = r.beta_fast();
+  out.rope_scaling.beta_slow = r.beta_slow();
   return out;
 }
 
@@ -27,6 +37,22 @@ void ToProto(const BlockConfig& c, v1::BlockConfig* out) {
   out->set_rms_norm_eps(c.rms_norm_eps);
   out->set_rope_theta(c.rope_theta);
   out->set_qk_norm(c.qk_norm);
+  out->set_attention_bias(c.attention_bias);
+  // Plain RoPE leaves the message unset, so replies about plain blocks read as before.
+  if (c.rope_scaling.is_default()) {
+    out->clear_rope_scaling();
+    return;
+  }
+  const RopeScaling& r = c.rope_scaling;
+  v1::RopeScaling* w = out->mutable_rope_scaling();
+  w->set_rope_type(r.rope_type);
+  w->set_factor(r.factor);
+  w->set_low_freq_factor(r.low_freq_factor);
+  w->set_high_freq_factor(r.high_freq_factor);
+  w->set_original_max_position_embeddings(r.original_max_position_embeddings);
+  w->set_attention_factor(r.attention_factor);
+  w->set_beta_fast(r.beta_fast);
+  w->set_beta_slow(r.beta_slow);
 }
 
 v1::BlockConfig ToProto(const BlockConfig& c) {

@@ -1,11 +1,13 @@
 #include "proto/hf_config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/status_macros.h"
 
 namespace blockd {
 namespace {
@@ -29,16 +31,6 @@ bool TruthyField(const json& c, const char* key) { return c.contains(key) && Tru
 // which is what Python's json.dumps(v, sort_keys=True, separators=(",", ":")) writes too.
 std::string Shown(const json& v) { return v.dump(); }
 
-// A RoPE variant other than plain rope_theta (rope_scaling, or transformers 5's rope_parameters).
-bool ScaledRope(const json& r) {
-  if (!Truthy(r)) return false;
-  if (!r.is_object()) return true;
-  for (const char* key : {"rope_type", "type"}) {
-    if (r.contains(key) && Truthy(r[key])) return !(r[key].is_string() && r[key].get<std::string>() == "default");
-  }
-  return false;
-}
-
 const json& TextConfig(const json& j) {
   if (j.contains("text_config") && j["text_config"].is_object()) return j["text_config"];
   return j;
@@ -57,16 +49,14 @@ absl::Status CheckSupported(const json& c) {
   if (!act.is_string() || act.get<std::string>() != "silu") {
     return absl::InvalidArgumentError(absl::StrCat("hidden_act ", Shown(act), ": blockd blocks compute a SiLU-gated MLP"));
   }
-  for (const char* key : {"rope_scaling", "rope_parameters"}) {
-    if (c.contains(key) && ScaledRope(c[key])) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(key, " ", Shown(c[key]), ": blockd blocks compute plain RoPE (rope_theta only)"));
-    }
+  // Qwen2's q/k/v biases are blockd's attention_bias; Llama's and Qwen3's attention_bias also
+  // puts a bias on o_proj, which blocks do not have.
+  if (TruthyField(c, "attention_bias") && c["model_type"].get<std::string>() != "qwen2") {
+    return absl::InvalidArgumentError(
+        "attention_bias is true: blockd blocks have q/k/v biases only (qwen2), not an o_proj bias");
   }
-  for (const char* flag : {"attention_bias", "mlp_bias"}) {
-    if (TruthyField(c, flag)) {
-      return absl::InvalidArgumentError(absl::StrCat(flag, " is true: blockd blocks have no bias terms"));
-    }
+  if (TruthyField(c, "mlp_bias")) {
+    return absl::InvalidArgumentError("mlp_bias is true: blockd blocks have no MLP bias terms");
   }
   if (TruthyField(c, "use_sliding_window") && TruthyField(c, "sliding_window")) {
     return absl::InvalidArgumentError("use_sliding_window is true: blockd blocks compute full causal attention");
@@ -95,6 +85,96 @@ absl::StatusOr<double> Number(const json& v, const std::string& what, double fal
   if (v.is_null()) return fallback;
   if (!v.is_number()) return absl::InvalidArgumentError(absl::StrCat(what, " is ", Shown(v), ", expected a number"));
   return v.get<double>();
+}
+
+// A positive number of a rope dict; absent or null is `fallback` when given, else "KEY has no FIELD".
+absl::StatusOr<double> RopeNumber(const json& r, const std::string& key, const char* field,
+                                  std::optional<double> fallback) {
+  if (!r.contains(field) || r[field].is_null()) {
+    if (fallback.has_value()) return *fallback;
+    return absl::InvalidArgumentError(absl::StrCat(key, " has no ", field));
+  }
+  const json& v = r[field];
+  if (v.is_number() && v.get<double>() > 0 && std::isfinite(v.get<double>())) return v.get<double>();
+  return absl::InvalidArgumentError(absl::StrCat(key, ".", field, " is ", Shown(v), ", expected a positive number"));
+}
+
+// HF's get_mscale(scale, mscale) of _compute_yarn_parameters.
+double GetMscale(double scale, double mscale) { return scale <= 1 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0; }
+
+// rope_scaling (or transformers 5's rope_parameters) as HF's modeling_rope_utils.py reads it. The
+// config-level defaults HF applies (yarn's original_max_position_embeddings from
+// max_position_embeddings, its factor from their ratio, DeepSeek's mscale ratio as the attention
+// factor) are resolved here, so a BlockConfig carries what the formulas use and nothing else.
+absl::StatusOr<RopeScaling> RopeFromHf(const json& c) {
+  std::string key = "rope_scaling";
+  if (!TruthyField(c, "rope_scaling")) key = "rope_parameters";
+  if (!TruthyField(c, key.c_str())) return RopeScaling{};
+  const json& r = c[key];
+  if (!r.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(key, " ", Shown(r), ": expected an object with a rope_type"));
+  }
+  json type = json();
+  for (const char* k : {"rope_type", "type"}) {
+    if (r.contains(k) && Truthy(r[k])) {
+      type = r[k];
+      break;
+    }
+  }
+  RopeScaling out;
+  if (type.is_null() || (type.is_string() && type.get<std::string>() == "default")) return out;
+  const std::string t = type.is_string() ? type.get<std::string>() : "";
+  if (t != "linear" && t != "llama3" && t != "yarn") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(key, " ", Shown(r), ": blockd blocks compute default, linear, llama3 or yarn RoPE"));
+  }
+  out.rope_type = t;
+  if (t == "llama3") {
+    ASSIGN_OR_RETURN(out.low_freq_factor, RopeNumber(r, key, "low_freq_factor", std::nullopt));
+    ASSIGN_OR_RETURN(out.high_freq_factor, RopeNumber(r, key, "high_freq_factor", std::nullopt));
+    if (out.high_freq_factor <= out.low_freq_factor) {  // HF's smooth factor divides by their difference
+      return absl::InvalidArgumentError(absl::StrCat(key, ".high_freq_factor is ", Shown(r["high_freq_factor"]),
+                                                     ", expected more than low_freq_factor ",
+                                                     Shown(r["low_freq_factor"])));
+    }
+  }
+  if (t == "llama3" || t == "yarn") {
+    const json& max_pos = c.value("max_position_embeddings", json());
+    const bool own = r.contains("original_max_position_embeddings") && !r["original_max_position_embeddings"].is_null();
+    const json& v = own ? r["original_max_position_embeddings"] : (t == "yarn" ? max_pos : json());
+    if (v.is_null()) return absl::InvalidArgumentError(absl::StrCat(key, " has no original_max_position_embeddings"));
+    if (!v.is_number_integer() || v.get<int64_t>() <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(own ? key + "." : std::string(),
+                                                     own ? "original_max_position_embeddings" : "max_position_embeddings",
+                                                     " is ", Shown(v), ", expected a positive integer"));
+    }
+    out.original_max_position_embeddings = v.get<int64_t>();
+  }
+  std::optional<double> factor_fallback;
+  if (t == "yarn" && c.contains("max_position_embeddings") && c["max_position_embeddings"].is_number_integer() &&
+      c["max_position_embeddings"].get<int64_t>() > 0) {
+    // HF: a yarn config without factor takes max_position_embeddings / original_max_position_embeddings.
+    factor_fallback = c["max_position_embeddings"].get<double>() / out.original_max_position_embeddings;
+  }
+  ASSIGN_OR_RETURN(out.factor, RopeNumber(r, key, "factor", factor_fallback));
+  if (t == "yarn") {
+    ASSIGN_OR_RETURN(out.beta_fast, RopeNumber(r, key, "beta_fast", 32.0));
+    ASSIGN_OR_RETURN(out.beta_slow, RopeNumber(r, key, "beta_slow", 1.0));
+    if (r.contains("attention_factor") && !r["attention_factor"].is_null()) {
+      ASSIGN_OR_RETURN(out.attention_factor, RopeNumber(r, key, "attention_factor", std::nullopt));
+    } else if (TruthyField(r, "mscale") && TruthyField(r, "mscale_all_dim")) {
+      ASSIGN_OR_RETURN(const double mscale, RopeNumber(r, key, "mscale", std::nullopt));
+      ASSIGN_OR_RETURN(const double mscale_all_dim, RopeNumber(r, key, "mscale_all_dim", std::nullopt));
+      out.attention_factor = GetMscale(out.factor, mscale) / GetMscale(out.factor, mscale_all_dim);
+    } else {
+      out.attention_factor = GetMscale(out.factor, 1.0);
+    }
+    if (r.contains("truncate") && !Truthy(r["truncate"])) {
+      return absl::InvalidArgumentError(absl::StrCat(key, ".truncate is ", Shown(r["truncate"]),
+                                                     ": blockd blocks compute yarn with truncate true"));
+    }
+  }
+  return out;
 }
 
 }  // namespace
@@ -144,6 +224,11 @@ absl::StatusOr<BlockConfig> BlockConfigFromHf(const json& config) {
   out.rms_norm_eps = *eps;
   out.rope_theta = *theta;
   out.qk_norm = c["model_type"].get<std::string>() == "qwen3";
+  // Qwen2 always has q/k/v biases: HF's Qwen2Attention builds them with bias=True whatever the
+  // config says, and its checkpoints carry them.
+  out.attention_bias = c["model_type"].get<std::string>() == "qwen2";
+  // RopeFromHf checks every field ValidateRopeScaling would, in config.json's words.
+  ASSIGN_OR_RETURN(out.rope_scaling, RopeFromHf(c));
   return out;
 }
 

@@ -5,7 +5,7 @@
 // refused by all of them. tests/proto/hf_configs.json holds the cases both languages are held to.
 //
 //   ASSIGN_OR_RETURN(nlohmann::json hf, ReadHfConfig("/models/Qwen3-0.6B/config.json"));
-//   ASSIGN_OR_RETURN(BlockConfig c, BlockConfigFromHf(hf));   // refuses gelu, llama3 RoPE, biases...
+//   ASSIGN_OR_RETURN(BlockConfig c, BlockConfigFromHf(hf));   // refuses gelu, dynamic RoPE, MLP biases...
 #pragma once
 
 #include <cstdint>

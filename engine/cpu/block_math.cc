@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "base/rope.h"
 #include "engine/cpu/gemm.h"
 #include "engine/cpu/ops.h"
 
@@ -36,6 +37,11 @@ void BlockForward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const 
   Gemm(false, true, n, qd, d, T(1), s->n1.data(), d, w[ParamId::kQProj], d, T(0), s->q.data(), qd);
   Gemm(false, true, n, kvd, d, T(1), s->n1.data(), d, w[ParamId::kKProj], d, T(0), s->k.data(), kvd);
   Gemm(false, true, n, kvd, d, T(1), s->n1.data(), d, w[ParamId::kVProj], d, T(0), s->v.data(), kvd);
+  if (c.attention_bias) {  // Qwen2: the projections' biases, before QK-norm and RoPE
+    AddBias(s->q.data(), w[ParamId::kQBias], n, qd);
+    AddBias(s->k.data(), w[ParamId::kKBias], n, kvd);
+    AddBias(s->v.data(), w[ParamId::kVBias], n, kvd);
+  }
   if (c.qk_norm) {
     s->q_raw = s->q;
     s->k_raw = s->k;
@@ -44,8 +50,11 @@ void BlockForward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const 
     RmsNormForward(s->q_raw.data(), w[ParamId::kQNorm], n * H, dh, c.rms_norm_eps, s->q.data(), s->rstd_q.data());
     RmsNormForward(s->k_raw.data(), w[ParamId::kKNorm], n * Hkv, dh, c.rms_norm_eps, s->k.data(), s->rstd_k.data());
   }
-  RopeForward(s->q.data(), batch, seq, H, dh, offset, c.rope_theta);
-  RopeForward(s->k.data(), batch, seq, Hkv, dh, offset, c.rope_theta);
+  // head_dim / 2 pows per call, as the plain table cost before scaling existed.
+  const std::vector<double> inv_freq = RopeInvFreq(c);
+  const double rope_scale = RopeAttentionScaling(c);
+  RopeForward(s->q.data(), batch, seq, H, dh, offset, inv_freq.data(), rope_scale);
+  RopeForward(s->k.data(), batch, seq, Hkv, dh, offset, inv_freq.data(), rope_scale);
 
   s->attn.resize(n * qd);
   s->lse.resize(batch * H * seq);
@@ -100,8 +109,10 @@ void BlockBackward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const
   std::vector<T> dq(n * qd), dk(n * kvd), dv(n * kvd);
   AttentionBackward(s.q.data(), s.k.data(), s.v.data(), s.attn.data(), s.lse.data(), dattn.data(), batch, seq, H, Hkv,
                     dh, 1.0 / std::sqrt(double(dh)), dq.data(), dk.data(), dv.data());
-  RopeBackward(dq.data(), batch, seq, H, dh, s.offset, c.rope_theta);
-  RopeBackward(dk.data(), batch, seq, Hkv, dh, s.offset, c.rope_theta);
+  const std::vector<double> inv_freq = RopeInvFreq(c);
+  const double rope_scale = RopeAttentionScaling(c);
+  RopeBackward(dq.data(), batch, seq, H, dh, s.offset, inv_freq.data(), rope_scale);
+  RopeBackward(dk.data(), batch, seq, Hkv, dh, s.offset, inv_freq.data(), rope_scale);
   if (c.qk_norm) {
     std::vector<T> dq_raw(n * qd, T(0)), dk_raw(n * kvd, T(0));
     RmsNormBackward(dq.data(), s.q_raw.data(), w[ParamId::kQNorm], s.rstd_q.data(), n * H, dh, dq_raw.data(),
@@ -111,7 +122,12 @@ void BlockBackward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const
     dq.swap(dq_raw);
     dk.swap(dk_raw);
   }
-  // q, k, v = n1 W^T
+  // q, k, v = n1 W^T (+ b): dq, dk, dv are now the gradients of the projections' outputs.
+  if (c.attention_bias) {
+    BiasBackward(dq.data(), n, qd, g[ParamId::kQBias]);
+    BiasBackward(dk.data(), n, kvd, g[ParamId::kKBias]);
+    BiasBackward(dv.data(), n, kvd, g[ParamId::kVBias]);
+  }
   Gemm(true, false, qd, d, n, T(1), dq.data(), qd, s.n1.data(), d, T(1), g[ParamId::kQProj], d);
   Gemm(true, false, kvd, d, n, T(1), dk.data(), kvd, s.n1.data(), d, T(1), g[ParamId::kKProj], d);
   Gemm(true, false, kvd, d, n, T(1), dv.data(), kvd, s.n1.data(), d, T(1), g[ParamId::kVProj], d);

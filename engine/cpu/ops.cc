@@ -48,28 +48,27 @@ void RmsNormBackward(const T* dy, const T* x, const T* w, const T* rstd, int64_t
 
 namespace {
 
-// cos/sin of position * inv_freq for the `seq` positions from `offset`, [seq, head_dim / 2].
-void RopeTables(int64_t seq, int64_t head_dim, int64_t offset, double theta, std::vector<double>* cos_t,
-                std::vector<double>* sin_t) {
+// scale * cos/sin of position * inv_freq for the `seq` positions from `offset`, [seq, head_dim / 2].
+void RopeTables(int64_t seq, int64_t head_dim, int64_t offset, const double* inv_freq, double scale,
+                std::vector<double>* cos_t, std::vector<double>* sin_t) {
   const int64_t half = head_dim / 2;
   cos_t->resize(seq * half);
   sin_t->resize(seq * half);
   for (int64_t i = 0; i < half; ++i) {
-    const double inv_freq = std::pow(theta, -static_cast<double>(2 * i) / static_cast<double>(head_dim));
     for (int64_t s = 0; s < seq; ++s) {
-      const double angle = static_cast<double>(offset + s) * inv_freq;
-      (*cos_t)[s * half + i] = std::cos(angle);
-      (*sin_t)[s * half + i] = std::sin(angle);
+      const double angle = static_cast<double>(offset + s) * inv_freq[i];
+      (*cos_t)[s * half + i] = scale * std::cos(angle);
+      (*sin_t)[s * half + i] = scale * std::sin(angle);
     }
   }
 }
 
-// Rotates each (i, i + half) pair by +angle (sign = 1) or -angle (sign = -1).
+// Rotates each (i, i + half) pair by +angle (sign = 1) or -angle (sign = -1), times the scale.
 template <class T>
-void Rotate(T* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t offset, double theta,
-            double sign) {
+void Rotate(T* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t offset,
+            const double* inv_freq, double scale, double sign) {
   std::vector<double> cos_t, sin_t;
-  RopeTables(seq, head_dim, offset, theta, &cos_t, &sin_t);
+  RopeTables(seq, head_dim, offset, inv_freq, scale, &cos_t, &sin_t);
   const int64_t half = head_dim / 2;
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t s = 0; s < seq; ++s) {
@@ -90,14 +89,31 @@ void Rotate(T* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, i
 }  // namespace
 
 template <class T>
-void RopeForward(T* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t offset, double theta) {
-  Rotate(x, batch, seq, heads, head_dim, offset, theta, 1.0);
+void RopeForward(T* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t offset,
+                 const double* inv_freq, double scale) {
+  Rotate(x, batch, seq, heads, head_dim, offset, inv_freq, scale, 1.0);
 }
 
 template <class T>
 void RopeBackward(T* dx, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t offset,
-                  double theta) {
-  Rotate(dx, batch, seq, heads, head_dim, offset, theta, -1.0);
+                  const double* inv_freq, double scale) {
+  Rotate(dx, batch, seq, heads, head_dim, offset, inv_freq, scale, -1.0);
+}
+
+template <class T>
+void AddBias(T* out, const T* bias, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) out[r * width + j] += bias[j];
+  }
+}
+
+template <class T>
+void BiasBackward(const T* dy, int64_t rows, int64_t width, T* dbias) {
+  std::vector<double> acc(width, 0.0);  // double, as RmsNormBackward sums its weight gradient
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) acc[j] += dy[r * width + j];
+  }
+  for (int64_t j = 0; j < width; ++j) dbias[j] += static_cast<T>(acc[j]);
 }
 
 template <class T>
@@ -222,8 +238,10 @@ void AdamWUpdate(float* p, const float* g, float* m, float* v, int64_t n, double
 #define BLOCKD_INSTANTIATE_OPS(T)                                                                          \
   template void RmsNormForward<T>(const T*, const T*, int64_t, int64_t, double, T*, T*);                  \
   template void RmsNormBackward<T>(const T*, const T*, const T*, const T*, int64_t, int64_t, T*, T*);     \
-  template void RopeForward<T>(T*, int64_t, int64_t, int64_t, int64_t, int64_t, double);                  \
-  template void RopeBackward<T>(T*, int64_t, int64_t, int64_t, int64_t, int64_t, double);                 \
+  template void RopeForward<T>(T*, int64_t, int64_t, int64_t, int64_t, int64_t, const double*, double);   \
+  template void RopeBackward<T>(T*, int64_t, int64_t, int64_t, int64_t, int64_t, const double*, double);  \
+  template void AddBias<T>(T*, const T*, int64_t, int64_t);                                               \
+  template void BiasBackward<T>(const T*, int64_t, int64_t, T*);                                          \
   template void AttentionForward<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t,     \
                                     int64_t, double, T*, T*);                                             \
   template void AttentionBackward<T>(const T*, const T*, const T*, const T*, const T*, const T*, int64_t, \

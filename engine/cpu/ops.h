@@ -19,14 +19,24 @@ template <class T>
 void RmsNormBackward(const T* dy, const T* x, const T* w, const T* rstd, int64_t rows, int64_t d, T* dx, T* dw);
 
 // Rotary embedding in place on x [batch, seq, heads, head_dim], HF rotate_half pairs (i, i + dh/2),
-// positions offset..offset+seq-1, inv_freq[i] = theta^(-2i/dh); angles computed in double.
+// positions offset..offset+seq-1, angle = position * inv_freq[i] (head_dim / 2 entries, from
+// RopeInvFreq in base/rope.h), cos and sin both multiplied by `scale` (RopeAttentionScaling: yarn's
+// attention factor, else 1); angles computed in double.
 template <class T>
 void RopeForward(T* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t offset,
-                 double theta);
-// The transpose of RopeForward (a rotation by the opposite angle), in place on a gradient.
+                 const double* inv_freq, double scale);
+// The transpose of RopeForward (a rotation by the opposite angle, times the same scale), in place on
+// a gradient.
 template <class T>
 void RopeBackward(T* dx, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t offset,
-                  double theta);
+                  const double* inv_freq, double scale);
+
+// out[r, j] += bias[j] over rows of length width (a projection's bias).
+template <class T>
+void AddBias(T* out, const T* bias, int64_t rows, int64_t width);
+// Adds the column sums of dy [rows, width] to dbias (the bias gradient).
+template <class T>
+void BiasBackward(const T* dy, int64_t rows, int64_t width, T* dbias);
 
 // Causal grouped-query attention: o = softmax(q k^T * scale + mask) v, query head h reads kv head
 // h / (heads / kv_heads). Writes o [b, s, heads, dh] and lse [b, heads, s] (log-sum-exp per row).

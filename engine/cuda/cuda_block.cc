@@ -10,7 +10,9 @@
 #include "engine/cuda/cuda_status.h"
 #include "base/status_macros.h"
 #include "kernels/adamw.cuh"
+#include "base/rope.h"
 #include "kernels/attention.cuh"
+#include "kernels/bias.cuh"
 #include "kernels/convert.cuh"
 #include "kernels/gemm.h"
 #include "kernels/rmsnorm.cuh"
@@ -24,10 +26,13 @@ using bf16 = __nv_bfloat16;
 using kernels::GemmType;
 
 // Matrices first, so that the fused q|k|v and gate|up products find their rows adjacent and
-// AdamW decays exactly the prefix [0, decay_end); the 1-D norm weights follow.
-constexpr ParamId kStorageOrder[] = {ParamId::kQProj,    ParamId::kKProj,     ParamId::kVProj,    ParamId::kOProj,
-                                     ParamId::kGateProj, ParamId::kUpProj,    ParamId::kDownProj, ParamId::kInputNorm,
-                                     ParamId::kQNorm,    ParamId::kKNorm,     ParamId::kPostNorm};
+// AdamW decays exactly the prefix [0, decay_end); the 1-D parameters follow, the q, k and v biases
+// adjacent so that they are one bias of the fused q|k|v product.
+constexpr ParamId kStorageOrder[] = {ParamId::kQProj,     ParamId::kKProj,    ParamId::kVProj,    ParamId::kOProj,
+                                     ParamId::kGateProj,  ParamId::kUpProj,   ParamId::kDownProj, ParamId::kQBias,
+                                     ParamId::kKBias,     ParamId::kVBias,    ParamId::kInputNorm, ParamId::kQNorm,
+                                     ParamId::kKNorm,     ParamId::kPostNorm};
+static_assert(sizeof(kStorageOrder) / sizeof(kStorageOrder[0]) == kNumParamIds, "every parameter has a place");
 
 struct Layout {
   std::vector<ParamSpec> params;               // BlockParams order
@@ -97,6 +102,12 @@ size_t RmsWorkspaceFloats(const BlockConfig& c) {
 size_t QkWorkspaceFloats(const BlockConfig& c) {
   return static_cast<size_t>(kernels::qknorm_rope_bwd_workspace_floats(static_cast<int>(c.head_dim)));
 }
+size_t BiasWorkspaceFloats(const BlockConfig& c) {
+  if (!c.attention_bias) return 0;
+  return static_cast<size_t>(kernels::bias_bwd_workspace_floats(static_cast<int>(c.q_dim() + 2 * c.kv_dim())));
+}
+// RoPE's inverse frequencies, uploaded once per block; each forward's table reads them.
+size_t InvFreqBytes(const BlockConfig& c) { return static_cast<size_t>(c.head_dim / 2) * sizeof(double); }
 
 class CudaSaved : public SavedActivations {
  public:
@@ -131,7 +142,16 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(sum_ws_, DeviceBuffer::Allocate(dev_, kernels::sum_squares_workspace_doubles() * 8 + 8));
     ASSIGN_OR_RETURN(rms_ws_, DeviceBuffer::Allocate(dev_, RmsWorkspaceFloats(spec_.config) * 4));
     ASSIGN_OR_RETURN(qk_ws_, DeviceBuffer::Allocate(dev_, QkWorkspaceFloats(spec_.config) * 4));
-    return dev_->Sync();
+    if (spec_.config.attention_bias) {
+      ASSIGN_OR_RETURN(bias_ws_, DeviceBuffer::Allocate(dev_, BiasWorkspaceFloats(spec_.config) * 4));
+    }
+    // base/rope.h computes every rope_type's frequencies, so the CPU and CUDA tables agree.
+    const std::vector<double> inv_freq = RopeInvFreq(spec_.config);
+    rope_scale_ = RopeAttentionScaling(spec_.config);
+    ASSIGN_OR_RETURN(inv_freq_, DeviceBuffer::Allocate(dev_, InvFreqBytes(spec_.config)));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(inv_freq_.get(), inv_freq.data(), InvFreqBytes(spec_.config),
+                                         cudaMemcpyHostToDevice, dev_->stream));
+    return dev_->Sync();  // before `inv_freq` goes
   }
 
   size_t memory_bytes() const override { return CudaBlockBytes(spec_) + attention_.plan().workspace_bytes; }
@@ -309,9 +329,14 @@ class CudaBlock : public Block {
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(x, W32(ParamId::kInputNorm), n1, s->rstd1.as<float>(), m.n,
                                                         static_cast<int>(m.d), eps, st));
     RETURN_IF_ERROR(Gemm(Linear(m.n, m.d, m.qkv).Forward(n1, W<T>(ParamId::kQProj), qkv, tt)));
+    if (c.attention_bias) {  // + [bq|bk|bv], adjacent in storage; before QK-norm and RoPE as in HF
+      CUDA_RETURN_IF_ERROR(
+          kernels::launch_add_bias<T>(qkv, m.qkv, W32(ParamId::kQBias), m.n, static_cast<int>(m.qkv), st));
+    }
     // QK-norm and RoPE on q and k; v stays in place inside q|k|v.
     auto* table = s->table.as<float2>();
-    CUDA_RETURN_IF_ERROR(kernels::launch_rope_table(table, static_cast<int>(m.seq), m.dh, offset, c.rope_theta, st));
+    CUDA_RETURN_IF_ERROR(kernels::launch_rope_table(table, static_cast<int>(m.seq), m.dh, offset,
+                                                    inv_freq_.as<double>(), rope_scale_, st));
     CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(qkv, m.qkv, s->q.as<T>(), s->rstd_q.as<float>(),
                                                             W32(ParamId::kQNorm), table, m.n, static_cast<int>(m.seq),
                                                             m.heads, m.dh, eps, st));
@@ -417,8 +442,12 @@ class CudaBlock : public Block {
         dk, s.qkv.as<T>() + m.qd, m.qkv, s.rstd_k.as<float>(), W32(ParamId::kKNorm), table,
         dqkv_t + m.qd, G32(ParamId::kKNorm), accumulate, qk_ws_.as<float>(), m.n, static_cast<int>(m.seq),
         m.kv_heads, m.dh, st));
+    if (spec_.config.attention_bias) {  // d[bq|bk|bv] = column sums of dq|dk|dv
+      CUDA_RETURN_IF_ERROR(kernels::launch_bias_bwd<T>(dqkv_t, m.qkv, m.n, static_cast<int>(m.qkv),
+                                                       G32(ParamId::kQBias), accumulate, bias_ws_.as<float>(), st));
+    }
     ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> dx, NewActivation(dev_, m.batch, m.seq, m.d));
-    // q|k|v = n1 W^T
+    // q|k|v = n1 W^T (+ b)
     const kernels::LinearGemm qkv_proj = Linear(m.n, m.d, m.qkv);
     RETURN_IF_ERROR(Gemm(qkv_proj.BackwardWeight(dqkv.get(), s.n1.get(), G32(ParamId::kQProj), accumulate)));
     RETURN_IF_ERROR(Gemm(qkv_proj.BackwardInput(dqkv.get(), W<T>(ParamId::kQProj), dn.get(), GemmType::kF32)));
@@ -435,7 +464,9 @@ class CudaBlock : public Block {
   DeviceContext* dev_;
   Layout layout_;
   DeviceBuffer weights_, grads_, m_, v_, weights_bf16_;
-  DeviceBuffer adamw_params_, sum_ws_, rms_ws_, qk_ws_;
+  DeviceBuffer adamw_params_, sum_ws_, rms_ws_, qk_ws_, bias_ws_;
+  DeviceBuffer inv_freq_;  // RopeInvFreq(config), head_dim / 2 doubles
+  double rope_scale_ = 1;  // RopeAttentionScaling(config)
   AttentionRunner attention_;
 };
 
@@ -458,7 +489,8 @@ size_t CudaBlockBytes(const BlockSpec& spec) {
   size_t bytes = 16 * p;  // weights, gradients, m, v
   if (spec.precision == Precision::kBF16) bytes += 2 * p;
   bytes += sizeof(kernels::AdamWDeviceParams) + kernels::sum_squares_workspace_doubles() * 8 + 8;
-  bytes += (RmsWorkspaceFloats(spec.config) + QkWorkspaceFloats(spec.config)) * 4;
+  bytes += (RmsWorkspaceFloats(spec.config) + QkWorkspaceFloats(spec.config) + BiasWorkspaceFloats(spec.config)) * 4;
+  bytes += InvFreqBytes(spec.config);
   return bytes;
 }
 

@@ -1,6 +1,7 @@
 """The Python client against a real blockd (CPU backend): error mapping, chunked LoadWeights and
 DownloadTensors, bf16 on the wire, RemoteSpan autograd and handle release, RemoteAdamW with
 learning-rate schedulers and clipping, checked against torch.optim.AdamW."""
+import dataclasses
 import gc
 import math
 import os
@@ -27,9 +28,18 @@ CFG = blockd.BlockConfig(hidden_size=32, num_attention_heads=4, num_kv_heads=2, 
                          rms_norm_eps=1e-6, rope_theta=10000.0, qk_norm=True)
 
 
+# Qwen2 (q/k/v biases) with Qwen2.5's yarn RoPE scaling.
+QWEN2_YARN = blockd.BlockConfig(hidden_size=32, num_attention_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
+                                rms_norm_eps=1e-6, rope_theta=1e6, attention_bias=True,
+                                rope_scaling=blockd.RopeScaling(rope_type="yarn", factor=4.0,
+                                                                original_max_position_embeddings=1024))
+
+
 def reference_block(cfg, weights):
+    rope = None if cfg.rope_scaling.is_default else dataclasses.asdict(cfg.rope_scaling)
     b = ReferenceBlock(cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim,
-                       cfg.intermediate_size, cfg.rms_norm_eps, cfg.rope_theta, cfg.qk_norm)
+                       cfg.intermediate_size, cfg.rms_norm_eps, cfg.rope_theta, cfg.qk_norm, rope=rope,
+                       bias=cfg.attention_bias)
     b.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
     return b
 
@@ -342,6 +352,29 @@ class RemoteSpanTest(ClientTestBase):
             for name, p in block.named_parameters():
                 err = (grads[name] - p.grad).abs().max().item()
                 self.assertLess(err, 1e-5 * p.grad.abs().max().item() + 1e-6, f"{block_id} {name}")
+
+    def test_qwen2_yarn_gradients_match_pytorch(self):
+        span = blockd.RemoteSpan.create(self.client, QWEN2_YARN, 1, prefix="q2y", seed=5, max_batch_size=4,
+                                        max_seq_len=16)
+        self.assertTrue(self.client.get_block(span.block_ids[0]).config.attention_bias)
+        weights = span.download()[0]
+        for part in "qkv":  # seeded biases are zero (HF's init); give them values the output depends on
+            name = f"self_attn.{part}_proj.bias"
+            weights[name] = torch.randn(weights[name].shape, generator=self.gen) * 0.5
+        self.client.load_weights(span.block_ids[0], {n: t.numpy() for n, t in weights.items()})
+        ref = ReferenceSpan([reference_block(QWEN2_YARN, weights)])
+        x = torch.randn(2, 9, QWEN2_YARN.hidden_size, generator=self.gen)
+        w = torch.randn(2, 9, QWEN2_YARN.hidden_size, generator=self.gen)
+        xr, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yl = span(xr, position_offset=5), ref(xl, position_offset=5)
+        self.assertLess((yr - yl).abs().max().item(), 1e-5 * yl.abs().max().item())
+        (yr * w).sum().backward()
+        (yl * w).sum().backward()
+        self.assertLess((xr.grad - xl.grad).abs().max().item(), 1e-5 * xl.grad.abs().max().item() + 1e-6)
+        grads = self.client.download_tensors(span.block_ids[0], kind="gradients", as_torch=True)
+        for name, p in ref.blocks[0].named_parameters():
+            err = (grads[name] - p.grad).abs().max().item()
+            self.assertLess(err, 1e-5 * p.grad.abs().max().item() + 1e-6, name)
 
     def test_weight_gradients_without_input_gradients(self):
         span = self.make_span(1)

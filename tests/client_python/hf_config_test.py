@@ -82,7 +82,7 @@ class SharedCases(unittest.TestCase):
     def test_import_hf_refuses_with_the_same_message(self):
         refused = [c for c in self.all["cases"] if "error" in c]
         names = {c["name"] for c in refused}
-        for must in ("gelu", "rope-scaling-llama3", "transformers5-rope-parameters-yarn"):
+        for must in ("gelu", "rope-dynamic", "llama3-no-low-freq-factor", "mlp-bias"):
             self.assertIn(must, names)
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
         with tempfile.TemporaryDirectory() as tmp:

@@ -58,6 +58,8 @@ def layer_shapes(c):
     if c["model_type"] == "qwen3":
         shapes["self_attn.q_norm.weight"] = [dh]
         shapes["self_attn.k_norm.weight"] = [dh]
+    if c["model_type"] == "qwen2":  # HF's Qwen2Attention always has q/k/v biases
+        shapes.update({"self_attn.q_proj.bias": [q], "self_attn.k_proj.bias": [kv], "self_attn.v_proj.bias": [kv]})
     return shapes
 
 
@@ -133,6 +135,7 @@ class HFImportTest(unittest.TestCase):
             self.assertEqual(c.rms_norm_eps, config["rms_norm_eps"])
             self.assertEqual(c.rope_theta, config.get("rope_theta", 10000.0))
             self.assertEqual(c.qk_norm, config["model_type"] == "qwen3")
+            self.assertEqual(c.attention_bias, config["model_type"] == "qwen2")
             got = self.client.download_tensors(block_id)
             expected = {n: tensors[f"model.layers.{layer}.{n}"] for n in layer_shapes(config)}
             self.assertEqual(sorted(got), sorted(expected))
@@ -206,13 +209,31 @@ class HFImportTest(unittest.TestCase):
         embed, _, head = hf.client_modules(d)
         self.assertIs(head.weight, embed.weight)
 
+    def test_qwen2_biases_and_llama32_rope_scaling(self):
+        qwen2 = dict(QWEN3, model_type="qwen2", head_dim=None)
+        del qwen2["attention_bias"]  # Qwen2 configs do not say
+        d = os.path.join(self.tmp.name, "qwen2")
+        tensors = make_checkpoint(d, qwen2, torch.bfloat16, shards=2, gen=self.gen)
+        ids = hf.import_hf(self.client, d, progress=False)
+        self.assertBlocksHold(ids, tensors, qwen2, [0, 1, 2])
+        llama32 = dict(LLAMA, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+        d = os.path.join(self.tmp.name, "llama32")
+        tensors = make_checkpoint(d, llama32, torch.float16, shards=1, gen=self.gen)
+        ids = hf.import_hf(self.client, d, progress=False)
+        self.assertBlocksHold(ids, tensors, llama32, [0, 1])
+        rope = self.client.get_block(ids[1]).config.rope_scaling
+        self.assertEqual((rope.rope_type, rope.factor, rope.low_freq_factor, rope.high_freq_factor,
+                          rope.original_max_position_embeddings), ("llama3", 32.0, 1.0, 4.0, 8192))
+
     def test_refusals_leave_no_blocks(self):
         cases = {
-            "qwen2-bias": (dict(QWEN3, model_type="qwen2"), {"model.layers.0.self_attn.q_proj.bias": torch.zeros(96)},
-                           "q_proj.bias"),
-            "rope-scaling": (dict(QWEN3, rope_scaling={"rope_type": "llama3", "factor": 8.0}), {}, "rope_scaling"),
-            "rope-parameters": (dict(QWEN3, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), {},
-                                "rope_parameters"),
+            "qwen3-bias": (QWEN3, {"model.layers.0.self_attn.q_proj.bias": torch.zeros(96)},
+                           "cannot hold: self_attn.q_proj.bias$"),
+            "rope-scaling": (dict(QWEN3, rope_scaling={"rope_type": "llama3", "factor": 8.0}), {},
+                             "rope_scaling has no low_freq_factor"),
+            "rope-parameters": (dict(QWEN3, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0}),
+                                {}, "rope_parameters .*: blockd blocks compute default, linear, llama3 or yarn RoPE"),
             "gelu": (dict(QWEN3, hidden_act="gelu"), {}, "hidden_act"),
             "moe": (dict(QWEN3, model_type="qwen3_moe"), {}, "model_type"),
         }

@@ -6,7 +6,12 @@
     block.load_state_dict({name: tensor, ...})   # the HF names of one layer
     y = block(x)                                 # x: [batch, seq, hidden]
 
-RoPE angles are computed in float64 (as blockd does) and then rounded to fp32.
+RoPE angles are computed in float64 (as blockd does) and then rounded to fp32. `rope` is HF's
+rope_scaling dict (linear / llama3 / yarn, computed from modeling_rope_utils.py's formulas) and
+`bias` gives q/k/v projections biases, as Qwen2 has:
+
+    ReferenceBlock(..., rope={"rope_type": "yarn", "factor": 4.0,
+                              "original_max_position_embeddings": 4096}, bias=True)
 """
 import math
 
@@ -27,12 +32,44 @@ class RefRMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_tables(seq, head_dim, theta, offset=0):
+def inv_freq_and_scaling(head_dim, theta, rope=None):
+    """HF's (inv_freq, attention_scaling) for rope_type default / linear / llama3 / yarn."""
     half = head_dim // 2
     inv_freq = theta ** (-(2.0 * torch.arange(half, dtype=torch.float64)) / head_dim)
+    kind = (rope or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = rope["factor"]
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        old = rope["original_max_position_embeddings"]
+        low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    assert kind == "yarn", kind
+    scaling = rope.get("attention_factor") or 0.1 * math.log(factor) + 1.0
+    max_pos = rope["original_max_position_embeddings"]
+
+    def correction_dim(rotations):
+        return head_dim * math.log(max_pos / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo = max(math.floor(correction_dim(rope.get("beta_fast") or 32)), 0)
+    hi = min(math.ceil(correction_dim(rope.get("beta_slow") or 1)), head_dim - 1)
+    hi = hi + 0.001 if lo == hi else hi
+    ramp = ((torch.arange(half, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), scaling
+
+
+def rope_tables(seq, head_dim, theta, offset=0, rope=None):
+    inv_freq, scaling = inv_freq_and_scaling(head_dim, theta, rope)
     angles = torch.arange(offset, offset + seq, dtype=torch.float64)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)  # HF: emb = cat(freqs, freqs)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * scaling).float(), (angles.sin() * scaling).float()
 
 
 def rotate_half(x):
@@ -41,12 +78,12 @@ def rotate_half(x):
 
 
 class RefAttention(nn.Module):
-    def __init__(self, hidden, heads, kv_heads, head_dim, eps, theta, qk_norm):
+    def __init__(self, hidden, heads, kv_heads, head_dim, eps, theta, qk_norm, rope=None, bias=False):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.theta = heads, kv_heads, head_dim, theta
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.heads, self.kv_heads, self.head_dim, self.theta, self.rope = heads, kv_heads, head_dim, theta, rope
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
         if qk_norm:
             self.q_norm = RefRMSNorm(head_dim, eps)
@@ -61,7 +98,7 @@ class RefAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, dh]
-        cos, sin = rope_tables(s, self.head_dim, self.theta, offset)
+        cos, sin = rope_tables(s, self.head_dim, self.theta, offset, self.rope)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         group = self.heads // self.kv_heads
@@ -86,10 +123,10 @@ class RefMLP(nn.Module):
 
 
 class ReferenceBlock(nn.Module):
-    def __init__(self, hidden, heads, kv_heads, head_dim, intermediate, eps, theta, qk_norm):
+    def __init__(self, hidden, heads, kv_heads, head_dim, intermediate, eps, theta, qk_norm, rope=None, bias=False):
         super().__init__()
         self.input_layernorm = RefRMSNorm(hidden, eps)
-        self.self_attn = RefAttention(hidden, heads, kv_heads, head_dim, eps, theta, qk_norm)
+        self.self_attn = RefAttention(hidden, heads, kv_heads, head_dim, eps, theta, qk_norm, rope, bias)
         self.post_attention_layernorm = RefRMSNorm(hidden, eps)
         self.mlp = RefMLP(hidden, intermediate)
 

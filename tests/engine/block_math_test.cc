@@ -4,6 +4,7 @@
 // the accumulate-into-grads contract.
 #include "engine/cpu/block_math.h"
 
+#include <cctype>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -36,6 +37,8 @@ constexpr double kFdEps = 1e-6, kFdAtol = 1e-6, kFdRtol = 1e-5;
 struct BlockCase {
   bool qk_norm;
   int64_t kv_heads;
+  const char* rope = "default";  // "llama3" / "yarn" / "linear": scaled RoPE (see SetUp)
+  bool bias = false;             // Qwen2's q/k/v biases
 };
 
 class BlockMathTest : public ::testing::TestWithParam<BlockCase> {
@@ -51,13 +54,24 @@ class BlockMathTest : public ::testing::TestWithParam<BlockCase> {
     config_.rms_norm_eps = 1e-6;
     config_.rope_theta = 10000;
     config_.qk_norm = GetParam().qk_norm;
+    // With head_dim 8 and theta 1e4 the wavelengths are 6.3, 63, 628 and 6283: llama3's context of
+    // 128 (bands at 32 and 128) puts one dimension in each of its three bands, and yarn's 64 gives a
+    // correction range [0, 2] so the ramp is 0, 1/2, 1, 1.
+    const std::string rope = GetParam().rope;
+    if (rope == "llama3") config_.rope_scaling = {"llama3", 8.0, 1.0, 4.0, 128, 0, 0, 0};
+    if (rope == "yarn") config_.rope_scaling = {"yarn", 4.0, 0, 0, 64, 0, 0, 0};
+    if (rope == "linear") config_.rope_scaling = {"linear", 3.0, 0, 0, 0, 0, 0, 0};
+    config_.attention_bias = GetParam().bias;
     params_ = BlockParams(config_);
     Rand rng(TestSeed(1000 + 10 * GetParam().kv_heads + GetParam().qk_norm));
     for (const ParamSpec& p : params_) {
       // Norm weights near 1 but not 1 (so their gradients matter); matrices 1.5x nn.Linear's range,
       // which makes the attention probabilities far from uniform.
+      // Biases of both signs, of the size of a projection's output.
+      const bool bias = p.id == ParamId::kQBias || p.id == ParamId::kKBias || p.id == ParamId::kVBias;
       weights_[static_cast<int>(p.id)] =
           p.is_matrix ? rng.Vec(p.numel(), -1.5 / std::sqrt(double(p.shape[1])), 1.5 / std::sqrt(double(p.shape[1])))
+          : bias      ? rng.Vec(p.numel(), -1.0, 1.0)
                       : rng.Vec(p.numel(), 0.5, 1.5);
       RoundToFloat(&weights_[static_cast<int>(p.id)]);
     }
@@ -199,10 +213,16 @@ TEST_P(BlockMathTest, ZeroBranchesLeaveTheIdentity) {
 
 INSTANTIATE_TEST_SUITE_P(Configs, BlockMathTest,
                          ::testing::Values(BlockCase{false, 4}, BlockCase{false, 2}, BlockCase{false, 1},
-                                           BlockCase{true, 4}, BlockCase{true, 2}, BlockCase{true, 1}),
+                                           BlockCase{true, 4}, BlockCase{true, 2}, BlockCase{true, 1},
+                                           BlockCase{false, 2, "llama3"}, BlockCase{true, 1, "yarn"},
+                                           BlockCase{false, 4, "linear"}, BlockCase{false, 2, "default", true},
+                                           BlockCase{true, 2, "yarn", true}, BlockCase{false, 1, "llama3", true}),
                          [](const ::testing::TestParamInfo<BlockCase>& info) {
+                           std::string rope = info.param.rope;
+                           rope[0] = static_cast<char>(std::toupper(rope[0]));
                            return std::string(info.param.qk_norm ? "QkNorm" : "NoQkNorm") + "Gqa" +
-                                  std::to_string(4 / info.param.kv_heads);
+                                  std::to_string(4 / info.param.kv_heads) + (rope == "Default" ? "" : rope + "Rope") +
+                                  (info.param.bias ? "Bias" : "");
                          });
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <set>
 #include <string>
 
@@ -72,6 +73,26 @@ TEST_F(CheckpointRotation, NamedCheckpointsOutliveAutomaticRotation) {
   auto restored = (*ckpt)->Restore("good", {});
   ASSERT_OK(restored.status());
   EXPECT_EQ(Read("b0", TensorKind::kWeights), good) << "checkpoint good no longer holds what was saved";
+}
+
+// A block with scaled RoPE and Qwen2's biases restores with its whole config and its bias tensors.
+TEST_F(CheckpointRotation, RopeScalingAndBiasesRestore) {
+  BlockConfig c = Config(false);
+  c.attention_bias = true;
+  c.rope_scaling = {"yarn", 4.0, 0, 0, 4096, 1.2, 16, 2};
+  ASSERT_OK(Create("q2", c, std::nullopt));
+  const TensorMap w = RandomWeights(c);
+  ASSERT_TRUE(w.count("self_attn.v_proj.bias"));
+  ASSERT_OK(Load("q2", w));
+  auto ckpt = MakeFileCheckpointer(engine_.get(), FreshDir("rope"), 0, 3);
+  ASSERT_OK(ckpt.status());
+  ASSERT_OK((*ckpt)->Save({"q2"}, "scaled").status());
+  ASSERT_OK(engine_->DeleteBlock("q2").status());
+  ASSERT_OK((*ckpt)->Restore("scaled", {}).status());
+  auto info = engine_->GetBlock("q2");
+  ASSERT_OK(info.status());
+  EXPECT_TRUE(info->spec.config == c) << "rope_scaling / attention_bias lost in the manifest";
+  EXPECT_EQ(Read("q2", TensorKind::kWeights), w);
 }
 
 TEST_F(CheckpointRotation, AutomaticNamesPassOverANameTheUserTook) {

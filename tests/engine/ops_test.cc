@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include "base/rope.h"
 #include "gtest/gtest.h"
 #include "tests/engine/reference.h"
 #include "tests/engine/test_util.h"
@@ -133,6 +134,14 @@ struct RopeCase {
 const RopeCase kRopeCases[] = {
     {2, 5, 3, 8, 0, 1e4}, {2, 7, 2, 16, 37, 1e4}, {1, 4, 1, 64, 4093, 1e6}, {3, 3, 2, 2, 5, 500.0}};
 
+// The inverse frequencies of plain RoPE with base theta, through base/rope.h as the block gets them.
+std::vector<double> PlainInvFreq(int64_t dh, double theta) {
+  BlockConfig c;
+  c.head_dim = dh;
+  c.rope_theta = theta;
+  return RopeInvFreq(c);
+}
+
 TEST(RopeTest, ForwardMatchesHfRotateHalf) {
   for (const RopeCase& c : kRopeCases) {
     SCOPED_TRACE(::testing::Message() << "dh " << c.dh << ", offset " << c.offset << ", theta " << c.theta);
@@ -145,11 +154,11 @@ TEST(RopeTest, ForwardMatchesHfRotateHalf) {
     // double angle error (position * 1e-16 ~ 1e-12 at position 4096). Angles computed in float
     // would be off by position * u ~ 2e-4 there.
     std::vector<float> xf = Cast<float>(x);
-    RopeForward(xf.data(), c.batch, c.seq, c.heads, c.dh, c.offset, c.theta);
+    RopeForward(xf.data(), c.batch, c.seq, c.heads, c.dh, c.offset, PlainInvFreq(c.dh, c.theta).data(), 1.0);
     EXPECT_TRUE(AllClose("rope<float>", xf, want, 1e-10, 2 * kFloatUlp));
 
     std::vector<double> xd = x;
-    RopeForward(xd.data(), c.batch, c.seq, c.heads, c.dh, c.offset, c.theta);
+    RopeForward(xd.data(), c.batch, c.seq, c.heads, c.dh, c.offset, PlainInvFreq(c.dh, c.theta).data(), 1.0);
     EXPECT_TRUE(AllClose("rope<double>", xd, want, 1e-10, kDoubleRtol));
   }
 }
@@ -163,18 +172,90 @@ TEST(RopeTest, BackwardMatchesFiniteDifferences) {
     std::vector<double> y;
     auto loss = [&] {
       y = x;
-      RopeForward(y.data(), c.batch, c.seq, c.heads, c.dh, c.offset, c.theta);
+      RopeForward(y.data(), c.batch, c.seq, c.heads, c.dh, c.offset, PlainInvFreq(c.dh, c.theta).data(), 1.0);
       return Dot(r, y.data());
     };
     std::vector<double> dx = r;
-    RopeBackward(dx.data(), c.batch, c.seq, c.heads, c.dh, c.offset, c.theta);
+    RopeBackward(dx.data(), c.batch, c.seq, c.heads, c.dh, c.offset, PlainInvFreq(c.dh, c.theta).data(), 1.0);
     EXPECT_TRUE(CheckGradient("rope dL/dx", &x, dx, loss, kFdEps, kFdAtol, kFdRtol));
 
     // A rotation: backward (by -angle) undoes forward.
     std::vector<double> round_trip = x;
-    RopeForward(round_trip.data(), c.batch, c.seq, c.heads, c.dh, c.offset, c.theta);
-    RopeBackward(round_trip.data(), c.batch, c.seq, c.heads, c.dh, c.offset, c.theta);
+    RopeForward(round_trip.data(), c.batch, c.seq, c.heads, c.dh, c.offset, PlainInvFreq(c.dh, c.theta).data(), 1.0);
+    RopeBackward(round_trip.data(), c.batch, c.seq, c.heads, c.dh, c.offset, PlainInvFreq(c.dh, c.theta).data(), 1.0);
     EXPECT_TRUE(AllClose("rope backward(forward(x))", round_trip, x, 1e-14, 1e-14));
+  }
+}
+
+// Llama 3.1/3.2's, Qwen2.5's yarn (computed and given attention factor, other betas) and a linear
+// scaling, each with a head_dim that puts dimensions in every band of its formula.
+std::vector<BlockConfig> ScaledRopeConfigs() {
+  std::vector<BlockConfig> out;
+  BlockConfig c;
+  c.head_dim = 64;
+  c.rope_theta = 500000;
+  c.rope_scaling = {"llama3", 32.0, 1.0, 4.0, 8192, 0, 0, 0};
+  out.push_back(c);
+  c.rope_theta = 1e6;
+  c.rope_scaling = {"yarn", 4.0, 0, 0, 32768, 0, 0, 0};
+  out.push_back(c);
+  c.head_dim = 16;
+  c.rope_theta = 1e4;
+  c.rope_scaling = {"yarn", 8.0, 0, 0, 2048, 1.25, 16, 2};
+  out.push_back(c);
+  c.rope_scaling = {"linear", 2.5, 0, 0, 0, 0, 0, 0};
+  out.push_back(c);
+  return out;
+}
+
+TEST(RopeTest, ScaledInvFreqAndRotationMatchHf) {
+  for (const BlockConfig& cfg : ScaledRopeConfigs()) {
+    SCOPED_TRACE(::testing::Message() << cfg.rope_scaling.rope_type << " dh " << cfg.head_dim);
+    ASSERT_TRUE(ValidateRopeScaling(cfg.rope_scaling).ok());
+    const std::vector<double> inv_freq = RopeInvFreq(cfg), want_freq = ref::InvFreq(cfg);
+    EXPECT_TRUE(AllClose("inv_freq", inv_freq, want_freq, 0, 1e-14));
+    // Scaling changes something: a config that fell through to plain RoPE would pass the rest.
+    EXPECT_NE(inv_freq, PlainInvFreq(cfg.head_dim, cfg.rope_theta));
+    EXPECT_EQ(RopeAttentionScaling(cfg), ref::RopeScale(cfg));
+
+    const int64_t batch = 2, seq = 5, heads = 3, offset = 3000;
+    Rand rng(TestSeed(230 + cfg.head_dim));
+    std::vector<double> x = rng.Vec(batch * seq * heads * cfg.head_dim, -2, 2);
+    const std::vector<double> want = ref::Rope(x, batch, seq, heads, cfg.head_dim, offset, want_freq, ref::RopeScale(cfg));
+    std::vector<double> y = x;
+    RopeForward(y.data(), batch, seq, heads, cfg.head_dim, offset, inv_freq.data(), RopeAttentionScaling(cfg));
+    EXPECT_TRUE(AllClose("scaled rope<double>", y, want, 1e-10, kDoubleRtol));
+
+    const std::vector<double> r = rng.Vec(x.size(), -1, 1);
+    auto loss = [&] {
+      y = x;
+      RopeForward(y.data(), batch, seq, heads, cfg.head_dim, offset, inv_freq.data(), RopeAttentionScaling(cfg));
+      return Dot(r, y.data());
+    };
+    std::vector<double> dx = r;
+    RopeBackward(dx.data(), batch, seq, heads, cfg.head_dim, offset, inv_freq.data(), RopeAttentionScaling(cfg));
+    EXPECT_TRUE(CheckGradient("scaled rope dL/dx", &x, dx, loss, kFdEps, kFdAtol, kFdRtol));
+  }
+  // Yarn's attention factor left unset is get_mscale(factor) = 0.1 ln(4) + 1.
+  EXPECT_DOUBLE_EQ(RopeAttentionScaling(ScaledRopeConfigs()[1]), 0.1 * std::log(4.0) + 1);
+}
+
+// --------------------------------------------------------------------------------------- bias
+
+TEST(BiasTest, ForwardAddsAndBackwardSumsColumns) {
+  Rand rng(TestSeed(240));
+  const int64_t rows = 7, width = 5;
+  const std::vector<double> x = rng.Vec(rows * width, -1, 1), b = rng.Vec(width, -1, 1);
+  std::vector<double> y = x;
+  AddBias(y.data(), b.data(), rows, width);
+  for (int64_t i = 0; i < rows * width; ++i) EXPECT_EQ(y[i], x[i] + b[i % width]) << "element " << i;
+  const std::vector<double> dy = rng.Vec(rows * width, -1, 1);
+  std::vector<double> db = rng.Vec(width, -1, 1), db0 = db;  // adds into what is there
+  BiasBackward(dy.data(), rows, width, db.data());
+  for (int64_t j = 0; j < width; ++j) {
+    double sum = db0[j];
+    for (int64_t r = 0; r < rows; ++r) sum += dy[r * width + j];
+    EXPECT_NEAR(db[j], sum, 1e-14) << "column " << j;
   }
 }
 

@@ -7,6 +7,7 @@
 //   std::vector<double> out = ref::Block(config, weights, x, batch, seq, offset);
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -30,11 +31,64 @@ inline void RmsNorm(const std::vector<double>& x, const std::vector<double>& w, 
   }
 }
 
+// HF's inverse frequencies for c.rope_scaling, written from modeling_rope_utils.py in its own
+// shape (whole-vector steps like its torch.where calls), independently of base/rope.cc.
+inline std::vector<double> InvFreq(const BlockConfig& c) {
+  const int64_t dim = c.head_dim;
+  const double base = c.rope_theta;
+  std::vector<double> inv_freq(dim / 2);
+  for (int64_t j = 0; j < dim / 2; ++j) inv_freq[j] = 1.0 / std::pow(base, static_cast<double>(2 * j) / dim);
+  const RopeScaling& r = c.rope_scaling;
+  const double pi = std::acos(-1.0);
+  if (r.rope_type == "linear") {
+    for (double& f : inv_freq) f = f / r.factor;
+  } else if (r.rope_type == "llama3") {
+    const double old_context_len = static_cast<double>(r.original_max_position_embeddings);
+    const double low_freq_wavelen = old_context_len / r.low_freq_factor;
+    const double high_freq_wavelen = old_context_len / r.high_freq_factor;
+    std::vector<double> out(inv_freq.size());
+    for (size_t j = 0; j < inv_freq.size(); ++j) {
+      const double wavelen = 2 * pi / inv_freq[j];
+      double llama = wavelen > low_freq_wavelen ? inv_freq[j] / r.factor : inv_freq[j];
+      const double smooth_factor =
+          (old_context_len / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+      const double smoothed = (1 - smooth_factor) * llama / r.factor + smooth_factor * llama;
+      const bool is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+      out[j] = is_medium ? smoothed : llama;
+    }
+    inv_freq = out;
+  } else if (r.rope_type == "yarn") {
+    const double beta_fast = r.beta_fast != 0 ? r.beta_fast : 32, beta_slow = r.beta_slow != 0 ? r.beta_slow : 1;
+    const double max_pos = static_cast<double>(r.original_max_position_embeddings);
+    auto correction_dim = [&](double rot) { return dim * std::log(max_pos / (rot * 2 * pi)) / (2 * std::log(base)); };
+    double low = std::max(std::floor(correction_dim(beta_fast)), 0.0);
+    double high = std::min(std::ceil(correction_dim(beta_slow)), static_cast<double>(dim - 1));
+    if (low == high) high += 0.001;
+    for (int64_t j = 0; j < dim / 2; ++j) {
+      const double pos_freq = std::pow(base, static_cast<double>(2 * j) / dim);
+      const double extrapolation = 1.0 / pos_freq, interpolation = 1.0 / (r.factor * pos_freq);
+      const double ramp = std::min(std::max((j - low) / (high - low), 0.0), 1.0);
+      const double extrapolation_factor = 1 - ramp;
+      inv_freq[j] = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor;
+    }
+  }
+  return inv_freq;
+}
+
+// HF's attention_scaling: yarn's attention_factor, else get_mscale(factor) = 0.1 ln(factor) + 1; 1
+// for the other types.
+inline double RopeScale(const BlockConfig& c) {
+  const RopeScaling& r = c.rope_scaling;
+  if (r.rope_type != "yarn") return 1.0;
+  if (r.attention_factor != 0) return r.attention_factor;
+  return r.factor <= 1 ? 1.0 : 0.1 * std::log(r.factor) + 1.0;
+}
+
 // HF apply_rotary_pos_emb on x [batch, seq, heads, dh]: x * cos + rotate_half(x) * sin, with
-// cos/sin = cat(freqs, freqs), freqs = position * inv_freq, inv_freq[i] = 1 / theta^(2i/dh),
+// cos/sin = cat(freqs, freqs).cos()/.sin() * scale, freqs = position * inv_freq,
 // rotate_half(x) = cat(-x[h:], x[:h]), positions offset..offset+seq-1.
 inline std::vector<double> Rope(const std::vector<double>& x, int64_t batch, int64_t seq, int64_t heads, int64_t dh,
-                                int64_t offset, double theta) {
+                                int64_t offset, const std::vector<double>& inv_freq, double scale) {
   const int64_t half = dh / 2;
   std::vector<double> out(x.size());
   std::vector<double> cos_full(dh), sin_full(dh), rot(dh);
@@ -43,9 +97,8 @@ inline std::vector<double> Rope(const std::vector<double>& x, int64_t batch, int
       const double position = static_cast<double>(offset + s);
       for (int64_t i = 0; i < dh; ++i) {
         const int64_t f = i % half;
-        const double inv_freq = 1.0 / std::pow(theta, static_cast<double>(2 * f) / static_cast<double>(dh));
-        cos_full[i] = std::cos(position * inv_freq);
-        sin_full[i] = std::sin(position * inv_freq);
+        cos_full[i] = std::cos(position * inv_freq[f]) * scale;
+        sin_full[i] = std::sin(position * inv_freq[f]) * scale;
       }
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t base = ((b * seq + s) * heads + h) * dh;
@@ -58,6 +111,15 @@ inline std::vector<double> Rope(const std::vector<double>& x, int64_t batch, int
     }
   }
   return out;
+}
+
+// Plain RoPE: inv_freq[i] = 1 / theta^(2i/dh), no scale.
+inline std::vector<double> Rope(const std::vector<double>& x, int64_t batch, int64_t seq, int64_t heads, int64_t dh,
+                                int64_t offset, double theta) {
+  BlockConfig c;
+  c.head_dim = dh;
+  c.rope_theta = theta;
+  return Rope(x, batch, seq, heads, dh, offset, InvFreq(c), 1.0);
 }
 
 // Causal GQA attention on q [b, s, H, dh], k/v [b, s, Hkv, dh] (query head h reads kv head
@@ -134,6 +196,13 @@ inline std::vector<double> Block(const BlockConfig& c, const BlockWeights& w, co
   std::vector<double> q = Linear(n1, W(w, ParamId::kQProj), n, d, H * dh);
   std::vector<double> k = Linear(n1, W(w, ParamId::kKProj), n, d, Hkv * dh);
   std::vector<double> v = Linear(n1, W(w, ParamId::kVProj), n, d, Hkv * dh);
+  if (c.attention_bias) {  // nn.Linear(bias=True): y = x W^T + b
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t j = 0; j < H * dh; ++j) q[t * H * dh + j] += W(w, ParamId::kQBias)[j];
+      for (int64_t j = 0; j < Hkv * dh; ++j) k[t * Hkv * dh + j] += W(w, ParamId::kKBias)[j];
+      for (int64_t j = 0; j < Hkv * dh; ++j) v[t * Hkv * dh + j] += W(w, ParamId::kVBias)[j];
+    }
+  }
   if (c.qk_norm) {
     std::vector<double> qn, kn;
     RmsNorm(q, W(w, ParamId::kQNorm), n * H, dh, c.rms_norm_eps, &qn, &rstd);
@@ -141,8 +210,8 @@ inline std::vector<double> Block(const BlockConfig& c, const BlockWeights& w, co
     q = qn;
     k = kn;
   }
-  q = Rope(q, batch, seq, H, dh, offset, c.rope_theta);
-  k = Rope(k, batch, seq, Hkv, dh, offset, c.rope_theta);
+  q = Rope(q, batch, seq, H, dh, offset, InvFreq(c), RopeScale(c));
+  k = Rope(k, batch, seq, Hkv, dh, offset, InvFreq(c), RopeScale(c));
   std::vector<double> attn, lse;
   Attention(q, k, v, batch, seq, H, Hkv, dh, 1.0 / std::sqrt(static_cast<double>(dh)), &attn, &lse);
   std::vector<double> r1 = Linear(attn, W(w, ParamId::kOProj), n, H * dh, d);

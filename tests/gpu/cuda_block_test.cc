@@ -81,6 +81,9 @@ std::vector<std::vector<float>> RandomWeights(const BlockConfig& c, uint64_t see
     if (p.is_matrix) {
       std::uniform_real_distribution<float> u(-1.f / std::sqrt(float(p.shape[1])), 1.f / std::sqrt(float(p.shape[1])));
       for (float& x : t) x = u(rng);
+    } else if (p.id == ParamId::kQBias || p.id == ParamId::kKBias || p.id == ParamId::kVBias) {
+      std::normal_distribution<float> n(0.f, 0.5f);  // both signs, the size of the projections' outputs
+      for (float& x : t) x = n(rng);
     } else {
       std::normal_distribution<float> n(1.f, 0.1f);
       for (float& x : t) x = n(rng);
@@ -217,6 +220,25 @@ std::vector<BlockCase> Cases() {
     cases.push_back({"odd_noqk_gqa1_" + pn, Config(72, 3, 3, 24, 200, false), 3, 17, 0, p});
     cases.push_back({"gqa4_qknorm_" + pn, Config(128, 8, 2, 32, 256, true), 2, 70, 11, p});
     cases.push_back({"dh128_" + pn, Config(256, 4, 2, 128, 512, true), 1, 130, 0, p});
+  }
+  // Scaled RoPE (Llama 3.2's llama3 values; Qwen2.5's yarn) and Qwen2's q/k/v biases, at offsets
+  // and lengths that reach the scaled bands.
+  for (Precision p : {Precision::kFP32, Precision::kBF16}) {
+    const std::string pn(PrecisionName(p));
+    BlockConfig llama3 = Config(128, 4, 2, 32, 256, false);
+    llama3.rope_theta = 500000;
+    llama3.rope_scaling = {"llama3", 32.0, 1.0, 4.0, 8192, 0, 0, 0};
+    cases.push_back({"llama3_rope_" + pn, llama3, 2, 40, 5000, p});
+    BlockConfig yarn = Config(128, 4, 2, 32, 256, true);
+    yarn.rope_scaling = {"yarn", 4.0, 0, 0, 32768, 0, 0, 0};
+    cases.push_back({"yarn_rope_" + pn, yarn, 2, 33, 100, p});
+    BlockConfig qwen2 = Config(128, 8, 2, 16, 256, false);
+    qwen2.attention_bias = true;
+    cases.push_back({"qwen2_bias_" + pn, qwen2, 3, 21, 7, p});
+    BlockConfig both = Config(256, 4, 2, 64, 512, false);
+    both.attention_bias = true;
+    both.rope_scaling = {"yarn", 8.0, 0, 0, 4096, 1.3, 0, 0};
+    cases.push_back({"qwen2_bias_yarn_dh64_" + pn, both, 1, 130, 0, p});
   }
   cases.push_back({"qwen3_0p6b_seq2048_fp32", Config(1024, 16, 8, 128, 3072, true), 1, 2048, 0, Precision::kFP32});
   cases.push_back({"qwen3_0p6b_seq2048_bf16", Config(1024, 16, 8, 128, 3072, true), 1, 2048, 0, Precision::kBF16});

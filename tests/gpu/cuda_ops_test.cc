@@ -4,14 +4,17 @@
 #include <cuda_bf16.h>
 
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "engine/cpu/ops.h"
+#include "base/rope.h"
 #include "base/dtype.h"
 #include "kernels/adamw.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/attention_fp32.cuh"
 #include "kernels/attention_mma.cuh"
+#include "kernels/bias.cuh"
 #include "kernels/convert.cuh"
 #include "kernels/gemm.h"
 #include "kernels/rmsnorm.cuh"
@@ -89,14 +92,28 @@ INSTANTIATE_TEST_SUITE_P(Shapes, RmsNormTest,
                          ::testing::Values(std::make_tuple(1, 64), std::make_tuple(37, 1000),
                                            std::make_tuple(300, 4096), std::make_tuple(1000, 24)));
 
-class RopeTest : public ::testing::TestWithParam<std::tuple<int, bool, int64_t>> {};
+// The config of a RoPE test: theta 1e6 and the named rope_type with Llama 3.1's and Qwen2.5's values.
+BlockConfig RopeConfig(int dh, const std::string& rope) {
+  BlockConfig c;
+  c.head_dim = dh;
+  c.rope_theta = 1e6;
+  if (rope == "llama3") c.rope_scaling = {"llama3", 8.0, 1.0, 4.0, 8192, 0, 0, 0};
+  if (rope == "yarn") c.rope_scaling = {"yarn", 4.0, 0, 0, 32768, 0, 0, 0};
+  if (rope == "linear") c.rope_scaling = {"linear", 2.0, 0, 0, 0, 0, 0, 0};
+  return c;
+}
+
+class RopeTest : public ::testing::TestWithParam<std::tuple<int, bool, int64_t, const char*>> {};
 
 TEST_P(RopeTest, QkNormRopeForwardAndBackwardMatchFloat64) {
   SKIP_WITHOUT_GPU();
-  const auto [dh, qk_norm, offset] = GetParam();
+  const auto [dh, qk_norm, offset, rope] = GetParam();
+  const BlockConfig rc = RopeConfig(dh, rope);
+  const std::vector<double> inv_freq = RopeInvFreq(rc);
+  const double scale = RopeAttentionScaling(rc);
   const int batch = 2, seq = 19, heads = 3;
   const int64_t tokens = int64_t(batch) * seq, stride = heads * dh + 40;  // a part inside a wider row
-  const double eps = 1e-6, theta = 1e6;
+  const double eps = 1e-6;
   auto in = RandomNormal(tokens * stride, 11, 2.f);
   auto w = RandomNormal(dh, 12, 0.3f, 1.f);
   auto dout = RandomNormal(tokens * heads * dh, 13);
@@ -112,9 +129,9 @@ TEST_P(RopeTest, QkNormRopeForwardAndBackwardMatchFloat64) {
   } else {
     y = x;
   }
-  cpu::RopeForward(y.data(), batch, seq, heads, dh, offset, theta);
+  cpu::RopeForward(y.data(), batch, seq, heads, dh, offset, inv_freq.data(), scale);
   std::vector<double> g(dout.begin(), dout.end());
-  cpu::RopeBackward(g.data(), batch, seq, heads, dh, offset, theta);
+  cpu::RopeBackward(g.data(), batch, seq, heads, dh, offset, inv_freq.data(), scale);
   std::vector<double> dx_ref(x.size(), 0.0), dw_ref(dw0.begin(), dw0.end());
   if (qk_norm) {
     cpu::RmsNormBackward(g.data(), x.data(), wd.data(), rstd.data(), tokens * heads, dh, dx_ref.data(), dw_ref.data());
@@ -124,10 +141,11 @@ TEST_P(RopeTest, QkNormRopeForwardAndBackwardMatchFloat64) {
 
   DeviceArray<float> din(in), dwv(w), ddout(dout), ddw(dw0), dout_y(tokens * heads * dh), drstd(tokens * heads);
   DeviceArray<float2> table(seq * dh / 2);
+  DeviceArray<double> dinv_freq(inv_freq);
   DeviceArray<float> ddin(tokens * stride), ws(kernels::qknorm_rope_bwd_workspace_floats(dh));
   dout_y.Poison();
   ddin.Poison();
-  CUDA_ASSERT(kernels::launch_rope_table(table.get(), seq, dh, offset, theta, 0));
+  CUDA_ASSERT(kernels::launch_rope_table(table.get(), seq, dh, offset, dinv_freq.get(), scale, 0));
   CUDA_ASSERT(kernels::launch_qknorm_rope_fwd<float>(din.get(), stride, dout_y.get(), drstd.get(),
                                                      qk_norm ? dwv.get() : nullptr, table.get(), tokens, seq, heads, dh,
                                                      eps, 0));
@@ -146,9 +164,61 @@ TEST_P(RopeTest, QkNormRopeForwardAndBackwardMatchFloat64) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Configs, RopeTest,
-                         ::testing::Values(std::make_tuple(64, true, int64_t{0}), std::make_tuple(128, true, int64_t{5000}),
-                                           std::make_tuple(128, false, int64_t{3}), std::make_tuple(32, true, int64_t{1}),
-                                           std::make_tuple(256, false, int64_t{100000})));
+                         ::testing::Values(std::make_tuple(64, true, int64_t{0}, "default"),
+                                           std::make_tuple(128, true, int64_t{5000}, "default"),
+                                           std::make_tuple(128, false, int64_t{3}, "default"),
+                                           std::make_tuple(32, true, int64_t{1}, "default"),
+                                           std::make_tuple(256, false, int64_t{100000}, "default"),
+                                           std::make_tuple(128, false, int64_t{7000}, "llama3"),
+                                           std::make_tuple(64, true, int64_t{40000}, "yarn"),
+                                           std::make_tuple(128, true, int64_t{11}, "linear")));
+
+// Qwen2's q|k|v bias inside wider rows: the add in fp32 (stored as float or bf16), and the column
+// sums of the gradient, accumulated onto what dbias held, against float64 sums.
+TEST(BiasTest, AddAndColumnSumsMatchFloat64) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t rows : {int64_t{1}, int64_t{37}, int64_t{5000}}) {
+    SCOPED_TRACE(::testing::Message() << "rows " << rows);
+    const int width = 200;
+    const int64_t stride = width + 24;
+    const auto y0 = RandomNormal(rows * stride, 41);
+    const auto bias = RandomNormal(width, 42);
+    const auto db0 = RandomNormal(width, 43);
+    DeviceArray<float> y(y0), b(bias), db(db0), ws(kernels::bias_bwd_workspace_floats(width));
+    DeviceArray<bf16> y16(ToBf16(y0));
+    CUDA_ASSERT(kernels::launch_add_bias<float>(y.get(), stride, b.get(), rows, width, 0));
+    CUDA_ASSERT(kernels::launch_add_bias<bf16>(y16.get(), stride, b.get(), rows, width, 0));
+    CUDA_ASSERT(kernels::launch_bias_bwd<float>(y.get(), stride, rows, width, db.get(), /*accumulate=*/true,
+                                                ws.get(), 0));
+    CUDA_ASSERT(cudaDeviceSynchronize());
+    const auto got = y.Download(), got16 = FromBf16(y16.Download()), got_db = db.Download();
+    const auto in16 = FromBf16(ToBf16(y0));
+    std::vector<double> want(rows * stride), want16(rows * stride), want_db(db0.begin(), db0.end());
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < stride; ++j) {
+        const int64_t i = r * stride + j;
+        want[i] = double(y0[i]) + (j < width ? bias[j] : 0.0);
+        want16[i] = double(in16[i]) + (j < width ? bias[j] : 0.0);
+      }
+    }
+    // dbias reads the biased y back: sums of rows terms in fp32 on both sides of the reference.
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int j = 0; j < width; ++j) want_db[j] += double(got[r * stride + j]);
+    }
+    ExpectClose("y + bias (fp32)", got, want, kFp32Rtol);
+    // One bf16 rounding of the fp32 sum: relative 2^-8 of each element.
+    for (int64_t i = 0; i < rows * stride; ++i) {
+      ASSERT_LE(std::fabs(got16[i] - want16[i]), std::ldexp(std::fabs(want16[i]), -8) + 1e-30) << "element " << i;
+    }
+    // The sum of `rows` fp32 terms of O(1): error <= rows * 2^-24 * sum |terms|, below 1e-5 of
+    // sqrt(rows) for random signs at these sizes; bounded by the worst case to stay exact.
+    for (int j = 0; j < width; ++j) {
+      double mag = std::fabs(db0[j]);
+      for (int64_t r = 0; r < rows; ++r) mag += std::fabs(got[r * stride + j]);
+      ASSERT_LE(std::fabs(got_db[j] - want_db[j]), double(rows + 1) * std::ldexp(1.0, -24) * mag) << "column " << j;
+    }
+  }
+}
 
 // cuDNN's attention backward writes dq and dk in bf16 (engine/cuda/attention_dispatch.cc): the
 // backward reading bf16 gradients must compute exactly what it computes from the same values in
@@ -165,9 +235,10 @@ TEST(RopeBf16GradTest, Bf16GradientsGiveTheSameBitsAsTheirFp32Values) {
     DeviceArray<float> dout_f(FromBf16(dout16)), dw(w), rstd(tokens * heads), dw_f(dh), dw_b(dh);
     DeviceArray<float> ws(kernels::qknorm_rope_bwd_workspace_floats(dh));
     DeviceArray<float2> table(seq * dh / 2);
+    DeviceArray<double> inv_freq(RopeInvFreq(RopeConfig(dh, "default")));
     dx_f.Poison();
     dx_b.Poison();
-    CUDA_ASSERT(kernels::launch_rope_table(table.get(), seq, dh, 0, 1e6, 0));
+    CUDA_ASSERT(kernels::launch_rope_table(table.get(), seq, dh, 0, inv_freq.get(), 1.0, 0));
     CUDA_ASSERT(kernels::launch_qknorm_rope_fwd<bf16>(din.get(), stride, y.get(), rstd.get(), dw.get(), table.get(),
                                                       tokens, seq, heads, dh, 1e-6f, 0));
     CUDA_ASSERT(kernels::launch_qknorm_rope_bwd<bf16>(dout_f.get(), din.get(), stride, rstd.get(), dw.get(),

@@ -164,6 +164,7 @@ v1::BlockConfig BlockConfigOf(const nlohmann::json& c) {
   b.set_rms_norm_eps(c["rms_norm_eps"].get<double>());
   b.set_rope_theta(c.value("rope_theta", 10000.0));
   b.set_qk_norm(c["model_type"] == "qwen3");
+  b.set_attention_bias(c["model_type"] == "qwen2");  // HF's Qwen2Attention always has q/k/v biases
   return b;
 }
 
@@ -350,16 +351,17 @@ TEST_F(BlockctlImportHf, RefusalsCreateNothing) {
   nlohmann::json qwen2 = Qwen3Config();
   qwen2["model_type"] = "qwen2";
   qwen2.erase("head_dim");
-  qwen2.erase("attention_bias");  // Qwen2 configs do not say; the bias tensors do
-  const int64_t q_dim = 4 * 16;
+  qwen2.erase("attention_bias");  // Qwen2 configs do not say; HF's Qwen2 always has q/k/v biases
+  // A bias on a model that has none (Qwen3 here) is a tensor no block holds.
+  const int64_t q_dim = 4 * 24;
   const std::vector<float> zeros(static_cast<size_t>(q_dim), 0.f);
   const TensorBytes bias{"model.layers.2.self_attn.q_proj.bias", v1::DTYPE_BFLOAT16, {q_dim},
                          wire::EncodeFloat32(zeros.data(), zeros.size(), v1::DTYPE_BFLOAT16)};
   nlohmann::json scaled = Qwen3Config();
   scaled["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}};
-  nlohmann::json yarn = Qwen3Config();  // transformers 5 spells rope_scaling rope_parameters
-  yarn.erase("rope_theta");
-  yarn["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 1000000.0}, {"factor", 4.0}};
+  nlohmann::json dynamic = Qwen3Config();  // transformers 5 spells rope_scaling rope_parameters
+  dynamic.erase("rope_theta");
+  dynamic["rope_parameters"] = {{"rope_type", "dynamic"}, {"rope_theta", 1000000.0}, {"factor", 4.0}};
   nlohmann::json gelu = Qwen3Config();
   gelu["hidden_act"] = "gelu";
   nlohmann::json moe = Qwen3Config();
@@ -369,15 +371,16 @@ TEST_F(BlockctlImportHf, RefusalsCreateNothing) {
   nlohmann::json sliding = Qwen3Config();
   sliding["use_sliding_window"] = true;
   const std::vector<Case> cases = {
-      {"qwen2-bias", qwen2, {bias}, {},
-       "INVALID_ARGUMENT: layer 2 has tensors a blockd block cannot hold: self_attn.q_proj.bias (Qwen2 attention "
-       "biases are not supported)"},
-      {"rope-scaling", scaled, {}, {}, "INVALID_ARGUMENT: rope_scaling {"},
+      {"qwen3-bias", Qwen3Config(), {bias}, {},
+       "INVALID_ARGUMENT: layer 2 has tensors a blockd block cannot hold: self_attn.q_proj.bias\n"},
+      {"qwen2-without-biases", qwen2, {}, {"model.layers.1.self_attn.k_proj.bias"},
+       "INVALID_ARGUMENT: layer 1 lacks model.layers.1.self_attn.k_proj.bias"},
+      {"rope-scaling", scaled, {}, {}, "INVALID_ARGUMENT: rope_scaling has no low_freq_factor"},
       {"gelu", gelu, {}, {}, "INVALID_ARGUMENT: hidden_act \"gelu\": blockd blocks compute a SiLU-gated MLP"},
       {"moe", moe, {}, {}, "INVALID_ARGUMENT: model_type \"qwen3_moe\": blockd blocks are llama, qwen2 or qwen3"},
-      {"rope-parameters", yarn, {}, {},
-       "INVALID_ARGUMENT: rope_parameters {\"factor\":4.0,\"rope_theta\":1000000.0,\"rope_type\":\"yarn\"}: blockd "
-       "blocks compute plain RoPE (rope_theta only)"},
+      {"rope-parameters", dynamic, {}, {},
+       "INVALID_ARGUMENT: rope_parameters {\"factor\":4.0,\"rope_theta\":1000000.0,\"rope_type\":\"dynamic\"}: "
+       "blockd blocks compute default, linear, llama3 or yarn RoPE"},
       {"attention-bias", biased, {}, {}, "INVALID_ARGUMENT: attention_bias is true"},
       {"sliding", sliding, {}, {}, "INVALID_ARGUMENT: use_sliding_window is true"},
       {"missing", Qwen3Config(), {}, {"model.layers.2.mlp.up_proj.weight"},
@@ -390,11 +393,28 @@ TEST_F(BlockctlImportHf, RefusalsCreateNothing) {
     EXPECT_EQ(BlockIds(), std::vector<std::string>{});
   }
 
-  // The same Qwen2 checkpoint without the bias imports (no qk_norm, head_dim = hidden / heads).
-  const std::string plain = WriteCheckpoint("qwen2-plain", qwen2, 2, 22);
-  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", plain)), 0, "qwen2-plain/layer2\n");
-  ExpectBlockHoldsLayer("qwen2-plain/layer0", qwen2, 0);
-  for (int i = 0; i < 3; ++i) ASSERT_OK(client_->DeleteBlock(absl::StrCat("qwen2-plain/layer", i)).status());
+  // A Qwen2 checkpoint with its q/k/v biases imports (no qk_norm, head_dim = hidden / heads), and
+  // a Llama 3.2-style one with llama3 RoPE scaling.
+  const std::string qwen2_dir = WriteCheckpoint("qwen2", qwen2, 2, 22);
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", qwen2_dir)), 0, "qwen2/layer2\n");
+  ExpectBlockHoldsLayer("qwen2/layer0", qwen2, 0);
+  auto qwen2_info = client_->GetBlock("qwen2/layer1");
+  ASSERT_OK(qwen2_info.status());
+  EXPECT_TRUE(qwen2_info->config().attention_bias());
+  for (int i = 0; i < 3; ++i) ASSERT_OK(client_->DeleteBlock(absl::StrCat("qwen2/layer", i)).status());
+  nlohmann::json llama32 = Qwen3Config();
+  llama32["model_type"] = "llama";
+  llama32["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 32.0}, {"low_freq_factor", 1.0},
+                             {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 8192}};
+  const std::string llama_dir = WriteCheckpoint("llama32", llama32, 1, 26);
+  EXPECT_RUN(Ctl(absl::StrCat("import-hf ", llama_dir)), 0, "llama32/layer2\n");
+  ExpectBlockHoldsLayer("llama32/layer1", llama32, 1);
+  auto llama_info = client_->GetBlock("llama32/layer1");
+  ASSERT_OK(llama_info.status());
+  EXPECT_EQ(llama_info->config().rope_scaling().rope_type(), "llama3");
+  EXPECT_EQ(llama_info->config().rope_scaling().factor(), 32.0);
+  EXPECT_EQ(llama_info->config().rope_scaling().original_max_position_embeddings(), 8192);
+  for (int i = 0; i < 3; ++i) ASSERT_OK(client_->DeleteBlock(absl::StrCat("llama32/layer", i)).status());
 
   // A tensor whose shape disagrees with config.json.
   nlohmann::json wide = Qwen3Config();

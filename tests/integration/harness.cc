@@ -76,11 +76,13 @@ v1::CreateBlockRequest CreateRequest(const std::string& id, const v1::BlockConfi
 std::vector<ParamShape> ExpectedParams(const v1::BlockConfig& c) {
   const int64_t d = c.hidden_size(), f = c.intermediate_size();
   const int64_t q = c.num_attention_heads() * c.head_dim(), kv = c.num_kv_heads() * c.head_dim();
-  std::vector<ParamShape> p = {{"input_layernorm.weight", {d}},
-                               {"self_attn.q_proj.weight", {q, d}},
-                               {"self_attn.k_proj.weight", {kv, d}},
-                               {"self_attn.v_proj.weight", {kv, d}},
-                               {"self_attn.o_proj.weight", {d, q}}};
+  std::vector<ParamShape> p = {{"input_layernorm.weight", {d}}};
+  // Qwen2's biases follow their projections' weights (ARCHITECTURE.md's table).
+  for (auto [part, rows] : {std::pair<const char*, int64_t>{"q", q}, {"k", kv}, {"v", kv}}) {
+    p.push_back({absl::StrCat("self_attn.", part, "_proj.weight"), {rows, d}});
+    if (c.attention_bias()) p.push_back({absl::StrCat("self_attn.", part, "_proj.bias"), {rows}});
+  }
+  p.push_back({"self_attn.o_proj.weight", {d, q}});
   if (c.qk_norm()) {
     p.push_back({"self_attn.q_norm.weight", {c.head_dim()}});
     p.push_back({"self_attn.k_norm.weight", {c.head_dim()}});

@@ -60,6 +60,18 @@ TEST(HfConfig, SharedCases) {
     EXPECT_EQ(got->rms_norm_eps, want["rms_norm_eps"].get<double>());
     EXPECT_EQ(got->rope_theta, want["rope_theta"].get<double>());
     EXPECT_EQ(got->qk_norm, want["qk_norm"].get<bool>());
+    EXPECT_EQ(got->attention_bias, want.value("attention_bias", false));
+    const json rope = want.value("rope_scaling", json::object());
+    EXPECT_EQ(got->rope_scaling.rope_type, rope.value("rope_type", ""));
+    EXPECT_EQ(got->rope_scaling.factor, rope.value("factor", 0.0));
+    EXPECT_EQ(got->rope_scaling.low_freq_factor, rope.value("low_freq_factor", 0.0));
+    EXPECT_EQ(got->rope_scaling.high_freq_factor, rope.value("high_freq_factor", 0.0));
+    EXPECT_EQ(got->rope_scaling.original_max_position_embeddings,
+              rope.value("original_max_position_embeddings", int64_t{0}));
+    EXPECT_EQ(got->rope_scaling.attention_factor, rope.value("attention_factor", 0.0));
+    EXPECT_EQ(got->rope_scaling.beta_fast, rope.value("beta_fast", 0.0));
+    EXPECT_EQ(got->rope_scaling.beta_slow, rope.value("beta_slow", 0.0));
+    EXPECT_TRUE(ValidateBlockConfig(*got).ok()) << ValidateBlockConfig(*got);
   }
 }
 
@@ -90,7 +102,15 @@ TEST(ConfigConvert, RoundTripAndPrecisionNames) {
   const v1::BlockConfig wire = ToProto(c);
   EXPECT_EQ(wire.head_dim(), 20);
   EXPECT_EQ(wire.rope_theta(), 123456.5);
+  EXPECT_FALSE(wire.has_rope_scaling()) << "plain RoPE leaves the message unset";
   EXPECT_TRUE(FromProto(wire) == c) << wire.DebugString();
+  c.attention_bias = true;
+  c.rope_scaling = {"yarn", 4.0, 0.5, 2.5, 32768, 1.25, 16, 2};
+  const v1::BlockConfig scaled = ToProto(c);
+  EXPECT_TRUE(scaled.attention_bias());
+  EXPECT_EQ(scaled.rope_scaling().original_max_position_embeddings(), 32768);
+  EXPECT_EQ(scaled.rope_scaling().beta_slow(), 2);
+  EXPECT_TRUE(FromProto(scaled) == c) << scaled.DebugString();
 
   for (Precision p : {Precision::kFP32, Precision::kTF32, Precision::kBF16}) {
     auto back = FromProto(ToProto(p));

@@ -54,28 +54,38 @@ torch.set_num_threads(1)
 # The reference decoder block (PyTorch, any float dtype)
 # ----------------------------------------------------------------------------------------------
 class Cfg:
-    def __init__(self, hidden, heads, kv_heads, head_dim, inter, eps=1e-6, theta=10000.0, qk_norm=False):
+    """rope: None (plain) or HF's rope_scaling dict with the fields the rope_type reads
+    (rope_type, factor, low/high_freq_factor, original_max_position_embeddings, attention_factor,
+    beta_fast, beta_slow); bias: Qwen2's q/k/v projection biases."""
+
+    def __init__(self, hidden, heads, kv_heads, head_dim, inter, eps=1e-6, theta=10000.0, qk_norm=False, rope=None,
+                 bias=False):
         self.hidden, self.heads, self.kv_heads, self.head_dim = hidden, heads, kv_heads, head_dim
         self.inter, self.eps, self.theta, self.qk_norm = inter, eps, theta, qk_norm
+        self.rope, self.bias = rope, bias
 
     def proto(self):
-        return pb.BlockConfig(hidden_size=self.hidden, num_attention_heads=self.heads, num_kv_heads=self.kv_heads,
-                              head_dim=self.head_dim, intermediate_size=self.inter, rms_norm_eps=self.eps,
-                              rope_theta=self.theta, qk_norm=self.qk_norm)
+        c = pb.BlockConfig(hidden_size=self.hidden, num_attention_heads=self.heads, num_kv_heads=self.kv_heads,
+                           head_dim=self.head_dim, intermediate_size=self.inter, rms_norm_eps=self.eps,
+                           rope_theta=self.theta, qk_norm=self.qk_norm, attention_bias=self.bias)
+        if self.rope:
+            c.rope_scaling.CopyFrom(pb.RopeScaling(**self.rope))
+        return c
 
     def shapes(self):
         d, qd, kvd, f = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.inter
-        s = {
-            "input_layernorm.weight": (d,),
-            "self_attn.q_proj.weight": (qd, d),
-            "self_attn.k_proj.weight": (kvd, d),
-            "self_attn.v_proj.weight": (kvd, d),
+        s = {"input_layernorm.weight": (d,)}
+        for part, rows in (("q", qd), ("k", kvd), ("v", kvd)):
+            s[f"self_attn.{part}_proj.weight"] = (rows, d)
+            if self.bias:
+                s[f"self_attn.{part}_proj.bias"] = (rows,)
+        s.update({
             "self_attn.o_proj.weight": (d, qd),
             "post_attention_layernorm.weight": (d,),
             "mlp.gate_proj.weight": (f, d),
             "mlp.up_proj.weight": (f, d),
             "mlp.down_proj.weight": (d, f),
-        }
+        })
         if self.qk_norm:
             s["self_attn.q_norm.weight"] = (self.head_dim,)
             s["self_attn.k_norm.weight"] = (self.head_dim,)
@@ -89,13 +99,57 @@ def rms_norm(x, weight, eps):
     return weight * (xs * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
-def rope_cos_sin(seq, head_dim, offset, theta, dtype):
+def rope_parameters(head_dim, theta, rope):
+    """(inv_freq, attention_scaling) as transformers' modeling_rope_utils.py computes them
+    (_compute_default_rope_parameters, _compute_linear_scaling_rope_parameters,
+    _compute_llama3_parameters, _compute_yarn_parameters with truncate=True), in float64."""
+    dim, base = head_dim, theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    kind = (rope or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = rope["factor"]
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        low_freq_factor, high_freq_factor = rope["low_freq_factor"], rope["high_freq_factor"]
+        old_context_len = rope["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+        is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama), 1.0
+    assert kind == "yarn", kind
+    attention_factor = rope.get("attention_factor") or 0.1 * math.log(factor) + 1.0  # get_mscale(factor)
+    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+    max_pos = rope["original_max_position_embeddings"]
+
+    def find_correction_dim(num_rotations):
+        return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(find_correction_dim(beta_fast)), 0)
+    high = min(math.ceil(find_correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    inv_freq_extrapolation, inv_freq_interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    inv_freq = inv_freq_interpolation * (1 - extrapolation_factor) + inv_freq_extrapolation * extrapolation_factor
+    return inv_freq, attention_factor
+
+
+def rope_cos_sin(seq, head_dim, offset, theta, dtype, rope=None):
     # Angles in float64 (blockd computes them in double), then cast: exact positions even at large offsets.
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq, scaling = rope_parameters(head_dim, theta, rope)
     pos = torch.arange(offset, offset + seq, dtype=torch.float64)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)  # [seq, head_dim]
-    return emb.cos().to(dtype), emb.sin().to(dtype)  # (moved to the input's device by the caller)
+    # HF multiplies cos and sin by attention_scaling (yarn's attention factor).
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)  # (moved to the input's device by the caller)
 
 
 def rotate_half(x):
@@ -108,14 +162,15 @@ def decoder_block(x, p, c, offset):
     b, s, _ = x.shape
     H, Hkv, dh = c.heads, c.kv_heads, c.head_dim
     h = rms_norm(x, p["input_layernorm.weight"], c.eps)
-    q = (h @ p["self_attn.q_proj.weight"].T).view(b, s, H, dh)
-    k = (h @ p["self_attn.k_proj.weight"].T).view(b, s, Hkv, dh)
-    v = (h @ p["self_attn.v_proj.weight"].T).view(b, s, Hkv, dh)
+    q, k, v = (h @ p[f"self_attn.{n}_proj.weight"].T for n in "qkv")
+    if c.bias:  # Qwen2: nn.Linear(bias=True) on q, k and v
+        q, k, v = q + p["self_attn.q_proj.bias"], k + p["self_attn.k_proj.bias"], v + p["self_attn.v_proj.bias"]
+    q, k, v = q.view(b, s, H, dh), k.view(b, s, Hkv, dh), v.view(b, s, Hkv, dh)
     if c.qk_norm:  # Qwen3: per head, over head_dim, before RoPE
         q = rms_norm(q, p["self_attn.q_norm.weight"], c.eps)
         k = rms_norm(k, p["self_attn.k_norm.weight"], c.eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, dh]
-    cos, sin = (t.to(x.device) for t in rope_cos_sin(s, dh, offset, c.theta, x.dtype))
+    cos, sin = (t.to(x.device) for t in rope_cos_sin(s, dh, offset, c.theta, x.dtype, c.rope))
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     k = k.repeat_interleave(H // Hkv, dim=1)  # GQA: query head i reads kv head i // (H / Hkv)
@@ -274,7 +329,9 @@ class ParityTest(unittest.TestCase):
     def random_weights(self, cfg):
         w = {}
         for name, shape in cfg.shapes().items():
-            if len(shape) == 1:  # norm weights: around 1, never all ones (their gradients must matter)
+            if name.endswith(".bias"):  # both signs, the size of the projections' outputs
+                w[name] = self.randn(*shape, scale=0.5).numpy()
+            elif len(shape) == 1:  # norm weights: around 1, never all ones (their gradients must matter)
                 w[name] = (1.0 + self.randn(*shape, scale=0.2)).numpy()
             else:
                 w[name] = self.randn(*shape, scale=1.0 / math.sqrt(shape[1])).numpy()
@@ -295,9 +352,11 @@ class ParityTest(unittest.TestCase):
         if weights is not None:  # fp32 round trip: bit-exact
             for n, w in weights.items():
                 np.testing.assert_array_equal(got[n], w, err_msg=n)
-        if seed is not None:  # ARCHITECTURE.md: norm weights 1, matrices in +-1/sqrt(in)
+        if seed is not None:  # ARCHITECTURE.md: norm weights 1, biases 0, matrices in +-1/sqrt(in)
             for n, w in got.items():
-                if w.ndim == 1:
+                if n.endswith(".bias"):
+                    np.testing.assert_array_equal(w, np.zeros_like(w), err_msg=n)
+                elif w.ndim == 1:
                     np.testing.assert_array_equal(w, np.ones_like(w), err_msg=n)
                 else:
                     self.assertLessEqual(np.abs(w).max(), 1.0 / math.sqrt(w.shape[1]) * (1 + 1e-6), n)
@@ -544,6 +603,38 @@ class ParityTest(unittest.TestCase):
         c2 = Cfg(hidden=64, heads=4, kv_heads=2, head_dim=16, inter=64, eps=1e-6, theta=5e5, qk_norm=True)
         self.run_scenario("mixed", [c1, c2], batch=2, seq=6, offset=5, init="load", adamw=self.ADAM,
                           clip="inactive")
+
+    # Scaled RoPE and Qwen2's biases. head_dim 16 puts dimensions in every band of each formula:
+    # Llama 3.2's llama3 values at theta 5e5 give wavelengths 6 .. 6e5 around its bands at 2048 and
+    # 8192; Qwen2.5's yarn at theta 1e6 with a 4096 context ramps over dimensions 1..4.
+    LLAMA32_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=8192)
+    YARN_ROPE = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=4096)
+
+    def test_llama32_rope_gqa2_offset(self):
+        c = Cfg(hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96, eps=1e-5, theta=5e5, rope=self.LLAMA32_ROPE)
+        self.run_scenario("llama3", [c], batch=2, seq=9, offset=5000, init="load", adamw=self.ADAM, clip="inactive")
+
+    def test_yarn_rope_qknorm_and_linear_span(self):
+        # Yarn's attention factor (0.1 ln 4 + 1) scales q and k alike; a linear block follows it.
+        c1 = Cfg(hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96, eps=1e-6, theta=1e6, qk_norm=True,
+                 rope=self.YARN_ROPE)
+        c2 = Cfg(hidden=64, heads=4, kv_heads=4, head_dim=16, inter=64, eps=1e-6, theta=1e4,
+                 rope=dict(rope_type="linear", factor=2.5))
+        self.run_scenario("yarn-linear", [c1, c2], batch=2, seq=7, offset=3, init="load", adamw=self.ADAM,
+                          clip="active")
+
+    def test_qwen2_biases_loaded_and_seeded(self):
+        c = Cfg(hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96, eps=1e-6, theta=1e6, bias=True)
+        self.run_scenario("qwen2-bias", [c], batch=3, seq=8, offset=11, init="load", adamw=self.TORCH_DEFAULT_ADAMW,
+                          clip="active", resync=True)
+        c2 = Cfg(hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96, eps=1e-6, theta=1e6, bias=True,
+                 rope=dict(self.YARN_ROPE, attention_factor=1.2, beta_fast=16.0, beta_slow=2.0))
+        # Seeded biases start at zero, so after a Step their norm is ~lr and the trajectory comparison
+        # (relative to ||w||) is ill-conditioned; the k bias gradient is also small (RoPE is all that
+        # keeps q.bk from being constant per row, which softmax would ignore). Checked step by step.
+        self.run_scenario("qwen2-bias-yarn-seeded", [c2], batch=2, seq=6, offset=0, init="seed", adamw=self.ADAM,
+                          clip="none", resync=True)
 
     def test_bf16_on_the_wire(self):
         """BFLOAT16 in -> BFLOAT16 out, for Forward and for Backward.

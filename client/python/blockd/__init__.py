@@ -12,14 +12,14 @@ trains them over gRPC.
 first used.
 """
 from blockd.client import Client, ForwardResult, StepResult
-from blockd.config import BlockConfig, UnsupportedConfigError
+from blockd.config import BlockConfig, RopeScaling, UnsupportedConfigError
 from blockd.errors import (AlreadyExistsError, BlockdError, CancelledError, DeadlineExceededError,
                            FailedPreconditionError, InternalError, InvalidArgumentError, NotFoundError,
                            PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError, UnavailableError,
                            UnimplementedError)
 
 __version__ = "0.1.0"
-__all__ = ["Client", "ForwardResult", "StepResult", "BlockConfig", "UnsupportedConfigError", "RemoteSpan",
+__all__ = ["Client", "ForwardResult", "StepResult", "BlockConfig", "RopeScaling", "UnsupportedConfigError", "RemoteSpan",
            "RemoteAdamW", "RMSNorm",
            "BlockdError", "AlreadyExistsError", "CancelledError", "DeadlineExceededError", "FailedPreconditionError",
            "InternalError", "InvalidArgumentError", "NotFoundError", "PermissionDeniedError", "ResourceExhaustedError",

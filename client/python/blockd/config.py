@@ -7,6 +7,7 @@
 """
 import dataclasses
 import json
+import math
 
 from blockd.v1 import block_service_pb2 as pb
 
@@ -39,16 +40,6 @@ def _shown(v):
     return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _scaled_rope(r):
-    """Whether a rope_scaling / rope_parameters value asks for a RoPE other than plain rope_theta."""
-    if not r:
-        return False
-    if not isinstance(r, dict):
-        return True
-    kind = r.get("rope_type") or r.get("type")
-    return kind not in (None, "default")
-
-
 def _text_config(c):
     return c["text_config"] if isinstance(c.get("text_config"), dict) else c
 
@@ -61,12 +52,13 @@ def _check_supported(c):
     act = c["hidden_act"] if "hidden_act" in c else c.get("hidden_activation", "silu")
     if act != "silu":
         raise UnsupportedConfigError(f"hidden_act {_shown(act)}: blockd blocks compute a SiLU-gated MLP")
-    for key in ("rope_scaling", "rope_parameters"):  # transformers >= 5 names it rope_parameters
-        if _scaled_rope(c.get(key)):
-            raise UnsupportedConfigError(f"{key} {_shown(c[key])}: blockd blocks compute plain RoPE (rope_theta only)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if c.get(flag):
-            raise UnsupportedConfigError(f"{flag} is true: blockd blocks have no bias terms")
+    # Qwen2's q/k/v biases are blockd's attention_bias; Llama's and Qwen3's attention_bias also
+    # puts a bias on o_proj, which blocks do not have.
+    if c.get("attention_bias") and model_type != "qwen2":
+        raise UnsupportedConfigError("attention_bias is true: blockd blocks have q/k/v biases only (qwen2), "
+                                     "not an o_proj bias")
+    if c.get("mlp_bias"):
+        raise UnsupportedConfigError("mlp_bias is true: blockd blocks have no MLP bias terms")
     if c.get("use_sliding_window") and c.get("sliding_window"):
         raise UnsupportedConfigError("use_sliding_window is true: blockd blocks compute full causal attention")
 
@@ -95,6 +87,81 @@ def _number(v, what, fallback):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise UnsupportedConfigError(f"{what} is {_shown(v)}, expected a number")
     return float(v)
+
+
+def _rope_number(r, key, field, fallback=_REQUIRED):
+    """A positive number of a rope dict; absent or null is the fallback when given."""
+    v = r.get(field)
+    if v is None:
+        if fallback is _REQUIRED:
+            raise UnsupportedConfigError(f"{key} has no {field}")
+        return fallback
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+        raise UnsupportedConfigError(f"{key}.{field} is {_shown(v)}, expected a positive number")
+    return float(v)
+
+
+def _get_mscale(scale, mscale):
+    """HF's get_mscale of _compute_yarn_parameters."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _rope_from_hf(c):
+    """rope_scaling (or transformers 5's rope_parameters) as HF's modeling_rope_utils.py reads it,
+    with HF's config-level defaults resolved (proto/hf_config.cc, RopeFromHf, word for word)."""
+    key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+    r = c.get(key)
+    if not r:
+        return RopeScaling()
+    if not isinstance(r, dict):
+        raise UnsupportedConfigError(f"{key} {_shown(r)}: expected an object with a rope_type")
+    kind = r.get("rope_type") or r.get("type")
+    if not kind or kind == "default":
+        return RopeScaling()
+    t = kind if isinstance(kind, str) else ""
+    if t not in ("linear", "llama3", "yarn"):
+        raise UnsupportedConfigError(f"{key} {_shown(r)}: blockd blocks compute default, linear, llama3 or yarn RoPE")
+    out = {"rope_type": t}
+    if t == "llama3":
+        out["low_freq_factor"] = _rope_number(r, key, "low_freq_factor")
+        out["high_freq_factor"] = _rope_number(r, key, "high_freq_factor")
+        if out["high_freq_factor"] <= out["low_freq_factor"]:  # HF's smooth factor divides by their difference
+            raise UnsupportedConfigError(f"{key}.high_freq_factor is {_shown(r['high_freq_factor'])}, expected more "
+                                         f"than low_freq_factor {_shown(r['low_freq_factor'])}")
+    if t in ("llama3", "yarn"):
+        own = r.get("original_max_position_embeddings") is not None
+        v = r["original_max_position_embeddings"] if own else (c.get("max_position_embeddings") if t == "yarn" else None)
+        if v is None:
+            raise UnsupportedConfigError(f"{key} has no original_max_position_embeddings")
+        if not _is_int(v) or v <= 0:
+            name = f"{key}.original_max_position_embeddings" if own else "max_position_embeddings"
+            raise UnsupportedConfigError(f"{name} is {_shown(v)}, expected a positive integer")
+        out["original_max_position_embeddings"] = v
+    factor_fallback = _REQUIRED
+    max_pos = c.get("max_position_embeddings")
+    if t == "yarn" and _is_int(max_pos) and max_pos > 0:
+        # HF: a yarn config without factor takes max_position_embeddings / original_max_position_embeddings.
+        factor_fallback = max_pos / out["original_max_position_embeddings"]
+    out["factor"] = _rope_number(r, key, "factor", factor_fallback)
+    if t == "yarn":
+        out["beta_fast"] = _rope_number(r, key, "beta_fast", 32.0)
+        out["beta_slow"] = _rope_number(r, key, "beta_slow", 1.0)
+        if r.get("attention_factor") is not None:
+            out["attention_factor"] = _rope_number(r, key, "attention_factor")
+        elif r.get("mscale") and r.get("mscale_all_dim"):
+            mscale = _rope_number(r, key, "mscale")
+            mscale_all_dim = _rope_number(r, key, "mscale_all_dim")
+            out["attention_factor"] = _get_mscale(out["factor"], mscale) / _get_mscale(out["factor"], mscale_all_dim)
+        else:
+            out["attention_factor"] = _get_mscale(out["factor"], 1.0)
+        if "truncate" in r and not r["truncate"]:
+            raise UnsupportedConfigError(f"{key}.truncate is {_shown(r['truncate'])}: blockd blocks compute yarn "
+                                         f"with truncate true")
+    return RopeScaling(**out)
 
 
 def hf_num_layers(config):
@@ -127,6 +194,24 @@ def kind_value(k):
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Hugging Face's rope_scaling (blockd.v1.RopeScaling): rope_type "" or "default" is plain RoPE;
+    "linear", "llama3" and "yarn" read the fields their HF functions read (0: unset)."""
+    rope_type: str = ""
+    factor: float = 0.0
+    low_freq_factor: float = 0.0
+    high_freq_factor: float = 0.0
+    original_max_position_embeddings: int = 0
+    attention_factor: float = 0.0
+    beta_fast: float = 0.0
+    beta_slow: float = 0.0
+
+    @property
+    def is_default(self):
+        return self.rope_type in ("", "default")
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockConfig:
     """Hugging Face Llama / Qwen2 / Qwen3 decoder-layer hyperparameters (ARCHITECTURE.md, "The block")."""
     hidden_size: int
@@ -137,8 +222,15 @@ class BlockConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     qk_norm: bool = False
+    rope_scaling: RopeScaling = RopeScaling()   # plain RoPE; also a dict of RopeScaling's fields
+    attention_bias: bool = False                # Qwen2: self_attn.{q,k,v}_proj.bias
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        elif isinstance(self.rope_scaling, pb.RopeScaling):
+            object.__setattr__(self, "rope_scaling", RopeScaling(
+                **{f.name: getattr(self.rope_scaling, f.name) for f in dataclasses.fields(RopeScaling)}))
         # Fill the derived defaults once so every copy of a config compares equal.
         if self.num_kv_heads == 0:
             object.__setattr__(self, "num_kv_heads", self.num_attention_heads)
@@ -146,7 +238,12 @@ class BlockConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
     def to_proto(self):
-        return pb.BlockConfig(**dataclasses.asdict(self))
+        fields = dataclasses.asdict(self)
+        rope = fields.pop("rope_scaling")
+        out = pb.BlockConfig(**fields)
+        if not self.rope_scaling.is_default:  # plain RoPE leaves the message unset, as the server does
+            out.rope_scaling.CopyFrom(pb.RopeScaling(**rope))
+        return out
 
     @classmethod
     def from_proto(cls, c):
@@ -167,8 +264,9 @@ class BlockConfig:
     def from_hf(cls, config):
         """The block config of one layer of a Hugging Face `config.json` (a dict; its "text_config"
         when it has one). Raises UnsupportedConfigError for what a block cannot compute (another
-        model_type, a non-SiLU MLP, a scaled RoPE, biases, sliding-window attention) and for a field
-        that is missing or mistyped, with blockctl's words."""
+        model_type, a non-SiLU MLP, a RoPE other than default/linear/llama3/yarn, MLP or o_proj
+        biases, sliding-window attention) and for a field that is missing or mistyped, with
+        blockctl's words. Qwen2 always gets its q/k/v biases (attention_bias), as in HF."""
         if not isinstance(config, dict):
             raise UnsupportedConfigError("config.json is not a JSON object")
         c = _text_config(config)
@@ -184,9 +282,11 @@ class BlockConfig:
             theta = _number(c["rope_theta"], "rope_theta", 10000.0)
         elif isinstance(c.get("rope_parameters"), dict):  # transformers >= 5
             theta = _number(c["rope_parameters"].get("rope_theta"), "rope_parameters.rope_theta", 10000.0)
+        rope = _rope_from_hf(c)
+        bias = c["model_type"] == "qwen2"  # HF's Qwen2Attention has bias=True whatever the config says
         return cls(hidden_size=hidden, num_attention_heads=heads, num_kv_heads=kv, head_dim=head_dim,
                    intermediate_size=intermediate, rms_norm_eps=eps, rope_theta=theta,
-                   qk_norm=c["model_type"] == "qwen3")
+                   qk_norm=c["model_type"] == "qwen3", rope_scaling=rope, attention_bias=bias)
 
     @classmethod
     def from_hf_file(cls, path):
@@ -209,13 +309,12 @@ class BlockConfig:
     def param_shapes(self):
         """{name: shape} of one block's tensors, in the server's order."""
         d, f = self.hidden_size, self.intermediate_size
-        shapes = {
-            "input_layernorm.weight": (d,),
-            "self_attn.q_proj.weight": (self.q_dim, d),
-            "self_attn.k_proj.weight": (self.kv_dim, d),
-            "self_attn.v_proj.weight": (self.kv_dim, d),
-            "self_attn.o_proj.weight": (d, self.q_dim),
-        }
+        shapes = {"input_layernorm.weight": (d,)}
+        for part, rows in (("q", self.q_dim), ("k", self.kv_dim), ("v", self.kv_dim)):
+            shapes[f"self_attn.{part}_proj.weight"] = (rows, d)
+            if self.attention_bias:
+                shapes[f"self_attn.{part}_proj.bias"] = (rows,)
+        shapes["self_attn.o_proj.weight"] = (d, self.q_dim)
         if self.qk_norm:
             shapes["self_attn.q_norm.weight"] = (self.head_dim,)
             shapes["self_attn.k_norm.weight"] = (self.head_dim,)

@@ -142,9 +142,7 @@ class HFCheckpoint:
         expected = config.param_shapes()
         extra = sorted(present - set(expected))
         if extra:
-            raise CheckpointError(f"layer {layer} has tensors a blockd block cannot hold: {', '.join(extra)}"
-                                  + (" (Qwen2 attention biases are not supported)" if any("bias" in e for e in extra)
-                                     else ""))
+            raise CheckpointError(f"layer {layer} has tensors a blockd block cannot hold: {', '.join(extra)}")
         missing = [n for n in expected if n not in present]
         if missing:
             raise CheckpointError(f"layer {layer} lacks {', '.join(prefix + n for n in missing)}")
