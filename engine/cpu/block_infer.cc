@@ -6,6 +6,7 @@
 #include <limits>
 #include <vector>
 
+#include "base/rope.h"
 #include "engine/cpu/gemm.h"
 #include "engine/cpu/ops.h"
 
@@ -62,16 +63,24 @@ void BlockInferStep(const BlockConfig& c, const BlockParamPtrs<const float>& w, 
   Gemm(false, true, tokens, qd, d, 1.f, n1.data(), d, w[ParamId::kQProj], d, 0.f, q.data(), qd);
   Gemm(false, true, tokens, kvd, d, 1.f, n1.data(), d, w[ParamId::kKProj], d, 0.f, k.data(), kvd);
   Gemm(false, true, tokens, kvd, d, 1.f, n1.data(), d, w[ParamId::kVProj], d, 0.f, v.data(), kvd);
+  if (c.attention_bias) {  // Qwen2: the projections' biases, before QK-norm and RoPE (as block_math.cc)
+    AddBias(q.data(), w[ParamId::kQBias], tokens, qd);
+    AddBias(k.data(), w[ParamId::kKBias], tokens, kvd);
+    AddBias(v.data(), w[ParamId::kVBias], tokens, kvd);
+  }
   if (c.qk_norm) {
     std::vector<float> raw_q = q, raw_k = k, rq(tokens * H), rk(tokens * Hkv);
     RmsNormForward(raw_q.data(), w[ParamId::kQNorm], tokens * H, dh, c.rms_norm_eps, q.data(), rq.data());
     RmsNormForward(raw_k.data(), w[ParamId::kKNorm], tokens * Hkv, dh, c.rms_norm_eps, k.data(), rk.data());
   }
   std::vector<float> attn(tokens * qd);
+  // The block's RoPE, scaled as its config says (base/rope.h), exactly as the training forward.
+  const std::vector<double> inv_freq = RopeInvFreq(c);
+  const double rope_scale = RopeAttentionScaling(c);
   for (int64_t r = 0; r < batch; ++r) {
     // Each row at its own positions: rows of a beam may have been trimmed or forked apart.
-    RopeForward(q.data() + r * n * qd, 1, n, H, dh, start[r], c.rope_theta);
-    RopeForward(k.data() + r * n * kvd, 1, n, Hkv, dh, start[r], c.rope_theta);
+    RopeForward(q.data() + r * n * qd, 1, n, H, dh, start[r], inv_freq.data(), rope_scale);
+    RopeForward(k.data() + r * n * kvd, 1, n, Hkv, dh, start[r], inv_freq.data(), rope_scale);
     for (int64_t i = 0; i < n; ++i) {
       std::memcpy(kv.MutableKey(r, start[r] + i), k.data() + (r * n + i) * kvd, kvd * sizeof(float));
       std::memcpy(kv.MutableValue(r, start[r] + i), v.data() + (r * n + i) * kvd, kvd * sizeof(float));

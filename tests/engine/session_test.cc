@@ -144,6 +144,44 @@ TEST_F(SessionTest, PrefillAndDecodeEqualForwardOfTheWholeSequence) {
   }
 }
 
+// Real checkpoints' configs: Qwen2's q/k/v biases (loaded non-zero: seeded biases are zero) and
+// scaled RoPE (llama3, yarn) decode exactly as the training forward computes them.
+TEST_F(SessionTest, BiasesAndScaledRopeDecodeAsForward) {
+  struct Case {
+    const char* name;
+    bool bias;
+    RopeScaling rope;
+  };
+  RopeScaling llama3;
+  llama3.rope_type = "llama3";
+  llama3.factor = 8;
+  llama3.low_freq_factor = 1;
+  llama3.high_freq_factor = 4;
+  llama3.original_max_position_embeddings = 16;
+  RopeScaling yarn;
+  yarn.rope_type = "yarn";
+  yarn.factor = 4;
+  yarn.original_max_position_embeddings = 16;
+  for (const Case& k : {Case{"qwen2 biases", true, RopeScaling{}}, Case{"llama3 rope", false, llama3},
+                        Case{"yarn rope + biases", true, yarn}}) {
+    SCOPED_TRACE(k.name);
+    Reset({});
+    BlockConfig c = Config(!k.bias, 2);
+    c.attention_bias = k.bias;
+    c.rope_scaling = k.rope;
+    CreateSpan(c, {"b0", "b1"});
+    for (const char* id : {"b0", "b1"}) ASSERT_TRUE(Load(id, RandomWeights(c)).ok());
+    const int64_t batch = 2, seq = 37, d = c.hidden_size;
+    const std::vector<float> x = Random(batch * seq * d);
+    auto ref = Forward({"b0", "b1"}, x, batch, seq, /*keep=*/false);
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    auto info = Open({"b0", "b1"}, batch, kMaxLen);
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_TRUE(Close(absl::StrCat(k.name, ": prefill 5 + 32 decode steps vs Forward"),
+                      Generate(info->session_id, x, batch, seq, d, 5), ref->out));
+  }
+}
+
 TEST_F(SessionTest, TrimThenDecodeAgainEqualsForward) {
   const BlockConfig c = Config(true, 2);
   CreateSpan(c, {"b0", "b1"});
