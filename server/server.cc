@@ -144,4 +144,6 @@ void Server::Wait() { stopped_.WaitForNotification(); }
 
 Server::~Server() { Drain(); }
 
+int64_t Server::inflight_calls() const { return service_->inflight(); }
+
 }  // namespace blockd

@@ -58,6 +58,8 @@ class Server {
   int port() const { return port_; }
   int metrics_port() const { return metrics_ ? metrics_->port() : 0; }
   Engine& engine() { return *engine_; }
+  // Calls being served now, refused ones included until their status is sent.
+  int64_t inflight_calls() const;
 
   // Health NOT_SERVING and UNAVAILABLE for new calls; after drain_grace the listener stops and
   // in-flight calls get up to shutdown_timeout to finish. Idempotent; returns when stopped.

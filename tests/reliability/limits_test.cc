@@ -230,6 +230,11 @@ TEST_F(Limits, ConcurrentCallLimitRefusesThenFreesSlotsOfCancelledStreams) {
   Start(o);
   ASSERT_OK(client_->CreateBlock(CreateRequest("b", TinyConfig(), 1)).status());
   for (int round = 0; round < 3; ++round) {
+    // A slot is released when the server has finished a call, which can be after its client saw
+    // the status: if an earlier call (CreateBlock, the last round's GetBlock or a cancelled stream)
+    // still held one, one of the four streams would be refused and the server would never fill.
+    for (int i = 0; i < 1500 && server_->inflight_calls() > 0; ++i) absl::SleepFor(absl::Milliseconds(10));
+    ASSERT_EQ(server_->inflight_calls(), 0) << "round " << round << ": earlier calls are still served";
     std::vector<std::unique_ptr<grpc::ClientContext>> ctx;
     std::vector<std::unique_ptr<grpc::ClientWriter<v1::TensorChunk>>> streams;
     std::vector<v1::LoadWeightsResponse> resp(4);
