@@ -5,6 +5,7 @@ sampling, the streamer, and that no session outlives generate. Tiny Qwen3-like a
 checkpoints are written in the Hugging Face layout and imported with import_hf."""
 import os
 import subprocess
+import sys
 import tempfile
 import unittest
 
@@ -292,6 +293,37 @@ class GenerateTest(unittest.TestCase):
         # A max_length the server refuses fails at OpenSession; nothing stays open.
         with self.assertRaises(blockd.BlockdError):
             model.generate(torch.zeros(1, 2, dtype=torch.long), max_new_tokens=1 << 30)
+
+    def test_blockctl_generate_equals_python_greedy(self):
+        d = self.models["llama"][0]
+        prompt = self.prompt("llama", rows=1, n=4)
+        want = self.remote("llama").generate(prompt, max_new_tokens=7)[0, 4:].tolist()
+        blockctl = os.environ.get("BLOCKCTL_BINARY", "blockctl")
+        cmd = [blockctl, "--target", self.daemon.target, "generate", "llama/layer0,llama/layer1", "--hf", d,
+               "--prompt-ids", ",".join(str(t) for t in prompt[0].tolist()), "--max-new-tokens", "7"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual([int(t) for t in r.stdout.split()], want)
+        self.assertIn("tokens/s", r.stderr)
+        # The token after which it stops is printed, and nothing after it.
+        r = subprocess.run(cmd + ["--eos-id", str(want[2])], capture_output=True, text=True, timeout=120)
+        self.assertEqual([int(t) for t in r.stdout.split()], want[:want.index(want[2]) + 1], r.stderr)
+        r = subprocess.run(cmd[:-4] + ["--prompt-ids", "1,56"], capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("token 56 is not below", r.stderr)
+        r = subprocess.run(cmd[:4] + ["generate", "llama/layer0,nope", "--hf", d, "--prompt-ids", "1"],
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("NOT_FOUND", r.stderr)
+
+    def test_the_example_generates_with_and_without_the_cache(self):
+        example = os.path.join(os.environ.get("BLOCKD_EXAMPLES", "../../examples"), "generate.py")
+        r = subprocess.run([sys.executable, example, "--target", self.daemon.target, "--steps", "2", "--batch", "2",
+                            "--seq", "16", "--new-tokens", "12"], capture_output=True, text=True, timeout=240)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertRegex(r.stdout, r"KV cache \(sessions\): +[0-9.]+ tokens/s")
+        self.assertRegex(r.stdout, r"full recompute: +[0-9.]+ tokens/s")
+        self.assertIn("same 12 bytes both ways: yes", r.stdout)
 
     def test_argument_refusals(self):
         model = self.remote("qwen3")
