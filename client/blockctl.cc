@@ -165,6 +165,7 @@ const std::vector<CommandSpec>& Commands() {
     for (CommandSpec& c : TensorCommands()) all->push_back(std::move(c));
     for (CommandSpec& c : TrainCommands()) all->push_back(std::move(c));
     all->push_back(ImportHfCommand());
+    all->push_back(GenerateCommandSpec());
     return all;
   }();
   return *commands;

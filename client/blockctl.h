@@ -17,7 +17,7 @@
 //
 // The subcommands live by theme: blockctl_blocks.cc (info, health, create, list, get, delete, gc,
 // save, restore, metrics), blockctl_tensors.cc (load, forward, download), blockctl_train.cc (step,
-// zero-grad, release) and blockctl_hf.cc (import-hf).
+// zero-grad, release), blockctl_hf.cc (import-hf) and blockctl_generate.cc (generate).
 #pragma once
 
 #include <functional>
@@ -130,5 +130,6 @@ std::vector<CommandSpec> BlockCommands();   // blockctl_blocks.cc
 std::vector<CommandSpec> TensorCommands();  // blockctl_tensors.cc
 std::vector<CommandSpec> TrainCommands();   // blockctl_train.cc
 CommandSpec ImportHfCommand();              // blockctl_hf.cc
+CommandSpec GenerateCommandSpec();          // blockctl_generate.cc
 
 }  // namespace blockd

@@ -126,9 +126,8 @@ def smooth(values, half_width=5):
     return out
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_training_args(p):
+    """The flags of where blockd is and how long to train (generate.py shares them)."""
     p.add_argument("--target", default=os.environ.get("BLOCKD_TARGET", "localhost:50051"),
                    help="blockd HOST:PORT ($BLOCKD_TARGET)")
     p.add_argument("--token", default=os.environ.get("BLOCKD_TOKEN"),
@@ -136,6 +135,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300, help="training steps")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--seq", type=int, default=64, help="bytes per sequence")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_training_args(p)
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
                    help="the blocks' arithmetic (None: the backend's; the cpu backend has fp32 only)")
     p.add_argument("--wire", choices=["fp32", "bf16"], default=None,

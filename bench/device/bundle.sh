@@ -30,6 +30,7 @@ for b in "${bins[@]}"; do
 done
 cp -r "$build/python/." "$out/python/"
 cp -r "$root/tests/python/." "$out/python/" 2>/dev/null || true
+cp "$root"/tests/gpu/*.py "$out/python/" 2>/dev/null || true  # hf_generate_test.py
 # The travelling tree is limited to 64 MiB: ship one compressed archive (OpenBLAS alone is 36 MB).
 tar -C "$out" -cJf "$root/.bundle.tar.xz" bin lib python
 rm -rf "$out" && mkdir -p "$out" && mv "$root/.bundle.tar.xz" "$out/bundle.tar.xz"

@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench]   (default: all)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate]   (default: the first four)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/blockd-out}
@@ -65,6 +65,16 @@ if [[ " $stages " == *" parity "* ]] && [ -f "$dev/python/test_parity.py" ]; the
     rc=$?
     row "parity.cuda.$precision.$attention" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
   done
+fi
+
+# Generation against Hugging Face transformers' generate (greedy logits, beams, sampling); opt-in:
+#   bash bench/device/run_checks.sh generate
+if [[ " $stages " == *" generate "* ]] && [ -f "$dev/python/hf_generate_test.py" ]; then
+  log="$OUT/hf_generate.log"
+  (cd "$dev/python" && BLOCKD_BINARY="$dev/bin/blockd" BLOCKD_LD_LIBRARY_PATH="$LIBS" PYTHONPATH="$dev/python" \
+    timeout 300 python3 -m unittest -v hf_generate_test) >"$log" 2>&1
+  rc=$?
+  row "hf_generate.cpu" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
 fi
 
 if [[ " $stages " == *" kernels "* ]]; then

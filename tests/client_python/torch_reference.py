@@ -12,6 +12,13 @@ rope_scaling dict (linear / llama3 / yarn, computed from modeling_rope_utils.py'
 
     ReferenceBlock(..., rope={"rope_type": "yarn", "factor": 4.0,
                               "original_max_position_embeddings": 4096}, bias=True)
+
+Generation keeps its own KV cache, as Hugging Face's DynamicCache does (a dict per block holding
+the rotated keys and the values, [batch, kv_heads, tokens, head_dim]; reorder rows for beam search
+with KvCache.reorder):
+
+    cache = KvCache(len(span.blocks))
+    y = span(x_prompt, 0, cache); y = span(x_next, prompt_len, cache)
 """
 import math
 
@@ -90,7 +97,7 @@ class RefAttention(nn.Module):
             self.k_norm = RefRMSNorm(head_dim, eps)
         self.qk_norm = qk_norm
 
-    def forward(self, x, offset=0):
+    def forward(self, x, offset=0, cache=None):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
@@ -101,11 +108,17 @@ class RefAttention(nn.Module):
         cos, sin = rope_tables(s, self.head_dim, self.theta, offset, self.rope)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        past = 0
+        if cache is not None:
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
         group = self.heads // self.kv_heads
         k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
         v = v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+        causal = torch.ones(s, past + s, dtype=torch.bool).triu(past + 1)  # new token i sees 0 .. past+i
         scores = scores.masked_fill(causal, float("-inf"))
         attn = torch.softmax(scores, dim=-1) @ v
         return self.o_proj(attn.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
@@ -130,8 +143,8 @@ class ReferenceBlock(nn.Module):
         self.post_attention_layernorm = RefRMSNorm(hidden, eps)
         self.mlp = RefMLP(hidden, intermediate)
 
-    def forward(self, x, offset=0):
-        r1 = x + self.self_attn(self.input_layernorm(x), offset)
+    def forward(self, x, offset=0, cache=None):
+        r1 = x + self.self_attn(self.input_layernorm(x), offset, cache)
         return r1 + self.mlp(self.post_attention_layernorm(r1))
 
 
@@ -142,7 +155,23 @@ class ReferenceSpan(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x, position_offset=0):
-        for b in self.blocks:
-            x = b(x, position_offset)
+    def forward(self, x, position_offset=0, cache=None):
+        for i, b in enumerate(self.blocks):
+            x = b(x, position_offset, None if cache is None else cache.layers[i])
         return x
+
+
+class KvCache:
+    """The keys and values of every block of a ReferenceSpan, for generation."""
+
+    def __init__(self, num_blocks):
+        self.layers = [{} for _ in range(num_blocks)]
+
+    def length(self):
+        return self.layers[0]["k"].shape[2] if "k" in self.layers[0] else 0
+
+    def reorder(self, rows):
+        """Row i continues from row rows[i] (beam search)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        for layer in self.layers:
+            layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]

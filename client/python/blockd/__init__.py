@@ -8,10 +8,13 @@ trains them over gRPC.
     opt = blockd.RemoteAdamW(span, lr=1e-3)
     loss = head(span(embed(tokens))).loss; loss.backward(); opt.step(); opt.zero_grad()
 
-`Client` needs numpy and grpcio only; `RemoteSpan`, `RemoteAdamW` and `RMSNorm` load torch when
-first used.
+    model = blockd.RemoteCausalLM.from_hf("/models/Qwen3-0.6B", "localhost:50051")  # layers imported
+    tokens = model.generate(prompt_ids, max_new_tokens=64)          # KV-cache sessions on blockd
+
+`Client` needs numpy and grpcio only; `RemoteSpan`, `RemoteAdamW`, `RMSNorm`, `RemoteCausalLM`
+and `TokenStreamer` load torch when first used.
 """
-from blockd.client import Client, ForwardResult, StepResult
+from blockd.client import Client, ForwardResult, InferStepResult, InferStream, StepResult
 from blockd.config import BlockConfig, RopeScaling, UnsupportedConfigError
 from blockd.errors import (AlreadyExistsError, BlockdError, CancelledError, DeadlineExceededError,
                            FailedPreconditionError, InternalError, InvalidArgumentError, NotFoundError,
@@ -19,13 +22,16 @@ from blockd.errors import (AlreadyExistsError, BlockdError, CancelledError, Dead
                            UnimplementedError)
 
 __version__ = "0.1.0"
-__all__ = ["Client", "ForwardResult", "StepResult", "BlockConfig", "RopeScaling", "UnsupportedConfigError", "RemoteSpan",
+__all__ = ["Client", "ForwardResult", "StepResult", "InferStepResult", "InferStream", "RemoteCausalLM",
+           "TokenStreamer", "GenerateOutput", "BlockConfig", "RopeScaling", "UnsupportedConfigError", "RemoteSpan",
            "RemoteAdamW", "RMSNorm",
            "BlockdError", "AlreadyExistsError", "CancelledError", "DeadlineExceededError", "FailedPreconditionError",
            "InternalError", "InvalidArgumentError", "NotFoundError", "PermissionDeniedError", "ResourceExhaustedError",
            "UnauthenticatedError", "UnavailableError", "UnimplementedError"]
 
-_LAZY = {"RemoteSpan": "blockd.span", "RMSNorm": "blockd.span", "RemoteAdamW": "blockd.optim"}
+_LAZY = {"RemoteSpan": "blockd.span", "RMSNorm": "blockd.span", "RemoteAdamW": "blockd.optim",
+         "RemoteCausalLM": "blockd.generation", "TokenStreamer": "blockd.generation",
+         "GenerateOutput": "blockd.generation"}
 
 
 def __getattr__(name):

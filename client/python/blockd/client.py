@@ -31,6 +31,7 @@ DEFAULT_CHUNK_BYTES = 1 << 20  # the server accepts chunks up to ServerLimits.ma
 
 ForwardResult = collections.namedtuple("ForwardResult", ["output", "activation_id"])
 StepResult = collections.namedtuple("StepResult", ["grad_norm", "skipped", "clip_coefficient", "steps"])
+InferStepResult = collections.namedtuple("InferStepResult", ["hidden_states", "length", "step_id"])
 
 
 def _read_pem(v):
@@ -107,6 +108,7 @@ class Client:
         self._release_thread.start()
         self._finalizer = weakref.finalize(self, self._releases.put, None)
         self._closed = False
+        self._streams = weakref.WeakSet()  # open InferStreams, ended by close()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self):
@@ -114,6 +116,8 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        for stream in list(self._streams):
+            stream.close()
         self._releases.put(None)
         self._release_thread.join(timeout=30)
         self._finalizer.detach()
@@ -340,3 +344,126 @@ class Client:
         """RestoreCheckpointResponse(path, block_ids); name "" restores the latest checkpoint."""
         return self._unary("RestoreCheckpoint", pb.RestoreCheckpointRequest(name=name, block_ids=list(block_ids)),
                            timeout)
+
+    # -- inference sessions (ARCHITECTURE.md, "Inference sessions") ----------------------------
+    def open_session(self, block_ids, batch_size, max_length, session_id="", ttl=None, timeout=None):
+        """Opens a KV-cache session over the span `block_ids` for `batch_size` rows of at most
+        `max_length` tokens (prompt included); the whole cache is reserved now, so a later step
+        never runs out of memory. session_id "": the server picks one. ttl (seconds): idle time
+        before the server closes it (None: --session_ttl). Returns its SessionInfo."""
+        ids = [block_ids] if isinstance(block_ids, str) else list(block_ids)
+        req = pb.OpenSessionRequest(session_id=session_id, block_ids=ids, batch_size=int(batch_size),
+                                    max_length=int(max_length))
+        if ttl is not None:
+            if not ttl >= 1 or math.isinf(ttl):
+                raise ValueError(f"ttl = {ttl!r}: expected a number of seconds >= 1 (None: the server's default)")
+            req.ttl_seconds = math.ceil(ttl)
+        return self._unary("OpenSession", req, timeout)
+
+    def infer_step(self, session_id, hidden_states, hypo_ids=None, step_id=0, dtype=None, timeout=None):
+        """One step of a session: hidden_states [batch_size, new_tokens, hidden] (the prompt for a
+        prefill, one token for a decode step) at positions length .. length+new_tokens-1 of each
+        row. hypo_ids (len batch_size): row i first continues from row hypo_ids[i] (beam search).
+        step_id != 0: repeating the last one returns its output again without appending (a safe
+        retry). Returns InferStepResult(hidden_states like the input, length after, step_id)."""
+        req = _infer_request(session_id, hidden_states, hypo_ids, step_id, dtype)
+        resp = self._sized_unary("InferStep", req, "hidden_states", req.hidden_states, timeout)
+        return InferStepResult(T.from_proto(resp.hidden_states, like=hidden_states), resp.length, resp.step_id)
+
+    def trim_session(self, session_id, length, timeout=None):
+        """Rewinds every row of the session to `length` tokens; returns its SessionInfo."""
+        return self._unary("TrimSession", pb.TrimSessionRequest(session_id=session_id, length=int(length)), timeout)
+
+    def fork_session(self, session_id, new_session_id="", timeout=None):
+        """A new session sharing the cached prefix copy-on-write; returns the new SessionInfo."""
+        return self._unary("ForkSession", pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id),
+                           timeout)
+
+    def close_session(self, session_id, timeout=None):
+        self._unary("CloseSession", pb.CloseSessionRequest(session_id=session_id), timeout)
+
+    def list_sessions(self, timeout=None):
+        """SessionInfos of this caller's open sessions."""
+        return list(self._unary("ListSessions", pb.ListSessionsRequest(), timeout).sessions)
+
+    def infer_stream(self, timeout=None):
+        """An InferStream: the steps of any of this caller's sessions on one bidirectional Infer
+        stream (no per-token call setup). `timeout` bounds the whole stream."""
+        stream = InferStream(self, timeout)
+        self._streams.add(stream)
+        return stream
+
+
+def _infer_request(session_id, hidden_states, hypo_ids, step_id, dtype):
+    req = pb.InferStepRequest(session_id=session_id, hidden_states=T.to_proto(hidden_states, dtype),
+                              step_id=int(step_id))
+    if hypo_ids is not None:
+        req.hypo_ids.extend(int(i) for i in hypo_ids)
+    return req
+
+
+class InferStream:
+    """The Infer stream: step() sends one InferStepRequest and waits for its response, in order.
+
+        with client.infer_stream() as s:
+            h = s.step(session_id, x).hidden_states
+
+    The first failed step ends the stream (the server's status is raised as a BlockdError, and
+    every later step raises it again); close() ends it cleanly."""
+
+    def __init__(self, client, timeout=None):
+        self._client = client
+        self._requests = queue.SimpleQueue()
+        self._error = None
+        self._closed = False
+        self._responses = client._stub.Infer(iter(self._requests.get, None), timeout=client._deadline(timeout),
+                                             metadata=client._metadata)
+
+    def step(self, session_id, hidden_states, hypo_ids=None, step_id=0, dtype=None):
+        """As Client.infer_step, on this stream. Returns InferStepResult."""
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise ValueError("this Infer stream is closed; open another with Client.infer_stream()")
+        req = _infer_request(session_id, hidden_states, hypo_ids, step_id, dtype)
+        size = req.ByteSize()
+        if size > self._client.max_message_bytes:
+            raise ResourceExhaustedError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Infer hidden_states {_tensor_text(req.hidden_states)} is {_size_text(size)}, over the "
+                f"{_size_text(self._client.max_message_bytes)} message limit: split the batch", "Infer")
+        self._requests.put(req)
+        try:
+            resp = next(self._responses)
+        except grpc.RpcError as e:
+            self._error = from_rpc_error(e, "Infer")
+            self._closed = True
+            raise self._error from None
+        except StopIteration:
+            self._closed = True
+            self._error = UnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                           "the server ended the Infer stream without answering the step", "Infer")
+            raise self._error from None
+        return InferStepResult(T.from_proto(resp.hidden_states, like=hidden_states), resp.length, resp.step_id)
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self._requests.put(None)  # a dropped stream half-closes, so the server ends it
+
+    def close(self):
+        """Ends the stream (half-close, then wait for the server's end)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._requests.put(None)
+        try:
+            for _ in self._responses:
+                pass
+        except grpc.RpcError:
+            pass  # the server's status at the end adds nothing once every step was answered
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
