@@ -96,16 +96,33 @@ class SavedActivations {
   virtual size_t bytes() const = 0;
 };
 
-// One block's part of an inference session's KV cache: K and V (after QK-norm and RoPE) per row
-// and position, kv_dim floats each, paged (engine/kv_cache.h). The Mutable* accessors give a page
-// of this row alone, copying a page shared with another row or session first (copy-on-write).
-class KvBlockView {
+// One block's storage for the KV pages of a session family (a session and its forks), in the
+// backend's memory and the block's compute dtype: page `id` holds K then V of kKvPageTokens
+// positions, kv_dim values each (after QK-norm and RoPE). The page tables (which page holds which
+// positions of a row), reference counts and copy-on-write live on the host in KvCache
+// (engine/kv_cache.h), which calls CopyPage before a step writes a page that is shared.
+constexpr int64_t kKvPageTokens = 16;
+
+class KvPageStore {
  public:
-  virtual ~KvBlockView() = default;
-  virtual const float* Key(int64_t row, int64_t pos) const = 0;
-  virtual const float* Value(int64_t row, int64_t pos) const = 0;
-  virtual float* MutableKey(int64_t row, int64_t pos) = 0;
-  virtual float* MutableValue(int64_t row, int64_t pos) = 0;
+  virtual ~KvPageStore() = default;
+  virtual int64_t page_bytes() const = 0;
+  virtual int64_t pages() const = 0;
+  // Adds `pages` pages, ids pages()..pages()+pages-1. Called while no step runs on the block.
+  virtual absl::Status Grow(int64_t pages) = 0;
+  // Page `to` becomes a copy of page `from` (in stream order on a device).
+  virtual absl::Status CopyPage(int32_t from, int32_t to) = 0;
+};
+
+// What Block::InferStep reads and writes of the cache: the block's pages and, on the host, a page
+// table of `table_width` page ids per row (-1 past the row's pages). The pages holding the step's
+// new positions are the row's own (the caller copied shared ones first), so the step writes them
+// in place. Rows are independent: rows of several sessions with one store could share a step.
+struct KvBlockView {
+  KvPageStore* pages = nullptr;
+  const int32_t* table = nullptr;  // [rows, table_width]
+  int64_t table_width = 0;
+  int32_t page(int64_t row, int64_t pos) const { return table[row * table_width + pos / kKvPageTokens]; }
 };
 
 class Block {
@@ -135,7 +152,9 @@ class Block {
   // causally, to each other. No saved activations, no gradients.
   virtual absl::StatusOr<std::unique_ptr<Activation>> InferStep(const Activation& x,
                                                                 const std::vector<int64_t>& start,
-                                                                KvBlockView& kv) = 0;
+                                                                const KvBlockView& kv) = 0;
+  // An empty page store for this block's K/V (KvPageStore::Grow adds the pages).
+  virtual absl::StatusOr<std::unique_ptr<KvPageStore>> NewKvPageStore() = 0;
   // Sum of squares of every gradient element, accumulated in double; not finite if any gradient is not.
   virtual absl::StatusOr<double> GradSquaredNorm() = 0;
   // Decoupled AdamW on every parameter from the current gradients (decay on matrices only unless

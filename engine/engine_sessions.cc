@@ -60,8 +60,8 @@ absl::StatusOr<SessionInfo> Engine::OpenSession(const OpenSessionArgs& args) {
   RETURN_IF_ERROR(ValidateSessionId(args.session_id, "session_id"));
   ASSIGN_OR_RETURN(std::vector<EntryPtr> span, FindAll(args.block_ids, /*allow_repeats=*/true));
   const BlockSpec& s0 = span[0]->spec;
-  std::vector<int64_t> kv_dims;
-  std::map<int, std::vector<int64_t>> kv_dims_per_device;
+  std::vector<std::unique_ptr<KvPageStore>> stores;
+  std::map<int, int64_t> page_bytes_per_device;
   for (const EntryPtr& e : span) {
     const BlockSpec& s = e->spec;
     if (s.config.hidden_size != s0.config.hidden_size) {
@@ -79,15 +79,33 @@ absl::StatusOr<SessionInfo> Engine::OpenSession(const OpenSessionArgs& args) {
       return absl::FailedPreconditionError(
           absl::StrCat("block ", s.id, " has weights not loaded: ", absl::StrJoin(missing, ", ")));
     }
-    kv_dims.push_back(s.config.kv_dim());
-    kv_dims_per_device[s.device].push_back(s.config.kv_dim());
+    ASSIGN_OR_RETURN(std::unique_ptr<KvPageStore> store, e->block->NewKvPageStore());
+    page_bytes_per_device[s.device] += store->page_bytes();
+    stores.push_back(std::move(store));
   }
   std::string id = args.session_id;
   if (id.empty()) {
     ASSIGN_OR_RETURN(id, NewResourceId("sess-"));
   }
 
-  auto s = std::make_shared<Session>(KvCache(kv_dims, args.batch_size));
+  // The whole cache up front, so that a generation never runs out of memory half way.
+  std::vector<MemoryReservation> reservations;
+  std::map<int, int64_t> kv_bytes;
+  int64_t total = 0;
+  for (const auto& [device, page_bytes] : page_bytes_per_device) {
+    const int64_t bytes = KvCache::ReservedBytes(page_bytes, args.batch_size, args.max_length);
+    ASSIGN_OR_RETURN(MemoryReservation r,
+                     budget_.Reserve(device, bytes, absl::StrCat("the KV cache of session ", Echo(id))));
+    reservations.push_back(std::move(r));
+    kv_bytes[device] = bytes;
+    total += bytes;
+  }
+  auto cache_or = KvCache::Create(std::move(stores), args.batch_size, args.max_length, std::move(reservations));
+  if (!cache_or.ok()) {
+    return absl::Status(cache_or.status().code(), absl::StrCat("the KV cache of session ", Echo(id), ": ",
+                                                               cache_or.status().message()));
+  }
+  auto s = std::make_shared<Session>(std::move(cache_or).value());
   s->owner = args.client;
   s->id = id;
   s->block_ids = args.block_ids;
@@ -95,14 +113,8 @@ absl::StatusOr<SessionInfo> Engine::OpenSession(const OpenSessionArgs& args) {
   s->batch_size = args.batch_size;
   s->max_length = args.max_length;
   s->ttl = args.ttl > absl::ZeroDuration() ? args.ttl : options_.default_session_ttl;
-  // The whole cache up front, so that a generation never runs out of memory half way.
-  for (const auto& [device, dims] : kv_dims_per_device) {
-    const int64_t bytes = KvCache::ReservedBytes(dims, args.batch_size, args.max_length);
-    ASSIGN_OR_RETURN(MemoryReservation r,
-                     budget_.Reserve(device, bytes, absl::StrCat("the KV cache of session ", Echo(id))));
-    s->reservations.push_back(std::move(r));
-    s->kv_bytes += bytes;
-  }
+  s->kv_bytes_per_device = std::move(kv_bytes);
+  s->kv_bytes = total;
   s->Renew(absl::Now());
   SessionInfo info = SessionInfoOf(*s);
   RETURN_IF_ERROR(sessions_.Add(std::move(s), options_.max_sessions_per_client));
@@ -166,19 +178,22 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
   if (!x_or.ok()) return absl::Status(x_or.status().code(), absl::StrCat("hidden_states ", x_or.status().message()));
   std::unique_ptr<Activation> x = std::move(x_or).value();
 
-  // The step writes into a copy of the page tables: a failure leaves the session's cache as it
-  // was, and a successful one replaces it (only pages the step wrote are copies).
+  // The step works on a copy of the page tables: a failure leaves the session's cache as it was
+  // (the step wrote only positions past its length, in pages no one else reads), and a successful
+  // one replaces it.
   KvCache scratch = s->cache;
   if (!args.hypo_ids.empty()) scratch.Reorder(args.hypo_ids);
   const std::vector<int64_t> start(static_cast<size_t>(batch), s->length);
   SpanLock lock(span);
   RETURN_IF_ERROR(lock.CheckAlive());
+  RETURN_IF_ERROR(scratch.PrepareWrite(s->cache, s->length, fresh));
+  int64_t table_width = 0;
+  const std::vector<int32_t> table = scratch.Table(&table_width);
   for (size_t b = 0; b < span.size(); ++b) {
     if (x->device() != span[b]->spec.device) {
       ASSIGN_OR_RETURN(x, backend_->ToDevice(*x, span[b]->spec.device));
     }
-    std::unique_ptr<KvBlockView> view = scratch.View(static_cast<int64_t>(b));
-    ASSIGN_OR_RETURN(x, span[b]->block->InferStep(*x, start, *view));
+    ASSIGN_OR_RETURN(x, span[b]->block->InferStep(*x, start, scratch.View(static_cast<int64_t>(b), table, table_width)));
   }
   lock.Unlock();
   out->output.dtype = t.dtype;
@@ -235,7 +250,23 @@ absl::StatusOr<SessionInfo> Engine::ForkSession(absl::string_view id, absl::stri
   if (fork_id.empty()) {
     ASSIGN_OR_RETURN(fork_id, NewResourceId("sess-"));
   }
-  auto f = std::make_shared<Session>(s->cache);  // shares every page until one side writes it
+  // Before the pool grows (which only the family's end gives back): the refusals Add would make.
+  RETURN_IF_ERROR(sessions_.CheckRoom(fork_id, s->owner, options_.max_sessions_per_client));
+  // The fork shares every page until one side writes it, and adds a full reservation to the
+  // family's pool: after the fork either side may write every page of its own.
+  std::vector<MemoryReservation> mine;
+  for (const auto& [device, bytes] : s->kv_bytes_per_device) {
+    ASSIGN_OR_RETURN(MemoryReservation r,
+                     budget_.Reserve(device, bytes, absl::StrCat("the KV cache of session ", Echo(fork_id))));
+    mine.push_back(std::move(r));
+  }
+  {
+    // Growing the stores must not race a step of another session of the family on these blocks.
+    ASSIGN_OR_RETURN(std::vector<EntryPtr> span, FindAll(s->block_ids, /*allow_repeats=*/true));
+    SpanLock lock(span);
+    RETURN_IF_ERROR(s->cache.GrowFamily(s->batch_size, s->max_length, std::move(mine)));
+  }
+  auto f = std::make_shared<Session>(s->cache);
   f->owner = s->owner;
   f->id = fork_id;
   f->block_ids = s->block_ids;
@@ -243,12 +274,7 @@ absl::StatusOr<SessionInfo> Engine::ForkSession(absl::string_view id, absl::stri
   f->batch_size = s->batch_size;
   f->max_length = s->max_length;
   f->ttl = s->ttl;
-  // A full reservation again: after the fork either side may write every page of its own.
-  for (const MemoryReservation& r : s->reservations) {
-    ASSIGN_OR_RETURN(MemoryReservation mine,
-                     budget_.Reserve(r.device(), r.bytes(), absl::StrCat("the KV cache of session ", Echo(fork_id))));
-    f->reservations.push_back(std::move(mine));
-  }
+  f->kv_bytes_per_device = s->kv_bytes_per_device;
   f->kv_bytes = s->kv_bytes;
   {
     absl::MutexLock fork_lock(&f->mu);

@@ -1,67 +1,150 @@
 #include "engine/kv_cache.h"
 
+#include <map>
 #include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "base/status_macros.h"
 
 namespace blockd {
 
-KvCache::KvCache(std::vector<int64_t> kv_dims, int64_t batch)
-    : kv_dims_(std::move(kv_dims)), tables_(static_cast<size_t>(batch)) {
-  // Page layout: per block, K [kPageTokens, kv_dim] then V [kPageTokens, kv_dim].
-  for (int64_t d : kv_dims_) {
-    block_offset_.push_back(page_floats_);
-    page_floats_ += 2 * kPageTokens * d;
+// The pages of a family: each block's store, the free page ids and the budget they are held
+// against. Shared by the family's caches and by every page reference, so it outlives them all.
+class KvPool {
+ public:
+  KvPool(std::vector<std::unique_ptr<KvPageStore>> stores) : stores_(std::move(stores)) {}
+
+  absl::Status Grow(int64_t pages, std::vector<MemoryReservation> reservations) {
+    for (auto& s : stores_) RETURN_IF_ERROR(s->Grow(pages));
+    absl::MutexLock l(&mu_);
+    for (int64_t i = 0; i < pages; ++i) free_.push_back(static_cast<int32_t>(capacity_ + pages - 1 - i));
+    capacity_ += pages;
+    for (MemoryReservation& r : reservations) reservations_.push_back(std::move(r));
+    return absl::OkStatus();
   }
+  absl::StatusOr<int32_t> Allocate() {
+    absl::MutexLock l(&mu_);
+    if (free_.empty()) {
+      return absl::InternalError(absl::StrCat("the KV page pool of ", capacity_, " pages is exhausted"));
+    }
+    const int32_t id = free_.back();
+    free_.pop_back();
+    return id;
+  }
+  void Release(int32_t id) {
+    absl::MutexLock l(&mu_);
+    free_.push_back(id);
+  }
+  absl::Status Copy(int32_t from, int32_t to) {
+    for (auto& s : stores_) RETURN_IF_ERROR(s->CopyPage(from, to));
+    return absl::OkStatus();
+  }
+  KvPageStore* store(int64_t block) const { return stores_[static_cast<size_t>(block)].get(); }
+  int64_t blocks() const { return static_cast<int64_t>(stores_.size()); }
+
+ private:
+  std::vector<std::unique_ptr<KvPageStore>> stores_;  // fixed at creation; grown under the blocks' locks
+  absl::Mutex mu_;
+  std::vector<int32_t> free_ ABSL_GUARDED_BY(mu_);
+  int64_t capacity_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<MemoryReservation> reservations_ ABSL_GUARDED_BY(mu_);
+};
+
+// One reference to a page; the last one gives the id back to the pool.
+struct KvCache::PageRef {
+  PageRef(std::shared_ptr<KvPool> p, int32_t i) : pool(std::move(p)), id(i) {}
+  ~PageRef() { pool->Release(id); }
+  PageRef(const PageRef&) = delete;
+  PageRef& operator=(const PageRef&) = delete;
+  std::shared_ptr<KvPool> pool;
+  int32_t id;
+};
+
+absl::StatusOr<KvCache> KvCache::Create(std::vector<std::unique_ptr<KvPageStore>> stores, int64_t batch,
+                                        int64_t max_length, std::vector<MemoryReservation> reservations) {
+  auto pool = std::make_shared<KvPool>(std::move(stores));
+  RETURN_IF_ERROR(pool->Grow(PagesFor(batch, max_length), std::move(reservations)));
+  return KvCache(std::move(pool), batch);
 }
 
-int64_t KvCache::ReservedBytes(const std::vector<int64_t>& kv_dims, int64_t batch, int64_t max_length) {
-  int64_t page_floats = 0;
-  for (int64_t d : kv_dims) page_floats += 2 * kPageTokens * d;
-  const int64_t pages = (max_length + kPageTokens - 1) / kPageTokens;
-  return batch * pages * page_floats * static_cast<int64_t>(sizeof(float));
+absl::Status KvCache::GrowFamily(int64_t batch, int64_t max_length, std::vector<MemoryReservation> reservations) {
+  return pool_->Grow(PagesFor(batch, max_length), std::move(reservations));
 }
+
+int64_t KvCache::blocks() const { return pool_->blocks(); }
 
 int64_t KvCache::DistinctPages() const {
-  std::set<const Page*> pages;
+  std::set<int32_t> pages;
   for (const auto& table : tables_) {
     for (const auto& p : table) {
-      if (p) pages.insert(p.get());
+      if (p) pages.insert(p->id);
     }
   }
   return static_cast<int64_t>(pages.size());
 }
 
-const float* KvCache::Find(int64_t block, int64_t row, int64_t pos, bool value) const {
-  const auto& table = tables_[row];
-  const Page& page = *table[pos / kPageTokens];
-  const int64_t d = kv_dims_[block];
-  return page.data.data() + block_offset_[block] + (value ? kPageTokens * d : 0) + (pos % kPageTokens) * d;
+int32_t KvCache::PageId(int64_t row, int64_t pos) const {
+  const auto& table = tables_[static_cast<size_t>(row)];
+  const size_t i = static_cast<size_t>(pos / kPageTokens);
+  return i < table.size() && table[i] ? table[i]->id : -1;
 }
 
-float* KvCache::Slot(int64_t block, int64_t row, int64_t pos, bool value) {
-  auto& table = tables_[row];
-  const size_t index = static_cast<size_t>(pos / kPageTokens);
-  if (table.size() <= index) table.resize(index + 1);
-  std::shared_ptr<Page>& page = table[index];
-  if (!page) {
-    page = std::make_shared<Page>();
-    page->data.assign(static_cast<size_t>(page_floats_), 0.f);
-  } else if (page.use_count() > 1) {
-    // Shared with another row, a fork or the committed cache: this row gets its own copy.
-    page = std::make_shared<Page>(*page);
+absl::Status KvCache::PrepareWrite(const KvCache& committed, int64_t start, int64_t n) {
+  // How often the committed cache holds each page: those references never read the positions
+  // this step writes (they are past the committed length), so they do not force a copy.
+  std::map<const PageRef*, long> held;
+  for (const auto& table : committed.tables_) {
+    for (const auto& p : table) {
+      if (p) ++held[p.get()];
+    }
   }
-  const int64_t d = kv_dims_[block];
-  return page->data.data() + block_offset_[block] + (value ? kPageTokens * d : 0) + (pos % kPageTokens) * d;
+  const size_t first = static_cast<size_t>(start / kPageTokens);
+  const size_t end = static_cast<size_t>((start + n + kPageTokens - 1) / kPageTokens);
+  for (auto& table : tables_) {
+    if (table.size() < end) table.resize(end);
+    for (size_t i = first; i < end; ++i) {
+      std::shared_ptr<PageRef>& page = table[i];
+      if (page) {
+        auto it = held.find(page.get());
+        const long others = page.use_count() - 1 - (it == held.end() ? 0 : it->second);
+        if (others == 0) continue;  // this row's own: written in place
+      }
+      ASSIGN_OR_RETURN(int32_t id, pool_->Allocate());
+      auto fresh = std::make_shared<PageRef>(pool_, id);
+      // A shared page keeps its earlier positions in the copy; a new one has none to keep.
+      if (page) RETURN_IF_ERROR(pool_->Copy(page->id, id));
+      page = std::move(fresh);
+    }
+  }
+  return absl::OkStatus();
 }
 
-const float* KvCache::Key(int64_t block, int64_t row, int64_t pos) const { return Find(block, row, pos, false); }
-const float* KvCache::Value(int64_t block, int64_t row, int64_t pos) const { return Find(block, row, pos, true); }
-float* KvCache::MutableKey(int64_t block, int64_t row, int64_t pos) { return Slot(block, row, pos, false); }
-float* KvCache::MutableValue(int64_t block, int64_t row, int64_t pos) { return Slot(block, row, pos, true); }
+std::vector<int32_t> KvCache::Table(int64_t* width) const {
+  size_t w = 0;
+  for (const auto& table : tables_) w = std::max(w, table.size());
+  std::vector<int32_t> out(tables_.size() * w, -1);
+  for (size_t r = 0; r < tables_.size(); ++r) {
+    for (size_t i = 0; i < tables_[r].size(); ++i) {
+      if (tables_[r][i]) out[r * w + i] = tables_[r][i]->id;
+    }
+  }
+  *width = static_cast<int64_t>(w);
+  return out;
+}
+
+KvBlockView KvCache::View(int64_t block, const std::vector<int32_t>& table, int64_t width) const {
+  KvBlockView v;
+  v.pages = pool_->store(block);
+  v.table = table.data();
+  v.table_width = width;
+  return v;
+}
 
 void KvCache::Reorder(const std::vector<int32_t>& from) {
-  std::vector<std::vector<std::shared_ptr<Page>>> next;
+  std::vector<std::vector<std::shared_ptr<PageRef>>> next;
   next.reserve(from.size());
-  for (int32_t r : from) next.push_back(tables_[r]);
+  for (int32_t r : from) next.push_back(tables_[static_cast<size_t>(r)]);
   tables_ = std::move(next);
 }
 
@@ -71,22 +154,5 @@ void KvCache::Trim(int64_t length) {
     if (table.size() > keep) table.resize(keep);
   }
 }
-
-namespace {
-class View : public KvBlockView {
- public:
-  View(KvCache* cache, int64_t block) : cache_(cache), block_(block) {}
-  const float* Key(int64_t row, int64_t pos) const override { return cache_->Key(block_, row, pos); }
-  const float* Value(int64_t row, int64_t pos) const override { return cache_->Value(block_, row, pos); }
-  float* MutableKey(int64_t row, int64_t pos) override { return cache_->MutableKey(block_, row, pos); }
-  float* MutableValue(int64_t row, int64_t pos) override { return cache_->MutableValue(block_, row, pos); }
-
- private:
-  KvCache* cache_;
-  int64_t block_;
-};
-}  // namespace
-
-std::unique_ptr<KvBlockView> KvCache::View(int64_t block) { return std::make_unique<class View>(this, block); }
 
 }  // namespace blockd

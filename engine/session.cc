@@ -4,21 +4,32 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/echo.h"
+#include "base/status_macros.h"
 
 namespace blockd {
 
-absl::Status SessionStore::Add(std::shared_ptr<Session> s, int64_t max_per_client) {
-  absl::MutexLock lock(&mu_);
-  if (sessions_.count(s->id) != 0) {
-    return absl::AlreadyExistsError(absl::StrCat("session ", Echo(s->id), " already exists"));
+absl::Status SessionStore::CheckRoomLocked(absl::string_view id, absl::string_view owner, int64_t max_per_client) {
+  if (sessions_.count(id) != 0) {
+    return absl::AlreadyExistsError(absl::StrCat("session ", Echo(id), " already exists"));
   }
   int64_t held = 0;
-  for (const auto& [id, other] : sessions_) held += other->owner == s->owner;
+  for (const auto& [other_id, other] : sessions_) held += other->owner == owner;
   if (held >= max_per_client) {
-    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(s->owner), " already holds ", held,
+    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(owner), " already holds ", held,
                                                      " inference sessions (limit --max_sessions_per_client=",
                                                      max_per_client, "); close one first"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status SessionStore::CheckRoom(absl::string_view id, absl::string_view owner, int64_t max_per_client) {
+  absl::MutexLock lock(&mu_);
+  return CheckRoomLocked(id, owner, max_per_client);
+}
+
+absl::Status SessionStore::Add(std::shared_ptr<Session> s, int64_t max_per_client) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(CheckRoomLocked(s->id, s->owner, max_per_client));
   sessions_.emplace(s->id, std::move(s));
   return absl::OkStatus();
 }

@@ -2,7 +2,7 @@
 // owned by the identity that opened them (owned.h). The Engine runs the steps
 // (engine_sessions.cc); this store only keeps sessions, their owners, TTLs and the per-client cap.
 //
-//   auto s = std::make_shared<Session>(KvCache(kv_dims, batch));
+//   auto s = std::make_shared<Session>(std::move(cache));  // KvCache::Create
 //   s->owner = caller; s->id = id; ...
 //   RETURN_IF_ERROR(store.Add(s, /*max_per_client=*/64));
 //   std::shared_ptr<Session> found = store.Find(id, caller, absl::Now());  // null: NOT_FOUND
@@ -48,7 +48,9 @@ struct Session : Owned {
   int64_t batch_size = 0;
   int64_t max_length = 0;
   absl::Duration ttl;
-  std::vector<MemoryReservation> reservations;  // the whole cache, per device
+  // Bytes reserved against the budget for the whole cache, per device; the family's pool holds
+  // the reservations (kv_cache.h), so a closed fork's bytes stay until its family is closed.
+  std::map<int, int64_t> kv_bytes_per_device;
   int64_t kv_bytes = 0;
 
   // Set (never cleared) when the store drops the session: by Close, the TTL sweep or DeleteBlock.
@@ -73,6 +75,8 @@ class SessionStore {
   // ALREADY_EXISTS for an id in use; RESOURCE_EXHAUSTED when the owner already holds
   // `max_per_client` sessions.
   absl::Status Add(std::shared_ptr<Session> s, int64_t max_per_client);
+  // What Add would refuse now, for a caller that must know before it commits memory (a fork).
+  absl::Status CheckRoom(absl::string_view id, absl::string_view owner, int64_t max_per_client);
   // The caller's open, unexpired session, else null (one answer for unknown, expired and others').
   std::shared_ptr<Session> Find(absl::string_view id, absl::string_view caller, absl::Time now);
   // Closes the caller's session; false as Find would return null.
@@ -85,6 +89,8 @@ class SessionStore {
   int64_t size();
 
  private:
+  absl::Status CheckRoomLocked(absl::string_view id, absl::string_view owner, int64_t max_per_client)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Mutex mu_;  // a leaf: never held while taking a session's or a block's lock
   std::map<std::string, std::shared_ptr<Session>, std::less<>> sessions_ ABSL_GUARDED_BY(mu_);
 };

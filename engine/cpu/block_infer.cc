@@ -11,7 +11,36 @@
 #include "engine/cpu/ops.h"
 
 namespace blockd::cpu {
+
+CpuKvPageStore::CpuKvPageStore(int64_t kv_dim) : page_floats_(2 * kKvPageTokens * kv_dim) {}
+
+absl::Status CpuKvPageStore::Grow(int64_t pages) {
+  chunks_.emplace_back(static_cast<size_t>(pages * page_floats_), 0.f);
+  chunk_first_.push_back(pages_);
+  pages_ += pages;
+  return absl::OkStatus();
+}
+
+float* CpuKvPageStore::Page(int32_t id) {
+  // Chunks are few (one per session of the family): a linear search from the last.
+  size_t c = chunks_.size() - 1;
+  while (chunk_first_[c] > id) --c;
+  return chunks_[c].data() + (id - chunk_first_[c]) * page_floats_;
+}
+
+absl::Status CpuKvPageStore::CopyPage(int32_t from, int32_t to) {
+  const float* src = Page(from);
+  std::copy(src, src + page_floats_, Page(to));
+  return absl::OkStatus();
+}
+
 namespace {
+
+// K (value: V) of `pos` in row `row`: page layout K [kKvPageTokens, kv_dim], then V.
+float* Slot(const KvBlockView& kv, int64_t kv_dim, int64_t row, int64_t pos, bool value) {
+  float* page = static_cast<CpuKvPageStore*>(kv.pages)->Page(kv.page(row, pos));
+  return page + (value ? kKvPageTokens * kv_dim : 0) + (pos % kKvPageTokens) * kv_dim;
+}
 
 // o [n, H, dh] for row r: softmax over the row's positions 0..start+i of q·k * scale, times v,
 // reading every key and value from the cache (the new ones were written there first). Scores and
@@ -28,7 +57,7 @@ void CachedAttention(const BlockConfig& c, const float* q, int64_t row, int64_t 
       const int64_t kv_off = (h / group) * dh;
       double mx = -std::numeric_limits<double>::infinity();
       for (int64_t t = 0; t <= last; ++t) {
-        const float* kt = kv.Key(row, t) + kv_off;
+        const float* kt = Slot(kv, Hkv * dh, row, t, false) + kv_off;
         // Rounded to float like the Gemm that computes Forward's scores.
         float dot = 0.f;
         for (int64_t e = 0; e < dh; ++e) dot += qh[e] * kt[e];
@@ -41,7 +70,7 @@ void CachedAttention(const BlockConfig& c, const float* q, int64_t row, int64_t 
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t t = 0; t <= last; ++t) {
         const double pt = static_cast<float>(std::exp(p[t] - l));
-        const float* vt = kv.Value(row, t) + kv_off;
+        const float* vt = Slot(kv, Hkv * dh, row, t, true) + kv_off;
         for (int64_t e = 0; e < dh; ++e) acc[e] += pt * vt[e];
       }
       float* oh = o + (i * H + h) * dh;
@@ -53,7 +82,7 @@ void CachedAttention(const BlockConfig& c, const float* q, int64_t row, int64_t 
 }  // namespace
 
 void BlockInferStep(const BlockConfig& c, const BlockParamPtrs<const float>& w, const float* x, int64_t batch,
-                    int64_t n, const int64_t* start, KvBlockView& kv, float* out) {
+                    int64_t n, const int64_t* start, const KvBlockView& kv, float* out) {
   const int64_t tokens = batch * n, d = c.hidden_size, f = c.intermediate_size;
   const int64_t qd = c.q_dim(), kvd = c.kv_dim(), H = c.num_attention_heads, Hkv = c.num_kv_heads, dh = c.head_dim;
   std::vector<float> rstd(tokens), n1(tokens * d);
@@ -82,8 +111,8 @@ void BlockInferStep(const BlockConfig& c, const BlockParamPtrs<const float>& w, 
     RopeForward(q.data() + r * n * qd, 1, n, H, dh, start[r], inv_freq.data(), rope_scale);
     RopeForward(k.data() + r * n * kvd, 1, n, Hkv, dh, start[r], inv_freq.data(), rope_scale);
     for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(kv.MutableKey(r, start[r] + i), k.data() + (r * n + i) * kvd, kvd * sizeof(float));
-      std::memcpy(kv.MutableValue(r, start[r] + i), v.data() + (r * n + i) * kvd, kvd * sizeof(float));
+      std::memcpy(Slot(kv, kvd, r, start[r] + i, false), k.data() + (r * n + i) * kvd, kvd * sizeof(float));
+      std::memcpy(Slot(kv, kvd, r, start[r] + i, true), v.data() + (r * n + i) * kvd, kvd * sizeof(float));
     }
     CachedAttention(c, q.data() + r * n * qd, r, n, start[r], kv, attn.data() + r * n * qd);
   }

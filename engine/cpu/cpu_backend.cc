@@ -83,11 +83,15 @@ class CpuBlock : public Block {
   }
 
   absl::StatusOr<std::unique_ptr<Activation>> InferStep(const Activation& x, const std::vector<int64_t>& start,
-                                                        KvBlockView& kv) override {
+                                                        const KvBlockView& kv) override {
     auto out = std::make_unique<CpuActivation>(x.batch(), x.seq(), x.width());
     cpu::BlockInferStep(spec_.config, Ptrs<const float>(weights_), AsCpu(x).data.data(), x.batch(), x.seq(),
                         start.data(), kv, out->data.data());
     return std::unique_ptr<Activation>(std::move(out));
+  }
+
+  absl::StatusOr<std::unique_ptr<KvPageStore>> NewKvPageStore() override {
+    return std::unique_ptr<KvPageStore>(std::make_unique<cpu::CpuKvPageStore>(spec_.config.kv_dim()));
   }
 
   absl::StatusOr<double> GradSquaredNorm() override {

@@ -2,12 +2,14 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <array>
 #include <type_traits>
 #include <vector>
 
 #include "engine/cuda/attention_dispatch.h"
 #include "engine/cuda/cuda_status.h"
+#include "engine/cuda/kv_pages.h"
 #include "base/status_macros.h"
 #include "kernels/adamw.cuh"
 #include "base/rope.h"
@@ -15,6 +17,7 @@
 #include "kernels/bias.cuh"
 #include "kernels/convert.cuh"
 #include "kernels/gemm.h"
+#include "kernels/paged_attention.cuh"
 #include "kernels/rmsnorm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/swiglu.cuh"
@@ -192,9 +195,17 @@ class CudaBlock : public Block {
     return BackwardT<float>(saved, grad_out, accumulate);
   }
 
-  absl::StatusOr<std::unique_ptr<Activation>> InferStep(const Activation&, const std::vector<int64_t>&,
-                                                        KvBlockView&) override {
-    return absl::UnimplementedError("inference sessions are not on the CUDA backend yet");
+  absl::StatusOr<std::unique_ptr<Activation>> InferStep(const Activation& x, const std::vector<int64_t>& start,
+                                                        const KvBlockView& kv) override {
+    DeviceGuard guard(dev_->index);
+    const auto& xa = static_cast<const CudaActivation&>(x);
+    if (spec_.precision == Precision::kBF16) return InferStepT<bf16>(xa, start, kv);
+    return InferStepT<float>(xa, start, kv);
+  }
+
+  absl::StatusOr<std::unique_ptr<KvPageStore>> NewKvPageStore() override {
+    return std::unique_ptr<KvPageStore>(std::make_unique<CudaKvPageStore>(
+        dev_, spec_.config.kv_dim(), static_cast<int64_t>(ActSize(spec_.precision))));
   }
 
   absl::StatusOr<double> GradSquaredNorm() override {
@@ -292,7 +303,6 @@ class CudaBlock : public Block {
     const BlockConfig& c = spec_.config;
     const Dims m = DimsOf(c, x_act.batch(), x_act.seq());
     const size_t t = sizeof(T);
-    const GemmType tt = TypeOf<T>();
     cudaStream_t st = dev_->stream;
     const float eps = static_cast<float>(c.rms_norm_eps);
     auto s = std::make_unique<CudaSaved>();
@@ -323,16 +333,8 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(s->h, Alloc(m.n * m.f * t));
     ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> out, NewActivation(dev_, m.batch, m.seq, m.d));
 
-    T* n1 = s->n1.as<T>();
     T* qkv = s->qkv.as<T>();
-    // n1 = rmsnorm(x) * w_in;  q|k|v = n1 [Wq|Wk|Wv]^T
-    CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(x, W32(ParamId::kInputNorm), n1, s->rstd1.as<float>(), m.n,
-                                                        static_cast<int>(m.d), eps, st));
-    RETURN_IF_ERROR(Gemm(Linear(m.n, m.d, m.qkv).Forward(n1, W<T>(ParamId::kQProj), qkv, tt)));
-    if (c.attention_bias) {  // + [bq|bk|bv], adjacent in storage; before QK-norm and RoPE as in HF
-      CUDA_RETURN_IF_ERROR(
-          kernels::launch_add_bias<T>(qkv, m.qkv, W32(ParamId::kQBias), m.n, static_cast<int>(m.qkv), st));
-    }
+    RETURN_IF_ERROR(NormAndQkv<T>(x, s->n1.as<T>(), s->rstd1.as<float>(), qkv, m));
     // QK-norm and RoPE on q and k; v stays in place inside q|k|v.
     auto* table = s->table.as<float2>();
     CUDA_RETURN_IF_ERROR(kernels::launch_rope_table(table, static_cast<int>(m.seq), m.dh, offset,
@@ -344,19 +346,142 @@ class CudaBlock : public Block {
                                                             W32(ParamId::kKNorm), table, m.n, static_cast<int>(m.seq),
                                                             m.kv_heads, m.dh, eps, st));
     RETURN_IF_ERROR(attention_.Forward(Attention<T>(*s, m, st)));
-    // r1 = x + o Wo^T (the residual enters as C)
-    const kernels::LinearGemm o_proj = Linear(m.n, m.qd, m.d);
-    RETURN_IF_ERROR(Gemm(o_proj.Forward(s->o.get(), W<T>(ParamId::kOProj), s->r1.get(), GemmType::kF32).PlusC(x)));
-    CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(s->r1.as<float>(), W32(ParamId::kPostNorm), s->n2.as<T>(),
-                                                        s->rstd2.as<float>(), m.n, static_cast<int>(m.d), eps, st));
-    RETURN_IF_ERROR(Gemm(Linear(m.n, m.d, 2 * m.f).Forward(s->n2.get(), W<T>(ParamId::kGateProj), s->gu.get(), tt)));
-    CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(s->gu.as<T>(), s->h.as<T>(), m.n, m.f, st));
-    // out = r1 + h Wdown^T
-    const kernels::LinearGemm down = Linear(m.n, m.f, m.d);
-    RETURN_IF_ERROR(
-        Gemm(down.Forward(s->h.get(), W<T>(ParamId::kDownProj), out->data(), GemmType::kF32).PlusC(s->r1.get())));
+    RETURN_IF_ERROR(OutputAndMlp<T>(x, s->o.as<T>(), s->r1.as<float>(), s->n2.as<T>(), s->rstd2.as<float>(),
+                                    s->gu.as<T>(), s->h.as<T>(), out->data(), m));
     // Unless kept, the buffers go back to the pool in stream order when `s` goes; nothing waits here.
     if (saved_out != nullptr) *saved_out = std::move(s);
+    RETURN_IF_ERROR(out->MarkReady(st));
+    return std::unique_ptr<Activation>(std::move(out));
+  }
+
+  // n1 = rmsnorm(x) * w_in;  q|k|v = n1 [Wq|Wk|Wv]^T (+ [bq|bk|bv]): the start of Forward and InferStep.
+  template <class T>
+  absl::Status NormAndQkv(const float* x, T* n1, float* rstd1, T* qkv, const Dims& m) {
+    cudaStream_t st = dev_->stream;
+    CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(x, W32(ParamId::kInputNorm), n1, rstd1, m.n,
+                                                        static_cast<int>(m.d),
+                                                        static_cast<float>(spec_.config.rms_norm_eps), st));
+    RETURN_IF_ERROR(Gemm(Linear(m.n, m.d, m.qkv).Forward(n1, W<T>(ParamId::kQProj), qkv, TypeOf<T>())));
+    if (spec_.config.attention_bias) {  // adjacent in storage; before QK-norm and RoPE as in HF
+      CUDA_RETURN_IF_ERROR(
+          kernels::launch_add_bias<T>(qkv, m.qkv, W32(ParamId::kQBias), m.n, static_cast<int>(m.qkv), st));
+    }
+    return absl::OkStatus();
+  }
+
+  // From the attention's output o on: r1 = x + o Wo^T, out = r1 + mlp(rmsnorm(r1)). The end of
+  // Forward and InferStep.
+  template <class T>
+  absl::Status OutputAndMlp(const float* x, const T* o, float* r1, T* n2, float* rstd2, T* gu, T* h, float* out,
+                            const Dims& m) {
+    cudaStream_t st = dev_->stream;
+    // r1 = x + o Wo^T (the residual enters as C)
+    const kernels::LinearGemm o_proj = Linear(m.n, m.qd, m.d);
+    RETURN_IF_ERROR(Gemm(o_proj.Forward(o, W<T>(ParamId::kOProj), r1, GemmType::kF32).PlusC(x)));
+    CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(r1, W32(ParamId::kPostNorm), n2, rstd2, m.n,
+                                                        static_cast<int>(m.d),
+                                                        static_cast<float>(spec_.config.rms_norm_eps), st));
+    RETURN_IF_ERROR(Gemm(Linear(m.n, m.d, 2 * m.f).Forward(n2, W<T>(ParamId::kGateProj), gu, TypeOf<T>())));
+    CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(gu, h, m.n, m.f, st));
+    // out = r1 + h Wdown^T
+    const kernels::LinearGemm down = Linear(m.n, m.f, m.d);
+    RETURN_IF_ERROR(Gemm(down.Forward(h, W<T>(ParamId::kDownProj), out, GemmType::kF32).PlusC(r1)));
+    return absl::OkStatus();
+  }
+
+  // One inference step (Block::InferStep): Forward's math with RoPE at each row's positions, the
+  // new K/V written into their pages and attention over the row's cached prefix read through the
+  // page table. A fresh batch (every row at position 0) attends only among its new tokens, so it
+  // runs Forward's attention (flash or cuDNN) instead.
+  template <class T>
+  absl::StatusOr<std::unique_ptr<Activation>> InferStepT(const CudaActivation& xa, const std::vector<int64_t>& start,
+                                                         const KvBlockView& view) {
+    const BlockConfig& c = spec_.config;
+    const Dims m = DimsOf(c, xa.batch(), xa.seq());
+    const size_t t = sizeof(T);
+    cudaStream_t st = dev_->stream;
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    const auto& store = static_cast<const CudaKvPageStore&>(*view.pages);
+
+    // start [batch] then the page tables [batch, width], int32, for the kernels.
+    std::vector<int32_t> meta(static_cast<size_t>(m.batch + m.batch * view.table_width));
+    bool fresh = true, same_start = true;
+    int64_t max_len = 0;
+    for (int64_t r = 0; r < m.batch; ++r) {
+      meta[r] = static_cast<int32_t>(start[r]);
+      fresh = fresh && start[r] == 0;
+      same_start = same_start && start[r] == start[0];
+      max_len = std::max(max_len, start[r] + m.seq);
+    }
+    std::copy(view.table, view.table + m.batch * view.table_width, meta.begin() + m.batch);
+    ASSIGN_OR_RETURN(DeviceBuffer meta_d, Alloc(meta.size() * 4));
+    // From pageable memory: staged before the call returns, so `meta` may go.
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(meta_d.get(), meta.data(), meta.size() * 4, cudaMemcpyHostToDevice, st));
+
+    ASSIGN_OR_RETURN(DeviceBuffer n1, Alloc(m.n * m.d * t));
+    ASSIGN_OR_RETURN(DeviceBuffer rstd, Alloc(m.n * std::max(m.heads, 1) * 4));
+    ASSIGN_OR_RETURN(DeviceBuffer qkv, Alloc(m.n * m.qkv * t));
+    ASSIGN_OR_RETURN(DeviceBuffer q, Alloc(m.n * m.qd * t));
+    ASSIGN_OR_RETURN(DeviceBuffer k, Alloc(m.n * m.kvd * t));
+    ASSIGN_OR_RETURN(DeviceBuffer table, Alloc(m.n * (m.dh / 2) * 8));
+    ASSIGN_OR_RETURN(DeviceBuffer o, Alloc(m.n * m.qd * t));
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> out, NewActivation(dev_, m.batch, m.seq, m.d));
+
+    RETURN_IF_ERROR(NormAndQkv<T>(xa.data(), n1.as<T>(), rstd.as<float>(), qkv.as<T>(), m));
+    // QK-norm and RoPE: one table for all rows when they start together (token t of [batch, seq]
+    // reads table row t % seq), else each row with its own.
+    const int64_t rows = same_start ? 1 : m.batch, tokens = same_start ? m.n : m.seq;
+    for (int64_t r = 0; r < rows; ++r) {
+      auto* tab = table.as<float2>() + r * m.seq * (m.dh / 2);
+      CUDA_RETURN_IF_ERROR(kernels::launch_rope_table(tab, static_cast<int>(m.seq), m.dh, start[r],
+                                                      inv_freq_.as<double>(), rope_scale_, st));
+      const T* in = qkv.as<T>() + r * m.seq * m.qkv;
+      CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(in, m.qkv, q.as<T>() + r * m.seq * m.qd, rstd.as<float>(),
+                                                              W32(ParamId::kQNorm), tab, tokens, static_cast<int>(m.seq),
+                                                              m.heads, m.dh, eps, st));
+      CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(in + m.qd, m.qkv, k.as<T>() + r * m.seq * m.kvd,
+                                                              rstd.as<float>(), W32(ParamId::kKNorm), tab, tokens,
+                                                              static_cast<int>(m.seq), m.kv_heads, m.dh, eps, st));
+    }
+    kernels::PagedKv<T> kv;
+    kv.chunks = store.chunks<T>();
+    kv.chunk_pages = store.chunk_pages();
+    kv.start = meta_d.as<int32_t>();
+    kv.table = meta_d.as<int32_t>() + m.batch;
+    kv.table_width = view.table_width;
+    kv.kv_dim = m.kvd;
+    const T* v = qkv.as<T>() + m.qd + m.kvd;
+    CUDA_RETURN_IF_ERROR(kernels::launch_paged_kv_write<T>(kv, k.as<T>(), m.kvd, v, m.qkv, m.batch, m.seq, st));
+    if (fresh) {
+      ASSIGN_OR_RETURN(DeviceBuffer lse, Alloc(m.batch * m.heads * m.seq * 4));
+      auto a = kernels::AttentionArgs<T>::Causal(static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads,
+                                                 m.kv_heads, m.dh, st);
+      a.q = q.as<T>();
+      a.q_stride = m.qd;
+      a.k = k.as<T>();
+      a.k_stride = m.kvd;
+      a.v = v;
+      a.v_stride = m.qkv;
+      a.o = o.as<T>();
+      a.o_stride = m.qd;
+      a.lse = lse.as<float>();
+      RETURN_IF_ERROR(attention_.Forward(a));
+    } else {
+      const int splits = kernels::paged_attention_splits(m.batch, m.seq, m.heads, m.kv_heads, max_len,
+                                                         dev_->props.multiProcessorCount);
+      const int64_t ws_floats = kernels::paged_attention_workspace_floats(m.batch, m.seq, m.heads, m.dh, splits);
+      ASSIGN_OR_RETURN(DeviceBuffer ws, Alloc(static_cast<size_t>(std::max<int64_t>(ws_floats, 1)) * 4));
+      CUDA_RETURN_IF_ERROR(kernels::launch_paged_attention<T>(kv, q.as<T>(), m.qd, o.as<T>(), m.qd, m.batch, m.seq,
+                                                              m.heads, m.kv_heads, m.dh, max_len, splits,
+                                                              ws.as<float>(), st));
+    }
+    // The MLP's buffers: n1's memory serves as n2, q|k|v's may be too small for gate|up.
+    ASSIGN_OR_RETURN(DeviceBuffer r1, Alloc(m.n * m.d * 4));
+    ASSIGN_OR_RETURN(DeviceBuffer gu, Alloc(m.n * 2 * m.f * t));
+    ASSIGN_OR_RETURN(DeviceBuffer h, Alloc(m.n * m.f * t));
+    RETURN_IF_ERROR(OutputAndMlp<T>(xa.data(), o.as<T>(), r1.as<float>(), n1.as<T>(), rstd.as<float>(), gu.as<T>(),
+                                    h.as<T>(), out->data(), m));
+    // The buffers go back to the pool in stream order when they go; nothing waits here.
     RETURN_IF_ERROR(out->MarkReady(st));
     return std::unique_ptr<Activation>(std::move(out));
   }

@@ -137,7 +137,7 @@ TEST_F(SessionTest, PrefillAndDecodeEqualForwardOfTheWholeSequence) {
     auto info = Open({"b0", "b1"}, batch, kMaxLen);
     ASSERT_TRUE(info.ok()) << info.status();
     EXPECT_EQ(info->length, 0);
-    EXPECT_EQ(info->kv_bytes, 2 * KvCache::ReservedBytes({c.kv_dim()}, batch, kMaxLen));
+    EXPECT_EQ(info->kv_bytes, 2 * KvCache::ReservedBytes(KvCache::PageBytes(c.kv_dim(), 4), batch, kMaxLen));
     EXPECT_EQ(info->session_id.rfind("sess-", 0), 0u) << info->session_id;
     EXPECT_TRUE(Close("prefill 20 + 17 decode steps vs Forward", Generate(info->session_id, x, batch, seq, d, 20),
                       ref->out));
@@ -329,7 +329,7 @@ TEST_F(SessionTest, EveryErrorLeavesTheSessionAsItWas) {
 TEST_F(SessionTest, OpenRefusesBadArgumentsAndWhatTheBudgetCannotHold) {
   const BlockConfig c = Config(false, 2);
   const int64_t block_bytes = static_cast<int64_t>(engine_->backend().BlockBytes(Spec("x", c)));
-  const int64_t cache_bytes = KvCache::ReservedBytes({c.kv_dim()}, 2, 32);
+  const int64_t cache_bytes = KvCache::ReservedBytes(KvCache::PageBytes(c.kv_dim(), 4), 2, 32);
   EngineOptions o;
   o.memory_budget_bytes = block_bytes + cache_bytes + cache_bytes / 2;  // one session, not two
   Reset(o);
@@ -380,7 +380,7 @@ TEST_F(SessionTest, DeleteBlockClosesTheSessionsThatUseIt) {
                        "not found"));
   EXPECT_TRUE(Step(only0->session_id, Random(c.hidden_size), 1, 1).ok());
   EXPECT_EQ(engine_->ListSessions("alice").size(), 1u);
-  EXPECT_EQ(engine_->Stats().memory_used[0], block_bytes + KvCache::ReservedBytes({c.kv_dim()}, 1, 8));
+  EXPECT_EQ(engine_->Stats().memory_used[0], block_bytes + KvCache::ReservedBytes(KvCache::PageBytes(c.kv_dim(), 4), 1, 8));
   // A new block under the same id is not the session's old one.
   CreateSpan(c, {"b1"});
   EXPECT_TRUE(HasError(Step(both->session_id, Random(c.hidden_size), 1, 1).status(), StatusCode::kNotFound,
@@ -406,29 +406,78 @@ TEST_F(SessionTest, ExpiredSessionsAreNotFoundAndSwept) {
   EXPECT_TRUE(HasError(engine_->OpenSession(a).status(), StatusCode::kInvalidArgument, "ttl"));
 }
 
-TEST(KvCacheTest, CopiesShareTheirPagesUntilOneSideWrites) {
-  KvCache a({8, 4}, /*batch=*/2);
-  for (int64_t pos = 0; pos < 20; ++pos) {
-    for (int64_t row = 0; row < 2; ++row) {
-      a.MutableKey(0, row, pos)[0] = static_cast<float>(100 * row + pos);
-      a.MutableValue(1, row, pos)[3] = static_cast<float>(-pos);
-    }
+// A store that records the copies the cache asks for, so the test sees what moved.
+class RecordingStore : public KvPageStore {
+ public:
+  explicit RecordingStore(std::vector<std::pair<int32_t, int32_t>>* copies) : copies_(copies) {}
+  int64_t page_bytes() const override { return 64; }
+  int64_t pages() const override { return pages_; }
+  absl::Status Grow(int64_t pages) override {
+    pages_ += pages;
+    return absl::OkStatus();
   }
-  EXPECT_EQ(a.DistinctPages(), 4);  // two rows of two pages
-  KvCache b = a;
-  b.MutableKey(0, 1, 20)[0] = 42.f;  // the second page of row 1: b's own copy now
-  EXPECT_EQ(a.Key(0, 1, 20)[0], 0.f) << "a write to a copy showed in the original";
-  EXPECT_EQ(b.Key(0, 1, 19)[0], 119.f) << "the copied page lost its earlier tokens";
-  EXPECT_EQ(a.Key(0, 1, 0), b.Key(0, 1, 0)) << "the first page should still be shared";
-  EXPECT_NE(a.Key(0, 1, 16), b.Key(0, 1, 16));
-  b.Reorder({1, 1});  // both rows continue from row 1: tables move, pages stay
-  EXPECT_EQ(b.Key(0, 0, 0), b.Key(0, 1, 0));
-  EXPECT_EQ(b.DistinctPages(), 2);
-  b.MutableValue(1, 0, 5)[3] = 7.f;
-  EXPECT_EQ(b.Value(1, 1, 5)[3], -5.f) << "a write to row 0 showed in row 1 after a reorder";
-  b.Trim(10);
-  EXPECT_EQ(b.DistinctPages(), 2);  // each row keeps one page
-  EXPECT_EQ(KvCache::ReservedBytes({8, 4}, 2, 17), 2 * 2 * (2 * 16 * 12) * 4);
+  absl::Status CopyPage(int32_t from, int32_t to) override {
+    copies_->push_back({from, to});
+    return absl::OkStatus();
+  }
+
+ private:
+  std::vector<std::pair<int32_t, int32_t>>* copies_;
+  int64_t pages_ = 0;
+};
+
+TEST(KvCacheTest, CopiesShareTheirPagesUntilOneSideWrites) {
+  std::vector<std::pair<int32_t, int32_t>> copies;
+  std::vector<std::unique_ptr<KvPageStore>> stores;
+  stores.push_back(std::make_unique<RecordingStore>(&copies));
+  stores.push_back(std::make_unique<RecordingStore>(&copies));
+  auto a_or = KvCache::Create(std::move(stores), /*batch=*/2, /*max_length=*/40, {});
+  ASSERT_TRUE(a_or.ok()) << a_or.status();
+  KvCache a = std::move(a_or).value();
+  EXPECT_EQ(KvCache::PagesFor(2, 40), 2 * (3 + 1));
+  {
+    KvCache first = a;
+    ASSERT_OK(first.PrepareWrite(a, 0, 20));
+    a = std::move(first);
+  }
+  EXPECT_EQ(a.DistinctPages(), 4);  // two rows of two pages, all new: nothing copied
+  EXPECT_TRUE(copies.empty());
+
+  // A step continuing the session writes its own partial page in place: the committed cache
+  // holds it too but never reads past its length.
+  {
+    KvCache step = a;
+    ASSERT_OK(step.PrepareWrite(a, 20, 1));
+    EXPECT_EQ(step.PageId(1, 20), a.PageId(1, 20));
+    EXPECT_TRUE(copies.empty());
+  }
+
+  // A fork shares the pages: the next write of either side copies the shared partial page.
+  {
+    KvCache fork = a;
+    ASSERT_OK(fork.GrowFamily(2, 40, {}));
+    KvCache fork_step = fork;
+    ASSERT_OK(fork_step.PrepareWrite(fork, 20, 1));
+    EXPECT_NE(fork_step.PageId(1, 20), a.PageId(1, 20));
+    EXPECT_EQ(fork_step.PageId(1, 0), a.PageId(1, 0)) << "the full first page should still be shared";
+    ASSERT_EQ(copies.size(), 4u);  // the second page of each row, in each of the two blocks
+    EXPECT_EQ(copies[0].first, a.PageId(0, 16));
+    EXPECT_EQ(copies[0].second, fork_step.PageId(0, 16));
+  }
+
+  // Both rows continue from row 1: tables move, pages stay; the write then copies row 0's page.
+  copies.clear();
+  KvCache beam = a;
+  beam.Reorder({1, 1});
+  EXPECT_EQ(beam.PageId(0, 0), beam.PageId(1, 0));
+  EXPECT_EQ(beam.DistinctPages(), 2);
+  ASSERT_OK(beam.PrepareWrite(a, 20, 1));
+  EXPECT_NE(beam.PageId(0, 16), beam.PageId(1, 16));
+  EXPECT_EQ(copies.size(), 2u) << "one shared page, copied in each block";
+  EXPECT_EQ(beam.PageId(0, 0), beam.PageId(1, 0)) << "pages this step does not write stay shared";
+  beam.Trim(10);
+  EXPECT_EQ(beam.DistinctPages(), 1);  // each row keeps its first page, still the shared one
+  EXPECT_EQ(KvCache::ReservedBytes(KvCache::PageBytes(12, 4), 2, 17), 2 * (2 + 1) * (2 * 16 * 12) * 4);
 }
 
 }  // namespace

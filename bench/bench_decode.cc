@@ -1,0 +1,209 @@
+// Decode benchmark of inference sessions on the CUDA backend, in process (no gRPC): a span of 8
+// Llama-3-8B-shaped bf16 blocks, a 512-token prompt (prefill) and 64 new tokens decoded one at a
+// time, at batch 1 and 64; milliseconds per layer per decode step (the median step over the span,
+// divided by the layers, each step as the Engine runs it: page tables prepared on the host, then
+// every block's InferStep, then a device synchronize), prefill tokens/s; and the paged decode
+// attention kernel alone at 4k context: GB/s of the K/V it reads.
+//
+//   bench_decode [--batches=1,64] [--layers=8] [--prompt=512] [--new=64]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_split.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/init.h"
+#include "engine/kv_cache.h"
+#include "kernels/paged_attention.cuh"
+
+namespace blockd {
+namespace {
+
+double Now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+bool Check(const absl::Status& s, const char* what) {
+  if (!s.ok()) std::fprintf(stderr, "%s: %s\n", what, std::string(s.message()).c_str());
+  return s.ok();
+}
+
+BlockConfig Llama3_8B() {
+  BlockConfig c;
+  c.hidden_size = 4096;
+  c.num_attention_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.intermediate_size = 14336;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 500000;
+  return c;
+}
+
+// The paged attention kernel alone: `batch` rows of `context` cached positions, one new token.
+void AttentionBandwidth(int64_t batch, int64_t context) {
+  using bf16 = __nv_bfloat16;
+  const int heads = 32, kv_heads = 8, dh = 128;
+  const int64_t kv_dim = kv_heads * dh, pages_per_row = context / kKvPageTokens;
+  const int64_t pages = batch * pages_per_row, page_elems = 2 * kKvPageTokens * kv_dim;
+  bf16 *chunk = nullptr, *q = nullptr, *o = nullptr;
+  bf16** chunks = nullptr;
+  int32_t* meta = nullptr;
+  float* ws = nullptr;
+  cudaMalloc(&chunk, pages * page_elems * 2);
+  cudaMemset(chunk, 0, pages * page_elems * 2);
+  cudaMalloc(&chunks, sizeof(bf16*));
+  cudaMemcpy(chunks, &chunk, sizeof(bf16*), cudaMemcpyHostToDevice);
+  std::vector<int32_t> h(batch + pages);
+  for (int64_t r = 0; r < batch; ++r) h[r] = static_cast<int32_t>(context - 1);
+  for (int64_t p = 0; p < pages; ++p) h[batch + p] = static_cast<int32_t>(p);
+  cudaMalloc(&meta, h.size() * 4);
+  cudaMemcpy(meta, h.data(), h.size() * 4, cudaMemcpyHostToDevice);
+  cudaMalloc(&q, batch * heads * dh * 2);
+  cudaMemset(q, 0, batch * heads * dh * 2);
+  cudaMalloc(&o, batch * heads * dh * 2);
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  const int splits = kernels::paged_attention_splits(batch, 1, heads, kv_heads, context, sms);
+  cudaMalloc(&ws, std::max<int64_t>(1, kernels::paged_attention_workspace_floats(batch, 1, heads, dh, splits)) * 4);
+  kernels::PagedKv<bf16> kv;
+  kv.chunks = chunks;
+  kv.chunk_pages = pages;
+  kv.start = meta;
+  kv.table = meta + batch;
+  kv.table_width = pages_per_row;
+  kv.kv_dim = kv_dim;
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  const int iters = 50;
+  for (int i = 0; i < 5; ++i) {
+    kernels::launch_paged_attention<bf16>(kv, q, heads * dh, o, heads * dh, batch, 1, heads, kv_heads, dh, context,
+                                          splits, ws, nullptr);
+  }
+  cudaEventRecord(a);
+  for (int i = 0; i < iters; ++i) {
+    kernels::launch_paged_attention<bf16>(kv, q, heads * dh, o, heads * dh, batch, 1, heads, kv_heads, dh, context,
+                                          splits, ws, nullptr);
+  }
+  cudaEventRecord(b);
+  cudaEventSynchronize(b);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, a, b);
+  const double sec = ms / 1e3 / iters, bytes = double(batch) * context * kv_dim * 2 * 2;
+  std::printf("decode attention  batch %3lld  context %lld  splits %3d  %8.1f us  %7.1f GB/s  (%s)\n",
+              static_cast<long long>(batch), static_cast<long long>(context), splits, sec * 1e6, bytes / sec / 1e9,
+              cudaGetErrorString(cudaGetLastError()));
+  cudaFree(chunk);
+  cudaFree(chunks);
+  cudaFree(meta);
+  cudaFree(q);
+  cudaFree(o);
+  cudaFree(ws);
+}
+
+int Main(int argc, char** argv) {
+  std::vector<int64_t> batches = {1, 64};
+  int layers = 8;
+  int64_t prompt = 512, fresh = 64;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--batches=", 0) == 0) {
+      batches.clear();
+      for (auto s : absl::StrSplit(a.substr(10), ',')) batches.push_back(std::stoll(std::string(s)));
+    } else if (a.rfind("--layers=", 0) == 0) {
+      layers = std::stoi(a.substr(9));
+    } else if (a.rfind("--prompt=", 0) == 0) {
+      prompt = std::stoll(a.substr(9));
+    } else if (a.rfind("--new=", 0) == 0) {
+      fresh = std::stoll(a.substr(6));
+    }
+  }
+  for (int64_t b : batches) AttentionBandwidth(b, 4096);
+
+  auto backend_or = MakeCudaBackend();
+  if (!Check(backend_or.status(), "backend")) return 1;
+  std::unique_ptr<Backend> backend = std::move(backend_or).value();
+  const BlockConfig c = Llama3_8B();
+  const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
+  std::vector<std::unique_ptr<Block>> blocks;
+  const auto params = BlockParams(c);
+  std::vector<std::vector<float>> w(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {  // one layer's weights, written into every layer
+    w[i].resize(params[i].numel());
+    InitParam(1234, params[i], w[i].data());
+  }
+  for (int l = 0; l < layers; ++l) {
+    BlockSpec spec;
+    spec.id = "decode" + std::to_string(l);
+    spec.config = c;
+    spec.max_seq_len = prompt + fresh;
+    spec.max_batch_size = max_batch;
+    spec.precision = Precision::kBF16;
+    auto block = backend->CreateBlock(spec);
+    if (!Check(block.status(), "create")) return 1;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!Check((*block)->WriteTensor(TensorKind::kWeights, int(i), w[i].data()), "write")) return 1;
+    }
+    blocks.push_back(std::move(block).value());
+  }
+  const int64_t d = c.hidden_size;
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> dist;
+  for (int64_t batch : batches) {
+    std::vector<std::unique_ptr<KvPageStore>> stores;
+    for (auto& b : blocks) stores.push_back(std::move(b->NewKvPageStore()).value());
+    auto cache_or = KvCache::Create(std::move(stores), batch, prompt + fresh, {});
+    if (!Check(cache_or.status(), "cache")) return 1;
+    KvCache cache = std::move(cache_or).value();
+    int64_t length = 0;
+    auto step = [&](int64_t n) -> bool {
+      std::vector<float> x(batch * n * d);
+      for (float& v : x) v = dist(rng);
+      auto act = backend->Upload(0, DType::kFloat32, x.data(), batch, n, d);
+      if (!Check(act.status(), "upload")) return false;
+      std::unique_ptr<Activation> h = std::move(act).value();
+      KvCache scratch = cache;
+      if (!Check(scratch.PrepareWrite(cache, length, n), "prepare")) return false;
+      int64_t width = 0;
+      const std::vector<int32_t> table = scratch.Table(&width);
+      const std::vector<int64_t> start(batch, length);
+      for (int l = 0; l < layers; ++l) {
+        auto y = blocks[l]->InferStep(*h, start, scratch.View(l, table, width));
+        if (!Check(y.status(), "step")) return false;
+        h = std::move(y).value();
+      }
+      cudaDeviceSynchronize();
+      cache = std::move(scratch);
+      length += n;
+      return true;
+    };
+    double t0 = Now();
+    if (!step(prompt)) return 1;
+    const double prefill = Now() - t0;
+    std::vector<double> times;
+    for (int64_t i = 0; i < fresh; ++i) {
+      t0 = Now();
+      if (!step(1)) return 1;
+      times.push_back(Now() - t0);
+    }
+    std::sort(times.begin(), times.end());
+    const double med = times[times.size() / 2];
+    std::printf("blockd decode  batch %3lld  %d layers  prompt %lld  new %lld: %.4f ms/layer/step (median step %.3f ms, "
+                "%.0f tokens/s)  prefill %.1f ms (%.0f tokens/s, first call)\n",
+                static_cast<long long>(batch), layers, static_cast<long long>(prompt), static_cast<long long>(fresh),
+                med * 1e3 / layers, med * 1e3, batch / med, prefill * 1e3, batch * prompt / prefill);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace blockd
+
+int main(int argc, char** argv) { return blockd::Main(argc, argv); }

@@ -1,0 +1,219 @@
+// Inference sessions on the CUDA backend against CUDA Forward of the whole sequence and against
+// the CPU backend's sessions (the oracle): prefill, single-token decode, a multi-token step on a
+// cached prefix (the paged kernel's prefill case), trim and redo, fork, hypo_ids reordering,
+// Qwen3-like (QK-norm, GQA) and Llama-like (GQA, llama3 RoPE scaling) configs, fp32 and bf16, and
+// a long decode that splits the paged attention over the sequence.
+//
+// Bounds as cuda_block_test.cc: FP32 elementwise rtol 1e-5 (atol = rtol * max|ref|), BF16
+// norm-wise 3.1e-2.
+#include <cuda_runtime.h>
+
+#include <cstring>
+
+#include "engine/cpu/cpu_backend.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/engine.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace blockd::testing {
+namespace {
+
+struct SessionCase {
+  std::string name;
+  BlockConfig config;
+  Precision precision;
+  int64_t batch, seq;
+};
+
+std::ostream& operator<<(std::ostream& os, const SessionCase& c) { return os << c.name; }
+
+BlockConfig Config(int64_t d, int64_t h, int64_t kv, int64_t dh, int64_t f, bool qk) {
+  BlockConfig c;
+  c.hidden_size = d;
+  c.num_attention_heads = h;
+  c.num_kv_heads = kv;
+  c.head_dim = dh;
+  c.intermediate_size = f;
+  c.rms_norm_eps = 1e-6;
+  c.rope_theta = 1e6;
+  c.qk_norm = qk;
+  return c;
+}
+
+// One engine with the span {"a", "b"} and helpers for its session calls.
+class Side {
+ public:
+  // The CPU side computes in fp32 whatever the case's precision (it is the oracle).
+  Side(std::unique_ptr<Backend> backend, const SessionCase& k, Precision precision)
+      : engine_(std::move(backend), EngineOptions{}), k_(k) {
+    for (const char* id : {"a", "b"}) {
+      CreateBlockParams p;
+      p.spec.id = id;
+      p.spec.config = k.config;
+      p.spec.max_seq_len = k.seq + 8;
+      p.precision = precision;
+      p.seed = id[0];
+      EXPECT_TRUE(engine_.CreateBlock(p).ok());
+    }
+  }
+  int64_t d() const { return k_.config.hidden_size; }
+
+  std::vector<float> Forward(const std::vector<float>& x, int64_t batch, int64_t seq) {
+    std::string y;
+    ForwardArgs args;
+    args.block_ids = {"a", "b"};
+    args.input = {DType::kFloat32, {batch, seq, d()}, x.data(), x.size() * 4};
+    ForwardOutput fo;
+    fo.output.data = &y;
+    absl::Status s = engine_.Forward(args, &fo);
+    EXPECT_TRUE(s.ok()) << s;
+    std::vector<float> out(y.size() / 4);
+    std::memcpy(out.data(), y.data(), y.size());
+    return out;
+  }
+  std::string Open(const std::string& id) {
+    OpenSessionArgs a;
+    a.session_id = id;
+    a.block_ids = {"a", "b"};
+    a.batch_size = k_.batch;
+    a.max_length = k_.seq;
+    a.client = "alice";
+    auto info = engine_.OpenSession(a);
+    EXPECT_TRUE(info.ok()) << info.status();
+    return id;
+  }
+  std::vector<float> Step(const std::string& id, const std::vector<float>& x, int64_t n,
+                          std::vector<int32_t> hypo = {}) {
+    InferStepArgs a;
+    a.session_id = id;
+    a.client = "alice";
+    a.hidden_states = TensorArg{DType::kFloat32, {k_.batch, n, d()}, x.data(), x.size() * 4};
+    a.hypo_ids = std::move(hypo);
+    std::string bytes;
+    InferStepOutput o;
+    o.output.data = &bytes;
+    absl::Status s = engine_.InferStep(a, &o);
+    EXPECT_TRUE(s.ok()) << s;
+    std::vector<float> out(bytes.size() / 4);
+    std::memcpy(out.data(), bytes.data(), bytes.size());
+    return out;
+  }
+  Engine& engine() { return engine_; }
+
+ private:
+  Engine engine_;
+  SessionCase k_;
+};
+
+// Tokens [t0, t1) of x [batch, seq, d].
+std::vector<float> Slice(const std::vector<float>& x, int64_t batch, int64_t seq, int64_t d, int64_t t0, int64_t t1) {
+  std::vector<float> out;
+  for (int64_t b = 0; b < batch; ++b) {
+    out.insert(out.end(), x.begin() + (b * seq + t0) * d, x.begin() + (b * seq + t1) * d);
+  }
+  return out;
+}
+
+// Writes part [batch, t1 - t0, d] into tokens [t0, t1) of x [batch, seq, d].
+void Place(std::vector<float>* x, const std::vector<float>& part, int64_t batch, int64_t seq, int64_t d, int64_t t0,
+           int64_t t1) {
+  for (int64_t b = 0; b < batch; ++b) {
+    std::copy(part.begin() + b * (t1 - t0) * d, part.begin() + (b + 1) * (t1 - t0) * d, x->begin() + (b * seq + t0) * d);
+  }
+}
+
+void Check(const std::string& what, Precision p, const std::vector<float>& got, const std::vector<float>& ref) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  if (p == Precision::kBF16) {
+    ExpectNormClose(what, got, ToDouble(ref), 3.1e-2);
+  } else {
+    ExpectClose(what, got, ToDouble(ref), 1e-5);
+  }
+}
+
+class CudaSessionTest : public ::testing::TestWithParam<SessionCase> {};
+
+TEST_P(CudaSessionTest, StepsMatchForwardAndTheCpuBackend) {
+  SKIP_WITHOUT_GPU();
+  const SessionCase& k = GetParam();
+  auto gpu_backend = MakeCudaBackend();
+  ASSERT_TRUE(gpu_backend.ok()) << gpu_backend.status();
+  Side gpu(std::move(gpu_backend).value(), k, k.precision);
+  Side cpu(MakeCpuBackend(), k, Precision::kFP32);
+  const int64_t B = k.batch, S = k.seq, d = k.config.hidden_size;
+  const auto x = RandomNormal(B * S * d, 91);
+  const std::vector<float> ref = gpu.Forward(x, B, S);
+  const std::vector<float> cpu_ref = cpu.Forward(x, B, S);
+
+  // Prefill 17 (a fresh batch: Forward's attention), decode one at a time, a 5-token step over the
+  // cached prefix, then decode to the end.
+  std::vector<int64_t> cuts = {0, 17};
+  for (int64_t t = 18; t <= 24; ++t) cuts.push_back(t);
+  cuts.push_back(29);
+  for (int64_t t = 30; t <= S; ++t) cuts.push_back(t);
+  std::vector<float> got(x.size()), got_cpu(x.size());
+  gpu.Open("s");
+  cpu.Open("s");
+  for (size_t i = 1; i < cuts.size(); ++i) {
+    const auto part = Slice(x, B, S, d, cuts[i - 1], cuts[i]);
+    Place(&got, gpu.Step("s", part, cuts[i] - cuts[i - 1]), B, S, d, cuts[i - 1], cuts[i]);
+    Place(&got_cpu, cpu.Step("s", part, cuts[i] - cuts[i - 1]), B, S, d, cuts[i - 1], cuts[i]);
+  }
+  Check(k.name + " session vs CUDA Forward", k.precision, got, ref);
+  Check(k.name + " CUDA session vs CPU session", k.precision, got, got_cpu);
+  Check(k.name + " CPU session vs CPU Forward", Precision::kFP32, got_cpu, cpu_ref);
+
+  // Trim back to 20 and redo the rest in one step: the same outputs.
+  ASSERT_TRUE(gpu.engine().TrimSession("s", "alice", 20).ok());
+  const auto redo = gpu.Step("s", Slice(x, B, S, d, 20, S), S - 20);
+  Check(k.name + " after trim", k.precision, redo, Slice(ref, B, S, d, 20, S));
+
+  // Fork at 24 and continue both with the same tokens: both equal Forward.
+  ASSERT_TRUE(gpu.engine().TrimSession("s", "alice", 24).ok());
+  ASSERT_TRUE(gpu.engine().ForkSession("s", "alice", "f").ok());
+  const auto next = Slice(x, B, S, d, 24, 26);
+  const auto from_s = gpu.Step("s", next, 2);
+  const auto from_f = gpu.Step("f", next, 2);
+  Check(k.name + " original after fork", k.precision, from_s, Slice(ref, B, S, d, 24, 26));
+  Check(k.name + " fork", k.precision, from_f, Slice(ref, B, S, d, 24, 26));
+
+  // Beam reorder: row i continues row hypo[i]'s prefix (of 26 tokens) with a new token.
+  const std::vector<int32_t> hypo = {static_cast<int32_t>(B - 1), 0, 0};
+  const auto fresh = RandomNormal(B * d, 92);
+  std::vector<float> beams(B * 27 * d);
+  for (int64_t r = 0; r < B; ++r) {
+    const int64_t from = hypo[static_cast<size_t>(r)];
+    std::copy(x.begin() + from * S * d, x.begin() + (from * S + 26) * d, beams.begin() + r * 27 * d);
+    std::copy(fresh.begin() + r * d, fresh.begin() + (r + 1) * d, beams.begin() + (r * 27 + 26) * d);
+  }
+  const auto beam_ref = Slice(gpu.Forward(beams, B, 27), B, 27, d, 26, 27);
+  Check(k.name + " hypo_ids", k.precision, gpu.Step("f", fresh, 1, hypo), beam_ref);
+  // The original, which shares its pages with the fork, is unchanged by the fork's writes.
+  const auto s_next = gpu.Step("s", Slice(x, B, S, d, 26, 27), 1);
+  Check(k.name + " original after the fork's reorder", k.precision, s_next, Slice(ref, B, S, d, 26, 27));
+}
+
+std::vector<SessionCase> Cases() {
+  BlockConfig llama = Config(128, 8, 2, 16, 192, false);
+  llama.rope_scaling.rope_type = "llama3";
+  llama.rope_scaling.factor = 8;
+  llama.rope_scaling.low_freq_factor = 1;
+  llama.rope_scaling.high_freq_factor = 4;
+  llama.rope_scaling.original_max_position_embeddings = 16;
+  const BlockConfig qwen3 = Config(96, 6, 2, 16, 160, true);
+  const BlockConfig qwen3_dh64 = Config(256, 4, 2, 64, 320, true);
+  return {
+      {"qwen3_fp32", qwen3, Precision::kFP32, 3, 40},
+      {"llama_fp32", llama, Precision::kFP32, 3, 40},
+      {"qwen3_dh64_bf16", qwen3_dh64, Precision::kBF16, 3, 40},
+      {"llama_bf16", llama, Precision::kBF16, 3, 40},
+      // 300 positions: the decode steps split the attention over the sequence.
+      {"llama_long_fp32", llama, Precision::kFP32, 3, 300},
+  };
+}
+
+INSTANTIATE_TEST_SUITE_P(Configs, CudaSessionTest, ::testing::ValuesIn(Cases()),
+                         [](const ::testing::TestParamInfo<SessionCase>& i) { return i.param.name; });
+
+}  // namespace
+}  // namespace blockd::testing
