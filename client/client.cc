@@ -565,6 +565,55 @@ absl::StatusOr<std::vector<v1::SessionInfo>> Client::ListSessions(const CallOpti
   return std::vector<v1::SessionInfo>(r->sessions().begin(), r->sessions().end());
 }
 
+absl::StatusOr<v1::GetCollectiveIdResponse> Client::GetCollectiveId(absl::string_view backend,
+                                                                    const CallOptions& call) {
+  v1::GetCollectiveIdRequest request;
+  request.set_backend(std::string(backend));
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(NextStub(), &v1::BlockService::Stub::GetCollectiveId, &ctx, request);
+}
+
+absl::StatusOr<v1::GroupInfo> Client::JoinGroup(const v1::JoinGroupRequest& request, const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(NextStub(), &v1::BlockService::Stub::JoinGroup, &ctx, request);
+}
+
+absl::Status Client::LeaveGroup(absl::string_view group_id, const CallOptions& call) {
+  v1::LeaveGroupRequest request;
+  request.set_group_id(std::string(group_id));
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(NextStub(), &v1::BlockService::Stub::LeaveGroup, &ctx, request).status();
+}
+
+absl::StatusOr<v1::GroupInfo> Client::GetGroup(absl::string_view group_id, const CallOptions& call) {
+  v1::GetGroupRequest request;
+  request.set_group_id(std::string(group_id));
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(NextStub(), &v1::BlockService::Stub::GetGroup, &ctx, request);
+}
+
+absl::StatusOr<std::vector<v1::GroupInfo>> Client::ListGroups(const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  auto r = Invoke(NextStub(), &v1::BlockService::Stub::ListGroups, &ctx, v1::ListGroupsRequest());
+  if (!r.ok()) return r.status();
+  return std::vector<v1::GroupInfo>(r->groups().begin(), r->groups().end());
+}
+
+absl::StatusOr<v1::GradNormResponse> Client::GradNorm(const std::vector<std::string>& block_ids,
+                                                      absl::string_view group_id, const CallOptions& call) {
+  v1::GradNormRequest request;
+  for (const std::string& id : block_ids) request.add_block_ids(id);
+  request.set_group_id(std::string(group_id));
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(NextStub(), &v1::BlockService::Stub::GradNorm, &ctx, request);
+}
+
 absl::StatusOr<std::unique_ptr<Client::InferStream>> Client::OpenInferStream(const CallOptions& call) {
   std::unique_ptr<InferStream> s(new InferStream());
   s->ctx_ = std::make_unique<grpc::ClientContext>();

@@ -153,6 +153,16 @@ class Client {
                                               const CallOptions& call = {});
   absl::Status CloseSession(absl::string_view session_id, const CallOptions& call = {});
   absl::StatusOr<std::vector<v1::SessionInfo>> ListSessions(const CallOptions& call = {});
+  // Replica groups (ARCHITECTURE.md, "Replica groups"): GetCollectiveId on rank 0's daemon, then
+  // JoinGroup on every member at once (it returns when all joined, or fails after timeout_ms).
+  absl::StatusOr<v1::GetCollectiveIdResponse> GetCollectiveId(absl::string_view backend = "",
+                                                              const CallOptions& call = {});
+  absl::StatusOr<v1::GroupInfo> JoinGroup(const v1::JoinGroupRequest& request, const CallOptions& call = {});
+  absl::Status LeaveGroup(absl::string_view group_id, const CallOptions& call = {});
+  absl::StatusOr<v1::GroupInfo> GetGroup(absl::string_view group_id, const CallOptions& call = {});
+  absl::StatusOr<std::vector<v1::GroupInfo>> ListGroups(const CallOptions& call = {});
+  absl::StatusOr<v1::GradNormResponse> GradNorm(const std::vector<std::string>& block_ids,
+                                                absl::string_view group_id = "", const CallOptions& call = {});
   // The Infer stream: one step per Step() call, in order, on one HTTP/2 stream (no per-token call
   // setup). `call.timeout` bounds the whole stream. The first failed step ends the stream.
   class InferStream {

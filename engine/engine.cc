@@ -199,6 +199,7 @@ int64_t Engine::RemoveDeleted(const Entry& e) {
     if (it != blocks_.end() && it->second.get() == &e) blocks_.erase(it);
   }
   sessions_.CloseReferencing(e.serial);  // their K/V came from this block's weights
+  groups_.BreakReferencing(e.serial, absl::StrCat("block ", e.spec.id, " was deleted"));
   return activations_.EraseReferencing(e.serial);
 }
 
@@ -472,8 +473,9 @@ absl::Status Engine::ZeroGrad(const std::vector<std::string>& block_ids) {
 }
 
 absl::StatusOr<StepResult> Engine::Step(const std::vector<std::string>& block_ids, const AdamWHyper& hyper,
-                                        double max_grad_norm) {
+                                        double max_grad_norm, double clip_coefficient) {
   RETURN_IF_ERROR(ValidateAdamW(hyper, max_grad_norm));
+  RETURN_IF_ERROR(ValidateClipCoefficient(clip_coefficient, max_grad_norm));
   ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(block_ids, /*allow_repeats=*/false));
   SpanLock lock(entries);
   RETURN_IF_ERROR(lock.CheckAlive());
@@ -483,6 +485,11 @@ absl::StatusOr<StepResult> Engine::Step(const std::vector<std::string>& block_id
           "block ", e->spec.id, " has no gradients: run Backward through it first (Step and ZeroGrad clear them)"));
     }
   }
+  return StepLocked(entries, hyper, max_grad_norm, clip_coefficient);
+}
+
+absl::StatusOr<StepResult> Engine::StepLocked(const std::vector<EntryPtr>& entries, const AdamWHyper& hyper,
+                                              double max_grad_norm, double clip_coefficient) {
   double sum_squares = 0;
   for (const EntryPtr& e : entries) {
     ASSIGN_OR_RETURN(double ss, e->block->GradSquaredNorm());
@@ -501,6 +508,7 @@ absl::StatusOr<StepResult> Engine::Step(const std::vector<std::string>& block_id
   }
   // As torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), applied only below 1.
   if (max_grad_norm > 0) result.clip_coefficient = std::min(1.0, max_grad_norm / (result.grad_norm + 1e-6));
+  if (clip_coefficient > 0) result.clip_coefficient = clip_coefficient;
   for (const EntryPtr& e : entries) {
     int64_t step;
     {
@@ -703,6 +711,7 @@ absl::Status Engine::ImportBlocks(const std::vector<BlockState>& states, bool re
     }
     activations_.EraseReferencing(o->serial);
     sessions_.CloseReferencing(o->serial);
+    groups_.BreakReferencing(o->serial, absl::StrCat("block ", o->spec.id, " was restored from a checkpoint"));
   }
   return absl::OkStatus();
 }
@@ -717,6 +726,7 @@ EngineStats Engine::Stats() {
   }
   s.activations_held = activations_.size();
   s.sessions_open = sessions_.size();
+  s.groups = groups_.size();
   for (const DeviceInfo& d : backend_->devices()) {
     s.memory_used[d.index] = budget_.used(d.index);
     s.memory_budget[d.index] = budget_.limit(d.index);

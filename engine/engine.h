@@ -28,6 +28,8 @@
 #include "engine/activation_store.h"
 #include "engine/backend.h"
 #include "engine/block_lease.h"
+#include "engine/collective.h"
+#include "engine/group.h"
 #include "engine/memory_budget.h"
 #include "engine/session.h"
 #include "engine/tensor_assembler.h"
@@ -48,6 +50,7 @@ struct EngineOptions {
   std::function<absl::Time()> lease_clock = absl::Now;
   absl::Duration default_session_ttl = absl::Minutes(10);  // OpenSession with ttl 0
   int64_t max_sessions_per_client = 64;
+  int64_t max_groups_per_client = 16;
 };
 
 struct CreateBlockParams {
@@ -134,6 +137,23 @@ struct StepResult {
   bool skipped = false;
   double clip_coefficient = 1;
   std::vector<std::pair<std::string, int64_t>> steps;  // block id, its step counter after
+  CollectiveUse collectives;  // a group Step's all-reduces
+};
+
+struct JoinGroupArgs {
+  std::string group_id;
+  int64_t rank = 0;
+  int64_t world_size = 0;
+  std::string collective_id;
+  std::vector<std::string> block_ids;
+  absl::Duration timeout = absl::ZeroDuration();  // 0: 60 s
+  std::string client;                              // the owner
+};
+
+struct GradNormResult {
+  double sum_of_squares = 0;
+  bool finite = true;
+  CollectiveUse collectives;
 };
 
 struct NamedTensor {
@@ -156,6 +176,7 @@ struct EngineStats {
   int64_t blocks = 0;
   int64_t activations_held = 0;
   int64_t sessions_open = 0;
+  int64_t groups = 0;
   std::map<int, int64_t> memory_used;    // device -> bytes reserved
   std::map<int, int64_t> memory_budget;  // device -> bytes
 };
@@ -200,8 +221,10 @@ class Engine {
   // Frees `caller`'s handle; NOT_FOUND as for Backward.
   absl::Status ReleaseActivations(absl::string_view activation_id, absl::string_view caller);
   absl::Status ZeroGrad(const std::vector<std::string>& block_ids);
+  // `clip_coefficient` > 0 scales the gradients by it instead of clipping by max_grad_norm (a
+  // client that computed the global norm over daemons with GradNorm); give at most one of them.
   absl::StatusOr<StepResult> Step(const std::vector<std::string>& block_ids, const AdamWHyper& hyper,
-                                  double max_grad_norm);
+                                  double max_grad_norm, double clip_coefficient = 0);
   // A consistent copy of the named tensors (all when `names` is empty) of `kind` in `dtype`. With
   // `unchanged_since`, ABORTED (naming what changed: see CheckTensorsVersion) when the tensors are no
   // longer at that version, checked under the block's lock, so a reader that reads one tensor per
@@ -241,6 +264,31 @@ class Engine {
   int64_t ExpireSessions();
   int64_t SessionCount() { return sessions_.size(); }
 
+  // Replica groups (engine_groups.cc; the store in group.h). Collectives come from the providers
+  // added here (the server adds Gloo's at start); another identity's group reads as unknown.
+  void AddCollectiveProvider(std::unique_ptr<CollectiveProvider> provider);
+  // A new collective id on the daemon that will be rank 0. backend "" picks the one for this
+  // engine's blocks (Gloo for CPU; NCCL for CUDA, not built yet: UNIMPLEMENTED).
+  absl::StatusOr<std::pair<std::string, std::string>> GetCollectiveId(absl::string_view backend,
+                                                                      absl::Duration ttl);
+  // Blocks until all members joined (or the timeout), then broadcasts rank 0's weights, moments
+  // and step counters to every member. Nothing changes on a member unless the broadcast completed.
+  absl::StatusOr<GroupInfo> JoinGroup(const JoinGroupArgs& args, CollectiveUse* use);
+  absl::Status LeaveGroup(absl::string_view group_id, absl::string_view caller);
+  absl::StatusOr<GroupInfo> GetGroup(absl::string_view group_id, absl::string_view caller);
+  std::vector<GroupInfo> ListGroups(absl::string_view caller);
+  // Step of a group's blocks (`block_ids` empty: all of them, else exactly them): all-reduces the
+  // mean of the gradients first, then steps as Step does, identically on every member. ABORTED,
+  // with nothing applied, when a collective fails; the group is then failed for good.
+  absl::StatusOr<StepResult> GroupStep(absl::string_view group_id, absl::string_view caller,
+                                       const std::vector<std::string>& block_ids, const AdamWHyper& hyper,
+                                       double max_grad_norm, double clip_coefficient);
+  // Sum of squares of the blocks' gradients and whether all are finite; with `group_id`, of the
+  // group's mean gradients (what its Step would clip by), computed by every member at once.
+  absl::StatusOr<GradNormResult> GradNorm(const std::vector<std::string>& block_ids, absl::string_view group_id,
+                                          absl::string_view caller);
+  int64_t GroupCount() { return groups_.size(); }
+
  private:
   struct Entry;
   using EntryPtr = std::shared_ptr<Entry>;
@@ -257,12 +305,27 @@ class Engine {
   absl::Status CheckTensorArg(const TensorArg& t, absl::string_view what, int64_t hidden, const Entry& first) const;
   absl::StatusOr<EntryPtr> NewEntryFromState(const BlockState& state);
   absl::Status RunSpanBackward(ActivationHandle& handle, const TensorArg& grad_output, TensorOut* grad_input);
+  // Step's arithmetic on blocks locked by the caller that all have gradients.
+  absl::StatusOr<StepResult> StepLocked(const std::vector<EntryPtr>& entries, const AdamWHyper& hyper,
+                                        double max_grad_norm, double clip_coefficient);
+  // The group's blocks, checked to be the ones that joined.
+  absl::StatusOr<std::vector<EntryPtr>> GroupEntries(const Group& g);
+  // With g.mu held: the group's blocks, locked, after every member said it can go on (its blocks
+  // exist and have gradients); FAILED_PRECONDITION on every member if one cannot.
+  absl::Status StartGroupCall(Group& g, std::vector<EntryPtr>* entries, std::unique_ptr<SpanLock>* lock,
+                              CollectiveUse* use) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g.mu);
+  // All-reduces the mean of the blocks' gradients (locked by the caller) into `mean`.
+  absl::Status ReduceGradients(Group& g, const std::vector<EntryPtr>& entries, std::vector<float>* mean,
+                               CollectiveUse* use) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g.mu);
 
   std::unique_ptr<Backend> backend_;
   EngineOptions options_;
   MemoryBudget budget_;
   ActivationStore activations_;
   SessionStore sessions_;
+  GroupStore groups_;
+  absl::Mutex providers_mu_;
+  std::map<std::string, std::unique_ptr<CollectiveProvider>, std::less<>> providers_ ABSL_GUARDED_BY(providers_mu_);
 
   absl::Mutex registry_mu_;
   std::map<std::string, EntryPtr, std::less<>> blocks_ ABSL_GUARDED_BY(registry_mu_);
@@ -274,5 +337,7 @@ absl::Status ValidateBlockId(absl::string_view id);
 absl::Status ValidateSpecRanges(const BlockSpec& spec);
 // Validates AdamW hyperparameters and max_grad_norm, naming the bad field.
 absl::Status ValidateAdamW(const AdamWHyper& h, double max_grad_norm);
+// Validates a Step's clip_coefficient (0: unset, else in (0, 1]) and that max_grad_norm is not also set.
+absl::Status ValidateClipCoefficient(double clip_coefficient, double max_grad_norm);
 
 }  // namespace blockd

@@ -52,4 +52,17 @@ absl::Status ValidateAdamW(const AdamWHyper& h, double max_grad_norm) {
   return absl::OkStatus();
 }
 
+absl::Status ValidateClipCoefficient(double clip_coefficient, double max_grad_norm) {
+  if (!std::isfinite(clip_coefficient) || clip_coefficient < 0 || clip_coefficient > 1) {
+    return absl::InvalidArgumentError(absl::StrCat("clip_coefficient = ", clip_coefficient,
+                                                   ", expected a number in (0, 1] (0: not given)"));
+  }
+  if (clip_coefficient > 0 && max_grad_norm > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "both clip_coefficient (", clip_coefficient, ") and max_grad_norm (", max_grad_norm,
+        ") are given: clip_coefficient is the clipping a client computed with GradNorm, give one of them"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace blockd

@@ -6,7 +6,7 @@ packages=(
   build-essential cmake ninja-build pkg-config git curl ca-certificates openssl
   libgrpc++-dev libgrpc-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev grpc-proto
   libabsl-dev libssl-dev prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev
-  libopenblas-dev nlohmann-json3-dev
+  libopenblas-dev nlohmann-json3-dev libgloo-dev
   python3-grpcio python3-protobuf python3-numpy python3-torch
   prometheus yamllint shellcheck
   clang-14 libclang-rt-14-dev

@@ -17,6 +17,9 @@
 #include "server/server.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address ADDR:PORT");
+ABSL_FLAG(std::string, collective_host, "",
+          "Name or address other replica-group members reach this daemon by, for Gloo's rendezvous store "
+          "and connections (empty: this host's name)");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464",
           "Prometheus metrics address ADDR:PORT (empty: off; 127.0.0.1:9464 keeps it on the host)");
 ABSL_FLAG(std::string, metrics_tls_cert, "", "PEM certificate chain (and key, unless --metrics_tls_key): /metrics over HTTPS only");
@@ -101,6 +104,7 @@ int Run(bool malloc_tuned) {
   blockd::ServerOptions o;
   o.listen = absl::GetFlag(FLAGS_listen);
   o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  o.collective_host = absl::GetFlag(FLAGS_collective_host);
   o.metrics_tls = {absl::GetFlag(FLAGS_metrics_tls_cert), absl::GetFlag(FLAGS_metrics_tls_key)};
   o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   o.drain_grace = absl::GetFlag(FLAGS_drain_grace);

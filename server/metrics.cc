@@ -46,6 +46,12 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
   m->tokens_backward = &tokens.Add({{"pass", "backward"}});
   m->tokens_generated = &prometheus::BuildCounter().Name("blockd_session_tokens_total").Help("Tokens appended to inference sessions (batch * new tokens)").Register(reg).Add({});
   m->sessions_ = &prometheus::BuildGauge().Name("blockd_sessions_open").Help("Inference sessions open").Register(reg).Add({});
+  m->groups_ = &prometheus::BuildGauge().Name("blockd_groups").Help("Replica groups on this daemon (any state)").Register(reg).Add({});
+  m->group_collectives_ = &prometheus::BuildCounter().Name("blockd_group_collectives_total").Help("Collective operations of replica groups, by RPC").Register(reg);
+  m->group_bytes_ = &prometheus::BuildCounter().Name("blockd_group_collective_bytes_total").Help("Payload bytes of replica-group collectives").Register(reg).Add({});
+  m->group_aborted_ = &prometheus::BuildCounter().Name("blockd_group_collectives_aborted_total").Help("Group calls answered ABORTED: a collective failed (a member died or stalled)").Register(reg).Add({});
+  m->group_seconds_ = &prometheus::BuildHistogram().Name("blockd_group_collective_seconds").Help("Time in collectives per group call").Register(reg).Add(
+      {}, prometheus::Histogram::BucketBoundaries{0.001, 0.01, 0.1, 0.5, 1, 5, 30, 120});
   m->optimizer_steps = &prometheus::BuildCounter().Name("blockd_optimizer_steps_total").Help("Block AdamW steps applied").Register(reg).Add({});
   m->blocks_ = &prometheus::BuildGauge().Name("blockd_blocks").Help("Blocks resident").Register(reg).Add({});
   m->memory_used_ = &prometheus::BuildGauge().Name("blockd_memory_used_bytes").Help("Bytes reserved by blocks and activations, by device").Register(reg);
@@ -109,6 +115,7 @@ void Metrics::UpdateEngineGauges(const EngineStats& stats, Backend& backend) {
   blocks_->Set(static_cast<double>(stats.blocks));
   activations_->Set(static_cast<double>(stats.activations_held));
   sessions_->Set(static_cast<double>(stats.sessions_open));
+  groups_->Set(static_cast<double>(stats.groups));
   const std::string kind(backend.name());
   for (const auto& [device, bytes] : stats.memory_used) {
     const std::string label = absl::StrCat(kind, ":", device);
@@ -119,6 +126,13 @@ void Metrics::UpdateEngineGauges(const EngineStats& stats, Backend& backend) {
     device_memory_->Add({{"device", absl::StrCat(kind, ":", d.index)}}).Set(static_cast<double>(d.memory_total_bytes));
   }
   healthy_->Set(backend.healthy() ? 1 : 0);
+}
+
+void Metrics::GroupCollectives(const std::string& rpc, const CollectiveUse& use) {
+  if (use.calls > 0) group_collectives_->Add({{"rpc", rpc}}).Increment(static_cast<double>(use.calls));
+  group_bytes_->Increment(static_cast<double>(use.bytes));
+  if (use.calls > 0) group_seconds_->Observe(use.seconds);
+  if (use.aborted) group_aborted_->Increment();
 }
 
 }  // namespace blockd

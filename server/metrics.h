@@ -44,6 +44,8 @@ class Metrics {
   void UpdateEngineGauges(const EngineStats& stats, Backend& backend);
   // A call refused on its headers (no token, an unknown token), by the reason's first words.
   void AuthFailed(absl::string_view reason);
+  // The collectives one group call (JoinGroup, Step, GradNorm) ran, and whether one failed.
+  void GroupCollectives(const std::string& rpc, const CollectiveUse& use);
 
   prometheus::Counter* tokens_forward = nullptr;
   prometheus::Counter* tokens_backward = nullptr;
@@ -69,6 +71,11 @@ class Metrics {
   prometheus::Gauge* blocks_ = nullptr;
   prometheus::Gauge* activations_ = nullptr;
   prometheus::Gauge* sessions_ = nullptr;
+  prometheus::Gauge* groups_ = nullptr;
+  prometheus::Family<prometheus::Counter>* group_collectives_ = nullptr;
+  prometheus::Counter* group_bytes_ = nullptr;
+  prometheus::Counter* group_aborted_ = nullptr;
+  prometheus::Histogram* group_seconds_ = nullptr;
   prometheus::Gauge* healthy_ = nullptr;
   prometheus::Counter* auth_missing_ = nullptr;
   prometheus::Counter* auth_unknown_ = nullptr;

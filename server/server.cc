@@ -1,5 +1,7 @@
 #include "server/server.h"
 
+#include "engine/collective_gloo.h"
+
 #include <fstream>
 #include <sstream>
 
@@ -28,6 +30,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
   std::unique_ptr<Server> s(new Server());
   s->options_ = options;
   s->engine_ = std::make_unique<Engine>(std::move(backend), options.engine);
+  GlooOptions gloo;
+  gloo.advertise_host = options.collective_host;
+  s->engine_->AddCollectiveProvider(MakeGlooProvider(gloo));
   ASSIGN_OR_RETURN(s->metrics_, Metrics::Start(options.metrics_listen, options.metrics_tls));  // empty: no port
   ASSIGN_OR_RETURN(std::unique_ptr<Authenticator> auth, Authenticator::FromFiles({options.token_file, options.auth_token_file, options.admin_token_file}));
   s->auth_ = std::move(auth);

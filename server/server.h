@@ -29,6 +29,7 @@ namespace blockd {
 struct ServerOptions {
   std::string listen = "0.0.0.0:50051";
   std::string metrics_listen = "0.0.0.0:9464";  // empty: no metrics endpoint
+  std::string collective_host;                  // replica groups: how peers reach us ("": hostname)
   MetricsTls metrics_tls;                       // set: /metrics over HTTPS only
   int worker_threads = 0;                       // 0: max(4, hardware threads)
   absl::Duration housekeeping_period = absl::Seconds(1);

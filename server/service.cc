@@ -258,9 +258,23 @@ grpc::ServerUnaryReactor* BlockServiceImpl::ZeroGrad(grpc::CallbackServerContext
 
 grpc::ServerUnaryReactor* BlockServiceImpl::Step(grpc::CallbackServerContext* ctx, const v1::StepRequest* req,
                                                  v1::StepResponse* resp) {
-  return Unary(ctx, "Step", *req, resp, Work::kPool, Role::kTrain, [this, req, resp]() -> absl::Status {
-    const std::vector<std::string> ids(req->block_ids().begin(), req->block_ids().end());
-    ASSIGN_OR_RETURN(StepResult r, engine_->Step(ids, FromProto(req->adamw()), req->max_grad_norm()));
+  return Unary(ctx, "Step", *req, resp, Work::kPool, Role::kTrain,
+               [this, req, resp](UnaryReactor* reactor) -> absl::Status {
+    std::vector<std::string> ids(req->block_ids().begin(), req->block_ids().end());
+    absl::StatusOr<StepResult> stepped =
+        req->group_id().empty()
+            ? engine_->Step(ids, FromProto(req->adamw()), req->max_grad_norm(), req->clip_coefficient())
+            : engine_->GroupStep(req->group_id(), reactor->client(), ids, FromProto(req->adamw()),
+                                 req->max_grad_norm(), req->clip_coefficient());
+    if (!req->group_id().empty()) {
+      metrics_->GroupCollectives("Step", stepped.ok() ? stepped->collectives
+                                                      : CollectiveUse{.aborted = absl::IsAborted(stepped.status())});
+    }
+    RETURN_IF_ERROR(stepped.status());
+    const StepResult& r = *stepped;
+    if (ids.empty()) {
+      for (const auto& [id, step] : r.steps) ids.push_back(id);
+    }
     resp->set_grad_norm(r.grad_norm);
     resp->set_skipped(r.skipped);
     resp->set_clip_coefficient(r.clip_coefficient);

@@ -102,6 +102,19 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
                                          v1::CloseSessionResponse* resp) override;
   grpc::ServerUnaryReactor* ListSessions(grpc::CallbackServerContext* ctx, const v1::ListSessionsRequest* req,
                                          v1::ListSessionsResponse* resp) override;
+  // Replica groups (service_groups.cc).
+  grpc::ServerUnaryReactor* GetCollectiveId(grpc::CallbackServerContext* ctx, const v1::GetCollectiveIdRequest* req,
+                                            v1::GetCollectiveIdResponse* resp) override;
+  grpc::ServerUnaryReactor* JoinGroup(grpc::CallbackServerContext* ctx, const v1::JoinGroupRequest* req,
+                                      v1::GroupInfo* resp) override;
+  grpc::ServerUnaryReactor* LeaveGroup(grpc::CallbackServerContext* ctx, const v1::LeaveGroupRequest* req,
+                                       v1::LeaveGroupResponse* resp) override;
+  grpc::ServerUnaryReactor* GetGroup(grpc::CallbackServerContext* ctx, const v1::GetGroupRequest* req,
+                                     v1::GroupInfo* resp) override;
+  grpc::ServerUnaryReactor* ListGroups(grpc::CallbackServerContext* ctx, const v1::ListGroupsRequest* req,
+                                       v1::ListGroupsResponse* resp) override;
+  grpc::ServerUnaryReactor* GradNorm(grpc::CallbackServerContext* ctx, const v1::GradNormRequest* req,
+                                     v1::GradNormResponse* resp) override;
 
  private:
   class Call;

@@ -1,0 +1,64 @@
+// Collectives for replica groups: the engine's seam between a group's arithmetic (average the
+// gradients, broadcast rank 0's state, sum a scalar) and the library that moves the bytes. Gloo
+// (host memory over TCP, engine/collective_gloo.h) implements it today; NCCL for CUDA blocks plugs
+// in behind the same two classes later. The engine never sees a library type: a collective id is
+// opaque bytes that the provider of one backend makes and parses.
+//
+//   CollectiveProvider& gloo = ...;                               // the server made it at start
+//   ASSIGN_OR_RETURN(std::string id, gloo.NewId(absl::Minutes(10)));   // on rank 0's daemon
+//   // every member, at once, with the same id:
+//   ASSIGN_OR_RETURN(std::unique_ptr<Collective> c, gloo.Connect(id, rank, world_size, terms, timeout));
+//   RETURN_IF_ERROR(c->AllReduceSum(grads.data(), grads.size()));   // ABORTED if a member is gone
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+
+namespace blockd {
+
+// One member's end of a connected group. Every call is collective: all members make the same
+// calls in the same order with the same sizes. A call that fails (a member died, stalled past the
+// timeout, or called something else) answers ABORTED, and the Collective is broken for good: the
+// members form a new group. Calls are not thread-safe; the group serialises them.
+class Collective {
+ public:
+  virtual ~Collective() = default;
+  virtual absl::string_view backend() const = 0;  // "gloo", "nccl"
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  // In place: every member ends with the element-wise sum, bitwise the same on every member.
+  virtual absl::Status AllReduceSum(float* data, size_t n) = 0;
+  virtual absl::Status AllReduceSum(double* data, size_t n) = 0;
+  // In place: every member ends with `root`'s bytes.
+  virtual absl::Status Broadcast(void* data, size_t bytes, int root) = 0;
+  // Payload bytes of the calls above so far (a 1 MiB all-reduce counts 1 MiB), for metrics.
+  virtual int64_t payload_bytes() const = 0;
+};
+
+// Makes collective ids and connects members for one backend.
+class CollectiveProvider {
+ public:
+  virtual ~CollectiveProvider() = default;
+  virtual absl::string_view backend() const = 0;
+  // A new id, on the daemon that will be rank 0; what its rendezvous needs (Gloo: a small
+  // key-value store) is hosted here until the group connects or `ttl` passes.
+  virtual absl::StatusOr<std::string> NewId(absl::Duration ttl) = 0;
+  // Connects this member; returns when all `world_size` members connected. `terms` is what every
+  // member must agree on (world size, block ids and configs), as words: rank 0 publishes its own,
+  // the others compare theirs, and every member learns whether all agreed before any connects.
+  // INVALID_ARGUMENT for an id this backend cannot parse or a rank someone already took;
+  // FAILED_PRECONDITION naming both terms when a member's differ from rank 0's; ABORTED when the
+  // others did not all come within `timeout`, which also bounds every later call of the group.
+  virtual absl::StatusOr<std::unique_ptr<Collective>> Connect(const std::string& id, int rank, int world_size,
+                                                              const std::string& terms, absl::Duration timeout) = 0;
+  // Drops what expired ids still host; called by the server's housekeeping.
+  virtual void Sweep() {}
+};
+
+}  // namespace blockd

@@ -1,0 +1,402 @@
+// The replica-group calls of the Engine: collective ids, JoinGroup (connect, then broadcast rank
+// 0's state), GroupStep (all-reduce the mean of the gradients, then the ordinary step), GradNorm,
+// LeaveGroup, GetGroup, ListGroups. Groups live in a GroupStore (group.h); the bytes move through
+// a Collective (collective.h) of the provider that recognises the collective id.
+//
+// Every collective call of a group runs with the group's `mu` held, then the blocks' locks: all
+// members call the same collectives in the same order. Before touching data, a group call first
+// all-reduces one flag saying whether this member can go on (its blocks exist, have gradients),
+// so that a member refusing makes every member refuse at once instead of leaving the others to
+// time out. Nothing is written to a block until every collective of the call has completed.
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
+#include "base/echo.h"
+#include "base/status_macros.h"
+#include "engine/engine.h"
+#include "engine/engine_internal.h"
+
+namespace blockd {
+namespace {
+
+constexpr absl::Duration kDefaultGroupTimeout = absl::Seconds(60);
+constexpr absl::Duration kMaxGroupTimeout = absl::Hours(1);
+constexpr int64_t kMaxWorldSize = 1024;
+// Gradients are all-reduced in buckets of this many floats (16 MiB), as DDP's buckets.
+constexpr size_t kBucketFloats = size_t{4} << 20;
+
+absl::Status ValidateGroupId(absl::string_view id) {
+  const bool ok = !id.empty() && id.size() <= 128 && std::all_of(id.begin(), id.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+           c == ':' || c == '/' || c == '-';
+  });
+  if (ok) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("group_id ", Echo(id), " is not valid: expected 1..128 characters of [A-Za-z0-9._:/-]"));
+}
+
+// Runs one collective and accounts for it; a failure breaks the group for good.
+template <class Fn>
+absl::Status Timed(Group& g, CollectiveUse* use, size_t bytes, Fn fn) {
+  const absl::Time start = absl::Now();
+  absl::Status s = fn();
+  use->seconds += absl::ToDoubleSeconds(absl::Now() - start);
+  ++use->calls;
+  if (!s.ok()) {
+    use->aborted = true;
+    g.Break(s.message());
+    return absl::AbortedError(absl::StrCat("group ", g.id, ": ", s.message(), "; nothing was applied on this member, "
+                                           "and the group is failed: LeaveGroup, then join a new group"));
+  }
+  use->bytes += static_cast<int64_t>(bytes);
+  g.payload_bytes += static_cast<int64_t>(bytes);
+  return absl::OkStatus();
+}
+
+// What every member must agree on, in words (compared byte for byte; shown when they differ).
+template <class Entries>
+std::string TermsOf(int64_t world_size, const Entries& entries) {
+  std::vector<std::string> blocks;
+  for (const auto& e : entries) {
+    const BlockConfig& c = e->spec.config;
+    int64_t params = 0;
+    for (const ParamSpec& p : e->params) params += p.numel();
+    blocks.push_back(absl::StrCat(e->spec.id, " (hidden ", c.hidden_size, ", heads ", c.num_attention_heads, "/",
+                                  c.num_kv_heads, "x", c.head_dim, ", intermediate ", c.intermediate_size, ", ",
+                                  e->params.size(), " tensors, ", params, " parameters)"));
+  }
+  return absl::StrCat("world_size ", world_size, " and blocks [", absl::StrJoin(blocks, ", "), "]");
+}
+
+}  // namespace
+
+void Engine::AddCollectiveProvider(std::unique_ptr<CollectiveProvider> provider) {
+  absl::MutexLock l(&providers_mu_);
+  const std::string name(provider->backend());
+  providers_[name] = std::move(provider);
+}
+
+absl::StatusOr<std::pair<std::string, std::string>> Engine::GetCollectiveId(absl::string_view backend,
+                                                                            absl::Duration ttl) {
+  std::string name(backend);
+  if (name.empty()) name = backend_->name() == "cuda" ? "nccl" : "gloo";
+  if (name == "nccl") {
+    return absl::UnimplementedError(
+        "NCCL replica groups (for CUDA blocks) are not built yet: ask for backend \"gloo\" (host-memory "
+        "collectives) meanwhile");
+  }
+  if (name != "gloo") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backend \"", Echo(backend), "\", expected \"gloo\", \"nccl\" or \"\" (the blocks' own)"));
+  }
+  CollectiveProvider* provider = nullptr;
+  {
+    absl::MutexLock l(&providers_mu_);
+    auto it = providers_.find(name);
+    if (it != providers_.end()) provider = it->second.get();
+  }
+  if (provider == nullptr) return absl::UnimplementedError("this daemon has no Gloo collectives");
+  ASSIGN_OR_RETURN(std::string id, provider->NewId(ttl));
+  return std::make_pair(std::move(id), name);
+}
+
+absl::StatusOr<GroupInfo> Engine::JoinGroup(const JoinGroupArgs& args, CollectiveUse* use) {
+  RETURN_IF_ERROR(ValidateGroupId(args.group_id));
+  if (args.world_size < 1 || args.world_size > kMaxWorldSize) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("world_size = ", args.world_size, ", expected 1..", kMaxWorldSize));
+  }
+  if (args.rank < 0 || args.rank >= args.world_size) {
+    return absl::InvalidArgumentError(absl::StrCat("rank = ", args.rank, ", expected 0..", args.world_size - 1,
+                                                   " for world_size ", args.world_size));
+  }
+  if (args.timeout < absl::ZeroDuration() || args.timeout > kMaxGroupTimeout) {
+    return absl::InvalidArgumentError(absl::StrCat("timeout_ms = ", absl::ToInt64Milliseconds(args.timeout),
+                                                   ", expected 0..", absl::ToInt64Milliseconds(kMaxGroupTimeout),
+                                                   " (0: 60000)"));
+  }
+  if (args.block_ids.empty()) {
+    return absl::InvalidArgumentError("block_ids is empty: name the blocks this member holds for the group");
+  }
+  if (args.collective_id.empty()) {
+    return absl::InvalidArgumentError("collective_id is empty: ask rank 0's daemon with GetCollectiveId");
+  }
+  if (absl::StartsWith(args.collective_id, "blockd-nccl/")) {
+    return absl::UnimplementedError("NCCL replica groups (for CUDA blocks) are not built yet");
+  }
+  CollectiveProvider* provider = nullptr;
+  {
+    absl::MutexLock l(&providers_mu_);
+    auto it = providers_.find("gloo");
+    if (it != providers_.end()) provider = it->second.get();
+  }
+  if (provider == nullptr) return absl::UnimplementedError("this daemon has no Gloo collectives");
+  ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(args.block_ids, /*allow_repeats=*/false));
+  if (args.rank == 0) {
+    for (const EntryPtr& e : entries) {
+      const std::vector<std::string> missing = e->Missing();
+      if (!missing.empty()) {
+        return absl::FailedPreconditionError(absl::StrCat("block ", e->spec.id, " of rank 0 lacks weights (",
+                                                          absl::StrJoin(missing, ", "),
+                                                          "): rank 0's weights are what the join broadcasts"));
+      }
+    }
+  }
+  auto g = std::make_shared<Group>();
+  g->owner = args.client;
+  g->id = args.group_id;
+  g->rank = static_cast<int>(args.rank);
+  g->world_size = static_cast<int>(args.world_size);
+  g->backend = std::string(provider->backend());
+  g->block_ids = args.block_ids;
+  for (const EntryPtr& e : entries) g->block_serials.push_back(e->serial);
+  g->timeout = args.timeout == absl::ZeroDuration() ? kDefaultGroupTimeout : args.timeout;
+  RETURN_IF_ERROR(groups_.Add(g, options_.max_groups_per_client));
+  auto fail = [&](absl::Status s) {
+    groups_.Remove(g->id, g->owner);
+    return s;
+  };
+
+  absl::MutexLock group_lock(&g->mu);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<std::unique_ptr<Collective>> c =
+      provider->Connect(args.collective_id, g->rank, g->world_size, TermsOf(args.world_size, entries), g->timeout);
+  use->seconds += absl::ToDoubleSeconds(absl::Now() - start);
+  if (!c.ok()) {
+    use->aborted = c.status().code() == absl::StatusCode::kAborted;
+    return fail(c.status());
+  }
+  g->collective = *std::move(c);
+
+  // Rank 0's weights, moments and step counters, as one header and one flat buffer.
+  SpanLock lock(entries);
+  absl::Status alive = lock.CheckAlive();
+  if (!alive.ok()) return fail(alive);
+  size_t total = 0;
+  for (const EntryPtr& e : entries) {
+    for (const ParamSpec& p : e->params) total += 3 * static_cast<size_t>(p.numel());
+  }
+  std::vector<int64_t> steps(entries.size(), 0);
+  std::vector<float> state(total);
+  constexpr TensorKind kKinds[] = {TensorKind::kWeights, TensorKind::kAdamM, TensorKind::kAdamV};
+  if (g->rank == 0) {
+    size_t off = 0;
+    for (size_t b = 0; b < entries.size(); ++b) {
+      {
+        absl::MutexLock l(&entries[b]->state_mu);
+        steps[b] = entries[b]->step;
+      }
+      for (TensorKind kind : kKinds) {
+        for (size_t i = 0; i < entries[b]->params.size(); ++i) {
+          absl::Status s = entries[b]->block->ReadTensor(kind, static_cast<int>(i), state.data() + off);
+          if (!s.ok()) return fail(s);
+          off += static_cast<size_t>(entries[b]->params[i].numel());
+        }
+      }
+    }
+  }
+  absl::Status s = Timed(*g, use, steps.size() * sizeof(int64_t), [&] {
+    return g->collective->Broadcast(steps.data(), steps.size() * sizeof(int64_t), 0);
+  });
+  if (s.ok()) {
+    s = Timed(*g, use, state.size() * sizeof(float),
+              [&] { return g->collective->Broadcast(state.data(), state.size() * sizeof(float), 0); });
+  }
+  if (!s.ok()) return fail(s);
+  if (g->rank != 0) {
+    size_t off = 0;
+    for (size_t b = 0; b < entries.size(); ++b) {
+      Entry& e = *entries[b];
+      e.generations.Bump(TensorChange::kLoadWeights);
+      e.generations.Bump(TensorChange::kStep);
+      for (TensorKind kind : kKinds) {
+        for (size_t i = 0; i < e.params.size(); ++i) {
+          // The CPU backend's writes cannot fail; a backend's that could would leave this member
+          // half-written, so the group is failed rather than used.
+          absl::Status w = e.block->WriteTensor(kind, static_cast<int>(i), state.data() + off);
+          if (!w.ok()) return fail(w);
+          off += static_cast<size_t>(e.params[i].numel());
+        }
+      }
+      absl::MutexLock l(&e.state_mu);
+      e.step = steps[b];
+      std::fill(e.loaded.begin(), e.loaded.end(), true);
+    }
+  }
+  g->joined = true;
+  return InfoOf(*g);
+}
+
+absl::Status Engine::LeaveGroup(absl::string_view group_id, absl::string_view caller) {
+  if (groups_.Remove(group_id, caller) == nullptr) {
+    return absl::NotFoundError(absl::StrCat("no group ", Echo(group_id), " on this daemon"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GroupInfo> Engine::GetGroup(absl::string_view group_id, absl::string_view caller) {
+  std::shared_ptr<Group> g = groups_.Find(group_id, caller);
+  if (g == nullptr) return absl::NotFoundError(absl::StrCat("no group ", Echo(group_id), " on this daemon"));
+  return InfoOf(*g);
+}
+
+std::vector<GroupInfo> Engine::ListGroups(absl::string_view caller) {
+  std::vector<GroupInfo> out;
+  for (const std::shared_ptr<Group>& g : groups_.OwnedBy(caller)) out.push_back(InfoOf(*g));
+  return out;
+}
+
+absl::StatusOr<std::vector<Engine::EntryPtr>> Engine::GroupEntries(const Group& g) {
+  ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(g.block_ids, /*allow_repeats=*/false));
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (entries[i]->serial != g.block_serials[i]) {
+      return absl::FailedPreconditionError(absl::StrCat("block ", g.block_ids[i], " was deleted and created again ",
+                                                        "since group ", g.id, " formed: join a new group"));
+    }
+  }
+  return entries;
+}
+
+absl::Status Engine::ReduceGradients(Group& g, const std::vector<EntryPtr>& entries, std::vector<float>* mean,
+                                     CollectiveUse* use) {
+  size_t total = 0;
+  for (const EntryPtr& e : entries) {
+    for (const ParamSpec& p : e->params) total += static_cast<size_t>(p.numel());
+  }
+  mean->assign(total, 0.f);
+  size_t off = 0;
+  for (const EntryPtr& e : entries) {
+    for (size_t i = 0; i < e->params.size(); ++i) {
+      RETURN_IF_ERROR(e->block->ReadTensor(TensorKind::kGradients, static_cast<int>(i), mean->data() + off));
+      off += static_cast<size_t>(e->params[i].numel());
+    }
+  }
+  for (size_t begin = 0; begin < total; begin += kBucketFloats) {
+    const size_t n = std::min(kBucketFloats, total - begin);
+    RETURN_IF_ERROR(Timed(g, use, n * sizeof(float),
+                          [&] { return g.collective->AllReduceSum(mean->data() + begin, n); }));
+  }
+  // Every member divides the same sums by the same number: the means agree bit for bit.
+  const float n = static_cast<float>(g.world_size);
+  for (float& x : *mean) x /= n;
+  return absl::OkStatus();
+}
+
+namespace {
+
+// The caller's joined, working group, or why not; `block_ids` must be empty or its blocks.
+absl::StatusOr<std::shared_ptr<Group>> UsableGroup(GroupStore& store, absl::string_view id, absl::string_view caller,
+                                                   const std::vector<std::string>& block_ids, const char* rpc) {
+  std::shared_ptr<Group> g = store.Find(id, caller);
+  if (g == nullptr) return absl::NotFoundError(absl::StrCat("no group ", Echo(id), " on this daemon (JoinGroup first)"));
+  if (!g->joined) return absl::FailedPreconditionError(absl::StrCat("group ", g->id, " is still joining"));
+  if (g->broken) {
+    return absl::FailedPreconditionError(absl::StrCat("group ", g->id, " failed (", g->Failure(),
+                                                      "): LeaveGroup, then join a new group with a new collective id"));
+  }
+  if (!block_ids.empty() && std::set<std::string>(block_ids.begin(), block_ids.end()) !=
+                                std::set<std::string>(g->block_ids.begin(), g->block_ids.end())) {
+    return absl::InvalidArgumentError(absl::StrCat(rpc, " names blocks [", Echo(absl::StrJoin(block_ids, ", ")),
+                                                   "] but group ", g->id, " holds [", absl::StrJoin(g->block_ids, ", "),
+                                                   "]: name all of them, or none"));
+  }
+  return g;
+}
+
+// All members say at once whether they can go on: FAILED_PRECONDITION everywhere if one cannot.
+absl::Status Agree(Group& g, const absl::Status& local, CollectiveUse* use) {
+  double refusals = local.ok() ? 0 : 1;
+  RETURN_IF_ERROR(Timed(g, use, sizeof(double), [&] { return g.collective->AllReduceSum(&refusals, 1); }));
+  if (!local.ok()) return local;
+  if (refusals > 0) {
+    return absl::FailedPreconditionError(absl::StrCat(refusals, " other member(s) of group ", g.id,
+                                                      " refused this call (see their answers); nothing changed"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status Engine::StartGroupCall(Group& g, std::vector<EntryPtr>* entries, std::unique_ptr<SpanLock>* lock,
+                                    CollectiveUse* use) {
+  if (g.broken) return absl::FailedPreconditionError(absl::StrCat("group ", g.id, " failed: ", g.Failure()));
+  absl::StatusOr<std::vector<EntryPtr>> found = GroupEntries(g);
+  absl::Status local = found.status();
+  if (local.ok()) {
+    *entries = *std::move(found);
+    *lock = std::make_unique<SpanLock>(*entries);
+    local = (*lock)->CheckAlive();
+    for (size_t i = 0; local.ok() && i < entries->size(); ++i) {
+      if (!(*entries)[i]->HasGrad()) {
+        local = absl::FailedPreconditionError(absl::StrCat("block ", (*entries)[i]->spec.id,
+                                                           " has no gradients: run Backward through it first"));
+      }
+    }
+  }
+  return Agree(g, local, use);
+}
+
+absl::StatusOr<StepResult> Engine::GroupStep(absl::string_view group_id, absl::string_view caller,
+                                             const std::vector<std::string>& block_ids, const AdamWHyper& hyper,
+                                             double max_grad_norm, double clip_coefficient) {
+  RETURN_IF_ERROR(ValidateAdamW(hyper, max_grad_norm));
+  RETURN_IF_ERROR(ValidateClipCoefficient(clip_coefficient, max_grad_norm));
+  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, UsableGroup(groups_, group_id, caller, block_ids, "Step"));
+  absl::MutexLock group_lock(&g->mu);
+  StepResult result;
+  std::vector<EntryPtr> entries;
+  std::unique_ptr<SpanLock> lock;
+  RETURN_IF_ERROR(StartGroupCall(*g, &entries, &lock, &result.collectives));
+  std::vector<float> mean;
+  RETURN_IF_ERROR(ReduceGradients(*g, entries, &mean, &result.collectives));
+  size_t off = 0;
+  for (const EntryPtr& e : entries) {
+    e->generations.Bump(TensorChange::kBackward);
+    for (size_t i = 0; i < e->params.size(); ++i) {
+      RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kGradients, static_cast<int>(i), mean.data() + off));
+      off += static_cast<size_t>(e->params[i].numel());
+    }
+  }
+  const CollectiveUse used = result.collectives;
+  ASSIGN_OR_RETURN(result, StepLocked(entries, hyper, max_grad_norm, clip_coefficient));
+  result.collectives = used;
+  ++g->steps;
+  return result;
+}
+
+absl::StatusOr<GradNormResult> Engine::GradNorm(const std::vector<std::string>& block_ids,
+                                                absl::string_view group_id, absl::string_view caller) {
+  GradNormResult result;
+  if (group_id.empty()) {
+    if (block_ids.empty()) return absl::InvalidArgumentError("block_ids is empty: name the blocks, or a group_id");
+    ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(block_ids, /*allow_repeats=*/false));
+    SpanLock lock(entries);
+    RETURN_IF_ERROR(lock.CheckAlive());
+    for (const EntryPtr& e : entries) {
+      if (!e->HasGrad()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("block ", e->spec.id, " has no gradients: run Backward through it first"));
+      }
+      ASSIGN_OR_RETURN(double ss, e->block->GradSquaredNorm());
+      result.sum_of_squares += ss;
+    }
+    result.finite = std::isfinite(result.sum_of_squares);
+    return result;
+  }
+  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, UsableGroup(groups_, group_id, caller, block_ids, "GradNorm"));
+  absl::MutexLock group_lock(&g->mu);
+  std::vector<EntryPtr> entries;
+  std::unique_ptr<SpanLock> lock;
+  RETURN_IF_ERROR(StartGroupCall(*g, &entries, &lock, &result.collectives));
+  std::vector<float> mean;
+  RETURN_IF_ERROR(ReduceGradients(*g, entries, &mean, &result.collectives));
+  for (float x : mean) result.sum_of_squares += static_cast<double>(x) * x;
+  result.finite = std::isfinite(result.sum_of_squares);
+  return result;
+}
+
+}  // namespace blockd

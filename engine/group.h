@@ -1,0 +1,105 @@
+// Replica groups: daemons (or GPUs) holding the same blocks that average their gradients before
+// every optimizer step (data parallelism), owned by the identity that joined them (owned.h). The
+// Engine runs the joins and the group steps (engine_groups.cc) through a Collective
+// (collective.h); this store only keeps groups, their owners and the per-client cap.
+//
+//   auto g = std::make_shared<Group>();
+//   g->owner = caller; g->id = "g0"; g->block_ids = {"b0", "b1"}; ...
+//   RETURN_IF_ERROR(store.Add(g, /*max_per_client=*/16));          // joining: not usable yet
+//   std::shared_ptr<Group> found = store.Find("g0", caller);      // null: NOT_FOUND
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "engine/collective.h"
+#include "engine/owned.h"
+
+namespace blockd {
+
+// What JoinGroup, GetGroup and ListGroups report.
+struct GroupInfo {
+  std::string group_id;
+  int rank = 0;
+  int world_size = 0;
+  std::string backend;
+  std::vector<std::string> block_ids;
+  absl::Duration timeout;
+  std::string state;         // "joining", "ready", "failed"
+  std::string failure;       // why, when failed
+  int64_t steps = 0;         // group steps done
+  int64_t payload_bytes = 0; // through the group's collectives
+};
+
+// The collectives one group call ran, for metrics.
+struct CollectiveUse {
+  int64_t calls = 0;
+  int64_t bytes = 0;
+  double seconds = 0;
+  bool aborted = false;  // a collective failed: the group is broken
+};
+
+struct Group : Owned {
+  // Fixed at join.
+  std::string id;
+  int rank = 0;
+  int world_size = 0;
+  std::string backend;
+  std::vector<std::string> block_ids;
+  std::vector<uint64_t> block_serials;  // a block deleted and created again is not this group's
+  absl::Duration timeout;
+
+  std::atomic<bool> joined{false};
+  // Set (never cleared) when a collective failed, a member block was deleted or the group left:
+  // the group then answers FAILED_PRECONDITION, and its blocks may join another group.
+  std::atomic<bool> broken{false};
+  std::atomic<int64_t> steps{0};
+  std::atomic<int64_t> payload_bytes{0};
+  void Break(absl::string_view why) {
+    absl::MutexLock l(&failure_mu);
+    if (!broken.exchange(true)) failure = std::string(why);
+  }
+  std::string Failure() const {
+    absl::MutexLock l(&failure_mu);
+    return failure;
+  }
+
+  absl::Mutex mu;  // serialises the group's collectives; taken before any block's lock
+  std::unique_ptr<Collective> collective ABSL_GUARDED_BY(mu);
+
+ private:
+  mutable absl::Mutex failure_mu;  // a leaf
+  std::string failure ABSL_GUARDED_BY(failure_mu);
+};
+
+GroupInfo InfoOf(const Group& g);
+
+class GroupStore {
+ public:
+  // ALREADY_EXISTS for an id in use; RESOURCE_EXHAUSTED when the owner already holds
+  // `max_per_client` groups; FAILED_PRECONDITION when a block of `g` is in another group that
+  // has not failed.
+  absl::Status Add(std::shared_ptr<Group> g, int64_t max_per_client);
+  // The caller's group, else null (one answer for unknown and others').
+  std::shared_ptr<Group> Find(absl::string_view id, absl::string_view caller);
+  // Takes the caller's group out (breaking it); null as Find would return.
+  std::shared_ptr<Group> Remove(absl::string_view id, absl::string_view caller);
+  // Breaks every group holding the block of this serial; returns how many.
+  int64_t BreakReferencing(uint64_t serial, absl::string_view why);
+  std::vector<std::shared_ptr<Group>> OwnedBy(absl::string_view caller);
+  int64_t size();
+
+ private:
+  absl::Mutex mu_;  // a leaf: never held while taking a group's or a block's lock
+  std::map<std::string, std::shared_ptr<Group>, std::less<>> groups_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace blockd

@@ -1,0 +1,311 @@
+// Replica groups over Gloo with real daemons: three CPU daemons on loopback (each its own
+// process, so a member can be SIGKILLed or SIGSTOPped), as ARCHITECTURE.md "Replica groups" says.
+//
+// - Three replicas fed different data end bitwise identical (weights and moments) after several
+//   group Steps, and equal one daemon fed the mean gradient to rounding (float sums in another
+//   order: |a - b| <= 1e-6 + 1e-5 |b|).
+// - JoinGroup broadcasts rank 0's weights, moments and step counters.
+// - A member SIGKILLed (or stopped) before a group Step: the others answer ABORTED within the
+//   group's timeout, unchanged; then a group of the survivors steps.
+// - GradNorm + Step.clip_coefficient over two daemons holding different spans equals one daemon
+//   running the whole span with max_grad_norm, bitwise.
+// - Bad inputs get a clear status.
+#include <signal.h>
+
+#include <cmath>
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "tests/integration/harness.h"
+#include "tests/reliability/daemon_process.h"
+
+namespace blockd::testing {
+namespace {
+
+constexpr int64_t kGroupTimeoutMs = 20000;
+
+struct Member {
+  std::unique_ptr<DaemonProcess> daemon;
+  std::unique_ptr<Client> client;
+};
+
+class GroupTest : public ::testing::Test {
+ protected:
+  void StartMembers(int n) {
+    const std::string dir = MakeTempDir("group");
+    for (int i = 0; i < n; ++i) {
+      auto d = DaemonProcess::Start(BLOCKD_PATH, {"--collective_host=127.0.0.1"},
+                                    dir + "/member" + std::to_string(i) + ".log");
+      ASSERT_TRUE(d.ok()) << d.status();
+      auto c = Client::Connect({.target = (*d)->target()});
+      ASSERT_TRUE(c.ok()) << c.status();
+      members_.push_back({*std::move(d), *std::move(c)});
+    }
+  }
+  Client& C(int i) { return *members_[i].client; }
+
+  // JoinGroup on every member in `ranks` at once (rank r on members_[ranks[r]]); the statuses.
+  std::vector<absl::Status> Join(const std::string& group, const std::vector<int>& ranks,
+                                 const std::vector<std::string>& blocks, int64_t timeout_ms = kGroupTimeoutMs,
+                                 std::vector<int> world_sizes = {}) {
+    auto id = C(ranks[0]).GetCollectiveId();
+    EXPECT_TRUE(id.ok()) << id.status();
+    if (!id.ok()) return {id.status()};
+    std::vector<absl::Status> out(ranks.size());
+    std::vector<std::thread> threads;
+    for (size_t r = 0; r < ranks.size(); ++r) {
+      threads.emplace_back([&, r] {
+        v1::JoinGroupRequest req;
+        req.set_group_id(group);
+        req.set_rank(static_cast<int32_t>(r));
+        req.set_world_size(world_sizes.empty() ? static_cast<int32_t>(ranks.size()) : world_sizes[r]);
+        req.set_collective_id(id->collective_id());
+        for (const std::string& b : blocks) req.add_block_ids(b);
+        req.set_timeout_ms(timeout_ms);
+        out[r] = C(ranks[r]).JoinGroup(req).status();
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    return out;
+  }
+
+  // A group Step on every member in `which` at once.
+  std::vector<absl::StatusOr<v1::StepResponse>> GroupStep(const std::string& group, const std::vector<int>& which) {
+    std::vector<absl::StatusOr<v1::StepResponse>> out(which.size(), absl::UnknownError("not run"));
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < which.size(); ++i) {
+      threads.emplace_back([&, i] { out[i] = C(which[i]).Step(StepRequestFor(group)); });
+    }
+    for (std::thread& t : threads) t.join();
+    return out;
+  }
+
+  static v1::StepRequest StepRequestFor(const std::string& group) {
+    v1::StepRequest req;
+    req.set_group_id(group);
+    req.mutable_adamw()->set_lr(1e-2);
+    req.set_max_grad_norm(0.5);
+    return req;
+  }
+
+  std::vector<Member> members_;
+};
+
+v1::Tensor Scaled(const v1::Tensor& t, float s) {
+  std::vector<float> v = Floats(t);
+  for (float& x : v) x *= s;
+  v1::Tensor out = t;
+  out.set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * 4));
+  return out;
+}
+
+TEST_F(GroupTest, ReplicasEndBitwiseIdenticalAndEqualOneDaemonOnTheMeanGradient) {
+  ASSERT_NO_FATAL_FAILURE(StartMembers(3));
+  // Different seeds: the join must make them equal. "ref" on member 0 has rank 0's initial weights.
+  for (int i = 0; i < 3; ++i) ASSERT_OK(C(i).CreateBlock(CreateRequest("b0", TinyConfig(), 100 + i)).status());
+  ASSERT_OK(C(0).CreateBlock(CreateRequest("ref", TinyConfig(), 100)).status());
+  const BlockState rank0 = StateOf(C(0), "b0");
+  for (const absl::Status& s : Join("g", {0, 1, 2}, {"b0"})) ASSERT_OK(s);
+  for (int i = 1; i < 3; ++i) {
+    EXPECT_EQ(DiffSnapshots(rank0.weights, StateOf(C(i), "b0").weights), "") << "member " << i << " after join";
+  }
+  auto info = C(1).GetGroup("g");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->state(), "ready");
+  EXPECT_EQ(info->world_size(), 3);
+  EXPECT_EQ(info->backend(), "gloo");
+
+  const int kSteps = 3;
+  for (int step = 0; step < kSteps; ++step) {
+    std::vector<v1::Tensor> inputs;
+    for (int i = 0; i < 3; ++i) {
+      inputs.push_back(RandomTensor({2, 5, 32}, 1000 * step + i));
+      TrainStep(C(i), {"b0"}, inputs[i], 5000 + 1000 * step + i);
+      // The reference sees the same data with each gradient scaled by 1/3: it accumulates the mean.
+      auto y = C(0).Forward({"ref"}, inputs[i], true);
+      ASSERT_TRUE(y.ok()) << y.status();
+      auto dy = RandomTensor({2, 5, 32}, 5000 + 1000 * step + i);
+      ASSERT_OK(C(0).Backward(y->activation_id(), Scaled(dy, 1.f / 3)).status());
+    }
+    auto results = GroupStep("g", {0, 1, 2});
+    for (auto& r : results) ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(results[0]->grad_norm(), results[1]->grad_norm());
+    EXPECT_EQ(results[0]->grad_norm(), results[2]->grad_norm());
+    v1::StepRequest ref;
+    ref.add_block_ids("ref");
+    *ref.mutable_adamw() = StepRequestFor("g").adamw();
+    ref.set_max_grad_norm(0.5);
+    auto r = C(0).Step(ref);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_NEAR(r->grad_norm(), results[0]->grad_norm(), 1e-5 * r->grad_norm()) << "step " << step;
+  }
+  const BlockState s0 = StateOf(C(0), "b0");
+  EXPECT_EQ(s0.step, kSteps);
+  for (int i = 1; i < 3; ++i) {
+    const BlockState si = StateOf(C(i), "b0");
+    EXPECT_EQ(DiffSnapshots(s0.weights, si.weights), "") << "member " << i;
+    EXPECT_EQ(DiffSnapshots(s0.adam_m, si.adam_m), "") << "member " << i;
+    EXPECT_EQ(DiffSnapshots(s0.adam_v, si.adam_v), "") << "member " << i;
+    EXPECT_EQ(si.step, kSteps);
+  }
+  const BlockState ref = StateOf(C(0), "ref");
+  for (const auto& [name, bytes] : s0.weights) {
+    const std::vector<float> a = Floats(bytes), b = Floats(ref.weights.at(name));
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t k = 0; k < a.size(); ++k) {
+      ASSERT_LE(std::fabs(a[k] - b[k]), 1e-6 + 1e-5 * std::fabs(b[k])) << name << "[" << k << "]: group " << a[k]
+                                                                       << ", one daemon on the mean " << b[k];
+    }
+  }
+}
+
+TEST_F(GroupTest, AKilledMemberAbortsTheOthersUnchangedAndTheSurvivorsRegroup) {
+  ASSERT_NO_FATAL_FAILURE(StartMembers(3));
+  for (int i = 0; i < 3; ++i) ASSERT_OK(C(i).CreateBlock(CreateRequest("b0", TinyConfig(), 7)).status());
+  for (const absl::Status& s : Join("g", {0, 1, 2}, {"b0"}, /*timeout_ms=*/3000)) ASSERT_OK(s);
+  for (int i = 0; i < 3; ++i) TrainStep(C(i), {"b0"}, RandomTensor({1, 4, 32}, 10 + i), 20 + i);
+  const BlockState before0 = StateOf(C(0), "b0"), before1 = StateOf(C(1), "b0");
+  members_[2].daemon->Kill();
+  const absl::Time start = absl::Now();
+  auto results = GroupStep("g", {0, 1});
+  for (auto& r : results) EXPECT_STATUS(r.status(), absl::StatusCode::kAborted, "group g", "nothing was applied");
+  // Generous: the 3 s group timeout plus a loaded CI machine; a hang would be the failure.
+  EXPECT_LT(absl::Now() - start, absl::Seconds(60));
+  EXPECT_EQ(DiffStates(before0, StateOf(C(0), "b0")), "");
+  EXPECT_EQ(DiffStates(before1, StateOf(C(1), "b0")), "");
+  auto info = C(0).GetGroup("g");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->state(), "failed");
+  EXPECT_STATUS(C(0).Step(StepRequestFor("g")).status(), absl::StatusCode::kFailedPrecondition, "group g failed");
+
+  for (const absl::Status& s : Join("g2", {0, 1}, {"b0"})) ASSERT_OK(s);
+  auto again = GroupStep("g2", {0, 1});
+  for (auto& r : again) ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(DiffSnapshots(StateOf(C(0), "b0").weights, StateOf(C(1), "b0").weights), "");
+  ASSERT_OK(C(0).LeaveGroup("g"));
+  EXPECT_STATUS(C(0).GetGroup("g").status(), absl::StatusCode::kNotFound, "no group g");
+}
+
+TEST_F(GroupTest, AStoppedMemberAbortsTheOthersWithinTheTimeout) {
+  ASSERT_NO_FATAL_FAILURE(StartMembers(2));
+  for (int i = 0; i < 2; ++i) ASSERT_OK(C(i).CreateBlock(CreateRequest("b0", TinyConfig(), 7)).status());
+  for (const absl::Status& s : Join("g", {0, 1}, {"b0"}, /*timeout_ms=*/2000)) ASSERT_OK(s);
+  TrainStep(C(0), {"b0"}, RandomTensor({1, 4, 32}, 10), 20);
+  const BlockState before = StateOf(C(0), "b0");
+  ASSERT_EQ(::kill(members_[1].daemon->pid(), SIGSTOP), 0);
+  auto r = C(0).Step(StepRequestFor("g"));
+  ::kill(members_[1].daemon->pid(), SIGCONT);
+  EXPECT_STATUS(r.status(), absl::StatusCode::kAborted, "group g");
+  EXPECT_EQ(DiffStates(before, StateOf(C(0), "b0")), "");
+}
+
+TEST_F(GroupTest, GradNormAndClipCoefficientOverTwoDaemonsEqualOneDaemonsClip) {
+  ASSERT_NO_FATAL_FAILURE(StartMembers(2));
+  // A pipeline: b0 on member 0, b1 on member 1; the same span as r0, r1 on member 0.
+  ASSERT_OK(C(0).CreateBlock(CreateRequest("b0", TinyConfig(), 1)).status());
+  ASSERT_OK(C(1).CreateBlock(CreateRequest("b1", TinyConfig(), 2)).status());
+  ASSERT_OK(C(0).CreateBlock(CreateRequest("r0", TinyConfig(), 1)).status());
+  ASSERT_OK(C(0).CreateBlock(CreateRequest("r1", TinyConfig(), 2)).status());
+  const v1::Tensor x = RandomTensor({2, 6, 32}, 3), dy = RandomTensor({2, 6, 32}, 4);
+  auto h = C(0).Forward({"b0"}, x, true);
+  ASSERT_TRUE(h.ok()) << h.status();
+  auto y = C(1).Forward({"b1"}, h->output(), true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  auto dh = C(1).Backward(y->activation_id(), dy);
+  ASSERT_TRUE(dh.ok()) << dh.status();
+  ASSERT_OK(C(0).Backward(h->activation_id(), dh->grad_input()).status());
+  auto yr = C(0).Forward({"r0", "r1"}, x, true);
+  ASSERT_TRUE(yr.ok()) << yr.status();
+  ASSERT_OK(C(0).Backward(yr->activation_id(), dy).status());
+
+  auto n0 = C(0).GradNorm({"b0"}), n1 = C(1).GradNorm({"b1"});
+  ASSERT_TRUE(n0.ok()) << n0.status();
+  ASSERT_TRUE(n1.ok()) << n1.status();
+  EXPECT_TRUE(n0->finite() && n1->finite());
+  const double max_norm = 0.05, norm = std::sqrt(n0->sum_of_squares() + n1->sum_of_squares());
+  const double coefficient = std::min(1.0, max_norm / (norm + 1e-6));
+  ASSERT_LT(coefficient, 1.0) << "the test must clip";
+  for (auto [member, block] : {std::pair{0, "b0"}, std::pair{1, "b1"}}) {
+    v1::StepRequest req;
+    req.add_block_ids(block);
+    req.mutable_adamw()->set_lr(1e-2);
+    req.set_clip_coefficient(coefficient);
+    ASSERT_OK(C(member).Step(req).status());
+  }
+  v1::StepRequest ref;
+  ref.add_block_ids("r0");
+  ref.add_block_ids("r1");
+  ref.mutable_adamw()->set_lr(1e-2);
+  ref.set_max_grad_norm(max_norm);
+  auto r = C(0).Step(ref);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->grad_norm(), norm);
+  EXPECT_EQ(r->clip_coefficient(), coefficient);
+  EXPECT_EQ(DiffSnapshots(StateOf(C(0), "b0").weights, StateOf(C(0), "r0").weights), "");
+  EXPECT_EQ(DiffSnapshots(StateOf(C(1), "b1").weights, StateOf(C(0), "r1").weights), "");
+}
+
+TEST_F(GroupTest, BadInputsGetClearStatuses) {
+  ASSERT_NO_FATAL_FAILURE(StartMembers(2));
+  for (int i = 0; i < 2; ++i) ASSERT_OK(C(i).CreateBlock(CreateRequest("b0", TinyConfig(), 7)).status());
+  auto id = C(0).GetCollectiveId();
+  ASSERT_TRUE(id.ok()) << id.status();
+  EXPECT_EQ(id->backend(), "gloo");
+  auto join = [&](int32_t rank, int32_t world, const std::string& cid, std::vector<std::string> blocks,
+                  const std::string& group = "g") {
+    v1::JoinGroupRequest req;
+    req.set_group_id(group);
+    req.set_rank(rank);
+    req.set_world_size(world);
+    req.set_collective_id(cid);
+    for (const std::string& b : blocks) req.add_block_ids(b);
+    req.set_timeout_ms(2000);
+    return C(0).JoinGroup(req).status();
+  };
+  EXPECT_STATUS(join(0, 0, id->collective_id(), {"b0"}), absl::StatusCode::kInvalidArgument, "world_size = 0");
+  EXPECT_STATUS(join(2, 2, id->collective_id(), {"b0"}), absl::StatusCode::kInvalidArgument, "rank = 2",
+                "expected 0..1");
+  EXPECT_STATUS(join(0, 2, "garbage", {"b0"}), absl::StatusCode::kInvalidArgument, "not a Gloo collective id");
+  EXPECT_STATUS(join(0, 2, id->collective_id(), {"nope"}), absl::StatusCode::kNotFound, "nope");
+  EXPECT_STATUS(join(0, 2, id->collective_id(), {"b0"}, "bad group!"), absl::StatusCode::kInvalidArgument,
+                "group_id");
+  EXPECT_STATUS(join(0, 2, "", {"b0"}), absl::StatusCode::kInvalidArgument, "collective_id is empty");
+  EXPECT_STATUS(C(0).GetCollectiveId("nccl").status(), absl::StatusCode::kUnimplemented, "NCCL");
+  EXPECT_STATUS(C(0).GetCollectiveId("mpi").status(), absl::StatusCode::kInvalidArgument, "expected \"gloo\"");
+  // Nobody else comes: the join fails after its timeout and leaves no group behind.
+  EXPECT_STATUS(join(0, 2, id->collective_id(), {"b0"}), absl::StatusCode::kAborted, "did not form");
+  EXPECT_STATUS(C(0).GetGroup("g").status(), absl::StatusCode::kNotFound, "no group g");
+  EXPECT_STATUS(C(0).Step(StepRequestFor("nope")).status(), absl::StatusCode::kNotFound, "no group nope");
+  // Members that disagree on world_size both hear why.
+  auto mismatch = Join("g", {0, 1}, {"b0"}, 5000, {2, 3});
+  EXPECT_STATUS(mismatch[1], absl::StatusCode::kFailedPrecondition, "disagree", "world_size 3", "world_size 2");
+  EXPECT_STATUS(mismatch[0], absl::StatusCode::kFailedPrecondition, "disagree");
+  // A working group: Step must name its blocks or none; clip_coefficient and max_grad_norm exclude.
+  for (const absl::Status& s : Join("g", {0, 1}, {"b0"})) ASSERT_OK(s);
+  ASSERT_OK(C(0).CreateBlock(CreateRequest("other", TinyConfig(), 7)).status());
+  v1::StepRequest wrong = StepRequestFor("g");
+  wrong.add_block_ids("other");
+  EXPECT_STATUS(C(0).Step(wrong).status(), absl::StatusCode::kInvalidArgument, "group g holds [b0]");
+  v1::StepRequest both = StepRequestFor("g");
+  both.set_clip_coefficient(0.5);
+  EXPECT_STATUS(C(0).Step(both).status(), absl::StatusCode::kInvalidArgument, "clip_coefficient");
+  // A member without gradients makes every member refuse at once, with nothing changed.
+  TrainStep(C(0), {"b0"}, RandomTensor({1, 3, 32}, 1), 2);
+  auto refused = GroupStep("g", {0, 1});
+  EXPECT_STATUS(refused[1].status(), absl::StatusCode::kFailedPrecondition, "b0 has no gradients");
+  EXPECT_STATUS(refused[0].status(), absl::StatusCode::kFailedPrecondition, "refused");
+  // A block in a working group cannot join another; another client does not see the group.
+  EXPECT_STATUS(Join("g3", {0}, {"b0"})[0], absl::StatusCode::kFailedPrecondition, "already in group g");
+  auto stranger = Client::Connect({.target = members_[0].daemon->target(), .client_id = "stranger"});
+  ASSERT_TRUE(stranger.ok()) << stranger.status();
+  EXPECT_STATUS((*stranger)->GetGroup("g").status(), absl::StatusCode::kNotFound, "no group g");
+  // Deleting a member block fails the group.
+  ASSERT_OK(C(1).DeleteBlock("b0").status());
+  auto info = C(1).GetGroup("g");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->state(), "failed");
+  EXPECT_NE(info->failure().find("block b0 was deleted"), std::string::npos) << info->failure();
+}
+
+}  // namespace
+}  // namespace blockd::testing
