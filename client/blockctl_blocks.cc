@@ -33,7 +33,8 @@ void PrintBlock(const v1::BlockInfo& b) {
                                c.hidden_size(), c.num_attention_heads(), c.num_kv_heads(), c.head_dim(),
                                c.intermediate_size(), c.rms_norm_eps(), c.rope_theta(), c.qk_norm() ? "yes" : "no")
             << absl::StrFormat("precision   %s on %s device %d\n", PrecisionName(b.precision()), b.backend(), b.device())
-            << absl::StrFormat("parameters  %d (%s resident)\n", b.parameter_count(), HumanBytesString(b.memory_bytes()))
+            << absl::StrFormat("parameters  %d (%s resident%s)\n", b.parameter_count(), HumanBytesString(b.memory_bytes()),
+                               b.frozen() ? ", frozen: weights only" : "")
             << absl::StrFormat("limits      max_batch_size %d, max_seq_len %d\n", b.max_batch_size(), b.max_seq_len())
             << absl::StrFormat("weights     %s\n", b.weights_loaded()
                                                        ? "loaded"
@@ -109,6 +110,8 @@ class CreateCommand : public Command {
     f->Int("layer_index", &layer_index_, "the same as --layer");
     f->Duration("ttl", &ttl_, "lease: the server deletes the block after this long without a call naming it "
                               "(30m, 2h; default: no lease)");
+    f->Bool("frozen", &frozen_, "weights only, in the compute dtype: no gradients or AdamW state (serving, "
+                                "or a frozen part of a model)");
   }
 
   absl::Status Run(Invocation& in) override {
@@ -142,6 +145,7 @@ class CreateCommand : public Command {
     req.set_max_seq_len(max_seq_len_);
     req.set_max_batch_size(max_batch_size_);
     req.set_device(static_cast<int32_t>(device_));
+    req.set_frozen(frozen_);
     if (in.IsSet("seed")) req.set_seed(static_cast<uint64_t>(seed_));
     auto p = ParsePrecisionName(precision_);
     if (!p.ok()) return Usage(std::string(p.status().message()));
@@ -160,7 +164,7 @@ class CreateCommand : public Command {
  private:
   int64_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, intermediate_ = 0;
   double eps_ = 1e-6, theta_ = 10000;
-  bool qk_norm_ = false;
+  bool qk_norm_ = false, frozen_ = false;
   std::string config_file_, precision_;
   int64_t seed_ = 0, device_ = 0, max_seq_len_ = 0, max_batch_size_ = 0, layer_index_ = 0;
   absl::Duration ttl_ = absl::ZeroDuration();
@@ -373,7 +377,8 @@ std::vector<CommandSpec> BlockCommands() {
        "grpc.health.v1 Check. Prints SERVING / NOT_SERVING; exits 0 only when SERVING.",
        {0, 0, "health takes no arguments"}, Make<HealthCommand>()},
       {"create", "create a block (config flags or a config.json; --seed for random init)",
-       "blockctl create BLOCK [--config=config.json] [--hidden_size=N ...] [--seed=N] [--layer=N] [--ttl=DURATION]",
+       "blockctl create BLOCK [--config=config.json] [--hidden_size=N ...] [--seed=N] [--layer=N] [--ttl=DURATION] "
+       "[--frozen]",
        "Create a block. Its config comes from a Hugging Face config.json and/or the flags (flags win).\n"
        "A config.json that import-hf refuses (another model_type, a non-SiLU MLP, a scaled RoPE, biases,\n"
        "sliding-window attention) is refused here too. With --seed the block is initialised at random and\n"

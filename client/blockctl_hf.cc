@@ -170,6 +170,7 @@ class ImportHf : public Command {
     f->String("layers", &layers_text_, "layers to import: A:B (half-open) or a comma list (default: all)");
     f->String("prefix", &prefix_, "block ids are PREFIX<layer> (default: \"<DIR name>/layer\")");
     f->Bool("replace", &replace_, "delete blocks that already hold the ids (else an existing id fails the import)");
+    f->Bool("frozen", &frozen_, "create frozen blocks: weights only, no gradients or AdamW state");
     f->String("precision", &precision_text_, "fp32, tf32 or bf16 (default: the backend's)");
     f->Int("device", &device_, "device index on the server");
     f->Int("max_seq_len", &max_seq_len_, "longest sequence (0: the server's default)");
@@ -183,7 +184,7 @@ class ImportHf : public Command {
  private:
   std::string prefix_, layers_text_, precision_text_;
   int64_t device_ = 0, max_seq_len_ = 0, max_batch_size_ = 0, seed_ = 0, chunk_bytes_ = 1 << 20;
-  bool replace_ = false, progress_ = false;
+  bool replace_ = false, progress_ = false, frozen_ = false;
 };
 
 absl::Status ImportHf::Run(Invocation& in) {
@@ -258,6 +259,7 @@ absl::Status ImportHf::Run(Invocation& in) {
       req.set_device(static_cast<int32_t>(device_));
       req.set_max_seq_len(max_seq_len_);
       req.set_max_batch_size(max_batch_size_);
+      req.set_frozen(frozen_);
       if (in.IsSet("seed")) req.set_seed(static_cast<uint64_t>(seed_));
       auto info = client->CreateBlock(req);
       if (!info.ok()) {
@@ -307,7 +309,7 @@ absl::Status ImportHf::Run(Invocation& in) {
 
 CommandSpec ImportHfCommand() {
   return {"import-hf", "import a Hugging Face Llama/Qwen2/Qwen3 checkpoint dir: one block per layer",
-          "blockctl import-hf DIR [--layers=A:B|I,J,...] [--prefix=ID] [--replace] [--precision=P]",
+          "blockctl import-hf DIR [--layers=A:B|I,J,...] [--prefix=ID] [--replace] [--precision=P] [--frozen]",
           "Import a Hugging Face Llama / Qwen2 / Qwen3 checkpoint directory (config.json, *.safetensors shards\n"
           "and model.safetensors.index.json): one block per decoder layer, with the layer's config (qk_norm for\n"
           "qwen3, q/k/v biases for qwen2, rms_norm_eps, rope_theta and rope_scaling, head_dim) and its weights,\n"

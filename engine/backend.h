@@ -35,7 +35,17 @@ struct BlockSpec {
   int64_t max_batch_size = 0;
   Precision precision = Precision::kFP32;
   int device = 0;
+  // Weights only, in the compute dtype: no gradients, no AdamW moments. Forward, Backward (the
+  // input gradient alone) and sessions run; the Engine refuses Step and ZeroGrad.
+  bool frozen = false;
 };
+
+// Whether a block of `spec` trains `param`, i.e. holds its gradient and AdamW moments: every
+// parameter of a trainable block, none of a frozen one.
+inline bool TrainsParam(const BlockSpec& spec, const ParamSpec& param) {
+  (void)param;
+  return !spec.frozen;
+}
 
 enum class TensorKind : uint8_t { kWeights, kGradients, kAdamM, kAdamV };
 absl::string_view TensorKindName(TensorKind k);  // "weights", "gradients", "adam_m", "adam_v"
@@ -135,7 +145,8 @@ class Block {
   virtual size_t SavedBytes(int64_t batch, int64_t seq) const = 0;
   virtual AttentionInfo attention() const { return {"native", "the backend's own attention"}; }
 
-  // Whole tensor `index` of BlockParams(config) of `kind`, as fp32 on the host.
+  // Whole tensor `index` of BlockParams(config) of `kind`, as fp32 on the host. A frozen block has
+  // weights only: other kinds are FAILED_PRECONDITION (the Engine does not ask).
   virtual absl::Status WriteTensor(TensorKind kind, int index, const float* host) = 0;
   virtual absl::Status ReadTensor(TensorKind kind, int index, float* host) = 0;
 
@@ -144,7 +155,8 @@ class Block {
   virtual absl::StatusOr<std::unique_ptr<Activation>> Forward(std::unique_ptr<Activation> x, int64_t position_offset,
                                                               std::unique_ptr<SavedActivations>* saved) = 0;
   // Returns dL/dx for dL/dy = grad_out. Weight gradients are added to the existing ones when
-  // `accumulate`, else they overwrite them (the Engine knows whether gradients exist).
+  // `accumulate`, else they overwrite them (the Engine knows whether gradients exist). A frozen
+  // block computes dL/dx only.
   virtual absl::StatusOr<std::unique_ptr<Activation>> Backward(const SavedActivations& saved,
                                                                const Activation& grad_out, bool accumulate) = 0;
   // One inference step: x [batch, new, hidden] holds tokens at positions start[r]..start[r]+new-1 of

@@ -144,6 +144,7 @@ json SpecJson(const BlockState& st) {
               {"rope_theta", c.rope_theta},
               {"qk_norm", c.qk_norm}}}};
   // Written only when set, so manifests of plain blocks stay as before and older ones still read.
+  if (st.spec.frozen) j["frozen"] = true;
   if (c.attention_bias) j["config"]["attention_bias"] = true;
   if (!c.rope_scaling.is_default()) {
     const RopeScaling& r = c.rope_scaling;
@@ -178,6 +179,7 @@ absl::Status SpecFromJson(const json& j, BlockState* st) {
     ASSIGN_OR_RETURN(st->spec.precision, ParsePrecision(j.at("precision").get<std::string>()));
     st->spec.device = j.at("device").get<int>();
     st->step = j.at("step").get<int64_t>();
+    st->spec.frozen = j.value("frozen", false);
     const json& c = j.at("config");
     st->spec.config.hidden_size = c.at("hidden_size").get<int64_t>();
     st->spec.config.num_attention_heads = c.at("num_attention_heads").get<int64_t>();
@@ -459,6 +461,7 @@ class FileCheckpointer : public Checkpointer {
       for (const ParamSpec& p : BlockParams(st.spec.config)) {
         for (auto [prefix, dst] : {std::pair{"weights/", &st.weights}, std::pair{"adam_m/", &st.adam_m},
                                    std::pair{"adam_v/", &st.adam_v}}) {
+          if (dst != &st.weights && !TrainsParam(st.spec, p)) continue;  // a frozen block keeps no moments
           const SafetensorsEntry* e = f->Find(absl::StrCat(prefix, p.name));
           if (e == nullptr) {
             return absl::DataLossError(absl::StrCat("checkpoint ", path, ": ", file, " lacks ", prefix, p.name));

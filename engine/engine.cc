@@ -29,6 +29,17 @@ absl::string_view TensorKindName(TensorKind k) {
 
 namespace {
 std::atomic<uint64_t> next_serial{1};
+
+// Whether the block holds any gradient (TrainsParam): a frozen block does not.
+bool TrainsAny(const BlockSpec& spec, const std::vector<ParamSpec>& params) {
+  return std::any_of(params.begin(), params.end(), [&](const ParamSpec& p) { return TrainsParam(spec, p); });
+}
+
+absl::Status FrozenError(const BlockSpec& spec, absl::string_view what) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      "block ", spec.id, " is frozen: it holds weights only, no gradients or AdamW state, so ", what,
+      " (create it without frozen to train it)"));
+}
 }  // namespace
 
 
@@ -445,7 +456,7 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
     }
     e.generations.Bump(TensorChange::kBackward);
     ASSIGN_OR_RETURN(g, e.block->Backward(*h.saved[i], *g, /*accumulate=*/e.HasGrad()));
-    e.SetHasGrad(true);
+    if (TrainsAny(e.spec, e.params)) e.SetHasGrad(true);  // a frozen block only passes dL/dx on
   }
   lock.Unlock();
   grad_input->tokens = h.batch * h.seq * static_cast<int64_t>(span.size());
@@ -463,6 +474,9 @@ absl::Status Engine::ReleaseActivations(absl::string_view activation_id, absl::s
 
 absl::Status Engine::ZeroGrad(const std::vector<std::string>& block_ids) {
   ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(block_ids, /*allow_repeats=*/true));
+  for (const EntryPtr& e : entries) {
+    if (!TrainsAny(e->spec, e->params)) return FrozenError(e->spec, "ZeroGrad has nothing to clear");
+  }
   SpanLock lock(entries);
   RETURN_IF_ERROR(lock.CheckAlive());
   for (const EntryPtr& e : entries) {
@@ -477,6 +491,9 @@ absl::StatusOr<StepResult> Engine::Step(const std::vector<std::string>& block_id
   RETURN_IF_ERROR(ValidateAdamW(hyper, max_grad_norm));
   RETURN_IF_ERROR(ValidateClipCoefficient(clip_coefficient, max_grad_norm));
   ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(block_ids, /*allow_repeats=*/false));
+  for (const EntryPtr& e : entries) {
+    if (!TrainsAny(e->spec, e->params)) return FrozenError(e->spec, "Step has nothing to update");
+  }
   SpanLock lock(entries);
   RETURN_IF_ERROR(lock.CheckAlive());
   for (const EntryPtr& e : entries) {
@@ -530,17 +547,7 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
                                                              const std::vector<std::string>& names,
                                                              const TensorsVersion* unchanged_since) {
   ASSIGN_OR_RETURN(EntryPtr e, Find(id));
-  std::vector<int> indices;
-  if (names.empty()) {
-    for (size_t i = 0; i < e->params.size(); ++i) indices.push_back(static_cast<int>(i));
-  }
-  for (const std::string& name : names) {
-    const int index = FindParam(e->params, name);
-    if (index < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("block ", Echo(id), " has no tensor \"", Echo(name), "\""));
-    }
-    indices.push_back(index);
-  }
+  ASSIGN_OR_RETURN(std::vector<int> indices, TensorIndices(*e, kind, names));
   SpanLock lock({e});
   RETURN_IF_ERROR(lock.CheckAlive());
   if (unchanged_since != nullptr) {
@@ -557,6 +564,39 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
     ConvertFromFloat32(buf.data(), buf.size(), dtype, t.bytes.data());
     out.push_back(std::move(t));
   }
+  return out;
+}
+
+absl::StatusOr<std::vector<int>> Engine::TensorIndices(const Entry& e, TensorKind kind,
+                                                       const std::vector<std::string>& names) const {
+  const bool weights = kind == TensorKind::kWeights;
+  std::vector<int> indices;
+  if (names.empty()) {
+    for (size_t i = 0; i < e.params.size(); ++i) {
+      if (weights || TrainsParam(e.spec, e.params[i])) indices.push_back(static_cast<int>(i));
+    }
+    if (indices.empty()) return FrozenError(e.spec, absl::StrCat("it has no ", TensorKindName(kind), " to download"));
+  }
+  for (const std::string& name : names) {
+    const int index = FindParam(e.params, name);
+    if (index < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block ", Echo(e.spec.id), " has no tensor \"", Echo(name), "\""));
+    }
+    if (!weights && !TrainsParam(e.spec, e.params[index])) {
+      return FrozenError(e.spec, absl::StrCat(name, " has no ", TensorKindName(kind), " to download"));
+    }
+    indices.push_back(index);
+  }
+  return indices;
+}
+
+absl::StatusOr<std::vector<std::string>> Engine::TensorNames(absl::string_view id, TensorKind kind,
+                                                             const std::vector<std::string>& names) {
+  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  ASSIGN_OR_RETURN(std::vector<int> indices, TensorIndices(*e, kind, names));
+  std::vector<std::string> out;
+  for (int index : indices) out.push_back(e->params[index].name);
   return out;
 }
 
@@ -591,6 +631,7 @@ absl::StatusOr<std::vector<BlockState>> Engine::ExportBlocks(const std::vector<s
       for (auto [kind, dst] : {std::pair{TensorKind::kWeights, &state.weights},
                                std::pair{TensorKind::kAdamM, &state.adam_m},
                                std::pair{TensorKind::kAdamV, &state.adam_v}}) {
+        if (kind != TensorKind::kWeights && !TrainsParam(e->spec, p)) continue;  // frozen: weights only
         RETURN_IF_ERROR(e->block->ReadTensor(kind, static_cast<int>(i), buf.data()));
         dst->push_back({p.name, p.shape, DType::kFloat32,
                         std::string(reinterpret_cast<const char*>(buf.data()), buf.size() * 4)});
@@ -618,14 +659,23 @@ absl::StatusOr<Engine::EntryPtr> Engine::NewEntryFromState(const BlockState& sta
                                                      " state names an unknown missing weight \"", Echo(name), "\""));
     }
   }
-  // Every tensor of every kind must be present with the right shape.
-  auto check = [&](const std::vector<NamedTensor>& ts, absl::string_view kind) -> absl::Status {
-    if (ts.size() != e->params.size()) {
+  // Every tensor of every kind must be present with the right shape; moments of the trained
+  // parameters only (BlockState's order: BlockParams order, frozen parameters left out).
+  std::vector<const ParamSpec*> trained;
+  for (const ParamSpec& p : e->params) {
+    if (TrainsParam(spec, p)) trained.push_back(&p);
+  }
+  std::vector<const ParamSpec*> all;
+  for (const ParamSpec& p : e->params) all.push_back(&p);
+  auto check = [&](const std::vector<NamedTensor>& ts, const std::vector<const ParamSpec*>& want,
+                   absl::string_view kind) -> absl::Status {
+    if (ts.size() != want.size()) {
       return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state has ", ts.size(), " ", kind,
-                                                     " tensors, expected ", e->params.size()));
+                                                     " tensors, expected ", want.size(),
+                                                     spec.frozen ? " (the block is frozen)" : ""));
     }
     for (size_t i = 0; i < ts.size(); ++i) {
-      const ParamSpec& p = e->params[i];
+      const ParamSpec& p = *want[i];
       if (ts[i].name != p.name || ts[i].shape != p.shape || ts[i].dtype != DType::kFloat32 ||
           ts[i].bytes.size() != static_cast<size_t>(p.numel()) * 4) {
         return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state ", kind, " tensor ", Echo(ts[i].name),
@@ -635,21 +685,25 @@ absl::StatusOr<Engine::EntryPtr> Engine::NewEntryFromState(const BlockState& sta
     }
     return absl::OkStatus();
   };
-  RETURN_IF_ERROR(check(state.weights, "weights"));
-  RETURN_IF_ERROR(check(state.adam_m, "adam_m"));
-  RETURN_IF_ERROR(check(state.adam_v, "adam_v"));
+  RETURN_IF_ERROR(check(state.weights, all, "weights"));
+  RETURN_IF_ERROR(check(state.adam_m, trained, "adam_m"));
+  RETURN_IF_ERROR(check(state.adam_v, trained, "adam_v"));
   if (state.step < 0) return absl::InvalidArgumentError(absl::StrCat("block ", spec.id, " state has step ", state.step));
   ASSIGN_OR_RETURN(e->reservation, budget_.Reserve(spec.device, static_cast<int64_t>(backend_->BlockBytes(spec)),
                                                    absl::StrCat("block ", spec.id)));
   ASSIGN_OR_RETURN(e->block, backend_->CreateBlock(spec));
   std::vector<float> buf;
+  size_t t = 0;  // index into the moments, which skip frozen parameters
   for (size_t i = 0; i < e->params.size(); ++i) {
     buf.resize(static_cast<size_t>(e->params[i].numel()));
-    for (auto [kind, src] : {std::pair{TensorKind::kWeights, &state.weights}, std::pair{TensorKind::kAdamM, &state.adam_m},
-                             std::pair{TensorKind::kAdamV, &state.adam_v}}) {
-      std::memcpy(buf.data(), (*src)[i].bytes.data(), buf.size() * 4);  // the bytes may be unaligned
+    std::memcpy(buf.data(), state.weights[i].bytes.data(), buf.size() * 4);  // the bytes may be unaligned
+    RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kWeights, static_cast<int>(i), buf.data()));
+    if (!TrainsParam(spec, e->params[i])) continue;
+    for (auto [kind, src] : {std::pair{TensorKind::kAdamM, &state.adam_m}, std::pair{TensorKind::kAdamV, &state.adam_v}}) {
+      std::memcpy(buf.data(), (*src)[t].bytes.data(), buf.size() * 4);
       RETURN_IF_ERROR(e->block->WriteTensor(kind, static_cast<int>(i), buf.data()));
     }
+    ++t;
   }
   absl::MutexLock l(&e->state_mu);
   e->loaded.assign(e->params.size(), true);

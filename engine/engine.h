@@ -168,7 +168,8 @@ struct BlockState {
   BlockSpec spec;
   std::optional<AdamWHyper> last_adamw;
   int64_t step = 0;
-  std::vector<NamedTensor> weights, adam_m, adam_v;  // float32
+  std::vector<NamedTensor> weights;         // float32, every parameter
+  std::vector<NamedTensor> adam_m, adam_v;  // float32, the trained parameters (none when frozen)
   std::vector<std::string> missing_weights;  // never loaded (their values are zeros)
 };
 
@@ -232,6 +233,10 @@ class Engine {
   absl::StatusOr<std::vector<NamedTensor>> ReadTensors(absl::string_view id, TensorKind kind, DType dtype,
                                                        const std::vector<std::string>& names,
                                                        const TensorsVersion* unchanged_since = nullptr);
+  // The names of block `id`'s tensors of `kind`: `names` checked, or all when empty. A frozen
+  // block's parameters have weights only: other kinds are FAILED_PRECONDITION.
+  absl::StatusOr<std::vector<std::string>> TensorNames(absl::string_view id, TensorKind kind,
+                                                       const std::vector<std::string>& names);
   // The version block `id`'s tensors of `kind` are at (engine/tensors_version.h).
   absl::StatusOr<TensorsVersion> TensorsVersionOf(absl::string_view id, TensorKind kind);
   // OK when block `id`'s tensors of `kind` are still at `version`; else ABORTED saying what changed
@@ -302,6 +307,8 @@ class Engine {
   // handles through it; returns how many.
   int64_t RemoveDeleted(const Entry& e);
   BlockInfo InfoLocked(const Entry& e) const;
+  absl::StatusOr<std::vector<int>> TensorIndices(const Entry& e, TensorKind kind,
+                                                 const std::vector<std::string>& names) const;
   absl::Status CheckTensorArg(const TensorArg& t, absl::string_view what, int64_t hidden, const Entry& first) const;
   absl::StatusOr<EntryPtr> NewEntryFromState(const BlockState& state);
   absl::Status RunSpanBackward(ActivationHandle& handle, const TensorArg& grad_output, TensorOut* grad_input);

@@ -30,6 +30,7 @@ void ToProto(const BlockInfo& info, absl::string_view backend, v1::BlockInfo* ou
   out->set_idle_seconds(absl::ToDoubleSeconds(info.idle));
   out->set_attention_backend(info.attention.backend);
   out->set_attention_reason(info.attention.reason);
+  out->set_frozen(info.spec.frozen);
 }
 
 absl::StatusOr<TensorKind> FromProto(v1::TensorKind k) {

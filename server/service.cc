@@ -133,6 +133,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::CreateBlock(grpc::CallbackServerCont
     p.spec.max_seq_len = req->max_seq_len();
     p.spec.max_batch_size = req->max_batch_size();
     p.spec.device = req->device();
+    p.spec.frozen = req->frozen();
     ASSIGN_OR_RETURN(p.precision, FromProto(req->precision()));
     if (req->has_seed()) p.seed = req->seed();
     if (req->ttl_seconds() < 0) {

@@ -207,15 +207,9 @@ class BlockServiceImpl::DownloadReactor : public grpc::ServerWriteReactor<v1::Te
     }
     block_id_ = req_->block_id();
     ASSIGN_OR_RETURN(version_, service_->engine_->TensorsVersionOf(block_id_, kind_));
-    ASSIGN_OR_RETURN(std::vector<ParamSpec> params, service_->engine_->BlockParamsOf(block_id_));
-    if (req_->names().empty()) {
-      for (const ParamSpec& p : params) names_.push_back(p.name);
-    }
-    for (const std::string& name : req_->names()) {
-      const bool known = std::any_of(params.begin(), params.end(), [&](const ParamSpec& p) { return p.name == name; });
-      if (!known) return absl::InvalidArgumentError(absl::StrCat("block ", Echo(block_id_), " has no tensor \"", Echo(name), "\""));
-      names_.push_back(name);
-    }
+    // Checks the names (and that a frozen block has tensors of this kind) before anything is sent.
+    ASSIGN_OR_RETURN(names_, service_->engine_->TensorNames(
+                                 block_id_, kind_, std::vector<std::string>(req_->names().begin(), req_->names().end())));
     return absl::OkStatus();
   }
 

@@ -88,11 +88,17 @@ void BlockBackward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const
   // MLP: out = r1 + h Wd^T with h = silu(gate) * up.
   std::vector<T> h(n * f), dh_(n * f), dgate(n * f), dup(n * f);
   SwiGluForward(s.gate.data(), s.up.data(), n * f, h.data());
-  Gemm(true, false, d, f, n, T(1), dy, d, h.data(), f, T(1), g[ParamId::kDownProj], f);  // dWd += dy^T h
+  if (g[ParamId::kDownProj] != nullptr) {
+    Gemm(true, false, d, f, n, T(1), dy, d, h.data(), f, T(1), g[ParamId::kDownProj], f);  // dWd += dy^T h
+  }
   Gemm(false, false, n, f, d, T(1), dy, d, w[ParamId::kDownProj], f, T(0), dh_.data(), f);  // dh = dy Wd
   SwiGluBackward(dh_.data(), s.gate.data(), s.up.data(), n * f, dgate.data(), dup.data());
-  Gemm(true, false, f, d, n, T(1), dgate.data(), f, s.n2.data(), d, T(1), g[ParamId::kGateProj], d);
-  Gemm(true, false, f, d, n, T(1), dup.data(), f, s.n2.data(), d, T(1), g[ParamId::kUpProj], d);
+  if (g[ParamId::kGateProj] != nullptr) {
+    Gemm(true, false, f, d, n, T(1), dgate.data(), f, s.n2.data(), d, T(1), g[ParamId::kGateProj], d);
+  }
+  if (g[ParamId::kUpProj] != nullptr) {
+    Gemm(true, false, f, d, n, T(1), dup.data(), f, s.n2.data(), d, T(1), g[ParamId::kUpProj], d);
+  }
   std::vector<T> dn2(n * d);
   Gemm(false, false, n, d, f, T(1), dgate.data(), f, w[ParamId::kGateProj], d, T(0), dn2.data(), d);
   Gemm(false, false, n, d, f, T(1), dup.data(), f, w[ParamId::kUpProj], d, T(1), dn2.data(), d);
@@ -104,7 +110,9 @@ void BlockBackward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const
 
   // Attention: r1 = x + attn Wo^T.
   std::vector<T> dattn(n * qd);
-  Gemm(true, false, d, qd, n, T(1), dr1.data(), d, s.attn.data(), qd, T(1), g[ParamId::kOProj], qd);
+  if (g[ParamId::kOProj] != nullptr) {
+    Gemm(true, false, d, qd, n, T(1), dr1.data(), d, s.attn.data(), qd, T(1), g[ParamId::kOProj], qd);
+  }
   Gemm(false, false, n, qd, d, T(1), dr1.data(), d, w[ParamId::kOProj], qd, T(0), dattn.data(), qd);
   std::vector<T> dq(n * qd), dk(n * kvd), dv(n * kvd);
   AttentionBackward(s.q.data(), s.k.data(), s.v.data(), s.attn.data(), s.lse.data(), dattn.data(), batch, seq, H, Hkv,
@@ -123,14 +131,20 @@ void BlockBackward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const
     dk.swap(dk_raw);
   }
   // q, k, v = n1 W^T (+ b): dq, dk, dv are now the gradients of the projections' outputs.
-  if (c.attention_bias) {
+  if (c.attention_bias && g[ParamId::kQBias] != nullptr) {
     BiasBackward(dq.data(), n, qd, g[ParamId::kQBias]);
     BiasBackward(dk.data(), n, kvd, g[ParamId::kKBias]);
     BiasBackward(dv.data(), n, kvd, g[ParamId::kVBias]);
   }
-  Gemm(true, false, qd, d, n, T(1), dq.data(), qd, s.n1.data(), d, T(1), g[ParamId::kQProj], d);
-  Gemm(true, false, kvd, d, n, T(1), dk.data(), kvd, s.n1.data(), d, T(1), g[ParamId::kKProj], d);
-  Gemm(true, false, kvd, d, n, T(1), dv.data(), kvd, s.n1.data(), d, T(1), g[ParamId::kVProj], d);
+  if (g[ParamId::kQProj] != nullptr) {
+    Gemm(true, false, qd, d, n, T(1), dq.data(), qd, s.n1.data(), d, T(1), g[ParamId::kQProj], d);
+  }
+  if (g[ParamId::kKProj] != nullptr) {
+    Gemm(true, false, kvd, d, n, T(1), dk.data(), kvd, s.n1.data(), d, T(1), g[ParamId::kKProj], d);
+  }
+  if (g[ParamId::kVProj] != nullptr) {
+    Gemm(true, false, kvd, d, n, T(1), dv.data(), kvd, s.n1.data(), d, T(1), g[ParamId::kVProj], d);
+  }
   std::vector<T> dn1(n * d);
   Gemm(false, false, n, d, qd, T(1), dq.data(), qd, w[ParamId::kQProj], d, T(0), dn1.data(), d);
   Gemm(false, false, n, d, kvd, T(1), dk.data(), kvd, w[ParamId::kKProj], d, T(1), dn1.data(), d);

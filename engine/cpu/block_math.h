@@ -39,7 +39,8 @@ template <class T>
 void BlockForward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const T* x, int64_t batch, int64_t seq,
                   int64_t offset, T* out, BlockActivations<T>* saved);
 
-// Writes dx and *adds* every weight gradient into `grads`.
+// Writes dx and *adds* every weight gradient into `grads`; a null gradient pointer (a frozen
+// block's parameter) is skipped.
 template <class T>
 void BlockBackward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const BlockActivations<T>& s,
                    const T* dy, T* dx, const BlockParamPtrs<T>& grads);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "engine/cpu/block_infer.h"
 #include "engine/cpu/block_math.h"
 #include "engine/cpu/ops.h"
@@ -37,6 +38,25 @@ size_t SavedFloats(const BlockConfig& c, int64_t batch, int64_t seq) {
   return static_cast<size_t>(n * per_token + batch * c.num_attention_heads * seq);
 }
 
+// The parameters a block trains (TrainsParam) are a suffix of BlockParams order, so its gradients
+// and moments are one buffer over [TrainableBegin, end).
+size_t TrainableBegin(const BlockSpec& spec, const std::vector<ParamSpec>& params) {
+  size_t i = params.size();
+  while (i > 0 && TrainsParam(spec, params[i - 1])) --i;
+  return i;
+}
+
+// Host bytes of a block: fp32 weights, plus gradient and two moments per trained parameter.
+size_t CpuBlockBytes(const BlockSpec& spec) {
+  const std::vector<ParamSpec> params = BlockParams(spec.config);
+  int64_t all = 0, trained = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    all += params[i].numel();
+    if (i >= TrainableBegin(spec, params)) trained += params[i].numel();
+  }
+  return static_cast<size_t>(all + 3 * trained) * sizeof(float);
+}
+
 class CpuBlock : public Block {
  public:
   explicit CpuBlock(const BlockSpec& spec) : spec_(spec), params_(BlockParams(spec.config)) {
@@ -45,20 +65,28 @@ class CpuBlock : public Block {
       offsets_.push_back(total);
       total += p.numel();
     }
-    for (auto* buf : {&weights_, &grads_, &m_, &v_}) buf->assign(static_cast<size_t>(total), 0.f);
+    offsets_.push_back(total);
+    trainable_begin_ = TrainableBegin(spec, params_);
+    weights_.assign(static_cast<size_t>(total), 0.f);
+    const int64_t trained = total - offsets_[trainable_begin_];
+    for (auto* buf : {&grads_, &m_, &v_}) buf->assign(static_cast<size_t>(trained), 0.f);
   }
 
-  size_t memory_bytes() const override { return 4 * weights_.size() * sizeof(float); }
+  size_t memory_bytes() const override {
+    return (weights_.size() + grads_.size() + m_.size() + v_.size()) * sizeof(float);
+  }
   size_t SavedBytes(int64_t batch, int64_t seq) const override {
     return SavedFloats(spec_.config, batch, seq) * sizeof(float);
   }
 
   absl::Status WriteTensor(TensorKind kind, int index, const float* host) override {
-    std::memcpy(Tensor(kind) + offsets_[index], host, params_[index].numel() * sizeof(float));
+    ASSIGN_OR_RETURN(float* dst, At(kind, index));
+    std::memcpy(dst, host, params_[index].numel() * sizeof(float));
     return absl::OkStatus();
   }
   absl::Status ReadTensor(TensorKind kind, int index, float* host) override {
-    std::memcpy(host, Tensor(kind) + offsets_[index], params_[index].numel() * sizeof(float));
+    ASSIGN_OR_RETURN(float* src, At(kind, index));
+    std::memcpy(host, src, params_[index].numel() * sizeof(float));
     return absl::OkStatus();
   }
 
@@ -78,7 +106,7 @@ class CpuBlock : public Block {
     if (!accumulate) std::fill(grads_.begin(), grads_.end(), 0.f);
     auto dx = std::make_unique<CpuActivation>(grad_out.batch(), grad_out.seq(), grad_out.width());
     cpu::BlockBackward(spec_.config, Ptrs<const float>(weights_), acts, AsCpu(grad_out).data.data(),
-                       dx->data.data(), Ptrs<float>(grads_));
+                       dx->data.data(), GradPtrs());
     return std::unique_ptr<Activation>(std::move(dx));
   }
 
@@ -101,25 +129,31 @@ class CpuBlock : public Block {
   }
 
   absl::Status AdamWStep(const AdamWUpdate& u) override {
-    for (size_t i = 0; i < params_.size(); ++i) {
+    for (size_t i = trainable_begin_; i < params_.size(); ++i) {
       const bool decay = params_[i].is_matrix || u.hyper.decay_norm_weights;
-      const int64_t off = offsets_[i];
-      cpu::AdamWUpdate(&weights_[off], &grads_[off], &m_[off], &v_[off], params_[i].numel(), u.hyper.lr,
-                       u.hyper.beta1, u.hyper.beta2, u.hyper.eps, decay ? u.hyper.weight_decay : 0.0, u.step,
-                       u.grad_scale);
+      const int64_t off = offsets_[i], t = off - offsets_[trainable_begin_];
+      cpu::AdamWUpdate(&weights_[off], &grads_[t], &m_[t], &v_[t], params_[i].numel(), u.hyper.lr, u.hyper.beta1,
+                       u.hyper.beta2, u.hyper.eps, decay ? u.hyper.weight_decay : 0.0, u.step, u.grad_scale);
     }
     return absl::OkStatus();
   }
 
  private:
-  float* Tensor(TensorKind kind) {
-    switch (kind) {
-      case TensorKind::kWeights: return weights_.data();
-      case TensorKind::kGradients: return grads_.data();
-      case TensorKind::kAdamM: return m_.data();
-      case TensorKind::kAdamV: return v_.data();
+  // Tensor `index` of `kind`; gradients and moments exist for trained parameters only.
+  absl::StatusOr<float*> At(TensorKind kind, int index) {
+    if (kind == TensorKind::kWeights) return weights_.data() + offsets_[index];
+    if (static_cast<size_t>(index) < trainable_begin_) {
+      return absl::FailedPreconditionError(absl::StrCat("block ", spec_.id, " is frozen: ", params_[index].name,
+                                                        " has no ", TensorKindName(kind)));
     }
-    return nullptr;
+    const int64_t t = offsets_[index] - offsets_[trainable_begin_];
+    switch (kind) {
+      case TensorKind::kGradients: return grads_.data() + t;
+      case TensorKind::kAdamM: return m_.data() + t;
+      case TensorKind::kAdamV: return v_.data() + t;
+      case TensorKind::kWeights: break;
+    }
+    return absl::InternalError("unknown tensor kind");
   }
 
   template <class T>
@@ -128,10 +162,19 @@ class CpuBlock : public Block {
     for (size_t i = 0; i < params_.size(); ++i) p.p[static_cast<int>(params_[i].id)] = buf.data() + offsets_[i];
     return p;
   }
+  // Gradients of the trained parameters; null for the frozen ones, which BlockBackward skips.
+  cpu::BlockParamPtrs<float> GradPtrs() {
+    cpu::BlockParamPtrs<float> p;
+    for (size_t i = trainable_begin_; i < params_.size(); ++i) {
+      p.p[static_cast<int>(params_[i].id)] = grads_.data() + (offsets_[i] - offsets_[trainable_begin_]);
+    }
+    return p;
+  }
 
   BlockSpec spec_;
   std::vector<ParamSpec> params_;
-  std::vector<int64_t> offsets_;
+  std::vector<int64_t> offsets_;  // by BlockParams index, then the total
+  size_t trainable_begin_ = 0;    // BlockParams index of the first trained parameter
   std::vector<float> weights_, grads_, m_, v_;
 };
 
@@ -162,9 +205,7 @@ class CpuBackend : public Backend {
     return absl::OkStatus();
   }
 
-  size_t BlockBytes(const BlockSpec& spec) const override {
-    return 4 * static_cast<size_t>(ParameterCount(spec.config)) * sizeof(float);
-  }
+  size_t BlockBytes(const BlockSpec& spec) const override { return CpuBlockBytes(spec); }
 
   absl::StatusOr<std::unique_ptr<Block>> CreateBlock(const BlockSpec& spec) override {
     return std::unique_ptr<Block>(std::make_unique<CpuBlock>(spec));

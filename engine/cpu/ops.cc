@@ -43,7 +43,9 @@ void RmsNormBackward(const T* dy, const T* x, const T* w, const T* rstd, int64_t
       dxr[i] += static_cast<T>(rs * (static_cast<double>(dyr[i]) * w[i] - xhat * mean));
     }
   }
-  for (int64_t i = 0; i < d; ++i) dw[i] += static_cast<T>(dw_acc[i]);
+  if (dw != nullptr) {  // null: a frozen block's norm weight has no gradient
+    for (int64_t i = 0; i < d; ++i) dw[i] += static_cast<T>(dw_acc[i]);
+  }
 }
 
 namespace {

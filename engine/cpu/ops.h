@@ -14,7 +14,7 @@ namespace blockd::cpu {
 // y = x * rsqrt(mean(x^2) + eps) * w over rows of length d; rstd[r] keeps rsqrt(...) per row.
 template <class T>
 void RmsNormForward(const T* x, const T* w, int64_t rows, int64_t d, double eps, T* y, T* rstd);
-// Adds dL/dx to dx and dL/dw to dw, given dL/dy.
+// Adds dL/dx to dx and dL/dw to dw (unless dw is null), given dL/dy.
 template <class T>
 void RmsNormBackward(const T* dy, const T* x, const T* w, const T* rstd, int64_t rows, int64_t d, T* dx, T* dw);
 

@@ -133,9 +133,18 @@ class CudaBlock : public Block {
     DeviceGuard guard(dev_->index);
     ASSIGN_OR_RETURN(attention_, AttentionRunner::Create(attention, spec_, dev_));
     const size_t p = static_cast<size_t>(layout_.total);
-    for (DeviceBuffer* b : {&weights_, &grads_, &m_, &v_}) {
-      ASSIGN_OR_RETURN(*b, DeviceBuffer::Allocate(dev_, p * 4));
-      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b->get(), 0, p * 4, dev_->stream));
+    // A frozen block keeps its matrices in the compute dtype only (bf16 for BF16: no fp32 masters),
+    // the 1-D parameters in fp32 as the kernels read them, and a gradient scratch for those alone
+    // (the norm and bias backward kernels write one); matrices get no gradient, nothing has moments.
+    if (spec_.frozen) {
+      if (spec_.precision == Precision::kBF16) master_begin_ = layout_.decay_end;
+      grad_begin_ = layout_.decay_end;
+    }
+    std::vector<std::pair<DeviceBuffer*, size_t>> fp32 = {{&weights_, p - master_begin_}, {&grads_, p - grad_begin_}};
+    if (!spec_.frozen) fp32.insert(fp32.end(), {{&m_, p}, {&v_, p}});
+    for (auto [b, floats] : fp32) {
+      ASSIGN_OR_RETURN(*b, DeviceBuffer::Allocate(dev_, floats * 4));
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b->get(), 0, floats * 4, dev_->stream));
     }
     if (spec_.precision == Precision::kBF16) {
       ASSIGN_OR_RETURN(weights_bf16_, DeviceBuffer::Allocate(dev_, p * 2));
@@ -165,8 +174,16 @@ class CudaBlock : public Block {
 
   absl::Status WriteTensor(TensorKind kind, int index, const float* host) override {
     DeviceGuard guard(dev_->index);
+    RETURN_IF_ERROR(CheckKind(kind, index));
     const int64_t off = layout_.index_offset[index], n = layout_.params[index].numel();
-    float* dst = Tensor(kind) + off;
+    if (off < master_begin_) {  // a frozen bf16 matrix: rounded on the host, as launch_float_to_bf16 would
+      std::vector<uint16_t> b(static_cast<size_t>(n));
+      ConvertFromFloat32(host, b.size(), DType::kBFloat16, b.data());
+      CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(weights_bf16_.as<bf16>() + off, b.data(), n * 2, cudaMemcpyHostToDevice, dev_->stream));
+      return dev_->Sync();  // before `b` goes
+    }
+    float* dst = Tensor(kind) + off - master_begin_;
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, host, n * 4, cudaMemcpyHostToDevice, dev_->stream));
     if (kind == TensorKind::kWeights && spec_.precision == Precision::kBF16) {
       CUDA_RETURN_IF_ERROR(kernels::launch_float_to_bf16(dst, weights_bf16_.as<bf16>() + off, n, dev_->stream));
@@ -176,8 +193,18 @@ class CudaBlock : public Block {
 
   absl::Status ReadTensor(TensorKind kind, int index, float* host) override {
     DeviceGuard guard(dev_->index);
+    RETURN_IF_ERROR(CheckKind(kind, index));
     const int64_t off = layout_.index_offset[index], n = layout_.params[index].numel();
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host, Tensor(kind) + off, n * 4, cudaMemcpyDeviceToHost, dev_->stream));
+    if (off < master_begin_) {  // a frozen bf16 matrix: widened exactly on the host
+      std::vector<uint16_t> b(static_cast<size_t>(n));
+      CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(b.data(), weights_bf16_.as<bf16>() + off, n * 2, cudaMemcpyDeviceToHost, dev_->stream));
+      RETURN_IF_ERROR(dev_->Sync());
+      ConvertToFloat32(DType::kBFloat16, b.data(), b.size(), host);
+      return absl::OkStatus();
+    }
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(host, Tensor(kind) + off - master_begin_, n * 4, cudaMemcpyDeviceToHost, dev_->stream));
     return dev_->Sync();
   }
 
@@ -210,6 +237,7 @@ class CudaBlock : public Block {
 
   absl::StatusOr<double> GradSquaredNorm() override {
     DeviceGuard guard(dev_->index);
+    if (spec_.frozen) return absl::FailedPreconditionError(absl::StrCat("block ", spec_.id, " is frozen"));
     double* out = reinterpret_cast<double*>(sum_ws_.as<char>() + kernels::sum_squares_workspace_doubles() * 8);
     CUDA_RETURN_IF_ERROR(kernels::launch_sum_squares(grads_.as<float>(), layout_.total, sum_ws_.as<double>(), out,
                                                      dev_->stream));
@@ -221,6 +249,7 @@ class CudaBlock : public Block {
 
   absl::Status AdamWStep(const AdamWUpdate& u) override {
     DeviceGuard guard(dev_->index);
+    if (spec_.frozen) return absl::FailedPreconditionError(absl::StrCat("block ", spec_.id, " is frozen"));
     const AdamWHyper& h = u.hyper;
     const kernels::AdamWDeviceParams hp = kernels::MakeAdamWParams(
         h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, u.step, u.grad_scale,
@@ -246,14 +275,25 @@ class CudaBlock : public Block {
     return nullptr;
   }
 
+  // A frozen block holds weights only (the Engine asks for nothing else).
+  absl::Status CheckKind(TensorKind kind, int index) const {
+    if (kind == TensorKind::kWeights || !spec_.frozen) return absl::OkStatus();
+    return absl::FailedPreconditionError(absl::StrCat("block ", spec_.id, " is frozen: ",
+                                                      layout_.params[index].name, " has no ", TensorKindName(kind)));
+  }
+
   int64_t Off(ParamId id) const { return layout_.offset[static_cast<int>(id)]; }
-  const float* W32(ParamId id) const { return Off(id) < 0 ? nullptr : weights_.as<float>() + Off(id); }
-  float* G32(ParamId id) const { return Off(id) < 0 ? nullptr : grads_.as<float>() + Off(id); }
+  // The fp32 values of a parameter that has them (never a frozen bf16 matrix).
+  const float* W32(ParamId id) const { return Off(id) < 0 ? nullptr : weights_.as<float>() + Off(id) - master_begin_; }
+  // Null for a frozen block's matrices, whose weight-gradient products are skipped (GemmWeightGrad).
+  float* G32(ParamId id) const {
+    return Off(id) < grad_begin_ ? nullptr : grads_.as<float>() + Off(id) - grad_begin_;
+  }
   // The weights the matrix products read: the fp32 masters, or their bf16 copy.
   template <class T>
   const T* W(ParamId id) const {
     if constexpr (std::is_same<T, float>::value) {
-      return weights_.as<float>() + Off(id);
+      return W32(id);
     } else {
       return weights_bf16_.as<bf16>() + Off(id);
     }
@@ -274,6 +314,10 @@ class CudaBlock : public Block {
   absl::Status Gemm(const kernels::GemmArgs& g) {
     CUDA_RETURN_IF_ERROR(dev_->gemm.Run(g, dev_->stream));
     return absl::OkStatus();
+  }
+  // A weight-gradient product into `dw`; nothing for a frozen matrix (dw null).
+  absl::Status GemmWeightGrad(const float* dw, const kernels::GemmArgs& g) {
+    return dw == nullptr ? absl::OkStatus() : Gemm(g);
   }
 
   // The attention of a forward's saved q, k (after norm and rope), v (inside q|k|v), o and lse:
@@ -515,11 +559,13 @@ class CudaBlock : public Block {
 
     // MLP: out = r1 + h Wd^T, h = silu(gate) * up (kept by the forward).
     const kernels::LinearGemm down = Linear(m.n, m.f, m.d);
-    RETURN_IF_ERROR(Gemm(down.BackwardWeight(dy_t, s.h.get(), G32(ParamId::kDownProj), accumulate)));
+    RETURN_IF_ERROR(GemmWeightGrad(G32(ParamId::kDownProj),
+                                        down.BackwardWeight(dy_t, s.h.get(), G32(ParamId::kDownProj), accumulate)));
     RETURN_IF_ERROR(Gemm(down.BackwardInput(dy_t, W<T>(ParamId::kDownProj), dh.get(), tt)));
     CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_bwd<T>(dh.as<T>(), s.gu.as<T>(), dgu.as<T>(), m.n, m.f, st));
     const kernels::LinearGemm gate_up = Linear(m.n, m.d, 2 * m.f);
-    RETURN_IF_ERROR(Gemm(gate_up.BackwardWeight(dgu.get(), s.n2.get(), G32(ParamId::kGateProj), accumulate)));
+    RETURN_IF_ERROR(GemmWeightGrad(G32(ParamId::kGateProj),
+                                        gate_up.BackwardWeight(dgu.get(), s.n2.get(), G32(ParamId::kGateProj), accumulate)));
     RETURN_IF_ERROR(Gemm(gate_up.BackwardInput(dgu.get(), W<T>(ParamId::kGateProj), dn.get(), GemmType::kF32)));
     // dr1 = dy + the post-attention norm's backward (and its bf16 copy for the products below).
     DeviceBuffer dr1_t_buf;
@@ -534,7 +580,8 @@ class CudaBlock : public Block {
         rms_ws_.as<float>(), m.n, static_cast<int>(m.d), st));
     // Attention output projection.
     const kernels::LinearGemm o_proj = Linear(m.n, m.qd, m.d);
-    RETURN_IF_ERROR(Gemm(o_proj.BackwardWeight(dr1_t, s.o.get(), G32(ParamId::kOProj), accumulate)));
+    RETURN_IF_ERROR(GemmWeightGrad(G32(ParamId::kOProj),
+                                        o_proj.BackwardWeight(dr1_t, s.o.get(), G32(ParamId::kOProj), accumulate)));
     RETURN_IF_ERROR(Gemm(o_proj.BackwardInput(dr1_t, W<T>(ParamId::kOProj), d_o.get(), tt)));
     T* dqkv_t = dqkv.as<T>();
     kernels::AttentionArgs<T> attn = Attention<T>(s, m, st);
@@ -574,7 +621,8 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> dx, NewActivation(dev_, m.batch, m.seq, m.d));
     // q|k|v = n1 W^T (+ b)
     const kernels::LinearGemm qkv_proj = Linear(m.n, m.d, m.qkv);
-    RETURN_IF_ERROR(Gemm(qkv_proj.BackwardWeight(dqkv.get(), s.n1.get(), G32(ParamId::kQProj), accumulate)));
+    RETURN_IF_ERROR(GemmWeightGrad(G32(ParamId::kQProj),
+                                        qkv_proj.BackwardWeight(dqkv.get(), s.n1.get(), G32(ParamId::kQProj), accumulate)));
     RETURN_IF_ERROR(Gemm(qkv_proj.BackwardInput(dqkv.get(), W<T>(ParamId::kQProj), dn.get(), GemmType::kF32)));
     // dx = dr1 + the input norm's backward.
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_bwd(dn.as<float>(), s.x.as<float>(), W32(ParamId::kInputNorm),
@@ -591,6 +639,9 @@ class CudaBlock : public Block {
   DeviceBuffer weights_, grads_, m_, v_, weights_bf16_;
   DeviceBuffer adamw_params_, sum_ws_, rms_ws_, qk_ws_, bias_ws_;
   DeviceBuffer inv_freq_;  // RopeInvFreq(config), head_dim / 2 doubles
+  // Where weights_ and grads_ begin in the layout: 0, or for a frozen block decay_end (weights_:
+  // only with BF16, whose matrices live in weights_bf16_ alone; grads_: always, the 1-D scratch).
+  int64_t master_begin_ = 0, grad_begin_ = 0;
   double rope_scale_ = 1;  // RopeAttentionScaling(config)
   AttentionRunner attention_;
 };
@@ -610,9 +661,16 @@ absl::StatusOr<std::unique_ptr<CudaActivation>> NewActivation(DeviceContext* dev
 }
 
 size_t CudaBlockBytes(const BlockSpec& spec) {
-  const size_t p = static_cast<size_t>(ParameterCount(spec.config));
-  size_t bytes = 16 * p;  // weights, gradients, m, v
-  if (spec.precision == Precision::kBF16) bytes += 2 * p;
+  const Layout l = MakeLayout(spec.config);
+  const size_t p = static_cast<size_t>(l.total), vec = static_cast<size_t>(l.total - l.decay_end);
+  const bool bf16 = spec.precision == Precision::kBF16;
+  size_t bytes;
+  if (spec.frozen) {  // the weights in the compute dtype, fp32 1-D parameters and their gradient scratch
+    bytes = bf16 ? 2 * p + 4 * vec + 4 * vec : 4 * p + 4 * vec;
+  } else {
+    bytes = 16 * p;  // weights, gradients, m, v
+    if (bf16) bytes += 2 * p;
+  }
   bytes += sizeof(kernels::AdamWDeviceParams) + kernels::sum_squares_workspace_doubles() * 8 + 8;
   bytes += (RmsWorkspaceFloats(spec.config) + QkWorkspaceFloats(spec.config) + BiasWorkspaceFloats(spec.config)) * 4;
   bytes += InvFreqBytes(spec.config);

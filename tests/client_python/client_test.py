@@ -421,6 +421,37 @@ class RemoteSpanTest(ClientTestBase):
         self.assertEqual(self.held(), 0)
 
 
+class FrozenSpanTest(ClientTestBase):
+    def test_frozen_span_matches_a_trainable_one_and_refuses_steps(self):
+        frozen = blockd.RemoteSpan.create(self.client, CFG, 2, prefix="fz", seed=3, max_batch_size=4,
+                                          max_seq_len=16, frozen=True)
+        trainable = blockd.RemoteSpan.create(self.client, CFG, 2, prefix="tr", seed=3, max_batch_size=4,
+                                             max_seq_len=16)
+        params = sum(int(np.prod(t.shape)) for t in frozen.download()[0].values())
+        for fid, tid in zip(frozen.block_ids, trainable.block_ids):
+            fi, ti = self.client.get_block(fid), self.client.get_block(tid)
+            self.assertTrue(fi.frozen)
+            self.assertFalse(ti.frozen)
+            self.assertEqual(fi.memory_bytes, 4 * params)  # fp32 weights only on the CPU backend
+            self.assertEqual(ti.memory_bytes, 16 * params)
+        x = torch.randn(3, 7, CFG.hidden_size, generator=self.gen)
+        w = torch.randn(3, 7, CFG.hidden_size, generator=self.gen)
+        xf, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yf, yt = frozen(xf), trainable(xt)
+        self.assertTrue(torch.equal(yf, yt))
+        (yf * w).sum().backward()
+        (yt * w).sum().backward()
+        self.assertTrue(torch.equal(xf.grad, xt.grad))
+        before = frozen.download()
+        with self.assertRaisesRegex(blockd.FailedPreconditionError, "is frozen"):
+            self.client.step(frozen.block_ids)
+        with self.assertRaisesRegex(blockd.FailedPreconditionError, "is frozen"):
+            self.client.download_tensors(frozen.block_ids[0], kind="gradients")
+        for b, a in zip(before, frozen.download()):
+            for name in b:
+                self.assertTrue(torch.equal(b[name], a[name]), name)
+
+
 class RemoteAdamWTest(ClientTestBase):
     def test_matches_torch_adamw_with_schedulers_and_clipping(self):
         span = blockd.RemoteSpan.create(self.client, CFG, 2, prefix="opt", seed=9, max_batch_size=4, max_seq_len=8)

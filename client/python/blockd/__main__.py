@@ -26,7 +26,7 @@ def _import_hf(args):
     with _client(args) as c:
         ids = import_hf(c, args.dir, prefix=args.prefix, layers=args.layers, precision=args.precision,
                         device=args.device, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
-                        replace=args.replace, progress=args.progress)
+                        replace=args.replace, progress=args.progress, frozen=args.frozen)
     for block_id in ids:
         print(block_id)
 
@@ -68,6 +68,7 @@ def main(argv=None):
     imp.add_argument("--max-seq-len", type=int, default=0, help="0: the server's default")
     imp.add_argument("--max-batch-size", type=int, default=0, help="0: the server's default")
     imp.add_argument("--replace", action="store_true", help="delete blocks that already hold the ids")
+    imp.add_argument("--frozen", action="store_true", help="weights only: no gradients or AdamW state")
     imp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar on stderr (default: when stderr is a terminal)")
     imp.set_defaults(run=_import_hf)
