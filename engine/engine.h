@@ -158,6 +158,11 @@ struct EngineStats {
   int64_t sessions_open = 0;
   std::map<int, int64_t> memory_used;    // device -> bytes reserved
   std::map<int, int64_t> memory_budget;  // device -> bytes
+  // The sessions' KV caches: reserved against the budget at open (per device), and the pages
+  // written so far (a page shared by forks or beams counted once).
+  std::map<int, int64_t> kv_reserved;  // device -> bytes
+  int64_t kv_pages_in_use = 0;
+  int64_t kv_bytes_in_use = 0;
 };
 
 class Engine {
@@ -263,6 +268,7 @@ class Engine {
   MemoryBudget budget_;
   ActivationStore activations_;
   SessionStore sessions_;
+  std::shared_ptr<KvPageCounter> kv_pages_ = std::make_shared<KvPageCounter>();  // every session's pages
 
   absl::Mutex registry_mu_;
   std::map<std::string, EntryPtr, std::less<>> blocks_ ABSL_GUARDED_BY(registry_mu_);

@@ -13,6 +13,28 @@ KvCache::KvCache(std::vector<int64_t> kv_dims, int64_t batch)
   }
 }
 
+KvCache::Page::Page(int64_t floats, std::shared_ptr<KvPageCounter> c)
+    : data(static_cast<size_t>(floats), 0.f), counter(std::move(c)) {
+  if (counter) {
+    counter->pages += 1;
+    counter->bytes += static_cast<int64_t>(data.size() * sizeof(float));
+  }
+}
+
+KvCache::Page::Page(const Page& other) : data(other.data), counter(other.counter) {
+  if (counter) {
+    counter->pages += 1;
+    counter->bytes += static_cast<int64_t>(data.size() * sizeof(float));
+  }
+}
+
+KvCache::Page::~Page() {
+  if (counter) {
+    counter->pages -= 1;
+    counter->bytes -= static_cast<int64_t>(data.size() * sizeof(float));
+  }
+}
+
 int64_t KvCache::ReservedBytes(const std::vector<int64_t>& kv_dims, int64_t batch, int64_t max_length) {
   int64_t page_floats = 0;
   for (int64_t d : kv_dims) page_floats += 2 * kPageTokens * d;
@@ -43,8 +65,7 @@ float* KvCache::Slot(int64_t block, int64_t row, int64_t pos, bool value) {
   if (table.size() <= index) table.resize(index + 1);
   std::shared_ptr<Page>& page = table[index];
   if (!page) {
-    page = std::make_shared<Page>();
-    page->data.assign(static_cast<size_t>(page_floats_), 0.f);
+    page = std::make_shared<Page>(page_floats_, counter_);
   } else if (page.use_count() > 1) {
     // Shared with another row, a fork or the committed cache: this row gets its own copy.
     page = std::make_shared<Page>(*page);

@@ -14,6 +14,7 @@
 //   cache = std::move(step);              // commit
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -21,6 +22,13 @@
 #include "engine/backend.h"
 
 namespace blockd {
+
+// Pages and bytes alive in every cache that counts into it (one per Engine, for its gauges and
+// GetServerInfo). A page is counted once however many rows, forks or scratch copies share it.
+struct KvPageCounter {
+  std::atomic<int64_t> pages{0};
+  std::atomic<int64_t> bytes{0};
+};
 
 class KvCache {
  public:
@@ -46,12 +54,21 @@ class KvCache {
   // Drops every page wholly past `length` tokens in every row.
   void Trim(int64_t length);
 
+  // Counts this cache's pages (and those of its copies) into `counter` from now on; set before the
+  // first page is written.
+  void CountPagesIn(std::shared_ptr<KvPageCounter> counter) { counter_ = std::move(counter); }
+
   // A view of block `block` for Block::InferStep.
   std::unique_ptr<KvBlockView> View(int64_t block);
 
  private:
   struct Page {
+    Page(int64_t floats, std::shared_ptr<KvPageCounter> c);
+    Page(const Page& other);
+    Page& operator=(const Page&) = delete;
+    ~Page();
     std::vector<float> data;
+    std::shared_ptr<KvPageCounter> counter;  // null: not counted
   };
   float* Slot(int64_t block, int64_t row, int64_t pos, bool value);  // writable: allocates / copies
   const float* Find(int64_t block, int64_t row, int64_t pos, bool value) const;
@@ -60,6 +77,7 @@ class KvCache {
   std::vector<int64_t> block_offset_;  // floats into a page where block b's K begins
   int64_t page_floats_ = 0;
   std::vector<std::vector<std::shared_ptr<Page>>> tables_;  // per row, per page
+  std::shared_ptr<KvPageCounter> counter_;
 };
 
 }  // namespace blockd

@@ -84,4 +84,13 @@ int64_t SessionStore::size() {
   return static_cast<int64_t>(sessions_.size());
 }
 
+std::map<int, int64_t> SessionStore::ReservedBytes() {
+  absl::MutexLock lock(&mu_);
+  std::map<int, int64_t> out;
+  for (const auto& [id, s] : sessions_) {
+    for (const MemoryReservation& r : s->reservations) out[r.device()] += r.bytes();
+  }
+  return out;
+}
+
 }  // namespace blockd
