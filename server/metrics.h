@@ -44,6 +44,14 @@ class Metrics {
   void UpdateEngineGauges(const EngineStats& stats, Backend& backend);
   // A call refused on its headers (no token, an unknown token), by the reason's first words.
   void AuthFailed(absl::string_view reason);
+  // An inference step that ran (not a replayed retry): `rows` x `new_tokens` tokens, counted as
+  // decode when each row got one token, else prefill; its latency, by batch-size bucket.
+  void SessionStep(int64_t rows, int64_t new_tokens, double seconds);
+  // An OpenSession or ForkSession refused, by reason (memory, client_limit, invalid_argument, ...).
+  void SessionOpenRefused(const absl::Status& why);
+  // The label SessionStep files a step of `rows` rows under: "1", "2-4", "5-16", "17-64", "65-256", "257+".
+  static const char* BatchBucket(int64_t rows);
+  static const char* RefusalReason(const absl::Status& why);
 
   prometheus::Counter* tokens_forward = nullptr;
   prometheus::Counter* tokens_backward = nullptr;
@@ -51,7 +59,6 @@ class Metrics {
   prometheus::Counter* bytes_received = nullptr;
   prometheus::Counter* bytes_sent = nullptr;
   prometheus::Counter* streams_expired = nullptr;  // ended by the stream watchdog
-  prometheus::Counter* tokens_generated = nullptr;  // tokens appended by inference steps (batch * new)
 
  private:
   Metrics() = default;
@@ -69,6 +76,14 @@ class Metrics {
   prometheus::Gauge* blocks_ = nullptr;
   prometheus::Gauge* activations_ = nullptr;
   prometheus::Gauge* sessions_ = nullptr;
+  prometheus::Counter* session_tokens_prefill_ = nullptr;
+  prometheus::Counter* session_tokens_decode_ = nullptr;
+  std::map<std::string, prometheus::Histogram*> session_step_;  // by batch bucket, all made at Start
+  prometheus::Family<prometheus::Counter>* session_refused_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* kv_reserved_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* kv_available_ = nullptr;
+  prometheus::Gauge* kv_pages_used_ = nullptr;
+  prometheus::Gauge* kv_bytes_used_ = nullptr;
   prometheus::Gauge* healthy_ = nullptr;
   prometheus::Counter* auth_missing_ = nullptr;
   prometheus::Counter* auth_unknown_ = nullptr;
