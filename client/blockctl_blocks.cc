@@ -1,5 +1,5 @@
 // blockctl's subcommands about blocks and the server: info, health, create, list, get, delete,
-// gc, save, restore, metrics.
+// gc, save, restore, metrics; and the caller's inference sessions: sessions, close-session.
 #include <algorithm>
 #include <iostream>
 #include <optional>
@@ -57,16 +57,22 @@ class InfoCommand : public Command {
         std::cout << absl::StrFormat("device %-4d %s %s%s: %s total, budget %s, used %s\n", d.index(), d.kind(), d.name(),
                                      d.compute_capability().empty() ? "" : absl::StrCat(" (sm ", d.compute_capability(), ")"),
                                      HumanBytesString(d.memory_total_bytes()), HumanBytesString(d.memory_budget_bytes()),
-                                     HumanBytesString(d.memory_used_bytes()));
+                                     HumanBytesString(d.memory_used_bytes()))
+                  << absl::StrFormat("            KV cache: %s reserved by sessions, %s more may be reserved\n",
+                                     HumanBytesString(d.kv_cache_reserved_bytes()),
+                                     HumanBytesString(d.kv_cache_available_bytes()));
       }
       const v1::ServerLimits& l = info.limits();
       std::cout << absl::StrFormat("limits      max_message %s, max_chunk %s, max_blocks %d, max_concurrent_rpcs %d,\n"
-                                   "            activation_ttl %gs, max_activations_per_client %d\n",
+                                   "            activation_ttl %gs, max_activations_per_client %d,\n"
+                                   "            session_ttl %gs, max_sessions_per_client %d\n",
                                    HumanBytesString(l.max_message_bytes()), HumanBytesString(l.max_chunk_bytes()),
                                    l.max_blocks(), l.max_concurrent_rpcs(), l.activation_ttl_seconds(),
-                                   l.max_activations_per_client())
-                << absl::StrFormat("held        %d blocks, %d activation handles\n", info.blocks(),
-                                   info.activations_held());
+                                   l.max_activations_per_client(), l.session_ttl_seconds(), l.max_sessions_per_client())
+                << absl::StrFormat("held        %d blocks, %d activation handles, %d inference sessions\n",
+                                   info.blocks(), info.activations_held(), info.sessions_open())
+                << absl::StrFormat("KV cache    %d pages written (%s)\n", info.kv_cache_pages_in_use(),
+                                   HumanBytesString(info.kv_cache_bytes_in_use()));
     });
     return absl::OkStatus();
   }
@@ -361,6 +367,38 @@ class MetricsCommand : public Command {
   std::string filter_;
 };
 
+// The caller's own inference sessions (ListSessions lists no one else's).
+class SessionsCommand : public Command {
+ public:
+  absl::Status Run(Invocation& in) override {
+    ASSIGN_OR_RETURN(Client * client, in.Connect());
+    ASSIGN_OR_RETURN(std::vector<v1::SessionInfo> sessions, client->ListSessions());
+    v1::ListSessionsResponse r;
+    for (const v1::SessionInfo& s : sessions) *r.add_sessions() = s;
+    in.Print(r, [&] {
+      if (sessions.empty()) std::cout << "no inference sessions of yours\n";
+      for (const v1::SessionInfo& s : sessions) {
+        std::cout << absl::StrFormat("%-36s %s  batch %d  length %d/%d  KV %s  expires in %s\n", s.session_id(),
+                                     absl::StrJoin(s.block_ids(), ","), s.batch_size(), s.length(), s.max_length(),
+                                     HumanBytesString(s.kv_bytes()), ShortDuration(s.expires_in_seconds()));
+      }
+    });
+    return absl::OkStatus();
+  }
+};
+
+class CloseSessionCommand : public Command {
+ public:
+  absl::Status Run(Invocation& in) override {
+    ASSIGN_OR_RETURN(Client * client, in.Connect());
+    for (const std::string& id : in.args()) {
+      RETURN_IF_ERROR(client->CloseSession(id));
+      std::cout << "closed " << id << "\n";
+    }
+    return absl::OkStatus();
+  }
+};
+
 template <class C>
 std::function<std::unique_ptr<Command>()> Make() {
   return [] { return std::make_unique<C>(); };
@@ -404,6 +442,14 @@ std::vector<CommandSpec> BlockCommands() {
        "RestoreCheckpoint: bring blocks (all in the checkpoint when none named) back, replacing blocks\n"
        "of the same ids.",
        {0, -1, ""}, Make<RestoreCommand>()},
+      {"sessions", "list your inference sessions", "blockctl sessions",
+       "ListSessions: the inference sessions of this identity (the token, or the host and --client_id),\n"
+       "with their span, rows, tokens held of max_length, KV cache reserved and time to expiry.",
+       {0, 0, "sessions takes no arguments"}, Make<SessionsCommand>()},
+      {"close-session", "close inference sessions and free their KV cache", "blockctl close-session SESSION_ID...",
+       "CloseSession: close sessions of this identity and return their KV cache reservation at once,\n"
+       "instead of holding it until their TTL.",
+       {1, -1, "close-session takes at least one SESSION_ID"}, Make<CloseSessionCommand>()},
       {"metrics", "print the Prometheus metrics endpoint", "blockctl metrics [--filter=TEXT]",
        "GET the Prometheus metrics of the server at --metrics (HOST:PORT or http://HOST:PORT/PATH).",
        {0, 0, "metrics takes no arguments"}, Make<MetricsCommand>()},

@@ -781,10 +781,14 @@ EngineStats Engine::Stats() {
   s.activations_held = activations_.size();
   s.sessions_open = sessions_.size();
   s.groups = groups_.size();
+  s.kv_reserved = sessions_.ReservedBytes();
   for (const DeviceInfo& d : backend_->devices()) {
     s.memory_used[d.index] = budget_.used(d.index);
     s.memory_budget[d.index] = budget_.limit(d.index);
+    s.kv_reserved.emplace(d.index, 0);
   }
+  s.kv_pages_in_use = kv_pages_->pages;
+  s.kv_bytes_in_use = kv_pages_->bytes;
   return s;
 }
 

@@ -180,6 +180,11 @@ struct EngineStats {
   int64_t groups = 0;
   std::map<int, int64_t> memory_used;    // device -> bytes reserved
   std::map<int, int64_t> memory_budget;  // device -> bytes
+  // The sessions' KV caches: reserved against the budget at open (per device), and the pages
+  // written so far (a page shared by forks or beams counted once).
+  std::map<int, int64_t> kv_reserved;  // device -> bytes
+  int64_t kv_pages_in_use = 0;
+  int64_t kv_bytes_in_use = 0;
 };
 
 class Engine {
@@ -333,6 +338,7 @@ class Engine {
   GroupStore groups_;
   absl::Mutex providers_mu_;
   std::map<std::string, std::unique_ptr<CollectiveProvider>, std::less<>> providers_ ABSL_GUARDED_BY(providers_mu_);
+  std::shared_ptr<KvPageCounter> kv_pages_ = std::make_shared<KvPageCounter>();  // every session's pages
 
   absl::Mutex registry_mu_;
   std::map<std::string, EntryPtr, std::less<>> blocks_ ABSL_GUARDED_BY(registry_mu_);

@@ -31,6 +31,25 @@ absl::Status ValidateSessionId(absl::string_view id, absl::string_view field) {
   return absl::OkStatus();
 }
 
+// What a retry of a step must repeat: the input's dtype, shape and bytes, and hypo_ids (FNV-1a,
+// 64 bits: it tells a client's mistake from a retry, it is no defence against an adversary, who
+// could only mislead itself).
+uint64_t StepFingerprint(const InferStepArgs& a) {
+  uint64_t h = 14695981039346656037ull;
+  auto mix = [&h](const void* p, size_t n) {
+    const auto* b = static_cast<const unsigned char*>(p);
+    for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  };
+  const int dtype = static_cast<int>(a.hidden_states.dtype);
+  mix(&dtype, sizeof dtype);
+  mix(a.hidden_states.shape.data(), a.hidden_states.shape.size() * sizeof(int64_t));
+  if (a.hidden_states.size > 0) mix(a.hidden_states.data, a.hidden_states.size);
+  const uint64_t hypos = a.hypo_ids.size();
+  mix(&hypos, sizeof hypos);
+  mix(a.hypo_ids.data(), a.hypo_ids.size() * sizeof(int32_t));
+  return h;
+}
+
 SessionInfo SessionInfoOf(const Session& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   SessionInfo info;
   info.session_id = s.id;
@@ -105,6 +124,7 @@ absl::StatusOr<SessionInfo> Engine::OpenSession(const OpenSessionArgs& args) {
     return absl::Status(cache_or.status().code(), absl::StrCat("the KV cache of session ", Echo(id), ": ",
                                                                cache_or.status().message()));
   }
+  cache_or->CountPagesIn(kv_pages_);  // the engine's KV gauges
   auto s = std::make_shared<Session>(std::move(cache_or).value());
   s->owner = args.client;
   s->id = id;
@@ -127,7 +147,17 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
   absl::MutexLock session_lock(&s->mu);
   if (s->closed) return SessionNotFound(args.session_id);
   s->Renew(absl::Now());
+  const uint64_t fingerprint = args.step_id != 0 ? StepFingerprint(args) : 0;
   if (args.step_id != 0 && args.step_id == s->last_step_id) {
+    // A retry sends the same request again; another request under the same id is a client's bug
+    // that a replay would hide (the caller would take the old step's output for this one's).
+    if (fingerprint != s->last_fingerprint) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "step_id ", args.step_id, " repeats session ", Echo(s->id), "'s last step, but hidden_states ",
+          ShapeString(args.hidden_states.shape), " of ", DTypeName(args.hidden_states.dtype), " (or its bytes or ",
+          "hypo_ids) differ from that step's ", ShapeString(s->last_shape), " of ", DTypeName(s->last_dtype),
+          ": a retry must repeat the request exactly; a new step needs a new step_id"));
+    }
     out->output.dtype = s->last_dtype;
     out->output.shape = s->last_shape;
     *out->output.data = s->last_output;
@@ -207,6 +237,7 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
     s->last_output = *out->output.data;
     s->last_dtype = t.dtype;
     s->last_shape = t.shape;
+    s->last_fingerprint = fingerprint;
   } else {
     s->last_output.clear();
   }

@@ -30,11 +30,17 @@ class KvPool {
     }
     const int32_t id = free_.back();
     free_.pop_back();
+    Count(+1);
     return id;
   }
   void Release(int32_t id) {
     absl::MutexLock l(&mu_);
     free_.push_back(id);
+    Count(-1);
+  }
+  void CountIn(std::shared_ptr<KvPageCounter> counter) {
+    absl::MutexLock l(&mu_);
+    counter_ = std::move(counter);
   }
   absl::Status Copy(int32_t from, int32_t to) {
     for (auto& s : stores_) RETURN_IF_ERROR(s->CopyPage(from, to));
@@ -49,6 +55,15 @@ class KvPool {
   std::vector<int32_t> free_ ABSL_GUARDED_BY(mu_);
   int64_t capacity_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<MemoryReservation> reservations_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<KvPageCounter> counter_ ABSL_GUARDED_BY(mu_);  // null: not counted
+
+  void Count(int64_t sign) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!counter_) return;
+    int64_t bytes = 0;
+    for (const auto& s : stores_) bytes += s->page_bytes();
+    counter_->pages += sign;
+    counter_->bytes += sign * bytes;
+  }
 };
 
 // One reference to a page; the last one gives the id back to the pool.
@@ -73,6 +88,8 @@ absl::Status KvCache::GrowFamily(int64_t batch, int64_t max_length, std::vector<
 }
 
 int64_t KvCache::blocks() const { return pool_->blocks(); }
+
+void KvCache::CountPagesIn(std::shared_ptr<KvPageCounter> counter) { pool_->CountIn(std::move(counter)); }
 
 int64_t KvCache::DistinctPages() const {
   std::set<int32_t> pages;

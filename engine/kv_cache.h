@@ -20,6 +20,7 @@
 //   cache = std::move(step);                           // commit
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -32,6 +33,13 @@
 namespace blockd {
 
 class KvPool;
+
+// Pages and bytes alive in every cache that counts into it (one per Engine, for its gauges and
+// GetServerInfo). A page is counted once however many rows, forks or scratch copies share it.
+struct KvPageCounter {
+  std::atomic<int64_t> pages{0};
+  std::atomic<int64_t> bytes{0};
+};
 
 class KvCache {
  public:
@@ -79,6 +87,10 @@ class KvCache {
   void Reorder(const std::vector<int32_t>& from);
   // Drops every page wholly past `length` tokens in every row.
   void Trim(int64_t length);
+
+  // Counts the pages of this cache's family in use into `counter` from now on; set before the
+  // first page is written.
+  void CountPagesIn(std::shared_ptr<KvPageCounter> counter);
 
  private:
   struct PageRef;

@@ -95,4 +95,13 @@ int64_t SessionStore::size() {
   return static_cast<int64_t>(sessions_.size());
 }
 
+std::map<int, int64_t> SessionStore::ReservedBytes() {
+  absl::MutexLock lock(&mu_);
+  std::map<int, int64_t> out;
+  for (const auto& [id, s] : sessions_) {
+    for (const auto& [device, bytes] : s->kv_bytes_per_device) out[device] += bytes;
+  }
+  return out;
+}
+
 }  // namespace blockd

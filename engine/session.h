@@ -68,6 +68,7 @@ struct Session : Owned {
   std::string last_output ABSL_GUARDED_BY(mu);
   DType last_dtype ABSL_GUARDED_BY(mu) = DType::kFloat32;
   std::vector<int64_t> last_shape ABSL_GUARDED_BY(mu);
+  uint64_t last_fingerprint ABSL_GUARDED_BY(mu) = 0;  // of the request, so a retry must repeat it
 };
 
 class SessionStore {
@@ -87,6 +88,8 @@ class SessionStore {
   int64_t Expire(absl::Time now);
   std::vector<std::shared_ptr<Session>> OwnedBy(absl::string_view caller);
   int64_t size();
+  // Device -> bytes the open sessions' KV caches hold reserved against the memory budget.
+  std::map<int, int64_t> ReservedBytes();
 
  private:
   absl::Status CheckRoomLocked(absl::string_view id, absl::string_view owner, int64_t max_per_client)

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of the fuzz targets (committed; rerun only to change them).
 
-    python3 fuzz/make_corpus.py      # rewrites fuzz/corpus/{safetensors,requests}
+    python3 fuzz/make_corpus.py      # rewrites fuzz/corpus/{safetensors,requests,sessions}
 
 safetensors: small valid files (F32/BF16/F16, metadata, empty and scalar shapes, the layout blockd's
 checkpoints use) and near misses (overlap, hole, trailing bytes, bad dtype, short header).
 requests: byte strings for request_fuzzer's FuzzedDataProvider script, random but fixed.
+sessions: the same for session_fuzzer (its scripts of session calls), with their own seed.
 """
 import json
 import os
@@ -70,6 +71,13 @@ def main():
     for i, size in enumerate([64, 128, 256, 512, 1024, 2048, 4096, 8192]):
         with open(os.path.join(out, f"random_{i}"), "wb") as f:
             f.write(bytes(rng.getrandbits(8) for _ in range(size)))
+    # Drawn after the others, so adding them changed no earlier seed.
+    out = os.path.join(HERE, "corpus", "sessions")
+    os.makedirs(out, exist_ok=True)
+    srng = random.Random(20261129)
+    for i, size in enumerate([64, 128, 256, 512, 1024, 2048, 4096, 8192]):
+        with open(os.path.join(out, f"random_{i}"), "wb") as f:
+            f.write(bytes(srng.getrandbits(8) for _ in range(size)))
 
 
 if __name__ == "__main__":

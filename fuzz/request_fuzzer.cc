@@ -21,25 +21,14 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/engine.h"
 #include "engine/tensor_assembler.h"
+#include "fuzz/fuzz_checks.h"
 
 namespace blockd {
 namespace {
 
-[[noreturn]] void Fail(const std::string& what) {
-  std::fprintf(stderr, "request_fuzzer: %s\n", what.c_str());
-  std::abort();
-}
+using fuzz::Fail;
 
-BlockConfig Tiny(bool qk_norm) {
-  BlockConfig c;
-  c.hidden_size = 8;
-  c.num_attention_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 4;
-  c.intermediate_size = 16;
-  c.qk_norm = qk_norm;
-  return c;
-}
+BlockConfig Tiny(bool qk_norm) { return fuzz::TinyConfig(8, qk_norm); }
 
 // Everything a failed call must leave alone.
 struct State {
@@ -71,20 +60,7 @@ State Snapshot(Engine& engine) {
   return s;
 }
 
-void CheckCode(const absl::Status& s, const char* op) {
-  switch (s.code()) {
-    case absl::StatusCode::kOk:
-    case absl::StatusCode::kInvalidArgument:
-    case absl::StatusCode::kNotFound:
-    case absl::StatusCode::kAlreadyExists:
-    case absl::StatusCode::kFailedPrecondition:
-    case absl::StatusCode::kResourceExhausted:
-    case absl::StatusCode::kUnimplemented:
-      return;
-    default:
-      Fail(std::string(op) + " returned " + s.ToString());
-  }
-}
+void CheckCode(const absl::Status& s, const char* op) { fuzz::CheckCode(s, op, {absl::StatusCode::kUnimplemented}); }
 
 class Script {
  public:

@@ -1,5 +1,6 @@
 #include "server/metrics.h"
 
+#include <algorithm>
 #include <exception>
 
 #include "absl/strings/match.h"
@@ -44,7 +45,6 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
   auto& tokens = prometheus::BuildCounter().Name("blockd_tokens_total").Help("Tokens through blocks (batch * seq * blocks), by pass").Register(reg);
   m->tokens_forward = &tokens.Add({{"pass", "forward"}});
   m->tokens_backward = &tokens.Add({{"pass", "backward"}});
-  m->tokens_generated = &prometheus::BuildCounter().Name("blockd_session_tokens_total").Help("Tokens appended to inference sessions (batch * new tokens)").Register(reg).Add({});
   m->sessions_ = &prometheus::BuildGauge().Name("blockd_sessions_open").Help("Inference sessions open").Register(reg).Add({});
   m->groups_ = &prometheus::BuildGauge().Name("blockd_groups").Help("Replica groups on this daemon (any state)").Register(reg).Add({});
   m->group_collectives_ = &prometheus::BuildCounter().Name("blockd_group_collectives_total").Help("Collective operations of replica groups, by RPC").Register(reg);
@@ -52,6 +52,24 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
   m->group_aborted_ = &prometheus::BuildCounter().Name("blockd_group_collectives_aborted_total").Help("Group calls answered ABORTED: a collective failed (a member died or stalled)").Register(reg).Add({});
   m->group_seconds_ = &prometheus::BuildHistogram().Name("blockd_group_collective_seconds").Help("Time in collectives per group call").Register(reg).Add(
       {}, prometheus::Histogram::BucketBoundaries{0.001, 0.01, 0.1, 0.5, 1, 5, 30, 120});
+  auto& session_tokens = prometheus::BuildCounter().Name("blockd_session_tokens_total").Help("Tokens appended to inference sessions (rows * new tokens), by phase: decode (one token per row) or prefill").Register(reg);
+  m->session_tokens_prefill_ = &session_tokens.Add({{"phase", "prefill"}});
+  m->session_tokens_decode_ = &session_tokens.Add({{"phase", "decode"}});
+  auto& step = prometheus::BuildHistogram().Name("blockd_session_step_seconds").Help("Inference step latency in the engine (replayed retries excluded), by batch size (rows)").Register(reg);
+  for (int64_t rows : {1, 2, 5, 17, 65, 257}) {
+    m->session_step_[BatchBucket(rows)] =
+        &step.Add({{"batch", BatchBucket(rows)}},
+                  prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                                          0.05, 0.1, 0.25, 0.5, 1, 2.5, 10});
+  }
+  m->session_refused_ = &prometheus::BuildCounter().Name("blockd_session_opens_refused_total").Help("OpenSession and ForkSession calls refused, by reason").Register(reg);
+  for (const char* reason : {"memory", "client_limit", "invalid_argument", "not_found", "failed_precondition", "id_in_use", "other"}) {
+    m->session_refused_->Add({{"reason", reason}});
+  }
+  m->kv_reserved_ = &prometheus::BuildGauge().Name("blockd_kv_cache_reserved_bytes").Help("Bytes inference sessions' KV caches hold reserved against the memory budget, by device").Register(reg);
+  m->kv_available_ = &prometheus::BuildGauge().Name("blockd_kv_cache_available_bytes").Help("Bytes a new inference session may still reserve (the budget less everything in use), by device").Register(reg);
+  m->kv_pages_used_ = &prometheus::BuildGauge().Name("blockd_kv_cache_pages_used").Help("KV cache pages written by open sessions (shared pages counted once)").Register(reg).Add({});
+  m->kv_bytes_used_ = &prometheus::BuildGauge().Name("blockd_kv_cache_used_bytes").Help("Bytes of the KV cache pages written by open sessions (within their reservations)").Register(reg).Add({});
   m->optimizer_steps = &prometheus::BuildCounter().Name("blockd_optimizer_steps_total").Help("Block AdamW steps applied").Register(reg).Add({});
   m->blocks_ = &prometheus::BuildGauge().Name("blockd_blocks").Help("Blocks resident").Register(reg).Add({});
   m->memory_used_ = &prometheus::BuildGauge().Name("blockd_memory_used_bytes").Help("Bytes reserved by blocks and activations, by device").Register(reg);
@@ -92,6 +110,43 @@ void Metrics::AuthFailed(absl::string_view reason) {
   (absl::StartsWith(reason, "missing") ? auth_missing_ : auth_unknown_)->Increment();
 }
 
+const char* Metrics::BatchBucket(int64_t rows) {
+  if (rows <= 1) return "1";
+  if (rows <= 4) return "2-4";
+  if (rows <= 16) return "5-16";
+  if (rows <= 64) return "17-64";
+  if (rows <= 256) return "65-256";
+  return "257+";
+}
+
+void Metrics::SessionStep(int64_t rows, int64_t new_tokens, double seconds) {
+  (new_tokens == 1 ? session_tokens_decode_ : session_tokens_prefill_)->Increment(static_cast<double>(rows * new_tokens));
+  session_step_.at(BatchBucket(rows))->Observe(seconds);
+}
+
+const char* Metrics::RefusalReason(const absl::Status& why) {
+  switch (why.code()) {
+    case absl::StatusCode::kResourceExhausted:
+      // The per-client cap names its flag; every other refusal of this code is the memory budget.
+      return absl::StrContains(why.message(), "--max_sessions_per_client") ? "client_limit" : "memory";
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+      return "invalid_argument";
+    case absl::StatusCode::kNotFound:
+      return "not_found";
+    case absl::StatusCode::kFailedPrecondition:
+      return "failed_precondition";
+    case absl::StatusCode::kAlreadyExists:
+      return "id_in_use";
+    default:
+      return "other";
+  }
+}
+
+void Metrics::SessionOpenRefused(const absl::Status& why) {
+  session_refused_->Add({{"reason", RefusalReason(why)}}).Increment();
+}
+
 void Metrics::RequestStarted() { inflight_->Increment(); }
 
 void Metrics::RequestDone(const std::string& method, grpc::StatusCode code, double seconds) {
@@ -122,6 +177,15 @@ void Metrics::UpdateEngineGauges(const EngineStats& stats, Backend& backend) {
     memory_used_->Add({{"device", label}}).Set(static_cast<double>(bytes));
     memory_budget_->Add({{"device", label}}).Set(static_cast<double>(stats.memory_budget.at(device)));
   }
+  for (const auto& [device, bytes] : stats.kv_reserved) {
+    const std::string label = absl::StrCat(kind, ":", device);
+    kv_reserved_->Add({{"device", label}}).Set(static_cast<double>(bytes));
+    const int64_t free = stats.memory_budget.count(device) != 0
+                             ? stats.memory_budget.at(device) - stats.memory_used.at(device) : 0;
+    kv_available_->Add({{"device", label}}).Set(static_cast<double>(std::max<int64_t>(0, free)));
+  }
+  kv_pages_used_->Set(static_cast<double>(stats.kv_pages_in_use));
+  kv_bytes_used_->Set(static_cast<double>(stats.kv_bytes_in_use));
   for (const DeviceInfo& d : backend.devices()) {
     device_memory_->Add({{"device", absl::StrCat(kind, ":", d.index)}}).Set(static_cast<double>(d.memory_total_bytes));
   }

@@ -46,6 +46,14 @@ class Metrics {
   void AuthFailed(absl::string_view reason);
   // The collectives one group call (JoinGroup, Step, GradNorm) ran, and whether one failed.
   void GroupCollectives(const std::string& rpc, const CollectiveUse& use);
+  // An inference step that ran (not a replayed retry): `rows` x `new_tokens` tokens, counted as
+  // decode when each row got one token, else prefill; its latency, by batch-size bucket.
+  void SessionStep(int64_t rows, int64_t new_tokens, double seconds);
+  // An OpenSession or ForkSession refused, by reason (memory, client_limit, invalid_argument, ...).
+  void SessionOpenRefused(const absl::Status& why);
+  // The label SessionStep files a step of `rows` rows under: "1", "2-4", "5-16", "17-64", "65-256", "257+".
+  static const char* BatchBucket(int64_t rows);
+  static const char* RefusalReason(const absl::Status& why);
 
   prometheus::Counter* tokens_forward = nullptr;
   prometheus::Counter* tokens_backward = nullptr;
@@ -53,7 +61,6 @@ class Metrics {
   prometheus::Counter* bytes_received = nullptr;
   prometheus::Counter* bytes_sent = nullptr;
   prometheus::Counter* streams_expired = nullptr;  // ended by the stream watchdog
-  prometheus::Counter* tokens_generated = nullptr;  // tokens appended by inference steps (batch * new)
 
  private:
   Metrics() = default;
@@ -76,6 +83,14 @@ class Metrics {
   prometheus::Counter* group_bytes_ = nullptr;
   prometheus::Counter* group_aborted_ = nullptr;
   prometheus::Histogram* group_seconds_ = nullptr;
+  prometheus::Counter* session_tokens_prefill_ = nullptr;
+  prometheus::Counter* session_tokens_decode_ = nullptr;
+  std::map<std::string, prometheus::Histogram*> session_step_;  // by batch bucket, all made at Start
+  prometheus::Family<prometheus::Counter>* session_refused_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* kv_reserved_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* kv_available_ = nullptr;
+  prometheus::Gauge* kv_pages_used_ = nullptr;
+  prometheus::Gauge* kv_bytes_used_ = nullptr;
   prometheus::Gauge* healthy_ = nullptr;
   prometheus::Counter* auth_missing_ = nullptr;
   prometheus::Counter* auth_unknown_ = nullptr;

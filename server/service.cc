@@ -108,6 +108,9 @@ grpc::ServerUnaryReactor* BlockServiceImpl::GetServerInfo(grpc::CallbackServerCo
       out->set_memory_budget_bytes(stats.memory_budget.at(d.index));
       out->set_memory_used_bytes(stats.memory_used.at(d.index));
       out->set_compute_capability(d.compute_capability);
+      out->set_kv_cache_reserved_bytes(stats.kv_reserved.at(d.index));
+      out->set_kv_cache_available_bytes(
+          std::max<int64_t>(0, stats.memory_budget.at(d.index) - stats.memory_used.at(d.index)));
     }
     const EngineOptions& eo = engine_->options();
     v1::ServerLimits* limits = resp->mutable_limits();
@@ -117,8 +120,13 @@ grpc::ServerUnaryReactor* BlockServiceImpl::GetServerInfo(grpc::CallbackServerCo
     limits->set_max_activations_per_client(eo.max_activations_per_client);
     limits->set_max_chunk_bytes(options_.max_chunk_bytes);
     limits->set_max_concurrent_rpcs(options_.max_concurrent_rpcs);
+    limits->set_max_sessions_per_client(eo.max_sessions_per_client);
+    limits->set_session_ttl_seconds(absl::ToDoubleSeconds(eo.default_session_ttl));
     resp->set_blocks(stats.blocks);
     resp->set_activations_held(stats.activations_held);
+    resp->set_sessions_open(stats.sessions_open);
+    resp->set_kv_cache_pages_in_use(stats.kv_pages_in_use);
+    resp->set_kv_cache_bytes_in_use(stats.kv_bytes_in_use);
     return absl::OkStatus();
   });
 }

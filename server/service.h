@@ -13,6 +13,7 @@
 #include <string>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 
@@ -53,8 +54,12 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
   BlockServiceImpl(Engine* engine, Metrics* metrics, ThreadPool* pool, const Authenticator* auth,
                    Checkpointer* checkpointer, ServiceOptions options);
 
-  // New RPCs get UNAVAILABLE while draining; those in flight finish.
-  void SetDraining() { draining_ = true; }
+  // New RPCs get UNAVAILABLE while draining; those in flight finish. Open Infer streams end with
+  // UNAVAILABLE once the step they are running (if any) has been answered.
+  void SetDraining() {
+    draining_ = true;
+    EndInferStreams();
+  }
   int64_t inflight() const { return inflight_; }
 
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx, const v1::GetServerInfoRequest* req,
@@ -127,6 +132,8 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
   friend class LoadWeightsReactor;
   friend class DownloadReactor;
   friend class InferReactor;
+  // Ends every open Infer stream for draining (service_sessions.cc).
+  void EndInferStreams();
   // One inference step from a request, shared by InferStep and the Infer stream.
   absl::Status RunInferStep(const v1::InferStepRequest& req, const std::string& client, v1::InferStepResponse* resp);
 
@@ -160,6 +167,8 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
   absl::Mutex slots_mu_;
   int64_t admitted_ ABSL_GUARDED_BY(slots_mu_) = 0;
   absl::flat_hash_map<std::string, int64_t> per_client_ ABSL_GUARDED_BY(slots_mu_);
+  absl::Mutex infer_mu_;  // taken before an InferReactor's own lock, never after
+  absl::flat_hash_set<InferReactor*> infer_streams_ ABSL_GUARDED_BY(infer_mu_);
 };
 
 }  // namespace blockd

@@ -34,12 +34,14 @@ absl::Status BlockServiceImpl::RunInferStep(const v1::InferStepRequest& req, con
   args.step_id = req.step_id();
   InferStepOutput out;
   out.output.data = resp->mutable_hidden_states()->mutable_data();
+  const absl::Time start = absl::Now();
   RETURN_IF_ERROR(engine_->InferStep(args, &out));
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   resp->mutable_hidden_states()->set_dtype(ToProto(out.output.dtype));
   for (int64_t d : out.output.shape) resp->mutable_hidden_states()->add_shape(d);
   resp->set_length(static_cast<int32_t>(out.length));
   resp->set_step_id(out.step_id);
-  metrics_->tokens_generated->Increment(static_cast<double>(out.new_tokens));
+  if (!out.replayed) metrics_->SessionStep(out.output.shape[0], out.output.shape[1], seconds);
   return absl::OkStatus();
 }
 
@@ -48,8 +50,10 @@ grpc::ServerUnaryReactor* BlockServiceImpl::OpenSession(grpc::CallbackServerCont
   return Unary(ctx, "OpenSession", *req, resp, Work::kPool, Role::kRead,
                [this, req, resp](UnaryReactor* reactor) -> absl::Status {
     if (req->ttl_seconds() < 0) {
-      return absl::InvalidArgumentError(
+      absl::Status bad = absl::InvalidArgumentError(
           absl::StrCat("ttl_seconds = ", req->ttl_seconds(), ", expected >= 0 (0: the server's default)"));
+      metrics_->SessionOpenRefused(bad);
+      return bad;
     }
     OpenSessionArgs args;
     args.session_id = req->session_id();
@@ -58,8 +62,12 @@ grpc::ServerUnaryReactor* BlockServiceImpl::OpenSession(grpc::CallbackServerCont
     args.max_length = req->max_length();
     args.ttl = absl::Seconds(req->ttl_seconds());
     args.client = reactor->client();
-    ASSIGN_OR_RETURN(SessionInfo info, engine_->OpenSession(args));
-    ToProto(info, resp);
+    absl::StatusOr<SessionInfo> info = engine_->OpenSession(args);
+    if (!info.ok()) {
+      metrics_->SessionOpenRefused(info.status());
+      return info.status();
+    }
+    ToProto(*info, resp);
     return absl::OkStatus();
   });
 }
@@ -84,9 +92,13 @@ grpc::ServerUnaryReactor* BlockServiceImpl::ForkSession(grpc::CallbackServerCont
                                                         const v1::ForkSessionRequest* req, v1::SessionInfo* resp) {
   return Unary(ctx, "ForkSession", *req, resp, Work::kPool, Role::kRead,
                [this, req, resp](UnaryReactor* reactor) -> absl::Status {
-    ASSIGN_OR_RETURN(SessionInfo info,
-                     engine_->ForkSession(req->session_id(), reactor->client(), req->new_session_id()));
-    ToProto(info, resp);
+    absl::StatusOr<SessionInfo> info =
+        engine_->ForkSession(req->session_id(), reactor->client(), req->new_session_id());
+    if (!info.ok()) {
+      metrics_->SessionOpenRefused(info.status());
+      return info.status();
+    }
+    ToProto(*info, resp);
     return absl::OkStatus();
   });
 }
@@ -113,7 +125,9 @@ grpc::ServerUnaryReactor* BlockServiceImpl::ListSessions(grpc::CallbackServerCon
 // compute on the pool, write, read the next. The first failed step ends the stream with its status
 // (the session is unchanged by it, so the client can reopen a stream and go on). Watched like the
 // other streams: a client that stops sending for --stream_idle_timeout loses the stream, not the
-// session.
+// session. Draining ends the stream with UNAVAILABLE: at once when it waits for the client's next
+// step, else after the step it runs has been answered (a step read but not started is not run).
+// `mu_` guards that choice; Finish is always called outside it, exactly once.
 class BlockServiceImpl::InferReactor
     : public grpc::ServerBidiReactor<v1::InferStepRequest, v1::InferStepResponse> {
  public:
@@ -121,24 +135,64 @@ class BlockServiceImpl::InferReactor
       : service_(service), ctx_(ctx), call_(service, "Infer") {
     absl::Status admitted = call_.Admit(ctx, Role::kRead);
     if (!admitted.ok()) {
-      Finish(call_.Finish(ToGrpcStatus(admitted)));
+      FinishOnce(ToGrpcStatus(admitted));
       return;
     }
     watch_ = service_->watchdog_->Add(ctx, "Infer");
+    {
+      absl::MutexLock lock(&service_->infer_mu_);
+      service_->infer_streams_.insert(this);
+    }
     StartRead(&req_);
+    // Draining began after admission but before the registration above: end it here.
+    if (service_->draining_ && MarkDraining()) FinishDraining();
+  }
+
+  // For EndInferStreams, under the service's infer_mu_: true when the caller must call
+  // FinishDraining (the stream waits for a read); false when the running step will end it.
+  bool MarkDraining() {
+    absl::MutexLock lock(&mu_);
+    draining_ = true;
+    if (finished_ || busy_) return false;
+    finished_ = true;
+    return true;
+  }
+  void FinishDraining() {
+    Finish(call_.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                     "blockd is draining: the Infer stream ends here, every step sent before "
+                                     "was answered; go on with the session on another stream or daemon")));
   }
 
   void OnReadDone(bool ok) override {
-    if (!ok) {
+    enum { kEnd, kRun, kDrained } next = kEnd;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;  // draining finished the stream while this read was pending
+      draining_ = draining_ || service_->draining_;  // set before EndInferStreams reaches this stream
+      if (ok && draining_) {
+        finished_ = true;
+        next = kDrained;
+      } else if (ok) {
+        busy_ = true;
+        next = kRun;
+      }
+    }
+    if (next == kDrained) {  // read while draining: not run
+      Finish(call_.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                       "blockd is draining: this step was not run (the session is as the last "
+                                       "answered step left it); send it on another stream or daemon")));
+      return;
+    }
+    if (next == kEnd) {
       std::string why;
+      grpc::Status end = grpc::Status::OK;  // the client closed its side: every step answered
       if (service_->watchdog_->Expired(watch_, &why)) {
         service_->metrics_->streams_expired->Increment();
-        Finish(call_.Finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, why)));
+        end = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, why);
       } else if (ctx_->IsCancelled()) {
-        Finish(call_.Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the stream")));
-      } else {
-        Finish(call_.Finish(grpc::Status::OK));  // the client closed its side: every step answered
+        end = grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the stream");
       }
+      FinishOnce(end);
       return;
     }
     service_->watchdog_->Touch(watch_);
@@ -150,7 +204,7 @@ class BlockServiceImpl::InferReactor
       absl::Status s = Guarded(step);
       service_->watchdog_->SetBusy(watch_, false);
       if (!s.ok()) {
-        Finish(call_.Finish(ToGrpcStatus(s)));
+        FinishOnce(ToGrpcStatus(s));
         return;
       }
       service_->metrics_->bytes_sent->Increment(static_cast<double>(resp_.ByteSizeLong()));
@@ -159,27 +213,70 @@ class BlockServiceImpl::InferReactor
   }
 
   void OnWriteDone(bool ok) override {
+    bool drain = false;
+    {
+      absl::MutexLock lock(&mu_);
+      busy_ = false;
+      drain = draining_ || service_->draining_;
+    }
     if (!ok) {
-      Finish(call_.Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke while sending a step's output")));
+      FinishOnce(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke while sending a step's output"));
       return;
     }
     service_->watchdog_->Touch(watch_);
+    if (drain) {
+      if (FinishOnceLater()) FinishDraining();
+      return;
+    }
     StartRead(&req_);
   }
 
   void OnDone() override {
+    {
+      absl::MutexLock lock(&service_->infer_mu_);
+      service_->infer_streams_.erase(this);
+    }
     if (watch_ != 0) service_->watchdog_->Remove(watch_);
     delete this;
   }
 
  private:
+  // True the first time: the caller finishes the stream. Later calls (a pending read failing after
+  // draining finished it) do nothing.
+  bool FinishOnceLater() {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return false;
+    finished_ = true;
+    return true;
+  }
+  void FinishOnce(const grpc::Status& s) {
+    if (FinishOnceLater()) Finish(call_.Finish(s));
+  }
+
   BlockServiceImpl* service_;
   grpc::CallbackServerContext* ctx_;
   Call call_;
   uint64_t watch_ = 0;
   v1::InferStepRequest req_;
   v1::InferStepResponse resp_;
+  absl::Mutex mu_;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;  // Finish called or about to be
+  bool busy_ ABSL_GUARDED_BY(mu_) = false;      // a step is running or its output being written
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
 };
+
+void BlockServiceImpl::EndInferStreams() {
+  std::vector<InferReactor*> waiting;
+  {
+    absl::MutexLock lock(&infer_mu_);
+    for (InferReactor* r : infer_streams_) {
+      if (r->MarkDraining()) waiting.push_back(r);
+    }
+  }
+  // Outside infer_mu_: a finished stream's OnDone takes it. Each of these is marked finished but
+  // not yet Finished, so none reaches OnDone before its Finish below.
+  for (InferReactor* r : waiting) r->FinishDraining();
+}
 
 grpc::ServerBidiReactor<v1::InferStepRequest, v1::InferStepResponse>* BlockServiceImpl::Infer(
     grpc::CallbackServerContext* ctx) {

@@ -275,8 +275,9 @@ TEST_F(SessionTest, RepeatingTheLastStepIdReplaysItsBytesWithoutAppending) {
   const std::vector<float> x1 = Random(2 * 4 * d), x2 = Random(2 * 1 * d);
   auto first = Step(s->session_id, x1, 2, 4, {}, /*step_id=*/7);
   ASSERT_TRUE(first.ok());
-  // A retry may carry anything: it is answered from the step it repeats.
-  auto again = Step(s->session_id, x2, 2, 1, {}, 7);
+  // A retry (the same request again) is answered from the step it repeats; another request under
+  // the same step_id is refused (AStepIdRepeatedWithAnotherRequestIsRefused).
+  auto again = Step(s->session_id, x1, 2, 4, {}, 7);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_TRUE(again->replayed);
   EXPECT_EQ(again->length, 4);
@@ -395,15 +396,78 @@ TEST_F(SessionTest, ExpiredSessionsAreNotFoundAndSwept) {
   a.max_length = 8;
   a.client = "alice";
   a.ttl = absl::Milliseconds(20);
+  const int64_t before = engine_->Stats().memory_used[0];
   auto s = engine_->OpenSession(a);
   ASSERT_TRUE(s.ok());
+  EXPECT_EQ(engine_->Stats().memory_used[0], before + s->kv_bytes);
+  EXPECT_EQ(engine_->Stats().kv_reserved[0], s->kv_bytes);
   EXPECT_EQ(engine_->ExpireSessions(), 0);
-  absl::SleepFor(absl::Milliseconds(40));
+  absl::SleepFor(absl::Milliseconds(40));  // at least the TTL: an expiry, not a timing assertion
   EXPECT_TRUE(HasError(Step(s->session_id, Random(16), 1, 1).status(), StatusCode::kNotFound, "not found"));
   EXPECT_EQ(engine_->ExpireSessions(), 1);
   EXPECT_EQ(engine_->SessionCount(), 0);
+  // The sweep gave the whole reservation back.
+  EXPECT_EQ(engine_->Stats().memory_used[0], before);
+  EXPECT_EQ(engine_->Stats().kv_reserved[0], 0);
   a.ttl = absl::Seconds(-1);
   EXPECT_TRUE(HasError(engine_->OpenSession(a).status(), StatusCode::kInvalidArgument, "ttl"));
+}
+
+// EngineStats' KV figures: reserved per device at open, pages counted once however many rows,
+// forks or scratch copies share them, and all returned at close.
+TEST_F(SessionTest, StatsCountReservedBytesAndSharedPagesOnce) {
+  const BlockConfig c = Config(false, 2);
+  CreateSpan(c, {"b0"});
+  const int64_t d = c.hidden_size, page_bytes = 2 * KvCache::kPageTokens * c.kv_dim() * 4;
+  auto s = Open({"b0"}, 2, 32, "alice", "s");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(engine_->Stats().kv_reserved[0], s->kv_bytes);
+  EXPECT_EQ(engine_->Stats().kv_pages_in_use, 0) << "pages are written by steps, not by the open";
+  ASSERT_TRUE(Step("s", Random(2 * 18 * d), 2, 18).ok());  // two pages per row
+  EXPECT_EQ(engine_->Stats().kv_pages_in_use, 4);
+  EXPECT_EQ(engine_->Stats().kv_bytes_in_use, 4 * page_bytes);
+  auto f = engine_->ForkSession("s", "alice", "f");
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(engine_->Stats().kv_pages_in_use, 4) << "a fork shares every page";
+  EXPECT_EQ(engine_->Stats().kv_reserved[0], 2 * s->kv_bytes);
+  ASSERT_TRUE(Step("f", Random(2 * d), 2, 1).ok());  // writes each row's second page: copies
+  EXPECT_EQ(engine_->Stats().kv_pages_in_use, 6);
+  ASSERT_TRUE(Step("s", Random(2 * d), 2, 1, {0, 0}).ok());  // both rows from row 0: row 1's pages go
+  // s's rows both take row 0's pages and each writes a second page of its own; s's old second
+  // pages go (f has copies), row 1's first stays for f. Alive: row 0's first page (in both of s's
+  // rows and in f), s's two new second pages, f's row-1 first page and its two second pages.
+  EXPECT_EQ(engine_->Stats().kv_pages_in_use, 6);
+  ASSERT_OK(engine_->CloseSession("s", "alice"));
+  ASSERT_OK(engine_->CloseSession("f", "alice"));
+  EXPECT_EQ(engine_->Stats().kv_pages_in_use, 0);
+  EXPECT_EQ(engine_->Stats().kv_bytes_in_use, 0);
+  EXPECT_EQ(engine_->Stats().kv_reserved[0], 0);
+}
+
+// A retry must repeat its step exactly: the same step_id with another shape, other bytes or other
+// hypo_ids is refused, and the session goes on as if it had not come.
+TEST_F(SessionTest, AStepIdRepeatedWithAnotherRequestIsRefused) {
+  const BlockConfig c = Config(true, 2);
+  CreateSpan(c, {"b0"});
+  const int64_t batch = 2, seq = 8, d = c.hidden_size;
+  const std::vector<float> x = Random(batch * seq * d);
+  auto ref = Forward({"b0"}, x, batch, seq, false);
+  ASSERT_TRUE(ref.ok());
+  ASSERT_TRUE(Open({"b0"}, batch, seq, "alice", "s").ok());
+  const std::vector<float> prompt = Slice(x, batch, seq, d, 0, 4);
+  ASSERT_TRUE(Step("s", prompt, batch, 4, {}, 7).ok());
+  EXPECT_TRUE(HasError(Step("s", Slice(x, batch, seq, d, 4, 5), batch, 1, {}, 7).status(), StatusCode::kInvalidArgument,
+                       "a retry must repeat the request exactly"));
+  std::vector<float> other = prompt;
+  other[0] += 1;
+  EXPECT_TRUE(HasError(Step("s", other, batch, 4, {}, 7).status(), StatusCode::kInvalidArgument, "step_id 7 repeats"));
+  EXPECT_TRUE(HasError(Step("s", prompt, batch, 4, {1, 0}, 7).status(), StatusCode::kInvalidArgument, "step_id 7"));
+  auto replay = Step("s", prompt, batch, 4, {}, 7);
+  ASSERT_TRUE(replay.ok()) << replay.status();
+  EXPECT_TRUE(replay->replayed);
+  auto rest = Step("s", Slice(x, batch, seq, d, 4, seq), batch, seq - 4, {}, 8);
+  ASSERT_TRUE(rest.ok()) << rest.status();
+  EXPECT_TRUE(Close("after the refused retries", rest->out, Slice(ref->out, batch, seq, d, 4, seq)));
 }
 
 // A store that records the copies the cache asks for, so the test sees what moved.

@@ -83,6 +83,32 @@ TEST_F(Blockctl, CreateListGetForwardDeleteAndServerErrors) {
   EXPECT_RUN(Ctl("save"), 1, "FAILED_PRECONDITION: checkpoints are disabled");
 }
 
+// info shows the KV capacity; sessions lists the caller's sessions (blockctl --client_id=chat and
+// a client of that name are one identity: the same host and name); close-session frees them.
+TEST_F(Blockctl, SessionsInfoAndCloseSession) {
+  ASSERT_OK(client_->CreateBlock(CreateRequest("s0", TinyConfig(), 3, 4, 64)).status());
+  auto chat = ConnectTo(*server_, {.client_id = "chat"});
+  ASSERT_NE(chat, nullptr);
+  v1::OpenSessionRequest open;
+  open.set_session_id("chat-1");
+  open.add_block_ids("s0");
+  open.set_batch_size(2);
+  open.set_max_length(64);
+  ASSERT_OK(chat->OpenSession(open).status());
+  Ran r = Ctl("info");
+  EXPECT_RUN(r, 0, "1 inference sessions");
+  EXPECT_NE(r.output.find(" reserved by sessions, "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("max_sessions_per_client 64"), std::string::npos) << r.output;
+  r = Ctl("--client_id=chat sessions");
+  EXPECT_RUN(r, 0, "chat-1");
+  EXPECT_NE(r.output.find("s0  batch 2  length 0/64"), std::string::npos) << r.output;
+  EXPECT_RUN(Ctl("--client_id=chat sessions --json"), 0, "\"session_id\": \"chat-1\"");
+  EXPECT_RUN(Ctl("--client_id=chat close-session chat-1"), 0, "closed chat-1");
+  EXPECT_RUN(Ctl("--client_id=chat close-session chat-1"), 1, "NOT_FOUND: session chat-1 not found");
+  EXPECT_RUN(Ctl("close-session"), 2, "close-session takes at least one SESSION_ID");
+  EXPECT_RUN(Ctl("--client_id=chat sessions"), 0, "no inference sessions of yours");
+}
+
 TEST_F(Blockctl, DownloadThenLoadRoundTripsAndLayerSelection) {
   ASSERT_OK(client_->CreateBlock(CreateRequest("src", TinyConfig(), 8)).status());
   TrainStep(*client_, {"src"}, RandomTensor({1, 4, 32}, 1), 2);

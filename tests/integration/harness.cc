@@ -9,8 +9,10 @@
 #include <cstring>
 #include <random>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "engine/cpu/cpu_backend.h"
 
 namespace blockd::testing {
@@ -270,6 +272,18 @@ std::string MakeTempDir(const std::string& tag) {
     return "";
   }
   return templ;
+}
+
+double MetricValue(const std::string& body, const std::string& family, const std::vector<std::string>& labels) {
+  for (absl::string_view line : absl::StrSplit(body, '\n')) {
+    if (line.rfind(family + "{", 0) != 0 && line.rfind(family + " ", 0) != 0) continue;
+    bool all = true;
+    for (const std::string& l : labels) all = all && line.find(l) != absl::string_view::npos;
+    if (!all) continue;
+    double v;
+    if (absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &v)) return v;
+  }
+  return -1;
 }
 
 std::string HttpGetBody(int port, const std::string& path) {

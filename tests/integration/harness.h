@@ -82,6 +82,9 @@ std::vector<float> Floats(const std::string& bytes);                   // float3
 std::vector<float> Floats(const v1::Tensor& t);                        // any dtype -> floats (or fails)
 std::string MakeTempDir(const std::string& tag);                       // under $TMPDIR, removed by nobody
 std::string HttpGetBody(int port, const std::string& path);            // GET on 127.0.0.1, "" on failure
+// In a Prometheus text body, the value of the first sample of `family` whose labels contain every
+// one of `labels` (a family without labels: pass none); -1 when there is none.
+double MetricValue(const std::string& body, const std::string& family, const std::vector<std::string>& labels);
 
 }  // namespace blockd::testing
 

@@ -8,9 +8,7 @@
 
 #include <gtest/gtest.h>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "server/backend_select.h"
 #include "tests/integration/harness.h"
 
@@ -595,19 +593,6 @@ TEST(Rpc, CreateBlockTakesUnsetEpsAndThetaAsHuggingFaceDefaults) {
   ASSERT_OK(y0.status());
   ASSERT_OK(y1.status());
   EXPECT_EQ(y0->output().data(), y1->output().data()) << "the defaulted block computes differently";
-}
-
-// The value of the first sample of `family` whose labels contain every one of `labels`.
-double MetricValue(const std::string& body, const std::string& family, const std::vector<std::string>& labels) {
-  for (absl::string_view line : absl::StrSplit(body, '\n')) {
-    if (line.rfind(family + "{", 0) != 0) continue;
-    bool all = true;
-    for (const std::string& l : labels) all = all && line.find(l) != absl::string_view::npos;
-    if (!all) continue;
-    double v;
-    if (absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &v)) return v;
-  }
-  return -1;
 }
 
 TEST(Rpc, MetricsEndpointCountsRequests) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -208,6 +209,138 @@ TEST_F(SessionRpc, TrimForkAndTheErrorCodes) {
   auto list = alice_->ListSessions();
   ASSERT_OK(list.status());
   EXPECT_TRUE(list->empty());
+}
+
+// The operational view of sessions: GetServerInfo's KV capacity and the /metrics families, through
+// opens, a prefill, decode steps, a replayed retry (not counted), a fork sharing its pages until it
+// writes, refused opens by reason, and the close that gives everything back.
+TEST(SessionOps, ServerInfoAndMetricsFollowSessionsAndTheirCache) {
+  ServerOptions o = LoopbackOptions(/*with_metrics=*/true);
+  o.engine.max_sessions_per_client = 2;
+  auto server = StartServer(o);
+  ASSERT_NE(server, nullptr);
+  auto c = ConnectTo(*server, {.client_id = "ops"});
+  ASSERT_NE(c, nullptr);
+  ASSERT_OK(c->CreateBlock(CreateRequest("b0", TinyConfig(), 7, /*max_batch_size=*/4, /*max_seq_len=*/kMaxLen)).status());
+  ASSERT_OK(c->CreateBlock(CreateRequest("long", TinyConfig(), 8, 4, /*max_seq_len=*/1 << 20)).status());
+  auto info0 = c->GetServerInfo();
+  ASSERT_OK(info0.status());
+  ASSERT_EQ(info0->devices_size(), 1);
+  const int64_t budget = info0->devices(0).memory_budget_bytes();
+  EXPECT_EQ(info0->devices(0).kv_cache_reserved_bytes(), 0);
+  EXPECT_EQ(info0->devices(0).kv_cache_available_bytes(), budget - info0->devices(0).memory_used_bytes());
+  EXPECT_EQ(info0->sessions_open(), 0);
+  EXPECT_EQ(info0->limits().max_sessions_per_client(), 2);
+  EXPECT_GT(info0->limits().session_ttl_seconds(), 0);
+
+  v1::OpenSessionRequest open;
+  open.set_session_id("s");
+  open.add_block_ids("b0");
+  open.set_batch_size(kBatch);
+  open.set_max_length(kMaxLen);
+  auto s = c->OpenSession(open);
+  ASSERT_OK(s.status());
+  const int64_t kv = s->kv_bytes();
+  const int64_t page_bytes = kv / (kBatch * (kMaxLen / 16));  // one block: a page is K and V of 16 tokens
+  ASSERT_GT(page_bytes, 0);
+  ASSERT_OK(c->InferStep(StepRequest("s", RandomTensor({kBatch, 5, kHidden}, 1), /*step_id=*/1)).status());
+  ASSERT_OK(c->InferStep(StepRequest("s", RandomTensor({kBatch, 5, kHidden}, 1), 1)).status());  // a replay
+  for (int t = 0; t < 3; ++t) ASSERT_OK(c->InferStep(StepRequest("s", RandomTensor({kBatch, 1, kHidden}, 2 + t))).status());
+  auto fork = c->ForkSession("s", "f");
+  ASSERT_OK(fork.status());
+  auto info1 = c->GetServerInfo();
+  ASSERT_OK(info1.status());
+  EXPECT_EQ(info1->sessions_open(), 2);
+  EXPECT_EQ(info1->kv_cache_pages_in_use(), kBatch) << "one page per row, shared with the fork";
+  EXPECT_EQ(info1->kv_cache_bytes_in_use(), kBatch * page_bytes);
+  EXPECT_EQ(info1->devices(0).kv_cache_reserved_bytes(), 2 * kv);
+  EXPECT_EQ(info1->devices(0).kv_cache_available_bytes(), budget - info1->devices(0).memory_used_bytes());
+  ASSERT_OK(c->InferStep(StepRequest("f", RandomTensor({kBatch, 1, kHidden}, 9))).status());  // copies its pages
+
+  // Refused: the per-client cap, a bad size, and a cache the budget cannot hold.
+  open.set_session_id("");
+  EXPECT_STATUS(c->OpenSession(open).status(), absl::StatusCode::kResourceExhausted, "--max_sessions_per_client=2");
+  ASSERT_OK(c->CloseSession("f"));
+  open.set_batch_size(0);
+  EXPECT_STATUS(c->OpenSession(open).status(), absl::StatusCode::kInvalidArgument, "batch_size = 0");
+  open.set_batch_size(4);
+  open.set_max_length(1 << 20);
+  open.set_block_ids(0, "long");  // three times: 3 x 512 MiB of cache at 2^20 tokens, past the 1 GiB budget
+  open.add_block_ids("long");
+  open.add_block_ids("long");
+  EXPECT_STATUS(c->OpenSession(open).status(), absl::StatusCode::kResourceExhausted, "KV cache");
+
+  // The gauges are polled by the housekeeping thread: wait (bounded) until they show the state.
+  std::string body;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (absl::Now() < deadline) {
+    body = HttpGetBody(server->metrics_port(), "/metrics");
+    if (MetricValue(body, "blockd_sessions_open", {}) == 1 && MetricValue(body, "blockd_kv_cache_pages_used", {}) == kBatch) break;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_FALSE(body.empty()) << "no 200 reply from the metrics port " << server->metrics_port();
+  EXPECT_EQ(MetricValue(body, "blockd_sessions_open", {}), 1) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_kv_cache_pages_used", {}), kBatch) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_kv_cache_used_bytes", {}), kBatch * page_bytes) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_kv_cache_reserved_bytes", {"device=\"cpu:0\""}), kv) << body;
+  auto info2 = c->GetServerInfo();
+  ASSERT_OK(info2.status());
+  EXPECT_EQ(MetricValue(body, "blockd_kv_cache_available_bytes", {"device=\"cpu:0\""}),
+            budget - info2->devices(0).memory_used_bytes()) << body;
+  // 2 rows x 5 prompt tokens; 2 rows x 1 token in each of 4 decode steps (3 on s, 1 on the fork).
+  EXPECT_EQ(MetricValue(body, "blockd_session_tokens_total", {"phase=\"prefill\""}), 10) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_session_tokens_total", {"phase=\"decode\""}), 8) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_session_step_seconds_count", {"batch=\"2-4\""}), 5) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_session_step_seconds_count", {"batch=\"1\""}), 0) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_session_opens_refused_total", {"reason=\"client_limit\""}), 1) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_session_opens_refused_total", {"reason=\"invalid_argument\""}), 1) << body;
+  EXPECT_EQ(MetricValue(body, "blockd_session_opens_refused_total", {"reason=\"memory\""}), 1) << body;
+  EXPECT_NE(body.find("# TYPE blockd_session_step_seconds histogram"), std::string::npos);
+
+  ASSERT_OK(c->CloseSession("s"));
+  auto info3 = c->GetServerInfo();
+  ASSERT_OK(info3.status());
+  EXPECT_EQ(info3->sessions_open(), 0);
+  EXPECT_EQ(info3->kv_cache_pages_in_use(), 0);
+  EXPECT_EQ(info3->kv_cache_bytes_in_use(), 0);
+  EXPECT_EQ(info3->devices(0).kv_cache_reserved_bytes(), 0);
+  EXPECT_EQ(info3->devices(0).memory_used_bytes(), info0->devices(0).memory_used_bytes());
+}
+
+// Draining (SIGTERM) ends an Infer stream that waits for its next step with UNAVAILABLE, saying
+// why, instead of leaving it to be cut when the server stops; the steps it answered stand.
+TEST(SessionOps, DrainingEndsAnOpenInferStreamWithUnavailable) {
+  ServerOptions o = LoopbackOptions();
+  o.drain_grace = absl::Seconds(2);  // the listener still accepts while the stream learns why it ends
+  auto server = StartServer(o);
+  ASSERT_NE(server, nullptr);
+  auto c = ConnectTo(*server);
+  ASSERT_NE(c, nullptr);
+  ASSERT_OK(c->CreateBlock(CreateRequest("b0", TinyConfig(), 7, 4, kMaxLen)).status());
+  v1::OpenSessionRequest open;
+  open.set_session_id("s");
+  open.add_block_ids("b0");
+  open.set_batch_size(1);
+  open.set_max_length(kMaxLen);
+  ASSERT_OK(c->OpenSession(open).status());
+  auto stream = c->OpenInferStream();
+  ASSERT_OK(stream.status());
+  auto first = (*stream)->Step(StepRequest("s", RandomTensor({1, 2, kHidden}, 3)));
+  ASSERT_OK(first.status());
+  EXPECT_EQ(first->length(), 2);
+
+  std::thread drainer([&] { server->Drain(); });
+  // Once unary calls are refused, draining has begun: the stream is finished (or its next step
+  // refused unrun), and the next step learns why.
+  absl::Status refused;
+  for (int i = 0; i < 1500 && refused.code() != absl::StatusCode::kUnavailable; ++i) {
+    refused = c->GetServerInfo().status();
+    if (refused.code() != absl::StatusCode::kUnavailable) absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable) << refused;
+  auto next = (*stream)->Step(StepRequest("s", RandomTensor({1, 1, kHidden}, 4)));
+  EXPECT_STATUS(next.status(), absl::StatusCode::kUnavailable, "blockd is draining");
+  drainer.join();
 }
 
 }  // namespace
