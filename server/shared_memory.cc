@@ -133,7 +133,7 @@ absl::StatusOr<SharedMemoryRegionInfo> SharedMemoryRegistry::Register(const std:
   }
   auto region = std::make_shared<Region>();
   region->fd = fd;  // closed by ~Region from here on
-  struct stat st;
+  struct stat st = {};
   if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     return absl::InvalidArgumentError(absl::StrCat("shared-memory object \"", Echo(key), "\" is not a regular object"));
   }
@@ -264,7 +264,7 @@ absl::Status SharedMemoryRegistry::Check(const std::string& owner, const SharedM
   auto region = Resolve(owner, slice, what, &at);
   if (!region.ok()) return region.status();
   // The client may have shrunk its object since it registered: refuse now, before any change.
-  struct stat st;
+  struct stat st = {};
   if (fstat((*region)->fd, &st) != 0 || st.st_size < at + slice.byte_size) {
     return absl::FailedPreconditionError(absl::StrCat(
         what, ": shared-memory object \"", Echo((*region)->key), "\" now holds ", st.st_size,

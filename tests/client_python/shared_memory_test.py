@@ -108,6 +108,19 @@ class SharedMemoryTest(unittest.TestCase):
         with blockd.Client(self.daemon.target, client_name="doomed") as c:
             self.assertEqual(c.list_shared_memory(), [])
 
+    def test_a_region_expired_while_idle_is_registered_again(self):
+        with blockd.Client(self.daemon.target, client_name="idler") as c:
+            c.create_block("idle0", CFG, seed=2)
+            x = np.random.default_rng(5).standard_normal((1, 3, 32)).astype(np.float32)
+            first, _ = c.forward(["idle0"], x)
+            deadline = time.time() + 30
+            while c.list_shared_memory() and time.time() < deadline:
+                time.sleep(0.1)
+            self.assertEqual(c.list_shared_memory(), [], "the idle region did not expire within 30 s of its 2 s TTL")
+            again, _ = c.forward(["idle0"], x)
+            np.testing.assert_array_equal(first, again)
+            self.assertEqual(len(c.list_shared_memory()), 1)
+
 
 class WithoutSharedMemoryTest(unittest.TestCase):
     def test_auto_falls_back_and_forcing_raises(self):

@@ -23,7 +23,7 @@ import grpc
 
 from blockd import tensors as T
 from blockd.config import BlockConfig, kind_value, precision_value
-from blockd.errors import (BlockdError, FailedPreconditionError, InvalidArgumentError, NotFoundError,
+from blockd.errors import (BlockdError, DeadlineExceededError, FailedPreconditionError, NotFoundError,
                            ResourceExhaustedError, UnavailableError, from_rpc_error)
 from blockd.shared_memory import TRANSPORTS, Arena
 from blockd.v1 import block_service_pb2 as pb
@@ -189,10 +189,12 @@ class Client:
                         raise FailedPreconditionError(
                             grpc.StatusCode.FAILED_PRECONDITION, "the daemon does not allow shared-memory tensors (--allow_shared_memory)")
                     arena.ensure(1 << 20)  # try-register: NOT_FOUND when the daemon is on another host
-                except (FailedPreconditionError, NotFoundError, InvalidArgumentError, OSError):
+                except (BlockdError, OSError) as e:
                     if mode == "shared_memory":
                         raise
-                    self._arena = False
+                    if isinstance(e, (UnavailableError, DeadlineExceededError)):
+                        return None  # the daemon is not answering now: ask again next call
+                    self._arena = False  # refused, another host, or a daemon without shared memory
                     return None
                 self._arena = arena
             return self._arena or None
@@ -205,14 +207,24 @@ class Client:
         arena = self._arena_for(transport)
         if arena is None:
             return self._sized_unary(method, request, field, tensor, timeout)
+        data = tensor.data
         with arena.lock:
-            region = arena.ensure(len(tensor.data))
-            ref = region.ref(0, len(tensor.data))
-            region.write(0, tensor.data)
-            tensor.ClearField("data")
-            tensor.shared_memory.CopyFrom(ref)
-            request.output_shared_memory.CopyFrom(ref)  # in place: the server reads all before writing
-            resp = self._unary(method, request, timeout)
+            for attempt in (0, 1):
+                region = arena.ensure(len(data))
+                ref = region.ref(0, len(data))
+                region.write(0, data)
+                tensor.ClearField("data")
+                tensor.shared_memory.CopyFrom(ref)
+                request.output_shared_memory.CopyFrom(ref)  # in place: the server reads all before writing
+                try:
+                    resp = self._unary(method, request, timeout)
+                    break
+                except NotFoundError as e:
+                    # Unused past the daemon's --shared_memory_ttl, the region was unregistered:
+                    # register a new one and send again (nothing ran: the region is checked first).
+                    if attempt or "shared-memory region" not in e.details:
+                        raise
+                    arena.close()
             out = getattr(resp, out_field)
             if out.HasField("shared_memory"):
                 out.data = bytes(region.read(out.shared_memory))
