@@ -2,16 +2,19 @@
 // activations on the wire, to set against the in-process engine (the share lost to transport).
 //
 //   bench_service --target=127.0.0.1:50051 [--blocks=8] [--shape=qwen] [--iters=10] [--depth=1,2]
-//                 [--connections=1]
+//                 [--connections=1] [--transport=grpc|shm]
 //
 // A step is Forward(keep_activations) -> Backward -> Step over the span; with --depth=N the client
 // keeps N micro-batches in flight at once (N threads, one Step after all N), so that one
 // micro-batch's transfers overlap another's compute; --connections=N spreads the calls over N HTTP/2
-// connections (ClientOptions::connections). Timing: warm-up steps first, then the median
+// connections (ClientOptions::connections); --transport=shm sends activations through one
+// shared-memory region per micro-batch in flight (same host, blockd --allow_shared_memory; the
+// client's copy into the region is timed, as serialisation is on gRPC). Timing: warm-up steps first, then the median
 // step time over --iters, inputs rotated among 3 random sets built before timing.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
@@ -20,6 +23,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "client/client.h"
+#include "client/shared_memory_region.h"
 #include "client/tensor_bytes.h"
 #include "base/malloc_tuning.h"
 
@@ -52,6 +56,7 @@ int main(int argc, char** argv) {
   const bool malloc_tuned = blockd::TuneMallocForLargeBuffers();
   std::string target = "127.0.0.1:50051", shape = "qwen";
   int blocks = 8, iters = 10, connections = 1;
+  std::string transport = "grpc";
   std::vector<int> depths = {1, 2};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -60,6 +65,7 @@ int main(int argc, char** argv) {
     if (a.rfind("--blocks=", 0) == 0) blocks = std::stoi(a.substr(9));
     if (a.rfind("--iters=", 0) == 0) iters = std::stoi(a.substr(8));
     if (a.rfind("--connections=", 0) == 0) connections = std::stoi(a.substr(14));
+    if (a.rfind("--transport=", 0) == 0) transport = a.substr(12);
     if (a.rfind("--depth=", 0) == 0) {
       depths.clear();
       for (absl::string_view d : absl::StrSplit(a.substr(8), ',')) depths.push_back(std::stoi(std::string(d)));
@@ -142,8 +148,43 @@ int main(int argc, char** argv) {
   step.mutable_adamw()->set_lr(1e-4);
   step.set_max_grad_norm(1.0);
 
-  std::printf("client malloc: %s; %d connection%s\n", malloc_tuned ? "tuned for large buffers" : "glibc defaults",
-              connections, connections == 1 ? "" : "s");
+  // --transport=shm: per micro-batch slot, the input (then the output, in place) at 0 and the
+  // gradient (then grad_input, in place) after it.
+  const int64_t tensor_bytes = static_cast<int64_t>(fwd[0].input().data().size());
+  std::vector<std::unique_ptr<blockd::SharedMemoryRegion>> regions;
+  if (transport == "shm") {
+    const int most = *std::max_element(depths.begin(), depths.end());
+    for (int m = 0; m < most; ++m) {
+      regions.push_back(Check(blockd::SharedMemoryRegion::Create(client.get(), 2 * tensor_bytes), "register"));
+    }
+  } else if (transport != "grpc") {
+    std::fprintf(stderr, "--transport=%s: expected grpc or shm\n", transport.c_str());
+    return 2;
+  }
+  auto forward_backward = [&](int set, int m) {
+    if (regions.empty()) {
+      auto y = Check(client->Forward(fwd[set]), "forward");
+      Check(client->Backward(y.activation_id(), grads[set]), "backward");
+      return;
+    }
+    blockd::SharedMemoryRegion& r = *regions[m];
+    const blockd::v1::Tensor& x = fwd[set].input();
+    blockd::v1::ForwardRequest req;
+    *req.mutable_block_ids() = fwd[set].block_ids();
+    req.set_keep_activations(true);
+    *req.mutable_input() = Check(r.Put(0, x.dtype(), {B, S, d}, x.data()), "put input");
+    *req.mutable_output_shared_memory() = r.Ref(0, tensor_bytes);
+    auto y = Check(client->Forward(req), "forward");
+    blockd::v1::BackwardRequest bwd;
+    bwd.set_activation_id(y.activation_id());
+    *bwd.mutable_grad_output() = Check(r.Put(tensor_bytes, grads[set].dtype(), {B, S, d}, grads[set].data()), "put grad");
+    *bwd.mutable_output_shared_memory() = r.Ref(tensor_bytes, tensor_bytes);
+    Check(client->Backward(bwd), "backward");
+  };
+
+  std::printf("client malloc: %s; %d connection%s; transport %s\n",
+              malloc_tuned ? "tuned for large buffers" : "glibc defaults", connections, connections == 1 ? "" : "s",
+              transport.c_str());
   std::printf("%-28s %6s %10s %10s %12s %10s\n", "span over gRPC (bf16 wire)", "depth", "step ms", "fwd+bwd ms",
               "tokens/s", "MB/step");
   for (int depth : depths) {
@@ -153,9 +194,7 @@ int main(int argc, char** argv) {
       std::vector<std::thread> workers;
       for (int m = 0; m < depth; ++m) {
         workers.emplace_back([&, m] {
-          const int set = (it * depth + m) % 3;
-          auto y = Check(client->Forward(fwd[set]), "forward");
-          Check(client->Backward(y.activation_id(), grads[set]), "backward");
+          forward_backward((it * depth + m) % 3, m);
         });
       }
       for (std::thread& w : workers) w.join();
@@ -175,6 +214,7 @@ int main(int argc, char** argv) {
                 depth, st * 1e3, f2 * 1e3, depth * B * S / st, mb);
     std::fflush(stdout);
   }
+  regions.clear();  // unregistered before the blocks go
   for (const std::string& id : ids) Check(client->DeleteBlock(id), "delete");
   return 0;
 }

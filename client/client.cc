@@ -342,6 +342,10 @@ absl::StatusOr<v1::BackwardResponse> Client::Backward(absl::string_view activati
   v1::BackwardRequest request;
   request.set_activation_id(std::string(activation_id));
   *request.mutable_grad_output() = std::move(grad_output);
+  return Backward(request, call);
+}
+
+absl::StatusOr<v1::BackwardResponse> Client::Backward(const v1::BackwardRequest& request, const CallOptions& call) {
   const size_t bytes = request.ByteSizeLong();
   const v1::Tensor& t = request.grad_output();
   if (absl::Status s = CheckMessageSize("Backward", "grad_output", t, bytes, options_.max_message_bytes); !s.ok()) {
@@ -527,6 +531,29 @@ absl::StatusOr<v1::InferStepResponse> Client::InferStep(const v1::InferStepReque
   auto r = Invoke(NextStub(), &v1::BlockService::Stub::InferStep, &ctx, request);
   if (!r.ok()) return ExplainServerSizeRefusal(r.status(), "InferStep", "hidden_states", t, bytes);
   return r;
+}
+
+absl::StatusOr<v1::RegisterSharedMemoryResponse> Client::RegisterSharedMemory(
+    const v1::RegisterSharedMemoryRequest& request, const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(NextStub(), &v1::BlockService::Stub::RegisterSharedMemory, &ctx, request);
+}
+
+absl::Status Client::UnregisterSharedMemory(absl::string_view name, const CallOptions& call) {
+  v1::UnregisterSharedMemoryRequest request;
+  request.set_name(std::string(name));
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  return Invoke(NextStub(), &v1::BlockService::Stub::UnregisterSharedMemory, &ctx, request).status();
+}
+
+absl::StatusOr<std::vector<v1::SharedMemoryRegion>> Client::ListSharedMemory(const CallOptions& call) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, call);
+  auto r = Invoke(NextStub(), &v1::BlockService::Stub::ListSharedMemory, &ctx, v1::ListSharedMemoryRequest());
+  if (!r.ok()) return r.status();
+  return std::vector<v1::SharedMemoryRegion>(r->regions().begin(), r->regions().end());
 }
 
 absl::StatusOr<v1::SessionInfo> Client::TrimSession(absl::string_view session_id, int32_t length,

@@ -129,6 +129,7 @@ class Client {
                                               const CallOptions& call = {});
   absl::StatusOr<v1::BackwardResponse> Backward(absl::string_view activation_id, v1::Tensor grad_output,
                                                 const CallOptions& call = {});
+  absl::StatusOr<v1::BackwardResponse> Backward(const v1::BackwardRequest& request, const CallOptions& call = {});
   absl::Status ReleaseActivations(absl::string_view activation_id, const CallOptions& call = {});
   absl::Status ZeroGrad(const std::vector<std::string>& block_ids, const CallOptions& call = {});
   absl::StatusOr<v1::StepResponse> Step(const v1::StepRequest& request, const CallOptions& call = {});
@@ -163,6 +164,12 @@ class Client {
   absl::StatusOr<std::vector<v1::GroupInfo>> ListGroups(const CallOptions& call = {});
   absl::StatusOr<v1::GradNormResponse> GradNorm(const std::vector<std::string>& block_ids,
                                                 absl::string_view group_id = "", const CallOptions& call = {});
+  // Shared-memory regions of this identity (same host, --allow_shared_memory); see
+  // client/shared_memory_region.h for the class that creates, maps and registers one.
+  absl::StatusOr<v1::RegisterSharedMemoryResponse> RegisterSharedMemory(const v1::RegisterSharedMemoryRequest& request,
+                                                                        const CallOptions& call = {});
+  absl::Status UnregisterSharedMemory(absl::string_view name, const CallOptions& call = {});
+  absl::StatusOr<std::vector<v1::SharedMemoryRegion>> ListSharedMemory(const CallOptions& call = {});
   // The Infer stream: one step per Step() call, in order, on one HTTP/2 stream (no per-token call
   // setup). `call.timeout` bounds the whole stream. The first failed step ends the stream.
   class InferStream {

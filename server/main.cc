@@ -35,6 +35,12 @@ ABSL_FLAG(int64_t, max_blocks, 4096, "most blocks held at once");
 ABSL_FLAG(int64_t, max_activations_per_client, 256, "most activation handles one client may hold");
 ABSL_FLAG(absl::Duration, session_ttl, absl::Minutes(10), "inference sessions opened with ttl_seconds 0 close after this long without a call");
 ABSL_FLAG(int64_t, max_sessions_per_client, 64, "most inference sessions one client may hold open");
+ABSL_FLAG(bool, allow_shared_memory, false,
+          "let clients on this host pass Forward/Backward/InferStep tensors through POSIX shared-memory regions "
+          "they register (RegisterSharedMemory) instead of inside messages");
+ABSL_FLAG(int64_t, max_shared_memory_regions_per_client, 16, "shared-memory regions one client may register");
+ABSL_FLAG(int64_t, max_shared_memory_bytes_per_client, 16ll << 30, "bytes of shared-memory regions one client may register");
+ABSL_FLAG(absl::Duration, shared_memory_ttl, absl::Minutes(10), "shared-memory regions no call used for this long are unregistered");
 ABSL_FLAG(int64_t, max_concurrent_rpcs, 256, "calls served at once; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, max_concurrent_rpcs_per_client, 0,
           "calls one client identity may have in flight (0: max(1, max_concurrent_rpcs / 4))");
@@ -127,6 +133,10 @@ int Run(bool malloc_tuned) {
   o.service.max_concurrent_rpcs_per_client = absl::GetFlag(FLAGS_max_concurrent_rpcs_per_client);
   o.service.stream_idle_timeout = absl::GetFlag(FLAGS_stream_idle_timeout);
   o.service.stream_max_duration = absl::GetFlag(FLAGS_stream_max_duration);
+  o.service.shared_memory.allowed = absl::GetFlag(FLAGS_allow_shared_memory);
+  o.service.shared_memory.max_regions_per_client = absl::GetFlag(FLAGS_max_shared_memory_regions_per_client);
+  o.service.shared_memory.max_bytes_per_client = absl::GetFlag(FLAGS_max_shared_memory_bytes_per_client);
+  o.service.shared_memory.ttl = absl::GetFlag(FLAGS_shared_memory_ttl);
   o.engine.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
   o.engine.activation_ttl = absl::GetFlag(FLAGS_activation_ttl);
   o.engine.max_blocks = absl::GetFlag(FLAGS_max_blocks);

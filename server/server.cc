@@ -111,6 +111,10 @@ void Server::Housekeeping() {
     if (expired > 0) BLOCKD_LOG(kInfo, "expired ", expired, " activation handles past their TTL");
     const int64_t sessions_expired = engine_->ExpireSessions();
     if (sessions_expired > 0) BLOCKD_LOG(kInfo, "closed ", sessions_expired, " inference sessions past their TTL");
+    const int64_t regions_expired = service_->shared_memory().Expire();
+    if (regions_expired > 0) BLOCKD_LOG(kInfo, "unregistered ", regions_expired, " shared-memory regions past their TTL");
+    metrics_->shm_regions->Set(static_cast<double>(service_->shared_memory().regions()));
+    metrics_->shm_bytes->Set(static_cast<double>(service_->shared_memory().registered_bytes()));
     const std::vector<std::string> leased_out = engine_->ExpireBlocks();
     if (!leased_out.empty()) {
       BLOCKD_LOG(kInfo, "deleted blocks idle past their lease: ", absl::StrJoin(leased_out, ", "));

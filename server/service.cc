@@ -16,6 +16,7 @@
 #include "server/convert.h"
 #include "server/credentials.h"
 #include "server/service_internal.h"
+#include "server/shared_memory_transport.h"
 
 namespace blockd {
 
@@ -33,6 +34,9 @@ BlockServiceImpl::BlockServiceImpl(Engine* engine, Metrics* metrics, ThreadPool*
   // Admin callers keep some slots only where roles exist: without credentials everyone is admin.
   admin_reserve_ = options_.identity_from_credentials && max >= 2 ? std::max<int64_t>(1, max / 8) : 0;
   watchdog_ = std::make_unique<StreamWatchdog>(options_.stream_idle_timeout, options_.stream_max_duration);
+  SharedMemoryOptions shm = options_.shared_memory;
+  shm.max_tensor_bytes = options_.max_message_bytes;  // a tensor by reference is bounded as inline
+  shared_memory_ = std::make_unique<SharedMemoryRegistry>(shm);
 }
 
 absl::StatusOr<Principal> BlockServiceImpl::Identify(grpc::CallbackServerContext* ctx) const {
@@ -127,6 +131,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::GetServerInfo(grpc::CallbackServerCo
     resp->set_sessions_open(stats.sessions_open);
     resp->set_kv_cache_pages_in_use(stats.kv_pages_in_use);
     resp->set_kv_cache_bytes_in_use(stats.kv_bytes_in_use);
+    FillSharedMemoryInfo(resp->mutable_shared_memory());
     return absl::OkStatus();
   });
 }
@@ -202,13 +207,19 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
                [this, ctx, req, resp](UnaryReactor* reactor) -> absl::Status {
     ForwardArgs args;
     args.block_ids.assign(req->block_ids().begin(), req->block_ids().end());
-    ASSIGN_OR_RETURN(args.input, TensorArgOf(req->input(), "input"));
+    TensorTransport io(shared_memory_.get(), metrics_, reactor->client());
+    ASSIGN_OR_RETURN(args.input, io.Input(req->input(), "input"));
     args.keep_activations = req->keep_activations();
     args.position_offset = req->position_offset();
     args.client = reactor->client();
     ForwardOutput out;
-    out.output.data = resp->mutable_output()->mutable_data();
+    ASSIGN_OR_RETURN(out.output.data, io.PrepareOutput(OutputRefOf(*req), "output_shared_memory",
+                                                       static_cast<int64_t>(args.input.size), resp->mutable_output()));
     RETURN_IF_ERROR(engine_->Forward(args, &out));
+    if (absl::Status written = io.FinishOutput(); !written.ok()) {
+      if (!out.activation_id.empty()) engine_->ReleaseActivations(out.activation_id, args.client).IgnoreError();
+      return written;
+    }
     resp->mutable_output()->set_dtype(req->input().dtype());
     for (int64_t d : out.output.shape) resp->mutable_output()->add_shape(d);
     metrics_->tokens_forward->Increment(static_cast<double>(out.tokens));
@@ -237,11 +248,14 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Backward(grpc::CallbackServerContext
                                                      const v1::BackwardRequest* req, v1::BackwardResponse* resp) {
   return Unary(ctx, "Backward", *req, resp, Work::kPool, Role::kTrain,
                [this, req, resp](UnaryReactor* reactor) -> absl::Status {
-    ASSIGN_OR_RETURN(TensorArg grad, TensorArgOf(req->grad_output(), "grad_output"));
+    TensorTransport io(shared_memory_.get(), metrics_, reactor->client());
+    ASSIGN_OR_RETURN(TensorArg grad, io.Input(req->grad_output(), "grad_output"));
     TensorOut out;
-    out.data = resp->mutable_grad_input()->mutable_data();
+    ASSIGN_OR_RETURN(out.data, io.PrepareOutput(OutputRefOf(*req), "output_shared_memory",
+                                                static_cast<int64_t>(grad.size), resp->mutable_grad_input()));
     // Handles belong to the identity that ran the Forward (engine/owned.h).
     RETURN_IF_ERROR(engine_->Backward(req->activation_id(), reactor->client(), grad, &out));
+    RETURN_IF_ERROR(io.FinishOutput());
     resp->mutable_grad_input()->set_dtype(req->grad_output().dtype());
     for (int64_t d : out.shape) resp->mutable_grad_input()->add_shape(d);
     metrics_->tokens_backward->Increment(static_cast<double>(out.tokens));

@@ -21,6 +21,7 @@
 #include "engine/engine.h"
 #include "server/auth.h"
 #include "server/metrics.h"
+#include "server/shared_memory.h"
 #include "server/stream_watchdog.h"
 #include "server/thread_pool.h"
 
@@ -45,6 +46,9 @@ struct ServiceOptions {
   bool identity_from_credentials = false;
   int64_t default_chunk_bytes = 1 << 20;
   int64_t max_chunk_bytes = 4 << 20;
+  // Shared-memory tensors of same-host clients (--allow_shared_memory and its caps);
+  // max_tensor_bytes is set from max_message_bytes.
+  SharedMemoryOptions shared_memory;
 };
 
 class Checkpointer;
@@ -61,6 +65,8 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
     EndInferStreams();
   }
   int64_t inflight() const { return inflight_; }
+  // The shared-memory regions (expired by the server's housekeeping; closed with the service).
+  SharedMemoryRegistry& shared_memory() { return *shared_memory_; }
 
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx, const v1::GetServerInfoRequest* req,
                                           v1::GetServerInfoResponse* resp) override;
@@ -120,6 +126,15 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
                                        v1::ListGroupsResponse* resp) override;
   grpc::ServerUnaryReactor* GradNorm(grpc::CallbackServerContext* ctx, const v1::GradNormRequest* req,
                                      v1::GradNormResponse* resp) override;
+  // Shared-memory tensors (service_shared_memory.cc).
+  grpc::ServerUnaryReactor* RegisterSharedMemory(grpc::CallbackServerContext* ctx,
+                                                 const v1::RegisterSharedMemoryRequest* req,
+                                                 v1::RegisterSharedMemoryResponse* resp) override;
+  grpc::ServerUnaryReactor* UnregisterSharedMemory(grpc::CallbackServerContext* ctx,
+                                                   const v1::UnregisterSharedMemoryRequest* req,
+                                                   v1::UnregisterSharedMemoryResponse* resp) override;
+  grpc::ServerUnaryReactor* ListSharedMemory(grpc::CallbackServerContext* ctx, const v1::ListSharedMemoryRequest* req,
+                                             v1::ListSharedMemoryResponse* resp) override;
 
  private:
   class Call;
@@ -136,6 +151,7 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
   void EndInferStreams();
   // One inference step from a request, shared by InferStep and the Infer stream.
   absl::Status RunInferStep(const v1::InferStepRequest& req, const std::string& client, v1::InferStepResponse* resp);
+  void FillSharedMemoryInfo(v1::SharedMemoryInfo* out) const;
 
   enum class Work { kInline, kPool };
   // Admits the call (or finishes it with the reason), runs `fn` inline or on the pool, and
@@ -162,6 +178,7 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
   int64_t per_client_limit_ = 0;
   int64_t admin_reserve_ = 0;
   std::unique_ptr<StreamWatchdog> watchdog_;
+  std::unique_ptr<SharedMemoryRegistry> shared_memory_;
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> inflight_{0};
   absl::Mutex slots_mu_;

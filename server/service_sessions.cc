@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/convert.h"
 #include "server/service_internal.h"
+#include "server/shared_memory_transport.h"
 
 namespace blockd {
 namespace {
@@ -29,14 +30,18 @@ absl::Status BlockServiceImpl::RunInferStep(const v1::InferStepRequest& req, con
   InferStepArgs args;
   args.session_id = req.session_id();
   args.client = client;
-  ASSIGN_OR_RETURN(args.hidden_states, TensorArgOf(req.hidden_states(), "hidden_states"));
+  TensorTransport io(shared_memory_.get(), metrics_, client);
+  ASSIGN_OR_RETURN(args.hidden_states, io.Input(req.hidden_states(), "hidden_states"));
   args.hypo_ids.assign(req.hypo_ids().begin(), req.hypo_ids().end());
   args.step_id = req.step_id();
   InferStepOutput out;
-  out.output.data = resp->mutable_hidden_states()->mutable_data();
+  ASSIGN_OR_RETURN(out.output.data, io.PrepareOutput(OutputRefOf(req), "output_shared_memory",
+                                                     static_cast<int64_t>(args.hidden_states.size),
+                                                     resp->mutable_hidden_states()));
   const absl::Time start = absl::Now();
   RETURN_IF_ERROR(engine_->InferStep(args, &out));
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  RETURN_IF_ERROR(io.FinishOutput());
   resp->mutable_hidden_states()->set_dtype(ToProto(out.output.dtype));
   for (int64_t d : out.output.shape) resp->mutable_hidden_states()->add_shape(d);
   resp->set_length(static_cast<int32_t>(out.length));

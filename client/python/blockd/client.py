@@ -23,7 +23,9 @@ import grpc
 
 from blockd import tensors as T
 from blockd.config import BlockConfig, kind_value, precision_value
-from blockd.errors import BlockdError, ResourceExhaustedError, UnavailableError, from_rpc_error
+from blockd.errors import (BlockdError, DeadlineExceededError, FailedPreconditionError, NotFoundError,
+                           ResourceExhaustedError, UnavailableError, from_rpc_error)
+from blockd.shared_memory import TRANSPORTS, Arena
 from blockd.v1 import block_service_pb2 as pb
 from blockd.v1 import block_service_pb2_grpc as pb_grpc
 
@@ -73,11 +75,19 @@ def _release_loop(q, stub, metadata):
 class Client:
     def __init__(self, target, token=None, tls=False, root_certificates=None, certificate_chain=None,
                  private_key=None, timeout=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
-                 max_message_bytes=256 << 20, client_name=None, channel_options=()):
+                 max_message_bytes=256 << 20, client_name=None, channel_options=(), transport="auto"):
         """target "host:port"; token: bearer token (--auth_token_file); tls: True, or a
         grpc.ChannelCredentials; root_certificates / certificate_chain / private_key: PEM bytes or
         file paths (mutual TLS); timeout: default deadline in seconds (None: none);
-        client_name: how the server accounts this client's activation handles."""
+        client_name: how the server accounts this client's activation handles.
+        transport: how Forward/Backward/InferStep tensors travel: "auto" (shared memory when the
+        daemon is on this host and allows it, else inside the messages), "grpc" (always inside the
+        messages) or "shared_memory" (raise rather than fall back)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport = {transport!r}, expected one of {TRANSPORTS}")
+        self.transport = transport
+        self._arena = None  # shared-memory Arena once it works; False once "auto" found it cannot
+        self._arena_lock = threading.Lock()
         self.target = target
         self.timeout = timeout
         self.chunk_bytes = int(chunk_bytes)
@@ -121,6 +131,8 @@ class Client:
         self._releases.put(None)
         self._release_thread.join(timeout=30)
         self._finalizer.detach()
+        if self._arena:
+            self._arena.close()  # unregisters the region (its TTL would otherwise)
         self._channel.close()
 
     def __enter__(self):
@@ -161,6 +173,74 @@ class Client:
             return getattr(self._stub, method)(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e, method) from None
+
+    def _arena_for(self, transport):
+        """The shared-memory arena for an activation call, or None for inline tensors."""
+        mode = transport or self.transport
+        if mode not in TRANSPORTS:
+            raise ValueError(f"transport = {mode!r}, expected one of {TRANSPORTS}")
+        if mode == "grpc":
+            return None
+        with self._arena_lock:
+            if self._arena is None or (self._arena is False and mode == "shared_memory"):
+                arena = Arena(self)
+                try:
+                    if not self.server_info().shared_memory.allowed:
+                        raise FailedPreconditionError(
+                            grpc.StatusCode.FAILED_PRECONDITION, "the daemon does not allow shared-memory tensors (--allow_shared_memory)")
+                    arena.ensure(1 << 20)  # try-register: NOT_FOUND when the daemon is on another host
+                except (BlockdError, OSError) as e:
+                    if mode == "shared_memory":
+                        raise
+                    if isinstance(e, (UnavailableError, DeadlineExceededError)):
+                        return None  # the daemon is not answering now: ask again next call
+                    self._arena = False  # refused, another host, or a daemon without shared memory
+                    return None
+                self._arena = arena
+            return self._arena or None
+
+    def _activation_call(self, method, request, field, out_field, transport, timeout):
+        """_sized_unary for Forward/Backward/InferStep, moving the tensor `field` of `request` into
+        shared memory and its reply back out of it when the transport allows. The reply looks the
+        same either way (its tensor carries the bytes)."""
+        tensor = getattr(request, field)
+        arena = self._arena_for(transport)
+        if arena is None:
+            return self._sized_unary(method, request, field, tensor, timeout)
+        data = tensor.data
+        with arena.lock:
+            for attempt in (0, 1):
+                region = arena.ensure(len(data))
+                ref = region.ref(0, len(data))
+                region.write(0, data)
+                tensor.ClearField("data")
+                tensor.shared_memory.CopyFrom(ref)
+                request.output_shared_memory.CopyFrom(ref)  # in place: the server reads all before writing
+                try:
+                    resp = self._unary(method, request, timeout)
+                    break
+                except NotFoundError as e:
+                    # Unused past the daemon's --shared_memory_ttl, the region was unregistered:
+                    # register a new one and send again (nothing ran: the region is checked first).
+                    if attempt or "shared-memory region" not in e.details:
+                        raise
+                    arena.close()
+            out = getattr(resp, out_field)
+            if out.HasField("shared_memory"):
+                out.data = bytes(region.read(out.shared_memory))
+                out.ClearField("shared_memory")
+        return resp
+
+    # -- shared memory (same host; see blockd.shared_memory) ----------------------------------
+    def register_shared_memory(self, name, key, byte_size, offset=0, timeout=None):
+        req = pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=byte_size, offset=offset)
+        return self._unary("RegisterSharedMemory", req, timeout).region
+
+    def unregister_shared_memory(self, name, timeout=None):
+        self._unary("UnregisterSharedMemory", pb.UnregisterSharedMemoryRequest(name=name), timeout)
+
+    def list_shared_memory(self, timeout=None):
+        return list(self._unary("ListSharedMemory", pb.ListSharedMemoryRequest(), timeout).regions)
 
     def _sized_unary(self, method, request, what, tensor, timeout):
         """_unary for a request that carries an activation tensor. gRPC refuses a message over a
@@ -261,21 +341,22 @@ class Client:
             raise from_rpc_error(e, "LoadWeights") from None
         return list(resp.loaded)
 
-    def forward(self, block_ids, x, keep_activations=False, position_offset=0, dtype=None, timeout=None):
+    def forward(self, block_ids, x, keep_activations=False, position_offset=0, dtype=None, timeout=None,
+                transport=None):
         """Runs x [batch, seq, hidden] through the blocks in order. Returns (output, activation_id);
         the id is "" unless keep_activations. `dtype` is the wire dtype ("fp32" / "bf16"); the
         output has x's kind and dtype."""
         ids = [block_ids] if isinstance(block_ids, str) else list(block_ids)
         req = pb.ForwardRequest(block_ids=ids, input=T.to_proto(x, dtype), keep_activations=keep_activations,
                                 position_offset=position_offset)
-        resp = self._sized_unary("Forward", req, "input", req.input, timeout)
+        resp = self._activation_call("Forward", req, "input", "output", transport, timeout)
         return ForwardResult(T.from_proto(resp.output, like=x), resp.activation_id)
 
-    def backward(self, activation_id, grad_output, dtype=None, timeout=None):
+    def backward(self, activation_id, grad_output, dtype=None, timeout=None, transport=None):
         """Backward through the span of a Forward(keep_activations=True); accumulates the weight
         gradients and frees the handle. Returns grad_input with grad_output's kind and dtype."""
         req = pb.BackwardRequest(activation_id=activation_id, grad_output=T.to_proto(grad_output, dtype))
-        resp = self._sized_unary("Backward", req, "grad_output", req.grad_output, timeout)
+        resp = self._activation_call("Backward", req, "grad_output", "grad_input", transport, timeout)
         return T.from_proto(resp.grad_input, like=grad_output)
 
     def release_activations(self, activation_id, timeout=None):
@@ -363,14 +444,15 @@ class Client:
             req.ttl_seconds = math.ceil(ttl)
         return self._unary("OpenSession", req, timeout)
 
-    def infer_step(self, session_id, hidden_states, hypo_ids=None, step_id=0, dtype=None, timeout=None):
+    def infer_step(self, session_id, hidden_states, hypo_ids=None, step_id=0, dtype=None, timeout=None,
+                   transport=None):
         """One step of a session: hidden_states [batch_size, new_tokens, hidden] (the prompt for a
         prefill, one token for a decode step) at positions length .. length+new_tokens-1 of each
         row. hypo_ids (len batch_size): row i first continues from row hypo_ids[i] (beam search).
         step_id != 0: repeating the last one returns its output again without appending (a safe
         retry). Returns InferStepResult(hidden_states like the input, length after, step_id)."""
         req = _infer_request(session_id, hidden_states, hypo_ids, step_id, dtype)
-        resp = self._sized_unary("InferStep", req, "hidden_states", req.hidden_states, timeout)
+        resp = self._activation_call("InferStep", req, "hidden_states", "hidden_states", transport, timeout)
         return InferStepResult(T.from_proto(resp.hidden_states, like=hidden_states), resp.length, resp.step_id)
 
     def trim_session(self, session_id, length, timeout=None):

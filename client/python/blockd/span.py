@@ -47,10 +47,12 @@ class _SpanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, x, span, position_offset):
         out, activation_id = span.client.forward(span.block_ids, x, keep_activations=True,
-                                                 position_offset=position_offset, dtype=span.wire_dtype)
+                                                 position_offset=position_offset, dtype=span.wire_dtype,
+                                                 transport=span.transport)
         ctx.activation = _Activation(span.client, activation_id)
         ctx.client = span.client
         ctx.wire_dtype = span.wire_dtype
+        ctx.transport = span.transport
         return out
 
     @staticmethod
@@ -58,7 +60,8 @@ class _SpanFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         activation_id = ctx.activation.take()
         try:
-            grad_input = ctx.client.backward(activation_id, grad_output, dtype=ctx.wire_dtype)
+            grad_input = ctx.client.backward(activation_id, grad_output, dtype=ctx.wire_dtype,
+                                             transport=ctx.transport)
         except NotFoundError:
             raise  # expired (--activation_ttl) or its blocks were deleted: nothing left to free
         except BlockdError:
@@ -71,9 +74,11 @@ class RemoteSpan(torch.nn.Module):
     """Blocks `block_ids` on the server of `client`, run in order as one span.
 
     wire_dtype: "fp32" or "bf16", the dtype of activations and their gradients on the wire (the
-    module's output has its input's dtype either way)."""
+    module's output has its input's dtype either way).
+    transport: None (the client's: by default shared memory when the daemon is on this host and
+    allows it, else gRPC), "grpc" to force activations inside the messages, or "shared_memory"."""
 
-    def __init__(self, client, block_ids, wire_dtype="fp32"):
+    def __init__(self, client, block_ids, wire_dtype="fp32", transport=None):
         super().__init__()
         if isinstance(block_ids, str):
             block_ids = [block_ids]
@@ -82,11 +87,12 @@ class RemoteSpan(torch.nn.Module):
         self.client = client
         self.block_ids = list(block_ids)
         self.wire_dtype = wire_dtype
+        self.transport = transport
         self._anchor = torch.empty(0, requires_grad=True)  # not a Parameter: it is never trained
 
     @classmethod
     def create(cls, client, config, num_blocks, prefix="block", seed=0, precision=None, max_seq_len=0,
-               max_batch_size=0, wire_dtype="fp32", first_layer=0, frozen=False):
+               max_batch_size=0, wire_dtype="fp32", first_layer=0, frozen=False, transport=None):
         """Creates `num_blocks` blocks "{prefix}{i}" with seeded random weights (block i gets
         seed + i) and returns them as one span. frozen=True: weights only (Client.create_block)."""
         config = BlockConfig.coerce(config)
@@ -103,13 +109,13 @@ class RemoteSpan(torch.nn.Module):
                 except BlockdError:
                     pass
             raise
-        return cls(client, ids, wire_dtype=wire_dtype)
+        return cls(client, ids, wire_dtype=wire_dtype, transport=transport)
 
     def forward(self, x, position_offset=0):
         if torch.is_grad_enabled():
             return _SpanFunction.apply(self._anchor, x, self, position_offset)
         out, _ = self.client.forward(self.block_ids, x, keep_activations=False, position_offset=position_offset,
-                                     dtype=self.wire_dtype)
+                                     dtype=self.wire_dtype, transport=self.transport)
         return out
 
     def zero_grad(self, set_to_none=True):

@@ -1,0 +1,116 @@
+// Shared-memory tensors: the RegisterSharedMemory, UnregisterSharedMemory and ListSharedMemory
+// RPCs of BlockServiceImpl, and TensorTransport, through which Forward, Backward and InferStep take
+// their activation tensors inline or from a region. Regions belong to the caller's identity
+// (reactor->client()), as activation handles and sessions do, and need the read role.
+#include "server/shared_memory_transport.h"
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "server/convert.h"
+#include "server/service_internal.h"
+
+namespace blockd {
+namespace {
+
+SharedMemorySlice SliceOf(const v1::SharedMemoryRef& ref) { return {ref.region(), ref.offset(), ref.byte_size()}; }
+
+void ToProto(const SharedMemoryRegionInfo& info, v1::SharedMemoryRegion* out) {
+  out->set_name(info.name);
+  out->set_key(info.key);
+  out->set_byte_size(info.byte_size);
+  out->set_offset(info.offset);
+  out->set_idle_seconds(absl::ToDoubleSeconds(info.idle));
+  out->set_expires_in_seconds(absl::ToDoubleSeconds(info.expires_in));
+}
+
+}  // namespace
+
+absl::StatusOr<TensorArg> TensorTransport::Input(const v1::Tensor& t, absl::string_view what) {
+  ASSIGN_OR_RETURN(TensorArg arg, TensorArgOf(t, what));
+  if (!t.has_shared_memory()) {
+    metrics_->tensor_bytes_inline_in->Increment(static_cast<double>(arg.size));
+    return arg;
+  }
+  if (!t.data().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " carries both ", t.data().size(),
+                                                   " bytes of data and a shared_memory reference: set one of them"));
+  }
+  const std::string field = absl::StrCat(what, ".shared_memory");
+  if (shm_ == nullptr) return absl::FailedPreconditionError(absl::StrCat(field, ": shared-memory tensors are off"));
+  RETURN_IF_ERROR(shm_->Read(client_, SliceOf(t.shared_memory()), field, &in_copy_));
+  arg.data = in_copy_.data();
+  arg.size = in_copy_.size();
+  metrics_->tensor_bytes_shm_in->Increment(static_cast<double>(arg.size));
+  return arg;
+}
+
+absl::StatusOr<std::string*> TensorTransport::PrepareOutput(const v1::SharedMemoryRef* ref, absl::string_view what,
+                                                            int64_t need, v1::Tensor* reply) {
+  reply_ = reply;
+  if (ref == nullptr) return reply->mutable_data();
+  if (shm_ == nullptr) return absl::FailedPreconditionError(absl::StrCat(what, ": shared-memory tensors are off"));
+  RETURN_IF_ERROR(shm_->Check(client_, SliceOf(*ref), what));
+  if (ref->byte_size() < need) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ".byte_size = ", ref->byte_size(), ", the output needs ", need,
+                                                   " bytes (the input's shape and dtype)"));
+  }
+  out_ref_ = ref;
+  out_what_ = std::string(what);
+  return &out_staging_;
+}
+
+absl::Status TensorTransport::FinishOutput() {
+  if (out_ref_ == nullptr) {
+    metrics_->tensor_bytes_inline_out->Increment(static_cast<double>(reply_->data().size()));
+    return absl::OkStatus();
+  }
+  RETURN_IF_ERROR(shm_->Write(client_, SliceOf(*out_ref_), out_what_, out_staging_));
+  v1::SharedMemoryRef* at = reply_->mutable_shared_memory();
+  at->set_region(out_ref_->region());
+  at->set_offset(out_ref_->offset());
+  at->set_byte_size(static_cast<int64_t>(out_staging_.size()));
+  metrics_->tensor_bytes_shm_out->Increment(static_cast<double>(out_staging_.size()));
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* BlockServiceImpl::RegisterSharedMemory(grpc::CallbackServerContext* ctx,
+                                                                 const v1::RegisterSharedMemoryRequest* req,
+                                                                 v1::RegisterSharedMemoryResponse* resp) {
+  return Unary(ctx, "RegisterSharedMemory", *req, resp, Work::kPool, Role::kRead,
+               [this, req, resp](UnaryReactor* reactor) -> absl::Status {
+    ASSIGN_OR_RETURN(SharedMemoryRegionInfo info, shared_memory_->Register(reactor->client(), req->name(), req->key(),
+                                                                           req->byte_size(), req->offset()));
+    ToProto(info, resp->mutable_region());
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* BlockServiceImpl::UnregisterSharedMemory(grpc::CallbackServerContext* ctx,
+                                                                   const v1::UnregisterSharedMemoryRequest* req,
+                                                                   v1::UnregisterSharedMemoryResponse* resp) {
+  return Unary(ctx, "UnregisterSharedMemory", *req, resp, Work::kInline, Role::kRead,
+               [this, req](UnaryReactor* reactor) { return shared_memory_->Unregister(reactor->client(), req->name()); });
+}
+
+grpc::ServerUnaryReactor* BlockServiceImpl::ListSharedMemory(grpc::CallbackServerContext* ctx,
+                                                             const v1::ListSharedMemoryRequest* req,
+                                                             v1::ListSharedMemoryResponse* resp) {
+  return Unary(ctx, "ListSharedMemory", *req, resp, Work::kInline, Role::kRead,
+               [this, resp](UnaryReactor* reactor) -> absl::Status {
+    for (const SharedMemoryRegionInfo& info : shared_memory_->List(reactor->client())) {
+      ToProto(info, resp->add_regions());
+    }
+    return absl::OkStatus();
+  });
+}
+
+void BlockServiceImpl::FillSharedMemoryInfo(v1::SharedMemoryInfo* out) const {
+  const SharedMemoryOptions& o = shared_memory_->options();
+  out->set_allowed(o.allowed);
+  out->set_max_regions_per_client(o.max_regions_per_client);
+  out->set_max_bytes_per_client(o.max_bytes_per_client);
+  out->set_ttl_seconds(absl::ToDoubleSeconds(o.ttl));
+  out->set_max_tensor_bytes(o.max_tensor_bytes);
+}
+
+}  // namespace blockd

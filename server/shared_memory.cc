@@ -1,0 +1,320 @@
+#include "server/shared_memory.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "base/echo.h"
+
+namespace blockd {
+namespace {
+
+constexpr char kKeyPrefix[] = "/blockd";
+
+bool AllOf(absl::string_view s, absl::string_view extra) {
+  for (char c : s) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    extra.find(c) != absl::string_view::npos;
+    if (!ok) return false;
+  }
+  return true;
+}
+
+absl::Status CheckName(absl::string_view name) {
+  if (name.empty() || name.size() > 128 || !AllOf(name, "._:-")) {
+    return absl::InvalidArgumentError(absl::StrCat("shared-memory region name \"", Echo(name),
+                                                   "\" is not valid: expected 1-128 characters of [A-Za-z0-9._:-]"));
+  }
+  return absl::OkStatus();
+}
+
+// Only objects named for blockd: a client must not make the daemon open some other program's
+// shared memory (a database's, another daemon's) by naming it. No '/' after the first, so a key
+// never leaves /dev/shm.
+absl::Status CheckKey(absl::string_view key) {
+  const absl::string_view rest = absl::StartsWith(key, kKeyPrefix) ? key.substr(sizeof(kKeyPrefix) - 1) : "";
+  if (rest.empty() || rest.size() > 200 || !AllOf(rest, "._-")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shared-memory key \"", Echo(key),
+        "\" is not valid: expected a POSIX shared-memory name \"/blockd\" followed by 1-200 characters of "
+        "[A-Za-z0-9._-] (e.g. /blockd-3f9c...)"));
+  }
+  return absl::OkStatus();
+}
+
+std::string NotFound(absl::string_view what, absl::string_view region) {
+  return absl::StrCat(what, ": shared-memory region \"", Echo(region),
+                      "\" not found (never registered, unregistered, or unused past its TTL)");
+}
+
+}  // namespace
+
+struct SharedMemoryRegistry::Region {
+  std::string name, key;
+  int64_t byte_size = 0, offset = 0;
+  int fd = -1;
+  absl::Mutex mu;
+  absl::Time last_used ABSL_GUARDED_BY(mu);
+  ~Region() {
+    if (fd >= 0) close(fd);
+  }
+};
+
+SharedMemoryRegistry::SharedMemoryRegistry(SharedMemoryOptions options) : options_(std::move(options)) {}
+
+SharedMemoryRegistry::~SharedMemoryRegistry() {
+  absl::MutexLock lock(&mu_);
+  regions_.clear();
+}
+
+absl::StatusOr<SharedMemoryRegionInfo> SharedMemoryRegistry::Register(const std::string& owner,
+                                                                      const std::string& name, const std::string& key,
+                                                                      int64_t byte_size, int64_t offset) {
+  if (!options_.allowed) {
+    return absl::FailedPreconditionError(
+        "shared-memory tensors are off: start blockd with --allow_shared_memory (same-host clients only), or send "
+        "tensors inline");
+  }
+  if (auto s = CheckName(name); !s.ok()) return s;
+  if (auto s = CheckKey(key); !s.ok()) return s;
+  if (byte_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("byte_size = ", byte_size, ", expected > 0"));
+  }
+  if (offset < 0) return absl::InvalidArgumentError(absl::StrCat("offset = ", offset, ", expected >= 0"));
+  if (byte_size > options_.max_bytes_per_client) {
+    return absl::ResourceExhaustedError(absl::StrCat("byte_size = ", byte_size, " is over the ",
+                                                     options_.max_bytes_per_client,
+                                                     " bytes one client may register (--max_shared_memory_bytes_per_client)"));
+  }
+  if (offset > INT64_MAX - byte_size) {
+    return absl::InvalidArgumentError(absl::StrCat("offset ", offset, " + byte_size ", byte_size, " overflows"));
+  }
+  {  // Cheap refusals before touching the file system.
+    absl::MutexLock lock(&mu_);
+    int64_t count = 0, bytes = 0;
+    for (const auto& [k, r] : regions_) {
+      if (k.first != owner) continue;
+      if (k.second == name) {
+        return absl::AlreadyExistsError(absl::StrCat("shared-memory region \"", Echo(name),
+                                                     "\" is already registered (unregister it first)"));
+      }
+      ++count;
+      bytes += r->byte_size;
+    }
+    if (count >= options_.max_regions_per_client) {
+      return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(owner), " already has ", count,
+                                                       " shared-memory regions (--max_shared_memory_regions_per_client=",
+                                                       options_.max_regions_per_client, ")"));
+    }
+    if (byte_size > options_.max_bytes_per_client - bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "client ", Echo(owner), " has ", bytes, " bytes of shared memory registered; ", byte_size,
+          " more would pass --max_shared_memory_bytes_per_client=", options_.max_bytes_per_client));
+    }
+  }
+  // O_NOFOLLOW: /dev/shm is world-writable, a symlink planted there must not lead elsewhere.
+  const int fd = shm_open(key.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0);
+  if (fd < 0) {
+    const int err = errno;
+    if (err == ENOENT) {
+      return absl::NotFoundError(absl::StrCat("no shared-memory object \"", Echo(key),
+                                              "\" on the daemon's host (is the client on another host?)"));
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot open shared-memory object \"", Echo(key), "\": ", std::strerror(err)));
+  }
+  auto region = std::make_shared<Region>();
+  region->fd = fd;  // closed by ~Region from here on
+  struct stat st = {};
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    return absl::InvalidArgumentError(absl::StrCat("shared-memory object \"", Echo(key), "\" is not a regular object"));
+  }
+  if (st.st_size < offset + byte_size) {
+    return absl::InvalidArgumentError(absl::StrCat("shared-memory object \"", Echo(key), "\" holds ", st.st_size,
+                                                   " bytes, expected at least offset + byte_size = ", offset + byte_size));
+  }
+  region->name = name;
+  region->key = key;
+  region->byte_size = byte_size;
+  region->offset = offset;
+  const absl::Time now = absl::Now();
+  {
+    absl::MutexLock r(&region->mu);
+    region->last_used = now;
+  }
+  absl::MutexLock lock(&mu_);
+  // Checked again: another Register of this caller may have run while the object was opened.
+  int64_t count = 0, bytes = 0;
+  for (const auto& [k, r] : regions_) {
+    if (k.first != owner) continue;
+    if (k.second == name) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("shared-memory region \"", Echo(name), "\" is already registered (unregister it first)"));
+    }
+    ++count;
+    bytes += r->byte_size;
+  }
+  if (count >= options_.max_regions_per_client || byte_size > options_.max_bytes_per_client - bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(owner),
+                                                     " reached its shared-memory caps while registering (",
+                                                     count, " regions, ", bytes, " bytes)"));
+  }
+  regions_[{owner, name}] = region;
+  return SharedMemoryRegionInfo{name, key, byte_size, offset, absl::ZeroDuration(), options_.ttl};
+}
+
+absl::Status SharedMemoryRegistry::Unregister(const std::string& owner, absl::string_view name) {
+  absl::MutexLock lock(&mu_);
+  auto it = regions_.find({owner, std::string(name)});
+  if (it == regions_.end()) return absl::NotFoundError(NotFound("UnregisterSharedMemory", name));
+  regions_.erase(it);
+  return absl::OkStatus();
+}
+
+std::vector<SharedMemoryRegionInfo> SharedMemoryRegistry::List(const std::string& owner) {
+  std::vector<SharedMemoryRegionInfo> out;
+  const absl::Time now = absl::Now();
+  absl::MutexLock lock(&mu_);
+  for (const auto& [k, r] : regions_) {
+    if (k.first != owner) continue;
+    absl::MutexLock rl(&r->mu);
+    const absl::Duration idle = now - r->last_used;
+    out.push_back({r->name, r->key, r->byte_size, r->offset, idle, std::max(absl::ZeroDuration(), options_.ttl - idle)});
+  }
+  return out;
+}
+
+int64_t SharedMemoryRegistry::Expire() {
+  const absl::Time now = absl::Now();
+  int64_t n = 0;
+  absl::MutexLock lock(&mu_);
+  for (auto it = regions_.begin(); it != regions_.end();) {
+    bool expired;
+    {
+      absl::MutexLock rl(&it->second->mu);
+      expired = now - it->second->last_used >= options_.ttl;
+    }
+    if (expired) {
+      it = regions_.erase(it);
+      ++n;
+    } else {
+      ++it;
+    }
+  }
+  return n;
+}
+
+int64_t SharedMemoryRegistry::regions() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int64_t>(regions_.size());
+}
+
+int64_t SharedMemoryRegistry::registered_bytes() const {
+  absl::MutexLock lock(&mu_);
+  int64_t bytes = 0;
+  for (const auto& [k, r] : regions_) bytes += r->byte_size;
+  return bytes;
+}
+
+absl::StatusOr<std::shared_ptr<SharedMemoryRegistry::Region>> SharedMemoryRegistry::Resolve(
+    const std::string& owner, const SharedMemorySlice& slice, absl::string_view what, int64_t* object_offset) {
+  if (!options_.allowed) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        what, " names a shared-memory region, but shared-memory tensors are off: start blockd with "
+              "--allow_shared_memory, or send the tensor inline"));
+  }
+  std::shared_ptr<Region> region;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = regions_.find({owner, slice.region});
+    if (it == regions_.end()) return absl::NotFoundError(NotFound(what, slice.region));
+    region = it->second;
+  }
+  // Overflow-safe: offset + byte_size is never computed before both are known to fit.
+  if (slice.offset < 0 || slice.byte_size < 0 || slice.offset > region->byte_size ||
+      slice.byte_size > region->byte_size - slice.offset) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " = [offset ", slice.offset, ", byte_size ", slice.byte_size,
+                                                   "] is outside region \"", Echo(slice.region), "\" of ",
+                                                   region->byte_size, " bytes"));
+  }
+  if (slice.byte_size > options_.max_tensor_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ".byte_size = ", slice.byte_size, ", at most ",
+                                                   options_.max_tensor_bytes,
+                                                   " bytes per tensor (--max_message_bytes, as inline)"));
+  }
+  {
+    absl::MutexLock rl(&region->mu);
+    region->last_used = absl::Now();
+  }
+  *object_offset = region->offset + slice.offset;  // <= offset + byte_size, checked at Register
+  return region;
+}
+
+absl::Status SharedMemoryRegistry::Check(const std::string& owner, const SharedMemorySlice& slice,
+                                         absl::string_view what) {
+  int64_t at = 0;
+  auto region = Resolve(owner, slice, what, &at);
+  if (!region.ok()) return region.status();
+  // The client may have shrunk its object since it registered: refuse now, before any change.
+  struct stat st = {};
+  if (fstat((*region)->fd, &st) != 0 || st.st_size < at + slice.byte_size) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        what, ": shared-memory object \"", Echo((*region)->key), "\" now holds ", st.st_size,
+        " bytes, fewer than the region registered (it was truncated): register it again"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SharedMemoryRegistry::Read(const std::string& owner, const SharedMemorySlice& slice,
+                                        absl::string_view what, std::string* out) {
+  int64_t at = 0;
+  auto region = Resolve(owner, slice, what, &at);
+  if (!region.ok()) return region.status();
+  out->resize(static_cast<size_t>(slice.byte_size));
+  size_t done = 0;
+  while (done < out->size()) {
+    const ssize_t n = pread((*region)->fd, out->data() + done, out->size() - done, at + static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {  // past the object's end: it was truncated after registering
+      return absl::FailedPreconditionError(absl::StrCat(
+          what, ": shared-memory object \"", Echo((*region)->key), "\" ended after ", at + static_cast<int64_t>(done),
+          " of the ", at + slice.byte_size, " bytes the slice needs (it was truncated): register it again"));
+    }
+    done += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SharedMemoryRegistry::Write(const std::string& owner, const SharedMemorySlice& slice,
+                                         absl::string_view what, absl::string_view bytes) {
+  int64_t at = 0;
+  auto region = Resolve(owner, slice, what, &at);
+  if (!region.ok()) return region.status();
+  if (static_cast<int64_t>(bytes.size()) > slice.byte_size) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ".byte_size = ", slice.byte_size, ", the output needs ",
+                                                   bytes.size(), " bytes"));
+  }
+  size_t done = 0;
+  while (done < bytes.size()) {
+    // pwrite never faults: on an object the client shrank meanwhile it writes (inside the
+    // registered window only) and regrows it rather than touching an unmapped page.
+    const ssize_t n = pwrite((*region)->fd, bytes.data() + done, bytes.size() - done, at + static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      return absl::ResourceExhaustedError(absl::StrCat(what, ": writing shared-memory object \"",
+                                                       Echo((*region)->key), "\" failed: ", std::strerror(errno)));
+    }
+    done += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace blockd

@@ -1,0 +1,103 @@
+// Shared-memory regions of same-host clients: the registry behind RegisterSharedMemory,
+// UnregisterSharedMemory, ListSharedMemory and the tensors that name a region slice instead of
+// carrying bytes (ARCHITECTURE.md, "Shared-memory tensors").
+//
+// A region is a window [offset, offset + byte_size) of a POSIX shared-memory object the client
+// created (shm_open name "/blockd..."). It belongs to the identity that registered it (as
+// activation handles and sessions do, engine/owned.h): for anyone else it does not exist.
+//
+// Why pread/pwrite and not mmap: a client can ftruncate its object after registering, and a
+// daemon that touches a mapped page past the new end gets SIGBUS, which would kill every other
+// client's blocks. The registry keeps the object's fd open and copies with pread(2)/pwrite(2),
+// which the kernel bounds by the object's current size: a shrunk object reads short (refused with
+// FAILED_PRECONDITION, naming the sizes) and can never fault the daemon. On tmpfs a pread is one
+// kernel memcpy, the copy a mapping would have needed anyway to leave the client's memory.
+//
+//   SharedMemoryRegistry shm({.max_regions_per_client = 16, ...});
+//   RETURN_IF_ERROR(shm.Register(caller, "acts", "/blockd-1f2e...", 1 << 20, 0).status());
+//   std::string bytes;
+//   RETURN_IF_ERROR(shm.Read(caller, {"acts", 0, 4096}, "input", &bytes));
+//   RETURN_IF_ERROR(shm.Write(caller, {"acts", 4096, 4096}, "output", bytes));
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+
+namespace blockd {
+
+struct SharedMemoryOptions {
+  bool allowed = false;  // --allow_shared_memory
+  int64_t max_regions_per_client = 16;
+  int64_t max_bytes_per_client = int64_t{16} << 30;
+  absl::Duration ttl = absl::Minutes(10);  // unused this long: unregistered by Expire
+  int64_t max_tensor_bytes = int64_t{256} << 20;  // one tensor's slice (--max_message_bytes)
+};
+
+// A slice of a region, relative to the region.
+struct SharedMemorySlice {
+  std::string region;
+  int64_t offset = 0;
+  int64_t byte_size = 0;
+};
+
+struct SharedMemoryRegionInfo {
+  std::string name, key;
+  int64_t byte_size = 0, offset = 0;
+  absl::Duration idle, expires_in;
+};
+
+class SharedMemoryRegistry {
+ public:
+  explicit SharedMemoryRegistry(SharedMemoryOptions options);
+  ~SharedMemoryRegistry();  // closes every region's object
+  SharedMemoryRegistry(const SharedMemoryRegistry&) = delete;
+  SharedMemoryRegistry& operator=(const SharedMemoryRegistry&) = delete;
+
+  const SharedMemoryOptions& options() const { return options_; }
+
+  // Opens `key` and checks that the object is a regular file of at least offset + byte_size
+  // bytes. FAILED_PRECONDITION when shared memory is off; INVALID_ARGUMENT for a bad name, key,
+  // offset or size, or an object too small; NOT_FOUND when no object has that key (on this
+  // host); ALREADY_EXISTS for a name the caller uses; RESOURCE_EXHAUSTED past the caller's caps.
+  absl::StatusOr<SharedMemoryRegionInfo> Register(const std::string& owner, const std::string& name,
+                                                  const std::string& key, int64_t byte_size, int64_t offset);
+  // NOT_FOUND for an unknown region or another identity's. Calls using it finish first (the object
+  // is closed when the last of them lets go).
+  absl::Status Unregister(const std::string& owner, absl::string_view name);
+  std::vector<SharedMemoryRegionInfo> List(const std::string& owner);
+  // Unregisters regions unused for the TTL; returns how many.
+  int64_t Expire();
+  int64_t regions() const;
+  int64_t registered_bytes() const;
+
+  // Checks a slice against its region (owner, bounds, --max tensor bytes) without copying.
+  // `what` names the field in errors ("input.shared_memory"). Renews the region.
+  absl::Status Check(const std::string& owner, const SharedMemorySlice& slice, absl::string_view what);
+  // Copies the slice's bytes into `out` (resized to byte_size).
+  absl::Status Read(const std::string& owner, const SharedMemorySlice& slice, absl::string_view what,
+                    std::string* out);
+  // Writes `bytes` at the slice's start; the slice must hold them.
+  absl::Status Write(const std::string& owner, const SharedMemorySlice& slice, absl::string_view what,
+                     absl::string_view bytes);
+
+ private:
+  struct Region;
+  // The caller's region holding the slice, with the slice's offset in the object.
+  absl::StatusOr<std::shared_ptr<Region>> Resolve(const std::string& owner, const SharedMemorySlice& slice,
+                                                  absl::string_view what, int64_t* object_offset);
+
+  const SharedMemoryOptions options_;
+  mutable absl::Mutex mu_;
+  // (owner, name) -> region.
+  std::map<std::pair<std::string, std::string>, std::shared_ptr<Region>> regions_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace blockd

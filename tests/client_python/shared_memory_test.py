@@ -1,0 +1,141 @@
+"""Shared-memory tensors from the Python client against a real blockd (CPU backend): RemoteSpan and
+infer_step through shared memory give bitwise the results of the gRPC path; "auto" falls back to
+gRPC where the daemon does not allow it and "shared_memory" then raises; the metrics count bytes
+by transport; a client killed with a region registered leaves nothing behind after the TTL."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import unittest
+import urllib.request
+
+import numpy as np
+import torch
+
+import blockd
+from blockd_testing import Daemon
+
+CFG = blockd.BlockConfig(hidden_size=32, num_attention_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
+                         qk_norm=True)
+
+
+def region_fds(pid):
+    """The daemon's open descriptors of blockd shared-memory objects."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if "/dev/shm/blockd-" in target:
+            out.append(target)
+    return out
+
+
+def tensor_bytes(daemon, transport, direction):
+    text = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
+    m = re.search(r'blockd_tensor_bytes_total\{(?=[^}]*transport="%s")(?=[^}]*direction="%s")[^}]*\} (\S+)'
+                  % (transport, direction), text)
+    return float(m.group(1)) if m else None
+
+
+class SharedMemoryTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.daemon = Daemon(extra_args=["--allow_shared_memory", "--shared_memory_ttl=2s"]).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.daemon.stop()
+
+    def test_span_and_infer_steps_are_bitwise_the_grpc_path(self):
+        with blockd.Client(self.daemon.target) as c:
+            shm = blockd.RemoteSpan.create(c, CFG, num_blocks=2, prefix="shm", seed=3)
+            ref = blockd.RemoteSpan.create(c, CFG, num_blocks=2, prefix="grpc", seed=3, transport="grpc")
+            gen = torch.Generator().manual_seed(1234)
+            x = torch.randn(2, 6, 32, generator=gen)
+            dy = torch.randn(2, 6, 32, generator=gen)
+            outs = []
+            for span in (shm, ref):
+                xi = x.clone().requires_grad_(True)
+                y = span(xi)
+                y.backward(dy)
+                outs.append((y.detach(), xi.grad))
+            self.assertTrue(c._arena, "the client did not take shared memory on a daemon that allows it")
+            self.assertEqual(len(c.list_shared_memory()), 1)
+            self.assertTrue(torch.equal(outs[0][0], outs[1][0]), "span output differs from the gRPC path")
+            self.assertTrue(torch.equal(outs[0][1], outs[1][1]), "grad_input differs from the gRPC path")
+            for a, b in zip(shm.download("gradients"), ref.download("gradients")):
+                for name in a:
+                    self.assertTrue(torch.equal(a[name], b[name]), f"gradient {name} differs")
+            s1 = c.open_session(shm.block_ids, batch_size=2, max_length=8).session_id
+            s2 = c.open_session(ref.block_ids, batch_size=2, max_length=8).session_id
+            for step in range(3):
+                h = np.random.default_rng(step).standard_normal((2, 3 if step == 0 else 1, 32)).astype(np.float32)
+                got = c.infer_step(s1, h)
+                want = c.infer_step(s2, h, transport="grpc")
+                self.assertEqual(got.length, want.length)
+                np.testing.assert_array_equal(got.hidden_states, want.hidden_states,
+                                              err_msg=f"step {step} differs from the gRPC path")
+            self.assertGreater(tensor_bytes(self.daemon, "shared_memory", "in"), 0)
+            self.assertGreater(tensor_bytes(self.daemon, "shared_memory", "out"), 0)
+            self.assertGreater(tensor_bytes(self.daemon, "inline", "in"), 0)
+        with blockd.Client(self.daemon.target) as c:
+            self.assertEqual(c.list_shared_memory(), [])  # close() unregistered it (same identity)
+
+    def test_a_killed_client_leaves_nothing_after_the_ttl(self):
+        script = textwrap.dedent(f"""
+            import os, signal, numpy as np, blockd
+            c = blockd.Client({self.daemon.target!r}, client_name="doomed")
+            c.create_block("doomed0", blockd.BlockConfig(hidden_size=32, num_attention_heads=4, intermediate_size=48),
+                           seed=1)
+            c.forward(["doomed0"], np.ones((1, 2, 32), np.float32))
+            assert c._arena, "no shared memory"
+            os.kill(os.getpid(), signal.SIGKILL)
+        """)
+        p = subprocess.run([sys.executable, "-c", script], env=os.environ, timeout=120, capture_output=True)
+        self.assertEqual(p.returncode, -9, p.stderr.decode())
+        # Its object's name went at registration: what the daemon still holds is unlinked.
+        for target in region_fds(self.daemon.proc.pid):
+            self.assertTrue(target.endswith("(deleted)"), target)
+        deadline = time.time() + 30
+        while region_fds(self.daemon.proc.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(region_fds(self.daemon.proc.pid), [],
+                         "the daemon still holds the killed client's region 30 s after its 2 s TTL")
+        with blockd.Client(self.daemon.target, client_name="doomed") as c:
+            self.assertEqual(c.list_shared_memory(), [])
+
+    def test_a_region_expired_while_idle_is_registered_again(self):
+        with blockd.Client(self.daemon.target, client_name="idler") as c:
+            c.create_block("idle0", CFG, seed=2)
+            x = np.random.default_rng(5).standard_normal((1, 3, 32)).astype(np.float32)
+            first, _ = c.forward(["idle0"], x)
+            deadline = time.time() + 30
+            while c.list_shared_memory() and time.time() < deadline:
+                time.sleep(0.1)
+            self.assertEqual(c.list_shared_memory(), [], "the idle region did not expire within 30 s of its 2 s TTL")
+            again, _ = c.forward(["idle0"], x)
+            np.testing.assert_array_equal(first, again)
+            self.assertEqual(len(c.list_shared_memory()), 1)
+
+
+class WithoutSharedMemoryTest(unittest.TestCase):
+    def test_auto_falls_back_and_forcing_raises(self):
+        with Daemon() as daemon, blockd.Client(daemon.target) as c:
+            span = blockd.RemoteSpan.create(c, CFG, num_blocks=1, prefix="b", seed=3)
+            x = torch.randn(1, 4, 32)
+            y = span(x)
+            self.assertEqual(tuple(y.shape), (1, 4, 32))
+            self.assertIs(c._arena, False)
+            with self.assertRaises(blockd.FailedPreconditionError) as e:
+                c.forward(span.block_ids, x, transport="shared_memory")
+            self.assertIn("--allow_shared_memory", str(e.exception))
+            with self.assertRaises(ValueError):
+                blockd.Client(daemon.target, transport="carrier-pigeon")
+
+
+if __name__ == "__main__":
+    unittest.main()
