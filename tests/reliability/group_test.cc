@@ -334,7 +334,7 @@ TEST_F(GroupTest, BlockctlFormsAGroupStepsItAndLeaves) {
   EXPECT_RUN(joins[0], 0, "rank        0 of 2 (gloo)");
   EXPECT_RUN(joins[1], 0, "state       ready");
   EXPECT_RUN(ctl(1, "groups"), 0, "1/2");
-  EXPECT_RUN(ctl(0, "groups g --json"), 0, "\"worldSize\": 2");
+  EXPECT_RUN(ctl(0, "groups g --json"), 0, "\"world_size\": 2");
   EXPECT_RUN(ctl(0, "groups nope"), 1, "NOT_FOUND");
 
   // grad-norm and step --group on both members at once; the replicas then agree bitwise.
