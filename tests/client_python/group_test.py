@@ -161,6 +161,43 @@ class ReplicaGroupTest(GroupTestBase):
         group.leave()
         self.assertEqual(c0.list_groups(), [])
 
+    def test_bad_group_calls_raise_clear_errors_and_change_nothing(self):
+        c0, c1, _ = self.clients
+        c0.create_block("h0", CFG, seed=1)
+        with self.assertRaises(blockd.NotFoundError) as cm:
+            c0.step([], group_id="nope")
+        self.assertIn("no group nope", cm.exception.details)
+        with self.assertRaises(blockd.NotFoundError):
+            c0.leave_group("nope")
+        with self.assertRaises(blockd.NotFoundError):
+            c0.get_group("nope")
+        with self.assertRaises(blockd.InvalidArgumentError) as cm:
+            c0.join_group("bad id!", 0, 1, b"x", ["h0"])
+        self.assertIn("group_id", cm.exception.details)
+        collective_id, backend = c0.get_collective_id()
+        self.assertEqual(backend, "gloo")
+        with self.assertRaises(blockd.InvalidArgumentError) as cm:
+            c0.join_group("g", 2, 2, collective_id, ["h0"])
+        self.assertIn("rank = 2", cm.exception.details)
+        with self.assertRaises(blockd.InvalidArgumentError):
+            c0.get_collective_id("mpi")
+        with self.assertRaises(ValueError):
+            blockd.ReplicaGroup.form([], "g", ["h0"])
+        with self.assertRaises(TypeError):
+            blockd.RemoteModel([object()])
+        # A group of one works, and GradNorm then Step over it match the plain calls' norm.
+        group = blockd.ReplicaGroup.form([c0], "solo", ["h0"], timeout_ms=60000)
+        model = blockd.RemoteModel(group)
+        (model(self.randn(2, 4, 32)) * self.randn(2, 4, 32)).sum().backward()
+        plain = c0.grad_norm(["h0"])
+        self.assertEqual(group.grad_norm(), plain)
+        with self.assertRaises(blockd.InvalidArgumentError) as cm:
+            c0.grad_norm(["h0", "other"], group_id="solo")
+        self.assertIn("holds [h0]", cm.exception.details)
+        self.assertEqual(c0.list_groups()[0].group_id, "solo")
+        self.assertEqual(c0.get_block("h0").step, 0)
+        self.assertEqual(c1.list_groups(), [])
+
     def test_a_group_that_cannot_form_leaves_nothing_behind(self):
         c0, c1, _ = self.clients
         c0.create_block("m0", CFG, seed=1)
