@@ -14,6 +14,7 @@ import zlib
 import torch
 
 import blockd
+import blockd.model
 from blockd_testing import Daemon
 
 CFG = blockd.BlockConfig(hidden_size=32, num_attention_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
@@ -78,11 +79,17 @@ class ModelAcrossDaemonsTest(GroupTestBase):
         model = blockd.RemoteModel([blockd.RemoteSpan(c0, "a0"), blockd.RemoteSpan(c1, "b1")])
         ref = blockd.RemoteSpan(c0, ["r0", "r1"])
         opt = blockd.RemoteAdamW(ref, max_grad_norm=0.05, **HYPER)
+        model_opt = blockd.RemoteAdamW(model, max_grad_norm=0.05, **HYPER)  # the last step goes through it
         for step in range(3):
             x, target = self.randn(2, 6, 32), self.randn(2, 6, 32)
             (model(x) * target).sum().backward()
             (ref(x) * target).sum().backward()
-            result = model.step(max_grad_norm=0.05, **HYPER)
+            if step < 2:
+                result = model.step(max_grad_norm=0.05, **HYPER)
+            else:
+                model_opt.step()
+                result = blockd.model.ModelStepResult(model_opt.grad_norm, model_opt.skipped,
+                                                      model_opt.last_results[0].clip_coefficient, None)
             norm = opt.step()
             self.assertFalse(result.skipped)
             self.assertLess(result.clip_coefficient, 1.0, "the test must clip")
