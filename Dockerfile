@@ -32,6 +32,7 @@ RUN apt-get update \
       nlohmann-json3-dev \
       libopenblas-dev \
       libssl-dev \
+      libgloo-dev \
       libgtest-dev \
  && rm -rf /var/lib/apt/lists/*
 

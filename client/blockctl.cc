@@ -164,6 +164,7 @@ const std::vector<CommandSpec>& Commands() {
     auto* all = new std::vector<CommandSpec>(BlockCommands());
     for (CommandSpec& c : TensorCommands()) all->push_back(std::move(c));
     for (CommandSpec& c : TrainCommands()) all->push_back(std::move(c));
+    for (CommandSpec& c : GroupCommands()) all->push_back(std::move(c));
     all->push_back(ImportHfCommand());
     all->push_back(GenerateCommandSpec());
     return all;

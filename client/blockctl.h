@@ -17,7 +17,8 @@
 //
 // The subcommands live by theme: blockctl_blocks.cc (info, health, create, list, get, delete, gc,
 // save, restore, metrics), blockctl_tensors.cc (load, forward, download), blockctl_train.cc (step,
-// zero-grad, release), blockctl_hf.cc (import-hf) and blockctl_generate.cc (generate).
+// zero-grad, release), blockctl_groups.cc (collective-id, join-group, leave-group, groups,
+// grad-norm), blockctl_hf.cc (import-hf) and blockctl_generate.cc (generate).
 #pragma once
 
 #include <functional>
@@ -129,6 +130,7 @@ std::string ShortDuration(double seconds);
 std::vector<CommandSpec> BlockCommands();   // blockctl_blocks.cc
 std::vector<CommandSpec> TensorCommands();  // blockctl_tensors.cc
 std::vector<CommandSpec> TrainCommands();   // blockctl_train.cc
+std::vector<CommandSpec> GroupCommands();   // blockctl_groups.cc
 CommandSpec ImportHfCommand();              // blockctl_hf.cc
 CommandSpec GenerateCommandSpec();          // blockctl_generate.cc
 

@@ -10,7 +10,7 @@
 #                                and require the check to catch it; --self-test-only skips the first run
 #
 # Checks:
-#   k8s          kubectl kustomize renders base, overlays/gpu and overlays/cpu; every object is
+#   k8s          kubectl kustomize renders base and overlays/gpu, cpu, replica-group; every object is
 #                validated against the Kubernetes / Prometheus-operator schemas with unknown fields
 #                rejected, then against blockd's policy (deploy/tools/validate.mjs, policy.mjs)
 #   yamllint     yamllint --strict on deploy/ (deploy/.yamllint.yaml)
@@ -89,13 +89,13 @@ ensure_tools() {
 # and OUT (a scratch folder), prints what it found and returns non-zero on a problem. -------------
 check_k8s() {
   local root=$1 out=$2 variant dir
-  for variant in base gpu cpu; do
+  for variant in base gpu cpu replica-group; do
     dir=$root/deploy/overlays/$variant
     [[ $variant == base ]] && dir=$root/deploy/base
     kubectl kustomize "$dir" >"$out/$variant.yaml" || { echo "kubectl kustomize $dir failed"; return 1; }
     node "$TOOLS/validate.mjs" --variant="$variant" "$out/$variant.yaml" || return 1
   done
-  echo "k8s: base, overlays/gpu and overlays/cpu render; every object matches its schema and the policy"
+  echo "k8s: base and overlays/gpu, cpu and replica-group render; every object matches its schema and the policy"
 }
 
 check_yamllint() {
@@ -192,6 +192,7 @@ PLANTED=(
   'k8s|deploy/base/statefulset.yaml|s/(readinessProbe:\n\s+grpc:\n\s+port:) 50051/$1 8080/|readiness probe on the wrong port'
   'k8s|deploy/overlays/gpu/statefulset-gpu.yaml|s/^\s+nvidia\.com\/gpu: 1\n//mg|gpu overlay without a GPU'
   'k8s|deploy/overlays/cpu/backend.flags|s/--backend=cpu/--backend=cuda/|cpu overlay on the CUDA backend'
+  'k8s|deploy/overlays/replica-group/kustomization.yaml|s/\$\(POD_NAME\)/blockd-0/|every group member claiming to be blockd-0'
   'yamllint|deploy/base/service-metrics.yaml|s/name: blockd-metrics\n/name: blockd-metrics   \n/|trailing spaces'
   'yamllint|deploy/base/serviceaccount.yaml|s/^kind: ServiceAccount$/kind: ServiceAccount\nkind: ServiceAccount/m|duplicate key'
   'rules-sync|deploy/base/prometheusrule.yaml|s/for: 5m/for: 1m/|PrometheusRule edited by hand'

@@ -323,9 +323,10 @@ class Engine {
   // The group's blocks, checked to be the ones that joined.
   absl::StatusOr<std::vector<EntryPtr>> GroupEntries(const Group& g);
   // With g.mu held: the group's blocks, locked, after every member said it can go on (its blocks
-  // exist and have gradients); FAILED_PRECONDITION on every member if one cannot.
+  // exist and have gradients); FAILED_PRECONDITION on every member if one cannot. `*reuse_mean`:
+  // whether every member still holds g.mean_grads of its blocks' current gradients.
   absl::Status StartGroupCall(Group& g, std::vector<EntryPtr>* entries, std::unique_ptr<SpanLock>* lock,
-                              CollectiveUse* use) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g.mu);
+                              bool* reuse_mean, CollectiveUse* use) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g.mu);
   // All-reduces the mean of the blocks' gradients (locked by the caller) into `mean`.
   absl::Status ReduceGradients(Group& g, const std::vector<EntryPtr>& entries, std::vector<float>* mean,
                                CollectiveUse* use) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g.mu);

@@ -308,21 +308,32 @@ absl::StatusOr<std::shared_ptr<Group>> UsableGroup(GroupStore& store, absl::stri
 }
 
 // All members say at once whether they can go on: FAILED_PRECONDITION everywhere if one cannot.
-absl::Status Agree(Group& g, const absl::Status& local, CollectiveUse* use) {
-  double refusals = local.ok() ? 0 : 1;
-  RETURN_IF_ERROR(Timed(g, use, sizeof(double), [&] { return g.collective->AllReduceSum(&refusals, 1); }));
+// In the same all-reduce they say whether they hold the group's cached mean gradients of their
+// current gradients; `*all_have_mean` only if every one does, so all take the same collectives.
+absl::Status Agree(Group& g, const absl::Status& local, bool have_mean, bool* all_have_mean, CollectiveUse* use) {
+  double counts[2] = {local.ok() ? 0.0 : 1.0, have_mean ? 0.0 : 1.0};  // refusals, members without
+  RETURN_IF_ERROR(Timed(g, use, sizeof(counts), [&] { return g.collective->AllReduceSum(counts, 2); }));
+  *all_have_mean = counts[1] == 0;
   if (!local.ok()) return local;
-  if (refusals > 0) {
-    return absl::FailedPreconditionError(absl::StrCat(refusals, " other member(s) of group ", g.id,
+  if (counts[0] > 0) {
+    return absl::FailedPreconditionError(absl::StrCat(counts[0], " other member(s) of group ", g.id,
                                                       " refused this call (see their answers); nothing changed"));
   }
   return absl::OkStatus();
 }
 
+// Which gradients a cached mean was reduced from: each block's serial and gradient generation.
+template <class Entries>
+std::vector<std::pair<uint64_t, uint64_t>> GradientVersions(const Entries& entries) {
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  for (const auto& e : entries) out.emplace_back(e->serial, e->generations.Of(TensorKind::kGradients));
+  return out;
+}
+
 }  // namespace
 
 absl::Status Engine::StartGroupCall(Group& g, std::vector<EntryPtr>* entries, std::unique_ptr<SpanLock>* lock,
-                                    CollectiveUse* use) {
+                                    bool* reuse_mean, CollectiveUse* use) {
   if (g.broken) return absl::FailedPreconditionError(absl::StrCat("group ", g.id, " failed: ", g.Failure()));
   absl::StatusOr<std::vector<EntryPtr>> found = GroupEntries(g);
   absl::Status local = found.status();
@@ -337,7 +348,8 @@ absl::Status Engine::StartGroupCall(Group& g, std::vector<EntryPtr>* entries, st
       }
     }
   }
-  return Agree(g, local, use);
+  const bool have_mean = local.ok() && !g.mean_grads.empty() && g.mean_grads_of == GradientVersions(*entries);
+  return Agree(g, local, have_mean, reuse_mean, use);
 }
 
 absl::StatusOr<StepResult> Engine::GroupStep(absl::string_view group_id, absl::string_view caller,
@@ -350,9 +362,13 @@ absl::StatusOr<StepResult> Engine::GroupStep(absl::string_view group_id, absl::s
   StepResult result;
   std::vector<EntryPtr> entries;
   std::unique_ptr<SpanLock> lock;
-  RETURN_IF_ERROR(StartGroupCall(*g, &entries, &lock, &result.collectives));
-  std::vector<float> mean;
-  RETURN_IF_ERROR(ReduceGradients(*g, entries, &mean, &result.collectives));
+  bool reuse_mean = false;
+  RETURN_IF_ERROR(StartGroupCall(*g, &entries, &lock, &reuse_mean, &result.collectives));
+  // The GradNorm just before already averaged these gradients: its mean is every member's.
+  std::vector<float> mean = std::move(g->mean_grads);
+  g->mean_grads = {};
+  g->mean_grads_of.clear();
+  if (!reuse_mean) RETURN_IF_ERROR(ReduceGradients(*g, entries, &mean, &result.collectives));
   size_t off = 0;
   for (const EntryPtr& e : entries) {
     e->generations.Bump(TensorChange::kBackward);
@@ -391,10 +407,15 @@ absl::StatusOr<GradNormResult> Engine::GradNorm(const std::vector<std::string>& 
   absl::MutexLock group_lock(&g->mu);
   std::vector<EntryPtr> entries;
   std::unique_ptr<SpanLock> lock;
-  RETURN_IF_ERROR(StartGroupCall(*g, &entries, &lock, &result.collectives));
-  std::vector<float> mean;
-  RETURN_IF_ERROR(ReduceGradients(*g, entries, &mean, &result.collectives));
-  for (float x : mean) result.sum_of_squares += static_cast<double>(x) * x;
+  bool reuse_mean = false;
+  RETURN_IF_ERROR(StartGroupCall(*g, &entries, &lock, &reuse_mean, &result.collectives));
+  if (!reuse_mean) {
+    g->mean_grads.clear();
+    g->mean_grads_of.clear();
+    RETURN_IF_ERROR(ReduceGradients(*g, entries, &g->mean_grads, &result.collectives));
+    g->mean_grads_of = GradientVersions(entries);
+  }
+  for (float x : g->mean_grads) result.sum_of_squares += static_cast<double>(x) * x;
   result.finite = std::isfinite(result.sum_of_squares);
   return result;
 }

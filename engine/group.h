@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -74,6 +75,13 @@ struct Group : Owned {
 
   absl::Mutex mu;  // serialises the group's collectives; taken before any block's lock
   std::unique_ptr<Collective> collective ABSL_GUARDED_BY(mu);
+  // The mean gradients the last group GradNorm all-reduced, and the (serial, gradient generation)
+  // of each block they were reduced from. The Step that usually follows reuses them when no
+  // member's gradients changed since (every member must agree: see StartGroupCall), so one
+  // GradNorm + Step all-reduces the gradients once. Emptied by that Step; one gradient-sized
+  // buffer at most.
+  std::vector<float> mean_grads ABSL_GUARDED_BY(mu);
+  std::vector<std::pair<uint64_t, uint64_t>> mean_grads_of ABSL_GUARDED_BY(mu);
 
  private:
   mutable absl::Mutex failure_mu;  // a leaf

@@ -28,6 +28,7 @@ const APT_FOR_PACKAGE = {
   nlohmann_json: ["nlohmann-json3-dev"],
   BLAS: ["libopenblas-dev"],
   OpenSSL: ["libssl-dev"],
+  Gloo: ["libgloo-dev"],
   GTest: ["libgtest-dev"],
   CUDAToolkit: [], // the devel image
 };

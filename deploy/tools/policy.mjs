@@ -184,7 +184,7 @@ export function checkPolicy(objects, variant) {
   else if (ckptMount.readOnly) fail("flags", `--checkpoint_dir=${ckpt} is on a read-only mount`);
   if (flags.get("restore_on_start") !== "true") fail("flags", "--restore_on_start must be true (blocks come back after a restart)");
   const backend = flags.get("backend") ?? "auto";
-  const wantBackend = { gpu: "cuda", cpu: "cpu", base: backend }[variant];
+  const wantBackend = { gpu: "cuda", cpu: "cpu", "replica-group": "cpu", base: backend }[variant];
   if (backend !== wantBackend) fail("flags", `--backend=${backend}, the ${variant} overlay needs --backend=${wantBackend}`);
 
   // Termination budget.
@@ -212,7 +212,17 @@ export function checkPolicy(objects, variant) {
     if (!(Number(limits["nvidia.com/gpu"]) >= 1)) fail(S, "gpu: the container needs an nvidia.com/gpu limit of at least 1");
     if (!gpuTolerated) fail(S, "gpu: no toleration for the nvidia.com/gpu taint");
   }
-  if (variant === "cpu") {
+  if (variant === "replica-group") {
+    // Members reach each other by the pod's own stable name: one flag value for all would send
+    // every member's peers to one pod.
+    const host = flags.get("collective_host") ?? "";
+    const stable = `$(POD_NAME).${spec.serviceName}.`;
+    if (!host.startsWith(stable)) fail("flags", `--collective_host=${host}, expected ${stable}... (each pod's own name in the headless Service)`);
+    const env = new Map((container.env ?? []).map((e) => [e.name, e.valueFrom?.fieldRef?.fieldPath]));
+    if (env.get("POD_NAME") !== "metadata.name") fail(S, "replica-group: env POD_NAME must come from fieldRef metadata.name");
+    if (!(spec.replicas >= 2)) fail(S, `replica-group: replicas ${spec.replicas}, a group needs at least 2`);
+  }
+  if (variant === "cpu" || variant === "replica-group") {
     if (limits["nvidia.com/gpu"] !== undefined || requests["nvidia.com/gpu"] !== undefined) fail(S, "cpu: asks for an nvidia.com/gpu");
     if (!limits.memory) fail(S, "cpu: blocks live in host memory, so the container needs a memory limit");
   }

@@ -3,7 +3,7 @@
 // with unknown fields rejected, then blockd's deployment policy (policy.mjs).
 //   kubectl kustomize deploy/overlays/gpu > gpu.yaml
 //   node deploy/tools/validate.mjs --variant=gpu gpu.yaml     # exit 1 and one line per problem
-// --variant=gpu|cpu|base picks the policy's expectations; --schema-only skips the policy.
+// --variant=gpu|cpu|base|replica-group picks the policy's expectations; --schema-only skips the policy.
 //
 // The schema validators that kubernetes-models ships are compiled ajv functions, and Kubernetes'
 // OpenAPI schemas do not forbid extra properties, so a misspelt field (`readOnlyRootFilesystm`)
@@ -122,7 +122,9 @@ async function main(argv) {
     else if (a.startsWith("--")) throw new Error(`unknown option ${a}`);
     else opts.files.push(a);
   }
-  if (!["gpu", "cpu", "base"].includes(opts.variant)) throw new Error(`--variant must be gpu, cpu or base`);
+  if (!["gpu", "cpu", "base", "replica-group"].includes(opts.variant)) {
+    throw new Error(`--variant must be gpu, cpu, base or replica-group`);
+  }
   if (opts.files.length === 0) throw new Error("usage: validate.mjs [--variant=gpu|cpu|base] [--schema-only] FILE.yaml...");
   let failures = 0;
   let count = 0;

@@ -140,7 +140,8 @@ class ErrorMappingTest(ClientTestBase):
         long_x = np.random.default_rng(1).standard_normal((8, 1024, CFG.hidden_size)).astype(np.float32)
         self.assertRaisesCode(blockd.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED,
                               lambda: c.forward(["e0"], long_x, timeout=1e-3))
-        self.assertEqual(blockd.errors.error_class(grpc.StatusCode.ABORTED), blockd.BlockdError)
+        self.assertEqual(blockd.errors.error_class(grpc.StatusCode.ABORTED), blockd.AbortedError)  # a failed collective
+        self.assertEqual(blockd.errors.error_class(grpc.StatusCode.UNKNOWN), blockd.BlockdError)
 
     def test_local_argument_errors(self):
         with self.assertRaises(ValueError):

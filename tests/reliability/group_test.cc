@@ -7,16 +7,22 @@
 // - JoinGroup broadcasts rank 0's weights, moments and step counters.
 // - A member SIGKILLed (or stopped) before a group Step: the others answer ABORTED within the
 //   group's timeout, unchanged; then a group of the survivors steps.
+// - A Step after a group GradNorm reuses its mean gradients (one all-reduce), and still ends
+//   replicas bitwise identical.
 // - GradNorm + Step.clip_coefficient over two daemons holding different spans equals one daemon
 //   running the whole span with max_grad_norm, bitwise.
 // - Bad inputs get a clear status.
+// - blockctl's group commands (collective-id, join-group, groups, grad-norm, step --group,
+//   step --clip_coefficient, leave-group) against two daemons.
 #include <signal.h>
 
 #include <cmath>
 #include <thread>
 
 #include "gtest/gtest.h"
-#include "tests/integration/harness.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "tests/integration/blockctl_harness.h"
 #include "tests/reliability/daemon_process.h"
 
 namespace blockd::testing {
@@ -199,6 +205,64 @@ TEST_F(GroupTest, AStoppedMemberAbortsTheOthersWithinTheTimeout) {
   EXPECT_EQ(DiffStates(before, StateOf(C(0), "b0")), "");
 }
 
+// A group GradNorm all-reduces the mean gradients; the group Step right after reuses them rather
+// than averaging again (GroupInfo.collective_bytes counts what moved). If any member's gradients
+// changed in between, every member reduces again, so the collectives still match.
+TEST_F(GroupTest, AStepAfterGroupGradNormReusesItsMeanGradients) {
+  ASSERT_NO_FATAL_FAILURE(StartMembers(2));
+  for (int i = 0; i < 2; ++i) ASSERT_OK(C(i).CreateBlock(CreateRequest("b0", TinyConfig(), 20 + i)).status());
+  for (const absl::Status& s : Join("g", {0, 1}, {"b0"})) ASSERT_OK(s);
+  auto bytes_of = [&](int i) {
+    auto info = C(i).GetGroup("g");
+    EXPECT_TRUE(info.ok()) << info.status();
+    return info.ok() ? info->collective_bytes() : int64_t{-1};
+  };
+  auto grad_norms = [&] {
+    std::vector<absl::StatusOr<v1::GradNormResponse>> out(2, absl::UnknownError("not run"));
+    std::thread t([&] { out[1] = C(1).GradNorm({}, "g"); });
+    out[0] = C(0).GradNorm({"b0"}, "g");
+    t.join();
+    return out;
+  };
+  // Step 1, no GradNorm: what one gradient all-reduce (plus the agreement) moves.
+  for (int i = 0; i < 2; ++i) TrainStep(C(i), {"b0"}, RandomTensor({2, 5, 32}, 40 + i), 50 + i);
+  int64_t before = bytes_of(0);
+  for (auto& r : GroupStep("g", {0, 1})) ASSERT_TRUE(r.ok()) << r.status();
+  const int64_t full_step = bytes_of(0) - before;
+
+  // Step 2: GradNorm, then Step reusing its mean.
+  for (int i = 0; i < 2; ++i) TrainStep(C(i), {"b0"}, RandomTensor({2, 5, 32}, 60 + i), 70 + i);
+  before = bytes_of(0);
+  auto norms = grad_norms();
+  for (auto& n : norms) ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(norms[0]->sum_of_squares(), norms[1]->sum_of_squares());
+  EXPECT_TRUE(norms[0]->finite());
+  const int64_t grad_norm_bytes = bytes_of(0) - before;
+  EXPECT_EQ(grad_norm_bytes, full_step) << "GradNorm moves what a Step's all-reduce does";
+  before = bytes_of(0);
+  auto steps = GroupStep("g", {0, 1});
+  for (auto& r : steps) ASSERT_TRUE(r.ok()) << r.status();
+  const int64_t reused_step = bytes_of(0) - before;
+  EXPECT_LT(reused_step, full_step / 100) << "the Step after GradNorm all-reduced the gradients again";
+  EXPECT_EQ(steps[0]->grad_norm(), steps[1]->grad_norm());
+  const double norm = std::sqrt(norms[0]->sum_of_squares());
+  EXPECT_NEAR(steps[0]->grad_norm(), norm, 1e-9 * norm) << "Step clipped by another norm than GradNorm's";
+
+  // Step 3: GradNorm, then another Backward on member 1 only: both reduce again (no hang).
+  for (int i = 0; i < 2; ++i) TrainStep(C(i), {"b0"}, RandomTensor({2, 5, 32}, 80 + i), 90 + i);
+  for (auto& n : grad_norms()) ASSERT_TRUE(n.ok()) << n.status();
+  TrainStep(C(1), {"b0"}, RandomTensor({2, 5, 32}, 99), 98);
+  before = bytes_of(0);
+  for (auto& r : GroupStep("g", {0, 1})) ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(bytes_of(0) - before, full_step) << "a member's gradients changed after GradNorm: reduce again";
+
+  const BlockState s0 = StateOf(C(0), "b0"), s1 = StateOf(C(1), "b0");
+  EXPECT_EQ(s0.step, 3);
+  EXPECT_EQ(DiffSnapshots(s0.weights, s1.weights), "");
+  EXPECT_EQ(DiffSnapshots(s0.adam_m, s1.adam_m), "");
+  EXPECT_EQ(DiffSnapshots(s0.adam_v, s1.adam_v), "");
+}
+
 TEST_F(GroupTest, GradNormAndClipCoefficientOverTwoDaemonsEqualOneDaemonsClip) {
   ASSERT_NO_FATAL_FAILURE(StartMembers(2));
   // A pipeline: b0 on member 0, b1 on member 1; the same span as r0, r1 on member 0.
@@ -243,6 +307,65 @@ TEST_F(GroupTest, GradNormAndClipCoefficientOverTwoDaemonsEqualOneDaemonsClip) {
   EXPECT_EQ(r->clip_coefficient(), coefficient);
   EXPECT_EQ(DiffSnapshots(StateOf(C(0), "b0").weights, StateOf(C(0), "r0").weights), "");
   EXPECT_EQ(DiffSnapshots(StateOf(C(1), "b1").weights, StateOf(C(0), "r1").weights), "");
+}
+
+TEST_F(GroupTest, BlockctlFormsAGroupStepsItAndLeaves) {
+  ASSERT_NO_FATAL_FAILURE(StartMembers(2));
+  auto ctl = [&](int i, const std::string& args) {
+    return RunBlockctl(absl::StrCat("--target=", members_[i].daemon->target(), " --timeout=120s ", args));
+  };
+  for (int i = 0; i < 2; ++i) ASSERT_OK(C(i).CreateBlock(CreateRequest("b0", TinyConfig(), 30 + i)).status());
+  Ran id = ctl(0, "collective-id");
+  ASSERT_EQ(id.exit_code, 0) << id.output;
+  const std::string collective_id(absl::StripAsciiWhitespace(id.output));
+  EXPECT_RUN(ctl(1, "join-group g b0 --rank=1 --world_size=2 --collective_id=not@base64"), 2, "--collective_id");
+  EXPECT_RUN(ctl(1, "join-group g b0 --rank=1 --collective_id=" + collective_id), 2, "--world_size");
+  std::vector<Ran> joins(2);
+  {
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r) {
+      threads.emplace_back([&, r] {
+        joins[r] = ctl(r, absl::StrCat("join-group g b0 --rank=", r, " --world_size=2 --timeout_ms=60000 "
+                                       "--collective_id=", collective_id));
+      });
+    }
+    for (std::thread& t : threads) t.join();
+  }
+  EXPECT_RUN(joins[0], 0, "rank        0 of 2 (gloo)");
+  EXPECT_RUN(joins[1], 0, "state       ready");
+  EXPECT_RUN(ctl(1, "groups"), 0, "1/2");
+  EXPECT_RUN(ctl(0, "groups g --json"), 0, "\"world_size\": 2");
+  EXPECT_RUN(ctl(0, "groups nope"), 1, "NOT_FOUND");
+
+  // grad-norm and step --group on both members at once; the replicas then agree bitwise.
+  for (int i = 0; i < 2; ++i) TrainStep(C(i), {"b0"}, RandomTensor({2, 5, 32}, 130 + i), 140 + i);
+  auto on_both = [&](const std::string& args) {
+    std::vector<Ran> out(2);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 2; ++i) threads.emplace_back([&, i] { out[i] = ctl(i, args); });
+    for (std::thread& t : threads) t.join();
+    return out;
+  };
+  std::vector<Ran> norms = on_both("grad-norm --group=g");
+  EXPECT_RUN(norms[0], 0, "sum of squares  ");
+  EXPECT_EQ(norms[0].output, norms[1].output) << "the members' mean gradients differ";
+  std::vector<Ran> steps = on_both("step --group=g --lr=0.01 --max_grad_norm=0.05");
+  EXPECT_RUN(steps[0], 0, "step        b0 1");
+  EXPECT_EQ(steps[0].output, steps[1].output);
+  const BlockState s0 = StateOf(C(0), "b0"), s1 = StateOf(C(1), "b0");
+  EXPECT_EQ(DiffSnapshots(s0.weights, s1.weights), "");
+  EXPECT_EQ(DiffSnapshots(s0.adam_v, s1.adam_v), "");
+
+  // Outside a group: grad-norm of blocks, then step --clip_coefficient.
+  TrainStep(C(0), {"b0"}, RandomTensor({2, 5, 32}, 150), 151);
+  EXPECT_RUN(ctl(0, "grad-norm b0"), 0, "finite          yes");
+  EXPECT_RUN(ctl(0, "step b0 --clip_coefficient=0.5 --max_grad_norm=1"), 1, "INVALID_ARGUMENT");
+  EXPECT_RUN(ctl(0, "step b0 --clip_coefficient=0.5"), 0, "gradients scaled by 0.5");
+  EXPECT_RUN(ctl(0, "grad-norm"), 2, "grad-norm takes BLOCK ids, or --group");
+  EXPECT_RUN(ctl(0, "leave-group g"), 0, "left group g");
+  EXPECT_RUN(ctl(0, "groups"), 0, "no groups");
+  EXPECT_RUN(ctl(0, "leave-group g"), 1, "NOT_FOUND");
+  EXPECT_RUN(ctl(1, "leave-group g"), 0, "left group g");
 }
 
 TEST_F(GroupTest, BadInputsGetClearStatuses) {

@@ -11,12 +11,15 @@ trains them over gRPC.
     model = blockd.RemoteCausalLM.from_hf("/models/Qwen3-0.6B", "localhost:50051")  # layers imported
     tokens = model.generate(prompt_ids, max_new_tokens=64)          # KV-cache sessions on blockd
 
-`Client` needs numpy and grpcio only; `RemoteSpan`, `RemoteAdamW`, `RMSNorm`, `RemoteCausalLM`
-and `TokenStreamer` load torch when first used.
+    group = blockd.ReplicaGroup.form([c0, c1, c2], "dp", block_ids)   # data parallelism (Gloo)
+    model = blockd.RemoteModel([[span_a0, span_a1], [span_b]])          # stages on several daemons
+
+`Client` needs numpy and grpcio only; `RemoteSpan`, `RemoteAdamW`, `RMSNorm`, `RemoteModel`,
+`ReplicaGroup`, `RemoteCausalLM` and `TokenStreamer` load torch when first used.
 """
-from blockd.client import Client, ForwardResult, InferStepResult, InferStream, StepResult
+from blockd.client import Client, ForwardResult, GradNormResult, InferStepResult, InferStream, StepResult
 from blockd.config import BlockConfig, RopeScaling, UnsupportedConfigError
-from blockd.errors import (AlreadyExistsError, BlockdError, CancelledError, DeadlineExceededError,
+from blockd.errors import (AbortedError, AlreadyExistsError, BlockdError, CancelledError, DeadlineExceededError,
                            FailedPreconditionError, InternalError, InvalidArgumentError, NotFoundError,
                            PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError, UnavailableError,
                            UnimplementedError)
@@ -25,11 +28,13 @@ __version__ = "0.1.0"
 __all__ = ["Client", "ForwardResult", "StepResult", "InferStepResult", "InferStream", "RemoteCausalLM",
            "TokenStreamer", "GenerateOutput", "BlockConfig", "RopeScaling", "UnsupportedConfigError", "RemoteSpan",
            "RemoteAdamW", "RMSNorm",
-           "BlockdError", "AlreadyExistsError", "CancelledError", "DeadlineExceededError", "FailedPreconditionError",
+           "RemoteModel", "ReplicaGroup", "GradNormResult",
+           "BlockdError", "AbortedError", "AlreadyExistsError", "CancelledError", "DeadlineExceededError", "FailedPreconditionError",
            "InternalError", "InvalidArgumentError", "NotFoundError", "PermissionDeniedError", "ResourceExhaustedError",
            "UnauthenticatedError", "UnavailableError", "UnimplementedError"]
 
 _LAZY = {"RemoteSpan": "blockd.span", "RMSNorm": "blockd.span", "RemoteAdamW": "blockd.optim",
+         "RemoteModel": "blockd.model", "ReplicaGroup": "blockd.model",
          "RemoteCausalLM": "blockd.generation", "TokenStreamer": "blockd.generation",
          "GenerateOutput": "blockd.generation"}
 

@@ -34,6 +34,7 @@ DEFAULT_CHUNK_BYTES = 1 << 20  # the server accepts chunks up to ServerLimits.ma
 ForwardResult = collections.namedtuple("ForwardResult", ["output", "activation_id"])
 StepResult = collections.namedtuple("StepResult", ["grad_norm", "skipped", "clip_coefficient", "steps"])
 InferStepResult = collections.namedtuple("InferStepResult", ["hidden_states", "length", "step_id"])
+GradNormResult = collections.namedtuple("GradNormResult", ["sum_of_squares", "finite"])
 
 
 def _read_pem(v):
@@ -368,15 +369,19 @@ class Client:
         self._unary("ZeroGrad", pb.ZeroGradRequest(block_ids=ids), timeout)
 
     def step(self, block_ids, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-             decay_norm_weights=False, max_grad_norm=0.0, timeout=None):
+             decay_norm_weights=False, max_grad_norm=0.0, group_id="", clip_coefficient=0.0, timeout=None):
         """One AdamW step of the named blocks (torch.optim.AdamW semantics; weight decay on the
         matrices only unless decay_norm_weights). max_grad_norm > 0 clips by the global norm over
-        all of them. Returns StepResult(grad_norm before clipping, skipped, clip_coefficient,
-        steps {block_id: step})."""
-        ids = [block_ids] if isinstance(block_ids, str) else list(block_ids)
+        all of them. group_id: a replica group's Step (every member calls at once; block_ids then
+        empty or all of the group's): the gradients are averaged across the group first.
+        clip_coefficient in (0, 1]: scale the gradients by it instead of max_grad_norm (computed by
+        the client over a model spread over daemons, see grad_norm). Returns StepResult(grad_norm
+        before clipping, skipped, clip_coefficient, steps {block_id: step})."""
+        ids = [block_ids] if isinstance(block_ids, str) else list(block_ids or ())
         adamw = pb.AdamW(lr=float(lr), beta1=float(betas[0]), beta2=float(betas[1]), eps=float(eps),
                          weight_decay=float(weight_decay), decay_norm_weights=bool(decay_norm_weights))
-        resp = self._unary("Step", pb.StepRequest(block_ids=ids, adamw=adamw, max_grad_norm=float(max_grad_norm)),
+        resp = self._unary("Step", pb.StepRequest(block_ids=ids, adamw=adamw, max_grad_norm=float(max_grad_norm),
+                                                  group_id=group_id, clip_coefficient=float(clip_coefficient)),
                            timeout)
         return StepResult(resp.grad_norm, resp.skipped, resp.clip_coefficient,
                           collections.OrderedDict((s.block_id, s.step) for s in resp.steps))
@@ -428,6 +433,42 @@ class Client:
         """RestoreCheckpointResponse(path, block_ids); name "" restores the latest checkpoint."""
         return self._unary("RestoreCheckpoint", pb.RestoreCheckpointRequest(name=name, block_ids=list(block_ids)),
                            timeout)
+
+    # -- replica groups (ARCHITECTURE.md, "Replica groups and models across daemons") ---------
+    def get_collective_id(self, backend="", timeout=None):
+        """On the daemon that will be rank 0: (collective_id bytes, backend) for JoinGroup.
+        backend "": the blocks' own ("gloo" for CPU daemons); "gloo"; "nccl"."""
+        resp = self._unary("GetCollectiveId", pb.GetCollectiveIdRequest(backend=backend), timeout)
+        return resp.collective_id, resp.backend
+
+    def join_group(self, group_id, rank, world_size, collective_id, block_ids, timeout_ms=0, timeout=None):
+        """Joins a replica group; every member calls at once (it returns when all joined, or fails
+        after timeout_ms). Rank 0's weights and moments are broadcast to the others. Returns the
+        GroupInfo."""
+        ids = [block_ids] if isinstance(block_ids, str) else list(block_ids)
+        req = pb.JoinGroupRequest(group_id=group_id, rank=int(rank), world_size=int(world_size),
+                                  collective_id=bytes(collective_id), block_ids=ids, timeout_ms=int(timeout_ms))
+        return self._unary("JoinGroup", req, timeout)
+
+    def leave_group(self, group_id, timeout=None):
+        self._unary("LeaveGroup", pb.LeaveGroupRequest(group_id=group_id), timeout)
+
+    def get_group(self, group_id, timeout=None):
+        """GroupInfo: rank, world_size, backend, block_ids, state ("joining"/"ready"/"failed"),
+        failure, steps, collective_bytes."""
+        return self._unary("GetGroup", pb.GetGroupRequest(group_id=group_id), timeout)
+
+    def list_groups(self, timeout=None):
+        """GroupInfos of this caller's groups on this daemon."""
+        return list(self._unary("ListGroups", pb.ListGroupsRequest(), timeout).groups)
+
+    def grad_norm(self, block_ids=(), group_id="", timeout=None):
+        """GradNormResult(sum_of_squares, finite) of the blocks' gradients; with group_id, of the
+        group's mean gradients (every member calls at once; block_ids empty or all of the group's),
+        which the group Step right after reuses rather than averaging again."""
+        ids = [block_ids] if isinstance(block_ids, str) else list(block_ids or ())
+        resp = self._unary("GradNorm", pb.GradNormRequest(block_ids=ids, group_id=group_id), timeout)
+        return GradNormResult(resp.sum_of_squares, resp.finite)
 
     # -- inference sessions (ARCHITECTURE.md, "Inference sessions") ----------------------------
     def open_session(self, block_ids, batch_size, max_length, session_id="", ttl=None, timeout=None):

@@ -65,6 +65,11 @@ class UnimplementedError(BlockdError):
     """The backend lacks what was asked (precision bf16 on the cpu backend)."""
 
 
+class AbortedError(BlockdError):
+    """A replica group's collective failed (a member died or stalled): nothing was applied, and the
+    group is failed; leave it and form a new one."""
+
+
 class InternalError(BlockdError):
     """A bug in blockd."""
 
@@ -82,6 +87,7 @@ _BY_CODE = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: CancelledError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
+    grpc.StatusCode.ABORTED: AbortedError,
     grpc.StatusCode.INTERNAL: InternalError,
     grpc.StatusCode.DATA_LOSS: InternalError,
 }

@@ -12,11 +12,16 @@ Each param group names blocks instead of tensors ({'span': RemoteSpan} or {'bloc
 Groups of one client with equal hyperparameters go out as one Step, so max_grad_norm clips by the
 global norm over all of their blocks. The moments stay on the server (SaveCheckpoint keeps them);
 state_dict() carries only the hyperparameters.
+
+A RemoteModel (blocks on several daemons, stages possibly replica groups) is one param group of
+its own: step() is RemoteModel.step with the group's hyperparameters (global clipping over every
+daemon), so schedulers drive it like any optimizer: `RemoteAdamW(model, lr=3e-4, max_grad_norm=1)`.
 """
 import math
 
 import torch
 
+from blockd.model import RemoteModel
 from blockd.span import RemoteSpan
 
 _HYPER = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "decay_norm_weights")
@@ -28,7 +33,7 @@ class RemoteAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                         decay_norm_weights=decay_norm_weights)
         self._check(defaults)
-        if isinstance(spans, (RemoteSpan, dict)):
+        if isinstance(spans, (RemoteSpan, RemoteModel, dict)):
             spans = [spans]
         groups = [self._group_of(s) for s in spans]
         if not groups:
@@ -56,7 +61,12 @@ class RemoteAdamW(torch.optim.Optimizer):
     def _group_of(s):
         if isinstance(s, RemoteSpan):
             s = {"span": s}
+        if isinstance(s, RemoteModel):
+            s = {"model": s}
         g = dict(s)
+        if g.get("model") is not None:
+            g.update(block_ids=[], client=None, params=[torch.empty(0)])
+            return g
         span = g.pop("span", None)
         if span is not None:
             g.setdefault("block_ids", list(span.block_ids))
@@ -98,6 +108,14 @@ class RemoteAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 self.last_loss = closure()
+        models = [g for g in self.param_groups if g.get("model") is not None]
+        if models:
+            if len(self.param_groups) != 1:
+                raise ValueError("a RemoteModel steps all of its stages at once: make it the optimizer's only param group")
+            g = models[0]
+            r = g["model"].step(**{k: g[k] for k in _HYPER})
+            self.last_results, self.skipped, self.grad_norm = r.results, r.skipped, r.grad_norm
+            return self.grad_norm
         calls = self._calls()
         if len(calls) > 1 and any(h["max_grad_norm"] > 0 for _, _, h in calls):
             raise ValueError("max_grad_norm clips by one global norm, but these param groups differ in client or "
@@ -112,6 +130,9 @@ class RemoteAdamW(torch.optim.Optimizer):
         """ZeroGrad on the server for every group's blocks."""
         by_client = {}
         for g in self.param_groups:
+            if g.get("model") is not None:
+                g["model"].zero_grad()
+                continue
             by_client.setdefault(id(g["client"]), (g["client"], []))[1].extend(g["block_ids"])
         for client, ids in by_client.values():
             client.zero_grad(ids)
@@ -120,10 +141,13 @@ class RemoteAdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         for g in sd["param_groups"]:
             g.pop("client", None)
+            g.pop("model", None)
         return sd
 
     def load_state_dict(self, state_dict):
-        clients = [g["client"] for g in self.param_groups]
+        remotes = [(g["client"], g.get("model")) for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, c in zip(self.param_groups, clients):
+        for g, (c, m) in zip(self.param_groups, remotes):
             g["client"] = c
+            if m is not None:
+                g["model"] = m

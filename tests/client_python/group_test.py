@@ -1,0 +1,228 @@
+"""Replica groups and models across daemons from Python, with three CPU daemons on loopback:
+
+- RemoteModel over two daemons (a pipeline) clips by the global norm exactly like one daemon
+  holding the whole span with max_grad_norm (bitwise), and skips the step on every daemon when a
+  gradient is non-finite.
+- ReplicaGroup.form + RemoteModel: two replicas end bitwise identical (weights and moments), equal
+  one daemon fed the whole batch to rounding, and each step all-reduces the gradients once (the
+  Step reuses GradNorm's mean).
+- A group that cannot form (mismatched blocks) leaves no group behind on any member.
+"""
+import unittest
+import zlib
+
+import torch
+
+import blockd
+import blockd.model
+from blockd_testing import Daemon
+
+CFG = blockd.BlockConfig(hidden_size=32, num_attention_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
+                         rms_norm_eps=1e-6, rope_theta=10000.0, qk_norm=True)
+HYPER = dict(lr=1e-2, weight_decay=0.01)
+
+
+class GroupTestBase(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.daemons, cls.clients = [], []
+        try:
+            for _ in range(3):
+                cls.daemons.append(Daemon(extra_args=["--collective_host=127.0.0.1"]).start())
+                cls.clients.append(blockd.Client(cls.daemons[-1].target, timeout=120))
+        except Exception:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for c in cls.clients:
+            c.close()
+        for d in cls.daemons:
+            d.stop()
+
+    def setUp(self):
+        self.gen = torch.Generator().manual_seed(zlib.crc32(self.id().encode()))
+
+    def tearDown(self):
+        for c in self.clients:
+            for g in c.list_groups():
+                c.leave_group(g.group_id)
+            for b in c.list_blocks():
+                c.delete_block(b.block_id)
+
+    def randn(self, *shape):
+        return torch.randn(*shape, generator=self.gen)
+
+    def state(self, client, block_id):
+        return {kind: client.download_tensors(block_id, kind=kind, as_torch=True)
+                for kind in ("weights", "adam_m", "adam_v")}
+
+    def assertSameState(self, a, b, what):
+        for kind in a:
+            self.assertBitwise(a[kind], b[kind], f"{what}, {kind}")
+
+    def assertBitwise(self, a, b, what):
+        self.assertEqual(list(a), list(b), what)
+        for name in a:
+            self.assertTrue(torch.equal(a[name], b[name]),
+                            f"{what}: {name} differs by up to {(a[name] - b[name]).abs().max().item()}")
+
+
+class ModelAcrossDaemonsTest(GroupTestBase):
+    def test_pipeline_over_two_daemons_clips_like_one_daemon(self):
+        c0, c1, _ = self.clients
+        c0.create_block("a0", CFG, layer_index=0, seed=1)
+        c1.create_block("b1", CFG, layer_index=1, seed=2)
+        c0.create_block("r0", CFG, layer_index=0, seed=1)
+        c0.create_block("r1", CFG, layer_index=1, seed=2)
+        model = blockd.RemoteModel([blockd.RemoteSpan(c0, "a0"), blockd.RemoteSpan(c1, "b1")])
+        ref = blockd.RemoteSpan(c0, ["r0", "r1"])
+        opt = blockd.RemoteAdamW(ref, max_grad_norm=0.05, **HYPER)
+        model_opt = blockd.RemoteAdamW(model, max_grad_norm=0.05, **HYPER)  # the last step goes through it
+        for step in range(3):
+            x, target = self.randn(2, 6, 32), self.randn(2, 6, 32)
+            (model(x) * target).sum().backward()
+            (ref(x) * target).sum().backward()
+            if step < 2:
+                result = model.step(max_grad_norm=0.05, **HYPER)
+            else:
+                model_opt.step()
+                result = blockd.model.ModelStepResult(model_opt.grad_norm, model_opt.skipped,
+                                                      model_opt.last_results[0].clip_coefficient, None)
+            norm = opt.step()
+            self.assertFalse(result.skipped)
+            self.assertLess(result.clip_coefficient, 1.0, "the test must clip")
+            self.assertEqual(result.grad_norm, norm, f"step {step}: global norm over two daemons vs one")
+            self.assertEqual(result.clip_coefficient, opt.last_results[0].clip_coefficient)
+            model.zero_grad()
+            opt.zero_grad()
+        self.assertSameState(self.state(c0, "a0"), self.state(c0, "r0"), "a0 on daemon 0 vs r0")
+        self.assertSameState(self.state(c1, "b1"), self.state(c0, "r1"), "b1 on daemon 1 vs r1")
+
+    def test_a_non_finite_gradient_skips_the_step_on_every_daemon(self):
+        c0, c1, _ = self.clients
+        c0.create_block("a0", CFG, layer_index=0, seed=1)
+        c1.create_block("b1", CFG, layer_index=1, seed=2)
+        model = blockd.RemoteModel([blockd.RemoteSpan(c0, "a0"), blockd.RemoteSpan(c1, "b1")])
+        before = [self.state(c0, "a0"), self.state(c1, "b1")]
+        # Daemon 0's gradients finite, daemon 1's overflow to inf (a grad_output of 3e38 is finite,
+        # its products are not): each stage's backward on its own.
+        h = model.stages[0](self.randn(2, 6, 32))
+        (h * self.randn(2, 6, 32)).sum().backward()
+        y = model.stages[1](h.detach())
+        (y * torch.full((2, 6, 32), 3e38)).sum().backward()
+        self.assertTrue(c0.grad_norm("a0").finite)
+        self.assertFalse(c1.grad_norm("b1").finite)
+        result = model.step(max_grad_norm=1.0, **HYPER)
+        self.assertTrue(result.skipped)
+        self.assertEqual(result.results, [], "no daemon may be asked to step")
+        self.assertSameState(self.state(c0, "a0"), before[0], "a0 after a skipped step")
+        self.assertSameState(self.state(c1, "b1"), before[1], "b1 after a skipped step")
+        self.assertEqual(c0.get_block("a0").step, 0)
+        self.assertEqual(c1.get_block("b1").step, 0)
+
+
+class ReplicaGroupTest(GroupTestBase):
+    def test_two_replicas_end_bitwise_identical_and_equal_one_daemon(self):
+        c0, c1, c2 = self.clients
+        ids = ["w0", "w1"]
+        for rank, c in enumerate((c0, c1)):  # different seeds: the join makes them rank 0's
+            for i, b in enumerate(ids):
+                c.create_block(b, CFG, layer_index=i, seed=10 * rank + i)
+        for i, b in enumerate(ids):
+            c2.create_block(b, CFG, layer_index=i, seed=i)  # one daemon with rank 0's weights
+        group = blockd.ReplicaGroup.form([c0, c1], "dp", ids, timeout_ms=60000)
+        self.assertEqual([i.rank for i in group.infos], [0, 1])
+        self.assertEqual({i.state for i in group.infos}, {"ready"})
+        self.assertBitwise(self.state(c1, "w0")["weights"], self.state(c0, "w0")["weights"], "w0 after the join")
+        model = blockd.RemoteModel(group)
+        ref = blockd.RemoteSpan(c2, ids)
+        opt = blockd.RemoteAdamW(ref, max_grad_norm=0.05, **HYPER)
+        params = sum(c0.get_block(b).parameter_count for b in ids)
+        for step in range(3):
+            x, target = self.randn(4, 5, 32), self.randn(4, 5, 32)  # rows 0-1 to rank 0, 2-3 to rank 1
+            (model(x) * target).sum().backward()
+            (ref(x) * target).sum().backward()
+            bytes_before = c0.get_group("dp").collective_bytes
+            result = model.step(max_grad_norm=0.05, **HYPER)
+            moved = c0.get_group("dp").collective_bytes - bytes_before
+            norm = opt.step()
+            self.assertFalse(result.skipped)
+            self.assertLess(result.clip_coefficient, 1.0, "the test must clip")
+            self.assertAlmostEqual(result.grad_norm, norm, delta=1e-5 * norm)
+            # GradNorm all-reduced the gradients; the Step reused its mean (only flags moved).
+            self.assertGreaterEqual(moved, 4 * params)
+            self.assertLess(moved, 4 * params + 1024, f"step {step}: the gradients were all-reduced twice")
+            model.zero_grad()
+            opt.zero_grad()
+        for b in ids:
+            s0, s1 = self.state(c0, b), self.state(c1, b)
+            self.assertSameState(s0, s1, f"{b}, rank 0 vs rank 1")
+            self.assertEqual(c1.get_block(b).step, 3)
+            ref_w = self.state(c2, b)["weights"]
+            for name, w in s0["weights"].items():
+                err = ((w - ref_w[name]).abs() - (1e-6 + 1e-5 * ref_w[name].abs())).max().item()
+                self.assertLessEqual(err, 0, f"{b} {name}: group vs one daemon on the whole batch")
+        self.assertEqual([i.steps for i in group.info()], [3, 3])
+        group.leave()
+        self.assertEqual(c0.list_groups(), [])
+
+    def test_bad_group_calls_raise_clear_errors_and_change_nothing(self):
+        c0, c1, _ = self.clients
+        c0.create_block("h0", CFG, seed=1)
+        with self.assertRaises(blockd.NotFoundError) as cm:
+            c0.step([], group_id="nope")
+        self.assertIn("no group nope", cm.exception.details)
+        with self.assertRaises(blockd.NotFoundError):
+            c0.leave_group("nope")
+        with self.assertRaises(blockd.NotFoundError):
+            c0.get_group("nope")
+        with self.assertRaises(blockd.InvalidArgumentError) as cm:
+            c0.join_group("bad id!", 0, 1, b"x", ["h0"])
+        self.assertIn("group_id", cm.exception.details)
+        collective_id, backend = c0.get_collective_id()
+        self.assertEqual(backend, "gloo")
+        with self.assertRaises(blockd.InvalidArgumentError) as cm:
+            c0.join_group("g", 2, 2, collective_id, ["h0"])
+        self.assertIn("rank = 2", cm.exception.details)
+        with self.assertRaises(blockd.InvalidArgumentError):
+            c0.get_collective_id("mpi")
+        with self.assertRaises(ValueError):
+            blockd.ReplicaGroup.form([], "g", ["h0"])
+        with self.assertRaises(TypeError):
+            blockd.RemoteModel([object()])
+        # A group of one works, and GradNorm then Step over it match the plain calls' norm.
+        group = blockd.ReplicaGroup.form([c0], "solo", ["h0"], timeout_ms=60000)
+        model = blockd.RemoteModel(group)
+        (model(self.randn(2, 4, 32)) * self.randn(2, 4, 32)).sum().backward()
+        plain = c0.grad_norm(["h0"])
+        self.assertEqual(group.grad_norm(), plain)
+        with self.assertRaises(blockd.InvalidArgumentError) as cm:
+            c0.grad_norm(["h0", "other"], group_id="solo")
+        self.assertIn("holds [h0]", cm.exception.details)
+        self.assertEqual(c0.list_groups()[0].group_id, "solo")
+        self.assertEqual(c0.get_block("h0").step, 0)
+        self.assertEqual(c1.list_groups(), [])
+
+    def test_a_group_that_cannot_form_leaves_nothing_behind(self):
+        c0, c1, _ = self.clients
+        c0.create_block("m0", CFG, seed=1)
+        c1.create_block("m0", blockd.BlockConfig(hidden_size=32, num_attention_heads=4, num_kv_heads=2, head_dim=8,
+                                                 intermediate_size=64, qk_norm=True), seed=1)
+        with self.assertRaises(blockd.FailedPreconditionError) as cm:
+            blockd.ReplicaGroup.form([c0, c1], "bad", ["m0"], timeout_ms=60000)
+        self.assertIn("intermediate", cm.exception.details)
+        self.assertEqual(c0.list_groups(), [])
+        self.assertEqual(c1.list_groups(), [])
+        # The blocks are free to form a group after all.
+        c1.delete_block("m0")
+        c1.create_block("m0", CFG, seed=2)
+        group = blockd.ReplicaGroup.form([c0, c1], "good", ["m0"], timeout_ms=60000)
+        with self.assertRaises(ValueError):
+            blockd.RemoteModel(group)(self.randn(1, 3, 32))  # one row cannot feed two replicas
+        group.leave()
+
+
+if __name__ == "__main__":
+    unittest.main()
