@@ -1,5 +1,6 @@
-// The Engine's inference sessions: open, step, trim, fork, close, list, expire. Kept apart from
-// engine.cc (training and the block registry); the store itself is session.h, the cache kv_cache.h.
+// The Engine's inference sessions: open, step (alone or batched with other sessions' steps on the
+// same span: RunStepBatch, gathered by step_batcher.h), trim, fork, close, list, expire. Kept apart
+// from engine.cc (training and the block registry); the store is session.h, the cache kv_cache.h.
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -155,6 +156,7 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
   if (alone) {
     // Nothing to split: the output goes straight into the reply.
     members[0]->status = backend_->Download(*x, dtype, lead.output);
+    if (!members[0]->status.ok()) return;
   } else {
     std::string all;
     if (absl::Status st = backend_->Download(*x, dtype, &all); !st.ok()) return fail(st);

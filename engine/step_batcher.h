@@ -70,6 +70,13 @@ class StepBatcher {
     return std::move(b->members);
   }
 
+  // Rows in the open batch of `key` (0: none open), for tests and gauges.
+  int64_t OpenRows(const std::string& key) {
+    absl::MutexLock l(&mu_);
+    auto it = open_.find(key);
+    return it == open_.end() ? 0 : it->second->rows;
+  }
+
   // Wakes the members of a batch (all but the leader, members[0]) after their results were set.
   void Finish(const std::vector<Member*>& members) {
     absl::MutexLock l(&mu_);

@@ -41,16 +41,21 @@ struct StepIn {
 class SessionBatchingTest : public EngineFixture {
  protected:
   SessionBatchingTest() {
-    EngineOptions batched;
-    batched.infer_batch_window = absl::Seconds(60);
-    batched.on_infer_batch = [this](int64_t sessions, int64_t rows) {
-      absl::MutexLock l(&launches_mu_);
-      launches_.push_back({sessions, rows});
-    };
-    Reset(batched);
+    Reset(Batching(absl::Seconds(60)));
     EngineOptions solo;
     solo.infer_batch_window = absl::ZeroDuration();
     solo_ = std::make_unique<Engine>(MakeCpuBackend(), solo);
+  }
+
+  // Options of the batching engine, its launches recorded in launches_.
+  EngineOptions Batching(absl::Duration window) {
+    EngineOptions o;
+    o.infer_batch_window = window;
+    o.on_infer_batch = [this](int64_t sessions, int64_t rows) {
+      absl::MutexLock l(&launches_mu_);
+      launches_.push_back({sessions, rows});
+    };
+    return o;
   }
 
   // The same blocks (same seeds) on both engines.
@@ -219,13 +224,7 @@ TEST_F(SessionBatchingTest, ForksAndHypoIdsStayExactInOneLaunch) {
 
 TEST_F(SessionBatchingTest, ABadStepFailsAloneAndLeavesItsSessionAsItWas) {
   // A window the good steps do wait out: the bad step never joins, so the leader cannot know.
-  EngineOptions o;
-  o.infer_batch_window = absl::Milliseconds(300);
-  o.on_infer_batch = [this](int64_t sessions, int64_t rows) {
-    absl::MutexLock l(&launches_mu_);
-    launches_.push_back({sessions, rows});
-  };
-  Reset(o);
+  Reset(Batching(absl::Milliseconds(300)));
   const BlockConfig c = Config(/*qk_norm=*/true);
   const int64_t d = c.hidden_size;
   CreateSpan(c, {"b0"});
@@ -260,13 +259,7 @@ TEST_F(SessionBatchingTest, ABadStepFailsAloneAndLeavesItsSessionAsItWas) {
 TEST_F(SessionBatchingTest, StepsOfDifferentLengthsOrSpansDoNotMerge) {
   const BlockConfig c = Config(/*qk_norm=*/false);
   const int64_t d = c.hidden_size;
-  EngineOptions o;
-  o.infer_batch_window = absl::Milliseconds(50);
-  o.on_infer_batch = [this](int64_t sessions, int64_t rows) {
-    absl::MutexLock l(&launches_mu_);
-    launches_.push_back({sessions, rows});
-  };
-  Reset(o);
+  Reset(Batching(absl::Milliseconds(50)));
   CreateSpan(c, {"b0", "b1"});
   OpenBoth({"b0"}, "a", 1);
   OpenBoth({"b0"}, "b", 1);
