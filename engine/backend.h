@@ -127,12 +127,16 @@ class KvPageStore {
 // What Block::InferStep reads and writes of the cache: the block's pages and, on the host, a page
 // table of `table_width` page ids per row (-1 past the row's pages). The pages holding the step's
 // new positions are the row's own (the caller copied shared ones first), so the step writes them
-// in place. Rows are independent: rows of several sessions with one store could share a step.
+// in place. Rows are independent, so the rows of several sessions share one step (continuous
+// batching): each row names its page ids in its own family's store, `row_pages[row]`; a step of
+// one family leaves `row_pages` null and every row reads `pages`.
 struct KvBlockView {
   KvPageStore* pages = nullptr;
-  const int32_t* table = nullptr;  // [rows, table_width]
+  KvPageStore* const* row_pages = nullptr;  // [rows], or null: `pages` for every row
+  const int32_t* table = nullptr;           // [rows, table_width]
   int64_t table_width = 0;
   int32_t page(int64_t row, int64_t pos) const { return table[row * table_width + pos / kKvPageTokens]; }
+  KvPageStore* store(int64_t row) const { return row_pages != nullptr ? row_pages[row] : pages; }
 };
 
 class Block {

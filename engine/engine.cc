@@ -782,6 +782,9 @@ EngineStats Engine::Stats() {
   s.sessions_open = sessions_.size();
   s.groups = groups_.size();
   s.kv_reserved = sessions_.ReservedBytes();
+  s.infer_launches = infer_launches_.load();
+  s.infer_launched_steps = infer_launched_steps_.load();
+  s.infer_last_batch_sessions = infer_last_batch_sessions_.load();
   for (const DeviceInfo& d : backend_->devices()) {
     s.memory_used[d.index] = budget_.used(d.index);
     s.memory_budget[d.index] = budget_.limit(d.index);

@@ -12,6 +12,7 @@
 //   RETURN_IF_ERROR(engine.Forward({.block_ids = {"b0"}, .input = x, .keep_activations = true}, &out));
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -32,6 +33,7 @@
 #include "engine/group.h"
 #include "engine/memory_budget.h"
 #include "engine/session.h"
+#include "engine/step_batcher.h"
 #include "engine/tensor_assembler.h"
 #include "engine/tensors_version.h"
 
@@ -51,6 +53,14 @@ struct EngineOptions {
   absl::Duration default_session_ttl = absl::Minutes(10);  // OpenSession with ttl 0
   int64_t max_sessions_per_client = 64;
   int64_t max_groups_per_client = 16;
+  // Continuous batching (engine_sessions.cc): steps of different sessions on the same span (and
+  // the same new_tokens and dtype) arriving within this window run as one launch per block, of at
+  // most `infer_batch_max_rows` rows (and the blocks' max_batch_size). 0: every step runs alone. A step waits at most the window,
+  // and not at all when no other session is open on its span.
+  absl::Duration infer_batch_window = absl::Microseconds(200);
+  int64_t infer_batch_max_rows = 256;
+  // Called after each launch of session steps with its sessions and rows (a metrics histogram).
+  std::function<void(int64_t sessions, int64_t rows)> on_infer_batch;
 };
 
 struct CreateBlockParams {
@@ -178,6 +188,11 @@ struct EngineStats {
   int64_t activations_held = 0;
   int64_t sessions_open = 0;
   int64_t groups = 0;
+  // Launches of session steps (one per batch, however many sessions it joined), the steps they
+  // ran (their ratio is the mean batch size) and the sessions in the latest launch.
+  int64_t infer_launches = 0;
+  int64_t infer_launched_steps = 0;
+  int64_t infer_last_batch_sessions = 0;
   std::map<int, int64_t> memory_used;    // device -> bytes reserved
   std::map<int, int64_t> memory_budget;  // device -> bytes
   // The sessions' KV caches: reserved against the budget at open (per device), and the pages
@@ -303,6 +318,7 @@ class Engine {
   struct Entry;
   using EntryPtr = std::shared_ptr<Entry>;
   class SpanLock;
+  struct PendingStep;  // engine_sessions.cc
 
   // Both renew the lease of what they find unless `renew_lease` is false.
   absl::StatusOr<EntryPtr> Find(absl::string_view id, bool renew_lease = true);
@@ -330,6 +346,9 @@ class Engine {
   // All-reduces the mean of the blocks' gradients (locked by the caller) into `mean`.
   absl::Status ReduceGradients(Group& g, const std::vector<EntryPtr>& entries, std::vector<float>* mean,
                                CollectiveUse* use) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g.mu);
+  // Runs the steps of `members` (sessions on `span`, one new_tokens and dtype) as one launch per
+  // block and sets each member's status and output; a failure fails every member.
+  void RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<PendingStep*>& members);
 
   std::unique_ptr<Backend> backend_;
   EngineOptions options_;
@@ -337,6 +356,8 @@ class Engine {
   ActivationStore activations_;
   SessionStore sessions_;
   GroupStore groups_;
+  StepBatcher<PendingStep> step_batcher_{options_.infer_batch_window};
+  std::atomic<int64_t> infer_launches_{0}, infer_launched_steps_{0}, infer_last_batch_sessions_{0};
   absl::Mutex providers_mu_;
   std::map<std::string, std::unique_ptr<CollectiveProvider>, std::less<>> providers_ ABSL_GUARDED_BY(providers_mu_);
   std::shared_ptr<KvPageCounter> kv_pages_ = std::make_shared<KvPageCounter>();  // every session's pages

@@ -1,6 +1,8 @@
-// The Engine's inference sessions: open, step, trim, fork, close, list, expire. Kept apart from
-// engine.cc (training and the block registry); the store itself is session.h, the cache kv_cache.h.
+// The Engine's inference sessions: open, step (alone or batched with other sessions' steps on the
+// same span: RunStepBatch, gathered by step_batcher.h), trim, fork, close, list, expire. Kept apart
+// from engine.cc (training and the block registry); the store is session.h, the cache kv_cache.h.
 #include <algorithm>
+#include <cmath>
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -63,7 +65,132 @@ SessionInfo SessionInfoOf(const Session& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   return info;
 }
 
+// Upload's check of a step's values, made before the step joins a batch (where the whole batch is
+// uploaded at once), with the message Upload gives.
+absl::Status CheckFiniteInput(const TensorArg& t, int64_t hidden) {
+  std::vector<float> row(static_cast<size_t>(hidden));  // a token at a time: no copy of the whole input
+  const size_t n = t.size / DTypeSize(t.dtype);
+  for (size_t i = 0; i < n; i += row.size()) {
+    ConvertToFloat32(t.dtype, static_cast<const char*>(t.data) + i * DTypeSize(t.dtype), row.size(), row.data());
+    if (!AllFinite(row.data(), row.size())) {
+      const auto bad = std::find_if(row.begin(), row.end(), [](float v) { return !std::isfinite(v); });
+      return absl::InvalidArgumentError(absl::StrCat("hidden_states has a non-finite value (", *bad, ") at element ",
+                                                     i + (bad - row.begin())));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+// One session's step on its way to a launch: alone, or batched with other sessions' steps on the
+// same span. The session's lock is held by the thread that made it until the step is committed,
+// so the leader of a batch may read `committed` while it runs the batch.
+struct Engine::PendingStep {
+  explicit PendingStep(KvCache cache) : scratch(std::move(cache)) {}
+  const KvCache* committed = nullptr;  // the session's cache before the step
+  KvCache scratch;                     // the cache the step writes (committed, reordered by hypo_ids)
+  int64_t start = 0;                   // the session's length: every row's first new position
+  int64_t new_tokens = 0;
+  const TensorArg* input = nullptr;
+  std::string* output = nullptr;       // the step's output bytes (the reply's)
+  absl::Status status;
+  int64_t rows = 0;                    // StepBatcher's
+  bool batch_done = false;
+};
+
+void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<PendingStep*>& members) {
+  auto fail = [&members](const absl::Status& st) {
+    for (PendingStep* m : members) m->status = st;
+  };
+  const PendingStep& lead = *members[0];
+  const bool alone = members.size() == 1;
+  const int64_t hidden = span[0]->spec.config.hidden_size, n = lead.new_tokens;
+  const DType dtype = lead.input->dtype;
+  int64_t rows = 0;
+  for (const PendingStep* m : members) rows += m->rows;
+
+  // One upload of every member's rows, in member order: [rows, n, hidden].
+  const void* data = lead.input->data;
+  std::string joined;
+  if (!alone) {
+    for (const PendingStep* m : members) joined.append(static_cast<const char*>(m->input->data), m->input->size);
+    data = joined.data();
+  }
+  auto x_or = backend_->Upload(span[0]->spec.device, dtype, data, rows, n, hidden);
+  if (!x_or.ok()) {
+    return fail(absl::Status(x_or.status().code(), absl::StrCat("hidden_states ", x_or.status().message())));
+  }
+  std::unique_ptr<Activation> x = std::move(x_or).value();
+
+  std::vector<int64_t> start;
+  start.reserve(static_cast<size_t>(rows));
+  for (const PendingStep* m : members) start.insert(start.end(), static_cast<size_t>(m->rows), m->start);
+  SpanLock lock(span);
+  if (absl::Status st = lock.CheckAlive(); !st.ok()) return fail(st);
+  // The page tables of every row, members in order, each naming pages of its own family's stores.
+  std::vector<std::vector<int32_t>> tables(members.size());
+  std::vector<int64_t> widths(members.size());
+  int64_t width = 0;
+  for (size_t i = 0; i < members.size(); ++i) {
+    PendingStep& m = *members[i];
+    if (absl::Status st = m.scratch.PrepareWrite(*m.committed, m.start, n); !st.ok()) return fail(st);
+    tables[i] = m.scratch.Table(&widths[i]);
+    width = std::max(width, widths[i]);
+  }
+  std::vector<int32_t> table;
+  if (alone) {
+    table = std::move(tables[0]);
+  } else {
+    table.assign(static_cast<size_t>(rows * width), -1);
+    int64_t row = 0;
+    for (size_t i = 0; i < members.size(); ++i) {
+      for (int64_t r = 0; r < members[i]->rows; ++r, ++row) {
+        std::copy_n(tables[i].begin() + r * widths[i], widths[i], table.begin() + row * width);
+      }
+    }
+  }
+  std::vector<KvPageStore*> row_pages(alone ? 0 : static_cast<size_t>(rows));
+  for (size_t b = 0; b < span.size(); ++b) {
+    if (x->device() != span[b]->spec.device) {
+      auto moved = backend_->ToDevice(*x, span[b]->spec.device);
+      if (!moved.ok()) return fail(moved.status());
+      x = std::move(moved).value();
+    }
+    KvBlockView view = lead.scratch.View(static_cast<int64_t>(b), table, width);
+    if (!alone) {
+      size_t row = 0;
+      for (const PendingStep* m : members) {
+        std::fill_n(row_pages.begin() + row, m->rows, m->scratch.Store(static_cast<int64_t>(b)));
+        row += static_cast<size_t>(m->rows);
+      }
+      view.row_pages = row_pages.data();
+    }
+    auto y = span[b]->block->InferStep(*x, start, view);
+    if (!y.ok()) return fail(y.status());
+    x = std::move(y).value();
+  }
+  lock.Unlock();
+
+  if (alone) {
+    // Nothing to split: the output goes straight into the reply.
+    members[0]->status = backend_->Download(*x, dtype, lead.output);
+    if (!members[0]->status.ok()) return;
+  } else {
+    std::string all;
+    if (absl::Status st = backend_->Download(*x, dtype, &all); !st.ok()) return fail(st);
+    size_t offset = 0;
+    for (PendingStep* m : members) {
+      const size_t bytes = static_cast<size_t>(m->rows * n * hidden) * DTypeSize(dtype);
+      m->output->assign(all, offset, bytes);
+      offset += bytes;
+    }
+  }
+  infer_launches_.fetch_add(1);
+  infer_launched_steps_.fetch_add(static_cast<int64_t>(members.size()));
+  infer_last_batch_sessions_.store(static_cast<int64_t>(members.size()));
+  if (options_.on_infer_batch) options_.on_infer_batch(static_cast<int64_t>(members.size()), rows);
+}
 
 absl::StatusOr<SessionInfo> Engine::OpenSession(const OpenSessionArgs& args) {
   if (args.batch_size < 1 || args.batch_size > 65536) {
@@ -204,33 +331,38 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
     if (span[b]->serial != s->block_serials[b]) return SessionNotFound(args.session_id);
   }
 
-  auto x_or = backend_->Upload(span[0]->spec.device, t.dtype, t.data, batch, fresh, hidden);
-  if (!x_or.ok()) return absl::Status(x_or.status().code(), absl::StrCat("hidden_states ", x_or.status().message()));
-  std::unique_ptr<Activation> x = std::move(x_or).value();
-
   // The step works on a copy of the page tables: a failure leaves the session's cache as it was
   // (the step wrote only positions past its length, in pages no one else reads), and a successful
   // one replaces it.
-  KvCache scratch = s->cache;
-  if (!args.hypo_ids.empty()) scratch.Reorder(args.hypo_ids);
-  const std::vector<int64_t> start(static_cast<size_t>(batch), s->length);
-  SpanLock lock(span);
-  RETURN_IF_ERROR(lock.CheckAlive());
-  RETURN_IF_ERROR(scratch.PrepareWrite(s->cache, s->length, fresh));
-  int64_t table_width = 0;
-  const std::vector<int32_t> table = scratch.Table(&table_width);
-  for (size_t b = 0; b < span.size(); ++b) {
-    if (x->device() != span[b]->spec.device) {
-      ASSIGN_OR_RETURN(x, backend_->ToDevice(*x, span[b]->spec.device));
-    }
-    ASSIGN_OR_RETURN(x, span[b]->block->InferStep(*x, start, scratch.View(static_cast<int64_t>(b), table, table_width)));
+  PendingStep me(s->cache);
+  if (!args.hypo_ids.empty()) me.scratch.Reorder(args.hypo_ids);
+  me.committed = &s->cache;
+  me.start = s->length;
+  me.new_tokens = fresh;
+  me.input = &t;
+  me.output = out->output.data;
+  me.rows = batch;
+  std::vector<PendingStep*> members = {&me};
+  if (options_.infer_batch_window > absl::ZeroDuration()) {
+    // Everything that can fail for this step alone is checked before it joins a batch, so that a
+    // bad step never fails the others: the shape and range above, and here its values.
+    RETURN_IF_ERROR(CheckFiniteInput(t, hidden));
+    std::string key = absl::StrCat(fresh, "/", DTypeName(t.dtype));
+    for (uint64_t serial : s->block_serials) absl::StrAppend(&key, "/", serial);
+    // A launch holds no more rows than the blocks were sized for (workspaces, cuDNN plans).
+    int64_t max_rows = options_.infer_batch_max_rows;
+    for (const EntryPtr& e : span) max_rows = std::min(max_rows, e->spec.max_batch_size);
+    members = step_batcher_.Join(key, &me, sessions_.CountOnSpan(s->block_serials), max_rows);
   }
-  lock.Unlock();
+  if (!members.empty()) {  // this step leads its batch (or runs alone)
+    RunStepBatch(span, members);
+    step_batcher_.Finish(members);
+  }
+  RETURN_IF_ERROR(me.status);
   out->output.dtype = t.dtype;
   out->output.shape = t.shape;
-  RETURN_IF_ERROR(backend_->Download(*x, t.dtype, out->output.data));
 
-  s->cache = std::move(scratch);
+  s->cache = std::move(me.scratch);
   s->length += fresh;
   s->last_step_id = args.step_id;
   if (args.step_id != 0) {

@@ -158,6 +158,8 @@ KvBlockView KvCache::View(int64_t block, const std::vector<int32_t>& table, int6
   return v;
 }
 
+KvPageStore* KvCache::Store(int64_t block) const { return pool_->store(block); }
+
 void KvCache::Reorder(const std::vector<int32_t>& from) {
   std::vector<std::vector<std::shared_ptr<PageRef>>> next;
   next.reserve(from.size());

@@ -82,6 +82,9 @@ class KvCache {
   // The page tables, [batch, *width] page ids (-1 past a row's pages).
   std::vector<int32_t> Table(int64_t* width) const;
   KvBlockView View(int64_t block, const std::vector<int32_t>& table, int64_t width) const;
+  // Block `block`'s page store of this cache's family: what a batched step (rows of several
+  // families) names per row in KvBlockView::row_pages.
+  KvPageStore* Store(int64_t block) const;
 
   // Row i takes row from[i]'s page table (beam search); pages become shared, not copied.
   void Reorder(const std::vector<int32_t>& from);

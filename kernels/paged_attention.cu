@@ -19,9 +19,13 @@ __device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
 
+// Row r's page `page`: in the one store's chunks, or (rows of several stores) in row r's.
 template <class T>
-__device__ __forceinline__ T* PagePtr(const PagedKv<T>& kv, int32_t page) {
-  return kv.chunks[page / kv.chunk_pages] + (page % kv.chunk_pages) * (2 * kPagedTokens * kv.kv_dim);
+__device__ __forceinline__ T* PagePtr(const PagedKv<T>& kv, int64_t r, int32_t page) {
+  const int64_t page_elems = 2 * kPagedTokens * kv.kv_dim;
+  if (kv.row_chunk == nullptr) return kv.chunks[page / kv.chunk_pages] + (page % kv.chunk_pages) * page_elems;
+  const int32_t chunk_pages = kv.row_chunk_pages[r];
+  return kv.chunks[kv.row_chunk[r] + page / chunk_pages] + (page % chunk_pages) * page_elems;
 }
 
 template <class T>
@@ -29,7 +33,7 @@ __global__ void paged_kv_write_kernel(PagedKv<T> kv, const T* k, int64_t k_strid
                                       int64_t n) {
   const int64_t token = blockIdx.x, r = token / n, i = token % n;
   const int64_t pos = kv.start[r] + i;
-  T* page = PagePtr(kv, kv.table[r * kv.table_width + pos / kPagedTokens]);
+  T* page = PagePtr(kv, r, kv.table[r * kv.table_width + pos / kPagedTokens]);
   T* kd = page + (pos % kPagedTokens) * kv.kv_dim;
   T* vd = kd + kPagedTokens * kv.kv_dim;
   for (int64_t e = threadIdx.x; e < kv.kv_dim; e += blockDim.x) {
@@ -99,7 +103,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       const int64_t pos = t0 + j;
       float2 kk = make_float2(0.f, 0.f), vv = kk;
       if (pos < hi) {
-        const T* page = PagePtr(kv, kv.table[r * kv.table_width + pos / kPagedTokens]);
+        const T* page = PagePtr(kv, r, kv.table[r * kv.table_width + pos / kPagedTokens]);
         const T* kp = page + (pos % kPagedTokens) * kv_dim + int64_t(kvh) * dh + e;
         kk = load2(kp);
         vv = load2(kp + kPagedTokens * kv_dim);

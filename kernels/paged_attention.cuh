@@ -2,6 +2,9 @@
 // new K/V into their pages. Pages hold K [kPagedTokens, kv_dim] then V [kPagedTokens, kv_dim] of
 // type T; page p lives at chunks[p / chunk_pages] + (p % chunk_pages) * page_elems (a store grows
 // by whole chunks). Row r's page table is table[r * table_width ...], start[r] its cached length.
+// Rows of several stores (sessions of several families batched into one launch) set row_chunk
+// and row_chunk_pages: row r's page p lives at chunks[row_chunk[r] + p / row_chunk_pages[r]] + ...,
+// `chunks` then holding every store's chunk pointers one store after another.
 //
 // The attention: query i of row r (position start[r] + i) attends to positions 0..start[r]+i of
 // its row, reading K/V through the page table. One thread block per (kv head, query tile, row,
@@ -32,6 +35,8 @@ struct PagedKv {
   int64_t table_width = 0;
   const int32_t* start = nullptr;  // device [batch]
   int64_t kv_dim = 0;
+  const int32_t* row_chunk = nullptr;        // device [batch], or null: one store for every row
+  const int32_t* row_chunk_pages = nullptr;  // device [batch]
 };
 
 // k [batch * n, k_stride], v [batch * n, v_stride]: token i of row r goes to position start[r] + i.

@@ -38,7 +38,7 @@ namespace {
 
 // K (value: V) of `pos` in row `row`: page layout K [kKvPageTokens, kv_dim], then V.
 float* Slot(const KvBlockView& kv, int64_t kv_dim, int64_t row, int64_t pos, bool value) {
-  float* page = static_cast<CpuKvPageStore*>(kv.pages)->Page(kv.page(row, pos));
+  float* page = static_cast<CpuKvPageStore*>(kv.store(row))->Page(kv.page(row, pos));
   return page + (value ? kKvPageTokens * kv_dim : 0) + (pos % kKvPageTokens) * kv_dim;
 }
 
@@ -79,6 +79,17 @@ void CachedAttention(const BlockConfig& c, const float* q, int64_t row, int64_t 
   }
 }
 
+// c = a w^T (+ beta c) for `rows` rows of n tokens, a [rows * n, in], w [out, in]: one product
+// per row. OpenBLAS rounds a row differently as the number of rows in a product changes (it picks
+// kernels and tiles by size), and a row batched with other sessions' rows (continuous batching)
+// must come out with the bits it has when its session steps alone.
+void RowLinear(int64_t rows, int64_t n, int64_t in, int64_t out, const float* a, const float* w, float beta,
+               float* c) {
+  for (int64_t r = 0; r < rows; ++r) {
+    Gemm(false, true, n, out, in, 1.f, a + r * n * in, in, w, in, beta, c + r * n * out, out);
+  }
+}
+
 }  // namespace
 
 void BlockInferStep(const BlockConfig& c, const BlockParamPtrs<const float>& w, const float* x, int64_t batch,
@@ -89,9 +100,9 @@ void BlockInferStep(const BlockConfig& c, const BlockParamPtrs<const float>& w, 
   RmsNormForward(x, w[ParamId::kInputNorm], tokens, d, c.rms_norm_eps, n1.data(), rstd.data());
 
   std::vector<float> q(tokens * qd), k(tokens * kvd), v(tokens * kvd);
-  Gemm(false, true, tokens, qd, d, 1.f, n1.data(), d, w[ParamId::kQProj], d, 0.f, q.data(), qd);
-  Gemm(false, true, tokens, kvd, d, 1.f, n1.data(), d, w[ParamId::kKProj], d, 0.f, k.data(), kvd);
-  Gemm(false, true, tokens, kvd, d, 1.f, n1.data(), d, w[ParamId::kVProj], d, 0.f, v.data(), kvd);
+  RowLinear(batch, n, d, qd, n1.data(), w[ParamId::kQProj], 0.f, q.data());
+  RowLinear(batch, n, d, kvd, n1.data(), w[ParamId::kKProj], 0.f, k.data());
+  RowLinear(batch, n, d, kvd, n1.data(), w[ParamId::kVProj], 0.f, v.data());
   if (c.attention_bias) {  // Qwen2: the projections' biases, before QK-norm and RoPE (as block_math.cc)
     AddBias(q.data(), w[ParamId::kQBias], tokens, qd);
     AddBias(k.data(), w[ParamId::kKBias], tokens, kvd);
@@ -119,15 +130,15 @@ void BlockInferStep(const BlockConfig& c, const BlockParamPtrs<const float>& w, 
 
   // r1 = x + attn Wo^T, then the MLP exactly as BlockForward.
   std::vector<float> r1(x, x + tokens * d);
-  Gemm(false, true, tokens, d, qd, 1.f, attn.data(), qd, w[ParamId::kOProj], qd, 1.f, r1.data(), d);
+  RowLinear(batch, n, qd, d, attn.data(), w[ParamId::kOProj], 1.f, r1.data());
   std::vector<float> n2(tokens * d);
   RmsNormForward(r1.data(), w[ParamId::kPostNorm], tokens, d, c.rms_norm_eps, n2.data(), rstd.data());
   std::vector<float> gate(tokens * f), up(tokens * f), h(tokens * f);
-  Gemm(false, true, tokens, f, d, 1.f, n2.data(), d, w[ParamId::kGateProj], d, 0.f, gate.data(), f);
-  Gemm(false, true, tokens, f, d, 1.f, n2.data(), d, w[ParamId::kUpProj], d, 0.f, up.data(), f);
+  RowLinear(batch, n, d, f, n2.data(), w[ParamId::kGateProj], 0.f, gate.data());
+  RowLinear(batch, n, d, f, n2.data(), w[ParamId::kUpProj], 0.f, up.data());
   SwiGluForward(gate.data(), up.data(), tokens * f, h.data());
   std::copy(r1.begin(), r1.end(), out);
-  Gemm(false, true, tokens, d, f, 1.f, h.data(), f, w[ParamId::kDownProj], f, 1.f, out, d);
+  RowLinear(batch, n, f, d, h.data(), w[ParamId::kDownProj], 1.f, out);
 }
 
 }  // namespace blockd::cpu

@@ -30,7 +30,8 @@ class CpuKvPageStore : public KvPageStore {
 };
 
 // x, out [batch, n, hidden]; start[r] = row r's cached length. Writes the new K/V into the pages
-// of `kv` (a CpuKvPageStore), which the caller made this row's own.
+// of `kv` (CpuKvPageStores), which the caller made this row's own. Each row is computed alone (its
+// own products), so a row gives the same bits whatever other rows share the step.
 void BlockInferStep(const BlockConfig& c, const BlockParamPtrs<const float>& w, const float* x, int64_t batch,
                     int64_t n, const int64_t* start, const KvBlockView& kv, float* out);
 

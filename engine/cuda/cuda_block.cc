@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -447,8 +448,26 @@ class CudaBlock : public Block {
     const float eps = static_cast<float>(c.rms_norm_eps);
     const auto& store = static_cast<const CudaKvPageStore&>(*view.pages);
 
-    // start [batch] then the page tables [batch, width], int32, for the kernels.
+    // start [batch] then the page tables [batch, width], int32, for the kernels; when the rows
+    // come from several stores (a batch of session families), then row_chunk [batch],
+    // row_chunk_pages [batch] and, 8-byte aligned, every store's chunk pointers (PagedKv).
     std::vector<int32_t> meta(static_cast<size_t>(m.batch + m.batch * view.table_width));
+    std::vector<const CudaKvPageStore*> stores;  // distinct, in row order
+    std::vector<int32_t> store_chunk;             // each one's first chunk in chunk_ptrs
+    std::vector<void*> chunk_ptrs;
+    std::vector<int32_t> row_chunk(static_cast<size_t>(m.batch)), row_chunk_pages(static_cast<size_t>(m.batch));
+    for (int64_t r = 0; r < m.batch; ++r) {
+      const auto* rs = static_cast<const CudaKvPageStore*>(view.store(r));
+      const size_t i = static_cast<size_t>(std::find(stores.begin(), stores.end(), rs) - stores.begin());
+      if (i == stores.size()) {
+        stores.push_back(rs);
+        store_chunk.push_back(static_cast<int32_t>(chunk_ptrs.size()));
+        chunk_ptrs.insert(chunk_ptrs.end(), rs->chunk_ptrs().begin(), rs->chunk_ptrs().end());
+      }
+      row_chunk[r] = store_chunk[i];
+      row_chunk_pages[r] = static_cast<int32_t>(rs->chunk_pages());
+    }
+    const bool several_stores = stores.size() > 1;
     bool fresh = true, same_start = true;
     int64_t max_len = 0;
     for (int64_t r = 0; r < m.batch; ++r) {
@@ -458,6 +477,13 @@ class CudaBlock : public Block {
       max_len = std::max(max_len, start[r] + m.seq);
     }
     std::copy(view.table, view.table + m.batch * view.table_width, meta.begin() + m.batch);
+    const size_t row_chunk_at = meta.size(), ptrs_at = (row_chunk_at + 2 * m.batch + 1) / 2 * 2;
+    if (several_stores) {
+      meta.insert(meta.end(), row_chunk.begin(), row_chunk.end());
+      meta.insert(meta.end(), row_chunk_pages.begin(), row_chunk_pages.end());
+      meta.resize(ptrs_at + 2 * chunk_ptrs.size());
+      std::memcpy(meta.data() + ptrs_at, chunk_ptrs.data(), chunk_ptrs.size() * sizeof(void*));
+    }
     ASSIGN_OR_RETURN(DeviceBuffer meta_d, Alloc(meta.size() * 4));
     // From pageable memory: staged before the call returns, so `meta` may go.
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(meta_d.get(), meta.data(), meta.size() * 4, cudaMemcpyHostToDevice, st));
@@ -490,6 +516,11 @@ class CudaBlock : public Block {
     kernels::PagedKv<T> kv;
     kv.chunks = store.chunks<T>();
     kv.chunk_pages = store.chunk_pages();
+    if (several_stores) {
+      kv.chunks = reinterpret_cast<T* const*>(meta_d.as<int32_t>() + ptrs_at);
+      kv.row_chunk = meta_d.as<int32_t>() + row_chunk_at;
+      kv.row_chunk_pages = kv.row_chunk + m.batch;
+    }
     kv.start = meta_d.as<int32_t>();
     kv.table = meta_d.as<int32_t>() + m.batch;
     kv.table_width = view.table_width;

@@ -30,6 +30,8 @@ class CudaKvPageStore : public KvPageStore {
   T* const* chunks() const {
     return chunk_table_.as<T* const>();
   }
+  // The chunks' device addresses on the host: a batched step of several stores uploads them all.
+  const std::vector<void*>& chunk_ptrs() const { return chunk_ptrs_; }
 
  private:
   char* Page(int32_t id) const;

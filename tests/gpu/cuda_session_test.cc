@@ -2,13 +2,15 @@
 // the CPU backend's sessions (the oracle): prefill, single-token decode, a multi-token step on a
 // cached prefix (the paged kernel's prefill case), trim and redo, fork, hypo_ids reordering,
 // Qwen3-like (QK-norm, GQA) and Llama-like (GQA, llama3 RoPE scaling) configs, fp32 and bf16, and
-// a long decode that splits the paged attention over the sequence.
+// a long decode that splits the paged attention over the sequence; sessions of several families
+// (and a fork) stepping concurrently in one batched launch, each equal to its own solo step.
 //
 // Bounds as cuda_block_test.cc: FP32 elementwise rtol 1e-5 (atol = rtol * max|ref|), BF16
 // norm-wise 3.1e-2.
 #include <cuda_runtime.h>
 
 #include <cstring>
+#include <thread>
 
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
@@ -44,8 +46,8 @@ BlockConfig Config(int64_t d, int64_t h, int64_t kv, int64_t dh, int64_t f, bool
 class Side {
  public:
   // The CPU side computes in fp32 whatever the case's precision (it is the oracle).
-  Side(std::unique_ptr<Backend> backend, const SessionCase& k, Precision precision)
-      : engine_(std::move(backend), EngineOptions{}), k_(k) {
+  Side(std::unique_ptr<Backend> backend, const SessionCase& k, Precision precision, EngineOptions options = {})
+      : engine_(std::move(backend), std::move(options)), k_(k) {
     for (const char* id : {"a", "b"}) {
       CreateBlockParams p;
       p.spec.id = id;
@@ -191,6 +193,69 @@ TEST_P(CudaSessionTest, StepsMatchForwardAndTheCpuBackend) {
   // The original, which shares its pages with the fork, is unchanged by the fork's writes.
   const auto s_next = gpu.Step("s", Slice(x, B, S, d, 26, 27), 1);
   Check(k.name + " original after the fork's reorder", k.precision, s_next, Slice(ref, B, S, d, 26, 27));
+}
+
+// Continuous batching on CUDA: four sessions (three families, one fork sharing its parent's
+// pages; rows at different lengths; hypo_ids on one step) step at once from threads and run as
+// one launch per block, whose rows name pages of several stores; each output equals the same
+// step run alone on an engine that never batches.
+TEST_P(CudaSessionTest, ConcurrentSessionsEachEqualTheirSoloStep) {
+  SKIP_WITHOUT_GPU();
+  const SessionCase& k = GetParam();
+  EngineOptions batching;
+  batching.infer_batch_window = absl::Seconds(60);  // a bound: the launch goes once all four joined
+  EngineOptions alone;
+  alone.infer_batch_window = absl::ZeroDuration();
+  auto b1 = MakeCudaBackend();
+  auto b2 = MakeCudaBackend();
+  ASSERT_TRUE(b1.ok() && b2.ok());
+  Side batched(std::move(b1).value(), k, k.precision, batching);
+  Side solo(std::move(b2).value(), k, k.precision, alone);
+  const int64_t B = k.batch, d = k.config.hidden_size;
+  const std::vector<std::string> ids = {"s0", "s1", "s2"};
+  for (Side* side : {&batched, &solo}) {
+    for (const std::string& id : ids) side->Open(id);
+  }
+  // Prefill 17 tokens on each (one launch of fresh rows), then set the lengths apart and fork s0.
+  std::vector<std::vector<float>> prompts;
+  for (size_t i = 0; i < ids.size(); ++i) prompts.push_back(RandomNormal(B * 17 * d, 200 + i));
+  std::vector<std::vector<float>> got(ids.size());
+  {
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      threads.emplace_back([&, i] { got[i] = batched.Step(ids[i], prompts[i], 17); });
+    }
+    for (std::thread& t : threads) t.join();
+  }
+  for (size_t i = 0; i < ids.size(); ++i) {
+    Check(k.name + " batched prefill " + ids[i], k.precision, got[i], solo.Step(ids[i], prompts[i], 17));
+  }
+  for (Side* side : {&batched, &solo}) {
+    ASSERT_TRUE(side->engine().TrimSession("s1", "alice", 9).ok());
+    ASSERT_TRUE(side->engine().TrimSession("s2", "alice", 16).ok());
+    ASSERT_TRUE(side->engine().ForkSession("s0", "alice", "f0").ok());
+  }
+  const int64_t launches_before = batched.engine().Stats().infer_launches;
+  const std::vector<std::string> all = {"s0", "s1", "s2", "f0"};
+  for (int step = 0; step < 4; ++step) {
+    std::vector<std::vector<float>> x, out(all.size());
+    for (size_t i = 0; i < all.size(); ++i) x.push_back(RandomNormal(B * d, 300 + 10 * step + i));
+    const std::vector<int32_t> hypo = {static_cast<int32_t>(B - 1), 0, 0};
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < all.size(); ++i) {
+      threads.emplace_back([&, i] {
+        out[i] = batched.Step(all[i], x[i], 1, all[i] == "f0" && step == 1 ? hypo : std::vector<int32_t>{});
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    for (size_t i = 0; i < all.size(); ++i) {
+      const auto ref = solo.Step(all[i], x[i], 1, all[i] == "f0" && step == 1 ? hypo : std::vector<int32_t>{});
+      Check(k.name + " batched decode " + std::to_string(step) + " " + all[i], k.precision, out[i], ref);
+    }
+  }
+  const EngineStats stats = batched.engine().Stats();
+  EXPECT_EQ(stats.infer_launches - launches_before, 4) << "each decode step of the four sessions: one launch";
+  EXPECT_EQ(stats.infer_last_batch_sessions, 4);
 }
 
 std::vector<SessionCase> Cases() {
