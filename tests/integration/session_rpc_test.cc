@@ -241,7 +241,9 @@ TEST(SessionOps, ServerInfoAndMetricsFollowSessionsAndTheirCache) {
   auto s = c->OpenSession(open);
   ASSERT_OK(s.status());
   const int64_t kv = s->kv_bytes();
-  const int64_t page_bytes = kv / (kBatch * (kMaxLen / 16));  // one block: a page is K and V of 16 tokens
+  // One block: a page is K and V of 16 tokens; a session reserves its rows' pages plus one spare
+  // per row (KvCache::PagesFor).
+  const int64_t page_bytes = kv / (kBatch * (kMaxLen / 16 + 1));
   ASSERT_GT(page_bytes, 0);
   ASSERT_OK(c->InferStep(StepRequest("s", RandomTensor({kBatch, 5, kHidden}, 1), /*step_id=*/1)).status());
   ASSERT_OK(c->InferStep(StepRequest("s", RandomTensor({kBatch, 5, kHidden}, 1), 1)).status());  // a replay
