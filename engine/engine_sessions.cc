@@ -343,11 +343,12 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
   me.output = out->output.data;
   me.rows = batch;
   std::vector<PendingStep*> members = {&me};
+  std::string key;
   if (options_.infer_batch_window > absl::ZeroDuration()) {
     // Everything that can fail for this step alone is checked before it joins a batch, so that a
     // bad step never fails the others: the shape and range above, and here its values.
     RETURN_IF_ERROR(CheckFiniteInput(t, hidden));
-    std::string key = absl::StrCat(fresh, "/", DTypeName(t.dtype));
+    key = absl::StrCat(fresh, "/", DTypeName(t.dtype));
     for (uint64_t serial : s->block_serials) absl::StrAppend(&key, "/", serial);
     // A launch holds no more rows than the blocks were sized for (workspaces, cuDNN plans).
     int64_t max_rows = options_.infer_batch_max_rows;
@@ -356,7 +357,7 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
   }
   if (!members.empty()) {  // this step leads its batch (or runs alone)
     RunStepBatch(span, members);
-    step_batcher_.Finish(members);
+    step_batcher_.Finish(key, members);
   }
   RETURN_IF_ERROR(me.status);
   out->output.dtype = t.dtype;

@@ -10,10 +10,11 @@
 //   std::vector<MyStep*> batch = batcher.Join(key, &me, /*expected=*/sessions_on_span, /*max_rows=*/256);
 //   if (!batch.empty()) {            // the leader (batch[0] == &me)
 //     RunAll(batch);                 // sets every member's result
-//     batcher.Finish(batch);         // wakes the others
+//     batcher.Finish(key, batch);    // wakes the others
 //   }                                // else another leader ran me.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -52,9 +53,13 @@ class StepBatcher {
       Close(it);  // full for this step: launch it, and start the next batch here
     }
     auto b = std::make_shared<Batch>();
+    b->key = key;
     b->members.push_back(m);
     b->rows = m->rows;
-    b->expected = expected;
+    // Steps of batches launched and not yet finished cannot come again before they finish (a
+    // session's steps are serialised), so they are not waited for.
+    auto running = running_.find(key);
+    b->expected = std::max<int64_t>(1, expected - (running == running_.end() ? 0 : running->second));
     b->max_rows = max_rows;
     if (!Full(*b) && window_ > absl::ZeroDuration()) {
       open_[key] = b;
@@ -67,6 +72,7 @@ class StepBatcher {
         if (mine != open_.end() && mine->second == b) Close(mine);
       }
     }
+    if (!b->counted) Count(*b);  // never opened: full at once, or no window
     return std::move(b->members);
   }
 
@@ -78,19 +84,23 @@ class StepBatcher {
   }
 
   // Wakes the members of a batch (all but the leader, members[0]) after their results were set.
-  void Finish(const std::vector<Member*>& members) {
+  void Finish(const std::string& key, const std::vector<Member*>& members) {
     absl::MutexLock l(&mu_);
     for (size_t i = 1; i < members.size(); ++i) members[i]->batch_done = true;
+    auto it = running_.find(key);
+    if (it != running_.end() && (it->second -= static_cast<int64_t>(members.size())) <= 0) running_.erase(it);
     cv_.SignalAll();
   }
 
  private:
   struct Batch {
+    std::string key;
     std::vector<Member*> members;
     int64_t rows = 0;
     int64_t expected = 1;
     int64_t max_rows = 1;
     bool closed = false;
+    bool counted = false;  // its steps are in running_
   };
   using Open = std::map<std::string, std::shared_ptr<Batch>>;
 
@@ -100,14 +110,20 @@ class StepBatcher {
   // No one joins it any more; its leader launches it.
   void Close(typename Open::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     it->second->closed = true;
+    Count(*it->second);
     open_.erase(it);
     cv_.SignalAll();
+  }
+  void Count(Batch& b) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    b.counted = true;
+    running_[b.key] += static_cast<int64_t>(b.members.size());
   }
 
   const absl::Duration window_;
   absl::Mutex mu_;
   absl::CondVar cv_;  // few waiters (steps in flight): one variable, woken all at once
   Open open_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> running_ ABSL_GUARDED_BY(mu_);  // per key: steps launched, not finished
 };
 
 }  // namespace blockd

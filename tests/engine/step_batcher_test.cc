@@ -27,7 +27,7 @@ void JoinAndRun(StepBatcher<FakeStep>& batcher, FakeStep* s, const std::string& 
   if (batch.empty()) return;
   EXPECT_EQ(batch[0], s) << "the leader comes first in its batch";
   for (FakeStep* m : batch) m->ran_by = s->id;
-  batcher.Finish(batch);
+  batcher.Finish(key, batch);
 }
 
 TEST(StepBatcherTest, AWindowOfZeroRunsEveryStepAlone) {

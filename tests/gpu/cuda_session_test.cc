@@ -53,6 +53,7 @@ class Side {
       p.spec.id = id;
       p.spec.config = k.config;
       p.spec.max_seq_len = k.seq + 8;
+      p.spec.max_batch_size = 16;  // four sessions of 3 rows in one launch
       p.precision = precision;
       p.seed = id[0];
       EXPECT_TRUE(engine_.CreateBlock(p).ok());
