@@ -31,6 +31,7 @@ gtest() {  # name binary [filter]
   summary=$(grep -E '^\[  (PASSED|FAILED)  \]|tests ran' "$log" | tr '\n' ' ' | cut -c1-120)
   row "$name" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$summary"
   grep -E '^\[  FAILED  \]' "$log" | head -20
+  [ $rc -eq 0 ] || grep -B3 -A12 -E 'Failure$|^Expected|timed out|Timeout' "$log" | head -60
 }
 
 if [[ " $stages " == *" tests "* ]]; then
@@ -52,6 +53,9 @@ if [[ " $stages " == *" sanitize "* ]]; then
     timeout 120 env LD_LIBRARY_PATH="$LIBS" compute-sanitizer --tool "$tool" --error-exitcode 9 \
       "$dev/bin/cuda_block_test" --gtest_filter='*tiny_qknorm_gqa2_bf16:*tiny_qknorm_gqa2_bf16_cudnn:*tiny_qknorm_gqa2_fp32:*Span*' >>"$log" 2>&1
     rc2=$?
+    # the session kernels: paged K/V write, paged decode attention (split and unsplit), row chunks
+    timeout 150 env LD_LIBRARY_PATH="$LIBS" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      "$dev/bin/cuda_session_test" --gtest_filter='*StepsMatch*' >>"$log" 2>&1 || rc2=$?
     errs=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tr '\n' ' ')
     row "sanitizer.$tool" "$([ $rc1 -eq 0 ] && [ $rc2 -eq 0 ] && echo PASS || echo FAIL)" "$errs"
   done
@@ -77,6 +81,8 @@ if [[ " $stages " == *" generate "* ]] && [ -f "$dev/python/hf_generate_test.py"
     timeout 300 python3 -m unittest -v hf_generate_test) >"$log" 2>&1
   rc=$?
   row "hf_generate.cpu" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
+  # the run returns only a few files: a failure's story goes to stdout
+  [ $rc -eq 0 ] || grep -B2 -A25 -E '^(FAIL|ERROR):' "$log" | head -80
 fi
 
 if [[ " $stages " == *" kernels "* ]]; then
