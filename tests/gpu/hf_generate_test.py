@@ -95,10 +95,12 @@ class HfGenerateTest(unittest.TestCase):
                 model, remote = self.pair(kind)
                 prompt = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(6))
                 eos = int(remote.generate(prompt[:1], max_new_tokens=3)[0, -1])
+                # pad 3, not 0: HF's beam search fills finished rows with `pad_token_id or eos_token_id[0]`,
+                # so a pad of 0 (falsy) comes out as the eos; blockd pads with the pad_token_id it is given
                 want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3,
-                                      do_sample=False, eos_token_id=eos, pad_token_id=0, length_penalty=1.0,
+                                      do_sample=False, eos_token_id=eos, pad_token_id=3, length_penalty=1.0,
                                       early_stopping=False)
-                got = remote.generate(prompt, max_new_tokens=8, num_beams=3, eos_token_id=eos, pad_token_id=0)
+                got = remote.generate(prompt, max_new_tokens=8, num_beams=3, eos_token_id=eos, pad_token_id=3)
                 self.assertEqual(got.tolist(), want.tolist())
 
     def test_sampling_matches_hf_from_the_same_seed(self):
