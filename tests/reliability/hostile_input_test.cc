@@ -970,5 +970,74 @@ TEST_F(HostileInput, SessionRequestsGetTheirCodeAndLeaveEverySessionExact) {
   EXPECT_GE(n, 40);
 }
 
+// Session ids are per identity: the user and the admin each open their own "s1" (different spans
+// and rows, so the two cannot be mistaken), step, trim, fork and close them apart; a session of the
+// admin's alone reads for the user exactly as an id nobody holds, on every call.
+TEST_F(HostileInput, EachIdentityHasItsOwnSessionNamespace) {
+  auto open = [](Client& c, const std::string& id, const std::vector<std::string>& blocks, int64_t rows) {
+    v1::OpenSessionRequest r;
+    r.set_session_id(id);
+    for (const std::string& b : blocks) r.add_block_ids(b);
+    r.set_batch_size(rows);
+    r.set_max_length(32);
+    return c.OpenSession(r);
+  };
+  auto request = [](const std::string& id, v1::Tensor x) {
+    v1::InferStepRequest r;
+    r.set_session_id(id);
+    *r.mutable_hidden_states() = std::move(x);
+    return r;
+  };
+  ASSERT_OK(open(*user_, "s1", {"A", "B"}, 2).status());
+  auto admins = open(*admin_, "s1", {"A"}, 1);
+  ASSERT_OK(admins.status()) << "another identity's session of the same id must not be in the way";
+  EXPECT_EQ(admins->batch_size(), 1);
+  EXPECT_EQ(admins->block_ids_size(), 1);
+  ASSERT_OK(open(*admin_, "admins-only", {"A"}, 1).status());
+
+  // Each steps its own "s1": the user's two rows over A,B, the admin's one row over A.
+  auto user_step = user_->InferStep(request("s1", RandomTensor({2, 5, 32}, 81)));
+  ASSERT_OK(user_step.status());
+  EXPECT_EQ(user_step->length(), 5);
+  auto admin_step = admin_->InferStep(request("s1", RandomTensor({1, 3, 32}, 82)));
+  ASSERT_OK(admin_step.status());
+  EXPECT_EQ(admin_step->length(), 3) << "the admin's s1 must not hold the user's 5 tokens";
+  const std::vector<std::string> users = Describe(*user_);
+  ASSERT_EQ(users.size(), 1u);
+  EXPECT_EQ(users[0].substr(0, 10), "s1:5/32x2:");
+  const std::vector<std::string> admin_list = Describe(*admin_);
+  ASSERT_EQ(admin_list.size(), 2u);
+  EXPECT_EQ(admin_list[0].substr(0, 19), "admins-only:0/32x1:");
+  EXPECT_EQ(admin_list[1].substr(0, 10), "s1:3/32x1:");
+
+  // The user cannot step, trim, fork or close the admin's session: NOT_FOUND, word for word what
+  // an id that nobody holds answers.
+  const std::string absent = "session admins-only not found (unknown, closed or expired)";
+  EXPECT_TRUE(StatusIs(user_->InferStep(request("admins-only", RandomTensor({1, 1, 32}, 83))).status(),
+                       StatusCode::kNotFound, {absent}));
+  EXPECT_TRUE(StatusIs(user_->TrimSession("admins-only", 0).status(), StatusCode::kNotFound, {absent}));
+  EXPECT_TRUE(StatusIs(user_->ForkSession("admins-only", "mine").status(), StatusCode::kNotFound, {absent}));
+  EXPECT_TRUE(StatusIs(user_->CloseSession("admins-only"), StatusCode::kNotFound, {absent}));
+  // Nor learn that it exists: the id is free in the user's own namespace.
+  ASSERT_OK(user_->ForkSession("s1", "admins-only").status());
+  ASSERT_OK(user_->CloseSession("admins-only"));
+
+  // Trimming, forking and closing the user's "s1" leaves the admin's as it was.
+  ASSERT_OK(user_->TrimSession("s1", 1).status());
+  ASSERT_OK(user_->ForkSession("s1", "s1-fork").status());
+  ASSERT_OK(user_->CloseSession("s1"));
+  ASSERT_OK(user_->CloseSession("s1-fork"));
+  EXPECT_TRUE(Describe(*user_).empty());
+  EXPECT_EQ(Describe(*admin_), admin_list);
+  auto again = admin_->InferStep(request("s1", RandomTensor({1, 1, 32}, 84)));
+  ASSERT_OK(again.status());
+  EXPECT_EQ(again->length(), 4);
+  ASSERT_OK(admin_->CloseSession("s1"));
+  ASSERT_OK(admin_->CloseSession("admins-only"));
+  auto info = admin_->GetServerInfo();
+  ASSERT_OK(info.status());
+  EXPECT_EQ(info->sessions_open(), 0);
+}
+
 }  // namespace
 }  // namespace blockd::testing
