@@ -5,6 +5,7 @@
 #include <cmath>
 #include <map>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/echo.h"
@@ -303,6 +304,19 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
                                                    hidden, "]"));
   }
   const int64_t batch = t.shape[0], fresh = t.shape[1];
+  // With batching on, the step is on its way to its batch from here: a leader of its key waits for
+  // it, and whatever refuses it before it joins lets that leader go (Leave).
+  const bool batching = options_.infer_batch_window > absl::ZeroDuration();
+  std::string key;
+  if (batching) {
+    key = absl::StrCat(fresh, "/", DTypeName(t.dtype));
+    for (uint64_t serial : s->block_serials) absl::StrAppend(&key, "/", serial);
+    step_batcher_.Arrive(key);
+    if (options_.on_infer_step_arrived) options_.on_infer_step_arrived();
+  }
+  absl::Cleanup leave = [&] {
+    if (batching) step_batcher_.Leave(key);
+  };
   // Before the byte count: bounds new_tokens, so batch * fresh * hidden cannot overflow.
   if (fresh > s->max_length - s->length) {
     return absl::OutOfRangeError(absl::StrCat("session ", Echo(s->id), " holds ", s->length, " tokens per row; ",
@@ -343,21 +357,19 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
   me.output = out->output.data;
   me.rows = batch;
   std::vector<PendingStep*> members = {&me};
-  std::string key;
-  if (options_.infer_batch_window > absl::ZeroDuration()) {
+  if (batching) {
     // Everything that can fail for this step alone is checked before it joins a batch, so that a
     // bad step never fails the others: the shape and range above, and here its values.
     RETURN_IF_ERROR(CheckFiniteInput(t, hidden));
-    key = absl::StrCat(fresh, "/", DTypeName(t.dtype));
-    for (uint64_t serial : s->block_serials) absl::StrAppend(&key, "/", serial);
     // A launch holds no more rows than the blocks were sized for (workspaces, cuDNN plans).
     int64_t max_rows = options_.infer_batch_max_rows;
     for (const EntryPtr& e : span) max_rows = std::min(max_rows, e->spec.max_batch_size);
-    members = step_batcher_.Join(key, &me, sessions_.CountOnSpan(s->block_serials), max_rows);
+    std::move(leave).Cancel();  // joining ends its way
+    members = step_batcher_.Join(key, &me, max_rows);
   }
   if (!members.empty()) {  // this step leads its batch (or runs alone)
     RunStepBatch(span, members);
-    step_batcher_.Finish(key, members);
+    step_batcher_.Finish(members);
   }
   RETURN_IF_ERROR(me.status);
   out->output.dtype = t.dtype;

@@ -98,15 +98,6 @@ std::vector<std::shared_ptr<Session>> SessionStore::OwnedBy(absl::string_view ca
   return out;
 }
 
-int64_t SessionStore::CountOnSpan(const std::vector<uint64_t>& block_serials) {
-  absl::MutexLock lock(&mu_);
-  int64_t n = 0;
-  for (const auto& [id, s] : sessions_) {
-    if (s->block_serials == block_serials) ++n;
-  }
-  return n;
-}
-
 int64_t SessionStore::size() {
   absl::MutexLock lock(&mu_);
   return static_cast<int64_t>(sessions_.size());

@@ -91,8 +91,6 @@ class SessionStore {
   // Closes the sessions whose TTL has passed; returns how many.
   int64_t Expire(absl::Time now);
   std::vector<std::shared_ptr<Session>> OwnedBy(absl::string_view caller);
-  // Open sessions whose span is these blocks (by serial, in order): who could batch a step.
-  int64_t CountOnSpan(const std::vector<uint64_t>& block_serials);
   int64_t size();
   // Device -> bytes the open sessions' KV caches hold reserved against the memory budget.
   std::map<int, int64_t> ReservedBytes();

@@ -15,6 +15,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/engine.h"
+#include "tests/engine/step_barrier.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace blockd::testing {
@@ -205,6 +206,8 @@ TEST_P(CudaSessionTest, ConcurrentSessionsEachEqualTheirSoloStep) {
   const SessionCase& k = GetParam();
   EngineOptions batching;
   batching.infer_batch_window = absl::Seconds(60);  // a bound: the launch goes once all four joined
+  StepBarrier barrier;  // every step of a round is on its way before any joins (step_barrier.h)
+  batching.on_infer_step_arrived = [&barrier] { barrier.Arrive(); };
   EngineOptions alone;
   alone.infer_batch_window = absl::ZeroDuration();
   auto b1 = MakeCudaBackend();
@@ -222,6 +225,7 @@ TEST_P(CudaSessionTest, ConcurrentSessionsEachEqualTheirSoloStep) {
   for (size_t i = 0; i < ids.size(); ++i) prompts.push_back(RandomNormal(B * 17 * d, 200 + i));
   std::vector<std::vector<float>> got(ids.size());
   {
+    barrier.Expect(static_cast<int64_t>(ids.size()));
     std::vector<std::thread> threads;
     for (size_t i = 0; i < ids.size(); ++i) {
       threads.emplace_back([&, i] { got[i] = batched.Step(ids[i], prompts[i], 17); });
@@ -238,6 +242,7 @@ TEST_P(CudaSessionTest, ConcurrentSessionsEachEqualTheirSoloStep) {
   }
   const int64_t launches_before = batched.engine().Stats().infer_launches;
   const std::vector<std::string> all = {"s0", "s1", "s2", "f0"};
+  barrier.Expect(static_cast<int64_t>(all.size()));
   for (int step = 0; step < 4; ++step) {
     std::vector<std::vector<float>> x, out(all.size());
     for (size_t i = 0; i < all.size(); ++i) x.push_back(RandomNormal(B * d, 300 + 10 * step + i));

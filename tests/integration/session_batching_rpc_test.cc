@@ -2,7 +2,9 @@
 // at once on their own Infer streams against a server that batches; every response is byte for
 // byte the one a server that never batches gives for the same steps, one at a time, and the
 // server's engine counted one launch per round of steps. The gathering window is long (a bound,
-// never waited out): a leader launches as soon as every session open on the span has joined.
+// never waited out): a leader launches as soon as every step on its way has joined, and a barrier
+// in the engine's on_infer_step_arrived hook makes the four steps of a round all be on their way
+// before any joins, so the rounds merge whatever the streams' timing.
 #include <string>
 #include <thread>
 #include <vector>
@@ -10,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "tests/engine/step_barrier.h"
 #include "tests/integration/harness.h"
 
 namespace blockd::testing {
@@ -17,10 +20,11 @@ namespace {
 
 constexpr int64_t kHidden = 32, kMaxLen = 32, kPrompt = 8, kDecode = 6;
 
-std::unique_ptr<Server> StartWithWindow(absl::Duration window) {
+std::unique_ptr<Server> StartWithWindow(absl::Duration window, StepBarrier* barrier = nullptr) {
   ServerOptions o = LoopbackOptions();
   o.worker_threads = 8;  // a step waiting for its batch holds a worker
   o.engine.infer_batch_window = window;
+  if (barrier != nullptr) o.engine.on_infer_step_arrived = [barrier] { barrier->Arrive(); };
   return StartServer(std::move(o));
 }
 
@@ -32,7 +36,8 @@ v1::InferStepRequest StepRequest(const std::string& id, v1::Tensor x) {
 }
 
 TEST(SessionBatchingRpc, ConcurrentStreamsAnswerWhatStepsOneAtATimeAnswer) {
-  auto batched = StartWithWindow(absl::Seconds(60));
+  StepBarrier barrier;
+  auto batched = StartWithWindow(absl::Seconds(60), &barrier);
   auto solo = StartWithWindow(absl::ZeroDuration());
   ASSERT_TRUE(batched && solo);
   const std::vector<std::string> names = {"alice", "bob", "carol", "dave"};
@@ -69,6 +74,7 @@ TEST(SessionBatchingRpc, ConcurrentStreamsAnswerWhatStepsOneAtATimeAnswer) {
     ASSERT_OK(open(*on_solo[i], i));
   }
 
+  barrier.Expect(static_cast<int64_t>(names.size()));  // every round: the four streams' steps
   std::vector<std::vector<std::string>> got(names.size());
   std::vector<absl::Status> failed(names.size());
   std::vector<std::thread> threads;
