@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/echo.h"
+#include "base/finite.h"
 #include "base/status_macros.h"
 #include "engine/engine.h"
 #include "engine/engine_internal.h"
@@ -66,22 +67,6 @@ SessionInfo SessionInfoOf(const Session& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   return info;
 }
 
-// Upload's check of a step's values, made before the step joins a batch (where the whole batch is
-// uploaded at once), with the message Upload gives.
-absl::Status CheckFiniteInput(const TensorArg& t, int64_t hidden) {
-  std::vector<float> row(static_cast<size_t>(hidden));  // a token at a time: no copy of the whole input
-  const size_t n = t.size / DTypeSize(t.dtype);
-  for (size_t i = 0; i < n; i += row.size()) {
-    ConvertToFloat32(t.dtype, static_cast<const char*>(t.data) + i * DTypeSize(t.dtype), row.size(), row.data());
-    if (!AllFinite(row.data(), row.size())) {
-      const auto bad = std::find_if(row.begin(), row.end(), [](float v) { return !std::isfinite(v); });
-      return absl::InvalidArgumentError(absl::StrCat("hidden_states has a non-finite value (", *bad, ") at element ",
-                                                     i + (bad - row.begin())));
-    }
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 // One session's step on its way to a launch: alone, or batched with other sessions' steps on the
@@ -118,7 +103,10 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
     for (const PendingStep* m : members) joined.append(static_cast<const char*>(m->input->data), m->input->size);
     data = joined.data();
   }
-  auto x_or = backend_->Upload(span[0]->spec.device, dtype, data, rows, n, hidden);
+  // Batching checked every member's values before it joined (once per step); alone, Upload does.
+  auto x_or = options_.infer_batch_window > absl::ZeroDuration()
+                  ? backend_->UploadChecked(span[0]->spec.device, dtype, data, rows, n, hidden)
+                  : backend_->Upload(span[0]->spec.device, dtype, data, rows, n, hidden);
   if (!x_or.ok()) {
     return fail(absl::Status(x_or.status().code(), absl::StrCat("hidden_states ", x_or.status().message())));
   }
@@ -360,7 +348,10 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
   if (batching) {
     // Everything that can fail for this step alone is checked before it joins a batch, so that a
     // bad step never fails the others: the shape and range above, and here its values.
-    RETURN_IF_ERROR(CheckFiniteInput(t, hidden));
+    if (absl::Status st = CheckFinite(t.dtype, t.data, t.size / DTypeSize(t.dtype), static_cast<size_t>(hidden));
+        !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("hidden_states ", st.message()));
+    }
     // A launch holds no more rows than the blocks were sized for (workspaces, cuDNN plans).
     int64_t max_rows = options_.infer_batch_max_rows;
     for (const EntryPtr& e : span) max_rows = std::min(max_rows, e->spec.max_batch_size);
