@@ -30,19 +30,6 @@ struct SessionCase {
 
 std::ostream& operator<<(std::ostream& os, const SessionCase& c) { return os << c.name; }
 
-BlockConfig Config(int64_t d, int64_t h, int64_t kv, int64_t dh, int64_t f, bool qk) {
-  BlockConfig c;
-  c.hidden_size = d;
-  c.num_attention_heads = h;
-  c.num_kv_heads = kv;
-  c.head_dim = dh;
-  c.intermediate_size = f;
-  c.rms_norm_eps = 1e-6;
-  c.rope_theta = 1e6;
-  c.qk_norm = qk;
-  return c;
-}
-
 // One engine with the span {"a", "b"} and helpers for its session calls.
 class Side {
  public:
@@ -123,15 +110,6 @@ void Place(std::vector<float>* x, const std::vector<float>& part, int64_t batch,
            int64_t t1) {
   for (int64_t b = 0; b < batch; ++b) {
     std::copy(part.begin() + b * (t1 - t0) * d, part.begin() + (b + 1) * (t1 - t0) * d, x->begin() + (b * seq + t0) * d);
-  }
-}
-
-void Check(const std::string& what, Precision p, const std::vector<float>& got, const std::vector<float>& ref) {
-  ASSERT_EQ(got.size(), ref.size()) << what;
-  if (p == Precision::kBF16) {
-    ExpectNormClose(what, got, ToDouble(ref), 3.1e-2);
-  } else {
-    ExpectClose(what, got, ToDouble(ref), 1e-5);
   }
 }
 
