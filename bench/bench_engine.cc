@@ -24,6 +24,7 @@
 #include "absl/strings/str_split.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/init.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace blockd {
 namespace {
@@ -37,18 +38,7 @@ struct Shape {
   int span;
 };
 
-BlockConfig Config(int64_t d, int64_t h, int64_t kv, int64_t dh, int64_t f, bool qk) {
-  BlockConfig c;
-  c.hidden_size = d;
-  c.num_attention_heads = h;
-  c.num_kv_heads = kv;
-  c.head_dim = dh;
-  c.intermediate_size = f;
-  c.rms_norm_eps = 1e-6;
-  c.rope_theta = 1e6;
-  c.qk_norm = qk;
-  return c;
-}
+using testing::Config;
 
 double FwdFlops(const BlockConfig& c, int64_t batch, int64_t seq) {
   const double S = seq, d = c.hidden_size, H = c.num_attention_heads, Hkv = c.num_kv_heads, dh = c.head_dim,

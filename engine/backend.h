@@ -196,6 +196,14 @@ class Backend {
   // INVALID_ARGUMENT when an element is NaN or infinite.
   virtual absl::StatusOr<std::unique_ptr<Activation>> Upload(int device, DType dtype, const void* data,
                                                              int64_t batch, int64_t seq, int64_t width) = 0;
+  // Upload of values the caller already found finite (CheckFinite, base/finite.h: a session step
+  // is checked before it joins a batch, so that a bad step never fails the others), so a backend
+  // whose check is a pass of its own skips it. Default: Upload, for a backend whose check rides on
+  // the conversion it runs anyway (CUDA's kernel counts non-finite values as it converts).
+  virtual absl::StatusOr<std::unique_ptr<Activation>> UploadChecked(int device, DType dtype, const void* data,
+                                                                    int64_t batch, int64_t seq, int64_t width) {
+    return Upload(device, dtype, data, batch, seq, width);
+  }
   // Replaces *dst with the activation as host bytes of `dtype` (numel * DTypeSize(dtype) of them),
   // written once: a reply's bytes field is not zero-filled first.
   virtual absl::Status Download(const Activation& a, DType dtype, std::string* dst) = 0;

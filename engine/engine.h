@@ -56,9 +56,13 @@ struct EngineOptions {
   // Continuous batching (engine_sessions.cc): steps of different sessions on the same span (and
   // the same new_tokens and dtype) arriving within this window run as one launch per block, of at
   // most `infer_batch_max_rows` rows (and the blocks' max_batch_size). 0: every step runs alone. A step waits at most the window,
-  // and not at all when no other session is open on its span.
+  // and only for steps of its kind already on their way (step_batcher.h): never for idle sessions.
   absl::Duration infer_batch_window = absl::Microseconds(200);
   int64_t infer_batch_max_rows = 256;
+  // Tests: called (with batching on) by each step as it counts as on its way to its batch, before
+  // its values are checked and it joins; a barrier here makes concurrent steps meet in one launch
+  // whatever the threads' timing (tests/engine/step_barrier.h).
+  std::function<void()> on_infer_step_arrived;
   // Called after each launch of session steps with its sessions and rows (a metrics histogram).
   std::function<void(int64_t sessions, int64_t rows)> on_infer_batch;
 };

@@ -5,9 +5,11 @@
 #include <cmath>
 #include <map>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/echo.h"
+#include "base/finite.h"
 #include "base/status_macros.h"
 #include "engine/engine.h"
 #include "engine/engine_internal.h"
@@ -65,22 +67,6 @@ SessionInfo SessionInfoOf(const Session& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   return info;
 }
 
-// Upload's check of a step's values, made before the step joins a batch (where the whole batch is
-// uploaded at once), with the message Upload gives.
-absl::Status CheckFiniteInput(const TensorArg& t, int64_t hidden) {
-  std::vector<float> row(static_cast<size_t>(hidden));  // a token at a time: no copy of the whole input
-  const size_t n = t.size / DTypeSize(t.dtype);
-  for (size_t i = 0; i < n; i += row.size()) {
-    ConvertToFloat32(t.dtype, static_cast<const char*>(t.data) + i * DTypeSize(t.dtype), row.size(), row.data());
-    if (!AllFinite(row.data(), row.size())) {
-      const auto bad = std::find_if(row.begin(), row.end(), [](float v) { return !std::isfinite(v); });
-      return absl::InvalidArgumentError(absl::StrCat("hidden_states has a non-finite value (", *bad, ") at element ",
-                                                     i + (bad - row.begin())));
-    }
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 // One session's step on its way to a launch: alone, or batched with other sessions' steps on the
@@ -117,7 +103,10 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
     for (const PendingStep* m : members) joined.append(static_cast<const char*>(m->input->data), m->input->size);
     data = joined.data();
   }
-  auto x_or = backend_->Upload(span[0]->spec.device, dtype, data, rows, n, hidden);
+  // Batching checked every member's values before it joined (once per step); alone, Upload does.
+  auto x_or = options_.infer_batch_window > absl::ZeroDuration()
+                  ? backend_->UploadChecked(span[0]->spec.device, dtype, data, rows, n, hidden)
+                  : backend_->Upload(span[0]->spec.device, dtype, data, rows, n, hidden);
   if (!x_or.ok()) {
     return fail(absl::Status(x_or.status().code(), absl::StrCat("hidden_states ", x_or.status().message())));
   }
@@ -303,6 +292,19 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
                                                    hidden, "]"));
   }
   const int64_t batch = t.shape[0], fresh = t.shape[1];
+  // With batching on, the step is on its way to its batch from here: a leader of its key waits for
+  // it, and whatever refuses it before it joins lets that leader go (Leave).
+  const bool batching = options_.infer_batch_window > absl::ZeroDuration();
+  std::string key;
+  if (batching) {
+    key = absl::StrCat(fresh, "/", DTypeName(t.dtype));
+    for (uint64_t serial : s->block_serials) absl::StrAppend(&key, "/", serial);
+    step_batcher_.Arrive(key);
+    if (options_.on_infer_step_arrived) options_.on_infer_step_arrived();
+  }
+  absl::Cleanup leave = [&] {
+    if (batching) step_batcher_.Leave(key);
+  };
   // Before the byte count: bounds new_tokens, so batch * fresh * hidden cannot overflow.
   if (fresh > s->max_length - s->length) {
     return absl::OutOfRangeError(absl::StrCat("session ", Echo(s->id), " holds ", s->length, " tokens per row; ",
@@ -343,21 +345,22 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
   me.output = out->output.data;
   me.rows = batch;
   std::vector<PendingStep*> members = {&me};
-  std::string key;
-  if (options_.infer_batch_window > absl::ZeroDuration()) {
+  if (batching) {
     // Everything that can fail for this step alone is checked before it joins a batch, so that a
     // bad step never fails the others: the shape and range above, and here its values.
-    RETURN_IF_ERROR(CheckFiniteInput(t, hidden));
-    key = absl::StrCat(fresh, "/", DTypeName(t.dtype));
-    for (uint64_t serial : s->block_serials) absl::StrAppend(&key, "/", serial);
+    if (absl::Status st = CheckFinite(t.dtype, t.data, t.size / DTypeSize(t.dtype), static_cast<size_t>(hidden));
+        !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("hidden_states ", st.message()));
+    }
     // A launch holds no more rows than the blocks were sized for (workspaces, cuDNN plans).
     int64_t max_rows = options_.infer_batch_max_rows;
     for (const EntryPtr& e : span) max_rows = std::min(max_rows, e->spec.max_batch_size);
-    members = step_batcher_.Join(key, &me, sessions_.CountOnSpan(s->block_serials), max_rows);
+    std::move(leave).Cancel();  // joining ends its way
+    members = step_batcher_.Join(key, &me, max_rows);
   }
   if (!members.empty()) {  // this step leads its batch (or runs alone)
     RunStepBatch(span, members);
-    step_batcher_.Finish(key, members);
+    step_batcher_.Finish(members);
   }
   RETURN_IF_ERROR(me.status);
   out->output.dtype = t.dtype;

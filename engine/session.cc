@@ -1,6 +1,7 @@
 #include "engine/session.h"
 
 #include <algorithm>
+#include <iterator>
 
 #include "absl/strings/str_cat.h"
 #include "base/echo.h"
@@ -8,12 +9,19 @@
 
 namespace blockd {
 
+std::pair<SessionStore::Map::iterator, SessionStore::Map::iterator> SessionStore::RangeOf(absl::string_view owner) {
+  auto first = sessions_.lower_bound(Key(std::string(owner), std::string()));
+  auto last = first;
+  while (last != sessions_.end() && last->first.first == owner) ++last;
+  return {first, last};
+}
+
 absl::Status SessionStore::CheckRoomLocked(absl::string_view id, absl::string_view owner, int64_t max_per_client) {
-  if (sessions_.count(id) != 0) {
+  if (sessions_.count(Key(std::string(owner), std::string(id))) != 0) {
     return absl::AlreadyExistsError(absl::StrCat("session ", Echo(id), " already exists"));
   }
-  int64_t held = 0;
-  for (const auto& [other_id, other] : sessions_) held += other->owner == owner;
+  auto [first, last] = RangeOf(owner);
+  const int64_t held = std::distance(first, last);
   if (held >= max_per_client) {
     return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(owner), " already holds ", held,
                                                      " inference sessions (limit --max_sessions_per_client=",
@@ -30,20 +38,21 @@ absl::Status SessionStore::CheckRoom(absl::string_view id, absl::string_view own
 absl::Status SessionStore::Add(std::shared_ptr<Session> s, int64_t max_per_client) {
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(CheckRoomLocked(s->id, s->owner, max_per_client));
-  sessions_.emplace(s->id, std::move(s));
+  Key key(s->owner, s->id);
+  sessions_.emplace(std::move(key), std::move(s));
   return absl::OkStatus();
 }
 
 std::shared_ptr<Session> SessionStore::Find(absl::string_view id, absl::string_view caller, absl::Time now) {
   absl::MutexLock lock(&mu_);
-  auto it = FindOwned(sessions_, id, caller);
+  auto it = sessions_.find(Key(std::string(caller), std::string(id)));
   if (it == sessions_.end() || it->second->closed || it->second->expires() <= now) return nullptr;
   return it->second;
 }
 
 bool SessionStore::Remove(absl::string_view id, absl::string_view caller) {
   absl::MutexLock lock(&mu_);
-  auto it = FindOwned(sessions_, id, caller);
+  auto it = sessions_.find(Key(std::string(caller), std::string(id)));
   if (it == sessions_.end()) return false;
   it->second->closed = true;
   sessions_.erase(it);
@@ -84,19 +93,9 @@ int64_t SessionStore::Expire(absl::Time now) {
 std::vector<std::shared_ptr<Session>> SessionStore::OwnedBy(absl::string_view caller) {
   absl::MutexLock lock(&mu_);
   std::vector<std::shared_ptr<Session>> out;
-  for (const auto& [id, s] : sessions_) {
-    if (s->owner == caller) out.push_back(s);
-  }
+  auto [first, last] = RangeOf(caller);
+  for (auto it = first; it != last; ++it) out.push_back(it->second);
   return out;
-}
-
-int64_t SessionStore::CountOnSpan(const std::vector<uint64_t>& block_serials) {
-  absl::MutexLock lock(&mu_);
-  int64_t n = 0;
-  for (const auto& [id, s] : sessions_) {
-    if (s->block_serials == block_serials) ++n;
-  }
-  return n;
 }
 
 int64_t SessionStore::size() {

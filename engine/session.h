@@ -1,6 +1,9 @@
 // Inference sessions: a span of blocks, `batch_size` rows and their paged KV cache (kv_cache.h),
 // owned by the identity that opened them (owned.h). The Engine runs the steps
 // (engine_sessions.cc); this store only keeps sessions, their owners, TTLs and the per-client cap.
+// Session ids are the client's names, not capabilities: each identity has its own namespace (the
+// store's key is owner and id), so two clients may both call a session "s1", and another identity's
+// session reads exactly as an unknown one, whatever the call.
 //
 //   auto s = std::make_shared<Session>(std::move(cache));  // KvCache::Create
 //   s->owner = caller; s->id = id; ...
@@ -13,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -73,8 +77,8 @@ struct Session : Owned {
 
 class SessionStore {
  public:
-  // ALREADY_EXISTS for an id in use; RESOURCE_EXHAUSTED when the owner already holds
-  // `max_per_client` sessions.
+  // ALREADY_EXISTS for an id the owner already uses (another identity's "s1" is no conflict);
+  // RESOURCE_EXHAUSTED when the owner already holds `max_per_client` sessions.
   absl::Status Add(std::shared_ptr<Session> s, int64_t max_per_client);
   // What Add would refuse now, for a caller that must know before it commits memory (a fork).
   absl::Status CheckRoom(absl::string_view id, absl::string_view owner, int64_t max_per_client);
@@ -87,8 +91,6 @@ class SessionStore {
   // Closes the sessions whose TTL has passed; returns how many.
   int64_t Expire(absl::Time now);
   std::vector<std::shared_ptr<Session>> OwnedBy(absl::string_view caller);
-  // Open sessions whose span is these blocks (by serial, in order): who could batch a step.
-  int64_t CountOnSpan(const std::vector<uint64_t>& block_serials);
   int64_t size();
   // Device -> bytes the open sessions' KV caches hold reserved against the memory budget.
   std::map<int, int64_t> ReservedBytes();
@@ -96,8 +98,13 @@ class SessionStore {
  private:
   absl::Status CheckRoomLocked(absl::string_view id, absl::string_view owner, int64_t max_per_client)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // (owner, id): one namespace per identity, and an owner's sessions are one range of the map.
+  using Key = std::pair<std::string, std::string>;
+  using Map = std::map<Key, std::shared_ptr<Session>>;
+  // The owner's sessions: [first, second).
+  std::pair<Map::iterator, Map::iterator> RangeOf(absl::string_view owner) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Mutex mu_;  // a leaf: never held while taking a session's or a block's lock
-  std::map<std::string, std::shared_ptr<Session>, std::less<>> sessions_ ABSL_GUARDED_BY(mu_);
+  Map sessions_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace blockd

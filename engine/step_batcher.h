@@ -1,20 +1,25 @@
 // Continuous batching: gathers concurrent inference steps that can share one launch (the same
 // span of blocks, the same new_tokens and dtype: one key) into batches, within a short bounded
-// window. The first step of a batch leads: it waits up to `window` for others (or until the batch
-// holds `max_rows` rows, or as many steps as the caller said could come), then runs every
-// member's step as one launch and wakes the others, who find their results in their Member.
+// window. A step counts as *on its way* from the moment its key is known (Arrive) until it joins a
+// batch (Join) or gives up (Leave, a step refused before joining). The first step to join leads:
+// it waits until every step of its key on its way has joined (or the batch holds `max_rows` rows,
+// or `window` passed), then runs every member's step as one launch and wakes the others, who find
+// their results in their Member. So a leader waits only for steps that are really coming: a lone
+// step never waits, however many other sessions are open and idle on its span, and the steps of a
+// launch already running are not waited for (they are not on their way until they come again).
 // The batcher only gathers; what a step is and how a batch runs is the caller's (the Engine's).
 //
 //   StepBatcher<MyStep> batcher(absl::Microseconds(200));
+//   batcher.Arrive(key);             // as soon as the step's key is known
+//   if (!valid) { batcher.Leave(key); return error; }  // refused: no leader waits for it
 //   MyStep me{...};  me.rows = batch;
-//   std::vector<MyStep*> batch = batcher.Join(key, &me, /*expected=*/sessions_on_span, /*max_rows=*/256);
+//   std::vector<MyStep*> batch = batcher.Join(key, &me, /*max_rows=*/256);
 //   if (!batch.empty()) {            // the leader (batch[0] == &me)
 //     RunAll(batch);                 // sets every member's result
-//     batcher.Finish(key, batch);    // wakes the others
+//     batcher.Finish(batch);         // wakes the others
 //   }                                // else another leader ran me.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -33,13 +38,28 @@ class StepBatcher {
  public:
   explicit StepBatcher(absl::Duration window) : window_(window) {}
 
-  // Joins the open batch of `key`, or opens one and leads it. `expected`: how many steps could
-  // join at most (the sessions on the span), so a leader stops waiting once all of them came;
+  // A step of `key` is on its way: a leader of `key` waits for it (within the window) until it
+  // joins or leaves. Every Arrive is followed by exactly one Join or Leave.
+  void Arrive(const std::string& key) {
+    absl::MutexLock l(&mu_);
+    ++coming_[key];
+  }
+
+  // A step that arrived will not join (it was refused): a leader waiting for it stops waiting.
+  void Leave(const std::string& key) {
+    absl::MutexLock l(&mu_);
+    Gone(key);
+    auto it = open_.find(key);
+    if (it != open_.end() && Full(*it->second)) Close(it);
+  }
+
+  // Joins the open batch of `key`, or opens one and leads it (the step must have arrived).
   // `max_rows`: the rows a launch may hold (one value per key). Returns the batch, the caller
   // first, when the caller leads; empty once a leader ran the caller's step (and called Finish).
   // A step of max_rows rows or more runs alone.
-  std::vector<Member*> Join(const std::string& key, Member* m, int64_t expected, int64_t max_rows) {
+  std::vector<Member*> Join(const std::string& key, Member* m, int64_t max_rows) {
     absl::MutexLock l(&mu_);
+    Gone(key);
     auto it = open_.find(key);
     if (it != open_.end()) {
       Batch& b = *it->second;
@@ -56,10 +76,6 @@ class StepBatcher {
     b->key = key;
     b->members.push_back(m);
     b->rows = m->rows;
-    // Steps of batches launched and not yet finished cannot come again before they finish (a
-    // session's steps are serialised), so they are not waited for.
-    auto running = running_.find(key);
-    b->expected = std::max<int64_t>(1, expected - (running == running_.end() ? 0 : running->second));
     b->max_rows = max_rows;
     if (!Full(*b) && window_ > absl::ZeroDuration()) {
       open_[key] = b;
@@ -72,7 +88,6 @@ class StepBatcher {
         if (mine != open_.end() && mine->second == b) Close(mine);
       }
     }
-    if (!b->counted) Count(*b);  // never opened: full at once, or no window
     return std::move(b->members);
   }
 
@@ -83,12 +98,17 @@ class StepBatcher {
     return it == open_.end() ? 0 : it->second->rows;
   }
 
+  // Steps of `key` on their way (arrived, neither joined nor left), for tests.
+  int64_t Coming(const std::string& key) {
+    absl::MutexLock l(&mu_);
+    auto it = coming_.find(key);
+    return it == coming_.end() ? 0 : it->second;
+  }
+
   // Wakes the members of a batch (all but the leader, members[0]) after their results were set.
-  void Finish(const std::string& key, const std::vector<Member*>& members) {
+  void Finish(const std::vector<Member*>& members) {
     absl::MutexLock l(&mu_);
     for (size_t i = 1; i < members.size(); ++i) members[i]->batch_done = true;
-    auto it = running_.find(key);
-    if (it != running_.end() && (it->second -= static_cast<int64_t>(members.size())) <= 0) running_.erase(it);
     cv_.SignalAll();
   }
 
@@ -97,33 +117,32 @@ class StepBatcher {
     std::string key;
     std::vector<Member*> members;
     int64_t rows = 0;
-    int64_t expected = 1;
     int64_t max_rows = 1;
     bool closed = false;
-    bool counted = false;  // its steps are in running_
   };
   using Open = std::map<std::string, std::shared_ptr<Batch>>;
 
-  bool Full(const Batch& b) const {
-    return b.rows >= b.max_rows || static_cast<int64_t>(b.members.size()) >= b.expected;
+  // Full: no room for another row, or no other step of its key on its way.
+  bool Full(const Batch& b) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return b.rows >= b.max_rows || coming_.count(b.key) == 0;
+  }
+  // A step of `key` is no longer on its way (it joined or left).
+  void Gone(const std::string& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = coming_.find(key);
+    if (it != coming_.end() && --it->second <= 0) coming_.erase(it);
   }
   // No one joins it any more; its leader launches it.
   void Close(typename Open::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     it->second->closed = true;
-    Count(*it->second);
     open_.erase(it);
     cv_.SignalAll();
-  }
-  void Count(Batch& b) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    b.counted = true;
-    running_[b.key] += static_cast<int64_t>(b.members.size());
   }
 
   const absl::Duration window_;
   absl::Mutex mu_;
   absl::CondVar cv_;  // few waiters (steps in flight): one variable, woken all at once
   Open open_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, int64_t> running_ ABSL_GUARDED_BY(mu_);  // per key: steps launched, not finished
+  std::map<std::string, int64_t> coming_ ABSL_GUARDED_BY(mu_);  // per key: steps on their way
 };
 
 }  // namespace blockd

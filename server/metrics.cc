@@ -62,6 +62,11 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
                   prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                                                           0.05, 0.1, 0.25, 0.5, 1, 2.5, 10});
   }
+  // Powers of two: a launch's sessions are bounded by the worker threads, its rows by
+  // --infer_batch_max_rows (256 by default).
+  const prometheus::Histogram::BucketBoundaries sizes{1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
+  m->launch_sessions_ = &prometheus::BuildHistogram().Name("blockd_session_launch_sessions").Help("Inference steps of different sessions run as one launch (continuous batching), per launch").Register(reg).Add({}, sizes);
+  m->launch_rows_ = &prometheus::BuildHistogram().Name("blockd_session_launch_rows").Help("Rows of inference steps run as one launch (continuous batching), per launch").Register(reg).Add({}, sizes);
   m->session_refused_ = &prometheus::BuildCounter().Name("blockd_session_opens_refused_total").Help("OpenSession and ForkSession calls refused, by reason").Register(reg);
   for (const char* reason : {"memory", "client_limit", "invalid_argument", "not_found", "failed_precondition", "id_in_use", "other"}) {
     m->session_refused_->Add({{"reason", reason}});
@@ -129,6 +134,11 @@ const char* Metrics::BatchBucket(int64_t rows) {
 void Metrics::SessionStep(int64_t rows, int64_t new_tokens, double seconds) {
   (new_tokens == 1 ? session_tokens_decode_ : session_tokens_prefill_)->Increment(static_cast<double>(rows * new_tokens));
   session_step_.at(BatchBucket(rows))->Observe(seconds);
+}
+
+void Metrics::SessionLaunch(int64_t sessions, int64_t rows) {
+  launch_sessions_->Observe(static_cast<double>(sessions));
+  launch_rows_->Observe(static_cast<double>(rows));
 }
 
 const char* Metrics::RefusalReason(const absl::Status& why) {

@@ -51,6 +51,9 @@ class Metrics {
   void SessionStep(int64_t rows, int64_t new_tokens, double seconds);
   // An OpenSession or ForkSession refused, by reason (memory, client_limit, invalid_argument, ...).
   void SessionOpenRefused(const absl::Status& why);
+  // One launch of inference steps (EngineOptions::on_infer_batch): how many sessions' steps and
+  // rows it ran together (blockd_session_launch_sessions, blockd_session_launch_rows).
+  void SessionLaunch(int64_t sessions, int64_t rows);
   // The label SessionStep files a step of `rows` rows under: "1", "2-4", "5-16", "17-64", "65-256", "257+".
   static const char* BatchBucket(int64_t rows);
   static const char* RefusalReason(const absl::Status& why);
@@ -95,6 +98,8 @@ class Metrics {
   prometheus::Counter* session_tokens_prefill_ = nullptr;
   prometheus::Counter* session_tokens_decode_ = nullptr;
   std::map<std::string, prometheus::Histogram*> session_step_;  // by batch bucket, all made at Start
+  prometheus::Histogram* launch_sessions_ = nullptr;
+  prometheus::Histogram* launch_rows_ = nullptr;
   prometheus::Family<prometheus::Counter>* session_refused_ = nullptr;
   prometheus::Family<prometheus::Gauge>* kv_reserved_ = nullptr;
   prometheus::Family<prometheus::Gauge>* kv_available_ = nullptr;

@@ -29,11 +29,18 @@ constexpr char kGuardedPrefix[] = "/blockd.v1.BlockService/";
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std::unique_ptr<Backend> backend) {
   std::unique_ptr<Server> s(new Server());
   s->options_ = options;
-  s->engine_ = std::make_unique<Engine>(std::move(backend), options.engine);
+  ASSIGN_OR_RETURN(s->metrics_, Metrics::Start(options.metrics_listen, options.metrics_tls));  // empty: no port
+  // Every launch of session steps feeds the launch-size histograms, besides any hook of the caller's.
+  EngineOptions engine_options = options.engine;
+  engine_options.on_infer_batch = [metrics = s->metrics_.get(), also = options.engine.on_infer_batch](
+                                      int64_t sessions, int64_t rows) {
+    metrics->SessionLaunch(sessions, rows);
+    if (also) also(sessions, rows);
+  };
+  s->engine_ = std::make_unique<Engine>(std::move(backend), engine_options);
   GlooOptions gloo;
   gloo.advertise_host = options.collective_host;
   s->engine_->AddCollectiveProvider(MakeGlooProvider(gloo));
-  ASSIGN_OR_RETURN(s->metrics_, Metrics::Start(options.metrics_listen, options.metrics_tls));  // empty: no port
   ASSIGN_OR_RETURN(std::unique_ptr<Authenticator> auth, Authenticator::FromFiles({options.token_file, options.auth_token_file, options.admin_token_file}));
   s->auth_ = std::move(auth);
   s->auth_log_ = std::make_unique<RateLimitedLog>(/*per_minute=*/20);

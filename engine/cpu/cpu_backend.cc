@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "base/finite.h"
 #include "base/status_macros.h"
 #include "engine/cpu/block_infer.h"
 #include "engine/cpu/block_math.h"
@@ -215,11 +216,14 @@ class CpuBackend : public Backend {
                                                      int64_t seq, int64_t width) override {
     auto a = std::make_unique<CpuActivation>(batch, seq, width);
     ConvertToFloat32(dtype, data, a->data.size(), a->data.data());
-    if (!AllFinite(a->data.data(), a->data.size())) {
-      const auto bad = std::find_if(a->data.begin(), a->data.end(), [](float v) { return !std::isfinite(v); });
-      return absl::InvalidArgumentError(
-          absl::StrCat("has a non-finite value (", *bad, ") at element ", bad - a->data.begin()));
-    }
+    RETURN_IF_ERROR(CheckFinite(a->data.data(), a->data.size()));
+    return std::unique_ptr<Activation>(std::move(a));
+  }
+
+  absl::StatusOr<std::unique_ptr<Activation>> UploadChecked(int device, DType dtype, const void* data, int64_t batch,
+                                                            int64_t seq, int64_t width) override {
+    auto a = std::make_unique<CpuActivation>(batch, seq, width);
+    ConvertToFloat32(dtype, data, a->data.size(), a->data.data());
     return std::unique_ptr<Activation>(std::move(a));
   }
 

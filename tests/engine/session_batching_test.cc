@@ -4,7 +4,9 @@
 // hypo_ids) give bitwise the outputs of the same steps run one at a time on an engine that never
 // batches; the launch counter shows the steps really merged; a bad step among them fails alone.
 // The gathering window is long (a bound, never waited out): a leader launches as soon as every
-// session open on its span has joined, so the merge does not depend on thread timing.
+// step on its way has joined, and a barrier (step_barrier.h) makes every step of a round count as
+// on its way before any joins, so the merge does not depend on thread timing. A lone step among
+// idle sessions does not wait the window at all.
 #include <cstring>
 #include <limits>
 #include <string>
@@ -16,6 +18,7 @@
 #include "engine/engine.h"
 #include "gtest/gtest.h"
 #include "tests/engine/engine_fixture.h"
+#include "tests/engine/step_barrier.h"
 
 namespace blockd::testing {
 namespace {
@@ -55,6 +58,7 @@ class SessionBatchingTest : public EngineFixture {
       absl::MutexLock l(&launches_mu_);
       launches_.push_back({sessions, rows});
     };
+    o.on_infer_step_arrived = [this] { barrier_.Arrive(); };
     return o;
   }
 
@@ -106,6 +110,7 @@ class SessionBatchingTest : public EngineFixture {
   // The steps on the batching engine, all at once from threads; then on the solo engine one at a time.
   std::pair<std::vector<Outcome>, std::vector<Outcome>> RunBoth(const std::vector<StepIn>& steps) {
     std::vector<Outcome> batched(steps.size()), solo(steps.size());
+    barrier_.Expect(static_cast<int64_t>(steps.size()));
     std::vector<std::thread> threads;
     for (size_t i = 0; i < steps.size(); ++i) {
       threads.emplace_back([&, i] { batched[i] = Run(*engine_, steps[i]); });
@@ -147,6 +152,7 @@ class SessionBatchingTest : public EngineFixture {
   }
 
   std::unique_ptr<Engine> solo_;
+  StepBarrier barrier_;  // the batching engine's steps of a round meet here before joining
   absl::Mutex launches_mu_;
   std::vector<std::pair<int64_t, int64_t>> launches_ ABSL_GUARDED_BY(launches_mu_);  // (sessions, rows)
 };
@@ -223,8 +229,9 @@ TEST_F(SessionBatchingTest, ForksAndHypoIdsStayExactInOneLaunch) {
 }
 
 TEST_F(SessionBatchingTest, ABadStepFailsAloneAndLeavesItsSessionAsItWas) {
-  // A window the good steps do wait out: the bad step never joins, so the leader cannot know.
-  Reset(Batching(absl::Milliseconds(300)));
+  // The bad step is on its way, then refused before it joins: the good steps' leader stops waiting
+  // for it at once (the window is a bound never waited out).
+  Reset(Batching(absl::Seconds(60)));
   const BlockConfig c = Config(/*qk_norm=*/true);
   const int64_t d = c.hidden_size;
   CreateSpan(c, {"b0"});
@@ -238,6 +245,7 @@ TEST_F(SessionBatchingTest, ABadStepFailsAloneAndLeavesItsSessionAsItWas) {
   std::vector<StepIn> bad_steps = {Decode("good0", 2, d), Decode("bad", 2, d), Decode("good1", 2, d)};
   bad_steps[1].x[d + 3] = std::numeric_limits<float>::quiet_NaN();
   std::vector<Outcome> got(3);
+  barrier_.Expect(3);
   std::vector<std::thread> threads;
   for (size_t i = 0; i < 3; ++i) threads.emplace_back([&, i] { got[i] = Run(*engine_, bad_steps[i]); });
   for (std::thread& t : threads) t.join();
@@ -247,7 +255,9 @@ TEST_F(SessionBatchingTest, ABadStepFailsAloneAndLeavesItsSessionAsItWas) {
   std::vector<Outcome> good_got = {got[0], got[2]};
   std::vector<Outcome> good_solo = {Run(*solo_, good[0]), Run(*solo_, good[1])};
   ExpectSame(good, good_got, good_solo, "decode beside a bad step");
-  for (const auto& [n, rows] : TakeLaunches()) EXPECT_LE(n, 2) << "the bad step must not have joined a launch";
+  const auto launches = TakeLaunches();
+  ASSERT_EQ(launches.size(), 1u) << "the good steps should have run as one launch";
+  EXPECT_EQ(launches[0].first, 2) << "the bad step must not have joined the launch";
 
   // The bad session is as it was: its next good step equals the same step alone.
   steps = {Decode("bad", 2, d), Decode("good0", 2, d), Decode("good1", 2, d)};
@@ -259,7 +269,7 @@ TEST_F(SessionBatchingTest, ABadStepFailsAloneAndLeavesItsSessionAsItWas) {
 TEST_F(SessionBatchingTest, StepsOfDifferentLengthsOrSpansDoNotMerge) {
   const BlockConfig c = Config(/*qk_norm=*/false);
   const int64_t d = c.hidden_size;
-  Reset(Batching(absl::Milliseconds(50)));
+  Reset(Batching(absl::Seconds(60)));  // each key has no other step on its way: none waits
   CreateSpan(c, {"b0", "b1"});
   OpenBoth({"b0"}, "a", 1);
   OpenBoth({"b0"}, "b", 1);
@@ -272,6 +282,38 @@ TEST_F(SessionBatchingTest, StepsOfDifferentLengthsOrSpansDoNotMerge) {
   auto launches = TakeLaunches();
   EXPECT_EQ(launches.size(), 3u) << "different new_tokens or another span must each run alone";
   for (const auto& [n, rows] : launches) EXPECT_EQ(n, 1);
+}
+
+// One session generating among several open and idle ones on the same span (two never stepped,
+// two stepped once long before): its steps are the only ones on their way, so each launches at
+// once instead of waiting the gathering window for sessions that are not coming.
+TEST_F(SessionBatchingTest, ALoneStepAmongIdleSessionsDoesNotWaitTheWindow) {
+  const absl::Duration window = absl::Seconds(3);
+  Reset(Batching(window));
+  const BlockConfig c = Config(/*qk_norm=*/false);
+  const int64_t d = c.hidden_size;
+  CreateSpan(c, {"b0", "b1"});
+  for (const char* id : {"active", "idle0", "idle1", "idle2", "idle3"}) OpenBoth({"b0", "b1"}, id, 2);
+  for (const char* id : {"idle2", "idle3"}) {
+    ASSERT_TRUE(Run(*engine_, {id, Cast<float>(rng_.Vec(2 * 4 * d, -1, 1)), 2, 4, {}}).status.ok());
+  }
+  TakeLaunches();
+  std::vector<StepIn> steps = {{"active", Cast<float>(rng_.Vec(2 * 5 * d, -1, 1)), 2, 5, {}}};
+  for (int i = 0; i < 4; ++i) steps.push_back(Decode("active", 2, d));
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const absl::Time start = absl::Now();
+    const Outcome got = Run(*engine_, steps[i]);
+    const absl::Duration took = absl::Now() - start;
+    ASSERT_TRUE(got.status.ok()) << "step " << i << ": " << got.status;
+    EXPECT_LT(took, window) << "step " << i << " of the only active session waited out the gathering window";
+    EXPECT_EQ(got.out, Run(*solo_, steps[i]).out) << "step " << i;
+  }
+  const auto launches = TakeLaunches();
+  ASSERT_EQ(launches.size(), steps.size());
+  for (const auto& [n, rows] : launches) {
+    EXPECT_EQ(n, 1);
+    EXPECT_EQ(rows, 2);
+  }
 }
 
 }  // namespace

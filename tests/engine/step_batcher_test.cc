@@ -1,6 +1,8 @@
-// StepBatcher on its own: who leads, who joins, when a batch closes (every expected step came,
-// max_rows reached, a step that does not fit, the window), and that Finish wakes the members.
-// Windows are long bounds that the tests never wait out, except the one test of the window itself.
+// StepBatcher on its own: who leads, who joins, when a batch closes (every step on its way came,
+// max_rows reached, a step that does not fit, a step that left, the window), and that Finish
+// wakes the members. Windows are long bounds that the tests never wait out, except the one test
+// of the window itself; the tests that a step does not wait check that it came back well before
+// its window would have passed.
 #include "engine/step_batcher.h"
 
 #include <algorithm>
@@ -20,30 +22,36 @@ struct FakeStep {
   int ran_by = -1;  // the leader that ran it
 };
 
-// Each thread joins with its step; a leader marks its batch's steps as run by it, then finishes.
-void JoinAndRun(StepBatcher<FakeStep>& batcher, FakeStep* s, const std::string& key, int64_t expected,
-                int64_t max_rows) {
-  std::vector<FakeStep*> batch = batcher.Join(key, s, expected, max_rows);
+// Each thread joins with its step (which arrived before); a leader marks its batch's steps as run
+// by it, then finishes.
+void JoinAndRun(StepBatcher<FakeStep>& batcher, FakeStep* s, const std::string& key, int64_t max_rows) {
+  std::vector<FakeStep*> batch = batcher.Join(key, s, max_rows);
   if (batch.empty()) return;
   EXPECT_EQ(batch[0], s) << "the leader comes first in its batch";
   for (FakeStep* m : batch) m->ran_by = s->id;
-  batcher.Finish(key, batch);
+  batcher.Finish(batch);
+}
+
+void ArriveN(StepBatcher<FakeStep>& batcher, const std::string& key, int n) {
+  for (int i = 0; i < n; ++i) batcher.Arrive(key);
 }
 
 TEST(StepBatcherTest, AWindowOfZeroRunsEveryStepAlone) {
   StepBatcher<FakeStep> batcher(absl::ZeroDuration());
+  ArriveN(batcher, "k", 5);
   FakeStep s{.id = 1};
-  JoinAndRun(batcher, &s, "k", /*expected=*/5, /*max_rows=*/8);
+  JoinAndRun(batcher, &s, "k", /*max_rows=*/8);
   EXPECT_EQ(s.ran_by, 1);
 }
 
-TEST(StepBatcherTest, ALeaderLaunchesOnceEveryExpectedStepJoined) {
+TEST(StepBatcherTest, ALeaderLaunchesOnceEveryStepOnItsWayJoined) {
   StepBatcher<FakeStep> batcher(absl::Seconds(60));
+  ArriveN(batcher, "k", 4);
   std::vector<FakeStep> steps(4);
   std::vector<std::thread> threads;
   for (int i = 0; i < 4; ++i) {
     steps[i].id = i;
-    threads.emplace_back([&, i] { JoinAndRun(batcher, &steps[i], "k", /*expected=*/4, /*max_rows=*/8); });
+    threads.emplace_back([&, i] { JoinAndRun(batcher, &steps[i], "k", /*max_rows=*/8); });
   }
   for (std::thread& t : threads) t.join();
   const int leader = steps[0].ran_by;
@@ -53,15 +61,17 @@ TEST(StepBatcherTest, ALeaderLaunchesOnceEveryExpectedStepJoined) {
 TEST(StepBatcherTest, MaxRowsSplitsBatchesAndKeysNeverMix) {
   StepBatcher<FakeStep> batcher(absl::Seconds(60));
   // Four steps of 2 rows with max_rows 4: each batch closes full, with two steps.
+  ArriveN(batcher, "k", 4);
   std::vector<FakeStep> steps(4);
   for (int i = 0; i < 4; ++i) steps[i] = FakeStep{.id = i, .rows = 2};
   std::vector<std::thread> threads;
   for (int i = 0; i < 4; ++i) {
-    threads.emplace_back([&, i] { JoinAndRun(batcher, &steps[i], "k", /*expected=*/100, /*max_rows=*/4); });
+    threads.emplace_back([&, i] { JoinAndRun(batcher, &steps[i], "k", /*max_rows=*/4); });
   }
-  // Another key alone: it never waits for the first key's steps (expected 1: full at once).
+  // Another key alone: it never waits for the first key's steps (none other of its key: at once).
+  batcher.Arrive("other");
   FakeStep other{.id = 9};
-  JoinAndRun(batcher, &other, "other", /*expected=*/1, /*max_rows=*/4);
+  JoinAndRun(batcher, &other, "other", /*max_rows=*/4);
   EXPECT_EQ(other.ran_by, 9);
   for (std::thread& t : threads) t.join();
   std::vector<int> leaders;
@@ -74,14 +84,15 @@ TEST(StepBatcherTest, MaxRowsSplitsBatchesAndKeysNeverMix) {
 
 TEST(StepBatcherTest, AStepThatDoesNotFitLaunchesTheOpenBatchAndLeadsTheNext) {
   StepBatcher<FakeStep> batcher(absl::Seconds(60));
+  ArriveN(batcher, "k", 2);  // both steps are on their way: the first waits for the second
   FakeStep first{.id = 1, .rows = 3};
-  std::thread t([&] { JoinAndRun(batcher, &first, "k", /*expected=*/100, /*max_rows=*/4); });
+  std::thread t([&] { JoinAndRun(batcher, &first, "k", /*max_rows=*/4); });
   const absl::Time deadline = absl::Now() + absl::Seconds(30);
   while (batcher.OpenRows("k") != 3 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
   ASSERT_EQ(batcher.OpenRows("k"), 3) << "the first step never opened its batch";
   // 3 + 4 rows > 4: the open batch launches as it is; this step (4 rows: full at once) runs alone.
   FakeStep second{.id = 2, .rows = 4};
-  JoinAndRun(batcher, &second, "k", /*expected=*/100, /*max_rows=*/4);
+  JoinAndRun(batcher, &second, "k", /*max_rows=*/4);
   t.join();
   EXPECT_EQ(first.ran_by, 1);
   EXPECT_EQ(second.ran_by, 2);
@@ -90,9 +101,45 @@ TEST(StepBatcherTest, AStepThatDoesNotFitLaunchesTheOpenBatchAndLeadsTheNext) {
 
 TEST(StepBatcherTest, TheWindowBoundsTheWaitForStepsThatNeverCome) {
   StepBatcher<FakeStep> batcher(absl::Milliseconds(20));
+  ArriveN(batcher, "k", 10);
   FakeStep s{.id = 3};
-  JoinAndRun(batcher, &s, "k", /*expected=*/10, /*max_rows=*/8);  // nine more never come
+  JoinAndRun(batcher, &s, "k", /*max_rows=*/8);  // nine more arrived but never come
   EXPECT_EQ(s.ran_by, 3);
+}
+
+// Nothing else on its way: the step launches at once, however long the window.
+TEST(StepBatcherTest, ALoneStepDoesNotWaitTheWindow) {
+  const absl::Duration window = absl::Seconds(60);
+  StepBatcher<FakeStep> batcher(window);
+  for (int i = 0; i < 3; ++i) {
+    const absl::Time start = absl::Now();
+    batcher.Arrive("k");
+    FakeStep s{.id = i};
+    JoinAndRun(batcher, &s, "k", /*max_rows=*/8);
+    EXPECT_EQ(s.ran_by, i);
+    EXPECT_LT(absl::Now() - start, window / 2) << "step " << i << " waited for steps that were not coming";
+  }
+  EXPECT_EQ(batcher.Coming("k"), 0);
+}
+
+// A step that arrived and then left (refused before joining) lets the leader waiting for it go.
+TEST(StepBatcherTest, AStepThatLeavesLetsItsLeaderLaunch) {
+  const absl::Duration window = absl::Seconds(60);
+  StepBatcher<FakeStep> batcher(window);
+  ArriveN(batcher, "k", 2);
+  FakeStep first{.id = 1};
+  const absl::Time start = absl::Now();
+  std::thread t([&] { JoinAndRun(batcher, &first, "k", /*max_rows=*/8); });
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (batcher.OpenRows("k") != 1 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+  ASSERT_EQ(batcher.OpenRows("k"), 1) << "the first step should wait for the second, on its way";
+  EXPECT_EQ(batcher.Coming("k"), 1);
+  batcher.Leave("k");
+  t.join();
+  EXPECT_EQ(first.ran_by, 1);
+  EXPECT_LT(absl::Now() - start, window / 2) << "the leader waited out its window for a step that left";
+  EXPECT_EQ(batcher.Coming("k"), 0);
+  EXPECT_EQ(batcher.OpenRows("k"), 0);
 }
 
 }  // namespace

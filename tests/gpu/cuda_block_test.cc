@@ -39,15 +39,6 @@ Bounds BoundsFor(Precision p) {
   return {};
 }
 
-void Check(const std::string& what, const std::vector<float>& got, const std::vector<float>& ref, double bound,
-           bool elementwise) {
-  if (elementwise) {
-    ExpectClose(what, got, ToDouble(ref), bound);
-  } else {
-    ExpectNormClose(what, got, ToDouble(ref), bound);
-  }
-}
-
 struct BlockCase {
   std::string name;
   BlockConfig config;
@@ -57,19 +48,6 @@ struct BlockCase {
 };
 
 std::ostream& operator<<(std::ostream& os, const BlockCase& c) { return os << c.name; }
-
-BlockConfig Config(int64_t d, int64_t h, int64_t kv, int64_t dh, int64_t f, bool qk) {
-  BlockConfig c;
-  c.hidden_size = d;
-  c.num_attention_heads = h;
-  c.num_kv_heads = kv;
-  c.head_dim = dh;
-  c.intermediate_size = f;
-  c.rms_norm_eps = 1e-6;
-  c.rope_theta = 1e6;
-  c.qk_norm = qk;
-  return c;
-}
 
 // Random weights shared by both blocks: matrices uniform in +-1/sqrt(in) (nn.Linear's range),
 // norm weights around 1 so that their gradients matter.

@@ -15,6 +15,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/engine.h"
+#include "tests/engine/step_barrier.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace blockd::testing {
@@ -28,19 +29,6 @@ struct SessionCase {
 };
 
 std::ostream& operator<<(std::ostream& os, const SessionCase& c) { return os << c.name; }
-
-BlockConfig Config(int64_t d, int64_t h, int64_t kv, int64_t dh, int64_t f, bool qk) {
-  BlockConfig c;
-  c.hidden_size = d;
-  c.num_attention_heads = h;
-  c.num_kv_heads = kv;
-  c.head_dim = dh;
-  c.intermediate_size = f;
-  c.rms_norm_eps = 1e-6;
-  c.rope_theta = 1e6;
-  c.qk_norm = qk;
-  return c;
-}
 
 // One engine with the span {"a", "b"} and helpers for its session calls.
 class Side {
@@ -125,15 +113,6 @@ void Place(std::vector<float>* x, const std::vector<float>& part, int64_t batch,
   }
 }
 
-void Check(const std::string& what, Precision p, const std::vector<float>& got, const std::vector<float>& ref) {
-  ASSERT_EQ(got.size(), ref.size()) << what;
-  if (p == Precision::kBF16) {
-    ExpectNormClose(what, got, ToDouble(ref), 3.1e-2);
-  } else {
-    ExpectClose(what, got, ToDouble(ref), 1e-5);
-  }
-}
-
 class CudaSessionTest : public ::testing::TestWithParam<SessionCase> {};
 
 TEST_P(CudaSessionTest, StepsMatchForwardAndTheCpuBackend) {
@@ -205,6 +184,8 @@ TEST_P(CudaSessionTest, ConcurrentSessionsEachEqualTheirSoloStep) {
   const SessionCase& k = GetParam();
   EngineOptions batching;
   batching.infer_batch_window = absl::Seconds(60);  // a bound: the launch goes once all four joined
+  StepBarrier barrier;  // every step of a round is on its way before any joins (step_barrier.h)
+  batching.on_infer_step_arrived = [&barrier] { barrier.Arrive(); };
   EngineOptions alone;
   alone.infer_batch_window = absl::ZeroDuration();
   auto b1 = MakeCudaBackend();
@@ -222,6 +203,7 @@ TEST_P(CudaSessionTest, ConcurrentSessionsEachEqualTheirSoloStep) {
   for (size_t i = 0; i < ids.size(); ++i) prompts.push_back(RandomNormal(B * 17 * d, 200 + i));
   std::vector<std::vector<float>> got(ids.size());
   {
+    barrier.Expect(static_cast<int64_t>(ids.size()));
     std::vector<std::thread> threads;
     for (size_t i = 0; i < ids.size(); ++i) {
       threads.emplace_back([&, i] { got[i] = batched.Step(ids[i], prompts[i], 17); });
@@ -238,6 +220,7 @@ TEST_P(CudaSessionTest, ConcurrentSessionsEachEqualTheirSoloStep) {
   }
   const int64_t launches_before = batched.engine().Stats().infer_launches;
   const std::vector<std::string> all = {"s0", "s1", "s2", "f0"};
+  barrier.Expect(static_cast<int64_t>(all.size()));
   for (int step = 0; step < 4; ++step) {
     std::vector<std::vector<float>> x, out(all.size());
     for (size_t i = 0; i < all.size(); ++i) x.push_back(RandomNormal(B * d, 300 + 10 * step + i));

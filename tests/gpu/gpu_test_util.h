@@ -1,5 +1,5 @@
-// Helpers for the gpu tests: skipping without a GPU, device buffers, random data, and the
-// comparison every test uses (elementwise atol + rtol*|ref| with atol = rtol * max|ref|, plus the
+// Helpers for the gpu tests (and the engine benchmark): skipping without a GPU, device buffers,
+// random data, the block configs of the cases (`Config`), and the comparison every test uses (elementwise atol + rtol*|ref| with atol = rtol * max|ref|, plus the
 // norm-wise relative error), reporting the tensor, the worst element and both errors.
 //
 // Why atol scales with the tensor's largest magnitude: an element of a matrix product, a softmax
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "base/block_config.h"
 
 namespace blockd::testing {
 
@@ -100,6 +101,39 @@ inline void ExpectNormClose(const std::string& what, const std::vector<float>& g
 }
 
 inline std::vector<double> ToDouble(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+// A GPU result against the CPU backend's (or the same backend's other path): elementwise within
+// `bound` (ExpectClose) or, where rounding is bf16's, norm-wise (ExpectNormClose).
+inline void Check(const std::string& what, const std::vector<float>& got, const std::vector<float>& ref, double bound,
+                  bool elementwise) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  if (elementwise) {
+    ExpectClose(what, got, ToDouble(ref), bound);
+  } else {
+    ExpectNormClose(what, got, ToDouble(ref), bound);
+  }
+}
+
+// The bound of a block's output by precision: fp32 and tf32 elementwise 1e-5 of the output's
+// scale; bf16 norm-wise 3.1e-2.
+inline void Check(const std::string& what, Precision p, const std::vector<float>& got, const std::vector<float>& ref) {
+  Check(what, got, ref, p == Precision::kBF16 ? 3.1e-2 : 1e-5, /*elementwise=*/p != Precision::kBF16);
+}
+
+// A block config of the test cases and benchmarks: d hidden, h heads of dh, kv kv-heads, f the MLP
+// width, qk QK-norm; eps 1e-6 and rope_theta 1e6 (Qwen3's).
+inline BlockConfig Config(int64_t d, int64_t h, int64_t kv, int64_t dh, int64_t f, bool qk) {
+  BlockConfig c;
+  c.hidden_size = d;
+  c.num_attention_heads = h;
+  c.num_kv_heads = kv;
+  c.head_dim = dh;
+  c.intermediate_size = f;
+  c.rms_norm_eps = 1e-6;
+  c.rope_theta = 1e6;
+  c.qk_norm = qk;
+  return c;
+}
 
 // A device buffer for tests.
 template <class T>
