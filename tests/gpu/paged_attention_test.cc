@@ -34,6 +34,8 @@ struct PagedCase {
   std::vector<int64_t> starts;  // one per row
 };
 
+std::ostream& operator<<(std::ostream& os, const PagedCase& c) { return os << c.name; }
+
 template <class T>
 T FromFloat(float x) {
   if constexpr (std::is_same<T, float>::value) {
