@@ -27,6 +27,7 @@ constexpr int kQueries = kWarps;  // one query per warp
 constexpr int kTile = 32;         // positions per tile: one per lane when scoring
 constexpr int kMaxPairs = 4;      // output element pairs per lane: head_dim <= 256
 constexpr int kRingBudget = 64 * 1024;  // ring bytes to aim for (at least two stages)
+constexpr int kMaxSplitTiles = 32;      // positions per split at most: 1024
 
 __device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 __device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
@@ -359,8 +360,11 @@ cudaError_t launch_paged_kv_write(const PagedKv<T>& kv, const T* k, int64_t k_st
 int paged_attention_splits(int64_t batch, int64_t n, int heads, int kv_heads, int64_t max_len, int sm_count) {
   const int group = heads / kv_heads;
   const int64_t blocks = batch * kv_heads * ceil_div64(n * group, kQueries);
-  // Enough blocks for two per SM, whatever the batch...
-  const int64_t want = std::max<int64_t>(1, (2 * int64_t(sm_count) + blocks - 1) / blocks);
+  // Enough blocks for four per SM whatever the batch (three are resident at head_dim 128: with
+  // fewer, a second partial wave leaves most SMs idle), and splits of at most kMaxSplitTiles tiles
+  // so that the last wave is short...
+  const int64_t want = std::max<int64_t>({1, (4 * int64_t(sm_count) + blocks - 1) / blocks,
+                                          (max_len + kMaxSplitTiles * kTile - 1) / (kMaxSplitTiles * kTile)});
   // ...but at least four tiles of positions per split, so the ring fills and a split's fixed cost
   // (its queries, its partial output) stays small beside its K/V.
   const int64_t most = std::max<int64_t>(1, max_len / (4 * kTile));
