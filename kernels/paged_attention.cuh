@@ -8,9 +8,10 @@
 //
 // The attention: query i of row r (position start[r] + i) attends to positions 0..start[r]+i of
 // its row, reading K/V through the page table. One thread block per (kv head, query tile, row,
-// split of the positions): the query heads that share a kv head (GQA) read each K/V tile once;
-// long contexts are split over the sequence, each split writing an fp32 partial output and its
-// log-sum-exp, and a combine pass merges them. fp32 arithmetic, softmax scale 1/sqrt(head_dim).
+// split of the positions), a warp per query: the query heads that share a kv head (GQA) read each
+// K/V tile once, tiles streaming through a cp.async ring in shared memory; long contexts are split
+// over the sequence, each split writing an fp32 partial output and its log-sum-exp, and a combine
+// pass merges them. fp32 arithmetic, softmax scale 1/sqrt(head_dim).
 //
 //   PagedKv<bf16> kv{chunks, chunk_pages, table, table_width, start};
 //   launch_paged_kv_write(kv, k, kv_dim, v, v_stride, batch, n, kv_dim, stream);

@@ -10,7 +10,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 build=${BLOCKD_DEVICE_BUILD:-$root/build-device}
 cmake -S "$root" -B "$build" -G Ninja -DBLOCKD_CUDA=ON -DCMAKE_BUILD_TYPE=${BLOCKD_BUILD_TYPE:-Release} \
   -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
-want="blockd blockctl cuda_ops_test cuda_block_test cuda_session_test frozen_cuda_test sticky_error_test cudnn_attention_test bench_cudnn_attention blockd_proto_python blockd_python bench_engine bench_kernels bench_service"
+want="blockd blockctl cuda_ops_test cuda_block_test cuda_session_test frozen_cuda_test sticky_error_test cudnn_attention_test bench_cudnn_attention blockd_proto_python blockd_python bench_engine bench_kernels bench_service bench_decode"
 have=$(ninja -C "$build" -t targets all 2>/dev/null | cut -d: -f1)
 targets=$(for t in $want; do grep -qx "$t" <<<"$have" && echo "$t"; done)
 ninja -C "$build" $targets
@@ -32,6 +32,7 @@ done
 cp -r "$build/python/." "$out/python/"
 cp -r "$root/tests/python/." "$out/python/" 2>/dev/null || true
 cp "$root"/tests/gpu/*.py "$out/python/" 2>/dev/null || true  # hf_generate_test.py
+cp "$root/bench/hf_decode.py" "$out/python/"  # the decode stage's Hugging Face baseline
 # The travelling tree is limited to 64 MiB: ship one compressed archive (OpenBLAS alone is 36 MB).
 tar -C "$out" -cJf "$root/.bundle.tar.xz" bin lib python
 rm -rf "$out" && mkdir -p "$out" && mv "$root/.bundle.tar.xz" "$out/bundle.tar.xz"

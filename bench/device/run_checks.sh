@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode]   (default: the first four)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/blockd-out}
@@ -83,6 +83,33 @@ if [[ " $stages " == *" generate "* ]] && [ -f "$dev/python/hf_generate_test.py"
   row "hf_generate.cpu" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
   # the run returns only a few files: a failure's story goes to stdout
   [ $rc -eq 0 ] || grep -B2 -A25 -E '^(FAIL|ERROR):' "$log" | head -80
+fi
+
+# Inference-session decode (issue 12), in one call: correctness first (the session tests and the
+# paged attention kernel against float64), the sanitizers on the session kernels (naming any
+# hazard's kernel and line), then bench_decode and Hugging Face's static-cache decode on the same
+# card; everything is printed, since the run returns few files.
+#   bash bench/device/run_checks.sh decode
+if [[ " $stages " == *" decode "* ]]; then
+  gtest decode.sessions cuda_session_test '*' 240
+  grep -E 'norm rel' "$OUT/decode.sessions.log" | grep -E ' o, ' | head -30
+  for tool in racecheck memcheck; do
+    log="$OUT/decode.$tool.log"
+    timeout 200 env LD_LIBRARY_PATH="$LIBS" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      "$dev/bin/cuda_session_test" --gtest_filter='*StepsMatch*:*PagedAttention*multi_token*:*PagedAttention*dh20*:*PagedAttention*group16*' >"$log" 2>&1
+    rc=$?
+    row "decode.sanitizer.$tool" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tr '\n' ' ')"
+    # where: each reported access's kernel and source line, counted
+    grep -E '^=========  +(Write|Read|at|and) |^========= +(Error|Warning|Invalid)' "$log" | sed -E 's/0x[0-9a-f]+/ADDR/g' \
+      | sort | uniq -c | sort -rn | head -24
+  done
+  timeout 300 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_decode" --batches=1,64 --attention_batches=1,8,64 \
+    >"$OUT/bench_decode.log" 2>&1
+  row "decode.bench_decode" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see bench_decode.log"
+  cat "$OUT/bench_decode.log"
+  timeout 300 python3 "$dev/python/hf_decode.py" --batches 1,64 >"$OUT/hf_decode.log" 2>&1
+  row "decode.hf_decode" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see hf_decode.log"
+  tail -20 "$OUT/hf_decode.log"
 fi
 
 if [[ " $stages " == *" kernels "* ]]; then

@@ -11,6 +11,7 @@
 #include "engine/cuda/attention_dispatch.h"
 #include "engine/cuda/cuda_status.h"
 #include "engine/cuda/kv_pages.h"
+#include "engine/cuda/step_workspace.h"
 #include "base/status_macros.h"
 #include "kernels/adamw.cuh"
 #include "base/rope.h"
@@ -484,79 +485,98 @@ class CudaBlock : public Block {
       meta.resize(ptrs_at + 2 * chunk_ptrs.size());
       std::memcpy(meta.data() + ptrs_at, chunk_ptrs.data(), chunk_ptrs.size() * sizeof(void*));
     }
-    ASSIGN_OR_RETURN(DeviceBuffer meta_d, Alloc(meta.size() * 4));
-    // From pageable memory: staged before the call returns, so `meta` may go.
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(meta_d.get(), meta.data(), meta.size() * 4, cudaMemcpyHostToDevice, st));
+    // One async copy from pinned memory (StepWorkspace), no allocation once warmed.
+    ASSIGN_OR_RETURN(const void* meta_ptr, step_ws_.Upload(meta.data(), meta.size() * 4));
+    const int32_t* meta_d = static_cast<const int32_t*>(meta_ptr);
 
-    ASSIGN_OR_RETURN(DeviceBuffer n1, Alloc(m.n * m.d * t));
-    ASSIGN_OR_RETURN(DeviceBuffer rstd, Alloc(m.n * std::max(m.heads, 1) * 4));
-    ASSIGN_OR_RETURN(DeviceBuffer qkv, Alloc(m.n * m.qkv * t));
-    ASSIGN_OR_RETURN(DeviceBuffer q, Alloc(m.n * m.qd * t));
-    ASSIGN_OR_RETURN(DeviceBuffer k, Alloc(m.n * m.kvd * t));
-    ASSIGN_OR_RETURN(DeviceBuffer table, Alloc(m.n * (m.dh / 2) * 8));
-    ASSIGN_OR_RETURN(DeviceBuffer o, Alloc(m.n * m.qd * t));
+    // The step's buffers, carved from one piece: the block's kept scratch for a decode-sized step
+    // (no allocation once warmed), a stream-ordered allocation for a prefill.
+    const int splits = fresh ? 1
+                             : kernels::paged_attention_splits(m.batch, m.seq, m.heads, m.kv_heads, max_len,
+                                                               dev_->props.multiProcessorCount);
+    const int64_t ws_floats = kernels::paged_attention_workspace_floats(m.batch, m.seq, m.heads, m.dh, splits);
+    struct StepBuffers {
+      T *n1, *qkv, *q, *k, *o, *gu, *h;
+      float *rstd, *r1, *lse, *ws;
+      float2* table;
+    } b;
+    auto carve = [&](Carver cv) {
+      b.n1 = cv.Take<T>(m.n * m.d * t);  // also n2
+      b.rstd = cv.Take<float>(m.n * std::max(m.heads, 1) * 4);
+      b.qkv = cv.Take<T>(m.n * m.qkv * t);
+      b.q = cv.Take<T>(m.n * m.qd * t);
+      b.k = cv.Take<T>(m.n * m.kvd * t);
+      b.table = cv.Take<float2>(m.n * (m.dh / 2) * 8);
+      b.o = cv.Take<T>(m.n * m.qd * t);
+      b.lse = cv.Take<float>(fresh ? m.batch * m.heads * m.seq * 4 : 0);
+      b.ws = cv.Take<float>(static_cast<size_t>(ws_floats) * 4);
+      b.r1 = cv.Take<float>(m.n * m.d * 4);
+      b.gu = cv.Take<T>(m.n * 2 * m.f * t);
+      b.h = cv.Take<T>(m.n * m.f * t);
+      return cv.used();
+    };
+    const size_t step_bytes = carve(Carver());
+    DeviceBuffer prefill_scratch;  // freed in stream order when the step returns
+    char* base = nullptr;
+    if (m.n <= std::max<int64_t>(spec_.max_batch_size, 1)) {
+      ASSIGN_OR_RETURN(base, step_ws_.Scratch(step_bytes));
+    } else {
+      ASSIGN_OR_RETURN(prefill_scratch, Alloc(step_bytes));
+      base = prefill_scratch.as<char>();
+    }
+    carve(Carver(base));
     ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> out, NewActivation(dev_, m.batch, m.seq, m.d));
 
-    RETURN_IF_ERROR(NormAndQkv<T>(xa.data(), n1.as<T>(), rstd.as<float>(), qkv.as<T>(), m));
+    RETURN_IF_ERROR(NormAndQkv<T>(xa.data(), b.n1, b.rstd, b.qkv, m));
     // QK-norm and RoPE: one table for all rows when they start together (token t of [batch, seq]
     // reads table row t % seq), else each row with its own.
     const int64_t rows = same_start ? 1 : m.batch, tokens = same_start ? m.n : m.seq;
     for (int64_t r = 0; r < rows; ++r) {
-      auto* tab = table.as<float2>() + r * m.seq * (m.dh / 2);
+      auto* tab = b.table + r * m.seq * (m.dh / 2);
       CUDA_RETURN_IF_ERROR(kernels::launch_rope_table(tab, static_cast<int>(m.seq), m.dh, start[r],
                                                       inv_freq_.as<double>(), rope_scale_, st));
-      const T* in = qkv.as<T>() + r * m.seq * m.qkv;
-      CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(in, m.qkv, q.as<T>() + r * m.seq * m.qd, rstd.as<float>(),
+      const T* in = b.qkv + r * m.seq * m.qkv;
+      CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(in, m.qkv, b.q + r * m.seq * m.qd, b.rstd,
                                                               W32(ParamId::kQNorm), tab, tokens, static_cast<int>(m.seq),
                                                               m.heads, m.dh, eps, st));
-      CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(in + m.qd, m.qkv, k.as<T>() + r * m.seq * m.kvd,
-                                                              rstd.as<float>(), W32(ParamId::kKNorm), tab, tokens,
+      CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(in + m.qd, m.qkv, b.k + r * m.seq * m.kvd,
+                                                              b.rstd, W32(ParamId::kKNorm), tab, tokens,
                                                               static_cast<int>(m.seq), m.kv_heads, m.dh, eps, st));
     }
     kernels::PagedKv<T> kv;
     kv.chunks = store.chunks<T>();
     kv.chunk_pages = store.chunk_pages();
     if (several_stores) {
-      kv.chunks = reinterpret_cast<T* const*>(meta_d.as<int32_t>() + ptrs_at);
-      kv.row_chunk = meta_d.as<int32_t>() + row_chunk_at;
+      kv.chunks = reinterpret_cast<T* const*>(meta_d + ptrs_at);
+      kv.row_chunk = meta_d + row_chunk_at;
       kv.row_chunk_pages = kv.row_chunk + m.batch;
     }
-    kv.start = meta_d.as<int32_t>();
-    kv.table = meta_d.as<int32_t>() + m.batch;
+    kv.start = meta_d;
+    kv.table = meta_d + m.batch;
     kv.table_width = view.table_width;
     kv.kv_dim = m.kvd;
-    const T* v = qkv.as<T>() + m.qd + m.kvd;
-    CUDA_RETURN_IF_ERROR(kernels::launch_paged_kv_write<T>(kv, k.as<T>(), m.kvd, v, m.qkv, m.batch, m.seq, st));
+    const T* v = b.qkv + m.qd + m.kvd;
+    CUDA_RETURN_IF_ERROR(kernels::launch_paged_kv_write<T>(kv, b.k, m.kvd, v, m.qkv, m.batch, m.seq, st));
     if (fresh) {
-      ASSIGN_OR_RETURN(DeviceBuffer lse, Alloc(m.batch * m.heads * m.seq * 4));
       auto a = kernels::AttentionArgs<T>::Causal(static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads,
                                                  m.kv_heads, m.dh, st);
-      a.q = q.as<T>();
+      a.q = b.q;
       a.q_stride = m.qd;
-      a.k = k.as<T>();
+      a.k = b.k;
       a.k_stride = m.kvd;
       a.v = v;
       a.v_stride = m.qkv;
-      a.o = o.as<T>();
+      a.o = b.o;
       a.o_stride = m.qd;
-      a.lse = lse.as<float>();
+      a.lse = b.lse;
       RETURN_IF_ERROR(attention_.Forward(a));
     } else {
-      const int splits = kernels::paged_attention_splits(m.batch, m.seq, m.heads, m.kv_heads, max_len,
-                                                         dev_->props.multiProcessorCount);
-      const int64_t ws_floats = kernels::paged_attention_workspace_floats(m.batch, m.seq, m.heads, m.dh, splits);
-      ASSIGN_OR_RETURN(DeviceBuffer ws, Alloc(static_cast<size_t>(std::max<int64_t>(ws_floats, 1)) * 4));
-      CUDA_RETURN_IF_ERROR(kernels::launch_paged_attention<T>(kv, q.as<T>(), m.qd, o.as<T>(), m.qd, m.batch, m.seq,
-                                                              m.heads, m.kv_heads, m.dh, max_len, splits,
-                                                              ws.as<float>(), st));
+      CUDA_RETURN_IF_ERROR(kernels::launch_paged_attention<T>(kv, b.q, m.qd, b.o, m.qd, m.batch, m.seq, m.heads,
+                                                              m.kv_heads, m.dh, max_len, splits, b.ws, st));
     }
-    // The MLP's buffers: n1's memory serves as n2, q|k|v's may be too small for gate|up.
-    ASSIGN_OR_RETURN(DeviceBuffer r1, Alloc(m.n * m.d * 4));
-    ASSIGN_OR_RETURN(DeviceBuffer gu, Alloc(m.n * 2 * m.f * t));
-    ASSIGN_OR_RETURN(DeviceBuffer h, Alloc(m.n * m.f * t));
-    RETURN_IF_ERROR(OutputAndMlp<T>(xa.data(), o.as<T>(), r1.as<float>(), n1.as<T>(), rstd.as<float>(), gu.as<T>(),
-                                    h.as<T>(), out->data(), m));
-    // The buffers go back to the pool in stream order when they go; nothing waits here.
+    // n1's memory serves as n2.
+    RETURN_IF_ERROR(OutputAndMlp<T>(xa.data(), b.o, b.r1, b.n1, b.rstd, b.gu, b.h, out->data(), m));
+    // The scratch is reused by the next step in stream order; nothing waits here.
     RETURN_IF_ERROR(out->MarkReady(st));
     return std::unique_ptr<Activation>(std::move(out));
   }
@@ -670,6 +690,7 @@ class CudaBlock : public Block {
   DeviceBuffer weights_, grads_, m_, v_, weights_bf16_;
   DeviceBuffer adamw_params_, sum_ws_, rms_ws_, qk_ws_, bias_ws_;
   DeviceBuffer inv_freq_;  // RopeInvFreq(config), head_dim / 2 doubles
+  StepWorkspace step_ws_{dev_};  // InferStep's kept scratch and pinned table upload
   // Where weights_ and grads_ begin in the layout: 0, or for a frozen block decay_end (weights_:
   // only with BF16, whose matrices live in weights_bf16_ alone; grads_: always, the 1-D scratch).
   int64_t master_begin_ = 0, grad_begin_ = 0;
