@@ -1,6 +1,8 @@
 #include "base/block_config.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -145,10 +147,96 @@ std::vector<ParamSpec> BlockParams(const BlockConfig& c) {
   return p;
 }
 
-int64_t ParameterCount(const BlockConfig& c) {
+std::vector<ParamSpec> BlockParams(const BlockConfig& c, const LoraConfig& lora) {
+  std::vector<ParamSpec> p = BlockParams(c);
+  if (lora.rank <= 0) return p;
+  const size_t base = p.size();
+  for (const LoraTarget& t : kLoraTargets) {
+    if (std::find(lora.target_modules.begin(), lora.target_modules.end(), t.module) == lora.target_modules.end()) {
+      continue;
+    }
+    const ParamSpec* w = nullptr;
+    for (size_t i = 0; i < base; ++i) {
+      if (p[i].id == t.base) w = &p[i];
+    }
+    const std::string stem = w->name.substr(0, w->name.size() - std::string(".weight").size());
+    const int64_t out = w->shape[0], in = w->shape[1];
+    ParamSpec a{t.a, absl::StrCat(stem, ".lora_A.weight"), {lora.rank, in}, true};
+    ParamSpec b{t.b, absl::StrCat(stem, ".lora_B.weight"), {out, lora.rank}, true};
+    p.push_back(std::move(a));
+    p.push_back(std::move(b));
+  }
+  return p;
+}
+
+int64_t ParameterCount(const BlockConfig& c) { return ParameterCount(c, LoraConfig{}); }
+
+int64_t ParameterCount(const BlockConfig& c, const LoraConfig& lora) {
   int64_t n = 0;
-  for (const ParamSpec& p : BlockParams(c)) n += p.numel();
+  for (const ParamSpec& p : BlockParams(c, lora)) n += p.numel();
   return n;
+}
+
+bool LoraConfig::operator==(const LoraConfig& o) const {
+  return rank == o.rank && alpha == o.alpha && target_modules == o.target_modules;
+}
+
+absl::Status ValidateLoraConfig(const LoraConfig& lora, const BlockConfig& c) {
+  std::vector<std::string> known;
+  for (const LoraTarget& t : kLoraTargets) known.push_back(t.module);
+  const std::string known_list = absl::StrJoin(known, " ");
+  if (lora.target_modules.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("lora.target_modules is empty, expected one or more of ", known_list));
+  }
+  for (size_t i = 0; i < lora.target_modules.size(); ++i) {
+    const std::string& m = lora.target_modules[i];
+    if (std::find(known.begin(), known.end(), m) == known.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("lora.target_modules[", i, "] = \"", Echo(m),
+                                                     "\", expected one of ", known_list));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (lora.target_modules[j] == m) {
+        return absl::InvalidArgumentError(absl::StrCat("lora.target_modules names ", m, " twice (at ", j, " and ", i,
+                                                       "), expected each module at most once"));
+      }
+    }
+  }
+  // The largest rank every target allows: min(in, out) of each targeted matrix.
+  int64_t max_rank = std::numeric_limits<int64_t>::max();
+  std::string limiting;
+  for (const ParamSpec& p : BlockParams(c)) {
+    for (const LoraTarget& t : kLoraTargets) {
+      if (p.id != t.base || std::find(lora.target_modules.begin(), lora.target_modules.end(), t.module) ==
+                                lora.target_modules.end()) {
+        continue;
+      }
+      const int64_t m = std::min(p.shape[0], p.shape[1]);
+      if (m < max_rank) {
+        max_rank = m;
+        limiting = absl::StrCat(t.module, " ", ShapeString(p.shape));
+      }
+    }
+  }
+  if (lora.rank < 1 || lora.rank > max_rank) {
+    return absl::InvalidArgumentError(absl::StrCat("lora.rank = ", lora.rank, ", expected 1..", max_rank,
+                                                   " (min(out, in) of ", limiting, ")"));
+  }
+  if (!std::isfinite(lora.alpha) || lora.alpha <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("lora.alpha = ", lora.alpha, ", expected a finite number > 0 (the scale is alpha / rank)"));
+  }
+  return absl::OkStatus();
+}
+
+void NormaliseLoraConfig(LoraConfig* lora) {
+  std::vector<std::string> ordered;
+  for (const LoraTarget& t : kLoraTargets) {
+    if (std::find(lora->target_modules.begin(), lora->target_modules.end(), t.module) != lora->target_modules.end()) {
+      ordered.push_back(t.module);
+    }
+  }
+  lora->target_modules = std::move(ordered);
 }
 
 int FindParam(const std::vector<ParamSpec>& params, absl::string_view name) {

@@ -74,8 +74,46 @@ void FillUnsetConfigDefaults(BlockConfig* c);
 enum class ParamId : uint8_t {
   kInputNorm, kQProj, kKProj, kVProj, kOProj, kQNorm, kKNorm, kPostNorm, kGateProj, kUpProj, kDownProj,
   kQBias, kKBias, kVBias,  // only with attention_bias; appended so the ids of older blocks keep their values
+  // LoRA adapters (only with a LoraConfig that targets the projection): A [rank, in], B [out, rank].
+  kQLoraA, kQLoraB, kKLoraA, kKLoraB, kVLoraA, kVLoraB, kOLoraA, kOLoraB,
+  kGateLoraA, kGateLoraB, kUpLoraA, kUpLoraB, kDownLoraA, kDownLoraB,
 };
-inline constexpr int kNumParamIds = 14;
+inline constexpr int kNumBaseParamIds = 14;  // the ids before the adapters'
+inline constexpr int kNumParamIds = 28;
+
+// PEFT's LoRA on a block's projections: for a target W [out, in], y = x W^T + (alpha / rank) (x A^T) B^T
+// with A [rank, in] and B [out, rank], named like W with ".lora_A"/".lora_B" before ".weight"
+// (self_attn.q_proj.lora_A.weight). rank 0 (and no field set): no adapters.
+struct LoraConfig {
+  int32_t rank = 0;
+  double alpha = 0;
+  std::vector<std::string> target_modules;  // "q_proj" ... "down_proj"; canonical order once normalised
+  bool requested() const { return rank != 0 || alpha != 0 || !target_modules.empty(); }
+  double scale() const { return alpha / rank; }
+  bool operator==(const LoraConfig& o) const;
+};
+
+// One projection LoRA may target: its module name, the base matrix and its two adapters.
+struct LoraTarget {
+  const char* module;  // "q_proj"
+  ParamId base, a, b;
+};
+inline constexpr LoraTarget kLoraTargets[] = {
+    {"q_proj", ParamId::kQProj, ParamId::kQLoraA, ParamId::kQLoraB},
+    {"k_proj", ParamId::kKProj, ParamId::kKLoraA, ParamId::kKLoraB},
+    {"v_proj", ParamId::kVProj, ParamId::kVLoraA, ParamId::kVLoraB},
+    {"o_proj", ParamId::kOProj, ParamId::kOLoraA, ParamId::kOLoraB},
+    {"gate_proj", ParamId::kGateProj, ParamId::kGateLoraA, ParamId::kGateLoraB},
+    {"up_proj", ParamId::kUpProj, ParamId::kUpLoraA, ParamId::kUpLoraB},
+    {"down_proj", ParamId::kDownProj, ParamId::kDownLoraA, ParamId::kDownLoraB},
+};
+inline bool IsLoraParam(ParamId id) { return static_cast<int>(id) >= kNumBaseParamIds; }
+
+// rank 1..min(in, out) of every target, alpha finite > 0, targets non-empty, known and not repeated.
+// Messages name the field ("lora.rank = 0, expected 1..64 (min(in, out) of q_proj [64, 64])").
+absl::Status ValidateLoraConfig(const LoraConfig& lora, const BlockConfig& c);
+// The targets in kLoraTargets order (the order of the adapters in BlockParams).
+void NormaliseLoraConfig(LoraConfig* lora);
 
 struct ParamSpec {
   ParamId id;
@@ -88,7 +126,11 @@ struct ParamSpec {
 // The parameters that `c` has, in the table's order (ARCHITECTURE.md): the q/k/v biases follow
 // their weights, q_norm/k_norm follow o_proj (each only when the config has them).
 std::vector<ParamSpec> BlockParams(const BlockConfig& c);
+// The same, then the adapters of `lora` (A then B per target, in kLoraTargets order): the trained
+// suffix of a frozen block with adapters.
+std::vector<ParamSpec> BlockParams(const BlockConfig& c, const LoraConfig& lora);
 int64_t ParameterCount(const BlockConfig& c);
+int64_t ParameterCount(const BlockConfig& c, const LoraConfig& lora);
 // Index into BlockParams(c) of `name`, or -1.
 int FindParam(const std::vector<ParamSpec>& params, absl::string_view name);
 

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -23,7 +24,9 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "base/block_config.h"
 
 namespace blockd {
 
@@ -148,6 +151,36 @@ absl::StatusOr<int64_t> WholeSeconds(const std::string& flag, absl::Duration d) 
     return Usage(absl::StrCat("--", flag, "=", absl::FormatDuration(d), ": expected a duration of at least 1s"));
   }
   return absl::ToInt64Seconds(absl::Ceil(d, absl::Seconds(1)));
+}
+
+void LoraFlags::Add(FlagSet* f) {
+  f->Int("lora_rank", &rank, "add LoRA adapters of this rank (PEFT's math; trained even with --frozen)");
+  f->Double("lora_alpha", &alpha, "LoRA alpha, with --lora_rank: the adapters' scale is alpha / rank");
+  f->String("lora_targets", &targets,
+            "LoRA targets, a comma list of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj "
+            "(default: all seven)");
+}
+
+absl::Status LoraFlags::Apply(const Invocation& in, v1::CreateBlockRequest* req) const {
+  if (!in.IsSet("lora_rank")) {
+    if (in.IsSet("lora_alpha") || in.IsSet("lora_targets")) {
+      return Usage("--lora_alpha and --lora_targets need --lora_rank");
+    }
+    return absl::OkStatus();
+  }
+  if (!in.IsSet("lora_alpha")) return Usage("--lora_rank needs --lora_alpha (the adapters' scale is alpha / rank)");
+  if (rank < 1 || rank > std::numeric_limits<int32_t>::max()) {
+    return Usage(absl::StrCat("--lora_rank=", rank, ": expected a positive number"));
+  }
+  v1::LoraConfig* lora = req->mutable_lora();
+  lora->set_rank(static_cast<int32_t>(rank));
+  lora->set_alpha(alpha);
+  if (targets.empty()) {
+    for (const LoraTarget& t : kLoraTargets) lora->add_target_modules(t.module);
+  } else {
+    for (absl::string_view t : absl::StrSplit(targets, ',', absl::SkipEmpty())) lora->add_target_modules(std::string(t));
+  }
+  return absl::OkStatus();
 }
 
 std::string ShortDuration(double seconds) {

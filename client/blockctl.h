@@ -124,6 +124,18 @@ int UsageError(const std::string& command, const std::string& message);
 // "--NAME=TEXT: expected a duration of at least 1s" unless `d` is a finite whole number of
 // seconds >= 1; returns the seconds (rounded up).
 absl::StatusOr<int64_t> WholeSeconds(const std::string& flag, absl::Duration d);
+
+// --lora_rank, --lora_alpha, --lora_targets of create and import-hf (--lora-rank works too):
+// LoRA adapters on every block the command creates.
+struct LoraFlags {
+  int64_t rank = 0;
+  double alpha = 0;
+  std::string targets;  // comma list; empty: all seven projections
+  void Add(FlagSet* f);
+  // Sets req->lora when --lora_rank is given (the server checks the values); a usage error when
+  // --lora_alpha is missing, or alpha or targets come without a rank.
+  absl::Status Apply(const Invocation& in, v1::CreateBlockRequest* req) const;
+};
 // "2h03m", "4m10s", "12s": an idle time or lease for tables.
 std::string ShortDuration(double seconds);
 

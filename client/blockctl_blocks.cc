@@ -35,6 +35,9 @@ void PrintBlock(const v1::BlockInfo& b) {
             << absl::StrFormat("precision   %s on %s device %d\n", PrecisionName(b.precision()), b.backend(), b.device())
             << absl::StrFormat("parameters  %d (%s resident%s)\n", b.parameter_count(), HumanBytesString(b.memory_bytes()),
                                b.frozen() ? ", frozen: weights only" : "")
+            << (b.has_lora() ? absl::StrFormat("lora        rank %d, alpha %g on %s\n", b.lora().rank(), b.lora().alpha(),
+                                               absl::StrJoin(b.lora().target_modules(), " "))
+                             : "")
             << absl::StrFormat("limits      max_batch_size %d, max_seq_len %d\n", b.max_batch_size(), b.max_seq_len())
             << absl::StrFormat("weights     %s\n", b.weights_loaded()
                                                        ? "loaded"
@@ -118,6 +121,7 @@ class CreateCommand : public Command {
                               "(30m, 2h; default: no lease)");
     f->Bool("frozen", &frozen_, "weights only, in the compute dtype: no gradients or AdamW state (serving, "
                                 "or a frozen part of a model)");
+    lora_.Add(f);
   }
 
   absl::Status Run(Invocation& in) override {
@@ -152,6 +156,7 @@ class CreateCommand : public Command {
     req.set_max_batch_size(max_batch_size_);
     req.set_device(static_cast<int32_t>(device_));
     req.set_frozen(frozen_);
+    RETURN_IF_ERROR(lora_.Apply(in, &req));
     if (in.IsSet("seed")) req.set_seed(static_cast<uint64_t>(seed_));
     auto p = ParsePrecisionName(precision_);
     if (!p.ok()) return Usage(std::string(p.status().message()));
@@ -171,6 +176,7 @@ class CreateCommand : public Command {
   int64_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, intermediate_ = 0;
   double eps_ = 1e-6, theta_ = 10000;
   bool qk_norm_ = false, frozen_ = false;
+  LoraFlags lora_;
   std::string config_file_, precision_;
   int64_t seed_ = 0, device_ = 0, max_seq_len_ = 0, max_batch_size_ = 0, layer_index_ = 0;
   absl::Duration ttl_ = absl::ZeroDuration();
@@ -416,7 +422,7 @@ std::vector<CommandSpec> BlockCommands() {
        {0, 0, "health takes no arguments"}, Make<HealthCommand>()},
       {"create", "create a block (config flags or a config.json; --seed for random init)",
        "blockctl create BLOCK [--config=config.json] [--hidden_size=N ...] [--seed=N] [--layer=N] [--ttl=DURATION] "
-       "[--frozen]",
+       "[--frozen] [--lora_rank=R --lora_alpha=A [--lora_targets=q_proj,v_proj,...]]",
        "Create a block. Its config comes from a Hugging Face config.json and/or the flags (flags win).\n"
        "A config.json that import-hf refuses (another model_type, a non-SiLU MLP, a scaled RoPE, biases,\n"
        "sliding-window attention) is refused here too. With --seed the block is initialised at random and\n"

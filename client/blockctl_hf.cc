@@ -171,6 +171,7 @@ class ImportHf : public Command {
     f->String("prefix", &prefix_, "block ids are PREFIX<layer> (default: \"<DIR name>/layer\")");
     f->Bool("replace", &replace_, "delete blocks that already hold the ids (else an existing id fails the import)");
     f->Bool("frozen", &frozen_, "create frozen blocks: weights only, no gradients or AdamW state");
+    lora_.Add(f);
     f->String("precision", &precision_text_, "fp32, tf32 or bf16 (default: the backend's)");
     f->Int("device", &device_, "device index on the server");
     f->Int("max_seq_len", &max_seq_len_, "longest sequence (0: the server's default)");
@@ -185,12 +186,15 @@ class ImportHf : public Command {
   std::string prefix_, layers_text_, precision_text_;
   int64_t device_ = 0, max_seq_len_ = 0, max_batch_size_ = 0, seed_ = 0, chunk_bytes_ = 1 << 20;
   bool replace_ = false, progress_ = false, frozen_ = false;
+  LoraFlags lora_;
 };
 
 absl::Status ImportHf::Run(Invocation& in) {
   auto precision = ParsePrecisionName(precision_text_);
   if (!precision.ok()) return Usage(std::string(precision.status().message()));
   if (chunk_bytes_ < 1) return Usage("--chunk_bytes must be > 0");
+  v1::CreateBlockRequest lora;  // only its lora field: the flags checked before anything is created
+  RETURN_IF_ERROR(lora_.Apply(in, &lora));
   const std::string& dir = in.arg(0);
 
   // 1. Check everything before touching the server.
@@ -260,6 +264,7 @@ absl::Status ImportHf::Run(Invocation& in) {
       req.set_max_seq_len(max_seq_len_);
       req.set_max_batch_size(max_batch_size_);
       req.set_frozen(frozen_);
+      if (lora.has_lora()) *req.mutable_lora() = lora.lora();
       if (in.IsSet("seed")) req.set_seed(static_cast<uint64_t>(seed_));
       auto info = client->CreateBlock(req);
       if (!info.ok()) {
@@ -309,7 +314,8 @@ absl::Status ImportHf::Run(Invocation& in) {
 
 CommandSpec ImportHfCommand() {
   return {"import-hf", "import a Hugging Face Llama/Qwen2/Qwen3 checkpoint dir: one block per layer",
-          "blockctl import-hf DIR [--layers=A:B|I,J,...] [--prefix=ID] [--replace] [--precision=P] [--frozen]",
+          "blockctl import-hf DIR [--layers=A:B|I,J,...] [--prefix=ID] [--replace] [--precision=P] [--frozen] "
+          "[--lora_rank=R --lora_alpha=A [--lora_targets=...]]",
           "Import a Hugging Face Llama / Qwen2 / Qwen3 checkpoint directory (config.json, *.safetensors shards\n"
           "and model.safetensors.index.json): one block per decoder layer, with the layer's config (qk_norm for\n"
           "qwen3, q/k/v biases for qwen2, rms_norm_eps, rope_theta and rope_scaling, head_dim) and its weights,\n"

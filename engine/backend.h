@@ -38,13 +38,15 @@ struct BlockSpec {
   // Weights only, in the compute dtype: no gradients, no AdamW moments. Forward, Backward (the
   // input gradient alone) and sessions run; the Engine refuses Step and ZeroGrad.
   bool frozen = false;
+  // LoRA adapters on some projections (rank 0: none); the Engine validates and normalises it.
+  // Their parameters follow the base ones in BlockParams(config, lora) and are always trained.
+  LoraConfig lora;
 };
 
 // Whether a block of `spec` trains `param`, i.e. holds its gradient and AdamW moments: every
-// parameter of a trainable block, none of a frozen one.
+// parameter of a trainable block; of a frozen one, only its LoRA adapters.
 inline bool TrainsParam(const BlockSpec& spec, const ParamSpec& param) {
-  (void)param;
-  return !spec.frozen;
+  return !spec.frozen || IsLoraParam(param.id);
 }
 
 enum class TensorKind : uint8_t { kWeights, kGradients, kAdamM, kAdamV };

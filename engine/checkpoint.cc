@@ -145,6 +145,10 @@ json SpecJson(const BlockState& st) {
               {"qk_norm", c.qk_norm}}}};
   // Written only when set, so manifests of plain blocks stay as before and older ones still read.
   if (st.spec.frozen) j["frozen"] = true;
+  if (st.spec.lora.rank > 0) {
+    j["lora"] = {{"rank", st.spec.lora.rank}, {"alpha", st.spec.lora.alpha},
+                 {"target_modules", st.spec.lora.target_modules}};
+  }
   if (c.attention_bias) j["config"]["attention_bias"] = true;
   if (!c.rope_scaling.is_default()) {
     const RopeScaling& r = c.rope_scaling;
@@ -180,6 +184,12 @@ absl::Status SpecFromJson(const json& j, BlockState* st) {
     st->spec.device = j.at("device").get<int>();
     st->step = j.at("step").get<int64_t>();
     st->spec.frozen = j.value("frozen", false);
+    if (j.contains("lora")) {
+      const json& l = j.at("lora");
+      st->spec.lora.rank = l.at("rank").get<int32_t>();
+      st->spec.lora.alpha = l.at("alpha").get<double>();
+      st->spec.lora.target_modules = l.at("target_modules").get<std::vector<std::string>>();
+    }
     const json& c = j.at("config");
     st->spec.config.hidden_size = c.at("hidden_size").get<int64_t>();
     st->spec.config.num_attention_heads = c.at("num_attention_heads").get<int64_t>();
@@ -458,7 +468,7 @@ class FileCheckpointer : public Checkpointer {
       }
       auto f = SafetensorsFile::Parse(std::move(*bytes));
       if (!f.ok()) return absl::DataLossError(absl::StrCat("checkpoint ", path, ": ", file, ": ", f.status().message()));
-      for (const ParamSpec& p : BlockParams(st.spec.config)) {
+      for (const ParamSpec& p : BlockParams(st.spec.config, st.spec.lora)) {
         for (auto [prefix, dst] : {std::pair{"weights/", &st.weights}, std::pair{"adam_m/", &st.adam_m},
                                    std::pair{"adam_v/", &st.adam_v}}) {
           if (dst != &st.weights && !TrainsParam(st.spec, p)) continue;  // a frozen block keeps no moments

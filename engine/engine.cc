@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -92,7 +93,7 @@ absl::StatusOr<std::vector<Engine::EntryPtr>> Engine::FindAll(const std::vector<
 BlockInfo Engine::InfoLocked(const Entry& e) const {
   BlockInfo info;
   info.spec = e.spec;
-  info.parameter_count = ParameterCount(e.spec.config);
+  info.parameter_count = ParameterCount(e.spec.config, e.spec.lora);
   info.memory_bytes = static_cast<int64_t>(e.block->memory_bytes());
   info.attention = e.block->attention();
   info.missing_weights = e.Missing();
@@ -110,6 +111,10 @@ absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
   RETURN_IF_ERROR(ValidateBlockId(spec.id));
   FillUnsetConfigDefaults(&spec.config);
   RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
+  if (spec.lora.requested()) {
+    RETURN_IF_ERROR(ValidateLoraConfig(spec.lora, spec.config));
+    NormaliseLoraConfig(&spec.lora);
+  }
   if (spec.max_seq_len == 0) spec.max_seq_len = options_.default_max_seq_len;
   if (spec.max_batch_size == 0) spec.max_batch_size = options_.default_max_batch_size;
   RETURN_IF_ERROR(ValidateSpecRanges(spec));
@@ -133,20 +138,26 @@ absl::StatusOr<BlockInfo> Engine::CreateBlock(const CreateBlockParams& params) {
   auto e = std::make_shared<Entry>(params.ttl, options_.lease_clock());
   e->spec = spec;
   e->serial = next_serial.fetch_add(1);
-  e->params = BlockParams(spec.config);
+  e->params = BlockParams(spec.config, spec.lora);
   ASSIGN_OR_RETURN(e->reservation, budget_.Reserve(spec.device, static_cast<int64_t>(backend_->BlockBytes(spec)),
                                                    absl::StrCat("block ", spec.id)));
   ASSIGN_OR_RETURN(e->block, backend_->CreateBlock(spec));
   {
     absl::MutexLock l(&e->state_mu);
     e->loaded.assign(e->params.size(), params.seed.has_value());
-  }
-  if (params.seed.has_value()) {
+    // Adapters start as PEFT starts them whether or not the base is seeded: a base imported with
+    // LoadWeights is then ready to fine-tune. Unseeded, A's seed comes from the block id.
     for (size_t i = 0; i < e->params.size(); ++i) {
-      std::vector<float> w(static_cast<size_t>(e->params[i].numel()));
-      InitParam(*params.seed, e->params[i], w.data());
-      RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kWeights, static_cast<int>(i), w.data()));
+      if (IsLoraParam(e->params[i].id)) e->loaded[i] = true;
     }
+  }
+  const uint64_t adapter_seed = params.seed.value_or(std::hash<std::string>{}(spec.id));
+  for (size_t i = 0; i < e->params.size(); ++i) {
+    const bool adapter = IsLoraParam(e->params[i].id);
+    if (!params.seed.has_value() && !adapter) continue;
+    std::vector<float> w(static_cast<size_t>(e->params[i].numel()));
+    InitParam(adapter ? adapter_seed : *params.seed, e->params[i], w.data());
+    RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kWeights, static_cast<int>(i), w.data()));
   }
   absl::MutexLock lock(&registry_mu_);
   if (!blocks_.emplace(spec.id, e).second) {
@@ -646,13 +657,23 @@ absl::StatusOr<Engine::EntryPtr> Engine::NewEntryFromState(const BlockState& sta
   const BlockSpec& spec = state.spec;
   RETURN_IF_ERROR(ValidateBlockId(spec.id));
   RETURN_IF_ERROR(ValidateBlockConfig(spec.config));
+  if (spec.lora.requested()) {
+    RETURN_IF_ERROR(ValidateLoraConfig(spec.lora, spec.config));
+    LoraConfig normal = spec.lora;
+    NormaliseLoraConfig(&normal);
+    if (!(normal == spec.lora)) {  // the adapters' order in the state follows the normal order
+      return absl::InvalidArgumentError(absl::StrCat("block ", Echo(spec.id), " state lists lora.target_modules [",
+                                                     absl::StrJoin(spec.lora.target_modules, " "),
+                                                     "] out of the order q k v o gate up down"));
+    }
+  }
   RETURN_IF_ERROR(ValidateSpecRanges(spec));
   RETURN_IF_ERROR(backend_->Supports(spec));
   // Checkpoints do not carry leases: a restored block has none.
   auto e = std::make_shared<Entry>(absl::ZeroDuration(), options_.lease_clock());
   e->spec = spec;
   e->serial = next_serial.fetch_add(1);
-  e->params = BlockParams(spec.config);
+  e->params = BlockParams(spec.config, spec.lora);
   for (const std::string& name : state.missing_weights) {
     if (FindParam(e->params, name) < 0) {
       return absl::InvalidArgumentError(absl::StrCat("block ", Echo(spec.id),

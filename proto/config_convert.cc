@@ -55,6 +55,20 @@ void ToProto(const BlockConfig& c, v1::BlockConfig* out) {
   w->set_beta_slow(r.beta_slow);
 }
 
+LoraConfig FromProto(const v1::LoraConfig& l) {
+  LoraConfig out;
+  out.rank = l.rank();
+  out.alpha = l.alpha();
+  out.target_modules.assign(l.target_modules().begin(), l.target_modules().end());
+  return out;
+}
+
+void ToProto(const LoraConfig& l, v1::LoraConfig* out) {
+  out->set_rank(l.rank);
+  out->set_alpha(l.alpha);
+  for (const std::string& m : l.target_modules) out->add_target_modules(m);
+}
+
 v1::BlockConfig ToProto(const BlockConfig& c) {
   v1::BlockConfig out;
   ToProto(c, &out);

@@ -21,6 +21,8 @@ namespace blockd {
 BlockConfig FromProto(const v1::BlockConfig& c);
 void ToProto(const BlockConfig& c, v1::BlockConfig* out);
 v1::BlockConfig ToProto(const BlockConfig& c);
+LoraConfig FromProto(const v1::LoraConfig& l);
+void ToProto(const LoraConfig& l, v1::LoraConfig* out);
 
 // PRECISION_UNSPECIFIED is "the backend's default" (nullopt); a number outside the enum is
 // INVALID_ARGUMENT.

@@ -31,6 +31,7 @@ void ToProto(const BlockInfo& info, absl::string_view backend, v1::BlockInfo* ou
   out->set_attention_backend(info.attention.backend);
   out->set_attention_reason(info.attention.reason);
   out->set_frozen(info.spec.frozen);
+  if (info.spec.lora.rank > 0) ToProto(info.spec.lora, out->mutable_lora());
 }
 
 absl::StatusOr<TensorKind> FromProto(v1::TensorKind k) {

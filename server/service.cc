@@ -147,6 +147,12 @@ grpc::ServerUnaryReactor* BlockServiceImpl::CreateBlock(grpc::CallbackServerCont
     p.spec.max_batch_size = req->max_batch_size();
     p.spec.device = req->device();
     p.spec.frozen = req->frozen();
+    if (req->has_lora()) {
+      p.spec.lora = FromProto(req->lora());
+      if (!p.spec.lora.requested()) {  // an empty message is a request with rank 0, not "no adapters"
+        return absl::InvalidArgumentError("lora.rank = 0, expected >= 1 (leave lora unset for no adapters)");
+      }
+    }
     ASSIGN_OR_RETURN(p.precision, FromProto(req->precision()));
     if (req->has_seed()) p.seed = req->seed();
     if (req->ttl_seconds() < 0) {

@@ -39,6 +39,7 @@ if [[ " $stages " == *" tests "* ]]; then
   gtest gpu.blocks cuda_block_test '*' 240
   gtest gpu.sessions cuda_session_test '*' 120
   gtest gpu.frozen frozen_cuda_test '*' 60
+  gtest gpu.lora lora_cuda_test '*' 60
   gtest gpu.sticky sticky_error_test '*' 30
   gtest gpu.cudnn cudnn_attention_test '*' 120
   grep -hE 'norm rel' "$OUT"/gpu.ops.log "$OUT"/gpu.blocks.log | sort -t'l' -k1 > "$OUT/errors.txt" || true

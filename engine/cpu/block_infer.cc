@@ -8,6 +8,7 @@
 
 #include "base/rope.h"
 #include "engine/cpu/gemm.h"
+#include "engine/cpu/lora.h"
 #include "engine/cpu/ops.h"
 
 namespace blockd::cpu {
@@ -79,14 +80,23 @@ void CachedAttention(const BlockConfig& c, const float* q, int64_t row, int64_t 
   }
 }
 
-// c = a w^T (+ beta c) for `rows` rows of n tokens, a [rows * n, in], w [out, in]: one product
-// per row. OpenBLAS rounds a row differently as the number of rows in a product changes (it picks
-// kernels and tiles by size), and a row batched with other sessions' rows (continuous batching)
-// must come out with the bits it has when its session steps alone.
-void RowLinear(int64_t rows, int64_t n, int64_t in, int64_t out, const float* a, const float* w, float beta,
-               float* c) {
+// c = a W^T (+ beta c), plus W's LoRA adapter when it has one (as block_math.cc), for `rows`
+// rows of n tokens, a [rows * n, in], W = w[id] [out, in]: one product per row. OpenBLAS rounds a
+// row differently as the number of rows in a product changes (it picks kernels and tiles by size),
+// and a row batched with other sessions' rows (continuous batching) must come out with the bits it
+// has when its session steps alone.
+void RowLinear(int64_t rows, int64_t n, int64_t in, int64_t out, const float* a, const BlockParamPtrs<const float>& w,
+               ParamId id, float beta, float* c) {
+  const LoraTarget* lora = nullptr;
+  for (const LoraTarget& t : kLoraTargets) {
+    if (t.base == id && w[t.a] != nullptr) lora = &t;
+  }
   for (int64_t r = 0; r < rows; ++r) {
-    Gemm(false, true, n, out, in, 1.f, a + r * n * in, in, w, in, beta, c + r * n * out, out);
+    Gemm(false, true, n, out, in, 1.f, a + r * n * in, in, w[id], in, beta, c + r * n * out, out);
+    if (lora != nullptr) {
+      LoraForward(a + r * n * in, w[lora->a], w[lora->b], n, in, out, w.lora_rank, static_cast<float>(w.lora_scale),
+                  c + r * n * out);
+    }
   }
 }
 
@@ -100,9 +110,9 @@ void BlockInferStep(const BlockConfig& c, const BlockParamPtrs<const float>& w, 
   RmsNormForward(x, w[ParamId::kInputNorm], tokens, d, c.rms_norm_eps, n1.data(), rstd.data());
 
   std::vector<float> q(tokens * qd), k(tokens * kvd), v(tokens * kvd);
-  RowLinear(batch, n, d, qd, n1.data(), w[ParamId::kQProj], 0.f, q.data());
-  RowLinear(batch, n, d, kvd, n1.data(), w[ParamId::kKProj], 0.f, k.data());
-  RowLinear(batch, n, d, kvd, n1.data(), w[ParamId::kVProj], 0.f, v.data());
+  RowLinear(batch, n, d, qd, n1.data(), w, ParamId::kQProj, 0.f, q.data());
+  RowLinear(batch, n, d, kvd, n1.data(), w, ParamId::kKProj, 0.f, k.data());
+  RowLinear(batch, n, d, kvd, n1.data(), w, ParamId::kVProj, 0.f, v.data());
   if (c.attention_bias) {  // Qwen2: the projections' biases, before QK-norm and RoPE (as block_math.cc)
     AddBias(q.data(), w[ParamId::kQBias], tokens, qd);
     AddBias(k.data(), w[ParamId::kKBias], tokens, kvd);
@@ -130,15 +140,15 @@ void BlockInferStep(const BlockConfig& c, const BlockParamPtrs<const float>& w, 
 
   // r1 = x + attn Wo^T, then the MLP exactly as BlockForward.
   std::vector<float> r1(x, x + tokens * d);
-  RowLinear(batch, n, qd, d, attn.data(), w[ParamId::kOProj], 1.f, r1.data());
+  RowLinear(batch, n, qd, d, attn.data(), w, ParamId::kOProj, 1.f, r1.data());
   std::vector<float> n2(tokens * d);
   RmsNormForward(r1.data(), w[ParamId::kPostNorm], tokens, d, c.rms_norm_eps, n2.data(), rstd.data());
   std::vector<float> gate(tokens * f), up(tokens * f), h(tokens * f);
-  RowLinear(batch, n, d, f, n2.data(), w[ParamId::kGateProj], 0.f, gate.data());
-  RowLinear(batch, n, d, f, n2.data(), w[ParamId::kUpProj], 0.f, up.data());
+  RowLinear(batch, n, d, f, n2.data(), w, ParamId::kGateProj, 0.f, gate.data());
+  RowLinear(batch, n, d, f, n2.data(), w, ParamId::kUpProj, 0.f, up.data());
   SwiGluForward(gate.data(), up.data(), tokens * f, h.data());
   std::copy(r1.begin(), r1.end(), out);
-  RowLinear(batch, n, f, d, h.data(), w[ParamId::kDownProj], 1.f, out);
+  RowLinear(batch, n, f, d, h.data(), w, ParamId::kDownProj, 1.f, out);
 }
 
 }  // namespace blockd::cpu

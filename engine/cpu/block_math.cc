@@ -4,6 +4,7 @@
 
 #include "base/rope.h"
 #include "engine/cpu/gemm.h"
+#include "engine/cpu/lora.h"
 #include "engine/cpu/ops.h"
 
 namespace blockd::cpu {
@@ -17,6 +18,34 @@ size_t BlockActivations<T>::bytes() const {
   }
   return n * sizeof(T);
 }
+
+namespace {
+
+const LoraTarget& TargetOf(ParamId base) {
+  for (const LoraTarget& t : kLoraTargets) {
+    if (t.base == base) return t;
+  }
+  return kLoraTargets[0];  // unreachable: every caller names a projection
+}
+
+// y += the adapter of projection `base` applied to x [n, in] (nothing when it has none).
+template <class T>
+void AddLora(const BlockParamPtrs<const T>& w, ParamId base, const T* x, int64_t n, int64_t in, int64_t out, T* y) {
+  const LoraTarget& t = TargetOf(base);
+  if (w[t.a] == nullptr) return;
+  LoraForward(x, w[t.a], w[t.b], n, in, out, w.lora_rank, static_cast<T>(w.lora_scale), y);
+}
+
+// dx += the adapter's input gradient for dy, and its A/B gradients into g (when set).
+template <class T>
+void LoraGrad(const BlockParamPtrs<const T>& w, const BlockParamPtrs<T>& g, ParamId base, const T* x, const T* dy,
+              int64_t n, int64_t in, int64_t out, T* dx) {
+  const LoraTarget& t = TargetOf(base);
+  if (w[t.a] == nullptr) return;
+  LoraBackward(x, w[t.a], w[t.b], dy, n, in, out, w.lora_rank, static_cast<T>(w.lora_scale), dx, g[t.a], g[t.b]);
+}
+
+}  // namespace
 
 template <class T>
 void BlockForward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const T* x, int64_t batch, int64_t seq,
@@ -37,6 +66,9 @@ void BlockForward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const 
   Gemm(false, true, n, qd, d, T(1), s->n1.data(), d, w[ParamId::kQProj], d, T(0), s->q.data(), qd);
   Gemm(false, true, n, kvd, d, T(1), s->n1.data(), d, w[ParamId::kKProj], d, T(0), s->k.data(), kvd);
   Gemm(false, true, n, kvd, d, T(1), s->n1.data(), d, w[ParamId::kVProj], d, T(0), s->v.data(), kvd);
+  AddLora(w, ParamId::kQProj, s->n1.data(), n, d, qd, s->q.data());
+  AddLora(w, ParamId::kKProj, s->n1.data(), n, d, kvd, s->k.data());
+  AddLora(w, ParamId::kVProj, s->n1.data(), n, d, kvd, s->v.data());
   if (c.attention_bias) {  // Qwen2: the projections' biases, before QK-norm and RoPE
     AddBias(s->q.data(), w[ParamId::kQBias], n, qd);
     AddBias(s->k.data(), w[ParamId::kKBias], n, kvd);
@@ -64,6 +96,7 @@ void BlockForward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const 
   // r1 = x + attn Wo^T
   s->r1.assign(x, x + n * d);
   Gemm(false, true, n, d, qd, T(1), s->attn.data(), qd, w[ParamId::kOProj], qd, T(1), s->r1.data(), d);
+  AddLora(w, ParamId::kOProj, s->attn.data(), n, qd, d, s->r1.data());
   s->rstd2.resize(n);
   s->n2.resize(n * d);
   RmsNormForward(s->r1.data(), w[ParamId::kPostNorm], n, d, c.rms_norm_eps, s->n2.data(), s->rstd2.data());
@@ -72,11 +105,14 @@ void BlockForward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const 
   s->up.resize(n * f);
   Gemm(false, true, n, f, d, T(1), s->n2.data(), d, w[ParamId::kGateProj], d, T(0), s->gate.data(), f);
   Gemm(false, true, n, f, d, T(1), s->n2.data(), d, w[ParamId::kUpProj], d, T(0), s->up.data(), f);
+  AddLora(w, ParamId::kGateProj, s->n2.data(), n, d, f, s->gate.data());
+  AddLora(w, ParamId::kUpProj, s->n2.data(), n, d, f, s->up.data());
   std::vector<T> h(n * f);
   SwiGluForward(s->gate.data(), s->up.data(), n * f, h.data());
   // out = r1 + h Wdown^T
   std::copy(s->r1.begin(), s->r1.end(), out);
   Gemm(false, true, n, d, f, T(1), h.data(), f, w[ParamId::kDownProj], f, T(1), out, d);
+  AddLora(w, ParamId::kDownProj, h.data(), n, f, d, out);
 }
 
 template <class T>
@@ -92,6 +128,7 @@ void BlockBackward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const
     Gemm(true, false, d, f, n, T(1), dy, d, h.data(), f, T(1), g[ParamId::kDownProj], f);  // dWd += dy^T h
   }
   Gemm(false, false, n, f, d, T(1), dy, d, w[ParamId::kDownProj], f, T(0), dh_.data(), f);  // dh = dy Wd
+  LoraGrad(w, g, ParamId::kDownProj, h.data(), dy, n, f, d, dh_.data());
   SwiGluBackward(dh_.data(), s.gate.data(), s.up.data(), n * f, dgate.data(), dup.data());
   if (g[ParamId::kGateProj] != nullptr) {
     Gemm(true, false, f, d, n, T(1), dgate.data(), f, s.n2.data(), d, T(1), g[ParamId::kGateProj], d);
@@ -102,6 +139,8 @@ void BlockBackward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const
   std::vector<T> dn2(n * d);
   Gemm(false, false, n, d, f, T(1), dgate.data(), f, w[ParamId::kGateProj], d, T(0), dn2.data(), d);
   Gemm(false, false, n, d, f, T(1), dup.data(), f, w[ParamId::kUpProj], d, T(1), dn2.data(), d);
+  LoraGrad(w, g, ParamId::kGateProj, s.n2.data(), dgate.data(), n, d, f, dn2.data());
+  LoraGrad(w, g, ParamId::kUpProj, s.n2.data(), dup.data(), n, d, f, dn2.data());
 
   // dr1 = dy (residual) + post-attention norm's backward.
   std::vector<T> dr1(dy, dy + n * d);
@@ -114,6 +153,7 @@ void BlockBackward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const
     Gemm(true, false, d, qd, n, T(1), dr1.data(), d, s.attn.data(), qd, T(1), g[ParamId::kOProj], qd);
   }
   Gemm(false, false, n, qd, d, T(1), dr1.data(), d, w[ParamId::kOProj], qd, T(0), dattn.data(), qd);
+  LoraGrad(w, g, ParamId::kOProj, s.attn.data(), dr1.data(), n, qd, d, dattn.data());
   std::vector<T> dq(n * qd), dk(n * kvd), dv(n * kvd);
   AttentionBackward(s.q.data(), s.k.data(), s.v.data(), s.attn.data(), s.lse.data(), dattn.data(), batch, seq, H, Hkv,
                     dh, 1.0 / std::sqrt(double(dh)), dq.data(), dk.data(), dv.data());
@@ -149,6 +189,9 @@ void BlockBackward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const
   Gemm(false, false, n, d, qd, T(1), dq.data(), qd, w[ParamId::kQProj], d, T(0), dn1.data(), d);
   Gemm(false, false, n, d, kvd, T(1), dk.data(), kvd, w[ParamId::kKProj], d, T(1), dn1.data(), d);
   Gemm(false, false, n, d, kvd, T(1), dv.data(), kvd, w[ParamId::kVProj], d, T(1), dn1.data(), d);
+  LoraGrad(w, g, ParamId::kQProj, s.n1.data(), dq.data(), n, d, qd, dn1.data());
+  LoraGrad(w, g, ParamId::kKProj, s.n1.data(), dk.data(), n, d, kvd, dn1.data());
+  LoraGrad(w, g, ParamId::kVProj, s.n1.data(), dv.data(), n, d, kvd, dn1.data());
 
   // dx = dr1 (residual) + input norm's backward.
   std::copy(dr1.begin(), dr1.end(), dx);

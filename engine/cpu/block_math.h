@@ -16,9 +16,13 @@
 
 namespace blockd::cpu {
 
+// By ParamId; a LoRA adapter's A and B are set (both) only on the projections it targets, and
+// lora_rank / lora_scale (alpha / rank) say how to apply them.
 template <class T>
 struct BlockParamPtrs {
   std::array<T*, kNumParamIds> p{};
+  int64_t lora_rank = 0;
+  double lora_scale = 0;
   T* operator[](ParamId id) const { return p[static_cast<int>(id)]; }
 };
 
@@ -40,7 +44,7 @@ void BlockForward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const 
                   int64_t offset, T* out, BlockActivations<T>* saved);
 
 // Writes dx and *adds* every weight gradient into `grads`; a null gradient pointer (a frozen
-// block's parameter) is skipped.
+// block's parameter) is skipped. `grads` carries no lora_rank: `w`'s applies.
 template <class T>
 void BlockBackward(const BlockConfig& c, const BlockParamPtrs<const T>& w, const BlockActivations<T>& s,
                    const T* dy, T* dx, const BlockParamPtrs<T>& grads);

@@ -49,7 +49,7 @@ size_t TrainableBegin(const BlockSpec& spec, const std::vector<ParamSpec>& param
 
 // Host bytes of a block: fp32 weights, plus gradient and two moments per trained parameter.
 size_t CpuBlockBytes(const BlockSpec& spec) {
-  const std::vector<ParamSpec> params = BlockParams(spec.config);
+  const std::vector<ParamSpec> params = BlockParams(spec.config, spec.lora);
   int64_t all = 0, trained = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     all += params[i].numel();
@@ -60,7 +60,7 @@ size_t CpuBlockBytes(const BlockSpec& spec) {
 
 class CpuBlock : public Block {
  public:
-  explicit CpuBlock(const BlockSpec& spec) : spec_(spec), params_(BlockParams(spec.config)) {
+  explicit CpuBlock(const BlockSpec& spec) : spec_(spec), params_(BlockParams(spec.config, spec.lora)) {
     int64_t total = 0;
     for (const ParamSpec& p : params_) {
       offsets_.push_back(total);
@@ -161,6 +161,10 @@ class CpuBlock : public Block {
   cpu::BlockParamPtrs<T> Ptrs(std::vector<float>& buf) {
     cpu::BlockParamPtrs<T> p;
     for (size_t i = 0; i < params_.size(); ++i) p.p[static_cast<int>(params_[i].id)] = buf.data() + offsets_[i];
+    if (spec_.lora.rank > 0) {
+      p.lora_rank = spec_.lora.rank;
+      p.lora_scale = spec_.lora.scale();
+    }
     return p;
   }
   // Gradients of the trained parameters; null for the frozen ones, which BlockBackward skips.

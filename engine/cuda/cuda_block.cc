@@ -37,7 +37,7 @@ constexpr ParamId kStorageOrder[] = {ParamId::kQProj,     ParamId::kKProj,    Pa
                                      ParamId::kGateProj,  ParamId::kUpProj,   ParamId::kDownProj, ParamId::kQBias,
                                      ParamId::kKBias,     ParamId::kVBias,    ParamId::kInputNorm, ParamId::kQNorm,
                                      ParamId::kKNorm,     ParamId::kPostNorm};
-static_assert(sizeof(kStorageOrder) / sizeof(kStorageOrder[0]) == kNumParamIds, "every parameter has a place");
+static_assert(sizeof(kStorageOrder) / sizeof(kStorageOrder[0]) == kNumBaseParamIds, "every parameter has a place");
 
 struct Layout {
   std::vector<ParamSpec> params;               // BlockParams order

@@ -1,7 +1,8 @@
 // The whole decoder block of engine/cpu/block_math.h: its double forward against the naive float64
 // reference, its backward against central differences for the input and every weight (QK-norm on
 // and off, GQA ratios 1, 2 and 4, batch > 1, a nonzero position offset), float against double, and
-// the accumulate-into-grads contract.
+// the accumulate-into-grads contract; with LoRA adapters on all seven projections, the adapters'
+// gradients by the same finite differences.
 #include "engine/cpu/block_math.h"
 
 #include <cctype>
@@ -39,6 +40,7 @@ struct BlockCase {
   int64_t kv_heads;
   const char* rope = "default";  // "llama3" / "yarn" / "linear": scaled RoPE (see SetUp)
   bool bias = false;             // Qwen2's q/k/v biases
+  bool lora = false;             // LoRA adapters (rank 3, alpha 7.5) on all seven projections
 };
 
 class BlockMathTest : public ::testing::TestWithParam<BlockCase> {
@@ -62,12 +64,18 @@ class BlockMathTest : public ::testing::TestWithParam<BlockCase> {
     if (rope == "yarn") config_.rope_scaling = {"yarn", 4.0, 0, 0, 64, 0, 0, 0};
     if (rope == "linear") config_.rope_scaling = {"linear", 3.0, 0, 0, 0, 0, 0, 0};
     config_.attention_bias = GetParam().bias;
-    params_ = BlockParams(config_);
+    if (GetParam().lora) {
+      lora_.rank = 3;
+      lora_.alpha = 7.5;
+      for (const LoraTarget& t : kLoraTargets) lora_.target_modules.push_back(t.module);
+    }
+    params_ = BlockParams(config_, lora_);
     Rand rng(TestSeed(1000 + 10 * GetParam().kv_heads + GetParam().qk_norm));
     for (const ParamSpec& p : params_) {
       // Norm weights near 1 but not 1 (so their gradients matter); matrices 1.5x nn.Linear's range,
       // which makes the attention probabilities far from uniform.
-      // Biases of both signs, of the size of a projection's output.
+      // Biases of both signs, of the size of a projection's output. LoRA's B random too (PEFT
+      // starts it at 0, which would hide every path through A).
       const bool bias = p.id == ParamId::kQBias || p.id == ParamId::kKBias || p.id == ParamId::kVBias;
       weights_[static_cast<int>(p.id)] =
           p.is_matrix ? rng.Vec(p.numel(), -1.5 / std::sqrt(double(p.shape[1])), 1.5 / std::sqrt(double(p.shape[1])))
@@ -82,9 +90,13 @@ class BlockMathTest : public ::testing::TestWithParam<BlockCase> {
   }
 
   template <class T>
-  static BlockParamPtrs<T> Ptrs(std::array<std::vector<std::remove_const_t<T>>, kNumParamIds>& w) {
+  BlockParamPtrs<T> Ptrs(std::array<std::vector<std::remove_const_t<T>>, kNumParamIds>& w) const {
     BlockParamPtrs<T> p;
     for (int i = 0; i < kNumParamIds; ++i) p.p[i] = w[i].empty() ? nullptr : w[i].data();
+    if (lora_.rank > 0) {
+      p.lora_rank = lora_.rank;
+      p.lora_scale = lora_.scale();
+    }
     return p;
   }
 
@@ -109,6 +121,7 @@ class BlockMathTest : public ::testing::TestWithParam<BlockCase> {
   }
 
   BlockConfig config_;
+  LoraConfig lora_;
   std::vector<ParamSpec> params_;
   ref::BlockWeights weights_;
   std::vector<double> x_, r_, out_;
@@ -117,7 +130,8 @@ class BlockMathTest : public ::testing::TestWithParam<BlockCase> {
 TEST_P(BlockMathTest, DoubleForwardMatchesReference) {
   BlockActivations<double> saved;
   Loss(&saved);
-  const std::vector<double> want = ref::Block(config_, weights_, x_, kBatch, kSeq, kOffset);
+  const std::vector<double> want =
+      ref::Block(config_, weights_, x_, kBatch, kSeq, kOffset, lora_.rank > 0 ? lora_.scale() : 0);
   EXPECT_TRUE(AllClose("block<double> out", out_, want, 1e-11, 1e-12));
 }
 
@@ -189,10 +203,34 @@ TEST_P(BlockMathTest, BackwardAddsIntoGradsAndWritesDx) {
   }
 }
 
+TEST_P(BlockMathTest, FrozenBaseGivesTheSameInputAndAdapterGradients) {
+  // A frozen block passes null gradients for its base parameters: dx and the adapters' gradients
+  // come out bit for bit as with every gradient asked for.
+  BlockActivations<double> saved;
+  Loss(&saved);
+  ref::BlockWeights all = ZeroGrads(), adapters = ZeroGrads();
+  std::vector<double> dx(x_.size()), dx_frozen(x_.size());
+  BlockBackward(config_, Ptrs<const double>(weights_), saved, r_.data(), dx.data(), Ptrs<double>(all));
+  BlockParamPtrs<double> only = Ptrs<double>(adapters);
+  for (const ParamSpec& p : params_) {
+    if (!IsLoraParam(p.id)) only.p[static_cast<int>(p.id)] = nullptr;
+  }
+  BlockBackward(config_, Ptrs<const double>(weights_), saved, r_.data(), dx_frozen.data(), only);
+  EXPECT_TRUE(BitwiseEqual("block dx with the base frozen", dx_frozen, dx));
+  for (const ParamSpec& p : params_) {
+    const int id = static_cast<int>(p.id);
+    if (IsLoraParam(p.id)) {
+      EXPECT_TRUE(BitwiseEqual(absl::StrCat("d ", p.name, " with the base frozen"), adapters[id], all[id]));
+    } else {
+      EXPECT_EQ(MaxAbs(adapters[id]), 0.0) << p.name << " of a frozen base was written";
+    }
+  }
+}
+
 TEST_P(BlockMathTest, ZeroBranchesLeaveTheIdentity) {
   // With o_proj and down_proj zero both branches vanish: out = x, and dL/dx = dL/dout through the
-  // two residual identities alone.
-  for (ParamId id : {ParamId::kOProj, ParamId::kDownProj}) {
+  // two residual identities alone. (Their adapters' B too, when there are adapters.)
+  for (ParamId id : {ParamId::kOProj, ParamId::kDownProj, ParamId::kOLoraB, ParamId::kDownLoraB}) {
     for (double& w : weights_[static_cast<int>(id)]) w = 0;
   }
   BlockActivations<double> saved;
@@ -216,13 +254,15 @@ INSTANTIATE_TEST_SUITE_P(Configs, BlockMathTest,
                                            BlockCase{true, 4}, BlockCase{true, 2}, BlockCase{true, 1},
                                            BlockCase{false, 2, "llama3"}, BlockCase{true, 1, "yarn"},
                                            BlockCase{false, 4, "linear"}, BlockCase{false, 2, "default", true},
-                                           BlockCase{true, 2, "yarn", true}, BlockCase{false, 1, "llama3", true}),
+                                           BlockCase{true, 2, "yarn", true}, BlockCase{false, 1, "llama3", true},
+                                           BlockCase{false, 2, "default", false, true},
+                                           BlockCase{true, 1, "llama3", true, true}),
                          [](const ::testing::TestParamInfo<BlockCase>& info) {
                            std::string rope = info.param.rope;
                            rope[0] = static_cast<char>(std::toupper(rope[0]));
                            return std::string(info.param.qk_norm ? "QkNorm" : "NoQkNorm") + "Gqa" +
                                   std::to_string(4 / info.param.kv_heads) + (rope == "Default" ? "" : rope + "Rope") +
-                                  (info.param.bias ? "Bias" : "");
+                                  (info.param.bias ? "Bias" : "") + (info.param.lora ? "Lora" : "");
                          });
 
 }  // namespace

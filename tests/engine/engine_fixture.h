@@ -195,6 +195,29 @@ class EngineFixture : public ::testing::Test {
     ASSERT_TRUE(dx.ok()) << dx.status();
   }
 
+  // Opens a session on `ids` for kBatch rows of kSeq tokens and runs x [kBatch, kSeq, hidden] as its
+  // prefill; returns the step's output.
+  absl::StatusOr<std::vector<float>> SessionPrefill(const std::vector<std::string>& ids, const std::vector<float>& x) {
+    OpenSessionArgs open;
+    open.block_ids = ids;
+    open.batch_size = kBatch;
+    open.max_length = kSeq;
+    auto session = engine_->OpenSession(open);
+    if (!session.ok()) return session.status();
+    InferStepArgs step;
+    step.session_id = session->session_id;
+    step.hidden_states = TensorArg{DType::kFloat32, {kBatch, kSeq, static_cast<int64_t>(x.size()) / (kBatch * kSeq)},
+                                   x.data(), x.size() * 4};
+    std::string bytes;
+    InferStepOutput out;
+    out.output.data = &bytes;
+    absl::Status s = engine_->InferStep(step, &out);
+    if (!s.ok()) return s;
+    std::vector<float> y(bytes.size() / 4);
+    std::memcpy(y.data(), bytes.data(), bytes.size());
+    return y;
+  }
+
   std::vector<float> RandomActivation(int64_t hidden, double scale = 1.0) {
     return Cast<float>(rng_.Vec(kBatch * kSeq * hidden, -scale, scale));
   }

@@ -121,22 +121,9 @@ TEST_F(FrozenTest, SessionsRunOnFrozenBlocks) {
   const std::vector<float> x = RandomActivation(16, 2.0);
   auto full = Forward({"frozen"}, x, kBatch, kSeq, /*keep=*/false);
   ASSERT_TRUE(full.ok()) << full.status();
-  OpenSessionArgs open;
-  open.block_ids = {"frozen"};
-  open.batch_size = kBatch;
-  open.max_length = kSeq;
-  auto session = engine_->OpenSession(open);
-  ASSERT_TRUE(session.ok()) << session.status();
-  InferStepArgs step;
-  step.session_id = session->session_id;
-  step.hidden_states = TensorArg{DType::kFloat32, {kBatch, kSeq, 16}, x.data(), x.size() * 4};
-  std::string bytes;
-  InferStepOutput out;
-  out.output.data = &bytes;
-  ASSERT_OK(engine_->InferStep(step, &out));
-  std::vector<float> y(bytes.size() / 4);
-  std::memcpy(y.data(), bytes.data(), bytes.size());
-  EXPECT_TRUE(AllClose("session prefill vs Forward", y, Cast<double>(full->out), 1e-5 * MaxAbs(Cast<double>(full->out)),
+  auto y = SessionPrefill({"frozen"}, x);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_TRUE(AllClose("session prefill vs Forward", *y, Cast<double>(full->out), 1e-5 * MaxAbs(Cast<double>(full->out)),
                        0));
 }
 

@@ -185,17 +185,32 @@ using BlockWeights = std::array<std::vector<double>, kNumParamIds>;
 
 inline const std::vector<double>& W(const BlockWeights& w, ParamId id) { return w[static_cast<int>(id)]; }
 
+// x W^T for the projection `base`, plus PEFT's LoRA term lora_scale (x A^T) B^T when `w` holds
+// the projection's adapter (A [r, in], B [out, r]; r read from A's size).
+inline std::vector<double> Project(const BlockWeights& w, ParamId base, double lora_scale, const std::vector<double>& x,
+                                   int64_t n, int64_t in, int64_t out) {
+  std::vector<double> y = Linear(x, W(w, base), n, in, out);
+  for (const LoraTarget& t : kLoraTargets) {
+    if (t.base != base || W(w, t.a).empty()) continue;
+    const int64_t r = static_cast<int64_t>(W(w, t.a).size()) / in;
+    const std::vector<double> u = Linear(x, W(w, t.a), n, in, r);
+    const std::vector<double> delta = Linear(u, W(w, t.b), n, r, out);
+    for (size_t i = 0; i < y.size(); ++i) y[i] += lora_scale * delta[i];
+  }
+  return y;
+}
+
 // The decoder layer of ARCHITECTURE.md ("The block") on x [batch, seq, hidden], returning out
-// [batch, seq, hidden].
+// [batch, seq, hidden]; with LoRA adapters in `w`, scaled by lora_scale = alpha / rank.
 inline std::vector<double> Block(const BlockConfig& c, const BlockWeights& w, const std::vector<double>& x,
-                                 int64_t batch, int64_t seq, int64_t offset) {
+                                 int64_t batch, int64_t seq, int64_t offset, double lora_scale = 0) {
   const int64_t n = batch * seq, d = c.hidden_size, H = c.num_attention_heads, Hkv = c.num_kv_heads,
                 dh = c.head_dim, f = c.intermediate_size;
   std::vector<double> n1, rstd;
   RmsNorm(x, W(w, ParamId::kInputNorm), n, d, c.rms_norm_eps, &n1, &rstd);
-  std::vector<double> q = Linear(n1, W(w, ParamId::kQProj), n, d, H * dh);
-  std::vector<double> k = Linear(n1, W(w, ParamId::kKProj), n, d, Hkv * dh);
-  std::vector<double> v = Linear(n1, W(w, ParamId::kVProj), n, d, Hkv * dh);
+  std::vector<double> q = Project(w, ParamId::kQProj, lora_scale, n1, n, d, H * dh);
+  std::vector<double> k = Project(w, ParamId::kKProj, lora_scale, n1, n, d, Hkv * dh);
+  std::vector<double> v = Project(w, ParamId::kVProj, lora_scale, n1, n, d, Hkv * dh);
   if (c.attention_bias) {  // nn.Linear(bias=True): y = x W^T + b
     for (int64_t t = 0; t < n; ++t) {
       for (int64_t j = 0; j < H * dh; ++j) q[t * H * dh + j] += W(w, ParamId::kQBias)[j];
@@ -214,13 +229,13 @@ inline std::vector<double> Block(const BlockConfig& c, const BlockWeights& w, co
   k = Rope(k, batch, seq, Hkv, dh, offset, InvFreq(c), RopeScale(c));
   std::vector<double> attn, lse;
   Attention(q, k, v, batch, seq, H, Hkv, dh, 1.0 / std::sqrt(static_cast<double>(dh)), &attn, &lse);
-  std::vector<double> r1 = Linear(attn, W(w, ParamId::kOProj), n, H * dh, d);
+  std::vector<double> r1 = Project(w, ParamId::kOProj, lora_scale, attn, n, H * dh, d);
   for (int64_t i = 0; i < n * d; ++i) r1[i] += x[i];
   std::vector<double> n2;
   RmsNorm(r1, W(w, ParamId::kPostNorm), n, d, c.rms_norm_eps, &n2, &rstd);
   const std::vector<double> h =
-      SwiGlu(Linear(n2, W(w, ParamId::kGateProj), n, d, f), Linear(n2, W(w, ParamId::kUpProj), n, d, f));
-  std::vector<double> out = Linear(h, W(w, ParamId::kDownProj), n, f, d);
+      SwiGlu(Project(w, ParamId::kGateProj, lora_scale, n2, n, d, f), Project(w, ParamId::kUpProj, lora_scale, n2, n, d, f));
+  std::vector<double> out = Project(w, ParamId::kDownProj, lora_scale, h, n, f, d);
   for (int64_t i = 0; i < n * d; ++i) out[i] += r1[i];
   return out;
 }

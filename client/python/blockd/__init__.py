@@ -5,6 +5,7 @@ trains them over gRPC.
     client = blockd.Client("localhost:50051")
     span = blockd.RemoteSpan.create(client, blockd.BlockConfig(hidden_size=128, num_attention_heads=4,
                                     num_kv_heads=2, intermediate_size=384, qk_norm=True), num_blocks=4)
+    # or LoRA on a frozen base: RemoteSpan.create(..., frozen=True, lora=blockd.LoraConfig(rank=16, alpha=32))
     opt = blockd.RemoteAdamW(span, lr=1e-3)
     loss = head(span(embed(tokens))).loss; loss.backward(); opt.step(); opt.zero_grad()
 
@@ -18,7 +19,7 @@ trains them over gRPC.
 `ReplicaGroup`, `RemoteCausalLM` and `TokenStreamer` load torch when first used.
 """
 from blockd.client import Client, ForwardResult, GradNormResult, InferStepResult, InferStream, StepResult
-from blockd.config import BlockConfig, RopeScaling, UnsupportedConfigError
+from blockd.config import BlockConfig, LoraConfig, RopeScaling, UnsupportedConfigError
 from blockd.errors import (AbortedError, AlreadyExistsError, BlockdError, CancelledError, DeadlineExceededError,
                            FailedPreconditionError, InternalError, InvalidArgumentError, NotFoundError,
                            PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError, UnavailableError,
@@ -26,7 +27,7 @@ from blockd.errors import (AbortedError, AlreadyExistsError, BlockdError, Cancel
 
 __version__ = "0.1.0"
 __all__ = ["Client", "ForwardResult", "StepResult", "InferStepResult", "InferStream", "RemoteCausalLM",
-           "TokenStreamer", "GenerateOutput", "BlockConfig", "RopeScaling", "UnsupportedConfigError", "RemoteSpan",
+           "TokenStreamer", "GenerateOutput", "BlockConfig", "LoraConfig", "RopeScaling", "UnsupportedConfigError", "RemoteSpan",
            "RemoteAdamW", "RMSNorm",
            "RemoteModel", "ReplicaGroup", "GradNormResult",
            "BlockdError", "AbortedError", "AlreadyExistsError", "CancelledError", "DeadlineExceededError", "FailedPreconditionError",

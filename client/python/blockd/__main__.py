@@ -9,6 +9,7 @@ import os
 import sys
 
 from blockd.client import Client
+from blockd.config import LORA_TARGETS, LoraConfig
 from blockd.errors import BlockdError
 
 
@@ -21,12 +22,25 @@ def _client(args):
                   private_key=args.key, timeout=args.timeout)
 
 
+def _lora_of(args):
+    """The LoraConfig of --lora-rank/--lora-alpha/--lora-targets, or None without --lora-rank."""
+    if args.lora_rank is None:
+        if args.lora_alpha is not None or args.lora_targets is not None:
+            raise SystemExit("--lora-alpha and --lora-targets need --lora-rank")
+        return None
+    if args.lora_alpha is None:
+        raise SystemExit("--lora-rank needs --lora-alpha (the adapters' scale is alpha / rank)")
+    return LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha,
+                      target_modules=args.lora_targets if args.lora_targets is not None else LORA_TARGETS)
+
+
 def _import_hf(args):
     from blockd.hf import import_hf
+    lora = _lora_of(args)
     with _client(args) as c:
         ids = import_hf(c, args.dir, prefix=args.prefix, layers=args.layers, precision=args.precision,
                         device=args.device, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
-                        replace=args.replace, progress=args.progress, frozen=args.frozen)
+                        replace=args.replace, progress=args.progress, frozen=args.frozen, lora=lora)
     for block_id in ids:
         print(block_id)
 
@@ -69,6 +83,9 @@ def main(argv=None):
     imp.add_argument("--max-batch-size", type=int, default=0, help="0: the server's default")
     imp.add_argument("--replace", action="store_true", help="delete blocks that already hold the ids")
     imp.add_argument("--frozen", action="store_true", help="weights only: no gradients or AdamW state")
+    imp.add_argument("--lora-rank", type=int, help="add LoRA adapters of this rank to every block")
+    imp.add_argument("--lora-alpha", type=float, help="LoRA alpha, with --lora-rank (the scale is alpha / rank)")
+    imp.add_argument("--lora-targets", help="comma list of " + " ".join(LORA_TARGETS) + " (default: all seven)")
     imp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar on stderr (default: when stderr is a terminal)")
     imp.set_defaults(run=_import_hf)

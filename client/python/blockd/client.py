@@ -22,7 +22,7 @@ import weakref
 import grpc
 
 from blockd import tensors as T
-from blockd.config import BlockConfig, kind_value, precision_value
+from blockd.config import BlockConfig, LoraConfig, kind_value, precision_value
 from blockd.errors import (BlockdError, DeadlineExceededError, FailedPreconditionError, NotFoundError,
                            ResourceExhaustedError, UnavailableError, from_rpc_error)
 from blockd.shared_memory import TRANSPORTS, Arena
@@ -270,17 +270,21 @@ class Client:
         return self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
 
     def create_block(self, block_id, config, layer_index=0, seed=None, precision=None, device=0,
-                     max_seq_len=0, max_batch_size=0, ttl=None, frozen=False, timeout=None):
+                     max_seq_len=0, max_batch_size=0, ttl=None, frozen=False, lora=None, timeout=None):
         """Creates a block; with `seed` its weights are a deterministic random init, without it
         they must be loaded (load_weights) before Forward. `frozen` keeps the weights only (in the
         compute dtype; no gradients or AdamW state): forward, backward's input gradient and sessions
-        work, step and zero_grad are refused. `ttl` (seconds, >= 1) gives it a lease:
-        the server deletes it once no call has named it for that long, so a client that dies leaves
+        work, step and zero_grad are refused. `lora` (a LoraConfig or a dict of its fields) adds
+        LoRA adapters, trained even on a frozen block (then step updates them only). `ttl`
+        (seconds, >= 1) gives it a lease: the server deletes it once no call has named it for that
+        long, so a client that dies leaves
         nothing behind. Returns its BlockInfo."""
         req = pb.CreateBlockRequest(block_id=block_id, config=BlockConfig.coerce(config).to_proto(),
                                     layer_index=layer_index, precision=precision_value(precision),
                                     device=device, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                                     frozen=bool(frozen))
+        if lora is not None:
+            req.lora.CopyFrom(LoraConfig.coerce(lora).to_proto())
         if seed is not None:
             req.seed = int(seed)
         if ttl is not None:

@@ -211,6 +211,65 @@ class RopeScaling:
         return self.rope_type in ("", "default")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LORA_STEMS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+               "down_proj": "mlp.down_proj"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on a block's projections (blockd.v1.LoraConfig), PEFT's math: for a target W,
+    y = x W^T + (alpha / rank) (x A^T) B^T with A [rank, in] (seeded like PEFT) and B [out, rank]
+    (zero), named like W: "self_attn.q_proj.lora_A.weight", "self_attn.q_proj.lora_B.weight".
+    The server checks it (rank 1..min(in, out), alpha finite > 0, targets among LORA_TARGETS, once)."""
+    rank: int
+    alpha: float
+    target_modules: tuple = LORA_TARGETS
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(t for t in self.target_modules.split(",") if t))
+        else:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+    def to_proto(self):
+        return pb.LoraConfig(rank=int(self.rank), alpha=float(self.alpha), target_modules=list(self.target_modules))
+
+    @classmethod
+    def from_proto(cls, l):
+        return cls(rank=l.rank, alpha=l.alpha, target_modules=tuple(l.target_modules))
+
+    @classmethod
+    def coerce(cls, l):
+        """A LoraConfig from a LoraConfig, a blockd.v1.LoraConfig or a dict of its fields; None stays None."""
+        if l is None or isinstance(l, cls):
+            return l
+        if isinstance(l, pb.LoraConfig):
+            return cls.from_proto(l)
+        if isinstance(l, dict):
+            return cls(**l)
+        raise TypeError(f"lora of type {type(l).__name__}: expected LoraConfig, blockd.v1.LoraConfig or dict")
+
+    def param_shapes(self, config):
+        """{name: shape} of the adapters on a block of `config`, in the server's order (after the
+        base parameters; targets in LORA_TARGETS order, A before B)."""
+        base = BlockConfig.coerce(config).param_shapes()
+        shapes = {}
+        for t in LORA_TARGETS:
+            if t not in self.target_modules:
+                continue
+            stem = _LORA_STEMS[t]
+            out, inp = base[f"{stem}.weight"]
+            shapes[f"{stem}.lora_A.weight"] = (self.rank, inp)
+            shapes[f"{stem}.lora_B.weight"] = (out, self.rank)
+        return shapes
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
     """Hugging Face Llama / Qwen2 / Qwen3 decoder-layer hyperparameters (ARCHITECTURE.md, "The block")."""

@@ -177,7 +177,7 @@ def _parse_layers(layers, n):
 
 
 def import_hf(client, path, prefix=None, layers=None, precision=None, device=0, max_seq_len=0, max_batch_size=0,
-              replace=False, progress=None, chunk_bytes=None, frozen=False, timeout=None):
+              replace=False, progress=None, chunk_bytes=None, frozen=False, lora=None, timeout=None):
     """Creates one block per decoder layer of the checkpoint at `path` and loads its weights.
 
     Block ids are f"{prefix}{N}" (default prefix: default_prefix(path)); `layers` picks a subset
@@ -185,7 +185,8 @@ def import_hf(client, path, prefix=None, layers=None, precision=None, device=0, 
     first; otherwise an existing id fails the import. Every layer is checked before the first
     block is created; if anything fails later, the blocks this call created are deleted again.
     progress: None (a bar when stderr is a terminal), True or False. frozen=True creates frozen
-    blocks (weights only: serving, or a base that is not trained). Returns the block ids in
+    blocks (weights only: serving, or a base that is not trained); lora=LoraConfig(...) adds LoRA
+    adapters to every block (fine-tuning a frozen base: frozen=True, lora=...). Returns the block ids in
     layer order."""
     with HFCheckpoint(path) as ckpt:
         config = ckpt.block_config()
@@ -212,7 +213,7 @@ def import_hf(client, path, prefix=None, layers=None, precision=None, device=0, 
                 try:
                     client.create_block(block_id, config, layer_index=i, precision=precision, device=device,
                                         max_seq_len=max_seq_len, max_batch_size=max_batch_size, frozen=frozen,
-                                        timeout=timeout)
+                                        lora=lora, timeout=timeout)
                 except AlreadyExistsError as e:
                     raise AlreadyExistsError(e.code, f"{e.details} (import with replace=True / --replace to "
                                                      f"overwrite it)", e.method) from None

@@ -92,16 +92,19 @@ class RemoteSpan(torch.nn.Module):
 
     @classmethod
     def create(cls, client, config, num_blocks, prefix="block", seed=0, precision=None, max_seq_len=0,
-               max_batch_size=0, wire_dtype="fp32", first_layer=0, frozen=False, transport=None):
+               max_batch_size=0, wire_dtype="fp32", first_layer=0, frozen=False, transport=None, lora=None):
         """Creates `num_blocks` blocks "{prefix}{i}" with seeded random weights (block i gets
-        seed + i) and returns them as one span. frozen=True: weights only (Client.create_block)."""
+        seed + i) and returns them as one span. frozen=True: weights only (Client.create_block);
+        lora=LoraConfig(rank=16, alpha=32, target_modules=[...]): LoRA adapters on every block,
+        trained by RemoteAdamW (the adapters alone when frozen)."""
         config = BlockConfig.coerce(config)
         ids = []
         try:
             for i in range(first_layer, first_layer + num_blocks):
                 ids.append(client.create_block(f"{prefix}{i}", config, layer_index=i, seed=seed + i,
                                                precision=precision, max_seq_len=max_seq_len,
-                                               max_batch_size=max_batch_size, frozen=frozen).block_id)
+                                               max_batch_size=max_batch_size, frozen=frozen,
+                                               lora=lora).block_id)
         except BlockdError:
             for block_id in ids:  # all or nothing
                 try:
