@@ -307,9 +307,11 @@ def export_hf(client, block_ids, path, base=None, dtype=None, first_layer=0, mer
                 entries.append((name, ckpt.nbytes(name), ("base", name)))
             with open(os.path.join(ckpt.path, "config.json")) as f:
                 config_json = json.load(f)
-            config_json["torch_dtype"] = torch_dtype
-            if isinstance(config_json.get("text_config"), dict):
-                config_json["text_config"]["torch_dtype"] = torch_dtype
+            for c in (config_json, config_json.get("text_config")):
+                if isinstance(c, dict):  # transformers 5 writes "dtype", older versions "torch_dtype"
+                    c["torch_dtype"] = torch_dtype
+                    if "dtype" in c:
+                        c["dtype"] = torch_dtype
         else:
             max_seq = max(int(i.max_seq_len) for i in infos) or 4096
             config_json = hf_config(config, layers[-1] + 1, torch_dtype, max_seq)
