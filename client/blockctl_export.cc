@@ -37,6 +37,7 @@
 #include "client/blockctl_util.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/reflection.h"
+#include "google/protobuf/text_format.h"
 #include "nlohmann/json.hpp"
 #include "proto/config_convert.h"
 #include "proto/hf_config.h"
@@ -88,6 +89,20 @@ std::string LoraText(const std::optional<Lora>& l) {
 
 std::string ConfigText(const BlockConfig& c) { return ToProto(c).ShortDebugString(); }
 
+// "hidden_size 48 vs 64; qk_norm false vs true": the fields where `x` differs from `y`.
+std::string ConfigDiff(const BlockConfig& x, const BlockConfig& y) {
+  const v1::BlockConfig a = ToProto(x), b = ToProto(y);
+  std::vector<std::string> out;
+  const auto* d = a.GetDescriptor();
+  for (int i = 0; i < d->field_count(); ++i) {
+    std::string va, vb;
+    google::protobuf::TextFormat::PrintFieldValueToString(a, d->field(i), -1, &va);
+    google::protobuf::TextFormat::PrintFieldValueToString(b, d->field(i), -1, &vb);
+    if (va != vb) out.push_back(absl::StrCat(d->field(i)->name(), " ", va, " vs ", vb));
+  }
+  return absl::StrJoin(out, "; ");
+}
+
 struct Blocks {
   std::vector<v1::BlockInfo> infos;
   BlockConfig config;
@@ -116,8 +131,8 @@ absl::StatusOr<Blocks> BlocksOf(Client* client, const std::vector<std::string>& 
     const BlockConfig c = FromProto(info.config());
     if (!(c == b.config)) {
       return absl::InvalidArgumentError(absl::StrCat("block ", info.block_id(), " has another config than block ",
-                                                     b.infos[0].block_id(), " (", ConfigText(c), " vs ",
-                                                     ConfigText(b.config), "): the layers of one model share one config"));
+                                                     b.infos[0].block_id(), " (", ConfigDiff(c, b.config),
+                                                     "): the layers of one model share one config"));
     }
     if (!(LoraOf(info) == LoraOf(b.infos[0]))) {
       return absl::InvalidArgumentError(absl::StrCat("block ", info.block_id(), " has LoRA ", LoraText(LoraOf(info)),

@@ -333,6 +333,17 @@ class HFExportTest(unittest.TestCase):
                 self.assertIn("no/such", r.stderr)
                 self.assertIn("NOT_FOUND" if name == "blockctl" else "not found", r.stderr)
                 self.assertFalse(os.path.exists(self.out(f"cli-{name}-refused")))
+        # Mixed configs: both name the first field that differs, with both values.
+        self.client.create_block("cli-other", blockd.BlockConfig.from_hf(hfi.LLAMA), seed=1)
+        for name, argv in runs.items():
+            with self.subTest(f"{name} mixed configs"):
+                at = argv.index(ids[0])
+                mixed = argv[:at] + [ids[0], "cli-other"] + argv[at + len(ids):]
+                mixed[mixed.index("-o") + 1] = self.out(f"cli-{name}-mixed")
+                r = subprocess.run(mixed, capture_output=True, text=True, timeout=120)
+                self.assertEqual(r.returncode, 1, r.stderr)
+                self.assertIn("block cli-other has another config than block c/layer0 (hidden_size 48 vs 64", r.stderr)
+                self.assertFalse(os.path.exists(self.out(f"cli-{name}-mixed")))
 
 
 if __name__ == "__main__":
