@@ -5,7 +5,8 @@ relative) and imported again into fresh blocks (bitwise equal weights). Also: la
 the config.json they write (Llama, Qwen2 with yarn, llama3 RoPE), bf16, `blockctl export-hf` and
 `python3 -m blockd export-hf` against the Python export, the refusals (unknown block, mixed configs, a
 non-empty directory, a base of another model), and the PEFT writer and the LoRA merge on synthetic
-adapters (CI has no LoRA blocks yet: see the module's notes in ARCHITECTURE.md)."""
+adapters, in Python and in blockctl, against a stand-in server whose blocks carry adapters (this
+branch's daemon has no LoRA blocks yet)."""
 import json
 import os
 import subprocess
@@ -13,12 +14,15 @@ import sys
 import tempfile
 import unittest
 
+import grpc
 import numpy as np
 import torch
 
 import blockd
 from blockd import hf, hf_export
 from blockd.safetensors import SafetensorsFile
+from blockd.v1 import block_service_pb2 as pb
+from blockd.v1 import block_service_pb2_grpc as pb_grpc
 from blockd_testing import Daemon
 import hf_import_test as hfi
 from torch_reference import RefRMSNorm, ReferenceBlock, ReferenceSpan
@@ -344,6 +348,123 @@ class HFExportTest(unittest.TestCase):
                 self.assertEqual(r.returncode, 1, r.stderr)
                 self.assertIn("block cli-other has another config than block c/layer0 (hidden_size 48 vs 64", r.stderr)
                 self.assertFalse(os.path.exists(self.out(f"cli-{name}-mixed")))
+
+
+class FakeLoraServer(pb_grpc.BlockServiceServicer):
+    """GetBlock and DownloadTensors of blocks carrying LoRA adapters (self_attn.q_proj.lora_A.weight,
+    ...), as the LoRA work's daemon will serve them: this branch's daemon has none, so the LoRA
+    paths of both exports run against this stand-in. BlockInfo.lora is not sent (this proto has
+    no such field), so rank and targets come from the tensors and alpha from lora_alpha."""
+
+    def __init__(self, config, blocks):
+        self.config, self.blocks = config, blocks
+
+    def GetBlock(self, request, context):
+        if request.block_id not in self.blocks:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"block {request.block_id} not found")
+        return pb.BlockInfo(block_id=request.block_id, config=self.config.to_proto(), precision=pb.PRECISION_FP32,
+                            weights_loaded=True, max_seq_len=128)
+
+    def DownloadTensors(self, request, context):
+        for name, a in self.blocks[request.block_id].items():
+            yield pb.TensorChunk(block_id=request.block_id, name=name, dtype=pb.DTYPE_FLOAT32, shape=list(a.shape),
+                                 offset=0, data=np.ascontiguousarray(a, dtype="<f4").tobytes())
+
+
+class LoraExportTest(unittest.TestCase):
+    RANK, ALPHA = 4, 8.0
+    TARGETS = {"self_attn.q_proj": "q_proj", "self_attn.v_proj": "v_proj", "mlp.down_proj": "down_proj"}
+
+    @classmethod
+    def setUpClass(cls):
+        from concurrent import futures
+        cls.config = blockd.BlockConfig(hidden_size=32, num_attention_heads=4, num_kv_heads=2, intermediate_size=48,
+                                        qk_norm=True)
+        g = torch.Generator().manual_seed(77)
+        cls.blocks = {}
+        for b in ("lora/0", "lora/1"):
+            t = {n: torch.randn(*s, generator=g).numpy() for n, s in cls.config.param_shapes().items()}
+            for module in cls.TARGETS:
+                out, inp = cls.config.param_shapes()[f"{module}.weight"]
+                t[f"{module}.lora_A.weight"] = torch.randn(cls.RANK, inp, generator=g).numpy()
+                t[f"{module}.lora_B.weight"] = torch.randn(out, cls.RANK, generator=g).numpy()
+            cls.blocks[b] = t
+        cls.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb_grpc.add_BlockServiceServicer_to_server(FakeLoraServer(cls.config, cls.blocks), cls.server)
+        port = cls.server.add_insecure_port("127.0.0.1:0")
+        cls.server.start()
+        cls.target = f"127.0.0.1:{port}"
+        cls.client = blockd.Client(cls.target, timeout=60, transport="grpc")
+        cls.tmp = tempfile.TemporaryDirectory()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.server.stop(None)
+        cls.tmp.cleanup()
+
+    def blockctl(self, *args):
+        return subprocess.run([os.environ["BLOCKCTL_BINARY"], f"--target={self.target}", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    def test_export_peft_in_python_and_blockctl(self):
+        ids = list(self.blocks)
+        py, cc = os.path.join(self.tmp.name, "peft-py"), os.path.join(self.tmp.name, "peft-cc")
+        with self.assertRaisesRegex(hf_export.ExportError, r"pass lora_alpha \(--lora_alpha\)"):
+            hf.export_peft(self.client, ids, py)
+        r = self.blockctl("export-peft", *ids, "-o", cc)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("pass lora_alpha (--lora_alpha)", r.stderr)
+        self.assertFalse(os.path.exists(py) or os.path.exists(cc))
+        got = hf.export_peft(self.client, ids, py, base_model_name_or_path="tiny/qwen3", first_layer=2,
+                             lora_alpha=self.ALPHA)
+        self.assertEqual(got["target_modules"], ["q_proj", "v_proj", "down_proj"])
+        r = self.blockctl("export-peft", *ids, "-o", cc, "--base_model=tiny/qwen3", "--first_layer=2",
+                          f"--lora_alpha={self.ALPHA}")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        for d in (py, cc):
+            with self.subTest(d):
+                self.assertEqual(sorted(os.listdir(d)), ["adapter_config.json", "adapter_model.safetensors"])
+                with open(os.path.join(d, "adapter_config.json")) as f:
+                    cfg = json.load(f)
+                self.assertEqual(cfg, hf_export.peft_config(self.RANK, self.ALPHA, ["q_proj", "v_proj", "down_proj"],
+                                                            [2, 3], "tiny/qwen3"))
+                with SafetensorsFile(os.path.join(d, "adapter_model.safetensors")) as st:
+                    self.assertEqual(len(st.keys()), 2 * 3 * 2)
+                    for k, b in enumerate(ids):
+                        for module in self.TARGETS:
+                            for part in "AB":
+                                name = f"base_model.model.model.layers.{2 + k}.{module}.lora_{part}.weight"
+                                want = self.blocks[b][f"{module}.lora_{part}.weight"]
+                                self.assertEqual(st.info(name), ("F32", want.shape), name)
+                                np.testing.assert_array_equal(st.get(name), want, err_msg=f"{d}: {name}")
+
+    def test_merge_in_python_and_blockctl(self):
+        ids = list(self.blocks)
+        py, cc = os.path.join(self.tmp.name, "merged-py"), os.path.join(self.tmp.name, "merged-cc")
+        hf.export_hf(self.client, ids, py, merge=True, lora_alpha=self.ALPHA)
+        r = self.blockctl("export-hf", *ids, "-o", cc, "--merge", f"--lora_alpha={self.ALPHA}")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        plain = os.path.join(self.tmp.name, "unmerged")
+        hf.export_hf(self.client, ids, plain)
+        _, _, unmerged = read_export(plain)
+        self.assertEqual(sorted(unmerged), sorted(f"model.layers.{i}.{n}" for i in (0, 1)
+                                                  for n in self.config.param_shapes()))  # no adapters
+        for d in (py, cc):
+            _, _, tensors = read_export(d)
+            self.assertEqual(sorted(tensors), sorted(unmerged))
+            for k, b in enumerate(ids):
+                w = self.blocks[b]
+                for name in self.config.param_shapes():
+                    got = torch.from_numpy(tensors[f"model.layers.{k}.{name}"][1]).double()
+                    module = name[:-len(".weight")]
+                    if module in self.TARGETS:
+                        a, bb = (torch.from_numpy(w[f"{module}.lora_{p}.weight"]).double() for p in "AB")
+                        want = torch.from_numpy(w[name]).double() + self.ALPHA / self.RANK * (bb @ a)
+                        err = rel_error(got, want)
+                        self.assertLess(err, 1e-6, f"{d}: merged {b} {name} differs from W + alpha/r B A by {err:.2e}")
+                    else:
+                        np.testing.assert_array_equal(got.float().numpy(), w[name], err_msg=f"{d}: {b} {name}")
 
 
 if __name__ == "__main__":
