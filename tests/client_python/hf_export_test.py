@@ -450,6 +450,8 @@ class LoraExportTest(unittest.TestCase):
         _, _, unmerged = read_export(plain)
         self.assertEqual(sorted(unmerged), sorted(f"model.layers.{i}.{n}" for i in (0, 1)
                                                   for n in self.config.param_shapes()))  # no adapters
+        self.assertEqual(read_export(cc)[0], read_export(py)[0])  # the config.json both build from a BlockConfig
+        self.assertEqual(read_export(cc)[1]["metadata"], read_export(py)[1]["metadata"])
         for d in (py, cc):
             _, _, tensors = read_export(d)
             self.assertEqual(sorted(tensors), sorted(unmerged))
