@@ -51,7 +51,12 @@ def tiny_model(kind):
     else:
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 32}
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_theta=5e5, rope_scaling=rope, **common))
+        config = transformers.LlamaConfig(rope_theta=5e5, **common)
+        if getattr(config, "rope_parameters", None) is not None:  # transformers 5: rope_theta lives in it
+            config.rope_parameters = dict(rope, rope_theta=5e5)
+        else:
+            config.rope_scaling = rope
+        model = transformers.LlamaForCausalLM(config)
     return model.float().eval()
 
 
