@@ -199,6 +199,7 @@ const std::vector<CommandSpec>& Commands() {
     for (CommandSpec& c : TrainCommands()) all->push_back(std::move(c));
     for (CommandSpec& c : GroupCommands()) all->push_back(std::move(c));
     all->push_back(ImportHfCommand());
+    for (CommandSpec& c : ExportCommands()) all->push_back(std::move(c));
     all->push_back(GenerateCommandSpec());
     return all;
   }();

@@ -18,7 +18,8 @@
 // The subcommands live by theme: blockctl_blocks.cc (info, health, create, list, get, delete, gc,
 // save, restore, metrics), blockctl_tensors.cc (load, forward, download), blockctl_train.cc (step,
 // zero-grad, release), blockctl_groups.cc (collective-id, join-group, leave-group, groups,
-// grad-norm), blockctl_hf.cc (import-hf) and blockctl_generate.cc (generate).
+// grad-norm), blockctl_hf.cc (import-hf), blockctl_export.cc (export-hf, export-peft) and
+// blockctl_generate.cc (generate).
 #pragma once
 
 #include <functional>
@@ -144,6 +145,7 @@ std::vector<CommandSpec> TensorCommands();  // blockctl_tensors.cc
 std::vector<CommandSpec> TrainCommands();   // blockctl_train.cc
 std::vector<CommandSpec> GroupCommands();   // blockctl_groups.cc
 CommandSpec ImportHfCommand();              // blockctl_hf.cc
+std::vector<CommandSpec> ExportCommands();  // blockctl_export.cc (export-hf, export-peft)
 CommandSpec GenerateCommandSpec();          // blockctl_generate.cc
 
 }  // namespace blockd

@@ -74,7 +74,8 @@ if [[ " $stages " == *" parity "* ]] && [ -f "$dev/python/test_parity.py" ]; the
   done
 fi
 
-# Generation against Hugging Face transformers' generate (greedy logits, beams, sampling); opt-in:
+# Generation against Hugging Face transformers' generate (greedy logits, beams, sampling), and the
+# export back to Hugging Face loaded by transformers; opt-in:
 #   bash bench/device/run_checks.sh generate
 if [[ " $stages " == *" generate "* ]] && [ -f "$dev/python/hf_generate_test.py" ]; then
   log="$OUT/hf_generate.log"
@@ -84,6 +85,16 @@ if [[ " $stages " == *" generate "* ]] && [ -f "$dev/python/hf_generate_test.py"
   row "hf_generate.cpu" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
   # the run returns only a few files: a failure's story goes to stdout
   [ $rc -eq 0 ] || grep -B2 -A25 -E '^(FAIL|ERROR):' "$log" | head -80
+  # Export back to Hugging Face: transformers loads export_hf's and blockctl's output with the daemon's logits.
+  if [ -f "$dev/python/hf_export_test.py" ]; then
+    log="$OUT/hf_export.log"
+    (cd "$dev/python" && BLOCKD_BINARY="$dev/bin/blockd" BLOCKCTL_BINARY="$dev/bin/blockctl" \
+      BLOCKD_LD_LIBRARY_PATH="$LIBS" PYTHONPATH="$dev/python" \
+      timeout 300 python3 -m unittest -v hf_export_test) >"$log" 2>&1
+    rc=$?
+    row "hf_export.cpu" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
+    [ $rc -eq 0 ] || grep -B2 -A25 -E '^(FAIL|ERROR):' "$log" | head -80
+  fi
 fi
 
 # Inference-session decode (issue 12), in one call: correctness first (the session tests and the

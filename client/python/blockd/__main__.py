@@ -1,6 +1,8 @@
 """Command line: python3 -m blockd <command> ...
 
     python3 -m blockd import-hf /models/Qwen3-0.6B --target gpu-host:50051 --token-file ~/.blockd-token
+    python3 -m blockd export-hf Qwen3-0.6B/layer{0..27} -o /out/tuned --base /models/Qwen3-0.6B
+    python3 -m blockd export-peft Qwen3-0.6B/layer{0..27} -o /out/adapter --base-model Qwen/Qwen3-0.6B
     python3 -m blockd info --target gpu-host:50051
     python3 -m blockd list
 """
@@ -43,6 +45,24 @@ def _import_hf(args):
                         replace=args.replace, progress=args.progress, frozen=args.frozen, lora=lora)
     for block_id in ids:
         print(block_id)
+
+
+def _export_hf(args):
+    from blockd.hf_export import export_hf
+    with _client(args) as c:
+        r = export_hf(c, args.block_ids, args.output, base=args.base, dtype=args.dtype, first_layer=args.first_layer,
+                      merge=args.merge, lora_alpha=args.lora_alpha, force=args.force,
+                      max_shard_bytes=args.max_shard_bytes)
+    what = "a complete model" if r["complete"] else "the layers only (no embedding, norm or head: pass --base)"
+    print(f"exported layers {r['layers'][0]}..{r['layers'][-1]} to {args.output}: {what}", file=sys.stderr)
+
+
+def _export_peft(args):
+    from blockd.hf_export import export_peft
+    with _client(args) as c:
+        r = export_peft(c, args.block_ids, args.output, base_model_name_or_path=args.base_model,
+                        first_layer=args.first_layer, dtype=args.dtype, lora_alpha=args.lora_alpha, force=args.force)
+    print(f"exported a rank-{r['r']} adapter of {', '.join(r['target_modules'])} to {args.output}", file=sys.stderr)
 
 
 def _info(args):
@@ -89,6 +109,28 @@ def main(argv=None):
     imp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar on stderr (default: when stderr is a terminal)")
     imp.set_defaults(run=_import_hf)
+    exp = sub.add_parser("export-hf", parents=[common],
+                         help="write blocks as a Hugging Face checkpoint (config.json, safetensors shards, index)")
+    exp.add_argument("block_ids", nargs="+", help="the blocks, in layer order")
+    exp.add_argument("-o", "--output", required=True, help="output directory (new or empty, else --force)")
+    exp.add_argument("--base", help="the checkpoint the blocks came from: its config and other tensors are copied")
+    exp.add_argument("--dtype", choices=["bf16", "fp32"], help="default: the blocks' (bf16 for BF16 blocks)")
+    exp.add_argument("--first-layer", type=int, default=0, help="layer index of the first block")
+    exp.add_argument("--merge", action="store_true", help="fold LoRA adapters into the weights")
+    exp.add_argument("--lora-alpha", type=float, help="LoRA alpha when the blocks do not say it")
+    exp.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    exp.add_argument("--max-shard-bytes", type=int, default=5 * 1000 ** 3, help="largest shard (default 5 GB)")
+    exp.set_defaults(run=_export_hf)
+    peft = sub.add_parser("export-peft", parents=[common],
+                          help="write the blocks' LoRA adapters as a PEFT adapter (adapter_model.safetensors)")
+    peft.add_argument("block_ids", nargs="+", help="the blocks, in layer order")
+    peft.add_argument("-o", "--output", required=True, help="output directory (new or empty, else --force)")
+    peft.add_argument("--base-model", default="", help="adapter_config.json's base_model_name_or_path")
+    peft.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
+    peft.add_argument("--first-layer", type=int, default=0, help="layer index of the first block")
+    peft.add_argument("--lora-alpha", type=float, help="LoRA alpha when the blocks do not say it")
+    peft.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    peft.set_defaults(run=_export_peft)
     sub.add_parser("info", parents=[common], help="print GetServerInfo").set_defaults(run=_info)
     sub.add_parser("list", parents=[common], help="list the server's blocks").set_defaults(run=_list)
 

@@ -270,3 +270,7 @@ def client_modules(path, dtype=None):
         with torch.no_grad():
             head.weight = torch.nn.Parameter(torch.from_numpy(w["lm_head"]).to(dtype))
     return embed, norm, head
+
+
+# Export lives in hf_export.py; blockd.hf.export_hf / export_peft are its names here too.
+from blockd.hf_export import ExportError, export_hf, export_peft  # noqa: E402  (after HFCheckpoint, which it uses)

@@ -9,9 +9,12 @@ a tensor is read only when asked for.
         for name in f.keys():
             w = f.get(name)              # float32 numpy array (bf16/f16 converted exactly)
             bits, dtype = f.raw(name)    # stored values; BF16 as uint16 bit patterns
+
+    write_safetensors("out.safetensors", [("w", "BF16", bits)], {"format": "pt"})  # arrays as stored
 """
 import json
 import mmap
+import os
 import struct
 
 import numpy as np
@@ -126,3 +129,33 @@ class SafetensorsFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Writes [(name, safetensors dtype, array)] in that order (BF16 arrays as uint16 bit patterns)
+    with string `metadata`, the header padded to 8 bytes with spaces as the safetensors library
+    does, and fsyncs the file. Refuses an array whose numpy dtype is not the one `dtype` stores."""
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    arrays = []
+    for name, dtype, a in tensors:
+        if dtype not in _NUMPY:
+            raise SafetensorsError(f"tensor {name}: dtype {dtype}, expected one of {sorted(_NUMPY)}")
+        a = np.asarray(a)
+        if a.dtype != np.dtype(_NUMPY[dtype]):
+            raise SafetensorsError(f"tensor {name}: a {a.dtype} array cannot be stored as {dtype} "
+                                   f"(expected {np.dtype(_NUMPY[dtype])})")
+        if name in header:
+            raise SafetensorsError(f"tensor {name} given twice")
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        arrays.append(np.ascontiguousarray(a))
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for a in arrays:
+            f.write(a.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
