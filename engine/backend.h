@@ -141,6 +141,17 @@ struct KvBlockView {
   KvPageStore* store(int64_t row) const { return row_pages != nullptr ? row_pages[row] : pages; }
 };
 
+// A block's gradients where they live on a GPU: one contiguous fp32 buffer of every gradient it
+// holds, the device, and the stream (a cudaStream_t) that orders the block's work on them. Device
+// collectives (NCCL) reduce them in place there; `data` is null where a backend keeps them in host
+// memory (the CPU) and collectives go through ReadTensor/WriteTensor instead.
+struct DeviceGradients {
+  float* data = nullptr;
+  size_t count = 0;
+  int device = -1;
+  void* stream = nullptr;
+};
+
 class Block {
  public:
   virtual ~Block() = default;
@@ -173,6 +184,8 @@ class Block {
                                                                 const KvBlockView& kv) = 0;
   // An empty page store for this block's K/V (KvPageStore::Grow adds the pages).
   virtual absl::StatusOr<std::unique_ptr<KvPageStore>> NewKvPageStore() = 0;
+  // See DeviceGradients; the default: none on a device.
+  virtual DeviceGradients device_gradients() { return {}; }
   // Sum of squares of every gradient element, accumulated in double; not finite if any gradient is not.
   virtual absl::StatusOr<double> GradSquaredNorm() = 0;
   // Decoupled AdamW on every parameter from the current gradients (decay on matrices only unless

@@ -28,26 +28,6 @@ namespace {
 
 constexpr absl::string_view kIdMagic = "blockd-gloo/1";
 
-struct ParsedId {
-  std::string host;
-  int port = 0;
-  std::string nonce;
-};
-
-absl::StatusOr<ParsedId> ParseId(const std::string& id) {
-  const std::vector<std::string> parts = absl::StrSplit(id, ' ');
-  ParsedId p;
-  if (parts.size() != 4 || parts[0] != kIdMagic || parts[1].empty() || parts[1].size() > 253 ||
-      !absl::SimpleAtoi(parts[2], &p.port) || p.port <= 0 || p.port > 65535 || parts[3].size() != 37) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "collective_id ", Echo(id), " is not a Gloo collective id (expected the bytes GetCollectiveId "
-        "returned on rank 0's daemon: \"", kIdMagic, " HOST PORT NONCE\")"));
-  }
-  p.host = parts[1];
-  p.nonce = parts[3];
-  return p;
-}
-
 std::chrono::milliseconds Millis(absl::Duration d) {
   return std::chrono::milliseconds(std::max<int64_t>(1, absl::ToInt64Milliseconds(d)));
 }
@@ -119,64 +99,23 @@ class GlooCollective final : public Collective {
 
 class GlooProvider final : public CollectiveProvider {
  public:
-  explicit GlooProvider(const GlooOptions& options) : options_(options) {
-    if (options_.advertise_host.empty()) {
-      char name[256] = {0};
-      if (::gethostname(name, sizeof(name) - 1) == 0) options_.advertise_host = name;
-      if (options_.advertise_host.empty()) options_.advertise_host = "localhost";
-    }
-  }
+  explicit GlooProvider(const GlooOptions& options)
+      : stores_(std::string(kIdMagic), options.advertise_host, options.max_pending_ids) {}
 
   absl::string_view backend() const override { return "gloo"; }
-
-  absl::StatusOr<std::string> NewId(absl::Duration ttl) override {
-    Sweep();
-    ASSIGN_OR_RETURN(std::string nonce, NewResourceId("gloo-"));
-    {
-      absl::MutexLock l(&mu_);
-      if (static_cast<int64_t>(pending_.size()) >= options_.max_pending_ids) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "this daemon already hosts ", pending_.size(), " collective ids whose groups have not connected (at most ",
-            options_.max_pending_ids, "); join with them or wait for them to expire"));
-      }
-    }
-    ASSIGN_OR_RETURN(std::unique_ptr<TcpStoreServer> server, TcpStoreServer::Start(nonce));
-    const std::string id = absl::StrCat(kIdMagic, " ", options_.advertise_host, " ", server->port(), " ", nonce);
-    absl::MutexLock l(&mu_);
-    pending_[nonce] = Pending{std::move(server), absl::Now() + ttl};
-    return id;
-  }
+  absl::StatusOr<std::string> NewId(absl::Duration ttl) override { return stores_.NewId(ttl); }
+  void Sweep() override { stores_.Sweep(); }
 
   absl::StatusOr<std::unique_ptr<Collective>> Connect(const std::string& id, int rank, int world_size,
-                                                      const std::string& terms, absl::Duration timeout) override {
-    ASSIGN_OR_RETURN(ParsedId p, ParseId(id));
+                                                      const std::string& terms, absl::Duration timeout,
+                                                      int /*device: host memory*/) override {
+    ASSIGN_OR_RETURN(StoreAddress p, ParseStoreId(id, kIdMagic, "Gloo"));
     const absl::Time deadline = absl::Now() + timeout;
     try {
       TcpStoreClient store(p.host, p.port, p.nonce, deadline);
-      if (!store.add_if_absent(absl::StrCat("blockd/rank/", rank), std::vector<char>(terms.begin(), terms.end()))) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "rank ", rank, " of this collective id has already joined: each member joins once with its own rank, "
-            "and a new group needs a new id from GetCollectiveId"));
-      }
-      std::string verdict = "ok";
-      if (rank != 0) {
-        const std::vector<char> theirs = store.get("blockd/rank/0");
-        const std::string rank0(theirs.begin(), theirs.end());
-        if (rank0 != terms) {
-          verdict = absl::StrCat("rank ", rank, " joined with ", terms, "; rank 0 with ", rank0);
-        }
-      }
-      store.set(absl::StrCat("blockd/verdict/", rank), std::vector<char>(verdict.begin(), verdict.end()));
-      if (verdict != "ok") return absl::FailedPreconditionError(absl::StrCat("the members disagree: ", verdict));
-      for (int r = 0; r < world_size; ++r) {
-        const std::vector<char> v = store.get(absl::StrCat("blockd/verdict/", r));
-        if (std::string(v.begin(), v.end()) != "ok") {
-          return absl::FailedPreconditionError(
-              absl::StrCat("the members disagree: ", std::string(v.begin(), v.end())));
-        }
-      }
+      RETURN_IF_ERROR(ClaimRankAndAgree(store, rank, world_size, terms));
       gloo::transport::tcp::attr attr;
-      attr.hostname = options_.advertise_host;
+      attr.hostname = stores_.advertise_host();
       auto device = gloo::transport::tcp::CreateDevice(attr);
       auto context = std::make_shared<gloo::rendezvous::Context>(rank, world_size);
       context->setTimeout(Millis(deadline - absl::Now()));
@@ -187,10 +126,7 @@ class GlooProvider final : public CollectiveProvider {
       barrier.setTimeout(Millis(deadline - absl::Now()));
       gloo::barrier(barrier);
       context->setTimeout(Millis(timeout));
-      {
-        absl::MutexLock l(&mu_);
-        pending_.erase(p.nonce);  // only rank 0's daemon holds it
-      }
+      stores_.Connected(p.nonce);
       return std::unique_ptr<Collective>(new GlooCollective(std::move(device), std::move(context), timeout));
     } catch (const std::exception& e) {
       return absl::AbortedError(absl::StrCat("the group did not form within ", absl::FormatDuration(timeout),
@@ -199,31 +135,7 @@ class GlooProvider final : public CollectiveProvider {
     }
   }
 
-  void Sweep() override {
-    std::vector<std::unique_ptr<TcpStoreServer>> expired;
-    {
-      absl::MutexLock l(&mu_);
-      const absl::Time now = absl::Now();
-      for (auto it = pending_.begin(); it != pending_.end();) {
-        if (it->second.expires <= now) {
-          expired.push_back(std::move(it->second.server));
-          it = pending_.erase(it);
-        } else {
-          ++it;
-        }
-      }
-    }
-    // The servers stop (joining their threads) here, outside the lock.
-  }
-
- private:
-  struct Pending {
-    std::unique_ptr<TcpStoreServer> server;
-    absl::Time expires;
-  };
-  GlooOptions options_;
-  absl::Mutex mu_;
-  std::map<std::string, Pending> pending_ ABSL_GUARDED_BY(mu_);
+  PendingStores stores_;
 };
 
 }  // namespace

@@ -350,6 +350,13 @@ class Engine {
   // All-reduces the mean of the blocks' gradients (locked by the caller) into `mean`.
   absl::Status ReduceGradients(Group& g, const std::vector<EntryPtr>& entries, std::vector<float>* mean,
                                CollectiveUse* use) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g.mu);
+  // A device collective's (NCCL's) way: the blocks' gradients become the mean in place on the GPU;
+  // on failure they are discarded (part averaged), weights and moments untouched.
+  absl::Status ReduceGradientsInPlace(Group& g, const std::vector<EntryPtr>& entries, CollectiveUse* use)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(g.mu);
+  // The provider of "gloo" or "nccl": FAILED_PRECONDITION for NCCL on a daemon without CUDA blocks,
+  // UNIMPLEMENTED when this daemon was built without it.
+  absl::StatusOr<CollectiveProvider*> ProviderFor(absl::string_view name);
   // Runs the steps of `members` (sessions on `span`, one new_tokens and dtype) as one launch per
   // block and sets each member's status and output; a failure fails every member.
   void RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<PendingStep*>& members);

@@ -1,7 +1,9 @@
 // The replica-group calls of the Engine: collective ids, JoinGroup (connect, then broadcast rank
 // 0's state), GroupStep (all-reduce the mean of the gradients, then the ordinary step), GradNorm,
 // LeaveGroup, GetGroup, ListGroups. Groups live in a GroupStore (group.h); the bytes move through
-// a Collective (collective.h) of the provider that recognises the collective id.
+// a Collective (collective.h) of the provider that recognises the collective id: NCCL's for CUDA
+// blocks (gradients reduced in place on the GPU), Gloo's for CPU blocks (and for CUDA blocks whose
+// members share one GPU, when asked for by name: their gradients then travel through host memory).
 //
 // Every collective call of a group runs with the group's `mu` held, then the blocks' locks: all
 // members call the same collectives in the same order. Before touching data, a group call first
@@ -58,8 +60,9 @@ absl::Status Timed(Group& g, CollectiveUse* use, size_t bytes, Fn fn) {
 }
 
 // What every member must agree on, in words (compared byte for byte; shown when they differ).
+// The backend is among them: a group is all CUDA blocks or all CPU blocks.
 template <class Entries>
-std::string TermsOf(int64_t world_size, const Entries& entries) {
+std::string TermsOf(int64_t world_size, absl::string_view backend, const Entries& entries) {
   std::vector<std::string> blocks;
   for (const auto& e : entries) {
     const BlockConfig& c = e->spec.config;
@@ -69,7 +72,7 @@ std::string TermsOf(int64_t world_size, const Entries& entries) {
                                   c.num_kv_heads, "x", c.head_dim, ", intermediate ", c.intermediate_size, ", ",
                                   e->params.size(), " tensors, ", params, " parameters)"));
   }
-  return absl::StrCat("world_size ", world_size, " and blocks [", absl::StrJoin(blocks, ", "), "]");
+  return absl::StrCat("world_size ", world_size, " and ", backend, " blocks [", absl::StrJoin(blocks, ", "), "]");
 }
 
 }  // namespace
@@ -80,26 +83,28 @@ void Engine::AddCollectiveProvider(std::unique_ptr<CollectiveProvider> provider)
   providers_[name] = std::move(provider);
 }
 
+absl::StatusOr<CollectiveProvider*> Engine::ProviderFor(absl::string_view name) {
+  if (name == "nccl" && backend_->name() != "cuda") {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "NCCL collectives reduce GPU memory, and this daemon's blocks are on the ", backend_->name(),
+        " backend: a group of CPU blocks uses \"gloo\" (a group is all CUDA or all CPU members)"));
+  }
+  absl::MutexLock l(&providers_mu_);
+  auto it = providers_.find(name);
+  if (it != providers_.end()) return it->second.get();
+  return absl::UnimplementedError(absl::StrCat("this daemon has no ", name == "nccl" ? "NCCL" : "Gloo",
+                                               " collectives (built without them)"));
+}
+
 absl::StatusOr<std::pair<std::string, std::string>> Engine::GetCollectiveId(absl::string_view backend,
                                                                             absl::Duration ttl) {
   std::string name(backend);
   if (name.empty()) name = backend_->name() == "cuda" ? "nccl" : "gloo";
-  if (name == "nccl") {
-    return absl::UnimplementedError(
-        "NCCL replica groups (for CUDA blocks) are not built yet: ask for backend \"gloo\" (host-memory "
-        "collectives) meanwhile");
-  }
-  if (name != "gloo") {
+  if (name != "gloo" && name != "nccl") {
     return absl::InvalidArgumentError(
         absl::StrCat("backend \"", Echo(backend), "\", expected \"gloo\", \"nccl\" or \"\" (the blocks' own)"));
   }
-  CollectiveProvider* provider = nullptr;
-  {
-    absl::MutexLock l(&providers_mu_);
-    auto it = providers_.find(name);
-    if (it != providers_.end()) provider = it->second.get();
-  }
-  if (provider == nullptr) return absl::UnimplementedError("this daemon has no Gloo collectives");
+  ASSIGN_OR_RETURN(CollectiveProvider * provider, ProviderFor(name));
   ASSIGN_OR_RETURN(std::string id, provider->NewId(ttl));
   return std::make_pair(std::move(id), name);
 }
@@ -125,17 +130,22 @@ absl::StatusOr<GroupInfo> Engine::JoinGroup(const JoinGroupArgs& args, Collectiv
   if (args.collective_id.empty()) {
     return absl::InvalidArgumentError("collective_id is empty: ask rank 0's daemon with GetCollectiveId");
   }
-  if (absl::StartsWith(args.collective_id, "blockd-nccl/")) {
-    return absl::UnimplementedError("NCCL replica groups (for CUDA blocks) are not built yet");
-  }
-  CollectiveProvider* provider = nullptr;
-  {
-    absl::MutexLock l(&providers_mu_);
-    auto it = providers_.find("gloo");
-    if (it != providers_.end()) provider = it->second.get();
-  }
-  if (provider == nullptr) return absl::UnimplementedError("this daemon has no Gloo collectives");
+  // The id says its library; anything else is Gloo's to parse (and refuse with the expected form).
+  ASSIGN_OR_RETURN(CollectiveProvider * provider,
+                   ProviderFor(absl::StartsWith(args.collective_id, "blockd-nccl/") ? "nccl" : "gloo"));
   ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, FindAll(args.block_ids, /*allow_repeats=*/false));
+  // One NCCL communicator drives one GPU: a member's blocks are all on it.
+  int device = -1;
+  if (provider->backend() == "nccl") {
+    device = entries[0]->spec.device;
+    for (const EntryPtr& e : entries) {
+      if (e->spec.device == device) continue;
+      return absl::InvalidArgumentError(absl::StrCat(
+          "block ", entries[0]->spec.id, " is on GPU ", device, " and block ", e->spec.id, " on GPU ",
+          e->spec.device, ": an NCCL group member's blocks are on one GPU (a GPU per member: join one group "
+          "member per GPU)"));
+    }
+  }
   if (args.rank == 0) {
     for (const EntryPtr& e : entries) {
       const std::vector<std::string> missing = e->Missing();
@@ -164,7 +174,8 @@ absl::StatusOr<GroupInfo> Engine::JoinGroup(const JoinGroupArgs& args, Collectiv
   absl::MutexLock group_lock(&g->mu);
   const absl::Time start = absl::Now();
   absl::StatusOr<std::unique_ptr<Collective>> c =
-      provider->Connect(args.collective_id, g->rank, g->world_size, TermsOf(args.world_size, entries), g->timeout);
+      provider->Connect(args.collective_id, g->rank, g->world_size,
+                        TermsOf(args.world_size, backend_->name(), entries), g->timeout, device);
   use->seconds += absl::ToDoubleSeconds(absl::Now() - start);
   if (!c.ok()) {
     use->aborted = c.status().code() == absl::StatusCode::kAborted;
@@ -263,6 +274,7 @@ absl::StatusOr<std::vector<Engine::EntryPtr>> Engine::GroupEntries(const Group& 
 
 absl::Status Engine::ReduceGradients(Group& g, const std::vector<EntryPtr>& entries, std::vector<float>* mean,
                                      CollectiveUse* use) {
+  if (g.collective->on_device()) return ReduceGradientsInPlace(g, entries, use);
   size_t total = 0;
   for (const EntryPtr& e : entries) {
     for (const ParamSpec& p : e->params) total += static_cast<size_t>(p.numel());
@@ -283,6 +295,31 @@ absl::Status Engine::ReduceGradients(Group& g, const std::vector<EntryPtr>& entr
   // Every member divides the same sums by the same number: the means agree bit for bit.
   const float n = static_cast<float>(g.world_size);
   for (float& x : *mean) x /= n;
+  return absl::OkStatus();
+}
+
+absl::Status Engine::ReduceGradientsInPlace(Group& g, const std::vector<EntryPtr>& entries, CollectiveUse* use) {
+  std::vector<DeviceGradients> grads;
+  for (const EntryPtr& e : entries) {
+    grads.push_back(e->block->device_gradients());
+    if (grads.back().data == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat("block ", e->spec.id, " holds no gradients on a GPU for ",
+                                                        g.collective->backend(), " to reduce"));
+    }
+  }
+  // One call per block: its gradients are one buffer, NCCL's own chunks pipeline it.
+  for (size_t b = 0; b < entries.size(); ++b) {
+    entries[b]->generations.Bump(TensorChange::kBackward);  // they become the group's mean
+    absl::Status s = Timed(g, use, grads[b].count * sizeof(float), [&] {
+      return g.collective->AllReduceMeanOnDevice(grads[b].data, grads[b].count, grads[b].stream);
+    });
+    if (!s.ok()) {
+      // Weights and moments are untouched, but the gradients are part averaged: not this member's.
+      for (const EntryPtr& e : entries) e->SetHasGrad(false);
+      return absl::Status(s.code(), absl::StrCat(s.message(), "; the gradients were being averaged in place on the "
+                                                 "GPU and are discarded: run Backward again"));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -348,7 +385,8 @@ absl::Status Engine::StartGroupCall(Group& g, std::vector<EntryPtr>* entries, st
       }
     }
   }
-  const bool have_mean = local.ok() && !g.mean_grads.empty() && g.mean_grads_of == GradientVersions(*entries);
+  const bool have_mean = local.ok() && (!g.mean_grads.empty() || g.mean_in_place) &&
+                         g.mean_grads_of == GradientVersions(*entries);
   return Agree(g, local, have_mean, reuse_mean, use);
 }
 
@@ -368,13 +406,16 @@ absl::StatusOr<StepResult> Engine::GroupStep(absl::string_view group_id, absl::s
   std::vector<float> mean = std::move(g->mean_grads);
   g->mean_grads = {};
   g->mean_grads_of.clear();
+  g->mean_in_place = false;
   if (!reuse_mean) RETURN_IF_ERROR(ReduceGradients(*g, entries, &mean, &result.collectives));
   size_t off = 0;
-  for (const EntryPtr& e : entries) {
-    e->generations.Bump(TensorChange::kBackward);
-    for (size_t i = 0; i < e->params.size(); ++i) {
-      RETURN_IF_ERROR(e->block->WriteTensor(TensorKind::kGradients, static_cast<int>(i), mean.data() + off));
-      off += static_cast<size_t>(e->params[i].numel());
+  // On a device collective the gradients already are the mean; else the mean goes back into them.
+  for (size_t b = 0; !g->collective->on_device() && b < entries.size(); ++b) {
+    Entry& e = *entries[b];
+    e.generations.Bump(TensorChange::kBackward);
+    for (size_t i = 0; i < e.params.size(); ++i) {
+      RETURN_IF_ERROR(e.block->WriteTensor(TensorKind::kGradients, static_cast<int>(i), mean.data() + off));
+      off += static_cast<size_t>(e.params[i].numel());
     }
   }
   const CollectiveUse used = result.collectives;
@@ -412,10 +453,18 @@ absl::StatusOr<GradNormResult> Engine::GradNorm(const std::vector<std::string>& 
   if (!reuse_mean) {
     g->mean_grads.clear();
     g->mean_grads_of.clear();
+    g->mean_in_place = false;
     RETURN_IF_ERROR(ReduceGradients(*g, entries, &g->mean_grads, &result.collectives));
     g->mean_grads_of = GradientVersions(entries);
+    g->mean_in_place = g->collective->on_device();
   }
   for (float x : g->mean_grads) result.sum_of_squares += static_cast<double>(x) * x;
+  if (g->mean_in_place) {  // the mean is the blocks' own gradients, on the GPU
+    for (const EntryPtr& e : entries) {
+      ASSIGN_OR_RETURN(double ss, e->block->GradSquaredNorm());
+      result.sum_of_squares += ss;
+    }
+  }
   result.finite = std::isfinite(result.sum_of_squares);
   return result;
 }

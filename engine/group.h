@@ -82,6 +82,9 @@ struct Group : Owned {
   // buffer at most.
   std::vector<float> mean_grads ABSL_GUARDED_BY(mu);
   std::vector<std::pair<uint64_t, uint64_t>> mean_grads_of ABSL_GUARDED_BY(mu);
+  // Instead of mean_grads, for a device collective (NCCL): the GradNorm averaged the blocks'
+  // gradients in place, so they are the mean themselves (mean_grads_of says of which generation).
+  bool mean_in_place ABSL_GUARDED_BY(mu) = false;
 
  private:
   mutable absl::Mutex failure_mu;  // a leaf

@@ -12,7 +12,12 @@
 #include <cerrno>
 #include <cstring>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "base/echo.h"
+#include "base/status_macros.h"
+#include "engine/owned.h"
 #include "base/log.h"
 #include "gloo/common/error.h"
 
@@ -303,6 +308,100 @@ void TcpStoreClient::wait(const std::vector<std::string>& keys) {
 void TcpStoreClient::wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& /*timeout*/) {
   // The deadline given at construction bounds every wait: it is the JoinGroup's timeout_ms.
   wait(keys);
+}
+
+absl::StatusOr<StoreAddress> ParseStoreId(const std::string& id, absl::string_view magic,
+                                          absl::string_view library) {
+  const std::vector<std::string> parts = absl::StrSplit(id, ' ');
+  StoreAddress p;
+  if (parts.size() != 4 || parts[0] != magic || parts[1].empty() || parts[1].size() > 253 ||
+      !absl::SimpleAtoi(parts[2], &p.port) || p.port <= 0 || p.port > 65535 || parts[3].size() != 37) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "collective_id ", Echo(id), " is not a ", library, " collective id (expected the bytes GetCollectiveId "
+        "returned on rank 0's daemon: \"", magic, " HOST PORT NONCE\")"));
+  }
+  p.host = parts[1];
+  p.nonce = parts[3];
+  return p;
+}
+
+PendingStores::PendingStores(std::string magic, std::string advertise_host, int64_t max_pending)
+    : magic_(std::move(magic)), advertise_host_(std::move(advertise_host)), max_pending_(max_pending) {
+  if (advertise_host_.empty()) {
+    char name[256] = {0};
+    if (::gethostname(name, sizeof(name) - 1) == 0) advertise_host_ = name;
+    if (advertise_host_.empty()) advertise_host_ = "localhost";
+  }
+}
+
+absl::StatusOr<std::string> PendingStores::NewId(absl::Duration ttl) {
+  Sweep();
+  ASSIGN_OR_RETURN(std::string nonce, NewResourceId(magic_.substr(7, 4) + "-"));  // "gloo-", "nccl-"
+  {
+    absl::MutexLock l(&mu_);
+    if (static_cast<int64_t>(pending_.size()) >= max_pending_) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "this daemon already hosts ", pending_.size(), " collective ids whose groups have not connected (at most ",
+          max_pending_, "); join with them or wait for them to expire"));
+    }
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<TcpStoreServer> server, TcpStoreServer::Start(nonce));
+  const std::string id = absl::StrCat(magic_, " ", advertise_host_, " ", server->port(), " ", nonce);
+  absl::MutexLock l(&mu_);
+  pending_[nonce] = Pending{std::move(server), absl::Now() + ttl};
+  return id;
+}
+
+void PendingStores::Connected(const std::string& nonce) {
+  std::unique_ptr<TcpStoreServer> done;  // stops (joining its thread) outside the lock
+  absl::MutexLock l(&mu_);
+  auto it = pending_.find(nonce);
+  if (it == pending_.end()) return;
+  done = std::move(it->second.server);
+  pending_.erase(it);
+}
+
+void PendingStores::Sweep() {
+  std::vector<std::unique_ptr<TcpStoreServer>> expired;
+  {
+    absl::MutexLock l(&mu_);
+    const absl::Time now = absl::Now();
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      if (it->second.expires <= now) {
+        expired.push_back(std::move(it->second.server));
+        it = pending_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  // The servers stop (joining their threads) here, outside the lock.
+}
+
+absl::Status ClaimRankAndAgree(TcpStoreClient& store, int rank, int world_size, const std::string& terms) {
+  if (!store.add_if_absent(absl::StrCat("blockd/rank/", rank), std::vector<char>(terms.begin(), terms.end()))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rank ", rank, " of this collective id has already joined: each member joins once with its own rank, "
+        "and a new group needs a new id from GetCollectiveId"));
+  }
+  std::string verdict = "ok";
+  if (rank != 0) {
+    const std::vector<char> theirs = store.get("blockd/rank/0");
+    const std::string rank0(theirs.begin(), theirs.end());
+    if (rank0 != terms) {
+      verdict = absl::StrCat("rank ", rank, " joined with ", terms, "; rank 0 with ", rank0);
+    }
+  }
+  store.set(absl::StrCat("blockd/verdict/", rank), std::vector<char>(verdict.begin(), verdict.end()));
+  if (verdict != "ok") return absl::FailedPreconditionError(absl::StrCat("the members disagree: ", verdict));
+  for (int r = 0; r < world_size; ++r) {
+    const std::vector<char> v = store.get(absl::StrCat("blockd/verdict/", r));
+    if (std::string(v.begin(), v.end()) != "ok") {
+      return absl::FailedPreconditionError(
+          absl::StrCat("the members disagree: ", std::string(v.begin(), v.end())));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace blockd

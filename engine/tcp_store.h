@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "gloo/rendezvous/store.h"
@@ -65,5 +66,44 @@ class TcpStoreClient final : public gloo::rendezvous::Store {
   int fd_ = -1;
   absl::Time deadline_;
 };
+
+// Where a collective id of a store-based provider points: "MAGIC HOST PORT NONCE".
+struct StoreAddress {
+  std::string host;
+  int port = 0;
+  std::string nonce;
+};
+// INVALID_ARGUMENT naming `library` ("Gloo", "NCCL") for an id not of that form.
+absl::StatusOr<StoreAddress> ParseStoreId(const std::string& id, absl::string_view magic,
+                                          absl::string_view library);
+
+// The stores a daemon hosts for the ids it handed out (as rank 0) whose groups have not connected.
+class PendingStores {
+ public:
+  PendingStores(std::string magic, std::string advertise_host, int64_t max_pending);
+  // Starts a store and returns its id; RESOURCE_EXHAUSTED past `max_pending` ids.
+  absl::StatusOr<std::string> NewId(absl::Duration ttl);
+  const std::string& advertise_host() const { return advertise_host_; }
+  // The group of this id has connected: its store closes (on rank 0's daemon; nothing elsewhere).
+  void Connected(const std::string& nonce);
+  // Closes the stores of expired ids.
+  void Sweep();
+
+ private:
+  struct Pending {
+    std::unique_ptr<TcpStoreServer> server;
+    absl::Time expires;
+  };
+  const std::string magic_;
+  std::string advertise_host_;
+  const int64_t max_pending_;
+  absl::Mutex mu_;
+  std::map<std::string, Pending> pending_ ABSL_GUARDED_BY(mu_);
+};
+
+// The first step of every provider's Connect (CollectiveProvider::Connect says what it answers):
+// claims `rank` in the store, compares this member's `terms` with rank 0's and waits until every
+// member has said whether it agrees. Throws as the store does when the others do not come in time.
+absl::Status ClaimRankAndAgree(TcpStoreClient& store, int rank, int world_size, const std::string& terms);
 
 }  // namespace blockd

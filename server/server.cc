@@ -1,6 +1,9 @@
 #include "server/server.h"
 
 #include "engine/collective_gloo.h"
+#ifdef BLOCKD_HAVE_CUDA
+#include "engine/collective_nccl.h"
+#endif
 
 #include <fstream>
 #include <sstream>
@@ -41,6 +44,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
   GlooOptions gloo;
   gloo.advertise_host = options.collective_host;
   s->engine_->AddCollectiveProvider(MakeGlooProvider(gloo));
+#ifdef BLOCKD_HAVE_CUDA
+  // Groups of CUDA blocks; the engine refuses NCCL ids on a daemon whose backend is the CPU.
+  NcclOptions nccl;
+  nccl.advertise_host = options.collective_host;
+  s->engine_->AddCollectiveProvider(MakeNcclProvider(nccl));
+#endif
   ASSIGN_OR_RETURN(std::unique_ptr<Authenticator> auth, Authenticator::FromFiles({options.token_file, options.auth_token_file, options.admin_token_file}));
   s->auth_ = std::move(auth);
   s->auth_log_ = std::make_unique<RateLimitedLog>(/*per_minute=*/20);

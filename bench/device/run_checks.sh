@@ -2,7 +2,9 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [groups]   (default: the first four)
+# `groups`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs) and the
+# all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/blockd-out}
@@ -43,6 +45,26 @@ if [[ " $stages " == *" tests "* ]]; then
   gtest gpu.sticky sticky_error_test '*' 30
   gtest gpu.cudnn cudnn_attention_test '*' 120
   grep -hE 'norm rel' "$OUT"/gpu.ops.log "$OUT"/gpu.blocks.log | sort -t'l' -k1 > "$OUT/errors.txt" || true
+fi
+
+if [[ " $stages " == *" groups "* ]]; then
+  export NCCL_NVLS_ENABLE=0  # never NVLink multicast on these hosts; the daemons the tests start inherit it
+  export BLOCKD_BINARY="$dev/bin/blockd"
+  gtest gpu.nccl_group nccl_group_test '*' 300
+  ngpu=$(nvidia-smi -L | grep -c '^GPU')
+  if [ "$ngpu" -ge 2 ]; then
+    gtest gpu.nccl_multigpu nccl_multigpu_test '*' 400
+  else
+    row gpu.nccl_multigpu SKIP "$ngpu GPU: needs 2 or more"
+  fi
+  timeout 300 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_allreduce" --max_mb=${ALLREDUCE_MAX_MB:-1024} \
+    >"$OUT/bench_allreduce.log" 2>&1
+  row bench.allreduce "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see bench_allreduce.log"
+  cat "$OUT/bench_allreduce.log"
+  (cd "$root" && timeout 300 python3 bench/allreduce_torch.py --max_mb=${ALLREDUCE_MAX_MB:-1024}) \
+    >"$OUT/allreduce_torch.log" 2>&1
+  row bench.allreduce_torch "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see allreduce_torch.log"
+  tail -20 "$OUT/allreduce_torch.log"
 fi
 
 if [[ " $stages " == *" sanitize "* ]]; then

@@ -237,6 +237,13 @@ class CudaBlock : public Block {
         dev_, spec_.config.kv_dim(), static_cast<int64_t>(ActSize(spec_.precision))));
   }
 
+  // Every gradient is one fp32 buffer (grads_), in layout order: a replica group's NCCL all-reduce
+  // takes it in one call. A frozen block's buffer is only its 1-D scratch: not gradients to reduce.
+  DeviceGradients device_gradients() override {
+    if (spec_.frozen) return {};
+    return {grads_.as<float>(), static_cast<size_t>(layout_.total), dev_->index, dev_->stream};
+  }
+
   absl::StatusOr<double> GradSquaredNorm() override {
     DeviceGuard guard(dev_->index);
     if (spec_.frozen) return absl::FailedPreconditionError(absl::StrCat("block ", spec_.id, " is frozen"));

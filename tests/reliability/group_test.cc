@@ -393,7 +393,7 @@ TEST_F(GroupTest, BadInputsGetClearStatuses) {
   EXPECT_STATUS(join(0, 2, id->collective_id(), {"b0"}, "bad group!"), absl::StatusCode::kInvalidArgument,
                 "group_id");
   EXPECT_STATUS(join(0, 2, "", {"b0"}), absl::StatusCode::kInvalidArgument, "collective_id is empty");
-  EXPECT_STATUS(C(0).GetCollectiveId("nccl").status(), absl::StatusCode::kUnimplemented, "NCCL");
+  EXPECT_STATUS(C(0).GetCollectiveId("nccl").status(), absl::StatusCode::kFailedPrecondition, "NCCL", "CPU");
   EXPECT_STATUS(C(0).GetCollectiveId("mpi").status(), absl::StatusCode::kInvalidArgument, "expected \"gloo\"");
   // Nobody else comes: the join fails after its timeout and leaves no group behind.
   EXPECT_STATUS(join(0, 2, id->collective_id(), {"b0"}), absl::StatusCode::kAborted, "did not form");
