@@ -94,6 +94,18 @@ class Activation {
   int64_t batch_, seq_, width_;
 };
 
+// Device memory of another process on this host, shared through CUDA IPC and opened by the
+// backend (Backend::OpenPeerMemory). Destroying it closes the mapping (cudaIpcCloseMemHandle).
+// Activations move between it and the backend's own memory device to device (UploadPeer,
+// DownloadPeer): a same-GPU client's tensors never cross PCIe.
+class PeerMemory {
+ public:
+  virtual ~PeerMemory() = default;
+  virtual int device() const = 0;
+  // Bytes usable from the handle's address: the allocation's, as the driver reports it.
+  virtual int64_t bytes() const = 0;
+};
+
 // Which attention kernels a block runs ("native": the backend's own; "cudnn": cuDNN's fused
 // attention) and why, for BlockInfo and the log.
 struct AttentionInfo {
@@ -222,6 +234,30 @@ class Backend {
   // Replaces *dst with the activation as host bytes of `dtype` (numel * DTypeSize(dtype) of them),
   // written once: a reply's bytes field is not zero-filled first.
   virtual absl::Status Download(const Activation& a, DType dtype, std::string* dst) = 0;
+  // CUDA IPC: opens another process's device memory (`mem_handle`, a cudaIpcMemHandle_t) on
+  // `device`, with its IPC event (`event_handle`, a cudaIpcEventHandle_t, may be empty) that
+  // UploadPeer waits on before reading. FAILED_PRECONDITION on a backend without device memory or
+  // for memory that lives on another device; INVALID_ARGUMENT for a handle that does not open.
+  virtual absl::StatusOr<std::unique_ptr<PeerMemory>> OpenPeerMemory(int device, absl::string_view mem_handle,
+                                                                    absl::string_view event_handle) {
+    (void)device, (void)mem_handle, (void)event_handle;
+    return absl::FailedPreconditionError(
+        "CUDA IPC memory needs the CUDA backend; this daemon runs on the CPU: register POSIX shared memory or send "
+        "tensors inline");
+  }
+  // As Upload and Download, from or into `offset` of peer memory (bounds checked by the caller).
+  // The caller checks that the peer memory lives on the activation's device.
+  virtual absl::StatusOr<std::unique_ptr<Activation>> UploadPeer(int device, DType dtype, const PeerMemory& peer,
+                                                                 int64_t offset, int64_t batch, int64_t seq,
+                                                                 int64_t width) {
+    (void)device, (void)dtype, (void)peer, (void)offset, (void)batch, (void)seq, (void)width;
+    return absl::UnimplementedError("this backend has no CUDA IPC memory");
+  }
+  // Returns once the bytes are in the peer's memory (the device work is done).
+  virtual absl::Status DownloadPeer(const Activation& a, DType dtype, PeerMemory& peer, int64_t offset) {
+    (void)a, (void)dtype, (void)peer, (void)offset;
+    return absl::UnimplementedError("this backend has no CUDA IPC memory");
+  }
   // The same activation on another device of this backend.
   virtual absl::StatusOr<std::unique_ptr<Activation>> ToDevice(const Activation& a, int device) = 0;
 

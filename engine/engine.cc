@@ -316,6 +316,30 @@ absl::Status Engine::CheckTensorArg(const TensorArg& t, absl::string_view what, 
   return absl::OkStatus();
 }
 
+namespace {
+
+// Peer memory (CUDA IPC) is read and written on the device it lives on: the client's tensors
+// would otherwise cross between GPUs behind the daemon's back.
+absl::Status CheckPeerDevice(const PeerMemory* peer, absl::string_view what, int device, absl::string_view block) {
+  if (peer == nullptr || peer->device() == device) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(what, " is CUDA IPC memory on device ", peer->device(),
+                                                    ", but block ", Echo(block), " is on device ", device,
+                                                    ": register memory of the block's device"));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Activation>> Engine::UploadArg(int device, const TensorArg& t, int64_t batch,
+                                                              int64_t seq, int64_t width) {
+  if (t.peer != nullptr) return backend_->UploadPeer(device, t.dtype, *t.peer, t.peer_offset, batch, seq, width);
+  return backend_->Upload(device, t.dtype, t.data, batch, seq, width);
+}
+
+absl::Status Engine::DownloadOut(const Activation& a, DType dtype, TensorOut* out) {
+  if (out->peer != nullptr) return backend_->DownloadPeer(a, dtype, *out->peer, out->peer_offset);
+  return backend_->Download(a, dtype, out->data);
+}
+
 absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
   ASSIGN_OR_RETURN(std::vector<EntryPtr> span, FindAll(args.block_ids, /*allow_repeats=*/true));
   const BlockConfig& c0 = span[0]->spec.config;
@@ -331,6 +355,8 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
     return absl::InvalidArgumentError(
         absl::StrCat("position_offset = ", args.position_offset, ", expected 0..", int64_t{1} << 40));
   }
+  RETURN_IF_ERROR(CheckPeerDevice(args.input.peer, "input", span.front()->spec.device, span.front()->spec.id));
+  RETURN_IF_ERROR(CheckPeerDevice(out->output.peer, "output", span.back()->spec.device, span.back()->spec.id));
   const int64_t batch = args.input.shape[0], seq = args.input.shape[1];
   if (args.keep_activations &&
       activations_.CountForClient(args.client) >= options_.max_activations_per_client) {
@@ -342,7 +368,7 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
   // The input's host-to-device copy and the output's copy back touch no block state, so they run
   // outside the blocks' locks: one micro-batch's transfers overlap another's compute.
   const absl::Time t_start = absl::Now();
-  auto x_or = backend_->Upload(span[0]->spec.device, args.input.dtype, args.input.data, batch, seq, c0.hidden_size);
+  auto x_or = UploadArg(span[0]->spec.device, args.input, batch, seq, c0.hidden_size);
   if (!x_or.ok()) return absl::Status(x_or.status().code(), absl::StrCat("input ", x_or.status().message()));
   std::unique_ptr<Activation> x = std::move(x_or).value();
 
@@ -390,7 +416,7 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
   const absl::Time t_launched = absl::Now();
   out->output.dtype = args.input.dtype;
   out->output.shape = args.input.shape;
-  RETURN_IF_ERROR(backend_->Download(*x, args.input.dtype, out->output.data));
+  RETURN_IF_ERROR(DownloadOut(*x, args.input.dtype, &out->output));
   out->tokens = batch * seq * static_cast<int64_t>(span.size());
   BLOCKD_LOG(kDebug, "Forward of ", span.size(), " blocks [", batch, ",", seq, "]: upload ",
              absl::ToDoubleMilliseconds(t_uploaded - t_start), " ms, launch (blocks locked) ",
@@ -454,8 +480,10 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
     }
     span.push_back(*std::move(e));
   }
+  RETURN_IF_ERROR(CheckPeerDevice(grad_output.peer, "grad_output", h.device, span.back()->spec.id));
+  RETURN_IF_ERROR(CheckPeerDevice(grad_input->peer, "grad_input", span.front()->spec.device, span.front()->spec.id));
   // As in Forward, the transfers run outside the blocks' locks.
-  auto g_or = backend_->Upload(h.device, grad_output.dtype, grad_output.data, h.batch, h.seq, h.width);
+  auto g_or = UploadArg(h.device, grad_output, h.batch, h.seq, h.width);
   if (!g_or.ok()) return absl::Status(g_or.status().code(), absl::StrCat("grad_output ", g_or.status().message()));
   std::unique_ptr<Activation> g = std::move(g_or).value();
   SpanLock lock(span);
@@ -473,7 +501,7 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
   grad_input->tokens = h.batch * h.seq * static_cast<int64_t>(span.size());
   grad_input->dtype = grad_output.dtype;
   grad_input->shape = expected;
-  return backend_->Download(*g, grad_output.dtype, grad_input->data);
+  return DownloadOut(*g, grad_output.dtype, grad_input);
 }
 
 absl::Status Engine::ReleaseActivations(absl::string_view activation_id, absl::string_view caller) {

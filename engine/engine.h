@@ -88,12 +88,15 @@ struct BlockInfo {
   AttentionInfo attention;  // the block's attention kernels and why
 };
 
-// Host bytes of a tensor in a request: a view, not owned.
+// Host bytes of a tensor in a request: a view, not owned. With `peer` set, the `size` bytes are
+// at `peer_offset` of a same-GPU client's device memory (CUDA IPC) instead, and `data` is unused.
 struct TensorArg {
   DType dtype = DType::kFloat32;
   std::vector<int64_t> shape;
   const void* data = nullptr;
   size_t size = 0;  // bytes
+  const PeerMemory* peer = nullptr;
+  int64_t peer_offset = 0;
 };
 
 struct ForwardArgs {
@@ -111,6 +114,10 @@ struct TensorOut {
   DType dtype = DType::kFloat32;
   std::vector<int64_t> shape;
   std::string* data = nullptr;
+  // Set: the output goes device to device to `peer_offset` of this CUDA IPC memory instead of
+  // `data` (the caller checked that it holds the output).
+  PeerMemory* peer = nullptr;
+  int64_t peer_offset = 0;
   // Set by Backward: tokens run back through blocks (batch * seq * blocks), as ForwardOutput's.
   int64_t tokens = 0;
 };
@@ -335,6 +342,10 @@ class Engine {
   absl::StatusOr<std::vector<int>> TensorIndices(const Entry& e, TensorKind kind,
                                                  const std::vector<std::string>& names) const;
   absl::Status CheckTensorArg(const TensorArg& t, absl::string_view what, int64_t hidden, const Entry& first) const;
+  // A request tensor into the backend, from host bytes or peer memory (CUDA IPC); an output back.
+  absl::StatusOr<std::unique_ptr<Activation>> UploadArg(int device, const TensorArg& t, int64_t batch, int64_t seq,
+                                                        int64_t width);
+  absl::Status DownloadOut(const Activation& a, DType dtype, TensorOut* out);
   absl::StatusOr<EntryPtr> NewEntryFromState(const BlockState& state);
   absl::Status RunSpanBackward(ActivationHandle& handle, const TensorArg& grad_output, TensorOut* grad_input);
   // Step's arithmetic on blocks locked by the caller that all have gradients.

@@ -258,6 +258,12 @@ absl::StatusOr<SessionInfo> Engine::OpenSession(const OpenSessionArgs& args) {
 }
 
 absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) {
+  // Steps are batched across sessions into host buffers: CUDA IPC tensors serve Forward and Backward.
+  if (args.hidden_states.peer != nullptr || out->output.peer != nullptr) {
+    return absl::FailedPreconditionError(
+        "InferStep takes hidden states inline or in POSIX shared memory, not in CUDA IPC memory (which Forward and "
+        "Backward take)");
+  }
   std::shared_ptr<Session> s = sessions_.Find(args.session_id, args.client, absl::Now());
   if (s == nullptr) return SessionNotFound(args.session_id);
   absl::MutexLock session_lock(&s->mu);

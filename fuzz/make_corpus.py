@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of the fuzz targets (committed; rerun only to change them).
 
-    python3 fuzz/make_corpus.py      # rewrites fuzz/corpus/{safetensors,requests,sessions}
+    python3 fuzz/make_corpus.py      # rewrites fuzz/corpus/{safetensors,requests,sessions,shared_memory}
 
 safetensors: small valid files (F32/BF16/F16, metadata, empty and scalar shapes, the layout blockd's
 checkpoints use) and near misses (overlap, hole, trailing bytes, bad dtype, short header).
 requests: byte strings for request_fuzzer's FuzzedDataProvider script, random but fixed.
 sessions: the same for session_fuzzer (its scripts of session calls), with their own seed.
+shared_memory: the same for shared_memory_fuzzer, with their own seed.
 """
 import json
 import os
@@ -66,19 +67,20 @@ def main():
     for name, data in seeds.items():
         with open(os.path.join(out, name + ".safetensors"), "wb") as f:
             f.write(data)
-    out = os.path.join(HERE, "corpus", "requests")
+    random_scripts("requests", rng)
+    # Drawn after the others, so adding them changed no earlier seed.
+    random_scripts("sessions", random.Random(20261129))
+    # shared_memory_fuzzer's scripts (regions, slices, Forward through them), their own seed too.
+    random_scripts("shared_memory", random.Random(20261130))
+
+
+def random_scripts(corpus, rng):
+    """Eight random byte strings of 64..8192 bytes for a FuzzedDataProvider-script target."""
+    out = os.path.join(HERE, "corpus", corpus)
     os.makedirs(out, exist_ok=True)
     for i, size in enumerate([64, 128, 256, 512, 1024, 2048, 4096, 8192]):
         with open(os.path.join(out, f"random_{i}"), "wb") as f:
             f.write(bytes(rng.getrandbits(8) for _ in range(size)))
-    # Drawn after the others, so adding them changed no earlier seed.
-    out = os.path.join(HERE, "corpus", "sessions")
-    os.makedirs(out, exist_ok=True)
-    srng = random.Random(20261129)
-    for i, size in enumerate([64, 128, 256, 512, 1024, 2048, 4096, 8192]):
-        with open(os.path.join(out, f"random_{i}"), "wb") as f:
-            f.write(bytes(srng.getrandbits(8) for _ in range(size)))
-
 
 if __name__ == "__main__":
     main()

@@ -87,11 +87,13 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
   m->auth_missing_ = &auth.Add({{"reason", "missing_token"}});
   m->auth_unknown_ = &auth.Add({{"reason", "unknown_token"}});
   m->streams_expired = &prometheus::BuildCounter().Name("blockd_streams_expired_total").Help("Streams ended for stalling or running too long").Register(reg).Add({});
-  auto& tensor_bytes = prometheus::BuildCounter().Name("blockd_tensor_bytes_total").Help("Activation bytes of Forward, Backward and InferStep tensors, by transport (inline in the message, or a shared-memory region) and direction").Register(reg);
+  auto& tensor_bytes = prometheus::BuildCounter().Name("blockd_tensor_bytes_total").Help("Activation bytes of Forward, Backward and InferStep tensors, by transport (inline in the message, a POSIX shared-memory region, or CUDA IPC device memory) and direction").Register(reg);
   m->tensor_bytes_inline_in = &tensor_bytes.Add({{"transport", "inline"}, {"direction", "in"}});
   m->tensor_bytes_inline_out = &tensor_bytes.Add({{"transport", "inline"}, {"direction", "out"}});
   m->tensor_bytes_shm_in = &tensor_bytes.Add({{"transport", "shared_memory"}, {"direction", "in"}});
   m->tensor_bytes_shm_out = &tensor_bytes.Add({{"transport", "shared_memory"}, {"direction", "out"}});
+  m->tensor_bytes_ipc_in = &tensor_bytes.Add({{"transport", "cuda_ipc"}, {"direction", "in"}});
+  m->tensor_bytes_ipc_out = &tensor_bytes.Add({{"transport", "cuda_ipc"}, {"direction", "out"}});
   m->shm_regions = &prometheus::BuildGauge().Name("blockd_shared_memory_regions").Help("Shared-memory regions registered").Register(reg).Add({});
   m->shm_bytes = &prometheus::BuildGauge().Name("blockd_shared_memory_bytes").Help("Bytes of the shared-memory regions registered").Register(reg).Add({});
   m->healthy_ = &prometheus::BuildGauge().Name("blockd_backend_healthy").Help("1 while the backend's device works, 0 after a sticky device error").Register(reg).Add({});

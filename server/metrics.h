@@ -65,11 +65,13 @@ class Metrics {
   prometheus::Counter* bytes_sent = nullptr;
   prometheus::Counter* streams_expired = nullptr;  // ended by the stream watchdog
   // Activation bytes of Forward/Backward/InferStep tensors, by transport and direction
-  // (blockd_tensor_bytes_total{transport="inline"|"shared_memory", direction="in"|"out"}).
+  // (blockd_tensor_bytes_total{transport="inline"|"shared_memory"|"cuda_ipc", direction="in"|"out"}).
   prometheus::Counter* tensor_bytes_inline_in = nullptr;
   prometheus::Counter* tensor_bytes_inline_out = nullptr;
   prometheus::Counter* tensor_bytes_shm_in = nullptr;
   prometheus::Counter* tensor_bytes_shm_out = nullptr;
+  prometheus::Counter* tensor_bytes_ipc_in = nullptr;  // transport="cuda_ipc"
+  prometheus::Counter* tensor_bytes_ipc_out = nullptr;
   // Shared-memory regions registered now, and their bytes; set by the housekeeping thread.
   prometheus::Gauge* shm_regions = nullptr;
   prometheus::Gauge* shm_bytes = nullptr;

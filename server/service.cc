@@ -36,7 +36,12 @@ BlockServiceImpl::BlockServiceImpl(Engine* engine, Metrics* metrics, ThreadPool*
   watchdog_ = std::make_unique<StreamWatchdog>(options_.stream_idle_timeout, options_.stream_max_duration);
   SharedMemoryOptions shm = options_.shared_memory;
   shm.max_tensor_bytes = options_.max_message_bytes;  // a tensor by reference is bounded as inline
-  shared_memory_ = std::make_unique<SharedMemoryRegistry>(shm);
+  // CUDA IPC regions are opened by the backend (a CPU backend refuses them); the registry is
+  // destroyed before the engine, so every mapping closes while the device is still there.
+  shared_memory_ = std::make_unique<SharedMemoryRegistry>(
+      shm, [engine](int device, absl::string_view mem_handle, absl::string_view event_handle) {
+        return engine->backend().OpenPeerMemory(device, mem_handle, event_handle);
+      });
 }
 
 absl::StatusOr<Principal> BlockServiceImpl::Identify(grpc::CallbackServerContext* ctx) const {
@@ -213,14 +218,14 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
                [this, ctx, req, resp](UnaryReactor* reactor) -> absl::Status {
     ForwardArgs args;
     args.block_ids.assign(req->block_ids().begin(), req->block_ids().end());
-    TensorTransport io(shared_memory_.get(), metrics_, reactor->client());
+    TensorTransport io(shared_memory_.get(), metrics_, reactor->client(), /*cuda_ipc=*/true);
     ASSIGN_OR_RETURN(args.input, io.Input(req->input(), "input"));
     args.keep_activations = req->keep_activations();
     args.position_offset = req->position_offset();
     args.client = reactor->client();
     ForwardOutput out;
-    ASSIGN_OR_RETURN(out.output.data, io.PrepareOutput(OutputRefOf(*req), "output_shared_memory",
-                                                       static_cast<int64_t>(args.input.size), resp->mutable_output()));
+    RETURN_IF_ERROR(io.PrepareOutput(OutputRefOf(*req), "output_shared_memory", static_cast<int64_t>(args.input.size),
+                                     resp->mutable_output(), &out.output));
     RETURN_IF_ERROR(engine_->Forward(args, &out));
     if (absl::Status written = io.FinishOutput(); !written.ok()) {
       if (!out.activation_id.empty()) engine_->ReleaseActivations(out.activation_id, args.client).IgnoreError();
@@ -254,11 +259,11 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Backward(grpc::CallbackServerContext
                                                      const v1::BackwardRequest* req, v1::BackwardResponse* resp) {
   return Unary(ctx, "Backward", *req, resp, Work::kPool, Role::kTrain,
                [this, req, resp](UnaryReactor* reactor) -> absl::Status {
-    TensorTransport io(shared_memory_.get(), metrics_, reactor->client());
+    TensorTransport io(shared_memory_.get(), metrics_, reactor->client(), /*cuda_ipc=*/true);
     ASSIGN_OR_RETURN(TensorArg grad, io.Input(req->grad_output(), "grad_output"));
     TensorOut out;
-    ASSIGN_OR_RETURN(out.data, io.PrepareOutput(OutputRefOf(*req), "output_shared_memory",
-                                                static_cast<int64_t>(grad.size), resp->mutable_grad_input()));
+    RETURN_IF_ERROR(io.PrepareOutput(OutputRefOf(*req), "output_shared_memory", static_cast<int64_t>(grad.size),
+                                     resp->mutable_grad_input(), &out));
     // Handles belong to the identity that ran the Forward (engine/owned.h).
     RETURN_IF_ERROR(engine_->Backward(req->activation_id(), reactor->client(), grad, &out));
     RETURN_IF_ERROR(io.FinishOutput());

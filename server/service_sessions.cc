@@ -35,9 +35,9 @@ absl::Status BlockServiceImpl::RunInferStep(const v1::InferStepRequest& req, con
   args.hypo_ids.assign(req.hypo_ids().begin(), req.hypo_ids().end());
   args.step_id = req.step_id();
   InferStepOutput out;
-  ASSIGN_OR_RETURN(out.output.data, io.PrepareOutput(OutputRefOf(req), "output_shared_memory",
-                                                     static_cast<int64_t>(args.hidden_states.size),
-                                                     resp->mutable_hidden_states()));
+  RETURN_IF_ERROR(io.PrepareOutput(OutputRefOf(req), "output_shared_memory",
+                                   static_cast<int64_t>(args.hidden_states.size), resp->mutable_hidden_states(),
+                                   &out.output));
   const absl::Time start = absl::Now();
   RETURN_IF_ERROR(engine_->InferStep(args, &out));
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);

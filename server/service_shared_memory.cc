@@ -21,9 +21,17 @@ void ToProto(const SharedMemoryRegionInfo& info, v1::SharedMemoryRegion* out) {
   out->set_offset(info.offset);
   out->set_idle_seconds(absl::ToDoubleSeconds(info.idle));
   out->set_expires_in_seconds(absl::ToDoubleSeconds(info.expires_in));
+  out->set_cuda_ipc(info.cuda_ipc);
+  out->set_device(info.device);
 }
 
 }  // namespace
+
+absl::Status TensorTransport::CudaIpcAllowed(const PeerMemory* peer, absl::string_view what) const {
+  if (peer == nullptr || cuda_ipc_) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      what, " names a CUDA IPC region, which only Forward and Backward tensors may: use a POSIX region or inline bytes"));
+}
 
 absl::StatusOr<TensorArg> TensorTransport::Input(const v1::Tensor& t, absl::string_view what) {
   ASSIGN_OR_RETURN(TensorArg arg, TensorArgOf(t, what));
@@ -37,6 +45,17 @@ absl::StatusOr<TensorArg> TensorTransport::Input(const v1::Tensor& t, absl::stri
   }
   const std::string field = absl::StrCat(what, ".shared_memory");
   if (shm_ == nullptr) return absl::FailedPreconditionError(absl::StrCat(field, ": shared-memory tensors are off"));
+  int64_t at = 0;
+  ASSIGN_OR_RETURN(in_peer_, shm_->Peer(client_, SliceOf(t.shared_memory()), field, &at));
+  if (in_peer_ != nullptr) {
+    RETURN_IF_ERROR(CudaIpcAllowed(in_peer_.get(), field));
+    arg.data = nullptr;
+    arg.size = static_cast<size_t>(t.shared_memory().byte_size());
+    arg.peer = in_peer_.get();
+    arg.peer_offset = at;
+    metrics_->tensor_bytes_ipc_in->Increment(static_cast<double>(arg.size));
+    return arg;
+  }
   RETURN_IF_ERROR(shm_->Read(client_, SliceOf(t.shared_memory()), field, &in_copy_));
   arg.data = in_copy_.data();
   arg.size = in_copy_.size();
@@ -44,19 +63,30 @@ absl::StatusOr<TensorArg> TensorTransport::Input(const v1::Tensor& t, absl::stri
   return arg;
 }
 
-absl::StatusOr<std::string*> TensorTransport::PrepareOutput(const v1::SharedMemoryRef* ref, absl::string_view what,
-                                                            int64_t need, v1::Tensor* reply) {
+absl::Status TensorTransport::PrepareOutput(const v1::SharedMemoryRef* ref, absl::string_view what, int64_t need,
+                                            v1::Tensor* reply, TensorOut* out) {
   reply_ = reply;
-  if (ref == nullptr) return reply->mutable_data();
+  out->data = reply->mutable_data();
+  if (ref == nullptr) return absl::OkStatus();
   if (shm_ == nullptr) return absl::FailedPreconditionError(absl::StrCat(what, ": shared-memory tensors are off"));
   RETURN_IF_ERROR(shm_->Check(client_, SliceOf(*ref), what));
   if (ref->byte_size() < need) {
     return absl::InvalidArgumentError(absl::StrCat(what, ".byte_size = ", ref->byte_size(), ", the output needs ", need,
                                                    " bytes (the input's shape and dtype)"));
   }
+  int64_t at = 0;
+  ASSIGN_OR_RETURN(out_peer_, shm_->Peer(client_, SliceOf(*ref), what, &at));
+  RETURN_IF_ERROR(CudaIpcAllowed(out_peer_.get(), what));
   out_ref_ = ref;
   out_what_ = std::string(what);
-  return &out_staging_;
+  out_bytes_ = need;
+  if (out_peer_ != nullptr) {
+    out->peer = out_peer_.get();
+    out->peer_offset = at;
+    return absl::OkStatus();
+  }
+  out->data = &out_staging_;
+  return absl::OkStatus();
 }
 
 absl::Status TensorTransport::FinishOutput() {
@@ -64,12 +94,18 @@ absl::Status TensorTransport::FinishOutput() {
     metrics_->tensor_bytes_inline_out->Increment(static_cast<double>(reply_->data().size()));
     return absl::OkStatus();
   }
-  RETURN_IF_ERROR(shm_->Write(client_, SliceOf(*out_ref_), out_what_, out_staging_));
+  int64_t written = out_bytes_;  // a CUDA IPC output: the engine wrote it on the device
+  if (out_peer_ == nullptr) {
+    RETURN_IF_ERROR(shm_->Write(client_, SliceOf(*out_ref_), out_what_, out_staging_));
+    written = static_cast<int64_t>(out_staging_.size());
+    metrics_->tensor_bytes_shm_out->Increment(static_cast<double>(written));
+  } else {
+    metrics_->tensor_bytes_ipc_out->Increment(static_cast<double>(written));
+  }
   v1::SharedMemoryRef* at = reply_->mutable_shared_memory();
   at->set_region(out_ref_->region());
   at->set_offset(out_ref_->offset());
-  at->set_byte_size(static_cast<int64_t>(out_staging_.size()));
-  metrics_->tensor_bytes_shm_out->Increment(static_cast<double>(out_staging_.size()));
+  at->set_byte_size(written);
   return absl::OkStatus();
 }
 
@@ -78,8 +114,16 @@ grpc::ServerUnaryReactor* BlockServiceImpl::RegisterSharedMemory(grpc::CallbackS
                                                                  v1::RegisterSharedMemoryResponse* resp) {
   return Unary(ctx, "RegisterSharedMemory", *req, resp, Work::kPool, Role::kRead,
                [this, req, resp](UnaryReactor* reactor) -> absl::Status {
-    ASSIGN_OR_RETURN(SharedMemoryRegionInfo info, shared_memory_->Register(reactor->client(), req->name(), req->key(),
-                                                                           req->byte_size(), req->offset()));
+    if (!req->cuda_ipc_handle().empty() && !req->key().empty()) {
+      return absl::InvalidArgumentError("key and cuda_ipc_handle are both set: a region is POSIX or CUDA IPC, set one");
+    }
+    ASSIGN_OR_RETURN(SharedMemoryRegionInfo info,
+                     req->cuda_ipc_handle().empty()
+                         ? shared_memory_->Register(reactor->client(), req->name(), req->key(), req->byte_size(),
+                                                    req->offset())
+                         : shared_memory_->RegisterCudaIpc(reactor->client(), req->name(), req->device(),
+                                                           req->cuda_ipc_handle(), req->cuda_ipc_event_handle(),
+                                                           req->byte_size(), req->offset()));
     ToProto(info, resp->mutable_region());
     return absl::OkStatus();
   });

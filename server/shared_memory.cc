@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "base/echo.h"
+#include "base/status_macros.h"
 
 namespace blockd {
 namespace {
@@ -60,31 +61,35 @@ std::string NotFound(absl::string_view what, absl::string_view region) {
 struct SharedMemoryRegistry::Region {
   std::string name, key;
   int64_t byte_size = 0, offset = 0;
-  int fd = -1;
+  int fd = -1;                       // POSIX
+  std::shared_ptr<PeerMemory> peer;  // CUDA IPC: closed when the last call using it lets go
+  int device = 0;
   absl::Mutex mu;
   absl::Time last_used ABSL_GUARDED_BY(mu);
   ~Region() {
     if (fd >= 0) close(fd);
   }
+  SharedMemoryRegionInfo Info(absl::Duration idle, absl::Duration expires_in) const {
+    return {name, key, byte_size, offset, idle, expires_in, peer != nullptr, device};
+  }
 };
 
-SharedMemoryRegistry::SharedMemoryRegistry(SharedMemoryOptions options) : options_(std::move(options)) {}
+SharedMemoryRegistry::SharedMemoryRegistry(SharedMemoryOptions options, PeerMemoryOpener open_peer)
+    : options_(std::move(options)), open_peer_(std::move(open_peer)) {}
 
 SharedMemoryRegistry::~SharedMemoryRegistry() {
   absl::MutexLock lock(&mu_);
   regions_.clear();
 }
 
-absl::StatusOr<SharedMemoryRegionInfo> SharedMemoryRegistry::Register(const std::string& owner,
-                                                                      const std::string& name, const std::string& key,
-                                                                      int64_t byte_size, int64_t offset) {
+absl::Status SharedMemoryRegistry::CheckRegistrable(const std::string& owner, const std::string& name,
+                                                    int64_t byte_size, int64_t offset) {
   if (!options_.allowed) {
     return absl::FailedPreconditionError(
         "shared-memory tensors are off: start blockd with --allow_shared_memory (same-host clients only), or send "
         "tensors inline");
   }
   if (auto s = CheckName(name); !s.ok()) return s;
-  if (auto s = CheckKey(key); !s.ok()) return s;
   if (byte_size <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("byte_size = ", byte_size, ", expected > 0"));
   }
@@ -97,29 +102,63 @@ absl::StatusOr<SharedMemoryRegionInfo> SharedMemoryRegistry::Register(const std:
   if (offset > INT64_MAX - byte_size) {
     return absl::InvalidArgumentError(absl::StrCat("offset ", offset, " + byte_size ", byte_size, " overflows"));
   }
-  {  // Cheap refusals before touching the file system.
-    absl::MutexLock lock(&mu_);
-    int64_t count = 0, bytes = 0;
-    for (const auto& [k, r] : regions_) {
-      if (k.first != owner) continue;
-      if (k.second == name) {
-        return absl::AlreadyExistsError(absl::StrCat("shared-memory region \"", Echo(name),
-                                                     "\" is already registered (unregister it first)"));
-      }
-      ++count;
-      bytes += r->byte_size;
+  // Cheap refusals before touching the file system or the device.
+  absl::MutexLock lock(&mu_);
+  int64_t count = 0, bytes = 0;
+  for (const auto& [k, r] : regions_) {
+    if (k.first != owner) continue;
+    if (k.second == name) {
+      return absl::AlreadyExistsError(absl::StrCat("shared-memory region \"", Echo(name),
+                                                   "\" is already registered (unregister it first)"));
     }
-    if (count >= options_.max_regions_per_client) {
-      return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(owner), " already has ", count,
-                                                       " shared-memory regions (--max_shared_memory_regions_per_client=",
-                                                       options_.max_regions_per_client, ")"));
-    }
-    if (byte_size > options_.max_bytes_per_client - bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "client ", Echo(owner), " has ", bytes, " bytes of shared memory registered; ", byte_size,
-          " more would pass --max_shared_memory_bytes_per_client=", options_.max_bytes_per_client));
-    }
+    ++count;
+    bytes += r->byte_size;
   }
+  if (count >= options_.max_regions_per_client) {
+    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(owner), " already has ", count,
+                                                     " shared-memory regions (--max_shared_memory_regions_per_client=",
+                                                     options_.max_regions_per_client, ")"));
+  }
+  if (byte_size > options_.max_bytes_per_client - bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "client ", Echo(owner), " has ", bytes, " bytes of shared memory registered; ", byte_size,
+        " more would pass --max_shared_memory_bytes_per_client=", options_.max_bytes_per_client));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SharedMemoryRegionInfo> SharedMemoryRegistry::Insert(const std::string& owner,
+                                                                    std::shared_ptr<Region> region) {
+  {
+    absl::MutexLock r(&region->mu);
+    region->last_used = absl::Now();
+  }
+  absl::MutexLock lock(&mu_);
+  // Checked again: another Register of this caller may have run while the object was opened.
+  int64_t count = 0, bytes = 0;
+  for (const auto& [k, r] : regions_) {
+    if (k.first != owner) continue;
+    if (k.second == region->name) {
+      return absl::AlreadyExistsError(absl::StrCat("shared-memory region \"", Echo(region->name),
+                                                   "\" is already registered (unregister it first)"));
+    }
+    ++count;
+    bytes += r->byte_size;
+  }
+  if (count >= options_.max_regions_per_client || region->byte_size > options_.max_bytes_per_client - bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(owner),
+                                                     " reached its shared-memory caps while registering (",
+                                                     count, " regions, ", bytes, " bytes)"));
+  }
+  regions_[{owner, region->name}] = region;
+  return region->Info(absl::ZeroDuration(), options_.ttl);
+}
+
+absl::StatusOr<SharedMemoryRegionInfo> SharedMemoryRegistry::Register(const std::string& owner,
+                                                                      const std::string& name, const std::string& key,
+                                                                      int64_t byte_size, int64_t offset) {
+  if (auto s = CheckRegistrable(owner, name, byte_size, offset); !s.ok()) return s;
+  if (auto s = CheckKey(key); !s.ok()) return s;
   // O_NOFOLLOW: /dev/shm is world-writable, a symlink planted there must not lead elsewhere.
   const int fd = shm_open(key.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0);
   if (fd < 0) {
@@ -145,30 +184,39 @@ absl::StatusOr<SharedMemoryRegionInfo> SharedMemoryRegistry::Register(const std:
   region->key = key;
   region->byte_size = byte_size;
   region->offset = offset;
-  const absl::Time now = absl::Now();
-  {
-    absl::MutexLock r(&region->mu);
-    region->last_used = now;
+  return Insert(owner, std::move(region));
+}
+
+absl::StatusOr<SharedMemoryRegionInfo> SharedMemoryRegistry::RegisterCudaIpc(
+    const std::string& owner, const std::string& name, int device, absl::string_view mem_handle,
+    absl::string_view event_handle, int64_t byte_size, int64_t offset) {
+  if (auto s = CheckRegistrable(owner, name, byte_size, offset); !s.ok()) return s;
+  if (mem_handle.size() != kCudaIpcHandleBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda_ipc_handle has ", mem_handle.size(), " bytes, expected ",
+                                                   kCudaIpcHandleBytes, " (a cudaIpcMemHandle_t)"));
   }
-  absl::MutexLock lock(&mu_);
-  // Checked again: another Register of this caller may have run while the object was opened.
-  int64_t count = 0, bytes = 0;
-  for (const auto& [k, r] : regions_) {
-    if (k.first != owner) continue;
-    if (k.second == name) {
-      return absl::AlreadyExistsError(
-          absl::StrCat("shared-memory region \"", Echo(name), "\" is already registered (unregister it first)"));
-    }
-    ++count;
-    bytes += r->byte_size;
+  if (!event_handle.empty() && event_handle.size() != kCudaIpcHandleBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda_ipc_event_handle has ", event_handle.size(),
+                                                   " bytes, expected ", kCudaIpcHandleBytes,
+                                                   " (a cudaIpcEventHandle_t) or none"));
   }
-  if (count >= options_.max_regions_per_client || byte_size > options_.max_bytes_per_client - bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat("client ", Echo(owner),
-                                                     " reached its shared-memory caps while registering (",
-                                                     count, " regions, ", bytes, " bytes)"));
+  if (device < 0) return absl::InvalidArgumentError(absl::StrCat("device = ", device, ", expected >= 0"));
+  if (open_peer_ == nullptr) {
+    return absl::FailedPreconditionError("CUDA IPC regions need the CUDA backend: register POSIX shared memory");
   }
-  regions_[{owner, name}] = region;
-  return SharedMemoryRegionInfo{name, key, byte_size, offset, absl::ZeroDuration(), options_.ttl};
+  ASSIGN_OR_RETURN(std::unique_ptr<PeerMemory> peer, open_peer_(device, mem_handle, event_handle));
+  if (offset > peer->bytes() || byte_size > peer->bytes() - offset) {
+    return absl::InvalidArgumentError(absl::StrCat("the CUDA IPC allocation holds ", peer->bytes(),
+                                                   " bytes from the handle, expected at least offset + byte_size = ",
+                                                   offset + byte_size));
+  }
+  auto region = std::make_shared<Region>();
+  region->name = name;
+  region->byte_size = byte_size;
+  region->offset = offset;
+  region->device = device;
+  region->peer = std::move(peer);
+  return Insert(owner, std::move(region));
 }
 
 absl::Status SharedMemoryRegistry::Unregister(const std::string& owner, absl::string_view name) {
@@ -187,7 +235,7 @@ std::vector<SharedMemoryRegionInfo> SharedMemoryRegistry::List(const std::string
     if (k.first != owner) continue;
     absl::MutexLock rl(&r->mu);
     const absl::Duration idle = now - r->last_used;
-    out.push_back({r->name, r->key, r->byte_size, r->offset, idle, std::max(absl::ZeroDuration(), options_.ttl - idle)});
+    out.push_back(r->Info(idle, std::max(absl::ZeroDuration(), options_.ttl - idle)));
   }
   return out;
 }
@@ -258,11 +306,26 @@ absl::StatusOr<std::shared_ptr<SharedMemoryRegistry::Region>> SharedMemoryRegist
   return region;
 }
 
+absl::Status SharedMemoryRegistry::NotPosix(const Region& region, absl::string_view what) {
+  if (region.peer == nullptr) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      what, ": region \"", Echo(region.name),
+      "\" is CUDA IPC device memory, which only Forward and Backward tensors may name: use a POSIX region here"));
+}
+
+absl::StatusOr<std::shared_ptr<PeerMemory>> SharedMemoryRegistry::Peer(const std::string& owner,
+                                                                       const SharedMemorySlice& slice,
+                                                                       absl::string_view what, int64_t* peer_offset) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Region> region, Resolve(owner, slice, what, peer_offset));
+  return region->peer;
+}
+
 absl::Status SharedMemoryRegistry::Check(const std::string& owner, const SharedMemorySlice& slice,
                                          absl::string_view what) {
   int64_t at = 0;
   auto region = Resolve(owner, slice, what, &at);
   if (!region.ok()) return region.status();
+  if ((*region)->peer != nullptr) return absl::OkStatus();  // device memory cannot shrink under a mapping
   // The client may have shrunk its object since it registered: refuse now, before any change.
   struct stat st = {};
   if (fstat((*region)->fd, &st) != 0 || st.st_size < at + slice.byte_size) {
@@ -278,6 +341,7 @@ absl::Status SharedMemoryRegistry::Read(const std::string& owner, const SharedMe
   int64_t at = 0;
   auto region = Resolve(owner, slice, what, &at);
   if (!region.ok()) return region.status();
+  RETURN_IF_ERROR(NotPosix(**region, what));
   out->resize(static_cast<size_t>(slice.byte_size));
   size_t done = 0;
   while (done < out->size()) {
@@ -298,6 +362,7 @@ absl::Status SharedMemoryRegistry::Write(const std::string& owner, const SharedM
   int64_t at = 0;
   auto region = Resolve(owner, slice, what, &at);
   if (!region.ok()) return region.status();
+  RETURN_IF_ERROR(NotPosix(**region, what));
   if (static_cast<int64_t>(bytes.size()) > slice.byte_size) {
     return absl::InvalidArgumentError(absl::StrCat(what, ".byte_size = ", slice.byte_size, ", the output needs ",
                                                    bytes.size(), " bytes"));

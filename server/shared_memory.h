@@ -3,7 +3,9 @@
 // carrying bytes (ARCHITECTURE.md, "Shared-memory tensors").
 //
 // A region is a window [offset, offset + byte_size) of a POSIX shared-memory object the client
-// created (shm_open name "/blockd..."). It belongs to the identity that registered it (as
+// created (shm_open name "/blockd..."), or of a same-GPU client's device memory opened from its
+// CUDA IPC handle (RegisterCudaIpc; the engine's PeerMemory, read and written device to device by
+// the backend, never by the registry). It belongs to the identity that registered it (as
 // activation handles and sessions do, engine/owned.h): for anyone else it does not exist.
 //
 // Why pread/pwrite and not mmap: a client can ftruncate its object after registering, and a
@@ -21,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -30,6 +33,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "engine/backend.h"
 
 namespace blockd {
 
@@ -52,11 +56,22 @@ struct SharedMemoryRegionInfo {
   std::string name, key;
   int64_t byte_size = 0, offset = 0;
   absl::Duration idle, expires_in;
+  bool cuda_ipc = false;
+  int device = 0;  // CUDA IPC only
 };
+
+// Opens a client's CUDA IPC memory on a device (the backend's OpenPeerMemory).
+using PeerMemoryOpener = std::function<absl::StatusOr<std::unique_ptr<PeerMemory>>(
+    int device, absl::string_view mem_handle, absl::string_view event_handle)>;
+
+// The bytes of a cudaIpcMemHandle_t and a cudaIpcEventHandle_t (CUDA_IPC_HANDLE_SIZE), checked
+// here so a malformed handle gets the same answer from a CPU daemon and a CUDA one.
+inline constexpr size_t kCudaIpcHandleBytes = 64;
 
 class SharedMemoryRegistry {
  public:
-  explicit SharedMemoryRegistry(SharedMemoryOptions options);
+  // Without `open_peer` (or with a CPU backend's, which refuses) CUDA IPC regions are refused.
+  explicit SharedMemoryRegistry(SharedMemoryOptions options, PeerMemoryOpener open_peer = nullptr);
   ~SharedMemoryRegistry();  // closes every region's object
   SharedMemoryRegistry(const SharedMemoryRegistry&) = delete;
   SharedMemoryRegistry& operator=(const SharedMemoryRegistry&) = delete;
@@ -69,6 +84,15 @@ class SharedMemoryRegistry {
   // host); ALREADY_EXISTS for a name the caller uses; RESOURCE_EXHAUSTED past the caller's caps.
   absl::StatusOr<SharedMemoryRegionInfo> Register(const std::string& owner, const std::string& name,
                                                   const std::string& key, int64_t byte_size, int64_t offset);
+  // A CUDA IPC region: byte_size bytes from `offset` of the device memory `mem_handle` names on
+  // `device`, with the client's IPC event (may be empty). The same name, size and cap checks as
+  // Register; INVALID_ARGUMENT for a handle of the wrong size or one that does not open, or a
+  // window past the allocation's end; FAILED_PRECONDITION without a CUDA backend or for memory
+  // of another device.
+  absl::StatusOr<SharedMemoryRegionInfo> RegisterCudaIpc(const std::string& owner, const std::string& name,
+                                                         int device, absl::string_view mem_handle,
+                                                         absl::string_view event_handle, int64_t byte_size,
+                                                         int64_t offset);
   // NOT_FOUND for an unknown region or another identity's. Calls using it finish first (the object
   // is closed when the last of them lets go).
   absl::Status Unregister(const std::string& owner, absl::string_view name);
@@ -81,7 +105,13 @@ class SharedMemoryRegistry {
   // Checks a slice against its region (owner, bounds, --max tensor bytes) without copying.
   // `what` names the field in errors ("input.shared_memory"). Renews the region.
   absl::Status Check(const std::string& owner, const SharedMemorySlice& slice, absl::string_view what);
-  // Copies the slice's bytes into `out` (resized to byte_size).
+  // The CUDA IPC memory behind a slice, with the slice's offset in it (bounds checked, region
+  // renewed); null for a POSIX region, whose bytes Read and Write copy. Holding the pointer keeps
+  // the memory open past an Unregister until the call is done.
+  absl::StatusOr<std::shared_ptr<PeerMemory>> Peer(const std::string& owner, const SharedMemorySlice& slice,
+                                                   absl::string_view what, int64_t* peer_offset);
+  // Copies the slice's bytes into `out` (resized to byte_size). FAILED_PRECONDITION on a CUDA IPC
+  // region (the engine reads those on the device), as Write.
   absl::Status Read(const std::string& owner, const SharedMemorySlice& slice, absl::string_view what,
                     std::string* out);
   // Writes `bytes` at the slice's start; the slice must hold them.
@@ -93,8 +123,13 @@ class SharedMemoryRegistry {
   // The caller's region holding the slice, with the slice's offset in the object.
   absl::StatusOr<std::shared_ptr<Region>> Resolve(const std::string& owner, const SharedMemorySlice& slice,
                                                   absl::string_view what, int64_t* object_offset);
+  // Register's checks before anything is opened, and its insertion (the caps checked again).
+  absl::Status CheckRegistrable(const std::string& owner, const std::string& name, int64_t byte_size, int64_t offset);
+  absl::StatusOr<SharedMemoryRegionInfo> Insert(const std::string& owner, std::shared_ptr<Region> region);
+  static absl::Status NotPosix(const Region& region, absl::string_view what);
 
   const SharedMemoryOptions options_;
+  const PeerMemoryOpener open_peer_;
   mutable absl::Mutex mu_;
   // (owner, name) -> region.
   std::map<std::pair<std::string, std::string>, std::shared_ptr<Region>> regions_ ABSL_GUARDED_BY(mu_);

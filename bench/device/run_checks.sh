@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [groups]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [groups] [ipc] [transport]   (default: the first four)
 # `groups`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs) and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
 set -uo pipefail
@@ -94,6 +94,16 @@ if [[ " $stages " == *" parity "* ]] && [ -f "$dev/python/test_parity.py" ]; the
     rc=$?
     row "parity.cuda.$precision.$attention" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
   done
+fi
+
+# CUDA IPC tensors against the inline path on a CUDA daemon (torch with CUDA on this GPU).
+if [[ " $stages " == *" ipc "* ]] && [ -f "$dev/python/cuda_ipc_test.py" ]; then
+  log="$OUT/cuda_ipc.log"
+  (cd "$dev/python" && BLOCKD_BINARY="$dev/bin/blockd" BLOCKD_LD_LIBRARY_PATH="$LIBS" PYTHONPATH="$dev/python" \
+    timeout 300 python3 -m unittest -v cuda_ipc_test) >"$log" 2>&1
+  rc=$?
+  row "cuda_ipc" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
+  [ $rc -eq 0 ] || grep -B2 -A25 -E '^(FAIL|ERROR):|Traceback' "$log" | head -80
 fi
 
 # Generation against Hugging Face transformers' generate (greedy logits, beams, sampling), and the
@@ -190,6 +200,45 @@ if [[ " $stages " == *" service "* ]]; then
   done
   cat "$OUT/bench_service.log"
   grep "Forward of 8" "$OUT/blockd.service.log" | tail -4
+fi
+
+if [[ " $stages " == *" transport "* ]]; then
+  # Issue 17's transport table: the span of 8 Qwen-like bf16 blocks trained in process
+  # (bench_engine) and through one daemon (--allow_shared_memory, native attention on both sides)
+  # over inline TCP (3 connections), a Unix socket, POSIX shared memory (bench_service) and CUDA
+  # IPC (bench/transport_ipc.py, torch CUDA tensors), in one run; one table on stdout.
+  log="$OUT/transport.log"; : >"$log"
+  timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 \
+    --iters=${TRANSPORT_ITERS:-6} --attention=native >>"$log" 2>&1
+  inproc=$(awk '/^span of 8/ {print $12; exit}' "$log")  # "span of 8 x qwen 8x2048 bf16 native fwd bwd step tokens/s"
+  trow() { printf '%-40s %6s %12s %8s\n' "$1" "$2" "$3" "$( [ -n "$3" ] && [ -n "$inproc" ] && awk -v a="$3" -v b="$inproc" 'BEGIN{printf "%.1f%%", 100*a/b}')"; }
+  ttable=("$(printf '%-40s %6s %12s %8s' transport depth tokens/s 'of in-process')")
+  ttable+=("$(trow 'in process (bench_engine, fwd+bwd)' 1 "$inproc")")
+  for run in tcp,127.0.0.1:50990,grpc,3 unix,unix:/tmp/blockd-transport.sock,grpc,3 shm,127.0.0.1:50991,shm,1; do
+    IFS=, read -r name target transport conns <<<"$run"
+    LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda --attention=native --listen=$target \
+      --allow_shared_memory --metrics_listen= >"$OUT/blockd.transport.$name.log" 2>&1 &
+    daemon=$!
+    for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.transport.$name.log" 2>/dev/null && break; sleep 1; done
+    sleep 1
+    echo "== $name $target transport=$transport connections=$conns" >>"$log"
+    timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=1,3 \
+      --iters=${TRANSPORT_ITERS:-6} --connections=$conns --transport=$transport >>"$log" 2>&1
+    awk -v n="$name" '/^8 blocks/ {print n, $4, $8}' "$log" | tail -2 | while read -r n dp tok; do
+      echo "$(trow "$n (bench_service)" "$dp" "$tok")"; done >>"$OUT/transport.rows"
+    if [ "$name" = shm ]; then
+      echo "== cuda_ipc $target" >>"$log"
+      (cd "$root" && PYTHONPATH="$dev/python" timeout 240 python3 bench/transport_ipc.py --target=$target \
+        --iters=${TRANSPORT_ITERS:-6}) >>"$log" 2>&1
+      tok=$(awk '/^transport cuda_ipc/ {print $(NF-1)}' "$log" | tail -1)
+      echo "$(trow 'cuda_ipc (Python, torch CUDA tensors)' 1 "$tok")" >>"$OUT/transport.rows"
+    fi
+    kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+  done
+  [ -f "$OUT/transport.rows" ] && while IFS= read -r line; do ttable+=("$line"); done <"$OUT/transport.rows"
+  cat "$log"
+  echo; echo "== transport table =="; printf '%s\n' "${ttable[@]}"
+  row "bench.transport" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see transport.log"
 fi
 
 if [[ " $stages " == *" torch "* ]]; then

@@ -12,6 +12,7 @@
 #include "engine/cuda/cuda_block.h"
 #include "engine/cuda/cuda_status.h"
 #include "engine/cuda/device.h"
+#include "engine/cuda/peer_memory.h"
 #include "base/status_macros.h"
 #include "kernels/attention.cuh"
 #include "kernels/convert.cuh"
@@ -177,6 +178,43 @@ class CudaBackend : public Backend {
   // behind other calls' compute nor holds it up.
   absl::StatusOr<std::unique_ptr<Activation>> Upload(int device, DType dtype, const void* data, int64_t batch,
                                                      int64_t seq, int64_t width) override {
+    return UploadWith(device, dtype, batch, seq, width, [&](DeviceContext* dev, void* staging, size_t bytes) {
+      return staging_[device].CopyToDevice(dev, staging, data, bytes);
+    });
+  }
+
+  // CUDA IPC: the client's bytes are copied device to device into the staging buffer (any
+  // alignment, and the client may reuse its tensor once the call returns), after the work the
+  // client recorded on its IPC event.
+  absl::StatusOr<std::unique_ptr<Activation>> UploadPeer(int device, DType dtype, const PeerMemory& peer,
+                                                         int64_t offset, int64_t batch, int64_t seq,
+                                                         int64_t width) override {
+    const auto& p = static_cast<const cuda::CudaPeerMemory&>(peer);
+    if (p.device() != device) return absl::FailedPreconditionError("CUDA IPC memory of another device");
+    return UploadWith(device, dtype, batch, seq, width, [&](DeviceContext* dev, void* staging, size_t bytes) {
+      RETURN_IF_ERROR(p.WaitOn(dev->upload_stream));
+      CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(staging, p.at(offset), bytes, cudaMemcpyDeviceToDevice, dev->upload_stream));
+      return absl::OkStatus();
+    });
+  }
+
+  absl::StatusOr<std::unique_ptr<PeerMemory>> OpenPeerMemory(int device, absl::string_view mem_handle,
+                                                            absl::string_view event_handle) override {
+    if (device < 0 || device >= static_cast<int>(devices_.size())) {
+      return absl::FailedPreconditionError(absl::StrCat("device ", device, ": this daemon has CUDA devices 0..",
+                                                        devices_.size() - 1));
+    }
+    ASSIGN_OR_RETURN(auto peer, cuda::OpenCudaPeerMemory(devices_[device].get(), mem_handle, event_handle));
+    return std::unique_ptr<PeerMemory>(std::move(peer));
+  }
+
+ private:
+  // Upload's body: `fill` puts the request's wire bytes into the staging buffer on the device's
+  // upload stream; they are then converted to fp32 and checked for non-finite values.
+  template <class Fill>
+  absl::StatusOr<std::unique_ptr<Activation>> UploadWith(int device, DType dtype, int64_t batch, int64_t seq,
+                                                         int64_t width, Fill fill) {
     DeviceContext* dev = devices_[device].get();
     DeviceGuard guard(dev->index);
     const int64_t n = batch * seq * width;
@@ -188,7 +226,7 @@ class CudaBackend : public Backend {
                      DeviceBuffer::AllocateForCopy(dev, flag_at + sizeof(unsigned), up, up));
     auto* nonfinite = reinterpret_cast<unsigned*>(staging.as<char>() + flag_at);
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), up));
-    RETURN_IF_ERROR(staging_[device].CopyToDevice(dev, staging.get(), data, n * DTypeSize(dtype)));
+    RETURN_IF_ERROR(fill(dev, staging.get(), static_cast<size_t>(n * DTypeSize(dtype))));
     CUDA_RETURN_IF_ERROR(
         kernels::launch_to_float(WireOf(dtype), staging.get(), values.as<float>(), n, nonfinite, up));
     unsigned bad = 0;
@@ -198,12 +236,48 @@ class CudaBackend : public Backend {
     return std::unique_ptr<Activation>(std::make_unique<CudaActivation>(device, batch, seq, width, std::move(values)));
   }
 
+ public:
   absl::Status Download(const Activation& a, DType dtype, std::string* dst) override {
     const auto& ca = static_cast<const CudaActivation&>(a);
     DeviceContext* dev = devices_[a.device()].get();
     DeviceGuard guard(dev->index);
     const int64_t n = a.numel();
-    // Wait for the kernels that produced `a`; without their mark, for all the compute queued so far.
+    RETURN_IF_ERROR(WaitProduced(ca, dev, dev->download_stream));
+    cudaStream_t down = dev->download_stream;
+    if (dtype == DType::kFloat32) return staging_[a.device()].CopyToHost(dev, dst, ca.data(), n * 4);
+    ASSIGN_OR_RETURN(DeviceBuffer staging,
+                     DeviceBuffer::AllocateForCopy(dev, n * DTypeSize(dtype), down, down));
+    CUDA_RETURN_IF_ERROR(kernels::launch_from_float(ca.data(), WireOf(dtype), staging.get(), n, down));
+    return staging_[a.device()].CopyToHost(dev, dst, staging.get(), n * DTypeSize(dtype));
+  }
+
+  // CUDA IPC: device to device into the client's memory, after the client's recorded work (it may
+  // still read what it last had there); done when this returns.
+  absl::Status DownloadPeer(const Activation& a, DType dtype, PeerMemory& peer, int64_t offset) override {
+    const auto& ca = static_cast<const CudaActivation&>(a);
+    const auto& p = static_cast<const cuda::CudaPeerMemory&>(peer);
+    if (p.device() != a.device()) return absl::FailedPreconditionError("CUDA IPC memory of another device");
+    DeviceContext* dev = devices_[a.device()].get();
+    DeviceGuard guard(dev->index);
+    const int64_t n = a.numel();
+    cudaStream_t down = dev->download_stream;
+    RETURN_IF_ERROR(WaitProduced(ca, dev, down));
+    RETURN_IF_ERROR(p.WaitOn(down));
+    if (dtype == DType::kFloat32) {
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p.at(offset), ca.data(), n * 4, cudaMemcpyDeviceToDevice, down));
+      return dev->Sync(down);
+    }
+    ASSIGN_OR_RETURN(DeviceBuffer staging, DeviceBuffer::AllocateForCopy(dev, n * DTypeSize(dtype), down, down));
+    CUDA_RETURN_IF_ERROR(kernels::launch_from_float(ca.data(), WireOf(dtype), staging.get(), n, down));
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(p.at(offset), staging.get(), n * DTypeSize(dtype), cudaMemcpyDeviceToDevice, down));
+    return dev->Sync(down);
+  }
+
+ private:
+  // Makes `stream` wait for the kernels that produced `a`; without their mark, for all the compute
+  // queued so far.
+  absl::Status WaitProduced(const CudaActivation& ca, DeviceContext* dev, cudaStream_t stream) {
     cudaEvent_t produced = ca.ready();
     cudaEvent_t now = nullptr;
     if (produced == nullptr) {
@@ -214,17 +288,13 @@ class CudaBackend : public Backend {
         CUDA_RETURN_IF_ERROR(e);
       }
     }
-    cudaStream_t down = dev->download_stream;
-    const cudaError_t waited = cudaStreamWaitEvent(down, produced, 0);
+    const cudaError_t waited = cudaStreamWaitEvent(stream, produced, 0);
     if (now != nullptr) cudaEventDestroy(now);  // released once the wait has used it
     CUDA_RETURN_IF_ERROR(waited);
-    if (dtype == DType::kFloat32) return staging_[a.device()].CopyToHost(dev, dst, ca.data(), n * 4);
-    ASSIGN_OR_RETURN(DeviceBuffer staging,
-                     DeviceBuffer::AllocateForCopy(dev, n * DTypeSize(dtype), down, down));
-    CUDA_RETURN_IF_ERROR(kernels::launch_from_float(ca.data(), WireOf(dtype), staging.get(), n, down));
-    return staging_[a.device()].CopyToHost(dev, dst, staging.get(), n * DTypeSize(dtype));
+    return absl::OkStatus();
   }
 
+ public:
   absl::StatusOr<std::unique_ptr<Activation>> ToDevice(const Activation& a, int device) override {
     if (device < 0 || device >= static_cast<int>(devices_.size())) {
       return absl::InvalidArgumentError(absl::StrCat("device ", device, " does not exist"));

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import blockd
+from blockd.v1 import block_service_pb2 as pb
 from blockd_testing import Daemon
 
 CFG = blockd.BlockConfig(hidden_size=32, num_attention_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
@@ -83,7 +84,7 @@ class SharedMemoryTest(unittest.TestCase):
             self.assertGreater(tensor_bytes(self.daemon, "shared_memory", "out"), 0)
             self.assertGreater(tensor_bytes(self.daemon, "inline", "in"), 0)
         with blockd.Client(self.daemon.target) as c:
-            self.assertEqual(c.list_shared_memory(), [])  # close() unregistered it (same identity)
+            self.assertNotIn("g", [r.name for r in c.list_shared_memory()])  # close() unregistered it (same identity)
 
     def test_a_killed_client_leaves_nothing_after_the_ttl(self):
         script = textwrap.dedent(f"""
@@ -106,7 +107,7 @@ class SharedMemoryTest(unittest.TestCase):
         self.assertEqual(region_fds(self.daemon.proc.pid), [],
                          "the daemon still holds the killed client's region 30 s after its 2 s TTL")
         with blockd.Client(self.daemon.target, client_name="doomed") as c:
-            self.assertEqual(c.list_shared_memory(), [])
+            self.assertNotIn("g", [r.name for r in c.list_shared_memory()])
 
     def test_a_region_expired_while_idle_is_registered_again(self):
         with blockd.Client(self.daemon.target, client_name="idler") as c:
@@ -120,6 +121,23 @@ class SharedMemoryTest(unittest.TestCase):
             again, _ = c.forward(["idle0"], x)
             np.testing.assert_array_equal(first, again)
             self.assertEqual(len(c.list_shared_memory()), 1)
+
+    def test_cuda_ipc_needs_cuda_tensors_and_a_cuda_daemon(self):
+        with blockd.Client(self.daemon.target) as c:
+            span = blockd.RemoteSpan.create(c, CFG, num_blocks=1, prefix="ipc", seed=3)
+            with self.assertRaises(ValueError) as e:  # forcing CUDA IPC with a host tensor
+                c.forward(span.block_ids, torch.randn(1, 4, 32), transport="cuda_ipc")
+            self.assertIn("CUDA torch tensors", str(e.exception))
+            if not torch.cuda.is_available():
+                with self.assertRaises(ValueError) as e:
+                    c.register_cuda_tensor("g", torch.zeros(16))
+                self.assertIn("CUDA torch.Tensor", str(e.exception))
+            # The CPU daemon refuses a well-formed CUDA IPC registration, naming the backend.
+            req = pb.RegisterSharedMemoryRequest(name="g", cuda_ipc_handle=bytes(64), byte_size=4096)
+            with self.assertRaises(blockd.FailedPreconditionError) as e:
+                c._unary("RegisterSharedMemory", req, None)
+            self.assertIn("CUDA backend", str(e.exception))
+            self.assertNotIn("g", [r.name for r in c.list_shared_memory()])
 
 
 class WithoutSharedMemoryTest(unittest.TestCase):

@@ -245,5 +245,59 @@ TEST_F(SharedMemoryHostile, ATruncatedObjectIsRefusedNeverFaults) {
   EXPECT_TRUE(Forward(Input(Ref("r", 0, n)), nullptr, false).ok());
 }
 
+// CUDA IPC registrations on this CPU daemon: a malformed handle is refused as such (as a CUDA
+// daemon refuses it, before any device call), bounds as for POSIX regions, and a well-formed
+// handle because only the CUDA backend opens device memory.
+TEST_F(SharedMemoryHostile, CudaIpcRegistrationsOnACpuDaemonAreRefused) {
+  auto ipc = [](const std::string& name, const std::string& handle, int64_t size, int64_t offset) {
+    v1::RegisterSharedMemoryRequest r;
+    r.set_name(name);
+    r.set_cuda_ipc_handle(handle);
+    r.set_byte_size(size);
+    r.set_offset(offset);
+    return r;
+  };
+  auto reg = [this](v1::RegisterSharedMemoryRequest r) {
+    return [this, r] { return client_->RegisterSharedMemory(r).status(); };
+  };
+  const std::string handle(64, '\x5a');
+  Expect("well-formed handle, CPU backend", StatusCode::kFailedPrecondition, {"CUDA backend", "on the CPU"},
+         reg(ipc("g", handle, 4096, 0)));
+  Expect("short handle", StatusCode::kInvalidArgument, {"cuda_ipc_handle has 63 bytes", "expected 64"},
+         reg(ipc("g", std::string(63, 'h'), 4096, 0)));
+  Expect("200 KiB handle", StatusCode::kInvalidArgument, {"cuda_ipc_handle has 204800 bytes"},
+         reg(ipc("g", std::string(200 << 10, 'h'), 4096, 0)));
+  v1::RegisterSharedMemoryRequest bad_event = ipc("g", handle, 4096, 0);
+  bad_event.set_cuda_ipc_event_handle(std::string(7, 'e'));
+  Expect("malformed event handle", StatusCode::kInvalidArgument, {"cuda_ipc_event_handle has 7 bytes"}, reg(bad_event));
+  v1::RegisterSharedMemoryRequest both = ipc("g", handle, 4096, 0);
+  both.set_key(key_);
+  Expect("a key and a handle", StatusCode::kInvalidArgument, {"key and cuda_ipc_handle are both set"}, reg(both));
+  Expect("negative size", StatusCode::kInvalidArgument, {"byte_size = -1"}, reg(ipc("g", handle, -1, 0)));
+  Expect("negative offset", StatusCode::kInvalidArgument, {"offset = -3"}, reg(ipc("g", handle, 16, -3)));
+  Expect("offset + size overflows", StatusCode::kInvalidArgument, {"overflows"},
+         reg(ipc("g", handle, 16, INT64_MAX - 8)));
+  v1::RegisterSharedMemoryRequest bad_device = ipc("g", handle, 4096, 0);
+  bad_device.set_device(-1);
+  Expect("negative device", StatusCode::kInvalidArgument, {"device = -1"}, reg(bad_device));
+  Expect("name in use", StatusCode::kAlreadyExists, {"\"r\" is already registered"}, reg(ipc("r", handle, 16, 0)));
+}
+
+// Without --allow_shared_memory a CUDA IPC registration is refused naming the flag.
+TEST(SharedMemoryOff, CudaIpcRegistrationNamesTheFlag) {
+  auto server = StartServer(LoopbackOptions());
+  ASSERT_NE(server, nullptr);
+  auto client = ConnectTo(*server);
+  v1::RegisterSharedMemoryRequest r;
+  r.set_name("g");
+  r.set_cuda_ipc_handle(std::string(64, 'h'));
+  r.set_byte_size(4096);
+  EXPECT_TRUE(StatusIs(client->RegisterSharedMemory(r).status(), StatusCode::kFailedPrecondition,
+                       {"--allow_shared_memory"}));
+  auto regions = client->ListSharedMemory();
+  ASSERT_TRUE(regions.ok()) << regions.status();
+  EXPECT_TRUE(regions->empty());
+}
+
 }  // namespace
 }  // namespace blockd::testing

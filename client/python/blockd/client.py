@@ -25,6 +25,7 @@ from blockd import tensors as T
 from blockd.config import BlockConfig, LoraConfig, kind_value, precision_value
 from blockd.errors import (BlockdError, DeadlineExceededError, FailedPreconditionError, NotFoundError,
                            ResourceExhaustedError, UnavailableError, from_rpc_error)
+from blockd.cuda_ipc import CudaArenas, share_cuda_tensor
 from blockd.shared_memory import TRANSPORTS, Arena
 from blockd.v1 import block_service_pb2 as pb
 from blockd.v1 import block_service_pb2_grpc as pb_grpc
@@ -83,12 +84,15 @@ class Client:
         client_name: how the server accounts this client's activation handles.
         transport: how Forward/Backward/InferStep tensors travel: "auto" (shared memory when the
         daemon is on this host and allows it, else inside the messages), "grpc" (always inside the
-        messages) or "shared_memory" (raise rather than fall back)."""
+        messages), "shared_memory" (raise rather than fall back) or "cuda_ipc" (CUDA tensors through
+        CUDA IPC, raising rather than falling back). "auto" takes CUDA IPC for CUDA tensors when the
+        daemon opens the client's device memory (same host and GPU), else shared memory."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport = {transport!r}, expected one of {TRANSPORTS}")
         self.transport = transport
         self._arena = None  # shared-memory Arena once it works; False once "auto" found it cannot
         self._arena_lock = threading.Lock()
+        self._cuda = CudaArenas(self)  # CUDA IPC regions by device (blockd.cuda_ipc)
         self.target = target
         self.timeout = timeout
         self.chunk_bytes = int(chunk_bytes)
@@ -134,6 +138,7 @@ class Client:
         self._finalizer.detach()
         if self._arena:
             self._arena.close()  # unregisters the region (its TTL would otherwise)
+        self._cuda.close()
         self._channel.close()
 
     def __enter__(self):
@@ -180,6 +185,8 @@ class Client:
         mode = transport or self.transport
         if mode not in TRANSPORTS:
             raise ValueError(f"transport = {mode!r}, expected one of {TRANSPORTS}")
+        if mode == "cuda_ipc":  # reached for host tensors, and for InferStep (CUDA IPC serves Forward/Backward)
+            raise ValueError("transport 'cuda_ipc' takes CUDA torch tensors to Forward and Backward")
         if mode == "grpc":
             return None
         with self._arena_lock:
@@ -231,6 +238,64 @@ class Client:
                 out.data = bytes(region.read(out.shared_memory))
                 out.ClearField("shared_memory")
         return resp
+
+    def _cuda_region_for(self, x, nbytes, transport):
+        """The CUDA IPC region for an activation call with tensor x, or None for the other paths."""
+        mode = transport or self.transport
+        if mode not in TRANSPORTS:
+            raise ValueError(f"transport = {mode!r}, expected one of {TRANSPORTS}")
+        on_gpu = T.is_torch(x) and x.is_cuda
+        if mode == "cuda_ipc" and not on_gpu:
+            raise ValueError("transport 'cuda_ipc' takes CUDA torch tensors")
+        if mode not in ("auto", "cuda_ipc") or not on_gpu:
+            return None
+        if self._cuda.regions.get(x.device.index) is False and mode == "auto":
+            return None
+        try:
+            if not self.server_info().shared_memory.allowed:
+                raise FailedPreconditionError(
+                    grpc.StatusCode.FAILED_PRECONDITION, "the daemon does not allow shared-memory tensors (--allow_shared_memory)")
+            return self._cuda.ensure(x.device, nbytes)
+        except (BlockdError, RuntimeError, ValueError) as e:
+            if mode == "cuda_ipc":
+                raise
+            if isinstance(e, (UnavailableError, DeadlineExceededError)):
+                return None  # the daemon is not answering now: ask again next call
+            self._cuda.regions[x.device.index] = False  # a CPU daemon, another host or GPU: never again
+            return None
+
+    def _cuda_ipc_call(self, method, request, field, out_field, x, dtype, transport, timeout):
+        """Forward/Backward with a CUDA tensor x through CUDA IPC when the transport allows: x goes
+        into the device's region, the daemon reads it and writes the reply there (device to device).
+        Returns (response, reply tensor), or None to take the other paths."""
+        torch = T._torch()
+        native = (torch.float32, torch.bfloat16, torch.float16)
+        wire = T.wire_dtype(dtype if dtype is not None else x.dtype if x.dtype in native else "fp32")
+        as_torch = {T.FLOAT32: torch.float32, T.BFLOAT16: torch.bfloat16, T.FLOAT16: torch.float16}[wire]
+        nbytes = x.numel() * T.itemsize(wire)
+        with self._cuda.lock:
+            region = self._cuda_region_for(x, nbytes, transport)
+            if region is None:
+                return None
+            region.put(x.detach().to(as_torch).contiguous())
+            ref = region.ref(0, nbytes)
+            getattr(request, field).CopyFrom(pb.Tensor(dtype=wire, shape=tuple(x.shape), shared_memory=ref))
+            request.output_shared_memory.CopyFrom(ref)  # in place: the daemon reads all before writing
+            resp = self._unary(method, request, timeout)
+            out = getattr(resp, out_field)
+            if not out.HasField("shared_memory"):
+                raise ValueError(f"{method} answered inline bytes to a CUDA IPC request")
+            return resp, region.take(as_torch, out.shape, like=x)
+
+    def register_cuda_tensor(self, name, tensor, event=None, timeout=None):
+        """Registers a contiguous CUDA tensor's memory as region `name` (CUDA IPC; the daemon must
+        run on the same GPU with --allow_shared_memory). `event`: a torch.cuda.Event(interprocess=True)
+        that the daemon waits on before each read or write of the region (record it before each call)."""
+        device, handle, offset, size = share_cuda_tensor(tensor)
+        req = pb.RegisterSharedMemoryRequest(name=name, cuda_ipc_handle=handle, device=device, byte_size=size,
+                                             offset=offset,
+                                             cuda_ipc_event_handle=bytes(event.ipc_handle()) if event is not None else b"")
+        return self._unary("RegisterSharedMemory", req, timeout).region
 
     # -- shared memory (same host; see blockd.shared_memory) ----------------------------------
     def register_shared_memory(self, name, key, byte_size, offset=0, timeout=None):
@@ -352,6 +417,11 @@ class Client:
         the id is "" unless keep_activations. `dtype` is the wire dtype ("fp32" / "bf16"); the
         output has x's kind and dtype."""
         ids = [block_ids] if isinstance(block_ids, str) else list(block_ids)
+        if T.is_torch(x) and x.is_cuda:
+            req = pb.ForwardRequest(block_ids=ids, keep_activations=keep_activations, position_offset=position_offset)
+            done = self._cuda_ipc_call("Forward", req, "input", "output", x, dtype, transport, timeout)
+            if done is not None:
+                return ForwardResult(done[1], done[0].activation_id)
         req = pb.ForwardRequest(block_ids=ids, input=T.to_proto(x, dtype), keep_activations=keep_activations,
                                 position_offset=position_offset)
         resp = self._activation_call("Forward", req, "input", "output", transport, timeout)
@@ -360,6 +430,12 @@ class Client:
     def backward(self, activation_id, grad_output, dtype=None, timeout=None, transport=None):
         """Backward through the span of a Forward(keep_activations=True); accumulates the weight
         gradients and frees the handle. Returns grad_input with grad_output's kind and dtype."""
+        if T.is_torch(grad_output) and grad_output.is_cuda:
+            req = pb.BackwardRequest(activation_id=activation_id)
+            done = self._cuda_ipc_call("Backward", req, "grad_output", "grad_input", grad_output, dtype, transport,
+                                       timeout)
+            if done is not None:
+                return done[1]
         req = pb.BackwardRequest(activation_id=activation_id, grad_output=T.to_proto(grad_output, dtype))
         resp = self._activation_call("Backward", req, "grad_output", "grad_input", transport, timeout)
         return T.from_proto(resp.grad_input, like=grad_output)

@@ -21,7 +21,14 @@ import threading
 from blockd.v1 import block_service_pb2 as pb
 
 SHM_DIR = "/dev/shm"
-TRANSPORTS = ("auto", "grpc", "shared_memory")
+TRANSPORTS = ("auto", "grpc", "shared_memory", "cuda_ipc")
+
+
+def unregister_quietly(client, name):
+    try:
+        client.unregister_shared_memory(name)
+    except Exception:  # the daemon may be gone; its TTL frees the region then
+        pass
 
 
 class SharedMemoryRegion:
@@ -68,10 +75,7 @@ class SharedMemoryRegion:
     def close(self):
         if self._registered:
             self._registered = False
-            try:
-                self.client.unregister_shared_memory(self.name)
-            except Exception:  # the daemon may be gone; its TTL frees the region then
-                pass
+            unregister_quietly(self.client, self.name)
         if self._mm is not None:
             self._mm.close()
             self._mm = None

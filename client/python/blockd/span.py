@@ -75,8 +75,9 @@ class RemoteSpan(torch.nn.Module):
 
     wire_dtype: "fp32" or "bf16", the dtype of activations and their gradients on the wire (the
     module's output has its input's dtype either way).
-    transport: None (the client's: by default shared memory when the daemon is on this host and
-    allows it, else gRPC), "grpc" to force activations inside the messages, or "shared_memory"."""
+    transport: None (the client's: by default CUDA IPC for CUDA tensors when the daemon is on the
+    same GPU, shared memory when it is on this host and allows it, else gRPC), "grpc" to force
+    activations inside the messages, "shared_memory" or "cuda_ipc"."""
 
     def __init__(self, client, block_ids, wire_dtype="fp32", transport=None):
         super().__init__()

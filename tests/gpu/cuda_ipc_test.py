@@ -1,0 +1,108 @@
+"""CUDA IPC tensors against a CUDA daemon on this GPU (needs torch with CUDA: the GPU host).
+
+Forward and Backward with the client's activations in its own device memory, which the daemon
+opens by CUDA IPC, must give bitwise what the inline gRPC path gives for the same blocks and
+inputs (fp32 and bf16 on the wire); hostile registrations and
+slices are refused with state unchanged; unregistering and the client's exit free the regions.
+
+    BLOCKD_BINARY=.../blockd BLOCKD_LD_LIBRARY_PATH=... PYTHONPATH=<python>:tests/python \\
+        python3 -m unittest -v cuda_ipc_test
+"""
+import unittest
+import urllib.request
+
+import torch
+
+import blockd
+from blockd.v1 import block_service_pb2 as pb
+from blockd_testing import Daemon
+
+HAVE_CUDA = torch.cuda.is_available()
+
+
+@unittest.skipUnless(HAVE_CUDA, "needs a CUDA GPU and torch with CUDA (the GPU host)")
+class CudaIpcTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.daemon = Daemon(backend="cuda", extra_args=["--allow_shared_memory"]).start()
+        cls.ipc = blockd.Client(cls.daemon.target, timeout=120, transport="cuda_ipc")
+        cls.grpc = blockd.Client(cls.daemon.target, timeout=120, transport="grpc")
+        cfg = blockd.BlockConfig(hidden_size=256, num_attention_heads=4, num_kv_heads=2, head_dim=64,
+                                 intermediate_size=512, qk_norm=True)
+        for i in range(2):
+            cls.grpc.create_block(f"a{i}", cfg, layer_index=i, seed=7 + i, precision="fp32", max_seq_len=64)
+        cls.span_a = ["a0", "a1"]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ipc.close()
+        cls.grpc.close()
+        cls.daemon.stop()
+
+    def test_forward_backward_bitwise_equal_to_inline(self):
+        gen = torch.Generator(device="cuda").manual_seed(11)
+        for dtype in (torch.float32, torch.bfloat16):
+            with self.subTest(dtype=str(dtype)):
+                x = torch.randn(2, 16, 256, device="cuda", generator=gen).to(dtype)
+                dy = torch.randn(2, 16, 256, device="cuda", generator=gen).to(dtype)
+                y_ipc, h_ipc = self.ipc.forward(self.span_a, x, keep_activations=True)
+                y_msg, h_msg = self.grpc.forward(self.span_a, x, keep_activations=True)
+                self.assertTrue(y_ipc.is_cuda)
+                self.assertEqual(y_ipc.dtype, dtype)
+                self.assertTrue(torch.equal(y_ipc, y_msg), f"Forward output differs, max |d| "
+                                f"{(y_ipc.float() - y_msg.float()).abs().max().item()}")
+                dx_ipc = self.ipc.backward(h_ipc, dy)
+                dx_msg = self.grpc.backward(h_msg, dy)
+                self.assertTrue(torch.equal(dx_ipc, dx_msg), f"grad_input differs, max |d| "
+                                f"{(dx_ipc.float() - dx_msg.float()).abs().max().item()}")
+        with urllib.request.urlopen(self.daemon.metrics_url, timeout=30) as r:
+            text = r.read().decode()
+        moved = [line for line in text.splitlines()
+                 if line.startswith("blockd_tensor_bytes_total") and 'transport="cuda_ipc"' in line]
+        self.assertEqual(len(moved), 2, text)
+        self.assertTrue(all(float(line.split()[-1]) > 0 for line in moved), moved)
+
+    def test_hostile_slices_and_registrations_are_refused(self):
+        buf = torch.zeros(4096, dtype=torch.uint8, device="cuda")
+        event = torch.cuda.Event(interprocess=True)
+        event.record()
+        region = self.ipc.register_cuda_tensor("hostile", buf, event=event)
+        self.assertTrue(region.cuda_ipc)
+        try:
+            before = self.grpc.download_tensors("a0", kind="weights")
+            shape = (1, 4, 256)  # 4096 bytes of fp32
+            for offset, size, words in [(-1, 4096, "outside region"), (1, 4096, "outside region"),
+                                        (0, 4097, "outside region"), (2**62, 16, "outside region"),
+                                        (0, 2048, "bytes of data")]:
+                req = pb.ForwardRequest(block_ids=self.span_a, input=pb.Tensor(
+                    dtype=pb.DTYPE_FLOAT32, shape=shape,
+                    shared_memory=pb.SharedMemoryRef(region="hostile", offset=offset, byte_size=size)))
+                with self.assertRaises(blockd.BlockdError) as cm:
+                    self.ipc._unary("Forward", req, None)
+                self.assertIn(words, str(cm.exception))
+            # A window past the allocation's end, and a malformed handle, at registration.
+            from blockd.cuda_ipc import share_cuda_tensor
+            device, handle, offset, size = share_cuda_tensor(buf)
+            for h, n, words in [(handle, size + (1 << 30), "allocation holds"), (handle[:63], size, "63 bytes"),
+                                (bytes(64), size, "does not open")]:
+                req = pb.RegisterSharedMemoryRequest(name="bad", cuda_ipc_handle=h, device=device, byte_size=n,
+                                                     offset=offset)
+                with self.assertRaises(blockd.BlockdError) as cm:
+                    self.ipc._unary("RegisterSharedMemory", req, None)
+                self.assertIn(words, str(cm.exception))
+            names = [r.name for r in self.ipc.list_shared_memory()]
+            self.assertNotIn("bad", names)
+            after = self.grpc.download_tensors("a0", kind="weights")
+            self.assertTrue(all((before[n] == after[n]).all() for n in before), "a refused call changed weights")
+            # The daemon still computes (no sticky error from the refused handles).
+            x = torch.randn(1, 4, 256, device="cuda")
+            y1, _ = self.ipc.forward(self.span_a, x)
+            y2, _ = self.grpc.forward(self.span_a, x)
+            self.assertTrue(torch.equal(y1, y2))
+        finally:
+            self.ipc.unregister_shared_memory("hostile")
+        self.assertNotIn("hostile", [r.name for r in self.ipc.list_shared_memory()])
+
+
+if __name__ == "__main__":
+    unittest.main()
