@@ -393,6 +393,7 @@ absl::Status ExportHf::Run(Invocation& in) {
   if (out_.empty()) return Usage("export-hf needs -o DIR");
   if (first_layer_ < 0) return Usage(absl::StrCat("--first_layer=", first_layer_, ": expected >= 0"));
   if (max_shard_bytes_ <= 0) return Usage(absl::StrCat("--max_shard_bytes=", max_shard_bytes_, ": expected > 0"));
+  if (!dtype_text_.empty()) RETURN_IF_ERROR(ExportDType({}, dtype_text_).status());  // a usage error, before dialing
   ASSIGN_OR_RETURN(Client * client, in.Connect());
   ASSIGN_OR_RETURN(Blocks b, BlocksOf(client, in.args()));
   ASSIGN_OR_RETURN(const v1::DType dtype, ExportDType(b.infos, dtype_text_));
@@ -561,6 +562,7 @@ class ExportPeft : public Command {
 absl::Status ExportPeft::Run(Invocation& in) {
   if (out_.empty()) return Usage("export-peft needs -o DIR");
   if (first_layer_ < 0) return Usage(absl::StrCat("--first_layer=", first_layer_, ": expected >= 0"));
+  RETURN_IF_ERROR(ExportDType({}, dtype_text_).status());  // a usage error, before dialing
   ASSIGN_OR_RETURN(Client * client, in.Connect());
   ASSIGN_OR_RETURN(Blocks b, BlocksOf(client, in.args()));
   ASSIGN_OR_RETURN(const v1::DType dtype, ExportDType(b.infos, dtype_text_));

@@ -25,7 +25,8 @@ TEST(BlockctlUsage, HelpAndUsageErrors) {
   Ran r = RunBlockctl("--help");
   EXPECT_RUN(r, 0, "commands:");
   for (const char* cmd :
-       {"info", "health", "create", "load", "import-hf", "list", "get", "delete", "forward", "download", "metrics"}) {
+       {"info", "health", "create", "load", "import-hf", "export-hf", "export-peft", "list", "get", "delete", "forward",
+        "download", "metrics"}) {
     EXPECT_NE(r.output.find(absl::StrCat("  ", cmd, " ")), std::string::npos) << cmd << " missing from --help";
   }
   EXPECT_RUN(RunBlockctl("create --help"), 0, "--hidden_size=N");
@@ -36,6 +37,14 @@ TEST(BlockctlUsage, HelpAndUsageErrors) {
   EXPECT_RUN(RunBlockctl("import-hf"), 2, "import-hf takes one checkpoint DIR");
   EXPECT_RUN(RunBlockctl("import-hf /nonexistent --precision=fp64"), 2, "--precision=fp64: expected fp32, tf32 or bf16");
   EXPECT_RUN(RunBlockctl("import-hf /nonexistent"), 1, "NOT_FOUND: /nonexistent: not a directory");
+  // export-hf / export-peft: usage errors before anything is sent (the exports themselves:
+  // tests/client_python/hf_export_test.py, against a daemon and Python's export).
+  EXPECT_RUN(RunBlockctl("export-hf --help"), 0, "--first_layer=N");
+  EXPECT_RUN(RunBlockctl("export-hf -o /tmp/x"), 2, "export-hf takes one or more BLOCK ids");
+  EXPECT_RUN(RunBlockctl("export-hf b0"), 2, "export-hf needs -o DIR");
+  EXPECT_RUN(RunBlockctl("export-hf b0 -o /tmp/x --dtype=fp16"), 2, "--dtype=fp16: expected bf16 or fp32");
+  EXPECT_RUN(RunBlockctl("export-hf b0 -o /tmp/x --max_shard_bytes=0"), 2, "--max_shard_bytes=0: expected > 0");
+  EXPECT_RUN(RunBlockctl("export-peft b0 -o /tmp/x --first_layer=-1"), 2, "--first_layer=-1: expected >= 0");
   EXPECT_RUN(RunBlockctl(""), 2, "usage: blockctl");
   EXPECT_RUN(RunBlockctl("frobnicate"), 2, "unknown command \"frobnicate\"");
   EXPECT_RUN(RunBlockctl("list --frob=1"), 2, "unknown flag --frob");
