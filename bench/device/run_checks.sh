@@ -13,6 +13,7 @@ dev=/tmp/blockd-device
 rm -rf "$dev" && mkdir -p "$dev" && tar -C "$dev" -xJf "$root/.device/bundle.tar.xz"
 stages=${*:-tests sanitize parity bench}
 export LIBS="$dev/lib:/usr/local/cuda/lib64"
+export NCCL_NVLS_ENABLE=0  # never NVLink multicast on these hosts: every daemon and test started here inherits it
 # cuDNN 9.19 (PyTorch's copy on the GPU host) when present, else the system's: for the cuDNN
 # attention test and the blocks' --attention=cudnn variants and benchmarks.
 cudnn=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib/libcudnn_graph.so.9
@@ -48,7 +49,6 @@ if [[ " $stages " == *" tests "* ]]; then
 fi
 
 if [[ " $stages " == *" groups "* ]]; then
-  export NCCL_NVLS_ENABLE=0  # never NVLink multicast on these hosts; the daemons the tests start inherit it
   export BLOCKD_BINARY="$dev/bin/blockd"
   gtest gpu.nccl_group nccl_group_test '*' 300
   ngpu=$(nvidia-smi -L | grep -c '^GPU')

@@ -30,6 +30,7 @@
 #include "absl/strings/str_split.h"
 #include "tests/integration/harness.h"
 #include "tests/reliability/daemon_process.h"
+#include "tests/reliability/group_harness.h"
 
 namespace blockd::testing {
 namespace {
@@ -88,25 +89,9 @@ class NcclGroupTest : public ::testing::Test {
   std::vector<absl::Status> Join(const std::string& group, const std::vector<int>& which,
                                  const std::vector<std::string>& blocks, int64_t timeout_ms = kGroupTimeoutMs,
                                  const std::string& backend = "") {
-    auto id = C(which[0]).GetCollectiveId(backend);
-    EXPECT_TRUE(id.ok()) << id.status();
-    if (!id.ok()) return std::vector<absl::Status>(which.size(), id.status());
-    std::vector<absl::Status> out(which.size());
-    std::vector<std::thread> threads;
-    for (size_t r = 0; r < which.size(); ++r) {
-      threads.emplace_back([&, r] {
-        v1::JoinGroupRequest req;
-        req.set_group_id(group);
-        req.set_rank(static_cast<int32_t>(r));
-        req.set_world_size(static_cast<int32_t>(which.size()));
-        req.set_collective_id(id->collective_id());
-        for (const std::string& b : blocks) req.add_block_ids(b);
-        req.set_timeout_ms(timeout_ms);
-        out[r] = C(which[r]).JoinGroup(req).status();
-      });
-    }
-    for (std::thread& t : threads) t.join();
-    return out;
+    std::vector<Client*> members;
+    for (int i : which) members.push_back(&C(i));
+    return JoinAtOnce(members, group, blocks, timeout_ms, backend);
   }
 
   template <class Call>
@@ -126,13 +111,7 @@ class NcclGroupTest : public ::testing::Test {
     return OnAll(which, [&](int i) { return C(i).GradNorm({}, group); });
   }
 
-  static v1::StepRequest StepRequestFor(const std::string& group) {
-    v1::StepRequest req;
-    req.set_group_id(group);
-    req.mutable_adamw()->set_lr(1e-2);
-    req.set_max_grad_norm(0.5);
-    return req;
-  }
+  static v1::StepRequest StepRequestFor(const std::string& group) { return GroupStepRequest(group); }
 
   struct Member {
     std::unique_ptr<DaemonProcess> daemon;

@@ -23,6 +23,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "tests/integration/blockctl_harness.h"
+#include "tests/reliability/group_harness.h"
 #include "tests/reliability/daemon_process.h"
 
 namespace blockd::testing {
@@ -54,25 +55,9 @@ class GroupTest : public ::testing::Test {
   std::vector<absl::Status> Join(const std::string& group, const std::vector<int>& ranks,
                                  const std::vector<std::string>& blocks, int64_t timeout_ms = kGroupTimeoutMs,
                                  std::vector<int> world_sizes = {}) {
-    auto id = C(ranks[0]).GetCollectiveId();
-    EXPECT_TRUE(id.ok()) << id.status();
-    if (!id.ok()) return {id.status()};
-    std::vector<absl::Status> out(ranks.size());
-    std::vector<std::thread> threads;
-    for (size_t r = 0; r < ranks.size(); ++r) {
-      threads.emplace_back([&, r] {
-        v1::JoinGroupRequest req;
-        req.set_group_id(group);
-        req.set_rank(static_cast<int32_t>(r));
-        req.set_world_size(world_sizes.empty() ? static_cast<int32_t>(ranks.size()) : world_sizes[r]);
-        req.set_collective_id(id->collective_id());
-        for (const std::string& b : blocks) req.add_block_ids(b);
-        req.set_timeout_ms(timeout_ms);
-        out[r] = C(ranks[r]).JoinGroup(req).status();
-      });
-    }
-    for (std::thread& t : threads) t.join();
-    return out;
+    std::vector<Client*> members;
+    for (int i : ranks) members.push_back(&C(i));
+    return JoinAtOnce(members, group, blocks, timeout_ms, "", std::move(world_sizes));
   }
 
   // A group Step on every member in `which` at once.
@@ -86,13 +71,7 @@ class GroupTest : public ::testing::Test {
     return out;
   }
 
-  static v1::StepRequest StepRequestFor(const std::string& group) {
-    v1::StepRequest req;
-    req.set_group_id(group);
-    req.mutable_adamw()->set_lr(1e-2);
-    req.set_max_grad_norm(0.5);
-    return req;
-  }
+  static v1::StepRequest StepRequestFor(const std::string& group) { return GroupStepRequest(group); }
 
   std::vector<Member> members_;
 };
