@@ -99,6 +99,30 @@ class HFExportTest(unittest.TestCase):
                 np.testing.assert_array_equal(a, want, err_msg=f"{key} differs from block {block_id}'s {name}")
         return tensors
 
+    def assertReferenceMatches(self, c, tensors, d, ids):
+        """The independent PyTorch reference built from an exported model (config.json `c`, its
+        tensors) gives the daemon's logits for the blocks `ids` (fp32, RTOL relative)."""
+        blocks = []
+        for i in range(c["num_hidden_layers"]):
+            b = ReferenceBlock(c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
+                               c["intermediate_size"], c["rms_norm_eps"], c["rope_theta"], True)
+            b.load_state_dict({n: torch.from_numpy(tensors[f"model.layers.{i}.{n}"][1])
+                               for n in hfi.layer_shapes(c)})
+            blocks.append(b)
+        span = ReferenceSpan(blocks)
+        norm = RefRMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        norm.weight.data = torch.from_numpy(tensors["model.norm.weight"][1])
+        embed = torch.from_numpy(tensors["model.embed_tokens.weight"][1])
+        head = torch.from_numpy(tensors["lm_head.weight"][1])
+        tokens = torch.randint(0, c["vocab_size"], (2, 9), generator=self.gen)
+        with torch.no_grad():
+            want = norm(span(embed[tokens])) @ head.T
+            e, n, h = hf.client_modules(d)
+            remote = torch.from_numpy(self.client.forward(ids, e(tokens).numpy()).output)
+            got = h(n(remote))
+        err = rel_error(got, want)
+        self.assertLess(err, RTOL, f"logits of the exported model (reference) and the daemon differ by {err:.2e}")
+
     # -- the round trip -------------------------------------------------------------------------
     def test_round_trip_through_training_reference_and_reimport(self):
         ids = hf.import_hf(self.client, self.qwen_dir, prefix="q/layer", precision="fp32", progress=False)
@@ -121,27 +145,7 @@ class HFExportTest(unittest.TestCase):
         self.assertGreater(moved, 1e-4, "training changed nothing: the export would not show it")
 
         # The independent reference, built from the exported directory alone, against the daemon.
-        c = config
-        blocks = []
-        for i in range(c["num_hidden_layers"]):
-            b = ReferenceBlock(c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
-                               c["intermediate_size"], c["rms_norm_eps"], c["rope_theta"], True)
-            b.load_state_dict({n: torch.from_numpy(tensors[f"model.layers.{i}.{n}"][1])
-                               for n in hfi.layer_shapes(c)})
-            blocks.append(b)
-        span = ReferenceSpan(blocks)
-        norm = RefRMSNorm(c["hidden_size"], c["rms_norm_eps"])
-        norm.weight.data = torch.from_numpy(tensors["model.norm.weight"][1])
-        embed = torch.from_numpy(tensors["model.embed_tokens.weight"][1])
-        head = torch.from_numpy(tensors["lm_head.weight"][1])
-        tokens = torch.randint(0, c["vocab_size"], (2, 9), generator=self.gen)
-        with torch.no_grad():
-            want = norm(span(embed[tokens])) @ head.T
-            e, n, h = hf.client_modules(d)
-            remote = torch.from_numpy(self.client.forward(ids, e(tokens).numpy()).output)
-            got = h(n(remote))
-        err = rel_error(got, want)
-        self.assertLess(err, RTOL, f"logits of the exported model (reference) and the daemon differ by {err:.2e}")
+        self.assertReferenceMatches(config, tensors, d, ids)
 
         # Import the export into fresh blocks: the same weights, bit for bit.
         again = hf.import_hf(self.client, d, prefix="again/layer", progress=False)
@@ -150,6 +154,46 @@ class HFExportTest(unittest.TestCase):
             self.assertEqual(list(wa), list(wb))
             for name in wa:
                 np.testing.assert_array_equal(wb[name], wa[name], err_msg=f"{b} {name}")
+
+    def test_lora_blocks_export_peft_and_merged(self):
+        """Real LoRA blocks (frozen base, adapters trained): export-peft takes rank, alpha and targets
+        from BlockInfo.lora and writes the daemon's adapters bit for bit; export-hf --merge folds them
+        into the base so that the reference, which knows nothing of LoRA, gives the daemon's logits."""
+        lora = blockd.LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"))
+        ids = hf.import_hf(self.client, self.qwen_dir, prefix="lora/layer", precision="fp32", frozen=True,
+                           lora=lora, progress=False)
+        self.train(ids)
+        d = self.out("qwen3-peft")
+        result = hf.export_peft(self.client, ids, d, base_model_name_or_path=self.qwen_dir)
+        self.assertEqual((result["r"], result["lora_alpha"], sorted(result["target_modules"])),
+                         (4, 8.0, ["down_proj", "q_proj", "v_proj"]))
+        with open(os.path.join(d, "adapter_config.json")) as f:
+            config = json.load(f)
+        self.assertEqual((config["peft_type"], config["r"], config["lora_alpha"]), ("LORA", 4, 8.0))
+        with SafetensorsFile(os.path.join(d, "adapter_model.safetensors")) as st:
+            adapters = {name: np.array(st.raw(name)[0]) for name in st.keys()}
+        expected = set()
+        for k, block_id in enumerate(ids):
+            for name, t in self.client.download_tensors(block_id, as_torch=True).items():
+                if ".lora_" not in name:
+                    continue
+                key = f"base_model.model.model.layers.{k}.{name}"
+                expected.add(key)
+                np.testing.assert_array_equal(adapters[key], t.numpy(), err_msg=key)
+        self.assertEqual(set(adapters), expected)
+        self.assertEqual(len(expected), len(ids) * 3 * 2)
+        moved = np.abs(adapters["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]).max()
+        self.assertGreater(moved, 1e-4, "training left lora_B at zero: the merge below would prove nothing")
+
+        merged = self.out("qwen3-merged")
+        hf.export_hf(self.client, ids, merged, base=self.qwen_dir, merge=True)
+        config, _, tensors = read_export(merged)
+        self.assertFalse([n for n in tensors if ".lora_" in n])
+        self.assertEqual(sorted(tensors), sorted(self.qwen))
+        # The frozen base is untouched, so the merged weights differ from the source exactly where adapters are.
+        np.testing.assert_array_equal(tensors["model.layers.0.self_attn.k_proj.weight"][1],
+                                      self.qwen["model.layers.0.self_attn.k_proj.weight"].numpy())
+        self.assertReferenceMatches(config, tensors, merged, ids)
 
     def test_layers_only_bf16_with_first_layer(self):
         llama = dict(hfi.LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
