@@ -224,7 +224,7 @@ if [[ " $stages " == *" transport "* ]]; then
     echo "== $name $target transport=$transport connections=$conns" >>"$log"
     timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=1,3 \
       --iters=${TRANSPORT_ITERS:-6} --connections=$conns --transport=$transport >>"$log" 2>&1
-    awk -v n="$name" '/^8 blocks/ {print n, $4, $8}' "$log" | tail -2 | while read -r n dp tok; do
+    awk -v n="$name" '/^8 blocks/ {print n, $4, $7}' "$log" | tail -2 | while read -r n dp tok; do
       echo "$(trow "$n (bench_service)" "$dp" "$tok")"; done >>"$OUT/transport.rows"
     if [ "$name" = shm ]; then
       echo "== cuda_ipc $target" >>"$log"
