@@ -75,6 +75,12 @@ std::string TermsOf(int64_t world_size, absl::string_view backend, const Entries
   return absl::StrCat("world_size ", world_size, " and ", backend, " blocks [", absl::StrJoin(blocks, ", "), "]");
 }
 
+// Whether a group moves parameter i's tensor of `kind` between members: weights always; gradients
+// and moments only where the block trains the parameter (on a frozen block, its LoRA adapters).
+bool Synced(const BlockSpec& spec, const ParamSpec& param, TensorKind kind) {
+  return kind == TensorKind::kWeights || TrainsParam(spec, param);
+}
+
 }  // namespace
 
 void Engine::AddCollectiveProvider(std::unique_ptr<CollectiveProvider> provider) {
@@ -189,7 +195,7 @@ absl::StatusOr<GroupInfo> Engine::JoinGroup(const JoinGroupArgs& args, Collectiv
   if (!alive.ok()) return fail(alive);
   size_t total = 0;
   for (const EntryPtr& e : entries) {
-    for (const ParamSpec& p : e->params) total += 3 * static_cast<size_t>(p.numel());
+    for (const ParamSpec& p : e->params) total += (TrainsParam(e->spec, p) ? 3 : 1) * static_cast<size_t>(p.numel());
   }
   std::vector<int64_t> steps(entries.size(), 0);
   std::vector<float> state(total);
@@ -203,6 +209,7 @@ absl::StatusOr<GroupInfo> Engine::JoinGroup(const JoinGroupArgs& args, Collectiv
       }
       for (TensorKind kind : kKinds) {
         for (size_t i = 0; i < entries[b]->params.size(); ++i) {
+          if (!Synced(entries[b]->spec, entries[b]->params[i], kind)) continue;
           absl::Status s = entries[b]->block->ReadTensor(kind, static_cast<int>(i), state.data() + off);
           if (!s.ok()) return fail(s);
           off += static_cast<size_t>(entries[b]->params[i].numel());
@@ -226,6 +233,7 @@ absl::StatusOr<GroupInfo> Engine::JoinGroup(const JoinGroupArgs& args, Collectiv
       e.generations.Bump(TensorChange::kStep);
       for (TensorKind kind : kKinds) {
         for (size_t i = 0; i < e.params.size(); ++i) {
+          if (!Synced(e.spec, e.params[i], kind)) continue;
           // The CPU backend's writes cannot fail; a backend's that could would leave this member
           // half-written, so the group is failed rather than used.
           absl::Status w = e.block->WriteTensor(kind, static_cast<int>(i), state.data() + off);
@@ -277,12 +285,13 @@ absl::Status Engine::ReduceGradients(Group& g, const std::vector<EntryPtr>& entr
   if (g.collective->on_device()) return ReduceGradientsInPlace(g, entries, use);
   size_t total = 0;
   for (const EntryPtr& e : entries) {
-    for (const ParamSpec& p : e->params) total += static_cast<size_t>(p.numel());
+    for (const ParamSpec& p : e->params) total += TrainsParam(e->spec, p) ? static_cast<size_t>(p.numel()) : 0;
   }
   mean->assign(total, 0.f);
   size_t off = 0;
   for (const EntryPtr& e : entries) {
     for (size_t i = 0; i < e->params.size(); ++i) {
+      if (!Synced(e->spec, e->params[i], TensorKind::kGradients)) continue;
       RETURN_IF_ERROR(e->block->ReadTensor(TensorKind::kGradients, static_cast<int>(i), mean->data() + off));
       off += static_cast<size_t>(e->params[i].numel());
     }
@@ -414,6 +423,7 @@ absl::StatusOr<StepResult> Engine::GroupStep(absl::string_view group_id, absl::s
     Entry& e = *entries[b];
     e.generations.Bump(TensorChange::kBackward);
     for (size_t i = 0; i < e.params.size(); ++i) {
+      if (!Synced(e.spec, e.params[i], TensorKind::kGradients)) continue;
       RETURN_IF_ERROR(e.block->WriteTensor(TensorKind::kGradients, static_cast<int>(i), mean.data() + off));
       off += static_cast<size_t>(e.params[i].numel());
     }

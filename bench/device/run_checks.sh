@@ -20,7 +20,7 @@ cudnn=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib/libcudnn_gr
 [ -f "$cudnn" ] && export BLOCKD_CUDNN_PATH=$cudnn
 run() { LD_LIBRARY_PATH="$LIBS" "$@"; }  # only our binaries see the bundled libraries
 declare -a table
-row() { table+=("$(printf '%-34s %-6s %s' "$1" "$2" "$3")"); }
+row() { table+=("$(printf '%-34s %-6s %s' "$1" "$2" "$3")"); echo "ROW ${table[-1]}"; }  # echoed too: a run cut short still shows its rows
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 card=$(head -1 "$OUT/gpu.txt" | cut -d, -f1)

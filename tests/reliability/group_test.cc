@@ -11,6 +11,7 @@
 //   replicas bitwise identical.
 // - GradNorm + Step.clip_coefficient over two daemons holding different spans equals one daemon
 //   running the whole span with max_grad_norm, bitwise.
+// - Frozen blocks with LoRA adapters: the group trains the adapters only, the base stays as it was.
 // - Bad inputs get a clear status.
 // - blockctl's group commands (collective-id, join-group, groups, grad-norm, step --group,
 //   step --clip_coefficient, leave-group) against two daemons.
@@ -142,6 +143,41 @@ TEST_F(GroupTest, ReplicasEndBitwiseIdenticalAndEqualOneDaemonOnTheMeanGradient)
                                                                        << ", one daemon on the mean " << b[k];
     }
   }
+}
+
+// Frozen blocks with LoRA adapters (the usual fine-tune) form a group: the join copies rank 0's
+// base and adapters, the group averages the adapters' gradients (the base has none), and after
+// group Steps the replicas are bitwise identical with the base bitwise as it was.
+TEST_F(GroupTest, FrozenBlocksWithLoraTrainTheirAdaptersAsOneGroup) {
+  ASSERT_NO_FATAL_FAILURE(StartMembers(2));
+  for (int i = 0; i < 2; ++i) {
+    v1::CreateBlockRequest r = CreateRequest("b0", TinyConfig(), 300 + i);
+    r.set_frozen(true);
+    r.mutable_lora()->set_rank(4);
+    r.mutable_lora()->set_alpha(8);
+    for (const char* t : {"q_proj", "v_proj", "down_proj"}) r.mutable_lora()->add_target_modules(t);
+    ASSERT_OK(C(i).CreateBlock(r).status());
+  }
+  const Snapshot rank0 = Download(C(0), "b0", v1::TENSOR_KIND_WEIGHTS);
+  for (const absl::Status& s : Join("g", {0, 1}, {"b0"})) ASSERT_OK(s);
+  EXPECT_EQ(DiffSnapshots(rank0, Download(C(1), "b0", v1::TENSOR_KIND_WEIGHTS)), "") << "member 1 after join";
+  for (int step = 0; step < 2; ++step) {
+    for (int i = 0; i < 2; ++i) TrainStep(C(i), {"b0"}, RandomTensor({2, 5, 32}, 700 + 10 * step + i), 900 + i);
+    auto results = GroupStep("g", {0, 1});
+    for (auto& r : results) ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(results[0]->grad_norm(), results[1]->grad_norm());
+  }
+  const Snapshot w0 = Download(C(0), "b0", v1::TENSOR_KIND_WEIGHTS);
+  EXPECT_EQ(DiffSnapshots(w0, Download(C(1), "b0", v1::TENSOR_KIND_WEIGHTS)), "");
+  int adapters_moved = 0;
+  for (const auto& [name, bytes] : w0) {
+    if (name.find(".lora_") == std::string::npos) {
+      EXPECT_EQ(bytes, rank0.at(name)) << name << ": a frozen base changed";
+    } else {
+      adapters_moved += bytes != rank0.at(name);
+    }
+  }
+  EXPECT_GE(adapters_moved, 3) << "the group Steps moved no lora_B (every one starts at zero)";
 }
 
 TEST_F(GroupTest, AKilledMemberAbortsTheOthersUnchangedAndTheSurvivorsRegroup) {
