@@ -29,9 +29,24 @@ def share_cuda_tensor(tensor):
     if not tensor.is_contiguous():
         raise ValueError("register_cuda_tensor takes a contiguous tensor")
     shared = tensor.untyped_storage()._share_cuda_()
-    device, handle, storage_offset_bytes = shared[0], shared[1], shared[3]
+    device, handle, storage_offset_bytes = shared[0], _ipc_mem_handle(bytes(shared[1])), shared[3]
     offset = int(storage_offset_bytes) + tensor.storage_offset() * tensor.element_size()
-    return int(device), bytes(handle), offset, tensor.numel() * tensor.element_size()
+    return int(device), handle, offset, tensor.numel() * tensor.element_size()
+
+
+def _ipc_mem_handle(handle):
+    """The 64-byte cudaIpcMemHandle_t in what `_share_cuda_` gives: the handle itself (older
+    PyTorch), or PyTorch's versioned shareable handle, a version byte and a kind byte before it
+    ('c': memory from cudaMalloc, whose handle follows; 'e': an expandable segment, which a
+    cudaIpcMemHandle cannot name)."""
+    if len(handle) == 64:
+        return handle
+    if len(handle) == 66 and handle[1:2] == b"c":
+        return handle[2:]
+    if len(handle) >= 2 and handle[1:2] == b"e":
+        raise ValueError("this tensor lives in an expandable segment (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), "
+                         "which CUDA IPC by cudaIpcMemHandle cannot share")
+    raise ValueError(f"unknown CUDA IPC handle from PyTorch: {len(handle)} bytes, expected 64, or 66 of kind 'c'")
 
 
 class CudaRegion:
