@@ -1,4 +1,4 @@
-// Engine internals shared by engine.cc and engine_sessions.cc: a registry entry and the span lock.
+// Engine internals shared by the Engine's files (engine*.cc): a registry entry and the span lock.
 // Not for use outside the Engine's own files.
 #pragma once
 
@@ -13,6 +13,11 @@
 #include "engine/engine.h"
 
 namespace blockd {
+
+// A fresh Entry::serial: never reused in this process, so a block is told from a later one of the same id.
+uint64_t NextBlockSerial();
+// FAILED_PRECONDITION for a frozen block asked for what only trained parameters have.
+absl::Status FrozenError(const BlockSpec& spec, absl::string_view what);
 
 // One named block. `mu` serialises the calls that compute with or change the block; `state_mu`
 // guards the small bookkeeping that GetBlock/ListBlocks read, so they never wait behind a Forward.
