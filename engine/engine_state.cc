@@ -13,10 +13,27 @@
 
 namespace blockd {
 
+namespace {
+
+// A download names its block at every tensor: a block gone since the download began was deleted
+// while it was downloaded, which is ABORTED like any other change (NOT_FOUND stays for a download
+// whose block never was).
+absl::Status DeletedWhileDownloaded(const absl::Status& s, absl::string_view id, TensorKind kind) {
+  if (!absl::IsNotFound(s)) return s;
+  return absl::AbortedError(absl::StrCat("block ", Echo(id), " was deleted while its ", TensorKindName(kind),
+                                         " were downloaded: download again"));
+}
+
+}  // namespace
+
 absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view id, TensorKind kind, DType dtype,
                                                              const std::vector<std::string>& names,
                                                              const TensorsVersion* unchanged_since) {
-  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
+  absl::StatusOr<EntryPtr> found = Find(id);
+  if (!found.ok()) {
+    return unchanged_since != nullptr ? DeletedWhileDownloaded(found.status(), id, kind) : found.status();
+  }
+  EntryPtr e = *std::move(found);
   ASSIGN_OR_RETURN(std::vector<int> indices, TensorIndices(*e, kind, names));
   SpanLock lock({e});
   RETURN_IF_ERROR(lock.CheckAlive());
@@ -76,8 +93,9 @@ absl::StatusOr<TensorsVersion> Engine::TensorsVersionOf(absl::string_view id, Te
 }
 
 absl::Status Engine::CheckTensorsVersion(absl::string_view id, TensorKind kind, const TensorsVersion& version) {
-  ASSIGN_OR_RETURN(EntryPtr e, Find(id));
-  return CheckUnchanged(e->spec.id, e->serial, e->generations, kind, version);
+  absl::StatusOr<EntryPtr> e = Find(id);
+  if (!e.ok()) return DeletedWhileDownloaded(e.status(), id, kind);
+  return CheckUnchanged((*e)->spec.id, (*e)->serial, (*e)->generations, kind, version);
 }
 
 absl::StatusOr<std::vector<BlockState>> Engine::ExportBlocks(const std::vector<std::string>& ids) {

@@ -290,7 +290,13 @@ TEST_F(EngineTrainTest, EveryChangeToWhatADownloadReadsMovesThatKindsVersion) {
                        "the tensors sent belong to two blocks: download again"));
   expect("a delete and create", {kKinds[0], kKinds[1], kKinds[2], kKinds[3]}, "was deleted and created again");
   ASSERT_TRUE(engine_->DeleteBlock("b").ok());
+  // Gone while a download of it ran: ABORTED like any change (NOT_FOUND is for a block that never was).
   EXPECT_TRUE(HasError(engine_->CheckTensorsVersion("b", TensorKind::kWeights, seen[TensorKind::kWeights]),
+                       StatusCode::kAborted, "block b was deleted while its weights were downloaded: download again"));
+  EXPECT_TRUE(HasError(engine_->ReadTensors("b", TensorKind::kWeights, DType::kFloat32, {}, &seen[TensorKind::kWeights])
+                           .status(),
+                       StatusCode::kAborted, "block b was deleted while its weights were downloaded"));
+  EXPECT_TRUE(HasError(engine_->ReadTensors("b", TensorKind::kWeights, DType::kFloat32, {}).status(),
                        StatusCode::kNotFound, "block b not found"));
 }
 

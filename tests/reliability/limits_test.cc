@@ -50,21 +50,21 @@ class Limits : public ::testing::Test {
     EXPECT_TRUE(info.ok()) << info.status();
     return info.ok() ? info->devices(0).memory_used_bytes() : -1;
   }
-  // Waits (bounded: 5 s) for the handle count to reach `n`; returns the last count seen.
-  int64_t SettleHandles(int64_t n) {
-    int64_t got = Handles();
-    for (int i = 0; i < 500 && got != n; ++i) {
-      absl::SleepFor(absl::Milliseconds(10));
-      got = Handles();
-    }
-    return got;
-  }
+  // How long a cancelled or timed-out call may still compute before its handle and memory are
+  // free: a generous poll bound for a loaded CI machine (the ASan suite beside it), and still far
+  // below the 10-minute activation TTL these tests tell apart from "freed when the call ends".
+  static constexpr absl::Duration kSettle = absl::Seconds(60);
+  // Polls until the handle count is `n` (or kSettle passed); returns the last count seen.
+  int64_t SettleHandles(int64_t n) { return Settle(n, [&] { return Handles(); }); }
   // The same for the memory in use: a cancelled call may still be computing.
-  int64_t SettleMemory(int64_t bytes) {
-    int64_t got = MemoryUsed();
-    for (int i = 0; i < 500 && got != bytes; ++i) {
+  int64_t SettleMemory(int64_t bytes) { return Settle(bytes, [&] { return MemoryUsed(); }); }
+  template <typename F>
+  static int64_t Settle(int64_t want, F read) {
+    const absl::Time deadline = absl::Now() + kSettle;
+    int64_t got = read();
+    while (got != want && absl::Now() < deadline) {
       absl::SleepFor(absl::Milliseconds(10));
-      got = MemoryUsed();
+      got = read();
     }
     return got;
   }
@@ -172,11 +172,11 @@ TEST_F(Limits, ForwardsWhoseDeadlinePassesWhileRunningFreeTheirHandleAtOnce) {
     const absl::Duration deadline = run * (0.2 + 0.06 * i);
     auto y = client_->Forward({"c", "d"}, x, true, 0, {.timeout = deadline});
     EXPECT_STATUS(y.status(), StatusCode::kDeadlineExceeded);
-    // The Forward may still be computing when the client gives up; it must end without a handle.
-    const absl::Time waited_from = absl::Now();
+    // The Forward may still be computing when the client gives up; it must end without a handle,
+    // freed when it ends (within kSettle), not kept to the 10-minute TTL. No bound on how soon:
+    // that is a timing, and timings belong in benchmarks, not in a suite on a loaded machine.
     EXPECT_EQ(SettleHandles(0), 0) << "a Forward whose deadline (" << absl::FormatDuration(deadline) << " of "
                                    << absl::FormatDuration(run) << ") passed kept its handle";
-    EXPECT_LT(absl::Now() - waited_from, run + absl::Seconds(1)) << "the handle went late";
   }
   EXPECT_EQ(SettleMemory(2 * 4 * 4 * ExpectedParameterCount(TinyConfig())), 2 * 4 * 4 * ExpectedParameterCount(TinyConfig()))
       << "memory beyond the two blocks is still reserved";
@@ -355,8 +355,9 @@ TEST_F(Limits, ADownloadOvertakenByAnyChangeToItsTensorsEndsAbortedBeforeTheNext
          ASSERT_OK(client_->DeleteBlock("s").status());
          ASSERT_OK(client_->CreateBlock(CreateRequest("s", c, 1)).status());  // the same bytes, another block
        },
-       "block s was deleted and created again (or restored) while its weights were downloaded, so the tensors "
-       "sent belong to two blocks: download again"},
+       // The download may look between the delete and the create ("block s was deleted while its weights
+       // were downloaded") or after both ("... deleted and created again ..."): ABORTED either way.
+       "block s was deleted"},
       {"RestoreCheckpoint", v1::TENSOR_KIND_ADAM_M, [&] {
          v1::RestoreCheckpointRequest restore;
          restore.set_name("before");
