@@ -6,14 +6,13 @@ checkpoints are written in the Hugging Face layout and imported with import_hf."
 import os
 import subprocess
 import sys
-import tempfile
 import unittest
 
 import torch
 
 import blockd
 from blockd import hf
-from blockd_testing import Daemon
+from blockd_testing import Daemon, DaemonClientTest, relative_error
 from hf_import_test import LLAMA, QWEN3, layer_shapes, make_checkpoint
 from torch_reference import KvCache, ReferenceBlock, ReferenceSpan, RefRMSNorm
 
@@ -92,16 +91,13 @@ class ReferenceLM:
         return best + [eos] if len(best) < n + steps else best
 
 
-def relative_error(got, want):
-    return ((got - want).abs().max() / want.abs().max()).item()
 
+class GenerateTest(DaemonClientTest):
+    client_timeout = 120
 
-class GenerateTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.daemon = Daemon().start()
-        cls.client = blockd.Client(cls.daemon.target, timeout=120)
-        cls.tmp = tempfile.TemporaryDirectory()
+        super().setUpClass()
         gen = torch.Generator().manual_seed(1212)
         cls.models = {}
         for name, config in (("qwen3", dict(QWEN3, vocab_size=64)), ("llama", dict(LLAMA, vocab_size=56))):
@@ -110,12 +106,6 @@ class GenerateTest(unittest.TestCase):
             hf.import_hf(cls.client, d, prefix=f"{name}/layer", progress=False)
             cls.models[name] = (d, config, tensors)
         cls.gen = gen
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
-        cls.daemon.stop()
-        cls.tmp.cleanup()
 
     def tearDown(self):
         self.assertEqual(self.client.list_sessions(), [], "a session outlived the test")

@@ -23,7 +23,7 @@ from blockd import hf, hf_export
 from blockd.safetensors import SafetensorsFile
 from blockd.v1 import block_service_pb2 as pb
 from blockd.v1 import block_service_pb2_grpc as pb_grpc
-from blockd_testing import Daemon
+from blockd_testing import DaemonClientTest, relative_error
 import hf_import_test as hfi
 from torch_reference import RefRMSNorm, ReferenceBlock, ReferenceSpan
 
@@ -46,25 +46,14 @@ def read_export(d):
     return config, index, tensors
 
 
-def rel_error(got, want):
-    return ((got - want).abs().max() / want.abs().max()).item()
 
-
-class HFExportTest(unittest.TestCase):
+class HFExportTest(DaemonClientTest):
     @classmethod
     def setUpClass(cls):
-        cls.daemon = Daemon().start()
-        cls.client = blockd.Client(cls.daemon.target, timeout=60)
-        cls.tmp = tempfile.TemporaryDirectory()
+        super().setUpClass()
         cls.gen = torch.Generator().manual_seed(20261129)
         cls.qwen_dir = os.path.join(cls.tmp.name, "Qwen3-tiny")
         cls.qwen = hfi.make_checkpoint(cls.qwen_dir, hfi.QWEN3, torch.float32, shards=2, gen=cls.gen)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
-        cls.daemon.stop()
-        cls.tmp.cleanup()
 
     def tearDown(self):
         for b in self.client.list_blocks():
@@ -120,7 +109,7 @@ class HFExportTest(unittest.TestCase):
             e, n, h = hf.client_modules(d)
             remote = torch.from_numpy(self.client.forward(ids, e(tokens).numpy()).output)
             got = h(n(remote))
-        err = rel_error(got, want)
+        err = relative_error(got, want)
         self.assertLess(err, RTOL, f"logits of the exported model (reference) and the daemon differ by {err:.2e}")
 
     # -- the round trip -------------------------------------------------------------------------
@@ -338,7 +327,7 @@ class HFExportTest(unittest.TestCase):
         for m in shapes:
             w, a, b = (torch.from_numpy(x) for x in (base[f"{m}.weight"], layers[5][m]["A"], layers[5][m]["B"]))
             want = (w.double() + (alpha / rank) * (b.double() @ a.double()))
-            err = rel_error(torch.from_numpy(merged[f"{m}.weight"]).double(), want)
+            err = relative_error(torch.from_numpy(merged[f"{m}.weight"]).double(), want)
             self.assertLess(err, 1e-6, f"merged {m}.weight differs from W + alpha/r B A by {err:.2e}")
         with self.assertRaisesRegex(hf_export.ExportError, "lora_A only"):
             hf_export.split_lora({"mlp.up_proj.lora_A.weight": layers[5]["mlp.down_proj"]["A"]})
@@ -507,7 +496,7 @@ class LoraExportTest(unittest.TestCase):
                     if module in self.TARGETS:
                         a, bb = (torch.from_numpy(w[f"{module}.lora_{p}.weight"]).double() for p in "AB")
                         want = torch.from_numpy(w[name]).double() + self.ALPHA / self.RANK * (bb @ a)
-                        err = rel_error(got, want)
+                        err = relative_error(got, want)
                         self.assertLess(err, 1e-6, f"{d}: merged {b} {name} differs from W + alpha/r B A by {err:.2e}")
                     else:
                         np.testing.assert_array_equal(got.float().numpy(), w[name], err_msg=f"{d}: {b} {name}")

@@ -7,7 +7,6 @@ import os
 import struct
 import subprocess
 import sys
-import tempfile
 import unittest
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 
 import blockd
 from blockd import hf
-from blockd_testing import Daemon
+from blockd_testing import DaemonClientTest
 
 QWEN3 = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4,
@@ -101,21 +100,13 @@ def make_checkpoint(directory, config, dtype, shards, gen, extra=None):
     return tensors
 
 
-class HFImportTest(unittest.TestCase):
+class HFImportTest(DaemonClientTest):
     @classmethod
     def setUpClass(cls):
-        cls.daemon = Daemon().start()
-        cls.client = blockd.Client(cls.daemon.target, timeout=60)
-        cls.tmp = tempfile.TemporaryDirectory()
+        super().setUpClass()
         cls.gen = torch.Generator().manual_seed(20240605)
         cls.qwen_dir = os.path.join(cls.tmp.name, "Qwen3-tiny")
         cls.qwen = make_checkpoint(cls.qwen_dir, QWEN3, torch.bfloat16, shards=3, gen=cls.gen)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
-        cls.daemon.stop()
-        cls.tmp.cleanup()
 
     def tearDown(self):
         for b in self.client.list_blocks():

@@ -17,15 +17,13 @@ PeftModel.from_pretrained and its weights come back by name.
 import json
 import os
 import subprocess
-import tempfile
 import unittest
 
 import numpy as np
 import torch
 
-import blockd
 from blockd import hf, hf_export
-from blockd_testing import Daemon
+from blockd_testing import DaemonClientTest, relative_error
 
 try:
     import transformers
@@ -60,23 +58,11 @@ def tiny_model(kind):
     return model.float().eval()
 
 
-def relative_error(got, want):
-    return ((got - want).abs().max() / want.abs().max()).item()
-
 
 @unittest.skipIf(transformers is None, "needs Hugging Face transformers (the GPU host has it)")
-class HfExportTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.daemon = Daemon(backend=os.environ.get("BLOCKD_BACKEND", "cpu")).start()
-        cls.client = blockd.Client(cls.daemon.target, timeout=120)
-        cls.tmp = tempfile.TemporaryDirectory()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
-        cls.daemon.stop()
-        cls.tmp.cleanup()
+class HfExportTest(DaemonClientTest):
+    client_timeout = 120
+    backend_from_env = True
 
     def trained_blocks(self, kind):
         model = tiny_model(kind)

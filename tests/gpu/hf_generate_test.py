@@ -16,14 +16,13 @@ BLOCKD_BACKEND (default cpu) picks the daemon's backend: sessions run on the CPU
 HF model always runs on the CPU in fp32, so the comparison is exact arithmetic against exact.
 """
 import os
-import tempfile
 import unittest
 
 import torch
 
 import blockd
 from blockd import hf
-from blockd_testing import Daemon
+from blockd_testing import DaemonClientTest, relative_error
 
 try:
     import transformers
@@ -47,23 +46,11 @@ def tiny_model(kind):
     return model.float().eval()
 
 
-def relative_error(got, want):
-    return ((got - want).abs().max() / want.abs().max()).item()
-
 
 @unittest.skipIf(transformers is None, "needs Hugging Face transformers (the GPU host has it)")
-class HfGenerateTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.daemon = Daemon(backend=os.environ.get("BLOCKD_BACKEND", "cpu")).start()
-        cls.client = blockd.Client(cls.daemon.target, timeout=120)
-        cls.tmp = tempfile.TemporaryDirectory()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
-        cls.daemon.stop()
-        cls.tmp.cleanup()
+class HfGenerateTest(DaemonClientTest):
+    client_timeout = 120
+    backend_from_env = True
 
     def pair(self, kind):
         model = tiny_model(kind)

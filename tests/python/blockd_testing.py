@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import unittest
 
 import grpc
 
@@ -88,3 +89,30 @@ class Daemon:
         self.stop()
         if self.log is not None:
             os.unlink(self.log.name)
+
+
+def relative_error(got, want):
+    """max |got - want| / max |want| of two torch tensors, as a float."""
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+class DaemonClientTest(unittest.TestCase):
+    """For the whole class: a daemon (`cls.daemon`; the CPU backend, or BLOCKD_BACKEND where
+    `backend_from_env`), a blockd.Client to it (`cls.client`, `client_timeout` seconds) and a
+    temporary directory (`cls.tmp`). A subclass extends setUpClass through super()."""
+    client_timeout = 60
+    backend_from_env = False
+
+    @classmethod
+    def setUpClass(cls):
+        import blockd
+        backend = os.environ.get("BLOCKD_BACKEND", "cpu") if cls.backend_from_env else "cpu"
+        cls.daemon = Daemon(backend=backend).start()
+        cls.client = blockd.Client(cls.daemon.target, timeout=cls.client_timeout)
+        cls.tmp = tempfile.TemporaryDirectory()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.daemon.stop()
+        cls.tmp.cleanup()
