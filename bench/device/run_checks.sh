@@ -37,6 +37,17 @@ gtest() {  # name binary [filter]
   [ $rc -eq 0 ] || grep -B3 -A12 -E 'Failure$|^Expected|timed out|Timeout' "$log" | head -60
 }
 
+# A Python unittest module of the bundle against the bundle's daemon (and blockctl): its row, and a
+# failure's story on stdout (the run returns only a few files). pyunit ROW MODULE [ENV=VALUE...]
+pyunit() {
+  local name=$1 module=$2 log="$OUT/$1.log"; shift 2
+  (cd "$dev/python" && env BLOCKD_BINARY="$dev/bin/blockd" BLOCKCTL_BINARY="$dev/bin/blockctl" \
+    BLOCKD_LD_LIBRARY_PATH="$LIBS" PYTHONPATH="$dev/python" "$@" timeout 300 python3 -m unittest -v "$module") >"$log" 2>&1
+  local rc=$?
+  row "$name" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
+  [ $rc -eq 0 ] || grep -B2 -A25 -E '^(FAIL|ERROR):|Traceback' "$log" | head -80
+}
+
 if [[ " $stages " == *" tests "* ]]; then
   gtest gpu.ops cuda_ops_test '*' 90
   gtest gpu.blocks cuda_block_test '*' 240
@@ -87,46 +98,23 @@ fi
 if [[ " $stages " == *" parity "* ]] && [ -f "$dev/python/test_parity.py" ]; then
   for run in fp32,native bf16,native bf16,cudnn; do
     IFS=, read -r precision attention <<<"$run"
-    log="$OUT/parity.$precision.$attention.log"
-    (cd "$dev/python" && BLOCKD_BINARY="$dev/bin/blockd" BLOCKD_LD_LIBRARY_PATH="$LIBS" BLOCKD_BACKEND=cuda \
-      BLOCKD_PRECISION=$precision BLOCKD_ATTENTION=$attention PYTHONPATH="$dev/python" \
-      timeout 120 python3 -m unittest -v test_parity) >"$log" 2>&1
-    rc=$?
-    row "parity.cuda.$precision.$attention" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
+    pyunit "parity.cuda.$precision.$attention" test_parity BLOCKD_BACKEND=cuda BLOCKD_PRECISION="$precision" \
+      BLOCKD_ATTENTION="$attention"
   done
 fi
 
 # CUDA IPC tensors against the inline path on a CUDA daemon (torch with CUDA on this GPU).
 if [[ " $stages " == *" ipc "* ]] && [ -f "$dev/python/cuda_ipc_test.py" ]; then
-  log="$OUT/cuda_ipc.log"
-  (cd "$dev/python" && BLOCKD_BINARY="$dev/bin/blockd" BLOCKD_LD_LIBRARY_PATH="$LIBS" PYTHONPATH="$dev/python" \
-    timeout 300 python3 -m unittest -v cuda_ipc_test) >"$log" 2>&1
-  rc=$?
-  row "cuda_ipc" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
-  [ $rc -eq 0 ] || grep -B2 -A25 -E '^(FAIL|ERROR):|Traceback' "$log" | head -80
+  pyunit cuda_ipc cuda_ipc_test
 fi
 
 # Generation against Hugging Face transformers' generate (greedy logits, beams, sampling), and the
-# export back to Hugging Face loaded by transformers; opt-in:
+# export back to Hugging Face loaded by transformers (export_hf's and blockctl's output with the
+# daemon's logits); opt-in:
 #   bash bench/device/run_checks.sh generate
 if [[ " $stages " == *" generate "* ]] && [ -f "$dev/python/hf_generate_test.py" ]; then
-  log="$OUT/hf_generate.log"
-  (cd "$dev/python" && BLOCKD_BINARY="$dev/bin/blockd" BLOCKD_LD_LIBRARY_PATH="$LIBS" PYTHONPATH="$dev/python" \
-    timeout 300 python3 -m unittest -v hf_generate_test) >"$log" 2>&1
-  rc=$?
-  row "hf_generate.cpu" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
-  # the run returns only a few files: a failure's story goes to stdout
-  [ $rc -eq 0 ] || grep -B2 -A25 -E '^(FAIL|ERROR):' "$log" | head -80
-  # Export back to Hugging Face: transformers loads export_hf's and blockctl's output with the daemon's logits.
-  if [ -f "$dev/python/hf_export_test.py" ]; then
-    log="$OUT/hf_export.log"
-    (cd "$dev/python" && BLOCKD_BINARY="$dev/bin/blockd" BLOCKCTL_BINARY="$dev/bin/blockctl" \
-      BLOCKD_LD_LIBRARY_PATH="$LIBS" PYTHONPATH="$dev/python" \
-      timeout 300 python3 -m unittest -v hf_export_test) >"$log" 2>&1
-    rc=$?
-    row "hf_export.cpu" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E '^(OK|FAILED|Ran)' "$log" | tr '\n' ' ')"
-    [ $rc -eq 0 ] || grep -B2 -A25 -E '^(FAIL|ERROR):' "$log" | head -80
-  fi
+  pyunit hf_generate.cpu hf_generate_test
+  [ -f "$dev/python/hf_export_test.py" ] && pyunit hf_export.cpu hf_export_test
 fi
 
 # Inference-session decode (issue 12), in one call: correctness first (the session tests and the
