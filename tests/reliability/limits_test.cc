@@ -242,12 +242,12 @@ TEST_F(Limits, ConcurrentCallLimitRefusesThenFreesSlotsOfCancelledStreams) {
       ctx.push_back(std::make_unique<grpc::ClientContext>());
       streams.push_back(stub_->LoadWeights(ctx.back().get(), &resp[i]));
     }
-    // The four streams are admitted as their headers arrive; on a loaded 2-core machine that has
-    // taken over 3 s, so wait up to 15 s for the server to be full.
-    absl::Status refused;
-    for (int i = 0; i < 1500 && refused.ok(); ++i, absl::SleepFor(absl::Milliseconds(10))) {
-      refused = client_->GetBlock("b").status();
-    }
+    // The four streams are admitted as their headers reach the server, which on a loaded 2-core
+    // machine under ASan has taken seconds. Wait for the server to hold all four before asking:
+    // a GetBlock sent meanwhile would itself take a slot and could push the last stream out.
+    for (int i = 0; i < 1500 && server_->inflight_calls() < 4; ++i) absl::SleepFor(absl::Milliseconds(10));
+    ASSERT_EQ(server_->inflight_calls(), 4) << "round " << round << ": the four streams were not all admitted";
+    const absl::Status refused = client_->GetBlock("b").status();
     EXPECT_STATUS(refused, StatusCode::kResourceExhausted, "blockd is serving 4 calls already (--max_concurrent_rpcs)");
     for (auto& c : ctx) c->TryCancel();
     for (auto& w : streams) EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::CANCELLED);
