@@ -6,8 +6,10 @@
 - ReplicaGroup.form + RemoteModel: two replicas end bitwise identical (weights and moments), equal
   one daemon fed the whole batch to rounding, and each step all-reduces the gradients once (the
   Step reuses GradNorm's mean).
+- A replicated stage runs its replicas' Forward and Backward calls at once.
 - A group that cannot form (mismatched blocks) leaves no group behind on any member.
 """
+import threading
 import unittest
 import zlib
 
@@ -167,6 +169,48 @@ class ReplicaGroupTest(GroupTestBase):
         self.assertEqual([i.steps for i in group.info()], [3, 3])
         group.leave()
         self.assertEqual(c0.list_groups(), [])
+
+    def test_replicas_run_their_forward_and_backward_at_once(self):
+        c0, c1, _ = self.clients
+        for c in (c0, c1):
+            c.create_block("p0", CFG, seed=3)
+        group = blockd.ReplicaGroup.form([c0, c1], "par", ["p0"], timeout_ms=60000)
+        model = blockd.RemoteModel(group)
+        # Each replica's Forward and Backward waits at a barrier for the other's: calls made one
+        # after the other would break it (BrokenBarrierError) instead of passing.
+        barrier = threading.Barrier(2, timeout=60)
+        calls = []
+
+        class MeetingClient:
+            def __init__(self, client):
+                self.client = client
+
+            def __getattr__(self, name):
+                attr = getattr(self.client, name)
+                if name not in ("forward", "backward"):
+                    return attr
+
+                def meet(*args, **kwargs):
+                    calls.append(name)
+                    barrier.wait()
+                    return attr(*args, **kwargs)
+                return meet
+
+        stage = model.stages[0]
+        for span in stage.spans:
+            span.client = MeetingClient(span.client)
+        x, target = self.randn(4, 3, 32), self.randn(4, 3, 32)
+        with torch.no_grad():
+            plain = model(x)
+        out = model(x)
+        self.assertTrue(torch.equal(out, plain))
+        (out * target).sum().backward()
+        self.assertEqual(calls, ["forward"] * 4 + ["backward"] * 2)
+        self.assertEqual(c0.get_group("par").world_size, 2)
+        result = model.step(**HYPER)
+        self.assertFalse(result.skipped)
+        self.assertSameState(self.state(c0, "p0"), self.state(c1, "p0"), "p0 after a step")
+        group.leave()
 
     def test_bad_group_calls_raise_clear_errors_and_change_nothing(self):
         c0, c1, _ = self.clients

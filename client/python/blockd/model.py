@@ -13,8 +13,8 @@ optimizer step over all of it (ARCHITECTURE.md, "Replica groups and models acros
 over the whole model would: GradNorm on each stage (a replicated stage's is of its replicas' mean
 gradients), the client sums them and sends `min(1, max_norm / (norm + 1e-6))` as
 Step.clip_coefficient to each. If any gradient is non-finite no daemon steps. A replicated stage
-splits each batch over its replicas (rows, as torch.chunk) and scales the gradients it sends each
-replica so that the group's mean is the gradient of the whole batch: the result equals one daemon
+splits each batch over its replicas (rows, as torch.chunk), runs the replicas' Forward and Backward
+calls at once from its own threads, and scales the gradients it sends each replica so that the group's mean is the gradient of the whole batch: the result equals one daemon
 holding the stage, to rounding.
 """
 import collections
@@ -22,10 +22,11 @@ import math
 from concurrent import futures
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from blockd.client import GradNormResult
 from blockd.errors import BlockdError
-from blockd.span import RemoteSpan
+from blockd.span import RemoteSpan, backward_through, forward_keeping
 
 ModelStepResult = collections.namedtuple("ModelStepResult", ["grad_norm", "skipped", "clip_coefficient", "results"])
 
@@ -116,42 +117,73 @@ class ReplicaGroup:
         _on_all(self.clients, lambda r, c: c.leave_group(self.group_id))
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale` on the way back."""
+def _each_replica(pool, fn, count):
+    """fn(i) for i < count on the stage's threads at once; the results in order, or the first error
+    after every call has ended (so no call is still running when the caller cleans up)."""
+    calls = [pool.submit(fn, i) for i in range(count)]
+    futures.wait(calls)
+    for f in calls:
+        if f.exception() is not None:
+            raise f.exception()
+    return [f.result() for f in calls]
+
+
+class _ReplicatedFunction(torch.autograd.Function):
+    """The rows of x spread over a group's replicas, every replica's Forward and Backward in flight
+    at once. The group averages its n replicas' weight gradients, so each replica is sent its rows'
+    output gradient times n (the mean is then the whole batch's gradient) and its input gradient is
+    scaled back by 1/n."""
 
     @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
+    def forward(ctx, anchor, x, stage, position_offset):
+        parts = torch.chunk(x, len(stage.spans), dim=0)
+        opened = [None] * len(parts)
+
+        def run(i):
+            out, opened[i] = forward_keeping(stage.spans[i], parts[i], position_offset)
+            return out
+
+        try:
+            outs = _each_replica(stage.pool, run, len(parts))
+        except BaseException:
+            for activation in opened:  # the replicas that did run keep nothing
+                if activation is not None:
+                    activation.client.release_later(activation.take())
+            raise
+        ctx.stage, ctx.activations, ctx.rows = stage, opened, [p.shape[0] for p in parts]
+        return torch.cat(outs, dim=0)
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
+    @once_differentiable
+    def backward(ctx, grad_output):
+        n = float(len(ctx.activations))
+        grads = torch.split(grad_output, ctx.rows, dim=0)
+        stage = ctx.stage
+        grad_inputs = _each_replica(
+            stage.pool, lambda i: backward_through(stage.spans[i], ctx.activations[i], grads[i] * n),
+            len(ctx.activations))
+        return None, torch.cat([g * (1.0 / n) for g in grad_inputs], dim=0), None, None
 
 
 class _ReplicatedStage(torch.nn.Module):
-    """A ReplicaGroup as one stage: rows of a batch spread over the replicas."""
+    """A ReplicaGroup as one stage: rows of a batch spread over the replicas, which run at once."""
 
     def __init__(self, group, wire_dtype):
         super().__init__()
         self.group = group
         self.spans = torch.nn.ModuleList(group.spans(wire_dtype))
+        self.pool = futures.ThreadPoolExecutor(max_workers=len(self.spans), thread_name_prefix="blockd-replica")
+        self._anchor = torch.empty(0, requires_grad=True)  # the remote weights always want gradients
 
     def forward(self, x, position_offset=0):
         n = len(self.spans)
         if x.shape[0] < n:
             raise ValueError(f"a batch of {x.shape[0]} rows cannot be spread over {n} replicas of group "
                              f"{self.group.group_id}: give at least {n} rows")
-        outs = []
-        for span, part in zip(self.spans, torch.chunk(x, n, dim=0)):
-            if torch.is_grad_enabled():
-                # The group averages its n replicas' gradients: each replica's weight gradients are
-                # scaled by n so the mean is the whole batch's gradient; its input gradient is scaled
-                # back by 1/n.
-                outs.append(_ScaleGrad.apply(span(_ScaleGrad.apply(part, 1.0 / n), position_offset), float(n)))
-            else:
-                outs.append(span(part, position_offset))
-        return torch.cat(outs, dim=0)
+        if torch.is_grad_enabled():
+            return _ReplicatedFunction.apply(self._anchor, x, self, position_offset)
+        parts = torch.chunk(x, n, dim=0)
+        return torch.cat(_each_replica(self.pool, lambda i: self.spans[i](parts[i], position_offset), n), dim=0)
 
     def grad_norm(self):
         return self.group.grad_norm()

@@ -41,33 +41,39 @@ class _Activation:
             self.client.release_later(self.activation_id)
 
 
+def forward_keeping(span, x, position_offset):
+    """Forward(keep_activations) of `span` on x: (output, the _Activation to give backward_through)."""
+    out, activation_id = span.client.forward(span.block_ids, x, keep_activations=True, position_offset=position_offset,
+                                             dtype=span.wire_dtype, transport=span.transport)
+    return out, _Activation(span.client, activation_id)
+
+
+def backward_through(span, activation, grad_output):
+    """Backward of the forward that opened `activation`: the input's gradient. The weight gradients
+    accumulate on the server."""
+    activation_id = activation.take()
+    try:
+        return span.client.backward(activation_id, grad_output, dtype=span.wire_dtype, transport=span.transport)
+    except NotFoundError:
+        raise  # expired (--activation_ttl) or its blocks were deleted: nothing left to free
+    except BlockdError:
+        span.client.release_later(activation_id)  # a refused Backward leaves the handle open
+        raise
+
+
 class _SpanFunction(torch.autograd.Function):
     # `anchor` is an empty tensor that requires grad, so that the output needs a backward even when
     # x does not (the remote weights always want their gradients).
     @staticmethod
     def forward(ctx, anchor, x, span, position_offset):
-        out, activation_id = span.client.forward(span.block_ids, x, keep_activations=True,
-                                                 position_offset=position_offset, dtype=span.wire_dtype,
-                                                 transport=span.transport)
-        ctx.activation = _Activation(span.client, activation_id)
-        ctx.client = span.client
-        ctx.wire_dtype = span.wire_dtype
-        ctx.transport = span.transport
+        out, ctx.activation = forward_keeping(span, x, position_offset)
+        ctx.span = span
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        activation_id = ctx.activation.take()
-        try:
-            grad_input = ctx.client.backward(activation_id, grad_output, dtype=ctx.wire_dtype,
-                                             transport=ctx.transport)
-        except NotFoundError:
-            raise  # expired (--activation_ttl) or its blocks were deleted: nothing left to free
-        except BlockdError:
-            ctx.client.release_later(activation_id)  # a refused Backward leaves the handle open
-            raise
-        return None, grad_input, None, None
+        return None, backward_through(ctx.span, ctx.activation, grad_output), None, None
 
 
 class RemoteSpan(torch.nn.Module):
