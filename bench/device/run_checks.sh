@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [groups] [ipc] [transport]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [groups] [ipc] [transport] [scale]   (default: the first four)
 # `groups`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs) and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
 set -uo pipefail
@@ -227,6 +227,28 @@ if [[ " $stages " == *" transport "* ]]; then
   cat "$log"
   echo; echo "== transport table =="; printf '%s\n' "${ttable[@]}"
   row "bench.transport" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see transport.log"
+fi
+
+if [[ " $stages " == *" scale "* ]]; then
+  # Issues 13 and 15's replica scaling: the span of 8 Qwen-like bf16 blocks trained by 1, 2, 4, 8
+  # replicas (as many as there are GPUs), one daemon per GPU (each sees every GPU; replica r's
+  # blocks are on device r), NCCL between them, activations by CUDA IPC (bench/scale_replicas.py).
+  ngpu=$(nvidia-smi -L | grep -c '^GPU')
+  daemons=() targets=()
+  for ((r = 0; r < ngpu; ++r)); do
+    LD_LIBRARY_PATH="$LIBS" timeout 500 "$dev/bin/blockd" --backend=cuda --listen=127.0.0.1:$((51000 + r)) \
+      --collective_host=127.0.0.1 --allow_shared_memory --metrics_listen= >"$OUT/blockd.scale.$r.log" 2>&1 &
+    daemons+=($!) targets+=("127.0.0.1:$((51000 + r))")
+  done
+  for r in "${!daemons[@]}"; do
+    for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.scale.$r.log" 2>/dev/null && break; sleep 1; done
+  done
+  (cd "$root" && PYTHONPATH="$dev/python" timeout 400 python3 bench/scale_replicas.py \
+    --targets="$(IFS=,; echo "${targets[*]}")" --iters=${SCALE_ITERS:-6} ${SCALE_ARGS:-}) >"$OUT/scale.log" 2>&1
+  rc=$?
+  kill "${daemons[@]}" 2>/dev/null; wait "${daemons[@]}" 2>/dev/null
+  row bench.scale "$([ $rc -eq 0 ] && echo DONE || echo FAIL)" "$ngpu GPU(s); see scale.log"
+  tail -20 "$OUT/scale.log"
 fi
 
 if [[ " $stages " == *" torch "* ]]; then

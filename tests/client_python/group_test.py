@@ -6,9 +6,14 @@
 - ReplicaGroup.form + RemoteModel: two replicas end bitwise identical (weights and moments), equal
   one daemon fed the whole batch to rounding, and each step all-reduces the gradients once (the
   Step reuses GradNorm's mean).
+- bench/scale_replicas.py runs small against two daemons.
 - A replicated stage runs its replicas' Forward and Backward calls at once.
 - A group that cannot form (mismatched blocks) leaves no group behind on any member.
 """
+import contextlib
+import importlib.util
+import io
+import os
 import threading
 import unittest
 import zlib
@@ -211,6 +216,28 @@ class ReplicaGroupTest(GroupTestBase):
         self.assertFalse(result.skipped)
         self.assertSameState(self.state(c0, "p0"), self.state(c1, "p0"), "p0 after a step")
         group.leave()
+
+    def test_the_scaling_benchmark_measures_a_group_that_stays_in_step(self):
+        # bench/scale_replicas.py, small, on two CPU daemons: it forms real groups of 1 and 2,
+        # checks the replicas bitwise after its steps, and leaves no block or group behind.
+        path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "scale_replicas.py")
+        spec = importlib.util.spec_from_file_location("scale_replicas", path)
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        targets = ",".join(d.target for d in self.daemons[:2])
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            rows = bench.main([f"--targets={targets}", "--config=tiny", "--place=cpu", "--blocks=2", "--batch=2",
+                               "--seq=8", "--iters=1"])
+        self.assertEqual([r["replicas"] for r in rows], [1, 2])
+        self.assertEqual({r["backend"] for r in rows}, {"gloo"})
+        self.assertTrue(all(r["tokens"] > 0 for r in rows))
+        self.assertIn("== replica scaling: 2 tiny blocks, 2x8 tokens per replica ==", out.getvalue())
+        for c in self.clients[:2]:
+            self.assertEqual(c.list_blocks(), [])
+            self.assertEqual(c.list_groups(), [])
+        with self.assertRaises(SystemExit):  # more replicas than daemons
+            with contextlib.redirect_stderr(io.StringIO()):
+                bench.parse_args([f"--targets={targets}", "--replicas=3"])
 
     def test_bad_group_calls_raise_clear_errors_and_change_nothing(self):
         c0, c1, _ = self.clients
