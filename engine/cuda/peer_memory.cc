@@ -47,6 +47,7 @@ absl::StatusOr<int64_t> BytesFrom(void* ptr) {
 struct IpcMapping {
   int device = 0;
   void* base = nullptr;
+  int64_t bytes = 0;  // the allocation's size from base, measured when it was opened
   ~IpcMapping() {
     DeviceGuard guard(device);
     cudaIpcCloseMemHandle(base);
@@ -107,6 +108,17 @@ absl::StatusOr<std::unique_ptr<CudaPeerMemory>> OpenCudaPeerMemory(DeviceContext
       mapping = std::make_shared<IpcMapping>();
       mapping->device = dev->index;
       mapping->base = base;
+      // Sized now, while cudaIpcOpenMemHandle has just made the device's context current on this
+      // thread: cuMemGetAddressRange is a driver call, and a later registration of the same
+      // allocation (two tensors of one PyTorch segment share its handle) may come on a gRPC thread
+      // where no runtime call has bound the context yet (DeviceGuard skips cudaSetDevice when the
+      // runtime already reports the device), which made it fail there.
+      absl::StatusOr<int64_t> bytes = BytesFrom(base);
+      if (!bytes.ok()) {
+        Mappings().erase({dev->index, std::string(mem_handle)});
+        return bytes.status();  // `mapping` closes the handle
+      }
+      mapping->bytes = *bytes;
       known = mapping;
     }
     // Entries whose mapping closed: dropped here, so the map stays as small as the open mappings.
@@ -115,6 +127,7 @@ absl::StatusOr<std::unique_ptr<CudaPeerMemory>> OpenCudaPeerMemory(DeviceContext
     }
   }
   void* base = mapping->base;
+  const int64_t peer_bytes = mapping->bytes;
   // From here on `peer` holds the mapping whatever happens.
   auto peer = std::make_unique<CudaPeerMemory>(std::move(mapping), dev->index, base);
   cudaPointerAttributes attr{};
@@ -126,7 +139,6 @@ absl::StatusOr<std::unique_ptr<CudaPeerMemory>> OpenCudaPeerMemory(DeviceContext
                                                       ", not on device ", dev->index,
                                                       ": register memory of the device the blocks are on"));
   }
-  ASSIGN_OR_RETURN(int64_t bytes, BytesFrom(base));
   cudaEvent_t event = nullptr;
   if (!event_handle.empty()) {
     cudaIpcEventHandle_t eh;
@@ -136,7 +148,7 @@ absl::StatusOr<std::unique_ptr<CudaPeerMemory>> OpenCudaPeerMemory(DeviceContext
                                                      "): expected torch.cuda.Event(interprocess=True).ipc_handle()"));
     }
   }
-  peer->bytes_ = bytes;
+  peer->bytes_ = peer_bytes;
   peer->event_ = event;
   return peer;
 }
