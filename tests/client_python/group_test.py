@@ -291,7 +291,34 @@ class ReplicaGroupTest(GroupTestBase):
         c1.create_block("m0", CFG, seed=2)
         group = blockd.ReplicaGroup.form([c0, c1], "good", ["m0"], timeout_ms=60000)
         with self.assertRaises(ValueError):
-            blockd.RemoteModel(group)(self.randn(1, 3, 32))  # one row cannot feed two replicas
+            blockd.RemoteModel(group)(self.randn(0, 3, 32))
+        group.leave()
+
+    def test_fewer_rows_than_replicas_train_like_one_daemon(self):
+        # Three rows over two replicas (2 + 1) and one row over two (rank 1 unfed): the group's mean
+        # is still the whole batch's gradient, and generation's one-row forward works.
+        c0, c1, c2 = self.clients
+        for c in (c0, c1, c2):
+            c.create_block("u0", CFG, seed=4)
+        group = blockd.ReplicaGroup.form([c0, c1], "uneven", ["u0"], timeout_ms=60000)
+        model = blockd.RemoteModel(group)
+        ref = blockd.RemoteSpan(c2, "u0")
+        for rows in (3, 1):
+            x, target = self.randn(rows, 4, 32), self.randn(rows, 4, 32)
+            (model(x) * target).sum().backward()
+            (ref(x) * target).sum().backward()
+            model.step(**HYPER)
+            c2.step(["u0"], **HYPER)
+            model.zero_grad()
+            ref.zero_grad()
+            with torch.no_grad():
+                got, want = model(x[:1]), ref(x[:1])
+            self.assertLessEqual((got - want).abs().max().item(), 1e-5 * want.abs().max().item(), f"{rows} rows")
+        self.assertSameState(self.state(c0, "u0"), self.state(c1, "u0"), "replicas after uneven batches")
+        want = self.state(c2, "u0")["weights"]
+        for name, w in self.state(c0, "u0")["weights"].items():
+            err = ((w - want[name]).abs() - (1e-6 + 1e-5 * want[name].abs())).max().item()
+            self.assertLessEqual(err, 0, f"{name}: group vs one daemon")
         group.leave()
 
 

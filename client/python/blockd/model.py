@@ -13,7 +13,7 @@ optimizer step over all of it (ARCHITECTURE.md, "Replica groups and models acros
 over the whole model would: GradNorm on each stage (a replicated stage's is of its replicas' mean
 gradients), the client sums them and sends `min(1, max_norm / (norm + 1e-6))` as
 Step.clip_coefficient to each. If any gradient is non-finite no daemon steps. A replicated stage
-splits each batch over its replicas (rows, as torch.chunk), runs the replicas' Forward and Backward
+splits each batch over its replicas (rows, as torch.tensor_split), runs the replicas' Forward and Backward
 calls at once from its own threads, and scales the gradients it sends each replica so that the group's mean is the gradient of the whole batch: the result equals one daemon
 holding the stage, to rounding.
 """
@@ -132,11 +132,15 @@ class _ReplicatedFunction(torch.autograd.Function):
     """The rows of x spread over a group's replicas, every replica's Forward and Backward in flight
     at once. The group averages its n replicas' weight gradients, so each replica is sent its rows'
     output gradient times n (the mean is then the whole batch's gradient) and its input gradient is
-    scaled back by 1/n."""
+    scaled back by 1/n. With fewer rows than replicas, an unfed replica runs its first row with a
+    zero output gradient: its weight gradients gain exact zeros, and it has gradients for the group
+    Step, which every member needs."""
 
     @staticmethod
     def forward(ctx, anchor, x, stage, position_offset):
-        parts = torch.chunk(x, len(stage.spans), dim=0)
+        parts = stage.split(x)
+        fed = len(parts)
+        parts += [x[:1]] * (len(stage.spans) - fed)
         opened = [None] * len(parts)
 
         def run(i):
@@ -150,19 +154,22 @@ class _ReplicatedFunction(torch.autograd.Function):
                 if activation is not None:
                     activation.client.release_later(activation.take())
             raise
-        ctx.stage, ctx.activations, ctx.rows = stage, opened, [p.shape[0] for p in parts]
-        return torch.cat(outs, dim=0)
+        ctx.stage, ctx.activations = stage, opened
+        ctx.rows = [p.shape[0] for p in parts[:fed]]
+        ctx.unfed = [outs[i] for i in range(fed, len(parts))]
+        return torch.cat(outs[:fed], dim=0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        n = float(len(ctx.activations))
-        grads = torch.split(grad_output, ctx.rows, dim=0)
         stage = ctx.stage
-        grad_inputs = _each_replica(
-            stage.pool, lambda i: backward_through(stage.spans[i], ctx.activations[i], grads[i] * n),
-            len(ctx.activations))
-        return None, torch.cat([g * (1.0 / n) for g in grad_inputs], dim=0), None, None
+        n = float(len(stage.spans))
+        grads = list(torch.split(grad_output, ctx.rows, dim=0))
+        fed = len(grads)
+        grads = [g * n for g in grads] + [torch.zeros_like(out) for out in ctx.unfed]
+        grad_inputs = _each_replica(stage.pool, lambda i: backward_through(stage.spans[i], ctx.activations[i], grads[i]),
+                                    len(grads))
+        return None, torch.cat([g * (1.0 / n) for g in grad_inputs[:fed]], dim=0), None, None
 
 
 class _ReplicatedStage(torch.nn.Module):
@@ -175,15 +182,19 @@ class _ReplicatedStage(torch.nn.Module):
         self.pool = futures.ThreadPoolExecutor(max_workers=len(self.spans), thread_name_prefix="blockd-replica")
         self._anchor = torch.empty(0, requires_grad=True)  # the remote weights always want gradients
 
+    def split(self, x):
+        """x's rows in as even parts as they go (torch.tensor_split), one per replica in rank
+        order; with fewer rows than replicas the last replicas get none."""
+        if x.shape[0] == 0:
+            raise ValueError(f"an empty batch cannot be spread over the replicas of group {self.group.group_id}")
+        return [p for p in torch.tensor_split(x, len(self.spans), dim=0) if p.shape[0] > 0]
+
     def forward(self, x, position_offset=0):
-        n = len(self.spans)
-        if x.shape[0] < n:
-            raise ValueError(f"a batch of {x.shape[0]} rows cannot be spread over {n} replicas of group "
-                             f"{self.group.group_id}: give at least {n} rows")
         if torch.is_grad_enabled():
             return _ReplicatedFunction.apply(self._anchor, x, self, position_offset)
-        parts = torch.chunk(x, n, dim=0)
-        return torch.cat(_each_replica(self.pool, lambda i: self.spans[i](parts[i], position_offset), n), dim=0)
+        parts = self.split(x)
+        return torch.cat(_each_replica(self.pool, lambda i: self.spans[i](parts[i], position_offset), len(parts)),
+                         dim=0)
 
     def grad_norm(self):
         return self.group.grad_norm()
