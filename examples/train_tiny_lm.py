@@ -129,7 +129,8 @@ def smooth(values, half_width=5):
 def add_training_args(p):
     """The flags of where blockd is and how long to train (generate.py shares them)."""
     p.add_argument("--target", default=os.environ.get("BLOCKD_TARGET", "localhost:50051"),
-                   help="blockd HOST:PORT ($BLOCKD_TARGET)")
+                   help="blockd HOST:PORT ($BLOCKD_TARGET); train_tiny_lm also takes several, comma-separated: a "
+                        "replica group, each batch's rows spread over the daemons")
     p.add_argument("--token", default=os.environ.get("BLOCKD_TOKEN"),
                    help="bearer token, if blockd wants one ($BLOCKD_TOKEN)")
     p.add_argument("--steps", type=int, default=300, help="training steps")
@@ -176,26 +177,62 @@ def connect(target, token):
     return None
 
 
+def make_blocks(clients, args):
+    """The 4 layers on one daemon (a RemoteSpan), or on each of several daemons joined as a replica
+    group (a RemoteModel that spreads each batch's rows over them, every step averaging their
+    gradients). Returns (the module, what steps it: a RemoteSpan or RemoteModel, cleanup)."""
+    prefix = f"tiny-lm-{os.getpid()}/layer"
+    wire = args.wire or ("bf16" if args.precision == "bf16" else "fp32")
+    spans = []
+    try:
+        for c in clients:
+            spans.append(blockd.RemoteSpan.create(c, CONFIG, NUM_LAYERS, prefix=prefix, seed=args.seed,
+                                                  precision=args.precision, max_seq_len=args.seq,
+                                                  max_batch_size=args.batch, wire_dtype=wire))
+        if len(spans) == 1:
+            return spans[0], spans[0], spans[0].delete
+        group = blockd.ReplicaGroup.form(clients, f"tiny-lm-{os.getpid()}", spans[0].block_ids, timeout_ms=120000)
+    except BaseException:
+        for span in spans:
+            span.delete()
+        raise
+    model = blockd.RemoteModel(group, wire_dtype=wire)
+
+    def cleanup():
+        group.leave()
+        for span in spans:
+            span.delete()
+    return model, model, cleanup
+
+
 def main(argv=None):
     args = parse_args(argv)
-    connected = connect(args.target, args.token)
-    if connected is None:
-        return 1
-    client, info = connected
+    targets = [t for t in args.target.split(",") if t]
+    clients, infos = [], []
+    for target in targets:
+        connected = connect(target, args.token)
+        if connected is None:
+            for c in clients:
+                c.close()
+            return 1
+        clients.append(connected[0])
+        infos.append(connected[1])
+    info = infos[0]
 
     data = load_bytes(args.data)
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
     torch.manual_seed(args.seed)
-    print(f"blockd {info.version} at {args.target}, backend {info.backend}; {len(data)} bytes of text")
+    if len(targets) == 1:
+        print(f"blockd {info.version} at {args.target}, backend {info.backend}; {len(data)} bytes of text")
+    else:
+        print(f"blockd {info.version} at {len(targets)} daemons as one replica group ({', '.join(targets)}), "
+              f"backends {', '.join(i.backend for i in infos)}; {len(data)} bytes of text")
 
-    prefix = f"tiny-lm-{os.getpid()}/layer"
-    span = blockd.RemoteSpan.create(client, CONFIG, NUM_LAYERS, prefix=prefix, seed=args.seed,
-                                    precision=args.precision, max_seq_len=args.seq, max_batch_size=args.batch,
-                                    wire_dtype=args.wire or ("bf16" if args.precision == "bf16" else "fp32"))
+    blocks, remote, cleanup = make_blocks(clients, args)
     try:
-        model = TinyLM(span)
-        remote_opt = blockd.RemoteAdamW(span, lr=args.lr, weight_decay=args.weight_decay)
+        model = TinyLM(blocks)
+        remote_opt = blockd.RemoteAdamW(remote, lr=args.lr, weight_decay=args.weight_decay)
         local_opt = torch.optim.AdamW(decay_groups(model, args.weight_decay), lr=args.lr)
         factor = warmup_cosine(args.steps, args.warmup)
         schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (remote_opt, local_opt)]
@@ -224,7 +261,8 @@ def main(argv=None):
             sys.path.insert(0, HERE)
             import plot_png
         plot_png.save_line_plot(args.plot, {"train loss": losses, "smoothed": smooth(losses)},
-                                title=f"tiny byte LM, {NUM_LAYERS} layers on blockd ({info.backend})",
+                                title=f"tiny byte LM, {NUM_LAYERS} layers on blockd ({info.backend}"
+                                      f"{f', {len(clients)} replicas' if len(clients) > 1 else ''})",
                                 xlabel="step", ylabel="loss")
         print(f"loss curve saved to {args.plot}")
 
@@ -232,8 +270,9 @@ def main(argv=None):
         print("--- greedy sample ---")
         print(text.decode("utf-8", errors="replace"))
     finally:
-        span.delete()
-        client.close()
+        cleanup()
+        for c in clients:
+            c.close()
     return 0
 
 

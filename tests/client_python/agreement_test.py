@@ -107,6 +107,33 @@ class AgreementTest(unittest.TestCase):
             with blockd.Client(d.target) as c:
                 self.assertEqual(c.list_blocks(), [])  # the example deletes its blocks
 
+    def test_the_example_trains_over_a_replica_group_like_one_daemon(self):
+        # --target with two daemons: the layers on both, joined as a replica group, each batch's
+        # rows spread over them. The losses it reports equal those of one daemon to rounding.
+        args = ["--steps", "6", "--batch", "4", "--seq", "16", "--sample", "8", "--eval-every", "3"]
+
+        def losses(text):
+            return [float(line.split("loss ")[1].split()[0]) for line in text.splitlines() if line.startswith("step ")]
+        with Daemon(extra_args=["--collective_host=127.0.0.1"]) as d0, \
+                Daemon(extra_args=["--collective_host=127.0.0.1"]) as d1, tempfile.TemporaryDirectory() as tmp:
+            runs = {}
+            for name, target in (("one", d0.target), ("group", f"{d0.target},{d1.target}")):
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    self.assertEqual(example.main(["--target", target, "--plot", os.path.join(tmp, f"{name}.png")]
+                                                  + args), 0)
+                runs[name] = out.getvalue()
+            self.assertIn("at 2 daemons as one replica group", runs["group"])
+            self.assertIn("--- greedy sample ---\nMENENIUS:\n", runs["group"])
+            one, group = losses(runs["one"]), losses(runs["group"])
+            self.assertEqual(len(one), 2)
+            for a, b in zip(one, group):
+                self.assertAlmostEqual(a, b, delta=2e-4, msg=f"one daemon {one}, replica group {group}")
+            for d in (d0, d1):
+                with blockd.Client(d.target) as c:
+                    self.assertEqual(c.list_blocks(), [])  # blocks deleted, group left
+                    self.assertEqual(c.list_groups(), [])
+
 
 if __name__ == "__main__":
     unittest.main()
