@@ -18,7 +18,7 @@
 #   rules-check  promtool check rules on the rule file and on the rendered PrometheusRule's spec
 #   rules-test   promtool test rules (prometheus/blockd-rules.test.yaml)
 #   dashboard    grafana/blockd.json: structure, metric names blockd exports, PromQL parses
-#   dockerfile   dockerfile-utils lint + image policy (tools/lint-dockerfile.mjs)
+#   dockerfile   dockerfile-utils lint + image policy (tools/lint-dockerfile.mjs), the daemon's and the trainer's
 #   scripts      bash -n and shellcheck of smoke.sh and this file, Python syntax of smoke.py
 #
 # Needs: kubectl (kustomize v4+), yamllint, promtool (Debian: prometheus), shellcheck, node + npm,
@@ -85,7 +85,7 @@ ensure_tools() {
   fi
 }
 
-# --- checks: each takes ROOT (a tree with deploy/, Dockerfile, CMakeLists.txt, server/metrics.cc)
+# --- checks: each takes ROOT (a tree with deploy/, Dockerfile, examples/Dockerfile.trainer, CMakeLists.txt, server/metrics.cc)
 # and OUT (a scratch folder), prints what it found and returns non-zero on a problem. -------------
 check_k8s() {
   local root=$1 out=$2 variant dir
@@ -131,7 +131,8 @@ check_dashboard() {
 }
 
 check_dockerfile() {
-  node "$TOOLS/lint-dockerfile.mjs" "$1/Dockerfile" --cmake="$1/CMakeLists.txt"
+  node "$TOOLS/lint-dockerfile.mjs" "$1/Dockerfile" --cmake="$1/CMakeLists.txt" || return 1
+  node "$TOOLS/lint-dockerfile.mjs" "$1/examples/Dockerfile.trainer" --image=trainer
 }
 
 check_scripts() {
@@ -193,6 +194,8 @@ PLANTED=(
   'k8s|deploy/overlays/gpu/statefulset-gpu.yaml|s/^\s+nvidia\.com\/gpu: 1\n//mg|gpu overlay without a GPU'
   'k8s|deploy/overlays/cpu/backend.flags|s/--backend=cpu/--backend=cuda/|cpu overlay on the CUDA backend'
   'k8s|deploy/overlays/replica-group/kustomization.yaml|s/\$\(POD_NAME\)/blockd-0/|every group member claiming to be blockd-0'
+  'k8s|deploy/overlays/replica-group/trainer-job.yaml|s/,\\\n\s+blockd-2[^"]+//|trainer reaches two of the three members'
+  'k8s|deploy/overlays/replica-group/trainer-job.yaml|s/component: trainer/component: server/g|trainer pods selected as daemons'
   'yamllint|deploy/base/service-metrics.yaml|s/name: blockd-metrics\n/name: blockd-metrics   \n/|trailing spaces'
   'yamllint|deploy/base/serviceaccount.yaml|s/^kind: ServiceAccount$/kind: ServiceAccount\nkind: ServiceAccount/m|duplicate key'
   'rules-sync|deploy/base/prometheusrule.yaml|s/for: 5m/for: 1m/|PrometheusRule edited by hand'
@@ -206,6 +209,8 @@ PLANTED=(
   'dockerfile|Dockerfile|s/      libgrpc\+\+-dev protobuf-compiler-grpc \\\n//|build stage lacks a find_package dependency'
   'dockerfile|Dockerfile|s/^EXPOSE 50051 9464$/EXPOSE 50051\/tcpx 9464/m|invalid EXPOSE protocol'
   'dockerfile|Dockerfile|s/^COPY server\/ server\/\n//m|build stage does not copy a CMake folder'
+  'dockerfile|examples/Dockerfile.trainer|s/^USER 10001:10001$/USER 0/m|trainer image runs as root'
+  'dockerfile|examples/Dockerfile.trainer|s/ python3-grpcio / /|trainer image without grpcio'
   'dockerfile|Dockerfile|s/^FROM nvidia\/cuda:13.0.2-cudnn-runtime-ubuntu24.04/FROM nvidia\/cuda:latest/m|unpinned runtime image'
   'scripts|deploy/smoke.sh|s/^exec "\$PYTHON"/exec "\$PYTHON" (/m|smoke.sh syntax error'
   'scripts|deploy/smoke.sh|s/exec "\$PYTHON" "\$\(dirname "\$0"\)\/smoke.py" "\$@"/exec \$PYTHON \$(dirname \$0)\/smoke.py \$@/|unquoted expansions (shellcheck)'
@@ -215,12 +220,13 @@ copy_tree() {  # a pristine copy of what the checks read
   local dst=$1
   mkdir -p "$dst/server"
   cp "$REPO/Dockerfile" "$REPO/CMakeLists.txt" "$dst/"
+  mkdir -p "$dst/examples" && cp "$REPO/examples/Dockerfile.trainer" "$dst/examples/"
   cp "$REPO/server/metrics.cc" "$dst/server/"
   (cd "$REPO" && tar --exclude=deploy/tools/node_modules -cf - deploy) | (cd "$dst" && tar -xf -)
 }
 
 first_problem() {  # the first line of a failed check's log that says what is wrong
-  grep -vE '^schema: [0-9]+ objects checked|^policy\([a-z]+\): ok$|^validate: [0-9]+ problem|^(Checking|Unit Testing:) |^[[:space:]]*(FAILED|SUCCESS)?:?[[:space:]]*$|^\./.*\.yaml$' "$1" \
+  grep -vE '^schema: [0-9]+ objects checked|^policy\([a-z]+\): ok$|^validate: [0-9]+ problem|^(Checking|Unit Testing:) |^[[:space:]]*(FAILED|SUCCESS)?:?[[:space:]]*$|^\./.*\.yaml$|^lint-dockerfile: .* ok \(' "$1" \
     | sed "s|$WORK/planted-[0-9]*/||g; s/^[[:space:]]*//" | head -n 1
 }
 

@@ -1,6 +1,6 @@
 // Lints the Dockerfile offline (no Docker engine here): dockerfile-utils' validator with every
 // optional rule raised to an error, then blockd's image policy.
-//   node deploy/tools/lint-dockerfile.mjs [Dockerfile] [--cmake=CMakeLists.txt]
+//   node deploy/tools/lint-dockerfile.mjs [Dockerfile] [--cmake=CMakeLists.txt] [--image=blockd|trainer]
 // Policy:
 // - multi-stage: builds on nvidia/cuda:<13.x>-[cudnn-]devel-ubuntu24.04, runs on the same release's
 //   -runtime-ubuntu24.04; every base image has a pinned tag (not latest) or a digest;
@@ -9,6 +9,10 @@
 //   stage installs no -dev package and no compiler;
 // - the final stage runs as a non-root USER, EXPOSEs 50051 and 9464, and has an exec-form (JSON)
 //   ENTRYPOINT, so that blockd is PID 1 and gets SIGTERM.
+// --image=trainer (examples/Dockerfile.trainer): the same validator, pinned bases, non-root USER and
+// exec-form ENTRYPOINT; its final stage installs Debian's python3-torch/-grpcio/-numpy/-protobuf
+// and no compiler, copies the client package, the generated stubs and the examples, and runs
+// /usr/bin/python3 on train_tiny_lm.py.
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
@@ -37,8 +41,10 @@ const BUILD_TOOLS = ["cmake", "ninja-build", "g++"];
 const root = join(dirname(fileURLToPath(import.meta.url)), "../..");
 let dockerfilePath = join(root, "Dockerfile");
 let cmakePath = join(root, "CMakeLists.txt");
+let image = "blockd";  // --image=trainer: examples/Dockerfile.trainer, the trainer example's image
 for (const a of process.argv.slice(2)) {
   if (a.startsWith("--cmake=")) cmakePath = a.slice("--cmake=".length);
+  else if (a.startsWith("--image=")) image = a.slice("--image=".length);
   else if (a.startsWith("--")) {
     console.error(`lint-dockerfile: unknown option ${a}`);
     process.exit(2);
@@ -77,15 +83,61 @@ const runText = (ins) => ins.getRawArgumentsContent?.() ?? ins.getTextContent();
 if (froms.length < 2) problems.push(`${dockerfilePath}: expected a multi-stage build (build and runtime), found ${froms.length} FROM`);
 const cuda = [];
 for (const f of froms) {
-  const image = f.getImage() ?? "";
+  const base = f.getImage() ?? "";
   const tag = f.getImageTag();
   const digest = f.getImageDigest();
-  if (!tag && !digest) problems.push(`${at(f.getRange())}: FROM ${image} has no pinned tag or digest`);
-  if (tag === "latest") problems.push(`${at(f.getRange())}: FROM ${image} uses :latest`);
+  if (!tag && !digest) problems.push(`${at(f.getRange())}: FROM ${base} has no pinned tag or digest`);
+  if (tag === "latest") problems.push(`${at(f.getRange())}: FROM ${base} uses :latest`);
   // The cuDNN flavours (13.x.y-cudnn-devel / -cudnn-runtime) carry the cuDNN that --attention=auto loads.
   const m = /^(\d+)\.(\d+)\.(\d+)-(?:cudnn-)?(devel|runtime)-ubuntu24\.04$/.exec(tag ?? "");
   if (f.getImageName() === "nvidia/cuda" && m) cuda.push({ from: f, version: `${m[1]}.${m[2]}.${m[3]}`, major: m[1], flavour: m[4] });
 }
+// The final stage's user and exec-form ENTRYPOINT (argv), for both images.
+const finalStage = froms.length - 1;
+const users = inStage(finalStage, "USER");
+const user = users.length ? runText(users[users.length - 1]).trim().split(":")[0] : "";
+if (!user) problems.push(`${dockerfilePath}: the final stage has no USER (it would run as root)`);
+else if (user === "root" || user === "0") problems.push(`${at(users[users.length - 1].getRange())}: USER ${user} is root`);
+const entrypoints = inStage(finalStage, "ENTRYPOINT");
+let argv = null;
+if (entrypoints.length !== 1) problems.push(`${dockerfilePath}: the final stage needs one ENTRYPOINT, found ${entrypoints.length}`);
+else {
+  try {
+    argv = JSON.parse(runText(entrypoints[0]));
+  } catch {
+    argv = null;
+  }
+  if (!Array.isArray(argv) || argv.length === 0) {
+    problems.push(`${at(entrypoints[0].getRange())}: ENTRYPOINT must be exec form (a JSON array), so the program is PID 1 and receives SIGTERM`);
+    argv = null;
+  } else if (/(^|\/)(ba|da)?sh$/.test(argv[0])) problems.push(`${at(entrypoints[0].getRange())}: ENTRYPOINT runs a shell; exec the program directly`);
+}
+const aptWords = (stage) =>
+  new Set(inStage(stage, "RUN").flatMap((r) => {
+    const t = runText(r).replace(/\\\n/g, " ");
+    return [...t.matchAll(/apt-get install([^&;|]*)/g)].flatMap((m) => m[1].split(/\s+/).filter((w) => w && !w.startsWith("-")));
+  }));
+for (const p of aptWords(finalStage)) {
+  if (/-dev$|^g\+\+|^gcc|^cmake$|^build-essential$|^protobuf-compiler/.test(p)) problems.push(`${dockerfilePath}: the final stage installs ${p}`);
+}
+
+if (image === "trainer") {
+  // Debian's Python stack in the final stage, the package and the example copied, the example run.
+  const apt = aptWords(finalStage);
+  for (const p of ["python3-torch", "python3-grpcio", "python3-numpy", "python3-protobuf"]) {
+    if (!apt.has(p)) problems.push(`${dockerfilePath}: the final stage does not install ${p}`);
+  }
+  const copies = inStage(finalStage, "COPY").map((c) => c.getTextContent());
+  for (const dir of ["client/python/blockd/", "examples/"]) {
+    if (!copies.some((c) => c.trim().split(/\s+/).includes(dir))) problems.push(`${dockerfilePath}: the final stage does not COPY ${dir}`);
+  }
+  if (!copies.some((c) => /--from=\S+/.test(c) && /blockd\/v1/.test(c))) problems.push(`${dockerfilePath}: the final stage does not COPY the generated stubs (blockd/v1)`);
+  if (argv && !(argv[0] === "/usr/bin/python3" && /train_tiny_lm\.py$/.test(argv[1] ?? ""))) {
+    problems.push(`${at(entrypoints[0].getRange())}: ENTRYPOINT must run Debian's /usr/bin/python3 on the trainer example`);
+  }
+  report();
+}
+
 const first = froms[0];
 const last = froms[froms.length - 1];
 const cudaOf = (f) => cuda.find((c) => c.from === f);
@@ -99,11 +151,6 @@ if (!cudaOf(last) || cudaOf(last).flavour !== "runtime" || cudaOf(last).major !=
 }
 
 // apt packages of the build stage against CMakeLists.txt's find_package() calls.
-const aptWords = (stage) =>
-  new Set(inStage(stage, "RUN").flatMap((r) => {
-    const t = runText(r).replace(/\\\n/g, " ");
-    return [...t.matchAll(/apt-get install([^&;|]*)/g)].flatMap((m) => m[1].split(/\s+/).filter((w) => w && !w.startsWith("-")));
-  }));
 const buildApt = aptWords(0);
 const cmake = readFileSync(cmakePath, "utf8");
 for (const [, name] of cmake.matchAll(/^\s*find_package\(\s*([A-Za-z0-9_-]+)/gm)) {
@@ -122,35 +169,17 @@ const needed = new Set([...cmake.matchAll(/^\s*(?:add_subdirectory|include)\(\s*
 for (const dir of needed) {
   if (!copied.has(dir) && !copied.has(".")) problems.push(`${dockerfilePath}: the build stage does not COPY ${dir}/ (CMakeLists.txt uses it)`);
 }
-const finalStage = froms.length - 1;
-for (const p of aptWords(finalStage)) {
-  if (/-dev$|^g\+\+|^gcc|^cmake$|^build-essential$/.test(p)) problems.push(`${dockerfilePath}: the runtime stage installs ${p}`);
-}
-
-// The final stage's user, ports and entrypoint.
-const users = inStage(finalStage, "USER");
-const user = users.length ? runText(users[users.length - 1]).trim().split(":")[0] : "";
-if (!user) problems.push(`${dockerfilePath}: the final stage has no USER (it would run as root)`);
-else if (user === "root" || user === "0") problems.push(`${at(users[users.length - 1].getRange())}: USER ${user} is root`);
+// The final stage's ports and program.
 const exposed = new Set(inStage(finalStage, "EXPOSE").flatMap((e) => runText(e).trim().split(/\s+/).map((p) => p.replace(/\/tcp$/, ""))));
 for (const port of ["50051", "9464"]) if (!exposed.has(port)) problems.push(`${dockerfilePath}: the final stage does not EXPOSE ${port}`);
-const entrypoints = inStage(finalStage, "ENTRYPOINT");
-if (entrypoints.length !== 1) problems.push(`${dockerfilePath}: the final stage needs one ENTRYPOINT, found ${entrypoints.length}`);
-else {
-  const ep = entrypoints[0];
-  let argv = null;
-  try {
-    argv = JSON.parse(runText(ep));
-  } catch {
-    argv = null;
-  }
-  if (!Array.isArray(argv) || argv.length === 0) problems.push(`${at(ep.getRange())}: ENTRYPOINT must be exec form (a JSON array), so blockd is PID 1 and receives SIGTERM`);
-  else if (/(^|\/)(ba|da)?sh$/.test(argv[0])) problems.push(`${at(ep.getRange())}: ENTRYPOINT runs a shell; exec blockd directly`);
-  else if (!/(^|\/)blockd$/.test(argv[0])) problems.push(`${at(ep.getRange())}: ENTRYPOINT runs ${argv[0]}, not blockd`);
-}
+if (argv && !/(^|\/)blockd$/.test(argv[0])) problems.push(`${at(entrypoints[0].getRange())}: ENTRYPOINT runs ${argv[0]}, not blockd`);
+report();
 
-if (problems.length) {
-  for (const p of problems) console.error(`lint-dockerfile: ${p}`);
-  process.exit(1);
+function report() {
+  if (problems.length) {
+    for (const p of problems) console.error(`lint-dockerfile: ${p}`);
+    process.exit(1);
+  }
+  console.log(`lint-dockerfile: ${dockerfilePath} ok (${instructions.length} instructions, ${froms.length} stages, dockerfile-utils: no diagnostics)`);
+  process.exit(0);
 }
-console.log(`lint-dockerfile: ${dockerfilePath} ok (${instructions.length} instructions, ${froms.length} stages, dockerfile-utils: no diagnostics)`);

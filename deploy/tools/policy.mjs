@@ -10,6 +10,8 @@
 // - the flags (the ConfigMap's flagfiles, in --flagfile order) listen on the container's ports,
 //   checkpoint to a volumeClaimTemplate, restore on start, and terminationGracePeriodSeconds is
 //   longer than the preStop sleep + --drain_grace + --shutdown_timeout;
+// - replica-group: each member's --collective_host is its own stable name; the trainer Job names
+//   every member in rank order and is locked down like the daemons;
 // - gpu: --backend=cuda, an nvidia.com/gpu limit and a toleration for the nvidia.com/gpu taint;
 //   cpu: --backend=cpu, no GPU, a memory limit.
 
@@ -51,6 +53,58 @@ const selects = (selector, labels) =>
 function portOf(address) {
   const m = /:(\d+)$/.exec(address ?? "");
   return m ? Number(m[1]) : NaN;
+}
+
+// The container of `pod` is locked down and its image tag pinned (the daemons' and the trainer's).
+function lockedDown(fail, S, pod, container) {
+  const psc = pod.securityContext ?? {};
+  const csc = container.securityContext ?? {};
+  if ((csc.runAsNonRoot ?? psc.runAsNonRoot) !== true) fail(S, "runAsNonRoot must be true");
+  if ((csc.runAsUser ?? psc.runAsUser) === 0) fail(S, "runAsUser must not be 0");
+  if (csc.readOnlyRootFilesystem !== true) fail(S, "container securityContext.readOnlyRootFilesystem must be true");
+  if (csc.allowPrivilegeEscalation !== false) fail(S, "container securityContext.allowPrivilegeEscalation must be false");
+  if (csc.privileged === true) fail(S, "container must not be privileged");
+  if (!(csc.capabilities?.drop ?? []).includes("ALL")) fail(S, "container capabilities must drop ALL");
+  if ((csc.capabilities?.add ?? []).length) fail(S, `container adds capabilities ${csc.capabilities.add}`);
+  if ((csc.seccompProfile ?? psc.seccompProfile)?.type !== "RuntimeDefault") fail(S, "seccompProfile must be RuntimeDefault");
+  if (pod.hostNetwork || pod.hostPID || pod.hostIPC) fail(S, "must not use the host's network, PID or IPC namespace");
+  const image = container.image ?? "";
+  if (!/@sha256:[0-9a-f]{64}$/.test(image) && !/:[\w][\w.-]*$/.test(image.split("/").pop())) fail(S, `image ${image} has no tag`);
+  else if (/:latest$/.test(image)) fail(S, `image ${image} is not pinned (:latest)`);
+}
+
+// replica-group: the trainer Job reaches every member, rank r = pod r, by its stable name in the
+// headless Service, on the gRPC port; it is not selected as a daemon.
+function checkTrainer(fail, objects, sts, podLabels) {
+  const jobs = objects.filter((o) => o.kind === "Job");
+  if (jobs.length !== 1) {
+    fail("Job", `replica-group: expected the trainer Job, found ${jobs.length} Jobs`);
+    return;
+  }
+  const J = `Job/${jobs[0].metadata?.name}`;
+  const pod = jobs[0].spec?.template?.spec ?? {};
+  const labels = jobs[0].spec?.template?.metadata?.labels ?? {};
+  const container = (pod.containers ?? [])[0];
+  if (!container) {
+    fail(J, "no container");
+    return;
+  }
+  lockedDown(fail, J, pod, container);
+  if (selects(sts.spec?.selector?.matchLabels, labels) ||
+      Object.entries(podLabels).every(([k, v]) => labels[k] === v)) {
+    fail(J, "its pods carry the daemons' labels: the Services would send clients to the trainer");
+  }
+  const arg = (container.args ?? []).find((a) => a.startsWith("--target="));
+  const targets = arg ? arg.slice("--target=".length).split(",") : [];
+  const ns = (container.env ?? []).find((e) => e.valueFrom?.fieldRef?.fieldPath === "metadata.namespace")?.name;
+  const want = [];
+  for (let r = 0; r < (sts.spec?.replicas ?? 1); ++r) {
+    want.push(`${sts.metadata?.name}-${r}.${sts.spec?.serviceName}.$(${ns ?? "POD_NAMESPACE"}).svc:${GRPC_PORT}`);
+  }
+  if (!ns) fail(J, "no env var from fieldRef metadata.namespace for the members' names");
+  if (targets.join(",") !== want.join(",")) {
+    fail(J, `--target=${targets.join(",")}, expected the ${want.length} members in rank order: ${want.join(",")}`);
+  }
 }
 
 export function checkPolicy(objects, variant) {
@@ -125,20 +179,7 @@ export function checkPolicy(objects, variant) {
   if (rules.length !== 1 || !(rules[0].spec?.groups?.length > 0)) fail("PrometheusRule", "expected one with rule groups");
 
   // Security.
-  const psc = pod.securityContext ?? {};
-  const csc = container.securityContext ?? {};
-  if ((csc.runAsNonRoot ?? psc.runAsNonRoot) !== true) fail(S, "runAsNonRoot must be true");
-  if ((csc.runAsUser ?? psc.runAsUser) === 0) fail(S, "runAsUser must not be 0");
-  if (csc.readOnlyRootFilesystem !== true) fail(S, "container securityContext.readOnlyRootFilesystem must be true");
-  if (csc.allowPrivilegeEscalation !== false) fail(S, "container securityContext.allowPrivilegeEscalation must be false");
-  if (csc.privileged === true) fail(S, "container must not be privileged");
-  if (!(csc.capabilities?.drop ?? []).includes("ALL")) fail(S, "container capabilities must drop ALL");
-  if ((csc.capabilities?.add ?? []).length) fail(S, `container adds capabilities ${csc.capabilities.add}`);
-  if ((csc.seccompProfile ?? psc.seccompProfile)?.type !== "RuntimeDefault") fail(S, "seccompProfile must be RuntimeDefault");
-  if (pod.hostNetwork || pod.hostPID || pod.hostIPC) fail(S, "must not use the host's network, PID or IPC namespace");
-  const image = container.image ?? "";
-  if (!/@sha256:[0-9a-f]{64}$/.test(image) && !/:[\w][\w.-]*$/.test(image.split("/").pop())) fail(S, `image ${image} has no tag`);
-  else if (/:latest$/.test(image)) fail(S, `image ${image} is not pinned (:latest)`);
+  lockedDown(fail, S, pod, container);
 
   // Probes.
   for (const probe of ["startupProbe", "livenessProbe", "readinessProbe"]) {
@@ -221,6 +262,7 @@ export function checkPolicy(objects, variant) {
     const env = new Map((container.env ?? []).map((e) => [e.name, e.valueFrom?.fieldRef?.fieldPath]));
     if (env.get("POD_NAME") !== "metadata.name") fail(S, "replica-group: env POD_NAME must come from fieldRef metadata.name");
     if (!(spec.replicas >= 2)) fail(S, `replica-group: replicas ${spec.replicas}, a group needs at least 2`);
+    checkTrainer(fail, objects, sts, podLabels);
   }
   if (variant === "cpu" || variant === "replica-group") {
     if (limits["nvidia.com/gpu"] !== undefined || requests["nvidia.com/gpu"] !== undefined) fail(S, "cpu: asks for an nvidia.com/gpu");
