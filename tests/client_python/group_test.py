@@ -7,7 +7,8 @@
   one daemon fed the whole batch to rounding, and each step all-reduces the gradients once (the
   Step reuses GradNorm's mean).
 - bench/scale_replicas.py runs small against two daemons.
-- A replicated stage runs its replicas' Forward and Backward calls at once.
+- A replicated stage runs its replicas' Forward and Backward calls at once, starts averaging its
+  gradients while earlier stages run backward, and no_sync() defers that for accumulation.
 - A group that cannot form (mismatched blocks) leaves no group behind on any member.
 """
 import contextlib
@@ -68,6 +69,16 @@ class GroupTestBase(unittest.TestCase):
     def assertSameState(self, a, b, what):
         for kind in a:
             self.assertBitwise(a[kind], b[kind], f"{what}, {kind}")
+
+    def assertMeanGradient(self, members, block_id, ref_client, ref_id):
+        """The members' gradients (before the group Step averages them in) have the mean of
+        `ref_id`'s, one daemon's on the whole batch: ||mean - ref|| <= 1e-5 ||ref|| per tensor."""
+        grads = [m.download_tensors(block_id, kind="gradients", as_torch=True) for m in members]
+        want = ref_client.download_tensors(ref_id, kind="gradients", as_torch=True)
+        for name, w in want.items():
+            mean = sum(g[name].double() for g in grads) / len(grads)
+            err = (mean - w.double()).norm().item()
+            self.assertLessEqual(err, 1e-5 * w.double().norm().item(), f"{block_id} {name}: mean gradient vs one daemon")
 
     def assertBitwise(self, a, b, what):
         self.assertEqual(list(a), list(b), what)
@@ -149,16 +160,16 @@ class ReplicaGroupTest(GroupTestBase):
         params = sum(c0.get_block(b).parameter_count for b in ids)
         for step in range(3):
             x, target = self.randn(4, 5, 32), self.randn(4, 5, 32)  # rows 0-1 to rank 0, 2-3 to rank 1
-            (model(x) * target).sum().backward()
-            (ref(x) * target).sum().backward()
             bytes_before = c0.get_group("dp").collective_bytes
+            (model(x) * target).sum().backward()  # the stage starts averaging as its backward ends
+            (ref(x) * target).sum().backward()
             result = model.step(max_grad_norm=0.05, **HYPER)
             moved = c0.get_group("dp").collective_bytes - bytes_before
             norm = opt.step()
             self.assertFalse(result.skipped)
             self.assertLess(result.clip_coefficient, 1.0, "the test must clip")
             self.assertAlmostEqual(result.grad_norm, norm, delta=1e-5 * norm)
-            # GradNorm all-reduced the gradients; the Step reused its mean (only flags moved).
+            # The overlapped GradNorm all-reduced the gradients; the Step reused its mean (only flags moved).
             self.assertGreaterEqual(moved, 4 * params)
             self.assertLess(moved, 4 * params + 1024, f"step {step}: the gradients were all-reduced twice")
             model.zero_grad()
@@ -238,6 +249,87 @@ class ReplicaGroupTest(GroupTestBase):
         with self.assertRaises(SystemExit):  # more replicas than daemons
             with contextlib.redirect_stderr(io.StringIO()):
                 bench.parse_args([f"--targets={targets}", "--replicas=3"])
+
+    def test_a_stage_averages_its_gradients_while_earlier_stages_run_backward(self):
+        # Two replicated stages: A (group ga on c0, c1), then B (group gb on c1, c2). B's group
+        # GradNorm must start while A's backward is still running: rank 0 of A's Backward waits at a
+        # barrier for rank 0 of B's GradNorm, which breaks if B only averaged at step().
+        c0, c1, c2 = self.clients
+        for c in (c0, c1):
+            c.create_block("oa", CFG, layer_index=0, seed=5)
+        for c in (c1, c2):
+            c.create_block("ob", CFG, layer_index=1, seed=6)
+        c0.create_block("ra", CFG, layer_index=0, seed=5)
+        c0.create_block("rb", CFG, layer_index=1, seed=6)
+        ga = blockd.ReplicaGroup.form([c0, c1], "ga", ["oa"], timeout_ms=60000)
+        gb = blockd.ReplicaGroup.form([c1, c2], "gb", ["ob"], timeout_ms=60000)
+        model = blockd.RemoteModel([ga, gb])
+        ref = blockd.RemoteSpan(c0, ["ra", "rb"])
+        barrier = threading.Barrier(2, timeout=60)
+        met = []
+
+        class Meeting:
+            def __init__(self, client, method):
+                self.client, self.method = client, method
+
+            def __getattr__(self, name):
+                attr = getattr(self.client, name)
+                if name != self.method:
+                    return attr
+
+                def meet(*args, **kwargs):
+                    if not met.count(name):
+                        met.append(name)
+                        barrier.wait()
+                    return attr(*args, **kwargs)
+                return meet
+
+        model.stages[0].spans[0].client = Meeting(c0, "backward")
+        gb.clients[0] = Meeting(c1, "grad_norm")
+        bytes_before = c1.get_group("gb").collective_bytes
+        x, target = self.randn(4, 3, 32), self.randn(4, 3, 32)
+        (model(x) * target).sum().backward()
+        self.assertEqual(sorted(met), ["backward", "grad_norm"])
+        (ref(x) * target).sum().backward()
+        self.assertMeanGradient((c0, c1), "oa", c0, "ra")
+        self.assertMeanGradient((c1, c2), "ob", c0, "rb")
+        result = model.step(max_grad_norm=0.05, **HYPER)
+        ref_norm = c0.step(["ra", "rb"], max_grad_norm=0.05, **HYPER).grad_norm
+        self.assertAlmostEqual(result.grad_norm, ref_norm, delta=1e-5 * ref_norm)
+        params = c1.get_block("ob").parameter_count
+        moved = c1.get_group("gb").collective_bytes - bytes_before
+        self.assertLess(moved, 4 * params + 1024, "the gradients were all-reduced twice")
+        for block, members in (("oa", (c0, c1)), ("ob", (c1, c2))):
+            self.assertSameState(self.state(members[0], block), self.state(members[1], block), block)
+        ga.leave()
+        gb.leave()
+
+    def test_no_sync_accumulates_without_averaging_until_the_last_backward(self):
+        c0, c1, c2 = self.clients
+        for c in (c0, c1):
+            c.create_block("n0", CFG, seed=8)
+        c2.create_block("n0", CFG, seed=8)
+        group = blockd.ReplicaGroup.form([c0, c1], "ns", ["n0"], timeout_ms=60000)
+        model = blockd.RemoteModel(group)
+        ref = blockd.RemoteSpan(c2, "n0")
+        params = c0.get_block("n0").parameter_count
+        batches = [(self.randn(2, 3, 32), self.randn(2, 3, 32)) for _ in range(3)]
+        start = c0.get_group("ns").collective_bytes
+        with model.no_sync():
+            for x, target in batches[:2]:
+                (model(x) * target).sum().backward()
+        self.assertEqual(c0.get_group("ns").collective_bytes, start, "no_sync averaged the gradients")
+        x, target = batches[2]
+        (model(x) * target).sum().backward()  # the last micro-batch averages all three
+        for x, target in batches:
+            (ref(x) * target).sum().backward()
+        self.assertMeanGradient((c0, c1), "n0", c2, "n0")
+        model.step(**HYPER)
+        moved = c0.get_group("ns").collective_bytes - start
+        self.assertGreaterEqual(moved, 4 * params)
+        self.assertLess(moved, 4 * params + 1024, "accumulated gradients were averaged more than once")
+        self.assertSameState(self.state(c0, "n0"), self.state(c1, "n0"), "replicas")
+        group.leave()
 
     def test_bad_group_calls_raise_clear_errors_and_change_nothing(self):
         c0, c1, _ = self.clients

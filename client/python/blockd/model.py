@@ -18,6 +18,7 @@ calls at once from its own threads, and scales the gradients it sends each repli
 holding the stage, to rounding.
 """
 import collections
+import contextlib
 import math
 from concurrent import futures
 
@@ -169,6 +170,7 @@ class _ReplicatedFunction(torch.autograd.Function):
         grads = [g * n for g in grads] + [torch.zeros_like(out) for out in ctx.unfed]
         grad_inputs = _each_replica(stage.pool, lambda i: backward_through(stage.spans[i], ctx.activations[i], grads[i]),
                                     len(grads))
+        stage.after_backward()
         return None, torch.cat([g * (1.0 / n) for g in grad_inputs[:fed]], dim=0), None, None
 
 
@@ -181,6 +183,11 @@ class _ReplicatedStage(torch.nn.Module):
         self.spans = torch.nn.ModuleList(group.spans(wire_dtype))
         self.pool = futures.ThreadPoolExecutor(max_workers=len(self.spans), thread_name_prefix="blockd-replica")
         self._anchor = torch.empty(0, requires_grad=True)  # the remote weights always want gradients
+        self.overlap = True   # average the gradients as soon as this stage's backward is done
+        self.sync = True      # False inside RemoteModel.no_sync()
+        self._reducer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockd-reduce")
+        self._backwards = 0   # backward passes through this stage so far
+        self._pending = None  # (self._backwards when it started, Future of the group's GradNormResult)
 
     def split(self, x):
         """x's rows in as even parts as they go (torch.tensor_split), one per replica in rank
@@ -196,13 +203,42 @@ class _ReplicatedStage(torch.nn.Module):
         return torch.cat(_each_replica(self.pool, lambda i: self.spans[i](parts[i], position_offset), len(parts)),
                          dim=0)
 
+    def after_backward(self):
+        """The stage's gradients for this backward are in: start averaging them over the group
+        (GradNorm, whose mean the group Step reuses) while the earlier stages' backward runs."""
+        self._backwards += 1
+        if self.overlap and self.sync:
+            self._settle()
+            self._pending = (self._backwards, self._reducer.submit(self.group.grad_norm))
+
+    def _settle(self):
+        """Waits for an averaging in flight (no other group call may overlap it); its result if
+        no backward has added to the gradients since it started, else None."""
+        if self._pending is None:
+            return None
+        started, future = self._pending
+        self._pending = None
+        try:
+            result = future.result()
+        except BlockdError:
+            if started == self._backwards:
+                raise
+            return None  # stale anyway; a broken group says so at its next call
+        return result if started == self._backwards else None
+
     def grad_norm(self):
-        return self.group.grad_norm()
+        done = self._settle()
+        return done if done is not None else self.group.grad_norm()
 
     def step(self, **hyper):
+        self._settle()
         return self.group.step(**hyper)[0]
 
     def zero_grad_remote(self):
+        try:
+            self._settle()
+        except BlockdError:
+            pass  # the gradients are being cleared; the group's state shows at its next call
         self.group.zero_grad()
 
 
@@ -226,9 +262,14 @@ class _SpanStage(torch.nn.Module):
 
 class RemoteModel(torch.nn.Module):
     """Stages run in order: each a RemoteSpan (blocks on one daemon) or a ReplicaGroup (the same
-    blocks on several daemons, the batch's rows spread over them)."""
+    blocks on several daemons, the batch's rows spread over them).
 
-    def __init__(self, stages, wire_dtype="fp32"):
+    overlap=True (as DDP): a replicated stage starts averaging its gradients over its group (a
+    group GradNorm, whose mean the group Step reuses) as soon as its backward is done, while the
+    earlier stages' backward and the local modules' still run. Accumulating micro-batches, run all
+    but the last backward inside `with model.no_sync():` so that only the last one averages."""
+
+    def __init__(self, stages, wire_dtype="fp32", overlap=True):
         super().__init__()
         if isinstance(stages, (RemoteSpan, ReplicaGroup)):
             stages = [stages]
@@ -242,7 +283,24 @@ class RemoteModel(torch.nn.Module):
                 raise TypeError(f"a RemoteModel stage is a RemoteSpan or a ReplicaGroup, not {type(s).__name__}")
         if not built:
             raise ValueError("RemoteModel needs at least one stage")
+        for stage in built:
+            if isinstance(stage, _ReplicatedStage):
+                stage.overlap = bool(overlap)
         self.stages = torch.nn.ModuleList(built)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside only accumulate gradients on each replica; the first backward
+        after it (or the step) averages them. As DistributedDataParallel.no_sync."""
+        replicated = [s for s in self.stages if isinstance(s, _ReplicatedStage)]
+        before = [s.sync for s in replicated]
+        for s in replicated:
+            s.sync = False
+        try:
+            yield
+        finally:
+            for s, was in zip(replicated, before):
+                s.sync = was
 
     def forward(self, x, position_offset=0):
         for stage in self.stages:
