@@ -45,6 +45,9 @@ void AddGlobalFlags(FlagSet* flags, GlobalFlags* g) {
   flags->Duration("timeout", &g->timeout, "deadline of each call (30s, 2m, inf)");
   flags->Int("max_message_bytes", &g->max_message_bytes,
              "largest gRPC message sent or received (keep it at or below the server's --max_message_bytes)");
+  flags->String("transport", &g->transport,
+                "how forward and generate move tensors: grpc (in the messages), auto (shared memory when the "
+                "daemon is on this host and allows it), shared_memory");
   flags->Bool("json", &g->json, "print replies as JSON (info, list, get, create, step)");
   flags->Section("");
 }
@@ -55,6 +58,15 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectWith(const GlobalFlags& g, int64_
   o.timeout = g.timeout;
   o.max_message_bytes = g.max_message_bytes;
   o.client_id = g.client_id;
+  if (g.transport == "grpc") {
+    o.transport = Transport::kGrpc;
+  } else if (g.transport == "auto") {
+    o.transport = Transport::kAuto;
+  } else if (g.transport == "shared_memory") {
+    o.transport = Transport::kSharedMemory;
+  } else {
+    return Usage(absl::StrCat("--transport=", g.transport, ": expected grpc, auto or shared_memory"));
+  }
   o.token = g.token;
   if (!g.token_file.empty()) {
     std::ifstream in(g.token_file);

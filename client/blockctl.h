@@ -52,6 +52,7 @@ struct GlobalFlags {
   std::string client_id = "blockctl";
   absl::Duration timeout = absl::Seconds(60);
   int64_t max_message_bytes = 256 << 20;
+  std::string transport = "grpc";
   bool json = false;
 };
 

@@ -47,6 +47,13 @@ class Status;
 
 namespace blockd {
 
+// How Forward, Backward and InferStep carry their tensors (ClientOptions::transport).
+enum class Transport {
+  kGrpc,          // inside the messages
+  kAuto,          // through shared memory when the daemon is on this host and allows it, else inside
+  kSharedMemory,  // through shared memory, or the call fails saying why not
+};
+
 struct ClientOptions {
   std::string target = "localhost:50051";
   // Deadline of every call, counted from its start; absl::InfiniteDuration() for none.
@@ -70,6 +77,12 @@ struct ClientOptions {
   // several Forward/Backward calls of tens of MB in flight gets them through in parallel with one
   // connection per call in flight.
   int connections = 1;
+  // kAuto / kSharedMemory: a Forward, Backward or InferStep whose tensor carries its bytes inline
+  // (and names no region of its own) travels through one of this client's shared-memory regions
+  // (client/shared_memory_region.h) instead, and its reply comes back inline, as if it had
+  // travelled in the messages. One region per call in flight, at most 8, reused; kAuto falls back
+  // to the messages for good when the daemon is on another host or refuses shared memory.
+  Transport transport = Transport::kGrpc;
 };
 
 // Per-call overrides.
@@ -199,6 +212,17 @@ class Client {
 
   // The stub of the next connection, round robin.
   v1::BlockService::Stub* NextStub();
+  // The activation calls as sent (the public ones choose the transport first).
+  absl::StatusOr<v1::ForwardResponse> SendForward(const v1::ForwardRequest& request, const CallOptions& call);
+  absl::StatusOr<v1::BackwardResponse> SendBackward(const v1::BackwardRequest& request, const CallOptions& call);
+  absl::StatusOr<v1::InferStepResponse> SendInferStep(const v1::InferStepRequest& request, const CallOptions& call);
+  // Whether options_.transport sends `tensor` of a request through shared memory.
+  bool WantsSharedMemory(const v1::Tensor& tensor, bool names_output_region) const;
+  // `request` with its tensor's bytes moved through a region of the pool, sent by `send`; the
+  // reply's tensor inline. Inline when kAuto finds no shared memory.
+  template <class Req, class Resp>
+  absl::StatusOr<Resp> ThroughSharedMemory(Req request, const CallOptions& call,
+                                           absl::StatusOr<Resp> (Client::*send)(const Req&, const CallOptions&));
 
   ClientOptions options_;
   std::vector<std::shared_ptr<grpc::Channel>> channels_;
@@ -206,6 +230,10 @@ class Client {
   std::atomic<uint64_t> next_stub_{0};
   struct HealthStub;
   std::unique_ptr<HealthStub> health_;
+  // Shared-memory regions for options_.transport; last, so its regions unregister through the
+  // channels while they still exist.
+  class RegionPool;
+  std::unique_ptr<RegionPool> regions_;
 };
 
 }  // namespace blockd

@@ -188,6 +188,21 @@ TEST_F(Blockctl, ARequestOverTheMessageLimitSaysWhichLimitAndWhatToDo) {
   ASSERT_OK(c->Forward({"m0"}, RandomTensor({1, 16, 32}, 7), false).status());
 }
 
+TEST(BlockctlTransport, SharedMemoryCarriesWhatTheMessageLimitWouldRefuse) {
+  ServerOptions o = LoopbackOptions();
+  o.service.shared_memory.allowed = true;
+  auto server = StartServer(o);
+  ASSERT_NE(server, nullptr);
+  ASSERT_OK(ConnectTo(*server)->CreateBlock(CreateRequest("m0", TinyConfig(), 4)).status());
+  const std::string ctl = absl::StrCat("--target=", TargetOf(*server), " --max_message_bytes=65536 ");
+  // 128 KiB of input over a 64 KiB limit: refused inline, carried by reference through shared memory.
+  EXPECT_RUN(RunBlockctl(ctl + "forward m0 --batch=8 --seq=128"), 1, "over the 64 KiB message limit");
+  EXPECT_RUN(RunBlockctl(ctl + "--transport=shared_memory forward m0 --batch=8 --seq=128"), 0, "[8,128,32]");
+  EXPECT_RUN(RunBlockctl(ctl + "--transport=auto forward m0 --batch=8 --seq=128"), 0, "[8,128,32]");
+  EXPECT_RUN(RunBlockctl(ctl + "--transport=ipc forward m0"), 2, "--transport=ipc: expected grpc, auto or shared_memory");
+  EXPECT_TRUE(ConnectTo(*server)->ListSharedMemory()->empty()) << "blockctl left its region registered";
+}
+
 TEST(BlockctlMessageSize, TheServersSmallerLimitGetsTheSameAdvice) {
   ServerOptions o = LoopbackOptions();
   o.service.max_message_bytes = 64 << 10;

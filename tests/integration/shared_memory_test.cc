@@ -2,12 +2,15 @@
 // on the Infer stream) give bitwise the bytes, gradients and session lengths the inline path gives;
 // regions are private to the identity that registered them; a client that dies with regions
 // registered leaves nothing once their TTL passes; a daemon without --allow_shared_memory refuses.
+// ClientOptions::transport moves inline tensors through the client's own regions by itself.
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -228,6 +231,131 @@ TEST(SharedMemory, ADeadClientLeavesNothingAfterTheTtl) {
   }
   EXPECT_TRUE(gone) << "the region was not unregistered within 30 s of its 1 s TTL";
   EXPECT_EQ(OpenDescriptorsOf(key), 0) << "the server still holds the dead client's object open";
+}
+
+// ClientOptions::transport: the client moves inline tensors through its own regions by itself.
+std::unique_ptr<Client> ConnectWith(const Server& server, Transport transport, const std::string& id,
+                                    int64_t max_message_bytes = 256 << 20) {
+  ClientOptions o;
+  o.transport = transport;
+  o.client_id = id;
+  o.max_message_bytes = max_message_bytes;
+  return ConnectTo(server, o);
+}
+
+TEST(SharedMemory, TheClientsAutoTransportIsBitwiseTheInlinePath) {
+  auto server = StartServer(ShmOptions());
+  ASSERT_NE(server, nullptr);
+  // A 16 KiB message limit: the 64 KiB tensors below can only travel by reference.
+  auto viaShm = ConnectWith(*server, Transport::kAuto, "auto", 16 << 10);
+  auto viaMsg = ConnectWith(*server, Transport::kGrpc, "inline");
+  for (const char* id : {"a", "m"}) ASSERT_OK(viaMsg->CreateBlock(CreateRequest(id, TinyConfig(true), 21)).status());
+  const v1::Tensor x = RandomTensor({4, 128, 32}, 31);  // 64 KiB of fp32
+  const v1::Tensor g = RandomTensor({4, 128, 32}, 32);
+  EXPECT_STATUS(ConnectWith(*server, Transport::kGrpc, "small", 16 << 10)->Forward({"m"}, x, false).status(),
+                StatusCode::kResourceExhausted);
+  for (int round = 0; round < 2; ++round) {  // the second round reuses the region
+    auto y_msg = viaMsg->Forward({"m"}, x, true);
+    auto y_shm = viaShm->Forward({"a"}, x, true);
+    ASSERT_TRUE(y_msg.ok() && y_shm.ok()) << y_msg.status() << y_shm.status();
+    EXPECT_FALSE(y_shm->output().has_shared_memory()) << "the reply comes back inline";
+    EXPECT_TRUE(y_shm->output().data() == y_msg->output().data()) << "round " << round << ": Forward differs";
+    v1::BackwardRequest back;  // the request form, as built by hand
+    back.set_activation_id(y_shm->activation_id());
+    *back.mutable_grad_output() = g;
+    auto dx_shm = viaShm->Backward(back);
+    auto dx_msg = viaMsg->Backward(y_msg->activation_id(), g);
+    ASSERT_TRUE(dx_msg.ok() && dx_shm.ok()) << dx_msg.status() << dx_shm.status();
+    EXPECT_TRUE(dx_shm->grad_input().data() == dx_msg->grad_input().data()) << "round " << round;
+  }
+  auto ga = viaMsg->DownloadTensors("a", v1::TENSOR_KIND_GRADIENTS);
+  auto gm = viaMsg->DownloadTensors("m", v1::TENSOR_KIND_GRADIENTS);
+  ASSERT_TRUE(ga.ok() && gm.ok());
+  for (size_t i = 0; i < gm->size(); ++i) EXPECT_EQ((*ga)[i].data, (*gm)[i].data) << (*gm)[i].name;
+  // An InferStep the same way.
+  v1::OpenSessionRequest open;
+  open.add_block_ids("a");
+  open.set_batch_size(4);
+  open.set_max_length(128);
+  auto sa = viaShm->OpenSession(open);
+  open.set_block_ids(0, "m");
+  auto sm = viaMsg->OpenSession(open);
+  ASSERT_TRUE(sa.ok() && sm.ok()) << sa.status() << sm.status();
+  v1::InferStepRequest step;
+  *step.mutable_hidden_states() = x;
+  step.set_session_id(sa->session_id());
+  auto ia = viaShm->InferStep(step);
+  step.set_session_id(sm->session_id());
+  auto im = viaMsg->InferStep(step);
+  ASSERT_TRUE(ia.ok() && im.ok()) << ia.status() << im.status();
+  EXPECT_TRUE(ia->hidden_states().data() == im->hidden_states().data());
+  auto regions = viaShm->ListSharedMemory();
+  ASSERT_TRUE(regions.ok());
+  EXPECT_EQ(regions->size(), 1u) << "calls one after another share one region";
+  auto none = viaMsg->ListSharedMemory();
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
+  viaShm.reset();  // the client's regions go with it
+  auto after = ConnectWith(*server, Transport::kGrpc, "auto")->ListSharedMemory();
+  ASSERT_TRUE(after.ok());
+  EXPECT_TRUE(after->empty()) << "a closed client left its regions registered";
+}
+
+TEST(SharedMemory, TheClientsAutoTransportUsesARegionPerCallInFlight) {
+  auto server = StartServer(ShmOptions());
+  ASSERT_NE(server, nullptr);
+  auto client = ConnectWith(*server, Transport::kAuto, "many");
+  ASSERT_OK(client->CreateBlock(CreateRequest("b", TinyConfig(), 5)).status());
+  const v1::Tensor x = RandomTensor({2, 64, 32}, 41);
+  auto want = client->Forward({"b"}, x, false);
+  ASSERT_TRUE(want.ok()) << want.status();
+  std::vector<std::thread> threads;
+  std::atomic<int> wrong{0};
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 10; ++i) {
+        auto y = client->Forward({"b"}, x, false);
+        if (!y.ok() || y->output().data() != want->output().data()) ++wrong;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0) << "calls in flight at once mixed their regions";
+  auto regions = client->ListSharedMemory();
+  ASSERT_TRUE(regions.ok());
+  EXPECT_GE(regions->size(), 1u);
+  EXPECT_LE(regions->size(), 8u);
+}
+
+TEST(SharedMemory, TheClientsAutoTransportFallsBackAndInsistingSaysWhy) {
+  auto server = StartServer(LoopbackOptions());  // shared memory off
+  ASSERT_NE(server, nullptr);
+  auto autoClient = ConnectWith(*server, Transport::kAuto, "auto");
+  ASSERT_OK(autoClient->CreateBlock(CreateRequest("b", TinyConfig(), 3)).status());
+  const v1::Tensor x = RandomTensor({1, 4, 32}, 51);
+  for (int i = 0; i < 2; ++i) ASSERT_OK(autoClient->Forward({"b"}, x, false).status());
+  auto shmClient = ConnectWith(*server, Transport::kSharedMemory, "auto");
+  EXPECT_STATUS(shmClient->Forward({"b"}, x, false).status(), StatusCode::kFailedPrecondition,
+                "--allow_shared_memory");
+  // A region that expires between calls (--shared_memory_ttl) is replaced and the call sent again.
+  ServerOptions o = ShmOptions();
+  o.service.shared_memory.ttl = absl::Seconds(1);
+  auto short_ttl = StartServer(o);
+  ASSERT_NE(short_ttl, nullptr);
+  auto c = ConnectWith(*short_ttl, Transport::kSharedMemory, "ttl");
+  ASSERT_OK(c->CreateBlock(CreateRequest("b", TinyConfig(), 3)).status());
+  auto first = c->Forward({"b"}, x, false);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  for (bool gone = false; !gone && absl::Now() < deadline;) {
+    absl::SleepFor(absl::Milliseconds(100));
+    auto listed = ConnectWith(*short_ttl, Transport::kGrpc, "ttl")->ListSharedMemory();
+    ASSERT_TRUE(listed.ok());
+    gone = listed->empty();
+  }
+  auto again = c->Forward({"b"}, x, false);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->output().data() == first->output().data());
 }
 
 TEST(SharedMemory, OffUnlessAllowed) {
