@@ -18,10 +18,8 @@
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
 #include "tests/integration/blockctl_harness.h"
+#include "tests/proto/hf_config_cases.h"
 
-#ifndef HF_CONFIGS_JSON
-#error "HF_CONFIGS_JSON must name tests/proto/hf_configs.json"
-#endif
 
 namespace blockd::testing {
 namespace {
@@ -30,29 +28,14 @@ using nlohmann::json;
 
 // ---- create --config: the refusals of import-hf ----------------------------------------------
 
-json ConfigOf(const json& all, const json& c) {
-  json config = all["base"];
-  for (const auto& [key, value] : c["set"].items()) {
-    if (value.is_null()) {
-      config.erase(key);
-    } else {
-      config[key] = value;
-    }
-  }
-  if (c.value("wrap_in_text_config", false)) return json{{"model_type", "llava"}, {"text_config", config}};
-  return config;
-}
-
 TEST_F(Blockctl, CreateFromConfigRefusesWhatImportHfRefuses) {
-  std::ifstream in(HF_CONFIGS_JSON);
-  json all;
-  in >> all;
+  const json all = HfConfigCases();
   int refused = 0, created = 0;
   for (const json& c : all["cases"]) {
     const std::string name = c["name"];
     SCOPED_TRACE(name);
     const std::string path = absl::StrCat(dir_, "/", name, ".json");
-    std::ofstream(path) << ConfigOf(all, c).dump(2);
+    std::ofstream(path) << HfConfigOf(all, c).dump(2);
     Ran r = Ctl(absl::StrCat("create ", name, " --config=", path, " --seed=1"));
     if (c.contains("error")) {
       ++refused;

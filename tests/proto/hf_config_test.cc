@@ -6,44 +6,23 @@
 
 #include "proto/config_convert.h"
 #include "proto/hf_config.h"
-
-#ifndef HF_CONFIGS_JSON
-#error "HF_CONFIGS_JSON must name tests/proto/hf_configs.json"
-#endif
+#include "tests/proto/hf_config_cases.h"
 
 namespace blockd {
 namespace {
 
 using nlohmann::json;
 
-json Cases() {
-  std::ifstream in(HF_CONFIGS_JSON);
-  json j;
-  in >> j;
-  return j;
-}
-
-// `base` with the case's `set` applied (null deletes), wrapped in text_config when the case says so.
-json ConfigOf(const json& all, const json& c) {
-  json config = all["base"];
-  for (const auto& [key, value] : c["set"].items()) {
-    if (value.is_null()) {
-      config.erase(key);
-    } else {
-      config[key] = value;
-    }
-  }
-  if (c.value("wrap_in_text_config", false)) return json{{"model_type", "llava"}, {"text_config", config}};
-  return config;
-}
+using testing::HfConfigCases;
+using testing::HfConfigOf;
 
 TEST(HfConfig, SharedCases) {
-  const json all = Cases();
+  const json all = HfConfigCases();
   ASSERT_GE(all["cases"].size(), 10u) << HF_CONFIGS_JSON;
   for (const json& c : all["cases"]) {
     const std::string name = c["name"];
     SCOPED_TRACE(name);
-    auto got = BlockConfigFromHf(ConfigOf(all, c));
+    auto got = BlockConfigFromHf(HfConfigOf(all, c));
     if (c.contains("error")) {
       ASSERT_FALSE(got.ok()) << name << " should be refused with: " << c["error"].get<std::string>();
       EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
@@ -76,7 +55,7 @@ TEST(HfConfig, SharedCases) {
 }
 
 TEST(HfConfig, NumLayersAndFiles) {
-  const json all = Cases();
+  const json all = HfConfigCases();
   auto n = HfNumLayers(all["base"]);
   ASSERT_TRUE(n.ok()) << n.status();
   EXPECT_EQ(*n, 3);
