@@ -28,27 +28,6 @@ namespace {
 using bf16 = __nv_bfloat16;
 constexpr double kFp32Rtol = 1e-5;
 
-std::vector<bf16> ToBf16(const std::vector<float>& v) {
-  std::vector<bf16> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    const uint16_t h = Float32ToBFloat16(v[i]);
-    std::memcpy(static_cast<void*>(&out[i]), &h, 2);
-  }
-  return out;
-}
-
-std::vector<float> FromBf16(const std::vector<bf16>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    uint16_t h;
-    std::memcpy(&h, static_cast<const void*>(&v[i]), 2);
-    out[i] = BFloat16ToFloat32(h);
-  }
-  return out;
-}
-
-// Rounds through bf16, as the kernels see bf16 inputs.
-std::vector<float> RoundBf16(const std::vector<float>& v) { return FromBf16(ToBf16(v)); }
 
 class RmsNormTest : public ::testing::TestWithParam<std::tuple<int, int>> {};
 

@@ -36,26 +36,6 @@ using kernels::CudnnPlanInfo;
 using kernels::CudnnStatus;
 constexpr double u = 1.0 / 256;
 
-std::vector<bf16> ToBf16(const std::vector<float>& v) {
-  std::vector<bf16> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    const uint16_t h = Float32ToBFloat16(v[i]);
-    std::memcpy(static_cast<void*>(&out[i]), &h, 2);
-  }
-  return out;
-}
-
-std::vector<float> FromBf16(const std::vector<bf16>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    uint16_t h;
-    std::memcpy(&h, static_cast<const void*>(&v[i]), 2);
-    out[i] = BFloat16ToFloat32(h);
-  }
-  return out;
-}
-
-std::vector<float> RoundBf16(const std::vector<float>& v) { return FromBf16(ToBf16(v)); }
 
 // Columns [offset, offset + width) of rows of `stride`.
 template <class T>

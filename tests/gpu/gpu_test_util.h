@@ -8,16 +8,19 @@
 // value. The norm-wise error is bounded by rtol as well.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_format.h"
 #include "base/block_config.h"
+#include "base/dtype.h"
 
 namespace blockd::testing {
 
@@ -31,6 +34,29 @@ namespace blockd::testing {
   } while (0)
 
 #define CUDA_ASSERT(expr) ASSERT_EQ(cudaSuccess, (expr)) << #expr << ": " << cudaGetErrorString(cudaGetLastError())
+
+// Host copies of bf16 device data and back, as the kernels read and write it.
+inline std::vector<__nv_bfloat16> ToBf16(const std::vector<float>& v) {
+  std::vector<__nv_bfloat16> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    const uint16_t h = Float32ToBFloat16(v[i]);
+    std::memcpy(static_cast<void*>(&out[i]), &h, 2);
+  }
+  return out;
+}
+
+inline std::vector<float> FromBf16(const std::vector<__nv_bfloat16>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    uint16_t h;
+    std::memcpy(&h, static_cast<const void*>(&v[i]), 2);
+    out[i] = BFloat16ToFloat32(h);
+  }
+  return out;
+}
+
+// Rounds through bf16, as the kernels see bf16 inputs.
+inline std::vector<float> RoundBf16(const std::vector<float>& v) { return FromBf16(ToBf16(v)); }
 
 inline std::vector<float> RandomNormal(size_t n, uint64_t seed, float scale = 1.f, float mean = 0.f) {
   std::mt19937_64 rng(seed);
