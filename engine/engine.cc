@@ -7,6 +7,7 @@
 #include <functional>
 #include <set>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -442,11 +443,15 @@ absl::Status Engine::Forward(const ForwardArgs& args, ForwardOutput* out) {
 }
 
 absl::Status Engine::Backward(absl::string_view activation_id, absl::string_view caller, const TensorArg& grad_output,
-                              TensorOut* grad_input) {
+                              TensorOut* grad_input, absl::string_view group_id) {
   ASSIGN_OR_RETURN(ActivationHandle * handle, activations_.Acquire(activation_id, caller));
+  if (!group_id.empty() && groups_.Find(group_id, caller) == nullptr) {
+    activations_.Return(activation_id);  // a bad request: the handle stays usable
+    return absl::NotFoundError(absl::StrCat("no group ", Echo(group_id), " on this daemon (JoinGroup first)"));
+  }
   absl::Status s;
   try {
-    s = RunSpanBackward(*handle, grad_output, grad_input);
+    s = RunSpanBackward(*handle, grad_output, grad_input, group_id, caller);
   } catch (...) {
     // A backend allocation failed (the service turns it into RESOURCE_EXHAUSTED): give the handle
     // back rather than leave it marked in use for ever.
@@ -462,7 +467,8 @@ absl::Status Engine::Backward(absl::string_view activation_id, absl::string_view
   return s;
 }
 
-absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_output, TensorOut* grad_input) {
+absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_output, TensorOut* grad_input,
+                                     absl::string_view group_id, absl::string_view caller) {
   const std::vector<int64_t> expected = {h.batch, h.seq, h.width};
   if (grad_output.shape != expected) {
     return absl::InvalidArgumentError(absl::StrCat("grad_output shape ", ShapeString(grad_output.shape),
@@ -488,17 +494,44 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
   auto g_or = UploadArg(h.device, grad_output, h.batch, h.seq, h.width);
   if (!g_or.ok()) return absl::Status(g_or.status().code(), absl::StrCat("grad_output ", g_or.status().message()));
   std::unique_ptr<Activation> g = std::move(g_or).value();
+  // Last of the checks: from here a Backward naming a group has its averaging under way, and a
+  // failure below leaves the group broken (the other members' averaging waits for this one's).
+  Overlap overlap;
+  if (!group_id.empty()) {
+    ASSIGN_OR_RETURN(overlap, StartOverlap(group_id, caller, span));
+  }
+  // However this Backward ends before its last block (a status or an exception), the averaging
+  // stops waiting, and the group is failed here as on the members whose averaging waits for ours.
+  bool handed_all = false;
+  absl::Cleanup abandon = [&] {
+    if (overlap.reduce == nullptr || handed_all) return;
+    overlap.reduce->Cancel();
+    overlap.group->Break("a Backward averaging over the group failed before its last block");
+  };
   SpanLock lock(span);
-  RETURN_IF_ERROR(lock.CheckAlive());
-  for (size_t i = span.size(); i-- > 0;) {
+  absl::Status s = lock.CheckAlive();
+  for (size_t i = span.size(); s.ok() && i-- > 0;) {
     Entry& e = *span[i];
     if (g->device() != e.spec.device) {
-      ASSIGN_OR_RETURN(g, backend_->ToDevice(*g, e.spec.device));
+      absl::StatusOr<std::unique_ptr<Activation>> moved = backend_->ToDevice(*g, e.spec.device);
+      if (!moved.ok()) {
+        s = moved.status();
+        break;
+      }
+      g = *std::move(moved);
     }
     e.generations.Bump(TensorChange::kBackward);
-    ASSIGN_OR_RETURN(g, e.block->Backward(*h.saved[i], *g, /*accumulate=*/e.HasGrad()));
+    absl::StatusOr<std::unique_ptr<Activation>> next = e.block->Backward(*h.saved[i], *g, /*accumulate=*/e.HasGrad());
+    if (!next.ok()) {
+      s = next.status();
+      break;
+    }
+    g = *std::move(next);
     if (TrainsAny(e.spec, e.params)) e.SetHasGrad(true);  // a frozen block only passes dL/dx on
+    if (overlap.reduce != nullptr) OverlapBlockReady(*overlap.reduce, overlap.group_index[i], e);
   }
+  if (!s.ok()) return s;
+  handed_all = true;
   lock.Unlock();
   grad_input->tokens = h.batch * h.seq * static_cast<int64_t>(span.size());
   grad_input->dtype = grad_output.dtype;

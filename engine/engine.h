@@ -248,8 +248,12 @@ class Engine {
   // Consumes the handle on success; on a bad request the handle stays usable. `caller` must be the
   // identity that ran the Forward (ForwardArgs::client): for anyone else the handle is NOT_FOUND,
   // as if it did not exist, and stays untouched.
+  // `group_id` (optional): the caller's replica group holding exactly the span's blocks; each
+  // block's gradients start being averaged over the group as its backward finishes (host
+  // collectives; a device collective averages at GradNorm/Step as without it), and the group's
+  // next GradNorm or Step takes that mean. Use it for the last micro-batch before a group Step.
   absl::Status Backward(absl::string_view activation_id, absl::string_view caller, const TensorArg& grad_output,
-                        TensorOut* grad_input);
+                        TensorOut* grad_input, absl::string_view group_id = "");
   // Frees `caller`'s handle; NOT_FOUND as for Backward.
   absl::Status ReleaseActivations(absl::string_view activation_id, absl::string_view caller);
   absl::Status ZeroGrad(const std::vector<std::string>& block_ids);
@@ -347,7 +351,22 @@ class Engine {
                                                         int64_t width);
   absl::Status DownloadOut(const Activation& a, DType dtype, TensorOut* out);
   absl::StatusOr<EntryPtr> NewEntryFromState(const BlockState& state);
-  absl::Status RunSpanBackward(ActivationHandle& handle, const TensorArg& grad_output, TensorOut* grad_input);
+  absl::Status RunSpanBackward(ActivationHandle& handle, const TensorArg& grad_output, TensorOut* grad_input,
+                               absl::string_view group_id, absl::string_view caller);
+  // A Backward's averaging over its group: `reduce` null for a device collective.
+  struct Overlap {
+    std::shared_ptr<Group> group;
+    std::shared_ptr<OverlapReduce> reduce;
+    std::vector<size_t> group_index;  // [i]: the group's index of span block i
+  };
+  // Backward with a group: the group checked against the span, and its averaging installed.
+  absl::StatusOr<Overlap> StartOverlap(absl::string_view group_id, absl::string_view caller,
+                                       const std::vector<EntryPtr>& span);
+  // The failure of the averaging a Backward started, when it broke the group and no call has
+  // reported it yet (a group Step or GradNorm then answers its ABORTED); OK otherwise.
+  absl::Status OverlapFailure(absl::string_view group_id, absl::string_view caller);
+  // Hands block `e`'s trained gradients (final for this Backward; its lock held) to the averaging.
+  void OverlapBlockReady(OverlapReduce& overlap, size_t group_index, Entry& e);
   // Step's arithmetic on blocks locked by the caller that all have gradients.
   absl::StatusOr<StepResult> StepLocked(const std::vector<EntryPtr>& entries, const AdamWHyper& hyper,
                                         double max_grad_norm, double clip_coefficient);

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
@@ -82,6 +83,82 @@ bool Synced(const BlockSpec& spec, const ParamSpec& param, TensorKind kind) {
 }
 
 }  // namespace
+
+OverlapReduce::OverlapReduce(Group* g, std::vector<size_t> sizes)
+    : sizes_(std::move(sizes)), ready_(sizes_.size()), has_(sizes_.size(), false), versions_(sizes_.size()) {
+  size_t total = 0;
+  for (size_t n : sizes_) {
+    offsets_.push_back(total);
+    total += n;
+  }
+  mean_.assign(total, 0.f);
+  absl::MutexLock l(&join_mu_);
+  thread_ = std::thread([this, g] { Run(g); });
+}
+
+void OverlapReduce::Ready(size_t k, std::vector<float> grads, std::pair<uint64_t, uint64_t> version) {
+  absl::MutexLock l(&mu_);
+  ready_[k] = std::move(grads);
+  versions_[k] = version;
+  has_[k] = true;
+  cv_.SignalAll();
+}
+
+void OverlapReduce::Cancel() {
+  absl::MutexLock l(&mu_);
+  cancelled_ = true;
+  cv_.SignalAll();
+}
+
+void OverlapReduce::Stop() {
+  Cancel();
+  absl::MutexLock l(&join_mu_);
+  if (thread_.joinable()) thread_.join();
+}
+
+absl::Status OverlapReduce::Finish(std::vector<float>* mean, std::vector<std::pair<uint64_t, uint64_t>>* of,
+                                   CollectiveUse* use) {
+  {
+    absl::MutexLock l(&join_mu_);
+    if (thread_.joinable()) thread_.join();
+  }
+  use->calls += use_.calls;
+  use->bytes += use_.bytes;
+  use->seconds += use_.seconds;
+  use->aborted = use->aborted || use_.aborted;
+  use_ = CollectiveUse();
+  if (!status_.ok()) return status_;
+  *mean = std::move(mean_);
+  absl::MutexLock l(&mu_);
+  *of = versions_;
+  return absl::OkStatus();
+}
+
+void OverlapReduce::Run(Group* g) {
+  // Last block first: a span's backward hands them over in that order, so each block's all-reduce
+  // runs while the blocks before it compute theirs.
+  for (size_t k = sizes_.size(); k-- > 0;) {
+    std::vector<float> grads;
+    {
+      absl::MutexLock l(&mu_);
+      while (!has_[k] && !cancelled_) cv_.Wait(&mu_);
+      if (!has_[k]) {
+        status_ = absl::CancelledError("the Backward that started the group's averaging failed before its end");
+        return;
+      }
+      grads = std::move(ready_[k]);
+    }
+    for (size_t begin = 0; begin < grads.size(); begin += kBucketFloats) {
+      const size_t n = std::min(kBucketFloats, grads.size() - begin);
+      status_ = Timed(*g, &use_, n * sizeof(float), [&] { return g->collective->AllReduceSum(grads.data() + begin, n); });
+      if (!status_.ok()) return;
+    }
+    // As ReduceGradients: every member divides the same sums by the same number.
+    const float members = static_cast<float>(g->world_size);
+    for (float& x : grads) x /= members;
+    std::copy(grads.begin(), grads.end(), mean_.begin() + static_cast<std::ptrdiff_t>(offsets_[k]));
+  }
+}
 
 void Engine::AddCollectiveProvider(std::unique_ptr<CollectiveProvider> provider) {
   absl::MutexLock l(&providers_mu_);
@@ -378,8 +455,88 @@ std::vector<std::pair<uint64_t, uint64_t>> GradientVersions(const Entries& entri
 
 }  // namespace
 
+absl::StatusOr<Engine::Overlap> Engine::StartOverlap(absl::string_view group_id, absl::string_view caller,
+                                                     const std::vector<EntryPtr>& span) {
+  std::vector<std::string> ids;
+  for (const EntryPtr& e : span) ids.push_back(e->spec.id);
+  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, UsableGroup(groups_, group_id, caller, ids, "Backward"));
+  if (ids.size() != g->block_ids.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("the span names a block of group ", g->id,
+                                                   " twice: a Backward that averages over the group runs each of "
+                                                   "its blocks once"));
+  }
+  absl::MutexLock group_lock(&g->mu);
+  Overlap out;
+  out.group = g;
+  // A device collective (NCCL) averages in place on the GPU at GradNorm or Step instead.
+  if (g->collective->on_device()) return out;
+  ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, GroupEntries(*g));
+  std::vector<size_t> sizes;
+  for (const EntryPtr& e : entries) {
+    size_t n = 0;
+    for (const ParamSpec& p : e->params) n += Synced(e->spec, p, TensorKind::kGradients) ? static_cast<size_t>(p.numel()) : 0;
+    sizes.push_back(n);
+  }
+  for (const EntryPtr& e : span) {
+    out.group_index.push_back(static_cast<size_t>(
+        std::find(g->block_ids.begin(), g->block_ids.end(), e->spec.id) - g->block_ids.begin()));
+  }
+  // An earlier averaging still in flight ends first (its mean is stale: this Backward adds to
+  // the gradients), as does any cached mean.
+  if (g->overlap != nullptr) g->overlap->Stop();
+  g->mean_grads = {};
+  g->mean_grads_of.clear();
+  g->mean_in_place = false;
+  g->overlap = std::make_shared<OverlapReduce>(g.get(), std::move(sizes));
+  out.reduce = g->overlap;
+  return out;
+}
+
+void Engine::OverlapBlockReady(OverlapReduce& overlap, size_t group_index, Entry& e) {
+  std::vector<float> grads;
+  for (size_t i = 0; i < e.params.size(); ++i) {
+    if (!Synced(e.spec, e.params[i], TensorKind::kGradients)) continue;
+    const size_t at = grads.size();
+    grads.resize(at + static_cast<size_t>(e.params[i].numel()));
+    // The CPU backend's reads cannot fail; a failed one leaves the averaging to time out on the
+    // other members, as a member that dies would.
+    if (!e.block->ReadTensor(TensorKind::kGradients, static_cast<int>(i), grads.data() + at).ok()) {
+      overlap.Cancel();
+      return;
+    }
+  }
+  overlap.Ready(group_index, std::move(grads), {e.serial, e.generations.Of(TensorKind::kGradients)});
+}
+
+absl::Status Engine::OverlapFailure(absl::string_view group_id, absl::string_view caller) {
+  std::shared_ptr<Group> g = groups_.Find(group_id, caller);
+  if (g == nullptr) return absl::OkStatus();
+  absl::MutexLock group_lock(&g->mu);
+  if (g->overlap == nullptr || !g->broken) return absl::OkStatus();
+  std::shared_ptr<OverlapReduce> overlap = std::move(g->overlap);
+  std::vector<float> mean;
+  std::vector<std::pair<uint64_t, uint64_t>> of;
+  CollectiveUse use;
+  absl::Status s = overlap->Finish(&mean, &of, &use);
+  return s.code() == absl::StatusCode::kCancelled ? absl::OkStatus() : s;
+}
+
 absl::Status Engine::StartGroupCall(Group& g, std::vector<EntryPtr>* entries, std::unique_ptr<SpanLock>* lock,
                                     bool* reuse_mean, CollectiveUse* use) {
+  if (g.overlap != nullptr) {
+    // The averaging a Backward started: its mean is the one GradNorm and Step reuse.
+    std::shared_ptr<OverlapReduce> overlap = std::move(g.overlap);
+    std::vector<float> mean;
+    std::vector<std::pair<uint64_t, uint64_t>> of;
+    absl::Status s = overlap->Finish(&mean, &of, use);
+    if (s.ok()) {
+      g.mean_grads = std::move(mean);
+      g.mean_grads_of = std::move(of);
+      g.mean_in_place = false;
+    } else if (s.code() != absl::StatusCode::kCancelled) {
+      return s;  // ABORTED: a collective failed and the group is broken
+    }
+  }
   if (g.broken) return absl::FailedPreconditionError(absl::StrCat("group ", g.id, " failed: ", g.Failure()));
   absl::StatusOr<std::vector<EntryPtr>> found = GroupEntries(g);
   absl::Status local = found.status();
@@ -404,6 +561,7 @@ absl::StatusOr<StepResult> Engine::GroupStep(absl::string_view group_id, absl::s
                                              double max_grad_norm, double clip_coefficient) {
   RETURN_IF_ERROR(ValidateAdamW(hyper, max_grad_norm));
   RETURN_IF_ERROR(ValidateClipCoefficient(clip_coefficient, max_grad_norm));
+  RETURN_IF_ERROR(OverlapFailure(group_id, caller));
   ASSIGN_OR_RETURN(std::shared_ptr<Group> g, UsableGroup(groups_, group_id, caller, block_ids, "Step"));
   absl::MutexLock group_lock(&g->mu);
   StepResult result;
@@ -454,6 +612,7 @@ absl::StatusOr<GradNormResult> Engine::GradNorm(const std::vector<std::string>& 
     result.finite = std::isfinite(result.sum_of_squares);
     return result;
   }
+  RETURN_IF_ERROR(OverlapFailure(group_id, caller));
   ASSIGN_OR_RETURN(std::shared_ptr<Group> g, UsableGroup(groups_, group_id, caller, block_ids, "GradNorm"));
   absl::MutexLock group_lock(&g->mu);
   std::vector<EntryPtr> entries;

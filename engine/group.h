@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -48,7 +49,57 @@ struct CollectiveUse {
   bool aborted = false;  // a collective failed: the group is broken
 };
 
+struct Group;
+
+// The averaging a Backward that names its group starts (Engine::Backward with group_id, host
+// collectives only): as each block's backward finishes, the Backward hands over a copy of the
+// block's trained gradients, and a thread of its own all-reduces them in the group's fixed order
+// (its blocks last to first, which a span's backward follows) while the earlier blocks' backward
+// still runs, as DDP's buckets do. The next group call (GradNorm or Step) waits for it and takes
+// its mean as if it had all-reduced the gradients itself. While it runs, it is the only user of
+// the group's collective: every other group call finishes it first.
+class OverlapReduce {
+ public:
+  // `sizes[k]`: floats of the trained gradients of the group's k-th block. `g` outlives the
+  // thread: the group stops it (Stop) before its collective goes.
+  OverlapReduce(Group* g, std::vector<size_t> sizes);
+  ~OverlapReduce() { Stop(); }
+  OverlapReduce(const OverlapReduce&) = delete;
+  OverlapReduce& operator=(const OverlapReduce&) = delete;
+
+  // The k-th block's gradients, final for this Backward, and their (serial, gradient generation).
+  void Ready(size_t k, std::vector<float> grads, std::pair<uint64_t, uint64_t> version);
+  // A block will never be ready (its Backward failed): the thread stops waiting.
+  void Cancel();
+  // Cancel, then wait for the thread (a collective in flight ends, or times out, first).
+  void Stop();
+  // Waits for the thread. OK: `*mean` is the group's mean gradients in the group's flat layout
+  // (blocks in order, their trained tensors in order) and `*of` their versions. ABORTED: a
+  // collective failed (the group is broken); CANCELLED: the Backward failed before the end.
+  absl::Status Finish(std::vector<float>* mean, std::vector<std::pair<uint64_t, uint64_t>>* of, CollectiveUse* use);
+
+ private:
+  void Run(Group* g);
+
+  std::vector<size_t> sizes_, offsets_;
+  absl::Mutex mu_;
+  absl::CondVar cv_;
+  std::vector<std::vector<float>> ready_ ABSL_GUARDED_BY(mu_);
+  std::vector<bool> has_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<uint64_t, uint64_t>> versions_ ABSL_GUARDED_BY(mu_);
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  // Written by the thread, read after joining it.
+  std::vector<float> mean_;
+  absl::Status status_;
+  CollectiveUse use_;
+  absl::Mutex join_mu_;  // Finish and Stop join the thread once
+  std::thread thread_ ABSL_GUARDED_BY(join_mu_);
+};
+
 struct Group : Owned {
+  ~Group() {
+    if (overlap != nullptr) overlap->Stop();  // before the collective it uses goes
+  }
   // Fixed at join.
   std::string id;
   int rank = 0;
@@ -85,6 +136,8 @@ struct Group : Owned {
   // Instead of mean_grads, for a device collective (NCCL): the GradNorm averaged the blocks'
   // gradients in place, so they are the mean themselves (mean_grads_of says of which generation).
   bool mean_in_place ABSL_GUARDED_BY(mu) = false;
+  // An averaging started by a Backward naming this group, until a group call finishes it.
+  std::shared_ptr<OverlapReduce> overlap ABSL_GUARDED_BY(mu);
 
  private:
   mutable absl::Mutex failure_mu;  // a leaf

@@ -265,7 +265,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Backward(grpc::CallbackServerContext
     RETURN_IF_ERROR(io.PrepareOutput(OutputRefOf(*req), "output_shared_memory", static_cast<int64_t>(grad.size),
                                      resp->mutable_grad_input(), &out));
     // Handles belong to the identity that ran the Forward (engine/owned.h).
-    RETURN_IF_ERROR(engine_->Backward(req->activation_id(), reactor->client(), grad, &out));
+    RETURN_IF_ERROR(engine_->Backward(req->activation_id(), reactor->client(), grad, &out, req->group_id()));
     RETURN_IF_ERROR(io.FinishOutput());
     resp->mutable_grad_input()->set_dtype(req->grad_output().dtype());
     for (int64_t d : out.shape) resp->mutable_grad_input()->add_shape(d);

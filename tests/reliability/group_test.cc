@@ -12,6 +12,8 @@
 // - GradNorm + Step.clip_coefficient over two daemons holding different spans equals one daemon
 //   running the whole span with max_grad_norm, bitwise.
 // - Frozen blocks with LoRA adapters: the group trains the adapters only, the base stays as it was.
+// - A Backward naming the group averages each block's gradients as it finishes, and the Step takes
+//   that mean: bitwise what averaging at the Step gives, one all-reduce of the gradients per step.
 // - Bad inputs get a clear status.
 // - blockctl's group commands (collective-id, join-group, groups, grad-norm, step --group,
 //   step --clip_coefficient, leave-group) against two daemons.
@@ -23,6 +25,7 @@
 #include "gtest/gtest.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "tests/integration/blockctl_harness.h"
 #include "tests/reliability/group_harness.h"
 #include "tests/reliability/daemon_process.h"
@@ -83,6 +86,79 @@ v1::Tensor Scaled(const v1::Tensor& t, float s) {
   v1::Tensor out = t;
   out.set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * 4));
   return out;
+}
+
+TEST_F(GroupTest, ABackwardNamingTheGroupAveragesAsItRunsAndTheStepTakesThatMean) {
+  ASSERT_NO_FATAL_FAILURE(StartMembers(2));
+  // Two groups from the same seeds on the same two daemons: "go" averaged by the Backward as each
+  // block finishes, "gp" at the Step. Two members sum exactly (a + b), so they must agree bitwise.
+  for (int i = 0; i < 2; ++i) {
+    for (const char* prefix : {"o", "p"}) {
+      for (int b = 0; b < 2; ++b) {
+        ASSERT_OK(C(i).CreateBlock(CreateRequest(absl::StrCat(prefix, b), TinyConfig(), 70 + b)).status());
+      }
+    }
+  }
+  for (const absl::Status& s : Join("go", {0, 1}, {"o0", "o1"})) ASSERT_OK(s);
+  for (const absl::Status& s : Join("gp", {0, 1}, {"p0", "p1"})) ASSERT_OK(s);
+  int64_t params = 0;
+  for (const char* id : {"o0", "o1"}) params += C(0).GetBlock(id)->parameter_count();
+  for (int step = 0; step < 3; ++step) {
+    const int64_t before = C(0).GetGroup("go")->collective_bytes();
+    for (int i = 0; i < 2; ++i) {
+      const v1::Tensor x = RandomTensor({2, 5, 32}, 100 * step + i), dy = RandomTensor({2, 5, 32}, 900 + 100 * step + i);
+      auto yp = C(i).Forward({"p0", "p1"}, x, true);
+      ASSERT_TRUE(yp.ok()) << yp.status();
+      ASSERT_OK(C(i).Backward(yp->activation_id(), dy).status());
+      auto yo = C(i).Forward({"o0", "o1"}, x, true);
+      ASSERT_TRUE(yo.ok()) << yo.status();
+      v1::BackwardRequest back;
+      back.set_activation_id(yo->activation_id());
+      *back.mutable_grad_output() = dy;
+      back.set_group_id("go");
+      // Returns when this member's backward is done; its averaging goes on in the background, and
+      // member 1's Backward comes after member 0's returned.
+      auto dx = C(i).Backward(back);
+      ASSERT_TRUE(dx.ok()) << dx.status();
+    }
+    // The averaging runs before any Step: the group's bytes grow by the gradients on their own.
+    int64_t averaged = 0;
+    for (int t = 0; t < 2000 && averaged < 4 * params; ++t) {
+      absl::SleepFor(absl::Milliseconds(5));
+      averaged = C(0).GetGroup("go")->collective_bytes() - before;
+    }
+    EXPECT_GE(averaged, 4 * params) << "step " << step << ": the Backward did not average the gradients";
+    auto overlapped = GroupStep("go", {0, 1});
+    auto plain = GroupStep("gp", {0, 1});
+    for (int i = 0; i < 2; ++i) {
+      ASSERT_TRUE(overlapped[i].ok()) << overlapped[i].status();
+      ASSERT_TRUE(plain[i].ok()) << plain[i].status();
+      EXPECT_EQ(overlapped[i]->grad_norm(), plain[i]->grad_norm()) << "step " << step;
+    }
+    const int64_t by_step = C(0).GetGroup("go")->collective_bytes() - before - averaged;
+    EXPECT_LT(by_step, 1024) << "step " << step << ": the Step averaged the gradients again";
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int b = 0; b < 2; ++b) {
+      const BlockState o = StateOf(C(i), absl::StrCat("o", b)), p = StateOf(C(i), absl::StrCat("p", b));
+      EXPECT_EQ(DiffSnapshots(o.weights, p.weights), "") << "member " << i << " block " << b;
+      EXPECT_EQ(DiffSnapshots(o.adam_m, p.adam_m), "") << "member " << i << " block " << b;
+      EXPECT_EQ(DiffSnapshots(o.adam_v, p.adam_v), "") << "member " << i << " block " << b;
+    }
+  }
+  // Bad requests: a handle refused for its group stays usable.
+  auto y = C(0).Forward({"o0", "o1"}, RandomTensor({1, 3, 32}, 5), true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  v1::BackwardRequest bad;
+  bad.set_activation_id(y->activation_id());
+  *bad.mutable_grad_output() = RandomTensor({1, 3, 32}, 6);
+  bad.set_group_id("nope");
+  EXPECT_STATUS(C(0).Backward(bad).status(), absl::StatusCode::kNotFound, "no group nope");
+  bad.set_group_id("gp");
+  EXPECT_STATUS(C(0).Backward(bad).status(), absl::StatusCode::kInvalidArgument, "group gp holds [p0, p1]");
+  bad.clear_group_id();
+  ASSERT_OK(C(0).Backward(bad).status());
+  EXPECT_EQ(C(0).GetGroup("go")->state(), "ready");
 }
 
 TEST_F(GroupTest, ReplicasEndBitwiseIdenticalAndEqualOneDaemonOnTheMeanGradient) {
@@ -205,6 +281,37 @@ TEST_F(GroupTest, AKilledMemberAbortsTheOthersUnchangedAndTheSurvivorsRegroup) {
   EXPECT_EQ(DiffSnapshots(StateOf(C(0), "b0").weights, StateOf(C(1), "b0").weights), "");
   ASSERT_OK(C(0).LeaveGroup("g"));
   EXPECT_STATUS(C(0).GetGroup("g").status(), absl::StatusCode::kNotFound, "no group g");
+}
+
+TEST_F(GroupTest, AMemberKilledWhileABackwardAveragesAbortsTheStepUnchanged) {
+  ASSERT_NO_FATAL_FAILURE(StartMembers(2));
+  for (int i = 0; i < 2; ++i) ASSERT_OK(C(i).CreateBlock(CreateRequest("b0", TinyConfig(), 7)).status());
+  for (const absl::Status& s : Join("g", {0, 1}, {"b0"}, /*timeout_ms=*/2000)) ASSERT_OK(s);
+  const BlockState before = StateOf(C(0), "b0");
+  // Member 0's averaging waits in the collective for member 1, which dies instead of joining it.
+  auto y = C(0).Forward({"b0"}, RandomTensor({1, 4, 32}, 10), true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  v1::BackwardRequest back;
+  back.set_activation_id(y->activation_id());
+  *back.mutable_grad_output() = RandomTensor({1, 4, 32}, 11);
+  back.set_group_id("g");
+  ASSERT_OK(C(0).Backward(back).status());
+  members_[1].daemon->Kill();
+  const absl::Time start = absl::Now();
+  EXPECT_STATUS(C(0).Step(StepRequestFor("g")).status(), absl::StatusCode::kAborted, "group g");
+  EXPECT_LT(absl::Now() - start, absl::Seconds(60));  // the 2 s timeout on a loaded machine; a hang fails
+  const BlockState after = StateOf(C(0), "b0");
+  EXPECT_EQ(DiffSnapshots(before.weights, after.weights), "");
+  EXPECT_EQ(DiffSnapshots(before.adam_m, after.adam_m), "");
+  EXPECT_EQ(after.step, before.step);
+  EXPECT_EQ(C(0).GetGroup("g")->state(), "failed");
+  ASSERT_OK(C(0).LeaveGroup("g"));
+  // The block trains on: a plain Step uses its own gradients.
+  v1::StepRequest plain = GroupStepRequest("");
+  plain.add_block_ids("b0");
+  auto r = C(0).Step(plain);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(StateOf(C(0), "b0").step, before.step + 1);
 }
 
 TEST_F(GroupTest, AStoppedMemberAbortsTheOthersWithinTheTimeout) {

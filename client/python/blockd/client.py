@@ -427,16 +427,21 @@ class Client:
         resp = self._activation_call("Forward", req, "input", "output", transport, timeout)
         return ForwardResult(T.from_proto(resp.output, like=x), resp.activation_id)
 
-    def backward(self, activation_id, grad_output, dtype=None, timeout=None, transport=None):
+    def backward(self, activation_id, grad_output, dtype=None, timeout=None, transport=None, group_id=""):
         """Backward through the span of a Forward(keep_activations=True); accumulates the weight
-        gradients and frees the handle. Returns grad_input with grad_output's kind and dtype."""
+        gradients and frees the handle. Returns grad_input with grad_output's kind and dtype.
+        group_id: the caller's replica group holding exactly the span's blocks; each block's
+        gradients start being averaged over it as soon as its backward is done (the last
+        micro-batch before a group step, on every member; the group's next grad_norm/step takes
+        that mean)."""
         if T.is_torch(grad_output) and grad_output.is_cuda:
-            req = pb.BackwardRequest(activation_id=activation_id)
+            req = pb.BackwardRequest(activation_id=activation_id, group_id=group_id)
             done = self._cuda_ipc_call("Backward", req, "grad_output", "grad_input", grad_output, dtype, transport,
                                        timeout)
             if done is not None:
                 return done[1]
-        req = pb.BackwardRequest(activation_id=activation_id, grad_output=T.to_proto(grad_output, dtype))
+        req = pb.BackwardRequest(activation_id=activation_id, grad_output=T.to_proto(grad_output, dtype),
+                                 group_id=group_id)
         resp = self._activation_call("Backward", req, "grad_output", "grad_input", transport, timeout)
         return T.from_proto(resp.grad_input, like=grad_output)
 

@@ -168,8 +168,11 @@ class _ReplicatedFunction(torch.autograd.Function):
         grads = list(torch.split(grad_output, ctx.rows, dim=0))
         fed = len(grads)
         grads = [g * n for g in grads] + [torch.zeros_like(out) for out in ctx.unfed]
-        grad_inputs = _each_replica(stage.pool, lambda i: backward_through(stage.spans[i], ctx.activations[i], grads[i]),
-                                    len(grads))
+        # Averaging as it goes: each member's daemon starts all-reducing a block's gradients as
+        # soon as its backward is done (a Gloo group; an NCCL group averages at grad_norm/step).
+        group_id = stage.group.group_id if stage.overlap and stage.sync else ""
+        grad_inputs = _each_replica(
+            stage.pool, lambda i: backward_through(stage.spans[i], ctx.activations[i], grads[i], group_id), len(grads))
         stage.after_backward()
         return None, torch.cat([g * (1.0 / n) for g in grad_inputs[:fed]], dim=0), None, None
 

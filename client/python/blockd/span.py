@@ -48,12 +48,13 @@ def forward_keeping(span, x, position_offset):
     return out, _Activation(span.client, activation_id)
 
 
-def backward_through(span, activation, grad_output):
+def backward_through(span, activation, grad_output, group_id=""):
     """Backward of the forward that opened `activation`: the input's gradient. The weight gradients
-    accumulate on the server."""
+    accumulate on the server (and start being averaged over `group_id`, when given)."""
     activation_id = activation.take()
     try:
-        return span.client.backward(activation_id, grad_output, dtype=span.wire_dtype, transport=span.transport)
+        return span.client.backward(activation_id, grad_output, dtype=span.wire_dtype, transport=span.transport,
+                                    group_id=group_id)
     except NotFoundError:
         raise  # expired (--activation_ttl) or its blocks were deleted: nothing left to free
     except BlockdError:
