@@ -82,10 +82,42 @@ bool Synced(const BlockSpec& spec, const ParamSpec& param, TensorKind kind) {
   return kind == TensorKind::kWeights || TrainsParam(spec, param);
 }
 
+// Floats of a block's trained gradients: what a group averages of it.
+template <class Entry>
+size_t TrainedGradientFloats(const Entry& e) {
+  size_t n = 0;
+  for (const ParamSpec& p : e.params) n += Synced(e.spec, p, TensorKind::kGradients) ? static_cast<size_t>(p.numel()) : 0;
+  return n;
+}
+
+// Those gradients into `out` (TrainedGradientFloats of them), the parameters in order.
+template <class Entry>
+absl::Status ReadTrainedGradients(const Entry& e, float* out) {
+  for (size_t i = 0; i < e.params.size(); ++i) {
+    if (!Synced(e.spec, e.params[i], TensorKind::kGradients)) continue;
+    RETURN_IF_ERROR(e.block->ReadTensor(TensorKind::kGradients, static_cast<int>(i), out));
+    out += e.params[i].numel();
+  }
+  return absl::OkStatus();
+}
+
+// n floats become their mean over the group, in place: sums all-reduced in buckets, then divided
+// by the world size. Every member divides the same sums by the same number: the means agree bit
+// for bit.
+absl::Status AllReduceMean(Group& g, CollectiveUse* use, float* data, size_t n) {
+  for (size_t begin = 0; begin < n; begin += kBucketFloats) {
+    const size_t count = std::min(kBucketFloats, n - begin);
+    RETURN_IF_ERROR(Timed(g, use, count * sizeof(float), [&] { return g.collective->AllReduceSum(data + begin, count); }));
+  }
+  const float members = static_cast<float>(g.world_size);
+  for (size_t i = 0; i < n; ++i) data[i] /= members;
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 OverlapReduce::OverlapReduce(Group* g, std::vector<size_t> sizes)
-    : sizes_(std::move(sizes)), ready_(sizes_.size()), has_(sizes_.size(), false), versions_(sizes_.size()) {
+    : sizes_(std::move(sizes)), has_(sizes_.size(), false), versions_(sizes_.size()) {
   size_t total = 0;
   for (size_t n : sizes_) {
     offsets_.push_back(total);
@@ -96,9 +128,8 @@ OverlapReduce::OverlapReduce(Group* g, std::vector<size_t> sizes)
   thread_ = std::thread([this, g] { Run(g); });
 }
 
-void OverlapReduce::Ready(size_t k, std::vector<float> grads, std::pair<uint64_t, uint64_t> version) {
+void OverlapReduce::Ready(size_t k, std::pair<uint64_t, uint64_t> version) {
   absl::MutexLock l(&mu_);
-  ready_[k] = std::move(grads);
   versions_[k] = version;
   has_[k] = true;
   cv_.SignalAll();
@@ -138,7 +169,6 @@ void OverlapReduce::Run(Group* g) {
   // Last block first: a span's backward hands them over in that order, so each block's all-reduce
   // runs while the blocks before it compute theirs.
   for (size_t k = sizes_.size(); k-- > 0;) {
-    std::vector<float> grads;
     {
       absl::MutexLock l(&mu_);
       while (!has_[k] && !cancelled_) cv_.Wait(&mu_);
@@ -146,17 +176,9 @@ void OverlapReduce::Run(Group* g) {
         status_ = absl::CancelledError("the Backward that started the group's averaging failed before its end");
         return;
       }
-      grads = std::move(ready_[k]);
     }
-    for (size_t begin = 0; begin < grads.size(); begin += kBucketFloats) {
-      const size_t n = std::min(kBucketFloats, grads.size() - begin);
-      status_ = Timed(*g, &use_, n * sizeof(float), [&] { return g->collective->AllReduceSum(grads.data() + begin, n); });
-      if (!status_.ok()) return;
-    }
-    // As ReduceGradients: every member divides the same sums by the same number.
-    const float members = static_cast<float>(g->world_size);
-    for (float& x : grads) x /= members;
-    std::copy(grads.begin(), grads.end(), mean_.begin() + static_cast<std::ptrdiff_t>(offsets_[k]));
+    status_ = AllReduceMean(*g, &use_, Slot(k), sizes_[k]);
+    if (!status_.ok()) return;
   }
 }
 
@@ -361,27 +383,14 @@ absl::Status Engine::ReduceGradients(Group& g, const std::vector<EntryPtr>& entr
                                      CollectiveUse* use) {
   if (g.collective->on_device()) return ReduceGradientsInPlace(g, entries, use);
   size_t total = 0;
-  for (const EntryPtr& e : entries) {
-    for (const ParamSpec& p : e->params) total += TrainsParam(e->spec, p) ? static_cast<size_t>(p.numel()) : 0;
-  }
+  for (const EntryPtr& e : entries) total += TrainedGradientFloats(*e);
   mean->assign(total, 0.f);
   size_t off = 0;
   for (const EntryPtr& e : entries) {
-    for (size_t i = 0; i < e->params.size(); ++i) {
-      if (!Synced(e->spec, e->params[i], TensorKind::kGradients)) continue;
-      RETURN_IF_ERROR(e->block->ReadTensor(TensorKind::kGradients, static_cast<int>(i), mean->data() + off));
-      off += static_cast<size_t>(e->params[i].numel());
-    }
+    RETURN_IF_ERROR(ReadTrainedGradients(*e, mean->data() + off));
+    off += TrainedGradientFloats(*e);
   }
-  for (size_t begin = 0; begin < total; begin += kBucketFloats) {
-    const size_t n = std::min(kBucketFloats, total - begin);
-    RETURN_IF_ERROR(Timed(g, use, n * sizeof(float),
-                          [&] { return g.collective->AllReduceSum(mean->data() + begin, n); }));
-  }
-  // Every member divides the same sums by the same number: the means agree bit for bit.
-  const float n = static_cast<float>(g.world_size);
-  for (float& x : *mean) x /= n;
-  return absl::OkStatus();
+  return AllReduceMean(g, use, mean->data(), total);
 }
 
 absl::Status Engine::ReduceGradientsInPlace(Group& g, const std::vector<EntryPtr>& entries, CollectiveUse* use) {
@@ -472,11 +481,7 @@ absl::StatusOr<Engine::Overlap> Engine::StartOverlap(absl::string_view group_id,
   if (g->collective->on_device()) return out;
   ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, GroupEntries(*g));
   std::vector<size_t> sizes;
-  for (const EntryPtr& e : entries) {
-    size_t n = 0;
-    for (const ParamSpec& p : e->params) n += Synced(e->spec, p, TensorKind::kGradients) ? static_cast<size_t>(p.numel()) : 0;
-    sizes.push_back(n);
-  }
+  for (const EntryPtr& e : entries) sizes.push_back(TrainedGradientFloats(*e));
   for (const EntryPtr& e : span) {
     out.group_index.push_back(static_cast<size_t>(
         std::find(g->block_ids.begin(), g->block_ids.end(), e->spec.id) - g->block_ids.begin()));
@@ -493,50 +498,48 @@ absl::StatusOr<Engine::Overlap> Engine::StartOverlap(absl::string_view group_id,
 }
 
 void Engine::OverlapBlockReady(OverlapReduce& overlap, size_t group_index, Entry& e) {
-  std::vector<float> grads;
-  for (size_t i = 0; i < e.params.size(); ++i) {
-    if (!Synced(e.spec, e.params[i], TensorKind::kGradients)) continue;
-    const size_t at = grads.size();
-    grads.resize(at + static_cast<size_t>(e.params[i].numel()));
-    // The CPU backend's reads cannot fail; a failed one leaves the averaging to time out on the
-    // other members, as a member that dies would.
-    if (!e.block->ReadTensor(TensorKind::kGradients, static_cast<int>(i), grads.data() + at).ok()) {
-      overlap.Cancel();
-      return;
-    }
+  // The CPU backend's reads cannot fail; a failed one leaves the averaging to time out on the
+  // other members, as a member that dies would.
+  if (!ReadTrainedGradients(e, overlap.Slot(group_index)).ok()) {
+    overlap.Cancel();
+    return;
   }
-  overlap.Ready(group_index, std::move(grads), {e.serial, e.generations.Of(TensorKind::kGradients)});
+  overlap.Ready(group_index, {e.serial, e.generations.Of(TensorKind::kGradients)});
 }
+
+namespace {
+
+// Finishes the averaging a Backward started, if any: its mean becomes the group's cached one (the
+// one GradNorm and Step reuse). ABORTED when a collective failed (the group is broken); a
+// cancelled one (its Backward failed) leaves no mean.
+absl::Status TakeOverlap(Group& g, CollectiveUse* use) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g.mu) {
+  if (g.overlap == nullptr) return absl::OkStatus();
+  std::shared_ptr<OverlapReduce> overlap = std::move(g.overlap);
+  std::vector<float> mean;
+  std::vector<std::pair<uint64_t, uint64_t>> of;
+  absl::Status s = overlap->Finish(&mean, &of, use);
+  if (s.ok()) {
+    g.mean_grads = std::move(mean);
+    g.mean_grads_of = std::move(of);
+    g.mean_in_place = false;
+  }
+  return s.code() == absl::StatusCode::kCancelled ? absl::OkStatus() : s;
+}
+
+}  // namespace
 
 absl::Status Engine::OverlapFailure(absl::string_view group_id, absl::string_view caller) {
   std::shared_ptr<Group> g = groups_.Find(group_id, caller);
   if (g == nullptr) return absl::OkStatus();
   absl::MutexLock group_lock(&g->mu);
-  if (g->overlap == nullptr || !g->broken) return absl::OkStatus();
-  std::shared_ptr<OverlapReduce> overlap = std::move(g->overlap);
-  std::vector<float> mean;
-  std::vector<std::pair<uint64_t, uint64_t>> of;
+  if (!g->broken) return absl::OkStatus();
   CollectiveUse use;
-  absl::Status s = overlap->Finish(&mean, &of, &use);
-  return s.code() == absl::StatusCode::kCancelled ? absl::OkStatus() : s;
+  return TakeOverlap(*g, &use);
 }
 
 absl::Status Engine::StartGroupCall(Group& g, std::vector<EntryPtr>* entries, std::unique_ptr<SpanLock>* lock,
                                     bool* reuse_mean, CollectiveUse* use) {
-  if (g.overlap != nullptr) {
-    // The averaging a Backward started: its mean is the one GradNorm and Step reuse.
-    std::shared_ptr<OverlapReduce> overlap = std::move(g.overlap);
-    std::vector<float> mean;
-    std::vector<std::pair<uint64_t, uint64_t>> of;
-    absl::Status s = overlap->Finish(&mean, &of, use);
-    if (s.ok()) {
-      g.mean_grads = std::move(mean);
-      g.mean_grads_of = std::move(of);
-      g.mean_in_place = false;
-    } else if (s.code() != absl::StatusCode::kCancelled) {
-      return s;  // ABORTED: a collective failed and the group is broken
-    }
-  }
+  RETURN_IF_ERROR(TakeOverlap(g, use));
   if (g.broken) return absl::FailedPreconditionError(absl::StrCat("group ", g.id, " failed: ", g.Failure()));
   absl::StatusOr<std::vector<EntryPtr>> found = GroupEntries(g);
   absl::Status local = found.status();

@@ -67,8 +67,11 @@ class OverlapReduce {
   OverlapReduce(const OverlapReduce&) = delete;
   OverlapReduce& operator=(const OverlapReduce&) = delete;
 
-  // The k-th block's gradients, final for this Backward, and their (serial, gradient generation).
-  void Ready(size_t k, std::vector<float> grads, std::pair<uint64_t, uint64_t> version);
+  // Where the k-th block's gradients go (sizes[k] floats), written by the Backward before Ready(k).
+  float* Slot(size_t k) { return mean_.data() + offsets_[k]; }
+  // The k-th block's gradients are in their slot, final for this Backward, at this (serial,
+  // gradient generation); the thread averages them there.
+  void Ready(size_t k, std::pair<uint64_t, uint64_t> version);
   // A block will never be ready (its Backward failed): the thread stops waiting.
   void Cancel();
   // Cancel, then wait for the thread (a collective in flight ends, or times out, first).
@@ -84,12 +87,13 @@ class OverlapReduce {
   std::vector<size_t> sizes_, offsets_;
   absl::Mutex mu_;
   absl::CondVar cv_;
-  std::vector<std::vector<float>> ready_ ABSL_GUARDED_BY(mu_);
   std::vector<bool> has_ ABSL_GUARDED_BY(mu_);
   std::vector<std::pair<uint64_t, uint64_t>> versions_ ABSL_GUARDED_BY(mu_);
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
-  // Written by the thread, read after joining it.
+  // The blocks' slots, in the group's flat layout: each written by the Backward, then averaged in
+  // place by the thread after Ready (disjoint ranges, ordered by mu_); taken by Finish.
   std::vector<float> mean_;
+  // Written by the thread, read after joining it.
   absl::Status status_;
   CollectiveUse use_;
   absl::Mutex join_mu_;  // Finish and Stop join the thread once
