@@ -15,9 +15,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/synchronization/mutex.h"
 #include "base/block_config.h"  // ShapeString
-#include "client/shared_memory_region.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace blockd {
@@ -246,150 +244,8 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
   }
   c->health_ = std::make_unique<HealthStub>();
   c->health_->stub = grpc::health::v1::Health::NewStub(c->channels_[0]);
-  c->regions_ = std::make_unique<RegionPool>();
+  c->InitTransport();
   return c;
-}
-
-// The client's shared-memory regions for ClientOptions::transport: taken by one call at a time,
-// given back after it, at most kMaxRegions (the daemon allows 16 per identity by default).
-class Client::RegionPool {
- public:
-  static constexpr int kMaxRegions = 8;
-  static constexpr int64_t kMinBytes = 1 << 20;
-
-  // An idle region of at least `bytes`, or a new one; nullptr when kAuto should send inline
-  // (no shared memory with this daemon, or every region busy).
-  absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> Take(Client* client, int64_t bytes) {
-    const bool insist = client->options_.transport == Transport::kSharedMemory;
-    std::unique_ptr<SharedMemoryRegion> too_small;  // destroyed (unregistered) outside the lock
-    {
-      absl::MutexLock lock(&mu_);
-      if (refused_ && !insist) return nullptr;
-      auto fits = std::find_if(idle_.begin(), idle_.end(), [&](const auto& r) { return r->size() >= bytes; });
-      if (fits != idle_.end()) {
-        std::unique_ptr<SharedMemoryRegion> r = std::move(*fits);
-        idle_.erase(fits);
-        return r;
-      }
-      if (live_ >= kMaxRegions && !idle_.empty()) {
-        too_small = std::move(idle_.back());
-        idle_.pop_back();
-        --live_;
-      }
-      if (live_ >= kMaxRegions) {
-        if (!insist) return nullptr;
-        return absl::ResourceExhaustedError(absl::StrCat("the client's ", kMaxRegions,
-                                                         " shared-memory regions are all in use by calls in flight"));
-      }
-      ++live_;
-    }
-    too_small.reset();
-    absl::Status why;
-    absl::StatusOr<bool> allowed = SharedMemoryAllowed(client);
-    if (!allowed.ok()) {
-      why = allowed.status();
-    } else if (!*allowed) {
-      why = absl::FailedPreconditionError("the daemon does not allow shared-memory tensors (--allow_shared_memory)");
-    } else {
-      auto r = SharedMemoryRegion::Create(client, std::max(bytes, kMinBytes));
-      if (r.ok()) return std::move(r).value();
-      why = r.status();  // NOT_FOUND: the daemon runs on another host
-    }
-    absl::MutexLock lock(&mu_);
-    --live_;
-    if (insist) return why;
-    // A daemon that is only unreachable now is asked again next time; any other answer stands.
-    if (why.code() != absl::StatusCode::kUnavailable && why.code() != absl::StatusCode::kDeadlineExceeded) {
-      refused_ = true;
-    }
-    return nullptr;
-  }
-
-  void Give(std::unique_ptr<SharedMemoryRegion> r) {
-    absl::MutexLock lock(&mu_);
-    idle_.push_back(std::move(r));
-  }
-
-  // A region the daemon no longer has (expired by --shared_memory_ttl): unregistered and unmapped.
-  void Drop(std::unique_ptr<SharedMemoryRegion> r) {
-    r.reset();
-    absl::MutexLock lock(&mu_);
-    --live_;
-  }
-
- private:
-  absl::Mutex mu_;
-  std::vector<std::unique_ptr<SharedMemoryRegion>> idle_ ABSL_GUARDED_BY(mu_);
-  int live_ ABSL_GUARDED_BY(mu_) = 0;  // idle and taken
-  bool refused_ ABSL_GUARDED_BY(mu_) = false;
-};
-
-Client::~Client() = default;
-
-namespace {
-
-v1::Tensor* TensorOf(v1::ForwardRequest* r) { return r->mutable_input(); }
-v1::Tensor* TensorOf(v1::BackwardRequest* r) { return r->mutable_grad_output(); }
-v1::Tensor* TensorOf(v1::InferStepRequest* r) { return r->mutable_hidden_states(); }
-v1::Tensor* TensorOf(v1::ForwardResponse* r) { return r->mutable_output(); }
-v1::Tensor* TensorOf(v1::BackwardResponse* r) { return r->mutable_grad_input(); }
-v1::Tensor* TensorOf(v1::InferStepResponse* r) { return r->mutable_hidden_states(); }
-
-}  // namespace
-
-bool Client::WantsSharedMemory(const v1::Tensor& tensor, bool names_output_region) const {
-  return options_.transport != Transport::kGrpc && !tensor.data().empty() && !tensor.has_shared_memory() &&
-         !names_output_region;
-}
-
-template <class Req, class Resp>
-absl::StatusOr<Resp> Client::ThroughSharedMemory(Req request, const CallOptions& call,
-                                                 absl::StatusOr<Resp> (Client::*send)(const Req&, const CallOptions&)) {
-  v1::Tensor* in = TensorOf(&request);
-  const v1::DType dtype = in->dtype();
-  const std::vector<int64_t> shape(in->shape().begin(), in->shape().end());
-  std::string data = std::move(*in->mutable_data());
-  in->clear_data();
-  for (int attempt = 0;; ++attempt) {
-    absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> region = regions_->Take(this, static_cast<int64_t>(data.size()));
-    if (!region.ok()) return region.status();
-    if (*region == nullptr) {  // kAuto without shared memory: inside the message after all
-      in->set_data(std::move(data));
-      request.clear_output_shared_memory();
-      return (this->*send)(request, call);
-    }
-    SharedMemoryRegion& r = **region;
-    absl::StatusOr<v1::Tensor> put = r.Put(0, dtype, shape, data);
-    if (!put.ok()) {
-      regions_->Give(std::move(*region));
-      return put.status();
-    }
-    *in = *std::move(put);
-    // The reply has the request's shape and dtype; the daemon reads all of the input first.
-    *request.mutable_output_shared_memory() = r.Ref(0, static_cast<int64_t>(data.size()));
-    absl::StatusOr<Resp> resp = (this->*send)(request, call);
-    if (!resp.ok() && attempt == 0 && resp.status().code() == absl::StatusCode::kNotFound &&
-        absl::StrContains(resp.status().message(), r.name())) {
-      // Unused past the daemon's --shared_memory_ttl, the region was unregistered (and nothing
-      // ran: the regions are checked first): send again through a new one.
-      regions_->Drop(std::move(*region));
-      continue;
-    }
-    if (resp.ok()) {
-      v1::Tensor* out = TensorOf(&*resp);
-      if (out->has_shared_memory()) {
-        absl::StatusOr<std::string> bytes = r.Get(*out);
-        if (!bytes.ok()) {
-          regions_->Give(std::move(*region));
-          return bytes.status();
-        }
-        out->clear_shared_memory();
-        out->set_data(*std::move(bytes));
-      }
-    }
-    regions_->Give(std::move(*region));
-    return resp;
-  }
 }
 
 void Client::Prepare(grpc::ClientContext* ctx, const CallOptions& call) const {
@@ -402,6 +258,8 @@ void Client::Prepare(grpc::ClientContext* ctx, const CallOptions& call) const {
 v1::BlockService::Stub* Client::NextStub() {
   return stubs_[next_stub_.fetch_add(1, std::memory_order_relaxed) % stubs_.size()].get();
 }
+
+Client::~Client() = default;
 
 absl::Status Client::WaitForConnected(absl::Duration timeout) {
   const auto deadline = DeadlineAfter(timeout);
@@ -457,13 +315,6 @@ absl::StatusOr<v1::DeleteBlockResponse> Client::DeleteBlock(const v1::DeleteBloc
   return Invoke(NextStub(), &v1::BlockService::Stub::DeleteBlock, &ctx, request);
 }
 
-absl::StatusOr<v1::ForwardResponse> Client::Forward(const v1::ForwardRequest& request, const CallOptions& call) {
-  if (WantsSharedMemory(request.input(), request.has_output_shared_memory())) {
-    return ThroughSharedMemory(request, call, &Client::SendForward);
-  }
-  return SendForward(request, call);
-}
-
 absl::StatusOr<v1::ForwardResponse> Client::SendForward(const v1::ForwardRequest& request, const CallOptions& call) {
   const size_t bytes = request.ByteSizeLong();
   if (absl::Status s = CheckMessageSize("Forward", "input", request.input(), bytes, options_.max_message_bytes); !s.ok()) {
@@ -474,36 +325,6 @@ absl::StatusOr<v1::ForwardResponse> Client::SendForward(const v1::ForwardRequest
   auto r = Invoke(NextStub(), &v1::BlockService::Stub::Forward, &ctx, request);
   if (!r.ok()) return ExplainServerSizeRefusal(r.status(), "Forward", "input", request.input(), bytes);
   return r;
-}
-
-absl::StatusOr<v1::ForwardResponse> Client::Forward(const std::vector<std::string>& block_ids, v1::Tensor input,
-                                                    bool keep_activations, int64_t position_offset,
-                                                    const CallOptions& call) {
-  v1::ForwardRequest request;
-  for (const std::string& id : block_ids) request.add_block_ids(id);
-  *request.mutable_input() = std::move(input);
-  request.set_keep_activations(keep_activations);
-  request.set_position_offset(position_offset);
-  if (WantsSharedMemory(request.input(), false)) return ThroughSharedMemory(std::move(request), call, &Client::SendForward);
-  return SendForward(request, call);
-}
-
-absl::StatusOr<v1::BackwardResponse> Client::Backward(absl::string_view activation_id, v1::Tensor grad_output,
-                                                      const CallOptions& call) {
-  v1::BackwardRequest request;
-  request.set_activation_id(std::string(activation_id));
-  *request.mutable_grad_output() = std::move(grad_output);
-  if (WantsSharedMemory(request.grad_output(), false)) {
-    return ThroughSharedMemory(std::move(request), call, &Client::SendBackward);
-  }
-  return SendBackward(request, call);
-}
-
-absl::StatusOr<v1::BackwardResponse> Client::Backward(const v1::BackwardRequest& request, const CallOptions& call) {
-  if (WantsSharedMemory(request.grad_output(), request.has_output_shared_memory())) {
-    return ThroughSharedMemory(request, call, &Client::SendBackward);
-  }
-  return SendBackward(request, call);
 }
 
 absl::StatusOr<v1::BackwardResponse> Client::SendBackward(const v1::BackwardRequest& request, const CallOptions& call) {
@@ -678,14 +499,6 @@ absl::StatusOr<v1::SessionInfo> Client::OpenSession(const v1::OpenSessionRequest
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
   return Invoke(NextStub(), &v1::BlockService::Stub::OpenSession, &ctx, request);
-}
-
-absl::StatusOr<v1::InferStepResponse> Client::InferStep(const v1::InferStepRequest& request,
-                                                        const CallOptions& call) {
-  if (WantsSharedMemory(request.hidden_states(), request.has_output_shared_memory())) {
-    return ThroughSharedMemory(request, call, &Client::SendInferStep);
-  }
-  return SendInferStep(request, call);
 }
 
 absl::StatusOr<v1::InferStepResponse> Client::SendInferStep(const v1::InferStepRequest& request,

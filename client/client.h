@@ -216,13 +216,23 @@ class Client {
   absl::StatusOr<v1::ForwardResponse> SendForward(const v1::ForwardRequest& request, const CallOptions& call);
   absl::StatusOr<v1::BackwardResponse> SendBackward(const v1::BackwardRequest& request, const CallOptions& call);
   absl::StatusOr<v1::InferStepResponse> SendInferStep(const v1::InferStepRequest& request, const CallOptions& call);
-  // Whether options_.transport sends `tensor` of a request through shared memory.
-  bool WantsSharedMemory(const v1::Tensor& tensor, bool names_output_region) const;
-  // `request` with its tensor's bytes moved through a region of the pool, sent by `send`; the
-  // reply's tensor inline. Inline when kAuto finds no shared memory.
+  // How the activation calls travel (client_activations.cc): a request sent by `send`, through
+  // the client's shared-memory regions when options_.transport says so and its tensor is inline.
   template <class Req, class Resp>
-  absl::StatusOr<Resp> ThroughSharedMemory(Req request, const CallOptions& call,
-                                           absl::StatusOr<Resp> (Client::*send)(const Req&, const CallOptions&));
+  using Send = absl::StatusOr<Resp> (Client::*)(const Req&, const CallOptions&);
+  template <class Req>
+  bool WantsSharedMemory(const Req& request) const;
+  // A caller's request (copied once when it goes through shared memory).
+  template <class Req, class Resp>
+  absl::StatusOr<Resp> Route(const Req& request, const CallOptions& call, Send<Req, Resp> send);
+  // A request the client built itself (moved, never copied).
+  template <class Req, class Resp>
+  absl::StatusOr<Resp> RouteOwned(Req request, const CallOptions& call, Send<Req, Resp> send);
+  // `request` with its tensor's bytes moved through a region of the pool; the reply's tensor
+  // inline. Inline when kAuto finds no shared memory.
+  template <class Req, class Resp>
+  absl::StatusOr<Resp> ThroughSharedMemory(Req request, const CallOptions& call, Send<Req, Resp> send);
+  void InitTransport();  // by Connect
 
   ClientOptions options_;
   std::vector<std::shared_ptr<grpc::Channel>> channels_;
@@ -233,7 +243,10 @@ class Client {
   // Shared-memory regions for options_.transport; last, so its regions unregister through the
   // channels while they still exist.
   class RegionPool;
-  std::unique_ptr<RegionPool> regions_;
+  struct RegionPoolDeleter {  // defined beside RegionPool (client_activations.cc)
+    void operator()(RegionPool* pool) const;
+  };
+  std::unique_ptr<RegionPool, RegionPoolDeleter> regions_;
 };
 
 }  // namespace blockd
