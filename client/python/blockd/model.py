@@ -13,9 +13,10 @@ optimizer step over all of it (ARCHITECTURE.md, "Replica groups and models acros
 over the whole model would: GradNorm on each stage (a replicated stage's is of its replicas' mean
 gradients), the client sums them and sends `min(1, max_norm / (norm + 1e-6))` as
 Step.clip_coefficient to each. If any gradient is non-finite no daemon steps. A replicated stage
-splits each batch over its replicas (rows, as torch.tensor_split), runs the replicas' Forward and Backward
-calls at once from its own threads, and scales the gradients it sends each replica so that the group's mean is the gradient of the whole batch: the result equals one daemon
-holding the stage, to rounding.
+splits each batch over its replicas (rows, as torch.tensor_split), runs the replicas' Forward and
+Backward calls at once from its own threads, and scales the gradients it sends each replica so that
+the group's mean is the gradient of the whole batch: the result equals one daemon holding the
+stage, to rounding.
 """
 import collections
 import contextlib
@@ -32,18 +33,23 @@ from blockd.span import RemoteSpan, backward_through, forward_keeping
 ModelStepResult = collections.namedtuple("ModelStepResult", ["grad_norm", "skipped", "clip_coefficient", "results"])
 
 
-def _on_all(clients, fn):
-    """fn(rank, client) on every client at once (group calls block until all members called);
-    returns the results in rank order, or raises the first error after all calls finished."""
-    with futures.ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="blockd-group") as pool:
-        calls = [pool.submit(fn, r, c) for r, c in enumerate(clients)]
-        futures.wait(calls)
+def _at_once(pool, fn, count):
+    """fn(i) for i < count on `pool`'s threads at once; the results in order, or, after every call
+    has ended (so none still runs when the caller cleans up), the error that explains the others:
+    a member's own refusal before the "other member(s) refused" or ABORTED it caused elsewhere."""
+    calls = [pool.submit(fn, i) for i in range(count)]
+    futures.wait(calls)
     errors = [f.exception() for f in calls if f.exception() is not None]
     if errors:
-        # A member that refused explains the others' "other member(s) refused" or ABORTED.
         errors.sort(key=lambda e: "other member" in str(e) or "ABORTED" in str(getattr(e, "code", "")))
         raise errors[0]
     return [f.result() for f in calls]
+
+
+def _on_all(clients, fn):
+    """fn(rank, client) on every client at once (group calls block until all members called)."""
+    with futures.ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="blockd-group") as pool:
+        return _at_once(pool, lambda r: fn(r, clients[r]), len(clients))
 
 
 class ReplicaGroup:
@@ -118,17 +124,6 @@ class ReplicaGroup:
         _on_all(self.clients, lambda r, c: c.leave_group(self.group_id))
 
 
-def _each_replica(pool, fn, count):
-    """fn(i) for i < count on the stage's threads at once; the results in order, or the first error
-    after every call has ended (so no call is still running when the caller cleans up)."""
-    calls = [pool.submit(fn, i) for i in range(count)]
-    futures.wait(calls)
-    for f in calls:
-        if f.exception() is not None:
-            raise f.exception()
-    return [f.result() for f in calls]
-
-
 class _ReplicatedFunction(torch.autograd.Function):
     """The rows of x spread over a group's replicas, every replica's Forward and Backward in flight
     at once. The group averages its n replicas' weight gradients, so each replica is sent its rows'
@@ -149,7 +144,7 @@ class _ReplicatedFunction(torch.autograd.Function):
             return out
 
         try:
-            outs = _each_replica(stage.pool, run, len(parts))
+            outs = _at_once(stage.pool, run, len(parts))
         except BaseException:
             for activation in opened:  # the replicas that did run keep nothing
                 if activation is not None:
@@ -171,7 +166,7 @@ class _ReplicatedFunction(torch.autograd.Function):
         # Averaging as it goes: each member's daemon starts all-reducing a block's gradients as
         # soon as its backward is done (a Gloo group; an NCCL group averages at grad_norm/step).
         group_id = stage.group.group_id if stage.overlap and stage.sync else ""
-        grad_inputs = _each_replica(
+        grad_inputs = _at_once(
             stage.pool, lambda i: backward_through(stage.spans[i], ctx.activations[i], grads[i], group_id), len(grads))
         stage.after_backward()
         return None, torch.cat([g * (1.0 / n) for g in grad_inputs[:fed]], dim=0), None, None
@@ -203,7 +198,7 @@ class _ReplicatedStage(torch.nn.Module):
         if torch.is_grad_enabled():
             return _ReplicatedFunction.apply(self._anchor, x, self, position_offset)
         parts = self.split(x)
-        return torch.cat(_each_replica(self.pool, lambda i: self.spans[i](parts[i], position_offset), len(parts)),
+        return torch.cat(_at_once(self.pool, lambda i: self.spans[i](parts[i], position_offset), len(parts)),
                          dim=0)
 
     def after_backward(self):
