@@ -152,11 +152,6 @@ class CudaBackend : public Backend {
       return absl::UnimplementedError(
           absl::StrCat("backend cuda supports hidden_size up to 32768, got ", spec.config.hidden_size));
     }
-    if (spec.lora.rank > 0) {
-      return absl::UnimplementedError(
-          "LoRA is not built for the CUDA backend yet: create the block without lora, or on a daemon with "
-          "--backend=cpu");
-    }
     return absl::OkStatus();
   }
 

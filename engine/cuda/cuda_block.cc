@@ -9,8 +9,10 @@
 #include <vector>
 
 #include "engine/cuda/attention_dispatch.h"
+#include "engine/cuda/block_layout.h"
 #include "engine/cuda/cuda_status.h"
 #include "engine/cuda/kv_pages.h"
+#include "engine/cuda/lora_gemms.h"
 #include "engine/cuda/step_workspace.h"
 #include "base/status_macros.h"
 #include "kernels/adamw.cuh"
@@ -30,95 +32,11 @@ namespace {
 using bf16 = __nv_bfloat16;
 using kernels::GemmType;
 
-// Matrices first, so that the fused q|k|v and gate|up products find their rows adjacent and
-// AdamW decays exactly the prefix [0, decay_end); the 1-D parameters follow, the q, k and v biases
-// adjacent so that they are one bias of the fused q|k|v product.
-constexpr ParamId kStorageOrder[] = {ParamId::kQProj,     ParamId::kKProj,    ParamId::kVProj,    ParamId::kOProj,
-                                     ParamId::kGateProj,  ParamId::kUpProj,   ParamId::kDownProj, ParamId::kQBias,
-                                     ParamId::kKBias,     ParamId::kVBias,    ParamId::kInputNorm, ParamId::kQNorm,
-                                     ParamId::kKNorm,     ParamId::kPostNorm};
-static_assert(sizeof(kStorageOrder) / sizeof(kStorageOrder[0]) == kNumBaseParamIds, "every parameter has a place");
-
-struct Layout {
-  std::vector<ParamSpec> params;               // BlockParams order
-  std::array<int64_t, kNumParamIds> offset{};  // by ParamId; -1 when absent
-  std::vector<int64_t> index_offset;           // by BlockParams index
-  int64_t total = 0;
-  int64_t decay_end = 0;
-};
-
-Layout MakeLayout(const BlockConfig& c) {
-  Layout l;
-  l.params = BlockParams(c);
-  l.offset.fill(-1);
-  for (ParamId id : kStorageOrder) {
-    for (const ParamSpec& p : l.params) {
-      if (p.id != id) continue;
-      l.offset[static_cast<int>(id)] = l.total;
-      l.total += p.numel();
-      if (p.is_matrix) l.decay_end = l.total;
-    }
-  }
-  for (const ParamSpec& p : l.params) l.index_offset.push_back(l.offset[static_cast<int>(p.id)]);
-  return l;
-}
-
-// Sizes of one forward/backward.
-struct Dims {
-  int64_t batch, seq, n, d, qd, kvd, qkv, f;
-  int heads, kv_heads, dh;
-};
-
-Dims DimsOf(const BlockConfig& c, int64_t batch, int64_t seq) {
-  return {batch,
-          seq,
-          batch * seq,
-          c.hidden_size,
-          c.q_dim(),
-          c.kv_dim(),
-          c.q_dim() + 2 * c.kv_dim(),
-          c.intermediate_size,
-          static_cast<int>(c.num_attention_heads),
-          static_cast<int>(c.num_kv_heads),
-          static_cast<int>(c.head_dim)};
-}
-
-size_t ActSize(Precision p) { return p == Precision::kBF16 ? 2 : 4; }
-
-size_t SavedBytesFor(const BlockConfig& c, Precision p, int64_t batch, int64_t seq) {
-  const Dims m = DimsOf(c, batch, seq);
-  const size_t t = ActSize(p);
-  size_t bytes = 0;
-  bytes += m.n * m.d * 4 + m.n * m.d * t + m.n * 4;        // x, n1, rstd1
-  bytes += m.n * m.qkv * t;                                // qkv
-  if (c.qk_norm) bytes += m.n * (m.heads + m.kv_heads) * 4; // rstd_q, rstd_k
-  bytes += m.n * (m.qd + m.kvd) * t;                       // q, k after norm and rope
-  bytes += m.seq * (m.dh / 2) * 8;                         // rope table
-  bytes += m.n * m.qd * t + m.batch * m.heads * m.seq * 4; // o, lse
-  bytes += m.n * m.d * 4 + m.n * 4 + m.n * m.d * t;        // r1, rstd2, n2
-  bytes += m.n * 2 * m.f * t;                              // gate|up
-  bytes += m.n * m.f * t;                                  // h = silu(gate) * up (kept: saves a pass)
-  return bytes;
-}
-
-size_t RmsWorkspaceFloats(const BlockConfig& c) {
-  return static_cast<size_t>(kernels::rmsnorm_bwd_workspace_floats(static_cast<int>(c.hidden_size)));
-}
-size_t QkWorkspaceFloats(const BlockConfig& c) {
-  return static_cast<size_t>(kernels::qknorm_rope_bwd_workspace_floats(static_cast<int>(c.head_dim)));
-}
-size_t BiasWorkspaceFloats(const BlockConfig& c) {
-  if (!c.attention_bias) return 0;
-  return static_cast<size_t>(kernels::bias_bwd_workspace_floats(static_cast<int>(c.q_dim() + 2 * c.kv_dim())));
-}
-// RoPE's inverse frequencies, uploaded once per block; each forward's table reads them.
-size_t InvFreqBytes(const BlockConfig& c) { return static_cast<size_t>(c.head_dim / 2) * sizeof(double); }
-
 class CudaSaved : public SavedActivations {
  public:
   size_t bytes() const override { return bytes_; }
   int64_t batch = 0, seq = 0;
-  DeviceBuffer x, n1, rstd1, qkv, rstd_q, rstd_k, q, k, table, o, lse, r1, rstd2, n2, gu, h;
+  DeviceBuffer x, n1, rstd1, qkv, rstd_q, rstd_k, q, k, table, o, lse, r1, rstd2, n2, gu, h, lora_u;
   size_t bytes_ = 0;
 };
 
@@ -129,22 +47,28 @@ constexpr GemmType TypeOf() {
 
 class CudaBlock : public Block {
  public:
-  CudaBlock(const BlockSpec& spec, DeviceContext* dev) : spec_(spec), dev_(dev), layout_(MakeLayout(spec.config)) {}
+  CudaBlock(const BlockSpec& spec, DeviceContext* dev)
+      : spec_(spec), dev_(dev), layout_(MakeLayout(spec.config, spec.lora)) {}
 
   absl::Status Init(AttentionMode attention) {
     DeviceGuard guard(dev_->index);
     ASSIGN_OR_RETURN(attention_, AttentionRunner::Create(attention, spec_, dev_));
     const size_t p = static_cast<size_t>(layout_.total);
-    // A frozen block keeps its matrices in the compute dtype only (bf16 for BF16: no fp32 masters),
-    // the 1-D parameters in fp32 as the kernels read them, and a gradient scratch for those alone
-    // (the norm and bias backward kernels write one); matrices get no gradient, nothing has moments.
+    // A frozen block keeps its base matrices in the compute dtype only (bf16 for BF16: no fp32
+    // masters), the adapters and 1-D parameters in fp32, and gradients for those alone (the norm
+    // and bias backward kernels write one: a scratch); only the adapters have moments.
     if (spec_.frozen) {
-      if (spec_.precision == Precision::kBF16) master_begin_ = layout_.decay_end;
-      grad_begin_ = layout_.decay_end;
+      if (spec_.precision == Precision::kBF16) master_begin_ = layout_.adapter_begin;
+      grad_begin_ = train_begin_ = layout_.adapter_begin;
+      train_end_ = layout_.adapter_end;
+    } else {
+      train_end_ = layout_.total;
     }
-    std::vector<std::pair<DeviceBuffer*, size_t>> fp32 = {{&weights_, p - master_begin_}, {&grads_, p - grad_begin_}};
-    if (!spec_.frozen) fp32.insert(fp32.end(), {{&m_, p}, {&v_, p}});
+    const size_t trained = static_cast<size_t>(train_end_ - train_begin_);
+    std::vector<std::pair<DeviceBuffer*, size_t>> fp32 = {
+        {&weights_, p - master_begin_}, {&grads_, p - grad_begin_}, {&m_, trained}, {&v_, trained}};
     for (auto [b, floats] : fp32) {
+      if (floats == 0) continue;
       ASSIGN_OR_RETURN(*b, DeviceBuffer::Allocate(dev_, floats * 4));
       CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b->get(), 0, floats * 4, dev_->stream));
     }
@@ -171,7 +95,7 @@ class CudaBlock : public Block {
   size_t memory_bytes() const override { return CudaBlockBytes(spec_) + attention_.plan().workspace_bytes; }
   AttentionInfo attention() const override { return attention_.info(); }
   size_t SavedBytes(int64_t batch, int64_t seq) const override {
-    return SavedBytesFor(spec_.config, spec_.precision, batch, seq);
+    return SavedBytesFor(spec_.config, spec_.lora, spec_.precision, batch, seq);
   }
 
   absl::Status WriteTensor(TensorKind kind, int index, const float* host) override {
@@ -185,7 +109,7 @@ class CudaBlock : public Block {
           cudaMemcpyAsync(weights_bf16_.as<bf16>() + off, b.data(), n * 2, cudaMemcpyHostToDevice, dev_->stream));
       return dev_->Sync();  // before `b` goes
     }
-    float* dst = Tensor(kind) + off - master_begin_;
+    float* dst = Tensor(kind) + off - Begin(kind);
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, host, n * 4, cudaMemcpyHostToDevice, dev_->stream));
     if (kind == TensorKind::kWeights && spec_.precision == Precision::kBF16) {
       CUDA_RETURN_IF_ERROR(kernels::launch_float_to_bf16(dst, weights_bf16_.as<bf16>() + off, n, dev_->stream));
@@ -206,7 +130,7 @@ class CudaBlock : public Block {
       return absl::OkStatus();
     }
     CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(host, Tensor(kind) + off - master_begin_, n * 4, cudaMemcpyDeviceToHost, dev_->stream));
+        cudaMemcpyAsync(host, Tensor(kind) + off - Begin(kind), n * 4, cudaMemcpyDeviceToHost, dev_->stream));
     return dev_->Sync();
   }
 
@@ -237,19 +161,20 @@ class CudaBlock : public Block {
         dev_, spec_.config.kv_dim(), static_cast<int64_t>(ActSize(spec_.precision))));
   }
 
-  // Every gradient is one fp32 buffer (grads_), in layout order: a replica group's NCCL all-reduce
-  // takes it in one call. A frozen block's buffer is only its 1-D scratch: not gradients to reduce.
+  // Every trained gradient is one range of one fp32 buffer (grads_), in layout order: a replica
+  // group's NCCL all-reduce takes it in one call. A frozen block trains its adapters alone; the
+  // 1-D scratch after them is not a gradient to reduce.
   DeviceGradients device_gradients() override {
-    if (spec_.frozen) return {};
-    return {grads_.as<float>(), static_cast<size_t>(layout_.total), dev_->index, dev_->stream};
+    if (train_end_ == train_begin_) return {};
+    return {TrainedGrads(), static_cast<size_t>(train_end_ - train_begin_), dev_->index, dev_->stream};
   }
 
   absl::StatusOr<double> GradSquaredNorm() override {
     DeviceGuard guard(dev_->index);
-    if (spec_.frozen) return absl::FailedPreconditionError(absl::StrCat("block ", spec_.id, " is frozen"));
+    RETURN_IF_ERROR(CheckTrains());
     double* out = reinterpret_cast<double*>(sum_ws_.as<char>() + kernels::sum_squares_workspace_doubles() * 8);
-    CUDA_RETURN_IF_ERROR(kernels::launch_sum_squares(grads_.as<float>(), layout_.total, sum_ws_.as<double>(), out,
-                                                     dev_->stream));
+    CUDA_RETURN_IF_ERROR(kernels::launch_sum_squares(TrainedGrads(), train_end_ - train_begin_, sum_ws_.as<double>(),
+                                                     out, dev_->stream));
     double result = 0;
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&result, out, sizeof(double), cudaMemcpyDeviceToHost, dev_->stream));
     RETURN_IF_ERROR(dev_->Sync());
@@ -258,18 +183,18 @@ class CudaBlock : public Block {
 
   absl::Status AdamWStep(const AdamWUpdate& u) override {
     DeviceGuard guard(dev_->index);
-    if (spec_.frozen) return absl::FailedPreconditionError(absl::StrCat("block ", spec_.id, " is frozen"));
+    RETURN_IF_ERROR(CheckTrains());
     const AdamWHyper& h = u.hyper;
-    const kernels::AdamWDeviceParams hp = kernels::MakeAdamWParams(
-        h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, u.step, u.grad_scale,
-        h.decay_norm_weights ? layout_.total : layout_.decay_end);
+    // Decay over the trained range's matrices (a prefix of it), or all of it with decay_norm_weights.
+    const int64_t decay_end = h.decay_norm_weights ? train_end_ : std::min(layout_.decay_end, train_end_);
+    const kernels::AdamWDeviceParams hp = kernels::MakeAdamWParams(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay,
+                                                                   u.step, u.grad_scale, decay_end - train_begin_);
     // From pageable memory the copy is staged before cudaMemcpyAsync returns, so `hp` may go.
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(adamw_params_.get(), &hp, sizeof(hp), cudaMemcpyHostToDevice, dev_->stream));
-    CUDA_RETURN_IF_ERROR(kernels::launch_adamw(weights_.as<float>(), grads_.as<float>(), m_.as<float>(),
-                                               v_.as<float>(),
-                                               spec_.precision == Precision::kBF16 ? weights_bf16_.as<bf16>() : nullptr,
-                                               layout_.total, adamw_params_.as<kernels::AdamWDeviceParams>(),
-                                               dev_->stream));
+    CUDA_RETURN_IF_ERROR(kernels::launch_adamw(
+        weights_.as<float>() + (train_begin_ - master_begin_), TrainedGrads(), m_.as<float>(), v_.as<float>(),
+        spec_.precision == Precision::kBF16 ? weights_bf16_.as<bf16>() + train_begin_ : nullptr,
+        train_end_ - train_begin_, adamw_params_.as<kernels::AdamWDeviceParams>(), dev_->stream));
     return dev_->Sync();
   }
 
@@ -284,11 +209,28 @@ class CudaBlock : public Block {
     return nullptr;
   }
 
-  // A frozen block holds weights only (the Engine asks for nothing else).
+  // Where the buffer of `kind` begins in the layout.
+  int64_t Begin(TensorKind kind) const {
+    switch (kind) {
+      case TensorKind::kWeights: return master_begin_;
+      case TensorKind::kGradients: return grad_begin_;
+      case TensorKind::kAdamM:
+      case TensorKind::kAdamV: return train_begin_;
+    }
+    return 0;
+  }
+  float* TrainedGrads() const { return grads_.as<float>() + (train_begin_ - grad_begin_); }
+
+  // A frozen block holds weights, and gradients and moments of its adapters only (the Engine asks
+  // for nothing else).
   absl::Status CheckKind(TensorKind kind, int index) const {
-    if (kind == TensorKind::kWeights || !spec_.frozen) return absl::OkStatus();
+    if (kind == TensorKind::kWeights || TrainsParam(spec_, layout_.params[index])) return absl::OkStatus();
     return absl::FailedPreconditionError(absl::StrCat("block ", spec_.id, " is frozen: ",
                                                       layout_.params[index].name, " has no ", TensorKindName(kind)));
+  }
+  absl::Status CheckTrains() const {
+    if (train_end_ > train_begin_) return absl::OkStatus();
+    return absl::FailedPreconditionError(absl::StrCat("block ", spec_.id, " is frozen"));
   }
 
   int64_t Off(ParamId id) const { return layout_.offset[static_cast<int>(id)]; }
@@ -324,6 +266,55 @@ class CudaBlock : public Block {
     CUDA_RETURN_IF_ERROR(dev_->gemm.Run(g, dev_->stream));
     return absl::OkStatus();
   }
+  absl::Status Gemms(const std::vector<kernels::GemmArgs>& gs) {
+    for (const kernels::GemmArgs& g : gs) RETURN_IF_ERROR(Gemm(g));
+    return absl::OkStatus();
+  }
+
+  // The LoRA products at `site` over `rows` tokens, reading the adapters in the compute dtype and
+  // writing their fp32 gradients; empty where the site has no target (and without lora).
+  template <class T>
+  LoraSiteGemms Lora(LoraSite site, int64_t rows) const {
+    LoraSiteGemms g;
+    g.shape = lora_sites_[static_cast<int>(site)];
+    if (g.empty()) return g;
+    g.mode = Mode();
+    g.t = TypeOf<T>();
+    g.rows = rows;
+    g.rank = spec_.lora.rank;
+    g.u_ld = LoraUColumns(spec_.lora);
+    g.scale = static_cast<float>(spec_.lora.scale());
+    g.a = W<T>(g.shape.targets.front().a);  // the site's A matrices are adjacent (kStorageOrder)
+    g.da = G32(g.shape.targets.front().a);
+    for (const LoraSiteTarget& t : g.shape.targets) {
+      g.b.push_back(W<T>(t.b));
+      g.db.push_back(G32(t.b));
+    }
+    return g;
+  }
+  // A site's product y = x W^T (+ C) with its adapters' s U B^T (U into lora_u): the adapters
+  // write first where they cover y and the product adds no C, so that the product adds onto them
+  // in its epilogue (lora_gemms.h); else they add after it.
+  template <class T>
+  absl::Status ForwardWithLora(LoraSite site, const kernels::GemmArgs& base, T* lora_u) {
+    const LoraSiteGemms lora = Lora<T>(site, base.m);
+    const bool first = !lora.empty() && base.c == nullptr && lora.Covers(base.n);
+    if (first) RETURN_IF_ERROR(Gemms(lora.Forward(base.a, lora_u, base.d, base.ldd, base.d_type, /*add=*/false)));
+    RETURN_IF_ERROR(Gemm(first ? base.AddedToD(true) : base));
+    if (!first && !lora.empty()) {
+      RETURN_IF_ERROR(Gemms(lora.Forward(base.a, lora_u, base.d, base.ldd, base.d_type, /*add=*/true)));
+    }
+    return absl::OkStatus();
+  }
+  // A site's input gradient dx = dY W (`base`, a BackwardInput) plus its adapters' dU A, written
+  // first, and the adapters' gradients from x and U (the forward's).
+  template <class T>
+  absl::Status BackwardInputWithLora(LoraSite site, const kernels::GemmArgs& base, const void* x, const void* lora_u,
+                                     void* du, bool accumulate) {
+    const LoraSiteGemms lora = Lora<T>(site, base.m);
+    RETURN_IF_ERROR(Gemms(lora.Backward(x, lora_u, base.a, base.lda, du, base.d, base.d_type, accumulate)));
+    return Gemm(base.AddedToD(!lora.empty()));
+  }
   // A weight-gradient product into `dw`; nothing for a frozen matrix (dw null).
   absl::Status GemmWeightGrad(const float* dw, const kernels::GemmArgs& g) {
     return dw == nullptr ? absl::OkStatus() : Gemm(g);
@@ -354,14 +345,14 @@ class CudaBlock : public Block {
                                                        std::unique_ptr<SavedActivations>* saved_out) {
     auto& x_act = static_cast<CudaActivation&>(*x_in);
     const BlockConfig& c = spec_.config;
-    const Dims m = DimsOf(c, x_act.batch(), x_act.seq());
+    const Dims m = DimsOf(c, spec_.lora, x_act.batch(), x_act.seq());
     const size_t t = sizeof(T);
     cudaStream_t st = dev_->stream;
     const float eps = static_cast<float>(c.rms_norm_eps);
     auto s = std::make_unique<CudaSaved>();
     s->batch = m.batch;
     s->seq = m.seq;
-    s->bytes_ = SavedBytesFor(c, spec_.precision, m.batch, m.seq);
+    s->bytes_ = SavedBytesFor(c, spec_.lora, spec_.precision, m.batch, m.seq);
 
     // Backward reads the input again: when keeping activations, the input's memory becomes the
     // saved x. Otherwise x_in frees it, in stream order, when this returns.
@@ -384,10 +375,13 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(s->n2, Alloc(m.n * m.d * t));
     ASSIGN_OR_RETURN(s->gu, Alloc(m.n * 2 * m.f * t));
     ASSIGN_OR_RETURN(s->h, Alloc(m.n * m.f * t));
+    if (m.lora_u > 0) {
+      ASSIGN_OR_RETURN(s->lora_u, Alloc(m.n * m.lora_u * t));
+    }
     ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> out, NewActivation(dev_, m.batch, m.seq, m.d));
 
     T* qkv = s->qkv.as<T>();
-    RETURN_IF_ERROR(NormAndQkv<T>(x, s->n1.as<T>(), s->rstd1.as<float>(), qkv, m));
+    RETURN_IF_ERROR(NormAndQkv<T>(x, s->n1.as<T>(), s->rstd1.as<float>(), qkv, s->lora_u.as<T>(), m));
     // QK-norm and RoPE on q and k; v stays in place inside q|k|v.
     auto* table = s->table.as<float2>();
     CUDA_RETURN_IF_ERROR(kernels::launch_rope_table(table, static_cast<int>(m.seq), m.dh, offset,
@@ -400,21 +394,23 @@ class CudaBlock : public Block {
                                                             m.kv_heads, m.dh, eps, st));
     RETURN_IF_ERROR(attention_.Forward(Attention<T>(*s, m, st)));
     RETURN_IF_ERROR(OutputAndMlp<T>(x, s->o.as<T>(), s->r1.as<float>(), s->n2.as<T>(), s->rstd2.as<float>(),
-                                    s->gu.as<T>(), s->h.as<T>(), out->data(), m));
+                                    s->gu.as<T>(), s->h.as<T>(), out->data(), s->lora_u.as<T>(), m));
     // Unless kept, the buffers go back to the pool in stream order when `s` goes; nothing waits here.
     if (saved_out != nullptr) *saved_out = std::move(s);
     RETURN_IF_ERROR(out->MarkReady(st));
     return std::unique_ptr<Activation>(std::move(out));
   }
 
-  // n1 = rmsnorm(x) * w_in;  q|k|v = n1 [Wq|Wk|Wv]^T (+ [bq|bk|bv]): the start of Forward and InferStep.
+  // n1 = rmsnorm(x) * w_in;  q|k|v = n1 [Wq|Wk|Wv]^T (+ [bq|bk|bv]) (+ the adapters', their U into
+  // lora_u): the start of Forward and InferStep.
   template <class T>
-  absl::Status NormAndQkv(const float* x, T* n1, float* rstd1, T* qkv, const Dims& m) {
+  absl::Status NormAndQkv(const float* x, T* n1, float* rstd1, T* qkv, T* lora_u, const Dims& m) {
     cudaStream_t st = dev_->stream;
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(x, W32(ParamId::kInputNorm), n1, rstd1, m.n,
                                                         static_cast<int>(m.d),
                                                         static_cast<float>(spec_.config.rms_norm_eps), st));
-    RETURN_IF_ERROR(Gemm(Linear(m.n, m.d, m.qkv).Forward(n1, W<T>(ParamId::kQProj), qkv, TypeOf<T>())));
+    RETURN_IF_ERROR(ForwardWithLora<T>(
+        LoraSite::kQkv, Linear(m.n, m.d, m.qkv).Forward(n1, W<T>(ParamId::kQProj), qkv, TypeOf<T>()), lora_u));
     if (spec_.config.attention_bias) {  // adjacent in storage; before QK-norm and RoPE as in HF
       CUDA_RETURN_IF_ERROR(
           kernels::launch_add_bias<T>(qkv, m.qkv, W32(ParamId::kQBias), m.n, static_cast<int>(m.qkv), st));
@@ -422,24 +418,26 @@ class CudaBlock : public Block {
     return absl::OkStatus();
   }
 
-  // From the attention's output o on: r1 = x + o Wo^T, out = r1 + mlp(rmsnorm(r1)). The end of
-  // Forward and InferStep.
+  // From the attention's output o on: r1 = x + o Wo^T, out = r1 + mlp(rmsnorm(r1)), each product
+  // with its adapters' (U into lora_u). The end of Forward and InferStep.
   template <class T>
   absl::Status OutputAndMlp(const float* x, const T* o, float* r1, T* n2, float* rstd2, T* gu, T* h, float* out,
-                            const Dims& m) {
+                            T* lora_u, const Dims& m) {
     cudaStream_t st = dev_->stream;
     // r1 = x + o Wo^T (the residual enters as C)
     const kernels::LinearGemm o_proj = Linear(m.n, m.qd, m.d);
-    RETURN_IF_ERROR(Gemm(o_proj.Forward(o, W<T>(ParamId::kOProj), r1, GemmType::kF32).PlusC(x)));
+    RETURN_IF_ERROR(
+        ForwardWithLora<T>(LoraSite::kO, o_proj.Forward(o, W<T>(ParamId::kOProj), r1, GemmType::kF32).PlusC(x), lora_u));
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(r1, W32(ParamId::kPostNorm), n2, rstd2, m.n,
                                                         static_cast<int>(m.d),
                                                         static_cast<float>(spec_.config.rms_norm_eps), st));
-    RETURN_IF_ERROR(Gemm(Linear(m.n, m.d, 2 * m.f).Forward(n2, W<T>(ParamId::kGateProj), gu, TypeOf<T>())));
+    RETURN_IF_ERROR(ForwardWithLora<T>(
+        LoraSite::kGateUp, Linear(m.n, m.d, 2 * m.f).Forward(n2, W<T>(ParamId::kGateProj), gu, TypeOf<T>()), lora_u));
     CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(gu, h, m.n, m.f, st));
     // out = r1 + h Wdown^T
     const kernels::LinearGemm down = Linear(m.n, m.f, m.d);
-    RETURN_IF_ERROR(Gemm(down.Forward(h, W<T>(ParamId::kDownProj), out, GemmType::kF32).PlusC(r1)));
-    return absl::OkStatus();
+    return ForwardWithLora<T>(LoraSite::kDown, down.Forward(h, W<T>(ParamId::kDownProj), out, GemmType::kF32).PlusC(r1),
+                              lora_u);
   }
 
   // One inference step (Block::InferStep): Forward's math with RoPE at each row's positions, the
@@ -450,7 +448,7 @@ class CudaBlock : public Block {
   absl::StatusOr<std::unique_ptr<Activation>> InferStepT(const CudaActivation& xa, const std::vector<int64_t>& start,
                                                          const KvBlockView& view) {
     const BlockConfig& c = spec_.config;
-    const Dims m = DimsOf(c, xa.batch(), xa.seq());
+    const Dims m = DimsOf(c, spec_.lora, xa.batch(), xa.seq());
     const size_t t = sizeof(T);
     cudaStream_t st = dev_->stream;
     const float eps = static_cast<float>(c.rms_norm_eps);
@@ -503,7 +501,7 @@ class CudaBlock : public Block {
                                                                dev_->props.multiProcessorCount);
     const int64_t ws_floats = kernels::paged_attention_workspace_floats(m.batch, m.seq, m.heads, m.dh, splits);
     struct StepBuffers {
-      T *n1, *qkv, *q, *k, *o, *gu, *h;
+      T *n1, *qkv, *q, *k, *o, *gu, *h, *lora_u;
       float *rstd, *r1, *lse, *ws;
       float2* table;
     } b;
@@ -520,6 +518,7 @@ class CudaBlock : public Block {
       b.r1 = cv.Take<float>(m.n * m.d * 4);
       b.gu = cv.Take<T>(m.n * 2 * m.f * t);
       b.h = cv.Take<T>(m.n * m.f * t);
+      b.lora_u = cv.Take<T>(m.n * m.lora_u * t);
       return cv.used();
     };
     const size_t step_bytes = carve(Carver());
@@ -534,7 +533,7 @@ class CudaBlock : public Block {
     carve(Carver(base));
     ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> out, NewActivation(dev_, m.batch, m.seq, m.d));
 
-    RETURN_IF_ERROR(NormAndQkv<T>(xa.data(), b.n1, b.rstd, b.qkv, m));
+    RETURN_IF_ERROR(NormAndQkv<T>(xa.data(), b.n1, b.rstd, b.qkv, b.lora_u, m));
     // QK-norm and RoPE: one table for all rows when they start together (token t of [batch, seq]
     // reads table row t % seq), else each row with its own.
     const int64_t rows = same_start ? 1 : m.batch, tokens = same_start ? m.n : m.seq;
@@ -582,7 +581,7 @@ class CudaBlock : public Block {
                                                               m.kv_heads, m.dh, max_len, splits, b.ws, st));
     }
     // n1's memory serves as n2.
-    RETURN_IF_ERROR(OutputAndMlp<T>(xa.data(), b.o, b.r1, b.n1, b.rstd, b.gu, b.h, out->data(), m));
+    RETURN_IF_ERROR(OutputAndMlp<T>(xa.data(), b.o, b.r1, b.n1, b.rstd, b.gu, b.h, out->data(), b.lora_u, m));
     // The scratch is reused by the next step in stream order; nothing waits here.
     RETURN_IF_ERROR(out->MarkReady(st));
     return std::unique_ptr<Activation>(std::move(out));
@@ -594,7 +593,7 @@ class CudaBlock : public Block {
     const auto& s = static_cast<const CudaSaved&>(saved_in);
     const auto& dy_act = static_cast<const CudaActivation&>(grad_out);
     const BlockConfig& c = spec_.config;
-    const Dims m = DimsOf(c, s.batch, s.seq);
+    const Dims m = DimsOf(c, spec_.lora, s.batch, s.seq);
     const size_t t = sizeof(T);
     const GemmType tt = TypeOf<T>();
     cudaStream_t st = dev_->stream;
@@ -614,17 +613,25 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(DeviceBuffer dr1, Alloc(m.n * m.d * 4));
     ASSIGN_OR_RETURN(DeviceBuffer d_o, Alloc(m.n * m.qd * t));
     ASSIGN_OR_RETURN(DeviceBuffer dqkv, Alloc(m.n * m.qkv * t));
+    DeviceBuffer du;  // the adapters' dU, site by site in U's columns
+    if (m.lora_u > 0) {
+      ASSIGN_OR_RETURN(du, Alloc(m.n * m.lora_u * t));
+    }
 
     // MLP: out = r1 + h Wd^T, h = silu(gate) * up (kept by the forward).
     const kernels::LinearGemm down = Linear(m.n, m.f, m.d);
     RETURN_IF_ERROR(GemmWeightGrad(G32(ParamId::kDownProj),
                                         down.BackwardWeight(dy_t, s.h.get(), G32(ParamId::kDownProj), accumulate)));
-    RETURN_IF_ERROR(Gemm(down.BackwardInput(dy_t, W<T>(ParamId::kDownProj), dh.get(), tt)));
+    RETURN_IF_ERROR(BackwardInputWithLora<T>(LoraSite::kDown,
+                                             down.BackwardInput(dy_t, W<T>(ParamId::kDownProj), dh.get(), tt),
+                                             s.h.get(), s.lora_u.get(), du.get(), accumulate));
     CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_bwd<T>(dh.as<T>(), s.gu.as<T>(), dgu.as<T>(), m.n, m.f, st));
     const kernels::LinearGemm gate_up = Linear(m.n, m.d, 2 * m.f);
     RETURN_IF_ERROR(GemmWeightGrad(G32(ParamId::kGateProj),
                                         gate_up.BackwardWeight(dgu.get(), s.n2.get(), G32(ParamId::kGateProj), accumulate)));
-    RETURN_IF_ERROR(Gemm(gate_up.BackwardInput(dgu.get(), W<T>(ParamId::kGateProj), dn.get(), GemmType::kF32)));
+    RETURN_IF_ERROR(BackwardInputWithLora<T>(
+        LoraSite::kGateUp, gate_up.BackwardInput(dgu.get(), W<T>(ParamId::kGateProj), dn.get(), GemmType::kF32),
+        s.n2.get(), s.lora_u.get(), du.get(), accumulate));
     // dr1 = dy + the post-attention norm's backward (and its bf16 copy for the products below).
     DeviceBuffer dr1_t_buf;
     const void* dr1_t = dr1.get();
@@ -640,7 +647,9 @@ class CudaBlock : public Block {
     const kernels::LinearGemm o_proj = Linear(m.n, m.qd, m.d);
     RETURN_IF_ERROR(GemmWeightGrad(G32(ParamId::kOProj),
                                         o_proj.BackwardWeight(dr1_t, s.o.get(), G32(ParamId::kOProj), accumulate)));
-    RETURN_IF_ERROR(Gemm(o_proj.BackwardInput(dr1_t, W<T>(ParamId::kOProj), d_o.get(), tt)));
+    RETURN_IF_ERROR(BackwardInputWithLora<T>(LoraSite::kO,
+                                             o_proj.BackwardInput(dr1_t, W<T>(ParamId::kOProj), d_o.get(), tt),
+                                             s.o.get(), s.lora_u.get(), du.get(), accumulate));
     T* dqkv_t = dqkv.as<T>();
     kernels::AttentionArgs<T> attn = Attention<T>(s, m, st);
     attn.d_o = d_o.as<T>();
@@ -650,18 +659,21 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(QkGrads dqk, attention_.Backward(attn));
     // RoPE and QK-norm backward into the q and k parts of dqkv, from fp32 or (cuDNN) bf16 dq, dk.
     if constexpr (!std::is_same<T, float>::value) {
-      if (dqk.bf16) return QkBackwardAndInput<T>(s, m, dqk.dq.as<bf16>(), dqk.dk.as<bf16>(), dqkv, dn, dr1, accumulate);
+      if (dqk.bf16) {
+        return QkBackwardAndInput<T>(s, m, dqk.dq.as<bf16>(), dqk.dk.as<bf16>(), dqkv, dn, dr1, du, accumulate);
+      }
     }
-    return QkBackwardAndInput<T>(s, m, dqk.dq.as<float>(), dqk.dk.as<float>(), dqkv, dn, dr1, accumulate);
+    return QkBackwardAndInput<T>(s, m, dqk.dq.as<float>(), dqk.dk.as<float>(), dqkv, dn, dr1, du, accumulate);
   }
 
   // The rest of BackwardT from the attention's dq and dk (G: their dtype) on: QK-norm and RoPE
-  // backward, the q|k|v projection's gradients and the input norm's backward into dx.
+  // backward, the q|k|v projection's gradients (and its adapters', dU into du) and the input norm's
+  // backward into dx.
   template <class T, class G>
   absl::StatusOr<std::unique_ptr<Activation>> QkBackwardAndInput(const CudaSaved& s, const Dims& m, const G* dq,
                                                                  const G* dk, const DeviceBuffer& dqkv,
                                                                  const DeviceBuffer& dn, const DeviceBuffer& dr1,
-                                                                 bool accumulate) {
+                                                                 const DeviceBuffer& du, bool accumulate) {
     cudaStream_t st = dev_->stream;
     T* dqkv_t = dqkv.as<T>();
     const auto* table = s.table.as<float2>();
@@ -681,7 +693,9 @@ class CudaBlock : public Block {
     const kernels::LinearGemm qkv_proj = Linear(m.n, m.d, m.qkv);
     RETURN_IF_ERROR(GemmWeightGrad(G32(ParamId::kQProj),
                                         qkv_proj.BackwardWeight(dqkv.get(), s.n1.get(), G32(ParamId::kQProj), accumulate)));
-    RETURN_IF_ERROR(Gemm(qkv_proj.BackwardInput(dqkv.get(), W<T>(ParamId::kQProj), dn.get(), GemmType::kF32)));
+    RETURN_IF_ERROR(BackwardInputWithLora<T>(
+        LoraSite::kQkv, qkv_proj.BackwardInput(dqkv.get(), W<T>(ParamId::kQProj), dn.get(), GemmType::kF32),
+        s.n1.get(), s.lora_u.get(), du.get(), accumulate));
     // dx = dr1 + the input norm's backward.
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_bwd(dn.as<float>(), s.x.as<float>(), W32(ParamId::kInputNorm),
                                                      s.rstd1.as<float>(), dr1.as<float>(), dx->data(), nullptr,
@@ -698,9 +712,15 @@ class CudaBlock : public Block {
   DeviceBuffer adamw_params_, sum_ws_, rms_ws_, qk_ws_, bias_ws_;
   DeviceBuffer inv_freq_;  // RopeInvFreq(config), head_dim / 2 doubles
   StepWorkspace step_ws_{dev_};  // InferStep's kept scratch and pinned table upload
-  // Where weights_ and grads_ begin in the layout: 0, or for a frozen block decay_end (weights_:
-  // only with BF16, whose matrices live in weights_bf16_ alone; grads_: always, the 1-D scratch).
-  int64_t master_begin_ = 0, grad_begin_ = 0;
+  // Where weights_ and grads_ begin in the layout: 0, or for a frozen block adapter_begin (weights_:
+  // only with BF16, whose base matrices live in weights_bf16_ alone; grads_: always, the adapters'
+  // gradients and the 1-D scratch). m_ and v_ hold [train_begin_, train_end_): everything, or a
+  // frozen block's adapters.
+  int64_t master_begin_ = 0, grad_begin_ = 0, train_begin_ = 0, train_end_ = 0;
+  std::array<LoraSiteShape, 4> lora_sites_ = {LoraSiteOf(LoraSite::kQkv, spec_.config, spec_.lora),
+                                              LoraSiteOf(LoraSite::kO, spec_.config, spec_.lora),
+                                              LoraSiteOf(LoraSite::kGateUp, spec_.config, spec_.lora),
+                                              LoraSiteOf(LoraSite::kDown, spec_.config, spec_.lora)};
   double rope_scale_ = 1;  // RopeAttentionScaling(config)
   AttentionRunner attention_;
 };
@@ -717,23 +737,6 @@ absl::StatusOr<std::unique_ptr<CudaActivation>> NewActivation(DeviceContext* dev
                                                                int64_t width) {
   ASSIGN_OR_RETURN(DeviceBuffer buf, DeviceBuffer::Allocate(dev, static_cast<size_t>(batch * seq * width) * 4));
   return std::make_unique<CudaActivation>(dev->index, batch, seq, width, std::move(buf));
-}
-
-size_t CudaBlockBytes(const BlockSpec& spec) {
-  const Layout l = MakeLayout(spec.config);
-  const size_t p = static_cast<size_t>(l.total), vec = static_cast<size_t>(l.total - l.decay_end);
-  const bool bf16 = spec.precision == Precision::kBF16;
-  size_t bytes;
-  if (spec.frozen) {  // the weights in the compute dtype, fp32 1-D parameters and their gradient scratch
-    bytes = bf16 ? 2 * p + 4 * vec + 4 * vec : 4 * p + 4 * vec;
-  } else {
-    bytes = 16 * p;  // weights, gradients, m, v
-    if (bf16) bytes += 2 * p;
-  }
-  bytes += sizeof(kernels::AdamWDeviceParams) + kernels::sum_squares_workspace_doubles() * 8 + 8;
-  bytes += (RmsWorkspaceFloats(spec.config) + QkWorkspaceFloats(spec.config) + BiasWorkspaceFloats(spec.config)) * 4;
-  bytes += InvFreqBytes(spec.config);
-  return bytes;
 }
 
 absl::StatusOr<std::unique_ptr<Block>> CreateCudaBlock(const BlockSpec& spec, DeviceContext* dev,
