@@ -1,8 +1,14 @@
 // In-process engine benchmark on the CUDA backend: forward, backward and AdamW step times of one
 // block (and a span of 8), tokens/s, achieved TFLOP/s with the model FLOP count of issue 4, MFU
-// against 790 TFLOP/s bf16, and peak device memory.
+// against 790 TFLOP/s bf16, peak device memory and the blocks' own memory.
 //
 //   bench_engine [--shapes=qwen,llama,span8] [--precisions=bf16,fp32] [--iters=20] [--attention=native,cudnn]
+//
+// Issue 14's shapes: llama-lora16 (the Llama block frozen, LoRA rank 16 alpha 32 on all seven
+// projections: its step is AdamW over the adapters), llama-lora16x32 (32 of them: the memory of a
+// frozen 8B model with adapters), llama-rope (llama3 RoPE scaling, factor 8, beside plain llama).
+// TFLOP/s and MFU always count the full block's 3 x forward FLOPs, so a LoRA row's figures read
+// as the full fine-tune's rate at its speed.
 //
 // --attention: the attention kernels of bf16 blocks, one backend per entry (auto, cudnn, native;
 // engine/cuda/attention_dispatch.h), so one run measures cuDNN's fused attention beside blockd's.
@@ -32,11 +38,23 @@ namespace {
 constexpr double kPeakBf16 = 790e12;
 
 struct Shape {
+  Shape(std::string name, BlockConfig config, int64_t batch, int64_t seq, int span, bool frozen = false,
+        LoraConfig lora = {})
+      : name(std::move(name)), config(std::move(config)), batch(batch), seq(seq), span(span), frozen(frozen),
+        lora(std::move(lora)) {}
   std::string name;
   BlockConfig config;
   int64_t batch, seq;
   int span;
+  bool frozen;
+  LoraConfig lora;
 };
+
+LoraConfig AllTargets(int32_t rank, double alpha) {
+  LoraConfig l{rank, alpha, {}};
+  for (const LoraTarget& t : kLoraTargets) l.target_modules.push_back(t.module);
+  return l;
+}
 
 using testing::Config;
 
@@ -79,9 +97,19 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
     if (n == "qwen") shapes.push_back({"qwen3-0.6b-like 8x2048", Config(1024, 16, 8, 128, 3072, true), 8, 2048, 1});
     if (n == "llama") shapes.push_back({"llama3-8b-like 1x4096", Config(4096, 32, 8, 128, 14336, false), 1, 4096, 1});
     if (n == "span8") shapes.push_back({"span of 8 x qwen 8x2048", Config(1024, 16, 8, 128, 3072, true), 8, 2048, 8});
+    const BlockConfig llama = Config(4096, 32, 8, 128, 14336, false);
+    if (n == "llama-lora16") shapes.push_back({"llama3-8b lora16 1x4096", llama, 1, 4096, 1, true, AllTargets(16, 32)});
+    if (n == "llama-lora16x32") {
+      shapes.push_back({"32 x llama3-8b lora16", llama, 1, 4096, 32, true, AllTargets(16, 32)});
+    }
+    if (n == "llama-rope") {
+      BlockConfig c = llama;
+      c.rope_scaling = {"llama3", 8, 1, 4, 8192, 0, 0, 0};
+      shapes.push_back({"llama3-8b rope llama3 1x4096", c, 1, 4096, 1});
+    }
   }
-  std::printf("%-26s %-5s %-6s %9s %9s %9s %10s %8s %6s %9s\n", "shape", "prec", "attn", "fwd ms", "bwd ms", "step ms",
-              "tok/s", "TFLOP/s", "MFU", "peak GiB");
+  std::printf("%-26s %-5s %-6s %9s %9s %9s %10s %8s %6s %9s %10s\n", "shape", "prec", "attn", "fwd ms", "bwd ms",
+              "step ms", "tok/s", "TFLOP/s", "MFU", "peak GiB", "blocks GiB");
   for (const Shape& sh : shapes) {
     for (const std::string& pn : precisions) {
       const Precision p = pn == "fp32" ? Precision::kFP32 : pn == "tf32" ? Precision::kTF32 : Precision::kBF16;
@@ -91,6 +119,8 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
       cudaMemPoolSetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &zero);
       CudaTransferPoolPeakBytes(*backend, 0, /*reset=*/true);
       std::vector<std::unique_ptr<Block>> blocks;
+      size_t block_bytes = 0;
+      std::vector<std::vector<float>> first;  // the first block's weights, for spans past 8
       for (int b = 0; b < sh.span; ++b) {
         BlockSpec spec;
         spec.id = "bench" + std::to_string(b);
@@ -98,13 +128,22 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
         spec.max_seq_len = sh.seq;
         spec.max_batch_size = sh.batch;
         spec.precision = p;
+        spec.frozen = sh.frozen;
+        spec.lora = sh.lora;
         auto block = backend->CreateBlock(spec);
         if (!Check(block.status(), "create")) return 1;
-        const auto params = BlockParams(sh.config);
+        block_bytes += (*block)->memory_bytes();
+        const auto params = BlockParams(sh.config, sh.lora);
         for (size_t i = 0; i < params.size(); ++i) {
-          std::vector<float> w(params[i].numel());
-          InitParam(1234 + b, params[i], w.data());
-          if (!Check((*block)->WriteTensor(TensorKind::kWeights, int(i), w.data()), "write")) return 1;
+          // Blocks past the 8th reuse the first's values: seeding 8B-sized blocks on the host is slow.
+          std::vector<float> w;
+          if (b < 8) {
+            w.resize(params[i].numel());
+            InitParam(1234 + b, params[i], w.data());
+            if (b == 0 && sh.span > 8) first.push_back(w);
+          }
+          const float* values = b < 8 ? w.data() : first[i].data();
+          if (!Check((*block)->WriteTensor(TensorKind::kWeights, int(i), values), "write")) return 1;
         }
         blocks.push_back(std::move(block).value());
       }
@@ -167,10 +206,9 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
       const double flops = 3 * FwdFlops(sh.config, sh.batch, sh.seq) * sh.span;
       const double tflops = flops / (f + b) / 1e12;
       const std::string attn = blocks.front()->attention().backend;
-      std::printf("%-26s %-5s %-6s %9.3f %9.3f %9.3f %10.0f %8.1f %5.1f%% %9.2f\n", sh.name.c_str(), pn.c_str(),
-                  attn.c_str(), f * 1e3,
-                  b * 1e3, s * 1e3, sh.batch * sh.seq / (f + b), tflops, 100 * tflops * 1e12 / kPeakBf16,
-                  peak / double(1 << 30));
+      std::printf("%-26s %-5s %-6s %9.3f %9.3f %9.3f %10.0f %8.1f %5.1f%% %9.2f %10.2f\n", sh.name.c_str(),
+                  pn.c_str(), attn.c_str(), f * 1e3, b * 1e3, s * 1e3, sh.batch * sh.seq / (f + b), tflops,
+                  100 * tflops * 1e12 / kPeakBf16, peak / double(1 << 30), block_bytes / double(1 << 30));
       std::fflush(stdout);
     }
   }

@@ -7,7 +7,11 @@ The block is Hugging Face's Llama/Qwen3 decoder layer as ARCHITECTURE.md writes 
 statistics, per-head QK-norm, rotate_half RoPE, F.scaled_dot_product_attention (causal, GQA),
 SwiGLU, both residuals. Modes: eager-bf16 (fp32 master weights under bf16 autocast),
 compile-bf16 (the same through torch.compile), eager-fp32 (fp32 without TF32). The optimizer is
-torch.optim.AdamW(fused=True) over fp32 masters, weight decay on matrices only.
+torch.optim.AdamW(fused=True) over fp32 masters, weight decay on matrices only. A mode ending in
+-loraR (compile-bf16-lora16) is PEFT's LoRA on a frozen base: the base weights in bf16 without
+gradients (as a frozen blockd block holds them), rank-R adapters (alpha 2R) on all seven
+projections in fp32 under the same autocast, y = x W^T + (alpha / R) (x A^T) B^T, AdamW over the
+adapters only; the input gradient is computed in every mode, as blockd computes it.
 
 Timing matches bench_engine: warm-up, then per-iteration CUDA events around forward, backward and
 step, the median of --iters, inputs rotated among 3 random sets. FLOPs per sequence:
@@ -43,7 +47,7 @@ def fwd_flops(s):
 
 
 class Block(torch.nn.Module):
-    def __init__(self, s, eps=1e-6, theta=1e6):
+    def __init__(self, s, eps=1e-6, theta=1e6, lora_rank=0):
         super().__init__()
         d, H, Hkv, dh, f = s["d"], s["H"], s["Hkv"], s["dh"], s["f"]
         self.H, self.Hkv, self.dh, self.eps, self.qk_norm = H, Hkv, dh, eps, s["qk_norm"]
@@ -60,6 +64,24 @@ class Block(torch.nn.Module):
         emb = torch.cat((ang, ang), dim=-1)
         self.register_buffer("cos", emb.cos().float(), persistent=False)
         self.register_buffer("sin", emb.sin().float(), persistent=False)
+        self.lora, self.lora_scale = torch.nn.ParameterDict(), 2.0
+        if lora_rank:
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                w = getattr(self, p)
+                w.requires_grad_(False)
+                w.data = w.data.bfloat16()
+                out, inp = w.shape
+                self.lora[p + "_A"] = torch.nn.Parameter(torch.empty(lora_rank, inp).uniform_(-inp ** -0.5, inp ** -0.5))
+                self.lora[p + "_B"] = torch.nn.Parameter(torch.randn(out, lora_rank) * 0.01)
+            for p in self.parameters():
+                if p.dim() == 1:
+                    p.requires_grad_(False)
+
+    def linear(self, x, name):
+        y = F.linear(x, getattr(self, name))
+        if name + "_A" in self.lora:
+            y = y + self.lora_scale * F.linear(F.linear(x, self.lora[name + "_A"]), self.lora[name + "_B"])
+        return y
 
     def names(self):
         m = {"input_layernorm.weight": "input_layernorm", "post_attention_layernorm.weight": "post_attention_layernorm"}
@@ -83,9 +105,9 @@ class Block(torch.nn.Module):
     def forward(self, x):
         b, s, _ = x.shape
         h = self.rms(x, self.input_layernorm)
-        q = F.linear(h, self.q_proj).view(b, s, self.H, self.dh)
-        k = F.linear(h, self.k_proj).view(b, s, self.Hkv, self.dh)
-        v = F.linear(h, self.v_proj).view(b, s, self.Hkv, self.dh)
+        q = self.linear(h, "q_proj").view(b, s, self.H, self.dh)
+        k = self.linear(h, "k_proj").view(b, s, self.Hkv, self.dh)
+        v = self.linear(h, "v_proj").view(b, s, self.Hkv, self.dh)
         if self.qk_norm:
             q, k = self.rms(q, self.q_norm), self.rms(k, self.k_norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -93,16 +115,16 @@ class Block(torch.nn.Module):
         q = q * cos + self.rotate_half(q) * sin
         k = k * cos + self.rotate_half(k) * sin
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        r1 = x + F.linear(a.transpose(1, 2).reshape(b, s, -1), self.o_proj)
+        r1 = x + self.linear(a.transpose(1, 2).reshape(b, s, -1), "o_proj")
         n2 = self.rms(r1, self.post_attention_layernorm)
-        return r1 + F.linear(F.silu(F.linear(n2, self.gate_proj)) * F.linear(n2, self.up_proj), self.down_proj)
+        return r1 + self.linear(F.silu(self.linear(n2, "gate_proj")) * self.linear(n2, "up_proj"), "down_proj")
 
 
 def make_optimizer(blocks):
-    decay = [p for b in blocks for p in b.parameters() if p.dim() == 2]
-    plain = [p for b in blocks for p in b.parameters() if p.dim() == 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}],
-                             lr=1e-3, fused=True)
+    decay = [p for b in blocks for p in b.parameters() if p.dim() == 2 and p.requires_grad]
+    plain = [p for b in blocks for p in b.parameters() if p.dim() == 1 and p.requires_grad]
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-3, fused=True)
 
 
 def time_mode(s, mode, iters):
@@ -110,11 +132,12 @@ def time_mode(s, mode, iters):
     torch.backends.cudnn.allow_tf32 = False
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    blocks = [Block(s).to(dev) for _ in range(s["span"])]
+    lora_rank = int(mode.split("-lora")[1]) if "-lora" in mode else 0
+    blocks = [Block(s, lora_rank=lora_rank).to(dev) for _ in range(s["span"])]
     span = torch.nn.Sequential(*blocks)
     fn = torch.compile(span) if mode.startswith("compile") else span
     opt = make_optimizer(blocks)
-    bf16 = mode.endswith("bf16")
+    bf16 = "-bf16" in mode
     xs = [torch.randn(s["B"], s["S"], s["d"], device=dev) for _ in range(3)]
     gs = [torch.randn(s["B"], s["S"], s["d"], device=dev) for _ in range(3)]
     torch.cuda.reset_peak_memory_stats()

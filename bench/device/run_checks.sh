@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [groups] [ipc] [transport] [scale]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [groups] [ipc] [transport] [scale] [lora]   (default: the first four)
 # `groups`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs) and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
 set -uo pipefail
@@ -249,6 +249,27 @@ if [[ " $stages " == *" scale "* ]]; then
   kill "${daemons[@]}" 2>/dev/null; wait "${daemons[@]}" 2>/dev/null
   row bench.scale "$([ $rc -eq 0 ] && echo DONE || echo FAIL)" "$ngpu GPU(s); see scale.log"
   tail -20 "$OUT/scale.log"
+fi
+
+if [[ " $stages " == *" lora "* ]]; then
+  # Issue 14's targets in one run: the LoRA blocks against the CPU backend, then bench_engine's
+  # Llama block full fine-tune beside the frozen block with rank-16 adapters on all seven
+  # projections, 32 of those (memory), llama3 RoPE scaling beside plain RoPE, and PyTorch's LoRA
+  # (eager and torch.compile) and full fine-tune of the same block; cuDNN attention on both sides.
+  gtest lora.cuda lora_cuda_test '*' 120
+  timeout 150 env LD_LIBRARY_PATH="$LIBS" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$dev/bin/lora_cuda_test" --gtest_filter='*bf16_frozen*:*fp32_trainable_q_v_down*' >"$OUT/lora.memcheck.log" 2>&1
+  rc=$?
+  row lora.memcheck "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E 'ERROR SUMMARY' "$OUT/lora.memcheck.log" | tr '\n' ' ')"
+  timeout 300 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=llama,llama-lora16,llama-rope,llama-lora16x32 \
+    --precisions=bf16 --iters=${LORA_ITERS:-10} --attention=${LORA_ATTENTION:-cudnn} >"$OUT/bench_lora.log" 2>&1
+  row "bench.lora" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see bench_lora.log"
+  cat "$OUT/bench_lora.log"
+  (cd "$root" && timeout 400 python3 bench/torch_baseline.py --shapes llama \
+    --modes ${LORA_TORCH_MODES:-compile-bf16-lora16,eager-bf16-lora16,compile-bf16} --iters 10) \
+    >"$OUT/torch_lora.log" 2>&1
+  row "bench.torch_lora" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see torch_lora.log"
+  cat "$OUT/torch_lora.log"
 fi
 
 if [[ " $stages " == *" torch "* ]]; then
