@@ -13,8 +13,9 @@
 // FP32 and TF32 blocks always run blockd's kernels (cuDNN's fused attention is bf16/fp16 only).
 //
 // cuDNN's workspace (its own plus the backward's fp32 dQ accumulator, ~ batch*heads*seq*head_dim*4
-// bytes) is allocated at block creation for the largest shape and counted in the block's bytes, so
-// the memory budget covers it and a warm call allocates nothing for it.
+// bytes, ~140 MB for a Llama-3-8B block at 4k tokens) comes from the device's stream-ordered pool
+// for each call, like the backward's other temporaries: the blocks on a device share that memory
+// instead of each keeping its own, and a warm pool hands it out without a cudaMalloc.
 //
 //   ASSIGN_OR_RETURN(AttentionRunner attn, AttentionRunner::Create(mode, spec, dev));
 //   RETURN_IF_ERROR(attn.Forward(args));                 // o, lse
@@ -51,7 +52,9 @@ AttentionInfo DescribeAttention(AttentionMode mode, const DeviceContext& dev);
 struct AttentionPlan {
   bool cudnn = false;
   std::string reason;
-  size_t workspace_bytes = 0;  // cuDNN's for the largest shape; 0 for the native kernels
+  // cuDNN's for the largest shape (0 for the native kernels): what a call takes from the device's
+  // pool while it runs, not what the block keeps.
+  size_t workspace_bytes = 0;
 };
 // Fails only for kCudnn on a block cuDNN cannot run (FAILED_PRECONDITION or UNIMPLEMENTED).
 absl::StatusOr<AttentionPlan> PlanAttention(AttentionMode mode, const BlockSpec& spec, DeviceContext* dev);
@@ -80,17 +83,16 @@ class AttentionRunner {
   absl::StatusOr<QkGrads> Backward(kernels::AttentionArgs<__nv_bfloat16> a);
 
  private:
-  // Whether this call runs on cuDNN: the block chose it and cuDNN takes the call's shape within
-  // the workspace. Fills *problem for the call.
+  // Whether this call runs on cuDNN: the block chose it and cuDNN takes the call's shape. Fills
+  // *problem and *workspace (the call's, from the device's pool) for the call.
   absl::StatusOr<bool> UseCudnn(const kernels::AttentionArgs<__nv_bfloat16>& a, bool backward,
-                                kernels::CudnnAttentionProblem* problem);
+                                kernels::CudnnAttentionProblem* problem, DeviceBuffer* workspace);
   template <class T>
   absl::StatusOr<QkGrads> NativeBackward(kernels::AttentionArgs<T> a);
 
   AttentionMode mode_ = AttentionMode::kNative;
   AttentionPlan plan_;
   DeviceContext* dev_ = nullptr;
-  DeviceBuffer workspace_;
   std::set<std::pair<int64_t, int64_t>> refused_;  // (batch, seq) already logged; calls on a block are serialised
 };
 

@@ -155,12 +155,8 @@ class CudaBackend : public Backend {
     return absl::OkStatus();
   }
 
-  // With the cuDNN workspace the block will allocate; a block cuDNN refuses under --attention=cudnn
-  // is counted without it, and CreateBlock then says why it cannot be made.
-  size_t BlockBytes(const BlockSpec& spec) const override {
-    auto plan = cuda::PlanAttention(options_.attention, spec, devices_[spec.device].get());
-    return cuda::CudaBlockBytes(spec) + (plan.ok() ? plan->workspace_bytes : 0);
-  }
+  // The attention's cuDNN workspace is a call's, not the block's (attention_dispatch.h).
+  size_t BlockBytes(const BlockSpec& spec) const override { return cuda::CudaBlockBytes(spec); }
 
   absl::StatusOr<std::unique_ptr<Block>> CreateBlock(const BlockSpec& spec) override {
     return cuda::CreateCudaBlock(spec, devices_[spec.device].get(), options_.attention);

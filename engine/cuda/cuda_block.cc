@@ -92,7 +92,7 @@ class CudaBlock : public Block {
     return dev_->Sync();  // before `inv_freq` goes
   }
 
-  size_t memory_bytes() const override { return CudaBlockBytes(spec_) + attention_.plan().workspace_bytes; }
+  size_t memory_bytes() const override { return CudaBlockBytes(spec_); }
   AttentionInfo attention() const override { return attention_.info(); }
   size_t SavedBytes(int64_t batch, int64_t seq) const override {
     return SavedBytesFor(spec_.config, spec_.lora, spec_.precision, batch, seq);

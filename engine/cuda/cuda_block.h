@@ -36,8 +36,8 @@ class CudaActivation : public Activation {
 absl::StatusOr<std::unique_ptr<CudaActivation>> NewActivation(DeviceContext* dev, int64_t batch, int64_t seq,
                                                                int64_t width);
 
-// Bytes of a block's weights, gradients, moments and its own workspaces; the attention's cuDNN
-// workspace comes on top (AttentionPlan::workspace_bytes, attention_dispatch.h).
+// Bytes of a block's weights, gradients, moments and its own workspaces (the attention's cuDNN
+// workspace is each call's, from the device's pool: attention_dispatch.h).
 size_t CudaBlockBytes(const BlockSpec& spec);
 absl::StatusOr<std::unique_ptr<Block>> CreateCudaBlock(const BlockSpec& spec, DeviceContext* dev,
                                                        AttentionMode attention);
