@@ -32,6 +32,9 @@ for b in "${bins[@]}"; do
 done
 cp -r "$build/python/." "$out/python/"
 cp -r "$root/tests/python/." "$out/python/" 2>/dev/null || true
+# lora_test.py (run_checks.sh lora runs it against a CUDA daemon) and what it imports; not the
+# whole folder: its hf_export_test.py would shadow tests/gpu's.
+cp "$root"/tests/client_python/{lora_test,client_test,torch_reference}.py "$out/python/"
 cp "$root"/tests/gpu/*.py "$out/python/" 2>/dev/null || true  # hf_generate_test.py
 cp "$root/bench/hf_decode.py" "$out/python/"  # the decode stage's Hugging Face baseline
 # The travelling tree is limited to 64 MiB: ship one compressed archive (OpenBLAS alone is 36 MB).

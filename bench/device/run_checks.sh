@@ -108,13 +108,16 @@ if [[ " $stages " == *" ipc "* ]] && [ -f "$dev/python/cuda_ipc_test.py" ]; then
   pyunit cuda_ipc cuda_ipc_test
 fi
 
-# Generation against Hugging Face transformers' generate (greedy logits, beams, sampling), and the
+# Generation against Hugging Face transformers' generate (greedy logits, beams, sampling), the
 # export back to Hugging Face loaded by transformers (export_hf's and blockctl's output with the
-# daemon's logits); opt-in:
+# daemon's logits), and blocks against transformers' decoder layers; opt-in:
 #   bash bench/device/run_checks.sh generate
 if [[ " $stages " == *" generate "* ]] && [ -f "$dev/python/hf_generate_test.py" ]; then
   pyunit hf_generate.cpu hf_generate_test
   [ -f "$dev/python/hf_export_test.py" ] && pyunit hf_export.cpu hf_export_test
+  # Layer 0 against transformers' decoder layers (forward and every gradient), both backends.
+  pyunit hf_layer.cpu hf_layer_test
+  pyunit hf_layer.cuda hf_layer_test BLOCKD_BACKEND=cuda
 fi
 
 # Inference-session decode (issue 12), in one call: correctness first (the session tests and the
@@ -261,6 +264,8 @@ if [[ " $stages " == *" lora "* ]]; then
     "$dev/bin/lora_cuda_test" --gtest_filter='*bf16_frozen*:*fp32_trainable_q_v_down*' >"$OUT/lora.memcheck.log" 2>&1
   rc=$?
   row lora.memcheck "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "$(grep -E 'ERROR SUMMARY' "$OUT/lora.memcheck.log" | tr '\n' ' ')"
+  # 30 steps of the tiny LM with LoRA on a frozen fp32 base, through a CUDA daemon, against PyTorch.
+  pyunit lora.python_cuda lora_test.LoraAgreementTest BLOCKD_BACKEND=cuda BLOCKD_EXAMPLES="$root/examples"
   timeout 300 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=llama,llama-lora16,llama-rope,llama-lora16x32 \
     --precisions=bf16 --iters=${LORA_ITERS:-10} --attention=${LORA_ATTENTION:-cudnn} >"$OUT/bench_lora.log" 2>&1
   row "bench.lora" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see bench_lora.log"

@@ -148,7 +148,9 @@ class LoraAgreementTest(unittest.TestCase):
         cfg = example.CONFIG
         lora = blockd.LoraConfig(rank=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                       "gate_proj", "up_proj", "down_proj"])
-        with Daemon() as d, blockd.Client(d.target, timeout=120) as client:
+        # The CPU backend in CI; on the GPU host BLOCKD_BACKEND=cuda (run_checks.sh lora), fp32 either way.
+        with Daemon(backend=os.environ.get("BLOCKD_BACKEND", "cpu")) as d, \
+                blockd.Client(d.target, timeout=120) as client:
             span = blockd.RemoteSpan.create(client, cfg, example.NUM_LAYERS, prefix="lora/layer", seed=17,
                                             precision="fp32", max_seq_len=self.SEQ, max_batch_size=self.BATCH,
                                             frozen=True, lora=lora)
