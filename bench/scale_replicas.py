@@ -5,7 +5,7 @@ one replica's, eight's over one's.
 
     python3 bench/scale_replicas.py --targets=127.0.0.1:51000,127.0.0.1:51001 [--replicas=1,2]
         [--blocks=8] [--batch=8] [--seq=2048] [--iters=6] [--config=qwen|tiny] [--place=gpu|cpu]
-        [--collective=nccl|gloo|] [--transport=auto|grpc|shared_memory|cuda_ipc]
+        [--collective=nccl|gloo|] [--transport=auto|grpc|shared_memory|cuda_ipc] [--overlap=off,on]
 
 The daemons run with --collective_host and (for --place=gpu) --allow_shared_memory; run_checks.sh
 `scale` starts one per GPU. --place=gpu puts replica r's blocks on device r and its activations in
@@ -13,6 +13,9 @@ CUDA tensors on cuda:r, which reach the daemon by CUDA IPC where it allows (--tr
 insists on it); --place=cpu keeps blocks on device 0 and activations in host
 memory (the CPU backend; CI runs it small). Each replica's Forward and Backward run on its own
 thread, then one group Step (mean all-reduce, global clip, AdamW) on every member at once.
+--overlap: "off" averages the gradients at the Step; "on" names the group in each Backward, so
+each block's gradients are averaged while the earlier blocks' backward runs (on NCCL, beside it
+on the GPU) and the Step reduces nothing again. Both by default, each with its own table.
 
 Blocks are Qwen-like as in bench_service (hidden 1024, 16 heads, 8 kv heads, head_dim 128, MLP
 3072, QK-norm, bf16) or, with --config=tiny, 32 wide in fp32. Timing: 2 warm-up steps, then the
@@ -53,6 +56,7 @@ def parse_args(argv):
                                                        "shared_memory or cuda_ipc")
     p.add_argument("--collective", default="", help="GetCollectiveId's backend ('' lets rank 0's daemon choose)")
     p.add_argument("--timeout_ms", type=int, default=120000, help="the group's collective timeout")
+    p.add_argument("--overlap", default="off,on", help="off, on, or both: average at the Step or during the Backward")
     a = p.parse_args(argv)
     a.targets = [t for t in a.targets.split(",") if t]
     if a.replicas:
@@ -84,10 +88,10 @@ class Replica:
                      for _ in range(2)]
         self.cuda = where if where.startswith("cuda") else None
 
-    def forward_backward(self, it):
+    def forward_backward(self, it, group_id=""):
         x, g = self.sets[it % len(self.sets)]
         _, handle = self.client.forward(self.ids, x, keep_activations=True)
-        dx = self.client.backward(handle, g)
+        dx = self.client.backward(handle, g, group_id=group_id)
         if self.cuda:
             torch.cuda.synchronize(self.cuda)
         assert dx.shape == x.shape
@@ -101,7 +105,7 @@ class Replica:
         self.client.close()
 
 
-def measure(a, n, config, precision):
+def measure(a, n, config, precision, overlap):
     replicas = []
     try:
         for r in range(n):
@@ -113,7 +117,7 @@ def measure(a, n, config, precision):
             steps, fbs = [], []
             for it in range(a.iters + 2):
                 t0 = time.perf_counter()
-                for f in [pool.submit(p.forward_backward, it) for p in replicas]:
+                for f in [pool.submit(p.forward_backward, it, group.group_id if overlap else "") for p in replicas]:
                     f.result()
                 t1 = time.perf_counter()
                 results = group.step(lr=1e-4, max_grad_norm=1.0)
@@ -133,7 +137,7 @@ def measure(a, n, config, precision):
                     assert not bad, f"replica {p.rank} differs from rank 0 in {block_id}: {bad}"
         finally:
             group.leave()
-        return dict(replicas=n, backend=info.backend, transport=a.transport,
+        return dict(replicas=n, overlap="on" if overlap else "off", backend=info.backend, transport=a.transport,
                     step=statistics.median(steps), fb=statistics.median(fbs),
                     tokens=n * a.batch * a.seq / statistics.median(steps))
     finally:
@@ -144,19 +148,27 @@ def measure(a, n, config, precision):
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
     config, precision = CONFIGS[a.config]
+    modes = [m.strip() for m in a.overlap.split(",") if m.strip()]
+    if not modes or any(m not in ("off", "on") for m in modes):
+        raise SystemExit(f"--overlap={a.overlap}: expected off, on, or off,on")
     rows = []
-    for n in a.replicas:
-        rows.append(measure(a, n, config, precision))
-        r = rows[-1]
-        print(f"replicas {n}: step {r['step'] * 1e3:.2f} ms (forward+backward {r['fb'] * 1e3:.2f} ms), "
-              f"{r['tokens']:.0f} tokens/s, collective {r['backend']}, transport {r['transport']}", flush=True)
-    base = next((r["tokens"] for r in rows if r["replicas"] == 1), None)
-    print(f"\n== replica scaling: {a.blocks} {a.config} blocks, {a.batch}x{a.seq} tokens per replica ==")
-    print(f"{'replicas':>8} {'step ms':>9} {'fwd+bwd ms':>10} {'tokens/s':>12} {'vs 1':>6} {'efficiency':>10}")
-    for r in rows:
-        vs = r["tokens"] / base if base else float("nan")
-        print(f"{r['replicas']:>8} {r['step'] * 1e3:>9.2f} {r['fb'] * 1e3:>10.2f} {r['tokens']:>12.0f} "
-              f"{vs:>6.2f} {vs / r['replicas']:>10.1%}")
+    for mode in modes:
+        for n in a.replicas:
+            rows.append(measure(a, n, config, precision, mode == "on"))
+            r = rows[-1]
+            print(f"replicas {n} (overlap {mode}): step {r['step'] * 1e3:.2f} ms (forward+backward "
+                  f"{r['fb'] * 1e3:.2f} ms), {r['tokens']:.0f} tokens/s, collective {r['backend']}, "
+                  f"transport {r['transport']}", flush=True)
+    for mode in modes:
+        mine = [r for r in rows if r["overlap"] == mode]
+        base = next((r["tokens"] for r in mine if r["replicas"] == 1), None)
+        print(f"\n== replica scaling: {a.blocks} {a.config} blocks, {a.batch}x{a.seq} tokens per replica, "
+              f"averaging {'during the Backward' if mode == 'on' else 'at the Step'} ==")
+        print(f"{'replicas':>8} {'step ms':>9} {'fwd+bwd ms':>10} {'tokens/s':>12} {'vs 1':>6} {'efficiency':>10}")
+        for r in mine:
+            vs = r["tokens"] / base if base else float("nan")
+            print(f"{r['replicas']:>8} {r['step'] * 1e3:>9.2f} {r['fb'] * 1e3:>10.2f} {r['tokens']:>12.0f} "
+                  f"{vs:>6.2f} {vs / r['replicas']:>10.1%}")
     return rows
 
 

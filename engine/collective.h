@@ -48,6 +48,16 @@ class Collective {
     (void)device_data, (void)n, (void)stream;
     return absl::UnimplementedError(absl::StrCat(backend(), " collectives reduce host memory only"));
   }
+  // Averaging while a backward runs (as DDP's buckets do): queues the in-place mean of `n` floats
+  // on the collective's own stream, ordered after the work queued on `after` (a cudaStream_t: the
+  // block's backward) so far, and returns once queued, so that it runs beside what `after` runs
+  // next. WaitQueued returns once every call queued so is complete. The same members' failures as
+  // AllReduceMeanOnDevice, answered by either call.
+  virtual absl::Status QueueAllReduceMeanOnDevice(float* device_data, size_t n, void* after) {
+    (void)device_data, (void)n, (void)after;
+    return absl::UnimplementedError(absl::StrCat(backend(), " collectives reduce host memory only"));
+  }
+  virtual absl::Status WaitQueued() { return absl::OkStatus(); }
   // Payload bytes of the calls above so far (a 1 MiB all-reduce counts 1 MiB), for metrics.
   virtual int64_t payload_bytes() const = 0;
 };

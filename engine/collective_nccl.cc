@@ -8,6 +8,7 @@
 #include <cstring>
 #include <exception>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -80,6 +81,7 @@ class NcclCollective final : public Collective {
     if (comm_ != nullptr) ncclCommAbort(comm_);
     if (staging_ != nullptr) cudaFree(staging_);
     cudaEventDestroy(done_);
+    if (ready_ != nullptr) cudaEventDestroy(ready_);
     cudaStreamDestroy(stream_);
   }
 
@@ -106,6 +108,28 @@ class NcclCollective final : public Collective {
     RETURN_IF_ERROR(Finish(r, "all-reduce", n * sizeof(float), st));
     payload_bytes_ += static_cast<int64_t>(n * sizeof(float));
     return absl::OkStatus();
+  }
+
+  // On stream_, after an event of `after`: NCCL's kernels run beside the block's stream.
+  absl::Status QueueAllReduceMeanOnDevice(float* device_data, size_t n, void* after) override {
+    RETURN_IF_ERROR(Usable());
+    if (n == 0) return absl::OkStatus();
+    cuda::DeviceGuard guard(device_);
+    if (ready_ == nullptr) CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_, static_cast<cudaStream_t>(after)));
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, ready_, 0));
+    const ncclResult_t r = ncclAllReduce(device_data, device_data, n, ncclFloat32, ncclAvg, comm_, stream_);
+    RETURN_IF_ERROR(Queued(r, "all-reduce", n * sizeof(float), absl::Now() + timeout_));
+    queued_bytes_ += n * sizeof(float);
+    payload_bytes_ += static_cast<int64_t>(n * sizeof(float));
+    return absl::OkStatus();
+  }
+  absl::Status WaitQueued() override {
+    const size_t bytes = std::exchange(queued_bytes_, 0);
+    if (bytes == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(Usable());
+    cuda::DeviceGuard guard(device_);
+    return Complete("all-reduce", bytes, stream_, absl::Now() + timeout_);
   }
 
  private:
@@ -149,14 +173,29 @@ class NcclCollective final : public Collective {
   // communicator for a peer's failure; past the group's timeout, aborts it.
   absl::Status Finish(ncclResult_t issued, const char* what, size_t bytes, cudaStream_t stream) {
     const absl::Time deadline = absl::Now() + timeout_;
+    RETURN_IF_ERROR(Queued(issued, what, bytes, deadline));
+    return Complete(what, bytes, stream, deadline);
+  }
+
+  // Waits until the call NCCL answered `issued` is queued: a non-blocking communicator may still be
+  // queueing it, and takes no other call before.
+  absl::Status Queued(ncclResult_t issued, const char* what, size_t bytes, absl::Time deadline) {
     Poller poll;
     ncclResult_t state = issued;
-    while (state == ncclInProgress) {  // a non-blocking communicator may still be queueing the call
+    while (state == ncclInProgress) {
       if (absl::Now() > deadline) return Fail(what, bytes, "it was not queued within the timeout");
       poll.Wait();
       ncclCommGetAsyncError(comm_, &state);
     }
     if (state != ncclSuccess) return Fail(what, bytes, NcclError(state, comm_));
+    return absl::OkStatus();
+  }
+
+  // Waits until what is queued on `stream` is done, watching the communicator for a peer's
+  // failure; past `deadline`, aborts it.
+  absl::Status Complete(const char* what, size_t bytes, cudaStream_t stream, absl::Time deadline) {
+    Poller poll;
+    ncclResult_t state = ncclSuccess;
     CUDA_RETURN_IF_ERROR(cudaEventRecord(done_, stream));
     for (;;) {
       const cudaError_t e = cudaEventQuery(done_);
@@ -183,8 +222,10 @@ class NcclCollective final : public Collective {
 
   ncclComm_t comm_;
   const int rank_, world_size_, device_;
-  cudaStream_t stream_;  // host-staged calls; gradients go on their block's stream
+  cudaStream_t stream_;  // host-staged and queued calls; AllReduceMeanOnDevice's go on their block's stream
   cudaEvent_t done_;
+  cudaEvent_t ready_ = nullptr;  // a queued call's point on its block's stream
+  size_t queued_bytes_ = 0;      // queued since the last WaitQueued
   const absl::Duration timeout_;
   void* staging_ = nullptr;
   size_t staging_bytes_ = 0;

@@ -497,15 +497,19 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
   // Last of the checks: from here a Backward naming a group has its averaging under way, and a
   // failure below leaves the group broken (the other members' averaging waits for this one's).
   Overlap overlap;
+  // On a device collective the averaging is this Backward's own (a collective call, as Step is):
+  // the group's collective is its until it returns, taken before the blocks' locks as group calls do.
+  std::unique_ptr<absl::MutexLock> group_lock;
   if (!group_id.empty()) {
     ASSIGN_OR_RETURN(overlap, StartOverlap(group_id, caller, span));
+    if (overlap.on_device) group_lock = std::make_unique<absl::MutexLock>(&overlap.group->mu);
   }
   // However this Backward ends before its last block (a status or an exception), the averaging
   // stops waiting, and the group is failed here as on the members whose averaging waits for ours.
   bool handed_all = false;
   absl::Cleanup abandon = [&] {
-    if (overlap.reduce == nullptr || handed_all) return;
-    overlap.reduce->Cancel();
+    if (overlap.group == nullptr || handed_all) return;
+    if (overlap.reduce != nullptr) overlap.reduce->Cancel();
     overlap.group->Break("a Backward averaging over the group failed before its last block");
   };
   SpanLock lock(span);
@@ -529,10 +533,13 @@ absl::Status Engine::RunSpanBackward(ActivationHandle& h, const TensorArg& grad_
     g = *std::move(next);
     if (TrainsAny(e.spec, e.params)) e.SetHasGrad(true);  // a frozen block only passes dL/dx on
     if (overlap.reduce != nullptr) OverlapBlockReady(*overlap.reduce, overlap.group_index[i], e);
+    if (overlap.on_device) s = DeviceOverlapBlock(overlap, e);
   }
+  if (overlap.on_device) s = FinishDeviceOverlap(overlap, span, s);
   if (!s.ok()) return s;
   handed_all = true;
   lock.Unlock();
+  group_lock.reset();
   grad_input->tokens = h.batch * h.seq * static_cast<int64_t>(span.size());
   grad_input->dtype = grad_output.dtype;
   grad_input->shape = expected;

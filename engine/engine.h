@@ -353,11 +353,13 @@ class Engine {
   absl::StatusOr<EntryPtr> NewEntryFromState(const BlockState& state);
   absl::Status RunSpanBackward(ActivationHandle& handle, const TensorArg& grad_output, TensorOut* grad_input,
                                absl::string_view group_id, absl::string_view caller);
-  // A Backward's averaging over its group: `reduce` null for a device collective.
+  // A Backward's averaging over its group: a thread of host all-reduces (`reduce`), or for a
+  // device collective (`on_device`) all-reduces queued beside the backward on the GPU.
   struct Overlap {
     std::shared_ptr<Group> group;
     std::shared_ptr<OverlapReduce> reduce;
     std::vector<size_t> group_index;  // [i]: the group's index of span block i
+    bool on_device = false;
   };
   // Backward with a group: the group checked against the span, and its averaging installed.
   absl::StatusOr<Overlap> StartOverlap(absl::string_view group_id, absl::string_view caller,
@@ -367,6 +369,11 @@ class Engine {
   absl::Status OverlapFailure(absl::string_view group_id, absl::string_view caller);
   // Hands block `e`'s trained gradients (final for this Backward; its lock held) to the averaging.
   void OverlapBlockReady(OverlapReduce& overlap, size_t group_index, Entry& e);
+  // On a device collective, with the group's mu held for the whole Backward: queues block `e`'s
+  // all-reduce after its backward; then, the span done (or failed with `s`), waits for them, and
+  // the blocks' gradients are the group's mean (or, on failure, dropped and the group broken).
+  absl::Status DeviceOverlapBlock(Overlap& overlap, Entry& e);
+  absl::Status FinishDeviceOverlap(Overlap& overlap, const std::vector<EntryPtr>& span, absl::Status s);
   // Step's arithmetic on blocks locked by the caller that all have gradients.
   absl::StatusOr<StepResult> StepLocked(const std::vector<EntryPtr>& entries, const AdamWHyper& hyper,
                                         double max_grad_norm, double clip_coefficient);

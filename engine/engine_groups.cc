@@ -153,11 +153,7 @@ absl::Status OverlapReduce::Finish(std::vector<float>* mean, std::vector<std::pa
     absl::MutexLock l(&join_mu_);
     if (thread_.joinable()) thread_.join();
   }
-  use->calls += use_.calls;
-  use->bytes += use_.bytes;
-  use->seconds += use_.seconds;
-  use->aborted = use->aborted || use_.aborted;
-  use_ = CollectiveUse();
+  use->Take(use_);
   if (!status_.ok()) return status_;
   *mean = std::move(mean_);
   absl::MutexLock l(&mu_);
@@ -477,8 +473,26 @@ absl::StatusOr<Engine::Overlap> Engine::StartOverlap(absl::string_view group_id,
   absl::MutexLock group_lock(&g->mu);
   Overlap out;
   out.group = g;
-  // A device collective (NCCL) averages in place on the GPU at GradNorm or Step instead.
-  if (g->collective->on_device()) return out;
+  if (g->collective->on_device()) {
+    // In place on the GPU, within the Backward (DeviceOverlapBlock): every member queues each
+    // block's all-reduce as its backward is queued, so the blocks must come in the group's order.
+    for (size_t i = 0; i < span.size(); ++i) {
+      if (span[i]->spec.id != g->block_ids[i]) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "a Backward that averages over ", g->collective->backend(), " group ", g->id, " runs its blocks in the ",
+            "group's order [", absl::StrJoin(g->block_ids, ", "), "]; block ", i, " of the span is ", span[i]->spec.id));
+      }
+      if (span[i]->block->device_gradients().data == nullptr) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("block ", span[i]->spec.id, " holds no gradients on a GPU to average"));
+      }
+    }
+    g->mean_grads = {};
+    g->mean_grads_of.clear();
+    g->mean_in_place = false;
+    out.on_device = true;
+    return out;
+  }
   ASSIGN_OR_RETURN(std::vector<EntryPtr> entries, GroupEntries(*g));
   std::vector<size_t> sizes;
   for (const EntryPtr& e : entries) sizes.push_back(TrainedGradientFloats(*e));
@@ -507,12 +521,47 @@ void Engine::OverlapBlockReady(OverlapReduce& overlap, size_t group_index, Entry
   overlap.Ready(group_index, {e.serial, e.generations.Of(TensorKind::kGradients)});
 }
 
+absl::Status Engine::DeviceOverlapBlock(Overlap& overlap, Entry& e) {
+  Group& g = *overlap.group;
+  const DeviceGradients d = e.block->device_gradients();
+  return Timed(g, &g.backward_use, d.count * sizeof(float),
+               [&] { return g.collective->QueueAllReduceMeanOnDevice(d.data, d.count, d.stream); });
+}
+
+absl::Status Engine::FinishDeviceOverlap(Overlap& overlap, const std::vector<EntryPtr>& span, absl::Status s) {
+  Group& g = *overlap.group;
+  // Whatever was queued ends first (or the communicator is aborted): nothing of NCCL's still
+  // writes the gradients after this returns.
+  const absl::Time start = absl::Now();
+  absl::Status waited = g.collective->WaitQueued();
+  g.backward_use.seconds += absl::ToDoubleSeconds(absl::Now() - start);
+  if (!waited.ok()) {
+    g.backward_use.aborted = true;
+    g.Break(waited.message());
+    if (s.ok()) {
+      s = absl::AbortedError(absl::StrCat("group ", g.id, ": ", waited.message(), "; the group is failed: LeaveGroup, "
+                                          "then join a new group"));
+    }
+  }
+  if (!s.ok()) {
+    g.Break(absl::StrCat("a Backward averaging over the group failed: ", s.message()));
+    // Part averaged, part not: not this member's gradients, nor the group's mean.
+    for (const EntryPtr& e : span) e->SetHasGrad(false);
+    return s;
+  }
+  g.mean_grads_of = GradientVersions(span);  // the span is in the group's order
+  g.mean_in_place = true;
+  return absl::OkStatus();
+}
+
 namespace {
 
 // Finishes the averaging a Backward started, if any: its mean becomes the group's cached one (the
 // one GradNorm and Step reuse). ABORTED when a collective failed (the group is broken); a
-// cancelled one (its Backward failed) leaves no mean.
+// cancelled one (its Backward failed) leaves no mean. A device collective's averaging finished
+// within its Backward: only its metrics come here.
 absl::Status TakeOverlap(Group& g, CollectiveUse* use) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g.mu) {
+  use->Take(g.backward_use);
   if (g.overlap == nullptr) return absl::OkStatus();
   std::shared_ptr<OverlapReduce> overlap = std::move(g.overlap);
   std::vector<float> mean;

@@ -47,6 +47,14 @@ struct CollectiveUse {
   int64_t bytes = 0;
   double seconds = 0;
   bool aborted = false;  // a collective failed: the group is broken
+  // Adds `other`'s into this, and clears `other`.
+  void Take(CollectiveUse& other) {
+    calls += other.calls;
+    bytes += other.bytes;
+    seconds += other.seconds;
+    aborted = aborted || other.aborted;
+    other = CollectiveUse();
+  }
 };
 
 struct Group;
@@ -142,6 +150,8 @@ struct Group : Owned {
   bool mean_in_place ABSL_GUARDED_BY(mu) = false;
   // An averaging started by a Backward naming this group, until a group call finishes it.
   std::shared_ptr<OverlapReduce> overlap ABSL_GUARDED_BY(mu);
+  // What a device collective's averaging inside a Backward ran, for the next group call's metrics.
+  CollectiveUse backward_use ABSL_GUARDED_BY(mu);
 
  private:
   mutable absl::Mutex failure_mu;  // a leaf

@@ -239,10 +239,12 @@ class ReplicaGroupTest(GroupTestBase):
         with contextlib.redirect_stdout(io.StringIO()) as out:
             rows = bench.main([f"--targets={targets}", "--config=tiny", "--place=cpu", "--blocks=2", "--batch=2",
                                "--seq=8", "--iters=1"])
-        self.assertEqual([r["replicas"] for r in rows], [1, 2])
+        self.assertEqual([(r["replicas"], r["overlap"]) for r in rows], [(1, "off"), (2, "off"), (1, "on"), (2, "on")])
         self.assertEqual({r["backend"] for r in rows}, {"gloo"})
         self.assertTrue(all(r["tokens"] > 0 for r in rows))
-        self.assertIn("== replica scaling: 2 tiny blocks, 2x8 tokens per replica ==", out.getvalue())
+        self.assertIn("== replica scaling: 2 tiny blocks, 2x8 tokens per replica, averaging at the Step ==",
+                      out.getvalue())
+        self.assertIn("averaging during the Backward ==", out.getvalue())
         for c in self.clients[:2]:
             self.assertEqual(c.list_blocks(), [])
             self.assertEqual(c.list_groups(), [])

@@ -5,6 +5,8 @@
 // nccl_group_test (label gpu: what one GPU allows)
 // - A group of one on one GPU: GetCollectiveId picks NCCL, the group's GradNorm leaves the
 //   gradients as they were (the mean of one), and its Step equals a plain Step of a twin block.
+// - A Backward naming the group averages as it runs (the Step after reduces nothing again); a span
+//   out of the group's order is refused.
 // - Two members on the same GPU: NCCL cannot, so both are refused with FAILED_PRECONDITION naming
 //   the GPU; the same two daemons form a group through Gloo when asked, and step identically.
 // - A CPU daemon and a CUDA daemon: an NCCL id is refused on the CPU one; a Gloo group of the two
@@ -15,6 +17,8 @@
 //   of the members' gradients computed here on the host (float sums in NCCL's order against a
 //   double sum: |a - b| <= 1e-6 + 1e-5 |b|), bitwise the same on all; after the Step every
 //   member holds bitwise-identical weights and moments.
+// - Backwards naming the group, at once on every member: the gradients are the members' mean
+//   before any Step, bitwise the same on all.
 // - A member SIGKILLed, or SIGSTOPped, before a group Step: the others answer ABORTED within the
 //   group's timeout with nothing changed, and a group of the survivors steps.
 #include <cuda_runtime.h>
@@ -113,6 +117,23 @@ class NcclGroupTest : public ::testing::Test {
 
   static v1::StepRequest StepRequestFor(const std::string& group) { return GroupStepRequest(group); }
 
+  // Forward + Backward of `ids` on member i; the Backward averages over `group` (a collective call
+  // on NCCL: every member at once, see OnAll).
+  absl::Status BackwardInGroup(int i, const std::vector<std::string>& ids, const std::string& group, uint64_t seed) {
+    auto y = C(i).Forward(ids, RandomTensor({2, 5, 32}, seed), true);
+    if (!y.ok()) return y.status();
+    v1::BackwardRequest back;
+    back.set_activation_id(y->activation_id());
+    *back.mutable_grad_output() = RandomTensor({2, 5, 32}, seed + 1);
+    back.set_group_id(group);
+    return C(i).Backward(back).status();
+  }
+  int64_t GroupBytes(int i, const std::string& group) {
+    auto info = C(i).GetGroup(group);
+    EXPECT_TRUE(info.ok()) << info.status();
+    return info.ok() ? info->collective_bytes() : -1;
+  }
+
   struct Member {
     std::unique_ptr<DaemonProcess> daemon;
     std::unique_ptr<Client> client;
@@ -182,6 +203,49 @@ TEST_F(NcclGroupTest, AGroupOfOneOnOneGpuStepsLikeAPlainStep) {
     twin[name].assign(f.begin(), f.end());
   }
   EXPECT_EQ(NearlyEqual(a.weights, twin), "") << "the group of one against a plain Step of its twin";
+}
+
+// A Backward naming an NCCL group averages each block's gradients as its backward is queued (on the
+// collective's own stream, beside the earlier blocks' backward): the mean of one leaves them as
+// they were, the Step after reduces nothing again, and a span out of the group's order is refused
+// before anything runs.
+TEST_F(NcclGroupTest, ABackwardAveragesOverTheGroupBeforeTheStep) {
+  ASSERT_NO_FATAL_FAILURE(StartMember((*gpus_)[0]));
+  for (const char* id : {"b0", "b1", "t0", "t1"}) {
+    ASSERT_OK(C(0).CreateBlock(CreateRequest(id, TinyConfig(), id[1] == '0' ? 5 : 6)).status());
+  }
+  for (const absl::Status& s : Join("g", {0}, {"b0", "b1"})) ASSERT_OK(s);
+  int64_t params = 0;
+  for (const char* id : {"b0", "b1"}) params += C(0).GetBlock(id)->parameter_count();
+  for (int step = 0; step < 2; ++step) {
+    const int64_t before = GroupBytes(0, "g");
+    ASSERT_OK(BackwardInGroup(0, {"b0", "b1"}, "g", 300 + 10 * step));
+    EXPECT_EQ(GroupBytes(0, "g") - before, 4 * params) << "the Backward averaged every gradient once";
+    auto y = C(0).Forward({"t0", "t1"}, RandomTensor({2, 5, 32}, 300 + 10 * step), true);
+    ASSERT_TRUE(y.ok()) << y.status();
+    ASSERT_OK(C(0).Backward(y->activation_id(), RandomTensor({2, 5, 32}, 301 + 10 * step)).status());
+    for (const char* b : {"0", "1"}) {
+      EXPECT_EQ(DiffSnapshots(Download(C(0), absl::StrCat("t", b), v1::TENSOR_KIND_GRADIENTS),
+                              Download(C(0), absl::StrCat("b", b), v1::TENSOR_KIND_GRADIENTS)),
+                "")
+          << "the mean of one is itself (block " << b << ")";
+    }
+    auto r = GroupStep("g", {0});
+    ASSERT_TRUE(r[0].ok()) << r[0].status();
+    EXPECT_LT(GroupBytes(0, "g") - before - 4 * params, 1024) << "the Step averaged the gradients again";
+    v1::StepRequest twin = StepRequestFor("");
+    for (const char* id : {"t0", "t1"}) twin.add_block_ids(id);
+    auto t = C(0).Step(twin);
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_EQ(r[0]->grad_norm(), t->grad_norm()) << "step " << step;
+  }
+  EXPECT_EQ(DiffSnapshots(StateOf(C(0), "b0").weights, StateOf(C(0), "t0").weights), "");
+  EXPECT_EQ(DiffSnapshots(StateOf(C(0), "b1").adam_v, StateOf(C(0), "t1").adam_v), "");
+  const BlockState kept = StateOf(C(0), "b0");
+  EXPECT_STATUS(BackwardInGroup(0, {"b1", "b0"}, "g", 7), absl::StatusCode::kInvalidArgument,
+                "runs its blocks in the group's order [b0, b1]");
+  EXPECT_EQ(DiffStates(kept, StateOf(C(0), "b0")), "");
+  EXPECT_EQ(C(0).GetGroup("g")->state(), "ready") << "a refused Backward leaves the group as it was";
 }
 
 TEST_F(NcclGroupTest, TwoMembersOnOneGpuAreRefusedAndMayUseGloo) {
@@ -270,6 +334,70 @@ TEST_F(NcclMultiGpuTest, MembersOnEveryGpuAverageGradientsAndStepIdentically) {
     EXPECT_EQ(DiffSnapshots(s0.weights, si.weights), "") << "member " << i;
     EXPECT_EQ(DiffSnapshots(s0.adam_m, si.adam_m), "") << "member " << i;
     EXPECT_EQ(DiffSnapshots(s0.adam_v, si.adam_v), "") << "member " << i;
+  }
+}
+
+// Backwards naming the group, on every member at once, leave every member's gradients the mean of
+// the members' (against the host's mean of twin blocks' local gradients), bitwise the same on all,
+// before any Step; the Step reduces nothing again and the members step identically.
+TEST_F(NcclMultiGpuTest, BackwardsAverageOverTheGroupAsTheyRun) {
+  const int n = static_cast<int>(gpus_->size());
+  std::vector<int> all;
+  for (int i = 0; i < n; ++i) {
+    ASSERT_NO_FATAL_FAILURE(StartMember((*gpus_)[i]));
+    for (const char* id : {"b0", "b1", "t0", "t1"}) {
+      ASSERT_OK(C(i).CreateBlock(CreateRequest(id, TinyConfig(), id[1] == '0' ? 80 : 81)).status());
+    }
+    all.push_back(i);
+  }
+  for (const absl::Status& s : Join("g", all, {"b0", "b1"})) ASSERT_OK(s);
+  int64_t params = 0;
+  for (const char* id : {"b0", "b1"}) params += C(0).GetBlock(id)->parameter_count();
+  for (int step = 0; step < 2; ++step) {
+    const int64_t before = GroupBytes(0, "g");
+    // The twins run the same inputs without the group: their gradients are each member's own.
+    std::map<std::string, std::vector<double>> mean[2];
+    for (int i = 0; step == 0 && i < n; ++i) {
+      const uint64_t seed = 500 + 100 * step + 10 * i;
+      auto y = C(i).Forward({"t0", "t1"}, RandomTensor({2, 5, 32}, seed), true);
+      ASSERT_TRUE(y.ok()) << y.status();
+      ASSERT_OK(C(i).Backward(y->activation_id(), RandomTensor({2, 5, 32}, seed + 1)).status());
+      for (int b = 0; b < 2; ++b) {
+        for (const auto& [name, bytes] : Download(C(i), absl::StrCat("t", b), v1::TENSOR_KIND_GRADIENTS)) {
+          const std::vector<float> g = Floats(bytes);
+          std::vector<double>& m = mean[b][name];
+          m.resize(g.size());
+          for (size_t k = 0; k < g.size(); ++k) m[k] += g[k] / static_cast<double>(n);
+        }
+      }
+      ASSERT_OK(C(i).ZeroGrad({"t0", "t1"}));
+    }
+    for (const absl::Status& s : OnAll(all, [&](int i) {
+           return BackwardInGroup(i, {"b0", "b1"}, "g", 500 + 100 * step + 10 * i);
+         })) {
+      ASSERT_OK(s);
+    }
+    EXPECT_EQ(GroupBytes(0, "g") - before, 4 * params) << "step " << step;
+    for (int b = 0; b < 2; ++b) {
+      const Snapshot g0 = Download(C(0), absl::StrCat("b", b), v1::TENSOR_KIND_GRADIENTS);
+      // The twins hold the blocks' weights until the first Step (they are not stepped).
+      if (step == 0) {
+        EXPECT_EQ(NearlyEqual(g0, mean[b]), "") << "block " << b;
+      }
+      for (int i = 1; i < n; ++i) {
+        EXPECT_EQ(DiffSnapshots(g0, Download(C(i), absl::StrCat("b", b), v1::TENSOR_KIND_GRADIENTS)), "")
+            << "member " << i << ", block " << b;
+      }
+    }
+    for (auto& r : GroupStep("g", all)) ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_LT(GroupBytes(0, "g") - before - 4 * params, 1024) << "step " << step << ": the Step averaged again";
+  }
+  for (int i = 1; i < n; ++i) {
+    for (const char* id : {"b0", "b1"}) {
+      const BlockState s0 = StateOf(C(0), id), si = StateOf(C(i), id);
+      EXPECT_EQ(DiffSnapshots(s0.weights, si.weights), "") << "member " << i << " " << id;
+      EXPECT_EQ(DiffSnapshots(s0.adam_v, si.adam_v), "") << "member " << i << " " << id;
+    }
   }
 }
 
