@@ -58,6 +58,17 @@ void SetColumns(Vec* x, const Vec& part, int64_t rows, int64_t width, int64_t co
   }
 }
 
+// q 16 wide, k and v 8, MLP 24: every site's widths differ.
+BlockConfig SmallConfig() {
+  BlockConfig c;
+  c.hidden_size = 16;
+  c.num_attention_heads = 2;
+  c.num_kv_heads = 1;
+  c.head_dim = 8;
+  c.intermediate_size = 24;
+  return c;
+}
+
 int64_t SiteWidth(LoraSite site, const BlockConfig& c) {
   switch (site) {
     case LoraSite::kQkv: return c.q_dim() + 2 * c.kv_dim();
@@ -67,12 +78,7 @@ int64_t SiteWidth(LoraSite site, const BlockConfig& c) {
 }
 
 TEST(LoraGemmsTest, EverySiteEqualsTheCpuLoraMath) {
-  BlockConfig c;
-  c.hidden_size = 16;
-  c.num_attention_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 8;
-  c.intermediate_size = 24;
+  const BlockConfig c = SmallConfig();
   LoraConfig lora{3, 4.5, {"q_proj", "v_proj", "o_proj", "up_proj", "down_proj"}};
   const int64_t rows = 5, rank = 3, u_ld = LoraUColumns(lora);
   ASSERT_EQ(u_ld, 15);
@@ -147,12 +153,7 @@ TEST(LoraGemmsTest, EverySiteEqualsTheCpuLoraMath) {
 }
 
 TEST(LoraGemmsTest, SitesWithoutTargetsMakeNoProducts) {
-  BlockConfig c;
-  c.hidden_size = 16;
-  c.num_attention_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 8;
-  c.intermediate_size = 24;
+  const BlockConfig c = SmallConfig();
   const LoraConfig lora{2, 2, {"k_proj"}};
   EXPECT_EQ(LoraSiteOf(LoraSite::kQkv, c, lora).targets.size(), 1u);
   EXPECT_EQ(LoraSiteOf(LoraSite::kQkv, c, lora).targets[0].col, 16);

@@ -10,6 +10,7 @@
 #include "base/dtype.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/engine.h"
+#include "tests/gpu/engine_calls.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace blockd::testing {
@@ -61,18 +62,8 @@ TEST(CudaFrozenTest, WeightsOnlyAndTheSameForwardAndInputGradient) {
     const auto dy = RandomNormal(batch * seq * c.hidden_size, 82);
     std::string out[2], dx[2];
     for (int i = 0; i < 2; ++i) {
-      ForwardArgs args;
-      args.block_ids = {i == 0 ? "frozen" : "trainable"};
-      args.input = {DType::kFloat32, {batch, seq, c.hidden_size}, x.data(), x.size() * 4};
-      args.keep_activations = true;
-      ForwardOutput fo;
-      fo.output.data = &out[i];
-      ASSERT_TRUE(e.Forward(args, &fo).ok());
-      TensorOut gi;
-      gi.data = &dx[i];
-      auto s = e.Backward(fo.activation_id, "", {DType::kFloat32, {batch, seq, c.hidden_size}, dy.data(), dy.size() * 4},
-                          &gi);
-      ASSERT_TRUE(s.ok()) << s;
+      ASSERT_NO_FATAL_FAILURE(ForwardBackward(e, {i == 0 ? "frozen" : "trainable"}, x, dy,
+                                              {batch, seq, c.hidden_size}, &out[i], &dx[i]));
     }
     EXPECT_TRUE(out[0] == out[1]) << "frozen and trainable forward outputs differ";
     EXPECT_TRUE(dx[0] == dx[1]) << "frozen and trainable input gradients differ";

@@ -18,6 +18,7 @@
 #include "engine/cuda/cuda_backend.h"
 #include "engine/engine.h"
 #include "engine/tensor_assembler.h"
+#include "tests/gpu/engine_calls.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace blockd::testing {
@@ -78,20 +79,8 @@ class Side {
   std::pair<std::vector<float>, std::vector<float>> ForwardBackward(const std::vector<float>& x,
                                                                     const std::vector<float>& dy, int64_t batch,
                                                                     int64_t seq) {
-    const int64_t d = TestConfig().hidden_size;
     std::string out, dx;
-    ForwardArgs args;
-    args.block_ids = {"b"};
-    args.input = {DType::kFloat32, {batch, seq, d}, x.data(), x.size() * 4};
-    args.keep_activations = true;
-    ForwardOutput fo;
-    fo.output.data = &out;
-    absl::Status s = engine_.Forward(args, &fo);
-    EXPECT_TRUE(s.ok()) << s;
-    TensorOut gi;
-    gi.data = &dx;
-    s = engine_.Backward(fo.activation_id, "", {DType::kFloat32, {batch, seq, d}, dy.data(), dy.size() * 4}, &gi);
-    EXPECT_TRUE(s.ok()) << s;
+    testing::ForwardBackward(engine_, {"b"}, x, dy, {batch, seq, TestConfig().hidden_size}, &out, &dx);
     return {Floats(out), Floats(dx)};
   }
 
