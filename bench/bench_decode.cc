@@ -7,6 +7,14 @@
 // as a share of the H200's 4.8 TB/s HBM bandwidth (issue 12's target: >= 70%).
 //
 //   bench_decode [--batches=1,64] [--attention_batches=1,8,64] [--layers=8] [--prompt=512] [--new=64]
+//                [--shape=llama8b|llama70b] [--devices=1] [--frozen] [--written_layers=N]
+//
+// Issue 15's model larger than a GPU: --shape=llama70b --layers=80 --devices=2 --frozen spreads 80
+// frozen bf16 Llama-3-70B-shaped blocks (hidden 8192, MLP 28672, 64/8 heads, ~137 GB) over the
+// GPUs in order, the activation moving to the next GPU between spans; the floor printed is the
+// time to read every block's weights once per step at 4.8 TB/s. --written_layers=N writes the random
+// weights into the first N layers only (seeding 70B on the host is slow); the others keep zero
+// weights, which pass their input on through the residuals and read as many bytes.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -35,13 +43,13 @@ bool Check(const absl::Status& s, const char* what) {
   return s.ok();
 }
 
-BlockConfig Llama3_8B() {
+BlockConfig Llama3(bool big) {
   BlockConfig c;
-  c.hidden_size = 4096;
-  c.num_attention_heads = 32;
+  c.hidden_size = big ? 8192 : 4096;
+  c.num_attention_heads = big ? 64 : 32;
   c.num_kv_heads = 8;
   c.head_dim = 128;
-  c.intermediate_size = 14336;
+  c.intermediate_size = big ? 28672 : 14336;
   c.rms_norm_eps = 1e-5;
   c.rope_theta = 500000;
   return c;
@@ -114,8 +122,14 @@ int Main(int argc, char** argv) {
   std::vector<int64_t> batches = {1, 64}, attention_batches = {1, 8, 64};
   int layers = 8;
   int64_t prompt = 512, fresh = 64;
+  int devices = 1, written = -1;
+  bool big = false, frozen = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
+    if (a == "--shape=llama70b") big = true;
+    if (a == "--frozen") frozen = true;
+    if (a.rfind("--devices=", 0) == 0) devices = std::stoi(a.substr(10));
+    if (a.rfind("--written_layers=", 0) == 0) written = std::stoi(a.substr(17));
     if (a.rfind("--batches=", 0) == 0) {
       batches.clear();
       for (auto s : absl::StrSplit(a.substr(10), ',')) batches.push_back(std::stoll(std::string(s)));
@@ -135,7 +149,9 @@ int Main(int argc, char** argv) {
   auto backend_or = MakeCudaBackend();
   if (!Check(backend_or.status(), "backend")) return 1;
   std::unique_ptr<Backend> backend = std::move(backend_or).value();
-  const BlockConfig c = Llama3_8B();
+  const BlockConfig c = Llama3(big);
+  if (written < 0) written = layers;
+  auto device_of = [&](int l) { return l * devices / layers; };
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
   std::vector<std::unique_ptr<Block>> blocks;
   const auto params = BlockParams(c);
@@ -151,9 +167,11 @@ int Main(int argc, char** argv) {
     spec.max_seq_len = prompt + fresh;
     spec.max_batch_size = max_batch;
     spec.precision = Precision::kBF16;
+    spec.device = device_of(l);
+    spec.frozen = frozen;
     auto block = backend->CreateBlock(spec);
     if (!Check(block.status(), "create")) return 1;
-    for (size_t i = 0; i < params.size(); ++i) {
+    for (size_t i = 0; l < written && i < params.size(); ++i) {
       if (!Check((*block)->WriteTensor(TensorKind::kWeights, int(i), w[i].data()), "write")) return 1;
     }
     blocks.push_back(std::move(block).value());
@@ -180,11 +198,20 @@ int Main(int argc, char** argv) {
       const std::vector<int32_t> table = scratch.Table(&width);
       const std::vector<int64_t> start(batch, length);
       for (int l = 0; l < layers; ++l) {
+        if (h->device() != device_of(l)) {  // the next GPU's span
+          auto moved = backend->ToDevice(*h, device_of(l));
+          if (!Check(moved.status(), "to device")) return false;
+          h = std::move(moved).value();
+        }
         auto y = blocks[l]->InferStep(*h, start, scratch.View(l, table, width));
         if (!Check(y.status(), "step")) return false;
         h = std::move(y).value();
       }
-      cudaDeviceSynchronize();
+      for (int dev = 0; dev < devices; ++dev) {
+        cudaSetDevice(dev);
+        cudaDeviceSynchronize();
+      }
+      cudaSetDevice(0);
       cache = std::move(scratch);
       length += n;
       return true;
@@ -204,6 +231,11 @@ int Main(int argc, char** argv) {
                 "%.0f tokens/s)  prefill %.1f ms (%.0f tokens/s, first call)\n",
                 static_cast<long long>(batch), layers, static_cast<long long>(prompt), static_cast<long long>(fresh),
                 med * 1e3 / layers, med * 1e3, batch / med, prefill * 1e3, batch * prompt / prefill);
+    const double weight_bytes = 2.0 * static_cast<double>(ParameterCount(c)) * layers;
+    std::printf("  %s, %d layers on %d GPU(s)%s: weights %.1f GB, read once per step at 4.8 TB/s: %.3f ms; the median "
+                "step is %.2fx that floor\n",
+                big ? "llama3-70b-shaped" : "llama3-8b-shaped", layers, devices, frozen ? " (frozen)" : "",
+                weight_bytes / 1e9, weight_bytes / 4.8e12 * 1e3, med / (weight_bytes / 4.8e12));
   }
   return 0;
 }

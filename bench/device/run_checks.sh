@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [groups] [ipc] [transport] [scale] [lora]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [groups] [ipc] [transport] [scale] [lora] [big]   (default: the first four)
 # `groups`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs) and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
 set -uo pipefail
@@ -275,6 +275,16 @@ if [[ " $stages " == *" lora "* ]]; then
     >"$OUT/torch_lora.log" 2>&1
   row "bench.torch_lora" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see torch_lora.log"
   cat "$OUT/torch_lora.log"
+fi
+
+if [[ " $stages " == *" big "* ]]; then
+  # Issue 15's model larger than one GPU: 80 frozen Llama-3-70B-shaped bf16 blocks (~137 GB) spread
+  # over every GPU, decoded as one span in process (bench_decode), beside the weight-read floor.
+  ngpu=$(nvidia-smi -L | grep -c '^GPU')
+  timeout 300 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_decode" --shape=llama70b --layers=80 --devices=$ngpu \
+    --frozen --written_layers=2 --batches=1,64 --attention_batches=1 --prompt=128 --new=16 >"$OUT/bench_70b.log" 2>&1
+  row bench.llama70b "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "$ngpu GPU(s); see bench_70b.log"
+  cat "$OUT/bench_70b.log"
 fi
 
 if [[ " $stages " == *" torch "* ]]; then
