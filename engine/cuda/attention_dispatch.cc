@@ -56,13 +56,13 @@ absl::Status CudnnError(const CudnnStatus& s) {
   return absl::InternalError(s.message);
 }
 
-// cuDNN's plans for both passes of problem p, and the workspace the larger one needs.
-absl::StatusOr<size_t> PrepareBoth(kernels::CudnnAttention* cudnn, const CudnnAttentionProblem& p) {
+// cuDNN's plans for both passes of problem p (each call takes its workspace then: UseCudnn).
+absl::Status PrepareBoth(kernels::CudnnAttention* cudnn, const CudnnAttentionProblem& p) {
 #ifdef BLOCKD_HAVE_CUDNN
   kernels::CudnnPlanInfo fwd, bwd;
   if (CudnnStatus s = cudnn->Prepare(p, CudnnAttentionPass::kForward, &fwd); !s.ok()) return CudnnError(s);
   if (CudnnStatus s = cudnn->Prepare(p, CudnnAttentionPass::kBackward, &bwd); !s.ok()) return CudnnError(s);
-  return std::max(fwd.workspace_bytes, bwd.workspace_bytes);
+  return absl::OkStatus();
 #else
   (void)cudnn;
   (void)p;
@@ -130,14 +130,12 @@ absl::StatusOr<AttentionPlan> PlanAttention(AttentionMode mode, const BlockSpec&
     refused = absl::UnimplementedError(absl::StrCat("head_dim ", spec.config.head_dim, " is not a multiple of 8"));
   } else {
     DeviceGuard guard(dev->index);
-    auto ws = PrepareBoth(dev->cudnn.get(), BlockProblem(spec.config, spec.max_batch_size, spec.max_seq_len));
-    if (ws.ok()) {
+    refused = PrepareBoth(dev->cudnn.get(), BlockProblem(spec.config, spec.max_batch_size, spec.max_seq_len));
+    if (refused.ok()) {
       plan.cudnn = true;
-      plan.workspace_bytes = *ws;
       plan.reason = absl::StrCat(flag, ": ", dev->cudnn_library);
       return plan;
     }
-    refused = ws.status();
   }
   if (mode == AttentionMode::kCudnn) {
     return absl::Status(refused.code(),

@@ -47,14 +47,11 @@ absl::Status InitAttention(AttentionMode mode, DeviceContext* dev);
 // The backend-wide answer for GetServerInfo: "cudnn" when bf16 blocks will try cuDNN.
 AttentionInfo DescribeAttention(AttentionMode mode, const DeviceContext& dev);
 
-// What a block runs, decided from its spec: deterministic (cuDNN's plans are cached per device),
-// so the memory budget's BlockBytes and CreateBlock agree.
+// What a block runs, decided once from its spec at creation (cuDNN's plans for its largest shape
+// are built then and cached per device).
 struct AttentionPlan {
   bool cudnn = false;
   std::string reason;
-  // cuDNN's for the largest shape (0 for the native kernels): what a call takes from the device's
-  // pool while it runs, not what the block keeps.
-  size_t workspace_bytes = 0;
 };
 // Fails only for kCudnn on a block cuDNN cannot run (FAILED_PRECONDITION or UNIMPLEMENTED).
 absl::StatusOr<AttentionPlan> PlanAttention(AttentionMode mode, const BlockSpec& spec, DeviceContext* dev);
@@ -71,7 +68,6 @@ class AttentionRunner {
   AttentionRunner() = default;
   static absl::StatusOr<AttentionRunner> Create(AttentionMode mode, const BlockSpec& spec, DeviceContext* dev);
 
-  const AttentionPlan& plan() const { return plan_; }
   AttentionInfo info() const { return {plan_.cudnn ? "cudnn" : "native", plan_.reason}; }
 
   // Enqueues on a.stream: o and lse from q, k, v.
