@@ -11,6 +11,8 @@
 #include "kernels/attention.cuh"
 #include "kernels/attention_mma.cuh"
 #include "kernels/common.cuh"
+#include "kernels/cp_async.cuh"
+#include "kernels/mma.cuh"
 
 namespace blockd::kernels {
 namespace {
@@ -18,53 +20,6 @@ namespace {
 using bf16 = __nv_bfloat16;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// c += a b for a 16x16 (row) by 16x8 (col) bf16 tile pair, fp32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 16 bytes global -> shared; zero-filled when !valid (src must still be a mapped address).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Copies rows [row0, row0 + R) of a [seq, D] bf16 matrix (rows `stride` apart) into shared memory
 // with rows LD = D + 8 elements apart (the 16-byte pad makes ldmatrix conflict-free). Rows past
@@ -78,28 +33,6 @@ __device__ __forceinline__ void load_tile(bf16* dst, const bf16* base, int64_t s
     const bool valid = row < seq;
     cp_async16(smem_u32(dst + r * LD + cc * 8), base + int64_t(valid ? row : 0) * stride + cc * 8, valid);
   }
-}
-
-// A operand (16 x 16, row-major in smem) at (row0, col0): a0..a3 as mma expects.
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* s, int ld, int row0, int col0) {
-  const int lane = threadIdx.x & 31;
-  ldmatrix_x4(a, smem_u32(s + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + col0 + (lane >> 4) * 8));
-}
-// B operands for two adjacent n-tiles from a matrix stored [n][k] (rows = n): {b0, b1} of n-tile
-// n0 and of n0 + 8, for k in [k0, k0 + 16).
-__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const bf16* s, int ld, int n0, int k0) {
-  const int lane = threadIdx.x & 31;
-  ldmatrix_x4(b, smem_u32(s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8));
-}
-// The same from a matrix stored [k][n] (rows = k), through ldmatrix.trans.
-__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const bf16* s, int ld, int k0, int n0) {
-  const int lane = threadIdx.x & 31;
-  ldmatrix_x4_trans(b, smem_u32(s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8));
-}
-// A operand (16 x 16) of the transpose of a matrix stored [k][m] (rows = k): A[m][k] at (m0, k0).
-__device__ __forceinline__ void load_a_t(uint32_t (&a)[4], const bf16* s, int ld, int m0, int k0) {
-  const int lane = threadIdx.x & 31;
-  ldmatrix_x4_trans(a, smem_u32(s + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8));
 }
 
 // Forward: 4 warps x 32 query rows (two 16-row m-tiles each, so every K and V fragment read from
