@@ -1,5 +1,7 @@
 #include "kernels/gemm.h"
 
+#include "kernels/gemv.cuh"
+
 namespace blockd::kernels {
 namespace {
 
@@ -77,6 +79,9 @@ cublasStatus_t GemmContext::MakePlan(const GemmArgs& g, uint32_t alignment, Plan
 
 cublasStatus_t GemmContext::Run(const GemmArgs& g, cudaStream_t stream) {
   if (g.m == 0 || g.n == 0) return CUBLAS_STATUS_SUCCESS;
+  if (gemv_applies(g)) {  // a decode step's skinny products: a stream over the weights (gemv.cuh)
+    return launch_gemv(g, stream) == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
+  }
   const Key key{static_cast<int>(g.mode), g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb,
                 g.c != nullptr ? g.ldc : -1, g.ldd, static_cast<int>(g.c_type), static_cast<int>(g.d_type),
                 g.beta != 0.f, Alignment(g)};

@@ -1,0 +1,24 @@
+// Skinny bf16 products D [m, n] = A [m, k] B^T (+ C) for m <= kGemvMaxRows: a decode step's
+// nn.Linear layers at batch 1 to 4, where the product is a stream over the weights B [n, k] and
+// cuBLASLt's split-K GEMMs (plus their reduce kernels) read them at 50-85% of HBM bandwidth. Each
+// thread block takes kGemvCols weight rows; its 8 warps split k, every lane reading 16 bytes of
+// each row per step, and reduce through shared memory; fp32 accumulation. GemmContext::Run sends
+// the products that qualify here (gemv_applies); nothing else calls it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace blockd::kernels {
+
+struct GemmArgs;
+
+constexpr int64_t kGemvMaxRows = 4;
+
+// bf16 A and B, A row-major and B^T (nn.Linear's x W^T), alpha 1, beta 0 or 1, k and the leading
+// dimensions multiples of 8 elements and A and B 16-byte aligned.
+bool gemv_applies(const GemmArgs& g);
+cudaError_t launch_gemv(const GemmArgs& g, cudaStream_t stream);
+
+}  // namespace blockd::kernels
