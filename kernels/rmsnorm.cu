@@ -11,28 +11,31 @@ namespace {
 // rows are 16-byte aligned (d % 4 == 0), which every real hidden size is.
 constexpr int kWarpsPerBlock = 8;
 constexpr int kDwRowChunks = 64;  // row groups whose dw partials are reduced afterwards
+// Below this many rows (a decode step's) the forward gives each row a whole block: a warp alone
+// walks a 4096-wide row in 32 dependent steps, a block in 4.
+constexpr int64_t kBlockRowsBelow = 1024;
 
-template <class T, bool kVec>
+template <class T, bool kVec, bool kBlockRow>
 __global__ void rmsnorm_fwd_kernel(const float* __restrict__ x, const float* __restrict__ w, T* __restrict__ y,
                                    float* __restrict__ rstd, int64_t rows, int d, float eps) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
-  if (row >= rows) return;
+  const int t = kBlockRow ? threadIdx.x : threadIdx.x & 31, step = kBlockRow ? blockDim.x : 32;
+  const int64_t row = kBlockRow ? blockIdx.x : blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
+  if (row >= rows) return;  // block-uniform when kBlockRow (block_sum below syncs the block)
   const float* xr = x + row * d;
   float ss = 0.f;
   if constexpr (kVec) {
-    for (int i = lane * 4; i < d; i += 128) {
+    for (int i = t * 4; i < d; i += 4 * step) {
       const float4 v = *reinterpret_cast<const float4*>(xr + i);
       ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
   } else {
-    for (int i = lane; i < d; i += 32) ss += xr[i] * xr[i];
+    for (int i = t; i < d; i += step) ss += xr[i] * xr[i];
   }
-  const float rs = rsqrtf(warp_sum(ss) / d + eps);
-  if (lane == 0) rstd[row] = rs;
+  const float rs = rsqrtf((kBlockRow ? block_sum(ss) : warp_sum(ss)) / d + eps);
+  if (t == 0) rstd[row] = rs;
   T* yr = y + row * d;
   if constexpr (kVec) {
-    for (int i = lane * 4; i < d; i += 128) {
+    for (int i = t * 4; i < d; i += 4 * step) {
       const float4 v = *reinterpret_cast<const float4*>(xr + i);
       const float4 g = *reinterpret_cast<const float4*>(w + i);
       yr[i] = from_float<T>((v.x * rs) * g.x);
@@ -41,7 +44,7 @@ __global__ void rmsnorm_fwd_kernel(const float* __restrict__ x, const float* __r
       yr[i + 3] = from_float<T>((v.w * rs) * g.w);
     }
   } else {
-    for (int i = lane; i < d; i += 32) yr[i] = from_float<T>((xr[i] * rs) * w[i]);
+    for (int i = t; i < d; i += step) yr[i] = from_float<T>((xr[i] * rs) * w[i]);
   }
 }
 
@@ -113,11 +116,21 @@ template <class T>
 cudaError_t launch_rmsnorm_fwd(const float* x, const float* w, T* y, float* rstd, int64_t rows, int d, float eps,
                                cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  constexpr int kThreads = 32 * kWarpsPerBlock;
+  if (rows < kBlockRowsBelow) {
+    const unsigned blocks = static_cast<unsigned>(rows);
+    if (d % 4 == 0) {
+      rmsnorm_fwd_kernel<T, true, true><<<blocks, kThreads, 0, stream>>>(x, w, y, rstd, rows, d, eps);
+    } else {
+      rmsnorm_fwd_kernel<T, false, true><<<blocks, kThreads, 0, stream>>>(x, w, y, rstd, rows, d, eps);
+    }
+    return cudaGetLastError();
+  }
   const int blocks = ceil_div(rows, kWarpsPerBlock);
   if (d % 4 == 0) {
-    rmsnorm_fwd_kernel<T, true><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(x, w, y, rstd, rows, d, eps);
+    rmsnorm_fwd_kernel<T, true, false><<<blocks, kThreads, 0, stream>>>(x, w, y, rstd, rows, d, eps);
   } else {
-    rmsnorm_fwd_kernel<T, false><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(x, w, y, rstd, rows, d, eps);
+    rmsnorm_fwd_kernel<T, false, false><<<blocks, kThreads, 0, stream>>>(x, w, y, rstd, rows, d, eps);
   }
   return cudaGetLastError();
 }

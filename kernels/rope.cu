@@ -4,6 +4,7 @@
 #include "kernels/common.cuh"
 #include "kernels/reduce_rows.cuh"
 #include "kernels/rope.cuh"
+#include "kernels/rope_angle.cuh"
 
 namespace blockd::kernels {
 namespace {
@@ -11,21 +12,14 @@ namespace {
 constexpr int kMaxPairsPerLane = 8;  // head_dim <= 512
 constexpr int kWarps = 8;
 constexpr int kBwdBlocks = 1056;  // 8 blocks of 8 warps per SM: enough loads in flight
+constexpr int64_t kTokensForWarpPerToken = 1024;
 
 __global__ void rope_table_kernel(float2* table, int seq, int half, int64_t offset,
                                   const double* __restrict__ inv_freq, double scale) {
   const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (idx >= int64_t(seq) * half) return;
   const int s = static_cast<int>(idx / half), i = static_cast<int>(idx % half);
-  double angle = double(offset + s) * inv_freq[i];
-  // Reduce in double so that large positions keep their precision, then sincos in float.
-  constexpr double kTwoPi = 6.283185307179586476925286766559;
-  angle -= kTwoPi * rint(angle / kTwoPi);
-  double c, sn;
-  sincos(angle, &sn, &c);
-  // Yarn's attention factor multiplies cos and sin alike (HF's cos * attention_scaling); backward's
-  // transpose rotation reads the same scaled entries, which is its exact derivative.
-  table[idx] = make_float2(static_cast<float>(scale * c), static_cast<float>(scale * sn));
+  table[idx] = RopeCosSin(offset + s, inv_freq[i], scale);
 }
 
 template <class T>
@@ -344,7 +338,9 @@ cudaError_t launch_qknorm_rope_fwd(const T* in, int64_t in_stride, T* out, float
   const int64_t tasks = tokens * heads;
   if (tasks == 0) return cudaSuccess;
   const bool vec_ok = (in_stride % 8) == 0 && (reinterpret_cast<uintptr_t>(in) % 16) == 0;
-  if (vec_ok && (head_dim == 64 || head_dim == 128 || head_dim == 256)) {
+  // A warp per token (its heads in turn) pays off with many tokens; a decode step's few tokens
+  // take a warp per (token, head), else one warp would walk all the heads alone.
+  if (vec_ok && tokens >= kTokensForWarpPerToken && (head_dim == 64 || head_dim == 128 || head_dim == 256)) {
     const int blocks = ceil_div(tokens, kWarps);
     if (head_dim == 64) {
       qknorm_rope_fwd_tok_kernel<T, 1><<<blocks, 32 * kWarps, 0, stream>>>(in, in_stride, out, rstd, norm_w, table,

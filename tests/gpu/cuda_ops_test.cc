@@ -68,8 +68,12 @@ TEST_P(RmsNormTest, ForwardAndBackwardMatchFloat64) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, RmsNormTest,
+                         // Below 1024 rows the forward gives each row a block, from 1024 on a warp;
+                         // rows of a multiple of 4 take float4 loads.
                          ::testing::Values(std::make_tuple(1, 64), std::make_tuple(37, 1000),
-                                           std::make_tuple(300, 4096), std::make_tuple(1000, 24)));
+                                           std::make_tuple(300, 4096), std::make_tuple(1000, 24),
+                                           std::make_tuple(3, 1001), std::make_tuple(1100, 70),
+                                           std::make_tuple(1030, 4096)));
 
 // The config of a RoPE test: theta 1e6 and the named rope_type with Llama 3.1's and Qwen2.5's values.
 BlockConfig RopeConfig(int dh, const std::string& rope) {
@@ -90,56 +94,60 @@ TEST_P(RopeTest, QkNormRopeForwardAndBackwardMatchFloat64) {
   const BlockConfig rc = RopeConfig(dh, rope);
   const std::vector<double> inv_freq = RopeInvFreq(rc);
   const double scale = RopeAttentionScaling(rc);
-  const int batch = 2, seq = 19, heads = 3;
-  const int64_t tokens = int64_t(batch) * seq, stride = heads * dh + 40;  // a part inside a wider row
-  const double eps = 1e-6;
-  auto in = RandomNormal(tokens * stride, 11, 2.f);
-  auto w = RandomNormal(dh, 12, 0.3f, 1.f);
-  auto dout = RandomNormal(tokens * heads * dh, 13);
-  auto dw0 = RandomNormal(dh, 14);
-  // Reference: gather the part, norm per head, rotate (float64).
-  std::vector<double> x(tokens * heads * dh);
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int i = 0; i < heads * dh; ++i) x[t * heads * dh + i] = in[t * stride + i];
-  }
-  std::vector<double> wd(w.begin(), w.end()), y(x.size()), rstd(tokens * heads);
-  if (qk_norm) {
-    cpu::RmsNormForward(x.data(), wd.data(), tokens * heads, dh, eps, y.data(), rstd.data());
-  } else {
-    y = x;
-  }
-  cpu::RopeForward(y.data(), batch, seq, heads, dh, offset, inv_freq.data(), scale);
-  std::vector<double> g(dout.begin(), dout.end());
-  cpu::RopeBackward(g.data(), batch, seq, heads, dh, offset, inv_freq.data(), scale);
-  std::vector<double> dx_ref(x.size(), 0.0), dw_ref(dw0.begin(), dw0.end());
-  if (qk_norm) {
-    cpu::RmsNormBackward(g.data(), x.data(), wd.data(), rstd.data(), tokens * heads, dh, dx_ref.data(), dw_ref.data());
-  } else {
-    dx_ref = g;
-  }
+  // 38 tokens take the forward's warp per (token, head), 1040 its warp per token.
+  for (int seq : {19, 520}) {
+    const std::string at = " (" + std::to_string(2 * seq) + " tokens)";
+    const int batch = 2, heads = 3;
+    const int64_t tokens = int64_t(batch) * seq, stride = heads * dh + 40;  // a part inside a wider row
+    const double eps = 1e-6;
+    auto in = RandomNormal(tokens * stride, 11, 2.f);
+    auto w = RandomNormal(dh, 12, 0.3f, 1.f);
+    auto dout = RandomNormal(tokens * heads * dh, 13);
+    auto dw0 = RandomNormal(dh, 14);
+    // Reference: gather the part, norm per head, rotate (float64).
+    std::vector<double> x(tokens * heads * dh);
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int i = 0; i < heads * dh; ++i) x[t * heads * dh + i] = in[t * stride + i];
+    }
+    std::vector<double> wd(w.begin(), w.end()), y(x.size()), rstd(tokens * heads);
+    if (qk_norm) {
+      cpu::RmsNormForward(x.data(), wd.data(), tokens * heads, dh, eps, y.data(), rstd.data());
+    } else {
+      y = x;
+    }
+    cpu::RopeForward(y.data(), batch, seq, heads, dh, offset, inv_freq.data(), scale);
+    std::vector<double> g(dout.begin(), dout.end());
+    cpu::RopeBackward(g.data(), batch, seq, heads, dh, offset, inv_freq.data(), scale);
+    std::vector<double> dx_ref(x.size(), 0.0), dw_ref(dw0.begin(), dw0.end());
+    if (qk_norm) {
+      cpu::RmsNormBackward(g.data(), x.data(), wd.data(), rstd.data(), tokens * heads, dh, dx_ref.data(), dw_ref.data());
+    } else {
+      dx_ref = g;
+    }
 
-  DeviceArray<float> din(in), dwv(w), ddout(dout), ddw(dw0), dout_y(tokens * heads * dh), drstd(tokens * heads);
-  DeviceArray<float2> table(seq * dh / 2);
-  DeviceArray<double> dinv_freq(inv_freq);
-  DeviceArray<float> ddin(tokens * stride), ws(kernels::qknorm_rope_bwd_workspace_floats(dh));
-  dout_y.Poison();
-  ddin.Poison();
-  CUDA_ASSERT(kernels::launch_rope_table(table.get(), seq, dh, offset, dinv_freq.get(), scale, 0));
-  CUDA_ASSERT(kernels::launch_qknorm_rope_fwd<float>(din.get(), stride, dout_y.get(), drstd.get(),
-                                                     qk_norm ? dwv.get() : nullptr, table.get(), tokens, seq, heads, dh,
-                                                     eps, 0));
-  CUDA_ASSERT(kernels::launch_qknorm_rope_bwd<float>(ddout.get(), din.get(), stride, drstd.get(),
-                                                     qk_norm ? dwv.get() : nullptr, table.get(), ddin.get(), ddw.get(),
-                                                     /*accumulate=*/true, ws.get(), tokens, seq, heads, dh, 0));
-  CUDA_ASSERT(cudaDeviceSynchronize());
-  ExpectClose("rope y", dout_y.Download(), y, kFp32Rtol);
-  const auto dfull = ddin.Download();
-  std::vector<float> dx(x.size());
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int i = 0; i < heads * dh; ++i) dx[t * heads * dh + i] = dfull[t * stride + i];
+    DeviceArray<float> din(in), dwv(w), ddout(dout), ddw(dw0), dout_y(tokens * heads * dh), drstd(tokens * heads);
+    DeviceArray<float2> table(seq * dh / 2);
+    DeviceArray<double> dinv_freq(inv_freq);
+    DeviceArray<float> ddin(tokens * stride), ws(kernels::qknorm_rope_bwd_workspace_floats(dh));
+    dout_y.Poison();
+    ddin.Poison();
+    CUDA_ASSERT(kernels::launch_rope_table(table.get(), seq, dh, offset, dinv_freq.get(), scale, 0));
+    CUDA_ASSERT(kernels::launch_qknorm_rope_fwd<float>(din.get(), stride, dout_y.get(), drstd.get(),
+                                                       qk_norm ? dwv.get() : nullptr, table.get(), tokens, seq, heads, dh,
+                                                       eps, 0));
+    CUDA_ASSERT(kernels::launch_qknorm_rope_bwd<float>(ddout.get(), din.get(), stride, drstd.get(),
+                                                       qk_norm ? dwv.get() : nullptr, table.get(), ddin.get(), ddw.get(),
+                                                       /*accumulate=*/true, ws.get(), tokens, seq, heads, dh, 0));
+    CUDA_ASSERT(cudaDeviceSynchronize());
+    ExpectClose("rope y" + at, dout_y.Download(), y, kFp32Rtol);
+    const auto dfull = ddin.Download();
+    std::vector<float> dx(x.size());
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int i = 0; i < heads * dh; ++i) dx[t * heads * dh + i] = dfull[t * stride + i];
+    }
+    ExpectClose("rope dx" + at, dx, dx_ref, kFp32Rtol);
+    if (qk_norm) ExpectClose("qk-norm dw (accumulated)" + at, ddw.Download(), dw_ref, kFp32Rtol);
   }
-  ExpectClose("rope dx", dx, dx_ref, kFp32Rtol);
-  if (qk_norm) ExpectClose("qk-norm dw (accumulated)", ddw.Download(), dw_ref, kFp32Rtol);
 }
 
 INSTANTIATE_TEST_SUITE_P(Configs, RopeTest,
