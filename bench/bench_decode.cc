@@ -79,7 +79,7 @@ void AttentionBandwidth(int64_t batch, int64_t context) {
   cudaMalloc(&o, batch * heads * dh * 2);
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-  const int splits = kernels::paged_attention_splits(batch, 1, heads, kv_heads, context, sms);
+  const int splits = kernels::paged_attention_splits<bf16>(batch, 1, heads, kv_heads, dh, context, sms);
   cudaMalloc(&ws, std::max<int64_t>(1, kernels::paged_attention_workspace_floats(batch, 1, heads, dh, splits)) * 4);
   kernels::PagedKv<bf16> kv;
   kv.chunks = chunks;

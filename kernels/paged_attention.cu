@@ -1,6 +1,8 @@
 #include "kernels/common.cuh"
 #include "kernels/cp_async.cuh"
 #include "kernels/paged_attention.cuh"
+#include "kernels/paged_attention_mma.cuh"
+#include "kernels/paged_kv.cuh"
 
 #include <cuda_bf16.h>
 
@@ -34,22 +36,11 @@ __device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
 
-// Row r's page `page`: in the one store's chunks, or (rows of several stores) in row r's.
-template <class T>
-__device__ __forceinline__ T* PagePtr(const PagedKv<T>& kv, int64_t r, int32_t page) {
-  const int64_t page_elems = 2 * kPagedTokens * kv.kv_dim;
-  if (kv.row_chunk == nullptr) return kv.chunks[page / kv.chunk_pages] + (page % kv.chunk_pages) * page_elems;
-  const int32_t chunk_pages = kv.row_chunk_pages[r];
-  return kv.chunks[kv.row_chunk[r] + page / chunk_pages] + (page % chunk_pages) * page_elems;
-}
-
 template <class T>
 __global__ void paged_kv_write_kernel(PagedKv<T> kv, const T* k, int64_t k_stride, const T* v, int64_t v_stride,
                                       int64_t n) {
   const int64_t token = blockIdx.x, r = token / n, i = token % n;
-  const int64_t pos = kv.start[r] + i;
-  T* page = PagePtr(kv, r, kv.table[r * kv.table_width + pos / kPagedTokens]);
-  T* kd = page + (pos % kPagedTokens) * kv.kv_dim;
+  T* kd = PagedKRow(kv, r, kv.start[r] + i);
   T* vd = kd + kPagedTokens * kv.kv_dim;
   for (int64_t e = threadIdx.x; e < kv.kv_dim; e += blockDim.x) {
     kd[e] = k[token * k_stride + e];
@@ -357,8 +348,21 @@ cudaError_t launch_paged_kv_write(const PagedKv<T>& kv, const T* k, int64_t k_st
   return cudaGetLastError();
 }
 
-int paged_attention_splits(int64_t batch, int64_t n, int heads, int kv_heads, int64_t max_len, int sm_count) {
+template <class T>
+int paged_attention_splits(int64_t batch, int64_t n, int heads, int kv_heads, int head_dim, int64_t max_len,
+                           int sm_count) {
   const int group = heads / kv_heads;
+  if (std::is_same<T, __nv_bfloat16>::value && PagedMmaSupported(head_dim, int64_t(kv_heads) * head_dim)) {
+    // The tensor-core kernel: one split up to 1024 positions (a walk of at most 16 tiles costs
+    // less than the combine pass's launch), else two waves of resident blocks whatever the batch,
+    // splits of at most 1024 positions (its page window), and at least two tiles per split.
+    if (max_len <= 1024) return 1;
+    const int64_t blocks = batch * kv_heads * PagedMmaQueryTiles(n, group);
+    const int64_t slots = int64_t(sm_count) * PagedMmaBlocksPerSm(head_dim);
+    const int64_t want = std::max<int64_t>({1, (2 * slots + blocks - 1) / blocks, (max_len + 1023) / 1024});
+    const int64_t most = std::max<int64_t>(1, max_len / (2 * kPagedMmaTile));
+    return static_cast<int>(std::min<int64_t>({want, most, 128}));
+  }
   const int64_t blocks = batch * kv_heads * ceil_div64(n * group, kQueries);
   // Enough blocks for four per SM whatever the batch (three are resident at head_dim 128: with
   // fewer, a second partial wave leaves most SMs idle), and splits of at most kMaxSplitTiles tiles
@@ -384,20 +388,33 @@ cudaError_t launch_paged_attention(const PagedKv<T>& kv, const T* q, int64_t q_s
   if (head_dim % 2 != 0 || head_dim > 2 * 32 * kMaxPairs || heads % kv_heads != 0 || splits < 1) {
     return cudaErrorInvalidValue;
   }
+  // bf16 at head_dim 64 and 128 runs on tensor cores (paged_attention_mma.cu), the rest here.
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  const bool mma = kBf16 && PagedMmaSupported(head_dim, kv.kv_dim);
   // Splits cover whole tiles.
-  const int64_t split_len = (ceil_div64(max_len, splits) + kTile - 1) / kTile * kTile;
+  const int tile = mma ? kPagedMmaTile : kTile;
+  const int64_t split_len = (ceil_div64(max_len, splits) + tile - 1) / tile * tile;
   const int used = ceil_div64(max_len, split_len);
   const int64_t queries = batch * n * heads;
   float* part_o = workspace;
   float* part_lse = used > 1 ? workspace + int64_t(used) * queries * head_dim : nullptr;
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  // 16-byte copies when a K/V row (and so every row, pages being 16-byte aligned) is a whole number
-  // of 16-byte units; 4-byte copies otherwise.
-  const bool vec16 = head_dim * sizeof(T) % 16 == 0 && kv.kv_dim * sizeof(T) % 16 == 0;
-  cudaError_t e = vec16 ? Launch<T, 16>(kv, q, q_stride, o, o_stride, batch, n, heads, kv_heads, head_dim, split_len,
-                                        used, scale, part_o, part_lse, stream)
-                        : Launch<T, 4>(kv, q, q_stride, o, o_stride, batch, n, heads, kv_heads, head_dim, split_len,
-                                       used, scale, part_o, part_lse, stream);
+  cudaError_t e = cudaSuccess;
+  if constexpr (kBf16) {
+    if (mma) {
+      e = launch_paged_attention_mma(kv, q, q_stride, o, o_stride, batch, n, heads, kv_heads, head_dim, split_len,
+                                     used, part_o, part_lse, stream);
+    }
+  }
+  if (!mma) {
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+    // 16-byte copies when a K/V row (and so every row, pages being 16-byte aligned) is a whole
+    // number of 16-byte units; 4-byte copies otherwise.
+    const bool vec16 = head_dim * sizeof(T) % 16 == 0 && kv.kv_dim * sizeof(T) % 16 == 0;
+    e = vec16 ? Launch<T, 16>(kv, q, q_stride, o, o_stride, batch, n, heads, kv_heads, head_dim, split_len, used,
+                              scale, part_o, part_lse, stream)
+              : Launch<T, 4>(kv, q, q_stride, o, o_stride, batch, n, heads, kv_heads, head_dim, split_len, used, scale,
+                             part_o, part_lse, stream);
+  }
   if (e != cudaSuccess || used == 1) return e;
   constexpr int kCombineWarps = 4;
   paged_attention_combine_kernel<T><<<ceil_div64(queries, kCombineWarps), 32 * kCombineWarps, 0, stream>>>(
@@ -409,7 +426,8 @@ cudaError_t launch_paged_attention(const PagedKv<T>& kv, const T* q, int64_t q_s
   template cudaError_t launch_paged_kv_write<T>(const PagedKv<T>&, const T*, int64_t, const T*, int64_t, int64_t, \
                                                 int64_t, cudaStream_t);                                         \
   template cudaError_t launch_paged_attention<T>(const PagedKv<T>&, const T*, int64_t, T*, int64_t, int64_t,     \
-                                                 int64_t, int, int, int, int64_t, int, float*, cudaStream_t);
+                                                 int64_t, int, int, int, int64_t, int, float*, cudaStream_t); \
+  template int paged_attention_splits<T>(int64_t, int64_t, int, int, int, int64_t, int);
 INSTANTIATE(float)
 INSTANTIATE(__nv_bfloat16)
 #undef INSTANTIATE

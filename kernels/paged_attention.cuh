@@ -8,14 +8,16 @@
 //
 // The attention: query i of row r (position start[r] + i) attends to positions 0..start[r]+i of
 // its row, reading K/V through the page table. One thread block per (kv head, query tile, row,
-// split of the positions), a warp per query: the query heads that share a kv head (GQA) read each
-// K/V tile once, tiles streaming through a cp.async ring in shared memory; long contexts are split
-// over the sequence, each split writing an fp32 partial output and its log-sum-exp, and a combine
-// pass merges them. fp32 arithmetic, softmax scale 1/sqrt(head_dim).
+// split of the positions): the query heads that share a kv head (GQA) read each K/V tile once,
+// tiles streaming through a cp.async ring in shared memory; long contexts are split over the
+// sequence, each split writing an fp32 partial output and its log-sum-exp, and a combine pass
+// merges them. Softmax scale 1/sqrt(head_dim). bf16 at head_dim 64 and 128 runs on tensor cores
+// (paged_attention_mma.cu: fp32 accumulation, the probabilities rounded to bf16 for P V as in
+// FlashAttention); everything else on CUDA cores in fp32, a warp per query.
 //
 //   PagedKv<bf16> kv{chunks, chunk_pages, table, table_width, start};
 //   launch_paged_kv_write(kv, k, kv_dim, v, v_stride, batch, n, kv_dim, stream);
-//   int splits = paged_attention_splits(batch, n, heads, kv_heads, max_len, sm_count);
+//   int splits = paged_attention_splits<bf16>(batch, n, heads, kv_heads, dh, max_len, sm_count);
 //   launch_paged_attention(kv, q, q_stride, o, o_stride, batch, n, heads, kv_heads, dh, max_len,
 //                          splits, workspace, stream);  // paged_attention_workspace_floats(...) floats
 #pragma once
@@ -45,8 +47,11 @@ template <class T>
 cudaError_t launch_paged_kv_write(const PagedKv<T>& kv, const T* k, int64_t k_stride, const T* v, int64_t v_stride,
                                   int64_t batch, int64_t n, cudaStream_t stream);
 
-// Splits of the positions that keep the GPU busy; 1 for short contexts.
-int paged_attention_splits(int64_t batch, int64_t n, int heads, int kv_heads, int64_t max_len, int sm_count);
+// Splits of the positions that keep the GPU busy (for the kernel that T and head_dim select); 1
+// for short contexts.
+template <class T>
+int paged_attention_splits(int64_t batch, int64_t n, int heads, int kv_heads, int head_dim, int64_t max_len,
+                           int sm_count);
 int64_t paged_attention_workspace_floats(int64_t batch, int64_t n, int heads, int head_dim, int splits);
 
 // q [batch * n, q_stride] (after QK-norm and RoPE), o [batch * n, o_stride]; max_len >= start[r] + n

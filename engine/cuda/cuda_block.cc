@@ -22,6 +22,7 @@
 #include "kernels/convert.cuh"
 #include "kernels/gemm.h"
 #include "kernels/paged_attention.cuh"
+#include "kernels/paged_qkv.cuh"
 #include "kernels/rmsnorm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/swiglu.cuh"
@@ -474,12 +475,11 @@ class CudaBlock : public Block {
       row_chunk_pages[r] = static_cast<int32_t>(rs->chunk_pages());
     }
     const bool several_stores = stores.size() > 1;
-    bool fresh = true, same_start = true;
+    bool fresh = true;
     int64_t max_len = 0;
     for (int64_t r = 0; r < m.batch; ++r) {
       meta[r] = static_cast<int32_t>(start[r]);
       fresh = fresh && start[r] == 0;
-      same_start = same_start && start[r] == start[0];
       max_len = std::max(max_len, start[r] + m.seq);
     }
     std::copy(view.table, view.table + m.batch * view.table_width, meta.begin() + m.batch);
@@ -497,7 +497,7 @@ class CudaBlock : public Block {
     // The step's buffers, carved from one piece: the block's kept scratch for a decode-sized step
     // (no allocation once warmed), a stream-ordered allocation for a prefill.
     const int splits = fresh ? 1
-                             : kernels::paged_attention_splits(m.batch, m.seq, m.heads, m.kv_heads, max_len,
+                             : kernels::paged_attention_splits<T>(m.batch, m.seq, m.heads, m.kv_heads, m.dh, max_len,
                                                                dev_->props.multiProcessorCount);
     const int64_t ws_floats = kernels::paged_attention_workspace_floats(m.batch, m.seq, m.heads, m.dh, splits);
     struct StepBuffers {
@@ -510,8 +510,8 @@ class CudaBlock : public Block {
       b.rstd = cv.Take<float>(m.n * std::max(m.heads, 1) * 4);
       b.qkv = cv.Take<T>(m.n * m.qkv * t);
       b.q = cv.Take<T>(m.n * m.qd * t);
-      b.k = cv.Take<T>(m.n * m.kvd * t);
-      b.table = cv.Take<float2>(m.n * (m.dh / 2) * 8);
+      b.k = cv.Take<T>(fresh ? m.n * m.kvd * t : 0);  // a fresh batch's attention reads K from here
+      b.table = cv.Take<float2>(fresh ? m.seq * (m.dh / 2) * 8 : 0);
       b.o = cv.Take<T>(m.n * m.qd * t);
       b.lse = cv.Take<float>(fresh ? m.batch * m.heads * m.seq * 4 : 0);
       b.ws = cv.Take<float>(static_cast<size_t>(ws_floats) * 4);
@@ -534,21 +534,6 @@ class CudaBlock : public Block {
     ASSIGN_OR_RETURN(std::unique_ptr<CudaActivation> out, NewActivation(dev_, m.batch, m.seq, m.d));
 
     RETURN_IF_ERROR(NormAndQkv<T>(xa.data(), b.n1, b.rstd, b.qkv, b.lora_u, m));
-    // QK-norm and RoPE: one table for all rows when they start together (token t of [batch, seq]
-    // reads table row t % seq), else each row with its own.
-    const int64_t rows = same_start ? 1 : m.batch, tokens = same_start ? m.n : m.seq;
-    for (int64_t r = 0; r < rows; ++r) {
-      auto* tab = b.table + r * m.seq * (m.dh / 2);
-      CUDA_RETURN_IF_ERROR(kernels::launch_rope_table(tab, static_cast<int>(m.seq), m.dh, start[r],
-                                                      inv_freq_.as<double>(), rope_scale_, st));
-      const T* in = b.qkv + r * m.seq * m.qkv;
-      CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(in, m.qkv, b.q + r * m.seq * m.qd, b.rstd,
-                                                              W32(ParamId::kQNorm), tab, tokens, static_cast<int>(m.seq),
-                                                              m.heads, m.dh, eps, st));
-      CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(in + m.qd, m.qkv, b.k + r * m.seq * m.kvd,
-                                                              b.rstd, W32(ParamId::kKNorm), tab, tokens,
-                                                              static_cast<int>(m.seq), m.kv_heads, m.dh, eps, st));
-    }
     kernels::PagedKv<T> kv;
     kv.chunks = store.chunks<T>();
     kv.chunk_pages = store.chunk_pages();
@@ -561,11 +546,18 @@ class CudaBlock : public Block {
     kv.table = meta_d + m.batch;
     kv.table_width = view.table_width;
     kv.kv_dim = m.kvd;
-    const T* v = b.qkv + m.qd + m.kvd;
-    CUDA_RETURN_IF_ERROR(kernels::launch_paged_kv_write<T>(kv, b.k, m.kvd, v, m.qkv, m.batch, m.seq, st));
     if (fresh) {
-      auto a = kernels::AttentionArgs<T>::Causal(static_cast<int>(m.batch), static_cast<int>(m.seq), m.heads,
-                                                 m.kv_heads, m.dh, st);
+      // Every row at position 0: one rotation table, QK-norm and RoPE as Forward's, K/V into the
+      // pages, then Forward's attention among the new tokens.
+      const int seq = static_cast<int>(m.seq);
+      CUDA_RETURN_IF_ERROR(kernels::launch_rope_table(b.table, seq, m.dh, 0, inv_freq_.as<double>(), rope_scale_, st));
+      CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(b.qkv, m.qkv, b.q, b.rstd, W32(ParamId::kQNorm), b.table,
+                                                              m.n, seq, m.heads, m.dh, eps, st));
+      CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_fwd<T>(b.qkv + m.qd, m.qkv, b.k, b.rstd, W32(ParamId::kKNorm),
+                                                              b.table, m.n, seq, m.kv_heads, m.dh, eps, st));
+      const T* v = b.qkv + m.qd + m.kvd;
+      CUDA_RETURN_IF_ERROR(kernels::launch_paged_kv_write<T>(kv, b.k, m.kvd, v, m.qkv, m.batch, m.seq, st));
+      auto a = kernels::AttentionArgs<T>::Causal(static_cast<int>(m.batch), seq, m.heads, m.kv_heads, m.dh, st);
       a.q = b.q;
       a.q_stride = m.qd;
       a.k = b.k;
@@ -577,6 +569,11 @@ class CudaBlock : public Block {
       a.lse = b.lse;
       RETURN_IF_ERROR(attention_.Forward(a));
     } else {
+      // Onto a cached prefix: q, k and v at each row's own positions in one launch (k and v
+      // straight into the pages), then attention over the pages.
+      CUDA_RETURN_IF_ERROR(kernels::launch_paged_qkv<T>(b.qkv, m.qkv, b.q, W32(ParamId::kQNorm), W32(ParamId::kKNorm),
+                                                        inv_freq_.as<double>(), rope_scale_, kv, m.batch, m.seq,
+                                                        m.heads, m.kv_heads, m.dh, eps, st));
       CUDA_RETURN_IF_ERROR(kernels::launch_paged_attention<T>(kv, b.q, m.qd, b.o, m.qd, m.batch, m.seq, m.heads,
                                                               m.kv_heads, m.dh, max_len, splits, b.ws, st));
     }

@@ -5,9 +5,14 @@
 // shuffled over two chunks, and the same inputs at 1 split, the chosen splits and an odd count.
 // Linked into cuda_session_test (the decode stage of bench/device/run_checks.sh runs it).
 //
+// bf16 at head_dim 64 and 128 runs the tensor-core kernel (paged_attention_mma.cu), the other
+// cases the CUDA-core one; the cases below give each its query tiles spanning tokens, rows of
+// different lengths, splits longer than its 1024-position page window, and MHA (group 1).
+//
 // Bounds: fp32 elementwise rtol 1e-5 (atol = rtol * max|ref|), as the session tests; bf16
 // norm-wise 4e-3: the reference reads the same bf16 K/V/Q, so the error is the output's rounding
-// to bf16 (at most 2^-9 relative per element) plus fp32 accumulation.
+// to bf16 (at most 2^-9 relative per element), on tensor cores the probabilities' rounding to bf16
+// for P V (the same, averaged over the positions), plus fp32 accumulation.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -131,7 +136,7 @@ void RunCase(const PagedCase& c) {
   int device = 0, sms = 0;
   CUDA_ASSERT(cudaGetDevice(&device));
   CUDA_ASSERT(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int chosen = kernels::paged_attention_splits(batch, n, c.heads, c.kv_heads, max_len, sms);
+  const int chosen = kernels::paged_attention_splits<T>(batch, n, c.heads, c.kv_heads, c.dh, max_len, sms);
   for (int splits : {1, chosen, 7}) {
     DeviceArray<float> ws(static_cast<size_t>(
         std::max<int64_t>(1, kernels::paged_attention_workspace_floats(batch, n, c.heads, c.dh, splits))));
@@ -178,7 +183,13 @@ INSTANTIATE_TEST_SUITE_P(
         PagedCase{"dh18_fp32", false, 1, 2, 2, 18, {50, 5}},
         // group 16: two query tiles per kv head.
         PagedCase{"group16_bf16", true, 1, 16, 1, 64, {200}},
-        PagedCase{"dh256_fp32", false, 1, 4, 2, 256, {515, 31}}),
+        PagedCase{"dh256_fp32", false, 1, 4, 2, 256, {515, 31}},
+        // Tensor cores: 9 tokens x group 4 = three 16-query tiles, the last of them partial.
+        PagedCase{"llama8b_9_tokens_bf16", true, 9, 32, 8, 128, {1500, 0, 37}},
+        // A split of 2100 positions walks three page windows; group 8, two tokens per tile.
+        PagedCase{"group8_long_bf16", true, 3, 16, 2, 128, {2100}},
+        // MHA: one query per tile.
+        PagedCase{"mha_dh64_bf16", true, 1, 4, 4, 64, {130, 0, 1025}}),
     [](const ::testing::TestParamInfo<PagedCase>& i) { return i.param.name; });
 
 }  // namespace
