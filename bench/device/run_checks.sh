@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [groups] [ipc] [transport] [scale] [lora] [big]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [groups] [ipc] [transport] [scale] [lora] [big]   (default: the first four)
 # `groups`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs) and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
 set -uo pipefail
@@ -166,6 +166,26 @@ if [[ " $stages " == *" ncu "* ]]; then
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
     --section MemoryWorkloadAnalysis "$dev/bin/bench_kernels" --shape=qwen --iters=1 >"$OUT/ncu.log" 2>&1
   row "ncu.attention" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see ncu.log"
+fi
+
+# Where a decode step's GPU time goes (nsys cannot run on the GPU host; ncu can): every kernel of
+# one Llama-3-8B-shaped layer's prefill and three decode steps at batch 1, then at batch 64, timed
+# one at a time by ncu (serialised, clocks not locked), summarised by kernel_times.py; then the
+# decode attention kernel's speed of light and memory workload at batch 64, 4k context.
+if [[ " $stages " == *" profile "* ]]; then
+  for b in 1 64; do
+    timeout 200 env LD_LIBRARY_PATH="$LIBS" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+      "$dev/bin/bench_decode" --layers=1 --new=3 --batches=$b --attention_batches= >"$OUT/profile.b$b.csv" 2>&1
+    row "profile.decode.b$b" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see profile.b$b.txt"
+    python3 "$root/bench/device/kernel_times.py" "$OUT/profile.b$b.csv" >"$OUT/profile.b$b.txt" 2>&1
+    tail -40 "$OUT/profile.b$b.txt"
+  done
+  timeout 200 env LD_LIBRARY_PATH="$LIBS" ncu --clock-control none -k regex:"paged_attention" -c 3 \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+    "$dev/bin/bench_decode" --attention_batches=64 --batches= >"$OUT/profile.attention.log" 2>&1
+  row "profile.attention" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see profile.attention.log"
+  grep -E "paged_attention|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers|Warp Cycles Per Issued|Stall|Theoretical Occ" \
+    "$OUT/profile.attention.log" | head -40
 fi
 
 if [[ " $stages " == *" service "* ]]; then
