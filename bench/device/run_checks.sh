@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [groups] [ipc] [transport] [scale] [lora] [big]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [groups] [ipc] [transport] [scale] [lora] [big]   (default: the first four)
 # `groups`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs) and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
 set -uo pipefail
@@ -114,6 +114,7 @@ fi
 #   bash bench/device/run_checks.sh generate
 if [[ " $stages " == *" generate "* ]] && [ -f "$dev/python/hf_generate_test.py" ]; then
   pyunit hf_generate.cpu hf_generate_test
+  pyunit hf_generate.cuda hf_generate_test BLOCKD_BACKEND=cuda
   [ -f "$dev/python/hf_export_test.py" ] && pyunit hf_export.cpu hf_export_test
   # Layer 0 against transformers' decoder layers (forward and every gradient), both backends.
   pyunit hf_layer.cpu hf_layer_test
@@ -145,6 +146,29 @@ if [[ " $stages " == *" decode "* ]]; then
   timeout 300 python3 "$dev/python/hf_decode.py" --batches 1,64 >"$OUT/hf_decode.log" 2>&1
   row "decode.hf_decode" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see hf_decode.log"
   tail -20 "$OUT/hf_decode.log"
+fi
+
+# A 32-block span's decode over gRPC on loopback against the same span in process (issue 12: at
+# batch 1, >= 85%): bench_decode --layers=32 --frozen first, then bench/session_grpc.py against a
+# CUDA daemon (32 frozen bf16 Llama-3-8B-shaped blocks, the Infer stream, bf16 on the wire).
+if [[ " $stages " == *" grpc_decode "* ]]; then
+  timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_decode" --layers=32 --frozen --written_layers=1 \
+    --batches=1 --attention_batches= >"$OUT/grpc_decode.inproc.log" 2>&1
+  row "grpc_decode.in_process" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see grpc_decode.inproc.log"
+  cat "$OUT/grpc_decode.inproc.log"
+  inproc=$(grep -oE '[0-9.]+ ms/layer/step' "$OUT/grpc_decode.inproc.log" | head -1 | cut -d' ' -f1)
+  port=50997
+  LD_LIBRARY_PATH="$LIBS" timeout 400 "$dev/bin/blockd" --backend=cuda --listen=127.0.0.1:$port \
+    --metrics_listen=127.0.0.1:$((port + 1)) >"$OUT/blockd.grpc_decode.log" 2>&1 &
+  daemon=$!
+  sleep 3
+  (cd "$root" && PYTHONPATH="$dev/python" timeout 300 python3 bench/session_grpc.py --target 127.0.0.1:$port \
+     --blocks 32 --in_process_ms "${inproc:-0}" --metrics "http://127.0.0.1:$((port + 1))/metrics") \
+    >"$OUT/grpc_decode.log" 2>&1
+  rc=$?
+  kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+  row "grpc_decode.grpc" "$([ $rc -eq 0 ] && echo DONE || echo FAIL)" "see grpc_decode.log"
+  tail -5 "$OUT/grpc_decode.log"
 fi
 
 if [[ " $stages " == *" kernels "* ]]; then

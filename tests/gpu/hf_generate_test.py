@@ -12,8 +12,10 @@ torch.multinomial from the same warped distribution.
     BLOCKD_BINARY=build/server/blockd PYTHONPATH=build/python:tests/python \\
         python3 -m unittest -v hf_generate_test     # in tests/gpu, by hand
 
-BLOCKD_BACKEND (default cpu) picks the daemon's backend: sessions run on the CPU backend today; the
-HF model always runs on the CPU in fp32, so the comparison is exact arithmetic against exact.
+BLOCKD_BACKEND (default cpu) picks the daemon's backend (run_checks.sh runs both); the blocks are
+fp32 on either (BLOCKD_PRECISION overrides), and the HF model always runs on the CPU in fp32, so the
+comparison is exact arithmetic against exact: on CUDA, cuBLASLt's fp32 products (no TF32), the
+CUDA-core paged attention, each step's logits within the same 1e-5.
 """
 import os
 import unittest
@@ -30,6 +32,7 @@ except ImportError:  # pragma: no cover - the CI machine
     transformers = None
 
 RTOL = 1e-5
+PRECISION = os.environ.get("BLOCKD_PRECISION", "fp32")
 
 
 def tiny_model(kind):
@@ -57,7 +60,7 @@ class HfGenerateTest(DaemonClientTest):
         d = os.path.join(self.tmp.name, kind)
         if not os.path.isdir(d):
             model.save_pretrained(d, safe_serialization=True)
-            hf.import_hf(self.client, d, prefix=f"{kind}/layer", progress=False)
+            hf.import_hf(self.client, d, prefix=f"{kind}/layer", precision=PRECISION, progress=False)
         return model, blockd.RemoteCausalLM.from_hf(d, self.client, prefix=f"{kind}/layer")
 
     def hf_generate(self, model, prompt, **kw):
