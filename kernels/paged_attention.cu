@@ -1,4 +1,5 @@
 #include "kernels/common.cuh"
+#include "kernels/pdl.cuh"
 #include "kernels/cp_async.cuh"
 #include "kernels/paged_attention.cuh"
 #include "kernels/paged_attention_mma.cuh"
@@ -147,6 +148,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     paged_attention_kernel(PagedKv<T> kv, const T* q, int64_t q_stride, T* o, int64_t o_stride, int64_t n, int heads,
                            int kv_heads, int dh, int64_t split_len, int splits, int stages, float scale,
                            float* part_o, float* part_lse) {
+  pdl_launch_dependents();  // the output product may start loading its weights
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* qs = reinterpret_cast<float*>(smem_raw);
   char* ring = reinterpret_cast<char*>(qs + kQueries * dh);
@@ -273,6 +275,7 @@ __global__ void __launch_bounds__(kThreads, 3)
 template <class T>
 __global__ void paged_attention_combine_kernel(const float* part_o, const float* part_lse, T* o, int64_t o_stride,
                                                int64_t queries, int heads, int dh, int splits) {
+  pdl_launch_dependents();
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (row >= queries) return;
   const int lane = threadIdx.x & 31;

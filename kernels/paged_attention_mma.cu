@@ -18,6 +18,7 @@
 #include <cmath>
 
 #include "kernels/common.cuh"
+#include "kernels/pdl.cuh"
 #include "kernels/cp_async.cuh"
 #include "kernels/mma.cuh"
 #include "kernels/paged_attention_mma.cuh"
@@ -85,6 +86,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma_kernel(PagedKv<b
                                                                        int64_t n, int heads, int kv_heads,
                                                                        int64_t split_len, int splits, float scale_log2,
                                                                        float* part_o, float* part_lse) {
+  pdl_launch_dependents();  // the output product may start loading its weights
   using S = Smem<D>;
   constexpr int kLd = S::kLd;
   extern __shared__ __align__(16) unsigned char smem_raw[];

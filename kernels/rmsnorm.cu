@@ -1,6 +1,7 @@
 #include <algorithm>
 
 #include "kernels/common.cuh"
+#include "kernels/pdl.cuh"
 #include "kernels/reduce_rows.cuh"
 #include "kernels/rmsnorm.cuh"
 
@@ -18,6 +19,7 @@ constexpr int64_t kBlockRowsBelow = 1024;
 template <class T, bool kVec, bool kBlockRow>
 __global__ void rmsnorm_fwd_kernel(const float* __restrict__ x, const float* __restrict__ w, T* __restrict__ y,
                                    float* __restrict__ rstd, int64_t rows, int d, float eps) {
+  pdl_launch_dependents();  // a decode step's next product may start loading its weights
   const int t = kBlockRow ? threadIdx.x : threadIdx.x & 31, step = kBlockRow ? blockDim.x : 32;
   const int64_t row = kBlockRow ? blockIdx.x : blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
   if (row >= rows) return;  // block-uniform when kBlockRow (block_sum below syncs the block)

@@ -1,6 +1,7 @@
 #include <algorithm>
 
 #include "kernels/common.cuh"
+#include "kernels/pdl.cuh"
 #include "kernels/swiglu.cuh"
 
 namespace blockd::kernels {
@@ -29,6 +30,7 @@ __device__ __forceinline__ void store16(T* p, const Pack<T>& v) {
 
 template <class T>
 __global__ void swiglu_fwd_vec_kernel(const T* __restrict__ gu, T* __restrict__ h, int64_t tokens, int64_t f) {
+  pdl_launch_dependents();  // the down product may start loading its weights
   constexpr int L = Pack<T>::kLanes;
   const int64_t per_row = f / L, n = tokens * per_row;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -67,6 +69,7 @@ __global__ void swiglu_bwd_vec_kernel(const T* __restrict__ dh, const T* __restr
 
 template <class T>
 __global__ void swiglu_fwd_kernel(const T* __restrict__ gu, T* __restrict__ h, int64_t tokens, int64_t f) {
+  pdl_launch_dependents();
   const int64_t n = tokens * f;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / f, c = i % f;

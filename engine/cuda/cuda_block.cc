@@ -21,6 +21,7 @@
 #include "kernels/bias.cuh"
 #include "kernels/convert.cuh"
 #include "kernels/gemm.h"
+#include "kernels/gemv.cuh"
 #include "kernels/paged_attention.cuh"
 #include "kernels/paged_qkv.cuh"
 #include "kernels/rmsnorm.cuh"
@@ -432,9 +433,16 @@ class CudaBlock : public Block {
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(r1, W32(ParamId::kPostNorm), n2, rstd2, m.n,
                                                         static_cast<int>(m.d),
                                                         static_cast<float>(spec_.config.rms_norm_eps), st));
-    RETURN_IF_ERROR(ForwardWithLora<T>(
-        LoraSite::kGateUp, Linear(m.n, m.d, 2 * m.f).Forward(n2, W<T>(ParamId::kGateProj), gu, TypeOf<T>()), lora_u));
-    CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(gu, h, m.n, m.f, st));
+    const kernels::GemmArgs gate_up = Linear(m.n, m.d, 2 * m.f).Forward(n2, W<T>(ParamId::kGateProj), gu, TypeOf<T>());
+    // A decode step's few rows without adapters here: h in the gate|up product's epilogue (gemv.cuh).
+    const bool fused = std::is_same<T, bf16>::value && lora_sites_[static_cast<int>(LoraSite::kGateUp)].targets.empty() &&
+                       kernels::gemv_swiglu_applies(gate_up);
+    if (fused) {
+      CUDA_RETURN_IF_ERROR(kernels::launch_gemv_swiglu(gate_up, reinterpret_cast<bf16*>(h), m.f, st));
+    } else {
+      RETURN_IF_ERROR(ForwardWithLora<T>(LoraSite::kGateUp, gate_up, lora_u));
+      CUDA_RETURN_IF_ERROR(kernels::launch_swiglu_fwd<T>(gu, h, m.n, m.f, st));
+    }
     // out = r1 + h Wdown^T
     const kernels::LinearGemm down = Linear(m.n, m.f, m.d);
     return ForwardWithLora<T>(LoraSite::kDown, down.Forward(h, W<T>(ParamId::kDownProj), out, GemmType::kF32).PlusC(r1),

@@ -1,17 +1,21 @@
 // The skinny bf16 products (kernels/gemv.cuh) that GemmContext::Run takes for 1 to 4 rows, against
 // float64 of the same bf16 inputs: every row count, output columns not a multiple of the block's
 // 4, k not a multiple of a warp's 256-element step, and each epilogue a block uses (bf16 or fp32
-// out, plus an fp32 residual C, added onto D). Linked into cuda_ops_test.
+// out, plus an fp32 residual C, added onto D); and the gate|up product with SwiGLU in its epilogue
+// against the product then swiglu.cu, bit for bit. Linked into cuda_ops_test.
 //
 // Bounds: fp32 outputs elementwise rtol 1e-5 (atol = rtol * max|ref|), as the cuBLASLt products'
 // test; bf16 outputs norm-wise 4e-3 (their rounding, at most 2^-9 relative per element).
 #include <cuda_bf16.h>
 
+#include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "kernels/gemm.h"
 #include "kernels/gemv.cuh"
+#include "kernels/swiglu.cuh"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace blockd::testing {
@@ -70,6 +74,36 @@ TEST_P(GemvTest, SkinnyProductsMatchFloat64) {
   dd16.Poison();
   run(linear.Forward(da.get(), db.get(), dd16.get(), GemmType::kBF16));
   ExpectNormClose("bf16 out" + at, FromBf16(dd16.Download()), prod, 4e-3);
+  cudaFree(ws);
+}
+
+TEST_P(GemvTest, SwiGluEpilogueGivesTheBitsOfTheProductThenSwiGlu) {
+  SKIP_WITHOUT_GPU();
+  const int64_t m = GetParam(), f = 37, k = 1032;  // an odd f: the last block has one gate row
+  const auto x = RoundBf16(RandomNormal(m * k, 81)), w = RoundBf16(RandomNormal(2 * f * k, 82, 0.05f));
+  void* ws = nullptr;
+  CUDA_ASSERT(cudaMalloc(&ws, 1 << 20));
+  kernels::GemmContext ctx;
+  ASSERT_EQ(CUBLAS_STATUS_SUCCESS, ctx.Init(ws, 1 << 20));
+  DeviceArray<bf16> dx(ToBf16(x)), dw(ToBf16(w)), gu(m * 2 * f), h(m * f), gu_fused(m * 2 * f), h_fused(m * f);
+  const kernels::LinearGemm up{kernels::GemmMode::kBF16, m, k, 2 * f};
+  gu.Poison();
+  h.Poison();
+  ASSERT_EQ(CUBLAS_STATUS_SUCCESS, ctx.Run(up.Forward(dx.get(), dw.get(), gu.get(), GemmType::kBF16), 0));
+  CUDA_ASSERT(kernels::launch_swiglu_fwd<bf16>(gu.get(), h.get(), m, f, 0));
+  const kernels::GemmArgs g = up.Forward(dx.get(), dw.get(), gu_fused.get(), GemmType::kBF16);
+  ASSERT_TRUE(kernels::gemv_swiglu_applies(g));
+  gu_fused.Poison();
+  h_fused.Poison();
+  CUDA_ASSERT(kernels::launch_gemv_swiglu(g, h_fused.get(), f, 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
+  auto bits = [](const std::vector<bf16>& v) {
+    std::vector<uint16_t> b(v.size());
+    std::memcpy(b.data(), v.data(), v.size() * sizeof(uint16_t));
+    return b;
+  };
+  EXPECT_EQ(bits(gu_fused.Download()), bits(gu.Download())) << "gate|up, " << m << " rows";
+  EXPECT_EQ(bits(h_fused.Download()), bits(h.Download())) << "h, " << m << " rows";
   cudaFree(ws);
 }
 
