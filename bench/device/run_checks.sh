@@ -150,7 +150,8 @@ fi
 
 # A 32-block span's decode over gRPC on loopback against the same span in process (issue 12: at
 # batch 1, >= 85%): bench_decode --layers=32 --frozen first, then bench/session_grpc.py against a
-# CUDA daemon (32 frozen bf16 Llama-3-8B-shaped blocks, the Infer stream, bf16 on the wire).
+# CUDA daemon (32 frozen bf16 Llama-3-8B-shaped blocks, the Infer stream, bf16 on the wire), then
+# the C++ client's bench_session on the same daemon.
 if [[ " $stages " == *" grpc_decode "* ]]; then
   timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_decode" --layers=32 --frozen --written_layers=1 \
     --batches=1 --attention_batches= >"$OUT/grpc_decode.inproc.log" 2>&1
@@ -166,9 +167,14 @@ if [[ " $stages " == *" grpc_decode "* ]]; then
      --blocks 32 --in_process_ms "${inproc:-0}" --metrics "http://127.0.0.1:$((port + 1))/metrics") \
     >"$OUT/grpc_decode.log" 2>&1
   rc=$?
-  kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
   row "grpc_decode.grpc" "$([ $rc -eq 0 ] && echo DONE || echo FAIL)" "see grpc_decode.log"
   tail -5 "$OUT/grpc_decode.log"
+  # The same with the C++ client (bench_session), on the same daemon.
+  timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_session" --target=127.0.0.1:$port --blocks=32 \
+    --in_process_ms="${inproc:-0}" >"$OUT/grpc_decode.cc.log" 2>&1
+  row "grpc_decode.grpc_cc" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see grpc_decode.cc.log"
+  tail -5 "$OUT/grpc_decode.cc.log"
+  kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
 fi
 
 if [[ " $stages " == *" kernels "* ]]; then

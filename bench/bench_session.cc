@@ -1,0 +1,128 @@
+// Decode over gRPC with the C++ client (issue 12's target: a 32-block span at batch 1 over gRPC on
+// loopback >= 85% of the same span in process), beside bench/session_grpc.py's Python client:
+// creates --blocks frozen bf16 Llama-3-8B-shaped blocks (seeded), opens a session, prefills a
+// --prompt-token random input, then decodes --new tokens one at a time on the Infer stream (bf16
+// on the wire), each step timed from the request to the decoded response as a client sees it; the
+// requests are built before timing. Prints the median step, ms per layer per step as bench_decode
+// prints them and, with --in_process_ms (bench_decode's figure for the same span), the share.
+//
+//   bench_session --target=127.0.0.1:50051 [--blocks=32] [--prompt=512] [--new=64] [--in_process_ms=X]
+#include <algorithm>
+#include <cmath>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "client/client.h"
+#include "client/tensor_bytes.h"
+
+namespace {
+
+double Now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+template <class T>
+T Check(absl::StatusOr<T> s, const char* what) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, s.status().ToString().c_str());
+    std::exit(1);
+  }
+  return *std::move(s);
+}
+
+void Check(const absl::Status& s, const char* what) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
+    std::exit(1);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string target = "127.0.0.1:50051";
+  int blocks = 32;
+  int64_t prompt = 512, fresh = 64;
+  double in_process_ms = 0;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--target=", 0) == 0) target = a.substr(9);
+    if (a.rfind("--blocks=", 0) == 0) blocks = std::stoi(a.substr(9));
+    if (a.rfind("--prompt=", 0) == 0) prompt = std::stoll(a.substr(9));
+    if (a.rfind("--new=", 0) == 0) fresh = std::stoll(a.substr(6));
+    if (a.rfind("--in_process_ms=", 0) == 0) in_process_ms = std::stod(a.substr(16));
+  }
+  const int64_t d = 4096;
+  blockd::ClientOptions o;
+  o.target = target;
+  o.timeout = absl::Seconds(600);
+  auto client = Check(blockd::Client::Connect(o), "connect");
+  Check(client->WaitForConnected(absl::Seconds(30)), "wait for the server");
+  std::vector<std::string> ids;
+  blockd::v1::OpenSessionRequest open;
+  for (int b = 0; b < blocks; ++b) {
+    blockd::v1::CreateBlockRequest req;
+    req.set_block_id("cc-decode-" + std::to_string(b));
+    auto* c = req.mutable_config();
+    c->set_hidden_size(d);
+    c->set_num_attention_heads(32);
+    c->set_num_kv_heads(8);
+    c->set_head_dim(128);
+    c->set_intermediate_size(14336);
+    c->set_rms_norm_eps(1e-5);
+    c->set_rope_theta(500000);
+    req.set_layer_index(b);
+    req.set_precision(blockd::v1::PRECISION_BF16);
+    req.set_frozen(true);
+    req.set_max_seq_len(prompt + fresh);
+    req.set_max_batch_size(1);
+    req.set_seed(1234 + b);
+    Check(client->CreateBlock(req), "create");
+    ids.push_back(req.block_id());
+    open.add_block_ids(req.block_id());
+  }
+  open.set_batch_size(1);
+  open.set_max_length(static_cast<int32_t>(prompt + fresh));
+  const std::string session = Check(client->OpenSession(open), "open session").session_id();
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist;
+  auto request = [&](int64_t n) {
+    std::vector<float> x(static_cast<size_t>(n * d));
+    for (float& v : x) v = dist(rng);
+    blockd::v1::InferStepRequest req;
+    req.set_session_id(session);
+    *req.mutable_hidden_states() = blockd::wire::MakeTensor(blockd::v1::DTYPE_BFLOAT16, {1, n, d}, x);
+    return req;
+  };
+  std::vector<blockd::v1::InferStepRequest> steps;
+  for (int64_t i = 0; i < fresh; ++i) steps.push_back(request(1));
+  auto stream = Check(client->OpenInferStream(), "open the Infer stream");
+  const blockd::v1::InferStepRequest first = request(prompt);
+  double t0 = Now();
+  Check(stream->Step(first), "prefill");
+  const double prefill = Now() - t0;
+  std::vector<double> times;
+  for (const auto& req : steps) {
+    t0 = Now();
+    const blockd::v1::InferStepResponse out = Check(stream->Step(req), "decode step");
+    std::vector<float> y = Check(blockd::wire::TensorToFloat32(out.hidden_states()), "decode the output");
+    times.push_back(Now() - t0);
+    if (!std::all_of(y.begin(), y.end(), [](float v) { return std::isfinite(v); })) {
+      std::fprintf(stderr, "a decode step's output is not finite\n");
+      return 1;
+    }
+  }
+  Check(stream->Close(), "close the stream");
+  Check(client->CloseSession(session), "close session");
+  for (const std::string& id : ids) Check(client->DeleteBlock(id), "delete");
+  std::sort(times.begin(), times.end());
+  const double med = times[times.size() / 2], per_layer = med * 1e3 / blocks;
+  std::printf("grpc decode (C++ client)  batch   1  %d layers  prompt %lld  new %lld: %.4f ms/layer/step (median "
+              "step %.3f ms, %.0f tokens/s)",
+              blocks, static_cast<long long>(prompt), static_cast<long long>(fresh), per_layer, med * 1e3, 1 / med);
+  if (in_process_ms > 0) std::printf(", %.1f%% of in process (%.4f)", 100 * in_process_ms / per_layer, in_process_ms);
+  std::printf("  prefill %.1f ms (first call)\n", prefill * 1e3);
+  return 0;
+}
