@@ -366,7 +366,8 @@ class Engine {
                                        const std::vector<EntryPtr>& span);
   // The failure of the averaging a Backward started, when it broke the group and no call has
   // reported it yet (a group Step or GradNorm then answers its ABORTED); OK otherwise.
-  absl::Status OverlapFailure(absl::string_view group_id, absl::string_view caller);
+  absl::Status OverlapFailure(absl::string_view group_id, absl::string_view caller,
+                              const std::vector<std::string>& block_ids);
   // Hands block `e`'s trained gradients (final for this Backward; its lock held) to the averaging.
   void OverlapBlockReady(OverlapReduce& overlap, size_t group_index, Entry& e);
   // On a device collective, with the group's mu held for the whole Backward: queues block `e`'s

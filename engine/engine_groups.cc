@@ -61,7 +61,9 @@ absl::Status Timed(Group& g, CollectiveUse* use, size_t bytes, Fn fn) {
 }
 
 // What every member must agree on, in words (compared byte for byte; shown when they differ).
-// The backend is among them: a group is all CUDA blocks or all CPU blocks.
+// The backend is among them: a group is all CUDA blocks or all CPU blocks. Blocks pair up by
+// position, each with its layer index and shape; not by id, since members on one daemon (one per
+// GPU) hold the same layers under different ids.
 template <class Entries>
 std::string TermsOf(int64_t world_size, absl::string_view backend, const Entries& entries) {
   std::vector<std::string> blocks;
@@ -69,7 +71,7 @@ std::string TermsOf(int64_t world_size, absl::string_view backend, const Entries
     const BlockConfig& c = e->spec.config;
     int64_t params = 0;
     for (const ParamSpec& p : e->params) params += p.numel();
-    blocks.push_back(absl::StrCat(e->spec.id, " (hidden ", c.hidden_size, ", heads ", c.num_attention_heads, "/",
+    blocks.push_back(absl::StrCat("layer ", e->spec.layer_index, " (hidden ", c.hidden_size, ", heads ", c.num_attention_heads, "/",
                                   c.num_kv_heads, "x", c.head_dim, ", intermediate ", c.intermediate_size, ", ",
                                   e->params.size(), " tensors, ", params, " parameters)"));
   }
@@ -268,7 +270,7 @@ absl::StatusOr<GroupInfo> Engine::JoinGroup(const JoinGroupArgs& args, Collectiv
   g->timeout = args.timeout == absl::ZeroDuration() ? kDefaultGroupTimeout : args.timeout;
   RETURN_IF_ERROR(groups_.Add(g, options_.max_groups_per_client));
   auto fail = [&](absl::Status s) {
-    groups_.Remove(g->id, g->owner);
+    groups_.RemoveMember(g);
     return s;
   };
 
@@ -346,7 +348,7 @@ absl::StatusOr<GroupInfo> Engine::JoinGroup(const JoinGroupArgs& args, Collectiv
 }
 
 absl::Status Engine::LeaveGroup(absl::string_view group_id, absl::string_view caller) {
-  if (groups_.Remove(group_id, caller) == nullptr) {
+  if (groups_.Remove(group_id, caller) == 0) {
     return absl::NotFoundError(absl::StrCat("no group ", Echo(group_id), " on this daemon"));
   }
   return absl::OkStatus();
@@ -416,21 +418,15 @@ absl::Status Engine::ReduceGradientsInPlace(Group& g, const std::vector<EntryPtr
 
 namespace {
 
-// The caller's joined, working group, or why not; `block_ids` must be empty or its blocks.
+// The caller's joined, working member of the group holding `block_ids` (empty: its only member
+// here), or why not.
 absl::StatusOr<std::shared_ptr<Group>> UsableGroup(GroupStore& store, absl::string_view id, absl::string_view caller,
                                                    const std::vector<std::string>& block_ids, const char* rpc) {
-  std::shared_ptr<Group> g = store.Find(id, caller);
-  if (g == nullptr) return absl::NotFoundError(absl::StrCat("no group ", Echo(id), " on this daemon (JoinGroup first)"));
+  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, store.FindMember(id, caller, block_ids, rpc));
   if (!g->joined) return absl::FailedPreconditionError(absl::StrCat("group ", g->id, " is still joining"));
   if (g->broken) {
     return absl::FailedPreconditionError(absl::StrCat("group ", g->id, " failed (", g->Failure(),
                                                       "): LeaveGroup, then join a new group with a new collective id"));
-  }
-  if (!block_ids.empty() && std::set<std::string>(block_ids.begin(), block_ids.end()) !=
-                                std::set<std::string>(g->block_ids.begin(), g->block_ids.end())) {
-    return absl::InvalidArgumentError(absl::StrCat(rpc, " names blocks [", Echo(absl::StrJoin(block_ids, ", ")),
-                                                   "] but group ", g->id, " holds [", absl::StrJoin(g->block_ids, ", "),
-                                                   "]: name all of them, or none"));
   }
   return g;
 }
@@ -577,9 +573,11 @@ absl::Status TakeOverlap(Group& g, CollectiveUse* use) ABSL_EXCLUSIVE_LOCKS_REQU
 
 }  // namespace
 
-absl::Status Engine::OverlapFailure(absl::string_view group_id, absl::string_view caller) {
-  std::shared_ptr<Group> g = groups_.Find(group_id, caller);
-  if (g == nullptr) return absl::OkStatus();
+absl::Status Engine::OverlapFailure(absl::string_view group_id, absl::string_view caller,
+                                    const std::vector<std::string>& block_ids) {
+  absl::StatusOr<std::shared_ptr<Group>> found = groups_.FindMember(group_id, caller, block_ids, "");
+  if (!found.ok()) return absl::OkStatus();  // the caller's lookup says why
+  Group* g = found->get();
   absl::MutexLock group_lock(&g->mu);
   if (!g->broken) return absl::OkStatus();
   CollectiveUse use;
@@ -613,7 +611,7 @@ absl::StatusOr<StepResult> Engine::GroupStep(absl::string_view group_id, absl::s
                                              double max_grad_norm, double clip_coefficient) {
   RETURN_IF_ERROR(ValidateAdamW(hyper, max_grad_norm));
   RETURN_IF_ERROR(ValidateClipCoefficient(clip_coefficient, max_grad_norm));
-  RETURN_IF_ERROR(OverlapFailure(group_id, caller));
+  RETURN_IF_ERROR(OverlapFailure(group_id, caller, block_ids));
   ASSIGN_OR_RETURN(std::shared_ptr<Group> g, UsableGroup(groups_, group_id, caller, block_ids, "Step"));
   absl::MutexLock group_lock(&g->mu);
   StepResult result;
@@ -664,7 +662,7 @@ absl::StatusOr<GradNormResult> Engine::GradNorm(const std::vector<std::string>& 
     result.finite = std::isfinite(result.sum_of_squares);
     return result;
   }
-  RETURN_IF_ERROR(OverlapFailure(group_id, caller));
+  RETURN_IF_ERROR(OverlapFailure(group_id, caller, block_ids));
   ASSIGN_OR_RETURN(std::shared_ptr<Group> g, UsableGroup(groups_, group_id, caller, block_ids, "GradNorm"));
   absl::MutexLock group_lock(&g->mu);
   std::vector<EntryPtr> entries;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -160,24 +161,36 @@ struct Group : Owned {
 
 GroupInfo InfoOf(const Group& g);
 
+// The groups of this daemon: a group id holds one member per rank that joined here (one per GPU
+// when a daemon holds several replicas), all of one owner and one world size.
 class GroupStore {
  public:
-  // ALREADY_EXISTS for an id in use; RESOURCE_EXHAUSTED when the owner already holds
-  // `max_per_client` groups; FAILED_PRECONDITION when a block of `g` is in another group that
-  // has not failed.
+  // ALREADY_EXISTS for an id another client uses or a rank of it that joined here already;
+  // INVALID_ARGUMENT for another world size than the id's members here; FAILED_PRECONDITION when
+  // a member of the id here failed, or a block of `g` is in another group that has not failed;
+  // RESOURCE_EXHAUSTED when the owner already holds `max_per_client` members.
   absl::Status Add(std::shared_ptr<Group> g, int64_t max_per_client);
-  // The caller's group, else null (one answer for unknown and others').
+  // The caller's member of the group with the lowest rank, else null (one answer for unknown and
+  // others').
   std::shared_ptr<Group> Find(absl::string_view id, absl::string_view caller);
-  // Takes the caller's group out (breaking it); null as Find would return.
-  std::shared_ptr<Group> Remove(absl::string_view id, absl::string_view caller);
-  // Breaks every group holding the block of this serial; returns how many.
+  // The caller's member holding exactly `block_ids` (any order), or with `block_ids` empty its only
+  // member: NOT_FOUND for no group, INVALID_ARGUMENT when no member holds those blocks or several
+  // members leave the choice open. `rpc` names the call in the messages.
+  absl::StatusOr<std::shared_ptr<Group>> FindMember(absl::string_view id, absl::string_view caller,
+                                                    const std::vector<std::string>& block_ids, const char* rpc);
+  // Takes the caller's members of the group out (breaking them); how many.
+  int64_t Remove(absl::string_view id, absl::string_view caller);
+  // Takes this member out (breaking it), if it is still here.
+  void RemoveMember(const std::shared_ptr<Group>& g);
+  // Breaks every member holding the block of this serial; returns how many.
   int64_t BreakReferencing(uint64_t serial, absl::string_view why);
   std::vector<std::shared_ptr<Group>> OwnedBy(absl::string_view caller);
   int64_t size();
 
  private:
   absl::Mutex mu_;  // a leaf: never held while taking a group's or a block's lock
-  std::map<std::string, std::shared_ptr<Group>, std::less<>> groups_ ABSL_GUARDED_BY(mu_);
+  // By id, the members that joined here in rank order.
+  std::map<std::string, std::vector<std::shared_ptr<Group>>, std::less<>> groups_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace blockd

@@ -31,6 +31,7 @@
 
 #include "gtest/gtest.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "tests/integration/harness.h"
 #include "tests/reliability/daemon_process.h"
@@ -331,6 +332,47 @@ TEST_F(NcclMultiGpuTest, MembersOnEveryGpuAverageGradientsAndStepIdentically) {
   EXPECT_EQ(s0.step, 3);
   for (int i = 1; i < n; ++i) {
     const BlockState si = StateOf(C(i), "b0");
+    EXPECT_EQ(DiffSnapshots(s0.weights, si.weights), "") << "member " << i;
+    EXPECT_EQ(DiffSnapshots(s0.adam_m, si.adam_m), "") << "member " << i;
+    EXPECT_EQ(DiffSnapshots(s0.adam_v, si.adam_v), "") << "member " << i;
+  }
+}
+
+// One daemon seeing every GPU holds a member on each (the blocks of member i on GPU i): the same
+// protocol as a daemon per GPU, each Step naming its member's blocks; the members end identical.
+TEST_F(NcclMultiGpuTest, OneDaemonHoldsAMemberOnEachGpu) {
+  const int n = static_cast<int>(gpus_->size());
+  ASSERT_NO_FATAL_FAILURE(StartMember(absl::StrJoin(*gpus_, ",")));
+  std::vector<JoiningMember> joining;
+  for (int i = 0; i < n; ++i) {
+    v1::CreateBlockRequest req = CreateRequest(absl::StrCat("d", i), TinyConfig(), 90 + i);
+    req.set_device(i);
+    auto info = C(0).CreateBlock(req);
+    ASSERT_TRUE(info.ok()) << info.status();
+    ASSERT_EQ(info->device(), i);
+    joining.push_back({&C(0), {req.block_id()}});
+  }
+  for (const absl::Status& s : JoinMembersAtOnce(joining, "g", kGroupTimeoutMs)) ASSERT_OK(s);
+  for (int step = 0; step < 2; ++step) {
+    for (int i = 0; i < n; ++i) {
+      TrainStep(C(0), {absl::StrCat("d", i)}, RandomTensor({2, 5, 32}, 1000 * step + i), 5000 + 1000 * step + i);
+    }
+    std::vector<absl::StatusOr<v1::StepResponse>> results(n, absl::UnknownError("not run"));
+    std::vector<std::thread> threads;
+    for (int i = 0; i < n; ++i) {
+      threads.emplace_back([&, i] {
+        v1::StepRequest req = GroupStepRequest("g");
+        req.add_block_ids(absl::StrCat("d", i));
+        results[i] = C(0).Step(req);
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    for (auto& r : results) ASSERT_TRUE(r.ok()) << r.status();
+  }
+  const BlockState s0 = StateOf(C(0), "d0");
+  EXPECT_EQ(s0.step, 2);
+  for (int i = 1; i < n; ++i) {
+    const BlockState si = StateOf(C(0), absl::StrCat("d", i));
     EXPECT_EQ(DiffSnapshots(s0.weights, si.weights), "") << "member " << i;
     EXPECT_EQ(DiffSnapshots(s0.adam_m, si.adam_m), "") << "member " << i;
     EXPECT_EQ(DiffSnapshots(s0.adam_v, si.adam_v), "") << "member " << i;

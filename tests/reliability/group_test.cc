@@ -14,6 +14,7 @@
 // - Frozen blocks with LoRA adapters: the group trains the adapters only, the base stays as it was.
 // - A Backward naming the group averages each block's gradients as it finishes, and the Step takes
 //   that mean: bitwise what averaging at the Step gives, one all-reduce of the gradients per step.
+// - Two members of a group on one daemon (replicas on its GPUs) train as members on several do.
 // - Bad inputs get a clear status.
 // - blockctl's group commands (collective-id, join-group, groups, grad-norm, step --group,
 //   step --clip_coefficient, leave-group) against two daemons.
@@ -219,6 +220,109 @@ TEST_F(GroupTest, ReplicasEndBitwiseIdenticalAndEqualOneDaemonOnTheMeanGradient)
                                                                        << ", one daemon on the mean " << b[k];
     }
   }
+}
+
+// Replicas on several GPUs of one daemon (ARCHITECTURE.md "Replica groups"): one daemon holds
+// ranks 0 and 1 of a group (blocks a0 and b0), another rank 2 (c0). Each Step names its member's
+// blocks; the three end bitwise identical and equal one daemon fed the mean gradient, as three
+// daemons do. On the CPU backend the local members are two block sets in host memory; on CUDA
+// each would be on its own GPU, the same protocol.
+TEST_F(GroupTest, MembersOfOneGroupOnOneDaemonTrainLikeMembersOnSeveral) {
+  ASSERT_NO_FATAL_FAILURE(StartMembers(2));
+  ASSERT_OK(C(0).CreateBlock(CreateRequest("a0", TinyConfig(), 100)).status());
+  ASSERT_OK(C(0).CreateBlock(CreateRequest("b0", TinyConfig(), 101)).status());
+  ASSERT_OK(C(1).CreateBlock(CreateRequest("c0", TinyConfig(), 102)).status());
+  ASSERT_OK(C(0).CreateBlock(CreateRequest("ref", TinyConfig(), 100)).status());
+  ASSERT_OK(C(0).CreateBlock(CreateRequest("x0", TinyConfig(), 103)).status());
+  const BlockState rank0 = StateOf(C(0), "a0");
+  for (const absl::Status& s : JoinMembersAtOnce({{&C(0), {"a0"}}, {&C(0), {"b0"}}, {&C(1), {"c0"}}}, "g",
+                                                 kGroupTimeoutMs)) {
+    ASSERT_OK(s);
+  }
+  EXPECT_EQ(DiffSnapshots(rank0.weights, StateOf(C(0), "b0").weights), "") << "b0 after the join";
+  EXPECT_EQ(DiffSnapshots(rank0.weights, StateOf(C(1), "c0").weights), "") << "c0 after the join";
+  auto listed = C(0).ListGroups();
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->size(), 2u);
+  EXPECT_EQ((*listed)[0].rank() + (*listed)[1].rank(), 1);
+  auto info = C(0).GetGroup("g");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->rank(), 0);  // the lowest rank here
+  EXPECT_EQ(info->world_size(), 3);
+
+  // What the second member on a daemon changes for bad requests.
+  EXPECT_STATUS(C(0).Step(StepRequestFor("g")).status(), absl::StatusCode::kInvalidArgument,
+                "2 members on this daemon", "names the blocks");
+  auto join_x0 = [&](int32_t rank, int32_t world) {
+    v1::JoinGroupRequest req;
+    req.set_group_id("g");
+    req.set_rank(rank);
+    req.set_world_size(world);
+    req.set_collective_id(C(0).GetCollectiveId()->collective_id());
+    req.add_block_ids("x0");
+    req.set_timeout_ms(2000);
+    return C(0).JoinGroup(req).status();
+  };
+  EXPECT_STATUS(join_x0(1, 3), absl::StatusCode::kAlreadyExists, "rank 1 of group g already joined");
+  EXPECT_STATUS(join_x0(3, 4), absl::StatusCode::kInvalidArgument, "world_size = 4", "has world_size 3");
+  v1::StepRequest wrong = StepRequestFor("g");
+  wrong.add_block_ids("x0");
+  EXPECT_STATUS(C(0).Step(wrong).status(), absl::StatusCode::kInvalidArgument, "holds [a0] and [b0]");
+
+  const std::vector<std::pair<int, std::string>> members = {{0, "a0"}, {0, "b0"}, {1, "c0"}};
+  const int kSteps = 2;
+  for (int step = 0; step < kSteps; ++step) {
+    for (size_t i = 0; i < members.size(); ++i) {
+      const v1::Tensor x = RandomTensor({2, 5, 32}, 1000 * step + i);
+      const int64_t dy_seed = 5000 + 1000 * step + i;
+      TrainStep(C(members[i].first), {members[i].second}, x, dy_seed);
+      auto y = C(0).Forward({"ref"}, x, true);
+      ASSERT_TRUE(y.ok()) << y.status();
+      ASSERT_OK(C(0).Backward(y->activation_id(), Scaled(RandomTensor({2, 5, 32}, dy_seed), 1.f / 3)).status());
+    }
+    std::vector<absl::StatusOr<v1::StepResponse>> results(members.size(), absl::UnknownError("not run"));
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < members.size(); ++i) {
+      threads.emplace_back([&, i] {
+        v1::StepRequest req = StepRequestFor("g");
+        req.add_block_ids(members[i].second);
+        results[i] = C(members[i].first).Step(req);
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    for (auto& r : results) ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(results[0]->grad_norm(), results[1]->grad_norm());
+    EXPECT_EQ(results[0]->grad_norm(), results[2]->grad_norm());
+    v1::StepRequest ref;
+    ref.add_block_ids("ref");
+    *ref.mutable_adamw() = StepRequestFor("g").adamw();
+    ref.set_max_grad_norm(0.5);
+    auto r = C(0).Step(ref);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_NEAR(r->grad_norm(), results[0]->grad_norm(), 1e-5 * r->grad_norm()) << "step " << step;
+  }
+  const BlockState a = StateOf(C(0), "a0");
+  for (const auto& [d, id] : members) {
+    const BlockState other = StateOf(C(d), id);
+    EXPECT_EQ(DiffSnapshots(a.weights, other.weights), "") << id;
+    EXPECT_EQ(DiffSnapshots(a.adam_m, other.adam_m), "") << id;
+    EXPECT_EQ(DiffSnapshots(a.adam_v, other.adam_v), "") << id;
+    EXPECT_EQ(other.step, kSteps) << id;
+  }
+  const BlockState ref = StateOf(C(0), "ref");
+  for (const auto& [name, bytes] : a.weights) {
+    const std::vector<float> got = Floats(bytes), want = Floats(ref.weights.at(name));
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t k = 0; k < got.size(); ++k) {
+      ASSERT_LE(std::fabs(got[k] - want[k]), 1e-6 + 1e-5 * std::fabs(want[k])) << name << "[" << k << "]";
+    }
+  }
+  // Leaving takes both of this daemon's members out.
+  ASSERT_OK(C(0).LeaveGroup("g"));
+  listed = C(0).ListGroups();
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_TRUE(listed->empty());
+  EXPECT_STATUS(C(0).GetGroup("g").status(), absl::StatusCode::kNotFound, "no group g");
 }
 
 // Frozen blocks with LoRA adapters (the usual fine-tune) form a group: the join copies rank 0's
