@@ -12,7 +12,6 @@
 // client's copy into the region is timed, as serialisation is on gRPC). Timing: warm-up steps first, then the median
 // step time over --iters, inputs rotated among 3 random sets built before timing.
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <memory>
 #include <random>
@@ -22,34 +21,14 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_check.h"
 #include "client/client.h"
 #include "client/shared_memory_region.h"
 #include "client/tensor_bytes.h"
 #include "base/malloc_tuning.h"
 
-namespace {
-
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-template <class T>
-T Check(absl::StatusOr<T> s, const char* what) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "%s: %s\n", what, s.status().ToString().c_str());
-    std::exit(1);
-  }
-  return *std::move(s);
-}
-
-void Check(const absl::Status& s, const char* what) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
-    std::exit(1);
-  }
-}
-
-}  // namespace
+using blockd::bench::Check;
+using blockd::bench::Now;
 
 int main(int argc, char** argv) {
   // The client moves the same large messages as the daemon (BLOCKD_MALLOC_TUNING=0: glibc's defaults).

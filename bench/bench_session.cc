@@ -9,37 +9,18 @@
 //   bench_session --target=127.0.0.1:50051 [--blocks=32] [--prompt=512] [--new=64] [--in_process_ms=X]
 #include <algorithm>
 #include <cmath>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "bench/bench_check.h"
 #include "client/client.h"
 #include "client/tensor_bytes.h"
 
-namespace {
-
-double Now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
-
-template <class T>
-T Check(absl::StatusOr<T> s, const char* what) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "%s: %s\n", what, s.status().ToString().c_str());
-    std::exit(1);
-  }
-  return *std::move(s);
-}
-
-void Check(const absl::Status& s, const char* what) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
-    std::exit(1);
-  }
-}
-
-}  // namespace
+using blockd::bench::Check;
+using blockd::bench::Now;
 
 int main(int argc, char** argv) {
   std::string target = "127.0.0.1:50051";

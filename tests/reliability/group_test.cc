@@ -41,6 +41,14 @@ struct Member {
   std::unique_ptr<Client> client;
 };
 
+v1::Tensor Scaled(const v1::Tensor& t, float s) {
+  std::vector<float> v = Floats(t);
+  for (float& x : v) x *= s;
+  v1::Tensor out = t;
+  out.set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * 4));
+  return out;
+}
+
 class GroupTest : public ::testing::Test {
  protected:
   void StartMembers(int n) {
@@ -78,16 +86,49 @@ class GroupTest : public ::testing::Test {
 
   static v1::StepRequest StepRequestFor(const std::string& group) { return GroupStepRequest(group); }
 
+  // "ref" on member 0 sees a member's data with its gradient scaled by `scale` (1 / members): it
+  // accumulates the mean gradient.
+  void FeedReference(const v1::Tensor& x, int64_t dy_seed, float scale) {
+    auto y = C(0).Forward({"ref"}, x, true);
+    ASSERT_TRUE(y.ok()) << y.status();
+    ASSERT_OK(C(0).Backward(y->activation_id(), Scaled(RandomTensor({2, 5, 32}, dy_seed), scale)).status());
+  }
+
+  // The group Step's answers agree on the norm, and "ref" steps with the same hyperparameters to
+  // the same norm (to rounding).
+  void StepReferenceBeside(const std::vector<absl::StatusOr<v1::StepResponse>>& results, int step) {
+    for (auto& r : results) ASSERT_TRUE(r.ok()) << r.status();
+    for (size_t i = 1; i < results.size(); ++i) EXPECT_EQ(results[0]->grad_norm(), results[i]->grad_norm());
+    v1::StepRequest ref;
+    ref.add_block_ids("ref");
+    *ref.mutable_adamw() = StepRequestFor("g").adamw();
+    ref.set_max_grad_norm(0.5);
+    auto r = C(0).Step(ref);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_NEAR(r->grad_norm(), results[0]->grad_norm(), 1e-5 * r->grad_norm()) << "step " << step;
+  }
+
+  static void ExpectReplicas(const BlockState& a, const BlockState& b, const std::string& what) {
+    EXPECT_EQ(DiffSnapshots(a.weights, b.weights), "") << what;
+    EXPECT_EQ(DiffSnapshots(a.adam_m, b.adam_m), "") << what;
+    EXPECT_EQ(DiffSnapshots(a.adam_v, b.adam_v), "") << what;
+    EXPECT_EQ(a.step, b.step) << what;
+  }
+
+  // A replica's weights against one daemon's fed the mean gradient: float sums in another order.
+  static void ExpectNearReference(const BlockState& got, const BlockState& ref) {
+    for (const auto& [name, bytes] : got.weights) {
+      const std::vector<float> a = Floats(bytes), b = Floats(ref.weights.at(name));
+      ASSERT_EQ(a.size(), b.size());
+      for (size_t k = 0; k < a.size(); ++k) {
+        ASSERT_LE(std::fabs(a[k] - b[k]), 1e-6 + 1e-5 * std::fabs(b[k]))
+            << name << "[" << k << "]: group " << a[k] << ", one daemon on the mean " << b[k];
+      }
+    }
+  }
+
   std::vector<Member> members_;
 };
-
-v1::Tensor Scaled(const v1::Tensor& t, float s) {
-  std::vector<float> v = Floats(t);
-  for (float& x : v) x *= s;
-  v1::Tensor out = t;
-  out.set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * 4));
-  return out;
-}
 
 TEST_F(GroupTest, ABackwardNamingTheGroupAveragesAsItRunsAndTheStepTakesThatMean) {
   ASSERT_NO_FATAL_FAILURE(StartMembers(2));
@@ -184,42 +225,14 @@ TEST_F(GroupTest, ReplicasEndBitwiseIdenticalAndEqualOneDaemonOnTheMeanGradient)
     for (int i = 0; i < 3; ++i) {
       inputs.push_back(RandomTensor({2, 5, 32}, 1000 * step + i));
       TrainStep(C(i), {"b0"}, inputs[i], 5000 + 1000 * step + i);
-      // The reference sees the same data with each gradient scaled by 1/3: it accumulates the mean.
-      auto y = C(0).Forward({"ref"}, inputs[i], true);
-      ASSERT_TRUE(y.ok()) << y.status();
-      auto dy = RandomTensor({2, 5, 32}, 5000 + 1000 * step + i);
-      ASSERT_OK(C(0).Backward(y->activation_id(), Scaled(dy, 1.f / 3)).status());
+      ASSERT_NO_FATAL_FAILURE(FeedReference(inputs[i], 5000 + 1000 * step + i, 1.f / 3));
     }
-    auto results = GroupStep("g", {0, 1, 2});
-    for (auto& r : results) ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_EQ(results[0]->grad_norm(), results[1]->grad_norm());
-    EXPECT_EQ(results[0]->grad_norm(), results[2]->grad_norm());
-    v1::StepRequest ref;
-    ref.add_block_ids("ref");
-    *ref.mutable_adamw() = StepRequestFor("g").adamw();
-    ref.set_max_grad_norm(0.5);
-    auto r = C(0).Step(ref);
-    ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_NEAR(r->grad_norm(), results[0]->grad_norm(), 1e-5 * r->grad_norm()) << "step " << step;
+    ASSERT_NO_FATAL_FAILURE(StepReferenceBeside(GroupStep("g", {0, 1, 2}), step));
   }
   const BlockState s0 = StateOf(C(0), "b0");
   EXPECT_EQ(s0.step, kSteps);
-  for (int i = 1; i < 3; ++i) {
-    const BlockState si = StateOf(C(i), "b0");
-    EXPECT_EQ(DiffSnapshots(s0.weights, si.weights), "") << "member " << i;
-    EXPECT_EQ(DiffSnapshots(s0.adam_m, si.adam_m), "") << "member " << i;
-    EXPECT_EQ(DiffSnapshots(s0.adam_v, si.adam_v), "") << "member " << i;
-    EXPECT_EQ(si.step, kSteps);
-  }
-  const BlockState ref = StateOf(C(0), "ref");
-  for (const auto& [name, bytes] : s0.weights) {
-    const std::vector<float> a = Floats(bytes), b = Floats(ref.weights.at(name));
-    ASSERT_EQ(a.size(), b.size());
-    for (size_t k = 0; k < a.size(); ++k) {
-      ASSERT_LE(std::fabs(a[k] - b[k]), 1e-6 + 1e-5 * std::fabs(b[k])) << name << "[" << k << "]: group " << a[k]
-                                                                       << ", one daemon on the mean " << b[k];
-    }
-  }
+  for (int i = 1; i < 3; ++i) ExpectReplicas(s0, StateOf(C(i), "b0"), absl::StrCat("member ", i));
+  ExpectNearReference(s0, StateOf(C(0), "ref"));
 }
 
 // Replicas on several GPUs of one daemon (ARCHITECTURE.md "Replica groups"): one daemon holds
@@ -276,9 +289,7 @@ TEST_F(GroupTest, MembersOfOneGroupOnOneDaemonTrainLikeMembersOnSeveral) {
       const v1::Tensor x = RandomTensor({2, 5, 32}, 1000 * step + i);
       const int64_t dy_seed = 5000 + 1000 * step + i;
       TrainStep(C(members[i].first), {members[i].second}, x, dy_seed);
-      auto y = C(0).Forward({"ref"}, x, true);
-      ASSERT_TRUE(y.ok()) << y.status();
-      ASSERT_OK(C(0).Backward(y->activation_id(), Scaled(RandomTensor({2, 5, 32}, dy_seed), 1.f / 3)).status());
+      ASSERT_NO_FATAL_FAILURE(FeedReference(x, dy_seed, 1.f / 3));
     }
     std::vector<absl::StatusOr<v1::StepResponse>> results(members.size(), absl::UnknownError("not run"));
     std::vector<std::thread> threads;
@@ -290,33 +301,12 @@ TEST_F(GroupTest, MembersOfOneGroupOnOneDaemonTrainLikeMembersOnSeveral) {
       });
     }
     for (std::thread& t : threads) t.join();
-    for (auto& r : results) ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_EQ(results[0]->grad_norm(), results[1]->grad_norm());
-    EXPECT_EQ(results[0]->grad_norm(), results[2]->grad_norm());
-    v1::StepRequest ref;
-    ref.add_block_ids("ref");
-    *ref.mutable_adamw() = StepRequestFor("g").adamw();
-    ref.set_max_grad_norm(0.5);
-    auto r = C(0).Step(ref);
-    ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_NEAR(r->grad_norm(), results[0]->grad_norm(), 1e-5 * r->grad_norm()) << "step " << step;
+    ASSERT_NO_FATAL_FAILURE(StepReferenceBeside(results, step));
   }
   const BlockState a = StateOf(C(0), "a0");
-  for (const auto& [d, id] : members) {
-    const BlockState other = StateOf(C(d), id);
-    EXPECT_EQ(DiffSnapshots(a.weights, other.weights), "") << id;
-    EXPECT_EQ(DiffSnapshots(a.adam_m, other.adam_m), "") << id;
-    EXPECT_EQ(DiffSnapshots(a.adam_v, other.adam_v), "") << id;
-    EXPECT_EQ(other.step, kSteps) << id;
-  }
-  const BlockState ref = StateOf(C(0), "ref");
-  for (const auto& [name, bytes] : a.weights) {
-    const std::vector<float> got = Floats(bytes), want = Floats(ref.weights.at(name));
-    ASSERT_EQ(got.size(), want.size());
-    for (size_t k = 0; k < got.size(); ++k) {
-      ASSERT_LE(std::fabs(got[k] - want[k]), 1e-6 + 1e-5 * std::fabs(want[k])) << name << "[" << k << "]";
-    }
-  }
+  EXPECT_EQ(a.step, kSteps);
+  for (const auto& [d, id] : members) ExpectReplicas(a, StateOf(C(d), id), id);
+  ExpectNearReference(a, StateOf(C(0), "ref"));
   // Leaving takes both of this daemon's members out.
   ASSERT_OK(C(0).LeaveGroup("g"));
   listed = C(0).ListGroups();
