@@ -364,10 +364,11 @@ class Engine {
   // Backward with a group: the group checked against the span, and its averaging installed.
   absl::StatusOr<Overlap> StartOverlap(absl::string_view group_id, absl::string_view caller,
                                        const std::vector<EntryPtr>& span);
-  // The failure of the averaging a Backward started, when it broke the group and no call has
-  // reported it yet (a group Step or GradNorm then answers its ABORTED); OK otherwise.
-  absl::Status OverlapFailure(absl::string_view group_id, absl::string_view caller,
-                              const std::vector<std::string>& block_ids);
+  // The caller's member of the group holding `block_ids` for a group Step or GradNorm (`rpc`),
+  // found once: the ABORTED of a Backward's averaging that broke it and that no call reported yet,
+  // else the member if it is joined and working, else why not.
+  absl::StatusOr<std::shared_ptr<Group>> GroupForCall(absl::string_view group_id, absl::string_view caller,
+                                                      const std::vector<std::string>& block_ids, const char* rpc);
   // Hands block `e`'s trained gradients (final for this Backward; its lock held) to the averaging.
   void OverlapBlockReady(OverlapReduce& overlap, size_t group_index, Entry& e);
   // On a device collective, with the group's mu held for the whole Backward: queues block `e`'s

@@ -12,7 +12,6 @@
 // time out. Nothing is written to a block until every collective of the call has completed.
 #include <algorithm>
 #include <cmath>
-#include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -418,11 +417,8 @@ absl::Status Engine::ReduceGradientsInPlace(Group& g, const std::vector<EntryPtr
 
 namespace {
 
-// The caller's joined, working member of the group holding `block_ids` (empty: its only member
-// here), or why not.
-absl::StatusOr<std::shared_ptr<Group>> UsableGroup(GroupStore& store, absl::string_view id, absl::string_view caller,
-                                                   const std::vector<std::string>& block_ids, const char* rpc) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, store.FindMember(id, caller, block_ids, rpc));
+// The member a call found, if it is joined and working; else why not.
+absl::StatusOr<std::shared_ptr<Group>> Usable(std::shared_ptr<Group> g) {
   if (!g->joined) return absl::FailedPreconditionError(absl::StrCat("group ", g->id, " is still joining"));
   if (g->broken) {
     return absl::FailedPreconditionError(absl::StrCat("group ", g->id, " failed (", g->Failure(),
@@ -460,7 +456,8 @@ absl::StatusOr<Engine::Overlap> Engine::StartOverlap(absl::string_view group_id,
                                                      const std::vector<EntryPtr>& span) {
   std::vector<std::string> ids;
   for (const EntryPtr& e : span) ids.push_back(e->spec.id);
-  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, UsableGroup(groups_, group_id, caller, ids, "Backward"));
+  ASSIGN_OR_RETURN(std::shared_ptr<Group> found, groups_.FindMember(group_id, caller, ids, "Backward"));
+  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, Usable(std::move(found)));
   if (ids.size() != g->block_ids.size()) {
     return absl::InvalidArgumentError(absl::StrCat("the span names a block of group ", g->id,
                                                    " twice: a Backward that averages over the group runs each of "
@@ -573,15 +570,19 @@ absl::Status TakeOverlap(Group& g, CollectiveUse* use) ABSL_EXCLUSIVE_LOCKS_REQU
 
 }  // namespace
 
-absl::Status Engine::OverlapFailure(absl::string_view group_id, absl::string_view caller,
-                                    const std::vector<std::string>& block_ids) {
-  absl::StatusOr<std::shared_ptr<Group>> found = groups_.FindMember(group_id, caller, block_ids, "");
-  if (!found.ok()) return absl::OkStatus();  // the caller's lookup says why
-  Group* g = found->get();
-  absl::MutexLock group_lock(&g->mu);
-  if (!g->broken) return absl::OkStatus();
-  CollectiveUse use;
-  return TakeOverlap(*g, &use);
+absl::StatusOr<std::shared_ptr<Group>> Engine::GroupForCall(absl::string_view group_id, absl::string_view caller,
+                                                             const std::vector<std::string>& block_ids,
+                                                             const char* rpc) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, groups_.FindMember(group_id, caller, block_ids, rpc));
+  {
+    // A Backward's averaging that broke the group and that no call reported yet: its ABORTED.
+    absl::MutexLock group_lock(&g->mu);
+    if (g->broken) {
+      CollectiveUse use;
+      RETURN_IF_ERROR(TakeOverlap(*g, &use));
+    }
+  }
+  return Usable(std::move(g));
 }
 
 absl::Status Engine::StartGroupCall(Group& g, std::vector<EntryPtr>* entries, std::unique_ptr<SpanLock>* lock,
@@ -611,8 +612,7 @@ absl::StatusOr<StepResult> Engine::GroupStep(absl::string_view group_id, absl::s
                                              double max_grad_norm, double clip_coefficient) {
   RETURN_IF_ERROR(ValidateAdamW(hyper, max_grad_norm));
   RETURN_IF_ERROR(ValidateClipCoefficient(clip_coefficient, max_grad_norm));
-  RETURN_IF_ERROR(OverlapFailure(group_id, caller, block_ids));
-  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, UsableGroup(groups_, group_id, caller, block_ids, "Step"));
+  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, GroupForCall(group_id, caller, block_ids, "Step"));
   absl::MutexLock group_lock(&g->mu);
   StepResult result;
   std::vector<EntryPtr> entries;
@@ -662,8 +662,7 @@ absl::StatusOr<GradNormResult> Engine::GradNorm(const std::vector<std::string>& 
     result.finite = std::isfinite(result.sum_of_squares);
     return result;
   }
-  RETURN_IF_ERROR(OverlapFailure(group_id, caller, block_ids));
-  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, UsableGroup(groups_, group_id, caller, block_ids, "GradNorm"));
+  ASSIGN_OR_RETURN(std::shared_ptr<Group> g, GroupForCall(group_id, caller, block_ids, "GradNorm"));
   absl::MutexLock group_lock(&g->mu);
   std::vector<EntryPtr> entries;
   std::unique_ptr<SpanLock> lock;
