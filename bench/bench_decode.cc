@@ -2,9 +2,10 @@
 // Llama-3-8B-shaped bf16 blocks, a 512-token prompt (prefill) and 64 new tokens decoded one at a
 // time, at batch 1 and 64; milliseconds per layer per decode step (the median step over the span,
 // divided by the layers, each step as the Engine runs it: its input already on the device, page
-// tables prepared on the host, then every block's InferStep, then a device synchronize), prefill tokens/s; and the paged decode
-// attention kernel alone at 4k context and batch 1, 8 and 64: GB/s of the K/V it reads, and that
-// as a share of the H200's 4.8 TB/s HBM bandwidth (issue 12's target: >= 70%).
+// tables prepared on the host, then every block's InferStep, then a device synchronize), prefill
+// tokens/s; and the paged decode attention kernel alone at 4k context and batch 1, 8 and 64: GB/s
+// of the K/V it reads, and that as a share of the H200's 4.8 TB/s HBM bandwidth (issue 12's
+// target: >= 70%).
 //
 //   bench_decode [--batches=1,64] [--attention_batches=1,8,64] [--layers=8] [--prompt=512] [--new=64]
 //                [--shape=llama8b|llama70b] [--devices=1] [--frozen] [--written_layers=N]
@@ -186,6 +187,13 @@ int Main(int argc, char** argv) {
     if (!Check(cache_or.status(), "cache")) return 1;
     KvCache cache = std::move(cache_or).value();
     int64_t length = 0;
+    auto sync_devices = [&] {  // the span's work done on every GPU
+      for (int dev = 0; dev < devices; ++dev) {
+        cudaSetDevice(dev);
+        cudaDeviceSynchronize();
+      }
+      cudaSetDevice(0);
+    };
     // The step's input is made and uploaded before its clock starts, as hf_decode.py's is (a
     // server has the activation off the wire by then): the step times only the span's work.
     auto input = [&](int64_t n) -> std::unique_ptr<Activation> {
@@ -216,11 +224,7 @@ int Main(int argc, char** argv) {
         h = std::move(y).value();
       }
       enqueued = Now() - t_host;
-      for (int dev = 0; dev < devices; ++dev) {
-        cudaSetDevice(dev);
-        cudaDeviceSynchronize();
-      }
-      cudaSetDevice(0);
+      sync_devices();
       cache = std::move(scratch);
       length += n;
       return true;
@@ -258,11 +262,7 @@ int Main(int argc, char** argv) {
         if (!Check(y.status(), "forward")) return 1;
         h = std::move(y).value();
       }
-      for (int dev = 0; dev < devices; ++dev) {
-        cudaSetDevice(dev);
-        cudaDeviceSynchronize();
-      }
-      cudaSetDevice(0);
+      sync_devices();
       forward = std::min(forward, Now() - t0);
     }
     std::printf("blockd decode  batch %3lld  %d layers  prompt %lld  new %lld: %.4f ms/layer/step (median step %.3f ms, "
