@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "absl/strings/str_split.h"
+#include "base/status_macros.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/init.h"
 #include "engine/kv_cache.h"
@@ -205,24 +206,49 @@ int Main(int argc, char** argv) {
       return std::move(act).value();
     };
     double enqueued = 0;  // the last step's host time until its last InferStep returned
-    auto step = [&](std::unique_ptr<Activation> h, int64_t n) -> bool {
+    // A step as the Engine runs it: block by block, or with `graph` (a span on one GPU) one
+    // upload of the tables and the span replayed as a captured CUDA graph (engine_sessions.cc).
+    auto step = [&](std::unique_ptr<Activation> h, int64_t n, StepGraph* graph = nullptr) -> bool {
       if (h == nullptr) return false;
       const double t_host = Now();
       KvCache scratch = cache;
       if (!Check(scratch.PrepareWrite(cache, length, n), "prepare")) return false;
       int64_t width = 0;
-      const std::vector<int32_t> table = scratch.Table(&width);
-      const std::vector<int64_t> start(batch, length);
-      for (int l = 0; l < layers; ++l) {
-        if (h->device() != device_of(l)) {  // the next GPU's span
-          auto moved = backend->ToDevice(*h, device_of(l));
-          if (!Check(moved.status(), "to device")) return false;
-          h = std::move(moved).value();
-        }
-        auto y = blocks[l]->InferStep(*h, start, scratch.View(l, table, width));
-        if (!Check(y.status(), "step")) return false;
-        h = std::move(y).value();
+      std::vector<int32_t> table;
+      const int32_t* device_meta = nullptr;
+      StepGraphKey key;
+      if (graph != nullptr) {
+        const std::vector<int32_t> meta = scratch.DeviceMeta(length, &width);
+        table.assign(meta.begin() + batch, meta.end());
+        auto uploaded = graph->UploadMeta(meta);
+        if (!Check(uploaded.status(), "tables")) return false;
+        device_meta = *uploaded;
+        key = {batch, n, width, (length + n + kStepGraphPositions - 1) / kStepGraphPositions,
+               scratch.Store(0)->pages(), 0};
+        for (auto& b : blocks) key.generation += b->launch_generation();
+      } else {
+        table = scratch.Table(&width);
       }
+      const std::vector<int64_t> start(batch, length);
+      auto launches = [&](const Activation& input) -> absl::StatusOr<std::unique_ptr<Activation>> {
+        const Activation* in = &input;
+        std::unique_ptr<Activation> y;
+        for (int l = 0; l < layers; ++l) {
+          if (in->device() != device_of(l)) {  // the next GPU's span
+            ASSIGN_OR_RETURN(y, backend->ToDevice(*in, device_of(l)));
+            in = y.get();
+          }
+          KvBlockView view = scratch.View(l, table, width);
+          view.device_meta = device_meta;
+          ASSIGN_OR_RETURN(std::unique_ptr<Activation> out, blocks[l]->InferStep(*in, start, view));
+          y = std::move(out);
+          in = y.get();
+        }
+        return y;
+      };
+      auto y = graph != nullptr ? graph->Run(key, *h, launches) : launches(*h);
+      if (!Check(y.status(), "step")) return false;
+      h = std::move(y).value();
       enqueued = Now() - t_host;
       sync_devices();
       cache = std::move(scratch);
@@ -244,6 +270,28 @@ int Main(int argc, char** argv) {
     std::sort(times.begin(), times.end());
     std::sort(host.begin(), host.end());
     const double med = times[times.size() / 2];
+    // The same decode again from the prompt on, replayed as a CUDA graph (one GPU).
+    double graph_med = 0, graph_host = 0;
+    StepGraph::Counts graph_counts;
+    if (devices == 1) {
+      auto graph = backend->NewStepGraph(0);
+      if (!Check(graph.status(), "graph")) return 1;
+      cache.Trim(prompt);
+      length = prompt;
+      std::vector<double> gtimes, ghost;
+      for (int64_t i = 0; i < fresh; ++i) {
+        x = input(1);
+        t0 = Now();
+        if (!step(std::move(x), 1, graph->get())) return 1;
+        gtimes.push_back(Now() - t0);
+        ghost.push_back(enqueued);
+      }
+      std::sort(gtimes.begin(), gtimes.end());
+      std::sort(ghost.begin(), ghost.end());
+      graph_med = gtimes[gtimes.size() / 2];
+      graph_host = ghost[ghost.size() / 2];
+      graph_counts = (*graph)->counts();
+    }
     // Warm: the prompt again into an emptied cache (its pages stay reserved), then the same
     // tokens through the span's training forward (Forward, nothing saved), each the best of 3.
     double prefill_warm = 1e30, forward = 1e30;
@@ -277,6 +325,14 @@ int Main(int argc, char** argv) {
     std::printf("  host: the step's launches enqueued in %.4f ms/layer (median), %.0f%% of the step: %s\n",
                 host[host.size() / 2] * 1e3 / layers, 100 * host[host.size() / 2] / med,
                 host[host.size() / 2] < 0.9 * med ? "the GPU, not the launches, bounds the step" : "launch-bound");
+    if (graph_med > 0) {
+      std::printf("  CUDA graph: %.4f ms/layer/step (median step %.3f ms, %.0f tokens/s), %.2fx the block-by-block "
+                  "step; host %.4f ms/layer; of %lld steps %lld replayed, %lld captured, %lld block by block\n",
+                  graph_med * 1e3 / layers, graph_med * 1e3, batch / graph_med, med / graph_med,
+                  graph_host * 1e3 / layers, static_cast<long long>(fresh),
+                  static_cast<long long>(graph_counts.replayed), static_cast<long long>(graph_counts.captured),
+                  static_cast<long long>(graph_counts.eager));
+    }
     std::printf("  prefill (warm) %.2f ms, %.0f tokens/s; the training forward of the same tokens %.2f ms, %.0f "
                 "tokens/s: prefill at %.2fx its tokens/s\n",
                 prefill_warm * 1e3, batch * prompt / prefill_warm, forward * 1e3, batch * prompt / forward,

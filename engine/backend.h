@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include "absl/strings/string_view.h"
@@ -138,17 +139,27 @@ class KvPageStore {
   virtual absl::Status CopyPage(int32_t from, int32_t to) = 0;
 };
 
+// A StepGraph keeps a captured step while its rows' longest length stays within one multiple of
+// this many positions (KvBlockView::device_meta).
+constexpr int64_t kStepGraphPositions = 64;
+
 // What Block::InferStep reads and writes of the cache: the block's pages and, on the host, a page
 // table of `table_width` page ids per row (-1 past the row's pages). The pages holding the step's
 // new positions are the row's own (the caller copied shared ones first), so the step writes them
 // in place. Rows are independent, so the rows of several sessions share one step (continuous
 // batching): each row names its page ids in its own family's store, `row_pages[row]`; a step of
 // one family leaves `row_pages` null and every row reads `pages`.
+//
+// `device_meta`, when set, is the same starts and table already on the step's device, [rows] int32
+// then [rows, table_width] (StepGraph::UploadMeta: one upload for a whole span, at an address a
+// captured step keeps); the block then plans its attention for the longest row rounded up to
+// kStepGraphPositions, so that a captured step's launches change only once per that many.
 struct KvBlockView {
   KvPageStore* pages = nullptr;
   KvPageStore* const* row_pages = nullptr;  // [rows], or null: `pages` for every row
   const int32_t* table = nullptr;           // [rows, table_width]
   int64_t table_width = 0;
+  const int32_t* device_meta = nullptr;     // see above; only for a step of one store (row_pages null)
   int32_t page(int64_t row, int64_t pos) const { return table[row * table_width + pos / kKvPageTokens]; }
   KvPageStore* store(int64_t row) const { return row_pages != nullptr ? row_pages[row] : pages; }
 };
@@ -196,6 +207,9 @@ class Block {
                                                                 const KvBlockView& kv) = 0;
   // An empty page store for this block's K/V (KvPageStore::Grow adds the pages).
   virtual absl::StatusOr<std::unique_ptr<KvPageStore>> NewKvPageStore() = 0;
+  // Changes whenever memory that InferStep's launches name moves (its kept scratch grew): a
+  // StepGraph that captured this block's step must capture it again.
+  virtual uint64_t launch_generation() const { return 0; }
   // See DeviceGradients; the default: none on a device.
   virtual DeviceGradients device_gradients() { return {}; }
   // Sum of squares of every gradient element, accumulated in double; not finite if any gradient is not.
@@ -203,6 +217,44 @@ class Block {
   // Decoupled AdamW on every parameter from the current gradients (decay on matrices only unless
   // decay_norm_weights). Leaves the gradients as they are; the Engine marks them consumed.
   virtual absl::Status AdamWStep(const AdamWUpdate& update) = 0;
+};
+
+// What selects a captured span step (StepGraph): equal keys mean equal launches, given the same
+// blocks. `generation` sums the span's Block::launch_generation().
+struct StepGraphKey {
+  int64_t rows = 0, new_tokens = 0, table_width = 0, length_bucket = 0, pages = 0;
+  uint64_t generation = 0;
+  bool operator==(const StepGraphKey& o) const {
+    return rows == o.rows && new_tokens == o.new_tokens && table_width == o.table_width &&
+           length_bucket == o.length_bucket && pages == o.pages && generation == o.generation;
+  }
+  bool operator!=(const StepGraphKey& o) const { return !(*this == o); }
+};
+
+// One session's inference steps over a span on one device, replayed as a single captured launch
+// (a CUDA graph) instead of each block's launches, so that a deep span's decode step costs the
+// host one launch. Run() runs `launches` (the span's InferStep calls, in order) eagerly the first
+// time it sees a key, which warms the blocks' scratch; captures them the second time; and from
+// then on, while the key stays, copies the input in and replays the capture. A step that cannot
+// be captured (a block's scratch would have to grow, a launch that capture refuses) runs eagerly.
+// Not thread-safe: the session's lock serialises its steps; the caller holds the span's blocks.
+//
+//   ASSIGN_OR_RETURN(const int32_t* meta, graph->UploadMeta(host_meta));   // KvBlockView::device_meta
+//   ASSIGN_OR_RETURN(auto y, graph->Run(key, *x, [&](const Activation& in) { return span(in); }));
+class StepGraph {
+ public:
+  using Launches = std::function<absl::StatusOr<std::unique_ptr<Activation>>(const Activation& input)>;
+  virtual ~StepGraph() = default;
+  // Copies the step's starts and page tables (KvBlockView::device_meta) to the device, to an
+  // address that stays while the sizes do; valid for the next Run.
+  virtual absl::StatusOr<const int32_t*> UploadMeta(const std::vector<int32_t>& meta) = 0;
+  virtual absl::StatusOr<std::unique_ptr<Activation>> Run(const StepGraphKey& key, const Activation& input,
+                                                          const Launches& launches) = 0;
+  // Steps run eagerly, captured and replayed so far (for tests and metrics).
+  struct Counts {
+    int64_t eager = 0, captured = 0, replayed = 0, refused = 0;
+  };
+  virtual Counts counts() const = 0;
 };
 
 class Backend {
@@ -260,6 +312,11 @@ class Backend {
   }
   // The same activation on another device of this backend.
   virtual absl::StatusOr<std::unique_ptr<Activation>> ToDevice(const Activation& a, int device) = 0;
+  // A StepGraph for steps of spans on `device`, or null where steps are not captured (the CPU).
+  virtual absl::StatusOr<std::unique_ptr<StepGraph>> NewStepGraph(int device) {
+    (void)device;
+    return std::unique_ptr<StepGraph>();
+  }
 
   // False once the device is broken beyond this process (a sticky CUDA error): health goes NOT_SERVING.
   virtual bool healthy() const { return true; }

@@ -639,6 +639,9 @@ EngineStats Engine::Stats() {
   s.infer_launches = infer_launches_.load();
   s.infer_launched_steps = infer_launched_steps_.load();
   s.infer_last_batch_sessions = infer_last_batch_sessions_.load();
+  s.infer_graph_replays = infer_graph_replays_.load();
+  s.infer_graph_captures = infer_graph_captures_.load();
+  s.infer_graph_eager = infer_graph_eager_.load();
   for (const DeviceInfo& d : backend_->devices()) {
     s.memory_used[d.index] = budget_.used(d.index);
     s.memory_budget[d.index] = budget_.limit(d.index);

@@ -59,6 +59,11 @@ struct EngineOptions {
   // and only for steps of its kind already on their way (step_batcher.h): never for idle sessions.
   absl::Duration infer_batch_window = absl::Microseconds(200);
   int64_t infer_batch_max_rows = 256;
+  // A session whose span lies on one device replays its decode steps (up to 16 new tokens a row,
+  // onto a cached prefix, not batched with others) as one captured launch (StepGraph), where the
+  // backend captures them (CUDA graphs). Off, the same steps launch block by block, with the same
+  // arguments (one table upload per span), so both give the same bits.
+  bool infer_graphs = true;
   // Tests: called (with batching on) by each step as it counts as on its way to its batch, before
   // its values are checked and it joins; a barrier here makes concurrent steps meet in one launch
   // whatever the threads' timing (tests/engine/step_barrier.h).
@@ -204,6 +209,11 @@ struct EngineStats {
   int64_t infer_launches = 0;
   int64_t infer_launched_steps = 0;
   int64_t infer_last_batch_sessions = 0;
+  // Of the launches of one session's span on one device (StepGraph): replays of a captured step,
+  // captures, and those that ran the blocks' launches one by one (a new key, or capture refused).
+  int64_t infer_graph_replays = 0;
+  int64_t infer_graph_captures = 0;
+  int64_t infer_graph_eager = 0;
   std::map<int, int64_t> memory_used;    // device -> bytes reserved
   std::map<int, int64_t> memory_budget;  // device -> bytes
   // The sessions' KV caches: reserved against the budget at open (per device), and the pages
@@ -408,6 +418,7 @@ class Engine {
   GroupStore groups_;
   StepBatcher<PendingStep> step_batcher_{options_.infer_batch_window};
   std::atomic<int64_t> infer_launches_{0}, infer_launched_steps_{0}, infer_last_batch_sessions_{0};
+  std::atomic<int64_t> infer_graph_replays_{0}, infer_graph_captures_{0}, infer_graph_eager_{0};
   absl::Mutex providers_mu_;
   std::map<std::string, std::unique_ptr<CollectiveProvider>, std::less<>> providers_ ABSL_GUARDED_BY(providers_mu_);
   std::shared_ptr<KvPageCounter> kv_pages_ = std::make_shared<KvPageCounter>();  // every session's pages

@@ -17,6 +17,10 @@
 namespace blockd {
 namespace {
 
+// The most new tokens per row of a step that a session replays as a captured launch (StepGraph):
+// decoding, speculative or not; a longer chunk is prefill-like and launches once.
+constexpr int64_t kGraphMaxNewTokens = 16;
+
 // One message for every miss, so a caller cannot tell another identity's session from none.
 absl::Status SessionNotFound(absl::string_view id) {
   return absl::NotFoundError(absl::StrCat("session ", Echo(id), " not found (unknown, closed or expired)"));
@@ -83,6 +87,7 @@ struct Engine::PendingStep {
   absl::Status status;
   int64_t rows = 0;                    // StepBatcher's
   bool batch_done = false;
+  StepGraph* graph = nullptr;          // the session's (Session::graph)
 };
 
 void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<PendingStep*>& members) {
@@ -139,26 +144,66 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
       }
     }
   }
-  std::vector<KvPageStore*> row_pages(alone ? 0 : static_cast<size_t>(rows));
-  for (size_t b = 0; b < span.size(); ++b) {
-    if (x->device() != span[b]->spec.device) {
-      auto moved = backend_->ToDevice(*x, span[b]->spec.device);
-      if (!moved.ok()) return fail(moved.status());
-      x = std::move(moved).value();
-    }
-    KvBlockView view = lead.scratch.View(static_cast<int64_t>(b), table, width);
-    if (!alone) {
-      size_t row = 0;
-      for (const PendingStep* m : members) {
-        std::fill_n(row_pages.begin() + row, m->rows, m->scratch.Store(static_cast<int64_t>(b)));
-        row += static_cast<size_t>(m->rows);
-      }
-      view.row_pages = row_pages.data();
-    }
-    auto y = span[b]->block->InferStep(*x, start, view);
-    if (!y.ok()) return fail(y.status());
-    x = std::move(y).value();
+  // A session's decode step (alone, onto its prefix, few new tokens, a span on one device): one
+  // upload of the tables for every block, and with infer_graphs the span replayed as one captured
+  // launch while the key holds (StepGraph). The table's width is padded so that the key moves
+  // once per kStepGraphPositions positions, as the blocks' attention plan does then.
+  StepGraph* graph = alone && lead.start > 0 && n <= kGraphMaxNewTokens ? lead.graph : nullptr;
+  StepGraphKey key;
+  const int32_t* device_meta = nullptr;
+  if (graph != nullptr) {
+    const std::vector<int32_t> meta = lead.scratch.DeviceMeta(lead.start, &width);
+    table.assign(meta.begin() + rows, meta.end());
+    auto uploaded = graph->UploadMeta(meta);
+    if (!uploaded.ok()) return fail(uploaded.status());
+    device_meta = *uploaded;
+    key.rows = rows;
+    key.new_tokens = n;
+    key.table_width = width;
+    key.length_bucket = (lead.start + n + kStepGraphPositions - 1) / kStepGraphPositions;
+    key.pages = lead.scratch.Store(0)->pages();
+    for (const EntryPtr& e : span) key.generation += e->block->launch_generation();
   }
+  std::vector<KvPageStore*> row_pages(alone ? 0 : static_cast<size_t>(rows));
+  // The span's launches, block after block, from `input` on.
+  auto launches = [&](const Activation& input) -> absl::StatusOr<std::unique_ptr<Activation>> {
+    const Activation* in = &input;
+    std::unique_ptr<Activation> y;  // the last block's output, once there is one
+    for (size_t b = 0; b < span.size(); ++b) {
+      if (in->device() != span[b]->spec.device) {
+        ASSIGN_OR_RETURN(std::unique_ptr<Activation> moved, backend_->ToDevice(*in, span[b]->spec.device));
+        y = std::move(moved);
+        in = y.get();
+      }
+      KvBlockView view = lead.scratch.View(static_cast<int64_t>(b), table, width);
+      view.device_meta = device_meta;
+      if (!alone) {
+        size_t row = 0;
+        for (const PendingStep* m : members) {
+          std::fill_n(row_pages.begin() + row, m->rows, m->scratch.Store(static_cast<int64_t>(b)));
+          row += static_cast<size_t>(m->rows);
+        }
+        view.row_pages = row_pages.data();
+      }
+      ASSIGN_OR_RETURN(std::unique_ptr<Activation> out, span[b]->block->InferStep(*in, start, view));
+      y = std::move(out);
+      in = y.get();
+    }
+    return y;
+  };
+  absl::StatusOr<std::unique_ptr<Activation>> y;
+  if (graph != nullptr && options_.infer_graphs) {
+    const StepGraph::Counts before = graph->counts();
+    y = graph->Run(key, *x, launches);
+    const StepGraph::Counts after = graph->counts();
+    infer_graph_replays_.fetch_add(after.replayed - before.replayed);
+    infer_graph_captures_.fetch_add(after.captured - before.captured);
+    infer_graph_eager_.fetch_add(after.eager - before.eager);
+  } else {
+    y = launches(*x);
+  }
+  if (!y.ok()) return fail(y.status());
+  x = std::move(y).value();
   lock.Unlock();
 
   if (alone) {
@@ -339,6 +384,18 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
     if (span[b]->serial != s->block_serials[b]) return SessionNotFound(args.session_id);
   }
 
+  if (!s->graph_made) {
+    s->graph_made = true;
+    const int device = span[0]->spec.device;
+    const bool one_device =
+        std::all_of(span.begin(), span.end(), [device](const EntryPtr& e) { return e->spec.device == device; });
+    if (one_device) {
+      auto graph = backend_->NewStepGraph(device);
+      if (!graph.ok()) return graph.status();
+      s->graph = std::move(graph).value();
+    }
+  }
+
   // The step works on a copy of the page tables: a failure leaves the session's cache as it was
   // (the step wrote only positions past its length, in pages no one else reads), and a successful
   // one replaces it.
@@ -350,6 +407,7 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
   me.input = &t;
   me.output = out->output.data;
   me.rows = batch;
+  me.graph = s->graph.get();
   std::vector<PendingStep*> members = {&me};
   if (batching) {
     // Everything that can fail for this step alone is checked before it joins a batch, so that a

@@ -150,6 +150,23 @@ std::vector<int32_t> KvCache::Table(int64_t* width) const {
   return out;
 }
 
+std::vector<int32_t> KvCache::DeviceMeta(int64_t start, int64_t* width) const {
+  constexpr size_t kPadPages = kStepGraphPositions / kKvPageTokens;
+  size_t w = 0;
+  for (const auto& table : tables_) w = std::max(w, table.size());
+  w = (w + kPadPages - 1) / kPadPages * kPadPages;
+  const size_t rows = tables_.size();
+  std::vector<int32_t> out(rows + rows * w, -1);
+  std::fill_n(out.begin(), rows, static_cast<int32_t>(start));
+  for (size_t r = 0; r < rows; ++r) {
+    for (size_t i = 0; i < tables_[r].size(); ++i) {
+      if (tables_[r][i]) out[rows + r * w + i] = tables_[r][i]->id;
+    }
+  }
+  *width = static_cast<int64_t>(w);
+  return out;
+}
+
 KvBlockView KvCache::View(int64_t block, const std::vector<int32_t>& table, int64_t width) const {
   KvBlockView v;
   v.pages = pool_->store(block);

@@ -81,6 +81,9 @@ class KvCache {
   absl::Status PrepareWrite(const KvCache& committed, int64_t start, int64_t n);
   // The page tables, [batch, *width] page ids (-1 past a row's pages).
   std::vector<int32_t> Table(int64_t* width) const;
+  // KvBlockView::device_meta of a step whose rows all start at `start`: [batch] starts, then the
+  // page tables [batch, *width] with the width padded to whole kStepGraphPositions.
+  std::vector<int32_t> DeviceMeta(int64_t start, int64_t* width) const;
   KvBlockView View(int64_t block, const std::vector<int32_t>& table, int64_t width) const;
   // Block `block`'s page store of this cache's family: what a batched step (rows of several
   // families) names per row in KvBlockView::row_pages.

@@ -73,6 +73,10 @@ struct Session : Owned {
   DType last_dtype ABSL_GUARDED_BY(mu) = DType::kFloat32;
   std::vector<int64_t> last_shape ABSL_GUARDED_BY(mu);
   uint64_t last_fingerprint ABSL_GUARDED_BY(mu) = 0;  // of the request, so a retry must repeat it
+  // Its steps' table upload and captured launch (StepGraph, EngineOptions::infer_graphs), made at
+  // its first step; null where the backend captures nothing or the span crosses devices.
+  std::unique_ptr<StepGraph> graph ABSL_GUARDED_BY(mu);
+  bool graph_made ABSL_GUARDED_BY(mu) = false;
 };
 
 class SessionStore {

@@ -44,6 +44,8 @@ ABSL_FLAG(absl::Duration, shared_memory_ttl, absl::Minutes(10), "shared-memory r
 ABSL_FLAG(absl::Duration, infer_batch_window, absl::Microseconds(200),
           "steps of sessions on the same blocks arriving within this run as one batched launch (0: off)");
 ABSL_FLAG(int64_t, infer_batch_max_rows, 256, "most rows in one batched launch of session steps");
+ABSL_FLAG(bool, infer_graphs, true,
+          "replay a session's decode steps over a span on one GPU as one captured CUDA graph");
 ABSL_FLAG(int64_t, max_concurrent_rpcs, 256, "calls served at once; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, max_concurrent_rpcs_per_client, 0,
           "calls one client identity may have in flight (0: max(1, max_concurrent_rpcs / 4))");
@@ -148,6 +150,7 @@ int Run(bool malloc_tuned) {
   o.engine.max_sessions_per_client = absl::GetFlag(FLAGS_max_sessions_per_client);
   o.engine.infer_batch_window = absl::GetFlag(FLAGS_infer_batch_window);
   o.engine.infer_batch_max_rows = absl::GetFlag(FLAGS_infer_batch_max_rows);
+  o.engine.infer_graphs = absl::GetFlag(FLAGS_infer_graphs);
   o.engine.default_max_seq_len = absl::GetFlag(FLAGS_default_max_seq_len);
   o.engine.default_max_batch_size = absl::GetFlag(FLAGS_default_max_batch_size);
 

@@ -13,6 +13,7 @@
 #include "engine/cuda/cuda_status.h"
 #include "engine/cuda/device.h"
 #include "engine/cuda/peer_memory.h"
+#include "engine/cuda/step_graph.h"
 #include "base/status_macros.h"
 #include "kernels/attention.cuh"
 #include "kernels/convert.cuh"
@@ -286,6 +287,13 @@ class CudaBackend : public Backend {
   }
 
  public:
+  absl::StatusOr<std::unique_ptr<StepGraph>> NewStepGraph(int device) override {
+    if (device < 0 || device >= static_cast<int>(devices_.size())) {
+      return absl::InvalidArgumentError(absl::StrCat("device ", device, " does not exist"));
+    }
+    return cuda::CudaStepGraph::Create(devices_[device].get());
+  }
+
   absl::StatusOr<std::unique_ptr<Activation>> ToDevice(const Activation& a, int device) override {
     if (device < 0 || device >= static_cast<int>(devices_.size())) {
       return absl::InvalidArgumentError(absl::StrCat("device ", device, " does not exist"));

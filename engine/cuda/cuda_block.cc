@@ -72,11 +72,11 @@ class CudaBlock : public Block {
     for (auto [b, floats] : fp32) {
       if (floats == 0) continue;
       ASSIGN_OR_RETURN(*b, DeviceBuffer::Allocate(dev_, floats * 4));
-      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b->get(), 0, floats * 4, dev_->stream));
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b->get(), 0, floats * 4, dev_->Stream()));
     }
     if (spec_.precision == Precision::kBF16) {
       ASSIGN_OR_RETURN(weights_bf16_, DeviceBuffer::Allocate(dev_, p * 2));
-      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(weights_bf16_.get(), 0, p * 2, dev_->stream));
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(weights_bf16_.get(), 0, p * 2, dev_->Stream()));
     }
     ASSIGN_OR_RETURN(adamw_params_, DeviceBuffer::Allocate(dev_, sizeof(kernels::AdamWDeviceParams)));
     ASSIGN_OR_RETURN(sum_ws_, DeviceBuffer::Allocate(dev_, kernels::sum_squares_workspace_doubles() * 8 + 8));
@@ -90,7 +90,7 @@ class CudaBlock : public Block {
     rope_scale_ = RopeAttentionScaling(spec_.config);
     ASSIGN_OR_RETURN(inv_freq_, DeviceBuffer::Allocate(dev_, InvFreqBytes(spec_.config)));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(inv_freq_.get(), inv_freq.data(), InvFreqBytes(spec_.config),
-                                         cudaMemcpyHostToDevice, dev_->stream));
+                                         cudaMemcpyHostToDevice, dev_->Stream()));
     return dev_->Sync();  // before `inv_freq` goes
   }
 
@@ -108,13 +108,13 @@ class CudaBlock : public Block {
       std::vector<uint16_t> b(static_cast<size_t>(n));
       ConvertFromFloat32(host, b.size(), DType::kBFloat16, b.data());
       CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(weights_bf16_.as<bf16>() + off, b.data(), n * 2, cudaMemcpyHostToDevice, dev_->stream));
+          cudaMemcpyAsync(weights_bf16_.as<bf16>() + off, b.data(), n * 2, cudaMemcpyHostToDevice, dev_->Stream()));
       return dev_->Sync();  // before `b` goes
     }
     float* dst = Tensor(kind) + off - Begin(kind);
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, host, n * 4, cudaMemcpyHostToDevice, dev_->stream));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, host, n * 4, cudaMemcpyHostToDevice, dev_->Stream()));
     if (kind == TensorKind::kWeights && spec_.precision == Precision::kBF16) {
-      CUDA_RETURN_IF_ERROR(kernels::launch_float_to_bf16(dst, weights_bf16_.as<bf16>() + off, n, dev_->stream));
+      CUDA_RETURN_IF_ERROR(kernels::launch_float_to_bf16(dst, weights_bf16_.as<bf16>() + off, n, dev_->Stream()));
     }
     return dev_->Sync();
   }
@@ -126,13 +126,13 @@ class CudaBlock : public Block {
     if (off < master_begin_) {  // a frozen bf16 matrix: widened exactly on the host
       std::vector<uint16_t> b(static_cast<size_t>(n));
       CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(b.data(), weights_bf16_.as<bf16>() + off, n * 2, cudaMemcpyDeviceToHost, dev_->stream));
+          cudaMemcpyAsync(b.data(), weights_bf16_.as<bf16>() + off, n * 2, cudaMemcpyDeviceToHost, dev_->Stream()));
       RETURN_IF_ERROR(dev_->Sync());
       ConvertToFloat32(DType::kBFloat16, b.data(), b.size(), host);
       return absl::OkStatus();
     }
     CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(host, Tensor(kind) + off - Begin(kind), n * 4, cudaMemcpyDeviceToHost, dev_->stream));
+        cudaMemcpyAsync(host, Tensor(kind) + off - Begin(kind), n * 4, cudaMemcpyDeviceToHost, dev_->Stream()));
     return dev_->Sync();
   }
 
@@ -158,6 +158,7 @@ class CudaBlock : public Block {
     return InferStepT<float>(xa, start, kv);
   }
 
+  uint64_t launch_generation() const override { return step_ws_.generation(); }
   absl::StatusOr<std::unique_ptr<KvPageStore>> NewKvPageStore() override {
     return std::unique_ptr<KvPageStore>(std::make_unique<CudaKvPageStore>(
         dev_, spec_.config.kv_dim(), static_cast<int64_t>(ActSize(spec_.precision))));
@@ -168,7 +169,7 @@ class CudaBlock : public Block {
   // 1-D scratch after them is not a gradient to reduce.
   DeviceGradients device_gradients() override {
     if (train_end_ == train_begin_) return {};
-    return {TrainedGrads(), static_cast<size_t>(train_end_ - train_begin_), dev_->index, dev_->stream};
+    return {TrainedGrads(), static_cast<size_t>(train_end_ - train_begin_), dev_->index, dev_->Stream()};
   }
 
   absl::StatusOr<double> GradSquaredNorm() override {
@@ -176,9 +177,9 @@ class CudaBlock : public Block {
     RETURN_IF_ERROR(CheckTrains());
     double* out = reinterpret_cast<double*>(sum_ws_.as<char>() + kernels::sum_squares_workspace_doubles() * 8);
     CUDA_RETURN_IF_ERROR(kernels::launch_sum_squares(TrainedGrads(), train_end_ - train_begin_, sum_ws_.as<double>(),
-                                                     out, dev_->stream));
+                                                     out, dev_->Stream()));
     double result = 0;
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&result, out, sizeof(double), cudaMemcpyDeviceToHost, dev_->stream));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&result, out, sizeof(double), cudaMemcpyDeviceToHost, dev_->Stream()));
     RETURN_IF_ERROR(dev_->Sync());
     return result;
   }
@@ -192,11 +193,11 @@ class CudaBlock : public Block {
     const kernels::AdamWDeviceParams hp = kernels::MakeAdamWParams(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay,
                                                                    u.step, u.grad_scale, decay_end - train_begin_);
     // From pageable memory the copy is staged before cudaMemcpyAsync returns, so `hp` may go.
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(adamw_params_.get(), &hp, sizeof(hp), cudaMemcpyHostToDevice, dev_->stream));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(adamw_params_.get(), &hp, sizeof(hp), cudaMemcpyHostToDevice, dev_->Stream()));
     CUDA_RETURN_IF_ERROR(kernels::launch_adamw(
         weights_.as<float>() + (train_begin_ - master_begin_), TrainedGrads(), m_.as<float>(), v_.as<float>(),
         spec_.precision == Precision::kBF16 ? weights_bf16_.as<bf16>() + train_begin_ : nullptr,
-        train_end_ - train_begin_, adamw_params_.as<kernels::AdamWDeviceParams>(), dev_->stream));
+        train_end_ - train_begin_, adamw_params_.as<kernels::AdamWDeviceParams>(), dev_->Stream()));
     return dev_->Sync();
   }
 
@@ -265,7 +266,7 @@ class CudaBlock : public Block {
   kernels::LinearGemm Linear(int64_t rows, int64_t in, int64_t out) const { return {Mode(), rows, in, out}; }
 
   absl::Status Gemm(const kernels::GemmArgs& g) {
-    CUDA_RETURN_IF_ERROR(dev_->gemm.Run(g, dev_->stream));
+    CUDA_RETURN_IF_ERROR(dev_->gemm.Run(g, dev_->Stream()));
     return absl::OkStatus();
   }
   absl::Status Gemms(const std::vector<kernels::GemmArgs>& gs) {
@@ -349,7 +350,7 @@ class CudaBlock : public Block {
     const BlockConfig& c = spec_.config;
     const Dims m = DimsOf(c, spec_.lora, x_act.batch(), x_act.seq());
     const size_t t = sizeof(T);
-    cudaStream_t st = dev_->stream;
+    cudaStream_t st = dev_->Stream();
     const float eps = static_cast<float>(c.rms_norm_eps);
     auto s = std::make_unique<CudaSaved>();
     s->batch = m.batch;
@@ -407,7 +408,7 @@ class CudaBlock : public Block {
   // lora_u): the start of Forward and InferStep.
   template <class T>
   absl::Status NormAndQkv(const float* x, T* n1, float* rstd1, T* qkv, T* lora_u, const Dims& m) {
-    cudaStream_t st = dev_->stream;
+    cudaStream_t st = dev_->Stream();
     CUDA_RETURN_IF_ERROR(kernels::launch_rmsnorm_fwd<T>(x, W32(ParamId::kInputNorm), n1, rstd1, m.n,
                                                         static_cast<int>(m.d),
                                                         static_cast<float>(spec_.config.rms_norm_eps), st));
@@ -425,7 +426,7 @@ class CudaBlock : public Block {
   template <class T>
   absl::Status OutputAndMlp(const float* x, const T* o, float* r1, T* n2, float* rstd2, T* gu, T* h, float* out,
                             T* lora_u, const Dims& m) {
-    cudaStream_t st = dev_->stream;
+    cudaStream_t st = dev_->Stream();
     // r1 = x + o Wo^T (the residual enters as C)
     const kernels::LinearGemm o_proj = Linear(m.n, m.qd, m.d);
     RETURN_IF_ERROR(
@@ -459,14 +460,13 @@ class CudaBlock : public Block {
     const BlockConfig& c = spec_.config;
     const Dims m = DimsOf(c, spec_.lora, xa.batch(), xa.seq());
     const size_t t = sizeof(T);
-    cudaStream_t st = dev_->stream;
+    cudaStream_t st = dev_->Stream();
     const float eps = static_cast<float>(c.rms_norm_eps);
     const auto& store = static_cast<const CudaKvPageStore&>(*view.pages);
 
     // start [batch] then the page tables [batch, width], int32, for the kernels; when the rows
     // come from several stores (a batch of session families), then row_chunk [batch],
     // row_chunk_pages [batch] and, 8-byte aligned, every store's chunk pointers (PagedKv).
-    std::vector<int32_t> meta(static_cast<size_t>(m.batch + m.batch * view.table_width));
     std::vector<const CudaKvPageStore*> stores;  // distinct, in row order
     std::vector<int32_t> store_chunk;             // each one's first chunk in chunk_ptrs
     std::vector<void*> chunk_ptrs;
@@ -486,21 +486,29 @@ class CudaBlock : public Block {
     bool fresh = true;
     int64_t max_len = 0;
     for (int64_t r = 0; r < m.batch; ++r) {
-      meta[r] = static_cast<int32_t>(start[r]);
       fresh = fresh && start[r] == 0;
       max_len = std::max(max_len, start[r] + m.seq);
     }
-    std::copy(view.table, view.table + m.batch * view.table_width, meta.begin() + m.batch);
-    const size_t row_chunk_at = meta.size(), ptrs_at = (row_chunk_at + 2 * m.batch + 1) / 2 * 2;
-    if (several_stores) {
-      meta.insert(meta.end(), row_chunk.begin(), row_chunk.end());
-      meta.insert(meta.end(), row_chunk_pages.begin(), row_chunk_pages.end());
-      meta.resize(ptrs_at + 2 * chunk_ptrs.size());
-      std::memcpy(meta.data() + ptrs_at, chunk_ptrs.data(), chunk_ptrs.size() * sizeof(void*));
+    const size_t row_chunk_at = static_cast<size_t>(m.batch + m.batch * view.table_width);
+    const size_t ptrs_at = (row_chunk_at + 2 * m.batch + 1) / 2 * 2;
+    const int32_t* meta_d = view.device_meta;
+    if (meta_d != nullptr && !several_stores) {
+      // The span's one upload (StepGraph::UploadMeta); the attention planned per bucket of lengths.
+      max_len = (max_len + kStepGraphPositions - 1) / kStepGraphPositions * kStepGraphPositions;
+    } else {
+      std::vector<int32_t> meta(row_chunk_at);
+      for (int64_t r = 0; r < m.batch; ++r) meta[r] = static_cast<int32_t>(start[r]);
+      std::copy(view.table, view.table + m.batch * view.table_width, meta.begin() + m.batch);
+      if (several_stores) {
+        meta.insert(meta.end(), row_chunk.begin(), row_chunk.end());
+        meta.insert(meta.end(), row_chunk_pages.begin(), row_chunk_pages.end());
+        meta.resize(ptrs_at + 2 * chunk_ptrs.size());
+        std::memcpy(meta.data() + ptrs_at, chunk_ptrs.data(), chunk_ptrs.size() * sizeof(void*));
+      }
+      // One async copy from pinned memory (StepWorkspace), no allocation once warmed.
+      ASSIGN_OR_RETURN(const void* meta_ptr, step_ws_.Upload(meta.data(), meta.size() * 4));
+      meta_d = static_cast<const int32_t*>(meta_ptr);
     }
-    // One async copy from pinned memory (StepWorkspace), no allocation once warmed.
-    ASSIGN_OR_RETURN(const void* meta_ptr, step_ws_.Upload(meta.data(), meta.size() * 4));
-    const int32_t* meta_d = static_cast<const int32_t*>(meta_ptr);
 
     // The step's buffers, carved from one piece: the block's kept scratch for a decode-sized step
     // (no allocation once warmed), a stream-ordered allocation for a prefill.
@@ -601,7 +609,7 @@ class CudaBlock : public Block {
     const Dims m = DimsOf(c, spec_.lora, s.batch, s.seq);
     const size_t t = sizeof(T);
     const GemmType tt = TypeOf<T>();
-    cudaStream_t st = dev_->stream;
+    cudaStream_t st = dev_->Stream();
     const float* dy = dy_act.data();
 
     // The matrix products read the output gradient as T.
@@ -679,7 +687,7 @@ class CudaBlock : public Block {
                                                                  const G* dk, const DeviceBuffer& dqkv,
                                                                  const DeviceBuffer& dn, const DeviceBuffer& dr1,
                                                                  const DeviceBuffer& du, bool accumulate) {
-    cudaStream_t st = dev_->stream;
+    cudaStream_t st = dev_->Stream();
     T* dqkv_t = dqkv.as<T>();
     const auto* table = s.table.as<float2>();
     CUDA_RETURN_IF_ERROR(kernels::launch_qknorm_rope_bwd<T>(

@@ -72,6 +72,26 @@ absl::Status DeviceContext::Sync() { return SyncStream(index, stream); }
 
 absl::Status DeviceContext::Sync(cudaStream_t other) { return SyncStream(index, other); }
 
+namespace {
+// The capture this thread runs, if any (CaptureScope).
+thread_local const DeviceContext* capture_dev = nullptr;
+thread_local cudaStream_t capture_stream = nullptr;
+}  // namespace
+
+cudaStream_t DeviceContext::Stream() const { return capture_dev == this ? capture_stream : stream; }
+
+bool DeviceContext::capturing() const { return capture_dev == this; }
+
+CaptureScope::CaptureScope(const DeviceContext* dev, cudaStream_t capture) {
+  capture_dev = dev;
+  capture_stream = capture;
+}
+
+CaptureScope::~CaptureScope() {
+  capture_dev = nullptr;
+  capture_stream = nullptr;
+}
+
 DeviceGuard::DeviceGuard(int device) {
   cudaGetDevice(&previous_);
   if (previous_ != device) cudaSetDevice(device);
@@ -89,7 +109,7 @@ absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(DeviceContext* dev, size_t b
   b.bytes_ = bytes;
   if (bytes == 0) return b;
   DeviceGuard guard(dev->index);
-  CUDA_RETURN_IF_ERROR(cudaMallocAsync(&b.ptr_, bytes, dev->stream));
+  CUDA_RETURN_IF_ERROR(cudaMallocAsync(&b.ptr_, bytes, dev->Stream()));
   return b;
 }
 
@@ -121,10 +141,25 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
 void DeviceBuffer::Reset() {
   if (ptr_ != nullptr) {
     DeviceGuard guard(dev_->index);
-    cudaFreeAsync(ptr_, free_stream_ != nullptr ? free_stream_ : dev_->stream);
+    cudaFreeAsync(ptr_, free_stream_ != nullptr ? free_stream_ : dev_->Stream());
   }
   ptr_ = nullptr;
   bytes_ = 0;
+}
+
+DeviceBuffer DeviceBuffer::Adopt(DeviceContext* dev, void* ptr, size_t bytes) {
+  DeviceBuffer b;
+  b.dev_ = dev;
+  b.ptr_ = ptr;
+  b.bytes_ = bytes;
+  return b;
+}
+
+void* DeviceBuffer::Release() {
+  void* p = ptr_;
+  ptr_ = nullptr;
+  bytes_ = 0;
+  return p;
 }
 
 }  // namespace blockd::cuda

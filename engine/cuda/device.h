@@ -48,10 +48,26 @@ struct DeviceContext {
 
   static absl::StatusOr<std::unique_ptr<DeviceContext>> Create(int index);
   ~DeviceContext();
+  // The stream this thread issues the device's compute on: `stream`, except while a StepGraph
+  // captures a span's step from this thread (CaptureScope), when it is the capture's own stream,
+  // so that other threads' work on the device keeps running and stays out of the capture.
+  cudaStream_t Stream() const;
+  // Whether this thread is capturing the device's work (nothing may allocate outside the capture).
+  bool capturing() const;
+
   // Waits until the work issued so far on the stream is done (an event, not the whole stream later).
   absl::Status Sync();
   // The same for another stream of the device (a copy stream).
   absl::Status Sync(cudaStream_t other);
+};
+
+// For its scope, this thread's DeviceContext::Stream() of `dev` is `capture` (a stream in capture).
+class CaptureScope {
+ public:
+  CaptureScope(const DeviceContext* dev, cudaStream_t capture);
+  ~CaptureScope();
+  CaptureScope(const CaptureScope&) = delete;
+  CaptureScope& operator=(const CaptureScope&) = delete;
 };
 
 // Makes `device` current for the scope and restores the previous one.
@@ -85,6 +101,11 @@ class DeviceBuffer {
   }
   size_t bytes() const { return bytes_; }
   void Reset();
+  // Owns `ptr` (of `bytes`, from a stream-ordered allocation: a captured step's output, whose
+  // address every replay allocates again) and frees it in stream order like the rest.
+  static DeviceBuffer Adopt(DeviceContext* dev, void* ptr, size_t bytes);
+  // Gives up the memory without freeing it (it belongs to a capture); returns its address.
+  void* Release();
 
  private:
   DeviceContext* dev_ = nullptr;

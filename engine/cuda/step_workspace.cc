@@ -20,6 +20,11 @@ StepWorkspace::~StepWorkspace() {
 
 absl::StatusOr<char*> StepWorkspace::Scratch(size_t bytes) {
   if (scratch_.bytes() < bytes) {
+    if (dev_->capturing()) {
+      // A capture keeps the scratch's address: StepGraph runs this step eagerly instead.
+      return absl::FailedPreconditionError("a captured step would grow the block's step scratch");
+    }
+    ++generation_;
     // The old scratch returns to the pool in stream order, after the kernels that use it.
     ASSIGN_OR_RETURN(scratch_, DeviceBuffer::Allocate(dev_, std::max(bytes, 2 * scratch_.bytes())));
   }
@@ -27,6 +32,10 @@ absl::StatusOr<char*> StepWorkspace::Scratch(size_t bytes) {
 }
 
 absl::StatusOr<const void*> StepWorkspace::Upload(const void* host, size_t bytes) {
+  if (dev_->capturing()) {
+    // A capture would replay this copy from a staging slot that later steps rewrite.
+    return absl::FailedPreconditionError("a captured step uploads its tables through StepGraph::UploadMeta");
+  }
   if (meta_.bytes() < bytes) {
     ASSIGN_OR_RETURN(meta_, DeviceBuffer::Allocate(dev_, std::max(bytes, 2 * meta_.bytes())));
   }
@@ -47,8 +56,8 @@ absl::StatusOr<const void*> StepWorkspace::Upload(const void* host, size_t bytes
     s.bytes = want;
   }
   std::memcpy(s.host, host, bytes);
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(meta_.get(), s.host, bytes, cudaMemcpyHostToDevice, dev_->stream));
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(s.copied, dev_->stream));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(meta_.get(), s.host, bytes, cudaMemcpyHostToDevice, dev_->Stream()));
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(s.copied, dev_->Stream()));
   return static_cast<const void*>(meta_.get());
 }
 

@@ -36,6 +36,9 @@ class StepWorkspace {
   // kernels issued before the next call.
   absl::StatusOr<const void*> Upload(const void* host, size_t bytes);
   size_t device_bytes() const { return scratch_.bytes() + meta_.bytes(); }
+  // Counts the scratch's moves (Block::launch_generation). While a StepGraph captures, Scratch
+  // refuses to grow and Upload refuses: FAILED_PRECONDITION, and the step runs eagerly.
+  uint64_t generation() const { return generation_; }
 
  private:
   struct Slot {
@@ -50,6 +53,7 @@ class StepWorkspace {
   DeviceBuffer meta_;
   std::array<Slot, kSlots> slots_{};
   int next_slot_ = 0;
+  uint64_t generation_ = 0;
 };
 
 // Consecutive 256-byte aligned pieces of one allocation: Take() with base null measures.

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstring>
+#include <iostream>
 #include <thread>
 
 #include "engine/cpu/cpu_backend.h"
@@ -263,6 +264,54 @@ std::vector<SessionCase> Cases() {
 
 INSTANTIATE_TEST_SUITE_P(Configs, CudaSessionTest, ::testing::ValuesIn(Cases()),
                          [](const ::testing::TestParamInfo<SessionCase>& i) { return i.param.name; });
+
+// Decode steps replayed as a captured CUDA graph (infer_graphs, the default) give the same bits as
+// the same steps launched block by block: across buckets of lengths (new captures), a trim back, a
+// fork (the family's pages grow: a new capture), hypo_ids and 2-token steps; and they do replay.
+TEST(CudaSessionGraphTest, ReplaysEqualBlockByBlockLaunches) {
+  SKIP_WITHOUT_GPU();
+  for (SessionCase k : {Cases()[3], Cases()[4]}) {  // bf16 (tensor-core attention) and fp32
+    k.seq = 300;
+    EngineOptions graphs;
+    graphs.infer_batch_window = absl::ZeroDuration();
+    EngineOptions eager = graphs;
+    eager.infer_graphs = false;
+    auto b1 = MakeCudaBackend();
+    auto b2 = MakeCudaBackend();
+    ASSERT_TRUE(b1.ok() && b2.ok());
+    Side g(std::move(b1).value(), k, k.precision, graphs);
+    Side e(std::move(b2).value(), k, k.precision, eager);
+    const int64_t B = k.batch, d = k.config.hidden_size;
+    uint64_t seed = 500;
+    auto both = [&](const std::string& id, int64_t n, std::vector<int32_t> hypo = {}) {
+      const auto x = RandomNormal(B * n * d, seed++);
+      const auto a = g.Step(id, x, n, hypo);
+      const auto b = e.Step(id, x, n, hypo);
+      ASSERT_EQ(a.size(), b.size());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << k.name << " " << id << " step " << seed;
+    };
+    for (Side* side : {&g, &e}) side->Open("s");
+    both("s", 20);                              // prefill
+    for (int t = 20; t < 150; ++t) both("s", 1);  // buckets 1 to 3
+    for (Side* side : {&g, &e}) {
+      ASSERT_TRUE(side->engine().TrimSession("s", "alice", 100).ok());
+      ASSERT_TRUE(side->engine().ForkSession("s", "alice", "f").ok());
+    }
+    const std::vector<int32_t> hypo = {static_cast<int32_t>(B - 1), 0, 0};
+    for (int i = 0; i < 50; ++i) {  // s to 200, f to 210
+      both("s", 1);
+      both("s", 1);
+      both("f", i % 5 == 0 ? 2 : 1, i == 10 ? hypo : std::vector<int32_t>{});  // now and then a 2-token key
+      both("f", 1);
+    }
+    const EngineStats gs = g.engine().Stats(), es = e.engine().Stats();
+    EXPECT_GT(gs.infer_graph_replays, 200) << k.name;  // of 340 decode steps
+    EXPECT_GE(gs.infer_graph_captures, 5) << k.name;
+    EXPECT_EQ(es.infer_graph_replays + es.infer_graph_captures + es.infer_graph_eager, 0) << k.name;
+    std::cout << k.name << ": " << gs.infer_graph_replays << " replays, " << gs.infer_graph_captures
+              << " captures, " << gs.infer_graph_eager << " steps launched block by block\n";
+  }
+}
 
 }  // namespace
 }  // namespace blockd::testing
