@@ -156,19 +156,11 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int stage_bytes = 2 * kTile * row_bytes;
 
   const int group = heads / kv_heads;
-  const int tiles = static_cast<int>((n * group + kQueries - 1) / kQueries);
-  const int kvh = blockIdx.x / tiles, tile = blockIdx.x % tiles;
-  const int64_t r = blockIdx.y;
-  const int split = blockIdx.z;
-  const int64_t start = kv.start[r];
-  const int64_t f0 = int64_t(tile) * kQueries;
-  const int nq = static_cast<int>(min(int64_t(kQueries), n * group - f0));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-
-  // This block's positions: the split's part of 0 .. start + its last query's token.
-  const int64_t len = start + (f0 + nq - 1) / group + 1;
-  const int64_t lo = int64_t(split) * split_len, hi = min(len, lo + split_len);
+  const PagedShare share = PagedShareOf(kv.start, n, group, kQueries, split_len);
+  const int kvh = share.kvh, split = share.split, nq = share.nq;
+  const int64_t r = share.r, start = share.start, f0 = share.f0, lo = share.lo, hi = share.hi;
   const int count = lo < hi ? static_cast<int>((hi - lo + kTile - 1) / kTile) : 0;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
   // The first stages - 1 tiles go in flight before anything else (one group each, even if empty,
   // so that the group count the waits rely on holds).

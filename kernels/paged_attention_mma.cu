@@ -95,19 +95,12 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma_kernel(PagedKv<b
   const bf16** win = reinterpret_cast<const bf16**>(reinterpret_cast<unsigned char*>(qs) + S::kQBytes);
 
   const int group = heads / kv_heads;
-  const int tiles = static_cast<int>(PagedMmaQueryTiles(n, group));
-  const int kvh = blockIdx.x / tiles, tile = blockIdx.x % tiles;
-  const int64_t r = blockIdx.y;
-  const int split = blockIdx.z;
-  const int64_t start = kv.start[r];
-  const int64_t f0 = int64_t(tile) * kQueries;
-  const int nq = static_cast<int>(min(int64_t(kQueries), n * group - f0));
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-
-  // This block's positions: the split's part of 0 .. start + its last query's token.
+  const PagedShare share = PagedShareOf(kv.start, n, group, kQueries, split_len);
+  const int kvh = share.kvh, split = share.split, nq = share.nq;
+  const int64_t r = share.r, start = share.start, f0 = share.f0, lo = share.lo, hi = share.hi;
   const int64_t len = start + (f0 + nq - 1) / group + 1;
-  const int64_t lo = int64_t(split) * split_len, hi = min(len, lo + split_len);
   const int count = lo < hi ? static_cast<int>((hi - lo + kTile - 1) / kTile) : 0;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
 
   if (count > 0) LoadWindow(kv, r, lo, hi, win);
   // The queries, zero rows past the tile's; pairs of elements (q_stride need only be even).

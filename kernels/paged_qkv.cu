@@ -4,6 +4,7 @@
 
 #include "kernels/common.cuh"
 #include "kernels/paged_kv.cuh"
+#include "kernels/qknorm_rope_head.cuh"
 #include "kernels/rope_angle.cuh"
 
 namespace blockd::kernels {
@@ -25,7 +26,6 @@ __global__ void paged_qkv_kernel(const T* __restrict__ qkv, int64_t qkv_stride, 
   if (task >= tokens * parts) return;
   const int64_t token = task / parts, r = token / n, pos = kv.start[r] + token % n;
   const int part = static_cast<int>(task % parts);
-  const int half = dh / 2;
   const T* x = qkv + token * qkv_stride + int64_t(part) * dh;  // q, k and v heads are dh apart
   T* krow = part >= heads ? PagedKRow(kv, r, pos) : nullptr;
   if (part >= heads + kv_heads) {  // v: a copy into the page
@@ -34,37 +34,9 @@ __global__ void paged_qkv_kernel(const T* __restrict__ qkv, int64_t qkv_stride, 
     return;
   }
   const bool is_q = part < heads;
-  const float* w = is_q ? q_norm_w : k_norm_w;
-  float a[kMaxPairsPerLane], b[kMaxPairsPerLane];
-  float ss = 0.f;
-#pragma unroll
-  for (int t = 0; t < kMaxPairsPerLane; ++t) {
-    const int i = lane + 32 * t;
-    a[t] = i < half ? to_float(x[i]) : 0.f;
-    b[t] = i < half ? to_float(x[i + half]) : 0.f;
-    ss += a[t] * a[t] + b[t] * b[t];
-  }
-  if (w != nullptr) {
-    const float rs = rsqrtf(warp_sum(ss) / dh + eps);
-#pragma unroll
-    for (int t = 0; t < kMaxPairsPerLane; ++t) {
-      const int i = lane + 32 * t;
-      if (i < half) {
-        a[t] = (a[t] * rs) * w[i];
-        b[t] = (b[t] * rs) * w[i + half];
-      }
-    }
-  }
   T* y = is_q ? q + token * int64_t(heads) * dh + int64_t(part) * dh : krow + int64_t(part - heads) * dh;
-#pragma unroll
-  for (int t = 0; t < kMaxPairsPerLane; ++t) {
-    const int i = lane + 32 * t;
-    if (i < half) {
-      const float2 cs = RopeCosSin(pos, inv_freq[i], rope_scale);
-      y[i] = from_float<T>(a[t] * cs.x - b[t] * cs.y);
-      y[i + half] = from_float<T>(b[t] * cs.x + a[t] * cs.y);
-    }
-  }
+  QkNormRopeHead<T, kMaxPairsPerLane>(x, y, is_q ? q_norm_w : k_norm_w, dh, eps, nullptr,
+                                      [&](int i) { return RopeCosSin(pos, inv_freq[i], rope_scale); });
 }
 
 }  // namespace

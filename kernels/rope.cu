@@ -2,6 +2,7 @@
 #include <type_traits>
 
 #include "kernels/common.cuh"
+#include "kernels/qknorm_rope_head.cuh"
 #include "kernels/reduce_rows.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/rope_angle.cuh"
@@ -27,45 +28,15 @@ __global__ void qknorm_rope_fwd_kernel(const T* __restrict__ in, int64_t in_stri
                                        float* __restrict__ rstd, const float* __restrict__ w,
                                        const float2* __restrict__ table, int64_t tokens, int seq, int heads, int dh,
                                        float eps) {
-  const int lane = threadIdx.x & 31;
   const int64_t task = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
   if (task >= tokens * heads) return;
   const int64_t token = task / heads;
   const int h = static_cast<int>(task % heads);
   const int half = dh / 2;
   const int pos = static_cast<int>(token % seq);
-  const T* x = in + token * in_stride + int64_t(h) * dh;
-  float a[kMaxPairsPerLane], b[kMaxPairsPerLane];
-  float ss = 0.f;
-#pragma unroll
-  for (int t = 0; t < kMaxPairsPerLane; ++t) {
-    const int i = lane + 32 * t;
-    a[t] = i < half ? to_float(x[i]) : 0.f;
-    b[t] = i < half ? to_float(x[i + half]) : 0.f;
-    ss += a[t] * a[t] + b[t] * b[t];
-  }
-  if (w != nullptr) {
-    const float rs = rsqrtf(warp_sum(ss) / dh + eps);
-    if (lane == 0) rstd[task] = rs;
-#pragma unroll
-    for (int t = 0; t < kMaxPairsPerLane; ++t) {
-      const int i = lane + 32 * t;
-      if (i < half) {
-        a[t] = (a[t] * rs) * w[i];
-        b[t] = (b[t] * rs) * w[i + half];
-      }
-    }
-  }
-  T* y = out + task * dh;
-#pragma unroll
-  for (int t = 0; t < kMaxPairsPerLane; ++t) {
-    const int i = lane + 32 * t;
-    if (i < half) {
-      const float2 cs = table[int64_t(pos) * half + i];
-      y[i] = from_float<T>(a[t] * cs.x - b[t] * cs.y);
-      y[i + half] = from_float<T>(b[t] * cs.x + a[t] * cs.y);
-    }
-  }
+  QkNormRopeHead<T, kMaxPairsPerLane>(in + token * in_stride + int64_t(h) * dh, out + task * dh, w, dh, eps,
+                                      rstd != nullptr ? rstd + task : nullptr,
+                                      [&](int i) { return table[int64_t(pos) * half + i]; });
 }
 
 // Grid-strided over (token, head) tasks with a fixed grid, so each warp's dw partial is a
