@@ -57,8 +57,9 @@ BlockConfig Llama3(bool big) {
   return c;
 }
 
-// The paged attention kernel alone: `batch` rows of `context` cached positions, one new token.
-void AttentionBandwidth(int64_t batch, int64_t context) {
+// The paged attention kernel alone: `batch` rows of `context` cached positions, one new token,
+// in `forced` splits (0: as paged_attention_splits picks).
+void AttentionBandwidth(int64_t batch, int64_t context, int forced = 0) {
   using bf16 = __nv_bfloat16;
   const int heads = 32, kv_heads = 8, dh = 128;
   const int64_t kv_dim = kv_heads * dh, pages_per_row = context / kKvPageTokens;
@@ -81,7 +82,8 @@ void AttentionBandwidth(int64_t batch, int64_t context) {
   cudaMalloc(&o, batch * heads * dh * 2);
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-  const int splits = kernels::paged_attention_splits<bf16>(batch, 1, heads, kv_heads, dh, context, sms);
+  const int splits =
+      forced > 0 ? forced : kernels::paged_attention_splits<bf16>(batch, 1, heads, kv_heads, dh, context, sms);
   cudaMalloc(&ws, std::max<int64_t>(1, kernels::paged_attention_workspace_floats(batch, 1, heads, dh, splits)) * 4);
   kernels::PagedKv<bf16> kv;
   kv.chunks = chunks;
@@ -147,6 +149,10 @@ int Main(int argc, char** argv) {
     }
   }
   for (int64_t b : attention_batches) AttentionBandwidth(b, 4096);
+  if (!attention_batches.empty()) {
+    // Batch 1 at the decode tables' context (prompt 512 + 64): one split, the chosen split, tiles.
+    for (int forced : {1, 0, 9}) AttentionBandwidth(1, 576, forced);
+  }
 
   auto backend_or = MakeCudaBackend();
   if (!Check(backend_or.status(), "backend")) return 1;

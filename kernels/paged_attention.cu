@@ -348,11 +348,18 @@ int paged_attention_splits(int64_t batch, int64_t n, int heads, int kv_heads, in
                            int sm_count) {
   const int group = heads / kv_heads;
   if (std::is_same<T, __nv_bfloat16>::value && PagedMmaSupported(head_dim, int64_t(kv_heads) * head_dim)) {
-    // The tensor-core kernel: one split up to 1024 positions (a walk of at most 16 tiles costs
-    // less than the combine pass's launch), else two waves of resident blocks whatever the batch,
-    // splits of at most 1024 positions (its page window), and at least two tiles per split.
-    if (max_len <= 1024) return 1;
+    // The tensor-core kernel: up to 1024 positions (its page window), one split when the blocks
+    // fill half the SMs or more; fewer blocks (a row or a few) would each walk up to 16 tiles one
+    // after another on an otherwise idle GPU, so they split, two tiles or more each, until they
+    // fill about one wave (the combine pass costs less than the walk it shortens). Longer: two
+    // waves of resident blocks whatever the batch, splits of at most 1024 positions, and at least
+    // two tiles per split.
     const int64_t blocks = batch * kv_heads * PagedMmaQueryTiles(n, group);
+    if (max_len <= 1024) {
+      if (2 * blocks >= sm_count) return 1;
+      return static_cast<int>(std::max<int64_t>(
+          1, std::min<int64_t>((sm_count + blocks - 1) / blocks, max_len / (2 * kPagedMmaTile))));
+    }
     const int64_t slots = int64_t(sm_count) * PagedMmaBlocksPerSm(head_dim);
     const int64_t want = std::max<int64_t>({1, (2 * slots + blocks - 1) / blocks, (max_len + 1023) / 1024});
     const int64_t most = std::max<int64_t>(1, max_len / (2 * kPagedMmaTile));

@@ -2,8 +2,9 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [groups] [ipc] [transport] [scale] [lora] [big]   (default: the first four)
-# `groups`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs) and the
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [nccl] [groups] [ipc] [transport] [scale] [lora] [big]   (default: the first four)
+# `nccl`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs);
+# `groups`: those tests and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -59,7 +60,7 @@ if [[ " $stages " == *" tests "* ]]; then
   grep -hE 'norm rel' "$OUT"/gpu.ops.log "$OUT"/gpu.blocks.log | sort -t'l' -k1 > "$OUT/errors.txt" || true
 fi
 
-if [[ " $stages " == *" groups "* ]]; then
+if [[ " $stages " == *" groups "* || " $stages " == *" nccl "* ]]; then  # nccl: the tests only
   export BLOCKD_BINARY="$dev/bin/blockd"
   gtest gpu.nccl_group nccl_group_test '*' 300
   ngpu=$(nvidia-smi -L | grep -c '^GPU')
@@ -68,6 +69,8 @@ if [[ " $stages " == *" groups "* ]]; then
   else
     row gpu.nccl_multigpu SKIP "$ngpu GPU: needs 2 or more"
   fi
+fi
+if [[ " $stages " == *" groups "* ]]; then
   timeout 300 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_allreduce" --max_mb=${ALLREDUCE_MAX_MB:-1024} \
     >"$OUT/bench_allreduce.log" 2>&1
   row bench.allreduce "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see bench_allreduce.log"
