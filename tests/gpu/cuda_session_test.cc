@@ -97,6 +97,14 @@ class Side {
   SessionCase k_;
 };
 
+// A Side on a CUDA backend of its own; null (with a failure) when there is none.
+std::unique_ptr<Side> CudaSide(const SessionCase& k, EngineOptions options) {
+  auto backend = MakeCudaBackend();
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  if (!backend.ok()) return nullptr;
+  return std::make_unique<Side>(std::move(backend).value(), k, k.precision, std::move(options));
+}
+
 // Tokens [t0, t1) of x [batch, seq, d].
 std::vector<float> Slice(const std::vector<float>& x, int64_t batch, int64_t seq, int64_t d, int64_t t0, int64_t t1) {
   std::vector<float> out;
@@ -189,11 +197,9 @@ TEST_P(CudaSessionTest, ConcurrentSessionsEachEqualTheirSoloStep) {
   batching.on_infer_step_arrived = [&barrier] { barrier.Arrive(); };
   EngineOptions alone;
   alone.infer_batch_window = absl::ZeroDuration();
-  auto b1 = MakeCudaBackend();
-  auto b2 = MakeCudaBackend();
-  ASSERT_TRUE(b1.ok() && b2.ok());
-  Side batched(std::move(b1).value(), k, k.precision, batching);
-  Side solo(std::move(b2).value(), k, k.precision, alone);
+  const std::unique_ptr<Side> batched_side = CudaSide(k, batching), solo_side = CudaSide(k, alone);
+  ASSERT_TRUE(batched_side && solo_side);
+  Side &batched = *batched_side, &solo = *solo_side;
   const int64_t B = k.batch, d = k.config.hidden_size;
   const std::vector<std::string> ids = {"s0", "s1", "s2"};
   for (Side* side : {&batched, &solo}) {
@@ -276,11 +282,9 @@ TEST(CudaSessionGraphTest, ReplaysEqualBlockByBlockLaunches) {
     graphs.infer_batch_window = absl::ZeroDuration();
     EngineOptions eager = graphs;
     eager.infer_graphs = false;
-    auto b1 = MakeCudaBackend();
-    auto b2 = MakeCudaBackend();
-    ASSERT_TRUE(b1.ok() && b2.ok());
-    Side g(std::move(b1).value(), k, k.precision, graphs);
-    Side e(std::move(b2).value(), k, k.precision, eager);
+    const std::unique_ptr<Side> g_side = CudaSide(k, graphs), e_side = CudaSide(k, eager);
+    ASSERT_TRUE(g_side && e_side);
+    Side &g = *g_side, &e = *e_side;
     const int64_t B = k.batch, d = k.config.hidden_size;
     uint64_t seed = 500;
     auto both = [&](const std::string& id, int64_t n, std::vector<int32_t> hypo = {}) {
