@@ -33,7 +33,6 @@
 #include "engine/cuda/cuda_backend.h"
 #include "engine/init.h"
 #include "engine/kv_cache.h"
-#include "kernels/gemv.cuh"
 #include "kernels/paged_attention.cuh"
 
 namespace blockd {
@@ -277,14 +276,10 @@ int Main(int argc, char** argv) {
     std::sort(times.begin(), times.end());
     std::sort(host.begin(), host.end());
     const double med = times[times.size() / 2];
-    // The same decode again from the prompt on, replayed as a CUDA graph (one GPU), with the
-    // GEMVs keeping 1 (as before) and 2 (the default) steps of weights in flight.
-    struct GraphRun {
-      double med = 0, host = 0;
-      StepGraph::Counts counts;
-    } graph_runs[2];
-    for (int ahead = 1; ahead <= 2 && devices == 1; ++ahead) {
-      kernels::set_gemv_steps_ahead(ahead);
+    // The same decode again from the prompt on, replayed as a CUDA graph (one GPU).
+    double graph_med = 0, graph_host = 0;
+    StepGraph::Counts graph_counts;
+    if (devices == 1) {
       auto graph = backend->NewStepGraph(0);
       if (!Check(graph.status(), "graph")) return 1;
       cache.Trim(prompt);
@@ -299,9 +294,10 @@ int Main(int argc, char** argv) {
       }
       std::sort(gtimes.begin(), gtimes.end());
       std::sort(ghost.begin(), ghost.end());
-      graph_runs[ahead - 1] = {gtimes[gtimes.size() / 2], ghost[ghost.size() / 2], (*graph)->counts()};
+      graph_med = gtimes[gtimes.size() / 2];
+      graph_host = ghost[ghost.size() / 2];
+      graph_counts = (*graph)->counts();
     }
-    kernels::set_gemv_steps_ahead(2);
     // Warm: the prompt again into an emptied cache (its pages stay reserved), then the same
     // tokens through the span's training forward (Forward, nothing saved), each the best of 3.
     double prefill_warm = 1e30, forward = 1e30;
@@ -335,15 +331,13 @@ int Main(int argc, char** argv) {
     std::printf("  host: the step's launches enqueued in %.4f ms/layer (median), %.0f%% of the step: %s\n",
                 host[host.size() / 2] * 1e3 / layers, 100 * host[host.size() / 2] / med,
                 host[host.size() / 2] < 0.9 * med ? "the GPU, not the launches, bounds the step" : "launch-bound");
-    for (int ahead = 1; ahead <= 2; ++ahead) {
-      const GraphRun& g = graph_runs[ahead - 1];
-      if (g.med == 0) continue;
-      std::printf("  CUDA graph, GEMV weights %d step(s) ahead: %.4f ms/layer/step (median step %.3f ms, %.0f "
-                  "tokens/s), %.2fx the block-by-block step; host %.4f ms/layer; of %lld steps %lld replayed, %lld "
-                  "captured, %lld block by block\n",
-                  ahead, g.med * 1e3 / layers, g.med * 1e3, batch / g.med, med / g.med, g.host * 1e3 / layers,
-                  static_cast<long long>(fresh), static_cast<long long>(g.counts.replayed),
-                  static_cast<long long>(g.counts.captured), static_cast<long long>(g.counts.eager));
+    if (graph_med > 0) {
+      std::printf("  CUDA graph: %.4f ms/layer/step (median step %.3f ms, %.0f tokens/s), %.2fx the block-by-block "
+                  "step; host %.4f ms/layer; of %lld steps %lld replayed, %lld captured, %lld block by block\n",
+                  graph_med * 1e3 / layers, graph_med * 1e3, batch / graph_med, med / graph_med,
+                  graph_host * 1e3 / layers, static_cast<long long>(fresh),
+                  static_cast<long long>(graph_counts.replayed), static_cast<long long>(graph_counts.captured),
+                  static_cast<long long>(graph_counts.eager));
     }
     std::printf("  prefill (warm) %.2f ms, %.0f tokens/s; the training forward of the same tokens %.2f ms, %.0f "
                 "tokens/s: prefill at %.2fx its tokens/s\n",

@@ -2,8 +2,6 @@
 
 #include <cuda_bf16.h>
 
-#include <atomic>
-
 #include "kernels/common.cuh"
 #include "kernels/gemm.h"
 #include "kernels/pdl.cuh"
@@ -42,10 +40,9 @@ __device__ __forceinline__ int64_t WeightRow(int64_t col0, int j, int cols, int6
 
 // grid: one block per kCols output columns (kGlu: per 2 of h's). Warp w takes the steps w,
 // w + kWarps, ... of k for the block's weight rows and the M rows of A; the partial sums meet in
-// shared memory. kAhead steps of weights are in flight at once (a register ring): the first
-// kAhead load before pdl_wait (launched with PDL, under the previous kernel), everything the
-// previous kernel may write (A, C, D) after it; each step then loads the one kAhead further.
-template <int M, class CT, class DT, bool kGlu, int kAhead>
+// shared memory. Launched with PDL: the first step's weights load before pdl_wait, everything
+// the previous kernel may write (A, C, D) after it.
+template <int M, class CT, class DT, bool kGlu>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const bf16* __restrict__ a, int64_t lda,
                                                         const bf16* __restrict__ b, int64_t ldb, int64_t n, int64_t k,
                                                         const void* c, int64_t ldc, float beta, DT* __restrict__ d,
@@ -62,13 +59,10 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const bf16* __restrict__
   for (int j = 0; j < kCols; ++j) rows[j] = b + WeightRow<kGlu>(col0, j, cols, cols_total) * ldb;
   const int64_t stride = int64_t(kWarps) * kStep;
   int64_t k0 = int64_t(warp) * kStep + lane * 8;
-  uint4 w[kAhead][kCols] = {};
+  uint4 w[kCols];
+  if (k0 < k) {
 #pragma unroll
-  for (int s = 0; s < kAhead; ++s) {
-    if (k0 + s * stride < k) {
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) w[s][j] = *reinterpret_cast<const uint4*>(rows[j] + k0 + s * stride);
-    }
+    for (int j = 0; j < kCols; ++j) w[j] = *reinterpret_cast<const uint4*>(rows[j] + k0);
   }
   pdl_wait();
   float acc[M][kCols] = {};
@@ -77,14 +71,14 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const bf16* __restrict__
 #pragma unroll
     for (int m = 0; m < M; ++m) unpack8(*reinterpret_cast<const uint4*>(a + m * lda + k0), x[m]);
     uint4 next[kCols] = {};
-    if (k0 + kAhead * stride < k) {  // in flight during this step's math and the kAhead - 1 after
+    if (k0 + stride < k) {  // the next step's weights in flight during this step's math
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) next[j] = *reinterpret_cast<const uint4*>(rows[j] + k0 + kAhead * stride);
+      for (int j = 0; j < kCols; ++j) next[j] = *reinterpret_cast<const uint4*>(rows[j] + k0 + stride);
     }
 #pragma unroll
     for (int j = 0; j < kCols; ++j) {
       float wf[8];
-      unpack8(w[0][j], wf);
+      unpack8(w[j], wf);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
 #pragma unroll
@@ -92,12 +86,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const bf16* __restrict__
       }
     }
 #pragma unroll
-    for (int s = 0; s + 1 < kAhead; ++s) {
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) w[s][j] = w[s + 1][j];
-    }
-#pragma unroll
-    for (int j = 0; j < kCols; ++j) w[kAhead - 1][j] = next[j];
+    for (int j = 0; j < kCols; ++j) w[j] = next[j];
   }
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -151,19 +140,11 @@ cudaError_t launch_pdl(void (*kernel)(Params...), unsigned blocks, cudaStream_t 
   return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
-std::atomic<int> steps_ahead{2};
-
-template <int M, class CT, class DT, bool kGlu>
-auto KernelFor() {
-  return steps_ahead.load(std::memory_order_relaxed) == 1 ? gemv_kernel<M, CT, DT, kGlu, 1>
-                                                          : gemv_kernel<M, CT, DT, kGlu, 2>;
-}
-
 template <int M, class CT, class DT>
 cudaError_t Launch(const GemmArgs& g, cudaStream_t stream) {
   const void* c = g.c != nullptr ? g.c : g.d;
   const int64_t ldc = g.c != nullptr ? g.ldc : g.ldd;
-  return launch_pdl(KernelFor<M, CT, DT, false>(), ceil_div(g.n, kCols), stream, static_cast<const bf16*>(g.a),
+  return launch_pdl(gemv_kernel<M, CT, DT, false>, ceil_div(g.n, kCols), stream, static_cast<const bf16*>(g.a),
                     g.lda, static_cast<const bf16*>(g.b), g.ldb, g.n, g.k, c, ldc, g.beta, static_cast<DT*>(g.d),
                     g.ldd, static_cast<bf16*>(nullptr), int64_t{0});
 }
@@ -180,14 +161,12 @@ cudaError_t LaunchTypes(const GemmArgs& g, cudaStream_t stream) {
 
 template <int M>
 cudaError_t LaunchSwiGlu(const GemmArgs& g, __nv_bfloat16* h, int64_t ldh, cudaStream_t stream) {
-  return launch_pdl(KernelFor<M, bf16, bf16, true>(), ceil_div(g.n / 2, 2), stream, static_cast<const bf16*>(g.a),
+  return launch_pdl(gemv_kernel<M, bf16, bf16, true>, ceil_div(g.n / 2, 2), stream, static_cast<const bf16*>(g.a),
                     g.lda, static_cast<const bf16*>(g.b), g.ldb, g.n, g.k, static_cast<const void*>(nullptr),
                     int64_t{0}, 0.f, static_cast<bf16*>(g.d), g.ldd, h, ldh);
 }
 
 }  // namespace
-
-void set_gemv_steps_ahead(int steps) { steps_ahead.store(steps == 1 ? 1 : 2, std::memory_order_relaxed); }
 
 bool gemv_applies(const GemmArgs& g) {
   const uintptr_t ab = reinterpret_cast<uintptr_t>(g.a) | reinterpret_cast<uintptr_t>(g.b);

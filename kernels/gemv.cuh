@@ -2,7 +2,7 @@
 // nn.Linear layers at batch 1 to 4, where the product is a stream over the weights B [n, k] and
 // cuBLASLt's split-K GEMMs (plus their reduce kernels) read them at 50-85% of HBM bandwidth. Each
 // thread block takes 4 weight rows; its 8 warps split k, every lane reading 16 bytes of each row
-// per step (the next two steps' in flight during this one's math), and reduce through shared memory;
+// per step (the next step's in flight during this one's math), and reduce through shared memory;
 // fp32 accumulation. Launched with programmatic dependent launch (pdl.cuh): a product starts
 // loading its weights while the kernel before it finishes. GemmContext::Run sends the products
 // that qualify here (gemv_applies); the MLP's gate|up product may also take launch_gemv_swiglu,
@@ -29,9 +29,5 @@ cudaError_t launch_gemv(const GemmArgs& g, cudaStream_t stream);
 // also writes h [m, f] (row stride ldh) = silu(gate) * up of D's bf16 values.
 bool gemv_swiglu_applies(const GemmArgs& g);
 cudaError_t launch_gemv_swiglu(const GemmArgs& g, __nv_bfloat16* h, int64_t ldh, cudaStream_t stream);
-
-// Steps of weights each lane keeps in flight: 2 (the default) or 1; the same bits either way. For
-// benchmarks and tests that compare the two; process-wide.
-void set_gemv_steps_ahead(int steps);
 
 }  // namespace blockd::kernels

@@ -57,27 +57,23 @@ TEST_P(GemvTest, SkinnyProductsMatchFloat64) {
     for (size_t i = 0; i < r.size(); ++i) r[i] += add[i];
     return r;
   };
-  for (int ahead : {1, 2}) {  // steps of weights in flight (set_gemv_steps_ahead)
-    kernels::set_gemv_steps_ahead(ahead);
-    const std::string at = " (" + std::to_string(m) + " rows, " + std::to_string(ahead) + " ahead)";
+  const std::string at = " (" + std::to_string(m) + " rows)";
 
-    dd.Poison();
-    run(linear.Forward(da.get(), db.get(), dd.get(), GemmType::kF32));
-    ExpectClose("fp32 out" + at, dd.Download(), prod, 1e-5);
+  dd.Poison();
+  run(linear.Forward(da.get(), db.get(), dd.get(), GemmType::kF32));
+  ExpectClose("fp32 out" + at, dd.Download(), prod, 1e-5);
 
-    dd.Poison();
-    run(linear.Forward(da.get(), db.get(), dd.get(), GemmType::kF32).PlusC(dc.get()));
-    ExpectClose("fp32 out plus C" + at, dd.Download(), plus(c), 1e-5);
+  dd.Poison();
+  run(linear.Forward(da.get(), db.get(), dd.get(), GemmType::kF32).PlusC(dc.get()));
+  ExpectClose("fp32 out plus C" + at, dd.Download(), plus(c), 1e-5);
 
-    dd.Upload(d0);
-    run(linear.Forward(da.get(), db.get(), dd.get(), GemmType::kF32).AddedToD(true));
-    ExpectClose("added onto D" + at, dd.Download(), plus(d0), 1e-5);
+  dd.Upload(d0);
+  run(linear.Forward(da.get(), db.get(), dd.get(), GemmType::kF32).AddedToD(true));
+  ExpectClose("added onto D" + at, dd.Download(), plus(d0), 1e-5);
 
-    dd16.Poison();
-    run(linear.Forward(da.get(), db.get(), dd16.get(), GemmType::kBF16));
-    ExpectNormClose("bf16 out" + at, FromBf16(dd16.Download()), prod, 4e-3);
-  }
-  kernels::set_gemv_steps_ahead(2);
+  dd16.Poison();
+  run(linear.Forward(da.get(), db.get(), dd16.get(), GemmType::kBF16));
+  ExpectNormClose("bf16 out" + at, FromBf16(dd16.Download()), prod, 4e-3);
   cudaFree(ws);
 }
 
@@ -97,21 +93,17 @@ TEST_P(GemvTest, SwiGluEpilogueGivesTheBitsOfTheProductThenSwiGlu) {
   CUDA_ASSERT(kernels::launch_swiglu_fwd<bf16>(gu.get(), h.get(), m, f, 0));
   const kernels::GemmArgs g = up.Forward(dx.get(), dw.get(), gu_fused.get(), GemmType::kBF16);
   ASSERT_TRUE(kernels::gemv_swiglu_applies(g));
+  gu_fused.Poison();
+  h_fused.Poison();
+  CUDA_ASSERT(kernels::launch_gemv_swiglu(g, h_fused.get(), f, 0));
+  CUDA_ASSERT(cudaDeviceSynchronize());
   auto bits = [](const std::vector<bf16>& v) {
     std::vector<uint16_t> b(v.size());
     std::memcpy(b.data(), v.data(), v.size() * sizeof(uint16_t));
     return b;
   };
-  for (int ahead : {1, 2}) {
-    kernels::set_gemv_steps_ahead(ahead);
-    gu_fused.Poison();
-    h_fused.Poison();
-    CUDA_ASSERT(kernels::launch_gemv_swiglu(g, h_fused.get(), f, 0));
-    CUDA_ASSERT(cudaDeviceSynchronize());
-    EXPECT_EQ(bits(gu_fused.Download()), bits(gu.Download())) << "gate|up, " << m << " rows, " << ahead << " ahead";
-    EXPECT_EQ(bits(h_fused.Download()), bits(h.Download())) << "h, " << m << " rows, " << ahead << " ahead";
-  }
-  kernels::set_gemv_steps_ahead(2);
+  EXPECT_EQ(bits(gu_fused.Download()), bits(gu.Download())) << "gate|up, " << m << " rows";
+  EXPECT_EQ(bits(h_fused.Download()), bits(h.Download())) << "h, " << m << " rows";
   cudaFree(ws);
 }
 
