@@ -229,8 +229,7 @@ int Main(int argc, char** argv) {
         auto uploaded = graph->UploadMeta(meta);
         if (!Check(uploaded.status(), "tables")) return false;
         device_meta = *uploaded;
-        key = {batch, n, width, (length + n + kStepGraphPositions - 1) / kStepGraphPositions,
-               scratch.Store(0)->pages(), 0};
+        key = scratch.GraphKey(length, n, width);
         for (auto& b : blocks) key.generation += b->launch_generation();
       } else {
         table = scratch.Table(&width);

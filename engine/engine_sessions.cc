@@ -157,11 +157,7 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
     auto uploaded = graph->UploadMeta(meta);
     if (!uploaded.ok()) return fail(uploaded.status());
     device_meta = *uploaded;
-    key.rows = rows;
-    key.new_tokens = n;
-    key.table_width = width;
-    key.length_bucket = (lead.start + n + kStepGraphPositions - 1) / kStepGraphPositions;
-    key.pages = lead.scratch.Store(0)->pages();
+    key = lead.scratch.GraphKey(lead.start, n, width);
     for (const EntryPtr& e : span) key.generation += e->block->launch_generation();
   }
   std::vector<KvPageStore*> row_pages(alone ? 0 : static_cast<size_t>(rows));

@@ -167,6 +167,16 @@ std::vector<int32_t> KvCache::DeviceMeta(int64_t start, int64_t* width) const {
   return out;
 }
 
+StepGraphKey KvCache::GraphKey(int64_t start, int64_t new_tokens, int64_t width) const {
+  StepGraphKey key;
+  key.rows = batch();
+  key.new_tokens = new_tokens;
+  key.table_width = width;
+  key.length_bucket = (start + new_tokens + kStepGraphPositions - 1) / kStepGraphPositions;
+  key.pages = Store(0)->pages();
+  return key;
+}
+
 KvBlockView KvCache::View(int64_t block, const std::vector<int32_t>& table, int64_t width) const {
   KvBlockView v;
   v.pages = pool_->store(block);

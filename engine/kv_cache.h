@@ -84,6 +84,9 @@ class KvCache {
   // KvBlockView::device_meta of a step whose rows all start at `start`: [batch] starts, then the
   // page tables [batch, *width] with the width padded to whole kStepGraphPositions.
   std::vector<int32_t> DeviceMeta(int64_t start, int64_t* width) const;
+  // The StepGraphKey of a step of `new_tokens` from `start` with DeviceMeta's `width`, but for
+  // its `generation` (the span's blocks', which the caller adds).
+  StepGraphKey GraphKey(int64_t start, int64_t new_tokens, int64_t width) const;
   KvBlockView View(int64_t block, const std::vector<int32_t>& table, int64_t width) const;
   // Block `block`'s page store of this cache's family: what a batched step (rows of several
   // families) names per row in KvBlockView::row_pages.
