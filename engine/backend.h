@@ -224,19 +224,22 @@ class Block {
 struct StepGraphKey {
   int64_t rows = 0, new_tokens = 0, table_width = 0, length_bucket = 0, pages = 0;
   uint64_t generation = 0;
-  bool operator==(const StepGraphKey& o) const {
+  // Equal but for the blocks' scratch: the same launches once the scratch is warm.
+  bool SameShape(const StepGraphKey& o) const {
     return rows == o.rows && new_tokens == o.new_tokens && table_width == o.table_width &&
-           length_bucket == o.length_bucket && pages == o.pages && generation == o.generation;
+           length_bucket == o.length_bucket && pages == o.pages;
   }
+  bool operator==(const StepGraphKey& o) const { return SameShape(o) && generation == o.generation; }
   bool operator!=(const StepGraphKey& o) const { return !(*this == o); }
 };
 
 // One session's inference steps over a span on one device, replayed as a single captured launch
 // (a CUDA graph) instead of each block's launches, so that a deep span's decode step costs the
 // host one launch. Run() runs `launches` (the span's InferStep calls, in order) eagerly the first
-// time it sees a key, which warms the blocks' scratch; captures them the second time; and from
-// then on, while the key stays, copies the input in and replays the capture. A step that cannot
-// be captured (a block's scratch would have to grow, a launch that capture refuses) runs eagerly.
+// time it sees a key's shape, which warms the blocks' scratch (and may move it: a new generation);
+// captures them the second time; and from then on, while the key stays, copies the input in and
+// replays the capture. A step that cannot be captured (a block's scratch would have to grow, a
+// launch that capture refuses) runs eagerly, and so does its key until it changes.
 // Not thread-safe: the session's lock serialises its steps; the caller holds the span's blocks.
 //
 //   ASSIGN_OR_RETURN(const int32_t* meta, graph->UploadMeta(host_meta));   // KvBlockView::device_meta

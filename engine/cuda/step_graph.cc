@@ -86,9 +86,8 @@ absl::StatusOr<std::unique_ptr<Activation>> CudaStepGraph::Run(const StepGraphKe
     ++counts_.replayed;
     return Replay();
   }
-  if (key != seen_ || refused_) {
-    // First sight of the key (it warms the blocks' scratch), or one that capture refused.
-    refused_ = refused_ && key == seen_;
+  if (!key.SameShape(seen_) || (refused_ && key == refused_key_)) {
+    // First sight of the shape (it warms the blocks' scratch), or a key that capture refused.
     seen_ = key;
     ++counts_.eager;
     return launches(input);
@@ -97,6 +96,7 @@ absl::StatusOr<std::unique_ptr<Activation>> CudaStepGraph::Run(const StepGraphKe
   if (absl::Status st = Capture(key, input.batch(), input.seq(), input.width(), launches); !st.ok()) {
     BLOCKD_LOG(kInfo, "a session step runs eagerly: capturing it failed: ", st.ToString());
     refused_ = true;
+    refused_key_ = key;
     ++counts_.refused;
     ++counts_.eager;
     return launches(input);

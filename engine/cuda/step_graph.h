@@ -45,8 +45,9 @@ class CudaStepGraph : public StepGraph {
   cudaGraphExec_t exec_ = nullptr;
   cudaEvent_t replayed_ = nullptr;  // after the last replay
   StepGraphKey key_;                // exec_'s
-  StepGraphKey seen_;               // the last key run eagerly or refused
-  bool refused_ = false;            // seen_ could not be captured: run it eagerly
+  StepGraphKey seen_;               // the last key run eagerly: its shape is warm
+  bool refused_ = false;            // refused_key_ could not be captured: it runs eagerly
+  StepGraphKey refused_key_;
   DeviceBuffer input_;
   void* output_ = nullptr;          // exec_'s output, allocated by each replay
   int64_t out_batch_ = 0, out_seq_ = 0, out_width_ = 0;

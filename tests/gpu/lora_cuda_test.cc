@@ -173,7 +173,7 @@ TEST_P(CudaLoraTest, MatchesTheCpuBackend) {
     Check("gradient " + name, k.precision, g.at(name), ref);
   }
 
-  // Sessions: a prefill of 5 tokens then one decoded token, each against the CPU's steps (before
+  // Sessions: a prefill of 5 tokens then three decoded tokens, each against the CPU's steps (before
   // the step below, while both sides hold the same weights).
   for (Side* s : {&cpu, &gpu}) {
     OpenSessionArgs a;
@@ -186,9 +186,17 @@ TEST_P(CudaLoraTest, MatchesTheCpuBackend) {
     ASSERT_TRUE(info.ok()) << info.status();
   }
   const auto prompt = round(RandomNormal(batch * 5 * d, 9));
-  const auto next = round(RandomNormal(batch * 1 * d, 10));
   Check("session prefill", k.precision, gpu.InferStep("s", prompt, batch, 5), cpu.InferStep("s", prompt, batch, 5));
-  Check("session decode", k.precision, gpu.InferStep("s", next, batch, 1), cpu.InferStep("s", next, batch, 1));
+  // Three decoded tokens: on CUDA the first runs block by block, the second is captured as a CUDA
+  // graph with the adapters' products, the third replays it (StepGraph).
+  for (int t = 0; t < 3; ++t) {
+    const auto next = round(RandomNormal(batch * 1 * d, 10 + t));
+    Check("session decode " + std::to_string(t), k.precision, gpu.InferStep("s", next, batch, 1),
+          cpu.InferStep("s", next, batch, 1));
+  }
+  const EngineStats graphs = gpu.engine().Stats();
+  EXPECT_EQ(graphs.infer_graph_captures, 1);
+  EXPECT_EQ(graphs.infer_graph_replays, 1);
 
   // One AdamW step. Adam divides by sqrt(v) ~ |g|, so an element whose gradient is within rounding
   // of zero moves either way; comparing steps taken from the two backends' own gradients would
