@@ -126,10 +126,21 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
   std::vector<std::vector<int32_t>> tables(members.size());
   std::vector<int64_t> widths(members.size());
   int64_t width = 0;
+  // A session's decode step (alone, onto its prefix, few new tokens, a span on one device): one
+  // upload of the tables for every block, and with infer_graphs the span replayed as one captured
+  // launch while the key holds (StepGraph). The table's width is padded so that the key moves
+  // once per kStepGraphPositions positions, as the blocks' attention plan does then.
+  StepGraph* graph = alone && lead.start > 0 && n <= kGraphMaxNewTokens ? lead.graph : nullptr;
+  std::vector<int32_t> meta;  // graph's: the starts, then the padded tables
   for (size_t i = 0; i < members.size(); ++i) {
     PendingStep& m = *members[i];
     if (absl::Status st = m.scratch.PrepareWrite(*m.committed, m.start, n); !st.ok()) return fail(st);
-    tables[i] = m.scratch.Table(&widths[i]);
+    if (graph != nullptr) {
+      meta = m.scratch.DeviceMeta(m.start, &widths[i]);
+      tables[i].assign(meta.begin() + rows, meta.end());
+    } else {
+      tables[i] = m.scratch.Table(&widths[i]);
+    }
     width = std::max(width, widths[i]);
   }
   std::vector<int32_t> table;
@@ -144,16 +155,9 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
       }
     }
   }
-  // A session's decode step (alone, onto its prefix, few new tokens, a span on one device): one
-  // upload of the tables for every block, and with infer_graphs the span replayed as one captured
-  // launch while the key holds (StepGraph). The table's width is padded so that the key moves
-  // once per kStepGraphPositions positions, as the blocks' attention plan does then.
-  StepGraph* graph = alone && lead.start > 0 && n <= kGraphMaxNewTokens ? lead.graph : nullptr;
   StepGraphKey key;
   const int32_t* device_meta = nullptr;
   if (graph != nullptr) {
-    const std::vector<int32_t> meta = lead.scratch.DeviceMeta(lead.start, &width);
-    table.assign(meta.begin() + rows, meta.end());
     auto uploaded = graph->UploadMeta(meta);
     if (!uploaded.ok()) return fail(uploaded.status());
     device_meta = *uploaded;

@@ -1,8 +1,5 @@
 #include "engine/cuda/step_graph.h"
 
-#include <algorithm>
-#include <cstring>
-
 #include "absl/strings/str_cat.h"
 #include "base/log.h"
 #include "base/status_macros.h"
@@ -19,18 +16,12 @@ absl::StatusOr<std::unique_ptr<StepGraph>> CudaStepGraph::Create(DeviceContext* 
   std::unique_ptr<CudaStepGraph> g(new CudaStepGraph(dev));
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&g->capture_stream_, cudaStreamNonBlocking));
   CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&g->replayed_, cudaEventDisableTiming));
-  CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&g->meta_copied_, cudaEventDisableTiming));
   return std::unique_ptr<StepGraph>(std::move(g));
 }
 
 CudaStepGraph::~CudaStepGraph() {
   DeviceGuard guard(dev_->index);
   DropExec();
-  if (meta_copied_ != nullptr) {
-    cudaEventSynchronize(meta_copied_);
-    cudaEventDestroy(meta_copied_);
-  }
-  if (meta_host_ != nullptr) cudaFreeHost(meta_host_);
   if (replayed_ != nullptr) cudaEventDestroy(replayed_);
   if (capture_stream_ != nullptr) cudaStreamDestroy(capture_stream_);
 }
@@ -45,36 +36,24 @@ void CudaStepGraph::DropExec() {
 
 absl::StatusOr<const int32_t*> CudaStepGraph::UploadMeta(const std::vector<int32_t>& meta) {
   DeviceGuard guard(dev_->index);
-  const size_t bytes = meta.size() * sizeof(int32_t);
-  if (meta_.bytes() < bytes) {
+  ASSIGN_OR_RETURN(const void* at, buffers_.Upload(meta.data(), meta.size() * sizeof(int32_t)));
+  if (at != meta_) {
     DropExec();  // it names the old buffer
-    ASSIGN_OR_RETURN(meta_, DeviceBuffer::Allocate(dev_, std::max(bytes, 2 * meta_.bytes())));
+    meta_ = at;
   }
-  // The last copy out of the staging ran long ago (its step's output was downloaded since).
-  CUDA_RETURN_IF_ERROR(cudaEventSynchronize(meta_copied_));
-  if (meta_host_bytes_ < bytes) {
-    if (meta_host_ != nullptr) CUDA_RETURN_IF_ERROR(cudaFreeHost(meta_host_));
-    meta_host_ = nullptr;
-    meta_host_bytes_ = 0;
-    const size_t want = std::max<size_t>({bytes, 2 * meta_host_bytes_, 4096});
-    CUDA_RETURN_IF_ERROR(cudaHostAlloc(&meta_host_, want, cudaHostAllocDefault));
-    meta_host_bytes_ = want;
-  }
-  std::memcpy(meta_host_, meta.data(), bytes);
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(meta_.get(), meta_host_, bytes, cudaMemcpyHostToDevice, dev_->stream));
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(meta_copied_, dev_->stream));
-  return meta_.as<const int32_t>();
+  return static_cast<const int32_t*>(at);
 }
 
 absl::Status CudaStepGraph::CopyIn(const Activation& input) {
   const size_t bytes = static_cast<size_t>(input.numel()) * sizeof(float);
-  if (input_.bytes() < bytes) {
+  ASSIGN_OR_RETURN(char* at, buffers_.Scratch(bytes));
+  if (at != input_) {
     DropExec();  // it reads the old buffer
-    ASSIGN_OR_RETURN(input_, DeviceBuffer::Allocate(dev_, bytes));
+    input_ = at;
   }
   const auto& in = static_cast<const CudaActivation&>(input);
   if (in.ready() != nullptr) CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->stream, in.ready(), 0));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(input_.get(), in.data(), bytes, cudaMemcpyDeviceToDevice, dev_->stream));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(input_, in.data(), bytes, cudaMemcpyDeviceToDevice, dev_->stream));
   return absl::OkStatus();
 }
 
@@ -110,7 +89,7 @@ absl::Status CudaStepGraph::Capture(const StepGraphKey& key, int64_t batch, int6
   DropExec();
   // The graph's input: input_, lent to an activation for the capture (never freed through it).
   CudaActivation in(dev_->index, batch, seq, width,
-                    DeviceBuffer::Adopt(dev_, input_.get(), static_cast<size_t>(batch * seq * width) * 4));
+                    DeviceBuffer::Adopt(dev_, input_, static_cast<size_t>(batch * seq * width) * 4));
   CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(capture_stream_, cudaStreamCaptureModeThreadLocal));
   absl::StatusOr<std::unique_ptr<Activation>> y;
   {

@@ -15,6 +15,7 @@
 
 #include "engine/backend.h"
 #include "engine/cuda/device.h"
+#include "engine/cuda/step_workspace.h"
 
 namespace blockd::cuda {
 
@@ -37,7 +38,7 @@ class CudaStepGraph : public StepGraph {
   absl::StatusOr<std::unique_ptr<Activation>> Replay();
   // Waits for the last replay, then destroys exec_.
   void DropExec();
-  // Copies the input into input_ (grown, dropping exec_, if it is larger).
+  // Copies the input into input_ (dropping exec_ if that had to move).
   absl::Status CopyIn(const Activation& input);
 
   DeviceContext* dev_;
@@ -48,13 +49,13 @@ class CudaStepGraph : public StepGraph {
   StepGraphKey seen_;               // the last key run eagerly: its shape is warm
   bool refused_ = false;            // refused_key_ could not be captured: it runs eagerly
   StepGraphKey refused_key_;
-  DeviceBuffer input_;
+  // The graph's input (Scratch) and tables (Upload, through pinned staging); exec_ names both
+  // addresses, so either moving drops it.
+  StepWorkspace buffers_{dev_};
+  void* input_ = nullptr;
+  const void* meta_ = nullptr;
   void* output_ = nullptr;          // exec_'s output, allocated by each replay
   int64_t out_batch_ = 0, out_seq_ = 0, out_width_ = 0;
-  DeviceBuffer meta_;
-  void* meta_host_ = nullptr;  // pinned staging of UploadMeta
-  size_t meta_host_bytes_ = 0;
-  cudaEvent_t meta_copied_ = nullptr;
   Counts counts_;
 };
 
