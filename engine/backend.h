@@ -17,11 +17,11 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "base/block_config.h"
 #include "base/dtype.h"
 
@@ -99,6 +99,13 @@ class Activation {
 // backend (Backend::OpenPeerMemory). Destroying it closes the mapping (cudaIpcCloseMemHandle).
 // Activations move between it and the backend's own memory device to device (UploadPeer,
 // DownloadPeer): a same-GPU client's tensors never cross PCIe.
+// Host bytes the caller moves itself, a piece at a time and in order: `bytes` of them, `offset`
+// bytes into the tensor. A POSIX shared-memory slice reads (pread) straight into the backend's
+// pinned staging and writes (pwrite) straight out of it (UploadFrom, DownloadTo): no pageable copy
+// between the client's region and the DMA.
+using HostRead = std::function<absl::Status(void* dst, size_t offset, size_t bytes)>;
+using HostWrite = std::function<absl::Status(const void* src, size_t offset, size_t bytes)>;
+
 class PeerMemory {
  public:
   virtual ~PeerMemory() = default;
@@ -289,6 +296,20 @@ class Backend {
   // Replaces *dst with the activation as host bytes of `dtype` (numel * DTypeSize(dtype) of them),
   // written once: a reply's bytes field is not zero-filled first.
   virtual absl::Status Download(const Activation& a, DType dtype, std::string* dst) = 0;
+  // As Upload and Download, with the host bytes moved by `read` or `write` (HostRead). Default:
+  // through a pageable copy, for a backend without staging of its own (the CPU's).
+  virtual absl::StatusOr<std::unique_ptr<Activation>> UploadFrom(int device, DType dtype, const HostRead& read,
+                                                                 int64_t batch, int64_t seq, int64_t width) {
+    std::string bytes(static_cast<size_t>(batch * seq * width) * DTypeSize(dtype), '\0');
+    absl::Status s = read(bytes.data(), 0, bytes.size());
+    if (!s.ok()) return s;
+    return Upload(device, dtype, bytes.data(), batch, seq, width);
+  }
+  virtual absl::Status DownloadTo(const Activation& a, DType dtype, const HostWrite& write) {
+    std::string bytes;
+    absl::Status s = Download(a, dtype, &bytes);
+    return s.ok() ? write(bytes.data(), 0, bytes.size()) : s;
+  }
   // CUDA IPC: opens another process's device memory (`mem_handle`, a cudaIpcMemHandle_t) on
   // `device`, with its IPC event (`event_handle`, a cudaIpcEventHandle_t, may be empty) that
   // UploadPeer waits on before reading. FAILED_PRECONDITION on a backend without device memory or

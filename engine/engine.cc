@@ -335,11 +335,13 @@ absl::Status CheckPeerDevice(const PeerMemory* peer, absl::string_view what, int
 absl::StatusOr<std::unique_ptr<Activation>> Engine::UploadArg(int device, const TensorArg& t, int64_t batch,
                                                               int64_t seq, int64_t width) {
   if (t.peer != nullptr) return backend_->UploadPeer(device, t.dtype, *t.peer, t.peer_offset, batch, seq, width);
+  if (t.read) return backend_->UploadFrom(device, t.dtype, t.read, batch, seq, width);
   return backend_->Upload(device, t.dtype, t.data, batch, seq, width);
 }
 
 absl::Status Engine::DownloadOut(const Activation& a, DType dtype, TensorOut* out) {
   if (out->peer != nullptr) return backend_->DownloadPeer(a, dtype, *out->peer, out->peer_offset);
+  if (out->write) return backend_->DownloadTo(a, dtype, out->write);
   return backend_->Download(a, dtype, out->data);
 }
 

@@ -94,7 +94,8 @@ struct BlockInfo {
 };
 
 // Host bytes of a tensor in a request: a view, not owned. With `peer` set, the `size` bytes are
-// at `peer_offset` of a same-GPU client's device memory (CUDA IPC) instead, and `data` is unused.
+// at `peer_offset` of a same-GPU client's device memory (CUDA IPC) instead, and `data` is unused;
+// with `read` set, `read` copies them (a POSIX shared-memory slice, backend.h's HostRead).
 struct TensorArg {
   DType dtype = DType::kFloat32;
   std::vector<int64_t> shape;
@@ -102,6 +103,7 @@ struct TensorArg {
   size_t size = 0;  // bytes
   const PeerMemory* peer = nullptr;
   int64_t peer_offset = 0;
+  HostRead read = nullptr;
 };
 
 struct ForwardArgs {
@@ -123,6 +125,8 @@ struct TensorOut {
   // `data` (the caller checked that it holds the output).
   PeerMemory* peer = nullptr;
   int64_t peer_offset = 0;
+  // Set: the output's bytes go to `write` instead of `data` (a POSIX shared-memory slice).
+  HostWrite write = nullptr;
   // Set by Backward: tokens run back through blocks (batch * seq * blocks), as ForwardOutput's.
   int64_t tokens = 0;
 };

@@ -309,6 +309,9 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
         "InferStep takes hidden states inline or in POSIX shared memory, not in CUDA IPC memory (which Forward and "
         "Backward take)");
   }
+  if (args.hidden_states.read || out->output.write) {  // the server copies a step's slice (small) itself
+    return absl::InternalError("InferStep takes its hidden states as bytes, not through a HostRead or HostWrite");
+  }
   std::shared_ptr<Session> s = sessions_.Find(args.session_id, args.client, absl::Now());
   if (s == nullptr) return SessionNotFound(args.session_id);
   absl::MutexLock session_lock(&s->mu);

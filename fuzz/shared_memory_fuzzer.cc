@@ -157,13 +157,15 @@ class Script {
       const char* name = "";
       bool resized = false;
       Window written;
-      switch (in_.ConsumeIntegralInRange(0, 9)) {
+      switch (in_.ConsumeIntegralInRange(0, 11)) {
         case 0: case 1: name = "RegisterSharedMemory"; s = Register(); break;
         case 2: name = "UnregisterSharedMemory"; s = Unregister(); break;
         case 3: name = "Expire"; Expire(); break;
         case 4: name = "Resize"; Resize(); resized = true; break;
         case 5: name = "Read"; s = Read(); break;
         case 6: name = "Write"; s = Write(&written); break;
+        case 7: name = "ReadAt"; s = ReadAt(); break;
+        case 8: name = "WriteAt"; s = WriteAt(&written); break;
         default: name = "Forward"; s = Forward(&written); break;
       }
       CheckCode(s, name);
@@ -340,7 +342,42 @@ class Script {
     return s;
   }
 
-  // As BlockServiceImpl::Forward: TensorTransport in, the engine, TensorTransport out.
+  // A piece of a slice, as the engine's staging reads it (TensorArg::read).
+  absl::Status ReadAt() {
+    const std::string client = Client();
+    const SharedMemorySlice slice = Slice(client, 4096);
+    const int64_t from = Number(2048);
+    const size_t bytes = static_cast<size_t>(in_.ConsumeIntegralInRange<int64_t>(0, 4096));
+    std::string out(bytes, '\0');
+    const absl::Status s = shm_->ReadAt(client, slice, "read", from, out.data(), bytes);
+    if (s.ok()) {
+      Window w = WindowOf(client, slice, slice.byte_size);
+      if (from < 0 || from + static_cast<int64_t>(bytes) > slice.byte_size) Fail("ReadAt read outside its slice");
+      w.at += from;
+      w.size = static_cast<int64_t>(bytes);
+      if (out != BytesAt(w)) Fail("ReadAt answered other bytes than the piece's");
+    }
+    return s;
+  }
+
+  absl::Status WriteAt(Window* written) {
+    const std::string client = Client();
+    const SharedMemorySlice slice = Slice(client, 4096);
+    const int64_t from = Number(2048);
+    const std::string bytes = in_.ConsumeRandomLengthString(4096);
+    const absl::Status s = shm_->WriteAt(client, slice, "write", from, bytes.data(), bytes.size());
+    if (s.ok()) {
+      if (from < 0 || from + static_cast<int64_t>(bytes.size()) > slice.byte_size) Fail("WriteAt wrote outside its slice");
+      *written = WindowOf(client, slice, slice.byte_size);
+      written->at += from;
+      written->size = static_cast<int64_t>(bytes.size());
+      if (BytesAt(*written) != bytes) Fail("WriteAt wrote other bytes");
+    }
+    return s;
+  }
+
+  // As BlockServiceImpl::Forward: TensorTransport in, the engine, TensorTransport out; the engine
+  // moves a slice's bytes itself (direct, as Forward does) or the transport copies them.
   absl::Status Forward(Window* written) {
     const std::string client = Client();
     v1::ForwardRequest req;
@@ -389,7 +426,7 @@ class Script {
   }
 
   absl::Status RunForward(const std::string& client, const v1::ForwardRequest& req, v1::ForwardResponse* resp) {
-    TensorTransport io(shm_.get(), &TheMetrics(), client);
+    TensorTransport io(shm_.get(), &TheMetrics(), client, /*direct=*/in_.ConsumeBool());
     ForwardArgs args;
     args.block_ids = {"b0"};
     args.client = client;

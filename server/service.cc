@@ -218,7 +218,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
                [this, ctx, req, resp](UnaryReactor* reactor) -> absl::Status {
     ForwardArgs args;
     args.block_ids.assign(req->block_ids().begin(), req->block_ids().end());
-    TensorTransport io(shared_memory_.get(), metrics_, reactor->client(), /*cuda_ipc=*/true);
+    TensorTransport io(shared_memory_.get(), metrics_, reactor->client(), /*direct=*/true);
     ASSIGN_OR_RETURN(args.input, io.Input(req->input(), "input"));
     args.keep_activations = req->keep_activations();
     args.position_offset = req->position_offset();
@@ -259,7 +259,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Backward(grpc::CallbackServerContext
                                                      const v1::BackwardRequest* req, v1::BackwardResponse* resp) {
   return Unary(ctx, "Backward", *req, resp, Work::kPool, Role::kTrain,
                [this, req, resp](UnaryReactor* reactor) -> absl::Status {
-    TensorTransport io(shared_memory_.get(), metrics_, reactor->client(), /*cuda_ipc=*/true);
+    TensorTransport io(shared_memory_.get(), metrics_, reactor->client(), /*direct=*/true);
     ASSIGN_OR_RETURN(TensorArg grad, io.Input(req->grad_output(), "grad_output"));
     TensorOut out;
     RETURN_IF_ERROR(io.PrepareOutput(OutputRefOf(*req), "output_shared_memory", static_cast<int64_t>(grad.size),

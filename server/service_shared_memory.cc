@@ -28,7 +28,7 @@ void ToProto(const SharedMemoryRegionInfo& info, v1::SharedMemoryRegion* out) {
 }  // namespace
 
 absl::Status TensorTransport::CudaIpcAllowed(const PeerMemory* peer, absl::string_view what) const {
-  if (peer == nullptr || cuda_ipc_) return absl::OkStatus();
+  if (peer == nullptr || direct_) return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrCat(
       what, " names a CUDA IPC region, which only Forward and Backward tensors may: use a POSIX region or inline bytes"));
 }
@@ -54,6 +54,18 @@ absl::StatusOr<TensorArg> TensorTransport::Input(const v1::Tensor& t, absl::stri
     arg.peer = in_peer_.get();
     arg.peer_offset = at;
     metrics_->tensor_bytes_ipc_in->Increment(static_cast<double>(arg.size));
+    return arg;
+  }
+  if (direct_) {
+    // A truncated object is refused here, before the engine runs; the engine reads the slice into
+    // its staging (one that shrinks after this check reads short there, and is refused as well).
+    RETURN_IF_ERROR(shm_->Check(client_, SliceOf(t.shared_memory()), field));
+    arg.data = nullptr;
+    arg.size = static_cast<size_t>(t.shared_memory().byte_size());
+    arg.read = [this, slice = SliceOf(t.shared_memory())](void* dst, size_t from, size_t n) {
+      return shm_->ReadAt(client_, slice, "shared_memory", static_cast<int64_t>(from), dst, n);
+    };
+    metrics_->tensor_bytes_shm_in->Increment(static_cast<double>(arg.size));
     return arg;
   }
   RETURN_IF_ERROR(shm_->Read(client_, SliceOf(t.shared_memory()), field, &in_copy_));
@@ -85,6 +97,13 @@ absl::Status TensorTransport::PrepareOutput(const v1::SharedMemoryRef* ref, absl
     out->peer_offset = at;
     return absl::OkStatus();
   }
+  if (direct_) {
+    out->write = [this](const void* src, size_t from, size_t n) {
+      out_written_ += static_cast<int64_t>(n);
+      return shm_->WriteAt(client_, SliceOf(*out_ref_), out_what_, static_cast<int64_t>(from), src, n);
+    };
+    return absl::OkStatus();
+  }
   out->data = &out_staging_;
   return absl::OkStatus();
 }
@@ -96,8 +115,8 @@ absl::Status TensorTransport::FinishOutput() {
   }
   int64_t written = out_bytes_;  // a CUDA IPC output: the engine wrote it on the device
   if (out_peer_ == nullptr) {
-    RETURN_IF_ERROR(shm_->Write(client_, SliceOf(*out_ref_), out_what_, out_staging_));
-    written = static_cast<int64_t>(out_staging_.size());
+    if (!direct_) RETURN_IF_ERROR(shm_->Write(client_, SliceOf(*out_ref_), out_what_, out_staging_));
+    written = direct_ ? out_written_ : static_cast<int64_t>(out_staging_.size());
     metrics_->tensor_bytes_shm_out->Increment(static_cast<double>(written));
   } else {
     metrics_->tensor_bytes_ipc_out->Increment(static_cast<double>(written));

@@ -339,18 +339,27 @@ absl::Status SharedMemoryRegistry::Check(const std::string& owner, const SharedM
 absl::Status SharedMemoryRegistry::Read(const std::string& owner, const SharedMemorySlice& slice,
                                         absl::string_view what, std::string* out) {
   int64_t at = 0;
+  RETURN_IF_ERROR(Resolve(owner, slice, what, &at).status());  // the slice's bounds before its buffer
+  out->resize(static_cast<size_t>(slice.byte_size));
+  return ReadAt(owner, slice, what, 0, out->data(), out->size());
+}
+
+absl::Status SharedMemoryRegistry::ReadAt(const std::string& owner, const SharedMemorySlice& slice,
+                                          absl::string_view what, int64_t from, void* dst, size_t bytes) {
+  int64_t at = 0;
   auto region = Resolve(owner, slice, what, &at);
   if (!region.ok()) return region.status();
   RETURN_IF_ERROR(NotPosix(**region, what));
-  out->resize(static_cast<size_t>(slice.byte_size));
+  RETURN_IF_ERROR(CheckWithin(slice, what, from, bytes));
+  at += from;
   size_t done = 0;
-  while (done < out->size()) {
-    const ssize_t n = pread((*region)->fd, out->data() + done, out->size() - done, at + static_cast<off_t>(done));
+  while (done < bytes) {
+    const ssize_t n = pread((*region)->fd, static_cast<char*>(dst) + done, bytes - done, at + static_cast<off_t>(done));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {  // past the object's end: it was truncated after registering
       return absl::FailedPreconditionError(absl::StrCat(
           what, ": shared-memory object \"", Echo((*region)->key), "\" ended after ", at + static_cast<int64_t>(done),
-          " of the ", at + slice.byte_size, " bytes the slice needs (it was truncated): register it again"));
+          " of the ", at - from + slice.byte_size, " bytes the slice needs (it was truncated): register it again"));
     }
     done += static_cast<size_t>(n);
   }
@@ -359,25 +368,42 @@ absl::Status SharedMemoryRegistry::Read(const std::string& owner, const SharedMe
 
 absl::Status SharedMemoryRegistry::Write(const std::string& owner, const SharedMemorySlice& slice,
                                          absl::string_view what, absl::string_view bytes) {
+  return WriteAt(owner, slice, what, 0, bytes.data(), bytes.size());
+}
+
+absl::Status SharedMemoryRegistry::WriteAt(const std::string& owner, const SharedMemorySlice& slice,
+                                           absl::string_view what, int64_t from, const void* src, size_t bytes) {
   int64_t at = 0;
   auto region = Resolve(owner, slice, what, &at);
   if (!region.ok()) return region.status();
   RETURN_IF_ERROR(NotPosix(**region, what));
-  if (static_cast<int64_t>(bytes.size()) > slice.byte_size) {
+  if (from == 0 && static_cast<int64_t>(bytes) > slice.byte_size) {
     return absl::InvalidArgumentError(absl::StrCat(what, ".byte_size = ", slice.byte_size, ", the output needs ",
-                                                   bytes.size(), " bytes"));
+                                                   bytes, " bytes"));
   }
+  RETURN_IF_ERROR(CheckWithin(slice, what, from, bytes));
+  at += from;
   size_t done = 0;
-  while (done < bytes.size()) {
+  while (done < bytes) {
     // pwrite never faults: on an object the client shrank meanwhile it writes (inside the
     // registered window only) and regrows it rather than touching an unmapped page.
-    const ssize_t n = pwrite((*region)->fd, bytes.data() + done, bytes.size() - done, at + static_cast<off_t>(done));
+    const ssize_t n = pwrite((*region)->fd, static_cast<const char*>(src) + done, bytes - done,
+                             at + static_cast<off_t>(done));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       return absl::ResourceExhaustedError(absl::StrCat(what, ": writing shared-memory object \"",
                                                        Echo((*region)->key), "\" failed: ", std::strerror(errno)));
     }
     done += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SharedMemoryRegistry::CheckWithin(const SharedMemorySlice& slice, absl::string_view what, int64_t from,
+                                               size_t bytes) {
+  if (from < 0 || from > slice.byte_size || bytes > static_cast<uint64_t>(slice.byte_size - from)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": bytes [", from, ", +", bytes,
+                                                   ") are outside the slice's ", slice.byte_size));
   }
   return absl::OkStatus();
 }

@@ -117,6 +117,13 @@ class SharedMemoryRegistry {
   // Writes `bytes` at the slice's start; the slice must hold them.
   absl::Status Write(const std::string& owner, const SharedMemorySlice& slice, absl::string_view what,
                      absl::string_view bytes);
+  // Read and Write of `bytes` from `from` bytes into the slice, into `dst` or from `src` (a piece
+  // of a tensor that the engine moves through its own staging, backend.h's HostRead). The piece
+  // must lie in the slice (INVALID_ARGUMENT).
+  absl::Status ReadAt(const std::string& owner, const SharedMemorySlice& slice, absl::string_view what, int64_t from,
+                      void* dst, size_t bytes);
+  absl::Status WriteAt(const std::string& owner, const SharedMemorySlice& slice, absl::string_view what, int64_t from,
+                       const void* src, size_t bytes);
 
  private:
   struct Region;
@@ -127,6 +134,7 @@ class SharedMemoryRegistry {
   absl::Status CheckRegistrable(const std::string& owner, const std::string& name, int64_t byte_size, int64_t offset);
   absl::StatusOr<SharedMemoryRegionInfo> Insert(const std::string& owner, std::shared_ptr<Region> region);
   static absl::Status NotPosix(const Region& region, absl::string_view what);
+  static absl::Status CheckWithin(const SharedMemorySlice& slice, absl::string_view what, int64_t from, size_t bytes);
 
   const SharedMemoryOptions options_;
   const PeerMemoryOpener open_peer_;

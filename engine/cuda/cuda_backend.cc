@@ -37,37 +37,64 @@ kernels::WireType WireOf(DType t) {
 
 // Copies between the device and pageable memory (a request's or a reply's bytes) go through the
 // driver's own staging and ran at ~1.3 GB/s on the GPU host; a pinned buffer that the bytes pass
-// through moves them at memcpy speed plus a full-rate DMA. Each copy takes a buffer of its own from
-// a small free list (so concurrent calls' transfers do not queue behind one another), grown on
-// demand; at most kKeep buffers are kept (an upload and a download for each of several calls in
-// flight: allocating and freeing pinned memory costs milliseconds).
+// through moves them at memcpy speed plus a full-rate DMA. The host side moves the bytes itself
+// (HostRead, HostWrite: a memcpy from a request, a pread from a shared-memory region), a piece at
+// a time, so that one piece's DMA runs while the next is read or the last one written. Each copy
+// takes a buffer of its own from a small free list (so concurrent calls' transfers do not queue
+// behind one another), grown on demand; at most kKeep buffers are kept (an upload and a download
+// for each of several calls in flight: allocating and freeing pinned memory costs milliseconds).
 class PinnedStaging {
  public:
   ~PinnedStaging() {
     for (const Buffer& b : free_) cudaFreeHost(b.ptr);
   }
-  // Copies `bytes` of host `src` to device `dst` on `dev`'s upload stream and waits for the copy.
-  absl::Status CopyToDevice(DeviceContext* dev, void* dst, const void* src, size_t bytes) {
+  // Copies `bytes` from `read` to device `dst` on `dev`'s upload stream and waits for the copy.
+  absl::Status CopyToDevice(DeviceContext* dev, void* dst, const HostRead& read, size_t bytes) {
     ASSIGN_OR_RETURN(Buffer b, Take(bytes));
-    std::memcpy(b.ptr, src, bytes);
-    absl::Status s = CudaStatus(cudaMemcpyAsync(dst, b.ptr, bytes, cudaMemcpyHostToDevice, dev->upload_stream));
-    if (s.ok()) s = dev->Sync(dev->upload_stream);  // before the buffer goes back to the list
-    Give(b, s.ok());
-    return s;
+    absl::Status s;
+    for (size_t at = 0; s.ok() && at < bytes; at += kPiece) {
+      const size_t n = std::min(kPiece, bytes - at);
+      char* piece = static_cast<char*>(b.ptr) + at;
+      s = read(piece, at, n);
+      if (s.ok()) {
+        s = CudaStatus(
+            cudaMemcpyAsync(static_cast<char*>(dst) + at, piece, n, cudaMemcpyHostToDevice, dev->upload_stream));
+      }
+    }
+    // Before the buffer goes back to the list, a failed read included: earlier pieces may be in flight.
+    const absl::Status synced = dev->Sync(dev->upload_stream);
+    Give(b, synced.ok());
+    return s.ok() ? synced : s;
   }
-  // Replaces *dst with `bytes` of device `src`, copied on `dev`'s download stream (after what it
-  // already waits for); assigned from the pinned buffer, so *dst is written once, not zeroed first.
-  absl::Status CopyToHost(DeviceContext* dev, std::string* dst, const void* src, size_t bytes) {
+  // Hands `bytes` of device `src`, copied on `dev`'s download stream (after what it already waits
+  // for), to `write` piece by piece as each piece lands.
+  absl::Status CopyToHost(DeviceContext* dev, const HostWrite& write, const void* src, size_t bytes) {
     ASSIGN_OR_RETURN(Buffer b, Take(bytes));
-    absl::Status s = CudaStatus(cudaMemcpyAsync(b.ptr, src, bytes, cudaMemcpyDeviceToHost, dev->download_stream));
-    if (s.ok()) s = dev->Sync(dev->download_stream);
-    if (s.ok()) dst->assign(static_cast<const char*>(b.ptr), bytes);
-    Give(b, s.ok());
-    return s;
+    std::vector<cudaEvent_t> landed((bytes + kPiece - 1) / kPiece, nullptr);
+    absl::Status s;
+    for (size_t i = 0; s.ok() && i < landed.size(); ++i) {
+      const size_t at = i * kPiece;
+      s = CudaStatus(cudaMemcpyAsync(static_cast<char*>(b.ptr) + at, static_cast<const char*>(src) + at,
+                                     std::min(kPiece, bytes - at), cudaMemcpyDeviceToHost, dev->download_stream));
+      if (s.ok()) s = CudaStatus(cudaEventCreateWithFlags(&landed[i], cudaEventDisableTiming));
+      if (s.ok()) s = CudaStatus(cudaEventRecord(landed[i], dev->download_stream));
+    }
+    for (size_t i = 0; s.ok() && i < landed.size(); ++i) {
+      const size_t at = i * kPiece;
+      s = CudaStatus(cudaEventSynchronize(landed[i]));
+      if (s.ok()) s = write(static_cast<const char*>(b.ptr) + at, at, std::min(kPiece, bytes - at));
+    }
+    const absl::Status synced = dev->Sync(dev->download_stream);
+    for (cudaEvent_t e : landed) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
+    Give(b, synced.ok());
+    return s.ok() ? synced : s;
   }
 
  private:
   static constexpr size_t kKeep = 8;
+  static constexpr size_t kPiece = size_t{8} << 20;
   struct Buffer {
     void* ptr = nullptr;
     size_t capacity = 0;
@@ -170,8 +197,16 @@ class CudaBackend : public Backend {
   // behind other calls' compute nor holds it up.
   absl::StatusOr<std::unique_ptr<Activation>> Upload(int device, DType dtype, const void* data, int64_t batch,
                                                      int64_t seq, int64_t width) override {
+    return UploadFrom(device, dtype, [data](void* dst, size_t at, size_t n) {
+      std::memcpy(dst, static_cast<const char*>(data) + at, n);
+      return absl::OkStatus();
+    }, batch, seq, width);
+  }
+
+  absl::StatusOr<std::unique_ptr<Activation>> UploadFrom(int device, DType dtype, const HostRead& read, int64_t batch,
+                                                         int64_t seq, int64_t width) override {
     return UploadWith(device, dtype, batch, seq, width, [&](DeviceContext* dev, void* staging, size_t bytes) {
-      return staging_[device].CopyToDevice(dev, staging, data, bytes);
+      return staging_[device].CopyToDevice(dev, staging, read, bytes);
     });
   }
 
@@ -229,18 +264,28 @@ class CudaBackend : public Backend {
   }
 
  public:
+  // *dst is reserved and appended to, not zero-filled first.
   absl::Status Download(const Activation& a, DType dtype, std::string* dst) override {
+    dst->clear();
+    dst->reserve(static_cast<size_t>(a.numel()) * DTypeSize(dtype));
+    return DownloadTo(a, dtype, [dst](const void* src, size_t, size_t n) {
+      dst->append(static_cast<const char*>(src), n);
+      return absl::OkStatus();
+    });
+  }
+
+  absl::Status DownloadTo(const Activation& a, DType dtype, const HostWrite& write) override {
     const auto& ca = static_cast<const CudaActivation&>(a);
     DeviceContext* dev = devices_[a.device()].get();
     DeviceGuard guard(dev->index);
     const int64_t n = a.numel();
     RETURN_IF_ERROR(WaitProduced(ca, dev, dev->download_stream));
     cudaStream_t down = dev->download_stream;
-    if (dtype == DType::kFloat32) return staging_[a.device()].CopyToHost(dev, dst, ca.data(), n * 4);
+    if (dtype == DType::kFloat32) return staging_[a.device()].CopyToHost(dev, write, ca.data(), n * 4);
     ASSIGN_OR_RETURN(DeviceBuffer staging,
                      DeviceBuffer::AllocateForCopy(dev, n * DTypeSize(dtype), down, down));
     CUDA_RETURN_IF_ERROR(kernels::launch_from_float(ca.data(), WireOf(dtype), staging.get(), n, down));
-    return staging_[a.device()].CopyToHost(dev, dst, staging.get(), n * DTypeSize(dtype));
+    return staging_[a.device()].CopyToHost(dev, write, staging.get(), n * DTypeSize(dtype));
   }
 
   // CUDA IPC: device to device into the client's memory, after the client's recorded work (it may

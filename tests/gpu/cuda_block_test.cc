@@ -301,6 +301,76 @@ TEST(CudaEngineTest, SpanMatchesCpuEngine) {
   EXPECT_NEAR(norms[1], norms[0], 1e-5 * norms[0]);
 }
 
+// UploadFrom and DownloadTo (a POSIX shared-memory slice's path: pread into the pinned staging,
+// pwrite out of it) move a tensor of several staging pieces, the last one short, to bitwise the
+// bytes Upload and Download move; pieces arrive in order and cover the tensor once; a read that
+// fails mid-tensor fails the upload with its status, and the next transfer works.
+TEST(CudaBackendTest, HostReadsAndWritesMoveTheSameBytesAPieceAtATime) {
+  SKIP_WITHOUT_GPU();
+  auto gpu_or = MakeCudaBackend();
+  ASSERT_TRUE(gpu_or.ok()) << gpu_or.status();
+  Backend& gpu = **gpu_or;
+  const int64_t batch = 3, seq = 1000, d = 4000;  // 24 MB of bf16: pieces of 8 MiB, the last short
+  const auto values = RandomNormal(batch * seq * d, 5);
+  std::string wire(values.size() * 2, '\0');
+  for (size_t i = 0; i < values.size(); ++i) {  // bf16: the float's top half
+    uint32_t u;
+    std::memcpy(&u, &values[i], 4);
+    const uint16_t h = static_cast<uint16_t>(u >> 16);
+    std::memcpy(&wire[2 * i], &h, 2);
+  }
+  auto plain = gpu.Upload(0, DType::kBFloat16, wire.data(), batch, seq, d);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  std::vector<std::pair<size_t, size_t>> reads;
+  auto pieced = gpu.UploadFrom(0, DType::kBFloat16, [&](void* dst, size_t at, size_t n) {
+    reads.emplace_back(at, n);
+    std::memcpy(dst, wire.data() + at, n);
+    return absl::OkStatus();
+  }, batch, seq, d);
+  ASSERT_TRUE(pieced.ok()) << pieced.status();
+  ASSERT_GE(reads.size(), 3u);
+  size_t next = 0;
+  for (const auto& [at, n] : reads) {
+    EXPECT_EQ(at, next);
+    next += n;
+  }
+  EXPECT_EQ(next, wire.size());
+
+  std::string a, b(wire.size(), '\0');
+  ASSERT_TRUE(gpu.Download(**plain, DType::kBFloat16, &a).ok());
+  EXPECT_EQ(a, wire);  // bf16 round trips exactly
+  std::vector<std::pair<size_t, size_t>> writes;
+  ASSERT_TRUE(gpu.DownloadTo(**pieced, DType::kBFloat16, [&](const void* src, size_t at, size_t n) {
+    writes.emplace_back(at, n);
+    std::memcpy(&b[at], src, n);
+    return absl::OkStatus();
+  }).ok());
+  EXPECT_EQ(b, a);
+  next = 0;
+  for (const auto& [at, n] : writes) {
+    EXPECT_EQ(at, next);
+    next += n;
+  }
+  EXPECT_EQ(next, wire.size());
+  EXPECT_EQ(writes.size(), reads.size());
+
+  int calls = 0;
+  auto failed = gpu.UploadFrom(0, DType::kBFloat16, [&](void* dst, size_t at, size_t n) {
+    if (++calls == 2) return absl::FailedPreconditionError("the object was truncated");
+    std::memcpy(dst, wire.data() + at, n);
+    return absl::OkStatus();
+  }, batch, seq, d);
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(calls, 2);
+  const absl::Status write_failed = gpu.DownloadTo(**plain, DType::kBFloat16, [](const void*, size_t, size_t) {
+    return absl::ResourceExhaustedError("tmpfs is full");
+  });
+  EXPECT_EQ(write_failed.code(), absl::StatusCode::kResourceExhausted);
+  std::string again;
+  ASSERT_TRUE(gpu.Download(**pieced, DType::kBFloat16, &again).ok());
+  EXPECT_EQ(again, wire);
+}
+
 size_t PoolUsed() {
   cudaMemPool_t pool;
   cudaDeviceGetDefaultMemPool(&pool, 0);
