@@ -95,19 +95,22 @@ class Activation {
   int64_t batch_, seq_, width_;
 };
 
-// Device memory of another process on this host, shared through CUDA IPC and opened by the
-// backend (Backend::OpenPeerMemory). Destroying it closes the mapping (cudaIpcCloseMemHandle).
-// Activations move between it and the backend's own memory device to device (UploadPeer,
-// DownloadPeer): a same-GPU client's tensors never cross PCIe.
 // Host bytes the caller moves itself, a piece at a time and in order: `bytes` of them, `offset`
-// bytes into the tensor. A POSIX shared-memory slice reads (pread) straight into the backend's
-// pinned staging and writes (pwrite) straight out of it (UploadFrom, DownloadTo): no pageable copy
-// between the client's region and the DMA.
+// bytes into the tensor. A POSIX shared-memory slice that could not be pinned (PinHostMemory) is
+// read (pread) straight into the backend's pinned staging and written (pwrite) straight out of it
+// (UploadFrom, DownloadTo): no pageable copy between the client's region and the DMA.
 using HostRead = std::function<absl::Status(void* dst, size_t offset, size_t bytes)>;
 using HostWrite = std::function<absl::Status(const void* src, size_t offset, size_t bytes)>;
 
+// Device memory of another process on this host, shared through CUDA IPC and opened by the
+// backend (Backend::OpenPeerMemory). Destroying it closes the mapping (cudaIpcCloseMemHandle).
+// Activations move between it and the backend's own memory device to device (UploadPeer,
+// DownloadPeer): a same-GPU client's tensors never cross PCIe. Or host memory pinned for DMA
+// (Backend::PinHostMemory: a POSIX shared-memory region's mapping), which every device reads and
+// writes by DMA, never the CPU.
 class PeerMemory {
  public:
+  static constexpr int kHost = -1;  // device() of pinned host memory
   virtual ~PeerMemory() = default;
   virtual int device() const = 0;
   // Bytes usable from the handle's address: the allocation's, as the driver reports it.
@@ -321,8 +324,18 @@ class Backend {
         "CUDA IPC memory needs the CUDA backend; this daemon runs on the CPU: register POSIX shared memory or send "
         "tensors inline");
   }
+  // Pins `bytes` of host memory at `ptr` (a POSIX shared-memory region's mapping) for DMA: UploadPeer
+  // and DownloadPeer then move activations between it and the device with no host copy. Only DMA
+  // touches the memory, never the CPU, so a client that shrinks the object under the mapping cannot
+  // fault the daemon (the pinned pages stay until the PeerMemory goes). FAILED_PRECONDITION where
+  // the backend has no DMA (the CPU's) or the host refuses to pin.
+  virtual absl::StatusOr<std::unique_ptr<PeerMemory>> PinHostMemory(void* ptr, size_t bytes) {
+    (void)ptr, (void)bytes;
+    return absl::FailedPreconditionError("this backend reads host memory with the CPU: nothing to pin");
+  }
   // As Upload and Download, from or into `offset` of peer memory (bounds checked by the caller).
-  // The caller checks that the peer memory lives on the activation's device.
+  // The caller checks that the peer memory lives on the activation's device (or is pinned host
+  // memory, PeerMemory::kHost).
   virtual absl::StatusOr<std::unique_ptr<Activation>> UploadPeer(int device, DType dtype, const PeerMemory& peer,
                                                                  int64_t offset, int64_t batch, int64_t seq,
                                                                  int64_t width) {

@@ -36,12 +36,14 @@ BlockServiceImpl::BlockServiceImpl(Engine* engine, Metrics* metrics, ThreadPool*
   watchdog_ = std::make_unique<StreamWatchdog>(options_.stream_idle_timeout, options_.stream_max_duration);
   SharedMemoryOptions shm = options_.shared_memory;
   shm.max_tensor_bytes = options_.max_message_bytes;  // a tensor by reference is bounded as inline
-  // CUDA IPC regions are opened by the backend (a CPU backend refuses them); the registry is
-  // destroyed before the engine, so every mapping closes while the device is still there.
+  // CUDA IPC regions are opened and POSIX ones pinned by the backend (a CPU backend refuses both);
+  // the registry is destroyed before the engine, so every mapping closes while the device is there.
   shared_memory_ = std::make_unique<SharedMemoryRegistry>(
-      shm, [engine](int device, absl::string_view mem_handle, absl::string_view event_handle) {
+      shm,
+      [engine](int device, absl::string_view mem_handle, absl::string_view event_handle) {
         return engine->backend().OpenPeerMemory(device, mem_handle, event_handle);
-      });
+      },
+      [engine](void* ptr, size_t bytes) { return engine->backend().PinHostMemory(ptr, bytes); });
 }
 
 absl::StatusOr<Principal> BlockServiceImpl::Identify(grpc::CallbackServerContext* ctx) const {

@@ -57,14 +57,21 @@ absl::StatusOr<TensorArg> TensorTransport::Input(const v1::Tensor& t, absl::stri
     return arg;
   }
   if (direct_) {
-    // A truncated object is refused here, before the engine runs; the engine reads the slice into
-    // its staging (one that shrinks after this check reads short there, and is refused as well).
+    // A truncated object is refused here, before the engine runs. The engine then reads the slice
+    // by DMA from the pinned mapping, or else into its staging (an object that shrinks after this
+    // check reads short there, and is refused as well).
     RETURN_IF_ERROR(shm_->Check(client_, SliceOf(t.shared_memory()), field));
     arg.data = nullptr;
     arg.size = static_cast<size_t>(t.shared_memory().byte_size());
-    arg.read = [this, slice = SliceOf(t.shared_memory())](void* dst, size_t from, size_t n) {
-      return shm_->ReadAt(client_, slice, "shared_memory", static_cast<int64_t>(from), dst, n);
-    };
+    ASSIGN_OR_RETURN(in_peer_, shm_->Pinned(client_, SliceOf(t.shared_memory()), field, &at));
+    if (in_peer_ != nullptr) {
+      arg.peer = in_peer_.get();
+      arg.peer_offset = at;
+    } else {
+      arg.read = [this, slice = SliceOf(t.shared_memory())](void* dst, size_t from, size_t n) {
+        return shm_->ReadAt(client_, slice, "shared_memory", static_cast<int64_t>(from), dst, n);
+      };
+    }
     metrics_->tensor_bytes_shm_in->Increment(static_cast<double>(arg.size));
     return arg;
   }
@@ -92,7 +99,11 @@ absl::Status TensorTransport::PrepareOutput(const v1::SharedMemoryRef* ref, absl
   out_ref_ = ref;
   out_what_ = std::string(what);
   out_bytes_ = need;
-  if (out_peer_ != nullptr) {
+  out_ipc_ = out_peer_ != nullptr;
+  if (direct_ && !out_ipc_) {
+    ASSIGN_OR_RETURN(out_peer_, shm_->Pinned(client_, SliceOf(*ref), what, &at));
+  }
+  if (out_peer_ != nullptr) {  // CUDA IPC, or a pinned POSIX region: by DMA
     out->peer = out_peer_.get();
     out->peer_offset = at;
     return absl::OkStatus();
@@ -113,13 +124,17 @@ absl::Status TensorTransport::FinishOutput() {
     metrics_->tensor_bytes_inline_out->Increment(static_cast<double>(reply_->data().size()));
     return absl::OkStatus();
   }
-  int64_t written = out_bytes_;  // a CUDA IPC output: the engine wrote it on the device
-  if (out_peer_ == nullptr) {
-    if (!direct_) RETURN_IF_ERROR(shm_->Write(client_, SliceOf(*out_ref_), out_what_, out_staging_));
-    written = direct_ ? out_written_ : static_cast<int64_t>(out_staging_.size());
-    metrics_->tensor_bytes_shm_out->Increment(static_cast<double>(written));
-  } else {
+  int64_t written = out_bytes_;  // by DMA: the engine wrote all of it
+  if (out_ipc_) {
     metrics_->tensor_bytes_ipc_out->Increment(static_cast<double>(written));
+  } else {
+    if (!direct_) {
+      RETURN_IF_ERROR(shm_->Write(client_, SliceOf(*out_ref_), out_what_, out_staging_));
+      written = static_cast<int64_t>(out_staging_.size());
+    } else if (out_peer_ == nullptr) {
+      written = out_written_;
+    }
+    metrics_->tensor_bytes_shm_out->Increment(static_cast<double>(written));
   }
   v1::SharedMemoryRef* at = reply_->mutable_shared_memory();
   at->set_region(out_ref_->region());

@@ -64,9 +64,17 @@ struct SharedMemoryRegistry::Region {
   int fd = -1;                       // POSIX
   std::shared_ptr<PeerMemory> peer;  // CUDA IPC: closed when the last call using it lets go
   int device = 0;
+  // POSIX on a CUDA daemon: the object's pages [map_from, offset + byte_size), mapped and pinned
+  // for DMA; the region's byte 0 is at `pinned_at` of `pinned`.
+  void* map = nullptr;
+  size_t map_bytes = 0;
+  int64_t pinned_at = 0;
+  std::shared_ptr<PeerMemory> pinned;
   absl::Mutex mu;
   absl::Time last_used ABSL_GUARDED_BY(mu);
   ~Region() {
+    pinned.reset();  // unpinned before it is unmapped
+    if (map != nullptr) munmap(map, map_bytes);
     if (fd >= 0) close(fd);
   }
   SharedMemoryRegionInfo Info(absl::Duration idle, absl::Duration expires_in) const {
@@ -74,8 +82,9 @@ struct SharedMemoryRegistry::Region {
   }
 };
 
-SharedMemoryRegistry::SharedMemoryRegistry(SharedMemoryOptions options, PeerMemoryOpener open_peer)
-    : options_(std::move(options)), open_peer_(std::move(open_peer)) {}
+SharedMemoryRegistry::SharedMemoryRegistry(SharedMemoryOptions options, PeerMemoryOpener open_peer,
+                                           HostMemoryPinner pin)
+    : options_(std::move(options)), open_peer_(std::move(open_peer)), pin_(std::move(pin)) {}
 
 SharedMemoryRegistry::~SharedMemoryRegistry() {
   absl::MutexLock lock(&mu_);
@@ -184,7 +193,27 @@ absl::StatusOr<SharedMemoryRegionInfo> SharedMemoryRegistry::Register(const std:
   region->key = key;
   region->byte_size = byte_size;
   region->offset = offset;
+  if (pin_ != nullptr) Pin(*region);
   return Insert(owner, std::move(region));
+}
+
+void SharedMemoryRegistry::Pin(Region& region) {
+  const int64_t page = sysconf(_SC_PAGESIZE);
+  const int64_t from = region.offset / page * page;
+  const size_t bytes = static_cast<size_t>(region.offset + region.byte_size - from);
+  void* map = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, region.fd, static_cast<off_t>(from));
+  if (map == MAP_FAILED) return;
+  // The driver faults the pages in as it pins them (no CPU access here): an object shrunk since
+  // the size check makes it fail, not fault.
+  absl::StatusOr<std::unique_ptr<PeerMemory>> pinned = pin_(map, bytes);
+  if (!pinned.ok()) {
+    munmap(map, bytes);
+    return;
+  }
+  region.map = map;
+  region.map_bytes = bytes;
+  region.pinned_at = region.offset - from;
+  region.pinned = *std::move(pinned);
 }
 
 absl::StatusOr<SharedMemoryRegionInfo> SharedMemoryRegistry::RegisterCudaIpc(
@@ -318,6 +347,15 @@ absl::StatusOr<std::shared_ptr<PeerMemory>> SharedMemoryRegistry::Peer(const std
                                                                        absl::string_view what, int64_t* peer_offset) {
   ASSIGN_OR_RETURN(std::shared_ptr<Region> region, Resolve(owner, slice, what, peer_offset));
   return region->peer;
+}
+
+absl::StatusOr<std::shared_ptr<PeerMemory>> SharedMemoryRegistry::Pinned(const std::string& owner,
+                                                                         const SharedMemorySlice& slice,
+                                                                         absl::string_view what, int64_t* pinned_offset) {
+  int64_t at = 0;
+  ASSIGN_OR_RETURN(std::shared_ptr<Region> region, Resolve(owner, slice, what, &at));
+  *pinned_offset = region->pinned_at + slice.offset;
+  return region->pinned;
 }
 
 absl::Status SharedMemoryRegistry::Check(const std::string& owner, const SharedMemorySlice& slice,

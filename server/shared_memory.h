@@ -8,6 +8,11 @@
 // the backend, never by the registry). It belongs to the identity that registered it (as
 // activation handles and sessions do, engine/owned.h): for anyone else it does not exist.
 //
+// On a CUDA daemon a POSIX region is also mapped and pinned for DMA at Register (Pinned): the
+// engine's copies then go between the client's pages and the device with no host copy at all. Only
+// the DMA engine touches that mapping, never the daemon's CPU, and the pinned pages stay until the
+// region goes, so a shrunk object cannot fault the daemon there either.
+//
 // Why pread/pwrite and not mmap: a client can ftruncate its object after registering, and a
 // daemon that touches a mapped page past the new end gets SIGBUS, which would kill every other
 // client's blocks. The registry keeps the object's fd open and copies with pread(2)/pwrite(2),
@@ -64,6 +69,9 @@ struct SharedMemoryRegionInfo {
 using PeerMemoryOpener = std::function<absl::StatusOr<std::unique_ptr<PeerMemory>>(
     int device, absl::string_view mem_handle, absl::string_view event_handle)>;
 
+// Pins a POSIX region's mapping for DMA (the backend's PinHostMemory); refused on the CPU.
+using HostMemoryPinner = std::function<absl::StatusOr<std::unique_ptr<PeerMemory>>(void* ptr, size_t bytes)>;
+
 // The bytes of a cudaIpcMemHandle_t and a cudaIpcEventHandle_t (CUDA_IPC_HANDLE_SIZE), checked
 // here so a malformed handle gets the same answer from a CPU daemon and a CUDA one.
 inline constexpr size_t kCudaIpcHandleBytes = 64;
@@ -71,7 +79,10 @@ inline constexpr size_t kCudaIpcHandleBytes = 64;
 class SharedMemoryRegistry {
  public:
   // Without `open_peer` (or with a CPU backend's, which refuses) CUDA IPC regions are refused.
-  explicit SharedMemoryRegistry(SharedMemoryOptions options, PeerMemoryOpener open_peer = nullptr);
+  // With `pin` (a CUDA backend's), a POSIX region is also mapped and pinned at Register, so that
+  // the engine moves its tensors by DMA (Pinned); where pinning is refused, Read and Write copy.
+  explicit SharedMemoryRegistry(SharedMemoryOptions options, PeerMemoryOpener open_peer = nullptr,
+                                HostMemoryPinner pin = nullptr);
   ~SharedMemoryRegistry();  // closes every region's object
   SharedMemoryRegistry(const SharedMemoryRegistry&) = delete;
   SharedMemoryRegistry& operator=(const SharedMemoryRegistry&) = delete;
@@ -110,6 +121,11 @@ class SharedMemoryRegistry {
   // the memory open past an Unregister until the call is done.
   absl::StatusOr<std::shared_ptr<PeerMemory>> Peer(const std::string& owner, const SharedMemorySlice& slice,
                                                    absl::string_view what, int64_t* peer_offset);
+  // A POSIX region's mapping pinned for DMA (PeerMemory::kHost) with the slice's offset in it
+  // (bounds checked, region renewed); null for a region that was not pinned, and for CUDA IPC.
+  // Only DMA touches it: a client that truncates its object cannot fault the daemon through it.
+  absl::StatusOr<std::shared_ptr<PeerMemory>> Pinned(const std::string& owner, const SharedMemorySlice& slice,
+                                                     absl::string_view what, int64_t* pinned_offset);
   // Copies the slice's bytes into `out` (resized to byte_size). FAILED_PRECONDITION on a CUDA IPC
   // region (the engine reads those on the device), as Write.
   absl::Status Read(const std::string& owner, const SharedMemorySlice& slice, absl::string_view what,
@@ -134,10 +150,13 @@ class SharedMemoryRegistry {
   absl::Status CheckRegistrable(const std::string& owner, const std::string& name, int64_t byte_size, int64_t offset);
   absl::StatusOr<SharedMemoryRegionInfo> Insert(const std::string& owner, std::shared_ptr<Region> region);
   static absl::Status NotPosix(const Region& region, absl::string_view what);
+  // Maps and pins a POSIX region (best effort: on failure the region is read and written by copy).
+  void Pin(Region& region);
   static absl::Status CheckWithin(const SharedMemorySlice& slice, absl::string_view what, int64_t from, size_t bytes);
 
   const SharedMemoryOptions options_;
   const PeerMemoryOpener open_peer_;
+  const HostMemoryPinner pin_;
   mutable absl::Mutex mu_;
   // (owner, name) -> region.
   std::map<std::pair<std::string, std::string>, std::shared_ptr<Region>> regions_ ABSL_GUARDED_BY(mu_);

@@ -1,9 +1,10 @@
 // One call's activation tensor in and out, inline (bytes in the message) or through a
 // shared-memory region slice (server/shared_memory.h): what Forward, Backward and InferStep share.
-// With `direct` (Forward, Backward) the engine moves a slice's bytes itself: a CUDA IPC slice as
-// peer memory (TensorArg::peer, TensorOut::peer), read and written device to device; a POSIX
-// slice through TensorArg::read and TensorOut::write, which pread and pwrite the region straight
-// into and out of the backend's pinned staging. Without it a POSIX slice is copied here and a CUDA
+// With `direct` (Forward, Backward) the engine moves a slice's bytes itself: a CUDA IPC slice, and
+// a POSIX slice whose region the registry pinned (a CUDA daemon), as peer memory (TensorArg::peer,
+// TensorOut::peer) read and written by DMA; another POSIX slice through TensorArg::read and
+// TensorOut::write, which pread and pwrite the region straight into and out of the backend's
+// pinned staging. Without it a POSIX slice is copied here and a CUDA
 // IPC slice is refused (InferStep batches steps through host buffers).
 //
 //   TensorTransport io(shared_memory_.get(), metrics_, reactor->client(), /*direct=*/true);
@@ -65,6 +66,7 @@ class TensorTransport {
   std::string out_what_;
   int64_t out_bytes_ = 0;
   int64_t out_written_ = 0;  // by the engine's pwrite (direct)
+  bool out_ipc_ = false;     // out_peer_ is CUDA IPC memory (else a pinned POSIX region's)
   v1::Tensor* reply_ = nullptr;
 };
 

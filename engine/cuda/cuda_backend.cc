@@ -212,18 +212,22 @@ class CudaBackend : public Backend {
 
   // CUDA IPC: the client's bytes are copied device to device into the staging buffer (any
   // alignment, and the client may reuse its tensor once the call returns), after the work the
-  // client recorded on its IPC event.
+  // client recorded on its IPC event. A pinned shared-memory region: one DMA across PCIe.
   absl::StatusOr<std::unique_ptr<Activation>> UploadPeer(int device, DType dtype, const PeerMemory& peer,
                                                          int64_t offset, int64_t batch, int64_t seq,
                                                          int64_t width) override {
     const auto& p = static_cast<const cuda::CudaPeerMemory&>(peer);
-    if (p.device() != device) return absl::FailedPreconditionError("CUDA IPC memory of another device");
+    if (!Reaches(p, device)) return absl::FailedPreconditionError("CUDA IPC memory of another device");
     return UploadWith(device, dtype, batch, seq, width, [&](DeviceContext* dev, void* staging, size_t bytes) {
       RETURN_IF_ERROR(p.WaitOn(dev->upload_stream));
-      CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(staging, p.at(offset), bytes, cudaMemcpyDeviceToDevice, dev->upload_stream));
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging, p.at(offset), bytes, cudaMemcpyDefault, dev->upload_stream));
       return absl::OkStatus();
     });
+  }
+
+  absl::StatusOr<std::unique_ptr<PeerMemory>> PinHostMemory(void* ptr, size_t bytes) override {
+    ASSIGN_OR_RETURN(auto pinned, cuda::PinCudaHostMemory(devices_.front().get(), ptr, bytes));
+    return std::unique_ptr<PeerMemory>(std::move(pinned));
   }
 
   absl::StatusOr<std::unique_ptr<PeerMemory>> OpenPeerMemory(int device, absl::string_view mem_handle,
@@ -289,11 +293,12 @@ class CudaBackend : public Backend {
   }
 
   // CUDA IPC: device to device into the client's memory, after the client's recorded work (it may
-  // still read what it last had there); done when this returns.
+  // still read what it last had there); a pinned shared-memory region: one DMA across PCIe. Done
+  // when this returns.
   absl::Status DownloadPeer(const Activation& a, DType dtype, PeerMemory& peer, int64_t offset) override {
     const auto& ca = static_cast<const CudaActivation&>(a);
     const auto& p = static_cast<const cuda::CudaPeerMemory&>(peer);
-    if (p.device() != a.device()) return absl::FailedPreconditionError("CUDA IPC memory of another device");
+    if (!Reaches(p, a.device())) return absl::FailedPreconditionError("CUDA IPC memory of another device");
     DeviceContext* dev = devices_[a.device()].get();
     DeviceGuard guard(dev->index);
     const int64_t n = a.numel();
@@ -301,17 +306,22 @@ class CudaBackend : public Backend {
     RETURN_IF_ERROR(WaitProduced(ca, dev, down));
     RETURN_IF_ERROR(p.WaitOn(down));
     if (dtype == DType::kFloat32) {
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p.at(offset), ca.data(), n * 4, cudaMemcpyDeviceToDevice, down));
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p.at(offset), ca.data(), n * 4, cudaMemcpyDefault, down));
       return dev->Sync(down);
     }
     ASSIGN_OR_RETURN(DeviceBuffer staging, DeviceBuffer::AllocateForCopy(dev, n * DTypeSize(dtype), down, down));
     CUDA_RETURN_IF_ERROR(kernels::launch_from_float(ca.data(), WireOf(dtype), staging.get(), n, down));
     CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(p.at(offset), staging.get(), n * DTypeSize(dtype), cudaMemcpyDeviceToDevice, down));
+        cudaMemcpyAsync(p.at(offset), staging.get(), n * DTypeSize(dtype), cudaMemcpyDefault, down));
     return dev->Sync(down);
   }
 
  private:
+  // Whether `device`'s copies reach the peer memory: its own device's, or pinned host memory.
+  static bool Reaches(const cuda::CudaPeerMemory& p, int device) {
+    return p.device() == device || p.device() == PeerMemory::kHost;
+  }
+
   // Makes `stream` wait for the kernels that produced `a`; without their mark, for all the compute
   // queued so far.
   absl::Status WaitProduced(const CudaActivation& ca, DeviceContext* dev, cudaStream_t stream) {

@@ -66,6 +66,11 @@ std::map<std::pair<int, std::string>, std::weak_ptr<IpcMapping>>& Mappings() {
 }  // namespace
 
 CudaPeerMemory::~CudaPeerMemory() {
+  if (pinned_on_ >= 0) {
+    DeviceGuard guard(pinned_on_);
+    cudaHostUnregister(base_);
+    return;
+  }
   DeviceGuard guard(device_);
   if (event_ != nullptr) cudaEventDestroy(event_);
   // mapping_ goes after: closed here if this was its last region.
@@ -151,6 +156,17 @@ absl::StatusOr<std::unique_ptr<CudaPeerMemory>> OpenCudaPeerMemory(DeviceContext
   peer->bytes_ = peer_bytes;
   peer->event_ = event;
   return peer;
+}
+
+absl::StatusOr<std::unique_ptr<CudaPeerMemory>> PinCudaHostMemory(DeviceContext* dev, void* ptr, size_t bytes) {
+  DeviceGuard guard(dev->index);
+  if (cudaError_t e = cudaHostRegister(ptr, bytes, cudaHostRegisterPortable); e != cudaSuccess) {
+    return absl::FailedPreconditionError(absl::StrCat("cannot pin ", bytes, " bytes of host memory (", Describe(e), ")"));
+  }
+  auto pinned = std::make_unique<CudaPeerMemory>(nullptr, PeerMemory::kHost, ptr);
+  pinned->bytes_ = static_cast<int64_t>(bytes);
+  pinned->pinned_on_ = dev->index;
+  return pinned;
 }
 
 }  // namespace blockd::cuda

@@ -1,6 +1,7 @@
 // CUDA IPC memory of a same-host client (a PyTorch tensor's storage), opened on the daemon's
-// device: the backend's side of PeerMemory (engine/backend.h). Activations are read from it and
-// written into it device to device by CudaBackend::UploadPeer/DownloadPeer.
+// device, or a POSIX shared-memory region's mapping pinned for DMA: the backend's side of
+// PeerMemory (engine/backend.h). Activations are read from it and written into it by DMA
+// (CudaBackend::UploadPeer/DownloadPeer), device to device or across PCIe.
 //
 //   ASSIGN_OR_RETURN(auto peer, cuda::OpenCudaPeerMemory(dev, mem_handle, event_handle));
 //   RETURN_IF_ERROR(peer->WaitOn(dev->upload_stream));   // the client's writes come first
@@ -28,7 +29,8 @@ class CudaPeerMemory : public PeerMemory {
  public:
   CudaPeerMemory(std::shared_ptr<IpcMapping> mapping, int device, void* base)
       : mapping_(std::move(mapping)), device_(device), base_(base) {}
-  ~CudaPeerMemory() override;  // the event's destroy; the mapping closes with its last user
+  // The event's destroy; the mapping closes with its last user. Pinned host memory is unpinned.
+  ~CudaPeerMemory() override;
   int device() const override { return device_; }
   int64_t bytes() const override { return bytes_; }
   char* at(int64_t offset) const { return static_cast<char*>(base_) + offset; }
@@ -38,11 +40,13 @@ class CudaPeerMemory : public PeerMemory {
  private:
   friend absl::StatusOr<std::unique_ptr<CudaPeerMemory>> OpenCudaPeerMemory(DeviceContext*, absl::string_view,
                                                                              absl::string_view);
+  friend absl::StatusOr<std::unique_ptr<CudaPeerMemory>> PinCudaHostMemory(DeviceContext*, void*, size_t);
   std::shared_ptr<IpcMapping> mapping_;
   int device_;
   void* base_;
   int64_t bytes_ = 0;             // set once the allocation is sized
   cudaEvent_t event_ = nullptr;   // the client's IPC event, when it gave one
+  int pinned_on_ = -1;            // pinned host memory (device_ kHost): the device whose context pinned it
 };
 
 // Opens `mem_handle` (a cudaIpcMemHandle_t's bytes) and `event_handle` (a cudaIpcEventHandle_t's,
@@ -51,5 +55,10 @@ class CudaPeerMemory : public PeerMemory {
 // on another device. The size is the allocation's from the handle's address, as the driver says.
 absl::StatusOr<std::unique_ptr<CudaPeerMemory>> OpenCudaPeerMemory(DeviceContext* dev, absl::string_view mem_handle,
                                                                    absl::string_view event_handle);
+
+// Pins `bytes` of host memory at `ptr` for DMA (cudaHostRegister, portable: every device's copies
+// read it), as PeerMemory::kHost. FAILED_PRECONDITION when the driver refuses (memory it cannot
+// pin, past the end of a shrunk object).
+absl::StatusOr<std::unique_ptr<CudaPeerMemory>> PinCudaHostMemory(DeviceContext* dev, void* ptr, size_t bytes);
 
 }  // namespace blockd::cuda

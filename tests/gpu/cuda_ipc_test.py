@@ -1,15 +1,20 @@
-"""CUDA IPC tensors against a CUDA daemon on this GPU (needs torch with CUDA: the GPU host).
+"""CUDA IPC and pinned POSIX shared memory against a CUDA daemon on this GPU (needs torch with
+CUDA: the GPU host).
 
 Forward and Backward with the client's activations in its own device memory, which the daemon
 opens by CUDA IPC, must give bitwise what the inline gRPC path gives for the same blocks and
 inputs (fp32 and bf16 on the wire); hostile registrations and
 slices are refused with state unchanged; unregistering and the client's exit free the regions.
+POSIX shared memory, which a CUDA daemon maps and pins for DMA, gives bitwise the inline path
+too, and an object truncated under the pinned mapping is refused without harm to the daemon.
 
     BLOCKD_BINARY=.../blockd BLOCKD_LD_LIBRARY_PATH=... PYTHONPATH=<python>:tests/python \\
         python3 -m unittest -v cuda_ipc_test
 """
+import os
 import unittest
 import urllib.request
+from multiprocessing import shared_memory
 
 import torch
 
@@ -27,6 +32,7 @@ class CudaIpcTest(unittest.TestCase):
         cls.daemon = Daemon(backend="cuda", extra_args=["--allow_shared_memory"]).start()
         cls.ipc = blockd.Client(cls.daemon.target, timeout=120, transport="cuda_ipc")
         cls.grpc = blockd.Client(cls.daemon.target, timeout=120, transport="grpc")
+        cls.shm = blockd.Client(cls.daemon.target, timeout=120, transport="shared_memory")
         cfg = blockd.BlockConfig(hidden_size=256, num_attention_heads=4, num_kv_heads=2, head_dim=64,
                                  intermediate_size=512, qk_norm=True)
         for i in range(2):
@@ -37,6 +43,7 @@ class CudaIpcTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.ipc.close()
         cls.grpc.close()
+        cls.shm.close()
         cls.daemon.stop()
 
     def test_forward_backward_bitwise_equal_to_inline(self):
@@ -61,6 +68,53 @@ class CudaIpcTest(unittest.TestCase):
                  if line.startswith("blockd_tensor_bytes_total") and 'transport="cuda_ipc"' in line]
         self.assertEqual(len(moved), 2, text)
         self.assertTrue(all(float(line.split()[-1]) > 0 for line in moved), moved)
+
+    def metric(self, transport):
+        with urllib.request.urlopen(self.daemon.metrics_url, timeout=30) as r:
+            text = r.read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("blockd_tensor_bytes_total") and f'transport="{transport}"' in line)
+
+    def test_pinned_posix_regions_are_bitwise_the_inline_path(self):
+        gen = torch.Generator().manual_seed(12)
+        before = self.metric("shared_memory")
+        for dtype in (torch.float32, torch.bfloat16):
+            with self.subTest(dtype=str(dtype)):
+                x = torch.randn(2, 16, 256, generator=gen).to(dtype)
+                dy = torch.randn(2, 16, 256, generator=gen).to(dtype)
+                y_shm, h_shm = self.shm.forward(self.span_a, x, keep_activations=True)
+                y_msg, h_msg = self.grpc.forward(self.span_a, x, keep_activations=True)
+                self.assertTrue(torch.equal(y_shm, y_msg), "Forward output differs")
+                dx_shm = self.shm.backward(h_shm, dy)
+                dx_msg = self.grpc.backward(h_msg, dy)
+                self.assertTrue(torch.equal(dx_shm, dx_msg), "grad_input differs")
+        # input, output, grad_output, grad_input of both dtypes went through regions.
+        self.assertEqual(self.metric("shared_memory") - before, 4 * 2 * 16 * 256 * (4 + 2))
+
+    def test_an_object_truncated_under_its_pinned_mapping_is_refused(self):
+        obj = shared_memory.SharedMemory(name=f"blockd-pin-test-{os.getpid()}", create=True, size=1 << 20)
+        try:
+            self.grpc.register_shared_memory("pinned", "/" + obj.name, 1 << 20)
+            x = torch.randn(1, 4, 256)
+            obj.buf[:4096] = x.numpy().tobytes()
+            req = pb.ForwardRequest(block_ids=self.span_a, input=pb.Tensor(
+                dtype=pb.DTYPE_FLOAT32, shape=(1, 4, 256),
+                shared_memory=pb.SharedMemoryRef(region="pinned", offset=0, byte_size=4096)),
+                output_shared_memory=pb.SharedMemoryRef(region="pinned", offset=4096, byte_size=4096))
+            self.grpc._unary("Forward", req, None)
+            y_msg, _ = self.grpc.forward(self.span_a, x)
+            y_shm = torch.frombuffer(bytearray(obj.buf[4096:8192]), dtype=torch.float32).reshape(1, 4, 256)
+            self.assertTrue(torch.equal(y_shm, y_msg))
+            os.ftruncate(obj._fd, 100)
+            with self.assertRaises(blockd.BlockdError) as cm:
+                self.grpc._unary("Forward", req, None)
+            self.assertIn("truncated", str(cm.exception))
+            y_again, _ = self.grpc.forward(self.span_a, x)  # the daemon computes on
+            self.assertTrue(torch.equal(y_again, y_msg))
+        finally:
+            self.grpc.unregister_shared_memory("pinned")
+            obj.close()
+            obj.unlink()
 
     def test_hostile_slices_and_registrations_are_refused(self):
         buf = torch.zeros(4096, dtype=torch.uint8, device="cuda")
