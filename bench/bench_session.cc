@@ -4,7 +4,8 @@
 // --prompt-token random input, then decodes --new tokens one at a time on the Infer stream (bf16
 // on the wire), each step timed from the request to the decoded response as a client sees it; the
 // requests are built before timing. Prints the median step, ms per layer per step as bench_decode
-// prints them and, with --in_process_ms (bench_decode's figure for the same span), the share.
+// prints them and, with --in_process_ms (bench_decode's figure for the same span), the share. Then
+// the fixed cost of a step: the same steps through a one-block session, and an empty unary call.
 //
 //   bench_session --target=127.0.0.1:50051 [--blocks=32] [--prompt=512] [--new=64] [--in_process_ms=X]
 #include <algorithm>
@@ -97,6 +98,35 @@ int main(int argc, char** argv) {
   }
   Check(stream->Close(), "close the stream");
   Check(client->CloseSession(session), "close session");
+
+  // The fixed cost of a step (gRPC both ways, the daemon's upload, download and call handling):
+  // the same decode steps through a session over one of the blocks, and a unary call that does
+  // no work (GetServerInfo), each the median of their runs.
+  blockd::v1::OpenSessionRequest one;
+  one.add_block_ids(ids[0]);
+  one.set_batch_size(1);
+  one.set_max_length(static_cast<int32_t>(prompt + fresh));
+  const std::string small = Check(client->OpenSession(one), "open the one-block session").session_id();
+  auto one_stream = Check(client->OpenInferStream(), "open the Infer stream");
+  blockd::v1::InferStepRequest one_first = first;
+  one_first.set_session_id(small);
+  Check(one_stream->Step(one_first), "one-block prefill");
+  std::vector<double> one_times, info_times;
+  for (blockd::v1::InferStepRequest req : steps) {
+    req.set_session_id(small);
+    t0 = Now();
+    Check(one_stream->Step(req), "one-block decode step");
+    one_times.push_back(Now() - t0);
+  }
+  Check(one_stream->Close(), "close the stream");
+  Check(client->CloseSession(small), "close the one-block session");
+  for (int i = 0; i < 200; ++i) {
+    t0 = Now();
+    Check(client->GetServerInfo(), "GetServerInfo");
+    info_times.push_back(Now() - t0);
+  }
+  std::sort(one_times.begin(), one_times.end());
+  std::sort(info_times.begin(), info_times.end());
   for (const std::string& id : ids) Check(client->DeleteBlock(id), "delete");
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2], per_layer = med * 1e3 / blocks;
@@ -105,5 +135,9 @@ int main(int argc, char** argv) {
               blocks, static_cast<long long>(prompt), static_cast<long long>(fresh), per_layer, med * 1e3, 1 / med);
   if (in_process_ms > 0) std::printf(", %.1f%% of in process (%.4f)", 100 * in_process_ms / per_layer, in_process_ms);
   std::printf("  prefill %.1f ms (first call)\n", prefill * 1e3);
+  std::printf("fixed cost per step: a one-block session's decode step %.3f ms (median of %zu), GetServerInfo %.3f "
+              "ms (median of %zu)\n",
+              one_times[one_times.size() / 2] * 1e3, one_times.size(), info_times[info_times.size() / 2] * 1e3,
+              info_times.size());
   return 0;
 }

@@ -178,6 +178,17 @@ if [[ " $stages " == *" grpc_decode "* ]]; then
   row "grpc_decode.grpc_cc" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see grpc_decode.cc.log"
   tail -5 "$OUT/grpc_decode.cc.log"
   kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+  # The C++ client again over a Unix socket (a same-host client's other gRPC path).
+  sock=unix:/tmp/blockd-grpc-decode.sock
+  LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda --listen=$sock --metrics_listen= \
+    >"$OUT/blockd.grpc_decode.unix.log" 2>&1 &
+  daemon=$!
+  for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.grpc_decode.unix.log" 2>/dev/null && break; sleep 1; done
+  timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_session" --target=$sock --blocks=32 \
+    --in_process_ms="${inproc:-0}" >"$OUT/grpc_decode.cc.unix.log" 2>&1
+  row "grpc_decode.grpc_cc_unix" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see grpc_decode.cc.unix.log"
+  tail -5 "$OUT/grpc_decode.cc.unix.log"
+  kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
 fi
 
 if [[ " $stages " == *" kernels "* ]]; then

@@ -14,6 +14,7 @@
 #include "engine/cuda/device.h"
 #include "engine/cuda/peer_memory.h"
 #include "engine/cuda/step_graph.h"
+#include "engine/cuda/step_workspace.h"
 #include "base/status_macros.h"
 #include "kernels/attention.cuh"
 #include "kernels/convert.cuh"
@@ -67,24 +68,29 @@ class PinnedStaging {
     return s.ok() ? synced : s;
   }
   // Hands `bytes` of device `src`, copied on `dev`'s download stream (after what it already waits
-  // for), to `write` piece by piece as each piece lands.
+  // for), to `write` piece by piece: each piece but the last as its copy lands (its event), the
+  // last once the stream is done (a small download, one piece, needs no event).
   absl::Status CopyToHost(DeviceContext* dev, const HostWrite& write, const void* src, size_t bytes) {
     ASSIGN_OR_RETURN(Buffer b, Take(bytes));
-    std::vector<cudaEvent_t> landed((bytes + kPiece - 1) / kPiece, nullptr);
+    const size_t pieces = (bytes + kPiece - 1) / kPiece;
+    std::vector<cudaEvent_t> landed(pieces > 1 ? pieces - 1 : 0, nullptr);
     absl::Status s;
-    for (size_t i = 0; s.ok() && i < landed.size(); ++i) {
+    for (size_t i = 0; s.ok() && i < pieces; ++i) {
       const size_t at = i * kPiece;
       s = CudaStatus(cudaMemcpyAsync(static_cast<char*>(b.ptr) + at, static_cast<const char*>(src) + at,
                                      std::min(kPiece, bytes - at), cudaMemcpyDeviceToHost, dev->download_stream));
-      if (s.ok()) s = CudaStatus(cudaEventCreateWithFlags(&landed[i], cudaEventDisableTiming));
-      if (s.ok()) s = CudaStatus(cudaEventRecord(landed[i], dev->download_stream));
+      if (s.ok() && i < landed.size()) s = CudaStatus(cudaEventCreateWithFlags(&landed[i], cudaEventDisableTiming));
+      if (s.ok() && i < landed.size()) s = CudaStatus(cudaEventRecord(landed[i], dev->download_stream));
     }
     for (size_t i = 0; s.ok() && i < landed.size(); ++i) {
-      const size_t at = i * kPiece;
       s = CudaStatus(cudaEventSynchronize(landed[i]));
-      if (s.ok()) s = write(static_cast<const char*>(b.ptr) + at, at, std::min(kPiece, bytes - at));
+      if (s.ok()) s = write(static_cast<const char*>(b.ptr) + i * kPiece, i * kPiece, kPiece);
     }
     const absl::Status synced = dev->Sync(dev->download_stream);
+    if (s.ok() && synced.ok() && pieces > 0) {
+      const size_t at = (pieces - 1) * kPiece;
+      s = write(static_cast<const char*>(b.ptr) + at, at, bytes - at);
+    }
     for (cudaEvent_t e : landed) {
       if (e != nullptr) cudaEventDestroy(e);
     }
@@ -147,7 +153,9 @@ class PinnedStaging {
 class CudaBackend : public Backend {
  public:
   CudaBackend(std::vector<std::unique_ptr<DeviceContext>> devices, const CudaBackendOptions& options)
-      : devices_(std::move(devices)), staging_(devices_.size()), options_(options) {}
+      : devices_(std::move(devices)), staging_(devices_.size()), options_(options) {
+    for (const auto& d : devices_) step_inputs_.push_back(std::make_unique<StepInputs>(d.get()));
+  }
 
   absl::string_view name() const override { return "cuda"; }
 
@@ -208,6 +216,30 @@ class CudaBackend : public Backend {
     return UploadWith(device, dtype, batch, seq, width, [&](DeviceContext* dev, void* staging, size_t bytes) {
       return staging_[device].CopyToDevice(dev, staging, read, bytes);
     });
+  }
+
+  // A session step's rows, which the engine already found finite (base/finite.h): up to
+  // kStepInputBytes go through a pinned ring on the compute stream (StepWorkspace::Upload) and
+  // are converted there, so that the step's kernels follow in stream order and the host never
+  // waits. Upload's path waits for its copy stream, to read back the non-finite count and to free
+  // its staging: a round trip to the GPU before each decode step could launch. Larger inputs (a
+  // prefill) take that path.
+  absl::StatusOr<std::unique_ptr<Activation>> UploadChecked(int device, DType dtype, const void* data, int64_t batch,
+                                                            int64_t seq, int64_t width) override {
+    const int64_t n = batch * seq * width;
+    const size_t bytes = static_cast<size_t>(n) * DTypeSize(dtype);
+    if (bytes > kStepInputBytes || n <= 0) return Upload(device, dtype, data, batch, seq, width);
+    DeviceContext* dev = devices_[device].get();
+    DeviceGuard guard(dev->index);
+    StepInputs& in = *step_inputs_[device];
+    // One ring per device, its device buffer rewritten by the next upload: each upload's
+    // conversion is queued before the next one's copy.
+    absl::MutexLock lock(&in.mu);
+    ASSIGN_OR_RETURN(const void* wire, in.ring.Upload(data, bytes));
+    ASSIGN_OR_RETURN(DeviceBuffer values, DeviceBuffer::Allocate(dev, static_cast<size_t>(n) * sizeof(float)));
+    CUDA_RETURN_IF_ERROR(
+        kernels::launch_to_float(WireOf(dtype), wire, values.as<float>(), n, /*nonfinite=*/nullptr, dev->Stream()));
+    return std::unique_ptr<Activation>(std::make_unique<CudaActivation>(device, batch, seq, width, std::move(values)));
   }
 
   // CUDA IPC: the client's bytes are copied device to device into the staging buffer (any
@@ -389,6 +421,14 @@ class CudaBackend : public Backend {
  private:
   std::vector<std::unique_ptr<DeviceContext>> devices_;
   std::vector<PinnedStaging> staging_;
+  // UploadChecked's pinned ring and device buffer, per device; destroyed before the devices.
+  static constexpr size_t kStepInputBytes = size_t{1} << 20;
+  struct StepInputs {
+    explicit StepInputs(DeviceContext* dev) : ring(dev) {}
+    absl::Mutex mu;
+    cuda::StepWorkspace ring ABSL_GUARDED_BY(mu);
+  };
+  std::vector<std::unique_ptr<StepInputs>> step_inputs_;
   CudaBackendOptions options_;
 };
 
