@@ -27,8 +27,8 @@ void ToProto(const SharedMemoryRegionInfo& info, v1::SharedMemoryRegion* out) {
 
 }  // namespace
 
-absl::Status TensorTransport::CudaIpcAllowed(const PeerMemory* peer, absl::string_view what) const {
-  if (peer == nullptr || direct_) return absl::OkStatus();
+absl::Status TensorTransport::CudaIpcAllowed(const SharedMemoryTarget& target, absl::string_view what) const {
+  if (!target.cuda_ipc || direct_) return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrCat(
       what, " names a CUDA IPC region, which only Forward and Backward tensors may: use a POSIX region or inline bytes"));
 }
@@ -45,40 +45,27 @@ absl::StatusOr<TensorArg> TensorTransport::Input(const v1::Tensor& t, absl::stri
   }
   const std::string field = absl::StrCat(what, ".shared_memory");
   if (shm_ == nullptr) return absl::FailedPreconditionError(absl::StrCat(field, ": shared-memory tensors are off"));
-  int64_t at = 0;
-  ASSIGN_OR_RETURN(in_peer_, shm_->Peer(client_, SliceOf(t.shared_memory()), field, &at));
-  if (in_peer_ != nullptr) {
-    RETURN_IF_ERROR(CudaIpcAllowed(in_peer_.get(), field));
-    arg.data = nullptr;
-    arg.size = static_cast<size_t>(t.shared_memory().byte_size());
+  const SharedMemorySlice slice = SliceOf(t.shared_memory());
+  ASSIGN_OR_RETURN(const SharedMemoryTarget target, shm_->Open(client_, slice, field));
+  RETURN_IF_ERROR(CudaIpcAllowed(target, field));
+  arg.data = nullptr;
+  arg.size = static_cast<size_t>(slice.byte_size);
+  if (direct_ && target.dma != nullptr) {  // by DMA: CUDA IPC, or a pinned POSIX region
+    in_peer_ = target.dma;
     arg.peer = in_peer_.get();
-    arg.peer_offset = at;
-    metrics_->tensor_bytes_ipc_in->Increment(static_cast<double>(arg.size));
-    return arg;
+    arg.peer_offset = target.dma_offset;
+  } else if (direct_) {
+    // Read by the engine into its staging; an object that shrinks after Open's check reads short
+    // there, and is refused as well.
+    arg.read = [this, slice](void* dst, size_t from, size_t n) {
+      return shm_->ReadAt(client_, slice, "shared_memory", static_cast<int64_t>(from), dst, n);
+    };
+  } else {
+    RETURN_IF_ERROR(shm_->Read(client_, slice, field, &in_copy_));
+    arg.data = in_copy_.data();
   }
-  if (direct_) {
-    // A truncated object is refused here, before the engine runs. The engine then reads the slice
-    // by DMA from the pinned mapping, or else into its staging (an object that shrinks after this
-    // check reads short there, and is refused as well).
-    RETURN_IF_ERROR(shm_->Check(client_, SliceOf(t.shared_memory()), field));
-    arg.data = nullptr;
-    arg.size = static_cast<size_t>(t.shared_memory().byte_size());
-    ASSIGN_OR_RETURN(in_peer_, shm_->Pinned(client_, SliceOf(t.shared_memory()), field, &at));
-    if (in_peer_ != nullptr) {
-      arg.peer = in_peer_.get();
-      arg.peer_offset = at;
-    } else {
-      arg.read = [this, slice = SliceOf(t.shared_memory())](void* dst, size_t from, size_t n) {
-        return shm_->ReadAt(client_, slice, "shared_memory", static_cast<int64_t>(from), dst, n);
-      };
-    }
-    metrics_->tensor_bytes_shm_in->Increment(static_cast<double>(arg.size));
-    return arg;
-  }
-  RETURN_IF_ERROR(shm_->Read(client_, SliceOf(t.shared_memory()), field, &in_copy_));
-  arg.data = in_copy_.data();
-  arg.size = in_copy_.size();
-  metrics_->tensor_bytes_shm_in->Increment(static_cast<double>(arg.size));
+  (target.cuda_ipc ? metrics_->tensor_bytes_ipc_in : metrics_->tensor_bytes_shm_in)
+      ->Increment(static_cast<double>(arg.size));
   return arg;
 }
 
@@ -88,34 +75,28 @@ absl::Status TensorTransport::PrepareOutput(const v1::SharedMemoryRef* ref, absl
   out->data = reply->mutable_data();
   if (ref == nullptr) return absl::OkStatus();
   if (shm_ == nullptr) return absl::FailedPreconditionError(absl::StrCat(what, ": shared-memory tensors are off"));
-  RETURN_IF_ERROR(shm_->Check(client_, SliceOf(*ref), what));
+  ASSIGN_OR_RETURN(const SharedMemoryTarget target, shm_->Open(client_, SliceOf(*ref), what));
   if (ref->byte_size() < need) {
     return absl::InvalidArgumentError(absl::StrCat(what, ".byte_size = ", ref->byte_size(), ", the output needs ", need,
                                                    " bytes (the input's shape and dtype)"));
   }
-  int64_t at = 0;
-  ASSIGN_OR_RETURN(out_peer_, shm_->Peer(client_, SliceOf(*ref), what, &at));
-  RETURN_IF_ERROR(CudaIpcAllowed(out_peer_.get(), what));
+  RETURN_IF_ERROR(CudaIpcAllowed(target, what));
   out_ref_ = ref;
   out_what_ = std::string(what);
   out_bytes_ = need;
-  out_ipc_ = out_peer_ != nullptr;
-  if (direct_ && !out_ipc_) {
-    ASSIGN_OR_RETURN(out_peer_, shm_->Pinned(client_, SliceOf(*ref), what, &at));
-  }
-  if (out_peer_ != nullptr) {  // CUDA IPC, or a pinned POSIX region: by DMA
+  out_ipc_ = target.cuda_ipc;
+  if (direct_ && target.dma != nullptr) {  // by DMA: CUDA IPC, or a pinned POSIX region
+    out_peer_ = target.dma;
     out->peer = out_peer_.get();
-    out->peer_offset = at;
-    return absl::OkStatus();
-  }
-  if (direct_) {
+    out->peer_offset = target.dma_offset;
+  } else if (direct_) {
     out->write = [this](const void* src, size_t from, size_t n) {
       out_written_ += static_cast<int64_t>(n);
       return shm_->WriteAt(client_, SliceOf(*out_ref_), out_what_, static_cast<int64_t>(from), src, n);
     };
-    return absl::OkStatus();
+  } else {
+    out->data = &out_staging_;
   }
-  out->data = &out_staging_;
   return absl::OkStatus();
 }
 
@@ -125,17 +106,13 @@ absl::Status TensorTransport::FinishOutput() {
     return absl::OkStatus();
   }
   int64_t written = out_bytes_;  // by DMA: the engine wrote all of it
-  if (out_ipc_) {
-    metrics_->tensor_bytes_ipc_out->Increment(static_cast<double>(written));
-  } else {
-    if (!direct_) {
-      RETURN_IF_ERROR(shm_->Write(client_, SliceOf(*out_ref_), out_what_, out_staging_));
-      written = static_cast<int64_t>(out_staging_.size());
-    } else if (out_peer_ == nullptr) {
-      written = out_written_;
-    }
-    metrics_->tensor_bytes_shm_out->Increment(static_cast<double>(written));
+  if (!direct_) {
+    RETURN_IF_ERROR(shm_->Write(client_, SliceOf(*out_ref_), out_what_, out_staging_));
+    written = static_cast<int64_t>(out_staging_.size());
+  } else if (out_peer_ == nullptr) {
+    written = out_written_;
   }
+  (out_ipc_ ? metrics_->tensor_bytes_ipc_out : metrics_->tensor_bytes_shm_out)->Increment(static_cast<double>(written));
   v1::SharedMemoryRef* at = reply_->mutable_shared_memory();
   at->set_region(out_ref_->region());
   at->set_offset(out_ref_->offset());

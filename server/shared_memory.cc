@@ -342,36 +342,27 @@ absl::Status SharedMemoryRegistry::NotPosix(const Region& region, absl::string_v
       "\" is CUDA IPC device memory, which only Forward and Backward tensors may name: use a POSIX region here"));
 }
 
-absl::StatusOr<std::shared_ptr<PeerMemory>> SharedMemoryRegistry::Peer(const std::string& owner,
-                                                                       const SharedMemorySlice& slice,
-                                                                       absl::string_view what, int64_t* peer_offset) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Region> region, Resolve(owner, slice, what, peer_offset));
-  return region->peer;
-}
-
-absl::StatusOr<std::shared_ptr<PeerMemory>> SharedMemoryRegistry::Pinned(const std::string& owner,
-                                                                         const SharedMemorySlice& slice,
-                                                                         absl::string_view what, int64_t* pinned_offset) {
+absl::StatusOr<SharedMemoryTarget> SharedMemoryRegistry::Open(const std::string& owner,
+                                                              const SharedMemorySlice& slice, absl::string_view what) {
   int64_t at = 0;
   ASSIGN_OR_RETURN(std::shared_ptr<Region> region, Resolve(owner, slice, what, &at));
-  *pinned_offset = region->pinned_at + slice.offset;
-  return region->pinned;
-}
-
-absl::Status SharedMemoryRegistry::Check(const std::string& owner, const SharedMemorySlice& slice,
-                                         absl::string_view what) {
-  int64_t at = 0;
-  auto region = Resolve(owner, slice, what, &at);
-  if (!region.ok()) return region.status();
-  if ((*region)->peer != nullptr) return absl::OkStatus();  // device memory cannot shrink under a mapping
+  SharedMemoryTarget target;
+  if (region->peer != nullptr) {  // device memory cannot shrink under a mapping
+    target.dma = region->peer;
+    target.dma_offset = at;
+    target.cuda_ipc = true;
+    return target;
+  }
   // The client may have shrunk its object since it registered: refuse now, before any change.
   struct stat st = {};
-  if (fstat((*region)->fd, &st) != 0 || st.st_size < at + slice.byte_size) {
+  if (fstat(region->fd, &st) != 0 || st.st_size < at + slice.byte_size) {
     return absl::FailedPreconditionError(absl::StrCat(
-        what, ": shared-memory object \"", Echo((*region)->key), "\" now holds ", st.st_size,
+        what, ": shared-memory object \"", Echo(region->key), "\" now holds ", st.st_size,
         " bytes, fewer than the region registered (it was truncated): register it again"));
   }
-  return absl::OkStatus();
+  target.dma = region->pinned;
+  target.dma_offset = region->pinned_at + slice.offset;
+  return target;
 }
 
 absl::Status SharedMemoryRegistry::Read(const std::string& owner, const SharedMemorySlice& slice,

@@ -8,20 +8,21 @@
 // the backend, never by the registry). It belongs to the identity that registered it (as
 // activation handles and sessions do, engine/owned.h): for anyone else it does not exist.
 //
-// On a CUDA daemon a POSIX region is also mapped and pinned for DMA at Register (Pinned): the
+// On a CUDA daemon a POSIX region is also mapped and pinned for DMA at Register (Open says so): the
 // engine's copies then go between the client's pages and the device with no host copy at all. Only
 // the DMA engine touches that mapping, never the daemon's CPU, and the pinned pages stay until the
 // region goes, so a shrunk object cannot fault the daemon there either.
 //
 // Why pread/pwrite and not mmap: a client can ftruncate its object after registering, and a
 // daemon that touches a mapped page past the new end gets SIGBUS, which would kill every other
-// client's blocks. The registry keeps the object's fd open and copies with pread(2)/pwrite(2),
-// which the kernel bounds by the object's current size: a shrunk object reads short (refused with
-// FAILED_PRECONDITION, naming the sizes) and can never fault the daemon. On tmpfs a pread is one
-// kernel memcpy, the copy a mapping would have needed anyway to leave the client's memory.
+// client's blocks. Where a region is not pinned, the registry keeps the object's fd open and
+// copies with pread(2)/pwrite(2), which the kernel bounds by the object's current size: a shrunk
+// object reads short (refused with FAILED_PRECONDITION, naming the sizes) and can never fault the
+// daemon.
 //
 //   SharedMemoryRegistry shm({.max_regions_per_client = 16, ...});
 //   RETURN_IF_ERROR(shm.Register(caller, "acts", "/blockd-1f2e...", 1 << 20, 0).status());
+//   ASSIGN_OR_RETURN(SharedMemoryTarget t, shm.Open(caller, {"acts", 0, 4096}, "input"));  // t.dma: by DMA
 //   std::string bytes;
 //   RETURN_IF_ERROR(shm.Read(caller, {"acts", 0, 4096}, "input", &bytes));
 //   RETURN_IF_ERROR(shm.Write(caller, {"acts", 4096, 4096}, "output", bytes));
@@ -76,11 +77,22 @@ using HostMemoryPinner = std::function<absl::StatusOr<std::unique_ptr<PeerMemory
 // here so a malformed handle gets the same answer from a CPU daemon and a CUDA one.
 inline constexpr size_t kCudaIpcHandleBytes = 64;
 
+// How a slice's bytes move (SharedMemoryRegistry::Open). `dma`: CUDA IPC memory, or a POSIX
+// region's mapping pinned for DMA (PeerMemory::kHost, which only DMA touches: a client that
+// truncates its object cannot fault the daemon through it), with the slice at `dma_offset`; null
+// for a POSIX region that was not pinned, whose bytes Read and Write (and ReadAt, WriteAt) copy.
+// Holding `dma` keeps the memory open past an Unregister until the call is done.
+struct SharedMemoryTarget {
+  std::shared_ptr<PeerMemory> dma;
+  int64_t dma_offset = 0;
+  bool cuda_ipc = false;
+};
+
 class SharedMemoryRegistry {
  public:
   // Without `open_peer` (or with a CPU backend's, which refuses) CUDA IPC regions are refused.
   // With `pin` (a CUDA backend's), a POSIX region is also mapped and pinned at Register, so that
-  // the engine moves its tensors by DMA (Pinned); where pinning is refused, Read and Write copy.
+  // the engine moves its tensors by DMA (Open); where pinning is refused, Read and Write copy.
   explicit SharedMemoryRegistry(SharedMemoryOptions options, PeerMemoryOpener open_peer = nullptr,
                                 HostMemoryPinner pin = nullptr);
   ~SharedMemoryRegistry();  // closes every region's object
@@ -113,19 +125,11 @@ class SharedMemoryRegistry {
   int64_t regions() const;
   int64_t registered_bytes() const;
 
-  // Checks a slice against its region (owner, bounds, --max tensor bytes) without copying.
-  // `what` names the field in errors ("input.shared_memory"). Renews the region.
-  absl::Status Check(const std::string& owner, const SharedMemorySlice& slice, absl::string_view what);
-  // The CUDA IPC memory behind a slice, with the slice's offset in it (bounds checked, region
-  // renewed); null for a POSIX region, whose bytes Read and Write copy. Holding the pointer keeps
-  // the memory open past an Unregister until the call is done.
-  absl::StatusOr<std::shared_ptr<PeerMemory>> Peer(const std::string& owner, const SharedMemorySlice& slice,
-                                                   absl::string_view what, int64_t* peer_offset);
-  // A POSIX region's mapping pinned for DMA (PeerMemory::kHost) with the slice's offset in it
-  // (bounds checked, region renewed); null for a region that was not pinned, and for CUDA IPC.
-  // Only DMA touches it: a client that truncates its object cannot fault the daemon through it.
-  absl::StatusOr<std::shared_ptr<PeerMemory>> Pinned(const std::string& owner, const SharedMemorySlice& slice,
-                                                     absl::string_view what, int64_t* pinned_offset);
+  // Checks a slice for a call (its region is the caller's, its bounds, --max tensor bytes, and a
+  // POSIX object that still holds it: fstat) without copying, and says how its bytes move (Open's
+  // result). `what` names the field in errors ("input.shared_memory"). Renews the region.
+  absl::StatusOr<SharedMemoryTarget> Open(const std::string& owner, const SharedMemorySlice& slice,
+                                          absl::string_view what);
   // Copies the slice's bytes into `out` (resized to byte_size). FAILED_PRECONDITION on a CUDA IPC
   // region (the engine reads those on the device), as Write.
   absl::Status Read(const std::string& owner, const SharedMemorySlice& slice, absl::string_view what,

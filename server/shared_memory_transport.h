@@ -53,7 +53,7 @@ class TensorTransport {
   bool output_in_shared_memory() const { return out_ref_ != nullptr; }
 
  private:
-  absl::Status CudaIpcAllowed(const PeerMemory* peer, absl::string_view what) const;
+  absl::Status CudaIpcAllowed(const SharedMemoryTarget& target, absl::string_view what) const;
 
   SharedMemoryRegistry* shm_;
   Metrics* metrics_;
@@ -66,7 +66,7 @@ class TensorTransport {
   std::string out_what_;
   int64_t out_bytes_ = 0;
   int64_t out_written_ = 0;  // by the engine's pwrite (direct)
-  bool out_ipc_ = false;     // out_peer_ is CUDA IPC memory (else a pinned POSIX region's)
+  bool out_ipc_ = false;     // the output slice is CUDA IPC memory
   v1::Tensor* reply_ = nullptr;
 };
 
