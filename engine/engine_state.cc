@@ -36,7 +36,10 @@ absl::StatusOr<std::vector<NamedTensor>> Engine::ReadTensors(absl::string_view i
   EntryPtr e = *std::move(found);
   ASSIGN_OR_RETURN(std::vector<int> indices, TensorIndices(*e, kind, names));
   SpanLock lock({e});
-  RETURN_IF_ERROR(lock.CheckAlive());
+  // Deleted between the lookup and the lock: the same answer as a lookup after the delete.
+  if (absl::Status alive = lock.CheckAlive(); !alive.ok()) {
+    return unchanged_since != nullptr ? DeletedWhileDownloaded(alive, id, kind) : alive;
+  }
   if (unchanged_since != nullptr) {
     RETURN_IF_ERROR(CheckUnchanged(e->spec.id, e->serial, e->generations, kind, *unchanged_since));
   }
