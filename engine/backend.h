@@ -113,6 +113,8 @@ class PeerMemory {
   static constexpr int kHost = -1;  // device() of pinned host memory
   virtual ~PeerMemory() = default;
   virtual int device() const = 0;
+  // Whether `d`'s copies reach this memory: it lives on device `d`, or it is pinned host memory.
+  bool ReachableFrom(int d) const { return device() == d || device() == kHost; }
   // Bytes usable from the handle's address: the allocation's, as the driver reports it.
   virtual int64_t bytes() const = 0;
 };

@@ -324,7 +324,7 @@ namespace {
 // Peer memory (CUDA IPC) is read and written on the device it lives on: the client's tensors
 // would otherwise cross between GPUs behind the daemon's back.
 absl::Status CheckPeerDevice(const PeerMemory* peer, absl::string_view what, int device, absl::string_view block) {
-  if (peer == nullptr || peer->device() == device || peer->device() == PeerMemory::kHost) return absl::OkStatus();
+  if (peer == nullptr || peer->ReachableFrom(device)) return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrCat(what, " is CUDA IPC memory on device ", peer->device(),
                                                     ", but block ", Echo(block), " is on device ", device,
                                                     ": register memory of the block's device"));

@@ -368,60 +368,69 @@ absl::StatusOr<SharedMemoryTarget> SharedMemoryRegistry::Open(const std::string&
 absl::Status SharedMemoryRegistry::Read(const std::string& owner, const SharedMemorySlice& slice,
                                         absl::string_view what, std::string* out) {
   int64_t at = 0;
-  RETURN_IF_ERROR(Resolve(owner, slice, what, &at).status());  // the slice's bounds before its buffer
-  out->resize(static_cast<size_t>(slice.byte_size));
-  return ReadAt(owner, slice, what, 0, out->data(), out->size());
+  ASSIGN_OR_RETURN(std::shared_ptr<Region> region, Resolve(owner, slice, what, &at));
+  RETURN_IF_ERROR(NotPosix(*region, what));
+  out->resize(static_cast<size_t>(slice.byte_size));  // bounded by Resolve
+  return Pread(*region, at, at + slice.byte_size, what, out->data(), out->size());
 }
 
 absl::Status SharedMemoryRegistry::ReadAt(const std::string& owner, const SharedMemorySlice& slice,
                                           absl::string_view what, int64_t from, void* dst, size_t bytes) {
   int64_t at = 0;
-  auto region = Resolve(owner, slice, what, &at);
-  if (!region.ok()) return region.status();
-  RETURN_IF_ERROR(NotPosix(**region, what));
+  ASSIGN_OR_RETURN(std::shared_ptr<Region> region, Resolve(owner, slice, what, &at));
+  RETURN_IF_ERROR(NotPosix(*region, what));
   RETURN_IF_ERROR(CheckWithin(slice, what, from, bytes));
-  at += from;
+  return Pread(*region, at + from, at + slice.byte_size, what, dst, bytes);
+}
+
+absl::Status SharedMemoryRegistry::Write(const std::string& owner, const SharedMemorySlice& slice,
+                                         absl::string_view what, absl::string_view bytes) {
+  int64_t at = 0;
+  ASSIGN_OR_RETURN(std::shared_ptr<Region> region, Resolve(owner, slice, what, &at));
+  RETURN_IF_ERROR(NotPosix(*region, what));
+  if (static_cast<int64_t>(bytes.size()) > slice.byte_size) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ".byte_size = ", slice.byte_size, ", the output needs ",
+                                                   bytes.size(), " bytes"));
+  }
+  return Pwrite(*region, at, what, bytes.data(), bytes.size());
+}
+
+absl::Status SharedMemoryRegistry::WriteAt(const std::string& owner, const SharedMemorySlice& slice,
+                                           absl::string_view what, int64_t from, const void* src, size_t bytes) {
+  int64_t at = 0;
+  ASSIGN_OR_RETURN(std::shared_ptr<Region> region, Resolve(owner, slice, what, &at));
+  RETURN_IF_ERROR(NotPosix(*region, what));
+  RETURN_IF_ERROR(CheckWithin(slice, what, from, bytes));
+  return Pwrite(*region, at + from, what, src, bytes);
+}
+
+absl::Status SharedMemoryRegistry::Pread(const Region& region, int64_t at, int64_t slice_end, absl::string_view what,
+                                         void* dst, size_t bytes) {
   size_t done = 0;
   while (done < bytes) {
-    const ssize_t n = pread((*region)->fd, static_cast<char*>(dst) + done, bytes - done, at + static_cast<off_t>(done));
+    const ssize_t n = pread(region.fd, static_cast<char*>(dst) + done, bytes - done, at + static_cast<off_t>(done));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {  // past the object's end: it was truncated after registering
       return absl::FailedPreconditionError(absl::StrCat(
-          what, ": shared-memory object \"", Echo((*region)->key), "\" ended after ", at + static_cast<int64_t>(done),
-          " of the ", at - from + slice.byte_size, " bytes the slice needs (it was truncated): register it again"));
+          what, ": shared-memory object \"", Echo(region.key), "\" ended after ", at + static_cast<int64_t>(done),
+          " of the ", slice_end, " bytes the slice needs (it was truncated): register it again"));
     }
     done += static_cast<size_t>(n);
   }
   return absl::OkStatus();
 }
 
-absl::Status SharedMemoryRegistry::Write(const std::string& owner, const SharedMemorySlice& slice,
-                                         absl::string_view what, absl::string_view bytes) {
-  return WriteAt(owner, slice, what, 0, bytes.data(), bytes.size());
-}
-
-absl::Status SharedMemoryRegistry::WriteAt(const std::string& owner, const SharedMemorySlice& slice,
-                                           absl::string_view what, int64_t from, const void* src, size_t bytes) {
-  int64_t at = 0;
-  auto region = Resolve(owner, slice, what, &at);
-  if (!region.ok()) return region.status();
-  RETURN_IF_ERROR(NotPosix(**region, what));
-  if (from == 0 && static_cast<int64_t>(bytes) > slice.byte_size) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ".byte_size = ", slice.byte_size, ", the output needs ",
-                                                   bytes, " bytes"));
-  }
-  RETURN_IF_ERROR(CheckWithin(slice, what, from, bytes));
-  at += from;
+absl::Status SharedMemoryRegistry::Pwrite(const Region& region, int64_t at, absl::string_view what, const void* src,
+                                          size_t bytes) {
   size_t done = 0;
   while (done < bytes) {
     // pwrite never faults: on an object the client shrank meanwhile it writes (inside the
     // registered window only) and regrows it rather than touching an unmapped page.
-    const ssize_t n = pwrite((*region)->fd, static_cast<const char*>(src) + done, bytes - done,
-                             at + static_cast<off_t>(done));
+    const ssize_t n = pwrite(region.fd, static_cast<const char*>(src) + done, bytes - done, at + static_cast<off_t>(done));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
-      return absl::ResourceExhaustedError(absl::StrCat(what, ": writing shared-memory object \"",
-                                                       Echo((*region)->key), "\" failed: ", std::strerror(errno)));
+      return absl::ResourceExhaustedError(absl::StrCat(what, ": writing shared-memory object \"", Echo(region.key),
+                                                       "\" failed: ", std::strerror(errno)));
     }
     done += static_cast<size_t>(n);
   }

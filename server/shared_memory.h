@@ -157,6 +157,11 @@ class SharedMemoryRegistry {
   // Maps and pins a POSIX region (best effort: on failure the region is read and written by copy).
   void Pin(Region& region);
   static absl::Status CheckWithin(const SharedMemorySlice& slice, absl::string_view what, int64_t from, size_t bytes);
+  // The copies of Read/ReadAt and Write/WriteAt, at `at` of the region's object (the slice ends at
+  // `slice_end`, for the message of an object truncated meanwhile).
+  static absl::Status Pread(const Region& region, int64_t at, int64_t slice_end, absl::string_view what, void* dst,
+                            size_t bytes);
+  static absl::Status Pwrite(const Region& region, int64_t at, absl::string_view what, const void* src, size_t bytes);
 
   const SharedMemoryOptions options_;
   const PeerMemoryOpener open_peer_;

@@ -249,7 +249,7 @@ class CudaBackend : public Backend {
                                                          int64_t offset, int64_t batch, int64_t seq,
                                                          int64_t width) override {
     const auto& p = static_cast<const cuda::CudaPeerMemory&>(peer);
-    if (!Reaches(p, device)) return absl::FailedPreconditionError("CUDA IPC memory of another device");
+    if (!p.ReachableFrom(device)) return absl::FailedPreconditionError("CUDA IPC memory of another device");
     return UploadWith(device, dtype, batch, seq, width, [&](DeviceContext* dev, void* staging, size_t bytes) {
       RETURN_IF_ERROR(p.WaitOn(dev->upload_stream));
       CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging, p.at(offset), bytes, cudaMemcpyDefault, dev->upload_stream));
@@ -330,7 +330,7 @@ class CudaBackend : public Backend {
   absl::Status DownloadPeer(const Activation& a, DType dtype, PeerMemory& peer, int64_t offset) override {
     const auto& ca = static_cast<const CudaActivation&>(a);
     const auto& p = static_cast<const cuda::CudaPeerMemory&>(peer);
-    if (!Reaches(p, a.device())) return absl::FailedPreconditionError("CUDA IPC memory of another device");
+    if (!p.ReachableFrom(a.device())) return absl::FailedPreconditionError("CUDA IPC memory of another device");
     DeviceContext* dev = devices_[a.device()].get();
     DeviceGuard guard(dev->index);
     const int64_t n = a.numel();
@@ -349,11 +349,6 @@ class CudaBackend : public Backend {
   }
 
  private:
-  // Whether `device`'s copies reach the peer memory: its own device's, or pinned host memory.
-  static bool Reaches(const cuda::CudaPeerMemory& p, int device) {
-    return p.device() == device || p.device() == PeerMemory::kHost;
-  }
-
   // Makes `stream` wait for the kernels that produced `a`; without their mark, for all the compute
   // queued so far.
   absl::Status WaitProduced(const CudaActivation& ca, DeviceContext* dev, cudaStream_t stream) {
