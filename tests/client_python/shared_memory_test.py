@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import unittest
 import urllib.request
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 import blockd
+from blockd.shared_memory import RegionPool
 from blockd.v1 import block_service_pb2 as pb
 from blockd_testing import Daemon
 
@@ -122,6 +124,27 @@ class SharedMemoryTest(unittest.TestCase):
             np.testing.assert_array_equal(first, again)
             self.assertEqual(len(c.list_shared_memory()), 1)
 
+    def test_calls_from_threads_each_take_a_region_and_match_the_grpc_path(self):
+        with blockd.Client(self.daemon.target, client_name="threads") as c:
+            c.create_block("thr0", CFG, seed=4)
+            inputs = [np.random.default_rng(40 + i).standard_normal((2, 5, 32)).astype(np.float32) for i in range(6)]
+            want = [c.forward(["thr0"], x, transport="grpc")[0] for x in inputs]
+            got = [None] * len(inputs)
+            start = threading.Barrier(len(inputs))
+
+            def call(i):
+                start.wait()
+                got[i] = c.forward(["thr0"], inputs[i])[0]
+
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for i, (g, w) in enumerate(zip(got, want)):
+                np.testing.assert_array_equal(g, w, err_msg=f"call {i} differs from the gRPC path")
+            self.assertTrue(1 <= len(c.list_shared_memory()) <= len(inputs), c.list_shared_memory())
+
     def test_cuda_ipc_needs_cuda_tensors_and_a_cuda_daemon(self):
         with blockd.Client(self.daemon.target) as c:
             span = blockd.RemoteSpan.create(c, CFG, num_blocks=1, prefix="ipc", seed=3)
@@ -138,6 +161,54 @@ class SharedMemoryTest(unittest.TestCase):
                 c._unary("RegisterSharedMemory", req, None)
             self.assertIn("CUDA backend", str(e.exception))
             self.assertNotIn("g", [r.name for r in c.list_shared_memory()])
+
+
+
+class FakeRegion:
+    def __init__(self, made, size):
+        self.size, self.closed = size, False
+        made.append(self)
+
+    def close(self):
+        self.closed = True
+
+
+class RegionPoolTest(unittest.TestCase):
+    """The pool that gives each activation call in flight a region of its own (no daemon)."""
+
+    def test_leases_overlap_grow_and_stop_at_the_limit(self):
+        made = []
+        pool = RegionPool(lambda size: FakeRegion(made, size), most=2)
+        with pool.lease(10) as a, pool.lease(3 << 20) as b:
+            self.assertIsNot(a.region, b.region)
+            self.assertEqual((a.region.size, b.region.size), (1 << 20, 3 << 20))
+            third = threading.Thread(target=lambda: pool.lease(5).__enter__().__exit__())
+            third.start()
+            third.join(0.2)
+            self.assertTrue(third.is_alive(), "a third lease did not wait for one of the two regions")
+        third.join(10)
+        self.assertFalse(third.is_alive())
+        self.assertEqual(len(made), 2, "an idle region was not reused")
+        with pool.lease(4 << 20) as c:  # more than either idle region holds: one is replaced
+            self.assertGreaterEqual(c.region.size, 4 << 20)
+            self.assertEqual(sum(r.closed for r in made), 1)
+            size = c.region.size
+            c.renew()  # as after a region expired on the daemon: the same size again, the old one closed
+            self.assertEqual(c.region.size, size)
+        self.assertEqual((len(made), sum(r.closed for r in made)), (4, 2))
+        pool.close()
+        self.assertTrue(all(r.closed for r in made), "close() left a region registered")
+        with self.assertRaises(ValueError):
+            pool.lease(1)
+
+    def test_a_region_that_cannot_be_made_frees_its_place(self):
+        def refuse(size):
+            raise OSError("refused")
+        pool = RegionPool(refuse, most=1)
+        for _ in range(3):  # would wait forever had the failed lease kept the only place
+            with self.assertRaises(OSError):
+                with pool.lease(1):
+                    pass
 
 
 class WithoutSharedMemoryTest(unittest.TestCase):

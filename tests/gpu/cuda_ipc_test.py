@@ -12,6 +12,7 @@ too, and an object truncated under the pinned mapping is refused without harm to
         python3 -m unittest -v cuda_ipc_test
 """
 import os
+import threading
 import unittest
 import urllib.request
 from multiprocessing import shared_memory
@@ -68,6 +69,35 @@ class CudaIpcTest(unittest.TestCase):
                  if line.startswith("blockd_tensor_bytes_total") and 'transport="cuda_ipc"' in line]
         self.assertEqual(len(moved), 2, text)
         self.assertTrue(all(float(line.split()[-1]) > 0 for line in moved), moved)
+
+    def test_calls_in_flight_from_threads_each_take_a_region(self):
+        gen = torch.Generator(device="cuda").manual_seed(13)
+        xs = [torch.randn(2, 16, 256, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(4)]
+        dys = [torch.randn(2, 16, 256, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(4)]
+        got, errors = [None] * 4, []
+        start = threading.Barrier(4)
+
+        def call(i):
+            try:
+                start.wait()
+                y, h = self.ipc.forward(self.span_a, xs[i], keep_activations=True)
+                got[i] = (y, self.ipc.backward(h, dys[i]))
+            except BaseException as e:  # noqa: B902 - failed on the main thread below
+                errors.append(e)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        for i in range(4):
+            y, h = self.grpc.forward(self.span_a, xs[i], keep_activations=True)
+            dx = self.grpc.backward(h, dys[i])
+            self.assertTrue(torch.equal(got[i][0], y), f"call {i}: Forward output differs from the inline path")
+            self.assertTrue(torch.equal(got[i][1], dx), f"call {i}: grad_input differs from the inline path")
+        regions = [r for r in self.ipc.list_shared_memory() if r.cuda_ipc]
+        self.assertTrue(1 <= len(regions) <= 4, regions)
 
     def metric(self, transport):
         with urllib.request.urlopen(self.daemon.metrics_url, timeout=30) as r:

@@ -26,7 +26,7 @@ from blockd.config import BlockConfig, LoraConfig, kind_value, precision_value
 from blockd.errors import (BlockdError, DeadlineExceededError, FailedPreconditionError, NotFoundError,
                            ResourceExhaustedError, UnavailableError, from_rpc_error)
 from blockd.cuda_ipc import CudaArenas, share_cuda_tensor
-from blockd.shared_memory import TRANSPORTS, Arena
+from blockd.shared_memory import TRANSPORTS, RegionPool, SharedMemoryRegion
 from blockd.v1 import block_service_pb2 as pb
 from blockd.v1 import block_service_pb2_grpc as pb_grpc
 
@@ -90,7 +90,7 @@ class Client:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport = {transport!r}, expected one of {TRANSPORTS}")
         self.transport = transport
-        self._arena = None  # shared-memory Arena once it works; False once "auto" found it cannot
+        self._arena = None  # shared-memory RegionPool once it works; False once "auto" found it cannot
         self._arena_lock = threading.Lock()
         self._cuda = CudaArenas(self)  # CUDA IPC regions by device (blockd.cuda_ipc)
         self.target = target
@@ -191,13 +191,15 @@ class Client:
             return None
         with self._arena_lock:
             if self._arena is None or (self._arena is False and mode == "shared_memory"):
-                arena = Arena(self)
+                arena = RegionPool(lambda size: SharedMemoryRegion(self, size))
                 try:
                     if not self.server_info().shared_memory.allowed:
                         raise FailedPreconditionError(
                             grpc.StatusCode.FAILED_PRECONDITION, "the daemon does not allow shared-memory tensors (--allow_shared_memory)")
-                    arena.ensure(1 << 20)  # try-register: NOT_FOUND when the daemon is on another host
+                    with arena.lease(1 << 20):  # try-register: NOT_FOUND when the daemon is on another host
+                        pass
                 except (BlockdError, OSError) as e:
+                    arena.close()
                     if mode == "shared_memory":
                         raise
                     if isinstance(e, (UnavailableError, DeadlineExceededError)):
@@ -216,9 +218,9 @@ class Client:
         if arena is None:
             return self._sized_unary(method, request, field, tensor, timeout)
         data = tensor.data
-        with arena.lock:
+        with arena.lease(len(data)) as lease:
             for attempt in (0, 1):
-                region = arena.ensure(len(data))
+                region = lease.region
                 ref = region.ref(0, len(data))
                 region.write(0, data)
                 tensor.ClearField("data")
@@ -232,15 +234,16 @@ class Client:
                     # register a new one and send again (nothing ran: the region is checked first).
                     if attempt or "shared-memory region" not in e.details:
                         raise
-                    arena.close()
+                    lease.renew()
             out = getattr(resp, out_field)
             if out.HasField("shared_memory"):
                 out.data = bytes(region.read(out.shared_memory))
                 out.ClearField("shared_memory")
         return resp
 
-    def _cuda_region_for(self, x, nbytes, transport):
-        """The CUDA IPC region for an activation call with tensor x, or None for the other paths."""
+    def _cuda_pool_for(self, x, transport):
+        """The CUDA IPC regions of x's device for an activation call with tensor x, or None for the
+        other paths. The first call for a device asks the daemon and registers a region."""
         mode = transport or self.transport
         if mode not in TRANSPORTS:
             raise ValueError(f"transport = {mode!r}, expected one of {TRANSPORTS}")
@@ -249,34 +252,43 @@ class Client:
             raise ValueError("transport 'cuda_ipc' takes CUDA torch tensors")
         if mode not in ("auto", "cuda_ipc") or not on_gpu:
             return None
-        if self._cuda.regions.get(x.device.index) is False and mode == "auto":
-            return None
-        try:
-            if not self.server_info().shared_memory.allowed:
-                raise FailedPreconditionError(
-                    grpc.StatusCode.FAILED_PRECONDITION, "the daemon does not allow shared-memory tensors (--allow_shared_memory)")
-            return self._cuda.ensure(x.device, nbytes)
-        except (BlockdError, RuntimeError, ValueError) as e:
-            if mode == "cuda_ipc":
-                raise
-            if isinstance(e, (UnavailableError, DeadlineExceededError)):
-                return None  # the daemon is not answering now: ask again next call
-            self._cuda.regions[x.device.index] = False  # a CPU daemon, another host or GPU: never again
-            return None
+        with self._cuda.lock:
+            pool = self._cuda.pools.get(x.device.index)
+            if pool or (pool is False and mode == "auto"):
+                return pool or None
+            pool = self._cuda.pool(x.device)
+            try:
+                if not self.server_info().shared_memory.allowed:
+                    raise FailedPreconditionError(
+                        grpc.StatusCode.FAILED_PRECONDITION, "the daemon does not allow shared-memory tensors (--allow_shared_memory)")
+                with pool.lease(1 << 20):  # try-register: refused unless the daemon opens this GPU's memory
+                    pass
+            except (BlockdError, RuntimeError, ValueError) as e:
+                pool.close()
+                if mode == "cuda_ipc":
+                    raise
+                if isinstance(e, (UnavailableError, DeadlineExceededError)):
+                    return None  # the daemon is not answering now: ask again next call
+                self._cuda.pools[x.device.index] = False  # a CPU daemon, another host or GPU: never again
+                return None
+            self._cuda.pools[x.device.index] = pool
+            return pool
 
     def _cuda_ipc_call(self, method, request, field, out_field, x, dtype, transport, timeout):
         """Forward/Backward with a CUDA tensor x through CUDA IPC when the transport allows: x goes
-        into the device's region, the daemon reads it and writes the reply there (device to device).
-        Returns (response, reply tensor), or None to take the other paths."""
+        into a region of its device (one per call in flight), the daemon reads it and writes the
+        reply there (device to device). Returns (response, reply tensor), or None to take the other
+        paths."""
         torch = T._torch()
         native = (torch.float32, torch.bfloat16, torch.float16)
         wire = T.wire_dtype(dtype if dtype is not None else x.dtype if x.dtype in native else "fp32")
         as_torch = {T.FLOAT32: torch.float32, T.BFLOAT16: torch.bfloat16, T.FLOAT16: torch.float16}[wire]
         nbytes = x.numel() * T.itemsize(wire)
-        with self._cuda.lock:
-            region = self._cuda_region_for(x, nbytes, transport)
-            if region is None:
-                return None
+        pool = self._cuda_pool_for(x, transport)
+        if pool is None:
+            return None
+        with pool.lease(nbytes) as lease:
+            region = lease.region
             region.put(x.detach().to(as_torch).contiguous())
             ref = region.ref(0, nbytes)
             getattr(request, field).CopyFrom(pb.Tensor(dtype=wire, shape=tuple(x.shape), shared_memory=ref))

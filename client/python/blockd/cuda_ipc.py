@@ -10,14 +10,15 @@ and synchronises before answering. Activations never cross PCIe or the gRPC mess
     region = CudaRegion(client, torch.device("cuda:0"), 64 << 20)  # raises if the daemon cannot open it
     client.register_cuda_tensor(name, tensor)                     # the bare registration
 
-`Client(transport="auto")` (the default) uses one such region per device by itself for CUDA
-tensors when the daemon opens it (same host, same GPU), else falls back to shared memory or
-messages; `transport="cuda_ipc"` raises instead of falling back, `"grpc"` never uses it.
+`Client(transport="auto")` (the default) uses such regions by itself for CUDA tensors (one per
+call in flight on a device, so calls from several threads overlap) when the daemon opens them
+(same host, same GPU), else falls back to shared memory or messages; `transport="cuda_ipc"`
+raises instead of falling back, `"grpc"` never uses them.
 """
 import secrets
 import threading
 
-from blockd.shared_memory import unregister_quietly
+from blockd.shared_memory import RegionPool, unregister_quietly
 from blockd.v1 import block_service_pb2 as pb
 
 
@@ -72,8 +73,10 @@ class CudaRegion:
         return pb.SharedMemoryRef(region=self.name, offset=offset, byte_size=byte_size)
 
     def put(self, x):
-        """Copies x's bytes (on the current stream) to the region's start; records the event."""
+        """Copies x's bytes (on the current stream, after the last take's copy) to the region's
+        start; records the event."""
         n = x.numel() * x.element_size()
+        self.event.wait()
         self.buffer[:n].view(x.dtype).view(x.shape).copy_(x)
         self.event.record()
         return n
@@ -85,7 +88,9 @@ class CudaRegion:
         for s in shape:
             n *= int(s)
         t = self.buffer[:n * (torch.finfo(dtype).bits // 8)].view(dtype).view(tuple(shape))
-        return t.to(dtype=like.dtype, copy=True)
+        t = t.to(dtype=like.dtype, copy=True)
+        self.event.record()  # the next put, on whichever stream, waits for this copy
+        return t
 
     def close(self):
         if self._registered:
@@ -97,27 +102,20 @@ class CudaRegion:
 
 
 class CudaArenas:
-    """The client's CUDA IPC region per device, grown on demand; calls through one are serialised
-    by its lock. A device whose region the daemon refused is remembered (None)."""
+    """The client's CUDA IPC regions by device: a RegionPool each (one region per call in flight,
+    grown on demand), or False for a device whose region the daemon refused. `lock` guards `pools`."""
 
     def __init__(self, client):
         self.client = client
         self.lock = threading.Lock()
-        self.regions = {}  # device index -> CudaRegion, or False when refused
-        self.locks = {}
+        self.pools = {}  # device index -> RegionPool, or False when refused
 
-    def ensure(self, device, nbytes):
-        region = self.regions.get(device.index)
-        if region is None or region.size < nbytes:
-            size = max(nbytes, 1 << 20, 0 if region is None else 2 * region.size)
-            self.regions[device.index] = None
-            if region is not None:
-                region.close()
-            self.regions[device.index] = CudaRegion(self.client, device, size)
-        return self.regions[device.index]
+    def pool(self, device):
+        return RegionPool(lambda size: CudaRegion(self.client, device, size))
 
     def close(self):
-        for r in self.regions.values():
-            if r:
-                r.close()
-        self.regions.clear()
+        with self.lock:
+            pools, self.pools = list(self.pools.values()), {}
+        for p in pools:
+            if p:
+                p.close()

@@ -9,9 +9,9 @@ and the daemon writes the reply into the region (in place: the input's slice).
     region = SharedMemoryRegion(client, 64 << 20)      # raises if the daemon cannot use it
     client.register_shared_memory / unregister_shared_memory / list_shared_memory
 
-`Client(transport="auto")` (the default) uses one such region by itself when the daemon allows
-shared memory and can open the client's object (same host); `transport="grpc"` never does, and
-`transport="shared_memory"` raises instead of falling back.
+`Client(transport="auto")` (the default) uses such regions by itself (a RegionPool: one per call
+in flight) when the daemon allows shared memory and can open the client's object (same host);
+`transport="grpc"` never does, and `transport="shared_memory"` raises instead of falling back.
 """
 import mmap
 import os
@@ -90,25 +90,77 @@ class SharedMemoryRegion:
         self.close()
 
 
-class Arena:
-    """The client's one region for activation calls, grown on demand. Calls through it are
-    serialised by `lock` (one slice, reused in place for input and output)."""
+class RegionPool:
+    """Regions for activation calls, one per call in flight: a call leases one (`lease`), uses it
+    alone and gives it back, so calls from several threads move their tensors at once. At most
+    `most` regions; a lease waits for one beyond that. A region too small for a call is replaced by
+    one of twice its size (at least the call's, at least 1 MiB). `make(byte_size)` creates and
+    registers a region (it raises when the daemon cannot use it); closed regions are unregistered."""
 
-    def __init__(self, client):
-        self.client = client
-        self.lock = threading.Lock()
-        self.region = None
+    def __init__(self, make, most=8):
+        self._make = make
+        self._most = most
+        self._cv = threading.Condition()
+        self._idle = []
+        self._count = 0  # regions leased or idle, and leases about to make one
+        self._closed = False
 
-    def ensure(self, nbytes):
-        if self.region is None or self.region.size < nbytes:
-            size = max(nbytes, 1 << 20, 0 if self.region is None else 2 * self.region.size)
-            old, self.region = self.region, None
-            if old is not None:
-                old.close()
-            self.region = SharedMemoryRegion(self.client, size)
-        return self.region
+    def lease(self, nbytes):
+        with self._cv:
+            while not self._closed and not self._idle and self._count >= self._most:
+                self._cv.wait()
+            if self._closed:
+                raise ValueError("the client is closed")
+            region = self._idle.pop() if self._idle else None
+            if region is None:
+                self._count += 1
+        return _Lease(self, region, nbytes)
+
+    def _give_back(self, region):
+        with self._cv:
+            if region is None or self._closed:
+                self._count -= 1
+            else:
+                self._idle.append(region)
+                region = None
+            self._cv.notify()
+        if region is not None:
+            region.close()
 
     def close(self):
-        if self.region is not None:
-            self.region.close()
-            self.region = None
+        with self._cv:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+            self._cv.notify_all()
+        for region in idle:
+            region.close()
+
+
+class _Lease:
+    """A region of a RegionPool held by one call (a context manager); `region` fits nbytes."""
+
+    def __init__(self, pool, region, nbytes):
+        self._pool = pool
+        self.region = region
+        self._nbytes = nbytes
+
+    def __enter__(self):
+        try:
+            if self.region is None or self.region.size < self._nbytes:
+                self.renew()
+        except BaseException:
+            self._pool._give_back(None)
+            raise
+        return self
+
+    def renew(self):
+        """Replaces the region by a new one (grown, or after the daemon forgot it past its TTL)."""
+        old, self.region = self.region, None
+        if old is not None:
+            old.close()
+        grown = 0 if old is None else 2 * old.size if old.size < self._nbytes else old.size
+        self.region = self._pool._make(max(self._nbytes, 1 << 20, grown))
+
+    def __exit__(self, *exc):
+        self._pool._give_back(self.region)
