@@ -2,18 +2,22 @@
 // activations on the wire, to set against the in-process engine (the share lost to transport).
 //
 //   bench_service --target=127.0.0.1:50051 [--blocks=8] [--shape=qwen] [--iters=10] [--depth=1,2]
-//                 [--connections=1] [--transport=grpc|shm]
+//                 [--connections=1] [--transport=grpc|shm|cuda_ipc] [--trace]
 //
 // A step is Forward(keep_activations) -> Backward -> Step over the span; with --depth=N the client
 // keeps N micro-batches in flight at once (N threads, one Step after all N), so that one
 // micro-batch's transfers overlap another's compute; --connections=N spreads the calls over N HTTP/2
 // connections (ClientOptions::connections); --transport=shm sends activations through one
 // shared-memory region per micro-batch in flight (same host, blockd --allow_shared_memory; the
-// client's copy into the region is timed, as serialisation is on gRPC). Timing: warm-up steps first, then the median
+// client's copy into the region is timed, as serialisation is on gRPC); --transport=cuda_ipc keeps
+// the client's tensors on the daemon's GPU and sends them through one CUDA IPC region per
+// micro-batch in flight (client/cuda_ipc_region.h; the copies into the region and the replies'
+// copies out of it are timed). Timing: warm-up steps first, then the median
 // step time over --iters, inputs rotated among 3 random sets built before timing.
 #include <algorithm>
 #include <cstdio>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -26,9 +30,51 @@
 #include "client/shared_memory_region.h"
 #include "client/tensor_bytes.h"
 #include "base/malloc_tuning.h"
+#ifdef BLOCKD_BENCH_CUDA_IPC
+#include <cuda_runtime.h>
+
+#include "client/cuda_ipc_region.h"
+#endif
 
 using blockd::bench::Check;
 using blockd::bench::Now;
+
+namespace {
+
+// --trace: when each call of a step began and ended, for the last step timed at each depth (ms
+// from the step's start, by micro-batch): where a step's time goes beside the compute.
+struct Trace {
+  bool on = false;
+  std::mutex mu;
+  struct Span {
+    double start, end;
+    int micro_batch;
+    const char* what;
+  };
+  std::vector<Span> spans;
+
+  // Runs f, noting its span.
+  template <class F>
+  auto operator()(int micro_batch, const char* what, F f) {
+    const double start = Now();
+    auto out = f();
+    if (on) {
+      std::lock_guard<std::mutex> lock(mu);
+      spans.push_back({start, Now(), micro_batch, what});
+    }
+    return out;
+  }
+  void Print(double t0) {
+    std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.start < b.start; });
+    for (const Span& sp : spans) {
+      std::printf("  trace micro-batch %d %-14s %9.2f -> %9.2f ms (%.2f)\n", sp.micro_batch, sp.what,
+                  (sp.start - t0) * 1e3, (sp.end - t0) * 1e3, (sp.end - sp.start) * 1e3);
+    }
+    spans.clear();
+  }
+};
+
+}  // namespace
 
 int main(int argc, char** argv) {
   // The client moves the same large messages as the daemon (BLOCKD_MALLOC_TUNING=0: glibc's defaults).
@@ -57,7 +103,11 @@ int main(int argc, char** argv) {
   const bool cpu = shape == "tiny";
 
   bool probe = false;
-  for (int i = 1; i < argc; ++i) probe = probe || std::string(argv[i]) == "--transport_probe";
+  Trace trace;
+  for (int i = 1; i < argc; ++i) {
+    probe = probe || std::string(argv[i]) == "--transport_probe";
+    trace.on = trace.on || std::string(argv[i]) == "--trace";
+  }
   blockd::ClientOptions o;
   o.target = target;
   o.timeout = absl::Seconds(300);
@@ -136,14 +186,78 @@ int main(int argc, char** argv) {
     for (int m = 0; m < most; ++m) {
       regions.push_back(Check(blockd::SharedMemoryRegion::Create(client.get(), 2 * tensor_bytes), "register"));
     }
-  } else if (transport != "grpc") {
-    std::fprintf(stderr, "--transport=%s: expected grpc or shm\n", transport.c_str());
+  }
+#ifdef BLOCKD_BENCH_CUDA_IPC
+  // --transport=cuda_ipc: the sets' inputs and gradients in this process's device memory; per
+  // micro-batch slot a region (input, then output, at 0; gradient, then grad_input, after it), a
+  // stream, and device memory the replies are copied to.
+  struct CudaSlot {
+    std::unique_ptr<blockd::CudaIpcRegion> region;
+    cudaStream_t stream = nullptr;
+    void* reply = nullptr;  // output, then grad_input
+  };
+  std::vector<void*> device_sets;  // input 0, grad 0, input 1, ...
+  std::vector<CudaSlot> cuda_slots;
+  if (transport == "cuda_ipc") {
+    auto cuda = [](cudaError_t e, const char* what) {
+      if (e != cudaSuccess) {
+        std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
+        std::exit(1);
+      }
+    };
+    for (int set = 0; set < 3; ++set) {
+      for (const std::string* bytes : {&fwd[set].input().data(), &grads[set].data()}) {
+        void* p = nullptr;
+        cuda(cudaMalloc(&p, bytes->size()), "cudaMalloc");
+        cuda(cudaMemcpy(p, bytes->data(), bytes->size(), cudaMemcpyHostToDevice), "cudaMemcpy");
+        device_sets.push_back(p);
+      }
+    }
+    const int most = *std::max_element(depths.begin(), depths.end());
+    for (int m = 0; m < most; ++m) {
+      CudaSlot slot;
+      slot.region = Check(blockd::CudaIpcRegion::Create(client.get(), 0, 2 * tensor_bytes), "register CUDA IPC");
+      cuda(cudaStreamCreateWithFlags(&slot.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+      cuda(cudaMalloc(&slot.reply, tensor_bytes), "cudaMalloc");
+      cuda_slots.push_back(std::move(slot));
+    }
+  }
+  auto forward_backward_ipc = [&](int set, int m) {
+    CudaSlot& slot = cuda_slots[m];
+    blockd::CudaIpcRegion& r = *slot.region;
+    const blockd::v1::Tensor& x = fwd[set].input();
+    blockd::v1::ForwardRequest req;
+    *req.mutable_block_ids() = fwd[set].block_ids();
+    req.set_keep_activations(true);
+    *req.mutable_input() = Check(r.Put(0, x.dtype(), {B, S, d}, device_sets[2 * set], tensor_bytes, slot.stream), "put input");
+    *req.mutable_output_shared_memory() = r.Ref(0, tensor_bytes);
+    auto y = trace(m, "Forward", [&] { return Check(client->Forward(req), "forward"); });
+    Check(r.Get(y.output(), slot.reply, tensor_bytes, slot.stream), "get output");
+    blockd::v1::BackwardRequest bwd;
+    bwd.set_activation_id(y.activation_id());
+    *bwd.mutable_grad_output() =
+        Check(r.Put(tensor_bytes, x.dtype(), {B, S, d}, device_sets[2 * set + 1], tensor_bytes, slot.stream), "put grad");
+    *bwd.mutable_output_shared_memory() = r.Ref(tensor_bytes, tensor_bytes);
+    auto dx = trace(m, "Backward", [&] { return Check(client->Backward(bwd), "backward"); });
+    Check(r.Get(dx.grad_input(), slot.reply, tensor_bytes, slot.stream), "get grad_input");
+    if (cudaStreamSynchronize(slot.stream) != cudaSuccess) Check(absl::InternalError("stream"), "sync");
+  };
+#else
+  auto forward_backward_ipc = [](int, int) {};
+  if (transport == "cuda_ipc") {
+    std::fprintf(stderr, "--transport=cuda_ipc: bench_service was built without the CUDA backend\n");
+    return 2;
+  }
+#endif
+  if (transport != "grpc" && transport != "shm" && transport != "cuda_ipc") {
+    std::fprintf(stderr, "--transport=%s: expected grpc, shm or cuda_ipc\n", transport.c_str());
     return 2;
   }
   auto forward_backward = [&](int set, int m) {
+    if (transport == "cuda_ipc") return forward_backward_ipc(set, m);
     if (regions.empty()) {
-      auto y = Check(client->Forward(fwd[set]), "forward");
-      Check(client->Backward(y.activation_id(), grads[set]), "backward");
+      auto y = trace(m, "Forward", [&] { return Check(client->Forward(fwd[set]), "forward"); });
+      trace(m, "Backward", [&] { return Check(client->Backward(y.activation_id(), grads[set]), "backward"); });
       return;
     }
     blockd::SharedMemoryRegion& r = *regions[m];
@@ -151,14 +265,16 @@ int main(int argc, char** argv) {
     blockd::v1::ForwardRequest req;
     *req.mutable_block_ids() = fwd[set].block_ids();
     req.set_keep_activations(true);
-    *req.mutable_input() = Check(r.Put(0, x.dtype(), {B, S, d}, x.data()), "put input");
+    *req.mutable_input() = trace(m, "put input", [&] { return Check(r.Put(0, x.dtype(), {B, S, d}, x.data()), "put input"); });
     *req.mutable_output_shared_memory() = r.Ref(0, tensor_bytes);
-    auto y = Check(client->Forward(req), "forward");
+    auto y = trace(m, "Forward", [&] { return Check(client->Forward(req), "forward"); });
     blockd::v1::BackwardRequest bwd;
     bwd.set_activation_id(y.activation_id());
-    *bwd.mutable_grad_output() = Check(r.Put(tensor_bytes, grads[set].dtype(), {B, S, d}, grads[set].data()), "put grad");
+    *bwd.mutable_grad_output() = trace(m, "put grad", [&] {
+      return Check(r.Put(tensor_bytes, grads[set].dtype(), {B, S, d}, grads[set].data()), "put grad");
+    });
     *bwd.mutable_output_shared_memory() = r.Ref(tensor_bytes, tensor_bytes);
-    Check(client->Backward(bwd), "backward");
+    trace(m, "Backward", [&] { return Check(client->Backward(bwd), "backward"); });
   };
 
   std::printf("client malloc: %s; %d connection%s; transport %s\n",
@@ -178,8 +294,13 @@ int main(int argc, char** argv) {
       }
       for (std::thread& w : workers) w.join();
       const double t1 = Now();
-      Check(client->Step(step), "step");
+      trace(-1, "Step", [&] { return Check(client->Step(step), "step"); });
       const double t2 = Now();
+      if (it + 1 < iters + 2) {
+        trace.spans.clear();
+      } else if (trace.on) {
+        trace.Print(t0);
+      }
       if (it >= 2) {
         steps.push_back(t2 - t0);
         fb.push_back(t1 - t0);
@@ -194,6 +315,14 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
   regions.clear();  // unregistered before the blocks go
+#ifdef BLOCKD_BENCH_CUDA_IPC
+  for (CudaSlot& slot : cuda_slots) {
+    slot.region.reset();
+    cudaStreamDestroy(slot.stream);
+    cudaFree(slot.reply);
+  }
+  for (void* p : device_sets) cudaFree(p);
+#endif
   for (const std::string& id : ids) Check(client->DeleteBlock(id), "delete");
   return 0;
 }

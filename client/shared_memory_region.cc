@@ -12,7 +12,6 @@
 #include "absl/strings/str_cat.h"
 
 namespace blockd {
-namespace {
 
 std::string RandomHex() {
   unsigned char b[16];
@@ -29,8 +28,6 @@ std::string RandomHex() {
   }
   return out;
 }
-
-}  // namespace
 
 absl::StatusOr<bool> SharedMemoryAllowed(Client* client) {
   auto info = client->GetServerInfo();
@@ -84,12 +81,16 @@ SharedMemoryRegion::~SharedMemoryRegion() {
   if (data_ != nullptr) munmap(data_, static_cast<size_t>(size_));
 }
 
-v1::SharedMemoryRef SharedMemoryRegion::Ref(int64_t offset, int64_t byte_size) const {
+v1::SharedMemoryRef RegionRef(const std::string& name, int64_t offset, int64_t byte_size) {
   v1::SharedMemoryRef ref;
-  ref.set_region(name_);
+  ref.set_region(name);
   ref.set_offset(offset);
   ref.set_byte_size(byte_size);
   return ref;
+}
+
+v1::SharedMemoryRef SharedMemoryRegion::Ref(int64_t offset, int64_t byte_size) const {
+  return RegionRef(name_, offset, byte_size);
 }
 
 absl::StatusOr<v1::Tensor> SharedMemoryRegion::Put(int64_t offset, v1::DType dtype, const std::vector<int64_t>& shape,

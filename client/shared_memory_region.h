@@ -34,6 +34,11 @@ namespace blockd {
 // Whether the daemon allows shared-memory tensors (GetServerInfo.shared_memory.allowed).
 absl::StatusOr<bool> SharedMemoryAllowed(Client* client);
 
+// 32 random hex digits (getrandom): object keys and region names no other client guesses.
+std::string RandomHex();
+// A reference to [offset, offset + byte_size) of region `name` (of either kind).
+v1::SharedMemoryRef RegionRef(const std::string& name, int64_t offset, int64_t byte_size);
+
 class SharedMemoryRegion {
  public:
   // `name`: the region's name on the daemon ("" picks "region-<random>").

@@ -10,7 +10,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 build=${BLOCKD_DEVICE_BUILD:-$root/build-device}
 cmake -S "$root" -B "$build" -G Ninja -DBLOCKD_CUDA=ON -DCMAKE_BUILD_TYPE=${BLOCKD_BUILD_TYPE:-Release} \
   -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
-want="blockd blockctl cuda_ops_test cuda_block_test cuda_session_test frozen_cuda_test lora_cuda_test sticky_error_test cudnn_attention_test nccl_group_test nccl_multigpu_test bench_cudnn_attention blockd_proto_python blockd_python bench_engine bench_kernels bench_service bench_decode bench_allreduce"
+want="blockd blockctl cuda_ipc_client_test cuda_ops_test cuda_block_test cuda_session_test frozen_cuda_test lora_cuda_test sticky_error_test cudnn_attention_test nccl_group_test nccl_multigpu_test bench_cudnn_attention blockd_proto_python blockd_python bench_engine bench_kernels bench_service bench_decode bench_allreduce"
 have=$(ninja -C "$build" -t targets all 2>/dev/null | cut -d: -f1)
 targets=$(for t in $want; do grep -qx "$t" <<<"$have" && echo "$t"; done)
 ninja -C "$build" $targets
@@ -21,7 +21,7 @@ bins=("$build/server/blockd" "$build/client/blockctl" "$build/tests/gpu/cuda_ops
       "$build/tests/gpu/cuda_block_test" "$build/tests/gpu/cuda_session_test" "$build/tests/gpu/frozen_cuda_test"
       "$build/tests/gpu/lora_cuda_test" "$build/tests/gpu/sticky_error_test" "$build/tests/gpu/nccl_group_test"
       "$build/tests/gpu/nccl_multigpu_test"
-      "$build/tests/gpu/cudnn_attention_test")
+      "$build/tests/gpu/cudnn_attention_test" "$build/tests/gpu/cuda_ipc_client_test")
 for b in "$build"/bench/bench_*; do [ -x "$b" ] && bins+=("$b"); done
 for b in "${bins[@]}"; do
   [ -x "$b" ] || continue

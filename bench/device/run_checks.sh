@@ -109,6 +109,8 @@ fi
 # CUDA IPC tensors against the inline path on a CUDA daemon (torch with CUDA on this GPU).
 if [[ " $stages " == *" ipc "* ]] && [ -f "$dev/python/cuda_ipc_test.py" ]; then
   pyunit cuda_ipc cuda_ipc_test
+  export BLOCKD_BINARY="$dev/bin/blockd"
+  gtest cuda_ipc.client cuda_ipc_client_test '*' 120  # the C++ client's regions
 fi
 
 # Generation against Hugging Face transformers' generate (greedy logits, beams, sampling), the
@@ -272,23 +274,30 @@ if [[ " $stages " == *" transport "* ]]; then
   for run in tcp,127.0.0.1:50990,grpc,3 unix,unix:/tmp/blockd-transport.sock,grpc,3 shm,127.0.0.1:50991,shm,1; do
     IFS=, read -r name target transport conns <<<"$run"
     LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda --attention=native --listen=$target \
-      --allow_shared_memory --metrics_listen= >"$OUT/blockd.transport.$name.log" 2>&1 &
+      --allow_shared_memory --metrics_listen= --log_level=debug >"$OUT/blockd.transport.$name.log" 2>&1 &
     daemon=$!
     for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.transport.$name.log" 2>/dev/null && break; sleep 1; done
     sleep 1
     echo "== $name $target transport=$transport connections=$conns" >>"$log"
     timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=1,3 \
-      --iters=${TRANSPORT_ITERS:-6} --connections=$conns --transport=$transport >>"$log" 2>&1
+      --iters=${TRANSPORT_ITERS:-6} --connections=$conns --transport=$transport --trace >>"$log" 2>&1
     awk -v n="$name" '/^8 blocks/ {print n, $4, $7}' "$log" | tail -2 | while read -r n dp tok; do
       echo "$(trow "$n (bench_service)" "$dp" "$tok")"; done >>"$OUT/transport.rows"
     if [ "$name" = shm ]; then
+      echo "== cuda_ipc (C++) $target" >>"$log"
+      timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=1,3 \
+        --iters=${TRANSPORT_ITERS:-6} --transport=cuda_ipc --trace >>"$log" 2>&1
+      awk '/^== cuda_ipc \(C\+\+\)/ {on=1} on && /^8 blocks/ {print $4, $7}' "$log" | while read -r dp tok; do
+        echo "$(trow 'cuda_ipc (bench_service, C++)' "$dp" "$tok")"; done >>"$OUT/transport.rows"
       echo "== cuda_ipc $target" >>"$log"
       (cd "$root" && PYTHONPATH="$dev/python" timeout 240 python3 bench/transport_ipc.py --target=$target \
-        --iters=${TRANSPORT_ITERS:-6}) >>"$log" 2>&1
-      tok=$(awk '/^transport cuda_ipc/ {print $(NF-1)}' "$log" | tail -1)
-      echo "$(trow 'cuda_ipc (Python, torch CUDA tensors)' 1 "$tok")" >>"$OUT/transport.rows"
+        --iters=${TRANSPORT_ITERS:-6} --depth=1,3) >>"$log" 2>&1
+      awk '/^transport cuda_ipc/ {d=$8; sub(":", "", d); print d, $(NF-1)}' "$log" | while read -r dp tok; do
+        echo "$(trow 'cuda_ipc (Python, torch CUDA tensors)' "$dp" "$tok")"; done >>"$OUT/transport.rows"
     fi
     kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+    echo "== $name: the daemon's last Forwards (upload / launch / compute + download)" >>"$log"
+    grep "Forward of 8" "$OUT/blockd.transport.$name.log" | tail -6 >>"$log"
   done
   [ -f "$OUT/transport.rows" ] && while IFS= read -r line; do ttable+=("$line"); done <"$OUT/transport.rows"
   cat "$log"
