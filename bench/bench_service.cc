@@ -2,7 +2,7 @@
 // activations on the wire, to set against the in-process engine (the share lost to transport).
 //
 //   bench_service --target=127.0.0.1:50051 [--blocks=8] [--shape=qwen] [--iters=10] [--depth=1,2]
-//                 [--connections=1] [--transport=grpc|shm|cuda_ipc] [--trace]
+//                 [--connections=1] [--transport=grpc|shm|cuda_ipc|cuda_ipc_in_place] [--trace]
 //
 // A step is Forward(keep_activations) -> Backward -> Step over the span; with --depth=N the client
 // keeps N micro-batches in flight at once (N threads, one Step after all N), so that one
@@ -12,7 +12,9 @@
 // client's copy into the region is timed, as serialisation is on gRPC); --transport=cuda_ipc keeps
 // the client's tensors on the daemon's GPU and sends them through one CUDA IPC region per
 // micro-batch in flight (client/cuda_ipc_region.h; the copies into the region and the replies'
-// copies out of it are timed). Timing: warm-up steps first, then the median
+// copies out of it are timed); cuda_ipc_in_place is a client whose tensors are made in the region
+// and read from it (input, gradient, output, grad_input side by side; only the event is recorded
+// per call). Timing: warm-up steps first, then the median
 // step time over --iters, inputs rotated among 3 random sets built before timing.
 #include <algorithm>
 #include <cstdio>
@@ -187,6 +189,7 @@ int main(int argc, char** argv) {
       regions.push_back(Check(blockd::SharedMemoryRegion::Create(client.get(), 2 * tensor_bytes), "register"));
     }
   }
+  const bool ipc_in_place = transport == "cuda_ipc_in_place";
 #ifdef BLOCKD_BENCH_CUDA_IPC
   // --transport=cuda_ipc: the sets' inputs and gradients in this process's device memory; per
   // micro-batch slot a region (input, then output, at 0; gradient, then grad_input, after it), a
@@ -198,7 +201,7 @@ int main(int argc, char** argv) {
   };
   std::vector<void*> device_sets;  // input 0, grad 0, input 1, ...
   std::vector<CudaSlot> cuda_slots;
-  if (transport == "cuda_ipc") {
+  if (transport == "cuda_ipc" || ipc_in_place) {
     auto cuda = [](cudaError_t e, const char* what) {
       if (e != cudaSuccess) {
         std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
@@ -216,12 +219,26 @@ int main(int argc, char** argv) {
     const int most = *std::max_element(depths.begin(), depths.end());
     for (int m = 0; m < most; ++m) {
       CudaSlot slot;
-      slot.region = Check(blockd::CudaIpcRegion::Create(client.get(), 0, 2 * tensor_bytes), "register CUDA IPC");
+      slot.region = Check(blockd::CudaIpcRegion::Create(client.get(), 0, (ipc_in_place ? 4 : 2) * tensor_bytes),
+                          "register CUDA IPC");
       cuda(cudaStreamCreateWithFlags(&slot.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+      if (ipc_in_place) {  // input and gradient once, in their places; output and grad_input after them
+        char* at = static_cast<char*>(slot.region->data());
+        cuda(cudaMemcpy(at, device_sets[2 * (m % 3)], tensor_bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy");
+        cuda(cudaMemcpy(at + tensor_bytes, device_sets[2 * (m % 3) + 1], tensor_bytes, cudaMemcpyDeviceToDevice),
+             "cudaMemcpy");
+      }
       cuda(cudaMalloc(&slot.reply, tensor_bytes), "cudaMalloc");
       cuda_slots.push_back(std::move(slot));
     }
   }
+  auto named = [&](int64_t offset, blockd::CudaIpcRegion& r) {
+    blockd::v1::Tensor t;
+    t.set_dtype(fwd[0].input().dtype());
+    for (int64_t n : {B, S, d}) t.add_shape(n);
+    *t.mutable_shared_memory() = r.Ref(offset, tensor_bytes);
+    return t;
+  };
   auto forward_backward_ipc = [&](int set, int m) {
     CudaSlot& slot = cuda_slots[m];
     blockd::CudaIpcRegion& r = *slot.region;
@@ -229,6 +246,18 @@ int main(int argc, char** argv) {
     blockd::v1::ForwardRequest req;
     *req.mutable_block_ids() = fwd[set].block_ids();
     req.set_keep_activations(true);
+    if (ipc_in_place) {  // the tensors are where the client made them: only the event is recorded
+      Check(r.Record(slot.stream), "record");
+      *req.mutable_input() = named(0, r);
+      *req.mutable_output_shared_memory() = r.Ref(2 * tensor_bytes, tensor_bytes);
+      auto y = trace(m, "Forward", [&] { return Check(client->Forward(req), "forward"); });
+      blockd::v1::BackwardRequest bwd;
+      bwd.set_activation_id(y.activation_id());
+      *bwd.mutable_grad_output() = named(tensor_bytes, r);
+      *bwd.mutable_output_shared_memory() = r.Ref(3 * tensor_bytes, tensor_bytes);
+      trace(m, "Backward", [&] { return Check(client->Backward(bwd), "backward"); });
+      return;
+    }
     *req.mutable_input() = Check(r.Put(0, x.dtype(), {B, S, d}, device_sets[2 * set], tensor_bytes, slot.stream), "put input");
     *req.mutable_output_shared_memory() = r.Ref(0, tensor_bytes);
     auto y = trace(m, "Forward", [&] { return Check(client->Forward(req), "forward"); });
@@ -244,17 +273,17 @@ int main(int argc, char** argv) {
   };
 #else
   auto forward_backward_ipc = [](int, int) {};
-  if (transport == "cuda_ipc") {
+  if (transport == "cuda_ipc" || ipc_in_place) {
     std::fprintf(stderr, "--transport=cuda_ipc: bench_service was built without the CUDA backend\n");
     return 2;
   }
 #endif
-  if (transport != "grpc" && transport != "shm" && transport != "cuda_ipc") {
-    std::fprintf(stderr, "--transport=%s: expected grpc, shm or cuda_ipc\n", transport.c_str());
+  if (transport != "grpc" && transport != "shm" && transport != "cuda_ipc" && !ipc_in_place) {
+    std::fprintf(stderr, "--transport=%s: expected grpc, shm, cuda_ipc or cuda_ipc_in_place\n", transport.c_str());
     return 2;
   }
   auto forward_backward = [&](int set, int m) {
-    if (transport == "cuda_ipc") return forward_backward_ipc(set, m);
+    if (transport == "cuda_ipc" || ipc_in_place) return forward_backward_ipc(set, m);
     if (regions.empty()) {
       auto y = trace(m, "Forward", [&] { return Check(client->Forward(fwd[set]), "forward"); });
       trace(m, "Backward", [&] { return Check(client->Backward(y.activation_id(), grads[set]), "backward"); });

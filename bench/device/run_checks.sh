@@ -284,11 +284,15 @@ if [[ " $stages " == *" transport "* ]]; then
     awk -v n="$name" '/^8 blocks/ {print n, $4, $7}' "$log" | tail -2 | while read -r n dp tok; do
       echo "$(trow "$n (bench_service)" "$dp" "$tok")"; done >>"$OUT/transport.rows"
     if [ "$name" = shm ]; then
-      echo "== cuda_ipc (C++) $target" >>"$log"
-      timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=1,3 \
-        --iters=${TRANSPORT_ITERS:-6} --transport=cuda_ipc --trace >>"$log" 2>&1
-      awk '/^== cuda_ipc \(C\+\+\)/ {on=1} on && /^8 blocks/ {print $4, $7}' "$log" | while read -r dp tok; do
-        echo "$(trow 'cuda_ipc (bench_service, C++)' "$dp" "$tok")"; done >>"$OUT/transport.rows"
+      # The C++ client through CUDA IPC: copying its tensors into its regions and the replies out,
+      # then with its tensors made in the regions (only the event recorded per call).
+      for ipc in cuda_ipc cuda_ipc_in_place; do
+        echo "== $ipc (C++) $target" >>"$log"
+        timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=1,3 \
+          --iters=${TRANSPORT_ITERS:-6} --transport=$ipc --trace >>"$log" 2>&1
+        awk -v h="== $ipc (C++)" 'index($0, h) == 1 {on=1; next} /^== / {on=0} on && /^8 blocks/ {print $4, $7}' "$log" |
+          while read -r dp tok; do echo "$(trow "$ipc (bench_service, C++)" "$dp" "$tok")"; done >>"$OUT/transport.rows"
+      done
       echo "== cuda_ipc $target" >>"$log"
       (cd "$root" && PYTHONPATH="$dev/python" timeout 240 python3 bench/transport_ipc.py --target=$target \
         --iters=${TRANSPORT_ITERS:-6} --depth=1,3) >>"$log" 2>&1
