@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "base/parallel_copy.h"
 
 namespace blockd {
 
@@ -100,7 +101,7 @@ absl::StatusOr<v1::Tensor> SharedMemoryRegion::Put(int64_t offset, v1::DType dty
     return absl::InvalidArgumentError(absl::StrCat(n, " bytes at offset ", offset, " do not fit region ", name_, " of ",
                                                    size_, " bytes"));
   }
-  std::memcpy(data_ + offset, bytes.data(), bytes.size());
+  ParallelCopy(data_ + offset, bytes.data(), bytes.size());
   v1::Tensor t;
   t.set_dtype(dtype);
   for (int64_t d : shape) t.add_shape(d);

@@ -15,6 +15,7 @@
 #include "engine/cuda/peer_memory.h"
 #include "engine/cuda/step_graph.h"
 #include "engine/cuda/step_workspace.h"
+#include "base/parallel_copy.h"
 #include "base/status_macros.h"
 #include "kernels/attention.cuh"
 #include "kernels/convert.cuh"
@@ -206,7 +207,7 @@ class CudaBackend : public Backend {
   absl::StatusOr<std::unique_ptr<Activation>> Upload(int device, DType dtype, const void* data, int64_t batch,
                                                      int64_t seq, int64_t width) override {
     return UploadFrom(device, dtype, [data](void* dst, size_t at, size_t n) {
-      std::memcpy(dst, static_cast<const char*>(data) + at, n);
+      ParallelCopy(dst, static_cast<const char*>(data) + at, n);
       return absl::OkStatus();
     }, batch, seq, width);
   }

@@ -1,0 +1,97 @@
+#include "base/parallel_copy.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+namespace blockd {
+namespace {
+
+// One ParallelCopy: its slices are taken by index, by the caller and the pool alike.
+struct Copy {
+  char* dst;
+  const char* src;
+  size_t n, slice;
+  int slices;
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+
+  // Copies slices until none is left to take.
+  void Work() {
+    for (int i; (i = next.fetch_add(1)) < slices;) {
+      const size_t at = static_cast<size_t>(i) * slice;
+      std::memcpy(dst + at, src + at, std::min(slice, n - at));
+      if (done.fetch_add(1) + 1 == slices) {
+        std::lock_guard<std::mutex> lock(mu);
+        all_done.notify_all();
+      }
+    }
+  }
+};
+
+// kParallelCopyMaxThreads - 1 threads that help with the copies queued, for the process's life.
+class CopyPool {
+ public:
+  CopyPool() {
+    for (int i = 0; i + 1 < kParallelCopyMaxThreads; ++i) std::thread([this] { Run(); }).detach();
+  }
+  // Queued once per helper it could use; a helper finding nothing left to take moves on.
+  void Offer(const std::shared_ptr<Copy>& c, int helpers) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (int i = 0; i < helpers; ++i) queue_.push_back(c);
+    }
+    if (helpers == 1) {
+      ready_.notify_one();
+    } else {
+      ready_.notify_all();
+    }
+  }
+
+ private:
+  void Run() {
+    for (;;) {
+      std::shared_ptr<Copy> c;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        ready_.wait(lock, [this] { return !queue_.empty(); });
+        c = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      c->Work();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable ready_;
+  std::deque<std::shared_ptr<Copy>> queue_;
+};
+
+}  // namespace
+
+void ParallelCopy(void* dst, const void* src, size_t n) {
+  const size_t slices = std::min<size_t>(kParallelCopyMaxThreads, n / kParallelCopyMinSlice);
+  if (slices <= 1) {
+    std::memcpy(dst, src, n);
+    return;
+  }
+  static CopyPool* pool = new CopyPool();  // never destroyed: its threads run until exit
+  auto c = std::make_shared<Copy>();
+  c->dst = static_cast<char*>(dst);
+  c->src = static_cast<const char*>(src);
+  c->n = n;
+  c->slices = static_cast<int>(slices);
+  c->slice = (n + slices - 1) / slices;
+  pool->Offer(c, c->slices - 1);
+  c->Work();
+  std::unique_lock<std::mutex> lock(c->mu);
+  c->all_done.wait(lock, [&] { return c->done.load() == c->slices; });
+}
+
+}  // namespace blockd
