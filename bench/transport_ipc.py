@@ -1,10 +1,11 @@
-"""Transport benchmark, the CUDA IPC row: bench_service's training step of a span (Forward with
-keep_activations -> Backward -> Step, bf16 activations) from a PyTorch client whose activations
-live on the daemon's GPU, through CUDA IPC (blockd --allow_shared_memory on the CUDA backend).
-bench_service (C++) measures the other transports; run_checks.sh `transport` prints them together.
+"""Transport benchmark, the Python client's rows: bench_service's training step of a span (Forward
+with keep_activations -> Backward -> Step, bf16 activations) from a PyTorch client whose
+activations live on the daemon's GPU, through CUDA IPC (blockd --allow_shared_memory on the CUDA
+backend), or (--transport=shared_memory) in host memory, through shared memory. bench_service
+(C++) measures the other rows; run_checks.sh `transport` prints them together.
 
     python3 bench/transport_ipc.py --target=127.0.0.1:50051 [--blocks=8] [--iters=6] [--depth=1,3]
-                                   [--transport=cuda_ipc]
+                                   [--transport=cuda_ipc|shared_memory|grpc]
 
 Blocks are created as bench_service creates them (Qwen-like: hidden 1024, 16 heads, 8 kv heads,
 head_dim 128, MLP 3072, QK-norm, bf16; batch 8 x 2048 tokens). Timing: 2 warm-up steps, then the
@@ -38,16 +39,19 @@ def main():
     for b, block_id in enumerate(ids):
         client.create_block(block_id, cfg, layer_index=b, seed=100 + b, precision="bf16", max_seq_len=S,
                             max_batch_size=B)
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    sets = [(torch.randn(B, S, d, device="cuda", generator=gen).to(torch.bfloat16),
-             torch.randn(B, S, d, device="cuda", generator=gen).to(torch.bfloat16)) for _ in range(3)]
+    # CUDA tensors for CUDA IPC; host tensors for the other transports (shared_memory: a PyTorch
+    # client on the daemon's host whose activations are in host memory).
+    device = "cuda" if a.transport == "cuda_ipc" else "cpu"
+    gen = torch.Generator(device=device).manual_seed(3)
+    sets = [(torch.randn(B, S, d, device=device, generator=gen).to(torch.bfloat16),
+             torch.randn(B, S, d, device=device, generator=gen).to(torch.bfloat16)) for _ in range(3)]
     errors = []
 
     def forward_backward(x, g):
         try:
             y, h = client.forward(ids, x, keep_activations=True)
             dx = client.backward(h, g)
-            assert y.is_cuda and dx.is_cuda and dx.shape == x.shape
+            assert y.device == x.device and dx.device == x.device and dx.shape == x.shape
         except BaseException as e:  # noqa: B902 - raised again on the main thread
             errors.append(e)
 
@@ -72,7 +76,7 @@ def main():
                 times.append(t2 - t0)
                 fb.append(t1 - t0)
         step = statistics.median(times)
-        print(f"transport {a.transport} (Python client, CUDA tensors) depth {depth}: step {step * 1e3:.2f} ms, "
+        print(f"transport {a.transport} (Python client, {device} tensors) depth {depth}: step {step * 1e3:.2f} ms, "
               f"fwd+bwd {statistics.median(fb) * 1e3:.2f} ms, {depth * B * S / step:.0f} tokens/s", flush=True)
     for block_id in ids:
         client.delete_block(block_id)

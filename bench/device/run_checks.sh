@@ -298,6 +298,11 @@ if [[ " $stages " == *" transport "* ]]; then
         --iters=${TRANSPORT_ITERS:-6} --depth=1,3) >>"$log" 2>&1
       awk '/^transport cuda_ipc/ {d=$8; sub(":", "", d); print d, $(NF-1)}' "$log" | while read -r dp tok; do
         echo "$(trow 'cuda_ipc (Python, torch CUDA tensors)' "$dp" "$tok")"; done >>"$OUT/transport.rows"
+      echo "== shared_memory (Python) $target" >>"$log"
+      (cd "$root" && PYTHONPATH="$dev/python" timeout 240 python3 bench/transport_ipc.py --target=$target \
+        --iters=${TRANSPORT_ITERS:-6} --depth=1,3 --transport=shared_memory) >>"$log" 2>&1
+      awk '/^transport shared_memory/ {d=$8; sub(":", "", d); print d, $(NF-1)}' "$log" | while read -r dp tok; do
+        echo "$(trow 'shm (Python, torch host tensors)' "$dp" "$tok")"; done >>"$OUT/transport.rows"
     fi
     kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
     echo "== $name: the daemon's last Forwards (upload / launch / compute + download)" >>"$log"

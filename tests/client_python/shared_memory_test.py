@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import blockd
-from blockd.shared_memory import RegionPool
+from blockd.shared_memory import RegionPool, SharedMemoryRegion, parallel_copy
 from blockd.v1 import block_service_pb2 as pb
 from blockd_testing import Daemon
 
@@ -145,6 +145,19 @@ class SharedMemoryTest(unittest.TestCase):
                 np.testing.assert_array_equal(g, w, err_msg=f"call {i} differs from the gRPC path")
             self.assertTrue(1 <= len(c.list_shared_memory()) <= len(inputs), c.list_shared_memory())
 
+    def test_large_writes_and_reads_move_every_byte(self):
+        with blockd.Client(self.daemon.target, client_name="large") as c:
+            region = SharedMemoryRegion(c, 12 << 20)
+            try:
+                for n in (5, (4 << 20) - 1, (9 << 20) + 5):  # one copy, and slices with a ragged last one
+                    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+                    region.write(3, data)
+                    self.assertEqual(region.read(region.ref(3, n)), data, f"{n} bytes")
+                with self.assertRaises(ValueError):
+                    region.write((12 << 20) - 4, bytes(5))
+            finally:
+                region.close()
+
     def test_cuda_ipc_needs_cuda_tensors_and_a_cuda_daemon(self):
         with blockd.Client(self.daemon.target) as c:
             span = blockd.RemoteSpan.create(c, CFG, num_blocks=1, prefix="ipc", seed=3)
@@ -200,6 +213,14 @@ class RegionPoolTest(unittest.TestCase):
         self.assertTrue(all(r.closed for r in made), "close() left a region registered")
         with self.assertRaises(ValueError):
             pool.lease(1)
+
+    def test_parallel_copy_moves_every_byte(self):
+        for n in (0, 1, (2 << 20) - 1, 4 << 20, (8 << 20) + 3, (17 << 20) + 1):
+            src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+            dst = np.full(n + 8, 7, dtype=np.uint8)
+            parallel_copy(dst[4:4 + n], src)
+            np.testing.assert_array_equal(dst[4:4 + n], src, err_msg=f"{n} bytes")
+            self.assertTrue((dst[:4] == 7).all() and (dst[4 + n:] == 7).all(), f"{n} bytes: wrote outside")
 
     def test_a_region_that_cannot_be_made_frees_its_place(self):
         def refuse(size):

@@ -237,7 +237,7 @@ class Client:
                     lease.renew()
             out = getattr(resp, out_field)
             if out.HasField("shared_memory"):
-                out.data = bytes(region.read(out.shared_memory))
+                out.data = region.read(out.shared_memory)
                 out.ClearField("shared_memory")
         return resp
 
