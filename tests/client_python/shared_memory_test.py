@@ -232,6 +232,24 @@ class RegionPoolTest(unittest.TestCase):
                     pass
 
 
+
+class MallocTuningTest(unittest.TestCase):
+    """blockd.malloc_tuning: glibc takes the settings for large buffers once per process, unless
+    BLOCKD_MALLOC_TUNING=0 (a fresh interpreter each, as a client process would be)."""
+
+    def run_tuning(self, env):
+        code = ("import blockd.malloc_tuning as m; a = m.tune_malloc_for_large_buffers(); "
+                "print(a, m.tune_malloc_for_large_buffers() is a)")
+        p = subprocess.run([sys.executable, "-c", code], env=env, timeout=60, capture_output=True, text=True)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        return p.stdout.split()
+
+    def test_applied_once_unless_turned_off(self):
+        env = {k: v for k, v in os.environ.items() if k != "BLOCKD_MALLOC_TUNING"}
+        self.assertEqual(self.run_tuning(env), ["True", "True"])
+        self.assertEqual(self.run_tuning(dict(env, BLOCKD_MALLOC_TUNING="0")), ["False", "True"])
+
+
 class WithoutSharedMemoryTest(unittest.TestCase):
     def test_auto_falls_back_and_forcing_raises(self):
         with Daemon() as daemon, blockd.Client(daemon.target) as c:

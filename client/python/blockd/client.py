@@ -26,6 +26,7 @@ from blockd.config import BlockConfig, LoraConfig, kind_value, precision_value
 from blockd.errors import (BlockdError, DeadlineExceededError, FailedPreconditionError, NotFoundError,
                            ResourceExhaustedError, UnavailableError, from_rpc_error)
 from blockd.cuda_ipc import CudaArenas, share_cuda_tensor
+from blockd.malloc_tuning import tune_malloc_for_large_buffers
 from blockd.shared_memory import TRANSPORTS, RegionPool, SharedMemoryRegion
 from blockd.v1 import block_service_pb2 as pb
 from blockd.v1 import block_service_pb2_grpc as pb_grpc
@@ -89,6 +90,7 @@ class Client:
         daemon opens the client's device memory (same host and GPU), else shared memory."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport = {transport!r}, expected one of {TRANSPORTS}")
+        tune_malloc_for_large_buffers()  # activations of tens of MB: blockd.malloc_tuning
         self.transport = transport
         self._arena = None  # shared-memory RegionPool once it works; False once "auto" found it cannot
         self._arena_lock = threading.Lock()
@@ -209,21 +211,25 @@ class Client:
                 self._arena = arena
             return self._arena or None
 
-    def _activation_call(self, method, request, field, out_field, transport, timeout):
-        """_sized_unary for Forward/Backward/InferStep, moving the tensor `field` of `request` into
-        shared memory and its reply back out of it when the transport allows. The reply looks the
-        same either way (its tensor carries the bytes)."""
+    def _activation_call(self, method, request, field, out_field, x, dtype, transport, timeout):
+        """Forward/Backward/InferStep with host tensor x as the tensor `field` of `request`: through
+        one of the client's shared-memory regions when the transport allows (x's wire bytes copied
+        straight into it, the reply decoded straight out of it), else inside the messages
+        (_sized_unary). Returns (response, the reply tensor `out_field` like x)."""
+        wire, shape, array = T.encode_array(x, dtype)
         tensor = getattr(request, field)
+        tensor.dtype = wire
+        tensor.shape[:] = shape
         arena = self._arena_for(transport)
         if arena is None:
-            return self._sized_unary(method, request, field, tensor, timeout)
-        data = tensor.data
-        with arena.lease(len(data)) as lease:
+            tensor.data = array.tobytes()
+            resp = self._sized_unary(method, request, field, tensor, timeout)
+            return resp, T.from_proto(getattr(resp, out_field), like=x)
+        with arena.lease(array.nbytes) as lease:
             for attempt in (0, 1):
                 region = lease.region
-                ref = region.ref(0, len(data))
-                region.write(0, data)
-                tensor.ClearField("data")
+                ref = region.ref(0, array.nbytes)
+                region.write(0, array)
                 tensor.shared_memory.CopyFrom(ref)
                 request.output_shared_memory.CopyFrom(ref)  # in place: the server reads all before writing
                 try:
@@ -236,10 +242,9 @@ class Client:
                         raise
                     lease.renew()
             out = getattr(resp, out_field)
-            if out.HasField("shared_memory"):
-                out.data = region.read(out.shared_memory)
-                out.ClearField("shared_memory")
-        return resp
+            if not out.HasField("shared_memory"):
+                return resp, T.from_proto(out, like=x)
+            return resp, T.decode(out.dtype, out.shape, region.read_array(out.shared_memory), like=x)
 
     def _cuda_pool_for(self, x, transport):
         """The CUDA IPC regions of x's device for an activation call with tensor x, or None for the
@@ -434,10 +439,9 @@ class Client:
             done = self._cuda_ipc_call("Forward", req, "input", "output", x, dtype, transport, timeout)
             if done is not None:
                 return ForwardResult(done[1], done[0].activation_id)
-        req = pb.ForwardRequest(block_ids=ids, input=T.to_proto(x, dtype), keep_activations=keep_activations,
-                                position_offset=position_offset)
-        resp = self._activation_call("Forward", req, "input", "output", transport, timeout)
-        return ForwardResult(T.from_proto(resp.output, like=x), resp.activation_id)
+        req = pb.ForwardRequest(block_ids=ids, keep_activations=keep_activations, position_offset=position_offset)
+        resp, y = self._activation_call("Forward", req, "input", "output", x, dtype, transport, timeout)
+        return ForwardResult(y, resp.activation_id)
 
     def backward(self, activation_id, grad_output, dtype=None, timeout=None, transport=None, group_id=""):
         """Backward through the span of a Forward(keep_activations=True); accumulates the weight
@@ -452,10 +456,9 @@ class Client:
                                        timeout)
             if done is not None:
                 return done[1]
-        req = pb.BackwardRequest(activation_id=activation_id, grad_output=T.to_proto(grad_output, dtype),
-                                 group_id=group_id)
-        resp = self._activation_call("Backward", req, "grad_output", "grad_input", transport, timeout)
-        return T.from_proto(resp.grad_input, like=grad_output)
+        req = pb.BackwardRequest(activation_id=activation_id, group_id=group_id)
+        return self._activation_call("Backward", req, "grad_output", "grad_input", grad_output, dtype, transport,
+                                     timeout)[1]
 
     def release_activations(self, activation_id, timeout=None):
         """Frees an activation handle without a backward."""
@@ -589,9 +592,10 @@ class Client:
         row. hypo_ids (len batch_size): row i first continues from row hypo_ids[i] (beam search).
         step_id != 0: repeating the last one returns its output again without appending (a safe
         retry). Returns InferStepResult(hidden_states like the input, length after, step_id)."""
-        req = _infer_request(session_id, hidden_states, hypo_ids, step_id, dtype)
-        resp = self._activation_call("InferStep", req, "hidden_states", "hidden_states", transport, timeout)
-        return InferStepResult(T.from_proto(resp.hidden_states, like=hidden_states), resp.length, resp.step_id)
+        req = _infer_request(session_id, None, hypo_ids, step_id, dtype)
+        resp, h = self._activation_call("InferStep", req, "hidden_states", "hidden_states", hidden_states, dtype,
+                                        transport, timeout)
+        return InferStepResult(h, resp.length, resp.step_id)
 
     def trim_session(self, session_id, length, timeout=None):
         """Rewinds every row of the session to `length` tokens; returns its SessionInfo."""
@@ -618,8 +622,10 @@ class Client:
 
 
 def _infer_request(session_id, hidden_states, hypo_ids, step_id, dtype):
-    req = pb.InferStepRequest(session_id=session_id, hidden_states=T.to_proto(hidden_states, dtype),
-                              step_id=int(step_id))
+    """An InferStepRequest; hidden_states None leaves its tensor to the caller (_activation_call)."""
+    req = pb.InferStepRequest(session_id=session_id, step_id=int(step_id))
+    if hidden_states is not None:
+        req.hidden_states.CopyFrom(T.to_proto(hidden_states, dtype))
     if hypo_ids is not None:
         req.hypo_ids.extend(int(i) for i in hypo_ids)
     return req

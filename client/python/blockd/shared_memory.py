@@ -100,21 +100,32 @@ class SharedMemoryRegion:
         return pb.SharedMemoryRef(region=self.name, offset=offset, byte_size=byte_size)
 
     def write(self, offset, data):
-        if offset < 0 or offset + len(data) > self.size:
-            raise ValueError(f"{len(data)} bytes at {offset} do not fit region {self.name} of {self.size} bytes")
-        if len(data) < 2 * _COPY_MIN_SLICE:
-            self._mm[offset:offset + len(data)] = data
-            return
-        dst = np.frombuffer(self._mm, dtype=np.uint8, count=len(data), offset=offset)
-        parallel_copy(dst, np.frombuffer(data, dtype=np.uint8))
+        """Copies `data` (bytes, or a C-contiguous numpy array's bytes) to `offset`."""
+        src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        if offset < 0 or offset + src.nbytes > self.size:
+            raise ValueError(f"{src.nbytes} bytes at {offset} do not fit region {self.name} of {self.size} bytes")
+        dst = np.frombuffer(self._mm, dtype=np.uint8, count=src.nbytes, offset=offset)
+        parallel_copy(dst, src)
         del dst  # the mapping cannot close while a view of it lives
 
-    def read(self, ref):
-        """The bytes of a slice of this region that a reply names."""
+    def _check(self, ref):
         if ref.region != self.name or ref.offset < 0 or ref.byte_size < 0 or ref.offset + ref.byte_size > self.size:
             raise ValueError(f"the reply names region {ref.region!r} [{ref.offset}, +{ref.byte_size}), "
                              f"not a slice of region {self.name!r} of {self.size} bytes")
-        return self._mm[ref.offset:ref.offset + ref.byte_size]  # one copy, as bytes
+
+    def read(self, ref):
+        """The bytes of a slice of this region that a reply names (one copy)."""
+        self._check(ref)
+        return self._mm[ref.offset:ref.offset + ref.byte_size]
+
+    def read_array(self, ref):
+        """As read, into a new uint8 array (copied over several threads when large)."""
+        self._check(ref)
+        out = np.empty(ref.byte_size, dtype=np.uint8)
+        src = np.frombuffer(self._mm, dtype=np.uint8, count=ref.byte_size, offset=ref.offset)
+        parallel_copy(out, src)
+        del src  # the mapping cannot close while a view of it lives
+        return out
 
     def close(self):
         if self._registered:

@@ -5,6 +5,7 @@ bfloat16: float arrays are rounded to it (nearest even, as torch does), and a ui
 with dtype="bf16" is taken as bfloat16 bit patterns.
 
     dtype, shape, data = encode(x, "bf16")          # x: np.ndarray or torch.Tensor
+    dtype, shape, array = encode_array(x)            # the same as a numpy array (x's own when it can)
     y = decode(dtype, shape, data, like=x)           # same kind (numpy/torch) and dtype as x
 """
 import sys
@@ -103,29 +104,35 @@ def _numpy_of(x):
     return a, None
 
 
-def encode(x, dtype=None):
-    """(wire dtype, shape, bytes) of x in `dtype` (default: float32, or x's own 16-bit type)."""
+def encode_array(x, dtype=None):
+    """(wire dtype, shape, a C-contiguous numpy array holding x's wire bytes) for x in `dtype`
+    (default: float32, or x's own 16-bit type): x's own memory, not a copy, when x already is in
+    the wire format (a float32 array sent as float32, a torch bfloat16 tensor as bfloat16)."""
     a, native = _numpy_of(x)
     want = wire_dtype(dtype)
     if native == BFLOAT16:  # a torch bfloat16 tensor: its bits already are the wire format
         if want in (None, BFLOAT16):
-            return BFLOAT16, tuple(a.shape), a.tobytes()
+            return BFLOAT16, tuple(a.shape), a
         a = bfloat16_bits_to_float32(a)
     if a.dtype == np.uint16:  # numpy's stand-in for bfloat16: bit patterns, sent as they are
         if want != BFLOAT16:
             raise ValueError("a uint16 array holds bfloat16 bit patterns: pass dtype='bf16'")
-        return BFLOAT16, tuple(a.shape), np.ascontiguousarray(a, dtype="<u2").tobytes()
+        return BFLOAT16, tuple(a.shape), np.ascontiguousarray(a, dtype="<u2")
     if want is None:
         want = FLOAT16 if a.dtype == np.float16 else FLOAT32
     if a.dtype.kind != "f":
         raise ValueError(f"tensor of dtype {a.dtype}: expected floating point values")
     if want == FLOAT32:
-        data = np.ascontiguousarray(a, dtype="<f4").tobytes()
-    elif want == FLOAT16:
-        data = np.ascontiguousarray(a, dtype="<f2").tobytes()
-    else:
-        data = float32_to_bfloat16_bits(a.astype(np.float32, copy=False)).tobytes()
-    return want, tuple(a.shape), data
+        return want, tuple(a.shape), np.ascontiguousarray(a, dtype="<f4")
+    if want == FLOAT16:
+        return want, tuple(a.shape), np.ascontiguousarray(a, dtype="<f2")
+    return want, tuple(a.shape), float32_to_bfloat16_bits(a.astype(np.float32, copy=False))
+
+
+def encode(x, dtype=None):
+    """(wire dtype, shape, bytes) of x in `dtype` (default: float32, or x's own 16-bit type)."""
+    d, shape, a = encode_array(x, dtype)
+    return d, shape, a.tobytes()
 
 
 def to_proto(x, dtype=None):
@@ -146,7 +153,8 @@ def decode(dtype, shape, data, like=None):
     if len(data) != n * _ITEMSIZE[dtype]:
         raise ValueError(f"wire tensor {list(shape)} {dtype_name(dtype)} has {len(data)} bytes, "
                          f"expected {n * _ITEMSIZE[dtype]}")
-    buf = data if isinstance(data, bytearray) else bytearray(data)  # writable, so torch can share it
+    # Writable, so torch can share it: a bytearray, or a uint8 array (a reply read out of a region).
+    buf = data if isinstance(data, (bytearray, np.ndarray)) else bytearray(data)
     if is_torch(like):
         torch = _torch()
         if dtype == BFLOAT16:
