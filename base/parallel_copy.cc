@@ -1,5 +1,6 @@
 #include "base/parallel_copy.h"
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>

@@ -193,22 +193,11 @@ class Client:
             return None
         with self._arena_lock:
             if self._arena is None or (self._arena is False and mode == "shared_memory"):
-                arena = RegionPool(lambda size: SharedMemoryRegion(self, size))
-                try:
-                    if not self.server_info().shared_memory.allowed:
-                        raise FailedPreconditionError(
-                            grpc.StatusCode.FAILED_PRECONDITION, "the daemon does not allow shared-memory tensors (--allow_shared_memory)")
-                    with arena.lease(1 << 20):  # try-register: NOT_FOUND when the daemon is on another host
-                        pass
-                except (BlockdError, OSError) as e:
-                    arena.close()
-                    if mode == "shared_memory":
-                        raise
-                    if isinstance(e, (UnavailableError, DeadlineExceededError)):
-                        return None  # the daemon is not answering now: ask again next call
-                    self._arena = False  # refused, another host, or a daemon without shared memory
+                pool = RegionPool(lambda size: SharedMemoryRegion(self, size))
+                got = self._first_region(pool, mode == "shared_memory", (BlockdError, OSError))
+                if got is None:
                     return None
-                self._arena = arena
+                self._arena = got
             return self._arena or None
 
     def _activation_call(self, method, request, field, out_field, x, dtype, transport, timeout):
@@ -259,25 +248,32 @@ class Client:
             return None
         with self._cuda.lock:
             pool = self._cuda.pools.get(x.device.index)
-            if pool or (pool is False and mode == "auto"):
-                return pool or None
-            pool = self._cuda.pool(x.device)
-            try:
-                if not self.server_info().shared_memory.allowed:
-                    raise FailedPreconditionError(
-                        grpc.StatusCode.FAILED_PRECONDITION, "the daemon does not allow shared-memory tensors (--allow_shared_memory)")
-                with pool.lease(1 << 20):  # try-register: refused unless the daemon opens this GPU's memory
-                    pass
-            except (BlockdError, RuntimeError, ValueError) as e:
-                pool.close()
-                if mode == "cuda_ipc":
-                    raise
-                if isinstance(e, (UnavailableError, DeadlineExceededError)):
-                    return None  # the daemon is not answering now: ask again next call
-                self._cuda.pools[x.device.index] = False  # a CPU daemon, another host or GPU: never again
-                return None
-            self._cuda.pools[x.device.index] = pool
+            if pool is None or (pool is False and mode == "cuda_ipc"):
+                got = self._first_region(self._cuda.pool(x.device), mode == "cuda_ipc",
+                                         (BlockdError, RuntimeError, ValueError))
+                if got is None:
+                    return None
+                self._cuda.pools[x.device.index] = pool = got
+            return pool or None
+
+    def _first_region(self, pool, forced, errors):
+        """Asks whether the daemon allows shared memory and registers `pool`'s first region: the
+        probe (a daemon on another host answers NOT_FOUND for a POSIX object; a CPU daemon, or one
+        on another host or GPU, refuses CUDA IPC memory). Returns the pool; None when the daemon is
+        not answering now (ask again next call); False when it cannot, for good. `forced` (the
+        caller insists on this transport): raises instead of falling back."""
+        try:
+            if not self.server_info().shared_memory.allowed:
+                raise FailedPreconditionError(
+                    grpc.StatusCode.FAILED_PRECONDITION, "the daemon does not allow shared-memory tensors (--allow_shared_memory)")
+            with pool.lease(1 << 20):
+                pass
             return pool
+        except errors as e:
+            pool.close()
+            if forced:
+                raise
+            return None if isinstance(e, (UnavailableError, DeadlineExceededError)) else False
 
     def _cuda_ipc_call(self, method, request, field, out_field, x, dtype, transport, timeout):
         """Forward/Backward with a CUDA tensor x through CUDA IPC when the transport allows: x goes
