@@ -9,8 +9,10 @@
 //
 //   int main(int argc, char** argv) { blockd::TuneMallocForLargeBuffers(); ... }
 //
-// Call it first in main, before threads allocate. BLOCKD_MALLOC_TUNING=0 in the environment leaves
-// glibc's defaults (for comparisons). Returns whether the settings were applied.
+// Call it first in main, before threads allocate (the daemon, the benchmarks); the C++ Client's
+// first Connect and the Python Client (blockd/malloc_tuning.py) apply it too. BLOCKD_MALLOC_TUNING=0
+// in the environment leaves glibc's defaults (for comparisons). Returns whether the settings were
+// applied.
 #pragma once
 
 namespace blockd {

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/block_config.h"  // ShapeString
+#include "base/malloc_tuning.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace blockd {
@@ -188,6 +189,10 @@ absl::Status FromGrpcStatus(const grpc::Status& s) {
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
   if (options.target.empty()) return absl::InvalidArgumentError("the client's target is empty");
+  // Activations of tens of MB per call: large buffers reuse the heap (base/malloc_tuning.h), once
+  // per process; BLOCKD_MALLOC_TUNING=0 leaves glibc's defaults.
+  static const bool malloc_tuned = TuneMallocForLargeBuffers();
+  (void)malloc_tuned;
   if (options.chunk_bytes < 1) {
     return absl::InvalidArgumentError(absl::StrCat("chunk_bytes = ", options.chunk_bytes, ", expected > 0"));
   }

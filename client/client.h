@@ -102,7 +102,9 @@ absl::Status FromGrpcStatus(const grpc::Status& s);
 class Client {
  public:
   // Builds the channel (it connects lazily, on the first call). Fails only on bad options, such
-  // as TLS files that cannot be read.
+  // as TLS files that cannot be read. The first Connect of a process applies
+  // TuneMallocForLargeBuffers (base/malloc_tuning.h: with glibc's defaults each activation-sized
+  // buffer is a fresh mmap faulted in page by page); BLOCKD_MALLOC_TUNING=0 leaves the defaults.
   static absl::StatusOr<std::unique_ptr<Client>> Connect(ClientOptions options);
   ~Client();
   Client(const Client&) = delete;
