@@ -233,11 +233,7 @@ int main(int argc, char** argv) {
     }
   }
   auto named = [&](int64_t offset, blockd::CudaIpcRegion& r) {
-    blockd::v1::Tensor t;
-    t.set_dtype(fwd[0].input().dtype());
-    for (int64_t n : {B, S, d}) t.add_shape(n);
-    *t.mutable_shared_memory() = r.Ref(offset, tensor_bytes);
-    return t;
+    return blockd::SliceTensor(fwd[0].input().dtype(), {B, S, d}, r.Ref(offset, tensor_bytes));
   };
   auto forward_backward_ipc = [&](int set, int m) {
     CudaSlot& slot = cuda_slots[m];

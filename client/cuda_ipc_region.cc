@@ -91,10 +91,7 @@ v1::SharedMemoryRef CudaIpcRegion::Ref(int64_t offset, int64_t byte_size) const 
 
 absl::StatusOr<v1::Tensor> CudaIpcRegion::Put(int64_t offset, v1::DType dtype, const std::vector<int64_t>& shape,
                                               const void* src, int64_t bytes, cudaStream_t stream) {
-  if (offset < 0 || bytes < 0 || offset > size_ || bytes > size_ - offset) {
-    return absl::InvalidArgumentError(absl::StrCat(bytes, " bytes at offset ", offset, " do not fit region ", name_,
-                                                   " of ", size_, " bytes"));
-  }
+  RETURN_IF_ERROR(CheckFits(name_, size_, offset, bytes));
   OnDevice on(device_);
   // After the last Get's copy out, whichever stream it ran on.
   if (cudaError_t e = cudaStreamWaitEvent(stream, event_, 0); e != cudaSuccess) return CudaError("cudaStreamWaitEvent", e);
@@ -103,20 +100,16 @@ absl::StatusOr<v1::Tensor> CudaIpcRegion::Put(int64_t offset, v1::DType dtype, c
     return CudaError("cudaMemcpyAsync into the region", e);
   }
   RETURN_IF_ERROR(Record(stream));
-  v1::Tensor t;
-  t.set_dtype(dtype);
-  for (int64_t d : shape) t.add_shape(d);
-  *t.mutable_shared_memory() = Ref(offset, bytes);
-  return t;
+  return SliceTensor(dtype, shape, Ref(offset, bytes));
 }
 
 absl::Status CudaIpcRegion::Get(const v1::Tensor& t, void* dst, int64_t capacity, cudaStream_t stream) {
+  if (!t.has_shared_memory()) return absl::DataLossError(absl::StrCat("the reply names no slice of region ", name_));
   const v1::SharedMemoryRef& ref = t.shared_memory();
-  if (!t.has_shared_memory() || ref.region() != name_ || ref.offset() < 0 || ref.byte_size() < 0 ||
-      ref.offset() > size_ || ref.byte_size() > size_ - ref.offset() || ref.byte_size() > capacity) {
-    return absl::DataLossError(absl::StrCat("the reply names region ", ref.region(), " [", ref.offset(), ", +",
-                                            ref.byte_size(), "), not a slice of region ", name_, " of ", size_,
-                                            " bytes that fits ", capacity, " bytes"));
+  RETURN_IF_ERROR(CheckReplySlice(name_, size_, ref));
+  if (ref.byte_size() > capacity) {
+    return absl::DataLossError(absl::StrCat("the reply's ", ref.byte_size(), " bytes do not fit the ", capacity,
+                                            " bytes given"));
   }
   OnDevice on(device_);
   if (cudaError_t e = cudaMemcpyAsync(dst, data_ + ref.offset(), static_cast<size_t>(ref.byte_size()),

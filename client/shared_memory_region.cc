@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/parallel_copy.h"
+#include "base/status_macros.h"
 
 namespace blockd {
 
@@ -90,6 +91,32 @@ v1::SharedMemoryRef RegionRef(const std::string& name, int64_t offset, int64_t b
   return ref;
 }
 
+absl::Status CheckFits(const std::string& name, int64_t size, int64_t offset, int64_t bytes) {
+  if (offset < 0 || bytes < 0 || offset > size || bytes > size - offset) {
+    return absl::InvalidArgumentError(absl::StrCat(bytes, " bytes at offset ", offset, " do not fit region ", name,
+                                                   " of ", size, " bytes"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckReplySlice(const std::string& name, int64_t size, const v1::SharedMemoryRef& ref) {
+  if (ref.region() != name || ref.offset() < 0 || ref.byte_size() < 0 || ref.offset() > size ||
+      ref.byte_size() > size - ref.offset()) {
+    return absl::DataLossError(absl::StrCat("the reply names region ", ref.region(), " [", ref.offset(), ", +",
+                                            ref.byte_size(), "), not a slice of region ", name, " of ", size,
+                                            " bytes"));
+  }
+  return absl::OkStatus();
+}
+
+v1::Tensor SliceTensor(v1::DType dtype, const std::vector<int64_t>& shape, v1::SharedMemoryRef ref) {
+  v1::Tensor t;
+  t.set_dtype(dtype);
+  for (int64_t d : shape) t.add_shape(d);
+  *t.mutable_shared_memory() = std::move(ref);
+  return t;
+}
+
 v1::SharedMemoryRef SharedMemoryRegion::Ref(int64_t offset, int64_t byte_size) const {
   return RegionRef(name_, offset, byte_size);
 }
@@ -97,27 +124,15 @@ v1::SharedMemoryRef SharedMemoryRegion::Ref(int64_t offset, int64_t byte_size) c
 absl::StatusOr<v1::Tensor> SharedMemoryRegion::Put(int64_t offset, v1::DType dtype, const std::vector<int64_t>& shape,
                                                    absl::string_view bytes) {
   const int64_t n = static_cast<int64_t>(bytes.size());
-  if (offset < 0 || offset > size_ || n > size_ - offset) {
-    return absl::InvalidArgumentError(absl::StrCat(n, " bytes at offset ", offset, " do not fit region ", name_, " of ",
-                                                   size_, " bytes"));
-  }
+  RETURN_IF_ERROR(CheckFits(name_, size_, offset, n));
   ParallelCopy(data_ + offset, bytes.data(), bytes.size());
-  v1::Tensor t;
-  t.set_dtype(dtype);
-  for (int64_t d : shape) t.add_shape(d);
-  *t.mutable_shared_memory() = Ref(offset, n);
-  return t;
+  return SliceTensor(dtype, shape, Ref(offset, n));
 }
 
 absl::StatusOr<std::string> SharedMemoryRegion::Get(const v1::Tensor& t) const {
   if (!t.has_shared_memory()) return t.data();
   const v1::SharedMemoryRef& ref = t.shared_memory();
-  if (ref.region() != name_ || ref.offset() < 0 || ref.byte_size() < 0 || ref.offset() > size_ ||
-      ref.byte_size() > size_ - ref.offset()) {
-    return absl::DataLossError(absl::StrCat("the reply names region ", ref.region(), " [", ref.offset(), ", +",
-                                            ref.byte_size(), "), not a slice of region ", name_, " of ", size_,
-                                            " bytes"));
-  }
+  RETURN_IF_ERROR(CheckReplySlice(name_, size_, ref));
   return std::string(data_ + ref.offset(), static_cast<size_t>(ref.byte_size()));
 }
 

@@ -38,6 +38,12 @@ absl::StatusOr<bool> SharedMemoryAllowed(Client* client);
 std::string RandomHex();
 // A reference to [offset, offset + byte_size) of region `name` (of either kind).
 v1::SharedMemoryRef RegionRef(const std::string& name, int64_t offset, int64_t byte_size);
+// The bounds of a region of either kind (`name`, `size` bytes): INVALID_ARGUMENT when `bytes` at
+// `offset` do not fit it (a Put); DATA_LOSS when a reply's `ref` is no slice of it (a Get).
+absl::Status CheckFits(const std::string& name, int64_t size, int64_t offset, int64_t bytes);
+absl::Status CheckReplySlice(const std::string& name, int64_t size, const v1::SharedMemoryRef& ref);
+// A Tensor of `dtype` and `shape` whose bytes are the slice `ref` (what a Put returns).
+v1::Tensor SliceTensor(v1::DType dtype, const std::vector<int64_t>& shape, v1::SharedMemoryRef ref);
 
 class SharedMemoryRegion {
  public:
