@@ -224,10 +224,16 @@ class Block {
   virtual uint64_t launch_generation() const { return 0; }
   // See DeviceGradients; the default: none on a device.
   virtual DeviceGradients device_gradients() { return {}; }
-  // Sum of squares of every gradient element, accumulated in double; not finite if any gradient is not.
+  // Sum of squares of every gradient element, accumulated in double; not finite if any gradient is
+  // not. StartGradSquaredNorm queues it on the block's device and GradSquaredNorm reads it, waiting
+  // for it (or, with none started, computes it then): a span starts every block's sum before the
+  // first read, so that it waits for the device once, not once per block.
+  virtual absl::Status StartGradSquaredNorm() { return absl::OkStatus(); }
   virtual absl::StatusOr<double> GradSquaredNorm() = 0;
   // Decoupled AdamW on every parameter from the current gradients (decay on matrices only unless
-  // decay_norm_weights). Leaves the gradients as they are; the Engine marks them consumed.
+  // decay_norm_weights). Leaves the gradients as they are; the Engine marks them consumed. Queued
+  // on the block's device, as PyTorch's optimizer.step is: the host does not wait for it, and all
+  // later work with the block (a Forward, a ReadTensor, a collective) runs after it.
   virtual absl::Status AdamWStep(const AdamWUpdate& update) = 0;
 };
 

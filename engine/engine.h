@@ -390,6 +390,9 @@ class Engine {
   // the blocks' gradients are the group's mean (or, on failure, dropped and the group broken).
   absl::Status DeviceOverlapBlock(Overlap& overlap, Entry& e);
   absl::Status FinishDeviceOverlap(Overlap& overlap, const std::vector<EntryPtr>& span, absl::Status s);
+  // The sum of the locked blocks' GradSquaredNorm, every block's started before the first is read:
+  // one wait for the device, not one per block.
+  static absl::StatusOr<double> SumGradSquares(const std::vector<EntryPtr>& entries);
   // Step's arithmetic on blocks locked by the caller that all have gradients.
   absl::StatusOr<StepResult> StepLocked(const std::vector<EntryPtr>& entries, const AdamWHyper& hyper,
                                         double max_grad_norm, double clip_coefficient);

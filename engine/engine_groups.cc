@@ -656,9 +656,8 @@ absl::StatusOr<GradNormResult> Engine::GradNorm(const std::vector<std::string>& 
         return absl::FailedPreconditionError(
             absl::StrCat("block ", e->spec.id, " has no gradients: run Backward through it first"));
       }
-      ASSIGN_OR_RETURN(double ss, e->block->GradSquaredNorm());
-      result.sum_of_squares += ss;
     }
+    ASSIGN_OR_RETURN(result.sum_of_squares, SumGradSquares(entries));
     result.finite = std::isfinite(result.sum_of_squares);
     return result;
   }
@@ -678,10 +677,8 @@ absl::StatusOr<GradNormResult> Engine::GradNorm(const std::vector<std::string>& 
   }
   for (float x : g->mean_grads) result.sum_of_squares += static_cast<double>(x) * x;
   if (g->mean_in_place) {  // the mean is the blocks' own gradients, on the GPU
-    for (const EntryPtr& e : entries) {
-      ASSIGN_OR_RETURN(double ss, e->block->GradSquaredNorm());
-      result.sum_of_squares += ss;
-    }
+    ASSIGN_OR_RETURN(const double ss, SumGradSquares(entries));
+    result.sum_of_squares += ss;
   }
   result.finite = std::isfinite(result.sum_of_squares);
   return result;

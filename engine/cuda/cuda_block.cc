@@ -172,16 +172,39 @@ class CudaBlock : public Block {
     return {TrainedGrads(), static_cast<size_t>(train_end_ - train_begin_), dev_->index, dev_->Stream()};
   }
 
-  absl::StatusOr<double> GradSquaredNorm() override {
+  // The sum comes back into pinned host memory, its copy marked by an event: a read waits for this
+  // block's sum alone, and after the first of a span's reads the others find theirs there.
+  absl::Status StartGradSquaredNorm() override {
     DeviceGuard guard(dev_->index);
     RETURN_IF_ERROR(CheckTrains());
+    if (norm_host_ == nullptr) {
+      void* host = nullptr;
+      CUDA_RETURN_IF_ERROR(cudaHostAlloc(&host, sizeof(double), cudaHostAllocPortable));
+      norm_host_.reset(static_cast<double*>(host));
+      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&norm_done_, cudaEventDisableTiming));
+    }
     double* out = reinterpret_cast<double*>(sum_ws_.as<char>() + kernels::sum_squares_workspace_doubles() * 8);
     CUDA_RETURN_IF_ERROR(kernels::launch_sum_squares(TrainedGrads(), train_end_ - train_begin_, sum_ws_.as<double>(),
                                                      out, dev_->Stream()));
-    double result = 0;
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&result, out, sizeof(double), cudaMemcpyDeviceToHost, dev_->Stream()));
-    RETURN_IF_ERROR(dev_->Sync());
-    return result;
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(norm_host_.get(), out, sizeof(double), cudaMemcpyDeviceToHost, dev_->Stream()));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(norm_done_, dev_->Stream()));
+    norm_started_ = true;
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<double> GradSquaredNorm() override {
+    if (!norm_started_) RETURN_IF_ERROR(StartGradSquaredNorm());
+    norm_started_ = false;
+    DeviceGuard guard(dev_->index);
+    CUDA_RETURN_IF_ERROR(cudaEventSynchronize(norm_done_));
+    return *norm_host_;
+  }
+
+  ~CudaBlock() override {
+    if (norm_done_ == nullptr) return;
+    DeviceGuard guard(dev_->index);
+    if (norm_started_) cudaEventSynchronize(norm_done_);  // its copy writes into norm_host_
+    cudaEventDestroy(norm_done_);
   }
 
   absl::Status AdamWStep(const AdamWUpdate& u) override {
@@ -198,7 +221,7 @@ class CudaBlock : public Block {
         weights_.as<float>() + (train_begin_ - master_begin_), TrainedGrads(), m_.as<float>(), v_.as<float>(),
         spec_.precision == Precision::kBF16 ? weights_bf16_.as<bf16>() + train_begin_ : nullptr,
         train_end_ - train_begin_, adamw_params_.as<kernels::AdamWDeviceParams>(), dev_->Stream()));
-    return dev_->Sync();
+    return absl::OkStatus();
   }
 
  private:
@@ -723,6 +746,13 @@ class CudaBlock : public Block {
   Layout layout_;
   DeviceBuffer weights_, grads_, m_, v_, weights_bf16_;
   DeviceBuffer adamw_params_, sum_ws_, rms_ws_, qk_ws_, bias_ws_;
+  // StartGradSquaredNorm's readback: made by the first one (a frozen block without adapters never asks).
+  struct FreeHost {
+    void operator()(double* p) const { cudaFreeHost(p); }
+  };
+  std::unique_ptr<double, FreeHost> norm_host_;
+  cudaEvent_t norm_done_ = nullptr;
+  bool norm_started_ = false;
   DeviceBuffer inv_freq_;  // RopeInvFreq(config), head_dim / 2 doubles
   StepWorkspace step_ws_{dev_};  // InferStep's kept scratch and pinned table upload
   // Where weights_ and grads_ begin in the layout: 0, or for a frozen block adapter_begin (weights_:

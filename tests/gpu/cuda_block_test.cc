@@ -158,6 +158,11 @@ TEST_P(BlockParityTest, ForwardBackwardAndStepsMatchCpu) {
   auto ng = g.GradSquaredNorm();
   ASSERT_TRUE(nc.ok() && ng.ok());
   EXPECT_NEAR(std::sqrt(*ng), std::sqrt(*nc), (bounds.elementwise ? 1e-5 : bounds.grad) * std::sqrt(*nc));
+  // Started first and read later (a Step queues every block's sum before its first read): the same sum.
+  ASSERT_TRUE(g.StartGradSquaredNorm().ok());
+  auto ng_started = g.GradSquaredNorm();
+  ASSERT_TRUE(ng_started.ok()) << ng_started.status();
+  EXPECT_EQ(*ng_started, *ng);
 
   // AdamW runs in fp32 in every precision. Adam divides by sqrt(v) ~ |g|, so an element whose
   // gradient is within rounding of zero gets an update of either sign; comparing updates made from
@@ -167,6 +172,11 @@ TEST_P(BlockParityTest, ForwardBackwardAndStepsMatchCpu) {
     const auto grad = ReadAll(c, TensorKind::kGradients, params[i], int(i));
     ASSERT_TRUE(g.WriteTensor(TensorKind::kGradients, int(i), grad.data()).ok());
   }
+  // A sum started after the gradients changed reads the new ones (the CPU block's), not the last.
+  ASSERT_TRUE(g.StartGradSquaredNorm().ok());
+  auto ng_new = g.GradSquaredNorm();
+  ASSERT_TRUE(ng_new.ok());
+  EXPECT_NEAR(*ng_new, *nc, 1e-12 * *nc);
   AdamWHyper h;
   h.lr = 1e-3;
   h.weight_decay = 0.1;
