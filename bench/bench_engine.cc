@@ -3,6 +3,7 @@
 // against 790 TFLOP/s bf16, peak device memory and the blocks' own memory.
 //
 //   bench_engine [--shapes=qwen,llama,span8] [--precisions=bf16,fp32] [--iters=20] [--attention=native,cudnn]
+//                [--pipeline=3]
 //
 // Issue 14's shapes: llama-lora16 (the Llama block frozen, LoRA rank 16 alpha 32 on all seven
 // projections: its step is AdamW over the adapters), llama-lora16x32 (32 of them: the memory of a
@@ -79,7 +80,7 @@ bool Check(const absl::Status& s, const char* what) {
 }
 
 int Run(const std::vector<std::string>& shape_names, const std::vector<std::string>& precisions, int iters,
-        const std::string& attention) {
+        int pipeline, const std::string& attention) {
   CudaBackendOptions options;
   auto mode = ParseAttentionMode(attention);
   if (!Check(mode.status(), "attention")) return 1;
@@ -210,6 +211,53 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
                   pn.c_str(), attn.c_str(), f * 1e3, b * 1e3, s * 1e3, sh.batch * sh.seq / (f + b), tflops,
                   100 * tflops * 1e12 / kPeakBf16, peak / double(1 << 30), block_bytes / double(1 << 30));
       std::fflush(stdout);
+      // --pipeline=N: a training step as a client drives a span through the daemon, in process:
+      // N micro-batches' forwards (kept) and backwards queued back to back, then every block's
+      // AdamW, one device synchronize per step. Tokens/s of the whole step, its Step included.
+      if (pipeline > 0 && sh.span > 1) {
+        std::vector<double> steps;
+        for (int it = 0; it < iters + 2; ++it) {
+          std::vector<std::unique_ptr<Activation>> xs;
+          for (int m = 0; m < pipeline; ++m) {
+            auto x = backend->Upload(0, DType::kFloat32, inputs[m % 3].data(), sh.batch, sh.seq, d);
+            if (!Check(x.status(), "upload")) return 1;
+            xs.push_back(std::move(x).value());
+          }
+          cudaDeviceSynchronize();
+          const double t0 = Now();
+          std::vector<std::vector<std::unique_ptr<SavedActivations>>> saved(pipeline);
+          for (int m = 0; m < pipeline; ++m) {
+            saved[m].resize(sh.span);
+            std::unique_ptr<Activation> y = std::move(xs[m]);
+            for (int b = 0; b < sh.span; ++b) {
+              auto out = blocks[b]->Forward(std::move(y), 0, &saved[m][b]);
+              if (!Check(out.status(), "forward")) return 1;
+              y = std::move(out).value();
+            }
+          }
+          for (int m = 0; m < pipeline; ++m) {
+            std::unique_ptr<Activation> gx;
+            const Activation* g = grads[m % 3].get();
+            for (int b = sh.span - 1; b >= 0; --b) {
+              auto dx = blocks[b]->Backward(*saved[m][b], *g, /*accumulate=*/m > 0);
+              if (!Check(dx.status(), "backward")) return 1;
+              gx = std::move(dx).value();
+              g = gx.get();
+            }
+            saved[m].clear();
+          }
+          for (auto& blk : blocks) {
+            if (!Check(blk->AdamWStep({AdamWHyper{}, it + 1, 1.f}), "step")) return 1;
+          }
+          cudaDeviceSynchronize();
+          if (it >= 2) steps.push_back(Now() - t0);
+        }
+        const double st = Median(steps);
+        std::printf("pipelined %s %s %s: %d micro-batches + step %.3f ms, %.0f tokens/s (fwd+bwd+step)\n",
+                    sh.name.c_str(), pn.c_str(), attn.c_str(), pipeline, st * 1e3,
+                    pipeline * sh.batch * sh.seq / st);
+        std::fflush(stdout);
+      }
     }
   }
   return 0;
@@ -221,16 +269,17 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
 int main(int argc, char** argv) {
   std::vector<std::string> shapes = {"qwen", "llama", "span8"}, precisions = {"bf16", "fp32"},
                            attention = {"native"};
-  int iters = 20;
+  int iters = 20, pipeline = 0;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--shapes=", 0) == 0) shapes = absl::StrSplit(a.substr(9), ',');
     if (a.rfind("--precisions=", 0) == 0) precisions = absl::StrSplit(a.substr(13), ',');
     if (a.rfind("--iters=", 0) == 0) iters = std::stoi(a.substr(8));
+    if (a.rfind("--pipeline=", 0) == 0) pipeline = std::stoi(a.substr(11));
     if (a.rfind("--attention=", 0) == 0) attention = absl::StrSplit(a.substr(12), ',');
   }
   for (const std::string& mode : attention) {
-    if (int rc = blockd::Run(shapes, precisions, iters, mode); rc != 0) return rc;
+    if (int rc = blockd::Run(shapes, precisions, iters, pipeline, mode); rc != 0) return rc;
   }
   return 0;
 }

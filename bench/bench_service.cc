@@ -2,19 +2,20 @@
 // activations on the wire, to set against the in-process engine (the share lost to transport).
 //
 //   bench_service --target=127.0.0.1:50051 [--blocks=8] [--shape=qwen] [--iters=10] [--depth=1,2]
-//                 [--connections=1] [--transport=grpc|shm|cuda_ipc|cuda_ipc_in_place] [--trace]
+//                 [--connections=1] [--transport=grpc|shm|shm_in_place|cuda_ipc|cuda_ipc_in_place] [--trace]
 //
 // A step is Forward(keep_activations) -> Backward -> Step over the span; with --depth=N the client
 // keeps N micro-batches in flight at once (N threads, one Step after all N), so that one
 // micro-batch's transfers overlap another's compute; --connections=N spreads the calls over N HTTP/2
 // connections (ClientOptions::connections); --transport=shm sends activations through one
 // shared-memory region per micro-batch in flight (same host, blockd --allow_shared_memory; the
-// client's copy into the region is timed, as serialisation is on gRPC); --transport=cuda_ipc keeps
-// the client's tensors on the daemon's GPU and sends them through one CUDA IPC region per
-// micro-batch in flight (client/cuda_ipc_region.h; the copies into the region and the replies'
-// copies out of it are timed); cuda_ipc_in_place is a client whose tensors are made in the region
-// and read from it (input, gradient, output, grad_input side by side; only the event is recorded
-// per call). Timing: warm-up steps first, then the median
+// client's copy into the region is timed, as serialisation is on gRPC; shm_in_place: a client whose
+// tensors are made in the region, as a loader writing there would, and the replies read there);
+// --transport=cuda_ipc keeps the client's tensors on the daemon's GPU and sends them through one
+// CUDA IPC region per micro-batch in flight (client/cuda_ipc_region.h; the copies into the region
+// and the replies' copies out of it are timed); cuda_ipc_in_place is a client whose tensors are made
+// in the region and read from it (input, gradient, output, grad_input side by side; only the event
+// is recorded per call). Timing: warm-up steps first, then the median
 // step time over --iters, inputs rotated among 3 random sets built before timing.
 #include <algorithm>
 #include <cstdio>
@@ -180,13 +181,21 @@ int main(int argc, char** argv) {
   step.set_max_grad_norm(1.0);
 
   // --transport=shm: per micro-batch slot, the input (then the output, in place) at 0 and the
-  // gradient (then grad_input, in place) after it.
+  // gradient (then grad_input, in place) after it. shm_in_place: the client made its tensors in
+  // the region (input, gradient) once, as a loader writing there would; replies after them.
   const int64_t tensor_bytes = static_cast<int64_t>(fwd[0].input().data().size());
+  const bool shm_in_place = transport == "shm_in_place";
   std::vector<std::unique_ptr<blockd::SharedMemoryRegion>> regions;
-  if (transport == "shm") {
+  if (transport == "shm" || shm_in_place) {
     const int most = *std::max_element(depths.begin(), depths.end());
     for (int m = 0; m < most; ++m) {
-      regions.push_back(Check(blockd::SharedMemoryRegion::Create(client.get(), 2 * tensor_bytes), "register"));
+      regions.push_back(Check(blockd::SharedMemoryRegion::Create(client.get(), (shm_in_place ? 4 : 2) * tensor_bytes),
+                              "register"));
+      if (shm_in_place) {
+        const int set = m % 3;
+        Check(regions[m]->Put(0, fwd[set].input().dtype(), {B, S, d}, fwd[set].input().data()), "put input");
+        Check(regions[m]->Put(tensor_bytes, grads[set].dtype(), {B, S, d}, grads[set].data()), "put grad");
+      }
     }
   }
   const bool ipc_in_place = transport == "cuda_ipc_in_place";
@@ -274,8 +283,9 @@ int main(int argc, char** argv) {
     return 2;
   }
 #endif
-  if (transport != "grpc" && transport != "shm" && transport != "cuda_ipc" && !ipc_in_place) {
-    std::fprintf(stderr, "--transport=%s: expected grpc, shm, cuda_ipc or cuda_ipc_in_place\n", transport.c_str());
+  if (transport != "grpc" && transport != "shm" && !shm_in_place && transport != "cuda_ipc" && !ipc_in_place) {
+    std::fprintf(stderr, "--transport=%s: expected grpc, shm, shm_in_place, cuda_ipc or cuda_ipc_in_place\n",
+                 transport.c_str());
     return 2;
   }
   auto forward_backward = [&](int set, int m) {
@@ -290,6 +300,17 @@ int main(int argc, char** argv) {
     blockd::v1::ForwardRequest req;
     *req.mutable_block_ids() = fwd[set].block_ids();
     req.set_keep_activations(true);
+    if (shm_in_place) {  // the tensors are where the client made them
+      *req.mutable_input() = blockd::SliceTensor(x.dtype(), {B, S, d}, r.Ref(0, tensor_bytes));
+      *req.mutable_output_shared_memory() = r.Ref(2 * tensor_bytes, tensor_bytes);
+      auto y = trace(m, "Forward", [&] { return Check(client->Forward(req), "forward"); });
+      blockd::v1::BackwardRequest bwd;
+      bwd.set_activation_id(y.activation_id());
+      *bwd.mutable_grad_output() = blockd::SliceTensor(x.dtype(), {B, S, d}, r.Ref(tensor_bytes, tensor_bytes));
+      *bwd.mutable_output_shared_memory() = r.Ref(3 * tensor_bytes, tensor_bytes);
+      trace(m, "Backward", [&] { return Check(client->Backward(bwd), "backward"); });
+      return;
+    }
     *req.mutable_input() = trace(m, "put input", [&] { return Check(r.Put(0, x.dtype(), {B, S, d}, x.data()), "put input"); });
     *req.mutable_output_shared_memory() = r.Ref(0, tensor_bytes);
     auto y = trace(m, "Forward", [&] { return Check(client->Forward(req), "forward"); });

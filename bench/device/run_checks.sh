@@ -266,11 +266,13 @@ if [[ " $stages " == *" transport "* ]]; then
   # IPC (bench/transport_ipc.py, torch CUDA tensors), in one run; one table on stdout.
   log="$OUT/transport.log"; : >"$log"
   timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 \
-    --iters=${TRANSPORT_ITERS:-6} --attention=native >>"$log" 2>&1
+    --iters=${TRANSPORT_ITERS:-6} --attention=native --pipeline=3 >>"$log" 2>&1
   inproc=$(awk '/^span of 8/ {print $12; exit}' "$log")  # "span of 8 x qwen 8x2048 bf16 native fwd bwd step tokens/s"
+  inproc_step=$(awk '/^pipelined span of 8/ {print $(NF-2); exit}' "$log")  # "... step 140.1 ms, 350000 tokens/s (...)"
   trow() { printf '%-40s %6s %12s %8s\n' "$1" "$2" "$3" "$( [ -n "$3" ] && [ -n "$inproc" ] && awk -v a="$3" -v b="$inproc" 'BEGIN{printf "%.1f%%", 100*a/b}')"; }
   ttable=("$(printf '%-40s %6s %12s %8s' transport depth tokens/s 'of in-process')")
   ttable+=("$(trow 'in process (bench_engine, fwd+bwd)' 1 "$inproc")")
+  ttable+=("$(trow 'in process, 3 queued + Step (--pipeline=3)' 3 "$inproc_step")")
   for run in tcp,127.0.0.1:50990,grpc,3 unix,unix:/tmp/blockd-transport.sock,grpc,3 shm,127.0.0.1:50991,shm,1; do
     IFS=, read -r name target transport conns <<<"$run"
     LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda --attention=native --listen=$target \
@@ -284,9 +286,10 @@ if [[ " $stages " == *" transport "* ]]; then
     awk -v n="$name" '/^8 blocks/ {print n, $4, $7}' "$log" | tail -2 | while read -r n dp tok; do
       echo "$(trow "$n (bench_service)" "$dp" "$tok")"; done >>"$OUT/transport.rows"
     if [ "$name" = shm ]; then
-      # The C++ client through CUDA IPC: copying its tensors into its regions and the replies out,
-      # then with its tensors made in the regions (only the event recorded per call).
-      for ipc in cuda_ipc cuda_ipc_in_place; do
+      # The C++ client with its host tensors made in its shared-memory regions; through CUDA IPC,
+      # copying its tensors into its regions and the replies out, then with its tensors made in the
+      # regions (only the event recorded per call).
+      for ipc in shm_in_place cuda_ipc cuda_ipc_in_place; do
         echo "== $ipc (C++) $target" >>"$log"
         timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=1,3 \
           --iters=${TRANSPORT_ITERS:-6} --transport=$ipc --trace >>"$log" 2>&1
@@ -305,8 +308,8 @@ if [[ " $stages " == *" transport "* ]]; then
         echo "$(trow 'shm (Python, torch host tensors)' "$dp" "$tok")"; done >>"$OUT/transport.rows"
     fi
     kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
-    echo "== $name: the daemon's last Forwards (upload / launch / compute + download)" >>"$log"
-    grep "Forward of 8" "$OUT/blockd.transport.$name.log" | tail -6 >>"$log"
+    echo "== $name: the daemon's last calls (upload / launch / compute + download; a Step's norm / AdamW)" >>"$log"
+    grep -E "(Forward|Backward|Step) of 8" "$OUT/blockd.transport.$name.log" | tail -8 >>"$log"
   done
   [ -f "$OUT/transport.rows" ] && while IFS= read -r line; do ttable+=("$line"); done <"$OUT/transport.rows"
   cat "$log"
