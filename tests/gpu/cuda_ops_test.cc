@@ -519,6 +519,46 @@ TEST(ConvertTest, WireConversionsRoundToNearestEvenAndCountNonFinite) {
   for (size_t i = 10; i < n; ++i) ASSERT_EQ(f[i], BFloat16ToFloat32(bits[i])) << "element " << i;
 }
 
+// Both 2-byte wire types, with the buffers 16-byte aligned (8 values per access, then a tail) and
+// not (one at a time): bitwise the host's conversions (base/dtype.h) both ways, non-finite counted.
+TEST(ConvertTest, VectorAndScalarPathsMatchTheHostForBothHalfTypes) {
+  SKIP_WITHOUT_GPU();
+  const size_t n = 4096 + 13;
+  auto x = RandomNormal(n + 1, 52, 1000.f);
+  x[7] = 1.00390625f;  // a bf16 tie
+  x[8] = 70000.f;      // past fp16's range: inf on the wire
+  for (auto [type, dtype] : {std::pair{kernels::kWireBFloat16, DType::kBFloat16},
+                             std::pair{kernels::kWireFloat16, DType::kFloat16}}) {
+    for (size_t offset : {size_t{0}, size_t{1}}) {
+      SCOPED_TRACE(std::string(DTypeName(dtype)) + (offset ? ", unaligned" : ", aligned"));
+      DeviceArray<float> dx(x), back(n + 1);
+      DeviceArray<uint16_t> wire(n + 1);
+      CUDA_ASSERT(kernels::launch_from_float(dx.get() + offset, type, wire.get() + offset, n, 0));
+      CUDA_ASSERT(cudaDeviceSynchronize());
+      std::vector<uint16_t> want(n);
+      ConvertFromFloat32(x.data() + offset, n, dtype, want.data());
+      const auto got = wire.Download();
+      for (size_t i = 0; i < n; ++i) ASSERT_EQ(got[offset + i], want[i]) << "element " << i;
+      DeviceArray<unsigned> bad(std::vector<unsigned>{0});
+      CUDA_ASSERT(kernels::launch_to_float(type, wire.get() + offset, back.get() + offset, n, bad.get(), 0));
+      CUDA_ASSERT(cudaDeviceSynchronize());
+      std::vector<float> want_back(n);
+      ConvertToFloat32(dtype, want.data(), n, want_back.data());
+      unsigned want_bad = 0;
+      for (float v : want_back) want_bad += !std::isfinite(v);
+      EXPECT_EQ(bad.Download()[0], want_bad);
+      if (dtype == DType::kFloat16) {
+        EXPECT_GE(want_bad, 1u);  // 70000 overflowed
+      }
+      const auto f = back.Download();
+      for (size_t i = 0; i < n; ++i) {
+        if (std::isnan(want_back[i])) continue;
+        ASSERT_EQ(f[offset + i], want_back[i]) << "element " << i;
+      }
+    }
+  }
+}
+
 // Row-major GEMM through cuBLASLt in each mode, all transposes, the residual as C != D.
 class GemmTest : public ::testing::TestWithParam<std::tuple<bool, bool>> {};
 
