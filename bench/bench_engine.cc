@@ -3,7 +3,7 @@
 // against 790 TFLOP/s bf16, peak device memory and the blocks' own memory.
 //
 //   bench_engine [--shapes=qwen,llama,span8] [--precisions=bf16,fp32] [--iters=20] [--attention=native,cudnn]
-//                [--pipeline=3]
+//                [--pipeline=3 [--pipeline_traffic]]
 //
 // Issue 14's shapes: llama-lora16 (the Llama block frozen, LoRA rank 16 alpha 32 on all seven
 // projections: its step is AdamW over the adapters), llama-lora16x32 (32 of them: the memory of a
@@ -20,6 +20,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -80,7 +82,7 @@ bool Check(const absl::Status& s, const char* what) {
 }
 
 int Run(const std::vector<std::string>& shape_names, const std::vector<std::string>& precisions, int iters,
-        int pipeline, const std::string& attention) {
+        int pipeline, bool pipeline_traffic, const std::string& attention) {
   CudaBackendOptions options;
   auto mode = ParseAttentionMode(attention);
   if (!Check(mode.status(), "attention")) return 1;
@@ -214,49 +216,76 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
       // --pipeline=N: a training step as a client drives a span through the daemon, in process:
       // N micro-batches' forwards (kept) and backwards queued back to back, then every block's
       // AdamW, one device synchronize per step. Tokens/s of the whole step, its Step included.
-      if (pipeline > 0 && sh.span > 1) {
+      // --pipeline_traffic: the same again while a thread moves a bf16 activation up and down the
+      // copy streams (Upload, then Download) every ~23 ms, as a daemon's 6 calls of a step do: what
+      // the transfers' DMA and conversions take from the compute beside them.
+      auto pipelined_step = [&](bool traffic) -> double {
+        std::atomic<bool> stop{false};
+        std::thread mover;
+        if (traffic) {
+          mover = std::thread([&] {
+            const std::vector<uint16_t> wire(static_cast<size_t>(n), 0x3f80);  // bf16 1.0
+            std::string out;
+            while (!stop.load()) {
+              auto a = backend->Upload(0, DType::kBFloat16, wire.data(), sh.batch, sh.seq, d);
+              if (a.ok()) (void)backend->Download(**a, DType::kBFloat16, &out);
+              std::this_thread::sleep_for(std::chrono::milliseconds(18));
+            }
+          });
+        }
         std::vector<double> steps;
-        for (int it = 0; it < iters + 2; ++it) {
+        bool ok = true;
+        for (int it = 0; ok && it < iters + 2; ++it) {
           std::vector<std::unique_ptr<Activation>> xs;
-          for (int m = 0; m < pipeline; ++m) {
+          for (int m = 0; ok && m < pipeline; ++m) {
             auto x = backend->Upload(0, DType::kFloat32, inputs[m % 3].data(), sh.batch, sh.seq, d);
-            if (!Check(x.status(), "upload")) return 1;
-            xs.push_back(std::move(x).value());
+            ok = Check(x.status(), "upload");
+            if (ok) xs.push_back(std::move(x).value());
           }
           cudaDeviceSynchronize();
           const double t0 = Now();
           std::vector<std::vector<std::unique_ptr<SavedActivations>>> saved(pipeline);
-          for (int m = 0; m < pipeline; ++m) {
+          for (int m = 0; ok && m < pipeline; ++m) {
             saved[m].resize(sh.span);
             std::unique_ptr<Activation> y = std::move(xs[m]);
-            for (int b = 0; b < sh.span; ++b) {
+            for (int b = 0; ok && b < sh.span; ++b) {
               auto out = blocks[b]->Forward(std::move(y), 0, &saved[m][b]);
-              if (!Check(out.status(), "forward")) return 1;
-              y = std::move(out).value();
+              ok = Check(out.status(), "forward");
+              if (ok) y = std::move(out).value();
             }
           }
-          for (int m = 0; m < pipeline; ++m) {
+          for (int m = 0; ok && m < pipeline; ++m) {
             std::unique_ptr<Activation> gx;
             const Activation* g = grads[m % 3].get();
-            for (int b = sh.span - 1; b >= 0; --b) {
+            for (int b = sh.span - 1; ok && b >= 0; --b) {
               auto dx = blocks[b]->Backward(*saved[m][b], *g, /*accumulate=*/m > 0);
-              if (!Check(dx.status(), "backward")) return 1;
+              ok = Check(dx.status(), "backward");
+              if (!ok) break;
               gx = std::move(dx).value();
               g = gx.get();
             }
             saved[m].clear();
           }
-          for (auto& blk : blocks) {
-            if (!Check(blk->AdamWStep({AdamWHyper{}, it + 1, 1.f}), "step")) return 1;
+          for (size_t b = 0; ok && b < blocks.size(); ++b) {
+            ok = Check(blocks[b]->AdamWStep({AdamWHyper{}, it + 1, 1.f}), "step");
           }
           cudaDeviceSynchronize();
           if (it >= 2) steps.push_back(Now() - t0);
         }
-        const double st = Median(steps);
-        std::printf("pipelined %s %s %s: %d micro-batches + step %.3f ms, %.0f tokens/s (fwd+bwd+step)\n",
-                    sh.name.c_str(), pn.c_str(), attn.c_str(), pipeline, st * 1e3,
-                    pipeline * sh.batch * sh.seq / st);
-        std::fflush(stdout);
+        stop = true;
+        if (mover.joinable()) mover.join();
+        return ok ? Median(steps) : -1;
+      };
+      if (pipeline > 0 && sh.span > 1) {
+        for (bool traffic : {false, true}) {
+          if (traffic && !pipeline_traffic) break;
+          const double st = pipelined_step(traffic);
+          if (st < 0) return 1;
+          std::printf("pipelined %s %s %s: %d micro-batches + step %.3f ms, %.0f tokens/s (fwd+bwd+step)%s\n",
+                      sh.name.c_str(), pn.c_str(), attn.c_str(), pipeline, st * 1e3,
+                      pipeline * sh.batch * sh.seq / st, traffic ? " with transfers" : "");
+          std::fflush(stdout);
+        }
       }
     }
   }
@@ -270,16 +299,18 @@ int main(int argc, char** argv) {
   std::vector<std::string> shapes = {"qwen", "llama", "span8"}, precisions = {"bf16", "fp32"},
                            attention = {"native"};
   int iters = 20, pipeline = 0;
+  bool pipeline_traffic = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--shapes=", 0) == 0) shapes = absl::StrSplit(a.substr(9), ',');
     if (a.rfind("--precisions=", 0) == 0) precisions = absl::StrSplit(a.substr(13), ',');
     if (a.rfind("--iters=", 0) == 0) iters = std::stoi(a.substr(8));
     if (a.rfind("--pipeline=", 0) == 0) pipeline = std::stoi(a.substr(11));
+    if (a == "--pipeline_traffic") pipeline_traffic = true;
     if (a.rfind("--attention=", 0) == 0) attention = absl::StrSplit(a.substr(12), ',');
   }
   for (const std::string& mode : attention) {
-    if (int rc = blockd::Run(shapes, precisions, iters, pipeline, mode); rc != 0) return rc;
+    if (int rc = blockd::Run(shapes, precisions, iters, pipeline, pipeline_traffic, mode); rc != 0) return rc;
   }
   return 0;
 }

@@ -266,13 +266,15 @@ if [[ " $stages " == *" transport "* ]]; then
   # IPC (bench/transport_ipc.py, torch CUDA tensors), in one run; one table on stdout.
   log="$OUT/transport.log"; : >"$log"
   timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 \
-    --iters=${TRANSPORT_ITERS:-6} --attention=native --pipeline=3 >>"$log" 2>&1
+    --iters=${TRANSPORT_ITERS:-6} --attention=native --pipeline=3 --pipeline_traffic >>"$log" 2>&1
   inproc=$(awk '/^span of 8/ {print $12; exit}' "$log")  # "span of 8 x qwen 8x2048 bf16 native fwd bwd step tokens/s"
   inproc_step=$(awk '/^pipelined span of 8/ {print $(NF-2); exit}' "$log")  # "... step 140.1 ms, 350000 tokens/s (...)"
+  inproc_moving=$(awk '/^pipelined span of 8.*with transfers$/ {print $(NF-4); exit}' "$log")
   trow() { printf '%-40s %6s %12s %8s\n' "$1" "$2" "$3" "$( [ -n "$3" ] && [ -n "$inproc" ] && awk -v a="$3" -v b="$inproc" 'BEGIN{printf "%.1f%%", 100*a/b}')"; }
   ttable=("$(printf '%-40s %6s %12s %8s' transport depth tokens/s 'of in-process')")
   ttable+=("$(trow 'in process (bench_engine, fwd+bwd)' 1 "$inproc")")
   ttable+=("$(trow 'in process, 3 queued + Step (--pipeline=3)' 3 "$inproc_step")")
+  ttable+=("$(trow '  the same, transfers beside it' 3 "$inproc_moving")")
   for run in tcp,127.0.0.1:50990,grpc,3 unix,unix:/tmp/blockd-transport.sock,grpc,3 shm,127.0.0.1:50991,shm,1; do
     IFS=, read -r name target transport conns <<<"$run"
     LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda --attention=native --listen=$target \
