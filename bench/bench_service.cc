@@ -85,6 +85,7 @@ int main(int argc, char** argv) {
   std::string target = "127.0.0.1:50051", shape = "qwen";
   int blocks = 8, iters = 10, connections = 1;
   std::string transport = "grpc";
+  double lr = 1e-4, max_grad_norm = 1.0;  // --lr=1e-3 --max_grad_norm=0: bench_engine's AdamW step
   std::vector<int> depths = {1, 2};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -94,6 +95,8 @@ int main(int argc, char** argv) {
     if (a.rfind("--iters=", 0) == 0) iters = std::stoi(a.substr(8));
     if (a.rfind("--connections=", 0) == 0) connections = std::stoi(a.substr(14));
     if (a.rfind("--transport=", 0) == 0) transport = a.substr(12);
+    if (a.rfind("--lr=", 0) == 0) lr = std::stod(a.substr(5));
+    if (a.rfind("--max_grad_norm=", 0) == 0) max_grad_norm = std::stod(a.substr(16));
     if (a.rfind("--depth=", 0) == 0) {
       depths.clear();
       for (absl::string_view d : absl::StrSplit(a.substr(8), ',')) depths.push_back(std::stoi(std::string(d)));
@@ -177,8 +180,8 @@ int main(int argc, char** argv) {
   }
   blockd::v1::StepRequest step;
   for (const std::string& id : ids) step.add_block_ids(id);
-  step.mutable_adamw()->set_lr(1e-4);
-  step.set_max_grad_norm(1.0);
+  step.mutable_adamw()->set_lr(lr);
+  step.set_max_grad_norm(max_grad_norm);
 
   // --transport=shm: per micro-batch slot, the input (then the output, in place) at 0 and the
   // gradient (then grad_input, in place) after it. shm_in_place: the client made its tensors in
