@@ -51,6 +51,12 @@ class CudaBlock : public Block {
  public:
   CudaBlock(const BlockSpec& spec, DeviceContext* dev)
       : spec_(spec), dev_(dev), layout_(MakeLayout(spec.config, spec.lora)) {}
+  ~CudaBlock() override {
+    if (norm_done_ == nullptr) return;
+    DeviceGuard guard(dev_->index);
+    if (norm_started_) cudaEventSynchronize(norm_done_);  // its copy writes into norm_host_
+    cudaEventDestroy(norm_done_);
+  }
 
   absl::Status Init(AttentionMode attention) {
     DeviceGuard guard(dev_->index);
@@ -181,8 +187,8 @@ class CudaBlock : public Block {
       void* host = nullptr;
       CUDA_RETURN_IF_ERROR(cudaHostAlloc(&host, sizeof(double), cudaHostAllocPortable));
       norm_host_.reset(static_cast<double*>(host));
-      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&norm_done_, cudaEventDisableTiming));
     }
+    if (norm_done_ == nullptr) CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&norm_done_, cudaEventDisableTiming));
     double* out = reinterpret_cast<double*>(sum_ws_.as<char>() + kernels::sum_squares_workspace_doubles() * 8);
     CUDA_RETURN_IF_ERROR(kernels::launch_sum_squares(TrainedGrads(), train_end_ - train_begin_, sum_ws_.as<double>(),
                                                      out, dev_->Stream()));
@@ -198,13 +204,6 @@ class CudaBlock : public Block {
     DeviceGuard guard(dev_->index);
     CUDA_RETURN_IF_ERROR(cudaEventSynchronize(norm_done_));
     return *norm_host_;
-  }
-
-  ~CudaBlock() override {
-    if (norm_done_ == nullptr) return;
-    DeviceGuard guard(dev_->index);
-    if (norm_started_) cudaEventSynchronize(norm_done_);  // its copy writes into norm_host_
-    cudaEventDestroy(norm_done_);
   }
 
   absl::Status AdamWStep(const AdamWUpdate& u) override {
