@@ -238,6 +238,21 @@ int main(int argc, char** argv) {
 
   std::printf("-- backward --\n");
   Row("convert dy fp32 -> bf16", TimeMs([&] { blockd::kernels::launch_float_to_bf16(x, n1, N * d, 0); }), 0, N * d * 6.0);
+  // The transfers' wire conversions (convert.cuh): 8 values per access where both buffers are
+  // 16-byte aligned, one at a time where not (the same kernels, one element in).
+  using blockd::kernels::kWireBFloat16;
+  Row("wire bf16 -> fp32, aligned",
+      TimeMs([&] { blockd::kernels::launch_to_float(kWireBFloat16, n1, x, N * d, nullptr, 0); }), 0, N * d * 6.0);
+  Row("wire bf16 -> fp32, unaligned", TimeMs([&] {
+        blockd::kernels::launch_to_float(kWireBFloat16, n1 + 1, x + 1, N * d - 1, nullptr, 0);
+      }),
+      0, N * d * 6.0);
+  Row("wire fp32 -> bf16, aligned",
+      TimeMs([&] { blockd::kernels::launch_from_float(x, kWireBFloat16, n1, N * d, 0); }), 0, N * d * 6.0);
+  Row("wire fp32 -> bf16, unaligned", TimeMs([&] {
+        blockd::kernels::launch_from_float(x + 1, kWireBFloat16, n1 + 1, N * d - 1, 0);
+      }),
+      0, N * d * 6.0);
   Row("gemm dWd += dy^T h", TimeMs([&] { gemm(Bf16(N, f, d).BackwardWeight(n1, h, dwf, true)); }),
       2.0 * N * d * f, 0);
   Row("gemm dh = dy Wd", TimeMs([&] { gemm(Bf16(N, f, d).BackwardInput(n1, wd, h, GemmType::kBF16)); }),
