@@ -9,16 +9,11 @@
 namespace blockd::kernels {
 namespace {
 
-__device__ __forceinline__ float load_wire(const void* src, int type, int64_t i) {
-  if (type == kWireBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(src)[i]);
-  if (type == kWireFloat16) return __half2float(static_cast<const __half*>(src)[i]);
-  return static_cast<const float*>(src)[i];
-}
-
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// The 2-byte wire types move 8 values per thread and access (16 bytes of wire, 32 of fp32) where
-// both buffers are 16-byte aligned, as the transfer buffers are; the rest one value at a time.
+// The 2-byte wire types (bf16, fp16) to and from fp32, by their bits. They move 8 values per
+// thread and access (16 bytes of wire, 32 of fp32) where both buffers are 16-byte aligned, as the
+// transfer buffers are; the rest one value at a time.
 __device__ __forceinline__ float half_bits_to_float(uint16_t bits, int type) {
   if (type == kWireBFloat16) return __uint_as_float(static_cast<uint32_t>(bits) << 16);
   return __half2float(__ushort_as_half(bits));
@@ -27,6 +22,11 @@ __device__ __forceinline__ float half_bits_to_float(uint16_t bits, int type) {
 __device__ __forceinline__ uint16_t float_to_half_bits(float v, int type) {
   if (type == kWireBFloat16) return __bfloat16_as_ushort(__float2bfloat16_rn(v));
   return __half_as_ushort(__float2half_rn(v));
+}
+
+__device__ __forceinline__ float load_wire(const void* src, int type, int64_t i) {
+  if (type == kWireFloat32) return static_cast<const float*>(src)[i];
+  return half_bits_to_float(static_cast<const uint16_t*>(src)[i], type);
 }
 
 __global__ void to_float_kernel(int type, const void* __restrict__ src, float* __restrict__ dst, int64_t n,
@@ -83,13 +83,10 @@ __global__ void from_float_kernel(const float* __restrict__ src, int type, void*
     scalar_from = vectors * 8;
   }
   for (int64_t i = scalar_from + first; i < n; i += stride) {
-    const float v = src[i];
-    if (type == kWireBFloat16) {
-      static_cast<__nv_bfloat16*>(dst)[i] = __float2bfloat16_rn(v);
-    } else if (type == kWireFloat16) {
-      static_cast<__half*>(dst)[i] = __float2half_rn(v);
+    if (type == kWireFloat32) {
+      static_cast<float*>(dst)[i] = src[i];
     } else {
-      static_cast<float*>(dst)[i] = v;
+      static_cast<uint16_t*>(dst)[i] = float_to_half_bits(src[i], type);
     }
   }
 }
