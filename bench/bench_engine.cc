@@ -163,36 +163,50 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
         grads.push_back(std::move(g).value());
         inputs.push_back(std::move(x));
       }
+      // One micro-batch through the span: forward, keeping every block's activations; backward
+      // from g; every block's AdamW. False when a call failed (Check said why).
+      using Saved = std::vector<std::unique_ptr<SavedActivations>>;
+      auto forward_span = [&](std::unique_ptr<Activation> y, Saved* saved) {
+        saved->resize(sh.span);
+        for (int b = 0; b < sh.span; ++b) {
+          auto out = blocks[b]->Forward(std::move(y), 0, &(*saved)[b]);
+          if (!Check(out.status(), "forward")) return false;
+          y = std::move(out).value();
+        }
+        return true;
+      };
+      auto backward_span = [&](const Saved& saved, const Activation* g, bool accumulate) {
+        std::unique_ptr<Activation> gx;
+        for (int b = sh.span - 1; b >= 0; --b) {
+          auto dx = blocks[b]->Backward(*saved[b], *g, accumulate);
+          if (!Check(dx.status(), "backward")) return false;
+          gx = std::move(dx).value();
+          g = gx.get();
+        }
+        return true;
+      };
+      auto adamw_span = [&](int64_t step_number) {
+        for (auto& blk : blocks) {
+          if (!Check(blk->AdamWStep({AdamWHyper{}, step_number, 1.f}), "step")) return false;
+        }
+        return true;
+      };
       std::vector<double> fwd, bwd, step;
       for (int it = 0; it < iters + 3; ++it) {
-        std::vector<std::unique_ptr<SavedActivations>> saved(sh.span);
+        Saved saved;
         // Forward takes its input (the first block keeps it for backward), so each iteration
         // uploads one, as the engine does, before the clock starts.
         auto x = backend->Upload(0, DType::kFloat32, inputs[it % 3].data(), sh.batch, sh.seq, d);
         if (!Check(x.status(), "upload")) return 1;
-        std::unique_ptr<Activation> y = std::move(x).value();
         cudaDeviceSynchronize();
         double t0 = Now();
-        for (int b = 0; b < sh.span; ++b) {
-          auto out = blocks[b]->Forward(std::move(y), 0, &saved[b]);
-          if (!Check(out.status(), "forward")) return 1;
-          y = std::move(out).value();
-        }
+        if (!forward_span(std::move(x).value(), &saved)) return 1;
         cudaDeviceSynchronize();
         double t1 = Now();
-        std::unique_ptr<Activation> gx;
-        const Activation* g = grads[it % 3].get();
-        for (int b = sh.span - 1; b >= 0; --b) {
-          auto dx = blocks[b]->Backward(*saved[b], *g, it > 0);
-          if (!Check(dx.status(), "backward")) return 1;
-          gx = std::move(dx).value();
-          g = gx.get();
-        }
+        if (!backward_span(saved, grads[it % 3].get(), it > 0)) return 1;
         cudaDeviceSynchronize();
         double t2 = Now();
-        for (auto& blk : blocks) {
-          if (!Check(blk->AdamWStep({AdamWHyper{}, it + 1, 1.f}), "step")) return 1;
-        }
+        if (!adamw_span(it + 1)) return 1;
         cudaDeviceSynchronize();
         double t3 = Now();
         if (it >= 3) {
@@ -244,31 +258,13 @@ int Run(const std::vector<std::string>& shape_names, const std::vector<std::stri
           }
           cudaDeviceSynchronize();
           const double t0 = Now();
-          std::vector<std::vector<std::unique_ptr<SavedActivations>>> saved(pipeline);
+          std::vector<Saved> saved(pipeline);
+          for (int m = 0; ok && m < pipeline; ++m) ok = forward_span(std::move(xs[m]), &saved[m]);
           for (int m = 0; ok && m < pipeline; ++m) {
-            saved[m].resize(sh.span);
-            std::unique_ptr<Activation> y = std::move(xs[m]);
-            for (int b = 0; ok && b < sh.span; ++b) {
-              auto out = blocks[b]->Forward(std::move(y), 0, &saved[m][b]);
-              ok = Check(out.status(), "forward");
-              if (ok) y = std::move(out).value();
-            }
-          }
-          for (int m = 0; ok && m < pipeline; ++m) {
-            std::unique_ptr<Activation> gx;
-            const Activation* g = grads[m % 3].get();
-            for (int b = sh.span - 1; ok && b >= 0; --b) {
-              auto dx = blocks[b]->Backward(*saved[m][b], *g, /*accumulate=*/m > 0);
-              ok = Check(dx.status(), "backward");
-              if (!ok) break;
-              gx = std::move(dx).value();
-              g = gx.get();
-            }
+            ok = backward_span(saved[m], grads[m % 3].get(), /*accumulate=*/m > 0);
             saved[m].clear();
           }
-          for (size_t b = 0; ok && b < blocks.size(); ++b) {
-            ok = Check(blocks[b]->AdamWStep({AdamWHyper{}, it + 1, 1.f}), "step");
-          }
+          ok = ok && adamw_span(it + 1);
           cudaDeviceSynchronize();
           if (it >= 2) steps.push_back(Now() - t0);
         }

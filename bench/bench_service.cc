@@ -202,6 +202,23 @@ int main(int argc, char** argv) {
     }
   }
   const bool ipc_in_place = transport == "cuda_ipc_in_place";
+  // A micro-batch whose tensors are where the client made them, as slices `ref(offset)` of its
+  // region (either kind): input at 0 and gradient after it, read there; output and grad_input
+  // written after them.
+  auto forward_backward_in_place = [&](int set, int m, const auto& ref) {
+    const blockd::v1::DType dtype = fwd[set].input().dtype();
+    blockd::v1::ForwardRequest req;
+    *req.mutable_block_ids() = fwd[set].block_ids();
+    req.set_keep_activations(true);
+    *req.mutable_input() = blockd::SliceTensor(dtype, {B, S, d}, ref(0));
+    *req.mutable_output_shared_memory() = ref(2 * tensor_bytes);
+    auto y = trace(m, "Forward", [&] { return Check(client->Forward(req), "forward"); });
+    blockd::v1::BackwardRequest bwd;
+    bwd.set_activation_id(y.activation_id());
+    *bwd.mutable_grad_output() = blockd::SliceTensor(dtype, {B, S, d}, ref(tensor_bytes));
+    *bwd.mutable_output_shared_memory() = ref(3 * tensor_bytes);
+    trace(m, "Backward", [&] { return Check(client->Backward(bwd), "backward"); });
+  };
 #ifdef BLOCKD_BENCH_CUDA_IPC
   // --transport=cuda_ipc: the sets' inputs and gradients in this process's device memory; per
   // micro-batch slot a region (input, then output, at 0; gradient, then grad_input, after it), a
@@ -244,28 +261,17 @@ int main(int argc, char** argv) {
       cuda_slots.push_back(std::move(slot));
     }
   }
-  auto named = [&](int64_t offset, blockd::CudaIpcRegion& r) {
-    return blockd::SliceTensor(fwd[0].input().dtype(), {B, S, d}, r.Ref(offset, tensor_bytes));
-  };
   auto forward_backward_ipc = [&](int set, int m) {
     CudaSlot& slot = cuda_slots[m];
     blockd::CudaIpcRegion& r = *slot.region;
+    if (ipc_in_place) {  // only the event is recorded
+      Check(r.Record(slot.stream), "record");
+      return forward_backward_in_place(set, m, [&](int64_t offset) { return r.Ref(offset, tensor_bytes); });
+    }
     const blockd::v1::Tensor& x = fwd[set].input();
     blockd::v1::ForwardRequest req;
     *req.mutable_block_ids() = fwd[set].block_ids();
     req.set_keep_activations(true);
-    if (ipc_in_place) {  // the tensors are where the client made them: only the event is recorded
-      Check(r.Record(slot.stream), "record");
-      *req.mutable_input() = named(0, r);
-      *req.mutable_output_shared_memory() = r.Ref(2 * tensor_bytes, tensor_bytes);
-      auto y = trace(m, "Forward", [&] { return Check(client->Forward(req), "forward"); });
-      blockd::v1::BackwardRequest bwd;
-      bwd.set_activation_id(y.activation_id());
-      *bwd.mutable_grad_output() = named(tensor_bytes, r);
-      *bwd.mutable_output_shared_memory() = r.Ref(3 * tensor_bytes, tensor_bytes);
-      trace(m, "Backward", [&] { return Check(client->Backward(bwd), "backward"); });
-      return;
-    }
     *req.mutable_input() = Check(r.Put(0, x.dtype(), {B, S, d}, device_sets[2 * set], tensor_bytes, slot.stream), "put input");
     *req.mutable_output_shared_memory() = r.Ref(0, tensor_bytes);
     auto y = trace(m, "Forward", [&] { return Check(client->Forward(req), "forward"); });
@@ -299,21 +305,13 @@ int main(int argc, char** argv) {
       return;
     }
     blockd::SharedMemoryRegion& r = *regions[m];
+    if (shm_in_place) {
+      return forward_backward_in_place(set, m, [&](int64_t offset) { return r.Ref(offset, tensor_bytes); });
+    }
     const blockd::v1::Tensor& x = fwd[set].input();
     blockd::v1::ForwardRequest req;
     *req.mutable_block_ids() = fwd[set].block_ids();
     req.set_keep_activations(true);
-    if (shm_in_place) {  // the tensors are where the client made them
-      *req.mutable_input() = blockd::SliceTensor(x.dtype(), {B, S, d}, r.Ref(0, tensor_bytes));
-      *req.mutable_output_shared_memory() = r.Ref(2 * tensor_bytes, tensor_bytes);
-      auto y = trace(m, "Forward", [&] { return Check(client->Forward(req), "forward"); });
-      blockd::v1::BackwardRequest bwd;
-      bwd.set_activation_id(y.activation_id());
-      *bwd.mutable_grad_output() = blockd::SliceTensor(x.dtype(), {B, S, d}, r.Ref(tensor_bytes, tensor_bytes));
-      *bwd.mutable_output_shared_memory() = r.Ref(3 * tensor_bytes, tensor_bytes);
-      trace(m, "Backward", [&] { return Check(client->Backward(bwd), "backward"); });
-      return;
-    }
     *req.mutable_input() = trace(m, "put input", [&] { return Check(r.Put(0, x.dtype(), {B, S, d}, x.data()), "put input"); });
     *req.mutable_output_shared_memory() = r.Ref(0, tensor_bytes);
     auto y = trace(m, "Forward", [&] { return Check(client->Forward(req), "forward"); });
