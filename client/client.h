@@ -138,13 +138,17 @@ class Client {
   // it for that long, judged atomically with the delete (FAILED_PRECONDITION otherwise).
   absl::StatusOr<v1::DeleteBlockResponse> DeleteBlock(const v1::DeleteBlockRequest& request,
                                                       const CallOptions& call = {});
+  // The const& forms copy the request once when its tensor goes through shared memory; the &&
+  // forms move it.
   absl::StatusOr<v1::ForwardResponse> Forward(const v1::ForwardRequest& request, const CallOptions& call = {});
+  absl::StatusOr<v1::ForwardResponse> Forward(v1::ForwardRequest&& request, const CallOptions& call = {});
   absl::StatusOr<v1::ForwardResponse> Forward(const std::vector<std::string>& block_ids, v1::Tensor input,
                                               bool keep_activations, int64_t position_offset = 0,
                                               const CallOptions& call = {});
   absl::StatusOr<v1::BackwardResponse> Backward(absl::string_view activation_id, v1::Tensor grad_output,
                                                 const CallOptions& call = {});
   absl::StatusOr<v1::BackwardResponse> Backward(const v1::BackwardRequest& request, const CallOptions& call = {});
+  absl::StatusOr<v1::BackwardResponse> Backward(v1::BackwardRequest&& request, const CallOptions& call = {});
   absl::Status ReleaseActivations(absl::string_view activation_id, const CallOptions& call = {});
   absl::Status ZeroGrad(const std::vector<std::string>& block_ids, const CallOptions& call = {});
   absl::StatusOr<v1::StepResponse> Step(const v1::StepRequest& request, const CallOptions& call = {});
