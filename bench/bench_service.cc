@@ -2,7 +2,8 @@
 // activations on the wire, to set against the in-process engine (the share lost to transport).
 //
 //   bench_service --target=127.0.0.1:50051 [--blocks=8] [--shape=qwen] [--iters=10] [--depth=1,2]
-//                 [--connections=1] [--transport=grpc|shm|shm_in_place|cuda_ipc|cuda_ipc_in_place] [--trace]
+//                 [--connections=1] [--transport=grpc|shm|shm_in_place|cuda_ipc|cuda_ipc_in_place|cuda_auto]
+//                 [--trace]
 //
 // A step is Forward(keep_activations) -> Backward -> Step over the span; with --depth=N the client
 // keeps N micro-batches in flight at once (N threads, one Step after all N), so that one
@@ -15,7 +16,8 @@
 // CUDA IPC region per micro-batch in flight (client/cuda_ipc_region.h; the copies into the region
 // and the replies' copies out of it are timed); cuda_ipc_in_place is a client whose tensors are made
 // in the region and read from it (input, gradient, output, grad_input side by side; only the event
-// is recorded per call). Timing: warm-up steps first, then the median
+// is recorded per call); cuda_auto is a client whose tensors live on the GPU calling through
+// CudaActivations (client/cuda_activations.h), which picks CUDA IPC by itself. Timing: warm-up steps first, then the median
 // step time over --iters, inputs rotated among 3 random sets built before timing.
 #include <algorithm>
 #include <cstdio>
@@ -36,6 +38,7 @@
 #ifdef BLOCKD_BENCH_CUDA_IPC
 #include <cuda_runtime.h>
 
+#include "client/cuda_activations.h"
 #include "client/cuda_ipc_region.h"
 #endif
 
@@ -118,6 +121,7 @@ int main(int argc, char** argv) {
   o.target = target;
   o.timeout = absl::Seconds(300);
   o.connections = connections;
+  if (transport == "cuda_auto") o.transport = blockd::Transport::kAuto;
   auto client = Check(blockd::Client::Connect(o), "connect");
   Check(client->WaitForConnected(absl::Seconds(30)), "wait for the server");
   if (probe) {
@@ -201,7 +205,8 @@ int main(int argc, char** argv) {
       }
     }
   }
-  const bool ipc_in_place = transport == "cuda_ipc_in_place";
+  const bool ipc_in_place = transport == "cuda_ipc_in_place", cuda_auto = transport == "cuda_auto";
+  const bool on_device = transport == "cuda_ipc" || ipc_in_place || cuda_auto;  // the client's tensors on the GPU
   // A micro-batch whose tensors are where the client made them, as slices `ref(offset)` of its
   // region (either kind): input at 0 and gradient after it, read there; output and grad_input
   // written after them.
@@ -230,7 +235,8 @@ int main(int argc, char** argv) {
   };
   std::vector<void*> device_sets;  // input 0, grad 0, input 1, ...
   std::vector<CudaSlot> cuda_slots;
-  if (transport == "cuda_ipc" || ipc_in_place) {
+  std::unique_ptr<blockd::CudaActivations> calls;  // cuda_auto
+  if (on_device) {
     auto cuda = [](cudaError_t e, const char* what) {
       if (e != cudaSuccess) {
         std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
@@ -248,8 +254,10 @@ int main(int argc, char** argv) {
     const int most = *std::max_element(depths.begin(), depths.end());
     for (int m = 0; m < most; ++m) {
       CudaSlot slot;
-      slot.region = Check(blockd::CudaIpcRegion::Create(client.get(), 0, (ipc_in_place ? 4 : 2) * tensor_bytes),
-                          "register CUDA IPC");
+      if (!cuda_auto) {
+        slot.region = Check(blockd::CudaIpcRegion::Create(client.get(), 0, (ipc_in_place ? 4 : 2) * tensor_bytes),
+                            "register CUDA IPC");
+      }
       cuda(cudaStreamCreateWithFlags(&slot.stream, cudaStreamNonBlocking), "cudaStreamCreate");
       if (ipc_in_place) {  // input and gradient once, in their places; output and grad_input after them
         char* at = static_cast<char*>(slot.region->data());
@@ -260,9 +268,29 @@ int main(int argc, char** argv) {
       cuda(cudaMalloc(&slot.reply, tensor_bytes), "cudaMalloc");
       cuda_slots.push_back(std::move(slot));
     }
+    if (cuda_auto) calls = std::make_unique<blockd::CudaActivations>(client.get());
   }
   auto forward_backward_ipc = [&](int set, int m) {
     CudaSlot& slot = cuda_slots[m];
+    if (cuda_auto) {  // the reply lands in slot.reply, in slot.stream's order
+      blockd::v1::ForwardRequest req;
+      *req.mutable_block_ids() = fwd[set].block_ids();
+      req.set_keep_activations(true);
+      req.mutable_input()->set_dtype(fwd[set].input().dtype());
+      *req.mutable_input()->mutable_shape() = fwd[set].input().shape();
+      auto y = trace(m, "Forward", [&] {
+        return Check(calls->Forward(std::move(req), device_sets[2 * set], slot.reply, slot.stream), "forward");
+      });
+      blockd::v1::BackwardRequest bwd;
+      bwd.set_activation_id(y.activation_id());
+      bwd.mutable_grad_output()->set_dtype(grads[set].dtype());
+      *bwd.mutable_grad_output()->mutable_shape() = grads[set].shape();
+      trace(m, "Backward", [&] {
+        return Check(calls->Backward(std::move(bwd), device_sets[2 * set + 1], slot.reply, slot.stream), "backward");
+      });
+      if (cudaStreamSynchronize(slot.stream) != cudaSuccess) Check(absl::InternalError("stream"), "sync");
+      return;
+    }
     blockd::CudaIpcRegion& r = *slot.region;
     if (ipc_in_place) {  // only the event is recorded
       Check(r.Record(slot.stream), "record");
@@ -287,18 +315,18 @@ int main(int argc, char** argv) {
   };
 #else
   auto forward_backward_ipc = [](int, int) {};
-  if (transport == "cuda_ipc" || ipc_in_place) {
-    std::fprintf(stderr, "--transport=cuda_ipc: bench_service was built without the CUDA backend\n");
+  if (on_device) {
+    std::fprintf(stderr, "--transport=%s: bench_service was built without the CUDA backend\n", transport.c_str());
     return 2;
   }
 #endif
-  if (transport != "grpc" && transport != "shm" && !shm_in_place && transport != "cuda_ipc" && !ipc_in_place) {
-    std::fprintf(stderr, "--transport=%s: expected grpc, shm, shm_in_place, cuda_ipc or cuda_ipc_in_place\n",
+  if (transport != "grpc" && transport != "shm" && !shm_in_place && !on_device) {
+    std::fprintf(stderr, "--transport=%s: expected grpc, shm, shm_in_place, cuda_ipc, cuda_ipc_in_place or cuda_auto\n",
                  transport.c_str());
     return 2;
   }
   auto forward_backward = [&](int set, int m) {
-    if (transport == "cuda_ipc" || ipc_in_place) return forward_backward_ipc(set, m);
+    if (on_device) return forward_backward_ipc(set, m);
     if (regions.empty()) {
       auto y = trace(m, "Forward", [&] { return Check(client->Forward(fwd[set]), "forward"); });
       trace(m, "Backward", [&] { return Check(client->Backward(y.activation_id(), grads[set]), "backward"); });
@@ -368,6 +396,7 @@ int main(int argc, char** argv) {
     cudaStreamDestroy(slot.stream);
     cudaFree(slot.reply);
   }
+  calls.reset();
   for (void* p : device_sets) cudaFree(p);
 #endif
   for (const std::string& id : ids) Check(client->DeleteBlock(id), "delete");

@@ -5,27 +5,17 @@
 #include "client/shared_memory_region.h"
 
 namespace blockd {
-namespace {
+namespace cuda_client {
 
 absl::Status CudaError(absl::string_view what, cudaError_t e) {
   cudaGetLastError();  // leave no error behind for this thread's next CUDA call
   return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorName(e), ": ", cudaGetErrorString(e)));
 }
 
-// Sets `device` current for a scope and restores the caller's.
-class OnDevice {
- public:
-  explicit OnDevice(int device) {
-    cudaGetDevice(&previous_);
-    cudaSetDevice(device);
-  }
-  ~OnDevice() { cudaSetDevice(previous_); }
+}  // namespace cuda_client
 
- private:
-  int previous_ = 0;
-};
-
-}  // namespace
+using cuda_client::CudaError;
+using cuda_client::OnDevice;
 
 absl::StatusOr<std::unique_ptr<CudaIpcRegion>> CudaIpcRegion::Create(Client* client, int device, int64_t byte_size,
                                                                      std::string name) {

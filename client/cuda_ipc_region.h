@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "blockd/v1/block_service.pb.h"
 #include "client/client.h"
 
@@ -73,4 +74,25 @@ class CudaIpcRegion {
   bool registered_ = false;
 };
 
+namespace cuda_client {
+
+// INTERNAL naming the CUDA call that failed; clears the error for this thread's next CUDA call.
+absl::Status CudaError(absl::string_view what, cudaError_t e);
+
+// Sets `device` current for a scope and restores the caller's.
+class OnDevice {
+ public:
+  explicit OnDevice(int device) {
+    cudaGetDevice(&previous_);
+    cudaSetDevice(device);
+  }
+  ~OnDevice() { cudaSetDevice(previous_); }
+  OnDevice(const OnDevice&) = delete;
+  OnDevice& operator=(const OnDevice&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+}  // namespace cuda_client
 }  // namespace blockd

@@ -9,6 +9,10 @@
 //   naming a slice past the region's end (INVALID_ARGUMENT from the daemon, no block changed), a
 //   reply naming another region (DATA_LOSS from Get); a region of the same name twice is refused.
 // - Destroying the region unregisters it.
+// - CudaActivations (client/cuda_activations.h) chooses by itself: by CUDA IPC from a kAuto client
+//   of a daemon that allows it, through host memory from a kGrpc client or a daemon without
+//   --allow_shared_memory (kSharedMemory then fails saying why), bitwise the inline path each way;
+//   bad tensors are refused before anything is sent.
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -20,6 +24,7 @@
 #include "gtest/gtest.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "client/cuda_activations.h"
 #include "client/cuda_ipc_region.h"
 #include "tests/integration/harness.h"
 #include "tests/reliability/daemon_process.h"
@@ -112,12 +117,37 @@ class CudaIpcClientTest : public ::testing::Test {
     return std::make_pair(out.Host(), dx.Host());
   }
 
+  // The same through `calls`, from device memory to device memory.
+  static absl::StatusOr<std::pair<std::string, std::string>> ThroughCalls(CudaActivations& calls,
+                                                                         cudaStream_t stream, const v1::Tensor& x,
+                                                                         const v1::Tensor& dy) {
+    const int64_t n = static_cast<int64_t>(x.data().size());
+    DeviceBytes xd(x.data()), dyd(dy.data()), out(n), dx(n);
+    v1::ForwardRequest fwd;
+    for (const std::string& id : Span()) fwd.add_block_ids(id);
+    fwd.set_keep_activations(true);
+    fwd.mutable_input()->set_dtype(x.dtype());
+    *fwd.mutable_input()->mutable_shape() = x.shape();
+    ASSIGN_OR_RETURN(v1::ForwardResponse y, calls.Forward(fwd, xd.ptr, out.ptr, stream));
+    if (!y.output().data().empty() || y.output().has_shared_memory()) {
+      return absl::InternalError("the response's output names more than dtype and shape");
+    }
+    v1::BackwardRequest bwd;
+    bwd.set_activation_id(y.activation_id());
+    bwd.mutable_grad_output()->set_dtype(dy.dtype());
+    *bwd.mutable_grad_output()->mutable_shape() = dy.shape();
+    ASSIGN_OR_RETURN(v1::BackwardResponse g, calls.Backward(bwd, dyd.ptr, dx.ptr, stream));
+    if (cudaStreamSynchronize(stream) != cudaSuccess) return absl::InternalError("cudaStreamSynchronize");
+    return std::make_pair(out.Host(), dx.Host());
+  }
+
   // The same through the messages.
-  static std::pair<std::string, std::string> Inline(const v1::Tensor& x, const v1::Tensor& dy) {
-    auto y = client_->Forward(Span(), x, true);
+  static std::pair<std::string, std::string> Inline(const v1::Tensor& x, const v1::Tensor& dy, Client* via = nullptr) {
+    Client* c = via != nullptr ? via : client_;
+    auto y = c->Forward(Span(), x, true);
     EXPECT_TRUE(y.ok()) << y.status();
     if (!y.ok()) return {};
-    auto g = client_->Backward(y->activation_id(), dy);
+    auto g = c->Backward(y->activation_id(), dy);
     EXPECT_TRUE(g.ok()) << g.status();
     if (!g.ok()) return {};
     return {y->output().data(), g->grad_input().data()};
@@ -217,6 +247,121 @@ TEST_F(CudaIpcClientTest, HostileUseIsRefusedAndTheRegionStillWorks) {
   auto listed = client_->ListSharedMemory();
   ASSERT_TRUE(listed.ok()) << listed.status();
   for (const v1::SharedMemoryRegion& reg : *listed) EXPECT_NE(reg.name(), "hostile-ipc");
+}
+
+// Regions of this daemon whose names start with "cuda-" (CudaActivations' own).
+int CudaRegionsOf(Client& c) {
+  auto listed = c.ListSharedMemory();
+  EXPECT_TRUE(listed.ok()) << listed.status();
+  int n = 0;
+  if (listed.ok()) {
+    for (const v1::SharedMemoryRegion& reg : *listed) n += reg.name().rfind("cuda-", 0) == 0;
+  }
+  return n;
+}
+
+TEST_F(CudaIpcClientTest, CudaActivationsGoByCudaIpcByThemselvesAndMatchTheInlinePath) {
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  for (Transport transport : {Transport::kAuto, Transport::kGrpc}) {
+    SCOPED_TRACE(transport == Transport::kAuto ? "kAuto" : "kGrpc");
+    auto c = Client::Connect({.target = daemon_->target(), .timeout = absl::Seconds(120), .transport = transport});
+    ASSERT_TRUE(c.ok()) << c.status();
+    const int before = CudaRegionsOf(**c);
+    {
+      CudaActivations calls(c->get());
+      EXPECT_EQ(calls.UsesCudaIpc(0), std::nullopt);
+      for (v1::DType dtype : {v1::DTYPE_FLOAT32, v1::DTYPE_BFLOAT16}) {
+        SCOPED_TRACE(v1::DType_Name(dtype));
+        const v1::Tensor x = RandomTensor({2, 16, 64}, 51, dtype), dy = RandomTensor({2, 16, 64}, 52, dtype);
+        auto got = ThroughCalls(calls, stream, x, dy);
+        ASSERT_TRUE(got.ok()) << got.status();
+        const auto msg = Inline(x, dy);
+        EXPECT_TRUE(got->first == msg.first) << "Forward output differs from the inline path";
+        EXPECT_TRUE(got->second == msg.second) << "grad_input differs from the inline path";
+      }
+      if (transport == Transport::kAuto) {
+        EXPECT_EQ(calls.UsesCudaIpc(0), std::optional<bool>(true));
+        EXPECT_EQ(CudaRegionsOf(**c), before + 1) << "one region, reused by every call";
+      } else {
+        EXPECT_EQ(calls.UsesCudaIpc(0), std::nullopt);
+        EXPECT_EQ(CudaRegionsOf(**c), before);
+      }
+    }
+    EXPECT_EQ(CudaRegionsOf(**c), before) << "destroying CudaActivations unregisters its regions";
+  }
+  cudaStreamDestroy(stream);
+}
+
+TEST_F(CudaIpcClientTest, CudaActivationsRefuseBadTensorsBeforeSendingAnything) {
+  auto c = Client::Connect({.target = daemon_->target(), .timeout = absl::Seconds(120), .transport = Transport::kAuto});
+  ASSERT_TRUE(c.ok()) << c.status();
+  CudaActivations calls(c->get());
+  const v1::Tensor x = RandomTensor({2, 16, 64}, 61);
+  DeviceBytes xd(x.data()), out(static_cast<int64_t>(x.data().size()));
+  std::string host(x.data().size(), '\0');
+  v1::ForwardRequest fwd;
+  for (const std::string& id : Span()) fwd.add_block_ids(id);
+  fwd.mutable_input()->set_dtype(x.dtype());
+  *fwd.mutable_input()->mutable_shape() = x.shape();
+  const BlockState before = StateOf(*client_, "ipc0");
+  EXPECT_EQ(calls.Forward(fwd, host.data(), out.ptr, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(calls.Forward(fwd, xd.ptr, host.data(), nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  v1::ForwardRequest with_bytes = fwd;
+  with_bytes.mutable_input()->set_data(x.data());
+  EXPECT_EQ(calls.Forward(with_bytes, xd.ptr, out.ptr, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  v1::ForwardRequest no_dtype = fwd;
+  no_dtype.mutable_input()->clear_dtype();
+  EXPECT_EQ(calls.Forward(no_dtype, xd.ptr, out.ptr, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  v1::ForwardRequest bad_shape = fwd;
+  bad_shape.mutable_input()->set_shape(0, -2);
+  EXPECT_EQ(calls.Forward(bad_shape, xd.ptr, out.ptr, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(calls.UsesCudaIpc(0), std::nullopt) << "nothing was sent, so nothing was registered";
+  EXPECT_EQ(DiffStates(before, StateOf(*client_, "ipc0")), "");
+  // The same object still works.
+  auto y = calls.Forward(fwd, xd.ptr, out.ptr, nullptr);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_EQ(out.Host(), Inline(x, RandomTensor({2, 16, 64}, 62)).first);
+}
+
+TEST_F(CudaIpcClientTest, CudaActivationsOfADaemonWithoutSharedMemoryGoThroughHostMemoryOrAreRefused) {
+  auto d = DaemonProcess::Start(BlockdPath(), {"--backend=cuda"}, MakeTempDir("cuda_ipc_fallback") + "/blockd.log");
+  ASSERT_TRUE(d.ok()) << d.status();
+  auto plain = Client::Connect({.target = (*d)->target(), .timeout = absl::Seconds(120)});
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  v1::BlockConfig cfg = TinyConfig(/*qk_norm=*/true, /*hidden=*/64);
+  for (int i = 0; i < 2; ++i) {
+    v1::CreateBlockRequest req = CreateRequest(absl::StrCat("ipc", i), cfg, 7 + i);
+    req.set_layer_index(i);
+    ASSERT_TRUE((*plain)->CreateBlock(req).ok());
+  }
+  const v1::Tensor x = RandomTensor({2, 16, 64}, 71, v1::DTYPE_BFLOAT16);
+  const v1::Tensor dy = RandomTensor({2, 16, 64}, 72, v1::DTYPE_BFLOAT16);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  auto c = Client::Connect({.target = (*d)->target(), .timeout = absl::Seconds(120), .transport = Transport::kAuto});
+  ASSERT_TRUE(c.ok()) << c.status();
+  {
+    CudaActivations calls(c->get());
+    for (int i = 0; i < 2; ++i) {  // the second call falls back at once
+      auto got = ThroughCalls(calls, stream, x, dy);
+      ASSERT_TRUE(got.ok()) << got.status();
+      const auto msg = Inline(x, dy, plain->get());
+      EXPECT_TRUE(got->first == msg.first) << "Forward output differs from the inline path";
+      EXPECT_TRUE(got->second == msg.second) << "grad_input differs from the inline path";
+      EXPECT_EQ(calls.UsesCudaIpc(0), std::optional<bool>(false));
+    }
+  }
+  auto strict = Client::Connect(
+      {.target = (*d)->target(), .timeout = absl::Seconds(120), .transport = Transport::kSharedMemory});
+  ASSERT_TRUE(strict.ok()) << strict.status();
+  CudaActivations insisting(strict->get());
+  auto refused = ThroughCalls(insisting, stream, x, dy);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  auto listed = (*plain)->ListSharedMemory();
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_TRUE(listed->empty());
+  cudaStreamDestroy(stream);
 }
 
 }  // namespace

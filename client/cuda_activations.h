@@ -1,0 +1,68 @@
+// Forward and Backward of tensors in this process's device memory, with the transport chosen by
+// itself (the C++ side of the Python client's transport="auto" for CUDA tensors), as the
+// client's ClientOptions::transport says:
+// - kAuto: by CUDA IPC, through a CudaIpcRegion of the tensor's device (one per call in flight, at
+//   most 8, reused), when the daemon opens one: same host and GPU, CUDA backend,
+//   --allow_shared_memory. Otherwise, for good, through host memory: the tensor is copied to the
+//   host and sent as Client::Forward sends an inline tensor (through shared memory when the daemon
+//   on this host allows it, else inside the message), and the reply copied back.
+// - kSharedMemory: by CUDA IPC, or the call fails saying why not.
+// - kGrpc: through host memory and the messages.
+// The tensor's dtype and shape are the request's tensor's (`input` of a Forward, `grad_output` of
+// a Backward; their bytes are ignored). The reply has the same dtype and shape (a span maps hidden
+// states to hidden states) and lands in `out`, on the tensor's device. Everything runs in
+// `stream`'s order: the tensor is read after the work queued there before the call, and the
+// reply is in `out` for the work queued there after it.
+//
+//   CudaActivations calls(client.get());
+//   v1::ForwardRequest req;  ...  req.mutable_input()->set_dtype(v1::DTYPE_BFLOAT16);  (shape too)
+//   ASSIGN_OR_RETURN(v1::ForwardResponse y, calls.Forward(req, x_dev, y_dev, stream));
+//
+// Built only with the CUDA backend (blockd_client_cuda).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "blockd/v1/block_service.pb.h"
+#include "client/client.h"
+#include "client/cuda_ipc_region.h"
+#include "client/region_pool.h"
+
+namespace blockd {
+
+class CudaActivations {
+ public:
+  explicit CudaActivations(Client* client) : client_(client) {}  // `client` outlives this
+  ~CudaActivations();  // unregisters the regions
+  CudaActivations(const CudaActivations&) = delete;
+  CudaActivations& operator=(const CudaActivations&) = delete;
+
+  // `x`, `out`: device memory of one device, each holding the tensor's bytes (they may be the same).
+  absl::StatusOr<v1::ForwardResponse> Forward(v1::ForwardRequest request, const void* x, void* out,
+                                              cudaStream_t stream, const CallOptions& call = {});
+  absl::StatusOr<v1::BackwardResponse> Backward(v1::BackwardRequest request, const void* grad_output,
+                                                void* grad_input, cudaStream_t stream, const CallOptions& call = {});
+
+  // Whether calls with tensors on `device` go by CUDA IPC: true once a region of it registered,
+  // false once the daemon refused one (calls go through host memory), unset before either.
+  std::optional<bool> UsesCudaIpc(int device) const;
+
+ private:
+  using Pool = RegionPool<CudaIpcRegion>;
+  template <class Req, class Resp>
+  absl::StatusOr<Resp> Call(Req request, const void* x, void* out, cudaStream_t stream, const CallOptions& call);
+  Pool& PoolOf(int device);
+
+  Client* client_;
+  mutable absl::Mutex mu_;
+  std::map<int, std::unique_ptr<Pool>> pools_ ABSL_GUARDED_BY(mu_);  // by device
+  std::map<int, bool> registered_ ABSL_GUARDED_BY(mu_);              // devices with a region made
+};
+
+}  // namespace blockd
