@@ -290,8 +290,9 @@ if [[ " $stages " == *" transport "* ]]; then
     if [ "$name" = shm ]; then
       # The C++ client with its host tensors made in its shared-memory regions; through CUDA IPC,
       # copying its tensors into its regions and the replies out, then with its tensors made in the
-      # regions (only the event recorded per call).
-      for ipc in shm_in_place cuda_ipc cuda_ipc_in_place; do
+      # regions (only the event recorded per call); then through CudaActivations, which picks CUDA IPC
+      # by itself.
+      for ipc in shm_in_place cuda_ipc cuda_ipc_in_place cuda_auto; do
         echo "== $ipc (C++) $target" >>"$log"
         timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=1,3 \
           --iters=${TRANSPORT_ITERS:-6} --transport=$ipc --trace >>"$log" 2>&1
@@ -314,8 +315,12 @@ if [[ " $stages " == *" transport "* ]]; then
     grep -E "(Forward|Backward|Step) of 8" "$OUT/blockd.transport.$name.log" | tail -8 >>"$log"
   done
   [ -f "$OUT/transport.rows" ] && while IFS= read -r line; do ttable+=("$line"); done <"$OUT/transport.rows"
+  # What the loopback carries without gRPC (34 MB each way per round, as a micro-batch's Forward):
+  # the floor under the inline rows.
+  (cd "$root" && timeout 120 python3 bench/probe/socket_probe.py) >>"$log" 2>&1
   cat "$log"
   echo; echo "== transport table =="; printf '%s\n' "${ttable[@]}"
+  grep "^socket probe" "$log"
   row "bench.transport" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see transport.log"
 fi
 
