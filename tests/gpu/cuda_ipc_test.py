@@ -96,8 +96,40 @@ class CudaIpcTest(unittest.TestCase):
             dx = self.grpc.backward(h, dys[i])
             self.assertTrue(torch.equal(got[i][0], y), f"call {i}: Forward output differs from the inline path")
             self.assertTrue(torch.equal(got[i][1], dx), f"call {i}: grad_input differs from the inline path")
-        regions = [r for r in self.ipc.list_shared_memory() if r.cuda_ipc]
-        self.assertTrue(1 <= len(regions) <= 4, regions)
+        regions = self.ipc.list_shared_memory()
+        copying = [r for r in regions if r.cuda_ipc and r.name.startswith("cuda-")]
+        segments = [r for r in regions if r.cuda_ipc and r.name.startswith("seg-")]
+        self.assertTrue(len(copying) <= 4, regions)
+        self.assertTrue(1 <= len(segments) <= 4, regions)  # bf16 contiguous tensors: read in place
+
+    def test_tensors_in_the_wire_dtype_are_read_and_written_where_they_are(self):
+        """A contiguous CUDA tensor in the wire dtype goes by its caching-allocator segment (no copy
+        into a region): bitwise the inline path, through new segments after the cache is emptied,
+        with at most 4 segments registered; a transposed tensor is copied through a region."""
+        gen = torch.Generator(device="cuda").manual_seed(17)
+        client = blockd.Client(self.daemon.target, timeout=120, transport="auto")
+        try:
+            for i in range(10):
+                seq = (16, 32, 8, 24, 16)[i % 5]
+                x = torch.randn(2, seq, 256, device="cuda", generator=gen).to(torch.bfloat16)
+                dy = torch.randn(2, seq, 256, device="cuda", generator=gen).to(torch.bfloat16)
+                y, h = client.forward(self.span_a, x, keep_activations=True)
+                dx = client.backward(h, dy)
+                y_msg, h_msg = self.grpc.forward(self.span_a, x, keep_activations=True)
+                dx_msg = self.grpc.backward(h_msg, dy)
+                self.assertTrue(torch.equal(y, y_msg), f"call {i}: Forward output differs from the inline path")
+                self.assertTrue(torch.equal(dx, dx_msg), f"call {i}: grad_input differs from the inline path")
+                segments = [r for r in client.list_shared_memory() if r.name.startswith("seg-")]
+                self.assertTrue(1 <= len(segments) <= 4, segments)
+                del x, dy, y, dx, y_msg, dx_msg
+                if i % 3 == 2:
+                    torch.cuda.empty_cache()  # segments freed: their next tensors are in new ones
+            xt = torch.randn(256, 16, 2, device="cuda", generator=gen).to(torch.bfloat16).transpose(0, 2)
+            yt, _ = client.forward(self.span_a, xt)
+            y_msg, _ = self.grpc.forward(self.span_a, xt)
+            self.assertTrue(torch.equal(yt, y_msg), "a transposed tensor's Forward differs from the inline path")
+        finally:
+            client.close()
 
     def metric(self, transport):
         with urllib.request.urlopen(self.daemon.metrics_url, timeout=30) as r:

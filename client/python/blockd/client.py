@@ -288,6 +288,10 @@ class Client:
         pool = self._cuda_pool_for(x, transport)
         if pool is None:
             return None
+        if x.dtype == as_torch and x.is_contiguous():
+            done = self._cuda_in_place(method, request, field, out_field, x, wire, timeout)
+            if done is not None:
+                return done
         with pool.lease(nbytes) as lease:
             region = lease.region
             region.put(x.detach().to(as_torch).contiguous())
@@ -299,6 +303,36 @@ class Client:
             if not out.HasField("shared_memory"):
                 raise ValueError(f"{method} answered inline bytes to a CUDA IPC request")
             return resp, region.take(as_torch, out.shape, like=x)
+
+    def _cuda_in_place(self, method, request, field, out_field, x, wire, timeout):
+        """_cuda_ipc_call for a contiguous x already in the wire dtype: the daemon reads x where it
+        is and writes the reply into a new tensor where that is, both named in their caching
+        allocator segments (CudaSegments). None when a segment cannot be named (the caller copies
+        through a region instead)."""
+        torch = T._torch()
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        got = self._cuda.segments.refs([x, out])
+        if got is None:
+            return None
+        (x_ref, out_ref), taken = got
+        try:
+            # The segments carry no event: x is written, and out's memory is done with by its earlier
+            # users, once the stream's work so far has run.
+            torch.cuda.current_stream(x.device).synchronize()
+            getattr(request, field).CopyFrom(pb.Tensor(dtype=wire, shape=tuple(x.shape), shared_memory=x_ref))
+            request.output_shared_memory.CopyFrom(out_ref)
+            resp = self._unary(method, request, timeout)
+        except NotFoundError as e:
+            names = {x_ref.region, out_ref.region}
+            if not any(n in e.details for n in names):
+                raise
+            self._cuda.segments.forget(names)  # expired by the daemon's TTL; nothing ran: copy instead
+            return None
+        finally:
+            self._cuda.segments.release(taken)
+        if not getattr(resp, out_field).HasField("shared_memory"):
+            raise ValueError(f"{method} answered inline bytes to a CUDA IPC request")
+        return resp, out
 
     def register_cuda_tensor(self, name, tensor, event=None, timeout=None):
         """Registers a contiguous CUDA tensor's memory as region `name` (CUDA IPC; the daemon must
