@@ -1,5 +1,7 @@
 #include "client/cuda_activations.h"
 
+#include <cuda.h>  // the driver's types, for cuMemGetAddressRange through the runtime's entry point
+
 #include <string>
 #include <utility>
 #include <vector>
@@ -8,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 #include "client/activation_tensors.h"
+#include "client/shared_memory_region.h"
 #include "client/tensor_bytes.h"
 
 namespace blockd {
@@ -41,9 +44,135 @@ absl::StatusOr<int> DeviceOf(const void* p, const char* what) {
   return a.device;
 }
 
+// The allocation holding device memory `p` of the current device: its base and size (the
+// driver's cuMemGetAddressRange, which the runtime does not offer) and its IPC handle; nullopt for
+// memory CUDA IPC cannot name (a stream-ordered pool's).
+struct AllocationInfo {
+  uintptr_t base = 0;
+  int64_t size = 0;
+  std::string handle;
+};
+std::optional<AllocationInfo> AllocationHolding(const void* p) {
+  using GetRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+  static const GetRange get_range = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return GetRange{nullptr};
+    }
+    return reinterpret_cast<GetRange>(fn);
+  }();
+  if (get_range == nullptr) return std::nullopt;
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  if (get_range(&base, &size, reinterpret_cast<CUdeviceptr>(p)) != CUDA_SUCCESS) return std::nullopt;
+  cudaIpcMemHandle_t h;
+  if (cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(base)) != cudaSuccess) {
+    cudaGetLastError();
+    return std::nullopt;
+  }
+  return AllocationInfo{static_cast<uintptr_t>(base), static_cast<int64_t>(size),
+                        std::string(reinterpret_cast<const char*>(&h), sizeof(h))};
+}
+
 }  // namespace
 
-CudaActivations::~CudaActivations() = default;
+CudaActivations::~CudaActivations() {
+  absl::MutexLock lock(&mu_);
+  for (const auto& [key, a] : allocations_) client_->UnregisterSharedMemory(a.name).IgnoreError();
+}
+
+std::optional<CudaActivations::InPlaceRefs> CudaActivations::InPlace(int device, const void* x, const void* out,
+                                                                     int64_t n) {
+  OnDevice on(device);
+  const std::optional<AllocationInfo> held[2] = {AllocationHolding(x), AllocationHolding(out)};
+  const uintptr_t at[2] = {reinterpret_cast<uintptr_t>(x), reinterpret_cast<uintptr_t>(out)};
+  for (int i = 0; i < 2; ++i) {
+    if (!held[i] || at[i] + static_cast<uintptr_t>(n) > held[i]->base + static_cast<uintptr_t>(held[i]->size)) {
+      return std::nullopt;
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  InPlaceRefs r;
+  for (int i = 0; i < 2; ++i) {
+    Allocation* a = AllocationOf(device, held[i]->base, held[i]->size, held[i]->handle);
+    if (a == nullptr) {
+      for (Allocation* t : r.taken) --t->users;
+      return std::nullopt;
+    }
+    ++a->users;
+    r.taken.push_back(a);
+    r.refs[i] = RegionRef(a->name, static_cast<int64_t>(at[i] - held[i]->base), n);
+  }
+  registered_[device] = true;
+  return r;
+}
+
+void CudaActivations::ReleaseInPlace(const InPlaceRefs& in_place) {
+  const absl::Time now = absl::Now();
+  absl::MutexLock lock(&mu_);
+  for (Allocation* a : in_place.taken) {
+    --a->users;
+    a->last_used = now;
+  }
+}
+
+void CudaActivations::Forget(const InPlaceRefs& in_place) {
+  absl::MutexLock lock(&mu_);
+  for (Allocation* a : in_place.taken) {
+    --a->users;
+    a->handle.clear();  // registered again by the next call that names the allocation
+  }
+}
+
+CudaActivations::Allocation* CudaActivations::AllocationOf(int device, uintptr_t base, int64_t size,
+                                                           const std::string& handle) {
+  const std::pair<int, uintptr_t> key(device, base);
+  auto it = allocations_.find(key);
+  if (it != allocations_.end() && it->second.handle == handle && it->second.size == size) return &it->second;
+  if (allocations_off_) return nullptr;
+  if (it != allocations_.end()) {  // freed and allocated again: the registration names dead memory
+    if (it->second.users > 0) return nullptr;
+    client_->UnregisterSharedMemory(it->second.name).IgnoreError();
+    allocations_.erase(it);
+  }
+  while (static_cast<int>(allocations_.size()) >= kMaxAllocations) {
+    // Full: only a registration idle for a second makes room, the least recently used first, so
+    // a working set larger than kMaxAllocations copies the rest instead of registering every call.
+    auto victim = allocations_.end();
+    for (auto i = allocations_.begin(); i != allocations_.end(); ++i) {
+      if (i->second.users == 0 && i->second.last_used < absl::Now() - absl::Seconds(1) &&
+          (victim == allocations_.end() || i->second.last_used < victim->second.last_used)) {
+        victim = i;
+      }
+    }
+    if (victim == allocations_.end()) return nullptr;
+    client_->UnregisterSharedMemory(victim->second.name).IgnoreError();
+    allocations_.erase(victim);
+  }
+  v1::RegisterSharedMemoryRequest req;
+  req.set_name(absl::StrCat("alloc-", RandomHex().substr(0, 16)));
+  req.set_byte_size(size);
+  req.set_device(device);
+  req.set_cuda_ipc_handle(handle);
+  if (absl::Status s = client_->RegisterSharedMemory(req).status(); !s.ok()) {
+    // Over the identity's region limit, or not answering now: copy this time. Any other answer stands.
+    const absl::StatusCode code = s.code();
+    if (code != absl::StatusCode::kResourceExhausted && code != absl::StatusCode::kUnavailable &&
+        code != absl::StatusCode::kDeadlineExceeded) {
+      allocations_off_ = true;
+    }
+    return nullptr;
+  }
+  Allocation& a = allocations_[key];
+  a.name = req.name();
+  a.size = size;
+  a.handle = handle;
+  a.last_used = absl::Now();
+  return &a;
+}
 
 absl::StatusOr<v1::ForwardResponse> CudaActivations::Forward(v1::ForwardRequest request, const void* x, void* out,
                                                              cudaStream_t stream, const CallOptions& call) {
@@ -94,6 +223,32 @@ absl::StatusOr<Resp> CudaActivations::Call(Req request, const void* x, void* out
   }
   const Transport mode = client_->options().transport;
   if (mode != Transport::kGrpc) {
+    if (std::optional<InPlaceRefs> in_place = InPlace(device, x, out, n)) {
+      // The allocations carry no event: x is written, and out's memory done with by its earlier
+      // users, once the stream's work so far has run. The daemon synchronises before it answers.
+      if (cudaError_t e = cudaStreamSynchronize(stream); e != cudaSuccess) {
+        ReleaseInPlace(*in_place);
+        return CudaError("cudaStreamSynchronize", e);
+      }
+      *t = SliceTensor(t->dtype(), shape, in_place->refs[0]);
+      *request.mutable_output_shared_memory() = in_place->refs[1];
+      absl::StatusOr<Resp> resp = Send(client_, static_cast<const Req&>(request), call);
+      if (!resp.ok() && (RegionExpired(resp.status(), in_place->refs[0].region()) ||
+                         RegionExpired(resp.status(), in_place->refs[1].region()))) {
+        Forget(*in_place);  // nothing ran: copy through a region below
+      } else {
+        ReleaseInPlace(*in_place);
+        if (!resp.ok()) return resp;
+        v1::Tensor* o = MutableTensorOf(&*resp);
+        const v1::SharedMemoryRef& want = in_place->refs[1];
+        if (!o->has_shared_memory() || o->shared_memory().region() != want.region() ||
+            o->shared_memory().offset() != want.offset() || o->shared_memory().byte_size() != n) {
+          return absl::DataLossError("the reply names no slice, or another one than the request's output slice");
+        }
+        o->clear_shared_memory();
+        return resp;
+      }
+    }
     Pool& pool = PoolOf(device);
     for (int attempt = 0;; ++attempt) {
       ASSIGN_OR_RETURN(std::unique_ptr<CudaIpcRegion> region,
@@ -131,6 +286,8 @@ absl::StatusOr<Resp> CudaActivations::Call(Req request, const void* x, void* out
     }
   }
   // Through host memory: the client sends the bytes as it sends any inline tensor.
+  t->clear_shared_memory();  // named by an attempt above whose region had expired
+  request.clear_output_shared_memory();
   OnDevice on(device);
   std::string bytes(static_cast<size_t>(n), '\0');
   if (cudaError_t e = cudaMemcpyAsync(bytes.data(), x, bytes.size(), cudaMemcpyDeviceToHost, stream); e != cudaSuccess) {

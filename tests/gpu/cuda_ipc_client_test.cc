@@ -37,14 +37,31 @@ std::string BlockdPath() {
   return env != nullptr && env[0] != '\0' ? env : BLOCKD_PATH;
 }
 
-// Device memory holding a copy of `bytes`, freed with the object.
+// Device memory holding a copy of `bytes`, freed with the object; from cudaMalloc, or with
+// `pool` from the device's stream-ordered pool (cudaMallocAsync), which CUDA IPC cannot name.
 struct DeviceBytes {
-  explicit DeviceBytes(const std::string& bytes) : size(static_cast<int64_t>(bytes.size())) {
-    EXPECT_EQ(cudaMalloc(&ptr, bytes.size()), cudaSuccess);
+  explicit DeviceBytes(const std::string& bytes, bool pool = false)
+      : size(static_cast<int64_t>(bytes.size())), pool(pool) {
+    Allocate();
     EXPECT_EQ(cudaMemcpy(ptr, bytes.data(), bytes.size(), cudaMemcpyHostToDevice), cudaSuccess);
   }
-  explicit DeviceBytes(int64_t n) : size(n) { EXPECT_EQ(cudaMalloc(&ptr, static_cast<size_t>(n)), cudaSuccess); }
-  ~DeviceBytes() { cudaFree(ptr); }
+  explicit DeviceBytes(int64_t n, bool pool = false) : size(n), pool(pool) { Allocate(); }
+  ~DeviceBytes() {
+    if (!pool) {
+      cudaFree(ptr);
+    } else {
+      cudaFreeAsync(ptr, nullptr);
+      cudaStreamSynchronize(nullptr);
+    }
+  }
+  void Allocate() {
+    if (!pool) {
+      EXPECT_EQ(cudaMalloc(&ptr, static_cast<size_t>(size)), cudaSuccess);
+    } else {
+      EXPECT_EQ(cudaMallocAsync(&ptr, static_cast<size_t>(size), nullptr), cudaSuccess);
+      EXPECT_EQ(cudaStreamSynchronize(nullptr), cudaSuccess);
+    }
+  }
   DeviceBytes(const DeviceBytes&) = delete;
   DeviceBytes& operator=(const DeviceBytes&) = delete;
   std::string Host() const {
@@ -54,6 +71,7 @@ struct DeviceBytes {
   }
   void* ptr = nullptr;
   int64_t size = 0;
+  bool pool = false;
 };
 
 class CudaIpcClientTest : public ::testing::Test {
@@ -120,9 +138,9 @@ class CudaIpcClientTest : public ::testing::Test {
   // The same through `calls`, from device memory to device memory.
   static absl::StatusOr<std::pair<std::string, std::string>> ThroughCalls(CudaActivations& calls,
                                                                          cudaStream_t stream, const v1::Tensor& x,
-                                                                         const v1::Tensor& dy) {
+                                                                         const v1::Tensor& dy, bool pool = false) {
     const int64_t n = static_cast<int64_t>(x.data().size());
-    DeviceBytes xd(x.data()), dyd(dy.data()), out(n), dx(n);
+    DeviceBytes xd(x.data(), pool), dyd(dy.data(), pool), out(n, pool), dx(n, pool);
     v1::ForwardRequest fwd;
     for (const std::string& id : Span()) fwd.add_block_ids(id);
     fwd.set_keep_activations(true);
@@ -249,13 +267,14 @@ TEST_F(CudaIpcClientTest, HostileUseIsRefusedAndTheRegionStillWorks) {
   for (const v1::SharedMemoryRegion& reg : *listed) EXPECT_NE(reg.name(), "hostile-ipc");
 }
 
-// Regions of this daemon whose names start with "cuda-" (CudaActivations' own).
-int CudaRegionsOf(Client& c) {
+// This identity's regions whose names start with `prefix`: CudaActivations' copying regions
+// ("cuda-") and its registrations of the caller's allocations ("alloc-").
+int RegionsOf(Client& c, const std::string& prefix) {
   auto listed = c.ListSharedMemory();
   EXPECT_TRUE(listed.ok()) << listed.status();
   int n = 0;
   if (listed.ok()) {
-    for (const v1::SharedMemoryRegion& reg : *listed) n += reg.name().rfind("cuda-", 0) == 0;
+    for (const v1::SharedMemoryRegion& reg : *listed) n += reg.name().rfind(prefix, 0) == 0;
   }
   return n;
 }
@@ -263,32 +282,54 @@ int CudaRegionsOf(Client& c) {
 TEST_F(CudaIpcClientTest, CudaActivationsGoByCudaIpcByThemselvesAndMatchTheInlinePath) {
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
-  for (Transport transport : {Transport::kAuto, Transport::kGrpc}) {
-    SCOPED_TRACE(transport == Transport::kAuto ? "kAuto" : "kGrpc");
-    auto c = Client::Connect({.target = daemon_->target(), .timeout = absl::Seconds(120), .transport = transport});
+  // kAuto with cudaMalloc memory: read and written in place (the allocations registered, no
+  // copying region); kAuto with stream-ordered pool memory: copied through one region, reused;
+  // kGrpc: through host memory.
+  struct Case {
+    const char* name;
+    Transport transport;
+    bool pool;
+  };
+  for (const Case& k : {Case{"kAuto, cudaMalloc", Transport::kAuto, false},
+                        Case{"kAuto, cudaMallocAsync", Transport::kAuto, true},
+                        Case{"kGrpc", Transport::kGrpc, false}}) {
+    SCOPED_TRACE(k.name);
+    auto c = Client::Connect({.target = daemon_->target(), .timeout = absl::Seconds(120), .transport = k.transport});
     ASSERT_TRUE(c.ok()) << c.status();
-    const int before = CudaRegionsOf(**c);
+    const int copying = RegionsOf(**c, "cuda-"), in_place = RegionsOf(**c, "alloc-");
     {
       CudaActivations calls(c->get());
       EXPECT_EQ(calls.UsesCudaIpc(0), std::nullopt);
-      for (v1::DType dtype : {v1::DTYPE_FLOAT32, v1::DTYPE_BFLOAT16}) {
-        SCOPED_TRACE(v1::DType_Name(dtype));
-        const v1::Tensor x = RandomTensor({2, 16, 64}, 51, dtype), dy = RandomTensor({2, 16, 64}, 52, dtype);
-        auto got = ThroughCalls(calls, stream, x, dy);
-        ASSERT_TRUE(got.ok()) << got.status();
-        const auto msg = Inline(x, dy);
-        EXPECT_TRUE(got->first == msg.first) << "Forward output differs from the inline path";
-        EXPECT_TRUE(got->second == msg.second) << "grad_input differs from the inline path";
+      for (int round = 0; round < 3; ++round) {  // fresh allocations each round, maybe at the same addresses
+        for (v1::DType dtype : {v1::DTYPE_FLOAT32, v1::DTYPE_BFLOAT16}) {
+          SCOPED_TRACE(absl::StrCat(v1::DType_Name(dtype), ", round ", round));
+          const v1::Tensor x = RandomTensor({2, 16, 64}, 51 + round, dtype);
+          const v1::Tensor dy = RandomTensor({2, 16, 64}, 61 + round, dtype);
+          auto got = ThroughCalls(calls, stream, x, dy, k.pool);
+          ASSERT_TRUE(got.ok()) << got.status();
+          const auto msg = Inline(x, dy);
+          EXPECT_TRUE(got->first == msg.first) << "Forward output differs from the inline path";
+          EXPECT_TRUE(got->second == msg.second) << "grad_input differs from the inline path";
+        }
       }
-      if (transport == Transport::kAuto) {
+      if (k.transport == Transport::kAuto) {
         EXPECT_EQ(calls.UsesCudaIpc(0), std::optional<bool>(true));
-        EXPECT_EQ(CudaRegionsOf(**c), before + 1) << "one region, reused by every call";
+        if (!k.pool) {
+          EXPECT_EQ(RegionsOf(**c, "cuda-"), copying) << "no copying region for cudaMalloc memory";
+          const int registered = RegionsOf(**c, "alloc-") - in_place;
+          EXPECT_GE(registered, 1);
+          EXPECT_LE(registered, CudaActivations::kMaxAllocations);
+        } else {
+          EXPECT_EQ(RegionsOf(**c, "cuda-"), copying + 1) << "one copying region, reused by every call";
+        }
       } else {
         EXPECT_EQ(calls.UsesCudaIpc(0), std::nullopt);
-        EXPECT_EQ(CudaRegionsOf(**c), before);
+        EXPECT_EQ(RegionsOf(**c, "cuda-"), copying);
+        EXPECT_EQ(RegionsOf(**c, "alloc-"), in_place);
       }
     }
-    EXPECT_EQ(CudaRegionsOf(**c), before) << "destroying CudaActivations unregisters its regions";
+    EXPECT_EQ(RegionsOf(**c, "cuda-"), copying) << "destroying CudaActivations unregisters its regions";
+    EXPECT_EQ(RegionsOf(**c, "alloc-"), in_place) << "destroying CudaActivations unregisters its allocations";
   }
   cudaStreamDestroy(stream);
 }
