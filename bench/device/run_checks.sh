@@ -275,7 +275,8 @@ if [[ " $stages " == *" transport "* ]]; then
   ttable+=("$(trow 'in process (bench_engine, fwd+bwd)' 1 "$inproc")")
   ttable+=("$(trow 'in process, 3 queued + Step (--pipeline=3)' 3 "$inproc_step")")
   ttable+=("$(trow '  the same, transfers beside it' 3 "$inproc_moving")")
-  for run in tcp,127.0.0.1:50990,grpc,3 unix,unix:/tmp/blockd-transport.sock,grpc,3 shm,127.0.0.1:50991,shm,1; do
+  for run in tcp,127.0.0.1:50990,grpc,3 tcp1,127.0.0.1:50992,grpc,1 unix,unix:/tmp/blockd-transport.sock,grpc,3 \
+    shm,127.0.0.1:50991,shm,1; do
     IFS=, read -r name target transport conns <<<"$run"
     LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda --attention=native --listen=$target \
       --allow_shared_memory --metrics_listen= --log_level=debug >"$OUT/blockd.transport.$name.log" 2>&1 &
