@@ -3,11 +3,14 @@
 //
 //   bench_service --target=127.0.0.1:50051 [--blocks=8] [--shape=qwen] [--iters=10] [--depth=1,2]
 //                 [--connections=1] [--transport=grpc|shm|shm_in_place|cuda_ipc|cuda_ipc_in_place|cuda_auto]
-//                 [--trace]
+//                 [--micro_batches=N] [--trace]
 //
 // A step is Forward(keep_activations) -> Backward -> Step over the span; with --depth=N the client
 // keeps N micro-batches in flight at once (N threads, one Step after all N), so that one
-// micro-batch's transfers overlap another's compute; --connections=N spreads the calls over N HTTP/2
+// micro-batch's transfers overlap another's compute; --micro_batches=M (M >= N) makes a step M
+// micro-batches (gradient accumulation), the N threads taking the next one as each finishes, so
+// that one micro-batch's turnaround (its output back, its gradient over) overlaps the others'
+// compute instead of all N turning around at once; --connections=N spreads the calls over N HTTP/2
 // connections (ClientOptions::connections); --transport=shm sends activations through one
 // shared-memory region per micro-batch in flight (same host, blockd --allow_shared_memory; the
 // client's copy into the region is timed, as serialisation is on gRPC; shm_in_place: a client whose
@@ -20,6 +23,7 @@
 // CudaActivations (client/cuda_activations.h), which picks CUDA IPC by itself. Timing: warm-up steps first, then the median
 // step time over --iters, inputs rotated among 3 random sets built before timing.
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -90,6 +94,7 @@ int main(int argc, char** argv) {
   std::string transport = "grpc";
   double lr = 1e-4, max_grad_norm = 1.0;  // --lr=1e-3 --max_grad_norm=0: bench_engine's AdamW step
   std::vector<int> depths = {1, 2};
+  int micro_batches = 0;  // per step; 0: the depth
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--target=", 0) == 0) target = a.substr(9);
@@ -100,6 +105,7 @@ int main(int argc, char** argv) {
     if (a.rfind("--transport=", 0) == 0) transport = a.substr(12);
     if (a.rfind("--lr=", 0) == 0) lr = std::stod(a.substr(5));
     if (a.rfind("--max_grad_norm=", 0) == 0) max_grad_norm = std::stod(a.substr(16));
+    if (a.rfind("--micro_batches=", 0) == 0) micro_batches = std::stoi(a.substr(16));
     if (a.rfind("--depth=", 0) == 0) {
       depths.clear();
       for (absl::string_view d : absl::StrSplit(a.substr(8), ',')) depths.push_back(std::stoi(std::string(d)));
@@ -355,16 +361,18 @@ int main(int argc, char** argv) {
   std::printf("client malloc: %s; %d connection%s; transport %s\n",
               malloc_tuned ? "tuned for large buffers" : "glibc defaults", connections, connections == 1 ? "" : "s",
               transport.c_str());
-  std::printf("%-28s %6s %10s %10s %12s %10s\n", "span over gRPC (bf16 wire)", "depth", "step ms", "fwd+bwd ms",
-              "tokens/s", "MB/step");
+  std::printf("%-28s %6s %10s %10s %12s %10s %14s\n", "span over gRPC (bf16 wire)", "depth", "step ms", "fwd+bwd ms",
+              "tokens/s", "MB/step", "micro-batches");
   for (int depth : depths) {
+    const int per_step = std::max(depth, micro_batches);
     std::vector<double> steps, fb;
     for (int it = 0; it < iters + 2; ++it) {
       const double t0 = Now();
       std::vector<std::thread> workers;
+      std::atomic<int> next{0};
       for (int m = 0; m < depth; ++m) {
         workers.emplace_back([&, m] {
-          forward_backward((it * depth + m) % 3, m);
+          for (int k = next++; k < per_step; k = next++) forward_backward((it * per_step + k) % 3, m);
         });
       }
       for (std::thread& w : workers) w.join();
@@ -384,9 +392,9 @@ int main(int argc, char** argv) {
     std::sort(steps.begin(), steps.end());
     std::sort(fb.begin(), fb.end());
     const double st = steps[steps.size() / 2], f2 = fb[fb.size() / 2];
-    const double mb = 4.0 * depth * B * S * d * 2 / 1e6;  // input, output, grad_output, grad_input in bf16
-    std::printf("%-28s %6d %10.2f %10.2f %12.0f %10.0f\n", (std::to_string(blocks) + " blocks, " + shape).c_str(),
-                depth, st * 1e3, f2 * 1e3, depth * B * S / st, mb);
+    const double mb = 4.0 * per_step * B * S * d * 2 / 1e6;  // input, output, grad_output, grad_input in bf16
+    std::printf("%-28s %6d %10.2f %10.2f %12.0f %10.0f %14d\n", (std::to_string(blocks) + " blocks, " + shape).c_str(),
+                depth, st * 1e3, f2 * 1e3, per_step * B * S / st, mb, per_step);
     std::fflush(stdout);
   }
   regions.clear();  // unregistered before the blocks go

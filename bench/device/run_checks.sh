@@ -288,6 +288,15 @@ if [[ " $stages " == *" transport "* ]]; then
       --iters=${TRANSPORT_ITERS:-6} --connections=$conns --transport=$transport --trace >>"$log" 2>&1
     awk -v n="$name" '/^8 blocks/ {print n, $4, $7}' "$log" | tail -2 | while read -r n dp tok; do
       echo "$(trow "$n (bench_service)" "$dp" "$tok")"; done >>"$OUT/transport.rows"
+    if [ "$name" = tcp ]; then
+      # 12 micro-batches a step, 3 in flight: each micro-batch's turnaround (output back, gradient
+      # over) overlaps the others' compute instead of all three turning around at once.
+      echo "== tcp, 12 micro-batches a step" >>"$log"
+      timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=3 \
+        --micro_batches=12 --iters=${TRANSPORT_ITERS:-6} --connections=$conns >>"$log" 2>&1
+      awk '/^8 blocks/ && $9 == 12 {print $4, $7}' "$log" | tail -1 | while read -r dp tok; do
+        echo "$(trow "tcp, 12 micro-batches a step" "$dp" "$tok")"; done >>"$OUT/transport.rows"
+    fi
     if [ "$name" = shm ]; then
       # The C++ client with its host tensors made in its shared-memory regions; through CUDA IPC,
       # copying its tensors into its regions and the replies out, then with its tensors made in the
