@@ -138,12 +138,13 @@ CudaActivations::Allocation* CudaActivations::AllocationOf(int device, uintptr_t
     client_->UnregisterSharedMemory(it->second.name).IgnoreError();
     allocations_.erase(it);
   }
+  const absl::Time idle_since = absl::Now() - absl::Seconds(1);
   while (static_cast<int>(allocations_.size()) >= kMaxAllocations) {
     // Full: only a registration idle for a second makes room, the least recently used first, so
     // a working set larger than kMaxAllocations copies the rest instead of registering every call.
     auto victim = allocations_.end();
     for (auto i = allocations_.begin(); i != allocations_.end(); ++i) {
-      if (i->second.users == 0 && i->second.last_used < absl::Now() - absl::Seconds(1) &&
+      if (i->second.users == 0 && i->second.last_used < idle_since &&
           (victim == allocations_.end() || i->second.last_used < victim->second.last_used)) {
         victim = i;
       }
@@ -223,70 +224,99 @@ absl::StatusOr<Resp> CudaActivations::Call(Req request, const void* x, void* out
   }
   const Transport mode = client_->options().transport;
   if (mode != Transport::kGrpc) {
-    if (std::optional<InPlaceRefs> in_place = InPlace(device, x, out, n)) {
-      // The allocations carry no event: x is written, and out's memory done with by its earlier
-      // users, once the stream's work so far has run. The daemon synchronises before it answers.
-      if (cudaError_t e = cudaStreamSynchronize(stream); e != cudaSuccess) {
-        ReleaseInPlace(*in_place);
-        return CudaError("cudaStreamSynchronize", e);
-      }
-      *t = SliceTensor(t->dtype(), shape, in_place->refs[0]);
-      *request.mutable_output_shared_memory() = in_place->refs[1];
-      absl::StatusOr<Resp> resp = Send(client_, static_cast<const Req&>(request), call);
-      if (!resp.ok() && (RegionExpired(resp.status(), in_place->refs[0].region()) ||
-                         RegionExpired(resp.status(), in_place->refs[1].region()))) {
-        Forget(*in_place);  // nothing ran: copy through a region below
-      } else {
-        ReleaseInPlace(*in_place);
-        if (!resp.ok()) return resp;
-        v1::Tensor* o = MutableTensorOf(&*resp);
-        const v1::SharedMemoryRef& want = in_place->refs[1];
-        if (!o->has_shared_memory() || o->shared_memory().region() != want.region() ||
-            o->shared_memory().offset() != want.offset() || o->shared_memory().byte_size() != n) {
-          return absl::DataLossError("the reply names no slice, or another one than the request's output slice");
-        }
-        o->clear_shared_memory();
-        return resp;
-      }
+    if (std::optional<absl::StatusOr<Resp>> done = CallInPlace<Req, Resp>(request, device, x, out, n, stream, call)) {
+      return *std::move(done);
     }
-    Pool& pool = PoolOf(device);
-    for (int attempt = 0;; ++attempt) {
-      ASSIGN_OR_RETURN(std::unique_ptr<CudaIpcRegion> region,
-                       pool.Take(n, mode == Transport::kSharedMemory, [&](int64_t size) {
-                         return CudaIpcRegion::Create(client_, device, size);
-                       }));
-      if (region == nullptr) break;  // kAuto without CUDA IPC: through host memory
-      {
-        absl::MutexLock lock(&mu_);
-        registered_[device] = true;
-      }
-      absl::StatusOr<v1::Tensor> put = region->Put(0, t->dtype(), shape, x, n, stream);
-      if (!put.ok()) {
-        pool.Give(std::move(region));
-        return put.status();
-      }
-      *t = *std::move(put);
-      // In place: the daemon reads all of the tensor before it writes the reply.
-      *request.mutable_output_shared_memory() = region->Ref(0, n);
-      absl::StatusOr<Resp> resp = Send(client_, static_cast<const Req&>(request), call);
-      if (!resp.ok() && attempt == 0 && RegionExpired(resp.status(), region->name())) {
-        pool.Drop(std::move(region));  // send again through a new one
-        continue;
-      }
-      if (resp.ok()) {
-        v1::Tensor* o = MutableTensorOf(&*resp);
-        if (absl::Status got = region->Get(*o, out, n, stream); got.ok()) {
-          o->clear_shared_memory();
-        } else {
-          resp = got;
-        }
-      }
-      pool.Give(std::move(region));
-      return resp;
+    if (std::optional<absl::StatusOr<Resp>> done =
+            CallThroughRegion<Req, Resp>(request, device, x, out, n, stream, call, mode == Transport::kSharedMemory)) {
+      return *std::move(done);
     }
   }
-  // Through host memory: the client sends the bytes as it sends any inline tensor.
-  t->clear_shared_memory();  // named by an attempt above whose region had expired
+  return CallThroughHost<Req, Resp>(std::move(request), device, x, out, n, stream, call);
+}
+
+template <class Req, class Resp>
+std::optional<absl::StatusOr<Resp>> CudaActivations::CallInPlace(Req& request, int device, const void* x, void* out,
+                                                                 int64_t n, cudaStream_t stream,
+                                                                 const CallOptions& call) {
+  std::optional<InPlaceRefs> in_place = InPlace(device, x, out, n);
+  if (!in_place) return std::nullopt;
+  // The allocations carry no event: x is written, and out's memory done with by its earlier
+  // users, once the stream's work so far has run. The daemon synchronises before it answers.
+  if (cudaError_t e = cudaStreamSynchronize(stream); e != cudaSuccess) {
+    ReleaseInPlace(*in_place);
+    return CudaError("cudaStreamSynchronize", e);
+  }
+  v1::Tensor* t = MutableTensorOf(&request);
+  *t = SliceTensor(t->dtype(), wire::ShapeOf(*t), in_place->refs[0]);
+  *request.mutable_output_shared_memory() = in_place->refs[1];
+  absl::StatusOr<Resp> resp = Send(client_, static_cast<const Req&>(request), call);
+  if (!resp.ok() && (RegionExpired(resp.status(), in_place->refs[0].region()) ||
+                     RegionExpired(resp.status(), in_place->refs[1].region()))) {
+    Forget(*in_place);  // nothing ran: the caller copies through a region instead
+    return std::nullopt;
+  }
+  ReleaseInPlace(*in_place);
+  if (!resp.ok()) return resp;
+  v1::Tensor* o = MutableTensorOf(&*resp);
+  const v1::SharedMemoryRef& want = in_place->refs[1];
+  if (!o->has_shared_memory() || o->shared_memory().region() != want.region() ||
+      o->shared_memory().offset() != want.offset() || o->shared_memory().byte_size() != n) {
+    return absl::DataLossError("the reply names no slice, or another one than the request's output slice");
+  }
+  o->clear_shared_memory();
+  return resp;
+}
+
+template <class Req, class Resp>
+std::optional<absl::StatusOr<Resp>> CudaActivations::CallThroughRegion(Req& request, int device, const void* x,
+                                                                       void* out, int64_t n, cudaStream_t stream,
+                                                                       const CallOptions& call, bool insist) {
+  Pool& pool = PoolOf(device);
+  v1::Tensor* t = MutableTensorOf(&request);
+  const std::vector<int64_t> shape = wire::ShapeOf(*t);
+  for (int attempt = 0;; ++attempt) {
+    absl::StatusOr<std::unique_ptr<CudaIpcRegion>> region = pool.Take(n, insist, [&](int64_t size) {
+      return CudaIpcRegion::Create(client_, device, size);
+    });
+    if (!region.ok()) return region.status();
+    if (*region == nullptr) return std::nullopt;  // kAuto without CUDA IPC: through host memory
+    CudaIpcRegion& r = **region;
+    {
+      absl::MutexLock lock(&mu_);
+      registered_[device] = true;
+    }
+    absl::StatusOr<v1::Tensor> put = r.Put(0, t->dtype(), shape, x, n, stream);
+    if (!put.ok()) {
+      pool.Give(*std::move(region));
+      return put.status();
+    }
+    *t = *std::move(put);
+    // In place: the daemon reads all of the tensor before it writes the reply.
+    *request.mutable_output_shared_memory() = r.Ref(0, n);
+    absl::StatusOr<Resp> resp = Send(client_, static_cast<const Req&>(request), call);
+    if (!resp.ok() && attempt == 0 && RegionExpired(resp.status(), r.name())) {
+      pool.Drop(*std::move(region));  // send again through a new one
+      continue;
+    }
+    if (resp.ok()) {
+      v1::Tensor* o = MutableTensorOf(&*resp);
+      if (absl::Status got = r.Get(*o, out, n, stream); got.ok()) {
+        o->clear_shared_memory();
+      } else {
+        resp = got;
+      }
+    }
+    pool.Give(*std::move(region));
+    return resp;
+  }
+}
+
+template <class Req, class Resp>
+absl::StatusOr<Resp> CudaActivations::CallThroughHost(Req request, int device, const void* x, void* out, int64_t n,
+                                                      cudaStream_t stream, const CallOptions& call) {
+  v1::Tensor* t = MutableTensorOf(&request);
+  t->clear_shared_memory();  // named by an attempt whose region had expired
   request.clear_output_shared_memory();
   OnDevice on(device);
   std::string bytes(static_cast<size_t>(n), '\0');

@@ -71,8 +71,20 @@ class CudaActivations {
 
  private:
   using Pool = RegionPool<CudaIpcRegion>;
+  // Checks the request and the pointers, then sends it the first way that works: in place,
+  // through a region, through host memory. `n`: the tensor's (and the reply's) bytes.
   template <class Req, class Resp>
   absl::StatusOr<Resp> Call(Req request, const void* x, void* out, cudaStream_t stream, const CallOptions& call);
+  // nullopt when this way is not open for this call (nothing was sent); else the call's outcome.
+  template <class Req, class Resp>
+  std::optional<absl::StatusOr<Resp>> CallInPlace(Req& request, int device, const void* x, void* out, int64_t n,
+                                                  cudaStream_t stream, const CallOptions& call);
+  template <class Req, class Resp>
+  std::optional<absl::StatusOr<Resp>> CallThroughRegion(Req& request, int device, const void* x, void* out, int64_t n,
+                                                        cudaStream_t stream, const CallOptions& call, bool insist);
+  template <class Req, class Resp>
+  absl::StatusOr<Resp> CallThroughHost(Req request, int device, const void* x, void* out, int64_t n,
+                                       cudaStream_t stream, const CallOptions& call);
   Pool& PoolOf(int device);
 
   // A caller's allocation registered as a region (no event: the call synchronises its stream).

@@ -330,8 +330,9 @@ class Client:
             return None
         finally:
             self._cuda.segments.release(taken)
-        if not getattr(resp, out_field).HasField("shared_memory"):
-            raise ValueError(f"{method} answered inline bytes to a CUDA IPC request")
+        got = getattr(resp, out_field)
+        if not got.HasField("shared_memory") or got.shared_memory != out_ref:
+            raise ValueError(f"{method} answered another place than the request's output slice ({out_ref.region})")
         return resp, out
 
     def register_cuda_tensor(self, name, tensor, event=None, timeout=None):
