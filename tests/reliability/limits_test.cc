@@ -14,6 +14,7 @@
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/support/channel_arguments.h>
 
+#include <algorithm>
 #include <atomic>
 #include <functional>
 #include <random>
@@ -56,6 +57,17 @@ class Limits : public ::testing::Test {
   static constexpr absl::Duration kSettle = absl::Seconds(60);
   // Polls until the handle count is `n` (or kSettle passed); returns the last count seen.
   int64_t SettleHandles(int64_t n) { return Settle(n, [&] { return Handles(); }); }
+  // The fastest of three Forwards of `x` through `ids` (the first also warms the workers and the
+  // allocator): what the cancel and deadline tests time their calls against.
+  absl::Duration FastestForward(const std::vector<std::string>& ids, const v1::Tensor& x) {
+    absl::Duration fastest = absl::InfiniteDuration();
+    for (int i = 0; i < 3; ++i) {
+      const absl::Time t0 = absl::Now();
+      EXPECT_TRUE(client_->Forward(ids, x, false).ok());
+      fastest = std::min(fastest, absl::Now() - t0);
+    }
+    return fastest;
+  }
   // The same for the memory in use: a cancelled call may still be computing.
   int64_t SettleMemory(int64_t bytes) { return Settle(bytes, [&] { return MemoryUsed(); }); }
   template <typename F>
@@ -135,21 +147,26 @@ TEST_F(Limits, ForwardsCancelledWhileRunningNeverLeaveAHandle) {
   ASSERT_OK(client_->CreateBlock(CreateRequest("c", TinyConfig(), 1, 1, 4096)).status());
   ASSERT_OK(client_->CreateBlock(CreateRequest("d", TinyConfig(), 2, 1, 4096)).status());
   const v1::Tensor x = RandomTensor({1, 1536, 32}, 3);
-  const absl::Time t0 = absl::Now();
-  ASSERT_OK(client_->Forward({"c", "d"}, x, false).status());
-  const absl::Duration run = absl::Now() - t0;
+  const absl::Duration run = FastestForward({"c", "d"}, x);
   ASSERT_GT(run, absl::Milliseconds(40)) << "the Forward is too fast to cancel while it runs";
   std::mt19937_64 rng(std::random_device{}());
+  int cancelled = 0;
   for (int i = 0; i < 20; ++i) {
     // Anywhere in the first 60% of the call: before it reaches a worker, or while it computes.
     const absl::Duration after =
         absl::Microseconds(std::uniform_int_distribution<int64_t>(0, absl::ToInt64Microseconds(run) * 6 / 10)(rng));
     v1::ForwardResponse resp;
     const grpc::Status s = CancelledForward(*stub_, {"c", "d"}, x, after, &resp);
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED) << "cancelled after " << after << " of " << run;
+    if (s.ok()) {  // it ran faster this time and ended before the cancel: its handle is the client's
+      ASSERT_OK(client_->ReleaseActivations(resp.activation_id()));
+    } else {
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED) << "cancelled after " << after << " of " << run;
+      ++cancelled;
+    }
     EXPECT_EQ(SettleHandles(0), 0) << "a Forward cancelled after " << absl::FormatDuration(after) << " (of "
                                    << absl::FormatDuration(run) << ") left its activation handle";
   }
+  EXPECT_GE(cancelled, 10) << "too few Forwards were cancelled while running for the check to mean anything";
   EXPECT_EQ(SettleMemory(2 * 4 * 4 * ExpectedParameterCount(TinyConfig())), 2 * 4 * 4 * ExpectedParameterCount(TinyConfig()))
       << "memory beyond the two blocks is still reserved";
 }
@@ -163,21 +180,26 @@ TEST_F(Limits, ForwardsWhoseDeadlinePassesWhileRunningFreeTheirHandleAtOnce) {
   ASSERT_OK(client_->CreateBlock(CreateRequest("c", TinyConfig(), 1, 1, 4096)).status());
   ASSERT_OK(client_->CreateBlock(CreateRequest("d", TinyConfig(), 2, 1, 4096)).status());
   const v1::Tensor x = RandomTensor({1, 1536, 32}, 3);
-  const absl::Time t0 = absl::Now();
-  ASSERT_OK(client_->Forward({"c", "d"}, x, false).status());
-  const absl::Duration run = absl::Now() - t0;
+  const absl::Duration run = FastestForward({"c", "d"}, x);
   ASSERT_GT(run, absl::Milliseconds(40)) << "the Forward is too fast for a deadline to pass while it runs";
+  int exceeded = 0;
   for (int i = 0; i < 10; ++i) {
     // Deadlines from 20% to 74% of the run: the call starts, and its deadline passes mid-way.
     const absl::Duration deadline = run * (0.2 + 0.06 * i);
     auto y = client_->Forward({"c", "d"}, x, true, 0, {.timeout = deadline});
-    EXPECT_STATUS(y.status(), StatusCode::kDeadlineExceeded);
+    if (y.ok()) {  // it ran faster this time and ended inside its deadline: its handle is the client's
+      ASSERT_OK(client_->ReleaseActivations(y->activation_id()));
+    } else {
+      EXPECT_STATUS(y.status(), StatusCode::kDeadlineExceeded);
+      ++exceeded;
+    }
     // The Forward may still be computing when the client gives up; it must end without a handle,
     // freed when it ends (within kSettle), not kept to the 10-minute TTL. No bound on how soon:
     // that is a timing, and timings belong in benchmarks, not in a suite on a loaded machine.
     EXPECT_EQ(SettleHandles(0), 0) << "a Forward whose deadline (" << absl::FormatDuration(deadline) << " of "
                                    << absl::FormatDuration(run) << ") passed kept its handle";
   }
+  EXPECT_GE(exceeded, 5) << "too few Forwards outlived their deadline for the check to mean anything";
   EXPECT_EQ(SettleMemory(2 * 4 * 4 * ExpectedParameterCount(TinyConfig())), 2 * 4 * 4 * ExpectedParameterCount(TinyConfig()))
       << "memory beyond the two blocks is still reserved";
 }
