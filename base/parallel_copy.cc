@@ -12,10 +12,24 @@
 namespace blockd {
 namespace {
 
+// Copies n bytes starting `from` bytes into the concatenation of `pieces` to dst.
+void GatherPieces(char* dst, const absl::string_view* pieces, size_t count, size_t from, size_t n) {
+  size_t i = 0;
+  for (; i < count && from >= pieces[i].size(); ++i) from -= pieces[i].size();
+  for (; n > 0 && i < count; ++i, from = 0) {
+    const size_t take = std::min(n, pieces[i].size() - from);
+    std::memcpy(dst, pieces[i].data() + from, take);
+    dst += take;
+    n -= take;
+  }
+}
+
 // One ParallelCopy: its slices are taken by index, by the caller and the pool alike.
 struct Copy {
   char* dst;
-  const char* src;
+  const char* src;  // contiguous source, or
+  const absl::string_view* pieces = nullptr;  // its pieces, the copy starting `from` bytes in
+  size_t piece_count = 0, from = 0;
   size_t n, slice;
   int slices;
   std::atomic<int> next{0};
@@ -27,7 +41,12 @@ struct Copy {
   void Work() {
     for (int i; (i = next.fetch_add(1)) < slices;) {
       const size_t at = static_cast<size_t>(i) * slice;
-      std::memcpy(dst + at, src + at, std::min(slice, n - at));
+      const size_t len = std::min(slice, n - at);
+      if (pieces == nullptr) {
+        std::memcpy(dst + at, src + at, len);
+      } else {
+        GatherPieces(dst + at, pieces, piece_count, from + at, len);
+      }
       if (done.fetch_add(1) + 1 == slices) {
         std::lock_guard<std::mutex> lock(mu);
         all_done.notify_all();
@@ -76,23 +95,48 @@ class CopyPool {
 
 }  // namespace
 
+namespace {
+
+// Runs `c` (dst, n and its source set) on the caller and the pool.
+void Run(std::shared_ptr<Copy> c) {
+  const size_t slices = std::min<size_t>(kParallelCopyMaxThreads, c->n / kParallelCopyMinSlice);
+  c->slices = static_cast<int>(std::max<size_t>(slices, 1));
+  c->slice = (c->n + c->slices - 1) / c->slices;
+  if (c->slices > 1) {
+    static CopyPool* pool = new CopyPool();  // never destroyed: its threads run until exit
+    pool->Offer(c, c->slices - 1);
+  }
+  c->Work();
+  std::unique_lock<std::mutex> lock(c->mu);
+  c->all_done.wait(lock, [&] { return c->done.load() == c->slices; });
+}
+
+}  // namespace
+
 void ParallelCopy(void* dst, const void* src, size_t n) {
-  const size_t slices = std::min<size_t>(kParallelCopyMaxThreads, n / kParallelCopyMinSlice);
-  if (slices <= 1) {
+  if (n / kParallelCopyMinSlice <= 1) {
     std::memcpy(dst, src, n);
     return;
   }
-  static CopyPool* pool = new CopyPool();  // never destroyed: its threads run until exit
   auto c = std::make_shared<Copy>();
   c->dst = static_cast<char*>(dst);
   c->src = static_cast<const char*>(src);
   c->n = n;
-  c->slices = static_cast<int>(slices);
-  c->slice = (n + slices - 1) / slices;
-  pool->Offer(c, c->slices - 1);
-  c->Work();
-  std::unique_lock<std::mutex> lock(c->mu);
-  c->all_done.wait(lock, [&] { return c->done.load() == c->slices; });
+  Run(std::move(c));
+}
+
+void ParallelGather(void* dst, absl::Span<const absl::string_view> pieces, size_t from, size_t n) {
+  if (n / kParallelCopyMinSlice <= 1) {
+    GatherPieces(static_cast<char*>(dst), pieces.data(), pieces.size(), from, n);
+    return;
+  }
+  auto c = std::make_shared<Copy>();
+  c->dst = static_cast<char*>(dst);
+  c->pieces = pieces.data();
+  c->piece_count = pieces.size();
+  c->from = from;
+  c->n = n;
+  Run(std::move(c));
 }
 
 }  // namespace blockd

@@ -12,6 +12,9 @@
 
 #include <cstddef>
 
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
 namespace blockd {
 
 inline constexpr size_t kParallelCopyMinSlice = size_t{2} << 20;
@@ -19,5 +22,9 @@ inline constexpr int kParallelCopyMaxThreads = 4;
 
 // Copies n bytes from src to dst (which do not overlap).
 void ParallelCopy(void* dst, const void* src, size_t n);
+
+// Copies n bytes, starting `from` bytes into the concatenation of `pieces` (a message's bytes as
+// gRPC received them, proto/tensor_wire.h), to dst. The caller checked that they are there.
+void ParallelGather(void* dst, absl::Span<const absl::string_view> pieces, size_t from, size_t n);
 
 }  // namespace blockd

@@ -10,6 +10,7 @@
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
+#include <grpcpp/impl/codegen/client_unary_call.h>
 #include <grpcpp/support/channel_arguments.h>
 
 #include "absl/strings/match.h"
@@ -17,6 +18,8 @@
 #include "absl/strings/str_format.h"
 #include "base/block_config.h"  // ShapeString
 #include "base/malloc_tuning.h"
+#include "client/activation_tensors.h"
+#include "proto/tensor_wire.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace blockd {
@@ -187,6 +190,52 @@ absl::Status FromGrpcStatus(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
+namespace {
+
+// Which RPC an activation request is, and where its tensors are.
+template <class Req>
+struct WireRpc;
+template <>
+struct WireRpc<v1::ForwardRequest> {
+  static constexpr const char* kRpc = "Forward";
+  static constexpr const char* kWhat = "input";
+  static constexpr int kIn = v1::ForwardRequest::kInputFieldNumber;
+  static constexpr int kOut = v1::ForwardResponse::kOutputFieldNumber;
+};
+template <>
+struct WireRpc<v1::BackwardRequest> {
+  static constexpr const char* kRpc = "Backward";
+  static constexpr const char* kWhat = "grad_output";
+  static constexpr int kIn = v1::BackwardRequest::kGradOutputFieldNumber;
+  static constexpr int kOut = v1::BackwardResponse::kGradInputFieldNumber;
+};
+template <>
+struct WireRpc<v1::InferStepRequest> {
+  static constexpr const char* kRpc = "InferStep";
+  static constexpr const char* kWhat = "hidden_states";
+  static constexpr int kIn = v1::InferStepRequest::kHiddenStatesFieldNumber;
+  static constexpr int kOut = v1::InferStepResponse::kHiddenStatesFieldNumber;
+};
+
+}  // namespace
+
+// The activation calls' methods, registered once with their channel.
+struct Client::WireMethods {
+  explicit WireMethods(const std::shared_ptr<grpc::Channel>& channel)
+      : channel(channel.get()),
+        forward("/blockd.v1.BlockService/Forward", grpc::internal::RpcMethod::NORMAL_RPC, channel),
+        backward("/blockd.v1.BlockService/Backward", grpc::internal::RpcMethod::NORMAL_RPC, channel),
+        infer_step("/blockd.v1.BlockService/InferStep", grpc::internal::RpcMethod::NORMAL_RPC, channel) {}
+  const grpc::internal::RpcMethod& Of(const v1::ForwardRequest&) const { return forward; }
+  const grpc::internal::RpcMethod& Of(const v1::BackwardRequest&) const { return backward; }
+  const grpc::internal::RpcMethod& Of(const v1::InferStepRequest&) const { return infer_step; }
+
+  grpc::Channel* channel;
+  grpc::internal::RpcMethod forward, backward, infer_step;
+};
+
+void Client::WireMethodsDeleter::operator()(WireMethods* m) const { delete m; }
+
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
   if (options.target.empty()) return absl::InvalidArgumentError("the client's target is empty");
   // Activations of tens of MB per call: large buffers reuse the heap (base/malloc_tuning.h), once
@@ -246,6 +295,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
     if (c->options_.connections > 1) own.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     c->channels_.push_back(grpc::CreateCustomChannel(c->options_.target, creds, own));
     c->stubs_.push_back(v1::BlockService::NewStub(c->channels_.back()));
+    c->wire_methods_.emplace_back(new WireMethods(c->channels_.back()));
   }
   c->health_ = std::make_unique<HealthStub>();
   c->health_->stub = grpc::health::v1::Health::NewStub(c->channels_[0]);
@@ -260,9 +310,9 @@ void Client::Prepare(grpc::ClientContext* ctx, const CallOptions& call) const {
   if (!options_.client_id.empty()) ctx->AddMetadata("blockd-client", options_.client_id);
 }
 
-v1::BlockService::Stub* Client::NextStub() {
-  return stubs_[next_stub_.fetch_add(1, std::memory_order_relaxed) % stubs_.size()].get();
-}
+size_t Client::NextConnection() { return next_stub_.fetch_add(1, std::memory_order_relaxed) % stubs_.size(); }
+
+v1::BlockService::Stub* Client::NextStub() { return stubs_[NextConnection()].get(); }
 
 Client::~Client() = default;
 
@@ -320,29 +370,48 @@ absl::StatusOr<v1::DeleteBlockResponse> Client::DeleteBlock(const v1::DeleteBloc
   return Invoke(NextStub(), &v1::BlockService::Stub::DeleteBlock, &ctx, request);
 }
 
-absl::StatusOr<v1::ForwardResponse> Client::SendForward(const v1::ForwardRequest& request, const CallOptions& call) {
+
+template <class Req, class Resp>
+absl::StatusOr<Resp> Client::SendWire(Req request, const CallOptions& call) {
+  using Rpc = WireRpc<Req>;
   const size_t bytes = request.ByteSizeLong();
-  if (absl::Status s = CheckMessageSize("Forward", "input", request.input(), bytes, options_.max_message_bytes); !s.ok()) {
+  if (absl::Status s = CheckMessageSize(Rpc::kRpc, Rpc::kWhat, TensorOf(request), bytes, options_.max_message_bytes);
+      !s.ok()) {
     return s;
   }
+  v1::Tensor* in = MutableTensorOf(&request);
+  grpc::Slice data = SliceOwning(std::move(*in->mutable_data()));
+  in->clear_data();
+  const v1::Tensor meta = std::move(*in);
+  request.GetReflection()->ClearField(&request, Req::descriptor()->FindFieldByNumber(Rpc::kIn));
+  const grpc::ByteBuffer wire = SerializeWithTensorBytes(request, Rpc::kIn, meta, std::move(data));
+
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  auto r = Invoke(NextStub(), &v1::BlockService::Stub::Forward, &ctx, request);
-  if (!r.ok()) return ExplainServerSizeRefusal(r.status(), "Forward", "input", request.input(), bytes);
-  return r;
+  const WireMethods& m = *wire_methods_[NextConnection()];
+  grpc::ByteBuffer reply;
+  const grpc::Status s = grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
+      m.channel, m.Of(request), &ctx, wire, &reply);
+  if (!s.ok()) return ExplainServerSizeRefusal(FromGrpcStatus(s), Rpc::kRpc, Rpc::kWhat, meta, bytes);
+  Resp resp;
+  WireBytes out;
+  if (absl::Status parsed = ParseWithTensorBytes(reply, Rpc::kOut, &resp, &out); !parsed.ok()) {
+    return absl::InternalError(absl::StrCat("the ", Rpc::kRpc, " reply ", parsed.message()));
+  }
+  if (out.present()) out.AppendTo(MutableTensorOf(&resp)->mutable_data());
+  return resp;
 }
 
-absl::StatusOr<v1::BackwardResponse> Client::SendBackward(const v1::BackwardRequest& request, const CallOptions& call) {
-  const size_t bytes = request.ByteSizeLong();
-  const v1::Tensor& t = request.grad_output();
-  if (absl::Status s = CheckMessageSize("Backward", "grad_output", t, bytes, options_.max_message_bytes); !s.ok()) {
-    return s;
-  }
-  grpc::ClientContext ctx;
-  Prepare(&ctx, call);
-  auto r = Invoke(NextStub(), &v1::BlockService::Stub::Backward, &ctx, request);
-  if (!r.ok()) return ExplainServerSizeRefusal(r.status(), "Backward", "grad_output", t, bytes);
-  return r;
+absl::StatusOr<v1::ForwardResponse> Client::SendForward(v1::ForwardRequest request, const CallOptions& call) {
+  return SendWire<v1::ForwardRequest, v1::ForwardResponse>(std::move(request), call);
+}
+
+absl::StatusOr<v1::BackwardResponse> Client::SendBackward(v1::BackwardRequest request, const CallOptions& call) {
+  return SendWire<v1::BackwardRequest, v1::BackwardResponse>(std::move(request), call);
+}
+
+absl::StatusOr<v1::InferStepResponse> Client::SendInferStep(v1::InferStepRequest request, const CallOptions& call) {
+  return SendWire<v1::InferStepRequest, v1::InferStepResponse>(std::move(request), call);
 }
 
 absl::Status Client::ReleaseActivations(absl::string_view activation_id, const CallOptions& call) {
@@ -504,20 +573,6 @@ absl::StatusOr<v1::SessionInfo> Client::OpenSession(const v1::OpenSessionRequest
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
   return Invoke(NextStub(), &v1::BlockService::Stub::OpenSession, &ctx, request);
-}
-
-absl::StatusOr<v1::InferStepResponse> Client::SendInferStep(const v1::InferStepRequest& request,
-                                                            const CallOptions& call) {
-  const size_t bytes = request.ByteSizeLong();
-  const v1::Tensor& t = request.hidden_states();
-  if (absl::Status s = CheckMessageSize("InferStep", "hidden_states", t, bytes, options_.max_message_bytes); !s.ok()) {
-    return s;
-  }
-  grpc::ClientContext ctx;
-  Prepare(&ctx, call);
-  auto r = Invoke(NextStub(), &v1::BlockService::Stub::InferStep, &ctx, request);
-  if (!r.ok()) return ExplainServerSizeRefusal(r.status(), "InferStep", "hidden_states", t, bytes);
-  return r;
 }
 
 absl::StatusOr<v1::RegisterSharedMemoryResponse> Client::RegisterSharedMemory(

@@ -218,14 +218,20 @@ class Client {
 
   // The stub of the next connection, round robin.
   v1::BlockService::Stub* NextStub();
-  // The activation calls as sent (the public ones choose the transport first).
-  absl::StatusOr<v1::ForwardResponse> SendForward(const v1::ForwardRequest& request, const CallOptions& call);
-  absl::StatusOr<v1::BackwardResponse> SendBackward(const v1::BackwardRequest& request, const CallOptions& call);
-  absl::StatusOr<v1::InferStepResponse> SendInferStep(const v1::InferStepRequest& request, const CallOptions& call);
+  // The index of the next connection, round robin.
+  size_t NextConnection();
+  // The activation calls as sent (the public ones choose the transport first): raw messages
+  // (proto/tensor_wire.h) whose tensor bytes are moved into the request, not copied, and
+  // gathered from the reply's slices once.
+  template <class Req, class Resp>
+  absl::StatusOr<Resp> SendWire(Req request, const CallOptions& call);
+  absl::StatusOr<v1::ForwardResponse> SendForward(v1::ForwardRequest request, const CallOptions& call);
+  absl::StatusOr<v1::BackwardResponse> SendBackward(v1::BackwardRequest request, const CallOptions& call);
+  absl::StatusOr<v1::InferStepResponse> SendInferStep(v1::InferStepRequest request, const CallOptions& call);
   // How the activation calls travel (client_activations.cc): a request sent by `send`, through
   // the client's shared-memory regions when options_.transport says so and its tensor is inline.
   template <class Req, class Resp>
-  using Send = absl::StatusOr<Resp> (Client::*)(const Req&, const CallOptions&);
+  using Send = absl::StatusOr<Resp> (Client::*)(Req, const CallOptions&);
   template <class Req>
   bool WantsSharedMemory(const Req& request) const;
   // A caller's request (copied once when it goes through shared memory).
@@ -243,6 +249,11 @@ class Client {
   ClientOptions options_;
   std::vector<std::shared_ptr<grpc::Channel>> channels_;
   std::vector<std::unique_ptr<v1::BlockService::Stub>> stubs_;
+  struct WireMethods;  // the activation calls' methods of each channel, for raw messages
+  struct WireMethodsDeleter {
+    void operator()(WireMethods* m) const;
+  };
+  std::vector<std::unique_ptr<WireMethods, WireMethodsDeleter>> wire_methods_;
   std::atomic<uint64_t> next_stub_{0};
   struct HealthStub;
   std::unique_ptr<HealthStub> health_;

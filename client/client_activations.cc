@@ -29,13 +29,14 @@ bool Client::WantsSharedMemory(const Req& request) const {
 
 template <class Req, class Resp>
 absl::StatusOr<Resp> Client::Route(const Req& request, const CallOptions& call, Send<Req, Resp> send) {
-  if (!WantsSharedMemory(request)) return (this->*send)(request, call);
-  return ThroughSharedMemory(Req(request), call, send);  // the one copy of a caller's request
+  // The one copy of a caller's request (which serialising it would have made).
+  if (!WantsSharedMemory(request)) return (this->*send)(Req(request), call);
+  return ThroughSharedMemory(Req(request), call, send);
 }
 
 template <class Req, class Resp>
 absl::StatusOr<Resp> Client::RouteOwned(Req request, const CallOptions& call, Send<Req, Resp> send) {
-  if (!WantsSharedMemory(request)) return (this->*send)(request, call);
+  if (!WantsSharedMemory(request)) return (this->*send)(std::move(request), call);
   return ThroughSharedMemory(std::move(request), call, send);
 }
 
@@ -54,7 +55,7 @@ absl::StatusOr<Resp> Client::ThroughSharedMemory(Req request, const CallOptions&
     if (*region == nullptr) {  // kAuto without shared memory: inside the message after all
       in->set_data(std::move(data));
       request.clear_output_shared_memory();
-      return (this->*send)(request, call);
+      return (this->*send)(std::move(request), call);
     }
     SharedMemoryRegion& r = **region;
     absl::StatusOr<v1::Tensor> put = r.Put(0, dtype, shape, data);
@@ -65,7 +66,7 @@ absl::StatusOr<Resp> Client::ThroughSharedMemory(Req request, const CallOptions&
     *in = *std::move(put);
     // The reply has the request's shape and dtype; the daemon reads all of the input first.
     *request.mutable_output_shared_memory() = r.Ref(0, static_cast<int64_t>(data.size()));
-    absl::StatusOr<Resp> resp = (this->*send)(request, call);
+    absl::StatusOr<Resp> resp = (this->*send)(Req(request), call);  // small: its tensor is in the region
     if (!resp.ok() && attempt == 0 && RegionExpired(resp.status(), r.name())) {  // send again through a new one
       regions_->Drop(std::move(*region));
       continue;

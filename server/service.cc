@@ -214,27 +214,51 @@ grpc::ServerUnaryReactor* BlockServiceImpl::DeleteBlock(grpc::CallbackServerCont
   });
 }
 
-grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext* ctx, const v1::ForwardRequest* req,
-                                                    v1::ForwardResponse* resp) {
-  return Unary(ctx, "Forward", *req, resp, Work::kPool, req->keep_activations() ? Role::kTrain : Role::kRead,
-               [this, ctx, req, resp](UnaryReactor* reactor) -> absl::Status {
+namespace {
+
+// A raw Forward or Backward call's request (its tensor's bytes still in gRPC's slices, kept
+// until the call ends) and the reply's tensor, whose bytes the engine writes into a slice.
+template <class Req>
+struct WireCall {
+  Req req;
+  WireBytes in;
+  absl::Status parsed;
+  v1::Tensor out;
+};
+
+template <class Req>
+std::shared_ptr<WireCall<Req>> ParseWireCall(const grpc::ByteBuffer& wire, int tensor_field) {
+  auto call = std::make_shared<WireCall<Req>>();
+  call->parsed = ParseWithTensorBytes(wire, tensor_field, &call->req, &call->in);
+  return call;
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* wire,
+                                                    grpc::ByteBuffer* reply) {
+  auto call = ParseWireCall<v1::ForwardRequest>(*wire, v1::ForwardRequest::kInputFieldNumber);
+  const v1::ForwardRequest* req = &call->req;
+  return Unary(ctx, "Forward", *wire, reply, Work::kPool, req->keep_activations() ? Role::kTrain : Role::kRead,
+               [this, ctx, call, req, reply](UnaryReactor* reactor) -> absl::Status {
+    RETURN_IF_ERROR(call->parsed);
     ForwardArgs args;
     args.block_ids.assign(req->block_ids().begin(), req->block_ids().end());
     TensorTransport io(shared_memory_.get(), metrics_, reactor->client(), /*direct=*/true);
-    ASSIGN_OR_RETURN(args.input, io.Input(req->input(), "input"));
+    ASSIGN_OR_RETURN(args.input, io.Input(req->input(), "input", &call->in));
     args.keep_activations = req->keep_activations();
     args.position_offset = req->position_offset();
     args.client = reactor->client();
     ForwardOutput out;
     RETURN_IF_ERROR(io.PrepareOutput(OutputRefOf(*req), "output_shared_memory", static_cast<int64_t>(args.input.size),
-                                     resp->mutable_output(), &out.output));
+                                     &call->out, &out.output, /*wire_out=*/true));
     RETURN_IF_ERROR(engine_->Forward(args, &out));
     if (absl::Status written = io.FinishOutput(); !written.ok()) {
       if (!out.activation_id.empty()) engine_->ReleaseActivations(out.activation_id, args.client).IgnoreError();
       return written;
     }
-    resp->mutable_output()->set_dtype(req->input().dtype());
-    for (int64_t d : out.output.shape) resp->mutable_output()->add_shape(d);
+    call->out.set_dtype(req->input().dtype());
+    for (int64_t d : out.output.shape) call->out.add_shape(d);
     metrics_->tokens_forward->Increment(static_cast<double>(out.tokens));
     if (!out.activation_id.empty()) {
       // Nobody will ever see this id when the call was cancelled or its deadline passed while it
@@ -252,26 +276,33 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Forward(grpc::CallbackServerContext*
         engine->ReleaseActivations(id, owner).IgnoreError();
       });
     }
-    resp->set_activation_id(out.activation_id);
+    v1::ForwardResponse resp;
+    resp.set_activation_id(out.activation_id);
+    *reply = SerializeWithTensorBytes(resp, v1::ForwardResponse::kOutputFieldNumber, call->out, io.TakeWireOutput());
     return absl::OkStatus();
   });
 }
 
-grpc::ServerUnaryReactor* BlockServiceImpl::Backward(grpc::CallbackServerContext* ctx,
-                                                     const v1::BackwardRequest* req, v1::BackwardResponse* resp) {
-  return Unary(ctx, "Backward", *req, resp, Work::kPool, Role::kTrain,
-               [this, req, resp](UnaryReactor* reactor) -> absl::Status {
+grpc::ServerUnaryReactor* BlockServiceImpl::Backward(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* wire,
+                                                     grpc::ByteBuffer* reply) {
+  auto call = ParseWireCall<v1::BackwardRequest>(*wire, v1::BackwardRequest::kGradOutputFieldNumber);
+  return Unary(ctx, "Backward", *wire, reply, Work::kPool, Role::kTrain,
+               [this, call, reply](UnaryReactor* reactor) -> absl::Status {
+    RETURN_IF_ERROR(call->parsed);
+    const v1::BackwardRequest* req = &call->req;
     TensorTransport io(shared_memory_.get(), metrics_, reactor->client(), /*direct=*/true);
-    ASSIGN_OR_RETURN(TensorArg grad, io.Input(req->grad_output(), "grad_output"));
+    ASSIGN_OR_RETURN(TensorArg grad, io.Input(req->grad_output(), "grad_output", &call->in));
     TensorOut out;
     RETURN_IF_ERROR(io.PrepareOutput(OutputRefOf(*req), "output_shared_memory", static_cast<int64_t>(grad.size),
-                                     resp->mutable_grad_input(), &out));
+                                     &call->out, &out, /*wire_out=*/true));
     // Handles belong to the identity that ran the Forward (engine/owned.h).
     RETURN_IF_ERROR(engine_->Backward(req->activation_id(), reactor->client(), grad, &out, req->group_id()));
     RETURN_IF_ERROR(io.FinishOutput());
-    resp->mutable_grad_input()->set_dtype(req->grad_output().dtype());
-    for (int64_t d : out.shape) resp->mutable_grad_input()->add_shape(d);
+    call->out.set_dtype(req->grad_output().dtype());
+    for (int64_t d : out.shape) call->out.add_shape(d);
     metrics_->tokens_backward->Increment(static_cast<double>(out.tokens));
+    *reply = SerializeWithTensorBytes(v1::BackwardResponse(), v1::BackwardResponse::kGradInputFieldNumber, call->out,
+                                      io.TakeWireOutput());
     return absl::OkStatus();
   });
 }

@@ -53,7 +53,12 @@ struct ServiceOptions {
 
 class Checkpointer;
 
-class BlockServiceImpl final : public v1::BlockService::CallbackService {
+// Forward and Backward take and give raw messages (proto/tensor_wire.h): their activation bytes
+// go between gRPC's slices and the engine's staging without passing through protobuf.
+using BlockServiceBase = v1::BlockService::WithRawCallbackMethod_Forward<
+    v1::BlockService::WithRawCallbackMethod_Backward<v1::BlockService::CallbackService>>;
+
+class BlockServiceImpl final : public BlockServiceBase {
  public:
   BlockServiceImpl(Engine* engine, Metrics* metrics, ThreadPool* pool, const Authenticator* auth,
                    Checkpointer* checkpointer, ServiceOptions options);
@@ -80,10 +85,10 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
                                      v1::BlockInfo* resp) override;
   grpc::ServerUnaryReactor* DeleteBlock(grpc::CallbackServerContext* ctx, const v1::DeleteBlockRequest* req,
                                         v1::DeleteBlockResponse* resp) override;
-  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* ctx, const v1::ForwardRequest* req,
-                                    v1::ForwardResponse* resp) override;
-  grpc::ServerUnaryReactor* Backward(grpc::CallbackServerContext* ctx, const v1::BackwardRequest* req,
-                                     v1::BackwardResponse* resp) override;
+  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* wire,
+                                    grpc::ByteBuffer* reply) override;
+  grpc::ServerUnaryReactor* Backward(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* wire,
+                                     grpc::ByteBuffer* reply) override;
   grpc::ServerUnaryReactor* ReleaseActivations(grpc::CallbackServerContext* ctx,
                                                const v1::ReleaseActivationsRequest* req,
                                                v1::ReleaseActivationsResponse* resp) override;
@@ -157,11 +162,10 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
   // Admits the call (or finishes it with the reason), runs `fn` inline or on the pool, and
   // finishes the reactor with fn's status. The caller's role must include `needed`.
   // `fn` may take the UnaryReactor* to register what to undo if the reply never arrives, and to
-  // learn who the caller is.
-  template <class Fn>
-  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const char* method,
-                                  const google::protobuf::Message& req, const google::protobuf::Message* resp,
-                                  Work work, Role needed, Fn fn);
+  // learn who the caller is. The request and the reply are messages, or raw ones (grpc::ByteBuffer).
+  template <class Req, class Resp, class Fn>
+  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const char* method, const Req& req,
+                                  const Resp* resp, Work work, Role needed, Fn fn);
   // Who asks: the credential's principal when there is one; else the peer's address, with the
   // advisory `blockd-client` name after it ("ipv4:10.0.0.7/alice"), and every role.
   absl::StatusOr<Principal> Identify(grpc::CallbackServerContext* ctx) const;

@@ -108,14 +108,16 @@ class BlockServiceImpl::UnaryReactor : public grpc::ServerUnaryReactor {
 };
 
 
-template <class Fn>
-grpc::ServerUnaryReactor* BlockServiceImpl::Unary(grpc::CallbackServerContext* ctx, const char* method,
-                                                  const google::protobuf::Message& req,
-                                                  const google::protobuf::Message* resp, Work work, Role needed,
-                                                  Fn fn) {
+// A message's size on the wire, for the byte counters.
+inline size_t WireSize(const google::protobuf::Message& m) { return m.ByteSizeLong(); }
+inline size_t WireSize(const grpc::ByteBuffer& b) { return b.Length(); }
+
+template <class Req, class Resp, class Fn>
+grpc::ServerUnaryReactor* BlockServiceImpl::Unary(grpc::CallbackServerContext* ctx, const char* method, const Req& req,
+                                                  const Resp* resp, Work work, Role needed, Fn fn) {
   auto* reactor = new UnaryReactor(ctx);
   auto call = std::make_shared<Call>(this, method);
-  metrics_->bytes_received->Increment(static_cast<double>(req.ByteSizeLong()));
+  metrics_->bytes_received->Increment(static_cast<double>(WireSize(req)));
   absl::Status admitted = call->Admit(ctx, needed);
   if (!admitted.ok()) {
     reactor->Finish(call->Finish(ToGrpcStatus(admitted)));
@@ -132,7 +134,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Unary(grpc::CallbackServerContext* c
     } else {
       s = Guarded(fn);
     }
-    if (s.ok()) metrics_->bytes_sent->Increment(static_cast<double>(resp->ByteSizeLong()));
+    if (s.ok()) metrics_->bytes_sent->Increment(static_cast<double>(WireSize(*resp)));
     reactor->Finish(call->Finish(ToGrpcStatus(s)));
   };
   if (work == Work::kPool) {

@@ -5,6 +5,7 @@
 #include "server/shared_memory_transport.h"
 
 #include "absl/strings/str_cat.h"
+#include "base/parallel_copy.h"
 #include "base/status_macros.h"
 #include "server/convert.h"
 #include "server/service_internal.h"
@@ -33,14 +34,28 @@ absl::Status TensorTransport::CudaIpcAllowed(const SharedMemoryTarget& target, a
       what, " names a CUDA IPC region, which only Forward and Backward tensors may: use a POSIX region or inline bytes"));
 }
 
-absl::StatusOr<TensorArg> TensorTransport::Input(const v1::Tensor& t, absl::string_view what) {
+absl::StatusOr<TensorArg> TensorTransport::Input(const v1::Tensor& t, absl::string_view what, const WireBytes* wire) {
   ASSIGN_OR_RETURN(TensorArg arg, TensorArgOf(t, what));
+  const size_t inline_bytes = wire != nullptr ? wire->size() : t.data().size();
   if (!t.has_shared_memory()) {
+    if (wire != nullptr) {
+      arg.size = wire->size();
+      arg.data = wire->contiguous();
+      if (arg.data == nullptr) {
+        arg.read = [wire](void* dst, size_t from, size_t n) {
+          if (from > wire->size() || n > wire->size() - from) {
+            return absl::InternalError(absl::StrCat("read of ", n, " bytes at ", from, " of a ", wire->size(), "-byte tensor"));
+          }
+          wire->CopyTo(dst, from, n);
+          return absl::OkStatus();
+        };
+      }
+    }
     metrics_->tensor_bytes_inline_in->Increment(static_cast<double>(arg.size));
     return arg;
   }
-  if (!t.data().empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " carries both ", t.data().size(),
+  if (inline_bytes != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " carries both ", inline_bytes,
                                                    " bytes of data and a shared_memory reference: set one of them"));
   }
   const std::string field = absl::StrCat(what, ".shared_memory");
@@ -70,9 +85,22 @@ absl::StatusOr<TensorArg> TensorTransport::Input(const v1::Tensor& t, absl::stri
 }
 
 absl::Status TensorTransport::PrepareOutput(const v1::SharedMemoryRef* ref, absl::string_view what, int64_t need,
-                                            v1::Tensor* reply, TensorOut* out) {
+                                            v1::Tensor* reply, TensorOut* out, bool wire_out) {
   reply_ = reply;
   out->data = reply->mutable_data();
+  if (ref == nullptr && wire_out) {
+    out_wire_ = true;
+    out->data = nullptr;
+    out->write = [this, need](const void* src, size_t from, size_t n) {
+      if (out_slice_.size() == 0) out_slice_ = UninitializedSlice(static_cast<size_t>(need));
+      if (from > out_slice_.size() || n > out_slice_.size() - from) {
+        return absl::InternalError(absl::StrCat("the output's write of ", n, " bytes at ", from, " passes its ", need, " bytes"));
+      }
+      ParallelCopy(MutableSliceData(out_slice_) + from, src, n);
+      out_written_ += static_cast<int64_t>(n);
+      return absl::OkStatus();
+    };
+  }
   if (ref == nullptr) return absl::OkStatus();
   if (shm_ == nullptr) return absl::FailedPreconditionError(absl::StrCat(what, ": shared-memory tensors are off"));
   ASSIGN_OR_RETURN(const SharedMemoryTarget target, shm_->Open(client_, SliceOf(*ref), what));
@@ -101,8 +129,12 @@ absl::Status TensorTransport::PrepareOutput(const v1::SharedMemoryRef* ref, absl
 }
 
 absl::Status TensorTransport::FinishOutput() {
+  if (out_wire_ && out_written_ != static_cast<int64_t>(out_slice_.size())) {
+    return absl::InternalError(absl::StrCat("the engine wrote ", out_written_, " of the output's ", out_slice_.size(), " bytes"));
+  }
   if (out_ref_ == nullptr) {
-    metrics_->tensor_bytes_inline_out->Increment(static_cast<double>(reply_->data().size()));
+    metrics_->tensor_bytes_inline_out->Increment(
+        static_cast<double>(out_wire_ ? out_written_ : static_cast<int64_t>(reply_->data().size())));
     return absl::OkStatus();
   }
   int64_t written = out_bytes_;  // by DMA: the engine wrote all of it

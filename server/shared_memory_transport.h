@@ -22,9 +22,12 @@
 
 #include <string>
 
+#include <grpcpp/support/slice.h>
+
 #include "absl/status/statusor.h"
 #include "blockd/v1/block_service.pb.h"
 #include "engine/engine.h"
+#include "proto/tensor_wire.h"
 #include "server/metrics.h"
 #include "server/shared_memory.h"
 
@@ -40,16 +43,21 @@ class TensorTransport {
   TensorTransport& operator=(const TensorTransport&) = delete;
 
   // The request tensor: a view of its inline bytes, its POSIX region slice (read by the engine when
-  // direct, else a copy), or its CUDA IPC slice as peer memory.
-  absl::StatusOr<TensorArg> Input(const v1::Tensor& t, absl::string_view what);
+  // direct, else a copy), or its CUDA IPC slice as peer memory. With `wire` (a raw request's
+  // tensor bytes, proto/tensor_wire.h; it outlives the call), the inline bytes are there: the
+  // engine gathers them from gRPC's slices into its staging.
+  absl::StatusOr<TensorArg> Input(const v1::Tensor& t, absl::string_view what, const WireBytes* wire = nullptr);
   // Where the engine writes the output (sets out->data, or out->peer). With `ref` set (the
   // request's output_shared_memory), checks the slice can take `need` bytes (the output has the
   // input's shape and dtype) and stages the output for FinishOutput (a POSIX slice) or routes it
   // to the device memory (a CUDA IPC slice) or, when direct, to the engine's own pwrite of a POSIX
-  // slice; else the reply tensor's own bytes.
+  // slice; else the reply tensor's own bytes, or with `wire_out` a slice for a raw reply
+  // (TakeWireOutput), written by the engine straight out of its staging.
   absl::Status PrepareOutput(const v1::SharedMemoryRef* ref, absl::string_view what, int64_t need, v1::Tensor* reply,
-                             TensorOut* out);
+                             TensorOut* out, bool wire_out = false);
   absl::Status FinishOutput();
+  // With wire_out and no region: the output's bytes, after FinishOutput.
+  grpc::Slice TakeWireOutput() { return std::move(out_slice_); }
   bool output_in_shared_memory() const { return out_ref_ != nullptr; }
 
  private:
@@ -65,8 +73,10 @@ class TensorTransport {
   const v1::SharedMemoryRef* out_ref_ = nullptr;
   std::string out_what_;
   int64_t out_bytes_ = 0;
-  int64_t out_written_ = 0;  // by the engine's pwrite (direct)
+  int64_t out_written_ = 0;  // by the engine's pwrite (direct), or into out_slice_
+  grpc::Slice out_slice_;    // wire_out: made at the engine's first write
   bool out_ipc_ = false;     // the output slice is CUDA IPC memory
+  bool out_wire_ = false;
   v1::Tensor* reply_ = nullptr;
 };
 
