@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_check.h"
 #include "client/client.h"
@@ -358,8 +359,9 @@ int main(int argc, char** argv) {
     trace(m, "Backward", [&] { return Check(client->Backward(bwd), "backward"); });
   };
 
-  std::printf("client malloc: %s; %d connection%s; transport %s\n",
-              malloc_tuned ? "tuned for large buffers" : "glibc defaults", connections, connections == 1 ? "" : "s",
+  std::printf("client malloc: %s; %s; transport %s\n", malloc_tuned ? "tuned for large buffers" : "glibc defaults",
+              connections == 0 ? absl::StrCat("connections chosen by the client (at most ", blockd::kAutoConnections, ")").c_str()
+                               : absl::StrCat(connections, connections == 1 ? " connection" : " connections").c_str(),
               transport.c_str());
   std::printf("%-28s %6s %10s %10s %12s %10s %14s\n", "span over gRPC (bf16 wire)", "depth", "step ms", "fwd+bwd ms",
               "tokens/s", "MB/step", "micro-batches");

@@ -284,15 +284,20 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
   args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
   if (!options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
 
-  if (options.connections < 1 || options.connections > 64) {
-    return absl::InvalidArgumentError(absl::StrCat("connections = ", options.connections, ", expected 1..64"));
+  if (options.connections < 0 || options.connections > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("connections = ", options.connections, ", expected 1..64, or 0 for the client to choose"));
   }
   std::unique_ptr<Client> c(new Client());
   c->options_ = std::move(options);
-  for (int i = 0; i < c->options_.connections; ++i) {
+  // Channels connect on their first call: those the calls in flight never need stay closed.
+  const int connections = c->options_.connections == 0 ? kAutoConnections : c->options_.connections;
+  c->in_flight_.reset(new std::atomic<int>[connections]);
+  for (int i = 0; i < connections; ++i) {
+    c->in_flight_[i] = 0;
     // Channels with equal arguments share one connection; a local subchannel pool gives each its own.
     grpc::ChannelArguments own = args;
-    if (c->options_.connections > 1) own.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    if (connections > 1) own.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     c->channels_.push_back(grpc::CreateCustomChannel(c->options_.target, creds, own));
     c->stubs_.push_back(v1::BlockService::NewStub(c->channels_.back()));
     c->wire_methods_.emplace_back(new WireMethods(c->channels_.back()));
@@ -310,7 +315,15 @@ void Client::Prepare(grpc::ClientContext* ctx, const CallOptions& call) const {
   if (!options_.client_id.empty()) ctx->AddMetadata("blockd-client", options_.client_id);
 }
 
-size_t Client::NextConnection() { return next_stub_.fetch_add(1, std::memory_order_relaxed) % stubs_.size(); }
+size_t Client::NextConnection() {
+  size_t best = 0;
+  for (size_t i = 0; i < stubs_.size(); ++i) {
+    const int n = in_flight_[i].load(std::memory_order_relaxed);
+    if (n == 0) return i;
+    if (n < in_flight_[best].load(std::memory_order_relaxed)) best = i;
+  }
+  return best;
+}
 
 v1::BlockService::Stub* Client::NextStub() { return stubs_[NextConnection()].get(); }
 
@@ -318,8 +331,10 @@ Client::~Client() = default;
 
 absl::Status Client::WaitForConnected(absl::Duration timeout) {
   const auto deadline = DeadlineAfter(timeout);
-  for (const auto& channel : channels_) {
-    if (!channel->WaitForConnected(deadline)) {
+  // Chosen by the client: the first connection; the others open as calls need them.
+  const size_t wait_for = options_.connections == 0 ? 1 : channels_.size();
+  for (size_t i = 0; i < wait_for; ++i) {
+    if (!channels_[i]->WaitForConnected(deadline)) {
       return absl::UnavailableError(
           absl::StrCat("cannot connect to ", options_.target, " within ", absl::FormatDuration(timeout)));
     }
@@ -388,17 +403,24 @@ absl::StatusOr<Resp> Client::SendWire(Req request, const CallOptions& call) {
 
   grpc::ClientContext ctx;
   Prepare(&ctx, call);
-  const WireMethods& m = *wire_methods_[NextConnection()];
+  const size_t connection = NextConnection();
+  const WireMethods& m = *wire_methods_[connection];
   grpc::ByteBuffer reply;
+  in_flight_[connection].fetch_add(1, std::memory_order_relaxed);
   const grpc::Status s = grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
       m.channel, m.Of(request), &ctx, wire, &reply);
+  in_flight_[connection].fetch_sub(1, std::memory_order_relaxed);
   if (!s.ok()) return ExplainServerSizeRefusal(FromGrpcStatus(s), Rpc::kRpc, Rpc::kWhat, meta, bytes);
   Resp resp;
   WireBytes out;
   if (absl::Status parsed = ParseWithTensorBytes(reply, Rpc::kOut, &resp, &out); !parsed.ok()) {
     return absl::InternalError(absl::StrCat("the ", Rpc::kRpc, " reply ", parsed.message()));
   }
-  if (out.present()) out.AppendTo(MutableTensorOf(&resp)->mutable_data());
+  if (out.present()) {
+    std::string* bytes = MutableTensorOf(&resp)->mutable_data();
+    bytes->resize(out.size());
+    out.CopyTo(bytes->data(), 0, out.size());  // over a few threads (base/parallel_copy.h)
+  }
   return resp;
 }
 

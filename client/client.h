@@ -72,11 +72,13 @@ struct ClientOptions {
   std::string tls_server_name = {};  // check the server's certificate against this name, not the target's host
   // LoadWeights chunk size in bytes (the server refuses chunks above its max_chunk_bytes, 4 MiB by default).
   int64_t chunk_bytes = 1 << 20;
-  // HTTP/2 connections the calls are spread over, round robin (1..64). One connection moves one
-  // large message at a time each way (~1.7 GB/s on the H100 host's loopback); a client with
-  // several Forward/Backward calls of tens of MB in flight gets them through in parallel with one
-  // connection per call in flight.
-  int connections = 1;
+  // HTTP/2 connections the calls are spread over (1..64), or 0: chosen by the client, one per
+  // activation call in flight up to kAutoConnections. One connection moves one large message at a
+  // time each way (~2.4 GB/s on the H200 host's loopback); a client with several Forward/Backward
+  // calls of tens of MB in flight gets them through in parallel with a connection per call. A
+  // call takes the first connection with nothing in flight (else the least busy), so a
+  // connection is opened only when that many calls are in flight at once.
+  int connections = 0;
   // kAuto / kSharedMemory: a Forward, Backward or InferStep whose tensor carries its bytes inline
   // (and names no region of its own) travels through one of this client's shared-memory regions
   // (client/shared_memory_region.h) instead, and its reply comes back inline, as if it had
@@ -84,6 +86,9 @@ struct ClientOptions {
   // to the messages for good when the daemon is on another host or refuses shared memory.
   Transport transport = Transport::kGrpc;
 };
+
+// ClientOptions::connections = 0: at most this many, opened as calls in flight need them.
+inline constexpr int kAutoConnections = 8;
 
 // Per-call overrides.
 struct CallOptions {
@@ -218,7 +223,7 @@ class Client {
 
   // The stub of the next connection, round robin.
   v1::BlockService::Stub* NextStub();
-  // The index of the next connection, round robin.
+  // The connection for the next call: the first with no call in flight, else the least busy.
   size_t NextConnection();
   // The activation calls as sent (the public ones choose the transport first): raw messages
   // (proto/tensor_wire.h) whose tensor bytes are moved into the request, not copied, and
@@ -254,7 +259,7 @@ class Client {
     void operator()(WireMethods* m) const;
   };
   std::vector<std::unique_ptr<WireMethods, WireMethodsDeleter>> wire_methods_;
-  std::atomic<uint64_t> next_stub_{0};
+  std::unique_ptr<std::atomic<int>[]> in_flight_;  // activation calls in flight, per connection
   struct HealthStub;
   std::unique_ptr<HealthStub> health_;
   // Shared-memory regions for options_.transport; last, so its regions unregister through the

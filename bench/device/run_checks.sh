@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [nccl] [groups] [ipc] [transport] [scale] [lora] [big]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [nccl] [groups] [ipc] [transport] [tcp_sweep] [scale] [lora] [big]   (default: the first four)
 # `nccl`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs);
 # `groups`: those tests and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
@@ -259,6 +259,33 @@ if [[ " $stages " == *" service "* ]]; then
   grep "Forward of 8" "$OUT/blockd.service.log" | tail -4
 fi
 
+if [[ " $stages " == *" tcp_sweep "* ]]; then
+  # Issue 17's remote row against how many micro-batches are in flight and over how many
+  # connections: the span of 8 Qwen-like bf16 blocks through one daemon over loopback TCP, beside
+  # bench_engine's in-process figure from the same run; then gRPC's one-way time of a 34 MB request.
+  log="$OUT/tcp_sweep.log"; : >"$log"
+  timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 \
+    --iters=${TRANSPORT_ITERS:-6} --attention=native >>"$log" 2>&1
+  inproc=$(awk '/^span of 8/ {print $12; exit}' "$log")
+  LD_LIBRARY_PATH="$LIBS" timeout 400 "$dev/bin/blockd" --backend=cuda --attention=native --listen=127.0.0.1:50993 \
+    --metrics_listen= >"$OUT/blockd.tcp_sweep.log" 2>&1 &
+  daemon=$!
+  for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.tcp_sweep.log" 2>/dev/null && break; sleep 1; done
+  for run in ${SWEEP_RUNS:-3,3,0 3,6,0 6,6,18 8,8,24 12,12,24}; do
+    IFS=, read -r conns depth mb <<<"$run"
+    echo "== connections=$conns depth=$depth micro_batches=$mb" >>"$log"
+    timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=127.0.0.1:50993 --blocks=8 \
+      --depth=$depth --micro_batches=$mb --iters=${TRANSPORT_ITERS:-6} --connections=$conns >>"$log" 2>&1
+    awk -v c=$conns -v b="$inproc" '/^8 blocks/ {r=$0; d=$4; t=$7; m=$9} END {printf "SWEEP tcp connections %s depth %s micro-batches %s: %s tokens/s, %.1f%% of in-process %s\n", c, d, m, t, 100*t/b, b}' "$log" | tail -1
+  done
+  for conns in 1 3; do
+    timeout 60 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=127.0.0.1:50993 --connections=$conns \
+      --transport_probe --iters=6 | sed "s/^/SWEEP $conns connection(s): /"
+  done
+  kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+  row "bench.tcp_sweep" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see tcp_sweep.log"
+fi
+
 if [[ " $stages " == *" transport "* ]]; then
   # Issue 17's transport table: the span of 8 Qwen-like bf16 blocks trained in process
   # (bench_engine) and through one daemon (--allow_shared_memory, native attention on both sides)
@@ -289,13 +316,14 @@ if [[ " $stages " == *" transport "* ]]; then
     awk -v n="$name" '/^8 blocks/ {print n, $4, $7}' "$log" | tail -2 | while read -r n dp tok; do
       echo "$(trow "$n (bench_service)" "$dp" "$tok")"; done >>"$OUT/transport.rows"
     if [ "$name" = tcp ]; then
-      # 12 micro-batches a step, 3 in flight: each micro-batch's turnaround (output back, gradient
-      # over) overlaps the others' compute instead of all three turning around at once.
-      echo "== tcp, 12 micro-batches a step" >>"$log"
-      timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=3 \
-        --micro_batches=12 --iters=${TRANSPORT_ITERS:-6} --connections=$conns >>"$log" 2>&1
-      awk '/^8 blocks/ && $9 == 12 {print $4, $7}' "$log" | tail -1 | while read -r dp tok; do
-        echo "$(trow "tcp, 12 micro-batches a step" "$dp" "$tok")"; done >>"$OUT/transport.rows"
+      # What a remote trainer would run: 8 micro-batches in flight over the connections the client
+      # chooses (one per call in flight), 24 a step, so that one micro-batch's transfers overlap
+      # the others' compute and the step's fill and drain are amortised.
+      echo "== tcp, 8 in flight, connections chosen by the client, 24 micro-batches a step" >>"$log"
+      timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=8 \
+        --micro_batches=24 --iters=${TRANSPORT_ITERS:-6} --connections=0 >>"$log" 2>&1
+      awk '/^8 blocks/ && $9 == 24 {print $4, $7}' "$log" | tail -1 | while read -r dp tok; do
+        echo "$(trow "tcp, auto connections, 24 micro-batches" "$dp" "$tok")"; done >>"$OUT/transport.rows"
     fi
     if [ "$name" = shm ]; then
       # The C++ client with its host tensors made in its shared-memory regions; through CUDA IPC,

@@ -75,6 +75,19 @@ class ScriptedService final : public v1::BlockService::Service {
     resp->set_version("scripted");
     return grpc::Status::OK;
   }
+  // Echoes the input's bytes reversed, once `hold` calls are in at the same time (or 10 s passed),
+  // and records which connection (peer address and port) each came on.
+  grpc::Status Forward(grpc::ServerContext* ctx, const v1::ForwardRequest* req, v1::ForwardResponse* resp) override {
+    absl::MutexLock l(&mu);
+    peers.push_back(ctx->peer());
+    ++arrived;
+    auto all_in = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return arrived >= hold; };
+    mu.AwaitWithTimeout(absl::Condition(&all_in), absl::Seconds(10));
+    *resp->mutable_output() = req->input();
+    std::reverse(resp->mutable_output()->mutable_data()->begin(), resp->mutable_output()->mutable_data()->end());
+    resp->set_activation_id("echo");
+    return grpc::Status::OK;
+  }
   grpc::Status GetBlock(grpc::ServerContext*, const v1::GetBlockRequest* req, v1::BlockInfo*) override {
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "scripted: block " + req->block_id() + " is shy");
   }
@@ -93,6 +106,9 @@ class ScriptedService final : public v1::BlockService::Service {
   std::vector<v1::TensorChunk> received ABSL_GUARDED_BY(mu);
   std::string authorization ABSL_GUARDED_BY(mu), client_id ABSL_GUARDED_BY(mu);
   absl::Duration info_delay ABSL_GUARDED_BY(mu) = absl::ZeroDuration();
+  std::vector<std::string> peers ABSL_GUARDED_BY(mu);
+  int arrived ABSL_GUARDED_BY(mu) = 0;
+  int hold ABSL_GUARDED_BY(mu) = 0;
 };
 
 class ClientAgainstScript : public ::testing::Test {
@@ -231,12 +247,53 @@ TEST_F(ClientAgainstScript, DeadlinesAndStatusesPassThrough) {
   EXPECT_STATUS(client->ListBlocks().status(), StatusCode::kUnimplemented);
 }
 
+// The client sends Forward as a raw message (proto/tensor_wire.h) and reads the reply without
+// protobuf: a plain protobuf server reads the one and writes the other. With connections = 0 it
+// opens a connection per call in flight, up to kAutoConnections, and no more than it needs.
+TEST_F(ClientAgainstScript, ConnectionsAreChosenByTheClient) {
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  const std::string x = Bytes(3 << 20, 5);  // 3 MB: several of gRPC's slices
+  auto forward = [&] {
+    v1::ForwardRequest req;
+    req.add_block_ids("b0");
+    v1::Tensor* in = req.mutable_input();
+    in->set_dtype(v1::DTYPE_BFLOAT16);
+    for (int64_t d : {int64_t{1}, int64_t{1}, static_cast<int64_t>(x.size() / 2)}) in->add_shape(d);
+    in->set_data(x);
+    auto y = client->Forward(req);
+    ASSERT_OK(y.status());
+    EXPECT_EQ(y->activation_id(), "echo");
+    EXPECT_EQ(y->output().data(), std::string(x.rbegin(), x.rend()));
+    EXPECT_EQ(wire::ShapeOf(y->output()), wire::ShapeOf(req.input()));
+  };
+  auto distinct_peers = [&] {
+    absl::MutexLock l(&service_.mu);
+    std::set<std::string> p(service_.peers.begin(), service_.peers.end());
+    service_.peers.clear();
+    service_.arrived = 0;
+    return p.size();
+  };
+  for (int i = 0; i < 3; ++i) forward();  // one at a time: one connection
+  EXPECT_EQ(distinct_peers(), 1u);
+  for (int at_once : {5, kAutoConnections + 4}) {
+    {
+      absl::MutexLock l(&service_.mu);
+      service_.hold = at_once;
+    }
+    std::vector<std::thread> calls;
+    for (int i = 0; i < at_once; ++i) calls.emplace_back(forward);
+    for (std::thread& t : calls) t.join();
+    EXPECT_EQ(distinct_peers(), static_cast<size_t>(std::min(at_once, kAutoConnections))) << at_once << " at once";
+  }
+}
+
 TEST(ClientOptionsCheck, BadOptionsAreRefusedAtConnect) {
   EXPECT_STATUS(Client::Connect({.target = ""}).status(), StatusCode::kInvalidArgument, "target is empty");
   EXPECT_STATUS(Client::Connect({.chunk_bytes = 0}).status(), StatusCode::kInvalidArgument, "chunk_bytes = 0");
   EXPECT_STATUS(Client::Connect({.max_message_bytes = 0}).status(), StatusCode::kInvalidArgument,
                 "max_message_bytes = 0");
-  EXPECT_STATUS(Client::Connect({.connections = 0}).status(), StatusCode::kInvalidArgument, "connections = 0");
+  EXPECT_STATUS(Client::Connect({.connections = -1}).status(), StatusCode::kInvalidArgument, "connections = -1");
   EXPECT_STATUS(Client::Connect({.connections = 65}).status(), StatusCode::kInvalidArgument, "connections = 65");
 }
 
