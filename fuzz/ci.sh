@@ -11,7 +11,7 @@ seconds="${BLOCKD_FUZZ_SECONDS:-20}"
 t0=$(date +%s)
 cmake -S "$src" -B "$build" -G Ninja -DBLOCKD_CUDA=OFF -DBLOCKD_FUZZ=ON -DBLOCKD_FUZZ_SECONDS="$seconds" \
   -DCMAKE_C_COMPILER="${CC:-clang}" -DCMAKE_CXX_COMPILER="${CXX:-clang++}"
-cmake --build "$build" -j "${BLOCKD_JOBS:-$(nproc)}" --target safetensors_fuzzer request_fuzzer session_fuzzer shared_memory_fuzzer
+cmake --build "$build" -j "${BLOCKD_JOBS:-$(nproc)}" --target safetensors_fuzzer request_fuzzer session_fuzzer shared_memory_fuzzer tensor_wire_fuzzer
 t1=$(date +%s)
 status=0
 ctest --test-dir "$build" -L fuzz --output-on-failure || status=$?

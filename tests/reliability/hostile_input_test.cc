@@ -8,6 +8,8 @@
 // the memory in use and the block list, and requires them bitwise unchanged; after each case the
 // server must still answer. The cases and their outcomes are printed as a table. The session
 // requests are hostile_session_test.cc's; the fixture both share is hostile_fixture.h.
+#include <grpcpp/impl/codegen/client_unary_call.h>
+
 #include "tests/reliability/hostile_fixture.h"
 
 namespace blockd::testing {
@@ -52,6 +54,26 @@ TEST_F(HostileInput, EveryBadRequestGetsItsCodeAndChangesNothing) {
     f(r);
     return admin_->DownloadTensors(r).status();
   };
+  // Bytes sent as they are (gRPC's raw call, no protobuf on this side): what the daemon's raw
+  // Forward and Backward (proto/tensor_wire.h) make of messages that do not parse.
+  auto raw = [&](const char* method, const std::string& bytes) -> absl::Status {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kAdminToken));
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer request(&slice, 1), reply;
+    const grpc::Status st = grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
+        channel_.get(), grpc::internal::RpcMethod(method, grpc::internal::RpcMethod::NORMAL_RPC), &ctx, request,
+        &reply);
+    return FromGrpcStatus(st);
+  };
+  std::string good_forward;
+  {
+    v1::ForwardRequest r;
+    r.add_block_ids("A");
+    *r.mutable_input() = x;
+    r.set_keep_activations(true);
+    good_forward = r.SerializeAsString();
+  }
   std::string handle;  // set by the setups of the activation cases
   std::vector<std::string> held;
 
@@ -175,6 +197,16 @@ TEST_F(HostileInput, EveryBadRequestGetsItsCodeAndChangesNothing) {
        [&] { return anonymous_->LoadWeights("B", weights).status(); }},
 
       // ---- Forward ----
+      {"Forward", "bytes cut off inside the input's data", kInvalid, {"does not parse", "runs past"},
+       [&] { return raw("/blockd.v1.BlockService/Forward", good_forward.substr(0, good_forward.size() - 9)); }},
+      {"Forward", "a length of 2^32 in 5 bytes", kInvalid, {"does not parse"},
+       [&] { return raw("/blockd.v1.BlockService/Forward", std::string("\x12\xff\xff\xff\xff\x0f", 6)); }},
+      {"Forward", "field number 0", kInvalid, {"does not parse", "numbered 0"},
+       [&] { return raw("/blockd.v1.BlockService/Forward", good_forward + std::string("\x00\x01", 2)); }},
+      {"Forward", "block id not UTF-8", kInvalid, {"does not parse"},
+       [&] { return raw("/blockd.v1.BlockService/Forward", std::string("\x0a\x02\xc3\x28", 4) + good_forward); }},
+      {"Backward", "bytes that do not parse", kInvalid, {"does not parse"},
+       [&] { return raw("/blockd.v1.BlockService/Backward", std::string("\x12\x05\x1a\x09" "abc", 7)); }},
       {"Forward", "wrong hidden size", kInvalid, {"input shape [1,4,33], block A expects [batch>=1,seq>=1,32]"},
        [&] { return forward({"A"}, RandomTensor({1, 4, 33}, 1)); }},
       {"Forward", "rank-2 input", kInvalid, {"input shape [4,32]"}, [&] { return forward({"A"}, RandomTensor({4, 32}, 1)); }},
