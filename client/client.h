@@ -239,7 +239,8 @@ class Client {
   using Send = absl::StatusOr<Resp> (Client::*)(Req, const CallOptions&);
   template <class Req>
   bool WantsSharedMemory(const Req& request) const;
-  // A caller's request (copied once when it goes through shared memory).
+  // A caller's request: copied once, its tensor's bytes over a few threads (where serialising it
+  // copied them on one core).
   template <class Req, class Resp>
   absl::StatusOr<Resp> Route(const Req& request, const CallOptions& call, Send<Req, Resp> send);
   // A request the client built itself (moved, never copied).

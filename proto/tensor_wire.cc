@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
 #include "base/parallel_copy.h"
 #include "base/status_macros.h"
 
@@ -34,6 +35,7 @@ void PutVarint(uint64_t v, std::string* out) {
 class TensorWireParser {
  public:
   explicit TensorWireParser(const grpc::ByteBuffer& wire) {
+    // Dump refuses only a buffer never filled: gRPC's empty message, parsed as one.
     if (wire.Dump(&slices_).ok()) {
       for (const grpc::Slice& s : slices_) {
         if (s.size() == 0) continue;
@@ -60,7 +62,14 @@ class TensorWireParser {
       }
     }
     if (!msg->ParseFromString(rest)) return Malformed("its fields do not parse");
-    if (data->present_) data->slices_ = std::move(slices_);
+    if (data->present_) {
+      data->slices_ = std::move(slices_);
+      size_t at = 0;
+      for (absl::string_view p : data->pieces_) {
+        data->starts_.push_back(at);
+        at += p.size();
+      }
+    }
     return absl::OkStatus();
   }
 
@@ -82,6 +91,7 @@ class TensorWireParser {
         uint64_t n = 0;
         if (!Varint(&n, end, nullptr) || n > end - pos_) return Malformed("a tensor's data runs past the tensor");
         data->pieces_.clear();  // sent twice: the last one wins, as in protobuf
+        data->starts_.clear();
         data->size_ = static_cast<size_t>(n);
         data->present_ = true;
         Take(static_cast<size_t>(n), &data->pieces_);
@@ -194,7 +204,13 @@ const char* WireBytes::contiguous() const {
   return pieces_.empty() ? "" : nullptr;
 }
 
-void WireBytes::CopyTo(void* dst, size_t from, size_t n) const { ParallelGather(dst, pieces_, from, n); }
+void WireBytes::CopyTo(void* dst, size_t from, size_t n) const {
+  if (n == 0) return;
+  // The piece holding byte `from`: the engine reads a tensor a chunk at a time, and gRPC's slices
+  // can be a few KB each.
+  const size_t first = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), from) - starts_.begin()) - 1;
+  ParallelGather(dst, absl::MakeConstSpan(pieces_).subspan(first), from - starts_[first], n);
+}
 
 void WireBytes::AppendTo(std::string* out) const {
   out->reserve(out->size() + size_);

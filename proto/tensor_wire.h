@@ -50,6 +50,7 @@ class WireBytes {
   friend class TensorWireParser;
   std::vector<grpc::Slice> slices_;  // held: the pieces point into them
   std::vector<absl::string_view> pieces_;
+  std::vector<size_t> starts_;  // each piece's offset into the tensor, for CopyTo's first piece
   size_t size_ = 0;
   bool present_ = false;
 };

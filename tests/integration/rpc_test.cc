@@ -444,8 +444,8 @@ TEST(Rpc, ConcurrentTrainingMatchesSerialTraining) {
       if (!c->ListBlocks().ok() || !c->GetServerInfo().ok()) ADD_FAILURE() << "a read failed during training";
     }
   });
-  // Odd trainers have a channel each; even ones share one client whose calls go round robin over
-  // three connections.
+  // Odd trainers have a channel each; even ones share one client whose calls are spread over
+  // three connections (each call takes the first one with nothing in flight).
   auto shared = ConnectTo(*server, {.client_id = "trainers", .connections = 3});
   ASSERT_NE(shared, nullptr);
   std::vector<std::thread> threads;
