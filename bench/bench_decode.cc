@@ -8,7 +8,12 @@
 // target: >= 70%).
 //
 //   bench_decode [--batches=1,64] [--attention_batches=1,8,64] [--layers=8] [--prompt=512] [--new=64]
-//                [--shape=llama8b|llama70b] [--devices=1] [--frozen] [--written_layers=N]
+//                [--shape=llama8b|llama70b] [--devices=1] [--frozen] [--written_layers=N] [--engine|--engine_debug]
+//
+// --engine: then the same decode at batch 1 through Engine::InferStep in process, as the daemon
+// runs a session's step (bf16 bytes in and out on the host, the session's bookkeeping, the
+// upload, the replayed graph, the download), beside the graph step above: what a step costs in
+// the engine apart from gRPC. With --engine_debug the engine also logs each step's times (stderr).
 //
 // Issue 15's model larger than a GPU: --shape=llama70b --layers=80 --devices=2 --frozen spreads 80
 // frozen bf16 Llama-3-70B-shaped blocks (hidden 8192, MLP 28672, 64/8 heads, ~137 GB) over the
@@ -30,7 +35,10 @@
 
 #include "absl/strings/str_split.h"
 #include "base/status_macros.h"
+#include "base/dtype.h"
+#include "base/log.h"
 #include "engine/cuda/cuda_backend.h"
+#include "engine/engine.h"
 #include "engine/init.h"
 #include "engine/kv_cache.h"
 #include "kernels/paged_attention.cuh"
@@ -122,15 +130,81 @@ void AttentionBandwidth(int64_t batch, int64_t context, int forced = 0) {
   cudaFree(ws);
 }
 
+// --engine: a session of `layers` seeded blocks in an Engine of its own, its prompt and then
+// `fresh` single-token steps at batch 1 through Engine::InferStep with bf16 bytes in and out, as
+// the daemon runs them (EngineOptions as blockd's defaults), each step timed from the call to its
+// output bytes; beside `graph_step`, the same span's replayed graph step with its input already
+// on the device.
+int EngineDecode(const BlockConfig& c, int layers, int64_t prompt, int64_t fresh, bool frozen, double graph_step) {
+  auto backend = MakeCudaBackend();
+  if (!Check(backend.status(), "backend")) return 1;
+  Engine engine(std::move(backend).value(), EngineOptions{});
+  OpenSessionArgs open;
+  open.client = "bench";
+  open.batch_size = 1;
+  open.max_length = prompt + fresh;
+  for (int l = 0; l < layers; ++l) {
+    CreateBlockParams p;
+    p.spec.id = "engine" + std::to_string(l);
+    p.spec.config = c;
+    p.spec.max_seq_len = prompt + fresh;
+    p.spec.max_batch_size = 1;
+    p.spec.frozen = frozen;
+    p.precision = Precision::kBF16;
+    p.seed = 1234 + l;
+    if (!Check(engine.CreateBlock(p).status(), "create")) return 1;
+    open.block_ids.push_back(p.spec.id);
+  }
+  auto info = engine.OpenSession(open);
+  if (!Check(info.status(), "open session")) return 1;
+  const int64_t d = c.hidden_size;
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> dist;
+  auto bytes_of = [&](int64_t n) {  // bf16 on the wire, as the clients send a step
+    std::string b(static_cast<size_t>(n * d) * 2, '\0');
+    auto* h = reinterpret_cast<uint16_t*>(b.data());
+    for (int64_t i = 0; i < n * d; ++i) h[i] = Float32ToBFloat16(dist(rng));
+    return b;
+  };
+  std::vector<std::string> inputs;
+  for (int64_t i = 0; i < fresh; ++i) inputs.push_back(bytes_of(1));
+  auto run = [&](const std::string& in, int64_t n, uint64_t step_id) -> bool {
+    InferStepArgs a;
+    a.session_id = info->session_id;
+    a.client = "bench";
+    a.hidden_states = TensorArg{DType::kBFloat16, {1, n, d}, in.data(), in.size()};
+    a.step_id = step_id;
+    std::string out;
+    InferStepOutput o;
+    o.output.data = &out;
+    return Check(engine.InferStep(a, &o), "step") && out.size() == in.size();
+  };
+  if (!run(bytes_of(prompt), prompt, 1)) return 1;
+  std::vector<double> times;
+  for (int64_t i = 0; i < fresh; ++i) {
+    const double t0 = Now();
+    if (!run(inputs[static_cast<size_t>(i)], 1, static_cast<uint64_t>(i + 2))) return 1;
+    times.push_back(Now() - t0);
+  }
+  std::sort(times.begin(), times.end());
+  const double med = times[times.size() / 2];
+  std::printf("engine decode (Engine::InferStep, bf16 bytes in and out)  batch 1  %d layers: median step %.3f ms, "
+              "%.3f ms over the graph step (%.3f ms)\n",
+              layers, med * 1e3, (med - graph_step) * 1e3, graph_step * 1e3);
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   std::vector<int64_t> batches = {1, 64}, attention_batches = {1, 8, 64};
   int layers = 8;
   int64_t prompt = 512, fresh = 64;
   int devices = 1, written = -1;
-  bool big = false, frozen = false;
+  bool big = false, frozen = false, engine_too = false, engine_debug = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--shape=llama70b") big = true;
+    if (a == "--engine") engine_too = true;
+    if (a == "--engine_debug") engine_too = engine_debug = true;
     if (a == "--frozen") frozen = true;
     if (a.rfind("--devices=", 0) == 0) devices = std::stoi(a.substr(10));
     if (a.rfind("--written_layers=", 0) == 0) written = std::stoi(a.substr(17));
@@ -187,6 +261,7 @@ int Main(int argc, char** argv) {
   const int64_t d = c.hidden_size;
   std::mt19937_64 rng(7);
   std::normal_distribution<float> dist;
+  double last_graph_step = 0;  // batch 1's, for --engine
   for (int64_t batch : batches) {
     std::vector<std::unique_ptr<KvPageStore>> stores;
     for (auto& b : blocks) stores.push_back(std::move(b->NewKvPageStore()).value());
@@ -342,6 +417,13 @@ int Main(int argc, char** argv) {
                 "tokens/s: prefill at %.2fx its tokens/s\n",
                 prefill_warm * 1e3, batch * prompt / prefill_warm, forward * 1e3, batch * prompt / forward,
                 forward / prefill_warm);
+    if (batch == 1) last_graph_step = graph_med > 0 ? graph_med : med;
+  }
+  if (engine_too) {
+    blocks.clear();  // the engine's blocks take their place on the GPU
+    backend.reset();
+    if (engine_debug) SetLogLevel(LogLevel::kDebug);
+    return EngineDecode(c, layers, prompt, fresh, frozen, last_graph_step);
   }
   return 0;
 }

@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "base/echo.h"
 #include "base/finite.h"
+#include "base/log.h"
 #include "base/status_macros.h"
 #include "engine/engine.h"
 #include "engine/engine_internal.h"
@@ -94,6 +95,7 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
   auto fail = [&members](const absl::Status& st) {
     for (PendingStep* m : members) m->status = st;
   };
+  const absl::Time t_start = absl::Now();
   const PendingStep& lead = *members[0];
   const bool alone = members.size() == 1;
   const int64_t hidden = span[0]->spec.config.hidden_size, n = lead.new_tokens;
@@ -116,6 +118,7 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
     return fail(absl::Status(x_or.status().code(), absl::StrCat("hidden_states ", x_or.status().message())));
   }
   std::unique_ptr<Activation> x = std::move(x_or).value();
+  const absl::Time t_uploaded = absl::Now();
 
   std::vector<int64_t> start;
   start.reserve(static_cast<size_t>(rows));
@@ -191,6 +194,7 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
     }
     return y;
   };
+  const absl::Time t_prepared = absl::Now();
   absl::StatusOr<std::unique_ptr<Activation>> y;
   if (graph != nullptr && options_.infer_graphs) {
     const StepGraph::Counts before = graph->counts();
@@ -205,6 +209,7 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
   if (!y.ok()) return fail(y.status());
   x = std::move(y).value();
   lock.Unlock();
+  const absl::Time t_launched = absl::Now();
 
   if (alone) {
     // Nothing to split: the output goes straight into the reply.
@@ -220,6 +225,12 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
       offset += bytes;
     }
   }
+  BLOCKD_LOG(kDebug, "Infer step of ", span.size(), " blocks [", rows, ",", n, "], ", members.size(),
+             " session(s)", graph != nullptr && options_.infer_graphs ? ", graph" : "", ": upload ",
+             absl::ToDoubleMicroseconds(t_uploaded - t_start), " us, tables ",
+             absl::ToDoubleMicroseconds(t_prepared - t_uploaded), " us, launch ",
+             absl::ToDoubleMicroseconds(t_launched - t_prepared), " us, compute + download ",
+             absl::ToDoubleMicroseconds(absl::Now() - t_launched), " us");
   infer_launches_.fetch_add(1);
   infer_launched_steps_.fetch_add(static_cast<int64_t>(members.size()));
   infer_last_batch_sessions_.store(static_cast<int64_t>(members.size()));

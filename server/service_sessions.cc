@@ -5,6 +5,8 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "base/echo.h"
+#include "base/log.h"
 #include "server/convert.h"
 #include "server/service_internal.h"
 #include "server/shared_memory_transport.h"
@@ -27,6 +29,7 @@ void ToProto(const SessionInfo& info, v1::SessionInfo* out) {
 
 absl::Status BlockServiceImpl::RunInferStep(const v1::InferStepRequest& req, const std::string& client,
                                             v1::InferStepResponse* resp) {
+  const absl::Time t_in = absl::Now();
   InferStepArgs args;
   args.session_id = req.session_id();
   args.client = client;
@@ -47,6 +50,9 @@ absl::Status BlockServiceImpl::RunInferStep(const v1::InferStepRequest& req, con
   resp->set_length(static_cast<int32_t>(out.length));
   resp->set_step_id(out.step_id);
   if (!out.replayed) metrics_->SessionStep(out.output.shape[0], out.output.shape[1], seconds);
+  BLOCKD_LOG(kDebug, "InferStep of session ", Echo(args.session_id), ": input ",
+             absl::ToDoubleMicroseconds(start - t_in), " us, engine ", seconds * 1e6, " us, reply ",
+             absl::ToDoubleMicroseconds(absl::Now() - start) - seconds * 1e6, " us");
   return absl::OkStatus();
 }
 
@@ -203,7 +209,9 @@ class BlockServiceImpl::InferReactor
     service_->watchdog_->Touch(watch_);
     service_->watchdog_->SetBusy(watch_, true);
     service_->metrics_->bytes_received->Increment(static_cast<double>(req_.ByteSizeLong()));
+    read_at_ = absl::Now();
     service_->pool_->Submit([this] {
+      run_at_ = absl::Now();
       resp_.Clear();
       auto step = [this] { return service_->RunInferStep(req_, call_.client(), &resp_); };
       absl::Status s = Guarded(step);
@@ -213,11 +221,15 @@ class BlockServiceImpl::InferReactor
         return;
       }
       service_->metrics_->bytes_sent->Increment(static_cast<double>(resp_.ByteSizeLong()));
+      write_at_ = absl::Now();
       StartWrite(&resp_);
     });
   }
 
   void OnWriteDone(bool ok) override {
+    BLOCKD_LOG(kDebug, "Infer stream step: waited for a pool thread ", absl::ToDoubleMicroseconds(run_at_ - read_at_),
+               " us, ran ", absl::ToDoubleMicroseconds(write_at_ - run_at_), " us, written in ",
+               absl::ToDoubleMicroseconds(absl::Now() - write_at_), " us");
     bool drain = false;
     {
       absl::MutexLock lock(&mu_);
@@ -264,6 +276,7 @@ class BlockServiceImpl::InferReactor
   uint64_t watch_ = 0;
   v1::InferStepRequest req_;
   v1::InferStepResponse resp_;
+  absl::Time read_at_, run_at_, write_at_;  // the step's, for the debug log's times
   absl::Mutex mu_;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;  // Finish called or about to be
   bool busy_ ABSL_GUARDED_BY(mu_) = false;      // a step is running or its output being written

@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [nccl] [groups] [ipc] [transport] [tcp_sweep] [scale] [lora] [big]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [nccl] [groups] [ipc] [transport] [tcp_sweep] [ipc_sweep] [scale] [lora] [big]   (default: the first four)
 # `nccl`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs);
 # `groups`: those tests and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
@@ -158,10 +158,14 @@ fi
 # CUDA daemon (32 frozen bf16 Llama-3-8B-shaped blocks, the Infer stream, bf16 on the wire), then
 # the C++ client's bench_session on the same daemon.
 if [[ " $stages " == *" grpc_decode "* ]]; then
-  timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_decode" --layers=32 --frozen --written_layers=1 \
-    --batches=1 --attention_batches= >"$OUT/grpc_decode.inproc.log" 2>&1
+  # In process: the span's graph step, then the same decode through Engine::InferStep (bf16 bytes
+  # in and out, as the daemon runs a step), its times logged per step.
+  timeout 300 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_decode" --layers=32 --frozen --written_layers=1 \
+    --batches=1 --attention_batches= --engine_debug >"$OUT/grpc_decode.inproc.log" 2>&1
   row "grpc_decode.in_process" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see grpc_decode.inproc.log"
-  cat "$OUT/grpc_decode.inproc.log"
+  grep -v " blockd: " "$OUT/grpc_decode.inproc.log"
+  echo "== the engine's times of a step in process"
+  python3 "$root/bench/device/step_times.py" "$OUT/grpc_decode.inproc.log" --blocks=32
   inproc=$(grep -oE '[0-9.]+ ms/layer/step' "$OUT/grpc_decode.inproc.log" | head -1 | cut -d' ' -f1)
   port=50997
   LD_LIBRARY_PATH="$LIBS" timeout 400 "$dev/bin/blockd" --backend=cuda --listen=127.0.0.1:$port \
@@ -180,17 +184,26 @@ if [[ " $stages " == *" grpc_decode "* ]]; then
   row "grpc_decode.grpc_cc" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see grpc_decode.cc.log"
   tail -5 "$OUT/grpc_decode.cc.log"
   kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
-  # The C++ client again over a Unix socket (a same-host client's other gRPC path).
+  # The C++ client again over a Unix socket (a same-host client's other gRPC path); then where a
+  # step's time goes in the daemon: the same client on a daemon that logs each step's times
+  # (--log_level=debug; the logging itself costs a little), their medians last.
   sock=unix:/tmp/blockd-grpc-decode.sock
-  LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda --listen=$sock --metrics_listen= \
-    >"$OUT/blockd.grpc_decode.unix.log" 2>&1 &
-  daemon=$!
-  for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.grpc_decode.unix.log" 2>/dev/null && break; sleep 1; done
-  timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_session" --target=$sock --blocks=32 \
-    --in_process_ms="${inproc:-0}" >"$OUT/grpc_decode.cc.unix.log" 2>&1
-  row "grpc_decode.grpc_cc_unix" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see grpc_decode.cc.unix.log"
-  tail -5 "$OUT/grpc_decode.cc.unix.log"
-  kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+  for run in unix,info debug,debug; do
+    IFS=, read -r name level <<<"$run"
+    LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda --listen=$sock --metrics_listen= \
+      --log_level=$level >"$OUT/blockd.grpc_decode.$name.log" 2>&1 &
+    daemon=$!
+    for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.grpc_decode.$name.log" 2>/dev/null && break; sleep 1; done
+    timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_session" --target=$sock --blocks=32 \
+      --in_process_ms="${inproc:-0}" >"$OUT/grpc_decode.cc.$name.log" 2>&1
+    row "grpc_decode.grpc_cc_$name" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see grpc_decode.cc.$name.log"
+    tail -5 "$OUT/grpc_decode.cc.$name.log"
+    kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+  done
+  for b in 32 1; do
+    echo "== the daemon's times of a step, $b-block session"
+    python3 "$root/bench/device/step_times.py" "$OUT/blockd.grpc_decode.debug.log" --blocks=$b
+  done
 fi
 
 if [[ " $stages " == *" kernels "* ]]; then
@@ -284,6 +297,32 @@ if [[ " $stages " == *" tcp_sweep "* ]]; then
   done
   kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
   row "bench.tcp_sweep" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see tcp_sweep.log"
+fi
+
+if [[ " $stages " == *" ipc_sweep "* ]]; then
+  # Issue 17's same-host rows against how many micro-batches make a step and how many are in
+  # flight: the span of 8 Qwen-like bf16 blocks through one daemon (--allow_shared_memory) with the
+  # C++ client's same-host transports, beside bench_engine's in-process fwd+bwd from the same run.
+  log="$OUT/ipc_sweep.log"; : >"$log"
+  timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 \
+    --iters=${TRANSPORT_ITERS:-6} --attention=native >>"$log" 2>&1
+  inproc=$(awk '/^span of 8/ {print $12; exit}' "$log")
+  target=127.0.0.1:50994
+  LD_LIBRARY_PATH="$LIBS" timeout 500 "$dev/bin/blockd" --backend=cuda --attention=native --listen=$target \
+    --allow_shared_memory --metrics_listen= >"$OUT/blockd.ipc_sweep.log" 2>&1 &
+  daemon=$!
+  for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.ipc_sweep.log" 2>/dev/null && break; sleep 1; done
+  for run in ${IPC_SWEEP_RUNS:-cuda_auto,3,3 cuda_auto,3,12 cuda_auto,4,24 cuda_ipc_in_place,4,24 shm,4,24 shm_in_place,4,24}; do
+    IFS=, read -r transport depth mb <<<"$run"
+    echo "== $transport depth=$depth micro_batches=$mb" >>"$log"
+    timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 \
+      --depth=$depth --micro_batches=$mb --iters=${TRANSPORT_ITERS:-6} --transport=$transport >"$log.run" 2>&1
+    cat "$log.run" >>"$log"
+    awk -v x=$transport -v b="$inproc" '/^8 blocks/ {d=$4; t=$7; m=$9} END {printf "SWEEP %s depth %s micro-batches %s: %s tokens/s, %.1f%% of in-process %s\n", x, d, m, t, (b > 0 ? 100*t/b : 0), b}' "$log.run"
+  done
+  rm -f "$log.run"
+  kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+  row "bench.ipc_sweep" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see ipc_sweep.log"
 fi
 
 if [[ " $stages " == *" transport "* ]]; then
