@@ -30,6 +30,10 @@ constexpr char kGuardedPrefix[] = "/blockd.v1.BlockService/";
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std::unique_ptr<Backend> backend) {
+  if (options.worker_spin_us < -1 || options.worker_spin_us > 1000000) {
+    return absl::InvalidArgumentError(absl::StrCat("worker_spin_us = ", options.worker_spin_us,
+                                                   ", expected -1 (auto), 0 (sleep at once) or up to 1000000"));
+  }
   std::unique_ptr<Server> s(new Server());
   s->options_ = options;
   ASSIGN_OR_RETURN(s->metrics_, Metrics::Start(options.metrics_listen, options.metrics_tls));  // empty: no port
@@ -71,7 +75,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
   const int threads = options.worker_threads > 0
                           ? options.worker_threads
                           : std::max(4, static_cast<int>(std::thread::hardware_concurrency()));
-  s->pool_ = std::make_unique<ThreadPool>(threads);
+  // A spinning worker takes a core while the daemon waits for calls: only where there are cores
+  // to spare, unless asked.
+  const int spin_us = options.worker_spin_us >= 0 ? options.worker_spin_us
+                      : std::thread::hardware_concurrency() >= 8 ? 1000
+                                                                  : 0;
+  s->pool_ = std::make_unique<ThreadPool>(threads, absl::Microseconds(spin_us));
   options.service.identity_from_credentials = s->auth_->enabled() || !options.tls.client_ca_file.empty();
   s->service_ = std::make_unique<BlockServiceImpl>(s->engine_.get(), s->metrics_.get(), s->pool_.get(),
                                                     s->auth_.get(), s->checkpointer_.get(), options.service);

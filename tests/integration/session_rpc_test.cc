@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cpu/cpu_backend.h"
 #include "tests/integration/harness.h"
 
 namespace blockd::testing {
@@ -59,10 +60,14 @@ v1::InferStepRequest StepRequest(const std::string& id, v1::Tensor x, int64_t st
   return ::testing::AssertionSuccess();
 }
 
-class SessionRpc : public ::testing::Test {
+// Each test on a daemon whose idle workers sleep at once, and on one whose idle worker watches
+// for the next call (--worker_spin_us, server/thread_pool.h): the steps come out the same.
+class SessionRpc : public ::testing::TestWithParam<int> {
  protected:
   void SetUp() override {
-    server_ = StartServer(LoopbackOptions());
+    ServerOptions o = LoopbackOptions();
+    o.worker_spin_us = GetParam();
+    server_ = StartServer(o);
     ASSERT_NE(server_, nullptr);
     alice_ = ConnectTo(*server_, {.client_id = "alice"});
     bob_ = ConnectTo(*server_, {.client_id = "bob"});
@@ -88,7 +93,7 @@ class SessionRpc : public ::testing::Test {
   std::unique_ptr<Client> alice_, bob_;
 };
 
-TEST_F(SessionRpc, PrefillThenTheInferStreamEqualsForward) {
+TEST_P(SessionRpc, PrefillThenTheInferStreamEqualsForward) {
   const v1::Tensor x = RandomTensor({kBatch, kSeq, kHidden}, 31);
   auto ref = alice_->Forward({"b0", "b1"}, x, /*keep_activations=*/false);
   ASSERT_OK(ref.status());
@@ -138,7 +143,7 @@ TEST_F(SessionRpc, PrefillThenTheInferStreamEqualsForward) {
                 "not found");
 }
 
-TEST_F(SessionRpc, SessionsArePrivateToTheIdentityThatOpenedThem) {
+TEST_P(SessionRpc, SessionsArePrivateToTheIdentityThatOpenedThem) {
   auto info = Open(*alice_, "alices");
   ASSERT_OK(info.status());
   const v1::Tensor x = RandomTensor({kBatch, 3, kHidden}, 8);
@@ -162,7 +167,7 @@ TEST_F(SessionRpc, SessionsArePrivateToTheIdentityThatOpenedThem) {
   EXPECT_EQ((*list)[0].length(), 3);
 }
 
-TEST_F(SessionRpc, TrimForkAndTheErrorCodes) {
+TEST_P(SessionRpc, TrimForkAndTheErrorCodes) {
   auto info = Open(*alice_);
   ASSERT_OK(info.status());
   const std::string id = info->session_id();
@@ -214,6 +219,20 @@ TEST_F(SessionRpc, TrimForkAndTheErrorCodes) {
 // The operational view of sessions: GetServerInfo's KV capacity and the /metrics families, through
 // opens, a prefill, decode steps, a replayed retry (not counted), a fork sharing its pages until it
 // writes, refused opens by reason, and the close that gives everything back.
+INSTANTIATE_TEST_SUITE_P(Workers, SessionRpc, ::testing::Values(0, 1000),
+                         [](const ::testing::TestParamInfo<int>& p) {
+                           return p.param > 0 ? std::string("Spinning") : std::string("Sleeping");
+                         });
+
+TEST(SessionOps, AWorkerSpinOutOfRangeIsRefusedAtStart) {
+  for (int spin : {-2, 1000001}) {
+    ServerOptions o = LoopbackOptions();
+    o.worker_spin_us = spin;
+    EXPECT_STATUS(Server::Start(o, MakeCpuBackend()).status(), absl::StatusCode::kInvalidArgument,
+                  absl::StrCat("worker_spin_us = ", spin, ", expected -1 (auto)"));
+  }
+}
+
 TEST(SessionOps, ServerInfoAndMetricsFollowSessionsAndTheirCache) {
   ServerOptions o = LoopbackOptions(/*with_metrics=*/true);
   o.engine.max_sessions_per_client = 2;

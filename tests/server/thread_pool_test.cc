@@ -1,11 +1,13 @@
 // server/thread_pool: every submitted task runs exactly once, on up to `threads` threads at once,
 // in submission order on one thread; Submit() never waits for a worker; destruction runs what is
-// still queued before it joins. (The pool has no queue limit or per-task deadline: admission —
+// still queued before it joins. Each with and without a spinning worker (ThreadPool's `spin`), and
+// work handed over around the spin's end is never left queued with every worker asleep. (The pool has no queue limit or per-task deadline: admission —
 // the concurrent-RPC limit and expired deadlines — is BlockServiceImpl::Admit()'s job.)
 #include "server/thread_pool.h"
 
 #include <atomic>
 #include <memory>
+#include <random>
 #include <set>
 #include <thread>
 #include <vector>
@@ -20,7 +22,20 @@
 namespace blockd {
 namespace {
 
-TEST(ThreadPool, RunsEveryTaskExactlyOnceFromManySubmitters) {
+// The pool's `spin`: none (workers sleep at once), and a worker watching the queue for 2 ms.
+class ThreadPool : public ::blockd::ThreadPool {
+ public:
+  explicit ThreadPool(int threads) : ::blockd::ThreadPool(threads, spin) {}
+  static absl::Duration spin;
+};
+absl::Duration ThreadPool::spin;
+
+class ThreadPoolTest : public ::testing::TestWithParam<absl::Duration> {
+ protected:
+  void SetUp() override { ThreadPool::spin = GetParam(); }
+};
+
+TEST_P(ThreadPoolTest, RunsEveryTaskExactlyOnceFromManySubmitters) {
   constexpr int kSubmitters = 4, kPerSubmitter = 500;
   std::vector<std::atomic<int>> runs(kSubmitters * kPerSubmitter);
   {
@@ -37,7 +52,7 @@ TEST(ThreadPool, RunsEveryTaskExactlyOnceFromManySubmitters) {
 }
 
 // Four tasks that each wait for all four to have started can only finish on four threads at once.
-TEST(ThreadPool, RunsUpToItsThreadCountAtOnce) {
+TEST_P(ThreadPoolTest, RunsUpToItsThreadCountAtOnce) {
   constexpr int kThreads = 4;
   absl::Mutex mu;
   int started = 0, saw_all = 0, done = 0;
@@ -60,7 +75,7 @@ TEST(ThreadPool, RunsUpToItsThreadCountAtOnce) {
   EXPECT_EQ(threads.size(), static_cast<size_t>(kThreads));
 }
 
-TEST(ThreadPool, OneThreadRunsTasksInSubmissionOrder) {
+TEST_P(ThreadPoolTest, OneThreadRunsTasksInSubmissionOrder) {
   std::vector<int> order;  // only the pool's one thread writes it, and the destructor joins it
   {
     ThreadPool pool(1);
@@ -71,7 +86,7 @@ TEST(ThreadPool, OneThreadRunsTasksInSubmissionOrder) {
 }
 
 // gRPC's callback threads hand work to the pool; Submit() must return while every worker is busy.
-TEST(ThreadPool, SubmitDoesNotWaitForABusyPool) {
+TEST_P(ThreadPoolTest, SubmitDoesNotWaitForABusyPool) {
   absl::Notification release;
   std::atomic<int> ran{0};
   ThreadPool pool(1);
@@ -81,7 +96,7 @@ TEST(ThreadPool, SubmitDoesNotWaitForABusyPool) {
   release.Notify();
 }
 
-TEST(ThreadPool, DestructionRunsWhatIsQueuedThenJoins) {
+TEST_P(ThreadPoolTest, DestructionRunsWhatIsQueuedThenJoins) {
   absl::Notification release;
   std::atomic<int> ran{0};
   auto pool = std::make_unique<ThreadPool>(2);
@@ -94,6 +109,53 @@ TEST(ThreadPool, DestructionRunsWhatIsQueuedThenJoins) {
   destroyer.join();
   EXPECT_EQ(ran.load(), 1002) << "tasks queued before destruction were dropped";
 }
+
+// One task at a time, each submitted at a random moment around the end of the previous one's
+// spin (a spinning worker giving up as the work arrives): every one must run. A lost wake-up
+// leaves a task queued with every worker asleep, and the wait below times out.
+TEST_P(ThreadPoolTest, WorkHandedOverAroundTheSpinsEndRuns) {
+  const absl::Duration spin = GetParam() > absl::ZeroDuration() ? absl::Microseconds(200) : absl::ZeroDuration();
+  ::blockd::ThreadPool pool(2, spin);
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> after_us(0, 400);
+  for (int i = 0; i < 1000; ++i) {
+    absl::Notification done;
+    pool.Submit([&done] { done.Notify(); });
+    ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10))) << "task " << i << " never ran";
+    absl::SleepFor(absl::Microseconds(after_us(rng)));
+  }
+}
+
+// Rounds of as many tasks as threads, each waiting for all of its round to start, submitted at
+// once while a worker spins (the pause between rounds is shorter than the spin): the worker that
+// takes the first must wake the others for the rest, which no Submit woke.
+TEST_P(ThreadPoolTest, WorkQueuedWhileAWorkerSpinsWakesTheOthers) {
+  constexpr int kThreads = 4;
+  ThreadPool pool(kThreads);
+  for (int round = 0; round < 200; ++round) {
+    absl::Mutex mu;
+    int started = 0, done = 0;
+    for (int i = 0; i < kThreads; ++i) {
+      pool.Submit([&] {
+        absl::MutexLock lock(&mu);
+        ++started;
+        mu.AwaitWithTimeout(absl::Condition(+[](int* n) { return *n == kThreads; }, &started), absl::Seconds(5));
+        ++done;
+      });
+    }
+    absl::MutexLock lock(&mu);
+    ASSERT_TRUE(mu.AwaitWithTimeout(absl::Condition(+[](int* n) { return *n == kThreads; }, &done), absl::Seconds(60)));
+    ASSERT_EQ(started, kThreads) << "round " << round << ": a task waited for others that never started";
+    mu.Unlock();
+    absl::SleepFor(absl::Microseconds(500));
+    mu.Lock();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Spin, ThreadPoolTest, ::testing::Values(absl::ZeroDuration(), absl::Milliseconds(2)),
+                         [](const ::testing::TestParamInfo<absl::Duration>& p) {
+                           return p.param > absl::ZeroDuration() ? std::string("Spinning") : std::string("Sleeping");
+                         });
 
 }  // namespace
 }  // namespace blockd
