@@ -60,8 +60,8 @@ ABSL_FLAG(int64_t, default_max_batch_size, 8, "max_batch_size of a block created
 ABSL_FLAG(int, worker_threads, 0, "threads running engine work (0: max(4, cores))");
 ABSL_FLAG(int, worker_spin_us, -1,
           "microseconds an idle worker watches for the next call before it sleeps, one worker at a time, so "
-          "that a call following closely (a decode step) starts at once (0: sleep at once; -1: 1000 on hosts "
-          "with 8 or more hardware threads, else 0)");
+          "that a call following closely (a decode step) starts at once (0: sleep at once; -1: 1000 where 8 or "
+          "more cores are usable, hardware threads or a cgroup CPU quota, else 0)");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
 ABSL_FLAG(absl::Duration, drain_grace, absl::ZeroDuration(), "on SIGTERM, report NOT_SERVING this long before closing the listener");
 ABSL_FLAG(absl::Duration, shutdown_timeout, absl::Seconds(30), "on SIGTERM, how long in-flight calls may take to finish");

@@ -5,6 +5,8 @@
 #include "engine/collective_nccl.h"
 #endif
 
+#include <algorithm>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -26,6 +28,23 @@ namespace {
 
 constexpr char kServiceName[] = "blockd.v1.BlockService";
 constexpr char kGuardedPrefix[] = "/blockd.v1.BlockService/";
+
+// The cores this process may use: the hardware threads, or fewer under a CPU quota (cgroup v2's
+// cpu.max, v1's cfs quota: a Kubernetes CPU limit), which a spinning worker would spend.
+double UsableCores() {
+  double cores = std::thread::hardware_concurrency();
+  std::ifstream v2("/sys/fs/cgroup/cpu.max");
+  std::string quota;
+  double period = 0;
+  if (v2 >> quota >> period && period > 0) {
+    const double q = std::strtod(quota.c_str(), nullptr);  // "max": no quota, reads as 0
+    if (q > 0) cores = std::min(cores, q / period);
+  }
+  std::ifstream v1_quota("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), v1_period("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
+  double q = -1, p = 0;
+  if (v1_quota >> q && v1_period >> p && q > 0 && p > 0) cores = std::min(cores, q / p);
+  return cores;
+}
 
 }  // namespace
 
@@ -77,9 +96,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
                           : std::max(4, static_cast<int>(std::thread::hardware_concurrency()));
   // A spinning worker takes a core while the daemon waits for calls: only where there are cores
   // to spare, unless asked.
-  const int spin_us = options.worker_spin_us >= 0 ? options.worker_spin_us
-                      : std::thread::hardware_concurrency() >= 8 ? 1000
-                                                                  : 0;
+  const int spin_us = options.worker_spin_us >= 0 ? options.worker_spin_us : UsableCores() >= 8 ? 1000 : 0;
+  BLOCKD_LOG(kDebug, "idle workers watch for calls for ", spin_us, " us before they sleep");
   s->pool_ = std::make_unique<ThreadPool>(threads, absl::Microseconds(spin_us));
   options.service.identity_from_credentials = s->auth_->enabled() || !options.tls.client_ca_file.empty();
   s->service_ = std::make_unique<BlockServiceImpl>(s->engine_.get(), s->metrics_.get(), s->pool_.get(),

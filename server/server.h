@@ -32,7 +32,7 @@ struct ServerOptions {
   std::string collective_host;                  // replica groups: how peers reach us ("": hostname)
   MetricsTls metrics_tls;                       // set: /metrics over HTTPS only
   int worker_threads = 0;                       // 0: max(4, hardware threads)
-  int worker_spin_us = -1;                      // ThreadPool's spin; -1: 1000 with 8+ hardware threads, else 0
+  int worker_spin_us = -1;                      // ThreadPool's spin; -1: 1000 with 8+ usable cores, else 0
   absl::Duration housekeeping_period = absl::Seconds(1);
   absl::Duration drain_grace = absl::ZeroDuration();         // NOT_SERVING before the listener stops
   absl::Duration shutdown_timeout = absl::Seconds(30);       // for in-flight calls to finish
