@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [nccl] [groups] [ipc] [transport] [tcp_sweep] [ipc_sweep] [scale] [lora] [big]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [nccl] [groups] [ipc] [transport] [tcp_sweep] [ipc_sweep] [spin_ab] [scale] [lora] [big]   (default: the first four)
 # `nccl`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs);
 # `groups`: those tests and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
@@ -323,6 +323,32 @@ if [[ " $stages " == *" ipc_sweep "* ]]; then
   rm -f "$log.run"
   kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
   row "bench.ipc_sweep" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see ipc_sweep.log"
+fi
+
+if [[ " $stages " == *" spin_ab "* ]]; then
+  # The training rows with and without a worker watching the queue (--worker_spin_us=0 against
+  # the default), two rounds, alternating, beside bench_engine's in-process fwd+bwd.
+  log="$OUT/spin_ab.log"; : >"$log"
+  timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 \
+    --iters=${TRANSPORT_ITERS:-6} --attention=native >>"$log" 2>&1
+  inproc=$(awk '/^span of 8/ {print $12; exit}' "$log")
+  target=127.0.0.1:50995
+  for spin in 0 -1 0 -1; do
+    LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda --attention=native --listen=$target \
+      --allow_shared_memory --metrics_listen= --worker_spin_us=$spin >"$OUT/blockd.spin_ab.log" 2>&1 &
+    daemon=$!
+    for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.spin_ab.log" 2>/dev/null && break; sleep 1; done
+    for run in grpc,8,24,0 shm,3,3,1 cuda_auto,3,3,1; do
+      IFS=, read -r transport depth mb conns <<<"$run"
+      timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=$depth \
+        --micro_batches=$mb --iters=${TRANSPORT_ITERS:-6} --transport=$transport --connections=$conns >"$log.run" 2>&1
+      cat "$log.run" >>"$log"
+      awk -v x=$transport -v s=$spin -v b="$inproc" '/^8 blocks/ {d=$4; t=$7; m=$9} END {printf "SPIN %s spin %s depth %s micro-batches %s: %s tokens/s, %.1f%% of in-process %s\n", x, s, d, m, t, (b > 0 ? 100*t/b : 0), b}' "$log.run"
+    done
+    kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+  done
+  rm -f "$log.run"
+  row "bench.spin_ab" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see spin_ab.log"
 fi
 
 if [[ " $stages " == *" transport "* ]]; then
