@@ -5,10 +5,13 @@
 #include "engine/collective_nccl.h"
 #endif
 
+#include <sched.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -16,6 +19,7 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/log.h"
@@ -29,20 +33,51 @@ namespace {
 constexpr char kServiceName[] = "blockd.v1.BlockService";
 constexpr char kGuardedPrefix[] = "/blockd.v1.BlockService/";
 
-// The cores this process may use: the hardware threads, or fewer under a CPU quota (cgroup v2's
-// cpu.max, v1's cfs quota: a Kubernetes CPU limit), which a spinning worker would spend.
+// The cores this process may use: the CPUs it may run on (its affinity: taskset, a cpuset, a
+// static CPU manager), or fewer under a CPU quota (a Kubernetes CPU limit, systemd's CPUQuota) on
+// its cgroup or any cgroup above it, v2 or v1; a spinning worker would spend one of them.
 double UsableCores() {
   double cores = std::thread::hardware_concurrency();
-  std::ifstream v2("/sys/fs/cgroup/cpu.max");
-  std::string quota;
-  double period = 0;
-  if (v2 >> quota >> period && period > 0) {
-    const double q = std::strtod(quota.c_str(), nullptr);  // "max": no quota, reads as 0
-    if (q > 0) cores = std::min(cores, q / period);
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) cores = CPU_COUNT(&set);
+  auto quota = [&cores](const std::string& dir) {
+    std::ifstream v2(dir + "/cpu.max");
+    std::string max;
+    double period = 0;
+    if (v2 >> max >> period && period > 0) {
+      const double q = std::strtod(max.c_str(), nullptr);  // "max": no quota, reads as 0
+      if (q > 0) cores = std::min(cores, q / period);
+    }
+    std::ifstream v1_quota(dir + "/cpu.cfs_quota_us"), v1_period(dir + "/cpu.cfs_period_us");
+    double q = -1, p = 0;
+    if (v1_quota >> q && v1_period >> p && q > 0 && p > 0) cores = std::min(cores, q / p);
+  };
+  // /proc/self/cgroup: "0::/path" (v2), "N:cpu,cpuacct:/path" (v1); the mounts hold each level.
+  std::ifstream self("/proc/self/cgroup");
+  if (!self.is_open()) {
+    for (const char* dir : {"/sys/fs/cgroup", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"}) quota(dir);
   }
-  std::ifstream v1_quota("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), v1_period("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
-  double q = -1, p = 0;
-  if (v1_quota >> q && v1_period >> p && q > 0 && p > 0) cores = std::min(cores, q / p);
+  for (std::string line; std::getline(self, line);) {
+    const size_t a = line.find(':'), b = a == std::string::npos ? a : line.find(':', a + 1);
+    if (b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1);
+    std::string path = line.substr(b + 1);
+    std::vector<std::string> roots;
+    if (controllers.empty()) {
+      roots = {"/sys/fs/cgroup"};
+    } else if (absl::StrContains(absl::StrCat(",", controllers, ","), ",cpu,")) {
+      roots = {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct,cpu"};
+    } else {
+      continue;
+    }
+    for (;;) {  // the cgroup and each one above it
+      for (const std::string& root : roots) quota(path == "/" ? root : root + path);
+      if (path.empty() || path == "/") break;
+      const size_t slash = path.rfind('/');
+      path = slash == 0 || slash == std::string::npos ? "/" : path.substr(0, slash);
+    }
+  }
   return cores;
 }
 
@@ -96,8 +131,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
                           : std::max(4, static_cast<int>(std::thread::hardware_concurrency()));
   // A spinning worker takes a core while the daemon waits for calls: only where there are cores
   // to spare, unless asked.
-  const int spin_us = options.worker_spin_us >= 0 ? options.worker_spin_us : UsableCores() >= 8 ? 1000 : 0;
-  BLOCKD_LOG(kDebug, "idle workers watch for calls for ", spin_us, " us before they sleep");
+  const double usable = UsableCores();
+  const int spin_us = options.worker_spin_us >= 0 ? options.worker_spin_us : usable >= 8 ? 1000 : 0;
+  BLOCKD_LOG(kDebug, "idle workers watch for calls for ", spin_us, " us before they sleep (", usable,
+             " usable cores)");
   s->pool_ = std::make_unique<ThreadPool>(threads, absl::Microseconds(spin_us));
   options.service.identity_from_credentials = s->auth_->enabled() || !options.tls.client_ca_file.empty();
   s->service_ = std::make_unique<BlockServiceImpl>(s->engine_.get(), s->metrics_.get(), s->pool_.get(),

@@ -12,7 +12,7 @@ ThreadPool::~ThreadPool() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
-    stop_seen_.store(true);
+    stopping_hint_.store(true);
   }
   work_.SignalAll();
   for (std::thread& t : threads_) t.join();
@@ -25,28 +25,27 @@ void ThreadPool::Submit(std::function<void()> fn) {
     queue_.push_back(std::move(fn));
     queued_.fetch_add(1);
     // A spinning worker clears spinning_ before it takes mu_ to look at the queue, so either it
-    // finds this work there or this read sees it gone and wakes a sleeper.
+    // finds this work there or this read sees it gone and wakes a sleeper. (A spinner the host
+    // has descheduled delays the work until it runs again: latency on an oversubscribed host,
+    // never a task left behind.)
     wake = !spinning_.load();
   }
   if (wake) work_.Signal();
 }
 
-bool ThreadPool::Spin() {
+void ThreadPool::Spin() {
   using Clock = std::chrono::steady_clock;
   const Clock::time_point until = Clock::now() + absl::ToChronoNanoseconds(spin_);
-  bool seen = false;
-  for (int i = 0;; ++i) {
-    if (queued_.load(std::memory_order_acquire) > 0 || stop_seen_.load(std::memory_order_relaxed)) {
-      seen = true;
-      break;
-    }
+  for (unsigned i = 0;; ++i) {
+    if (queued_.load(std::memory_order_acquire) > 0 || stopping_hint_.load(std::memory_order_relaxed)) break;
     if ((i & 63) == 63 && Clock::now() >= until) break;
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
 #endif
   }
   spinning_.store(false);
-  return seen;
 }
 
 void ThreadPool::Loop() {

@@ -29,8 +29,8 @@ class ThreadPool {
 
  private:
   void Loop();
-  // Watches for queued work until `spin_` passes; true when some was seen.
-  bool Spin();
+  // Watches for queued work (or stopping) until `spin_` passes, then clears spinning_.
+  void Spin();
 
   const absl::Duration spin_;
   absl::Mutex mu_;
@@ -39,7 +39,7 @@ class ThreadPool {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::atomic<size_t> queued_{0};      // queue_.size(), read by the spinning worker without mu_
   std::atomic<bool> spinning_{false};  // a worker watches the queue (Spin)
-  std::atomic<bool> stop_seen_{false};  // stopping_, for the spinning worker
+  std::atomic<bool> stopping_hint_{false};  // stopping_, read by the spinning worker without mu_
   std::vector<std::thread> threads_;
 };
 

@@ -216,9 +216,6 @@ TEST_P(SessionRpc, TrimForkAndTheErrorCodes) {
   EXPECT_TRUE(list->empty());
 }
 
-// The operational view of sessions: GetServerInfo's KV capacity and the /metrics families, through
-// opens, a prefill, decode steps, a replayed retry (not counted), a fork sharing its pages until it
-// writes, refused opens by reason, and the close that gives everything back.
 INSTANTIATE_TEST_SUITE_P(Workers, SessionRpc, ::testing::Values(0, 1000),
                          [](const ::testing::TestParamInfo<int>& p) {
                            return p.param > 0 ? std::string("Spinning") : std::string("Sleeping");
@@ -233,6 +230,9 @@ TEST(SessionOps, AWorkerSpinOutOfRangeIsRefusedAtStart) {
   }
 }
 
+// The operational view of sessions: GetServerInfo's KV capacity and the /metrics families, through
+// opens, a prefill, decode steps, a replayed retry (not counted), a fork sharing its pages until it
+// writes, refused opens by reason, and the close that gives everything back.
 TEST(SessionOps, ServerInfoAndMetricsFollowSessionsAndTheirCache) {
   ServerOptions o = LoopbackOptions(/*with_metrics=*/true);
   o.engine.max_sessions_per_client = 2;
