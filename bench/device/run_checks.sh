@@ -49,6 +49,34 @@ pyunit() {
   [ $rc -eq 0 ] || grep -B2 -A25 -E '^(FAIL|ERROR):|Traceback' "$log" | head -80
 }
 
+# The sweeps' shared steps. span_inproc LOG: bench_engine's in-process fwd+bwd of the span of 8
+# Qwen-like bf16 blocks into LOG, its tokens/s in $inproc. span_daemon NAME TARGET [FLAG...]: a
+# CUDA daemon (native attention) on TARGET, its log blockd.NAME.log, its pid in $daemon, once it
+# serves. span_run LOG LABEL [BENCH_SERVICE_FLAG...]: one bench_service run of the span against
+# $target, appended to LOG, and its last row printed as "LABEL depth D micro-batches M: T
+# tokens/s, P% of in-process".
+span_inproc() {
+  timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 \
+    --iters=${TRANSPORT_ITERS:-6} --attention=native >>"$1" 2>&1
+  inproc=$(awk '/^span of 8/ {print $12; exit}' "$1")
+}
+span_daemon() {
+  local name=$1 at=$2; shift 2
+  LD_LIBRARY_PATH="$LIBS" timeout 500 "$dev/bin/blockd" --backend=cuda --attention=native --listen=$at \
+    --metrics_listen= "$@" >"$OUT/blockd.$name.log" 2>&1 &
+  daemon=$!
+  for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.$name.log" 2>/dev/null && break; sleep 1; done
+}
+span_run() {
+  local log=$1 label=$2; shift 2
+  echo "== $label $*" >>"$log"
+  timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 \
+    --iters=${TRANSPORT_ITERS:-6} "$@" >"$log.run" 2>&1
+  cat "$log.run" >>"$log"
+  awk -v x="$label" -v b="$inproc" '/^8 blocks/ {d=$4; t=$7; m=$9} END {printf "%s depth %s micro-batches %s: %s tokens/s, %.1f%% of in-process %s\n", x, d, m, t, (b > 0 ? 100*t/b : 0), b}' "$log.run"
+  rm -f "$log.run"
+}
+
 if [[ " $stages " == *" tests "* ]]; then
   gtest gpu.ops cuda_ops_test '*' 90
   gtest gpu.blocks cuda_block_test '*' 240
@@ -277,22 +305,15 @@ if [[ " $stages " == *" tcp_sweep "* ]]; then
   # connections: the span of 8 Qwen-like bf16 blocks through one daemon over loopback TCP, beside
   # bench_engine's in-process figure from the same run; then gRPC's one-way time of a 34 MB request.
   log="$OUT/tcp_sweep.log"; : >"$log"
-  timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 \
-    --iters=${TRANSPORT_ITERS:-6} --attention=native >>"$log" 2>&1
-  inproc=$(awk '/^span of 8/ {print $12; exit}' "$log")
-  LD_LIBRARY_PATH="$LIBS" timeout 400 "$dev/bin/blockd" --backend=cuda --attention=native --listen=127.0.0.1:50993 \
-    --metrics_listen= >"$OUT/blockd.tcp_sweep.log" 2>&1 &
-  daemon=$!
-  for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.tcp_sweep.log" 2>/dev/null && break; sleep 1; done
+  span_inproc "$log"
+  target=127.0.0.1:50993
+  span_daemon tcp_sweep $target
   for run in ${SWEEP_RUNS:-3,3,0 3,6,0 6,6,18 8,8,24 12,12,24}; do
     IFS=, read -r conns depth mb <<<"$run"
-    echo "== connections=$conns depth=$depth micro_batches=$mb" >>"$log"
-    timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=127.0.0.1:50993 --blocks=8 \
-      --depth=$depth --micro_batches=$mb --iters=${TRANSPORT_ITERS:-6} --connections=$conns >>"$log" 2>&1
-    awk -v c=$conns -v b="$inproc" '/^8 blocks/ {r=$0; d=$4; t=$7; m=$9} END {printf "SWEEP tcp connections %s depth %s micro-batches %s: %s tokens/s, %.1f%% of in-process %s\n", c, d, m, t, 100*t/b, b}' "$log" | tail -1
+    span_run "$log" "SWEEP tcp connections $conns" --depth=$depth --micro_batches=$mb --connections=$conns
   done
   for conns in 1 3; do
-    timeout 60 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=127.0.0.1:50993 --connections=$conns \
+    timeout 60 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --connections=$conns \
       --transport_probe --iters=6 | sed "s/^/SWEEP $conns connection(s): /"
   done
   kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
@@ -304,23 +325,13 @@ if [[ " $stages " == *" ipc_sweep "* ]]; then
   # flight: the span of 8 Qwen-like bf16 blocks through one daemon (--allow_shared_memory) with the
   # C++ client's same-host transports, beside bench_engine's in-process fwd+bwd from the same run.
   log="$OUT/ipc_sweep.log"; : >"$log"
-  timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 \
-    --iters=${TRANSPORT_ITERS:-6} --attention=native >>"$log" 2>&1
-  inproc=$(awk '/^span of 8/ {print $12; exit}' "$log")
+  span_inproc "$log"
   target=127.0.0.1:50994
-  LD_LIBRARY_PATH="$LIBS" timeout 500 "$dev/bin/blockd" --backend=cuda --attention=native --listen=$target \
-    --allow_shared_memory --metrics_listen= >"$OUT/blockd.ipc_sweep.log" 2>&1 &
-  daemon=$!
-  for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.ipc_sweep.log" 2>/dev/null && break; sleep 1; done
+  span_daemon ipc_sweep $target --allow_shared_memory
   for run in ${IPC_SWEEP_RUNS:-cuda_auto,3,3 cuda_auto,3,12 cuda_auto,4,24 cuda_ipc_in_place,4,24 shm,4,24 shm_in_place,4,24}; do
     IFS=, read -r transport depth mb <<<"$run"
-    echo "== $transport depth=$depth micro_batches=$mb" >>"$log"
-    timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 \
-      --depth=$depth --micro_batches=$mb --iters=${TRANSPORT_ITERS:-6} --transport=$transport >"$log.run" 2>&1
-    cat "$log.run" >>"$log"
-    awk -v x=$transport -v b="$inproc" '/^8 blocks/ {d=$4; t=$7; m=$9} END {printf "SWEEP %s depth %s micro-batches %s: %s tokens/s, %.1f%% of in-process %s\n", x, d, m, t, (b > 0 ? 100*t/b : 0), b}' "$log.run"
+    span_run "$log" "SWEEP $transport" --depth=$depth --micro_batches=$mb --transport=$transport
   done
-  rm -f "$log.run"
   kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
   row "bench.ipc_sweep" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see ipc_sweep.log"
 fi
@@ -329,25 +340,17 @@ if [[ " $stages " == *" spin_ab "* ]]; then
   # The training rows with and without a worker watching the queue (--worker_spin_us=0 against
   # the default), two rounds, alternating, beside bench_engine's in-process fwd+bwd.
   log="$OUT/spin_ab.log"; : >"$log"
-  timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 \
-    --iters=${TRANSPORT_ITERS:-6} --attention=native >>"$log" 2>&1
-  inproc=$(awk '/^span of 8/ {print $12; exit}' "$log")
+  span_inproc "$log"
   target=127.0.0.1:50995
   for spin in 0 -1 0 -1; do
-    LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda --attention=native --listen=$target \
-      --allow_shared_memory --metrics_listen= --worker_spin_us=$spin >"$OUT/blockd.spin_ab.log" 2>&1 &
-    daemon=$!
-    for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.spin_ab.log" 2>/dev/null && break; sleep 1; done
+    span_daemon spin_ab $target --allow_shared_memory --worker_spin_us=$spin
     for run in grpc,8,24,0 shm,3,3,1 cuda_auto,3,3,1; do
       IFS=, read -r transport depth mb conns <<<"$run"
-      timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --depth=$depth \
-        --micro_batches=$mb --iters=${TRANSPORT_ITERS:-6} --transport=$transport --connections=$conns >"$log.run" 2>&1
-      cat "$log.run" >>"$log"
-      awk -v x=$transport -v s=$spin -v b="$inproc" '/^8 blocks/ {d=$4; t=$7; m=$9} END {printf "SPIN %s spin %s depth %s micro-batches %s: %s tokens/s, %.1f%% of in-process %s\n", x, s, d, m, t, (b > 0 ? 100*t/b : 0), b}' "$log.run"
+      span_run "$log" "SPIN $transport spin $spin" --depth=$depth --micro_batches=$mb --transport=$transport \
+        --connections=$conns
     done
     kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
   done
-  rm -f "$log.run"
   row "bench.spin_ab" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see spin_ab.log"
 fi
 
