@@ -3,6 +3,7 @@
 // (reactor->client(), as activation handles do) and need the read role: inference, not training.
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "base/echo.h"
@@ -132,13 +133,21 @@ grpc::ServerUnaryReactor* BlockServiceImpl::ListSessions(grpc::CallbackServerCon
   });
 }
 
-// Infer: InferStep requests in, one response per request, in order. One step at a time: read,
-// compute on the pool, write, read the next. The first failed step ends the stream with its status
-// (the session is unchanged by it, so the client can reopen a stream and go on). Watched like the
-// other streams: a client that stops sending for --stream_idle_timeout loses the stream, not the
-// session. Draining ends the stream with UNAVAILABLE: at once when it waits for the client's next
-// step, else after the step it runs has been answered (a step read but not started is not run).
-// `mu_` guards that choice; Finish is always called outside it, exactly once.
+// Infer: InferStep requests in, one response per request, in order. One step runs at a time: read,
+// compute on the pool, write. The next read is started as soon as the step is done with its
+// request, beside the reply's write: the client's next step is read while gRPC still finishes
+// sending the last reply (its OnWriteDone came ~86 us after StartWrite on the GPU host, after the
+// client already had the bytes), so it runs on arrival. A step that finishes while the previous
+// reply is still being written waits for that write (one write at a time); its reply has a buffer
+// of its own, and no read starts until its write does, so at most two replies are ever held.
+// The first failed step ends the stream with its status (the session is unchanged by it, so the
+// client can reopen a stream and go on). Watched like the other streams: a client that stops
+// sending for --stream_idle_timeout loses the stream, not the session. Draining ends the stream
+// with UNAVAILABLE: at once when it waits for the client's next step, else after the step it runs
+// has been answered (a step read but not started is not run).
+// `mu_` guards those choices. The stream is finished exactly once, outside `mu_`, and only when no
+// step runs and no write is in flight (End: whoever leaves it idle finishes it), so that nothing
+// touches the reactor after its OnDone; a read may be pending then, and fails.
 class BlockServiceImpl::InferReactor
     : public grpc::ServerBidiReactor<v1::InferStepRequest, v1::InferStepResponse> {
  public:
@@ -146,7 +155,7 @@ class BlockServiceImpl::InferReactor
       : service_(service), ctx_(ctx), call_(service, "Infer") {
     absl::Status admitted = call_.Admit(ctx, Role::kRead);
     if (!admitted.ok()) {
-      FinishOnce(ToGrpcStatus(admitted));
+      End(ToGrpcStatus(admitted));
       return;
     }
     watch_ = service_->watchdog_->Add(ctx, "Infer");
@@ -160,41 +169,34 @@ class BlockServiceImpl::InferReactor
   }
 
   // For EndInferStreams, under the service's infer_mu_: true when the caller must call
-  // FinishDraining (the stream waits for a read); false when the running step will end it.
+  // FinishDraining (the stream waits for a read); false when the running step or the write in
+  // flight will end it.
   bool MarkDraining() {
     absl::MutexLock lock(&mu_);
     draining_ = true;
-    if (finished_ || busy_) return false;
+    if (finished_ || running_ || writing_) return false;
     finished_ = true;
+    ended_ = true;
     return true;
   }
-  void FinishDraining() {
-    Finish(call_.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                     "blockd is draining: the Infer stream ends here, every step sent before "
-                                     "was answered; go on with the session on another stream or daemon")));
-  }
+  void FinishDraining() { Finish(call_.Finish(Drained())); }
 
   void OnReadDone(bool ok) override {
-    enum { kEnd, kRun, kDrained } next = kEnd;
+    bool drained = false;
     {
       absl::MutexLock lock(&mu_);
-      if (finished_) return;  // draining finished the stream while this read was pending
+      if (finished_) return;  // the stream is ending while this read was pending
       draining_ = draining_ || service_->draining_;  // set before EndInferStreams reaches this stream
-      if (ok && draining_) {
-        finished_ = true;
-        next = kDrained;
-      } else if (ok) {
-        busy_ = true;
-        next = kRun;
-      }
+      drained = ok && draining_;
+      if (ok && !drained) running_ = true;
     }
-    if (next == kDrained) {  // read while draining: not run
-      Finish(call_.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                       "blockd is draining: this step was not run (the session is as the last "
-                                       "answered step left it); send it on another stream or daemon")));
+    if (drained) {  // read while draining: not run
+      End(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                       "blockd is draining: this step was not run (the session is as the last answered step left "
+                       "it); send it on another stream or daemon"));
       return;
     }
-    if (next == kEnd) {
+    if (!ok) {
       std::string why;
       grpc::Status end = grpc::Status::OK;  // the client closed its side: every step answered
       if (service_->watchdog_->Expired(watch_, &why)) {
@@ -203,49 +205,52 @@ class BlockServiceImpl::InferReactor
       } else if (ctx_->IsCancelled()) {
         end = grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the stream");
       }
-      FinishOnce(end);
+      End(end);
       return;
     }
     service_->watchdog_->Touch(watch_);
     service_->watchdog_->SetBusy(watch_, true);
     service_->metrics_->bytes_received->Increment(static_cast<double>(req_.ByteSizeLong()));
-    read_at_ = absl::Now();
-    service_->pool_->Submit([this] {
-      run_at_ = absl::Now();
-      resp_.Clear();
-      auto step = [this] { return service_->RunInferStep(req_, call_.client(), &resp_); };
-      absl::Status s = Guarded(step);
-      service_->watchdog_->SetBusy(watch_, false);
-      if (!s.ok()) {
-        FinishOnce(ToGrpcStatus(s));
-        return;
-      }
-      service_->metrics_->bytes_sent->Increment(static_cast<double>(resp_.ByteSizeLong()));
-      write_at_ = absl::Now();
-      StartWrite(&resp_);
-    });
+    Reply* r = &replies_[next_reply_];
+    next_reply_ ^= 1;
+    r->read_at = absl::Now();
+    service_->pool_->Submit([this, r] { RunStep(r); });
   }
 
   void OnWriteDone(bool ok) override {
-    BLOCKD_LOG(kDebug, "Infer stream step: waited for a pool thread ", absl::ToDoubleMicroseconds(run_at_ - read_at_),
-               " us, ran ", absl::ToDoubleMicroseconds(write_at_ - run_at_), " us, written in ",
-               absl::ToDoubleMicroseconds(absl::Now() - write_at_), " us");
-    bool drain = false;
+    BLOCKD_LOG(kDebug, "Infer stream step: waited for a pool thread ",
+               absl::ToDoubleMicroseconds(written_->run_at - written_->read_at), " us, ran ",
+               absl::ToDoubleMicroseconds(written_->write_at - written_->run_at), " us, written in ",
+               absl::ToDoubleMicroseconds(absl::Now() - written_->write_at), " us");
+    if (ok) service_->watchdog_->Touch(watch_);
+    Reply* next = nullptr;
+    bool read = false, due = false;
     {
       absl::MutexLock lock(&mu_);
-      busy_ = false;
-      drain = draining_ || service_->draining_;
+      writing_ = false;
+      if (!ok && !finished_) {
+        finished_ = true;
+        end_ = grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke while sending a step's output");
+      }
+      const bool drain = draining_ || service_->draining_;
+      if (!finished_ && pending_ != nullptr) {  // the step that finished during this write
+        next = std::exchange(pending_, nullptr);
+        writing_ = true;
+        written_ = next;
+        read = !drain;
+      } else if (!finished_ && drain && !running_) {  // every step read has been answered
+        finished_ = true;
+        end_ = Drained();
+      }
+      due = Due();
     }
-    if (!ok) {
-      FinishOnce(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke while sending a step's output"));
+    if (due) {
+      Finish(call_.Finish(end_));
       return;
     }
-    service_->watchdog_->Touch(watch_);
-    if (drain) {
-      if (FinishOnceLater()) FinishDraining();
-      return;
-    }
-    StartRead(&req_);
+    // The read first: once the write is started, its OnWriteDone may end the stream.
+    if (read) StartRead(&req_);
+    if (next != nullptr) Write(next);
   }
 
   void OnDone() override {
@@ -258,28 +263,93 @@ class BlockServiceImpl::InferReactor
   }
 
  private:
-  // True the first time: the caller finishes the stream. Later calls (a pending read failing after
-  // draining finished it) do nothing.
-  bool FinishOnceLater() {
-    absl::MutexLock lock(&mu_);
-    if (finished_) return false;
-    finished_ = true;
+  // A step's reply and its times (for the debug log).
+  struct Reply {
+    v1::InferStepResponse resp;
+    absl::Time read_at, run_at, write_at;
+  };
+
+  // On the pool: runs the step read into req_, then writes its reply (or holds it for the write in
+  // flight) and starts the next read.
+  void RunStep(Reply* r) {
+    r->run_at = absl::Now();
+    r->resp.Clear();
+    auto step = [this, r] { return service_->RunInferStep(req_, call_.client(), &r->resp); };
+    const absl::Status s = Guarded(step);
+    service_->watchdog_->SetBusy(watch_, false);
+    if (s.ok()) service_->metrics_->bytes_sent->Increment(static_cast<double>(r->resp.ByteSizeLong()));
+    bool write = false, read = false, due = false;
+    {
+      absl::MutexLock lock(&mu_);
+      running_ = false;
+      if (!s.ok() && !finished_) {
+        finished_ = true;
+        end_ = ToGrpcStatus(s);
+      }
+      if (finished_) {  // a failed step, or the stream broke while it ran: its reply is not sent
+        due = Due();
+      } else if (writing_) {
+        pending_ = r;  // OnWriteDone writes it
+      } else {
+        write = true;
+        writing_ = true;
+        written_ = r;
+        read = !(draining_ || service_->draining_);
+      }
+    }
+    if (due) {
+      Finish(call_.Finish(end_));
+      return;
+    }
+    if (read) StartRead(&req_);
+    if (write) Write(r);
+  }
+
+  void Write(Reply* r) {
+    r->write_at = absl::Now();
+    StartWrite(&r->resp);
+  }
+
+  // Ends the stream with `s` unless it has an end already: now when it is idle, else through the
+  // running step or the write in flight, whichever is done last (Due).
+  void End(const grpc::Status& s) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      finished_ = true;
+      end_ = s;
+      if (!Due()) return;
+    }
+    Finish(call_.Finish(s));
+  }
+  // Under mu_, after running_ or writing_ fell: true once when the ending stream became idle, and
+  // the caller then finishes it with end_.
+  bool Due() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!finished_ || ended_ || running_ || writing_) return false;
+    ended_ = true;
     return true;
   }
-  void FinishOnce(const grpc::Status& s) {
-    if (FinishOnceLater()) Finish(call_.Finish(s));
+  static grpc::Status Drained() {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        "blockd is draining: the Infer stream ends here, every step sent before was answered; go on "
+                        "with the session on another stream or daemon");
   }
 
   BlockServiceImpl* service_;
   grpc::CallbackServerContext* ctx_;
   Call call_;
   uint64_t watch_ = 0;
-  v1::InferStepRequest req_;
-  v1::InferStepResponse resp_;
-  absl::Time read_at_, run_at_, write_at_;  // the step's, for the debug log's times
+  v1::InferStepRequest req_;  // the read's, then the running step's
+  Reply replies_[2];          // the running step's and the one being written
+  int next_reply_ = 0;        // OnReadDone's (one read at a time)
+  Reply* written_ = nullptr;  // the reply of the write in flight
   absl::Mutex mu_;
-  bool finished_ ABSL_GUARDED_BY(mu_) = false;  // Finish called or about to be
-  bool busy_ ABSL_GUARDED_BY(mu_) = false;      // a step is running or its output being written
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;  // the stream ends with end_ (once Due)
+  bool ended_ ABSL_GUARDED_BY(mu_) = false;     // Finish called or about to be
+  grpc::Status end_;                            // set once, with finished_
+  bool running_ ABSL_GUARDED_BY(mu_) = false;   // a step runs on the pool
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;   // a reply is being written
+  Reply* pending_ ABSL_GUARDED_BY(mu_) = nullptr;  // a finished step's reply, written after the one in flight
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
 };
 

@@ -8,6 +8,9 @@
 #include <thread>
 #include <vector>
 
+#include <grpcpp/client_context.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
@@ -214,6 +217,62 @@ TEST_P(SessionRpc, TrimForkAndTheErrorCodes) {
   auto list = alice_->ListSessions();
   ASSERT_OK(list.status());
   EXPECT_TRUE(list->empty());
+}
+
+// A client may send steps ahead of their replies: the server reads the next step while it still
+// writes the last reply, and a step that finishes before that write is done waits for it. Every
+// step is answered, in order, as if sent one at a time; a bad step among them ends the stream
+// with its code after the replies of the steps before it, and leaves the session where they did.
+TEST_P(SessionRpc, StepsSentAheadOfTheirRepliesAreAnsweredInOrder) {
+  const v1::Tensor x = RandomTensor({kBatch, kSeq, kHidden}, 41);
+  auto ref = alice_->Forward({"b0", "b1"}, x, /*keep_activations=*/false);
+  ASSERT_OK(ref.status());
+  auto info = Open(*alice_);
+  ASSERT_OK(info.status());
+  const std::string id = info->session_id();
+  ASSERT_OK(alice_->InferStep(StepRequest(id, Slice(x, 0, 8))).status());
+
+  auto stub = v1::BlockService::NewStub(grpc::CreateChannel(TargetOf(*server_), grpc::InsecureChannelCredentials()));
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("blockd-client", "alice");
+    auto stream = stub->Infer(&ctx);
+    for (int64_t t = 8; t < 16; ++t) ASSERT_TRUE(stream->Write(StepRequest(id, Slice(x, t, t + 1), t + 1)));
+    ASSERT_TRUE(stream->WritesDone());
+    for (int64_t t = 8; t < 16; ++t) {
+      v1::InferStepResponse y;
+      ASSERT_TRUE(stream->Read(&y)) << "token " << t;
+      EXPECT_EQ(y.step_id(), t + 1);
+      EXPECT_EQ(y.length(), t + 1);
+      EXPECT_TRUE(Close(absl::StrCat("token ", t, " sent ahead"), Floats(y.hidden_states()),
+                        Floats(Slice(ref->output(), t, t + 1))));
+    }
+    v1::InferStepResponse extra;
+    EXPECT_FALSE(stream->Read(&extra));
+    const grpc::Status end = stream->Finish();
+    EXPECT_TRUE(end.ok()) << end.error_message();
+  }
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("blockd-client", "alice");
+    auto stream = stub->Infer(&ctx);
+    ASSERT_TRUE(stream->Write(StepRequest(id, Slice(x, 16, 17))));
+    ASSERT_TRUE(stream->Write(StepRequest(id, RandomTensor({1, 1, kHidden}, 2))));  // the wrong batch
+    stream->Write(StepRequest(id, Slice(x, 17, 18)));  // may find the stream ended
+    stream->WritesDone();
+    v1::InferStepResponse y;
+    ASSERT_TRUE(stream->Read(&y));
+    EXPECT_EQ(y.length(), 17);
+    EXPECT_TRUE(Close("token 16 before a bad step", Floats(y.hidden_states()), Floats(Slice(ref->output(), 16, 17))));
+    EXPECT_FALSE(stream->Read(&y));
+    const grpc::Status end = stream->Finish();
+    EXPECT_EQ(end.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << end.error_message();
+    EXPECT_NE(end.error_message().find("expects [2,new_tokens>=1,32]"), std::string::npos) << end.error_message();
+  }
+  auto list = alice_->ListSessions();
+  ASSERT_OK(list.status());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].length(), 17);
 }
 
 INSTANTIATE_TEST_SUITE_P(Workers, SessionRpc, ::testing::Values(0, 1000),
