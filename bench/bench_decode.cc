@@ -301,7 +301,7 @@ int Main(int argc, char** argv) {
       if (graph != nullptr) {
         const std::vector<int32_t> meta = scratch.DeviceMeta(length, &width);
         table.assign(meta.begin() + batch, meta.end());
-        auto uploaded = graph->UploadMeta(meta);
+        auto uploaded = graph->StageMeta(meta);
         if (!Check(uploaded.status(), "tables")) return false;
         device_meta = *uploaded;
         key = scratch.GraphKey(length, n, width);

@@ -163,7 +163,7 @@ constexpr int64_t kStepGraphPositions = 64;
 // one family leaves `row_pages` null and every row reads `pages`.
 //
 // `device_meta`, when set, is the same starts and table already on the step's device, [rows] int32
-// then [rows, table_width] (StepGraph::UploadMeta: one upload for a whole span, at an address a
+// then [rows, table_width] (StepGraph::StageMeta: one copy for a whole span, at an address a
 // captured step keeps); the block then plans its attention for the longest row rounded up to
 // kStepGraphPositions, so that a captured step's launches change only once per that many.
 struct KvBlockView {
@@ -255,22 +255,40 @@ struct StepGraphKey {
 // (a CUDA graph) instead of each block's launches, so that a deep span's decode step costs the
 // host one launch. Run() runs `launches` (the span's InferStep calls, in order) eagerly the first
 // time it sees a key's shape, which warms the blocks' scratch (and may move it: a new generation);
-// captures them the second time; and from then on, while the key stays, copies the input in and
-// replays the capture. A step that cannot be captured (a block's scratch would have to grow, a
-// launch that capture refuses) runs eagerly, and so does its key until it changes.
+// captures them the second time; and from then on, while the key stays, replays the capture. A
+// step that cannot be captured (a block's scratch would have to grow, a launch that capture
+// refuses) runs eagerly, and so does its key until it changes.
+//
+// RunHost takes the step as the wire has it, host bytes in and out: the tables' and the input's
+// copies to the device, the input's conversion, the launches, the output's conversion and its copy
+// back are all in the one captured launch, so that a replayed step costs the host a copy into
+// pinned memory, one launch, one wait and a copy out. Run takes an input already on the device
+// (a bench's floor) and returns the output there.
 // Not thread-safe: the session's lock serialises its steps; the caller holds the span's blocks.
 //
-//   ASSIGN_OR_RETURN(const int32_t* meta, graph->UploadMeta(host_meta));   // KvBlockView::device_meta
-//   ASSIGN_OR_RETURN(auto y, graph->Run(key, *x, [&](const Activation& in) { return span(in); }));
+//   ASSIGN_OR_RETURN(const int32_t* meta, graph->StageMeta(host_meta));   // KvBlockView::device_meta
+//   RETURN_IF_ERROR(graph->RunHost(key, {dtype, bytes, rows, n, hidden, &reply}, span, /*capture=*/true));
 class StepGraph {
  public:
   using Launches = std::function<absl::StatusOr<std::unique_ptr<Activation>>(const Activation& input)>;
+  // A step's rows as host bytes: [batch, seq, width] of `dtype`, already found finite (CheckFinite);
+  // the output, of the same shape and dtype, replaces *output.
+  struct HostStep {
+    DType dtype = DType::kFloat32;
+    const void* input = nullptr;
+    int64_t batch = 0, seq = 0, width = 0;
+    std::string* output = nullptr;
+  };
   virtual ~StepGraph() = default;
-  // Copies the step's starts and page tables (KvBlockView::device_meta) to the device, to an
-  // address that stays while the sizes do; valid for the next Run.
-  virtual absl::StatusOr<const int32_t*> UploadMeta(const std::vector<int32_t>& meta) = 0;
+  // Stages the step's starts and page tables (KvBlockView::device_meta) for the next Run or
+  // RunHost, which copies them to the device before the launches; returns their device address,
+  // which stays while their size does.
+  virtual absl::StatusOr<const int32_t*> StageMeta(const std::vector<int32_t>& meta) = 0;
   virtual absl::StatusOr<std::unique_ptr<Activation>> Run(const StepGraphKey& key, const Activation& input,
                                                           const Launches& launches) = 0;
+  // Done when it returns. `capture` false: every step eagerly (EngineOptions::infer_graphs off).
+  virtual absl::Status RunHost(const StepGraphKey& key, const HostStep& step, const Launches& launches,
+                               bool capture) = 0;
   // Steps run eagerly, captured and replayed so far (for tests and metrics).
   struct Counts {
     int64_t eager = 0, captured = 0, replayed = 0, refused = 0;

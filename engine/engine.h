@@ -416,6 +416,8 @@ class Engine {
   // Runs the steps of `members` (sessions on `span`, one new_tokens and dtype) as one launch per
   // block and sets each member's status and output; a failure fails every member.
   void RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<PendingStep*>& members);
+  // Counts a launch of `sessions` sessions' steps, `rows` rows in all (stats, on_infer_batch).
+  void Launched(size_t sessions, int64_t rows);
 
   std::unique_ptr<Backend> backend_;
   EngineOptions options_;

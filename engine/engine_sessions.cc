@@ -103,6 +103,12 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
   int64_t rows = 0;
   for (const PendingStep* m : members) rows += m->rows;
 
+  // A session's decode step (alone, onto its prefix, few new tokens, a span on one device) goes
+  // through its StepGraph whole: one copy of the tables for every block, its bytes in and out
+  // with them (StepGraph::RunHost), and with infer_graphs the span replayed as one captured
+  // launch while the key holds. The table's width is padded so that the key moves once per
+  // kStepGraphPositions positions, as the blocks' attention plan does then.
+  StepGraph* graph = alone && lead.start > 0 && n <= kGraphMaxNewTokens ? lead.graph : nullptr;
   // One upload of every member's rows, in member order: [rows, n, hidden].
   const void* data = lead.input->data;
   std::string joined;
@@ -110,14 +116,25 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
     for (const PendingStep* m : members) joined.append(static_cast<const char*>(m->input->data), m->input->size);
     data = joined.data();
   }
-  // Batching checked every member's values before it joined (once per step); alone, Upload does.
-  auto x_or = options_.infer_batch_window > absl::ZeroDuration()
-                  ? backend_->UploadChecked(span[0]->spec.device, dtype, data, rows, n, hidden)
-                  : backend_->Upload(span[0]->spec.device, dtype, data, rows, n, hidden);
-  if (!x_or.ok()) {
-    return fail(absl::Status(x_or.status().code(), absl::StrCat("hidden_states ", x_or.status().message())));
+  // Batching checked every member's values before it joined (once per step); alone, Upload does,
+  // or here for the graph's step, whose bytes go to the device inside the graph.
+  const bool checked = options_.infer_batch_window > absl::ZeroDuration();
+  std::unique_ptr<Activation> x;
+  if (graph != nullptr) {
+    if (!checked) {
+      if (absl::Status st = CheckFinite(dtype, data, static_cast<size_t>(rows * n * hidden), static_cast<size_t>(hidden));
+          !st.ok()) {
+        return fail(absl::Status(st.code(), absl::StrCat("hidden_states ", st.message())));
+      }
+    }
+  } else {
+    auto x_or = checked ? backend_->UploadChecked(span[0]->spec.device, dtype, data, rows, n, hidden)
+                        : backend_->Upload(span[0]->spec.device, dtype, data, rows, n, hidden);
+    if (!x_or.ok()) {
+      return fail(absl::Status(x_or.status().code(), absl::StrCat("hidden_states ", x_or.status().message())));
+    }
+    x = std::move(x_or).value();
   }
-  std::unique_ptr<Activation> x = std::move(x_or).value();
   const absl::Time t_uploaded = absl::Now();
 
   std::vector<int64_t> start;
@@ -129,11 +146,6 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
   std::vector<std::vector<int32_t>> tables(members.size());
   std::vector<int64_t> widths(members.size());
   int64_t width = 0;
-  // A session's decode step (alone, onto its prefix, few new tokens, a span on one device): one
-  // upload of the tables for every block, and with infer_graphs the span replayed as one captured
-  // launch while the key holds (StepGraph). The table's width is padded so that the key moves
-  // once per kStepGraphPositions positions, as the blocks' attention plan does then.
-  StepGraph* graph = alone && lead.start > 0 && n <= kGraphMaxNewTokens ? lead.graph : nullptr;
   std::vector<int32_t> meta;  // graph's: the starts, then the padded tables
   for (size_t i = 0; i < members.size(); ++i) {
     PendingStep& m = *members[i];
@@ -161,9 +173,9 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
   StepGraphKey key;
   const int32_t* device_meta = nullptr;
   if (graph != nullptr) {
-    auto uploaded = graph->UploadMeta(meta);
-    if (!uploaded.ok()) return fail(uploaded.status());
-    device_meta = *uploaded;
+    auto staged = graph->StageMeta(meta);
+    if (!staged.ok()) return fail(staged.status());
+    device_meta = *staged;
     key = lead.scratch.GraphKey(lead.start, n, width);
     for (const EntryPtr& e : span) key.generation += e->block->launch_generation();
   }
@@ -195,17 +207,27 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
     return y;
   };
   const absl::Time t_prepared = absl::Now();
-  absl::StatusOr<std::unique_ptr<Activation>> y;
-  if (graph != nullptr && options_.infer_graphs) {
+  if (graph != nullptr) {
+    // Done when it returns: the output is in the reply.
     const StepGraph::Counts before = graph->counts();
-    y = graph->Run(key, *x, launches);
+    members[0]->status =
+        graph->RunHost(key, {dtype, data, rows, n, hidden, lead.output}, launches, options_.infer_graphs);
     const StepGraph::Counts after = graph->counts();
-    infer_graph_replays_.fetch_add(after.replayed - before.replayed);
-    infer_graph_captures_.fetch_add(after.captured - before.captured);
-    infer_graph_eager_.fetch_add(after.eager - before.eager);
-  } else {
-    y = launches(*x);
+    lock.Unlock();
+    if (!members[0]->status.ok()) return;
+    if (options_.infer_graphs) {
+      infer_graph_replays_.fetch_add(after.replayed - before.replayed);
+      infer_graph_captures_.fetch_add(after.captured - before.captured);
+      infer_graph_eager_.fetch_add(after.eager - before.eager);
+    }
+    BLOCKD_LOG(kDebug, "Infer step of ", span.size(), " blocks [", rows, ",", n, "], 1 session(s), through the ",
+               options_.infer_graphs ? "graph" : "graph eagerly", ": check ",
+               absl::ToDoubleMicroseconds(t_uploaded - t_start), " us, tables ",
+               absl::ToDoubleMicroseconds(t_prepared - t_uploaded), " us, run ",
+               absl::ToDoubleMicroseconds(absl::Now() - t_prepared), " us");
+    return Launched(members.size(), rows);
   }
+  absl::StatusOr<std::unique_ptr<Activation>> y = launches(*x);
   if (!y.ok()) return fail(y.status());
   x = std::move(y).value();
   lock.Unlock();
@@ -226,15 +248,18 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
     }
   }
   BLOCKD_LOG(kDebug, "Infer step of ", span.size(), " blocks [", rows, ",", n, "], ", members.size(),
-             " session(s)", graph != nullptr && options_.infer_graphs ? ", graph" : "", ": upload ",
-             absl::ToDoubleMicroseconds(t_uploaded - t_start), " us, tables ",
+             " session(s): upload ", absl::ToDoubleMicroseconds(t_uploaded - t_start), " us, tables ",
              absl::ToDoubleMicroseconds(t_prepared - t_uploaded), " us, launch ",
              absl::ToDoubleMicroseconds(t_launched - t_prepared), " us, compute + download ",
              absl::ToDoubleMicroseconds(absl::Now() - t_launched), " us");
+  Launched(members.size(), rows);
+}
+
+void Engine::Launched(size_t sessions, int64_t rows) {
   infer_launches_.fetch_add(1);
-  infer_launched_steps_.fetch_add(static_cast<int64_t>(members.size()));
-  infer_last_batch_sessions_.store(static_cast<int64_t>(members.size()));
-  if (options_.on_infer_batch) options_.on_infer_batch(static_cast<int64_t>(members.size()), rows);
+  infer_launched_steps_.fetch_add(static_cast<int64_t>(sessions));
+  infer_last_batch_sessions_.store(static_cast<int64_t>(sessions));
+  if (options_.on_infer_batch) options_.on_infer_batch(static_cast<int64_t>(sessions), rows);
 }
 
 absl::StatusOr<SessionInfo> Engine::OpenSession(const OpenSessionArgs& args) {

@@ -27,15 +27,8 @@ using cuda::CudaActivation;
 using cuda::DeviceBuffer;
 using cuda::DeviceContext;
 using cuda::DeviceGuard;
+using cuda::WireOf;
 
-kernels::WireType WireOf(DType t) {
-  switch (t) {
-    case DType::kFloat32: return kernels::kWireFloat32;
-    case DType::kBFloat16: return kernels::kWireBFloat16;
-    case DType::kFloat16: return kernels::kWireFloat16;
-  }
-  return kernels::kWireFloat32;
-}
 
 // Copies between the device and pageable memory (a request's or a reply's bytes) go through the
 // driver's own staging and ran at ~1.3 GB/s on the GPU host; a pinned buffer that the bytes pass

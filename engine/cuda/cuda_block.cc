@@ -515,7 +515,7 @@ class CudaBlock : public Block {
     const size_t ptrs_at = (row_chunk_at + 2 * m.batch + 1) / 2 * 2;
     const int32_t* meta_d = view.device_meta;
     if (meta_d != nullptr && !several_stores) {
-      // The span's one upload (StepGraph::UploadMeta); the attention planned per bucket of lengths.
+      // The span's one copy (StepGraph::StageMeta); the attention planned per bucket of lengths.
       max_len = (max_len + kStepGraphPositions - 1) / kStepGraphPositions * kStepGraphPositions;
     } else {
       std::vector<int32_t> meta(row_chunk_at);

@@ -7,8 +7,19 @@
 #include "engine/backend.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/device.h"
+#include "kernels/convert.cuh"
 
 namespace blockd::cuda {
+
+// The conversion kernels' name (kernels/convert.cuh) for an activation's dtype on the wire.
+inline kernels::WireType WireOf(DType t) {
+  switch (t) {
+    case DType::kFloat32: return kernels::kWireFloat32;
+    case DType::kBFloat16: return kernels::kWireBFloat16;
+    case DType::kFloat16: return kernels::kWireFloat16;
+  }
+  return kernels::kWireFloat32;
+}
 
 // [batch, seq, width] fp32 in device memory.
 class CudaActivation : public Activation {

@@ -34,7 +34,7 @@ absl::StatusOr<char*> StepWorkspace::Scratch(size_t bytes) {
 absl::StatusOr<const void*> StepWorkspace::Upload(const void* host, size_t bytes) {
   if (dev_->capturing()) {
     // A capture would replay this copy from a staging slot that later steps rewrite.
-    return absl::FailedPreconditionError("a captured step uploads its tables through StepGraph::UploadMeta");
+    return absl::FailedPreconditionError("a captured step copies its tables through StepGraph::StageMeta");
   }
   if (meta_.bytes() < bytes) {
     ASSIGN_OR_RETURN(meta_, DeviceBuffer::Allocate(dev_, std::max(bytes, 2 * meta_.bytes())));

@@ -1,12 +1,13 @@
 // The Engine's side of StepGraph (engine_sessions.cc) on the CPU backend, through a backend that
 // hands out recording graphs: which steps go through a session's graph, the keys they carry (a new
 // one per 64-position bucket, per token count and after a fork grows the pages), the tables they
-// upload (every row's start, then its page table padded to whole buckets) and, with
-// infer_graphs off, the one upload per span without the graph's Run. The CUDA graphs themselves
+// stage (every row's start, then its page table padded to whole buckets) and, with infer_graphs
+// off, the one staging per span with every step run eagerly. The CUDA graphs themselves
 // are tested against block-by-block launches by tests/gpu/cuda_session_test.cc.
 #include <string>
 #include <vector>
 
+#include "base/status_macros.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/engine.h"
 #include "gtest/gtest.h"
@@ -18,23 +19,32 @@ namespace {
 // Runs every step's launches as they come and records what the Engine gave it.
 class RecordingGraph : public StepGraph {
  public:
-  absl::StatusOr<const int32_t*> UploadMeta(const std::vector<int32_t>& meta) override {
+  absl::StatusOr<const int32_t*> StageMeta(const std::vector<int32_t>& meta) override {
     metas.push_back(meta);
     return metas.back().data();  // the CPU blocks read the host tables; nothing reads this
   }
   absl::StatusOr<std::unique_ptr<Activation>> Run(const StepGraphKey& key, const Activation& input,
                                                   const Launches& launches) override {
+    return absl::InternalError("the Engine runs its steps through RunHost");
+  }
+  absl::Status RunHost(const StepGraphKey& key, const HostStep& step, const Launches& launches,
+                       bool capture) override {
     keys.push_back(key);
+    captures.push_back(capture);
     ++counts_.eager;
-    return launches(input);
+    ASSIGN_OR_RETURN(auto x, cpu_->Upload(0, step.dtype, step.input, step.batch, step.seq, step.width));
+    ASSIGN_OR_RETURN(auto y, launches(*x));
+    return cpu_->Download(*y, step.dtype, step.output);
   }
   Counts counts() const override { return counts_; }
 
   std::vector<std::vector<int32_t>> metas;
   std::vector<StepGraphKey> keys;
+  std::vector<bool> captures;  // each RunHost's `capture`
 
  private:
   Counts counts_;
+  std::unique_ptr<Backend> cpu_ = MakeCpuBackend();
 };
 
 // The CPU backend, with a RecordingGraph for every session that asks.
@@ -125,7 +135,8 @@ TEST_F(StepGraphTest, DecodeStepsCarryKeysThatMoveWithBucketsTokensAndForks) {
   for (int t = 10; t < 70; ++t) ASSERT_NO_FATAL_FAILURE(Step("s", 1));
   const RecordingGraph& g = Graph(0);
   ASSERT_EQ(g.keys.size(), 60u);
-  ASSERT_EQ(g.metas.size(), 60u);  // one upload per step for the whole span of three
+  ASSERT_EQ(g.metas.size(), 60u);  // one staging per step for the whole span of three
+  EXPECT_EQ(g.captures, std::vector<bool>(60, true));
   for (size_t i = 0; i < g.keys.size(); ++i) {
     const int64_t start = 10 + static_cast<int64_t>(i);
     const StepGraphKey& k = g.keys[i];
@@ -171,13 +182,13 @@ TEST_F(StepGraphTest, DecodeStepsCarryKeysThatMoveWithBucketsTokensAndForks) {
   EXPECT_EQ(Graph(1).keys[0].pages, g.keys.back().pages);
 }
 
-TEST_F(StepGraphTest, WithGraphsOffTheSpanStillUploadsItsTablesOnceAndRunsBlockByBlock) {
+TEST_F(StepGraphTest, WithGraphsOffTheSpanStillStagesItsTablesOnceAndRunsEagerly) {
   ASSERT_NO_FATAL_FAILURE(Start(/*graphs=*/false));
   ASSERT_NO_FATAL_FAILURE(Step("s", 10));
   for (int t = 0; t < 5; ++t) ASSERT_NO_FATAL_FAILURE(Step("s", 1));
   ASSERT_EQ(graphs_->size(), 1u);
   EXPECT_EQ(Graph(0).metas.size(), 5u);
-  EXPECT_TRUE(Graph(0).keys.empty());
+  EXPECT_EQ(Graph(0).captures, std::vector<bool>(5, false)) << "every step eagerly, none captured";
   const EngineStats stats = engine_->Stats();
   EXPECT_EQ(stats.infer_graph_replays + stats.infer_graph_captures + stats.infer_graph_eager, 0);
 }

@@ -13,6 +13,7 @@
 #include <iostream>
 #include <thread>
 
+#include "base/dtype.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/engine.h"
@@ -76,19 +77,28 @@ class Side {
   }
   std::vector<float> Step(const std::string& id, const std::vector<float>& x, int64_t n,
                           std::vector<int32_t> hypo = {}) {
+    const std::string bytes =
+        StepBytes(id, DType::kFloat32, std::string(reinterpret_cast<const char*>(x.data()), x.size() * 4), n,
+                  std::move(hypo));
+    std::vector<float> out(bytes.size() / 4);
+    std::memcpy(out.data(), bytes.data(), bytes.size());
+    return out;
+  }
+  // The same with the step's bytes in `dtype`, in and out, as the wire has them.
+  std::string StepBytes(const std::string& id, DType dtype, const std::string& x, int64_t n,
+                        std::vector<int32_t> hypo = {}) {
     InferStepArgs a;
     a.session_id = id;
     a.client = "alice";
-    a.hidden_states = TensorArg{DType::kFloat32, {k_.batch, n, d()}, x.data(), x.size() * 4};
+    a.hidden_states = TensorArg{dtype, {k_.batch, n, d()}, x.data(), x.size()};
     a.hypo_ids = std::move(hypo);
     std::string bytes;
     InferStepOutput o;
     o.output.data = &bytes;
     absl::Status s = engine_.InferStep(a, &o);
     EXPECT_TRUE(s.ok()) << s;
-    std::vector<float> out(bytes.size() / 4);
-    std::memcpy(out.data(), bytes.data(), bytes.size());
-    return out;
+    EXPECT_EQ(o.output.dtype, dtype);
+    return bytes;
   }
   Engine& engine() { return engine_; }
 
@@ -315,6 +325,41 @@ TEST(CudaSessionGraphTest, ReplaysEqualBlockByBlockLaunches) {
     std::cout << k.name << ": " << gs.infer_graph_replays << " replays, " << gs.infer_graph_captures
               << " captures, " << gs.infer_graph_eager << " steps launched block by block\n";
   }
+}
+
+// A step in bf16 or fp16 bytes through the graph (the input converted and the output rounded
+// inside the captured launch, StepGraph::RunHost) gives the fp32 step of the same values, rounded
+// to the dtype: eagerly, when captured and when replayed, and with a key that changes dtype.
+TEST(CudaSessionGraphTest, HalfBytesThroughTheGraphEqualTheFloat32StepRounded) {
+  SKIP_WITHOUT_GPU();
+  SessionCase k = Cases()[3];  // llama_bf16
+  EngineOptions o;
+  o.infer_batch_window = absl::ZeroDuration();
+  const std::unique_ptr<Side> side = CudaSide(k, o);
+  ASSERT_TRUE(side);
+  const int64_t B = k.batch, d = k.config.hidden_size;
+  side->Open("half");
+  side->Open("full");
+  uint64_t seed = 900;
+  auto both = [&](DType dtype, int64_t n) {
+    std::vector<float> x = RandomNormal(B * n * d, seed++);
+    std::string wire(x.size() * DTypeSize(dtype), '\0');
+    ConvertFromFloat32(x.data(), x.size(), dtype, wire.data());
+    ConvertToFloat32(dtype, wire.data(), x.size(), x.data());  // the values the wire carries
+    const std::string got = side->StepBytes("half", dtype, wire, n);
+    const std::vector<float> full = side->Step("full", x, n);
+    std::string want(full.size() * DTypeSize(dtype), '\0');
+    ConvertFromFloat32(full.data(), full.size(), dtype, want.data());
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_EQ(got, want) << "step " << seed << (dtype == DType::kBFloat16 ? " bf16" : " fp16");
+  };
+  both(DType::kBFloat16, 12);  // prefill: Upload and Download, no graph
+  for (int t = 0; t < 6; ++t) both(DType::kBFloat16, 1);  // eager, captured, replayed
+  for (int t = 0; t < 4; ++t) both(DType::kFloat16, 1);   // another dtype: its own capture
+  for (int t = 0; t < 3; ++t) both(DType::kBFloat16, 1);
+  const EngineStats stats = side->engine().Stats();
+  EXPECT_GE(stats.infer_graph_replays, 8);
+  EXPECT_GE(stats.infer_graph_captures, 3);
 }
 
 }  // namespace
