@@ -348,11 +348,12 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
   if (args.hidden_states.read || out->output.write) {  // the server copies a step's slice (small) itself
     return absl::InternalError("InferStep takes its hidden states as bytes, not through a HostRead or HostWrite");
   }
-  std::shared_ptr<Session> s = sessions_.Find(args.session_id, args.client, absl::Now());
+  const absl::Time t_called = absl::Now();
+  std::shared_ptr<Session> s = sessions_.Find(args.session_id, args.client, t_called);
   if (s == nullptr) return SessionNotFound(args.session_id);
   absl::MutexLock session_lock(&s->mu);
   if (s->closed) return SessionNotFound(args.session_id);
-  s->Renew(absl::Now());
+  s->Renew(t_called);
   const uint64_t fingerprint = args.step_id != 0 ? StepFingerprint(args) : 0;
   if (args.step_id != 0 && args.step_id == s->last_step_id) {
     // A retry sends the same request again; another request under the same id is a client's bug
@@ -461,10 +462,12 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
     std::move(leave).Cancel();  // joining ends its way
     members = step_batcher_.Join(key, &me, max_rows);
   }
+  const absl::Time t_joined = absl::Now();
   if (!members.empty()) {  // this step leads its batch (or runs alone)
     RunStepBatch(span, members);
     step_batcher_.Finish(members);
   }
+  const absl::Time t_batched = absl::Now();
   RETURN_IF_ERROR(me.status);
   out->output.dtype = t.dtype;
   out->output.shape = t.shape;
@@ -483,6 +486,9 @@ absl::Status Engine::InferStep(const InferStepArgs& args, InferStepOutput* out) 
   s->Renew(absl::Now());
   out->length = s->length;
   out->step_id = args.step_id;
+  BLOCKD_LOG(kDebug, "Session step of ", span.size(), " blocks: found, checked and batched in ",
+             absl::ToDoubleMicroseconds(t_joined - t_called), " us, committed in ",
+             absl::ToDoubleMicroseconds(absl::Now() - t_batched), " us");
   out->new_tokens = batch * fresh;
   return absl::OkStatus();
 }

@@ -3,8 +3,10 @@
   python3 bench/device/step_times.py blockd.log [--blocks=32]
 
 Reads the lines "Infer step of N blocks ...: upload U us, tables T us, launch L us, compute +
-download C us", "InferStep of session ...: input I us, engine E us, reply R us" and "Infer stream
-step: waited for a pool thread Q us, ran X us, written in W us", and prints each time's median
+download C us" (a graph step: "check, tables, run"), "Session step of N blocks: found, checked and
+batched in B us, committed in C us", "InferStep of session ...: input I us, engine E us, reply R
+us" and "Infer stream step: waited for a pool thread Q us, ran X us, written in W us", and prints
+each time's median
 (the steps of a --blocks span only: a service or stream line is the step's whose engine line came
 last, as one stream's steps run one at a time).
 """
@@ -28,6 +30,8 @@ def main():
             m = re.search(r"Infer step of (\d+) blocks", line)
             last_blocks = int(m.group(1)) if m else None
             kind = "engine launch"
+        elif "Session step of " in line:
+            kind = "engine step"
         elif "InferStep of session" in line:
             kind = "service"
         elif "Infer stream step:" in line:
