@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [nccl] [groups] [ipc] [transport] [tcp_sweep] [ipc_sweep] [spin_ab] [scale] [lora] [big]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [decode_ab] [nccl] [groups] [ipc] [transport] [tcp_sweep] [ipc_sweep] [spin_ab] [scale] [lora] [big]   (default: the first four)
 # `nccl`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs);
 # `groups`: those tests and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
@@ -231,6 +231,43 @@ if [[ " $stages " == *" grpc_decode "* ]]; then
   for b in 32 1; do
     echo "== the daemon's times of a step, $b-block session"
     python3 "$root/bench/device/step_times.py" "$OUT/blockd.grpc_decode.debug.log" --blocks=$b
+  done
+fi
+
+# The decode step over gRPC on this bundle's daemon and on an older one (.device/blockd-old.xz,
+# when carried: a daemon binary built from an earlier commit against the same libraries),
+# alternating, the C++ client over TCP and over a Unix socket each, beside the in-process graph
+# step: a change's effect on the step measured within one call. Then this bundle's daemon once
+# more at --log_level=debug, where the step's time went.
+if [[ " $stages " == *" decode_ab "* ]]; then
+  timeout 300 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_decode" --layers=32 --frozen --written_layers=1 \
+    --batches=1 --attention_batches= --engine >"$OUT/decode_ab.inproc.log" 2>&1
+  row "decode_ab.in_process" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see decode_ab.inproc.log"
+  grep -E "CUDA graph|engine decode" "$OUT/decode_ab.inproc.log" | sed 's/^/AB in process: /'
+  inproc=$(grep -oE '[0-9.]+ ms/layer/step' "$OUT/decode_ab.inproc.log" | head -1 | cut -d' ' -f1)
+  bins=blockd
+  if [ -f "$root/.device/blockd-old.xz" ]; then
+    xz -dc "$root/.device/blockd-old.xz" >"$dev/bin/blockd-old" && chmod +x "$dev/bin/blockd-old" && bins="blockd-old blockd"
+  fi
+  runs=""
+  for round in $(seq ${DECODE_AB_ROUNDS:-2}); do
+    for bin in $bins; do runs+=" $round,$bin,127.0.0.1:50991,info $round,$bin,unix:/tmp/blockd-ab.sock,info"; done
+  done
+  for run in $runs blockd_debug,blockd,unix:/tmp/blockd-ab.sock,debug; do
+    IFS=, read -r round bin at level <<<"$run"
+    name="ab.$round.$bin.${at%%:*}"
+    LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/$bin" --backend=cuda --listen=$at --metrics_listen= \
+      --log_level=$level >"$OUT/blockd.$name.log" 2>&1 &
+    daemon=$!
+    for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.$name.log" 2>/dev/null && break; sleep 1; done
+    timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_session" --target=$at --blocks=32 \
+      --in_process_ms="${inproc:-0}" >"$OUT/$name.log" 2>&1
+    echo "AB $round $bin ${at%%:*}: $(grep -oE 'median step [0-9.]+ ms' "$OUT/$name.log" | head -1), $(grep -oE "GetServerInfo [0-9.]+ ms" "$OUT/$name.log" | head -1)"
+    kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+  done
+  for b in 32 1; do
+    echo "== the daemon's times of a step, $b-block session"
+    python3 "$root/bench/device/step_times.py" "$OUT/blockd.ab.blockd_debug.blockd.unix.log" --blocks=$b
   done
 fi
 
