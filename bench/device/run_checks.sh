@@ -55,6 +55,21 @@ pyunit() {
 # serves. span_run LOG LABEL [BENCH_SERVICE_FLAG...]: one bench_service run of the span against
 # $target, appended to LOG, and its last row printed as "LABEL depth D micro-batches M: T
 # tokens/s, P% of in-process".
+# decode_session NAME BIN TARGET LEVEL LOG: a CUDA daemon $dev/bin/BIN on TARGET at
+# --log_level=LEVEL (its log blockd.NAME.log), bench_session's 32-block decode against it into
+# LOG, the daemon stopped; returns bench_session's status. $inproc: bench_decode's ms/layer/step.
+decode_session() {
+  local name=$1 bin=$2 at=$3 level=$4 log=$5
+  LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/$bin" --backend=cuda --listen=$at --metrics_listen= \
+    --log_level=$level >"$OUT/blockd.$name.log" 2>&1 &
+  local d=$!
+  for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.$name.log" 2>/dev/null && break; sleep 1; done
+  timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_session" --target=$at --blocks=32 \
+    --in_process_ms="${inproc:-0}" >"$log" 2>&1
+  local rc=$?
+  kill $d 2>/dev/null; wait $d 2>/dev/null
+  return $rc
+}
 span_inproc() {
   timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 \
     --iters=${TRANSPORT_ITERS:-6} --attention=native >>"$1" 2>&1
@@ -218,15 +233,9 @@ if [[ " $stages " == *" grpc_decode "* ]]; then
   sock=unix:/tmp/blockd-grpc-decode.sock
   for run in unix,info debug,debug; do
     IFS=, read -r name level <<<"$run"
-    LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/blockd" --backend=cuda --listen=$sock --metrics_listen= \
-      --log_level=$level >"$OUT/blockd.grpc_decode.$name.log" 2>&1 &
-    daemon=$!
-    for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.grpc_decode.$name.log" 2>/dev/null && break; sleep 1; done
-    timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_session" --target=$sock --blocks=32 \
-      --in_process_ms="${inproc:-0}" >"$OUT/grpc_decode.cc.$name.log" 2>&1
+    decode_session "grpc_decode.$name" blockd $sock "$level" "$OUT/grpc_decode.cc.$name.log"
     row "grpc_decode.grpc_cc_$name" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see grpc_decode.cc.$name.log"
     tail -5 "$OUT/grpc_decode.cc.$name.log"
-    kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
   done
   for b in 32 1; do
     echo "== the daemon's times of a step, $b-block session"
@@ -256,14 +265,8 @@ if [[ " $stages " == *" decode_ab "* ]]; then
   for run in $runs blockd_debug,blockd,unix:/tmp/blockd-ab.sock,debug; do
     IFS=, read -r round bin at level <<<"$run"
     name="ab.$round.$bin.${at%%:*}"
-    LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/$bin" --backend=cuda --listen=$at --metrics_listen= \
-      --log_level=$level >"$OUT/blockd.$name.log" 2>&1 &
-    daemon=$!
-    for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.$name.log" 2>/dev/null && break; sleep 1; done
-    timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_session" --target=$at --blocks=32 \
-      --in_process_ms="${inproc:-0}" >"$OUT/$name.log" 2>&1
+    decode_session "$name" "$bin" "$at" "$level" "$OUT/$name.log"
     echo "AB $round $bin ${at%%:*}: $(grep -oE 'median step [0-9.]+ ms' "$OUT/$name.log" | head -1), $(grep -oE "GetServerInfo [0-9.]+ ms" "$OUT/$name.log" | head -1)"
-    kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
   done
   for b in 32 1; do
     echo "== the daemon's times of a step, $b-block session"
