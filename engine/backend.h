@@ -262,12 +262,16 @@ struct StepGraphKey {
 // RunHost takes the step as the wire has it, host bytes in and out: the tables' and the input's
 // copies to the device, the input's conversion, the launches, the output's conversion and its copy
 // back are all in the one captured launch, so that a replayed step costs the host a copy into
-// pinned memory, one launch, one wait and a copy out. Run takes an input already on the device
-// (a bench's floor) and returns the output there.
-// Not thread-safe: the session's lock serialises its steps; the caller holds the span's blocks.
+// pinned memory, one launch, one wait and a copy out. It queues the step (the caller holds the
+// span's blocks); FinishHost, after the caller let the blocks go, waits for it and writes the
+// output. Run takes an input already on the device (a bench's floor) and returns the output there.
+// Not thread-safe: the session's lock serialises its steps; the caller holds the span's blocks
+// for StageMeta, Run and RunHost.
 //
 //   ASSIGN_OR_RETURN(const int32_t* meta, graph->StageMeta(host_meta));   // KvBlockView::device_meta
 //   RETURN_IF_ERROR(graph->RunHost(key, {dtype, bytes, rows, n, hidden, &reply}, span, /*capture=*/true));
+//   lock.Unlock();
+//   RETURN_IF_ERROR(graph->FinishHost());                                  // reply holds the output
 class StepGraph {
  public:
   using Launches = std::function<absl::StatusOr<std::unique_ptr<Activation>>(const Activation& input)>;
@@ -286,9 +290,11 @@ class StepGraph {
   virtual absl::StatusOr<const int32_t*> StageMeta(const std::vector<int32_t>& meta) = 0;
   virtual absl::StatusOr<std::unique_ptr<Activation>> Run(const StepGraphKey& key, const Activation& input,
                                                           const Launches& launches) = 0;
-  // Done when it returns. `capture` false: every step eagerly (EngineOptions::infer_graphs off).
+  // Queues the step; `capture` false: eagerly, whatever the key (EngineOptions::infer_graphs off).
   virtual absl::Status RunHost(const StepGraphKey& key, const HostStep& step, const Launches& launches,
                                bool capture) = 0;
+  // Waits for the step the last RunHost queued and replaces its HostStep's *output with the output.
+  virtual absl::Status FinishHost() = 0;
   // Steps run eagerly, captured and replayed so far (for tests and metrics).
   struct Counts {
     int64_t eager = 0, captured = 0, replayed = 0, refused = 0;

@@ -208,12 +208,13 @@ void Engine::RunStepBatch(const std::vector<EntryPtr>& span, const std::vector<P
   };
   const absl::Time t_prepared = absl::Now();
   if (graph != nullptr) {
-    // Done when it returns: the output is in the reply.
+    // Queued under the blocks' locks; waited for, its output written into the reply, without them.
     const StepGraph::Counts before = graph->counts();
     members[0]->status =
         graph->RunHost(key, {dtype, data, rows, n, hidden, lead.output}, launches, options_.infer_graphs);
     const StepGraph::Counts after = graph->counts();
     lock.Unlock();
+    if (members[0]->status.ok()) members[0]->status = graph->FinishHost();
     if (!members[0]->status.ok()) return;
     if (options_.infer_graphs) {
       infer_graph_replays_.fetch_add(after.replayed - before.replayed);

@@ -136,7 +136,7 @@ grpc::ServerUnaryReactor* BlockServiceImpl::ListSessions(grpc::CallbackServerCon
 // Infer: InferStep requests in, one response per request, in order. One step runs at a time: read,
 // compute on the pool, write. The next read is started as soon as the step is done with its
 // request, beside the reply's write: the client's next step is read while gRPC still finishes
-// sending the last reply (its OnWriteDone came ~86 us after StartWrite on the GPU host, after the
+// sending the last reply (its OnWriteDone came 80-85 us after StartWrite on the GPU host, after the
 // client already had the bytes), so it runs on arrival. A step that finishes while the previous
 // reply is still being written waits for that write (one write at a time); its reply has a buffer
 // of its own, and no read starts until its write does, so at most two replies are ever held.
@@ -225,6 +225,7 @@ class BlockServiceImpl::InferReactor
     if (ok) service_->watchdog_->Touch(watch_);
     Reply* next = nullptr;
     bool read = false, due = false;
+    grpc::Status end;
     {
       absl::MutexLock lock(&mu_);
       writing_ = false;
@@ -243,9 +244,10 @@ class BlockServiceImpl::InferReactor
         end_ = Drained();
       }
       due = Due();
+      if (due) end = end_;
     }
     if (due) {
-      Finish(call_.Finish(end_));
+      Finish(call_.Finish(end));
       return;
     }
     // The read first: once the write is started, its OnWriteDone may end the stream.
@@ -277,8 +279,8 @@ class BlockServiceImpl::InferReactor
     auto step = [this, r] { return service_->RunInferStep(req_, call_.client(), &r->resp); };
     const absl::Status s = Guarded(step);
     service_->watchdog_->SetBusy(watch_, false);
-    if (s.ok()) service_->metrics_->bytes_sent->Increment(static_cast<double>(r->resp.ByteSizeLong()));
     bool write = false, read = false, due = false;
+    grpc::Status end;
     {
       absl::MutexLock lock(&mu_);
       running_ = false;
@@ -288,19 +290,26 @@ class BlockServiceImpl::InferReactor
       }
       if (finished_) {  // a failed step, or the stream broke while it ran: its reply is not sent
         due = Due();
-      } else if (writing_) {
-        pending_ = r;  // OnWriteDone writes it
+        if (due) end = end_;
       } else {
-        write = true;
-        writing_ = true;
-        written_ = r;
-        read = !(draining_ || service_->draining_);
+        // Counted here: once the lock goes, a parked reply's stream may end (and its reactor go)
+        // before this thread runs again.
+        service_->metrics_->bytes_sent->Increment(static_cast<double>(r->resp.ByteSizeLong()));
+        if (writing_) {
+          pending_ = r;  // OnWriteDone writes it
+        } else {
+          write = true;
+          writing_ = true;
+          written_ = r;
+          read = !(draining_ || service_->draining_);
+        }
       }
     }
     if (due) {
-      Finish(call_.Finish(end_));
+      Finish(call_.Finish(end));
       return;
     }
+    // Nothing here touches the reactor unless this thread holds a write it has yet to start.
     if (read) StartRead(&req_);
     if (write) Write(r);
   }
@@ -346,7 +355,7 @@ class BlockServiceImpl::InferReactor
   absl::Mutex mu_;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;  // the stream ends with end_ (once Due)
   bool ended_ ABSL_GUARDED_BY(mu_) = false;     // Finish called or about to be
-  grpc::Status end_;                            // set once, with finished_
+  grpc::Status end_ ABSL_GUARDED_BY(mu_);       // set once, with finished_; read after Due
   bool running_ ABSL_GUARDED_BY(mu_) = false;   // a step runs on the pool
   bool writing_ ABSL_GUARDED_BY(mu_) = false;   // a reply is being written
   Reply* pending_ ABSL_GUARDED_BY(mu_) = nullptr;  // a finished step's reply, written after the one in flight

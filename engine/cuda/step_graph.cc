@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "base/log.h"
@@ -71,8 +72,8 @@ void CudaStepGraph::DropExec() {
 
 absl::Status CudaStepGraph::WaitIdle() {
   if (!in_flight_) return absl::OkStatus();
-  in_flight_ = false;
   CUDA_RETURN_IF_ERROR(cudaEventSynchronize(done_));
+  in_flight_ = false;
   return absl::OkStatus();
 }
 
@@ -94,12 +95,18 @@ absl::Status CudaStepGraph::ReserveIo(size_t wire_bytes, size_t value_bytes) {
   if (wire_bytes <= wire_cap_ && value_bytes <= value_cap_) return absl::OkStatus();
   RETURN_IF_ERROR(WaitIdle());
   DropExec();  // it names the old buffers
-  wire_cap_ = Aligned(std::max(wire_bytes, wire_bytes > wire_cap_ ? 2 * wire_cap_ : wire_cap_));
-  value_cap_ = Aligned(std::max(value_bytes, value_bytes > value_cap_ ? 2 * value_cap_ : value_cap_));
+  const size_t wire_cap = Aligned(std::max(wire_bytes, wire_bytes > wire_cap_ ? 2 * wire_cap_ : wire_cap_));
+  const size_t value_cap = Aligned(std::max(value_bytes, value_bytes > value_cap_ ? 2 * value_cap_ : value_cap_));
+  // Until both buffers are there the capacities say none, so that a failure here leaves nothing
+  // that a later step could write past.
+  wire_cap_ = value_cap_ = 0;
   input_ = nullptr;
-  RETURN_IF_ERROR(io_host_.Grow(2 * wire_cap_));
+  RETURN_IF_ERROR(io_host_.Grow(2 * wire_cap));
   // The old buffer returns to the pool in stream order, after the kernels that used it.
-  ASSIGN_OR_RETURN(io_, DeviceBuffer::Allocate(dev_, 2 * wire_cap_ + value_cap_));
+  io_.Reset();
+  ASSIGN_OR_RETURN(io_, DeviceBuffer::Allocate(dev_, 2 * wire_cap + value_cap));
+  wire_cap_ = wire_cap;
+  value_cap_ = value_cap;
   input_ = reinterpret_cast<float*>(io_.as<char>() + wire_cap_);
   return absl::OkStatus();
 }
@@ -165,13 +172,25 @@ absl::StatusOr<std::unique_ptr<Activation>> CudaStepGraph::Run(const StepGraphKe
   DeviceGuard guard(dev_->index);
   const Io io{/*host=*/false, DType::kFloat32, meta_bytes_};
   const size_t bytes = static_cast<size_t>(input.numel()) * sizeof(float);
-  std::unique_ptr<Activation> y;
   const Mode mode = Choose(key, io);
+  if (mode != Mode::kEager) RETURN_IF_ERROR(ReserveIo(0, bytes));  // before any queuing: it may move the buffers
+  // From here the device may read the pinned tables until done_, recorded on every way out.
+  in_flight_ = true;
+  absl::StatusOr<std::unique_ptr<Activation>> y = QueueDevice(key, io, mode, input, launches);
+  const cudaError_t recorded = cudaEventRecord(done_, dev_->stream);
+  if (y.ok() && recorded != cudaSuccess) return Check(recorded, "cudaEventRecord");
+  return y;
+}
+
+absl::StatusOr<std::unique_ptr<Activation>> CudaStepGraph::QueueDevice(const StepGraphKey& key, const Io& io,
+                                                                       Mode mode, const Activation& input,
+                                                                       const Launches& launches) {
+  const size_t bytes = static_cast<size_t>(input.numel()) * sizeof(float);
+  std::unique_ptr<Activation> y;
   if (mode == Mode::kEager) {
     ++counts_.eager;
     ASSIGN_OR_RETURN(y, EnqueueDevice(input, launches));
   } else {
-    RETURN_IF_ERROR(ReserveIo(0, bytes));  // before the capture: it may move the buffers
     const auto& in = static_cast<const CudaActivation&>(input);
     if (in.ready() != nullptr) CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->stream, in.ready(), 0));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(input_, in.data(), bytes, cudaMemcpyDeviceToDevice, dev_->stream));
@@ -201,8 +220,6 @@ absl::StatusOr<std::unique_ptr<Activation>> CudaStepGraph::Run(const StepGraphKe
       y = std::move(out);
     }
   }
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(done_, dev_->stream));
-  in_flight_ = true;
   return y;
 }
 
@@ -248,6 +265,7 @@ absl::Status CudaStepGraph::RunHost(const StepGraphKey& key, const HostStep& ste
   DeviceGuard guard(dev_->index);
   const int64_t n = step.batch * step.seq * step.width;
   const size_t wire = static_cast<size_t>(n) * DTypeSize(step.dtype);
+  host_output_ = nullptr;
   RETURN_IF_ERROR(WaitIdle());
   RETURN_IF_ERROR(ReserveIo(wire, static_cast<size_t>(n) * sizeof(float)));
   std::memcpy(io_host_.ptr, step.input, wire);
@@ -271,9 +289,17 @@ absl::Status CudaStepGraph::RunHost(const StepGraphKey& key, const HostStep& ste
   const cudaError_t recorded = cudaEventRecord(done_, dev_->stream);
   RETURN_IF_ERROR(queued);
   CUDA_RETURN_IF_ERROR(recorded);
-  CUDA_RETURN_IF_ERROR(cudaEventSynchronize(done_));
-  in_flight_ = false;
-  step.output->assign(static_cast<const char*>(io_host_.ptr) + wire_cap_, wire);
+  host_output_ = step.output;
+  host_output_bytes_ = wire;
+  return absl::OkStatus();
+}
+
+absl::Status CudaStepGraph::FinishHost() {
+  if (host_output_ == nullptr) return absl::InternalError("FinishHost without a step queued by RunHost");
+  std::string* output = std::exchange(host_output_, nullptr);
+  DeviceGuard guard(dev_->index);
+  RETURN_IF_ERROR(WaitIdle());
+  output->assign(static_cast<const char*>(io_host_.ptr) + wire_cap_, host_output_bytes_);
   return absl::OkStatus();
 }
 

@@ -16,6 +16,7 @@
 
 #include <functional>
 #include <memory>
+#include <string>
 
 #include "engine/backend.h"
 #include "engine/cuda/device.h"
@@ -32,6 +33,7 @@ class CudaStepGraph : public StepGraph {
                                                   const Launches& launches) override;
   absl::Status RunHost(const StepGraphKey& key, const HostStep& step, const Launches& launches,
                        bool capture) override;
+  absl::Status FinishHost() override;
   Counts counts() const override { return counts_; }
 
  private:
@@ -64,7 +66,11 @@ class CudaStepGraph : public StepGraph {
   void Refused(const StepGraphKey& key, const absl::Status& why);
   // RunHost's whole step on the thread's Stream(): tables and input in, `launches`, output out.
   absl::Status EnqueueHost(const HostStep& step, const Launches& launches);
-  // Run's step after its input is in input_: tables in, `launches`.
+  // Run's body, by `mode`: eagerly from `input`; else its input copied into input_ and the
+  // capture (made now for kCapture) launched.
+  absl::StatusOr<std::unique_ptr<Activation>> QueueDevice(const StepGraphKey& key, const Io& io, Mode mode,
+                                                          const Activation& input, const Launches& launches);
+  // The tables copied in, then `launches` from `input` (eagerly, or inside a capture).
   absl::StatusOr<std::unique_ptr<Activation>> EnqueueDevice(const Activation& input, const Launches& launches);
   // The input's wire bytes and fp32 values on the device, the output's wire bytes, and RunHost's
   // pinned input and output; grown (dropping exec_, which names them) when a step needs more.
@@ -92,6 +98,8 @@ class CudaStepGraph : public StepGraph {
   DeviceBuffer io_;                 // input wire bytes, input values (input_), output wire bytes
   size_t wire_cap_ = 0, value_cap_ = 0;
   float* input_ = nullptr;          // the graph's input values, in io_
+  std::string* host_output_ = nullptr;  // the queued RunHost's, and its size
+  size_t host_output_bytes_ = 0;
   void* output_ = nullptr;          // Run's exec_'s output, allocated by each replay
   int64_t out_batch_ = 0, out_seq_ = 0, out_width_ = 0;
   Counts counts_;

@@ -4,6 +4,7 @@
 // stage (every row's start, then its page table padded to whole buckets) and, with infer_graphs
 // off, the one staging per span with every step run eagerly. The CUDA graphs themselves
 // are tested against block-by-block launches by tests/gpu/cuda_session_test.cc.
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -32,15 +33,25 @@ class RecordingGraph : public StepGraph {
     keys.push_back(key);
     captures.push_back(capture);
     ++counts_.eager;
-    ASSIGN_OR_RETURN(auto x, cpu_->Upload(0, step.dtype, step.input, step.batch, step.seq, step.width));
+    // UploadChecked: the Engine found the values finite (the CPU's Upload would check them again).
+    ASSIGN_OR_RETURN(auto x, cpu_->UploadChecked(0, step.dtype, step.input, step.batch, step.seq, step.width));
     ASSIGN_OR_RETURN(auto y, launches(*x));
-    return cpu_->Download(*y, step.dtype, step.output);
+    output = step.output;
+    return cpu_->Download(*y, step.dtype, &queued);
+  }
+  absl::Status FinishHost() override {
+    if (output == nullptr) return absl::InternalError("FinishHost without a RunHost");
+    *output = std::move(queued);
+    output = nullptr;
+    return absl::OkStatus();
   }
   Counts counts() const override { return counts_; }
 
   std::vector<std::vector<int32_t>> metas;
   std::vector<StepGraphKey> keys;
   std::vector<bool> captures;  // each RunHost's `capture`
+  std::string queued;          // RunHost's output until FinishHost
+  std::string* output = nullptr;
 
  private:
   Counts counts_;
@@ -180,6 +191,32 @@ TEST_F(StepGraphTest, DecodeStepsCarryKeysThatMoveWithBucketsTokensAndForks) {
   ASSERT_EQ(graphs_->size(), 2u);
   EXPECT_EQ(Graph(1).keys.size(), 1u);
   EXPECT_EQ(Graph(1).keys[0].pages, g.keys.back().pages);
+}
+
+// With batching off nothing checked a graph step's values before it reached the Engine's launch,
+// and the graph takes them to the device as bytes: the Engine checks them itself, and a bad step
+// reaches neither the tables nor the graph and leaves the session as it was.
+TEST_F(StepGraphTest, ANonFiniteDecodeStepIsRefusedBeforeTheGraph) {
+  ASSERT_NO_FATAL_FAILURE(Start(/*graphs=*/true));
+  ASSERT_NO_FATAL_FAILURE(Step("s", 10));
+  ASSERT_NO_FATAL_FAILURE(Step("s", 1));
+  std::vector<float> x(static_cast<size_t>(kRows * 16), 0.5f);
+  x[21] = std::numeric_limits<float>::quiet_NaN();
+  InferStepArgs a;
+  a.session_id = "s";
+  a.client = "alice";
+  a.hidden_states = TensorArg{DType::kFloat32, {kRows, 1, 16}, x.data(), x.size() * 4};
+  std::string bytes;
+  InferStepOutput out;
+  out.output.data = &bytes;
+  const absl::Status s = engine_->InferStep(a, &out);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("non-finite value (nan) at element 21"), std::string::npos) << s;
+  EXPECT_EQ(Graph(0).keys.size(), 1u) << "the bad step reached the graph";
+  EXPECT_EQ(Graph(0).metas.size(), 1u);
+  const auto sessions = engine_->ListSessions("alice");
+  ASSERT_EQ(sessions.size(), 1u);
+  EXPECT_EQ(sessions[0].length, 11);
 }
 
 TEST_F(StepGraphTest, WithGraphsOffTheSpanStillStagesItsTablesOnceAndRunsEagerly) {

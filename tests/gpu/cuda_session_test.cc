@@ -340,26 +340,39 @@ TEST(CudaSessionGraphTest, HalfBytesThroughTheGraphEqualTheFloat32StepRounded) {
   const int64_t B = k.batch, d = k.config.hidden_size;
   side->Open("half");
   side->Open("full");
+  // The steps: a prefill (Upload and Download, no graph), then decode steps: eager, captured,
+  // replayed; fp16 (its own capture: eager, captured, replayed); bf16 again.
+  std::vector<std::pair<DType, int64_t>> steps = {{DType::kBFloat16, 12}};
+  for (int t = 0; t < 6; ++t) steps.push_back({DType::kBFloat16, 1});
+  for (int t = 0; t < 4; ++t) steps.push_back({DType::kFloat16, 1});
+  for (int t = 0; t < 3; ++t) steps.push_back({DType::kBFloat16, 1});
+  // The fp32 session first, so that the half session's graph counts stand alone.
+  std::vector<std::vector<float>> xs, fulls;
   uint64_t seed = 900;
-  auto both = [&](DType dtype, int64_t n) {
+  for (const auto& [dtype, n] : steps) {
     std::vector<float> x = RandomNormal(B * n * d, seed++);
     std::string wire(x.size() * DTypeSize(dtype), '\0');
     ConvertFromFloat32(x.data(), x.size(), dtype, wire.data());
     ConvertToFloat32(dtype, wire.data(), x.size(), x.data());  // the values the wire carries
+    fulls.push_back(side->Step("full", x, n));
+    xs.push_back(std::move(x));
+  }
+  const EngineStats before = side->engine().Stats();
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const auto [dtype, n] = steps[i];
+    std::string wire(xs[i].size() * DTypeSize(dtype), '\0');
+    ConvertFromFloat32(xs[i].data(), xs[i].size(), dtype, wire.data());
     const std::string got = side->StepBytes("half", dtype, wire, n);
-    const std::vector<float> full = side->Step("full", x, n);
-    std::string want(full.size() * DTypeSize(dtype), '\0');
-    ConvertFromFloat32(full.data(), full.size(), dtype, want.data());
+    std::string want(fulls[i].size() * DTypeSize(dtype), '\0');
+    ConvertFromFloat32(fulls[i].data(), fulls[i].size(), dtype, want.data());
     ASSERT_EQ(got.size(), want.size());
-    EXPECT_EQ(got, want) << "step " << seed << (dtype == DType::kBFloat16 ? " bf16" : " fp16");
-  };
-  both(DType::kBFloat16, 12);  // prefill: Upload and Download, no graph
-  for (int t = 0; t < 6; ++t) both(DType::kBFloat16, 1);  // eager, captured, replayed
-  for (int t = 0; t < 4; ++t) both(DType::kFloat16, 1);   // another dtype: its own capture
-  for (int t = 0; t < 3; ++t) both(DType::kBFloat16, 1);
-  const EngineStats stats = side->engine().Stats();
-  EXPECT_GE(stats.infer_graph_replays, 8);
-  EXPECT_GE(stats.infer_graph_captures, 3);
+    EXPECT_EQ(got, want) << "step " << i << (dtype == DType::kBFloat16 ? " bf16" : " fp16");
+  }
+  const EngineStats after = side->engine().Stats();
+  // bf16: eager, captured, 4 replays; fp16: eager, captured, 2 replays; bf16: eager, captured, 1.
+  EXPECT_EQ(after.infer_graph_captures - before.infer_graph_captures, 3);
+  EXPECT_EQ(after.infer_graph_replays - before.infer_graph_replays, 7);
+  EXPECT_EQ(after.infer_graph_eager - before.infer_graph_eager, 3);
 }
 
 }  // namespace
