@@ -81,8 +81,9 @@ absl::StatusOr<const int32_t*> CudaStepGraph::StageMeta(const std::vector<int32_
   DeviceGuard guard(dev_->index);
   RETURN_IF_ERROR(WaitIdle());
   const size_t bytes = meta.size() * sizeof(int32_t);
-  if (bytes > meta_.bytes()) {
+  if (bytes > meta_.bytes() || bytes > meta_host_.bytes) {
     DropExec();  // it names the old buffers
+    meta_.Reset();  // until both are there: a failure here leaves none that a later step could write
     RETURN_IF_ERROR(meta_host_.Grow(bytes));
     ASSIGN_OR_RETURN(meta_, DeviceBuffer::Allocate(dev_, meta_host_.bytes));
   }
@@ -172,8 +173,8 @@ absl::StatusOr<std::unique_ptr<Activation>> CudaStepGraph::Run(const StepGraphKe
   DeviceGuard guard(dev_->index);
   const Io io{/*host=*/false, DType::kFloat32, meta_bytes_};
   const size_t bytes = static_cast<size_t>(input.numel()) * sizeof(float);
+  RETURN_IF_ERROR(ReserveIo(0, bytes));  // before Choose: moving the buffers drops exec_
   const Mode mode = Choose(key, io);
-  if (mode != Mode::kEager) RETURN_IF_ERROR(ReserveIo(0, bytes));  // before any queuing: it may move the buffers
   // From here the device may read the pinned tables until done_, recorded on every way out.
   in_flight_ = true;
   absl::StatusOr<std::unique_ptr<Activation>> y = QueueDevice(key, io, mode, input, launches);
