@@ -705,17 +705,49 @@ absl::StatusOr<v1::GradNormResponse> Client::GradNorm(const std::vector<std::str
   return Invoke(NextStub(), &v1::BlockService::Stub::GradNorm, &ctx, request);
 }
 
+// The Infer stream runs on a completion queue of its own (the async API), so that a step's write
+// and read are both in flight at once and its answer can be polled for (busy_wait_steps). Each
+// operation's tag is its bit in InferStream's masks.
+namespace {
+enum Op : unsigned { kStarted = 1, kWritten = 2, kRead = 4, kWritesDone = 8, kFinished = 16 };
+void* Tag(Op op) { return reinterpret_cast<void*>(static_cast<uintptr_t>(op)); }
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Client::InferStream>> Client::OpenInferStream(const CallOptions& call) {
   std::unique_ptr<InferStream> s(new InferStream());
   s->ctx_ = std::make_unique<grpc::ClientContext>();
   Prepare(s->ctx_.get(), call);
-  s->stream_ = NextStub()->Infer(s->ctx_.get());
+  s->busy_wait_ = options_.busy_wait_steps;
+  s->stream_ = NextStub()->PrepareAsyncInfer(s->ctx_.get(), &s->cq_);
   if (s->stream_ == nullptr) return absl::UnavailableError("could not start an Infer stream");
+  s->stream_->StartCall(Tag(kStarted));
+  // A stream that could not start fails its first step with the call's status (Close).
+  if (!s->Await(kStarted)) s->failed_ |= kStarted;
   return s;
 }
 
 Client::InferStream::~InferStream() {
   if (!done_) Close().IgnoreError();
+}
+
+bool Client::InferStream::Await(unsigned ops) {
+  while ((came_ & ops) != ops) {
+    void* tag = nullptr;
+    bool ok = false;
+    if (busy_wait_) {
+      while (cq_.AsyncNext(&tag, &ok, gpr_inf_past(GPR_CLOCK_MONOTONIC)) == grpc::CompletionQueue::TIMEOUT) {
+      }
+    } else {
+      cq_.Next(&tag, &ok);  // the queue is shut down only after every operation has come back
+    }
+    const unsigned op = static_cast<unsigned>(reinterpret_cast<uintptr_t>(tag));
+    came_ |= op;
+    if (!ok) failed_ |= op;
+  }
+  const bool ok = (failed_ & ops) == 0;
+  came_ &= ~ops;
+  failed_ &= ~ops;
+  return ok;
 }
 
 absl::StatusOr<v1::InferStepResponse> Client::InferStream::Step(const v1::InferStepRequest& request) {
@@ -724,8 +756,14 @@ absl::StatusOr<v1::InferStepResponse> Client::InferStream::Step(const v1::InferS
         absl::StrCat("this Infer stream has ended (", final_.ToString(), "); open a new one"));
   }
   v1::InferStepResponse response;
-  // A failed write or read means the server ended the stream: its status says why.
-  if (!stream_->Write(request) || !stream_->Read(&response)) {
+  // A failed start, write or read means the server ended the stream: its status says why.
+  bool ok = (failed_ & kStarted) == 0;
+  if (ok) {
+    stream_->Write(request, Tag(kWritten));
+    stream_->Read(&response, Tag(kRead));
+    ok = Await(kWritten | kRead);
+  }
+  if (!ok) {
     absl::Status s = Close();
     return s.ok() ? absl::UnavailableError("the server ended the Infer stream without answering the step") : s;
   }
@@ -735,11 +773,23 @@ absl::StatusOr<v1::InferStepResponse> Client::InferStream::Step(const v1::InferS
 absl::Status Client::InferStream::Close() {
   if (done_) return final_;
   done_ = true;
-  stream_->WritesDone();
-  v1::InferStepResponse extra;
-  while (stream_->Read(&extra)) {
+  if ((failed_ & kStarted) == 0) {
+    stream_->WritesDone(Tag(kWritesDone));
+    Await(kWritesDone);
+    v1::InferStepResponse extra;
+    do {
+      stream_->Read(&extra, Tag(kRead));
+    } while (Await(kRead));
   }
-  final_ = FromGrpcStatus(stream_->Finish());
+  grpc::Status status;
+  stream_->Finish(&status, Tag(kFinished));
+  Await(kFinished);
+  final_ = FromGrpcStatus(status);
+  cq_.Shutdown();
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq_.Next(&tag, &ok)) {
+  }
   return final_;
 }
 

@@ -64,7 +64,8 @@ v1::InferStepRequest StepRequest(const std::string& id, v1::Tensor x, int64_t st
 }
 
 // Each test on a daemon whose idle workers sleep at once, and on one whose idle worker watches
-// for the next call (--worker_spin_us, server/thread_pool.h): the steps come out the same.
+// for the next call (--worker_spin_us, server/thread_pool.h) with clients whose Infer streams
+// busy-wait for their answers (ClientOptions::busy_wait_steps): the steps come out the same.
 class SessionRpc : public ::testing::TestWithParam<int> {
  protected:
   void SetUp() override {
@@ -72,8 +73,9 @@ class SessionRpc : public ::testing::TestWithParam<int> {
     o.worker_spin_us = GetParam();
     server_ = StartServer(o);
     ASSERT_NE(server_, nullptr);
-    alice_ = ConnectTo(*server_, {.client_id = "alice"});
-    bob_ = ConnectTo(*server_, {.client_id = "bob"});
+    const bool busy = GetParam() > 0;
+    alice_ = ConnectTo(*server_, {.client_id = "alice", .busy_wait_steps = busy});
+    bob_ = ConnectTo(*server_, {.client_id = "bob", .busy_wait_steps = busy});
     ASSERT_TRUE(alice_ && bob_);
     for (int i = 0; i < 2; ++i) {
       ASSERT_OK(alice_->CreateBlock(CreateRequest(absl::StrCat("b", i), TinyConfig(/*qk_norm=*/true), 7 + i,
@@ -286,6 +288,26 @@ TEST(SessionOps, AWorkerSpinOutOfRangeIsRefusedAtStart) {
     o.worker_spin_us = spin;
     EXPECT_STATUS(Server::Start(o, MakeCpuBackend()).status(), absl::StatusCode::kInvalidArgument,
                   absl::StrCat("worker_spin_us = ", spin, ", expected -1 (auto)"));
+  }
+}
+
+// An Infer stream to where no daemon listens fails its first step with UNAVAILABLE, sleeping or
+// busy-waiting, and says so again on Close and on any later step.
+TEST(SessionOps, AnInferStreamWithNoDaemonFailsItsFirstStepWithUnavailable) {
+  for (bool busy : {false, true}) {
+    ClientOptions o;
+    o.target = "127.0.0.1:1";
+    o.timeout = absl::Seconds(5);
+    o.busy_wait_steps = busy;
+    auto c = Client::Connect(o);
+    ASSERT_OK(c.status());
+    auto stream = (*c)->OpenInferStream();
+    ASSERT_OK(stream.status());
+    EXPECT_STATUS((*stream)->Step(StepRequest("s", RandomTensor({1, 1, kHidden}, 1))).status(),
+                  absl::StatusCode::kUnavailable, "") << "busy_wait_steps " << busy;
+    EXPECT_STATUS((*stream)->Close(), absl::StatusCode::kUnavailable, "");
+    EXPECT_STATUS((*stream)->Step(StepRequest("s", RandomTensor({1, 1, kHidden}, 1))).status(),
+                  absl::StatusCode::kFailedPrecondition, "this Infer stream has ended");
   }
 }
 
