@@ -221,7 +221,9 @@ class BlockServiceImpl::InferReactor
     BLOCKD_LOG(kDebug, "Infer stream step: waited for a pool thread ",
                absl::ToDoubleMicroseconds(written_->run_at - written_->read_at), " us, ran ",
                absl::ToDoubleMicroseconds(written_->write_at - written_->run_at), " us, written in ",
-               absl::ToDoubleMicroseconds(absl::Now() - written_->write_at), " us");
+               absl::ToDoubleMicroseconds(absl::Now() - written_->write_at), " us (read at unix ",
+               absl::ToUnixMicros(written_->read_at), ", written from unix ", absl::ToUnixMicros(written_->write_at),
+               ")");
     if (ok) service_->watchdog_->Touch(watch_);
     Reply* next = nullptr;
     bool read = false, due = false;

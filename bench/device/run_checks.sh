@@ -57,7 +57,8 @@ pyunit() {
 # tokens/s, P% of in-process".
 # decode_session NAME BIN TARGET LEVEL LOG: a CUDA daemon $dev/bin/BIN on TARGET at
 # --log_level=LEVEL (its log blockd.NAME.log), bench_session's 32-block decode against it into
-# LOG, the daemon stopped; returns bench_session's status. $inproc: bench_decode's ms/layer/step.
+# LOG (from a sleeping client, then a busy-waiting one), the daemon stopped; returns
+# bench_session's status. $inproc: bench_decode's ms/layer/step.
 decode_session() {
   local name=$1 bin=$2 at=$3 level=$4 log=$5
   LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/$bin" --backend=cuda --listen=$at --metrics_listen= \
@@ -65,7 +66,7 @@ decode_session() {
   local d=$!
   for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.$name.log" 2>/dev/null && break; sleep 1; done
   timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_session" --target=$at --blocks=32 \
-    --in_process_ms="${inproc:-0}" >"$log" 2>&1
+    --in_process_ms="${inproc:-0}" --busy_wait --trace >"$log" 2>&1
   local rc=$?
   kill $d 2>/dev/null; wait $d 2>/dev/null
   return $rc
@@ -266,11 +267,12 @@ if [[ " $stages " == *" decode_ab "* ]]; then
     IFS=, read -r round bin at level <<<"$run"
     name="ab.$round.$bin.${at%%:*}"
     decode_session "$name" "$bin" "$at" "$level" "$OUT/$name.log"
-    echo "AB $round $bin ${at%%:*}: $(grep -oE 'median step [0-9.]+ ms' "$OUT/$name.log" | head -1), $(grep -oE "GetServerInfo [0-9.]+ ms" "$OUT/$name.log" | head -1)"
+    echo "AB $round $bin ${at%%:*}: $(grep -oE 'median step [0-9.]+ ms' "$OUT/$name.log" | head -1), $(grep -oE "GetServerInfo [0-9.]+ ms" "$OUT/$name.log" | head -1), busy-waiting client $(grep -oE 'busy-waiting.*median step [0-9.]+ ms' "$OUT/$name.log" | grep -oE '[0-9.]+ ms$')"
   done
   for b in 32 1; do
     echo "== the daemon's times of a step, $b-block session"
-    python3 "$root/bench/device/step_times.py" "$OUT/blockd.ab.blockd_debug.blockd.unix.log" --blocks=$b
+    python3 "$root/bench/device/step_times.py" "$OUT/blockd.ab.blockd_debug.blockd.unix.log" --blocks=$b \
+      $([ $b = 32 ] && echo --client="$OUT/ab.blockd_debug.blockd.unix.log")
   done
 fi
 

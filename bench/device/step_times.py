@@ -1,6 +1,6 @@
 """Medians of the daemon's debug-log times of Infer steps (engine_sessions.cc, service_sessions.cc).
 
-  python3 bench/device/step_times.py blockd.log [--blocks=32]
+  python3 bench/device/step_times.py blockd.log [--blocks=32] [--client=bench_session.log]
 
 Reads the lines "Infer step of N blocks ...: upload U us, tables T us, launch L us, compute +
 download C us" (a graph step: "check, tables, run"), "Session step of N blocks: found, checked and
@@ -9,6 +9,12 @@ us" and "Infer stream step: waited for a pool thread Q us, ran X us, written in 
 each time's median
 (the steps of a --blocks span only: a service or stream line is the step's whose engine line came
 last, as one stream's steps run one at a time).
+
+With --client (the output of `bench_session --trace`: "TRACE <step> <sent> <answered>", unix us;
+"TRACE-BUSY" lines for its busy-waiting client, split apart),
+each client step is matched with the stream line whose read falls between its send and its answer,
+and the step's time seen by the client is split: "there" (the client's send to the daemon's
+OnReadDone), "daemon" (OnReadDone to StartWrite) and "back" (StartWrite to the client's answer).
 """
 import re
 import statistics
@@ -17,10 +23,12 @@ import sys
 
 def main():
     path = sys.argv[1]
-    blocks = None
+    blocks, client = None, None
     for a in sys.argv[2:]:
         if a.startswith("--blocks="):
             blocks = int(a.split("=", 1)[1])
+        if a.startswith("--client="):
+            client = a.split("=", 1)[1]
     series = {}
     number = re.compile(r"([a-z +]+?) (-?[0-9.e+-]+) us")
     last_blocks = None
@@ -44,6 +52,33 @@ def main():
     for (kind, name), values in series.items():
         values = values[len(values) // 4:]  # past the prefill and warm-up
         print(f"STEP {kind:14s} {name:32s} median {statistics.median(values):9.1f} us over {len(values)} steps")
+    if client:
+        split(path, client)
+
+
+def split(daemon_log, client_log):
+    """Medians of each client step's way there, time in the daemon and way back (see above), for
+    each client of the log ("TRACE": SPLIT lines; "TRACE-BUSY": SPLIT-BUSY lines)."""
+    stamps = re.compile(r"read at unix (\d+), written from unix (\d+)")
+    served = [tuple(map(int, m.groups())) for m in map(stamps.search, open(daemon_log, errors="replace")) if m]
+    clients = {}
+    for line in open(client_log, errors="replace"):
+        f = line.split()
+        if len(f) != 4 or not f[0].startswith("TRACE"):
+            continue
+        sent, answered = int(f[2]), int(f[3])
+        match = [(r, w) for r, w in served if sent <= r <= w <= answered]
+        if len(match) != 1:
+            continue
+        r, w = match[0]
+        parts = clients.setdefault(f[0].replace("TRACE", "SPLIT"), {"there": [], "daemon": [], "back": []})
+        parts["there"].append(r - sent)
+        parts["daemon"].append(w - r)
+        parts["back"].append(answered - w)
+    for label, parts in clients.items():
+        for name, values in parts.items():
+            print(f"{label} {name:8s} median {statistics.median(values):9.1f} us, min {min(values):7.1f} over "
+                  f"{len(values)} steps")
 
 
 if __name__ == "__main__":
