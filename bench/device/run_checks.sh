@@ -55,17 +55,18 @@ pyunit() {
 # serves. span_run LOG LABEL [BENCH_SERVICE_FLAG...]: one bench_service run of the span against
 # $target, appended to LOG, and its last row printed as "LABEL depth D micro-batches M: T
 # tokens/s, P% of in-process".
-# decode_session NAME BIN TARGET LEVEL LOG: a CUDA daemon $dev/bin/BIN on TARGET at
+# decode_session NAME BIN TARGET LEVEL LOG [VAR=VALUE]: a CUDA daemon $dev/bin/BIN on TARGET at
 # --log_level=LEVEL (its log blockd.NAME.log), bench_session's 32-block decode against it into
 # LOG (from a sleeping client, then a busy-waiting one), the daemon stopped; returns
-# bench_session's status. $inproc: bench_decode's ms/layer/step.
+# bench_session's status; VAR=VALUE goes into both processes' environments (e.g. a gRPC setting).
+# $inproc: bench_decode's ms/layer/step.
 decode_session() {
-  local name=$1 bin=$2 at=$3 level=$4 log=$5
-  LD_LIBRARY_PATH="$LIBS" timeout 300 "$dev/bin/$bin" --backend=cuda --listen=$at --metrics_listen= \
+  local name=$1 bin=$2 at=$3 level=$4 log=$5 setting=${6:-BLOCKD_UNUSED=}
+  LD_LIBRARY_PATH="$LIBS" timeout 300 env "$setting" "$dev/bin/$bin" --backend=cuda --listen=$at --metrics_listen= \
     --log_level=$level >"$OUT/blockd.$name.log" 2>&1 &
   local d=$!
   for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.$name.log" 2>/dev/null && break; sleep 1; done
-  timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_session" --target=$at --blocks=32 \
+  timeout 200 env LD_LIBRARY_PATH="$LIBS" "$setting" "$dev/bin/bench_session" --target=$at --blocks=32 \
     --in_process_ms="${inproc:-0}" --busy_wait --trace >"$log" 2>&1
   local rc=$?
   kill $d 2>/dev/null; wait $d 2>/dev/null
@@ -263,10 +264,12 @@ if [[ " $stages " == *" decode_ab "* ]]; then
   for round in $(seq ${DECODE_AB_ROUNDS:-2}); do
     for bin in $bins; do runs+=" $round,$bin,127.0.0.1:50991,info $round,$bin,unix:/tmp/blockd-ab.sock,info"; done
   done
+  # DECODE_AB_SETTING=VAR=VALUE: this bundle's daemon and client once more with it, TCP and Unix.
+  [ -n "${DECODE_AB_SETTING:-}" ] && runs+=" setting,blockd,127.0.0.1:50991,info,$DECODE_AB_SETTING setting,blockd,unix:/tmp/blockd-ab.sock,info,$DECODE_AB_SETTING"
   for run in $runs blockd_debug,blockd,unix:/tmp/blockd-ab.sock,debug; do
-    IFS=, read -r round bin at level <<<"$run"
+    IFS=, read -r round bin at level setting <<<"$run"
     name="ab.$round.$bin.${at%%:*}"
-    decode_session "$name" "$bin" "$at" "$level" "$OUT/$name.log"
+    decode_session "$name" "$bin" "$at" "$level" "$OUT/$name.log" "$setting"
     echo "AB $round $bin ${at%%:*}: $(grep -oE 'median step [0-9.]+ ms' "$OUT/$name.log" | head -1), $(grep -oE "GetServerInfo [0-9.]+ ms" "$OUT/$name.log" | head -1), busy-waiting client $(grep -oE 'busy-waiting.*median step [0-9.]+ ms' "$OUT/$name.log" | grep -oE '[0-9.]+ ms$')"
   done
   for b in 32 1; do
