@@ -48,6 +48,9 @@ void AddGlobalFlags(FlagSet* flags, GlobalFlags* g) {
   flags->String("transport", &g->transport,
                 "how forward and generate move tensors: grpc (in the messages), auto (shared memory when the "
                 "daemon is on this host and allows it), shared_memory");
+  flags->Bool("busy_wait", &g->busy_wait,
+              "generate: wait for each token's step on a busy core instead of sleeping (its answer is taken "
+              "sooner, at the cost of a core)");
   flags->Bool("json", &g->json, "print replies as JSON (info, list, get, create, step)");
   flags->Section("");
 }
@@ -58,6 +61,7 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectWith(const GlobalFlags& g, int64_
   o.timeout = g.timeout;
   o.max_message_bytes = g.max_message_bytes;
   o.client_id = g.client_id;
+  o.busy_wait_steps = g.busy_wait;
   if (g.transport == "grpc") {
     o.transport = Transport::kGrpc;
   } else if (g.transport == "auto") {

@@ -53,6 +53,7 @@ struct GlobalFlags {
   absl::Duration timeout = absl::Seconds(60);
   int64_t max_message_bytes = 256 << 20;
   std::string transport = "grpc";
+  bool busy_wait = false;  // ClientOptions::busy_wait_steps
   bool json = false;
 };
 

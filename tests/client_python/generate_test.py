@@ -295,6 +295,10 @@ class GenerateTest(DaemonClientTest):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual([int(t) for t in r.stdout.split()], want)
         self.assertIn("tokens/s", r.stderr)
+        # The same tokens from a client that busy-waits for each step's answer.
+        r = subprocess.run(cmd[:3] + ["--busy_wait"] + cmd[3:], capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual([int(t) for t in r.stdout.split()], want)
         # The token after which it stops is printed, and nothing after it.
         r = subprocess.run(cmd + ["--eos-id", str(want[2])], capture_output=True, text=True, timeout=120)
         self.assertEqual([int(t) for t in r.stdout.split()], want[:want.index(want[2]) + 1], r.stderr)
