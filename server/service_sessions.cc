@@ -231,7 +231,9 @@ class BlockServiceImpl::InferReactor
     {
       absl::MutexLock lock(&mu_);
       writing_ = false;
-      if (!ok && !finished_) {
+      // A broken write ends the stream CANCELLED, also when the client had already closed its side
+      // (an OK end): that step's answer never reached it.
+      if (!ok && (!finished_ || end_.ok())) {
         finished_ = true;
         end_ = grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke while sending a step's output");
       }
@@ -357,7 +359,7 @@ class BlockServiceImpl::InferReactor
   absl::Mutex mu_;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;  // the stream ends with end_ (once Due)
   bool ended_ ABSL_GUARDED_BY(mu_) = false;     // Finish called or about to be
-  grpc::Status end_ ABSL_GUARDED_BY(mu_);       // set once, with finished_; read after Due
+  grpc::Status end_ ABSL_GUARDED_BY(mu_);       // set with finished_ (a broken write replaces OK); read after Due
   bool running_ ABSL_GUARDED_BY(mu_) = false;   // a step runs on the pool
   bool writing_ ABSL_GUARDED_BY(mu_) = false;   // a reply is being written
   Reply* pending_ ABSL_GUARDED_BY(mu_) = nullptr;  // a finished step's reply, written after the one in flight
