@@ -111,9 +111,9 @@ int main(int argc, char** argv) {
       const int64_t sent = absl::ToUnixMicros(absl::Now());
       t0 = Now();
       const blockd::v1::InferStepResponse out = Check(stream->Step(step), "decode step");
+      sent_answered.emplace_back(sent, absl::ToUnixMicros(absl::Now()));
       std::vector<float> y = Check(blockd::wire::TensorToFloat32(out.hidden_states()), "decode the output");
       times.push_back(Now() - t0);
-      sent_answered.emplace_back(sent, absl::ToUnixMicros(absl::Now()));
       if (!std::all_of(y.begin(), y.end(), [](float v) { return std::isfinite(v); })) {
         std::fprintf(stderr, "a decode step's output is not finite\n");
         std::exit(1);

@@ -16,6 +16,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
 #include "base/block_config.h"  // ShapeString
 #include "base/malloc_tuning.h"
 #include "client/activation_tensors.h"
@@ -710,6 +711,8 @@ absl::StatusOr<v1::GradNormResponse> Client::GradNorm(const std::vector<std::str
 // operation's tag is its bit in InferStream's masks.
 namespace {
 enum Op : unsigned { kStarted = 1, kWritten = 2, kRead = 4, kWritesDone = 8, kFinished = 16 };
+// busy_wait_steps: how long a step polls for its answer before it sleeps.
+constexpr absl::Duration kBusyWaitLimit = absl::Seconds(1);
 void* Tag(Op op) { return reinterpret_cast<void*>(static_cast<uintptr_t>(op)); }
 }  // namespace
 
@@ -719,10 +722,9 @@ absl::StatusOr<std::unique_ptr<Client::InferStream>> Client::OpenInferStream(con
   Prepare(s->ctx_.get(), call);
   s->busy_wait_ = options_.busy_wait_steps;
   s->stream_ = NextStub()->PrepareAsyncInfer(s->ctx_.get(), &s->cq_);
-  if (s->stream_ == nullptr) return absl::UnavailableError("could not start an Infer stream");
   s->stream_->StartCall(Tag(kStarted));
   // A stream that could not start fails its first step with the call's status (Close).
-  if (!s->Await(kStarted)) s->failed_ |= kStarted;
+  if (!s->Await(kStarted, /*busy=*/false)) s->failed_ |= kStarted;
   return s;
 }
 
@@ -730,16 +732,22 @@ Client::InferStream::~InferStream() {
   if (!done_) Close().IgnoreError();
 }
 
-bool Client::InferStream::Await(unsigned ops) {
+bool Client::InferStream::Await(unsigned ops, bool busy) {
   while ((came_ & ops) != ops) {
     void* tag = nullptr;
     bool ok = false;
-    if (busy_wait_) {
-      while (cq_.AsyncNext(&tag, &ok, gpr_inf_past(GPR_CLOCK_MONOTONIC)) == grpc::CompletionQueue::TIMEOUT) {
+    // Busy: polls for up to kBusyWaitLimit (a stalled daemon does not keep a core busy for
+    // good), then sleeps like the rest. The queue is shut down only after every operation has
+    // come back, so Next returns an event.
+    bool got = false;
+    if (busy) {
+      const absl::Time until = absl::Now() + kBusyWaitLimit;
+      for (int i = 0; !got; ++i) {
+        got = cq_.AsyncNext(&tag, &ok, gpr_inf_past(GPR_CLOCK_MONOTONIC)) == grpc::CompletionQueue::GOT_EVENT;
+        if (!got && i % 1024 == 1023 && absl::Now() > until) break;
       }
-    } else {
-      cq_.Next(&tag, &ok);  // the queue is shut down only after every operation has come back
     }
+    if (!got) cq_.Next(&tag, &ok);
     const unsigned op = static_cast<unsigned>(reinterpret_cast<uintptr_t>(tag));
     came_ |= op;
     if (!ok) failed_ |= op;
@@ -761,7 +769,7 @@ absl::StatusOr<v1::InferStepResponse> Client::InferStream::Step(const v1::InferS
   if (ok) {
     stream_->Write(request, Tag(kWritten));
     stream_->Read(&response, Tag(kRead));
-    ok = Await(kWritten | kRead);
+    ok = Await(kWritten | kRead, busy_wait_);
   }
   if (!ok) {
     absl::Status s = Close();
@@ -775,15 +783,15 @@ absl::Status Client::InferStream::Close() {
   done_ = true;
   if ((failed_ & kStarted) == 0) {
     stream_->WritesDone(Tag(kWritesDone));
-    Await(kWritesDone);
+    Await(kWritesDone, /*busy=*/false);
     v1::InferStepResponse extra;
     do {
       stream_->Read(&extra, Tag(kRead));
-    } while (Await(kRead));
+    } while (Await(kRead, /*busy=*/false));
   }
   grpc::Status status;
   stream_->Finish(&status, Tag(kFinished));
-  Await(kFinished);
+  Await(kFinished, /*busy=*/false);
   final_ = FromGrpcStatus(status);
   cq_.Shutdown();
   void* tag = nullptr;

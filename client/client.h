@@ -88,7 +88,8 @@ struct ClientOptions {
   // InferStream::Step waits for its answer on a busy core, polling the stream's completion queue,
   // instead of sleeping in the kernel: the answer is taken as it lands, without the thread's
   // wake-up (50-100 us on the H200 host, a VM), at the cost of a core while each step runs. For
-  // a decode loop whose step is a few milliseconds and whose client has a core to spare.
+  // a decode loop whose step is a few milliseconds and whose client has a core to spare. A step
+  // polls for at most a second, then sleeps; opening and closing the stream always sleep.
   bool busy_wait_steps = false;
 };
 
@@ -211,9 +212,10 @@ class Client {
    private:
     friend class Client;
     InferStream() = default;
-    // Takes the stream's completions until the operations `ops` (bits of Op) have all come;
-    // true when all of them succeeded.
-    bool Await(unsigned ops);
+    // Takes the stream's completions until the operations `ops` (bits of Op) have all come,
+    // polling for them when `busy` (a step of a busy_wait_steps stream), else sleeping; true when
+    // all of them succeeded.
+    bool Await(unsigned ops, bool busy);
     // Declared in the order they must outlive each other: the queue is shut down and drained
     // (Close) after the call is finished, and destroyed last.
     grpc::CompletionQueue cq_;

@@ -265,6 +265,9 @@ if [[ " $stages " == *" decode_ab "* ]]; then
     for bin in $bins; do runs+=" $round,$bin,127.0.0.1:50991,info $round,$bin,unix:/tmp/blockd-ab.sock,info"; done
   done
   # DECODE_AB_SETTING=VAR=VALUE: this bundle's daemon and client once more with it, TCP and Unix.
+  if [ -n "${DECODE_AB_SETTING:-}" ] && ! [[ $DECODE_AB_SETTING =~ ^[A-Za-z_][A-Za-z0-9_]*=[^\ ,]*$ ]]; then
+    echo "DECODE_AB_SETTING=$DECODE_AB_SETTING: expected one VAR=VALUE without spaces or commas"; exit 2
+  fi
   [ -n "${DECODE_AB_SETTING:-}" ] && runs+=" setting,blockd,127.0.0.1:50991,info,$DECODE_AB_SETTING setting,blockd,unix:/tmp/blockd-ab.sock,info,$DECODE_AB_SETTING"
   for run in $runs blockd_debug,blockd,unix:/tmp/blockd-ab.sock,debug; do
     IFS=, read -r round bin at level setting <<<"$run"

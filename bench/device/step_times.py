@@ -12,7 +12,8 @@ last, as one stream's steps run one at a time).
 
 With --client (the output of `bench_session --trace`: "TRACE <step> <sent> <answered>", unix us;
 "TRACE-BUSY" lines for its busy-waiting client, split apart),
-each client step is matched with the stream line whose read falls between its send and its answer,
+each client step past the first 16 is matched with the stream line whose read falls between its send
+and its answer,
 and the step's time seen by the client is split: "there" (the client's send to the daemon's
 OnReadDone), "daemon" (OnReadDone to StartWrite) and "back" (StartWrite to the client's answer).
 """
@@ -61,14 +62,15 @@ def split(daemon_log, client_log):
     each client of the log ("TRACE": SPLIT lines; "TRACE-BUSY": SPLIT-BUSY lines)."""
     stamps = re.compile(r"read at unix (\d+), written from unix (\d+)")
     served = [tuple(map(int, m.groups())) for m in map(stamps.search, open(daemon_log, errors="replace")) if m]
-    clients = {}
+    clients, unmatched = {}, {}
     for line in open(client_log, errors="replace"):
         f = line.split()
-        if len(f) != 4 or not f[0].startswith("TRACE"):
+        if len(f) != 4 or not f[0].startswith("TRACE") or int(f[1]) < 16:  # past the warm-up
             continue
         sent, answered = int(f[2]), int(f[3])
         match = [(r, w) for r, w in served if sent <= r <= w <= answered]
         if len(match) != 1:
+            unmatched[f[0]] = unmatched.get(f[0], 0) + 1
             continue
         r, w = match[0]
         parts = clients.setdefault(f[0].replace("TRACE", "SPLIT"), {"there": [], "daemon": [], "back": []})
@@ -79,6 +81,8 @@ def split(daemon_log, client_log):
         for name, values in parts.items():
             print(f"{label} {name:8s} median {statistics.median(values):9.1f} us, min {min(values):7.1f} over "
                   f"{len(values)} steps")
+    for label, n in unmatched.items():
+        print(f"{label}: {n} steps matched no single daemon line, left out")
 
 
 if __name__ == "__main__":

@@ -63,9 +63,10 @@ v1::InferStepRequest StepRequest(const std::string& id, v1::Tensor x, int64_t st
   return ::testing::AssertionSuccess();
 }
 
-// Each test on a daemon whose idle workers sleep at once, and on one whose idle worker watches
-// for the next call (--worker_spin_us, server/thread_pool.h) with clients whose Infer streams
-// busy-wait for their answers (ClientOptions::busy_wait_steps): the steps come out the same.
+// Each test on a daemon whose idle workers sleep at once, with clients whose Infer streams
+// busy-wait for their answers (ClientOptions::busy_wait_steps), and on one whose idle worker
+// watches for the next call (--worker_spin_us, server/thread_pool.h), with sleeping clients: the
+// steps come out the same.
 class SessionRpc : public ::testing::TestWithParam<int> {
  protected:
   void SetUp() override {
@@ -73,7 +74,7 @@ class SessionRpc : public ::testing::TestWithParam<int> {
     o.worker_spin_us = GetParam();
     server_ = StartServer(o);
     ASSERT_NE(server_, nullptr);
-    const bool busy = GetParam() > 0;
+    const bool busy = GetParam() == 0;
     alice_ = ConnectTo(*server_, {.client_id = "alice", .busy_wait_steps = busy});
     bob_ = ConnectTo(*server_, {.client_id = "bob", .busy_wait_steps = busy});
     ASSERT_TRUE(alice_ && bob_);
