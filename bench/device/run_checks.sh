@@ -61,12 +61,12 @@ pyunit() {
 # bench_session's status; VAR=VALUE goes into both processes' environments (e.g. a gRPC setting).
 # $inproc: bench_decode's ms/layer/step.
 decode_session() {
-  local name=$1 bin=$2 at=$3 level=$4 log=$5 setting=${6:-BLOCKD_UNUSED=}
-  LD_LIBRARY_PATH="$LIBS" timeout 300 env "$setting" "$dev/bin/$bin" --backend=cuda --listen=$at --metrics_listen= \
+  local name=$1 bin=$2 at=$3 level=$4 log=$5 setting=${6:-}
+  LD_LIBRARY_PATH="$LIBS" timeout 300 env ${setting:+"$setting"} "$dev/bin/$bin" --backend=cuda --listen=$at --metrics_listen= \
     --log_level=$level >"$OUT/blockd.$name.log" 2>&1 &
   local d=$!
   for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.$name.log" 2>/dev/null && break; sleep 1; done
-  timeout 200 env LD_LIBRARY_PATH="$LIBS" "$setting" "$dev/bin/bench_session" --target=$at --blocks=32 \
+  timeout 200 env LD_LIBRARY_PATH="$LIBS" ${setting:+"$setting"} "$dev/bin/bench_session" --target=$at --blocks=32 \
     --in_process_ms="${inproc:-0}" --busy_wait --trace >"$log" 2>&1
   local rc=$?
   kill $d 2>/dev/null; wait $d 2>/dev/null
