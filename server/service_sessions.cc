@@ -30,7 +30,7 @@ void ToProto(const SessionInfo& info, v1::SessionInfo* out) {
 
 absl::Status BlockServiceImpl::RunInferStep(const v1::InferStepRequest& req, const std::string& client,
                                             v1::InferStepResponse* resp) {
-  const absl::Time t_in = absl::Now();
+  const absl::Time t_in = LogEnabled(LogLevel::kDebug) ? absl::Now() : absl::InfinitePast();
   InferStepArgs args;
   args.session_id = req.session_id();
   args.client = client;
@@ -213,7 +213,7 @@ class BlockServiceImpl::InferReactor
     service_->metrics_->bytes_received->Increment(static_cast<double>(req_.ByteSizeLong()));
     Reply* r = &replies_[next_reply_];
     next_reply_ ^= 1;
-    r->read_at = absl::Now();
+    r->read_at = Stamp();
     service_->pool_->Submit([this, r] { RunStep(r); });
   }
 
@@ -269,6 +269,9 @@ class BlockServiceImpl::InferReactor
   }
 
  private:
+  // The time for the debug log; no clock read at other levels.
+  static absl::Time Stamp() { return LogEnabled(LogLevel::kDebug) ? absl::Now() : absl::InfinitePast(); }
+
   // A step's reply and its times (for the debug log).
   struct Reply {
     v1::InferStepResponse resp;
@@ -278,7 +281,7 @@ class BlockServiceImpl::InferReactor
   // On the pool: runs the step read into req_, then writes its reply (or holds it for the write in
   // flight) and starts the next read.
   void RunStep(Reply* r) {
-    r->run_at = absl::Now();
+    r->run_at = Stamp();
     r->resp.Clear();
     auto step = [this, r] { return service_->RunInferStep(req_, call_.client(), &r->resp); };
     const absl::Status s = Guarded(step);
@@ -319,7 +322,7 @@ class BlockServiceImpl::InferReactor
   }
 
   void Write(Reply* r) {
-    r->write_at = absl::Now();
+    r->write_at = Stamp();
     StartWrite(&r->resp);
   }
 
@@ -344,8 +347,9 @@ class BlockServiceImpl::InferReactor
   }
   static grpc::Status Drained() {
     return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                        "blockd is draining: the Infer stream ends here, every step sent before was answered; go on "
-                        "with the session on another stream or daemon");
+                        "blockd is draining: the Infer stream ends after its last reply; a step sent after the one "
+                        "that reply answers was not run (the session is as that reply left it); go on with the "
+                        "session on another stream or daemon");
   }
 
   BlockServiceImpl* service_;

@@ -11,6 +11,7 @@
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
+#include <grpcpp/support/channel_arguments.h>
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
@@ -409,6 +410,96 @@ TEST(SessionOps, ServerInfoAndMetricsFollowSessionsAndTheirCache) {
   EXPECT_EQ(info3->devices(0).kv_cache_reserved_bytes(), 0);
   EXPECT_EQ(info3->devices(0).memory_used_bytes(), info0->devices(0).memory_used_bytes());
 }
+
+// A step that finishes while the reply before it is still being sent waits for that write (its
+// reply is parked), and no later step is read meanwhile. Forced here with replies larger than the
+// client's flow-control window (no BDP probe) and a client that reads nothing yet: of three steps
+// sent, two run and the third stays unread until the client reads. Then every reply arrives, in
+// order, bitwise as the same steps sent as unary calls; or, when the daemon drains while a reply
+// is parked, both replies are sent before the stream ends UNAVAILABLE, and the unread step is not
+// run.
+void ParkAReply(bool drain) {
+  constexpr int64_t kWide = 256, kTokens = 512;  // 512 KiB of float32 a step
+  ServerOptions o = LoopbackOptions();
+  if (drain) o.drain_grace = absl::Seconds(2);  // the listener still accepts while the stream ends
+  auto server = StartServer(o);
+  ASSERT_NE(server, nullptr);
+  auto c = ConnectTo(*server, {.client_id = "carol"});
+  ASSERT_NE(c, nullptr);
+  ASSERT_OK(c->CreateBlock(CreateRequest("p0", TinyConfig(false, kWide), 7, 1, 4 * kTokens)).status());
+  for (const char* id : {"ref", "s"}) {
+    v1::OpenSessionRequest open;
+    open.set_session_id(id);
+    open.add_block_ids("p0");
+    open.set_batch_size(1);
+    open.set_max_length(4 * kTokens);
+    ASSERT_OK(c->OpenSession(open).status());
+  }
+  const std::vector<v1::Tensor> x = {RandomTensor({1, kTokens, kWide}, 50), RandomTensor({1, kTokens, kWide}, 51),
+                                     RandomTensor({1, 1, kWide}, 52)};  // the third fits in any window
+  std::vector<std::string> ref;
+  for (const v1::Tensor& t : x) {
+    auto y = c->InferStep(StepRequest("ref", t));
+    ASSERT_OK(y.status());
+    ref.push_back(y->hidden_states().data());
+  }
+  auto length = [&]() -> int64_t {
+    auto list = c->ListSessions();
+    if (!list.ok()) return -1;
+    for (const v1::SessionInfo& s : *list) {
+      if (s.session_id() == "s") return s.length();
+    }
+    return -1;
+  };
+
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  auto stub = v1::BlockService::NewStub(
+      grpc::CreateCustomChannel(TargetOf(*server), grpc::InsecureChannelCredentials(), args));
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("blockd-client", "carol");
+  auto stream = stub->Infer(&ctx);
+  for (const v1::Tensor& t : x) ASSERT_TRUE(stream->Write(StepRequest("s", t)));
+  ASSERT_TRUE(stream->WritesDone());
+  // Two steps run; the second's reply waits behind the first's, and the third step is not read.
+  for (int i = 0; i < 1000 && length() < 2 * kTokens; ++i) absl::SleepFor(absl::Milliseconds(10));
+  ASSERT_EQ(length(), 2 * kTokens) << "the first two steps did not run";
+  absl::SleepFor(absl::Milliseconds(300));
+  ASSERT_EQ(length(), 2 * kTokens) << "the third step ran before the client read a reply: nothing was parked";
+
+  std::thread drainer;
+  if (drain) {
+    drainer = std::thread([&] { server->Drain(); });
+    absl::Status refused;
+    for (int i = 0; i < 1500 && refused.code() != absl::StatusCode::kUnavailable; ++i) {
+      refused = c->GetServerInfo().status();
+      if (refused.code() != absl::StatusCode::kUnavailable) absl::SleepFor(absl::Milliseconds(10));
+    }
+    EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable) << refused;
+  }
+  const size_t answered = drain ? 2 : 3;
+  for (size_t i = 0; i < answered; ++i) {
+    v1::InferStepResponse y;
+    ASSERT_TRUE(stream->Read(&y)) << "reply " << i;
+    EXPECT_EQ(y.length(), i < 2 ? (i + 1) * kTokens : 2 * kTokens + 1) << "reply " << i;
+    EXPECT_TRUE(y.hidden_states().data() == ref[i]) << "reply " << i << " differs from the unary step's";
+  }
+  v1::InferStepResponse extra;
+  EXPECT_FALSE(stream->Read(&extra));
+  const grpc::Status end = stream->Finish();
+  if (drain) {
+    EXPECT_EQ(end.error_code(), grpc::StatusCode::UNAVAILABLE) << end.error_message();
+    EXPECT_NE(end.error_message().find("blockd is draining"), std::string::npos) << end.error_message();
+    drainer.join();
+  } else {
+    EXPECT_TRUE(end.ok()) << end.error_message();
+    EXPECT_EQ(length(), 2 * kTokens + 1);
+  }
+}
+
+TEST(SessionOps, AStepDoneWhileTheLastReplyIsStillSentWaitsForItAndHoldsTheNextRead) { ParkAReply(false); }
+
+TEST(SessionOps, DrainingWhileAReplyWaitsSendsItThenEndsTheStream) { ParkAReply(true); }
 
 // Draining (SIGTERM) ends an Infer stream that waits for its next step with UNAVAILABLE, saying
 // why, instead of leaving it to be cut when the server stops; the steps it answered stand.
