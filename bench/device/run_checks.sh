@@ -260,20 +260,37 @@ if [[ " $stages " == *" decode_ab "* ]]; then
   if [ -f "$root/.device/blockd-old.xz" ]; then
     xz -dc "$root/.device/blockd-old.xz" >"$dev/bin/blockd-old" && chmod +x "$dev/bin/blockd-old" && bins="blockd-old blockd"
   fi
-  runs=""
-  for round in $(seq ${DECODE_AB_ROUNDS:-2}); do
-    for bin in $bins; do runs+=" $round,$bin,127.0.0.1:50991,info $round,$bin,unix:/tmp/blockd-ab.sock,info"; done
-  done
-  # DECODE_AB_SETTING=VAR=VALUE: this bundle's daemon and client once more with it, TCP and Unix.
+  # DECODE_AB_SETTING=VAR=VALUE: this bundle's daemon and client once more with it in every round,
+  # after the runs without it in odd rounds and before them in even ones. DECODE_AB_TRANSPORTS:
+  # "tcp unix" (default), or one of them.
   if [ -n "${DECODE_AB_SETTING:-}" ] && ! [[ $DECODE_AB_SETTING =~ ^[A-Za-z_][A-Za-z0-9_]*=[^\ ,]*$ ]]; then
     echo "DECODE_AB_SETTING=$DECODE_AB_SETTING: expected one VAR=VALUE without spaces or commas"; exit 2
   fi
-  [ -n "${DECODE_AB_SETTING:-}" ] && runs+=" setting,blockd,127.0.0.1:50991,info,$DECODE_AB_SETTING setting,blockd,unix:/tmp/blockd-ab.sock,info,$DECODE_AB_SETTING"
+  ats=""
+  for t in ${DECODE_AB_TRANSPORTS:-tcp unix}; do
+    case $t in
+      tcp) ats+=" 127.0.0.1:50991" ;;
+      unix) ats+=" unix:/tmp/blockd-ab.sock" ;;
+      *) echo "DECODE_AB_TRANSPORTS: $t is neither tcp nor unix"; exit 2 ;;
+    esac
+  done
+  runs=""
+  for round in $(seq ${DECODE_AB_ROUNDS:-2}); do
+    for at in $ats; do
+      one=""
+      for bin in $bins; do one+=" $round,$bin,$at,info"; done
+      if [ -n "${DECODE_AB_SETTING:-}" ]; then
+        set_run=" $round.setting,blockd,$at,info,$DECODE_AB_SETTING"
+        if ((round % 2)); then one+=$set_run; else one=$set_run$one; fi
+      fi
+      runs+=$one
+    done
+  done
   for run in $runs blockd_debug,blockd,unix:/tmp/blockd-ab.sock,debug; do
     IFS=, read -r round bin at level setting <<<"$run"
     name="ab.$round.$bin.${at%%:*}"
     decode_session "$name" "$bin" "$at" "$level" "$OUT/$name.log" "$setting"
-    echo "AB $round $bin ${at%%:*}: $(grep -oE 'median step [0-9.]+ ms' "$OUT/$name.log" | head -1), $(grep -oE "GetServerInfo [0-9.]+ ms" "$OUT/$name.log" | head -1), busy-waiting client $(grep -oE 'busy-waiting.*median step [0-9.]+ ms' "$OUT/$name.log" | grep -oE '[0-9.]+ ms$')"
+    echo "AB $round $bin ${at%%:*}${setting:+ $setting}: $(grep -oE 'median step [0-9.]+ ms' "$OUT/$name.log" | head -1), $(grep -oE "GetServerInfo [0-9.]+ ms" "$OUT/$name.log" | head -1), busy-waiting client $(grep -oE 'busy-waiting.*median step [0-9.]+ ms' "$OUT/$name.log" | grep -oE '[0-9.]+ ms$')"
   done
   for b in 32 1; do
     echo "== the daemon's times of a step, $b-block session"

@@ -6,16 +6,14 @@ Reads the lines "Infer step of N blocks ...: upload U us, tables T us, launch L 
 download C us" (a graph step: "check, tables, run"), "Session step of N blocks: found, checked and
 batched in B us, committed in C us", "InferStep of session ...: input I us, engine E us, reply R
 us" and "Infer stream step: waited for a pool thread Q us, ran X us, written in W us", and prints
-each time's median
-(the steps of a --blocks span only: a service or stream line is the step's whose engine line came
-last, as one stream's steps run one at a time).
+each time's median (the steps of a --blocks span only: a service or stream line is the step's
+whose engine line came last, as one stream's steps run one at a time).
 
 With --client (the output of `bench_session --trace`: "TRACE <step> <sent> <answered>", unix us;
-"TRACE-BUSY" lines for its busy-waiting client, split apart),
-each client step past the first 16 is matched with the stream line whose read falls between its send
-and its answer,
-and the step's time seen by the client is split: "there" (the client's send to the daemon's
-OnReadDone), "daemon" (OnReadDone to StartWrite) and "back" (StartWrite to the client's answer).
+"TRACE-BUSY" lines for its busy-waiting client, split apart), each client step past the first 16
+is matched with the stream line whose read falls between its send and its answer, and the step's
+time seen by the client is split: "there" (the client's send to the daemon's OnReadDone),
+"daemon" (OnReadDone to StartWrite) and "back" (StartWrite to the client's answer).
 """
 import re
 import statistics
@@ -33,7 +31,9 @@ def main():
     series = {}
     number = re.compile(r"([a-z +]+?) (-?[0-9.e+-]+) us")
     last_blocks = None
-    for line in open(path, errors="replace"):
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    for line in lines:
         kind = None
         if "Infer step of " in line:
             m = re.search(r"Infer step of (\d+) blocks", line)
@@ -54,14 +54,14 @@ def main():
         values = values[len(values) // 4:]  # past the prefill and warm-up
         print(f"STEP {kind:14s} {name:32s} median {statistics.median(values):9.1f} us over {len(values)} steps")
     if client:
-        split(path, client)
+        split(lines, client)
 
 
-def split(daemon_log, client_log):
+def split(daemon_lines, client_log):
     """Medians of each client step's way there, time in the daemon and way back (see above), for
     each client of the log ("TRACE": SPLIT lines; "TRACE-BUSY": SPLIT-BUSY lines)."""
     stamps = re.compile(r"read at unix (\d+), written from unix (\d+)")
-    served = [tuple(map(int, m.groups())) for m in map(stamps.search, open(daemon_log, errors="replace")) if m]
+    served = [tuple(map(int, m.groups())) for m in map(stamps.search, daemon_lines) if m]
     clients, unmatched = {}, {}
     for line in open(client_log, errors="replace"):
         f = line.split()
