@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [decode_ab] [nccl] [groups] [ipc] [transport] [tcp_sweep] [ipc_sweep] [spin_ab] [scale] [lora] [big]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [decode_ab] [grpc_wake] [nccl] [groups] [ipc] [transport] [tcp_sweep] [ipc_sweep] [spin_ab] [scale] [lora] [big]   (default: the first four)
 # `nccl`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs);
 # `groups`: those tests and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
@@ -297,6 +297,21 @@ if [[ " $stages " == *" decode_ab "* ]]; then
     python3 "$root/bench/device/step_times.py" "$OUT/blockd.ab.blockd_debug.blockd.unix.log" --blocks=$b \
       $([ $b = 32 ] && echo --client="$OUT/ab.blockd_debug.blockd.unix.log")
   done
+fi
+
+# gRPC's cost of a sleeping receiver on a stream: the callback API (as the daemon serves Infer)
+# against completion queues of the server's own, busy-polled or slept on (bench_grpc_wake).
+if [[ " $stages " == *" grpc_wake "* ]]; then
+  # Each transport with gRPC's default poller (epoll1), then with GRPC_POLL_STRATEGY=poll.
+  for poller in epoll1 poll; do
+    for at in 127.0.0.1:0 unix:/tmp/blockd-wake.sock; do
+      echo "== GRPC_POLL_STRATEGY=$poller" >>"$OUT/grpc_wake.log"
+      timeout 200 env LD_LIBRARY_PATH="$LIBS" GRPC_POLL_STRATEGY=$poller "$dev/bin/bench_grpc_wake" --target=$at \
+        --rounds=${WAKE_ROUNDS:-3} >>"$OUT/grpc_wake.log" 2>&1
+      row "grpc_wake.$poller.${at%%:*}" "$([ $? -eq 0 ] && echo DONE || echo FAIL)" "see grpc_wake.log"
+    done
+  done
+  cat "$OUT/grpc_wake.log"
 fi
 
 if [[ " $stages " == *" kernels "* ]]; then
