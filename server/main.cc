@@ -1,6 +1,5 @@
 // blockd: serves transformer decoder blocks over gRPC. See README.md for the flags.
 //   blockd --listen=0.0.0.0:50051 --metrics_listen=0.0.0.0:9464 --backend=auto
-#include <cstdlib>
 #include <unistd.h>
 
 #include <csignal>
@@ -63,10 +62,6 @@ ABSL_FLAG(int, worker_spin_us, -1,
           "microseconds an idle worker watches for the next call before it sleeps, one worker at a time, so "
           "that a call following closely (a decode step) starts at once (0: sleep at once; -1: 1000 where 8 or "
           "more cores are usable, hardware threads or a cgroup CPU quota, else 0)");
-ABSL_FLAG(int64_t, infer_poll_us, 0,
-          "> 0: serve the Infer stream from a completion queue of blockd's own whose thread polls for the next "
-          "step for this many microseconds after each event (a core busy while a client decodes), and gRPC's "
-          "poller set to `poll` (GRPC_POLL_STRATEGY, unless the environment sets it); 0: gRPC's callback API");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
 ABSL_FLAG(absl::Duration, drain_grace, absl::ZeroDuration(), "on SIGTERM, report NOT_SERVING this long before closing the listener");
 ABSL_FLAG(absl::Duration, shutdown_timeout, absl::Seconds(30), "on SIGTERM, how long in-flight calls may take to finish");
@@ -128,7 +123,6 @@ int Run(bool malloc_tuned) {
   o.metrics_tls = {absl::GetFlag(FLAGS_metrics_tls_cert), absl::GetFlag(FLAGS_metrics_tls_key)};
   o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   o.worker_spin_us = absl::GetFlag(FLAGS_worker_spin_us);
-  o.service.infer_poll_us = absl::GetFlag(FLAGS_infer_poll_us);
   o.drain_grace = absl::GetFlag(FLAGS_drain_grace);
   o.shutdown_timeout = absl::GetFlag(FLAGS_shutdown_timeout);
   o.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
@@ -188,8 +182,5 @@ int main(int argc, char** argv) {
   const bool malloc_tuned = blockd::TuneMallocForLargeBuffers();
   absl::SetProgramUsageMessage("blockd: transformer decoder blocks resident on a GPU, trained over gRPC");
   absl::ParseCommandLine(argc, argv);
-  // Before gRPC starts: a busy-polled queue keeps its lead beside the callback services only when
-  // gRPC polls with `poll` (epoll1 gives its one poller to gRPC's own threads; bench/RESULTS.md).
-  if (absl::GetFlag(FLAGS_infer_poll_us) > 0) setenv("GRPC_POLL_STRATEGY", "poll", /*overwrite=*/0);
   return Run(malloc_tuned);
 }

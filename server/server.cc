@@ -88,10 +88,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
     return absl::InvalidArgumentError(absl::StrCat("worker_spin_us = ", options.worker_spin_us,
                                                    ", expected -1 (auto), 0 (sleep at once) or up to 1000000"));
   }
-  if (options.service.infer_poll_us < 0 || options.service.infer_poll_us > 1000000) {
-    return absl::InvalidArgumentError(absl::StrCat("infer_poll_us = ", options.service.infer_poll_us,
-                                                   ", expected 0 (gRPC's callback API) or up to 1000000"));
-  }
   std::unique_ptr<Server> s(new Server());
   s->options_ = options;
   ASSIGN_OR_RETURN(s->metrics_, Metrics::Start(options.metrics_listen, options.metrics_tls));  // empty: no port
@@ -170,18 +166,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options, std
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, (1 << 24) - 1);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
   builder.RegisterService(s->service_.get());
-  if (options.service.infer_poll_us > 0) {
-    s->infer_queue_ = std::make_unique<InferQueue>(&builder, BlockServiceImpl::InferMethodName(),
-                                                   absl::Microseconds(options.service.infer_poll_us));
-  }
   s->grpc_server_ = builder.BuildAndStart();
   if (s->grpc_server_ == nullptr || s->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
-  }
-  if (s->infer_queue_ != nullptr) {
-    s->infer_queue_->Start([svc = s->service_.get()](std::unique_ptr<AsyncCall> call) { svc->ServeInfer(std::move(call)); });
-    BLOCKD_LOG(kInfo, "the Infer stream is served from blockd's own completion queue, polled for ",
-               options.service.infer_poll_us, " us after each event");
   }
   grpc::HealthCheckServiceInterface* health = s->grpc_server_->GetHealthCheckService();
   health->SetServingStatus(true);
@@ -235,7 +222,6 @@ void Server::Drain() {
   grpc_server_->Shutdown(std::chrono::system_clock::now() +
                          std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.shutdown_timeout)));
   grpc_server_->Wait();
-  if (infer_queue_ != nullptr) infer_queue_->Stop();  // every call of it has ended
   stop_housekeeping_.Notify();
   if (housekeeping_.joinable()) housekeeping_.join();
   pool_.reset();  // runs what is queued, then joins

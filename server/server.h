@@ -26,8 +26,6 @@
 
 namespace blockd {
 
-class InferQueue;
-
 struct ServerOptions {
   std::string listen = "0.0.0.0:50051";
   std::string metrics_listen = "0.0.0.0:9464";  // empty: no metrics endpoint
@@ -86,7 +84,6 @@ class Server {
   std::unique_ptr<ThreadPool> pool_;
   std::unique_ptr<BlockServiceImpl> service_;
   std::unique_ptr<grpc::Server> grpc_server_;
-  std::unique_ptr<InferQueue> infer_queue_;  // --infer_poll_us
   int port_ = 0;
   absl::Mutex drain_mu_;
   bool drained_ ABSL_GUARDED_BY(drain_mu_) = false;

@@ -1,7 +1,5 @@
 #include "server/service.h"
 
-#include <google/protobuf/descriptor.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -35,12 +33,6 @@ BlockServiceImpl::BlockServiceImpl(Engine* engine, Metrics* metrics, ThreadPool*
                                                                    : std::max<int64_t>(1, max / 4);
   // Admin callers keep some slots only where roles exist: without credentials everyone is admin.
   admin_reserve_ = options_.identity_from_credentials && max >= 2 ? std::max<int64_t>(1, max / 8) : 0;
-  // The Infer method then reaches InferQueue's generic service instead of the callback reactor.
-  if (options_.infer_poll_us > 0) {
-    const google::protobuf::ServiceDescriptor* d =
-        google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(v1::BlockService::service_full_name());
-    MarkMethodGeneric(d->FindMethodByName("Infer")->index());  // the generated code's method index
-  }
   watchdog_ = std::make_unique<StreamWatchdog>(options_.stream_idle_timeout, options_.stream_max_duration);
   SharedMemoryOptions shm = options_.shared_memory;
   shm.max_tensor_bytes = options_.max_message_bytes;  // a tensor by reference is bounded as inline
@@ -54,11 +46,7 @@ BlockServiceImpl::BlockServiceImpl(Engine* engine, Metrics* metrics, ThreadPool*
       [engine](void* ptr, size_t bytes) { return engine->backend().PinHostMemory(ptr, bytes); });
 }
 
-std::string BlockServiceImpl::InferMethodName() {
-  return absl::StrCat("/", v1::BlockService::service_full_name(), "/Infer");
-}
-
-absl::StatusOr<Principal> BlockServiceImpl::Identify(grpc::ServerContextBase* ctx) const {
+absl::StatusOr<Principal> BlockServiceImpl::Identify(grpc::CallbackServerContext* ctx) const {
   if (options_.identity_from_credentials) {
     ASSIGN_OR_RETURN(std::optional<Principal> who, PrincipalOf(*ctx, auth_));
     if (who.has_value()) return *std::move(who);

@@ -20,7 +20,6 @@
 #include "blockd/v1/block_service.grpc.pb.h"
 #include "engine/engine.h"
 #include "server/auth.h"
-#include "server/infer_queue.h"
 #include "server/metrics.h"
 #include "server/shared_memory.h"
 #include "server/stream_watchdog.h"
@@ -50,9 +49,6 @@ struct ServiceOptions {
   // Shared-memory tensors of same-host clients (--allow_shared_memory and its caps);
   // max_tensor_bytes is set from max_message_bytes.
   SharedMemoryOptions shared_memory;
-  // > 0: the Infer stream is served from a completion queue of blockd's own whose thread polls for
-  // this long after each event (server/infer_queue.h), not by gRPC's callback API.
-  int64_t infer_poll_us = 0;
 };
 
 class Checkpointer;
@@ -114,9 +110,6 @@ class BlockServiceImpl final : public BlockServiceBase {
                                       v1::InferStepResponse* resp) override;
   grpc::ServerBidiReactor<v1::InferStepRequest, v1::InferStepResponse>* Infer(
       grpc::CallbackServerContext* ctx) override;
-  // With infer_poll_us: the Infer method as InferQueue names it, and a call of it from there.
-  static std::string InferMethodName();
-  void ServeInfer(std::unique_ptr<AsyncCall> call);
   grpc::ServerUnaryReactor* TrimSession(grpc::CallbackServerContext* ctx, const v1::TrimSessionRequest* req,
                                         v1::SessionInfo* resp) override;
   grpc::ServerUnaryReactor* ForkSession(grpc::CallbackServerContext* ctx, const v1::ForkSessionRequest* req,
@@ -153,22 +146,12 @@ class BlockServiceImpl final : public BlockServiceBase {
   class UnaryReactor;
   class LoadWeightsReactor;
   class DownloadReactor;
-  // What draining needs of an open Infer stream, served by either API.
-  class InferStream {
-   public:
-    virtual bool MarkDraining() = 0;
-    virtual void FinishDraining() = 0;
-
-   protected:
-    ~InferStream() = default;
-  };
-  class CallbackBidi;
-  template <class Base>
   class InferReactor;
   friend class Call;
   friend class UnaryReactor;
   friend class LoadWeightsReactor;
   friend class DownloadReactor;
+  friend class InferReactor;
   // Ends every open Infer stream for draining (service_sessions.cc).
   void EndInferStreams();
   // One inference step from a request, shared by InferStep and the Infer stream.
@@ -185,7 +168,7 @@ class BlockServiceImpl final : public BlockServiceBase {
                                   const Resp* resp, Work work, Role needed, Fn fn);
   // Who asks: the credential's principal when there is one; else the peer's address, with the
   // advisory `blockd-client` name after it ("ipv4:10.0.0.7/alice"), and every role.
-  absl::StatusOr<Principal> Identify(grpc::ServerContextBase* ctx) const;
+  absl::StatusOr<Principal> Identify(grpc::CallbackServerContext* ctx) const;
   // Takes a concurrency slot for `who`, or says which limit is full.
   absl::Status TakeSlot(const Principal& who);
   void ReleaseSlot(const std::string& client);
@@ -206,7 +189,7 @@ class BlockServiceImpl final : public BlockServiceBase {
   int64_t admitted_ ABSL_GUARDED_BY(slots_mu_) = 0;
   absl::flat_hash_map<std::string, int64_t> per_client_ ABSL_GUARDED_BY(slots_mu_);
   absl::Mutex infer_mu_;  // taken before an InferReactor's own lock, never after
-  absl::flat_hash_set<InferStream*> infer_streams_ ABSL_GUARDED_BY(infer_mu_);
+  absl::flat_hash_set<InferReactor*> infer_streams_ ABSL_GUARDED_BY(infer_mu_);
 };
 
 }  // namespace blockd

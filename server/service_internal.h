@@ -34,7 +34,7 @@ class BlockServiceImpl::Call {
   Call& operator=(const Call&) = delete;
 
   // Draining, the deadline, who asks, whether its role allows the RPC, then a slot.
-  absl::Status Admit(grpc::ServerContextBase* ctx, Role needed) {
+  absl::Status Admit(grpc::CallbackServerContext* ctx, Role needed) {
     if (service_->draining_) return absl::UnavailableError("blockd is draining: it finishes the calls in flight and stops");
     if (ctx->deadline() <= std::chrono::system_clock::now()) {
       return absl::DeadlineExceededError("the call's deadline passed before it started");

@@ -133,17 +133,6 @@ grpc::ServerUnaryReactor* BlockServiceImpl::ListSessions(grpc::CallbackServerCon
   });
 }
 
-// The callback API's side of an InferReactor.
-class BlockServiceImpl::CallbackBidi : public grpc::ServerBidiReactor<v1::InferStepRequest, v1::InferStepResponse> {
- public:
-  explicit CallbackBidi(grpc::CallbackServerContext* ctx) : ctx_(ctx) {}
-  grpc::ServerContextBase* context() { return ctx_; }
-  bool CallCancelled() { return ctx_->IsCancelled(); }
-
- private:
-  grpc::CallbackServerContext* ctx_;
-};
-
 // Infer: InferStep requests in, one response per request, in order. One step runs at a time: read,
 // compute on the pool, write. The next read is started as soon as the step is done with its
 // request, beside the reply's write: the client's next step is read while gRPC still finishes
@@ -159,26 +148,22 @@ class BlockServiceImpl::CallbackBidi : public grpc::ServerBidiReactor<v1::InferS
 // `mu_` guards those choices. The stream is finished exactly once, outside `mu_`, and only when no
 // step runs and no write is in flight (End: whoever leaves it idle finishes it), so that nothing
 // touches the reactor after its OnDone; a read may be pending then, and fails.
-// The same logic serves gRPC's callback API (CallbackBidi, the default) and a completion queue
-// of blockd's own (AsyncBidiReactor, --infer_poll_us: server/infer_queue.h): `Base` gives
-// StartRead, StartWrite, Finish, context() and CallCancelled(), and calls the On* methods.
-template <class Base>
-class BlockServiceImpl::InferReactor final : public Base, public BlockServiceImpl::InferStream {
+class BlockServiceImpl::InferReactor
+    : public grpc::ServerBidiReactor<v1::InferStepRequest, v1::InferStepResponse> {
  public:
-  template <class Arg>
-  InferReactor(BlockServiceImpl* service, Arg&& arg)
-      : Base(std::forward<Arg>(arg)), service_(service), call_(service, "Infer") {
-    absl::Status admitted = call_.Admit(this->context(), Role::kRead);
+  InferReactor(BlockServiceImpl* service, grpc::CallbackServerContext* ctx)
+      : service_(service), ctx_(ctx), call_(service, "Infer") {
+    absl::Status admitted = call_.Admit(ctx, Role::kRead);
     if (!admitted.ok()) {
       End(ToGrpcStatus(admitted));
       return;
     }
-    watch_ = service_->watchdog_->Add(this->context(), "Infer");
+    watch_ = service_->watchdog_->Add(ctx, "Infer");
     {
       absl::MutexLock lock(&service_->infer_mu_);
       service_->infer_streams_.insert(this);
     }
-    this->StartRead(&req_);
+    StartRead(&req_);
     // Draining began after admission but before the registration above: end it here.
     if (service_->draining_ && MarkDraining()) FinishDraining();
   }
@@ -186,7 +171,7 @@ class BlockServiceImpl::InferReactor final : public Base, public BlockServiceImp
   // For EndInferStreams, under the service's infer_mu_: true when the caller must call
   // FinishDraining (the stream waits for a read); false when the running step or the write in
   // flight will end it.
-  bool MarkDraining() override {
+  bool MarkDraining() {
     absl::MutexLock lock(&mu_);
     draining_ = true;
     if (finished_ || running_ || writing_) return false;
@@ -194,7 +179,7 @@ class BlockServiceImpl::InferReactor final : public Base, public BlockServiceImp
     ended_ = true;
     return true;
   }
-  void FinishDraining() override { this->Finish(call_.Finish(Drained())); }
+  void FinishDraining() { Finish(call_.Finish(Drained())); }
 
   void OnReadDone(bool ok) override {
     bool drained = false;
@@ -217,7 +202,7 @@ class BlockServiceImpl::InferReactor final : public Base, public BlockServiceImp
       if (service_->watchdog_->Expired(watch_, &why)) {
         service_->metrics_->streams_expired->Increment();
         end = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, why);
-      } else if (this->CallCancelled()) {
+      } else if (ctx_->IsCancelled()) {
         end = grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the stream");
       }
       End(end);
@@ -266,11 +251,11 @@ class BlockServiceImpl::InferReactor final : public Base, public BlockServiceImp
       if (due) end = end_;
     }
     if (due) {
-      this->Finish(call_.Finish(end));
+      Finish(call_.Finish(end));
       return;
     }
     // The read first: once the write is started, its OnWriteDone may end the stream.
-    if (read) this->StartRead(&req_);
+    if (read) StartRead(&req_);
     if (next != nullptr) Write(next);
   }
 
@@ -328,17 +313,17 @@ class BlockServiceImpl::InferReactor final : public Base, public BlockServiceImp
       }
     }
     if (due) {
-      this->Finish(call_.Finish(end));
+      Finish(call_.Finish(end));
       return;
     }
     // Nothing here touches the reactor unless this thread holds a write it has yet to start.
-    if (read) this->StartRead(&req_);
+    if (read) StartRead(&req_);
     if (write) Write(r);
   }
 
   void Write(Reply* r) {
     r->write_at = Stamp();
-    this->StartWrite(&r->resp);
+    StartWrite(&r->resp);
   }
 
   // Ends the stream with `s` unless it has an end already: now when it is idle, else through the
@@ -351,7 +336,7 @@ class BlockServiceImpl::InferReactor final : public Base, public BlockServiceImp
       end_ = s;
       if (!Due()) return;
     }
-    this->Finish(call_.Finish(s));
+    Finish(call_.Finish(s));
   }
   // Under mu_, after running_ or writing_ fell: true once when the ending stream became idle, and
   // the caller then finishes it with end_.
@@ -368,6 +353,7 @@ class BlockServiceImpl::InferReactor final : public Base, public BlockServiceImp
   }
 
   BlockServiceImpl* service_;
+  grpc::CallbackServerContext* ctx_;
   Call call_;
   uint64_t watch_ = 0;
   v1::InferStepRequest req_;  // the read's, then the running step's
@@ -385,25 +371,21 @@ class BlockServiceImpl::InferReactor final : public Base, public BlockServiceImp
 };
 
 void BlockServiceImpl::EndInferStreams() {
-  std::vector<InferStream*> waiting;
+  std::vector<InferReactor*> waiting;
   {
     absl::MutexLock lock(&infer_mu_);
-    for (InferStream* r : infer_streams_) {
+    for (InferReactor* r : infer_streams_) {
       if (r->MarkDraining()) waiting.push_back(r);
     }
   }
   // Outside infer_mu_: a finished stream's OnDone takes it. Each of these is marked finished but
   // not yet Finished, so none reaches OnDone before its Finish below.
-  for (InferStream* r : waiting) r->FinishDraining();
+  for (InferReactor* r : waiting) r->FinishDraining();
 }
 
 grpc::ServerBidiReactor<v1::InferStepRequest, v1::InferStepResponse>* BlockServiceImpl::Infer(
     grpc::CallbackServerContext* ctx) {
-  return new InferReactor<CallbackBidi>(this, ctx);
-}
-
-void BlockServiceImpl::ServeInfer(std::unique_ptr<AsyncCall> call) {
-  new InferReactor<AsyncBidiReactor<v1::InferStepRequest, v1::InferStepResponse>>(this, std::move(call));
+  return new InferReactor(this, ctx);
 }
 
 }  // namespace blockd

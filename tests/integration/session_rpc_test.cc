@@ -10,7 +10,6 @@
 
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>
-#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/support/channel_arguments.h>
 #include <gtest/gtest.h>
@@ -65,28 +64,18 @@ v1::InferStepRequest StepRequest(const std::string& id, v1::Tensor x, int64_t st
   return ::testing::AssertionSuccess();
 }
 
-// How a test's daemon and clients wait for work.
-struct Waiting {
-  const char* name;
-  int worker_spin_us;     // --worker_spin_us
-  int64_t infer_poll_us;  // --infer_poll_us
-  bool busy_client;       // ClientOptions::busy_wait_steps
-};
-
 // Each test on a daemon whose idle workers sleep at once, with clients whose Infer streams
-// busy-wait for their answers (ClientOptions::busy_wait_steps); on one whose idle worker watches
-// for the next call (--worker_spin_us, server/thread_pool.h), with sleeping clients; and on one
-// that serves the Infer stream from its own busy-polled completion queue (--infer_poll_us,
-// server/infer_queue.h): the steps come out the same.
-class SessionRpc : public ::testing::TestWithParam<Waiting> {
+// busy-wait for their answers (ClientOptions::busy_wait_steps), and on one whose idle worker
+// watches for the next call (--worker_spin_us, server/thread_pool.h), with sleeping clients: the
+// steps come out the same.
+class SessionRpc : public ::testing::TestWithParam<int> {
  protected:
   void SetUp() override {
     ServerOptions o = LoopbackOptions();
-    o.worker_spin_us = GetParam().worker_spin_us;
-    o.service.infer_poll_us = GetParam().infer_poll_us;
+    o.worker_spin_us = GetParam();
     server_ = StartServer(o);
     ASSERT_NE(server_, nullptr);
-    const bool busy = GetParam().busy_client;
+    const bool busy = GetParam() == 0;
     alice_ = ConnectTo(*server_, {.client_id = "alice", .busy_wait_steps = busy});
     bob_ = ConnectTo(*server_, {.client_id = "bob", .busy_wait_steps = busy});
     ASSERT_TRUE(alice_ && bob_);
@@ -290,10 +279,10 @@ TEST_P(SessionRpc, StepsSentAheadOfTheirRepliesAreAnsweredInOrder) {
   EXPECT_EQ((*list)[0].length(), 17);
 }
 
-INSTANTIATE_TEST_SUITE_P(Workers, SessionRpc,
-                         ::testing::Values(Waiting{"Sleeping", 0, 0, true}, Waiting{"Spinning", 1000, 0, false},
-                                           Waiting{"PolledQueue", 0, 2000, true}),
-                         [](const ::testing::TestParamInfo<Waiting>& p) { return std::string(p.param.name); });
+INSTANTIATE_TEST_SUITE_P(Workers, SessionRpc, ::testing::Values(0, 1000),
+                         [](const ::testing::TestParamInfo<int>& p) {
+                           return p.param > 0 ? std::string("Spinning") : std::string("Sleeping");
+                         });
 
 TEST(SessionOps, AWorkerSpinOutOfRangeIsRefusedAtStart) {
   for (int spin : {-2, 1000001}) {
@@ -429,10 +418,9 @@ TEST(SessionOps, ServerInfoAndMetricsFollowSessionsAndTheirCache) {
 // order, bitwise as the same steps sent as unary calls; or, when the daemon drains while a reply
 // is parked, both replies are sent before the stream ends UNAVAILABLE, and the unread step is not
 // run.
-void ParkAReply(bool drain, int64_t infer_poll_us) {
+void ParkAReply(bool drain) {
   constexpr int64_t kWide = 256, kTokens = 512;  // 512 KiB of float32 a step
   ServerOptions o = LoopbackOptions();
-  o.service.infer_poll_us = infer_poll_us;
   if (drain) o.drain_grace = absl::Seconds(2);  // the listener still accepts while the stream ends
   auto server = StartServer(o);
   ASSERT_NE(server, nullptr);
@@ -509,89 +497,14 @@ void ParkAReply(bool drain, int64_t infer_poll_us) {
   }
 }
 
-TEST(SessionOps, AStepDoneWhileTheLastReplyIsStillSentWaitsForItAndHoldsTheNextRead) {
-  for (int64_t poll : {0, 2000}) {
-    SCOPED_TRACE(poll > 0 ? "served from a polled queue" : "served by the callback API");
-    ParkAReply(false, poll);
-  }
-}
+TEST(SessionOps, AStepDoneWhileTheLastReplyIsStillSentWaitsForItAndHoldsTheNextRead) { ParkAReply(false); }
 
-TEST(SessionOps, DrainingWhileAReplyWaitsSendsItThenEndsTheStream) {
-  for (int64_t poll : {0, 2000}) {
-    SCOPED_TRACE(poll > 0 ? "served from a polled queue" : "served by the callback API");
-    ParkAReply(true, poll);
-  }
-}
-
-TEST(SessionOps, AnInferPollOutOfRangeIsRefusedAtStart) {
-  for (int64_t poll : {-1, 1000001}) {
-    ServerOptions o = LoopbackOptions();
-    o.service.infer_poll_us = poll;
-    EXPECT_STATUS(Server::Start(o, MakeCpuBackend()).status(), absl::StatusCode::kInvalidArgument,
-                  absl::StrCat("infer_poll_us = ", poll, ", expected 0"));
-  }
-}
-
-// With the Infer stream on blockd's own queue, the queue's generic service sees every method no
-// service has: those get UNIMPLEMENTED, as without it; and an Infer message that is not an
-// InferStepRequest ends the stream INVALID_ARGUMENT. The daemon serves on.
-TEST(SessionOps, APolledQueueRefusesUnknownMethodsAndUnparsableSteps) {
-  ServerOptions o = LoopbackOptions();
-  o.service.infer_poll_us = 2000;
-  auto server = StartServer(o);
-  ASSERT_NE(server, nullptr);
-  auto channel = grpc::CreateChannel(TargetOf(*server), grpc::InsecureChannelCredentials());
-  grpc::GenericStub generic(channel);
-  grpc::CompletionQueue cq;
-  auto next = [&] {  // one operation at a time: its tag back
-    void* tag;
-    bool ok = false;
-    EXPECT_TRUE(cq.Next(&tag, &ok));
-    return ok;
-  };
-  for (const char* method : {"/blockd.v1.BlockService/NoSuchMethod", "/no.Such/Service"}) {
-    grpc::ClientContext ctx;
-    auto stream = generic.PrepareCall(&ctx, method, &cq);
-    stream->StartCall(nullptr);
-    next();
-    grpc::Status status;
-    stream->Finish(&status, nullptr);
-    next();
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED) << method << ": " << status.error_message();
-  }
-  {
-    grpc::ClientContext ctx;
-    auto stream = generic.PrepareCall(&ctx, "/blockd.v1.BlockService/Infer", &cq);
-    stream->StartCall(nullptr);
-    next();
-    grpc::Slice junk(std::string("\xff\xff\xff\xff not a protobuf"));
-    stream->Write(grpc::ByteBuffer(&junk, 1), nullptr);
-    next();
-    grpc::ByteBuffer reply;
-    stream->Read(&reply, nullptr);
-    EXPECT_FALSE(next()) << "a reply to an unparsable step";
-    grpc::Status status;
-    stream->Finish(&status, nullptr);
-    next();
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
-    EXPECT_NE(status.error_message().find("not a blockd.v1.InferStepRequest"), std::string::npos)
-        << status.error_message();
-  }
-  cq.Shutdown();
-  void* tag;
-  bool ok;
-  while (cq.Next(&tag, &ok)) {
-  }
-  auto c = ConnectTo(*server);
-  ASSERT_NE(c, nullptr);
-  ASSERT_OK(c->GetServerInfo().status());
-}
+TEST(SessionOps, DrainingWhileAReplyWaitsSendsItThenEndsTheStream) { ParkAReply(true); }
 
 // Draining (SIGTERM) ends an Infer stream that waits for its next step with UNAVAILABLE, saying
 // why, instead of leaving it to be cut when the server stops; the steps it answered stand.
-void DrainAWaitingStream(int64_t infer_poll_us) {
+TEST(SessionOps, DrainingEndsAnOpenInferStreamWithUnavailable) {
   ServerOptions o = LoopbackOptions();
-  o.service.infer_poll_us = infer_poll_us;
   o.drain_grace = absl::Seconds(2);  // the listener still accepts while the stream learns why it ends
   auto server = StartServer(o);
   ASSERT_NE(server, nullptr);
@@ -622,13 +535,6 @@ void DrainAWaitingStream(int64_t infer_poll_us) {
   auto next = (*stream)->Step(StepRequest("s", RandomTensor({1, 1, kHidden}, 4)));
   EXPECT_STATUS(next.status(), absl::StatusCode::kUnavailable, "blockd is draining");
   drainer.join();
-}
-
-TEST(SessionOps, DrainingEndsAnOpenInferStreamWithUnavailable) {
-  for (int64_t poll : {0, 2000}) {
-    SCOPED_TRACE(poll > 0 ? "served from a polled queue" : "served by the callback API");
-    DrainAWaitingStream(poll);
-  }
 }
 
 }  // namespace

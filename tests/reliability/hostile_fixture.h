@@ -96,7 +96,6 @@ class HostileInput : public ::testing::Test {
     o.engine.max_blocks = kMaxBlocks;
     o.engine.max_activations_per_client = kMaxHandles;
     o.engine.memory_budget_bytes = int64_t{1} << 30;
-    o.service.infer_poll_us = infer_poll_us_;
     server_ = StartServer(o);
     ASSERT_NE(server_, nullptr);
     admin_ = ConnectTo(*server_, {.token = kAdminToken});
@@ -172,7 +171,6 @@ class HostileInput : public ::testing::Test {
     return ctx;
   }
 
-  int64_t infer_poll_us_ = 0;  // --infer_poll_us of the daemon SetUp starts
   std::string dir_;
   std::unique_ptr<Server> server_;
   std::unique_ptr<Client> admin_, user_, anonymous_;

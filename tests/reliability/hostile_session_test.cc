@@ -45,22 +45,7 @@ std::vector<std::string> Describe(Client& c) {
   return out;
 }
 
-// The session battery against a daemon that serves the Infer stream with gRPC's callback API, and
-// against one that serves it from its own busy-polled completion queue (--infer_poll_us).
-class HostileSession : public HostileInput, public ::testing::WithParamInterface<int64_t> {
- protected:
-  void SetUp() override {
-    infer_poll_us_ = GetParam();
-    HostileInput::SetUp();
-  }
-};
-
-INSTANTIATE_TEST_SUITE_P(Served, HostileSession, ::testing::Values(0, 2000),
-                         [](const ::testing::TestParamInfo<int64_t>& p) {
-                           return p.param > 0 ? std::string("PolledQueue") : std::string("CallbackApi");
-                         });
-
-TEST_P(HostileSession, SessionRequestsGetTheirCodeAndLeaveEverySessionExact) {
+TEST_F(HostileInput, SessionRequestsGetTheirCodeAndLeaveEverySessionExact) {
   constexpr int64_t kRows = 2, kMaxLen = 64;
   auto open = [&](Client& c, const std::function<void(v1::OpenSessionRequest&)>& f) {
     v1::OpenSessionRequest r;
