@@ -55,15 +55,17 @@ pyunit() {
 # serves. span_run LOG LABEL [BENCH_SERVICE_FLAG...]: one bench_service run of the span against
 # $target, appended to LOG, and its last row printed as "LABEL depth D micro-batches M: T
 # tokens/s, P% of in-process".
-# decode_session NAME BIN TARGET LEVEL LOG [VAR=VALUE]: a CUDA daemon $dev/bin/BIN on TARGET at
-# --log_level=LEVEL (its log blockd.NAME.log), bench_session's 32-block decode against it into
-# LOG (from a sleeping client, then a busy-waiting one), the daemon stopped; returns
-# bench_session's status; VAR=VALUE goes into both processes' environments (e.g. a gRPC setting).
+# decode_session NAME BIN TARGET LEVEL LOG [VAR=VALUE | --flag=value]: a CUDA daemon $dev/bin/BIN on
+# TARGET at --log_level=LEVEL (its log blockd.NAME.log), bench_session's 32-block decode against it
+# into LOG (from a sleeping client, then a busy-waiting one), the daemon stopped; returns
+# bench_session's status; VAR=VALUE goes into both processes' environments (e.g. a gRPC setting),
+# --flag=value to the daemon.
 # $inproc: bench_decode's ms/layer/step.
 decode_session() {
-  local name=$1 bin=$2 at=$3 level=$4 log=$5 setting=${6:-}
+  local name=$1 bin=$2 at=$3 level=$4 log=$5 setting=${6:-} flag=""
+  if [[ $setting == --* ]]; then flag=$setting; setting=""; fi  # a daemon flag, not an environment
   LD_LIBRARY_PATH="$LIBS" timeout 300 env ${setting:+"$setting"} "$dev/bin/$bin" --backend=cuda --listen=$at --metrics_listen= \
-    --log_level=$level >"$OUT/blockd.$name.log" 2>&1 &
+    --log_level=$level $flag >"$OUT/blockd.$name.log" 2>&1 &
   local d=$!
   for _ in $(seq 60); do grep -q "serving blockd" "$OUT/blockd.$name.log" 2>/dev/null && break; sleep 1; done
   timeout 200 env LD_LIBRARY_PATH="$LIBS" ${setting:+"$setting"} "$dev/bin/bench_session" --target=$at --blocks=32 \
@@ -260,11 +262,12 @@ if [[ " $stages " == *" decode_ab "* ]]; then
   if [ -f "$root/.device/blockd-old.xz" ]; then
     xz -dc "$root/.device/blockd-old.xz" >"$dev/bin/blockd-old" && chmod +x "$dev/bin/blockd-old" && bins="blockd-old blockd"
   fi
-  # DECODE_AB_SETTING=VAR=VALUE: this bundle's daemon and client once more with it in every round,
-  # after the runs without it in odd rounds and before them in even ones. DECODE_AB_TRANSPORTS:
-  # "tcp unix" (default), or one of them.
-  if [ -n "${DECODE_AB_SETTING:-}" ] && ! [[ $DECODE_AB_SETTING =~ ^[A-Za-z_][A-Za-z0-9_]*=[^\ ,]*$ ]]; then
-    echo "DECODE_AB_SETTING=$DECODE_AB_SETTING: expected one VAR=VALUE without spaces or commas"; exit 2
+  # DECODE_AB_SETTING=VAR=VALUE (the daemon's and the client's environment) or --flag=value (the
+  # daemon's): this bundle's daemon and client once more with it in every round, after the runs
+  # without it in odd rounds and before them in even ones. DECODE_AB_TRANSPORTS: "tcp unix"
+  # (default), or one of them.
+  if [ -n "${DECODE_AB_SETTING:-}" ] && ! [[ $DECODE_AB_SETTING =~ ^(--)?[A-Za-z_][A-Za-z0-9_]*=[^\ ,]*$ ]]; then
+    echo "DECODE_AB_SETTING=$DECODE_AB_SETTING: expected one VAR=VALUE or --flag=value without spaces or commas"; exit 2
   fi
   ats=""
   for t in ${DECODE_AB_TRANSPORTS:-tcp unix}; do
