@@ -2,8 +2,9 @@
 // (issue 17's decode target). A decode step over the Infer stream takes ~0.1 ms to reach the
 // daemon's OnReadDone on the GPU host against ~0.04 ms for its answer to reach a busy-waiting
 // client; the daemon's side is gRPC's callback poller waking in epoll_wait. This bench asks whether
-// a server thread of our own that polls a completion queue would take the step sooner, before the
-// daemon is built that way.
+// a server thread of our own that polls a completion queue takes the step sooner. (It does here, by
+// 60-100 us with GRPC_POLL_STRATEGY=poll; the daemon built that way, f886271, did not gain: see
+// bench/RESULTS.md.)
 //
 // A server process (this binary, re-run with --serve=MODE) echoes a bidi stream's messages of
 // --bytes: each message is handed to a worker thread that spins for --work_us (as the daemon's step
