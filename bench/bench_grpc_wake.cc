@@ -17,10 +17,13 @@
 //                     daemon's other methods would be;
 //   async_sleep       the async API, one thread sleeping in the completion queue's Next;
 //   async_sleep_mixed the same beside a callback service.
-// Prints each mode's median, 10th and 90th percentile of the step less --work_us.
+// --idle_connections=N opens N connections that carry no call before the stream's own: gRPC's
+// server hands accepted connections to its pollsets in turn, so the stream's may land on another
+// pollset than the first. Prints each mode's median, 10th and 90th percentile of the step less
+// --work_us.
 //
 //   bench_grpc_wake [--target=127.0.0.1:0 | unix:/tmp/blockd-wake.sock] [--bytes=8192]
-//                   [--work_us=4000] [--steps=300] [--rounds=2]
+//                   [--work_us=4000] [--steps=300] [--rounds=2] [--idle_connections=0]
 //                   [--modes=callback,async_busy,async_busy_mixed,async_sleep,async_sleep_mixed]
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
@@ -256,13 +259,23 @@ bool AwaitTags(grpc::CompletionQueue* cq, unsigned want) {
   return all_ok;
 }
 
-// The steps' times less the work, in microseconds.
-std::vector<double> Run(const std::string& target, int64_t bytes, int64_t work_us, int steps) {
+// A connection of its own to `target` (a channel argument apart from every other channel's).
+std::shared_ptr<grpc::Channel> Connect(const std::string& target, int id) {
   grpc::ChannelArguments args;
+  args.SetInt("blockd.bench.connection", id);
   auto channel = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
   if (!channel->WaitForConnected(gpr_time_add(gpr_now(GPR_CLOCK_REALTIME), gpr_time_from_seconds(30, GPR_TIMESPAN)))) {
     Fail("cannot connect to " + target);
   }
+  return channel;
+}
+
+// The steps' times less the work, in microseconds. `idle` connections are opened first and kept
+// open without calls, so that the stream's is the server's idle+1st.
+std::vector<double> Run(const std::string& target, int64_t bytes, int64_t work_us, int steps, int idle) {
+  std::vector<std::shared_ptr<grpc::Channel>> idle_channels;
+  for (int i = 0; i < idle; ++i) idle_channels.push_back(Connect(target, i + 1));
+  auto channel = Connect(target, 0);
   grpc::GenericStub stub(channel);
   grpc::CompletionQueue cq;
   grpc::ClientContext ctx;
@@ -305,7 +318,7 @@ double Percentile(std::vector<double> v, double p) {
 int main(int argc, char** argv) {
   std::string target = "127.0.0.1:0", serve, modes = "callback,async_busy,async_busy_mixed,async_sleep,async_sleep_mixed";
   int64_t bytes = 8192, work_us = 4000;
-  int steps = 300, rounds = 2;
+  int steps = 300, rounds = 2, idle = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a.rfind("--target=", 0) == 0) target = a.substr(9);
@@ -315,15 +328,17 @@ int main(int argc, char** argv) {
     if (a.rfind("--work_us=", 0) == 0) work_us = std::stoll(a.substr(10));
     if (a.rfind("--steps=", 0) == 0) steps = std::stoi(a.substr(8));
     if (a.rfind("--rounds=", 0) == 0) rounds = std::stoi(a.substr(9));
+    if (a.rfind("--idle_connections=", 0) == 0) idle = std::stoi(a.substr(19));
   }
   if (!serve.empty()) return Serve(serve, target, work_us);
-  std::printf("gRPC round trip less the work: %s, %lld-byte messages, %lld us of work a step, %d steps\n",
-              target.c_str(), static_cast<long long>(bytes), static_cast<long long>(work_us), steps);
+  std::printf("gRPC round trip less the work: %s, %lld-byte messages, %lld us of work a step, %d steps, %d idle "
+              "connections first\n",
+              target.c_str(), static_cast<long long>(bytes), static_cast<long long>(work_us), steps, idle);
   for (int round = 1; round <= rounds; ++round) {
     for (const std::string& mode : std::vector<std::string>(absl::StrSplit(modes, ','))) {
       if (target.rfind("unix:", 0) == 0) unlink(target.substr(5).c_str());
       Child child = StartServer("/proc/self/exe", mode, target, work_us);
-      const std::vector<double> t = Run(child.target, bytes, work_us, steps);
+      const std::vector<double> t = Run(child.target, bytes, work_us, steps, idle);
       kill(child.pid, SIGKILL);
       waitpid(child.pid, nullptr, 0);
       std::printf("round %d %-17s median %7.1f us  p10 %7.1f  p90 %7.1f\n", round, mode.c_str(), Percentile(t, 0.5),
