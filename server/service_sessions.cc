@@ -26,11 +26,14 @@ void ToProto(const SessionInfo& info, v1::SessionInfo* out) {
   out->set_expires_in_seconds(std::max(0.0, absl::ToDoubleSeconds(info.expires - absl::Now())));
 }
 
+// A time for the debug log; no clock read at other levels.
+absl::Time Stamp() { return LogEnabled(LogLevel::kDebug) ? absl::Now() : absl::InfinitePast(); }
+
 }  // namespace
 
 absl::Status BlockServiceImpl::RunInferStep(const v1::InferStepRequest& req, const std::string& client,
                                             v1::InferStepResponse* resp) {
-  const absl::Time t_in = LogEnabled(LogLevel::kDebug) ? absl::Now() : absl::InfinitePast();
+  const absl::Time t_in = Stamp();
   InferStepArgs args;
   args.session_id = req.session_id();
   args.client = client;
@@ -269,9 +272,6 @@ class BlockServiceImpl::InferReactor
   }
 
  private:
-  // The time for the debug log; no clock read at other levels.
-  static absl::Time Stamp() { return LogEnabled(LogLevel::kDebug) ? absl::Now() : absl::InfinitePast(); }
-
   // A step's reply and its times (for the debug log).
   struct Reply {
     v1::InferStepResponse resp;

@@ -411,6 +411,16 @@ TEST(SessionOps, ServerInfoAndMetricsFollowSessionsAndTheirCache) {
   EXPECT_EQ(info3->devices(0).memory_used_bytes(), info0->devices(0).memory_used_bytes());
 }
 
+// Waits (up to 15 s) until the daemon refuses unary calls UNAVAILABLE: draining has begun.
+void ExpectDrainingRefuses(Client& c) {
+  absl::Status refused;
+  for (int i = 0; i < 1500 && refused.code() != absl::StatusCode::kUnavailable; ++i) {
+    refused = c.GetServerInfo().status();
+    if (refused.code() != absl::StatusCode::kUnavailable) absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable) << refused;
+}
+
 // A step that finishes while the reply before it is still being sent waits for that write (its
 // reply is parked), and no later step is read meanwhile. Forced here with replies larger than the
 // client's flow-control window (no BDP probe) and a client that reads nothing yet: of three steps
@@ -470,12 +480,7 @@ void ParkAReply(bool drain) {
   std::thread drainer;
   if (drain) {
     drainer = std::thread([&] { server->Drain(); });
-    absl::Status refused;
-    for (int i = 0; i < 1500 && refused.code() != absl::StatusCode::kUnavailable; ++i) {
-      refused = c->GetServerInfo().status();
-      if (refused.code() != absl::StatusCode::kUnavailable) absl::SleepFor(absl::Milliseconds(10));
-    }
-    EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable) << refused;
+    ExpectDrainingRefuses(*c);
   }
   const size_t answered = drain ? 2 : 3;
   for (size_t i = 0; i < answered; ++i) {
@@ -530,12 +535,7 @@ TEST(SessionOps, DrainingEndsAnOpenInferStreamWithUnavailable) {
   std::thread drainer([&] { server->Drain(); });
   // Once unary calls are refused, draining has begun: the stream is finished (or its next step
   // refused unrun), and the next step learns why.
-  absl::Status refused;
-  for (int i = 0; i < 1500 && refused.code() != absl::StatusCode::kUnavailable; ++i) {
-    refused = c->GetServerInfo().status();
-    if (refused.code() != absl::StatusCode::kUnavailable) absl::SleepFor(absl::Milliseconds(10));
-  }
-  EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable) << refused;
+  ExpectDrainingRefuses(*c);
   auto next = (*stream)->Step(StepRequest("s", RandomTensor({1, 1, kHidden}, 4)));
   EXPECT_STATUS(next.status(), absl::StatusCode::kUnavailable, "blockd is draining");
   drainer.join();

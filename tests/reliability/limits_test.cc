@@ -58,15 +58,7 @@ class Limits : public ::testing::Test {
   // Polls until the handle count is `n` (or kSettle passed); returns the last count seen.
   int64_t SettleHandles(int64_t n) { return Settle(n, [&] { return Handles(); }); }
   // Polls until at most `n` handles are held (or kSettle passed); returns the last count seen.
-  int64_t SettleHandlesAtMost(int64_t n) {
-    const absl::Time deadline = absl::Now() + kSettle;
-    int64_t got = Handles();
-    while (got > n && absl::Now() < deadline) {
-      absl::SleepFor(absl::Milliseconds(10));
-      got = Handles();
-    }
-    return got;
-  }
+  int64_t SettleHandlesAtMost(int64_t n) { return SettleUntil([&] { return Handles(); }, [n](int64_t h) { return h <= n; }); }
   // The fastest of three Forwards of `x` through `ids` (the first also warms the workers and the
   // allocator): what the cancel and deadline tests time their calls against.
   absl::Duration FastestForward(const std::vector<std::string>& ids, const v1::Tensor& x) {
@@ -82,14 +74,20 @@ class Limits : public ::testing::Test {
   int64_t SettleMemory(int64_t bytes) { return Settle(bytes, [&] { return MemoryUsed(); }); }
   template <typename F>
   static int64_t Settle(int64_t want, F read) {
+    return SettleUntil(read, [want](int64_t got) { return got == want; });
+  }
+  // Polls `read` until `done` holds for its value (or kSettle passed); returns the last value.
+  template <typename F, typename P>
+  static int64_t SettleUntil(F read, P done) {
     const absl::Time deadline = absl::Now() + kSettle;
     int64_t got = read();
-    while (got != want && absl::Now() < deadline) {
+    while (!done(got) && absl::Now() < deadline) {
       absl::SleepFor(absl::Milliseconds(10));
       got = read();
     }
     return got;
   }
+
 
   std::unique_ptr<Server> server_;
   std::unique_ptr<Client> client_;
