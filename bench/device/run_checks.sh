@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [decode_ab] [grpc_wake] [nccl] [groups] [ipc] [transport] [tcp_sweep] [ipc_sweep] [spin_ab] [scale] [lora] [big]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [decode_ab] [grpc_wake] [nccl] [groups] [ipc] [transport] [tcp_sweep] [ipc_sweep] [spin_ab] [context_ab] [scale] [lora] [big]   (default: the first four)
 # `nccl`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs);
 # `groups`: those tests and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
@@ -435,6 +435,61 @@ if [[ " $stages " == *" spin_ab "* ]]; then
     kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
   done
   row "bench.spin_ab" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see spin_ab.log"
+fi
+
+# Does a second CUDA context on the GPU slow the in-process step? The daemon's CUDA IPC steps ran
+# 3-4% under bench_engine's at lower clocks, cause not found; a same-host client brings a context of
+# its own. Rounds of bench_engine's pipelined step (3 micro-batches + Step) alone and beside
+# bench/probe/second_context.py (idle; an event every 15 ms; a 32 MiB copy every 15 ms), and the
+# daemon's step through CUDA IPC in place (3 in flight), in reverse order every other round; each
+# with nvidia-smi sampled every 100 ms: mean SM clock and power over the samples at >= 95%
+# utilisation, and the clock event reasons seen most (a bit mask: 0x4 the power cap, 0x20/0x40
+# thermal slowdown, 0x1 idle).
+#   CONTEXT_AB_ROUNDS=2 CONTEXT_AB_MODES="alone idle events copies daemon" bash bench/device/run_checks.sh context_ab
+if [[ " $stages " == *" context_ab "* ]]; then
+  log="$OUT/context_ab.log"; : >"$log"
+  sampled() {  # label command...: runs the command with the GPU sampled; one summary line
+    local label=$1; shift
+    nvidia-smi --query-gpu=clocks.sm,power.draw,utilization.gpu,temperature.gpu,clocks_event_reasons.active \
+      --format=csv,noheader,nounits -lms 100 >"$OUT/context_ab.smi" 2>/dev/null &
+    local smi=$!
+    "$@" >"$OUT/context_ab.run" 2>&1
+    kill $smi 2>/dev/null; wait $smi 2>/dev/null
+    cat "$OUT/context_ab.run" >>"$log"
+    local rate
+    rate=$(awk '/^pipelined span of 8/ {print $(NF-2)} /^8 blocks/ {print $7}' "$OUT/context_ab.run" | tail -1)
+    awk -F', ' -v l="$label" -v r="$rate" '$3 >= 95 {n++; c += $1; w += $2; if (!lo || $4 < lo) lo = $4; if ($4 > hi) hi = $4; why[$5]++}
+      END {m = ""; for (k in why) if (why[k] > why[m]) m = k
+           printf "CTX %-40s %9s tokens/s  %5.0f MHz  %4.0f W  %s-%s C  reasons %s (%d of %d samples)\n", l, r, n ? c/n : 0, n ? w/n : 0, lo, hi, m, why[m], n}' \
+      "$OUT/context_ab.smi" | tee -a "$log"
+  }
+  target=127.0.0.1:50996
+  beside() {  # mode: bench_engine's pipelined step with a second context working (or none), or the daemon's
+    local mode=$1 helper=""
+    if [ "$mode" = daemon ]; then
+      span_daemon context_ab $target --allow_shared_memory
+      sampled "daemon, CUDA IPC in place, 3 in flight" timeout 200 env LD_LIBRARY_PATH="$LIBS" \
+        "$dev/bin/bench_service" --target=$target --blocks=8 --iters=20 --depth=3 --transport=cuda_ipc_in_place
+      kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+      return
+    fi
+    if [ "$mode" != alone ]; then
+      python3 "$root/bench/probe/second_context.py" --mode "$mode" >"$OUT/context_ab.helper" 2>&1 &
+      helper=$!
+      for _ in $(seq 60); do grep -q ready "$OUT/context_ab.helper" 2>/dev/null && break; sleep 0.5; done
+    fi
+    sampled "in process, beside: $mode" timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" \
+      --shapes=span8 --precisions=bf16 --iters=20 --attention=native --pipeline=3
+    [ -n "$helper" ] && { kill $helper 2>/dev/null; wait $helper 2>/dev/null; }
+  }
+  modes=${CONTEXT_AB_MODES:-alone idle events copies daemon}
+  for round in $(seq "${CONTEXT_AB_ROUNDS:-2}"); do
+    order=$modes
+    [ $((round % 2)) -eq 0 ] && order=$(tr ' ' '\n' <<<"$modes" | tac | tr '\n' ' ')
+    for mode in $order; do beside "$mode"; done
+  done
+  row "bench.context_ab" "$(grep -q '^CTX' "$log" && echo DONE || echo FAIL)" "see context_ab.log"
+  grep '^CTX' "$log"
 fi
 
 if [[ " $stages " == *" transport "* ]]; then
