@@ -264,7 +264,8 @@ if [[ " $stages " == *" decode_ab "* ]]; then
   fi
   # DECODE_AB_SETTING=VAR=VALUE (the daemon's and the client's environment) or --flag=value (the
   # daemon's): this bundle's daemon and client once more with it in every round, after the runs
-  # without it in odd rounds and before them in even ones. DECODE_AB_TRANSPORTS: "tcp unix"
+  # without it in odd rounds and before them in even ones, and at debug level beside the default's
+  # debug run, so that step_times.py splits both steps. DECODE_AB_TRANSPORTS: "tcp unix"
   # (default), or one of them.
   if [ -n "${DECODE_AB_SETTING:-}" ] && ! [[ $DECODE_AB_SETTING =~ ^(--)?[A-Za-z_][A-Za-z0-9_]*=[^\ ,]*$ ]]; then
     echo "DECODE_AB_SETTING=$DECODE_AB_SETTING: expected one VAR=VALUE or --flag=value without spaces or commas"; exit 2
@@ -289,16 +290,21 @@ if [[ " $stages " == *" decode_ab "* ]]; then
       runs+=$one
     done
   done
-  for run in $runs blockd_debug,blockd,unix:/tmp/blockd-ab.sock,debug; do
+  debug_runs="blockd_debug,blockd,unix:/tmp/blockd-ab.sock,debug"
+  [ -n "${DECODE_AB_SETTING:-}" ] && debug_runs+=" setting_debug,blockd,unix:/tmp/blockd-ab.sock,debug,$DECODE_AB_SETTING"
+  for run in $runs $debug_runs; do
     IFS=, read -r round bin at level setting <<<"$run"
     name="ab.$round.$bin.${at%%:*}"
     decode_session "$name" "$bin" "$at" "$level" "$OUT/$name.log" "$setting"
     echo "AB $round $bin ${at%%:*}${setting:+ $setting}: $(grep -oE 'median step [0-9.]+ ms' "$OUT/$name.log" | head -1), $(grep -oE "GetServerInfo [0-9.]+ ms" "$OUT/$name.log" | head -1), busy-waiting client $(grep -oE 'busy-waiting.*median step [0-9.]+ ms' "$OUT/$name.log" | grep -oE '[0-9.]+ ms$')"
   done
-  for b in 32 1; do
-    echo "== the daemon's times of a step, $b-block session"
-    python3 "$root/bench/device/step_times.py" "$OUT/blockd.ab.blockd_debug.blockd.unix.log" --blocks=$b \
-      $([ $b = 32 ] && echo --client="$OUT/ab.blockd_debug.blockd.unix.log")
+  for dbg in blockd_debug setting_debug; do
+    [ -f "$OUT/ab.$dbg.blockd.unix.log" ] || continue
+    for b in 32 1; do
+      echo "== the daemon's times of a step, $b-block session ($dbg)"
+      python3 "$root/bench/device/step_times.py" "$OUT/blockd.ab.$dbg.blockd.unix.log" --blocks=$b \
+        $([ $b = 32 ] && echo --client="$OUT/ab.$dbg.blockd.unix.log")
+    done
   done
 fi
 
