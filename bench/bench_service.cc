@@ -3,7 +3,7 @@
 //
 //   bench_service --target=127.0.0.1:50051 [--blocks=8] [--shape=qwen] [--iters=10] [--depth=1,2]
 //                 [--connections=1] [--transport=grpc|shm|shm_in_place|cuda_ipc|cuda_ipc_in_place|cuda_auto]
-//                 [--micro_batches=N] [--trace]
+//                 [--micro_batches=N] [--trace] [--step_early_ms=X]
 //
 // A step is Forward(keep_activations) -> Backward -> Step over the span; with --depth=N the client
 // keeps N micro-batches in flight at once (N threads, one Step after all N), so that one
@@ -22,13 +22,21 @@
 // is recorded per call); cuda_auto is a client whose tensors live on the GPU calling through
 // CudaActivations (client/cuda_activations.h), which picks CUDA IPC by itself. Timing: warm-up steps first, then the median
 // step time over --iters, inputs rotated among 3 random sets built before timing.
+//
+// --step_early_ms=X, a bound, not a way to train: the Step goes X ms after the step's last Backward
+// was sent, while the Backwards still run, instead of after their replies. The daemon queues its
+// gradient norm behind them on the device, so this is what a Step queued behind the last Backward
+// would save at the step's turn (the wire contract has no such call). Unsafe as a client's practice:
+// a Backward that had not started when the Step arrived would add its gradient to the next step.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -63,11 +71,13 @@ struct Trace {
     const char* what;
   };
   std::vector<Span> spans;
+  std::atomic<int> backwards_sent{0};  // this step's, for --step_early_ms
 
   // Runs f, noting its span.
   template <class F>
   auto operator()(int micro_batch, const char* what, F f) {
     const double start = Now();
+    if (std::string_view(what) == "Backward") ++backwards_sent;
     auto out = f();
     if (on) {
       std::lock_guard<std::mutex> lock(mu);
@@ -96,6 +106,7 @@ int main(int argc, char** argv) {
   double lr = 1e-4, max_grad_norm = 1.0;  // --lr=1e-3 --max_grad_norm=0: bench_engine's AdamW step
   std::vector<int> depths = {1, 2};
   int micro_batches = 0;  // per step; 0: the depth
+  double step_early_ms = -1;  // < 0: the Step after every Backward's reply
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--target=", 0) == 0) target = a.substr(9);
@@ -107,6 +118,7 @@ int main(int argc, char** argv) {
     if (a.rfind("--lr=", 0) == 0) lr = std::stod(a.substr(5));
     if (a.rfind("--max_grad_norm=", 0) == 0) max_grad_norm = std::stod(a.substr(16));
     if (a.rfind("--micro_batches=", 0) == 0) micro_batches = std::stoi(a.substr(16));
+    if (a.rfind("--step_early_ms=", 0) == 0) step_early_ms = std::stod(a.substr(16));
     if (a.rfind("--depth=", 0) == 0) {
       depths.clear();
       for (absl::string_view d : absl::StrSplit(a.substr(8), ',')) depths.push_back(std::stoi(std::string(d)));
@@ -370,6 +382,7 @@ int main(int argc, char** argv) {
     std::vector<double> steps, fb;
     for (int it = 0; it < iters + 2; ++it) {
       const double t0 = Now();
+      trace.backwards_sent = 0;
       std::vector<std::thread> workers;
       std::atomic<int> next{0};
       for (int m = 0; m < depth; ++m) {
@@ -377,9 +390,14 @@ int main(int argc, char** argv) {
           for (int k = next++; k < per_step; k = next++) forward_backward((it * per_step + k) % 3, m);
         });
       }
+      if (step_early_ms >= 0) {  // the Step while the last Backwards run (see the top)
+        while (trace.backwards_sent < per_step) std::this_thread::sleep_for(std::chrono::microseconds(50));
+        std::this_thread::sleep_for(std::chrono::microseconds(static_cast<int64_t>(step_early_ms * 1e3)));
+        trace(-1, "Step (early)", [&] { return Check(client->Step(step), "step"); });
+      }
       for (std::thread& w : workers) w.join();
       const double t1 = Now();
-      trace(-1, "Step", [&] { return Check(client->Step(step), "step"); });
+      if (step_early_ms < 0) trace(-1, "Step", [&] { return Check(client->Step(step), "step"); });
       const double t2 = Now();
       if (it + 1 < iters + 2) {
         trace.spans.clear();

@@ -2,7 +2,7 @@
 # Runs on the GPU host over a bundle from bundle.sh: the gpu tests (what `ctest -L gpu` runs),
 # compute-sanitizer memcheck and racecheck, the Python parity test against a CUDA daemon, and the
 # benchmarks; logs under $OUT, a table last.
-#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [decode_ab] [grpc_wake] [nccl] [groups] [ipc] [transport] [tcp_sweep] [ipc_sweep] [spin_ab] [context_ab] [scale] [lora] [big]   (default: the first four)
+#   bash bench/device/run_checks.sh [tests] [sanitize] [parity] [bench] [generate] [decode] [profile] [grpc_decode] [decode_ab] [grpc_wake] [nccl] [groups] [ipc] [transport] [tcp_sweep] [ipc_sweep] [spin_ab] [context_ab] [step_early] [scale] [lora] [big]   (default: the first four)
 # `nccl`: the NCCL replica-group tests (the multigpu ones too when nvidia-smi -L lists 2+ GPUs);
 # `groups`: those tests and the
 # all-reduce bus bandwidth of the NCCL provider beside torch.distributed's (bench/allreduce_torch.py).
@@ -441,6 +441,33 @@ if [[ " $stages " == *" spin_ab "* ]]; then
     kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
   done
   row "bench.spin_ab" "$([ -n "$inproc" ] && echo DONE || echo FAIL)" "see spin_ab.log"
+fi
+
+# What a Step queued behind the step's last Backward would save at the step's turn (CUDA IPC in
+# place, 3 in flight): bench_service --step_early_ms=5 sends the Step 5 ms after the last Backward
+# instead of after the Backwards' replies (a bound, not a client mode: see bench_service.cc),
+# alternating with the usual order in each round, beside bench_engine's pipelined step in process.
+#   STEP_EARLY_ROUNDS=2 bash bench/device/run_checks.sh step_early
+if [[ " $stages " == *" step_early "* ]]; then
+  log="$OUT/step_early.log"; : >"$log"
+  target=127.0.0.1:50993
+  for round in $(seq "${STEP_EARLY_ROUNDS:-2}"); do
+    timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 --iters=20 \
+      --attention=native --pipeline=3 >"$OUT/step_early.run" 2>&1
+    cat "$OUT/step_early.run" >>"$log"
+    echo "EARLY round $round in process, 3 queued + Step: $(awk '/^pipelined span of 8/ {print $(NF-2)}' "$OUT/step_early.run") tokens/s" | tee -a "$log"
+    span_daemon step_early $target --allow_shared_memory
+    flags="-1 5"
+    ((round % 2)) || flags="5 -1"
+    for early in $flags; do
+      timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --iters=20 \
+        --depth=3 --transport=cuda_ipc_in_place --step_early_ms=$early --trace >"$OUT/step_early.run" 2>&1
+      cat "$OUT/step_early.run" >>"$log"
+      echo "EARLY round $round daemon, CUDA IPC in place, step_early_ms $early: $(awk '/^8 blocks/ {print $7}' "$OUT/step_early.run") tokens/s" | tee -a "$log"
+    done
+    kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
+  done
+  row "bench.step_early" "$(grep -q 'step_early_ms 5: [0-9]' "$log" && echo DONE || echo FAIL)" "see step_early.log"
 fi
 
 # Does a second CUDA context on the GPU slow the in-process step? The daemon's CUDA IPC steps ran
