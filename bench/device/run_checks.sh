@@ -79,6 +79,17 @@ span_inproc() {
     --iters=${TRANSPORT_ITERS:-6} --attention=native >>"$1" 2>&1
   inproc=$(awk '/^span of 8/ {print $12; exit}' "$1")
 }
+# The training step both ways on stdout, 20 steps each: bench_engine's pipelined step in process (3
+# micro-batches + Step), and a daemon's at $target through CUDA IPC in place, 3 in flight (more
+# bench_service flags after).
+pipelined_inproc() {
+  timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 --iters=20 \
+    --attention=native --pipeline=3
+}
+ipc_in_place_step() {
+  timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --iters=20 --depth=3 \
+    --transport=cuda_ipc_in_place "$@"
+}
 span_daemon() {
   local name=$1 at=$2; shift 2
   LD_LIBRARY_PATH="$LIBS" timeout 500 "$dev/bin/blockd" --backend=cuda --attention=native --listen=$at \
@@ -452,16 +463,14 @@ if [[ " $stages " == *" step_early "* ]]; then
   log="$OUT/step_early.log"; : >"$log"
   target=127.0.0.1:50993
   for round in $(seq "${STEP_EARLY_ROUNDS:-2}"); do
-    timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" --shapes=span8 --precisions=bf16 --iters=20 \
-      --attention=native --pipeline=3 >"$OUT/step_early.run" 2>&1
+    pipelined_inproc >"$OUT/step_early.run" 2>&1
     cat "$OUT/step_early.run" >>"$log"
     echo "EARLY round $round in process, 3 queued + Step: $(awk '/^pipelined span of 8/ {print $(NF-2)}' "$OUT/step_early.run") tokens/s" | tee -a "$log"
     span_daemon step_early $target --allow_shared_memory
     flags="-1 5"
     ((round % 2)) || flags="5 -1"
     for early in $flags; do
-      timeout 200 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_service" --target=$target --blocks=8 --iters=20 \
-        --depth=3 --transport=cuda_ipc_in_place --step_early_ms=$early --trace >"$OUT/step_early.run" 2>&1
+      ipc_in_place_step --step_early_ms=$early --trace >"$OUT/step_early.run" 2>&1
       cat "$OUT/step_early.run" >>"$log"
       echo "EARLY round $round daemon, CUDA IPC in place, step_early_ms $early: $(awk '/^8 blocks/ {print $7}' "$OUT/step_early.run") tokens/s" | tee -a "$log"
     done
@@ -501,8 +510,7 @@ if [[ " $stages " == *" context_ab "* ]]; then
     local mode=$1 helper=""
     if [ "$mode" = daemon ]; then
       span_daemon context_ab $target --allow_shared_memory
-      sampled "daemon, CUDA IPC in place, 3 in flight" timeout 200 env LD_LIBRARY_PATH="$LIBS" \
-        "$dev/bin/bench_service" --target=$target --blocks=8 --iters=20 --depth=3 --transport=cuda_ipc_in_place
+      sampled "daemon, CUDA IPC in place, 3 in flight" ipc_in_place_step
       kill $daemon 2>/dev/null; wait $daemon 2>/dev/null
       return
     fi
@@ -511,8 +519,7 @@ if [[ " $stages " == *" context_ab "* ]]; then
       helper=$!
       for _ in $(seq 60); do grep -q ready "$OUT/context_ab.helper" 2>/dev/null && break; sleep 0.5; done
     fi
-    sampled "in process, beside: $mode" timeout 240 env LD_LIBRARY_PATH="$LIBS" "$dev/bin/bench_engine" \
-      --shapes=span8 --precisions=bf16 --iters=20 --attention=native --pipeline=3
+    sampled "in process, beside: $mode" pipelined_inproc
     [ -n "$helper" ] && { kill $helper 2>/dev/null; wait $helper 2>/dev/null; }
   }
   modes=${CONTEXT_AB_MODES:-alone idle events copies daemon}
