@@ -212,11 +212,6 @@ void WireBytes::CopyTo(void* dst, size_t from, size_t n) const {
   ParallelGather(dst, absl::MakeConstSpan(pieces_).subspan(first), from - starts_[first], n);
 }
 
-void WireBytes::AppendTo(std::string* out) const {
-  out->reserve(out->size() + size_);
-  for (absl::string_view p : pieces_) out->append(p.data(), p.size());
-}
-
 absl::Status ParseWithTensorBytes(const grpc::ByteBuffer& wire, int tensor_field, google::protobuf::Message* msg,
                                   WireBytes* data) {
   *data = WireBytes();

@@ -43,8 +43,6 @@ class WireBytes {
   const char* contiguous() const;
   // Copies n bytes starting `from` into dst (from + n <= size()), over a few threads when large.
   void CopyTo(void* dst, size_t from, size_t n) const;
-  // Appends them all to *out.
-  void AppendTo(std::string* out) const;
 
  private:
   friend class TensorWireParser;

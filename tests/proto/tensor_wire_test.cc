@@ -79,8 +79,8 @@ void ExpectSameAsProtobuf(const std::string& bytes, const grpc::ByteBuffer& wire
     return;
   }
   EXPECT_TRUE(MessageDifferencer::Equals(got, want)) << got.DebugString() << "\nwant\n" << want.DebugString();
-  std::string got_data;
-  data.AppendTo(&got_data);
+  std::string got_data(data.size(), '\0');
+  data.CopyTo(got_data.data(), 0, data.size());
   EXPECT_EQ(got_data, want_data);
   EXPECT_EQ(data.size(), want_data.size());
 }
