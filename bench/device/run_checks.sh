@@ -479,9 +479,9 @@ if [[ " $stages " == *" step_early "* ]]; then
   row "bench.step_early" "$(grep -q 'step_early_ms 5: [0-9]' "$log" && echo DONE || echo FAIL)" "see step_early.log"
 fi
 
-# Does a second CUDA context on the GPU slow the in-process step? The daemon's CUDA IPC steps ran
-# 3-4% under bench_engine's at lower clocks, cause not found; a same-host client brings a context of
-# its own. Rounds of bench_engine's pipelined step (3 micro-batches + Step) alone and beside
+# Does a second CUDA context on the GPU slow the in-process step? The daemon's CUDA IPC steps run
+# ~3% under bench_engine's, at lower clocks; a same-host client brings a context of its own (it does
+# not: bench/RESULTS.md, 2026-12-02 18:03). Rounds of bench_engine's pipelined step (3 micro-batches + Step) alone and beside
 # bench/probe/second_context.py (idle; an event every 15 ms; a 32 MiB copy every 15 ms), and the
 # daemon's step through CUDA IPC in place (3 in flight), in reverse order every other round; each
 # with nvidia-smi sampled every 100 ms: mean SM clock and power over the samples at >= 95%
